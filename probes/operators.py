@@ -1,0 +1,462 @@
+"""Matrix-free symmetric linear operators over the (flattened) parameter space.
+
+One abstraction serves every curvature probe: :class:`LinearOperator` has ``matvec`` and a
+multi-vector ``matmat`` (one data pass for K vectors), counts its products, and exports to
+``scipy.sparse.linalg.LinearOperator``. :class:`CurvatureOperator` implements, for the mean
+loss over a whole dataset ``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)``:
+
+* ``"hessian"``: ``H = ∇²_θ L``;
+* ``"ggn"``: the generalized Gauss-Newton ``G = (1/N) Σ_i J_iᵀ (∇²_f ℓ_i) J_i``, ``J_i = ∂f(x_i)/∂θ``;
+* ``"fisher"``: the empirical Fisher ``F = (1/N) Σ_i g_i g_iᵀ``, ``g_i = ∇_θ ℓ_i``.
+
+Products are summed over batches (each batch contributes ``Σ_{i∈b}`` / N) and, when a
+``reduce_fn`` is given (e.g. ``torch.distributed.all_reduce``), over data shards too.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from ..datasets.batching import BatchSource, as_batches
+from .losses import Loss, resolve_loss
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+OPERATOR_KINDS = ("hessian", "ggn", "fisher")
+
+
+class LinearOperator:
+    """A symmetric linear operator on vectors of length ``size``.
+
+    Subclasses implement ``_matmat(V [size, K]) -> [size, K]``. ``n_matvecs`` counts
+    operator-vector products (a ``matmat`` with K columns counts K); ``n_passes`` counts
+    data passes (one per ``matmat``).
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.size = int(size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.n_matvecs = 0
+        self.n_passes = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A @ V`` for ``V`` of shape ``[size, K]``."""
+        if V.dim() != 2 or V.shape[0] != self.size:
+            raise ValueError(f"matmat expects a [{self.size}, K] matrix; got {tuple(V.shape)}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        out = self._matmat(V)
+        self.n_matvecs += V.shape[1]
+        self.n_passes += 1
+        return out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A @ v`` for a vector of length ``size``."""
+        if v.dim() != 1:
+            raise ValueError(f"matvec expects a vector; got shape {tuple(v.shape)}")
+        return self.matmat(v[:, None])[:, 0]
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+    def to_dense(self, chunk: int = 64) -> torch.Tensor:
+        """The full ``[size, size]`` matrix by products with identity columns (tests/small models only)."""
+        cols = []
+        for lo in range(0, self.size, chunk):
+            hi = min(lo + chunk, self.size)
+            E = torch.zeros(self.size, hi - lo, dtype=self.dtype, device=self.device)
+            E[torch.arange(lo, hi), torch.arange(hi - lo)] = 1
+            cols.append(self.matmat(E))
+        return torch.cat(cols, dim=1)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator as SciPyOperator
+
+        def mv(x: Any) -> Any:
+            x = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+            out = self.matvec(x.reshape(-1)) if x.dim() == 1 or x.shape[1] == 1 else self.matmat(x)
+            return out.detach().cpu().double().numpy().reshape(x.shape)
+
+        def mm(X: Any) -> Any:
+            X = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
+            return self.matmat(X).detach().cpu().double().numpy()
+
+        return SciPyOperator(self.shape, matvec=mv, matmat=mm, rmatvec=mv, dtype=np.float64)
+
+
+class DenseOperator(LinearOperator):
+    """A symmetric matrix held explicitly (synthetic spectra, tests, small kernels)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"DenseOperator needs a square matrix; got {tuple(matrix.shape)}")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ V
+
+
+class ParamSpace:
+    """Flattening of a subset of a model's parameters into one vector (in ``named_parameters`` order)."""
+
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        if not named:
+            raise ValueError("no parameters selected")
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.size = sum(self.numels)
+
+    def split(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat ``[size, ...]`` (extra trailing dims allowed) → {name: tensor of the param's shape, ...}."""
+        parts = torch.split(vec, self.numels, dim=0)
+        tail = tuple(vec.shape[1:])
+        return {n: p.reshape(s + tail) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        """{name: tensor} or a list in order → one flat vector."""
+        seq = [tensors[n] for n in self.names] if isinstance(tensors, dict) else list(tensors)
+        return torch.cat([t.reshape(-1) for t in seq])
+
+
+def select_parameters(
+    model: nn.Module, params: Sequence[str] | str | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters of ``model``; ``params`` keeps those whose name equals or starts with
+    one of the given names/module prefixes (``"body.0"`` selects ``body.0.weight``, ``body.0.bias``)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    wanted = [params] if isinstance(params, str) else list(params)
+    chosen = [(n, p) for n, p in named if any(n == w or n.startswith(w + ".") for w in wanted)]
+    if not chosen:
+        raise ValueError(f"no trainable parameter matches {wanted}; names are {[n for n, _ in named]}")
+    return chosen
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Trainable parameter names grouped by the module that owns them (the per-layer blocks)."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return groups
+
+
+class _ModeGuard:
+    """Put a model in eval (default) or train mode for the duration of a block, then restore."""
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        self.model, self.mode = model, mode
+        self.saved = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self) -> None:
+        self.model.train(self.mode == "train")
+
+    def __exit__(self, *exc: object) -> None:
+        for m, training in self.saved:
+            m.training = training
+
+
+class CurvatureOperator(LinearOperator):
+    """Hessian, GGN or empirical Fisher of the dataset-mean loss, as a matrix-free operator.
+
+    Parameters
+    ----------
+    model, data:
+        The network and its data (``(x, y)`` tensors, DataLoader, Dataset or BatchSource).
+    kind:
+        ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+    loss:
+        ``"auto"``, a built-in name or a callable (see :mod:`dynascope.probes.losses`).
+    params:
+        Restrict to a parameter block (names or module prefixes); others are held fixed.
+    batch_size:
+        Split tensor data into batches of this size (``None``: one batch).
+    mode:
+        ``"eval"`` (default; BatchNorm running statistics, no dropout) or ``"train"``.
+    backend:
+        ``"graph"`` caches the first-order graph of a single-batch dataset and differentiates it
+        again per product (double backward); ``"func"`` recomputes forward-over-reverse
+        (``torch.func.jvp`` of ``grad``) per batch, ``vmap``-ed over the K vectors; ``"auto"``
+        picks ``graph`` for one batch and ``func`` otherwise. Both fall back to per-vector
+        double backward for ops without forward-mode or vmap support.
+    dtype:
+        Evaluate in this dtype (e.g. ``torch.float64`` for reference-grade products); the model is copied.
+    reduce_fn:
+        Sums a local product over data shards (``all_reduce``); also applied to the local sample count.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        kind: str = "hessian",
+        loss: str | Callable | Loss = "auto",
+        params: Sequence[str] | str | None = None,
+        batch_size: int | None = None,
+        mode: str = "eval",
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        reduce_fn: ReduceFn | None = None,
+        max_vectors: int = 32,
+    ) -> None:
+        if kind not in OPERATOR_KINDS:
+            raise ValueError(f"unknown operator {kind!r}; choose one of {OPERATOR_KINDS}")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
+        if backend not in ("auto", "graph", "func"):
+            raise ValueError(f"backend must be 'auto', 'graph' or 'func'; got {backend!r}")
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise ValueError("the model has no parameters")
+        if dtype is not None and dtype != first.dtype:
+            model = copy.deepcopy(model).to(dtype)
+        if device is not None:
+            model = model.to(device)
+            first = next(iter(model.parameters()))
+        self.model = model
+        self.kind, self.mode = kind, mode
+        named = select_parameters(model, params)
+        self.space = ParamSpace(named)
+        self._params = {n: p for n, p in named}
+        param_dtype = named[0][1].dtype
+        super().__init__(self.space.size, param_dtype, named[0][1].device)
+        if isinstance(data, BatchSource):  # keep its shard and batching, move to our device/dtype
+            batch_size = batch_size or data.batch_size
+            shard = {"rank": data.rank, "world_size": data.world_size}
+            data = data.data
+        else:
+            shard = {}
+        self.source = as_batches(data, batch_size, device=self.device, dtype=param_dtype, **shard)
+        self.reduce_fn = reduce_fn
+        first_batch = next(iter(self.source))
+        self.loss = resolve_loss(loss, first_batch.y)
+        n_local = self.source.num_samples()
+        n = torch.tensor(float(n_local), dtype=torch.float64, device=self.device)
+        self.num_samples = int(round(float(reduce_fn(n) if reduce_fn is not None else n)))
+        if self.num_samples == 0:
+            raise ValueError("the dataset is empty")
+        self.single = self.source.single_batch() if kind == "hessian" else None
+        if backend == "auto":
+            backend = "graph" if self.single is not None else "func"
+        if backend == "graph" and self.single is None:
+            backend = "func"  # graph reuse needs the whole dataset in one batch
+        self.backend = backend
+        self.max_vectors = max_vectors
+        self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._fixed = {
+            **{n: p.detach() for n, p in model.named_parameters() if n not in self._params},
+            **dict(model.named_buffers()),
+        }
+
+    # ---------------------------------------------------------------- helpers
+    def parameters_vector(self) -> torch.Tensor:
+        """The current parameter values θ (flattened block)."""
+        return self.space.flatten({n: p.detach() for n, p in self._params.items()})
+
+    def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**self._fixed, **params}, (x,))
+
+    def _primal(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self._params.items()}
+
+    def loss_value(self) -> float:
+        """The dataset-mean loss L(θ) (reduced over shards)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad(), _ModeGuard(self.model, self.mode):
+            for b in self.source:
+                total += self.loss.total(self.model(b.x), b.y).double()
+        if self.reduce_fn is not None:
+            total = self.reduce_fn(total)
+        return float(total) / self.num_samples
+
+    def gradient(self) -> torch.Tensor:
+        """∇L(θ), flattened (reduced over shards)."""
+        g = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        with _ModeGuard(self.model, self.mode):
+            for b in self.source:
+                g += self.space.flatten(grad(self._batch_loss_fn(b.x, b.y))(self._primal()))
+        return self.reduce_fn(g) if self.reduce_fn is not None else g
+
+    def _batch_loss_fn(self, x: torch.Tensor, y: torch.Tensor) -> Callable:
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.loss.total(self._call(p, x), y) / self.num_samples
+
+        return f
+
+    # ---------------------------------------------------------------- products
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(V)
+        with _ModeGuard(self.model, self.mode):
+            for lo in range(0, V.shape[1], self.max_vectors):
+                Vc = V[:, lo : lo + self.max_vectors]
+                if self.backend == "graph":
+                    out[:, lo : lo + Vc.shape[1]] = self._graph_matmat(Vc)
+                else:
+                    for b in self.source:
+                        out[:, lo : lo + Vc.shape[1]] += self._batch_matmat(b.x, b.y, Vc)
+        if self.reduce_fn is not None:
+            out = self.reduce_fn(out)
+        return out
+
+    def _graph_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Hessian products by differentiating a cached first-order graph (single-batch data)."""
+        if self._graph is None:
+            b = self.single
+            assert b is not None
+            plist = list(self._params.values())
+            loss = self.loss.total(self._call(dict(self._params), b.x), b.y) / self.num_samples
+            g = torch.autograd.grad(loss, plist, create_graph=True)
+            self._graph = (self.space.flatten(list(g)), plist)
+        gflat, plist = self._graph
+        Vt = V.T.contiguous()  # [K, P]
+        if V.shape[1] > 1:
+            try:
+                hv = torch.autograd.grad(
+                    gflat, plist, grad_outputs=Vt, retain_graph=True, is_grads_batched=True
+                )
+                return torch.cat([h.reshape(V.shape[1], -1) for h in hv], dim=1).T
+            except RuntimeError:
+                pass  # an op without a batching rule: one vector at a time below
+        cols = []
+        for k in range(V.shape[1]):
+            hv = torch.autograd.grad(gflat, plist, grad_outputs=Vt[k], retain_graph=True, allow_unused=True)
+            cols.append(
+                self.space.flatten([torch.zeros_like(p) if h is None else h for h, p in zip(hv, plist)])
+            )
+        return torch.stack(cols, dim=1)
+
+    def _batch_matmat(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Σ over one batch of the operator applied to the columns of V (already divided by N)."""
+        primal = self._primal()
+        Vd = {n: t.movedim(-1, 0) for n, t in self.space.split(V).items()}  # {name: [K, *shape]}
+        try:
+            res = self._func_products(x, y, primal, Vd)
+        except (RuntimeError, NotImplementedError):
+            return self._double_backward(x, y, V)
+        return torch.cat([res[n].reshape(V.shape[1], -1) for n in self.space.names], dim=1).T
+
+    def _func_products(
+        self, x: torch.Tensor, y: torch.Tensor, primal: dict[str, torch.Tensor], Vd: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        n = self.num_samples
+        if self.kind == "hessian":
+            g = grad(self._batch_loss_fn(x, y))
+            return vmap(lambda v: jvp(g, (primal,), (v,))[1])(Vd)
+
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self._call(p, x)
+
+        if self.kind == "ggn":
+            out, vjp_fn = vjp(f, primal)
+            out = out.detach()
+            Jv = vmap(lambda v: jvp(f, (primal,), (v,))[1])(Vd)  # [K, B, O]
+            gl = grad(lambda o: self.loss.total(o, y) / n)
+            HJv = vmap(lambda u: jvp(gl, (out,), (u,))[1])(Jv)
+            return vmap(lambda u: vjp_fn(u)[0])(HJv)
+
+        # empirical Fisher: (1/N) Σ_i g_i (g_i · v) = (1/N) J_ℓᵀ (J_ℓ v), J_ℓ = ∂(ℓ_1..ℓ_B)/∂θ
+        def per_sample(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.loss.per_sample(f(p), y)
+
+        _, vjp_l = vjp(per_sample, primal)
+        d = vmap(lambda v: jvp(per_sample, (primal,), (v,))[1])(Vd)  # [K, B]
+        return vmap(lambda u: vjp_l(u / n)[0])(d)
+
+    def _double_backward(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Fallback: reverse-over-reverse products, one vector at a time."""
+        plist = list(self._params.values())
+        params = dict(self._params)
+        n = self.num_samples
+        cols = []
+        for k in range(V.shape[1]):
+            vk = self.space.split(V[:, k])
+            vlist = [vk[name] for name in self.space.names]
+            if self.kind == "hessian":
+                loss = self.loss.total(self._call(params, x), y) / n
+                g = torch.autograd.grad(loss, plist, create_graph=True)
+                dot = sum((gi * vi).sum() for gi, vi in zip(g, vlist))
+                hv = torch.autograd.grad(dot, plist, allow_unused=True)
+            elif self.kind == "ggn":
+                out = self._call(params, x)
+                # J v via the double-vjp trick: d/du [Jᵀu]·v = J v
+                u = torch.zeros_like(out, requires_grad=True)
+                jtu = torch.autograd.grad(out, plist, grad_outputs=u, create_graph=True)
+                jv = torch.autograd.grad(jtu, u, grad_outputs=vlist, retain_graph=True)[0]
+                o = out.detach().requires_grad_(True)
+                go = torch.autograd.grad(self.loss.total(o, y) / n, o, create_graph=True)[0]
+                hjv = torch.autograd.grad(go, o, grad_outputs=jv)[0]
+                hv = torch.autograd.grad(out, plist, grad_outputs=hjv, allow_unused=True)
+            else:
+                ls = self.loss.per_sample(self._call(params, x), y)
+                u = torch.zeros_like(ls, requires_grad=True)
+                jtu = torch.autograd.grad(ls, plist, grad_outputs=u, create_graph=True)
+                d = torch.autograd.grad(jtu, u, grad_outputs=vlist, retain_graph=True)[0]
+                hv = torch.autograd.grad(ls, plist, grad_outputs=d / n, allow_unused=True)
+            cols.append(
+                self.space.flatten([torch.zeros_like(p) if h is None else h for h, p in zip(hv, plist)])
+            )
+        return torch.stack(cols, dim=1).detach()
+
+    # ---------------------------------------------------------------- checks
+    def determinism_check(self, seed: int = 0) -> float:
+        """Relative difference between two evaluations of ``A v`` (0 for a deterministic operator)."""
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(self.size, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
+        a, b = self.matvec(v), self.matvec(v)
+        denom = float(a.norm()) or 1.0
+        return float((a - b).norm()) / denom
+
+
+def make_operator(
+    model: nn.Module, data: Any, *, operator: str = "hessian", **kwargs: Any
+) -> CurvatureOperator:
+    """Build the curvature operator named by ``operator`` (``"hessian"``, ``"ggn"``, ``"fisher"``)."""
+    return CurvatureOperator(model, data, kind=operator, **kwargs)
+
+
+def random_vectors(
+    size: int, k: int, *, seed: int, dtype: torch.dtype, device: torch.device, kind: str = "gaussian"
+) -> torch.Tensor:
+    """``[size, k]`` random probe vectors from a seeded CPU generator (device-independent values).
+
+    ``kind="gaussian"`` (N(0, 1)) or ``"rademacher"`` (±1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "rademacher":
+        V = torch.randint(0, 2, (size, k), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+    elif kind == "gaussian":
+        V = torch.randn(size, k, generator=gen, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown random vector kind {kind!r}")
+    return V.to(device=device, dtype=dtype)
+
+
+__all__ = [
+    "LinearOperator",
+    "DenseOperator",
+    "CurvatureOperator",
+    "ParamSpace",
+    "make_operator",
+    "parameter_groups",
+    "select_parameters",
+    "random_vectors",
+]

@@ -1,0 +1,160 @@
+"""Result types: frozen dataclasses with JSON, pandas and file exports.
+
+Every probe returns a subclass of :class:`Result`. ``.meta`` records how the numbers were
+made (probe, parameters, seed, matvec count, wall time, device, dtype, versions, checkpoint
+hash, train/eval mode, loss and its reduction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert tensors, arrays, numpy scalars, dataclasses and non-finite floats to JSON-safe values.
+
+    Non-finite floats become ``None`` (JSON has no NaN/Inf).
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return to_jsonable(value.item() if value.dim() == 0 else value.tolist())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (torch.dtype, torch.device, Path)):
+        return str(value)
+    return repr(value)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    """Base of all probe results. Subclasses add their value fields."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields (meta included) as JSON-safe Python values."""
+        return {f.name: to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def to_frame(self):  # -> pandas.DataFrame
+        """A tidy table of the result's values.
+
+        Default: every 1-D array field of the longest length becomes a column, scalar fields
+        are repeated; subclasses override where another layout reads better.
+        """
+        import pandas as pd
+
+        arrays: dict[str, list] = {}
+        scalars: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "meta":
+                continue
+            v = to_jsonable(getattr(self, f.name))
+            if isinstance(v, list) and all(not isinstance(e, (list, dict)) for e in v):
+                arrays[f.name] = v
+            elif not isinstance(v, (list, dict)):
+                scalars[f.name] = v
+        n = max((len(a) for a in arrays.values()), default=1)
+        cols = {k: a for k, a in arrays.items() if len(a) == n}
+        frame = pd.DataFrame(cols) if cols else pd.DataFrame(index=range(1))
+        for k, v in scalars.items():
+            frame[k] = v
+        return frame
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result by file suffix: ``.json`` (full), ``.csv`` / ``.parquet`` (``to_frame``).
+
+        Written atomically.
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            return atomic_write_bytes(path, self.to_json(indent=2).encode())
+        if suffix == ".csv":
+            return atomic_write_bytes(path, self.to_frame().to_csv(index=False).encode())
+        if suffix == ".parquet":
+            import io
+
+            buf = io.BytesIO()
+            self.to_frame().to_parquet(buf, index=False)
+            return atomic_write_bytes(path, buf.getvalue())
+        raise ValueError(f"cannot save a result as {suffix!r}; use .json, .csv or .parquet")
+
+
+def _versions() -> dict[str, str]:
+    import dynascope
+
+    return {
+        "dynascope": dynascope.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def make_meta(
+    probe: str,
+    *,
+    model: nn.Module | None = None,
+    params: dict[str, Any] | None = None,
+    started: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Standard ``.meta`` block: probe, parameters, wall time, device, dtype, versions, checkpoint hash."""
+    meta: dict[str, Any] = {"probe": probe, "params": to_jsonable(params or {})}
+    if model is not None:
+        p = next(iter(model.parameters()), None)
+        if p is not None:
+            meta["device"] = str(p.device)
+            meta["dtype"] = str(p.dtype)
+        meta["checkpoint_hash"] = getattr(model, "dynascope_checkpoint_hash", None)
+        meta["model_config"] = to_jsonable(getattr(model, "dynascope_config", None))
+    if started is not None:
+        meta["wall_time_s"] = time.perf_counter() - started
+    meta["versions"] = _versions()
+    meta.update(to_jsonable(extra))
+    return meta
