@@ -50,6 +50,11 @@ def to_jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _all_bool(value: Any) -> bool:
+    items = value if isinstance(value, list) else [value]
+    return bool(items) and all(isinstance(v, bool) for v in items)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
     path = Path(path)
@@ -77,6 +82,28 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         """All fields (meta included) as JSON-safe Python values."""
         return {f.name: to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Rebuild a result from :meth:`to_dict` output; tensor-annotated fields become float64 tensors."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            if "Tensor" in annotation and isinstance(value, (list, int, float)):
+                try:
+                    raw = (
+                        [float("nan") if v is None else v for v in value]
+                        if isinstance(value, list)
+                        else value
+                    )
+                    value = torch.tensor(raw, dtype=torch.bool if _all_bool(value) else torch.float64)
+                except (TypeError, ValueError):
+                    pass  # ragged or non-numeric: keep the JSON value
+            kwargs[f.name] = value
+        return cls(**kwargs)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
