@@ -1,0 +1,101 @@
+"""The ``dynascope`` console command.
+
+Subcommands register themselves in :data:`COMMANDS` (name -> (help, add_arguments, run)); each
+``run(args) -> int`` returns the process exit code. Errors a user can fix (bad paths, bad files,
+bad options) are printed as one readable line with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {}
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported as one line, exit code 2."""
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Decorator registering ``run(args) -> int`` as subcommand ``name``."""
+
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+
+    return wrap
+
+
+def app_path() -> Path:
+    """The Streamlit entry script (``app/main.py`` beside the package folders)."""
+    return Path(__file__).resolve().parent.parent / "app" / "main.py"
+
+
+def _app_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--runs-dir", default=None, help="folder holding run folders (default ./runs)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser")
+
+
+@command("app", "start the web app with the built-in demo runs", _app_args)
+def run_app(args: argparse.Namespace) -> int:
+    script = app_path()
+    if not script.exists():
+        raise UsageError(f"the app script {script} is missing (install dynascope with `pip install -e .`)")
+    env = dict(os.environ)
+    if args.runs_dir:
+        env["DYNASCOPE_RUNS_DIR"] = str(Path(args.runs_dir).resolve())
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(script),
+        "--server.port", str(args.port), "--server.address", args.address,
+        "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    if args.headless:
+        cmd += ["--server.headless", "true"]
+    return subprocess.call(cmd, env=env)
+
+
+def _load_plugins() -> None:
+    """Import the modules that register further subcommands (they are optional during development)."""
+    import importlib
+
+    for module in ("dynascope.commands",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(prog="dynascope", description="Training-dynamics analysis workbench.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as exc:
+        print(f"dynascope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""dynascope.models — architecture registry, safe checkpoint I/O and run folders.
+
+build(name, **config) -> nn.Module          available() / register(name) / param_count / model_config
+save_checkpoint(model, path, metadata=...)  load_checkpoint(path, model=None) -> LoadedCheckpoint
+Run.create(path, model=..., dataset=...)    Run.open(path): checkpoints(), load_model(), metrics()
+"""
+
+from .architectures import CNN, MLP, EmbedMLP, RandomFeatures, ResNet, Transformer
+from .checkpoints import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    EmptyCheckpointError,
+    LoadedCheckpoint,
+    NonFiniteWeightsError,
+    NoStateDictError,
+    StateDictMismatchError,
+    UnknownFormatError,
+    UnsafeCheckpointError,
+    file_sha256,
+    load_checkpoint,
+    read_safetensors_metadata,
+    save_checkpoint,
+)
+from .registry import available, build, model_config, normalize_config, param_count, register
+from .runs import CheckpointInfo, Run, RunError, optimizer_state_by_name, optimizer_state_to_torch
+from .schedules import SCHEDULE_TYPES, lr_at, torch_scheduler, validate_schedule
+
+__all__ = [
+    "build",
+    "register",
+    "available",
+    "param_count",
+    "model_config",
+    "normalize_config",
+    "MLP",
+    "CNN",
+    "Transformer",
+    "EmbedMLP",
+    "RandomFeatures",
+    "ResNet",
+    "save_checkpoint",
+    "load_checkpoint",
+    "LoadedCheckpoint",
+    "file_sha256",
+    "read_safetensors_metadata",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "EmptyCheckpointError",
+    "CorruptCheckpointError",
+    "UnknownFormatError",
+    "UnsafeCheckpointError",
+    "NoStateDictError",
+    "StateDictMismatchError",
+    "NonFiniteWeightsError",
+    "Run",
+    "RunError",
+    "CheckpointInfo",
+    "optimizer_state_by_name",
+    "optimizer_state_to_torch",
+    "lr_at",
+    "validate_schedule",
+    "torch_scheduler",
+    "SCHEDULE_TYPES",
+]

@@ -1,0 +1,568 @@
+"""Run folders: what recipes write and what the app and CLI read.
+
+Layout::
+
+    <run>/run.json                              schema, model/dataset/optimizer/lr-schedule, seed, notes
+    <run>/checkpoints/step_000123.safetensors   weights; metadata {"step", "epoch", "metrics", "model_config"}
+    <run>/checkpoints/step_000123.optim.pt      optional optimizer state, keyed by parameter name
+    <run>/metrics.csv                           one row per logged step (step, train_loss, ..., any columns)
+
+Every file is written atomically (temp file + ``os.replace``); writers of ``metrics.csv`` are
+serialised with an advisory lock on the run folder. The optimizer file is a plain
+``{"format", "optimizer", "state": {param_name: {"exp_avg": Tensor, ...}}, "param_groups":
+[{"params": [names], "lr": ..., ...}]}`` dict so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .atomic import atomic_write, atomic_write_text, dir_lock
+from .checkpoints import (
+    CheckpointError,
+    _json_value,
+    load_checkpoint,
+    read_safetensors_metadata,
+    save_checkpoint,
+)
+from .registry import build, model_config, normalize_config
+from .schedules import lr_at, validate_schedule
+
+__all__ = ["Run", "RunError", "CheckpointInfo", "RUN_SCHEMA", "RUN_SCHEMA_VERSION"]
+
+RUN_SCHEMA = "dynascope.run"
+RUN_SCHEMA_VERSION = 1
+OPTIM_FORMAT = "dynascope.optim/1"
+_CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
+_PREFERRED_COLUMNS = ("step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+class RunError(ValueError):
+    """A run folder is missing, malformed, or an operation on it is invalid; the message names the path."""
+
+    def __init__(self, path: str | os.PathLike[str], detail: str) -> None:
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"run '{self.path}': {detail}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.path, self.detail))
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint of a run: ``step``, ``epoch`` (or None), file ``path`` and its ``metadata``."""
+
+    step: int
+    epoch: int | None
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        m = self.metadata.get("metrics")
+        return dict(m) if isinstance(m, Mapping) else {}
+
+    @property
+    def optimizer_path(self) -> Path | None:
+        p = self.path.with_name(f"step_{self.step:06d}.optim.pt")
+        return p if p.exists() else None
+
+
+def _named_config(kind: str, cfg: Any) -> dict[str, Any]:
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("name"), str):
+        raise ValueError(f"{kind} config must be a dict with a string 'name', got {cfg!r}")
+    return _json_value(dict(cfg), kind)
+
+
+def _optimizer_config(optimizer: Any) -> dict[str, Any] | None:
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cfg: dict[str, Any] = {"name": type(optimizer).__name__.lower()}
+        for k, v in optimizer.defaults.items():
+            try:
+                cfg[k] = _json_value(v, k)
+            except TypeError:
+                continue
+        return cfg
+    cfg = _named_config("optimizer", optimizer)
+    if "lr" in cfg and (not isinstance(cfg["lr"], (int, float)) or isinstance(cfg["lr"], bool)):
+        raise ValueError(f"optimizer lr must be a number, got {cfg['lr']!r}")
+    return cfg
+
+
+def _scalar(value: Any, where: str) -> Any:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {where!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    elif hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"metric {where!r} must be a number, string, bool or None, got {type(value).__name__}")
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return (
+            repr(value)
+            if math.isfinite(value)
+            else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        )
+    return str(value)
+
+
+def optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer | Mapping[str, Any], model: nn.Module
+) -> dict[str, Any]:
+    """Convert a torch optimizer (or its ``state_dict()``) to the name-keyed, weights_only-safe format."""
+    sd = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    if isinstance(sd, Mapping) and sd.get("format") == OPTIM_FORMAT:
+        return dict(sd)
+    if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
+        raise TypeError("optimizer must be a torch Optimizer or its state_dict() ({'state', 'param_groups'})")
+    names = [n for n, _ in model.named_parameters()]
+    index_to_name: dict[int, str] = {}
+    if isinstance(optimizer, torch.optim.Optimizer):
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        flat = [p for g in optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(flat):
+            if id(p) not in by_id:
+                raise ValueError("the optimizer holds a parameter that is not in the model")
+            index_to_name[i] = by_id[id(p)]
+    else:  # state_dict indices follow the order the parameters were given; assume model.parameters()
+        for i, n in enumerate(names):
+            index_to_name[i] = n
+    state: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        name = index_to_name.get(int(idx))
+        if name is None:
+            raise ValueError(f"optimizer state index {idx} has no matching model parameter")
+        state[name] = {
+            k: (v.detach().cpu().clone() if isinstance(v, Tensor) else _json_value(v, k))
+            for k, v in st.items()
+        }
+    groups = []
+    for g in sd["param_groups"]:
+        gg = {}
+        for k, v in g.items():
+            if k == "params":
+                gg[k] = [index_to_name[int(i)] for i in v]
+            else:
+                try:
+                    gg[k] = _json_value(v, k)
+                except TypeError:
+                    continue
+        groups.append(gg)
+    opt_name = type(optimizer).__name__.lower() if isinstance(optimizer, torch.optim.Optimizer) else None
+    return {"format": OPTIM_FORMAT, "optimizer": opt_name, "state": state, "param_groups": groups}
+
+
+def optimizer_state_to_torch(
+    named: Mapping[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
+) -> None:
+    """Load a name-keyed optimizer state (see ``optimizer_state_by_name``) into ``optimizer``."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    flat_names = [by_id.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+    if None in flat_names:
+        raise ValueError("the optimizer holds a parameter that is not in the model")
+    index = {n: i for i, n in enumerate(flat_names)}
+    state = {}
+    for name, st in named["state"].items():
+        if name not in index:
+            raise ValueError(f"saved optimizer state for {name!r}, which this optimizer does not hold")
+        state[index[name]] = dict(st)
+    cur = optimizer.state_dict()
+    if len(cur["param_groups"]) != len(named["param_groups"]):
+        raise ValueError(
+            f"saved optimizer has {len(named['param_groups'])} param groups, "
+            f"this one {len(cur['param_groups'])}"
+        )
+    groups = []
+    for g_cur, g_saved in zip(cur["param_groups"], named["param_groups"]):
+        g = dict(g_cur)
+        g.update({k: v for k, v in g_saved.items() if k != "params" and k in g_cur})
+        if isinstance(g_cur.get("betas"), tuple) and isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Run:
+    """A run folder (see the module docstring). Use ``Run.create`` or ``Run.open``."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.config = config
+
+    # ------------------------------------------------------------------ creation / opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model: nn.Module | Mapping[str, Any],
+        dataset: Mapping[str, Any],
+        optimizer: Mapping[str, Any] | torch.optim.Optimizer | None = None,
+        lr_schedule: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        notes: str = "",
+        overwrite: bool = False,
+    ) -> Run:
+        """Create a run folder. ``model``: a model built by ``build`` or its config ``{"name", ...}``;
+        ``dataset``: ``{"name", ...}`` for ``dynascope.datasets.load``; ``optimizer``: ``{"name", "lr",
+        "weight_decay", ...}`` or a torch optimizer; ``lr_schedule``: see ``dynascope.models.schedules``.
+
+        An existing run is only replaced with ``overwrite=True`` (its checkpoints and metrics are
+        deleted); a non-empty folder that is not a run is never written into.
+        """
+        path = Path(path)
+        if isinstance(model, nn.Module):
+            model_cfg = model_config(model)
+        else:
+            model_cfg = _named_config("model", model)
+            model_cfg = normalize_config(model_cfg.pop("name"), **model_cfg)
+        dataset_cfg = _named_config("dataset", dataset)
+        optim_cfg = _optimizer_config(optimizer)
+        base_lr = optim_cfg.get("lr") if optim_cfg else None
+        sched = None
+        if lr_schedule is not None:
+            try:
+                sched = _json_value(validate_schedule(lr_schedule, base_lr), "lr_schedule")
+            except (ValueError, TypeError) as e:
+                raise RunError(path, f"invalid lr_schedule: {e}") from None
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if path.exists():
+            if not path.is_dir():
+                raise RunError(path, "exists and is not a folder")
+            if (path / "run.json").exists():
+                if not overwrite:
+                    raise RunError(path, "already holds a run; pass overwrite=True to replace it")
+                cls._clear(path)
+            elif any(path.iterdir()):
+                raise RunError(
+                    path, "exists, is not empty and is not a run folder; refusing to write into it"
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "checkpoints").mkdir(exist_ok=True)
+        from .. import __version__ as version
+
+        config = {
+            "schema": RUN_SCHEMA,
+            "schema_version": RUN_SCHEMA_VERSION,
+            "model": model_cfg,
+            "dataset": dataset_cfg,
+            "optimizer": optim_cfg,
+            "lr_schedule": sched,
+            "seed": seed,
+            "notes": str(notes),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "dynascope_version": version,
+        }
+        atomic_write_text(path / "run.json", json.dumps(config, indent=2, sort_keys=False) + "\n")
+        return cls(path, config)
+
+    @staticmethod
+    def _clear(path: Path) -> None:
+        """Delete the files a run owns (never anything else)."""
+        for name in ("run.json", "metrics.csv"):
+            (path / name).unlink(missing_ok=True)
+        ck = path / "checkpoints"
+        if ck.is_dir():
+            for f in ck.iterdir():
+                if _CKPT_RE.match(f.name) or re.match(r"^step_\d+\.optim\.pt$", f.name):
+                    f.unlink()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Run:
+        """Open an existing run folder; ``RunError`` if it is not one or ``run.json`` is malformed."""
+        path = Path(path)
+        if not path.is_dir():
+            raise RunError(path, "does not exist or is not a folder")
+        cfg_path = path / "run.json"
+        if not cfg_path.is_file():
+            raise RunError(path, "is not a run folder (no run.json)")
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(path, f"run.json is not valid JSON ({e})") from None
+        if not isinstance(config, dict) or config.get("schema") != RUN_SCHEMA:
+            raise RunError(path, f"run.json is not a dynascope run (schema must be {RUN_SCHEMA!r})")
+        version = config.get("schema_version")
+        if not isinstance(version, int) or version > RUN_SCHEMA_VERSION:
+            raise RunError(
+                path,
+                f"run.json schema_version {version!r} is not supported "
+                f"(this dynascope reads <= {RUN_SCHEMA_VERSION})",
+            )
+        for key in ("model", "dataset"):
+            if not isinstance(config.get(key), dict) or not isinstance(config[key].get("name"), str):
+                raise RunError(path, f"run.json: {key!r} must be a dict with a 'name'")
+        return cls(path, config)
+
+    @staticmethod
+    def is_run(path: str | os.PathLike[str]) -> bool:
+        return (Path(path) / "run.json").is_file()
+
+    def __repr__(self) -> str:
+        model, data = self.model_config.get("name"), self.dataset_config.get("name")
+        return f"Run({str(self.path)!r}, model={model!r}, dataset={data!r})"
+
+    # ------------------------------------------------------------------ config accessors
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return dict(self.config["model"])
+
+    @property
+    def dataset_config(self) -> dict[str, Any]:
+        return dict(self.config["dataset"])
+
+    @property
+    def optimizer_config(self) -> dict[str, Any] | None:
+        o = self.config.get("optimizer")
+        return dict(o) if o else None
+
+    @property
+    def lr_schedule(self) -> dict[str, Any] | None:
+        s = self.config.get("lr_schedule")
+        return dict(s) if s else None
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def notes(self) -> str:
+        return str(self.config.get("notes", ""))
+
+    @property
+    def created(self) -> str | None:
+        return self.config.get("created")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step`` from the run's schedule (constant optimizer lr when there is none)."""
+        base = (self.optimizer_config or {}).get("lr")
+        sched = self.lr_schedule or ({"type": "constant", "lr": base} if base is not None else None)
+        if sched is None:
+            raise RunError(self.path, "has neither an lr_schedule nor an optimizer lr")
+        return lr_at(sched, step, base)
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model from the run's model config."""
+        cfg = self.model_config
+        return build(cfg.pop("name"), **cfg)
+
+    def load_dataset(self) -> Any:
+        """``dynascope.datasets.load(**dataset_config)`` (object with ``.train`` / ``.test`` tensors)."""
+        from ..datasets import load
+
+        cfg = self.dataset_config
+        return load(cfg.pop("name"), **cfg)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step_{int(step):06d}.safetensors"
+
+    def save_checkpoint(
+        self,
+        model: nn.Module | Mapping[str, Tensor],
+        step: int,
+        epoch: int | None = None,
+        optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Write ``checkpoints/step_<step>.safetensors`` (+ ``.optim.pt`` when ``optimizer`` is given).
+
+        A model built by ``build`` must match the run's architecture (the seed may differ).
+        The optimizer file is written first, so a visible checkpoint always has its optimizer state.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if isinstance(model, nn.Module):
+            try:
+                cfg = model_config(model)
+            except ValueError:
+                cfg = None
+            if cfg is not None:
+                a = {k: v for k, v in cfg.items() if k != "seed"}
+                b = {k: v for k, v in self.model_config.items() if k != "seed"}
+                if a != b:
+                    raise RunError(
+                        self.path, f"model config {cfg} does not match the run's {self.model_config}"
+                    )
+        meta: dict[str, Any] = {"step": step, "epoch": epoch, "model_config": self.model_config}
+        if metrics:
+            meta["metrics"] = {str(k): _scalar(v, str(k)) for k, v in metrics.items()}
+        if optimizer is not None:
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    "saving optimizer state needs the model (for parameter names), not a state_dict"
+                )
+            named = optimizer_state_by_name(optimizer, model)
+            opt_path = self.checkpoint_dir / f"step_{step:06d}.optim.pt"
+            atomic_write(opt_path, lambda tmp: torch.save(named, tmp))
+        path = save_checkpoint(model, self.checkpoint_path(step), metadata=meta)
+        return CheckpointInfo(step=step, epoch=epoch, path=path, metadata=_json_value(meta, "metadata"))
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """All checkpoints, sorted by step (metadata read from the safetensors headers only)."""
+        out = []
+        if not self.checkpoint_dir.is_dir():
+            return out
+        for f in self.checkpoint_dir.iterdir():
+            m = _CKPT_RE.match(f.name)
+            if not m:
+                continue
+            meta = read_safetensors_metadata(f)
+            epoch = meta.get("epoch")
+            out.append(
+                CheckpointInfo(
+                    step=int(m.group(1)),
+                    epoch=int(epoch)
+                    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool)
+                    else None,
+                    path=f,
+                    metadata=meta,
+                )
+            )
+        return sorted(out, key=lambda c: c.step)
+
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints()]
+
+    def checkpoint(self, step: int | None = None) -> CheckpointInfo:
+        """The checkpoint at ``step`` (the last one when None); ``RunError`` if absent."""
+        cks = self.checkpoints()
+        if not cks:
+            raise RunError(self.path, "has no checkpoints")
+        if step is None:
+            return cks[-1]
+        for c in cks:
+            if c.step == step:
+                return c
+        raise RunError(self.path, f"has no checkpoint at step {step}; steps: {[c.step for c in cks]}")
+
+    def load_model(self, step: int | None = None, *, allow_nonfinite: bool = False) -> nn.Module:
+        """Build the run's model and load the checkpoint at ``step`` (the last one when None)."""
+        info = self.checkpoint(step)
+        model = self.build_model()
+        load_checkpoint(info.path, model, allow_nonfinite=allow_nonfinite)
+        return model
+
+    def load_optimizer_state(
+        self,
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        model: nn.Module | None = None,
+    ) -> dict[str, Any]:
+        """The name-keyed optimizer state saved at ``step``; loaded into ``optimizer`` when given
+        (``model`` is then needed to map names to parameters)."""
+        p = self.checkpoint_dir / f"step_{int(step):06d}.optim.pt"
+        if not p.is_file():
+            raise RunError(self.path, f"has no optimizer state at step {step} ({p.name})")
+        try:
+            named = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(p, f"optimizer state could not be read ({type(e).__name__}: {e})") from None
+        if not isinstance(named, dict) or named.get("format") != OPTIM_FORMAT:
+            raise CheckpointError(p, f"is not a dynascope optimizer state (format {OPTIM_FORMAT!r})")
+        if optimizer is not None:
+            if model is None:
+                raise TypeError("loading into an optimizer needs model= to map parameter names")
+            optimizer_state_to_torch(named, optimizer, model)
+        return named
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.csv"
+
+    def log_metrics(self, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
+        """Append one row (dict) or several to ``metrics.csv``; every row needs a ``step``.
+
+        New columns rewrite the file atomically with the widened header; otherwise the rows are
+        appended with a single write. Writers are serialised by a lock on the run folder.
+        """
+        rows = [rows] if isinstance(rows, Mapping) else list(rows)
+        clean: list[dict[str, Any]] = []
+        for r in rows:
+            if not isinstance(r, Mapping):
+                raise TypeError(f"metrics rows must be dicts, got {type(r).__name__}")
+            if "step" not in r:
+                raise ValueError(f"every metrics row needs a 'step', got keys {sorted(r)}")
+            clean.append({str(k): _scalar(v, str(k)) for k, v in r.items()})
+        if not clean:
+            return
+        with dir_lock(self.path):
+            header = self._read_header()
+            new_cols = [c for r in clean for c in r if c not in (header or [])]
+            if header is not None and not new_cols:
+                buf = io.StringIO()
+                w = csv.writer(buf, lineterminator="\n")
+                for r in clean:
+                    w.writerow([_format_cell(r.get(c)) for c in header])
+                with open(self.metrics_path, "a", encoding="utf-8", newline="") as f:
+                    f.write(buf.getvalue())
+                    f.flush()
+                    os.fsync(f.fileno())
+                return
+            old_rows: list[dict[str, str]] = []
+            if header is not None:
+                with open(self.metrics_path, encoding="utf-8", newline="") as f:
+                    old_rows = [row for row in csv.DictReader(f) if None not in row]
+            cols = list(dict.fromkeys([*(header or []), *new_cols]))
+            ordered = [c for c in _PREFERRED_COLUMNS if c in cols] + [
+                c for c in cols if c not in _PREFERRED_COLUMNS
+            ]
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(ordered)
+            for r in old_rows:
+                w.writerow([r.get(c, "") for c in ordered])
+            for r in clean:
+                w.writerow([_format_cell(r.get(c)) for c in ordered])
+            atomic_write_text(self.metrics_path, buf.getvalue())
+
+    def _read_header(self) -> list[str] | None:
+        if not self.metrics_path.is_file():
+            return None
+        with open(self.metrics_path, encoding="utf-8", newline="") as f:
+            first = f.readline()
+        if not first.strip():
+            return None
+        return next(csv.reader([first]))
+
+    def metrics(self) -> Any:
+        """``metrics.csv`` as a pandas DataFrame (empty with a ``step`` column when nothing is logged)."""
+        import pandas as pd
+
+        if not self.metrics_path.is_file() or self._read_header() is None:
+            return pd.DataFrame({"step": pd.Series(dtype="int64")})
+        try:
+            return pd.read_csv(self.metrics_path, on_bad_lines="skip")
+        except Exception as e:  # noqa: BLE001
+            raise RunError(self.path, f"metrics.csv could not be parsed ({type(e).__name__}: {e})") from None

@@ -1,0 +1,439 @@
+"""Checkpoint I/O: round trips in every format and prefix convention, and every bad-input error."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dynascope.models import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    EmptyCheckpointError,
+    NonFiniteWeightsError,
+    NoStateDictError,
+    StateDictMismatchError,
+    UnknownFormatError,
+    UnsafeCheckpointError,
+    build,
+    load_checkpoint,
+    model_config,
+    save_checkpoint,
+)
+from dynascope.models.tiny import TINY_CONFIGS, build_tiny, example_input
+
+
+class CustomPayload:
+    """A user class: pickling an instance makes a checkpoint need a non-allowlisted global."""
+
+    def __init__(self, value: int = 3) -> None:
+        self.value = value
+
+
+CUSTOM_GLOBAL = f"{CustomPayload.__module__}.{CustomPayload.__qualname__}"
+
+
+def trained_like(key: str) -> nn.Module:
+    """A model whose weights differ from any seed's init and whose BN buffers are non-trivial."""
+    model = build_tiny(key, seed=0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.train()
+    model(example_input(TINY_CONFIGS[key], n=6, seed=3))  # updates BatchNorm running stats
+    return model.eval()
+
+
+def assert_same_function(a: nn.Module, b: nn.Module, key: str) -> None:
+    x = example_input(TINY_CONFIGS[key], n=5, seed=2)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors", ".ckpt"])
+@pytest.mark.parametrize("key", sorted(TINY_CONFIGS))
+def test_round_trip_every_model_every_format(tmp_path, key, suffix):
+    model = trained_like(key)
+    path = save_checkpoint(model, tmp_path / f"m{suffix}", metadata={"step": 12, "epoch": 3, "note": "x"})
+    assert no_temp_files(tmp_path)
+    fresh = build_tiny(key, seed=1)
+    ck = load_checkpoint(path, fresh)
+    assert ck.model is fresh and ck.format == {".ckpt": "lightning", ".safetensors": "safetensors"}.get(
+        suffix, "torch"
+    )
+    assert_same_function(model, fresh, key)
+    assert ck.metadata["step"] == 12 and ck.metadata["epoch"] == 3 and ck.metadata["note"] == "x"
+    assert ck.model_config == model_config(model) and ck.step == 12 and ck.epoch == 3
+    assert ck.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # Without a model, the state_dict comes back with the model's own key names.
+    bare = load_checkpoint(path)
+    assert bare.state_dict.keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        "ddp",
+        "compile",
+        "ddp+compile",
+        "compile_submodule",
+        "nested_state_dict",
+        "model_state_dict",
+        "model_key",
+    ],
+)
+@pytest.mark.parametrize("key", ["cnn_bn_flatten", "transformer", "resnet"])
+def test_prefixed_and_nested_state_dicts(tmp_path, key, wrap):
+    model = trained_like(key)
+    sd = model.state_dict()
+    if wrap == "ddp":
+        obj = {f"module.{k}": v for k, v in sd.items()}
+    elif wrap == "compile":
+        obj = {f"_orig_mod.{k}": v for k, v in sd.items()}
+    elif wrap == "ddp+compile":
+        obj = {f"module._orig_mod.{k}": v for k, v in sd.items()}
+    elif wrap == "compile_submodule":  # torch.compile applied to the model's `head` only
+        obj = {
+            k.replace("head.", "head._orig_mod.", 1) if k.startswith("head.") else k: v for k, v in sd.items()
+        }
+    elif wrap == "nested_state_dict":
+        obj = {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "step": 5}
+    elif wrap == "model_state_dict":
+        obj = {"model_state_dict": sd, "optimizer_state_dict": {"state": {}, "param_groups": []}, "epoch": 2}
+    else:
+        obj = {"model": sd, "args": {"lr": 0.1}}
+    for suffix in (
+        (".pt", ".safetensors")
+        if wrap in ("ddp", "compile", "ddp+compile", "compile_submodule")
+        else (".pt",)
+    ):
+        path = tmp_path / f"w{suffix}"
+        save_checkpoint(obj, path) if suffix == ".safetensors" else torch.save(obj, path)
+        fresh = build_tiny(key, seed=3)
+        ck = load_checkpoint(path, fresh)
+        assert_same_function(model, fresh, key)
+        assert load_checkpoint(path).state_dict.keys() == sd.keys()
+        if wrap.startswith("ddp"):
+            assert "module." in ck.stripped_prefixes
+
+
+@pytest.mark.parametrize("attr", ["model", "net", "backbone"])
+def test_lightning_checkpoint_with_attribute_prefix(tmp_path, attr):
+    key = "cnn_bn_flatten"
+    model = trained_like(key)
+    ck_obj = {
+        "state_dict": {f"{attr}.{k}": v for k, v in model.state_dict().items()},
+        "epoch": 4,
+        "global_step": 400,
+        "pytorch-lightning_version": "2.4.0",
+        "hyper_parameters": {"lr": 0.01, "width": 3},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.01, "params": []}]}],
+        "callbacks": {},
+    }
+    path = tmp_path / "epoch=4-step=400.ckpt"
+    torch.save(ck_obj, path)
+    fresh = build_tiny(key, seed=9)
+    ck = load_checkpoint(path, fresh)
+    assert_same_function(model, fresh, key)
+    assert ck.format == "lightning" and ck.stripped_prefixes == [f"{attr}."]
+    assert ck.metadata["epoch"] == 4 and ck.metadata["global_step"] == 400 and ck.step == 400
+    assert ck.metadata["hyper_parameters"] == {"lr": 0.01, "width": 3}
+    bare = load_checkpoint(path)  # without a model only well-known attribute names are stripped
+    expected = (
+        set(model.state_dict()) if attr in ("model", "net") else {f"{attr}.{k}" for k in model.state_dict()}
+    )
+    assert set(bare.state_dict) == expected
+
+
+def test_float64_model_round_trip(tmp_path):
+    model = trained_like("transformer").double()
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    fresh = build_tiny("transformer", seed=2).double()
+    load_checkpoint(tmp_path / "m.safetensors", fresh)
+    assert_same_function(model, fresh, "transformer")
+    assert load_checkpoint(tmp_path / "m.safetensors").state_dict["head.weight"].dtype == torch.float64
+
+
+def test_tied_weights_save_in_safetensors(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    torch.manual_seed(0)
+    a, b = Tied(), Tied()
+    save_checkpoint(a, tmp_path / "t.safetensors")
+    load_checkpoint(tmp_path / "t.safetensors", b)
+    assert torch.equal(a.head.weight, b.head.weight) and b.head.weight is b.embed.weight
+
+
+def test_format_sniffed_from_content_not_suffix(tmp_path):
+    model = trained_like("mlp")
+    save_checkpoint(model, tmp_path / "weights.bin", format="safetensors")
+    fresh = build_tiny("mlp", seed=4)
+    assert load_checkpoint(tmp_path / "weights.bin", fresh).format == "safetensors"
+    assert_same_function(model, fresh, "mlp")
+
+
+def test_non_strict_reports_missing_and_unexpected(tmp_path):
+    small = trained_like("mlp")
+    sd = dict(small.state_dict())
+    sd["extra.weight"] = torch.zeros(2)
+    del sd["head.bias"]
+    save_checkpoint(sd, tmp_path / "p.pt")
+    fresh = build_tiny("mlp", seed=5)
+    bias_before = fresh.head.bias.clone()
+    ck = load_checkpoint(tmp_path / "p.pt", fresh, strict=False)
+    assert ck.missing_keys == ["head.bias"] and ck.unexpected_keys == ["extra.weight"]
+    assert torch.equal(fresh.head.weight, small.head.weight) and torch.equal(fresh.head.bias, bias_before)
+
+
+def test_save_is_atomic_and_leaves_no_temp_on_failure(tmp_path, monkeypatch):
+    model = build_tiny("mlp")
+    target = save_checkpoint(model, tmp_path / "a.pt")
+    before = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(build_tiny("mlp", seed=1), target)
+    assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.pt"]
+
+
+def test_save_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="cannot infer checkpoint format"):
+        save_checkpoint(build_tiny("mlp"), tmp_path / "m.weights")
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        save_checkpoint(build_tiny("mlp"), tmp_path / "m.pt", format="onnx")
+    with pytest.raises(ValueError, match="empty state_dict"):
+        save_checkpoint({}, tmp_path / "m.pt")
+    with pytest.raises(TypeError, match="offending keys: a"):
+        save_checkpoint({"a": 1.0}, tmp_path / "m.pt")
+    with pytest.raises(TypeError, match="not JSON-able"):
+        save_checkpoint(build_tiny("mlp"), tmp_path / "m.pt", metadata={"x": object()})
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------- errors
+def check_error(exc_info, path: Path, kind: str, *fragments: str) -> None:
+    err = exc_info.value
+    msg = str(err)
+    assert isinstance(err, CheckpointError) and isinstance(err, ValueError)
+    assert err.kind == kind and err.path == str(path)
+    assert str(path) in msg, msg
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in {msg!r}"
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointNotFoundError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "not_found", "does not exist")
+    assert isinstance(e.value, FileNotFoundError)
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.safetensors"
+    p.write_bytes(b"")
+    with pytest.raises(EmptyCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "empty", "0 bytes")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".ckpt"])
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_truncated_file(tmp_path, suffix, fraction):
+    p = save_checkpoint(build_tiny("cnn"), tmp_path / f"t{suffix}")
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p, build_tiny("cnn"))
+    check_error(e, p, "corrupt", "corrupt or truncated")
+
+
+def test_truncated_legacy_pickle(tmp_path):
+    p = tmp_path / "legacy.pt"
+    torch.save(build_tiny("mlp").state_dict(), p, _use_new_zipfile_serialization=False)
+    fresh = build_tiny("mlp", seed=1)
+    load_checkpoint(p, fresh)  # the legacy format itself loads
+    assert_same_function(build_tiny("mlp"), fresh, "mlp")
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "corrupt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors", ".ckpt", ".bin"])
+def test_random_bytes_under_checkpoint_suffix(tmp_path, suffix):
+    p = tmp_path / f"r{suffix}"
+    p.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "corrupt", "matches no known checkpoint format")
+
+
+def test_random_bytes_unknown_suffix(tmp_path):
+    p = tmp_path / "weights.dat"
+    p.write_bytes(b"\x13\x37 not a checkpoint at all" * 10)
+    with pytest.raises(UnknownFormatError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "unknown_format", "unknown format", "'.dat'")
+
+
+def test_safetensors_with_garbage_header(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 99]}}'
+    p.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "corrupt", "safetensors")
+
+
+def test_wrong_architecture_names_keys_and_shapes(tmp_path):
+    p = save_checkpoint(build("mlp", in_dim=5, width=7, depth=2, out_dim=3), tmp_path / "mlp.safetensors")
+    # wider: every layer mis-shaped
+    with pytest.raises(StateDictMismatchError) as e:
+        load_checkpoint(p, build("mlp", in_dim=5, width=8, depth=2, out_dim=3))
+    check_error(e, p, "mismatch", "shape mismatches (5)", "body.0.weight: checkpoint [7, 5] vs model [8, 5]")
+    assert ("head.weight", (3, 7), (3, 8)) in e.value.mismatched
+    # deeper: missing keys by name with shapes
+    with pytest.raises(StateDictMismatchError) as e:
+        load_checkpoint(p, build("mlp", in_dim=5, width=7, depth=3, out_dim=3))
+    check_error(e, p, "mismatch", "missing keys (2)", "body.4.weight [7, 7]", "body.4.bias [7]")
+    assert e.value.missing == ["body.4.weight", "body.4.bias"] and not e.value.unexpected
+    # shallower: unexpected keys
+    with pytest.raises(StateDictMismatchError) as e:
+        load_checkpoint(p, build("mlp", in_dim=5, width=7, depth=1, out_dim=3))
+    check_error(e, p, "mismatch", "unexpected keys (2)", "body.2.weight [7, 7]")
+    # a different architecture entirely
+    with pytest.raises(StateDictMismatchError) as e:
+        load_checkpoint(p, build_tiny("transformer"))
+    check_error(e, p, "mismatch", "does not fit Transformer", "missing keys", "embed.weight [11, 8]")
+    check_error(
+        e, p, "mismatch", "unexpected keys (4): body.0.bias [7], body.0.weight [7, 5]", "shape mismatches (2)"
+    )
+    # same key names, different layer types: shapes tell
+    with pytest.raises(StateDictMismatchError) as e:
+        load_checkpoint(p, build_tiny("cnn"))
+    check_error(
+        e, p, "mismatch", "does not fit CNN", "body.0.weight: checkpoint [7, 5] vs model [3, 1, 3, 3]"
+    )
+    # shape mismatches are errors even when not strict
+    with pytest.raises(StateDictMismatchError):
+        load_checkpoint(p, build("mlp", in_dim=5, width=8, depth=2, out_dim=3), strict=False)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_unsafe_pickle_refused_naming_the_global(tmp_path, legacy):
+    model = trained_like("mlp")
+    p = tmp_path / "unsafe.pt"
+    torch.save(
+        {"state_dict": model.state_dict(), "extra": CustomPayload(5)},
+        p,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_checkpoint(p, build_tiny("mlp"))
+    check_error(e, p, "unsafe", CUSTOM_GLOBAL, "allow_unsafe=True", "weights_only")
+    assert e.value.globals == [CUSTOM_GLOBAL]
+    # Explicit opt-in allowlists exactly that global and loads the weights.
+    fresh = build_tiny("mlp", seed=1)
+    load_checkpoint(p, fresh, allow_unsafe=True)
+    assert_same_function(model, fresh, "mlp")
+
+
+def test_unsafe_pickle_stdlib_global_and_full_pickle_opt_in(tmp_path):
+    model = trained_like("mlp")
+    p = tmp_path / "hparams.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=0.1)}, p)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "unsafe", "argparse.Namespace")
+    fresh = build_tiny("mlp", seed=1)
+    with pytest.warns(UserWarning, match="arbitrary code"):
+        load_checkpoint(p, fresh, allow_unsafe="pickle")
+    assert_same_function(model, fresh, "mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the allowlist route does not warn
+        load_checkpoint(p, build_tiny("mlp"), allow_unsafe=True)
+
+
+def test_whole_pickled_module_is_refused(tmp_path):
+    p = tmp_path / "module.pt"
+    torch.save(build_tiny("mlp"), p)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "unsafe", "dynascope.models.architectures.MLP")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".ckpt"])
+def test_nonfinite_weights(tmp_path, suffix):
+    model = trained_like("cnn")
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+        model.head.weight[1, 1] = float("nan")
+        model.body[0].bias[0] = float("inf")
+    p = save_checkpoint(model, tmp_path / f"nan{suffix}")
+    with pytest.raises(NonFiniteWeightsError) as e:
+        load_checkpoint(p, build_tiny("cnn"))
+    check_error(
+        e, p, "nonfinite", "head.weight (2 NaN, 0 Inf of", "body.0.bias (0 NaN, 1 Inf of", "allow_nonfinite"
+    )
+    assert sorted(e.value.tensors) == ["body.0.bias", "head.weight"]
+    fresh = build_tiny("cnn", seed=1)
+    load_checkpoint(p, fresh, allow_nonfinite=True)
+    assert torch.isnan(fresh.head.weight[0, 0])
+
+
+@pytest.mark.parametrize(
+    "obj,fragment",
+    [({"epoch": 3, "lr": 0.1}, "no state_dict found"), ([1, 2, 3], "contains a list"), ({}, "empty dict")],
+)
+def test_no_state_dict(tmp_path, obj, fragment):
+    p = tmp_path / "x.pt"
+    torch.save(obj, p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)
+    assert isinstance(e.value, (NoStateDictError, EmptyCheckpointError))
+    assert str(p) in str(e.value) and fragment in str(e.value)
+
+
+def test_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # emitted by torch internals on import
+def test_saving_a_compiled_model_round_trips(tmp_path):
+    model = trained_like("mlp")
+    compiled = torch.compile(model)  # state_dict keys gain `_orig_mod.`; nothing is compiled here
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    p = save_checkpoint(compiled, tmp_path / "c.safetensors")
+    fresh = build_tiny("mlp", seed=1)
+    ck = load_checkpoint(p, fresh)
+    assert ck.stripped_prefixes == ["_orig_mod."] and ck.model_config == model_config(model)
+    assert_same_function(model, fresh, "mlp")
