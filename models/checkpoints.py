@@ -725,6 +725,7 @@ def load_checkpoint(
     unexpected: list[str] = []
     if model is not None:
         missing, unexpected = _load_into(model, sd, path, strict)
+        model.dynascope_checkpoint_hash = digest  # probes record it in their .meta
     return LoadedCheckpoint(
         state_dict=sd,
         metadata=meta,

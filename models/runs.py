@@ -226,6 +226,8 @@ class Run:
         lr_schedule: Mapping[str, Any] | None = None,
         seed: int = 0,
         notes: str = "",
+        loss: str | None = None,
+        extra: Mapping[str, Any] | None = None,
         overwrite: bool = False,
     ) -> Run:
         """Create a run folder. ``model``: a model built by ``build`` or its config ``{"name", ...}``;
@@ -233,7 +235,9 @@ class Run:
         "weight_decay", ...}`` or a torch optimizer; ``lr_schedule``: see ``dynascope.models.schedules``.
 
         An existing run is only replaced with ``overwrite=True`` (its checkpoints and metrics are
-        deleted); a non-empty folder that is not a run is never written into.
+        deleted); a non-empty folder that is not a run is never written into. ``loss``: the
+        training loss name (``"cross_entropy"``, ``"mse"``, ``"half_sse"``) that probes should use;
+        ``extra``: any further JSON-able facts about the run (e.g. the recipe and its phenomenon).
         """
         path = Path(path)
         if isinstance(model, nn.Module):
@@ -275,6 +279,8 @@ class Run:
             "optimizer": optim_cfg,
             "lr_schedule": sched,
             "seed": seed,
+            "loss": loss,
+            "extra": _json_value(dict(extra or {}), "extra"),
             "notes": str(notes),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "dynascope_version": version,
@@ -346,6 +352,15 @@ class Run:
     def lr_schedule(self) -> dict[str, Any] | None:
         s = self.config.get("lr_schedule")
         return dict(s) if s else None
+
+    @property
+    def loss(self) -> str | None:
+        """The training loss name recorded at creation (``None``: probes use ``"auto"``)."""
+        return self.config.get("loss")
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self.config.get("extra") or {})
 
     @property
     def seed(self) -> int:
