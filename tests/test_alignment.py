@@ -1,0 +1,183 @@
+"""Permutation alignment: permuted copies compute the same function, weight matching and activation
+matching recover a random permutation exactly, unsupported architectures fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynascope.models import build
+from dynascope.probes.alignment import (
+    UnsupportedArchitectureError,
+    activation_matching,
+    activation_matching_permutations,
+    apply_permutations,
+    permutation_spec,
+    random_permutations,
+    weight_matching,
+    weight_matching_permutations,
+)
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm distinct affine parameters and running statistics (init values are uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.5 * torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.num_features, generator=g))
+                m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
+def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    x_flat = torch.randn(32, 12, dtype=torch.float64)
+    x_img = torch.randn(16, 2, 6, 6, dtype=torch.float64)
+    return {
+        "mlp": (build("mlp", in_dim=12, width=16, depth=3, out_dim=5, seed=1).double(), x_flat),
+        "mlp_tanh_nobias": (
+            build(
+                "mlp", in_dim=12, width=10, depth=2, out_dim=5, activation="tanh", bias=False, seed=2
+            ).double(),
+            x_flat,
+        ),
+        "cnn_bn_avg": (
+            _randomize_bn(
+                build("cnn", in_channels=2, image_size=6, channels=[6, 8], out_dim=4, batchnorm=True, seed=3)
+            ).double(),
+            x_img,
+        ),
+        "cnn_bn_flatten": (
+            _randomize_bn(
+                build(
+                    "cnn",
+                    in_channels=2,
+                    image_size=6,
+                    channels=[5, 7],
+                    out_dim=4,
+                    batchnorm=True,
+                    pool="flatten",
+                    seed=4,
+                )
+            ).double(),
+            x_img,
+        ),
+        "cnn_nobn": (
+            build("cnn", in_channels=2, image_size=6, channels=[4, 6], out_dim=3, seed=5).double(),
+            x_img,
+        ),
+        "sequential": (
+            nn.Sequential(
+                nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 7), nn.GELU(), nn.Linear(7, 3)
+            ).double(),
+            x_flat,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_models()))
+def test_permuted_copy_computes_the_same_function(name: str) -> None:
+    model, x = _models()[name]
+    perms = random_permutations(model, seed=11)
+    assert perms and any(not np.array_equal(p, np.arange(len(p))) for p in perms.values())
+    permuted = apply_permutations(model, perms)
+    model.eval()
+    permuted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-10, rtol=1e-10)
+    # the weights really moved, integer buffers did not
+    sa, sb = model.state_dict(), permuted.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if sa[k].is_floating_point())
+    for k, v in sa.items():
+        if not v.is_floating_point():
+            assert torch.equal(v, sb[k])
+
+
+@pytest.mark.parametrize("name", list(_models()))
+def test_weight_matching_recovers_the_permutation_exactly(name: str) -> None:
+    model, _ = _models()[name]
+    perms = random_permutations(model, seed=12)
+    permuted = apply_permutations(model, perms)
+    al = weight_matching_permutations(model, permuted)
+    assert al.converged
+    for p, true in perms.items():
+        np.testing.assert_array_equal(al.perms[p], np.argsort(true))
+    aligned = weight_matching(model, permuted)
+    for k, v in model.state_dict().items():
+        assert torch.equal(aligned.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn_avg", "cnn_bn_flatten", "sequential"])
+def test_activation_matching_recovers_the_permutation_exactly(name: str) -> None:
+    model, x = _models()[name]
+    perms = random_permutations(model, seed=13)
+    permuted = apply_permutations(model, perms)
+    al = activation_matching_permutations(model, permuted, (x, torch.zeros(len(x))), batch_size=5)
+    for p, true in perms.items():
+        np.testing.assert_array_equal(al.perms[p], np.argsort(true))
+    aligned = activation_matching(model, permuted, (x, torch.zeros(len(x))))
+    for k, v in model.state_dict().items():
+        assert torch.equal(aligned.state_dict()[k], v), k
+
+
+def test_weight_matching_of_independent_nets_increases_similarity_and_keeps_function() -> None:
+    a = build("mlp", in_dim=12, width=16, depth=2, out_dim=5, seed=1).double()
+    b = build("mlp", in_dim=12, width=16, depth=2, out_dim=5, seed=2).double()
+    al = weight_matching_permutations(a, b, seed=3)
+    identity = {p: np.arange(n) for p, n in permutation_spec(a).sizes.items()}
+    base = sum(
+        float((a.state_dict()[k] * apply_permutations(b, identity).state_dict()[k]).sum())
+        for k in permutation_spec(a).params
+    )
+    assert al.objective > base
+    aligned = apply_permutations(b, al.perms)
+    x = torch.randn(20, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), b(x), atol=1e-10, rtol=1e-10)
+    assert not b.head.weight.data_ptr() == aligned.head.weight.data_ptr()  # a copy, b untouched
+
+
+def test_spec_of_cnn_flatten_head() -> None:
+    cnn = build(
+        "cnn", in_channels=1, image_size=4, channels=[3, 5], out_dim=2, batchnorm=True, pool="flatten"
+    )
+    spec = permutation_spec(cnn)
+    assert spec.sizes == {"body.0": 3, "body.3": 5}
+    assert spec.axes["body.3.weight"] == ("body.3", "body.0", None, None)
+    assert spec.axes["body.4.running_var"] == ("body.3",)
+    assert spec.views["head.weight"] == (2, 5, 16)
+    assert "body.4.num_batches_tracked" not in spec.axes
+    assert spec.activations == {"body.0": "body.2", "body.3": "body.5"}
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        build("resnet", in_channels=1, image_size=8, widths=[4], out_dim=3),
+        build("transformer", vocab_size=7, seq_len=3, d_model=8, n_heads=2, n_layers=1, d_mlp=16),
+        nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)),
+        nn.Linear(3, 2),
+    ],
+    ids=["resnet", "transformer", "layernorm_sequential", "bare_linear"],
+)
+def test_unsupported_architectures_raise_clearly(model: nn.Module) -> None:
+    with pytest.raises(UnsupportedArchitectureError, match="not|support"):
+        weight_matching(model, model)
+
+
+def test_bad_permutations_and_mismatched_models() -> None:
+    a = build("mlp", in_dim=4, width=6, depth=1, out_dim=2)
+    with pytest.raises(ValueError, match="missing permutation"):
+        apply_permutations(a, {})
+    with pytest.raises(ValueError, match="not a permutation"):
+        apply_permutations(a, {"body.0": np.array([0, 0, 1, 2, 3, 4])})
+    b = build("mlp", in_dim=4, width=7, depth=1, out_dim=2)
+    with pytest.raises(ValueError, match="different architectures"):
+        weight_matching(a, b)
+    with pytest.raises(ValueError, match="max_iter"):
+        weight_matching(a, a, max_iter=0)
