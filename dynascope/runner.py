@@ -8,12 +8,15 @@ training loss, and cache the result keyed by (probe, checkpoint sha256, paramete
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dynascope.datasets.batching import BatchSource
 from dynascope.models import Run
 from dynascope.models.checkpoints import file_sha256
 from dynascope.probes.results import Result
@@ -33,6 +36,20 @@ class ProbeSpec:
 
     def resolve(self) -> Callable[..., Result]:
         return getattr(importlib.import_module("dynascope.probes"), self.function)
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """The probe function's keyword parameters (after ``model`` and ``data``)."""
+        params = list(inspect.signature(self.resolve()).parameters.values())[2:]
+        return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    def accepts(self, name: str) -> bool:
+        """Whether the probe function takes keyword ``name`` (e.g. ``reduce_fn``, ``seed``)."""
+        return name in self.parameters()
+
+    @property
+    def shardable(self) -> bool:
+        """Data-parallel over ranks: the probe sums its per-shard products with a ``reduce_fn``."""
+        return self.accepts("reduce_fn")
 
 
 PROBES: dict[str, ProbeSpec] = {
@@ -69,6 +86,44 @@ def probe_data(
     return x, y
 
 
+def _as_run(run: Any) -> Any:
+    """A :class:`Run` from a path; run objects (or anything with the Run interface) pass through."""
+    return Run.open(run) if isinstance(run, (str, os.PathLike)) else run
+
+
+def _plan(
+    run: Any, probe: str, step: int | None, params: dict[str, Any] | None, split: str, max_samples: int | None
+) -> tuple[ProbeSpec, Any, dict[str, Any], dict[str, Any]]:
+    """``(spec, checkpoint info, call kwargs, cache-key parameters)`` for one probe evaluation."""
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; choose one of {sorted(PROBES)}")
+    spec = PROBES[probe]
+    info = run.checkpoint(step)
+    call = {**spec.defaults, **(params or {})}
+    if spec.uses_loss and "loss" not in call:
+        call["loss"] = run.loss or "auto"
+    key = {**call, "split": split, "max_samples": max_samples}
+    return spec, info, call, key
+
+
+def cached_result(
+    run: Run | str,
+    probe: str,
+    *,
+    step: int | None = None,
+    params: dict[str, Any] | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+    store: ResultStore | None = None,
+) -> Result | None:
+    """The result ``run_probe`` would return from the cache, or ``None`` (nothing is computed)."""
+    run = _as_run(run)
+    _, info, _, key = _plan(run, probe, step, params, split, max_samples)
+    store = store if store is not None else ResultStore(run.path)
+    hit = store.get(probe, file_sha256(info.path), key)
+    return hit.result if hit is not None and isinstance(hit.result, Result) else None
+
+
 def run_probe(
     run: Run | str,
     probe: str,
@@ -80,34 +135,44 @@ def run_probe(
     store: ResultStore | None = None,
     recompute: bool = False,
     device: str | None = None,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    write: bool = True,
 ) -> tuple[Result, bool]:
     """Run ``probe`` on checkpoint ``step`` (last if None) of ``run``; returns ``(result, was_cached)``.
 
     Results go to ``store`` (default: the run folder's ``results.sqlite``). ``params`` override the
     probe's defaults; with ``split``, ``max_samples`` and the loss they form the cache key.
+
+    Data-parallel use (see :mod:`dynascope.distributed`): with ``world_size > 1`` this process sees
+    only shard ``rank`` of the data (contiguous, sizes differing by at most one) and the probe sums
+    its per-shard products with ``reduce_fn`` (e.g. an ``all_reduce``); only probes that take a
+    ``reduce_fn`` can be sharded. ``write=False`` skips the store write (every rank but 0).
+    The device, ``reduce_fn`` and sharding are not part of the cache key.
     """
-    if probe not in PROBES:
-        raise ValueError(f"unknown probe {probe!r}; choose one of {sorted(PROBES)}")
-    run = run if isinstance(run, Run) else Run.open(run)
-    spec = PROBES[probe]
-    info = run.checkpoint(step)
-    call = {**spec.defaults, **(params or {})}
-    if spec.uses_loss and "loss" not in call:
-        call["loss"] = run.loss or "auto"
-    key = {**call, "split": split, "max_samples": max_samples}
+    run = _as_run(run)
+    spec, info, call, key = _plan(run, probe, step, params, split, max_samples)
     store = store if store is not None else ResultStore(run.path)
     digest = file_sha256(info.path)
     if not recompute:
         hit = store.get(probe, digest, key)
         if hit is not None and isinstance(hit.result, Result):
             return hit.result, True
+    if world_size > 1 and not spec.shardable:
+        raise ValueError(f"probe {probe!r} cannot shard its data over ranks (it takes no reduce_fn)")
     model = run.load_model(info.step)
     if device is not None:
         model = model.to(device)
         call["device"] = device
-    data = probe_data(run, split=split, max_samples=max_samples)
+    data: Any = probe_data(run, split=split, max_samples=max_samples)
+    if world_size > 1:
+        data = BatchSource(data, rank=rank, world_size=world_size)
+    if reduce_fn is not None:
+        call["reduce_fn"] = reduce_fn
     result = spec.resolve()(model, data, **call)
-    store.put(probe, digest, key, result, step=info.step)
+    if write:
+        store.put(probe, digest, key, result, step=info.step)
     return result, False
 
 
@@ -120,7 +185,7 @@ def sweep(
     **kwargs: Any,
 ) -> list[tuple[int, Result, bool]]:
     """``run_probe`` over several checkpoints (all by default); ``progress(i, n, step)`` after each."""
-    run = run if isinstance(run, Run) else Run.open(run)
+    run = _as_run(run)
     steps = list(steps) if steps is not None else run.steps()
     out = []
     for i, s in enumerate(steps):

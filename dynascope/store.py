@@ -58,14 +58,36 @@ class StoredResult:
     created: float
 
 
-def _result_class(name: str) -> type[Result] | None:
-    """Find a Result subclass by name among those already imported."""
+def _find_result_class(name: str) -> type[Result] | None:
     stack = list(Result.__subclasses__())
     while stack:
         cls = stack.pop()
         if cls.__name__ == name:
             return cls
         stack.extend(cls.__subclasses__())
+    return None
+
+
+def _result_class(name: str) -> type[Result] | None:
+    """Find a Result subclass by name: among those imported, else after importing the probe module
+    that exports it (``dynascope.probes._EXPORTS``), else after importing every probe module."""
+    cls = _find_result_class(name)
+    if cls is not None or name == "dict":
+        return cls
+    import importlib
+
+    from dynascope import probes
+
+    exports: dict[str, str] = getattr(probes, "_EXPORTS", {})
+    modules = [exports[name]] if name in exports else sorted(set(exports.values()))
+    for module in modules:
+        try:
+            importlib.import_module(f"dynascope.probes.{module}")
+        except ImportError:
+            continue
+        cls = _find_result_class(name)
+        if cls is not None:
+            return cls
     return None
 
 

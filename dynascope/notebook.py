@@ -1,0 +1,161 @@
+"""Notebook API: ``dynascope.open_run(path)`` → a :class:`RunView` of a run folder.
+
+    run = dynascope.open_run("runs/grokking")
+    run.checkpoints            # DataFrame: step, epoch, file, metrics stored with each checkpoint
+    run.metrics                # DataFrame of metrics.csv
+    run.results                # DataFrame: one row per cached probe result (scalars as columns)
+    res = run.probe("hessian_eigenvalues", step=1000, k=10)   # computed once, then cached
+    res.figure()               # the Plotly figure the app shows; res.save("eig.html")
+    run.trajectory("hessian_trace")  # DataFrame: step + the result's scalars, one row per checkpoint
+
+Everything goes through the same result store as the app and the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from dynascope.models import Run
+from dynascope.store import STORE_FILENAME, ResultStore
+
+
+class RunView:
+    """A run folder seen from a notebook: tables of checkpoints, metrics and cached results."""
+
+    def __init__(self, run: Run, store: ResultStore | None = None) -> None:
+        self.run = run
+        self._store = store
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def store(self) -> ResultStore:
+        """The run's result store (``results.sqlite``, created on first use)."""
+        if self._store is None:
+            self._store = ResultStore(self.run.path / STORE_FILENAME)
+        return self._store
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.run.config)
+
+    @property
+    def steps(self) -> list[int]:
+        return self.run.steps()
+
+    @property
+    def checkpoints(self):  # -> pandas.DataFrame
+        """One row per checkpoint: ``step, epoch, file`` and the metrics saved with it."""
+        import pandas as pd
+
+        rows = [
+            {"step": c.step, "epoch": c.epoch, "file": str(c.path), **c.metrics}
+            for c in self.run.checkpoints()
+        ]
+        return pd.DataFrame(rows, columns=None if rows else ["step", "epoch", "file"])
+
+    @property
+    def metrics(self):  # -> pandas.DataFrame
+        """``metrics.csv`` (one row per logged step)."""
+        return self.run.metrics()
+
+    @property
+    def results(self):  # -> pandas.DataFrame
+        """Every cached probe result: ``probe, step, checkpoint_hash, params`` and the result's scalars."""
+        if not (self.run.path / STORE_FILENAME).is_file():
+            import pandas as pd
+
+            return pd.DataFrame(columns=["probe", "step", "checkpoint_hash", "params"])
+        return self.store.frame()
+
+    def cached(self, probe: str, step: int | None = None) -> list[tuple[int | None, Any]]:
+        """``[(step, Result)]`` of the cached results of ``probe`` (at ``step``), by step."""
+        rows = [(s.step, s.result) for s in self.store.list(probe)]
+        return [r for r in rows if step is None or r[0] == step]
+
+    def probe(
+        self,
+        name: str,
+        step: int | None = None,
+        *,
+        split: str = "train",
+        max_samples: int | None = None,
+        device: str | None = None,
+        recompute: bool = False,
+        **params: Any,
+    ):
+        """Run probe ``name`` on checkpoint ``step`` (last if None), from the cache when possible."""
+        from dynascope.runner import run_probe
+
+        result, _ = run_probe(
+            self.run, name, step=step, params=params, split=split, max_samples=max_samples,
+            store=self.store, recompute=recompute, device=device,
+        )  # fmt: skip
+        return result
+
+    def sweep(self, name: str, steps: list[int] | None = None, *, progress: bool = True, **kwargs: Any):
+        """``{step: Result}`` of probe ``name`` over ``steps`` (all checkpoints by default), cached."""
+        from dynascope.runner import run_probe
+
+        steps = list(steps) if steps is not None else self.run.steps()
+        it: Any = steps
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(steps, desc=name, unit="ckpt", disable=None)
+        params = {
+            k: kwargs.pop(k) for k in list(kwargs) if k not in ("split", "max_samples", "device", "recompute")
+        }
+        return {
+            s: run_probe(self.run, name, step=s, params=params, store=self.store, **kwargs)[0] for s in it
+        }
+
+    def trajectory(self, probe: str):  # -> pandas.DataFrame
+        """One row per cached ``probe`` result: ``step``, ``params`` and its plottable numbers
+        (scalars; short vectors as ``name_1..name_k``), sorted by step."""
+        import json
+
+        import pandas as pd
+
+        from dynascope.export import scalar_series
+        from dynascope.probes.results import Result
+
+        rows = [
+            {"step": s.step, "params": json.dumps(s.params, sort_keys=True), **scalar_series(s.result)}
+            for s in self.store.list(probe)
+            if isinstance(s.result, Result)
+        ]
+        frame = pd.DataFrame(rows, columns=None if rows else ["step", "params"])
+        return frame.sort_values("step", kind="stable").reset_index(drop=True)
+
+    def figure(self, probe: str):
+        """Plot of the cached ``probe`` results across checkpoints (``export.trajectory_figure``)."""
+        from dynascope.export import trajectory_figure
+
+        return trajectory_figure(self.store, probe)
+
+    def model(self, step: int | None = None):
+        """The model with the weights of checkpoint ``step`` (last if None)."""
+        return self.run.load_model(step)
+
+    def dataset(self):
+        """The run's dataset (``.train`` / ``.test`` tensors)."""
+        return self.run.load_dataset()
+
+    def __repr__(self) -> str:
+        steps = self.run.steps()
+        span = f"{len(steps)} checkpoints ({steps[0]}–{steps[-1]})" if steps else "no checkpoints"
+        model, data = self.run.model_config.get("name"), self.run.dataset_config.get("name")
+        return f"<RunView {self.run.path} · {model} on {data} · {span}>"
+
+
+def open_run(path: str | os.PathLike) -> RunView:
+    """Open a run folder for analysis (``RunError`` if ``path`` is not one)."""
+    return RunView(Run.open(path))
+
+
+__all__ = ["RunView", "open_run"]

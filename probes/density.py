@@ -1,0 +1,322 @@
+"""Spectral density of curvature operators by stochastic Lanczos quadrature (SLQ).
+
+For ``n_probes`` Gaussian start vectors ``v_l`` Lanczos builds ``T_l = S_l diag(θ_l) S_lᵀ``; the
+Gauss quadrature nodes ``θ_lj`` with weights ``τ_lj = (e₁ᵀ s_lj)²`` (``Σ_j τ_lj = 1``) satisfy
+``Σ_j τ_lj θ_lj^p = v_lᵀ A^p v_l / ‖v_l‖²`` exactly for ``p < 2·steps``. The spectral measure
+``μ = (1/P) Σ_i δ_{λ_i}`` is estimated by the discrete measure
+
+    μ̂ = (k/P) · (1/k) Σ_{i≤k} δ_{λ_i}  +  ((P − k)/P) · (1/n_probes) Σ_l Σ_j τ_lj δ_{θ_lj},
+
+where the first part holds the ``k = deflate`` largest-magnitude eigenvalues computed exactly by
+Lanczos (``deflate=0``: plain SLQ), and the probes of the second part are projected onto their
+orthogonal complement (the operator becomes ``(I−UUᵀ)A(I−UUᵀ)``). **Convention:** the weights sum
+to 1, so the density integrates to 1 (multiply by ``P`` for eigenvalues per unit of λ).
+Deflation removes the outliers that dominate the higher moments of deep-network spectra and whose
+random-probe estimates otherwise have ~100 % relative variance.
+
+The smoothed density is ``ρ(t) = Σ_j w_j N(t; θ_j, σ²)`` (Gaussian broadening, width ``σ``;
+default ``σ = 0.01 · (max θ − min θ)``). With ``log_scale=True`` it is the density of
+``u = log10|λ|`` instead (eigenvalues of both signs pooled, ``|λ| < log_floor · max|λ|`` dropped
+and reported as ``meta['mass_below_floor']``; the mass at negative λ is ``meta['negative_mass']``),
+with ``σ`` in decades (default ``0.02 ·`` the span of ``u``) — the usual view of heavy-tailed spectra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .curvature_setup import RecordingOperator, build_operator, now, spectral_meta
+from .lanczos import eigsh, lanczos_tridiagonal
+from .operators import LinearOperator, random_vectors
+from .results import Result
+
+
+class DeflatedOperator(LinearOperator):
+    """``(I − UUᵀ) A (I − UUᵀ)`` for orthonormal columns ``U`` (products counted by ``op``)."""
+
+    def __init__(self, op: LinearOperator, U: torch.Tensor) -> None:
+        super().__init__(op.size, op.dtype, op.device)
+        self.op = op
+        self.U = U.to(device=op.device, dtype=op.dtype)
+
+    def _project(self, V: torch.Tensor) -> torch.Tensor:
+        return V - self.U @ (self.U.T @ V)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._project(self.op.matmat(self._project(V)))
+
+
+@dataclass(frozen=True)
+class SLQOutput:
+    """Nodes/weights of the estimated spectral measure (weights sum to 1) and its ingredients."""
+
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    probe: torch.Tensor  # probe index of each node; -1 for the exactly computed (deflated) eigenvalues
+    deflated: torch.Tensor
+    n_matvecs: int
+
+
+def slq(
+    op: LinearOperator,
+    *,
+    n_probes: int = 10,
+    steps: int = 80,
+    seed: int = 0,
+    deflate: int = 0,
+    deflate_tol: float = 1e-5,
+) -> SLQOutput:
+    """Stochastic Lanczos quadrature on any symmetric operator (see the module docstring)."""
+    for name, val, low in (("n_probes", n_probes, 1), ("lanczos_steps", steps, 1), ("deflate", deflate, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {val!r}")
+    if deflate >= op.size:
+        raise ValueError(f"deflate={deflate} must be smaller than the operator size {op.size}")
+    start = op.n_matvecs
+    P = op.size
+    exact = torch.zeros(0, dtype=torch.float64)
+    target: LinearOperator = op
+    if deflate:
+        eig = eigsh(op, k=deflate, which="LM", tol=deflate_tol, seed=seed + 1)
+        assert eig.vectors is not None
+        U, _ = torch.linalg.qr(eig.vectors.double())
+        exact = eig.values.double().cpu()
+        target = DeflatedOperator(op, U.to(op.dtype))
+    V0 = random_vectors(P, n_probes, seed=seed, dtype=op.dtype, device=op.device)
+    if deflate:
+        V0 = target._project(V0)  # type: ignore[attr-defined]
+    tri = lanczos_tridiagonal(target, V0, min(steps, P - deflate))
+    nodes, weights, probe = [exact], [torch.full_like(exact, 1.0 / P)], [torch.full((exact.numel(),), -1)]
+    bulk_mass = (P - deflate) / P
+    for i in range(n_probes):
+        theta, tau = tri.ritz(i)
+        nodes.append(theta)
+        weights.append(tau * bulk_mass / n_probes)
+        probe.append(torch.full((theta.numel(),), i))
+    return SLQOutput(
+        nodes=torch.cat(nodes),
+        weights=torch.cat(weights),
+        probe=torch.cat(probe),
+        deflated=exact,
+        n_matvecs=op.n_matvecs - start,
+    )
+
+
+def smooth_density(
+    ritz_values: torch.Tensor,
+    ritz_weights: torch.Tensor,
+    *,
+    grid: torch.Tensor | int | None = None,
+    sigma: float | None = None,
+    log_scale: bool = False,
+    log_floor: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, float]]:
+    """Gaussian-broadened density of a discrete measure: ``(grid, density, sigma, info)``.
+
+    ``grid``: a 1-D tensor of points, a number of points (default 1000) spanning the nodes ± 4σ.
+    ``log_scale``: density of ``log10|λ|`` (see the module docstring); ``sigma`` then in decades.
+    """
+    vals = torch.as_tensor(ritz_values, dtype=torch.float64).reshape(-1)
+    w = torch.as_tensor(ritz_weights, dtype=torch.float64).reshape(-1)
+    if vals.shape != w.shape or vals.numel() == 0:
+        raise ValueError(
+            f"ritz_values and ritz_weights must be non-empty and equally long; got {vals.shape}, {w.shape}"
+        )
+    info: dict[str, float] = {"negative_mass": float(w[vals < 0].sum())}
+    if log_scale:
+        top = float(vals.abs().max())
+        keep = vals.abs() >= log_floor * top if top > 0 else torch.zeros_like(vals, dtype=torch.bool)
+        info["mass_below_floor"] = float(w[~keep].sum())
+        info["log_floor"] = log_floor
+        if not bool(keep.any()):
+            raise ValueError("log_scale: no eigenvalue above the floor (the operator is zero?)")
+        vals, w = torch.log10(vals[keep].abs()), w[keep]
+    span = float(vals.max() - vals.min())
+    if sigma is None:
+        sigma = (0.02 if log_scale else 0.01) * span
+        if sigma <= 0:
+            sigma = 1e-3 * max(float(vals.abs().max()), 1.0)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive; got {sigma}")
+    if grid is None or isinstance(grid, int):
+        n = 1000 if grid is None else grid
+        if n < 2:
+            raise ValueError(f"the grid needs at least 2 points; got {n}")
+        grid = torch.linspace(
+            float(vals.min()) - 4 * sigma, float(vals.max()) + 4 * sigma, n, dtype=torch.float64
+        )
+    else:
+        grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+    z = (grid[:, None] - vals[None, :]) / sigma
+    dens = (torch.exp(-0.5 * z**2) * w[None, :]).sum(dim=1) / (sigma * (2 * torch.pi) ** 0.5)
+    return grid, dens, float(sigma), info
+
+
+def spectral_moments(
+    values: torch.Tensor, weights: torch.Tensor | None = None, p_max: int = 4
+) -> torch.Tensor:
+    """``[m_1 … m_p_max]`` with ``m_p = Σ_j w_j λ_j^p`` (uniform weights ``1/n`` when ``weights`` is None)."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    w = (
+        torch.full_like(v, 1.0 / v.numel())
+        if weights is None
+        else torch.as_tensor(weights, dtype=torch.float64)
+    )
+    return torch.stack([(w * v**p).sum() for p in range(1, p_max + 1)])
+
+
+def wasserstein1(
+    a: torch.Tensor, wa: torch.Tensor | None, b: torch.Tensor, wb: torch.Tensor | None = None
+) -> float:
+    """1-Wasserstein distance ``∫ |F_a(t) − F_b(t)| dt`` between two discrete measures on ℝ
+    (weights normalised to sum 1; ``None`` means uniform)."""
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    wa = torch.full_like(a, 1.0) if wa is None else torch.as_tensor(wa, dtype=torch.float64).reshape(-1)
+    wb = torch.full_like(b, 1.0) if wb is None else torch.as_tensor(wb, dtype=torch.float64).reshape(-1)
+    pts = torch.cat([a, b])
+    mass = torch.cat([wa / wa.sum(), -wb / wb.sum()])
+    order = torch.argsort(pts)
+    pts, mass = pts[order], mass[order]
+    cdf_diff = torch.cumsum(mass, 0)[:-1]
+    return float((cdf_diff.abs() * (pts[1:] - pts[:-1])).sum())
+
+
+@dataclass(frozen=True, kw_only=True)
+class DensityResult(Result):
+    """SLQ spectral density.
+
+    ``grid`` / ``density`` the broadened density (integrates to 1; over ``log10|λ|`` when
+    ``log_scale``); ``ritz_values`` / ``ritz_weights`` the raw quadrature measure (weights sum to 1,
+    deflated exact eigenvalues included with weight 1/P each); ``sigma`` the broadening width
+    (in λ units, or decades when ``log_scale``); ``deflated`` the exactly computed outliers.
+    """
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    ritz_values: torch.Tensor
+    ritz_weights: torch.Tensor
+    sigma: float
+    log_scale: bool
+    n_matvecs: int
+    deflated: torch.Tensor
+
+    def moments(self, p_max: int = 4) -> torch.Tensor:
+        """Raw spectral moments ``(1/P) tr(A^p)`` estimated from the quadrature measure (no broadening)."""
+        return spectral_moments(self.ritz_values, self.ritz_weights, p_max)
+
+    def resmooth(
+        self,
+        *,
+        sigma: float | None = None,
+        grid: torch.Tensor | int | None = None,
+        log_scale: bool | None = None,
+    ) -> DensityResult:
+        """The same Ritz measure broadened with another ``sigma`` / ``grid`` / scale (no new products)."""
+        log_scale = self.log_scale if log_scale is None else log_scale
+        g, d, s, info = smooth_density(
+            self.ritz_values, self.ritz_weights, grid=grid, sigma=sigma, log_scale=log_scale
+        )
+        meta = {**self.meta, **info, "sigma": s, "log_scale": log_scale}
+        return dataclasses.replace(self, grid=g, density=d, sigma=s, log_scale=log_scale, meta=meta)
+
+    def to_frame(self):
+        """The smoothed density: columns ``grid`` (``log10_abs_eigenvalue`` if log-scale) and ``density``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {"log10_abs_eigenvalue" if self.log_scale else "eigenvalue": self.grid.tolist(),
+             "density": self.density.tolist()}
+        )  # fmt: skip
+
+    def ritz_frame(self):
+        """The raw quadrature measure: ``ritz_value, ritz_weight``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {"ritz_value": self.ritz_values.tolist(), "ritz_weight": self.ritz_weights.tolist()}
+        )
+
+    def figure(self, *, log_y: bool = False, title: str | None = None):
+        """Line plot of the density (optional log y-axis)."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure(
+            go.Scatter(x=self.grid.tolist(), y=self.density.tolist(), mode="lines", name="density")
+        )
+        scale = "decades" if self.log_scale else "λ units"
+        fig.update_layout(
+            title=title or f"Spectral density (SLQ, σ = {self.sigma:.3g} {scale})",
+            xaxis_title="log10 |eigenvalue|" if self.log_scale else "eigenvalue",
+            yaxis_title="density",
+            yaxis_type="log" if log_y else "linear",
+            template="plotly_white",
+        )
+        return fig
+
+
+def hessian_density(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss: str | Callable = "auto",
+    n_probes: int = 10,
+    lanczos_steps: int = 80,
+    sigma: float | None = None,
+    grid: torch.Tensor | int | None = None,
+    log_scale: bool = False,
+    deflate: int = 0,
+    operator: str = "hessian",
+    seed: int = 0,
+    params: Sequence[str] | str | None = None,
+    batch_size: int | None = None,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    reduce_fn: Callable | None = None,
+    check_determinism: bool = True,
+) -> DensityResult:
+    """Eigenvalue density of the Hessian / GGN / Fisher by SLQ with ``n_probes`` probes run together.
+
+    One ``matmat`` per Lanczos step serves all probes; cost ``n_probes · lanczos_steps`` products
+    (plus the deflation's Lanczos when ``deflate > 0``). See the module docstring for the
+    estimator, the weight convention (integrates to 1), the default ``sigma`` and ``log_scale``.
+    """
+    t0 = now()
+    op = build_operator(
+        model, data, operator=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
+        dtype=dtype, device=device, reduce_fn=reduce_fn, seed=seed,
+    )  # fmt: skip
+    rec = RecordingOperator(op)
+    out = slq(rec, n_probes=n_probes, steps=lanczos_steps, seed=seed, deflate=deflate)
+    g, d, s, info = smooth_density(out.nodes, out.weights, grid=grid, sigma=sigma, log_scale=log_scale)
+    settings = {"n_probes": n_probes, "lanczos_steps": lanczos_steps, "deflate": deflate, "params": params,
+                "batch_size": batch_size, "log_scale": log_scale}  # fmt: skip
+    meta = spectral_meta(
+        "hessian_density", model, op, rec, started=t0, seed=seed, settings=settings,
+        check_determinism=check_determinism, sigma=s, probes="gaussian",
+        weights_convention="weights sum to 1 (density integrates to 1); times P = eigenvalue count",
+        **info,
+    )  # fmt: skip
+    return DensityResult(
+        grid=g, density=d, ritz_values=out.nodes, ritz_weights=out.weights, sigma=s, log_scale=log_scale,
+        n_matvecs=out.n_matvecs, deflated=out.deflated, meta=meta,
+    )  # fmt: skip
+
+
+__all__ = [
+    "DeflatedOperator",
+    "DensityResult",
+    "SLQOutput",
+    "hessian_density",
+    "slq",
+    "smooth_density",
+    "spectral_moments",
+    "wasserstein1",
+]

@@ -1,0 +1,354 @@
+"""Top eigenvalues of the Hessian / GGN / Fisher, and per-layer (block) spectra.
+
+:func:`hessian_eigenvalues` runs Lanczos with full reorthogonalisation
+(:func:`~dynascope.probes.lanczos.eigsh`) on the curvature operator of the dataset-mean loss
+``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)``. A Ritz pair ``(θ, u)`` is *converged* when its residual
+``‖A u − θ u‖ ≤ tol · max(|θ|, 10⁻³ ‖T‖)``; the eigenvalue error is then at most of the order of
+``residual² / gap`` (far below ``tol``).
+
+:func:`layerwise_hessian` applies the same probes to the diagonal blocks ``H_ℓℓ`` of each
+parameter group (the principal submatrix for that layer's parameters, the other layers held fixed).
+The block traces sum to the full trace; block eigenvalues are *not* eigenvalues of ``H``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .curvature_setup import RecordingOperator, build_operator, now, spectral_meta
+from .lanczos import WHICH, eigsh
+from .operators import parameter_groups, select_parameters
+from .results import Result, make_meta, to_jsonable
+
+
+@dataclass(frozen=True, kw_only=True)
+class HessianEigenResult(Result):
+    """Extremal eigenpairs of a curvature operator.
+
+    ``values`` float64, descending; ``residuals`` ``‖A u − θ u‖``; ``converged`` bool per value;
+    ``n_matvecs`` operator-vector products used by Lanczos; ``vectors`` ``[P, k]`` unit eigenvectors
+    (operator dtype) or ``None``. ``to_dict``/``save`` leave the vectors out (they can be huge).
+    """
+
+    values: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    n_matvecs: int
+    vectors: torch.Tensor | None = None
+
+    def to_dict(self, include_vectors: bool = False) -> dict[str, Any]:
+        out = {
+            f.name: to_jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "vectors"
+        }
+        if include_vectors:
+            out["vectors"] = to_jsonable(self.vectors)
+        return out
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "index": list(range(1, self.values.numel() + 1)),
+                "eigenvalue": self.values.tolist(),
+                "residual": self.residuals.tolist(),
+                "converged": self.converged.tolist(),
+            }
+        )
+
+    def figure(self, *, title: str | None = None):
+        """Stem plot of the eigenvalues (unconverged ones marked), residuals in the hover text."""
+        import plotly.graph_objects as go
+
+        idx = list(range(1, self.values.numel() + 1))
+        vals = self.values.tolist()
+        conv = self.converged.tolist()
+        fig = go.Figure()
+        for i, v in zip(idx, vals):
+            fig.add_trace(
+                go.Scatter(x=[i, i], y=[0, v], mode="lines", line={"color": "#888"}, showlegend=False)
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=idx,
+                y=vals,
+                mode="markers",
+                marker={"size": 10, "symbol": ["circle" if c else "x" for c in conv]},
+                text=[
+                    f"residual {r:.2e}, {'converged' if c else 'NOT converged'}"
+                    for r, c in zip(self.residuals.tolist(), conv)
+                ],
+                name="eigenvalue",
+            )
+        )
+        op = self.meta.get("operator", "hessian")
+        fig.update_layout(
+            title=title or f"Top eigenvalues of the {op} ({self.meta.get('reduction', '')})",
+            xaxis_title="index",
+            yaxis_title="eigenvalue",
+            template="plotly_white",
+        )
+        return fig
+
+
+def _warm_start(v0: Any) -> torch.Tensor | None:
+    if v0 is None:
+        return None
+    if isinstance(v0, HessianEigenResult):
+        if v0.vectors is None:
+            raise ValueError(
+                "v0: the previous result has no vectors (it was computed with return_vectors=False)"
+            )
+        return v0.vectors
+    if isinstance(v0, torch.Tensor):
+        return v0
+    raise TypeError(
+        f"v0 must be a HessianEigenResult, a [P] or [P, j] tensor, or None; got {type(v0).__name__}"
+    )
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    data: Any,
+    *,
+    k: int = 5,
+    loss: str | Callable = "auto",
+    tol: float = 1e-4,
+    operator: str = "hessian",
+    which: str = "LA",
+    v0: Any = None,
+    max_iter: int | None = None,
+    params: Sequence[str] | str | None = None,
+    batch_size: int | None = None,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    return_vectors: bool = True,
+    reduce_fn: Callable | None = None,
+    check_determinism: bool = True,
+) -> HessianEigenResult:
+    """Extremal eigenvalues of the Hessian (``operator="hessian"``), GGN or empirical Fisher.
+
+    ``which``: ``"LA"`` largest (default), ``"SA"`` smallest, ``"LM"`` largest magnitude,
+    ``"BE"`` ``k`` from both ends (``2k`` values). ``v0``: a warm start — a previous
+    :class:`HessianEigenResult` (its eigenvectors, e.g. from the previous checkpoint) or a ``[P]`` /
+    ``[P, j]`` tensor. ``dtype=torch.float64`` evaluates reference-grade products on a copy of the
+    model; otherwise products run in the model's dtype. ``params`` restricts to a parameter block.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int; got {k!r}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}; got {which!r}")
+    if not isinstance(tol, (int, float)) or tol <= 0:
+        raise ValueError(f"tol must be a positive number; got {tol!r}")
+    start = _warm_start(v0)
+    t0 = now()
+    op = build_operator(
+        model, data, operator=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
+        dtype=dtype, device=device, reduce_fn=reduce_fn, seed=seed,
+    )  # fmt: skip
+    if k > op.size:
+        raise ValueError(f"k={k} exceeds the number of parameters in the block ({op.size})")
+    if start is not None and start.shape[0] != op.size:
+        raise ValueError(f"v0 has {start.shape[0]} rows but the parameter block has {op.size} entries")
+    rec = RecordingOperator(op)
+    out = eigsh(rec, k=k, which=which, tol=float(tol), max_iter=max_iter, v0=start, seed=seed,
+                return_vectors=return_vectors)  # fmt: skip
+    settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter, "params": params,
+                "batch_size": batch_size, "warm_start": start is not None}  # fmt: skip
+    meta = spectral_meta(
+        "hessian_eigenvalues", model, op, rec, started=t0, seed=seed, settings=settings,
+        check_determinism=check_determinism, krylov_dim=out.n_iter,
+        all_converged=bool(out.converged.all()),
+    )  # fmt: skip
+    return HessianEigenResult(
+        values=out.values,
+        residuals=out.residuals,
+        converged=out.converged,
+        n_matvecs=out.n_matvecs,
+        vectors=out.vectors,
+        meta=meta,
+    )
+
+
+# ------------------------------------------------------------------------------------ per layer
+@dataclass(frozen=True, kw_only=True)
+class LayerwiseHessianResult(Result):
+    """Per-block spectra: one entry per parameter group (layer).
+
+    ``layers`` names; ``n_params`` block sizes; ``eigenvalues`` ``[L, k]`` top eigenvalues of each
+    diagonal block (descending; NaN-padded if a block has fewer than ``k`` parameters);
+    ``converged`` ``[L, k]``; ``trace`` / ``trace_stderr`` ``[L]`` (NaN when not computed);
+    ``densities`` {layer: DensityResult} when requested; ``n_matvecs`` per block.
+    """
+
+    layers: list[str]
+    n_params: list[int]
+    eigenvalues: torch.Tensor
+    converged: torch.Tensor
+    trace: torch.Tensor
+    trace_stderr: torch.Tensor
+    n_matvecs: list[int]
+    densities: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            f.name: to_jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "densities"
+        }
+        out["densities"] = (
+            None if self.densities is None else {k: v.to_dict() for k, v in self.densities.items()}
+        )
+        return out
+
+    def to_frame(self):
+        """One row per layer: ``layer, n_params, lambda_1..lambda_k, converged, trace, trace_stderr,
+        trace_per_param, n_matvecs``."""
+        import pandas as pd
+
+        rows = []
+        for i, name in enumerate(self.layers):
+            row: dict[str, Any] = {"layer": name, "n_params": self.n_params[i]}
+            for j in range(self.eigenvalues.shape[1]):
+                row[f"lambda_{j + 1}"] = float(self.eigenvalues[i, j])
+            row["converged"] = bool(self.converged[i].all())
+            row["trace"] = float(self.trace[i])
+            row["trace_stderr"] = float(self.trace_stderr[i])
+            row["trace_per_param"] = float(self.trace[i]) / self.n_params[i]
+            row["n_matvecs"] = self.n_matvecs[i]
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def figure(self, *, value: str = "lambda_1", title: str | None = None):
+        """Bar chart of one column of :meth:`to_frame` per layer (``trace`` gets ±2 stderr error bars)."""
+        import plotly.graph_objects as go
+
+        frame = self.to_frame()
+        if value not in frame.columns:
+            raise ValueError(f"value must be one of {list(frame.columns[2:])}; got {value!r}")
+        err = None
+        if value == "trace":
+            err = {"type": "data", "array": (2 * frame["trace_stderr"]).tolist()}
+        fig = go.Figure(go.Bar(x=frame["layer"], y=frame[value], error_y=err, name=value))
+        fig.update_layout(
+            title=title or f"{value} per layer ({self.meta.get('operator', 'hessian')} diagonal blocks)",
+            xaxis_title="layer",
+            yaxis_title=value,
+            template="plotly_white",
+        )
+        return fig
+
+
+def layerwise_hessian(
+    model: nn.Module,
+    data: Any,
+    *,
+    k: int = 1,
+    trace: bool = True,
+    density: bool = False,
+    loss: str | Callable = "auto",
+    operator: str = "hessian",
+    tol: float = 1e-4,
+    trace_matvecs: int = 30,
+    trace_method: str = "hutch++",
+    n_probes: int = 5,
+    lanczos_steps: int = 40,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int | None = None,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    reduce_fn: Callable | None = None,
+) -> LayerwiseHessianResult:
+    """Top-``k`` eigenvalues, trace (± stderr) and optionally the SLQ density of each diagonal block.
+
+    ``groups``: {layer name: parameter names or module prefixes}; default
+    :func:`~dynascope.probes.operators.parameter_groups` (parameters grouped by owning module).
+    Each block ``H_ℓℓ = ∂²L/∂θ_ℓ²`` is the principal submatrix of the full operator for that layer.
+    """
+    from .density import hessian_density
+    from .trace import hessian_trace
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int; got {k!r}")
+    blocks = dict(groups) if groups is not None else parameter_groups(model)
+    if not blocks:
+        raise ValueError("no parameter groups to analyse")
+    t0 = now()
+    common = {"loss": loss, "operator": operator, "batch_size": batch_size, "mode": mode, "dtype": dtype,
+              "device": device, "reduce_fn": reduce_fn}  # fmt: skip
+    layers, sizes, matvecs = [], [], []
+    eig_rows, conv_rows, traces, stderrs = [], [], [], []
+    dens: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    for i, (name, names) in enumerate(blocks.items()):
+        n_block = sum(p.numel() for _, p in select_parameters(model, list(names)))
+        res = hessian_eigenvalues(
+            model, data, k=min(k, n_block), tol=tol, params=list(names), seed=seed + i,
+            return_vectors=False, check_determinism=False, **common,
+        )  # fmt: skip
+        if not layers:
+            shared = {
+                key: res.meta[key] for key in ("loss", "reduction", "n_samples", "dtype", "device", "backend")
+            }
+        row = torch.full((k,), float("nan"), dtype=torch.float64)
+        crow = torch.zeros(k, dtype=torch.bool)
+        row[: res.values.numel()] = res.values
+        crow[: res.values.numel()] = res.converged
+        used = res.n_matvecs
+        tr, se = float("nan"), float("nan")
+        if trace:
+            t = hessian_trace(
+                model, data, n_matvecs=trace_matvecs, method=trace_method, params=list(names),
+                seed=seed + i, check_determinism=False, **common,
+            )  # fmt: skip
+            tr, se, used = t.estimate, t.stderr, used + t.n_matvecs
+        if density:
+            d = hessian_density(
+                model, data, n_probes=n_probes, lanczos_steps=lanczos_steps, params=list(names),
+                seed=seed + i, check_determinism=False, **common,
+            )  # fmt: skip
+            dens[name] = d
+            used += d.n_matvecs
+        layers.append(name)
+        sizes.append(int(n_block))
+        matvecs.append(int(used))
+        eig_rows.append(row)
+        conv_rows.append(crow)
+        traces.append(tr)
+        stderrs.append(se)
+    settings = {"k": k, "trace": trace, "density": density, "tol": tol, "trace_matvecs": trace_matvecs,
+                "trace_method": trace_method, "n_probes": n_probes, "lanczos_steps": lanczos_steps,
+                "groups": {n: list(v) for n, v in blocks.items()}}  # fmt: skip
+    meta = make_meta(
+        "layerwise_hessian", model=model, params=settings, started=t0, operator=operator,
+        n_matvecs=sum(matvecs), seed=seed, mode=mode, **shared,
+        note="blocks are diagonal blocks H_ll (other layers fixed); block traces sum to tr(H)",
+    )  # fmt: skip
+    return LayerwiseHessianResult(
+        layers=layers,
+        n_params=sizes,
+        eigenvalues=torch.stack(eig_rows),
+        converged=torch.stack(conv_rows),
+        trace=torch.tensor(traces, dtype=torch.float64),
+        trace_stderr=torch.tensor(stderrs, dtype=torch.float64),
+        n_matvecs=matvecs,
+        densities=dens or None,
+        meta=meta,
+    )
+
+
+__all__ = ["HessianEigenResult", "LayerwiseHessianResult", "hessian_eigenvalues", "layerwise_hessian"]

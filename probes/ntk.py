@@ -1,0 +1,515 @@
+"""Empirical neural tangent kernel (finite-width NTK) and its matrix-free operator.
+
+For a network ``f(x; θ) ∈ R^O`` with per-sample Jacobian ``J(x) = ∂f(x)/∂θ ∈ R^{O×P}``, the
+empirical NTK is ``Θ(x, x') = J(x) J(x')ᵀ ∈ R^{O×O}``. :func:`empirical_ntk` returns either
+
+* the full kernel ``[N1·O, N2·O]``, sample-major (row ``i·O + o`` is output ``o`` of sample ``i``), or
+* the output-traced kernel ``[N1, N2]``: ``Θ_tr(x, x') = Σ_o Θ(x, x')_{oo} = ⟨J(x), J(x')⟩_F``.
+
+Two strategies (the cost model follows Novak et al. 2022, "Fast finite width neural tangent kernel"):
+
+* ``"jacobian"`` (Jacobian contraction): per-sample Jacobians by ``vmap(jacrev)`` in sample chunks,
+  contracted one parameter tensor at a time. Cost ``≈ (2·O + G)·F·n_jac + 2·N1·N2·O^a·P`` flops, where
+  ``F`` is the forward cost of one sample, ``a = 2`` (full) or ``1`` (traced), ``G`` the number of output
+  groups (the traced kernel ``Σ_o J_o J_oᵀ`` is accumulated over groups of outputs when all outputs'
+  Jacobians do not fit the memory budget; 1 otherwise) and ``n_jac`` the number of per-sample
+  Jacobians evaluated (``N1 + N2`` when a group's Jacobians fit and are cached; otherwise column
+  chunks are recomputed for every row chunk). Memory: at most ``max_memory`` bytes of Jacobians
+  (never the whole ``[N·O, P]`` Jacobian unless it fits).
+* ``"ntk_vp"`` (NTK-vector products): ``Θ E = J1 (J2ᵀ E)`` for blocks of unit columns ``E``: the
+  tangents ``J2ᵀ e`` come from vector-Jacobian products (one per column) and ``J1 t`` from a
+  forward-mode ``jvp`` over ``x1``. Cost ``≈ 3·F·N2·O + 3·F·N1·N2·O`` flops, memory
+  ``block·P`` numbers for the tangents; it never holds per-sample Jacobians of ``x1``.
+
+``strategy="auto"`` evaluates both formulas (``F`` counted on one sample by forward hooks:
+``2·MACs`` of Linear/conv layers plus one flop per other activation, at least ``2·P``) and takes the
+cheaper strategy that fits ``max_memory`` bytes (the Jacobian contraction needs at least ``2·O·P`` numbers).
+
+:class:`NTKOperator` is the matrix-free kernel on a fixed data set (``v ↦ J (Jᵀ v)``: one
+vector-Jacobian and one Jacobian-vector product per batch), used by Lanczos when the kernel is too
+large to form. Everything runs on the model's device and dtype; no host synchronisation inside loops.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from .operators import LinearOperator, select_parameters
+
+STRATEGIES = ("auto", "jacobian", "ntk_vp")
+REDUCTIONS = ("trace", None)
+DEFAULT_MAX_MEMORY = 1 << 30  # bytes for Jacobian chunks / tangent blocks
+JACREV_SAMPLES = 8  # samples per vmap(jacrev) call inside a Jacobian chunk
+
+# modules whose train-mode output is not a deterministic per-sample function
+_NOT_PER_SAMPLE_IN_TRAIN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+# --------------------------------------------------------------------------- model as a function
+class _FunctionalModel:
+    """``model`` as pure functions of a parameter dict: per-sample ``[O]`` and batched ``[B, O]`` outputs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        params: Sequence[str] | str | None,
+        mode: str,
+        device: torch.device | str | None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise ValueError("the model has no parameters")
+        if device is not None and torch.device(device) != first.device:
+            model = copy.deepcopy(model).to(device)
+        if mode == "train":
+            coupled = [type(m).__name__ for m in model.modules() if isinstance(m, _NOT_PER_SAMPLE_IN_TRAIN)]
+            if coupled:
+                raise ValueError(
+                    "the empirical NTK is per-sample and deterministic; mode='train' is not supported for "
+                    f"models with {sorted(set(coupled))} (use mode='eval')"
+                )
+        self.model, self.mode = model, mode
+        named = select_parameters(model, params)
+        self.names = [n for n, _ in named]
+        self.params = {n: p.detach() for n, p in named}
+        self.numels = [p.numel() for _, p in named]
+        self.size = sum(self.numels)
+        self.dtype = named[0][1].dtype
+        self.device = named[0][1].device
+        self.fixed = {
+            **{n: p.detach() for n, p in model.named_parameters() if n not in self.params},
+            **dict(model.named_buffers()),
+        }
+
+    def batch(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[B, O]`` (trailing output dimensions flattened)."""
+        out = functional_call(self.model, {**self.fixed, **p}, (x,))
+        return out.reshape(out.shape[0], -1)
+
+    def single(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Output ``[O]`` of one sample (the model sees a batch of one)."""
+        return self.batch(p, x.unsqueeze(0))[0]
+
+    def prepare(self, x: Any, what: str) -> torch.Tensor:
+        """Validate and move inputs to the model's device (floating inputs cast to its dtype)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"{what} needs a leading, non-empty sample dimension; got shape {tuple(x.shape)}"
+            )
+        x = x.to(self.device)
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def output_dim(self, x: torch.Tensor) -> int:
+        with torch.no_grad(), _Mode(self.model, self.mode):
+            try:
+                out = self.batch(self.params, x[:1])
+            except Exception as err:  # a model/input mismatch: say so instead of a deep traceback
+                raise ValueError(
+                    f"the model cannot be evaluated on inputs of shape {tuple(x.shape[1:])} per sample: {err}"
+                ) from err
+        return int(out.shape[1])
+
+    def profile(self, x: torch.Tensor) -> tuple[float, int]:
+        """``(F, A)`` for one sample: forward flops (``2·MACs`` of Linear / conv layers, one flop per
+        output value of other leaf modules; at least ``2·P``) and the number of activation values."""
+        flops, acts = [0.0], [0]
+
+        def hook(m: nn.Module, _i: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                return
+            acts[0] += out.numel()
+            if isinstance(m, nn.Linear):
+                flops[0] += 2.0 * out.numel() * m.in_features
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                flops[0] += 2.0 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            else:
+                flops[0] += out.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad(), _Mode(self.model, self.mode):
+                self.batch(self.params, x[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        return max(flops[0], 2.0 * self.size), max(acts[0], 1)
+
+
+class _Mode:
+    """Put a model in eval/train mode for a block, then restore every module's flag."""
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        self.model, self.mode = model, mode
+        self.saved = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self) -> None:
+        self.model.train(self.mode == "train")
+
+    def __exit__(self, *exc: object) -> None:
+        for m, training in self.saved:
+            m.training = training
+
+
+# --------------------------------------------------------------------------- cost model
+@dataclass(frozen=True)
+class NTKPlan:
+    """The strategy chosen by :func:`plan_ntk` with its cost estimates (flops) and chunk sizes."""
+
+    strategy: str
+    chunk_size: int  # samples per Jacobian chunk ("jacobian") / unit columns per tangent block ("ntk_vp")
+    row_chunk: int  # samples of x1 per jvp call ("ntk_vp"); equal to chunk_size for "jacobian"
+    cost_jacobian: float
+    cost_ntk_vp: float
+    cached: bool  # "jacobian": an output group's per-sample Jacobians fit the budget and are computed once
+    flops_per_sample: float
+    n_params: int
+    n_outputs: int
+    output_chunk: int  # "jacobian": outputs per group (O unless the traced kernel is split by outputs)
+
+    def as_meta(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def plan_ntk(
+    n1: int,
+    n2: int | None,
+    n_outputs: int,
+    n_params: int,
+    *,
+    flops_per_sample: float,
+    activations_per_sample: int = 1,
+    traced: bool,
+    itemsize: int = 4,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> NTKPlan:
+    """Choose the strategy by the cost formulas in the module docstring (``n2=None``: symmetric ``x2=x1``)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if max_memory <= 0:
+        raise ValueError(f"max_memory must be positive; got {max_memory}")
+    O, P, F, A = n_outputs, n_params, flops_per_sample, activations_per_sample
+    sym = n2 is None
+    m2 = n1 if sym else n2
+    a = 1 if traced else 2
+    budget = max_memory // itemsize  # numbers
+    # Jacobian contraction: chunk c samples, two chunks alive, each c·O·(P + A) numbers
+    jac_fits = 2 * O * P <= budget
+    total_n = n1 + (0 if sym else m2)
+    g = min(O, max(1, (budget // 2) // (total_n * (P + A)))) if traced else O  # outputs per group
+    n_groups = math.ceil(O / g)
+    c_jac = chunk_size or max(1, min(n1 + m2, budget // (2 * g * (P + A))))
+    cached = total_n * g * P <= budget // 2 and chunk_size is None
+    if cached:
+        n_jac = total_n
+    else:
+        row_chunks = math.ceil(n1 / c_jac)
+        n_jac = n1 + (m2 * (row_chunks + 1) / 2 if sym else m2 * row_chunks)
+    cost_jac = (2.0 * O + n_groups) * F * n_jac + 2.0 * n1 * m2 * O**a * P
+    # NTK-vector products: b unit columns per block (b·P tangent numbers), r rows of x1 per jvp call
+    b_vp = chunk_size or max(1, min(m2 * O, (budget // 2) // max(P, 1)))
+    r_vp = max(1, min(n1, (budget // 2) // (b_vp * (A + O))))
+    cost_vp = 3.0 * F * m2 * O + 3.0 * F * n1 * m2 * O
+    if strategy == "auto":
+        strategy = "jacobian" if jac_fits and cost_jac <= cost_vp else "ntk_vp"
+    if strategy == "jacobian":
+        c = min(c_jac, max(n1, m2))
+        return NTKPlan("jacobian", c, c, cost_jac, cost_vp, cached, F, P, O, g)
+    return NTKPlan("ntk_vp", b_vp, r_vp, cost_jac, cost_vp, False, F, P, O, O)
+
+
+# --------------------------------------------------------------------------- strategies
+def _jacobian_chunk(
+    fm: _FunctionalModel, x: torch.Tensor, outputs: tuple[int, int] | None = None
+) -> list[torch.Tensor]:
+    """Per-sample Jacobians of a chunk: one ``[c, O, numel]`` tensor per parameter (``outputs=(lo, hi)``:
+    only those outputs, ``[c, hi − lo, numel]``).
+
+    ``vmap(jacrev)`` runs on sub-chunks of ``JACREV_SAMPLES`` samples (large vmapped batches of
+    convolution backward are slower per sample on CPU) written into preallocated tensors.
+    """
+    c = x.shape[0]
+    out: list[torch.Tensor] | None = None
+    for lo in range(0, c, JACREV_SAMPLES):
+        xs = x[lo : lo + JACREV_SAMPLES]
+        fn = fm.single if outputs is None else (lambda p, xi: fm.single(p, xi)[outputs[0] : outputs[1]])
+        jac = vmap(jacrev(fn), in_dims=(None, 0))(fm.params, xs)
+        parts = [jac[n].reshape(xs.shape[0], -1, k) for n, k in zip(fm.names, fm.numels)]
+        if lo == 0 and xs.shape[0] == c:
+            return parts
+        if out is None:
+            out = [torch.empty((c, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
+        for buf, p in zip(out, parts):
+            buf[lo : lo + xs.shape[0]] = p
+    assert out is not None
+    return out
+
+
+def _contract(J1: list[torch.Tensor], J2: list[torch.Tensor], traced: bool) -> torch.Tensor:
+    """Σ over parameter tensors of ``J1 J2ᵀ``: ``[c1, c2]`` (traced) or ``[c1·O, c2·O]`` (full)."""
+    out = None
+    for a, b in zip(J1, J2):
+        if traced:
+            blk = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
+        else:
+            blk = a.reshape(-1, a.shape[2]) @ b.reshape(-1, b.shape[2]).T
+        out = blk if out is None else out + blk
+    assert out is not None
+    return out
+
+
+def _ntk_jacobian(
+    fm: _FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, O: int, traced: bool, plan: NTKPlan
+) -> torch.Tensor:
+    g = plan.output_chunk
+    if not traced or g >= O:
+        return _ntk_jacobian_group(fm, x1, x2, O, traced, plan, None)
+    K = None  # traced kernel Σ_o J_o J_oᵀ, accumulated over groups of outputs
+    for lo in range(0, O, g):
+        blk = _ntk_jacobian_group(fm, x1, x2, O, traced, plan, (lo, min(lo + g, O)))
+        K = blk if K is None else K + blk
+    assert K is not None
+    return K
+
+
+def _ntk_jacobian_group(
+    fm: _FunctionalModel,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    O: int,
+    traced: bool,
+    plan: NTKPlan,
+    outputs: tuple[int, int] | None,
+) -> torch.Tensor:
+    sym = x2 is None
+    xs2 = x1 if sym else x2
+    assert xs2 is not None
+    n1, n2, c = x1.shape[0], xs2.shape[0], plan.chunk_size
+    w = 1 if traced else O
+    K = torch.empty(n1 * w, n2 * w, dtype=fm.dtype, device=fm.device)
+    rows = [(lo, min(lo + c, n1)) for lo in range(0, n1, c)]
+    cols = rows if sym else [(lo, min(lo + c, n2)) for lo in range(0, n2, c)]
+
+    def jac(x: torch.Tensor) -> list[torch.Tensor]:
+        return _jacobian_chunk(fm, x, outputs)
+
+    cache1 = [jac(x1[lo:hi]) for lo, hi in rows] if plan.cached else None
+    cache2 = cache1 if sym else ([jac(xs2[lo:hi]) for lo, hi in cols] if plan.cached else None)
+    for i, (lo1, hi1) in enumerate(rows):
+        J1 = cache1[i] if cache1 is not None else jac(x1[lo1:hi1])
+        for j, (lo2, hi2) in enumerate(cols):
+            if sym and j < i:
+                continue
+            if sym and j == i:
+                J2 = J1
+            else:
+                J2 = cache2[j] if cache2 is not None else jac(xs2[lo2:hi2])
+            blk = _contract(J1, J2, traced)
+            K[lo1 * w : hi1 * w, lo2 * w : hi2 * w] = blk
+            if sym and j > i:
+                K[lo2 * w : hi2 * w, lo1 * w : hi1 * w] = blk.T
+    if sym:
+        K = 0.5 * (K + K.T)  # exact symmetry (diagonal blocks are symmetric up to rounding)
+    return K
+
+
+def _tangents(fm: _FunctionalModel, x2: torch.Tensor, cols: torch.Tensor, O: int) -> dict[str, torch.Tensor]:
+    """``J2ᵀ e`` for unit columns ``e`` with flat indices ``cols`` (sample ``c // O``, output ``c % O``)."""
+    xs = x2[cols // O]
+    E = torch.nn.functional.one_hot(cols % O, O).to(fm.dtype)
+
+    def one(x: torch.Tensor, e: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, pull = vjp(lambda p: fm.single(p, x), fm.params)
+        return pull(e)[0]
+
+    return vmap(one)(xs, E)
+
+
+def _ntk_vp(
+    fm: _FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, O: int, traced: bool, plan: NTKPlan
+) -> torch.Tensor:
+    xs2 = x1 if x2 is None else x2
+    n1, n2 = x1.shape[0], xs2.shape[0]
+    b, r = plan.chunk_size, plan.row_chunk
+    w = 1 if traced else O
+    K = torch.zeros(n1 * w, n2 * w, dtype=fm.dtype, device=fm.device)
+    for lo in range(0, n2 * O, b):
+        cols = torch.arange(lo, min(lo + b, n2 * O), device=fm.device)
+        T = _tangents(fm, xs2, cols, O)  # {name: [b, *shape]}
+        for rlo in range(0, n1, r):
+            xr = x1[rlo : rlo + r]
+            rhi = rlo + xr.shape[0]
+
+            def push(t: dict[str, torch.Tensor], xr: torch.Tensor = xr) -> torch.Tensor:
+                return jvp(lambda p: fm.batch(p, xr), (fm.params,), (t,))[1]
+
+            out = vmap(push)(T)  # [b, r, O]: out[c, i, o] = Θ[(i, o), col c]
+            if traced:  # Θ_tr[i, j] = Σ_o Θ[(i, o), (j, o)]: keep output o_c of column c, add into j_c
+                vals = out[torch.arange(cols.numel(), device=fm.device), :, cols % O]  # [b, r]
+                K[rlo:rhi].index_add_(1, cols // O, vals.T)
+            else:
+                K[rlo * O : rhi * O, lo : lo + cols.numel()] = out.reshape(cols.numel(), -1).T
+    if x2 is None:
+        K = 0.5 * (K + K.T)
+    return K
+
+
+# --------------------------------------------------------------------------- public API
+def empirical_ntk(
+    model: nn.Module,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    *,
+    reduce_outputs: str | None = "trace",
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+    mode: str = "eval",
+    params: Sequence[str] | str | None = None,
+    device: torch.device | str | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    return_plan: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, NTKPlan]:
+    """Empirical NTK ``Θ(x, x') = J(x) J(x')ᵀ`` between ``x1 [N1, ...]`` and ``x2 [N2, ...]`` (default x1).
+
+    ``reduce_outputs="trace"`` gives ``[N1, N2]`` with ``Σ_o Θ_oo``; ``None`` the full sample-major
+    ``[N1·O, N2·O]`` kernel. ``strategy``: ``"jacobian"``, ``"ntk_vp"`` or ``"auto"`` (module docstring);
+    ``chunk_size``: samples per Jacobian chunk / unit columns per tangent block (default from
+    ``max_memory`` bytes). ``params`` restricts θ to a parameter block; ``mode="eval"`` (default) uses
+    BatchNorm running statistics. Returns a tensor of the model's dtype on its device (or ``device``);
+    with ``return_plan=True`` also the :class:`NTKPlan` used.
+    """
+    if reduce_outputs not in REDUCTIONS:
+        raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
+    fm = _FunctionalModel(model, params=params, mode=mode, device=device)
+    x1 = fm.prepare(x1, "x1")
+    if x2 is not None:
+        x2 = fm.prepare(x2, "x2")
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(
+                f"x1 and x2 must have the same per-sample shape; got {tuple(x1.shape[1:])} and "
+                f"{tuple(x2.shape[1:])}"
+            )
+        if x2.dtype != x1.dtype:
+            raise TypeError(f"x1 and x2 must have the same dtype; got {x1.dtype} and {x2.dtype}")
+    O = fm.output_dim(x1)
+    flops, acts = fm.profile(x1)
+    plan = plan_ntk(
+        x1.shape[0],
+        None if x2 is None else x2.shape[0],
+        O,
+        fm.size,
+        flops_per_sample=flops,
+        activations_per_sample=acts,
+        traced=reduce_outputs == "trace",
+        itemsize=torch.empty((), dtype=fm.dtype).element_size(),
+        strategy=strategy,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+    )
+    run = _ntk_jacobian if plan.strategy == "jacobian" else _ntk_vp
+    with _Mode(fm.model, mode):
+        K = run(fm, x1, x2, O, reduce_outputs == "trace", plan)
+    K = K.detach()
+    return (K, plan) if return_plan else K
+
+
+class NTKOperator(LinearOperator):
+    """The empirical NTK of a fixed data set ``x [N, ...]`` as a matrix-free symmetric operator.
+
+    Full kernel (size ``N·O``, sample-major): ``Θ v = J (Jᵀ v)``, with ``Jᵀ v`` one vector-Jacobian
+    product per batch (summed over batches) and ``J u`` one forward-mode ``jvp`` per batch.
+    Traced kernel (size ``N``): ``Θ_tr v = Σ_o J_o (J_oᵀ v)``, the O output channels batched with ``vmap``.
+    ``matmat`` with K columns costs about ``5·F·N·K`` (full) or ``5·F·N·K·O`` (traced) flops and
+    ``K·P`` (full) or ``K·O·P`` (traced) numbers of memory per batch of ``batch_size`` samples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        *,
+        reduce_outputs: str | None = "trace",
+        batch_size: int | None = None,
+        mode: str = "eval",
+        params: Sequence[str] | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if reduce_outputs not in REDUCTIONS:
+            raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        self.fm = _FunctionalModel(model, params=params, mode=mode, device=device)
+        self.x = self.fm.prepare(x, "x")
+        self.n_outputs = self.fm.output_dim(self.x)
+        self.traced = reduce_outputs == "trace"
+        self.mode = mode
+        n = self.x.shape[0]
+        self.batch_size = batch_size or n
+        super().__init__(n if self.traced else n * self.n_outputs, self.fm.dtype, self.fm.device)
+
+    def _batches(self) -> list[tuple[int, int]]:
+        n = self.x.shape[0]
+        return [(lo, min(lo + self.batch_size, n)) for lo in range(0, n, self.batch_size)]
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        fm, O, K = self.fm, self.n_outputs, V.shape[1]
+        n = self.x.shape[0]
+        # cotangents [C, N, O]: full -> C = K columns reshaped; traced -> C = K·O (column k on output o)
+        if self.traced:
+            eye = torch.eye(O, dtype=V.dtype, device=V.device)
+            cot = (V.T[:, None, :, None] * eye[None, :, None, :]).reshape(K * O, n, O)
+        else:
+            cot = V.T.reshape(K, n, O)
+        with _Mode(fm.model, self.mode):
+            tang: dict[str, torch.Tensor] | None = None
+            for lo, hi in self._batches():
+                xb = self.x[lo:hi]
+                _, pull = vjp(lambda p, xb=xb: fm.batch(p, xb), fm.params)
+                u = vmap(lambda c, pull=pull: pull(c)[0])(cot[:, lo:hi])
+                tang = u if tang is None else {k: tang[k] + u[k] for k in tang}
+            assert tang is not None
+            outs = []
+            for lo, hi in self._batches():
+                xb = self.x[lo:hi]
+                outs.append(
+                    vmap(lambda t, xb=xb: jvp(lambda p: fm.batch(p, xb), (fm.params,), (t,))[1])(tang)
+                )
+            out = torch.cat(outs, dim=1)  # [C, N, O]
+        if self.traced:
+            return out.reshape(K, O, n, O).diagonal(dim1=1, dim2=3).sum(-1).T.detach()
+        return out.reshape(K, n * O).T.detach()
+
+    def trace(self, chunk_size: int | None = None, max_memory: int = DEFAULT_MAX_MEMORY) -> torch.Tensor:
+        """Exact ``tr Θ = Σ_i ‖J(x_i)‖_F²`` (same for the full and traced kernel), from per-sample
+        Jacobians in chunks; a 0-d tensor on the operator's device."""
+        fm, O = self.fm, self.n_outputs
+        c = chunk_size or max(1, max_memory // (self.dtype.itemsize * O * fm.size))
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with _Mode(fm.model, self.mode):
+            for lo in range(0, self.x.shape[0], c):
+                for J in _jacobian_chunk(fm, self.x[lo : lo + c]):
+                    total = total + J.double().pow(2).sum()
+        return total

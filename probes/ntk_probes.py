@@ -1,0 +1,412 @@
+"""NTK probes: spectrum and label alignment at one checkpoint, lazy→rich signals across checkpoints.
+
+:func:`ntk_probe` — top-k eigenvalues of the empirical NTK on a data set (dense ``eigh`` of the formed
+kernel when its size ``M`` (``N``, or ``N·O`` for the full kernel) is at most ``max_dense``; Lanczos
+(:func:`~dynascope.probes.lanczos.eigsh`) on the matrix-free :class:`~dynascope.probes.ntk.NTKOperator`
+otherwise), its trace, the top-k condition number ``λ_1/λ_k``, the centered kernel-target alignment
+and the fraction of the centered label energy ``‖U_kᵀ Y_c‖_F² / ‖Y_c‖_F²`` captured by the top-k
+eigenvectors ``U_k`` of the (uncentered) kernel.
+
+:func:`ntk_trajectory` — per checkpoint: kernel distance to the first checkpoint, kernel velocity,
+label alignment and relative parameter change ``‖θ−θ0‖/‖θ0‖``. A network in the lazy (kernel)
+regime keeps distance and parameter change near 0; grokking coincides with a late rise of the
+kernel distance and label alignment (Kumar et al. 2023).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..datasets.batching import as_batches
+from .kernels import (
+    center_kernel,
+    center_targets,
+    kernel_alignment,
+    kernel_distance,
+    relative_param_change,
+    target_matrix,
+)
+from .lanczos import eigsh
+from .ntk import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
+from .results import Result, make_meta
+
+
+@dataclass(frozen=True, kw_only=True)
+class NTKResult(Result):
+    """Spectrum and label alignment of the empirical NTK on one data set.
+
+    ``eigenvalues`` top-k, descending (float64); ``label_energy[i]`` = ``‖u_iᵀ Y_c‖² / ‖Y_c‖_F²``;
+    ``topk_label_energy`` their sum; ``condition_number`` = ``λ_1/λ_k`` over the reported top-k
+    (``inf`` if ``λ_k ≤ 0``); ``converged`` per eigenvalue (all true for ``method="dense"``).
+    """
+
+    eigenvalues: torch.Tensor
+    trace: float
+    condition_number: float
+    label_alignment: float
+    topk_label_energy: float
+    label_energy: torch.Tensor
+    converged: torch.Tensor
+    method: str
+
+    def to_frame(self):  # -> pandas.DataFrame
+        """One row per eigenvalue: rank, eigenvalue, label energy (and cumulative), converged + scalars."""
+        import pandas as pd
+
+        ev = self.eigenvalues.double().cpu()
+        le = self.label_energy.double().cpu()
+        frame = pd.DataFrame(
+            {
+                "rank": range(1, ev.numel() + 1),
+                "eigenvalue": ev.tolist(),
+                "label_energy": le.tolist(),
+                "cumulative_label_energy": le.cumsum(0).tolist(),
+                "converged": self.converged.cpu().tolist(),
+            }
+        )
+        for name in ("trace", "condition_number", "label_alignment", "topk_label_energy", "method"):
+            frame[name] = getattr(self, name)
+        return frame
+
+    def figure(self):  # -> plotly.graph_objects.Figure
+        """Eigenvalue spectrum (log scale) and cumulative label energy of the top eigenvectors."""
+        from plotly.subplots import make_subplots
+
+        df = self.to_frame()
+        fig = make_subplots(
+            rows=1, cols=2, subplot_titles=("NTK eigenvalues", "Cumulative label energy (centered)")
+        )
+        fig.add_scatter(x=df["rank"], y=df["eigenvalue"], mode="lines+markers", name="λ_i", row=1, col=1)
+        fig.add_scatter(
+            x=df["rank"], y=df["cumulative_label_energy"], mode="lines+markers", name="Σ energy", row=1, col=2
+        )
+        fig.update_yaxes(type="log", title_text="eigenvalue", row=1, col=1)
+        fig.update_yaxes(range=[0, 1.05], title_text="fraction", row=1, col=2)
+        fig.update_xaxes(title_text="rank")
+        fig.update_layout(
+            title=f"NTK: label alignment {self.label_alignment:.3f}, trace {self.trace:.3g}", showlegend=False
+        )
+        return fig
+
+
+def _targets_for(y: torch.Tensor, size: int, n: int, n_outputs: int) -> torch.Tensor:
+    """Centered targets as ``[size, C]``: ``[N, C]`` for a traced kernel, ``[N·O, 1]`` for a full one."""
+    integer = not (y.is_floating_point() or y.is_complex())
+    n_classes = n_outputs if integer and y.numel() and int(y.max()) < n_outputs else None
+    Y = center_targets(target_matrix(y, n_classes))
+    if size == n:
+        return Y
+    if Y.shape[1] != n_outputs:
+        raise ValueError(
+            f"the full kernel has {n_outputs} outputs per sample but the targets have {Y.shape[1]} columns"
+        )
+    return Y.reshape(-1, 1)
+
+
+def _rademacher(size: int, s: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (size, s), generator=gen) * 2 - 1).to(dtype=dtype, device=device)
+
+
+def _center_columns(V: torch.Tensor, n: int) -> torch.Tensor:
+    """``C V`` with ``C = (I_N − 11ᵀ/N) ⊗ I_O`` applied to each column of ``V [N·O, s]``."""
+    W = V.reshape(n, -1, V.shape[1])
+    return (W - W.mean(dim=0, keepdim=True)).reshape(V.shape)
+
+
+def ntk_probe(
+    model: nn.Module,
+    data: Any,
+    *,
+    k: int = 10,
+    reduce_outputs: str | None = "trace",
+    method: str = "auto",
+    max_dense: int = 2048,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    tol: float = 1e-4,
+    n_probes: int = 32,
+    mode: str = "eval",
+    params: Sequence[str] | str | None = None,
+    device: torch.device | str | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    seed: int = 0,
+) -> NTKResult:
+    """Top-k NTK eigenvalues, trace, condition number and label alignment on ``data``.
+
+    ``method``: ``"dense"`` (form the kernel with :func:`empirical_ntk` and ``eigh`` in float64),
+    ``"lanczos"`` (matrix-free; ``batch_size`` samples per product) or ``"auto"`` (dense when the kernel
+    size is at most ``max_dense``). With Lanczos the alignment's ``‖K_c‖_F`` is a Hutchinson estimate
+    from ``n_probes`` Rademacher vectors (``E‖K_c z‖² = ‖K_c‖_F²``; its relative standard error is in
+    ``meta``); the numerator ``tr(Y_cᵀ K Y_c)`` and the trace ``Σ_i ‖J_i‖_F²`` are exact.
+    """
+    started = time.perf_counter()
+    if method not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'lanczos'; got {method!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int; got {k!r}")
+    x, y = as_batches(data).tensors()
+    op = NTKOperator(
+        model,
+        x,
+        reduce_outputs=reduce_outputs,
+        batch_size=batch_size,
+        mode=mode,
+        params=params,
+        device=device,
+    )
+    n, O, M = op.x.shape[0], op.n_outputs, op.size
+    if k > M:
+        raise ValueError(f"k={k} exceeds the kernel size {M}")
+    Yc = _targets_for(y, M, n, O).to(device=op.device)
+    if method == "auto":
+        method = "dense" if M <= max_dense else "lanczos"
+    extra: dict[str, Any] = {"kernel_size": M, "n_samples": n, "n_outputs": O}
+    if method == "dense":
+        K = empirical_ntk(
+            model,
+            x,
+            reduce_outputs=reduce_outputs,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            mode=mode,
+            params=params,
+            device=device,
+            max_memory=max_memory,
+            return_plan=True,
+        )
+        K, plan = K  # type: ignore[misc]
+        Kd = K.double()
+        evals, evecs = torch.linalg.eigh(Kd)
+        values, U = evals.flip(0)[:k], evecs.flip(1)[:, :k]
+        trace = float(Kd.trace())
+        kc_norm = float(center_kernel(Kd, 1 if M == n else O).norm())
+        num = float((Yc * (Kd @ Yc)).sum())  # ⟨K_c, Y_c Y_cᵀ⟩ = tr(Y_cᵀ K Y_c) since C Y_c = Y_c
+        t_norm = float((Yc.T @ Yc).norm())
+        alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
+        converged = torch.ones(k, dtype=torch.bool)
+        extra["strategy"] = plan.as_meta()
+        extra["min_eigenvalue"] = float(evals.min())
+    else:
+        out = eigsh(op, k, tol=tol, seed=seed)
+        values, U = out.values, out.vectors.double()  # type: ignore[union-attr]
+        converged = out.converged.cpu()
+        trace = float(op.trace(chunk_size=chunk_size, max_memory=max_memory))
+        Yt = Yc.to(op.dtype)
+        num = float((Yc * op.matmat(Yt).double()).sum())  # ⟨K_c, Y_c Y_cᵀ⟩ = tr(Y_cᵀ K Y_c)
+        Z = _rademacher(M, n_probes, seed + 1, op.dtype, op.device)
+        KcZ = _center_columns(op.matmat(_center_columns(Z, n)), n).double()
+        sq = KcZ.pow(2).sum(dim=0)  # unbiased samples of ‖K_c‖_F²
+        kc_norm = float(sq.mean().sqrt())
+        t_norm = float((Yc.T @ Yc).norm())
+        alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
+        rel_se = float(sq.std() / (sq.mean() * math.sqrt(n_probes))) / 2 if n_probes > 1 else math.nan
+        extra.update(
+            n_matvecs=op.n_matvecs,
+            lanczos_iterations=out.n_iter,
+            residuals=out.residuals,
+            alignment_norm_estimator=f"hutchinson({n_probes} Rademacher probes)",
+            alignment_relative_stderr=rel_se,
+        )
+    denom = float(Yc.pow(2).sum())
+    energy = (U.T.to(Yc.device) @ Yc).pow(2).sum(dim=1) / denom if denom > 0 else torch.full((k,), math.nan)
+    values = values.double().cpu()
+    lam_k = float(values[-1])
+    cond = float(values[0]) / lam_k if lam_k > 0 else math.inf
+    meta = make_meta(
+        "ntk_probe",
+        model=model,
+        params={
+            "k": k,
+            "reduce_outputs": reduce_outputs,
+            "method": method,
+            "max_dense": max_dense,
+            "tol": tol,
+            "n_probes": n_probes,
+            "batch_size": batch_size,
+            "params": params,
+            "seed": seed,
+        },
+        started=started,
+        mode=mode,
+        condition_number_definition="lambda_1 / lambda_k of the reported top-k",
+        label_energy_definition="||U_k^T Y_c||^2 / ||Y_c||^2, U_k eigenvectors of the uncentered kernel",
+        **extra,
+    )
+    return NTKResult(
+        eigenvalues=values,
+        trace=trace,
+        condition_number=cond,
+        label_alignment=alignment,
+        topk_label_energy=float(energy.sum()),
+        label_energy=energy.double().cpu(),
+        converged=converged,
+        method=method,
+        meta=meta,
+    )
+
+
+# --------------------------------------------------------------------------- across checkpoints
+@dataclass(frozen=True, kw_only=True)
+class NTKTrajectory(Result):
+    """Lazy→rich signals per checkpoint (all lists have one entry per checkpoint).
+
+    ``kernel_distance``: to the first checkpoint's kernel; ``kernel_velocity``: distance to the previous
+    kernel per step (``nan`` at the first); ``label_alignment``: centered kernel-target alignment (``nan``
+    without targets); ``relative_param_change``: ``‖θ−θ0‖/‖θ0‖``; ``kernel_trace``: ``tr K``.
+    """
+
+    steps: list[float]
+    kernel_distance: list[float]
+    kernel_velocity: list[float]
+    label_alignment: list[float]
+    relative_param_change: list[float]
+    kernel_trace: list[float]
+
+    def figure(self):  # -> plotly.graph_objects.Figure
+        """Four panels against the training step."""
+        from plotly.subplots import make_subplots
+
+        panels = [
+            ("kernel_distance", "Kernel distance to init"),
+            ("kernel_velocity", "Kernel velocity"),
+            ("label_alignment", "Label alignment"),
+            ("relative_param_change", "‖θ−θ0‖/‖θ0‖"),
+        ]
+        fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in panels])
+        for i, (name, title) in enumerate(panels):
+            fig.add_scatter(
+                x=self.steps,
+                y=getattr(self, name),
+                mode="lines+markers",
+                name=title,
+                row=i // 2 + 1,
+                col=i % 2 + 1,
+            )
+        fig.update_xaxes(title_text="step")
+        fig.update_layout(title="NTK trajectory (lazy → rich)", showlegend=False)
+        return fig
+
+
+def _checkpoint_models(checkpoints: Sequence[Any], model: nn.Module | None) -> list[Any]:
+    if len(checkpoints) == 0:
+        raise ValueError("ntk_trajectory needs at least one checkpoint")
+    for i, c in enumerate(checkpoints):
+        if isinstance(c, nn.Module):
+            continue
+        if isinstance(c, Mapping):
+            if model is None:
+                raise ValueError(
+                    f"checkpoint {i} is a state dict: pass model= (an architecture to load it into)"
+                )
+            continue
+        raise TypeError(f"checkpoint {i} must be an nn.Module or a state dict; got {type(c).__name__}")
+    return list(checkpoints)
+
+
+def ntk_trajectory(
+    checkpoints: Sequence[nn.Module | Mapping[str, torch.Tensor]],
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    steps: Sequence[float] | None = None,
+    model: nn.Module | None = None,
+    reduce_outputs: str | None = "trace",
+    centered: bool = True,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+    mode: str = "eval",
+    params: Sequence[str] | str | None = None,
+    device: torch.device | str | None = None,
+) -> NTKTrajectory:
+    """Kernel distance to init, kernel velocity, label alignment and relative parameter change per checkpoint.
+
+    ``checkpoints``: models, or state dicts loaded into (a copy of) ``model``; the first is the reference
+    ``θ0, K0``. ``steps`` default ``0, 1, …``. Kernels are formed on ``x`` with :func:`empirical_ntk`
+    (two ``[N, N]`` kernels are held at a time).
+    """
+    started = time.perf_counter()
+    items = _checkpoint_models(checkpoints, model)
+    s = list(range(len(items))) if steps is None else [float(v) for v in steps]
+    if len(s) != len(items):
+        raise ValueError(f"got {len(items)} checkpoints but {len(s)} steps")
+    if any(b <= a for a, b in zip(s, s[1:])):
+        raise ValueError(f"steps must be strictly increasing; got {s}")
+    holder = (
+        copy.deepcopy(model) if model is not None and any(isinstance(c, Mapping) for c in items) else None
+    )
+    n_out = 1
+    n_classes = None
+    if y is not None and reduce_outputs is None and not (y.is_floating_point() or y.is_complex()):
+        n_classes = -1  # set to O (one-hot over the model's outputs) once O is known
+    K0 = K_prev = theta0 = None
+    out: dict[str, list[float]] = {
+        n: [] for n in NTKTrajectory.__dataclass_fields__ if n not in ("meta", "steps")
+    }
+    for i, c in enumerate(items):
+        if isinstance(c, Mapping):
+            assert holder is not None
+            try:
+                holder.load_state_dict(c)
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint {i} does not fit model: {err}") from None
+            m = holder
+        else:
+            m = c
+        K = empirical_ntk(
+            m,
+            x,
+            reduce_outputs=reduce_outputs,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            mode=mode,
+            params=params,
+            device=device,
+        )
+        assert isinstance(K, torch.Tensor)
+        K = K.double()
+        if reduce_outputs is None:
+            n_out = K.shape[0] // x.shape[0]
+            n_classes = n_out if n_classes is not None else None
+        theta = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+        if i == 0:
+            K0, theta0 = K, theta
+        assert K0 is not None and theta0 is not None
+        out["kernel_distance"].append(kernel_distance(K0, K, centered=centered, n_outputs=n_out))
+        out["kernel_velocity"].append(
+            math.nan
+            if K_prev is None
+            else kernel_distance(K_prev, K, centered=centered, n_outputs=n_out) / (s[i] - s[i - 1])
+        )
+        out["label_alignment"].append(
+            math.nan if y is None else kernel_alignment(K, y, centered=centered, n_classes=n_classes)
+        )
+        out["relative_param_change"].append(relative_param_change(theta, theta0))
+        out["kernel_trace"].append(float(K.trace()))
+        K_prev = K
+    meta = make_meta(
+        "ntk_trajectory",
+        model=items[0] if isinstance(items[0], nn.Module) else model,
+        params={
+            "reduce_outputs": reduce_outputs,
+            "centered": centered,
+            "strategy": strategy,
+            "chunk_size": chunk_size,
+            "params": params,
+            "n_samples": int(x.shape[0]),
+            "n_checkpoints": len(items),
+        },
+        started=started,
+        mode=mode,
+        kernel_distance_definition="1 - centered alignment" if centered else "1 - uncentered alignment",
+    )
+    return NTKTrajectory(steps=s, meta=meta, **out)

@@ -1,0 +1,73 @@
+"""Recipe registry: a recipe is a named default config (plus a CI-sized ``small`` variant) and a function
+``fn(out, *, seed, progress, overwrite, resume, **config) -> Run`` that writes a run folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..models import Run
+
+__all__ = ["Recipe", "RECIPES", "register_recipe", "resolve_config", "run_recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A phenomenon recipe: ``config`` is the full default, ``small`` the overrides of the CI/demo variant."""
+
+    name: str
+    phenomenon: str
+    description: str
+    fn: Callable[..., Run]
+    config: Mapping[str, Any]
+    small: Mapping[str, Any] = field(default_factory=dict)
+    gpu_only: bool = False
+
+    def resolve(self, *, small: bool = False, **overrides: Any) -> dict[str, Any]:
+        """The config used by :meth:`run`: defaults, then ``small`` overrides, then ``overrides``."""
+        return resolve_config(self, small=small, **overrides)
+
+    def run(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        small: bool = False,
+        seed: int = 0,
+        progress: Any = True,
+        overwrite: bool = False,
+        resume: bool = True,
+        **overrides: Any,
+    ) -> Run:
+        """Run the recipe into folder ``out`` and return its :class:`Run`."""
+        cfg = self.resolve(small=small, **overrides)
+        return self.fn(out, seed=seed, progress=progress, overwrite=overwrite, resume=resume, **cfg)
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    if recipe.name in RECIPES and RECIPES[recipe.name] is not recipe:
+        raise ValueError(f"recipe {recipe.name!r} is already registered")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def resolve_config(recipe: Recipe, *, small: bool = False, **overrides: Any) -> dict[str, Any]:
+    cfg = dict(recipe.config)
+    if small:
+        cfg.update(recipe.small)
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise ValueError(f"recipe {recipe.name!r}: unknown config keys {unknown}; accepted: {sorted(cfg)}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def run_recipe(name: str, out: str | os.PathLike[str], **kwargs: Any) -> Run:
+    """``RECIPES[name].run(out, **kwargs)`` with a clear error for an unknown name."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name].run(out, **kwargs)

@@ -1,0 +1,333 @@
+"""Detectors: quantify grokking, double descent and edge of stability in any run's metrics.
+
+Each takes a :class:`~dynascope.models.Run`, a run-folder path or a pandas DataFrame of metrics
+(``step`` plus the columns named below) and returns a small frozen dataclass with the evidence and a
+``detected`` flag; ``.to_dict()`` gives JSON-safe values (NaN/inf → None).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ..models import Run
+
+__all__ = [
+    "GrokkingEvidence",
+    "DoubleDescentEvidence",
+    "EdgeOfStabilityEvidence",
+    "detect_grokking",
+    "detect_double_descent",
+    "detect_edge_of_stability",
+    "detect",
+]
+
+
+class _Evidence:
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, (np.floating, np.integer, np.bool_)):
+                return clean(v.item())
+            return v
+
+        return {k: clean(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+
+def _frame(run: Any) -> tuple[Any, Run | None]:
+    import pandas as pd
+
+    if isinstance(run, pd.DataFrame):
+        df, r = run, None
+    elif isinstance(run, Run):
+        df, r = run.metrics(), run
+    elif isinstance(run, (str, os.PathLike)):
+        r = Run.open(run)
+        df = r.metrics()
+    else:
+        raise TypeError(f"expected a Run, a run folder or a metrics DataFrame, got {type(run).__name__}")
+    if "step" not in df.columns:
+        raise ValueError("metrics need a 'step' column")
+    df = df.sort_values("step", kind="stable").drop_duplicates("step", keep="last").reset_index(drop=True)
+    return df, r
+
+
+def _need(df: Any, *cols: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"metrics lack column(s) {missing}; have {list(df.columns)}")
+
+
+def _first_step(df: Any, col: str, threshold: float) -> int | None:
+    sub = df[df[col].astype(float) >= threshold]
+    return int(sub["step"].iloc[0]) if len(sub) else None
+
+
+def _value_at(df: Any, col: str, step: int | None) -> float:
+    if step is None or col not in df.columns:
+        return math.nan
+    v = df.loc[df["step"] == step, col]
+    return float(v.iloc[0]) if len(v) and v.iloc[0] == v.iloc[0] else math.nan
+
+
+# --------------------------------------------------------------------------------------- grokking
+@dataclass(frozen=True)
+class GrokkingEvidence(_Evidence):
+    """``s_mem``: first step with train acc ≥ ``train_threshold``; ``s_gen``: first step with test acc ≥
+    ``test_threshold``; ``delay_ratio`` = s_gen / s_mem; accuracies and weight norms at both steps."""
+
+    s_mem: int | None
+    s_gen: int | None
+    delay_ratio: float
+    test_acc_at_mem: float
+    train_acc_at_gen: float
+    weight_norm_at_mem: float
+    weight_norm_at_gen: float
+    final_train_acc: float
+    final_test_acc: float
+    detected: bool
+
+
+def detect_grokking(
+    run: Any,
+    *,
+    train_threshold: float = 0.99,
+    test_threshold: float = 0.9,
+    min_delay_ratio: float = 3.0,
+    max_test_acc_at_mem: float = 0.5,
+) -> GrokkingEvidence:
+    """Grokking = the train accuracy reaches ``train_threshold`` at ``s_mem`` while the test accuracy is
+    still ≤ ``max_test_acc_at_mem``, and the test accuracy reaches ``test_threshold`` only at
+    ``s_gen ≥ min_delay_ratio · s_mem`` (``s_mem = 0`` counts as step 1 for the ratio)."""
+    df, _ = _frame(run)
+    _need(df, "train_acc", "test_acc")
+    s_mem = _first_step(df, "train_acc", train_threshold)
+    s_gen = _first_step(df, "test_acc", test_threshold)
+    ratio = s_gen / max(s_mem, 1) if s_mem is not None and s_gen is not None else math.nan
+    test_at_mem = _value_at(df, "test_acc", s_mem)
+    detected = bool(
+        s_mem is not None
+        and s_gen is not None
+        and ratio >= min_delay_ratio
+        and test_at_mem <= max_test_acc_at_mem
+    )
+    return GrokkingEvidence(
+        s_mem=s_mem,
+        s_gen=s_gen,
+        delay_ratio=ratio,
+        test_acc_at_mem=test_at_mem,
+        train_acc_at_gen=_value_at(df, "train_acc", s_gen),
+        weight_norm_at_mem=_value_at(df, "weight_norm", s_mem),
+        weight_norm_at_gen=_value_at(df, "weight_norm", s_gen),
+        final_train_acc=float(df["train_acc"].iloc[-1]),
+        final_test_acc=float(df["test_acc"].iloc[-1]),
+        detected=detected,
+    )
+
+
+# --------------------------------------------------------------------------------- double descent
+@dataclass(frozen=True)
+class DoubleDescentEvidence(_Evidence):
+    """Peak of ``metric`` over the sweep variable ``x`` relative to the interpolation ``threshold``.
+
+    ``ratio_to_neighbours``: peak / mean of the two adjacent sweep points; ``ratio_to_under``: peak /
+    best value at x ≤ threshold/2; ``ratio_to_over``: peak / value at the largest x (≥ 10·threshold when
+    the sweep reaches that far, else the last point); ``cond_peak_x``: argmax of the condition number.
+    """
+
+    metric: str
+    threshold: float
+    peak_x: float
+    peak_location: float
+    peak_value: float
+    ratio_to_neighbours: float
+    ratio_to_under: float
+    ratio_to_over: float
+    best_under_x: float
+    over_x: float
+    cond_peak_x: float
+    cond_peak_value: float
+    detected: bool
+
+
+def detect_double_descent(
+    run: Any,
+    *,
+    metric: str = "test_mse",
+    x: str | None = None,
+    threshold: float | None = None,
+    location_tol: float = 0.1,
+    min_ratio: float = 2.0,
+) -> DoubleDescentEvidence:
+    """Find the peak of ``metric`` (default ``test_mse``) over the sweep variable ``x`` (default: the
+    run's ``extra["sweep_variable"]`` column, else ``step``). ``threshold``: the interpolation threshold
+    in units of ``x`` (default: the run's ``extra["interpolation_threshold"]``, else the training-set
+    size). Detected when |peak_x / threshold − 1| ≤ ``location_tol`` and the peak is ≥ ``min_ratio``
+    times both the best under-parameterised value and the over-parameterised end of the sweep."""
+    df, r = _frame(run)
+    extra = (r.config.get("extra") or {}) if r is not None else {}
+    if x is None:
+        x = extra.get("sweep_variable", "step")
+        if x not in df.columns:
+            x = "step"
+    if threshold is None:
+        threshold = extra.get("interpolation_threshold")
+        if threshold is None and r is not None:
+            threshold = (r.config.get("dataset") or {}).get("n_train")
+        if threshold is None:
+            raise ValueError(
+                "detect_double_descent needs threshold= (the interpolation threshold in x units)"
+            )
+    threshold = float(threshold)
+    _need(df, x, metric)
+    d = df[[x, metric] + (["cond"] if "cond" in df.columns else [])].dropna(subset=[metric])
+    d = d.sort_values(x).reset_index(drop=True)
+    if len(d) < 3:
+        raise ValueError(f"double descent needs at least 3 sweep points, got {len(d)}")
+    xs, ys = d[x].to_numpy(float), d[metric].to_numpy(float)
+    i = int(np.nanargmax(np.where(np.isfinite(ys), ys, -np.inf)))
+    peak = ys[i]
+    nb = [ys[j] for j in (i - 1, i + 1) if 0 <= j < len(ys)]
+    under = ys[xs <= threshold / 2]
+    ui = int(np.argmin(under)) if len(under) else None
+    best_under = float(under[ui]) if ui is not None else math.nan
+    far = np.nonzero(xs >= 10 * threshold)[0]
+    oi = int(far[0]) if len(far) else len(xs) - 1
+    if "cond" in d.columns and d["cond"].notna().any():
+        c = d["cond"].to_numpy(float)
+        ci = int(np.nanargmax(np.where(np.isnan(c), -np.inf, c)))
+        cond_x, cond_v = float(xs[ci]), float(c[ci])
+    else:
+        cond_x = cond_v = math.nan
+    ratio_under = peak / best_under if best_under > 0 else math.nan
+    ratio_over = peak / ys[oi] if ys[oi] > 0 and oi != i else math.nan
+    detected = bool(
+        abs(xs[i] / threshold - 1) <= location_tol and ratio_under >= min_ratio and ratio_over >= min_ratio
+    )
+    return DoubleDescentEvidence(
+        metric=metric,
+        threshold=threshold,
+        peak_x=float(xs[i]),
+        peak_location=float(xs[i] / threshold),
+        peak_value=float(peak),
+        ratio_to_neighbours=float(peak / np.mean(nb)) if nb and np.mean(nb) > 0 else math.nan,
+        ratio_to_under=float(ratio_under),
+        ratio_to_over=float(ratio_over),
+        best_under_x=float(xs[xs <= threshold / 2][ui]) if ui is not None else math.nan,
+        over_x=float(xs[oi]),
+        cond_peak_x=cond_x,
+        cond_peak_value=cond_v,
+        detected=detected,
+    )
+
+
+# ----------------------------------------------------------------------------- edge of stability
+@dataclass(frozen=True)
+class EdgeOfStabilityEvidence(_Evidence):
+    """``entry_step``: first checkpoint with λ_max ≥ ``entry_fraction``·2/η; ``fraction_in_band``: share of
+    the later checkpoints with λ_max·η/2 in ``band``; ``loss_increases``: logged steps after entry where
+    the train loss rose; ``final_over_entry`` = final loss / loss at entry."""
+
+    lr: float
+    two_over_lr: float
+    initial_sharpness: float
+    initial_ratio: float
+    entry_step: int | None
+    n_after: int
+    fraction_in_band: float
+    min_ratio_after: float
+    max_ratio_after: float
+    loss_increases: int
+    loss_at_entry: float
+    final_loss: float
+    final_over_entry: float
+    detected: bool
+
+
+_SHARPNESS_COLUMNS = ("sharpness", "lambda_max", "hessian_lambda_max")
+
+
+def detect_edge_of_stability(
+    run: Any,
+    *,
+    lr: float | None = None,
+    sharpness_column: str | None = None,
+    entry_fraction: float = 0.95,
+    band: tuple[float, float] = (0.9, 1.2),
+    min_fraction: float = 0.9,
+) -> EdgeOfStabilityEvidence:
+    """Edge of stability from a ``sharpness`` column (λ_max at checkpoints; other rows may be empty) and
+    ``train_loss``. ``lr`` (η): given, else the run's optimizer lr, else the ``lr`` column. Detected when
+    the sharpness enters (≥ ``entry_fraction``·2/η), ≥ ``min_fraction`` of the later sharpness
+    measurements lie in ``band`` (in units of 2/η), and the loss rises at least once after entry."""
+    df, r = _frame(run)
+    if sharpness_column is None:
+        sharpness_column = next((c for c in _SHARPNESS_COLUMNS if c in df.columns), None)
+        if sharpness_column is None:
+            raise ValueError(
+                f"metrics lack a sharpness column (one of {_SHARPNESS_COLUMNS}); have {list(df.columns)}"
+            )
+    _need(df, sharpness_column, "train_loss")
+    if lr is None and r is not None:
+        lr = (r.config.get("optimizer") or {}).get("lr")
+    if lr is None and "lr" in df.columns and df["lr"].notna().any():
+        lr = float(df["lr"].dropna().iloc[0])
+    if lr is None or not lr > 0:
+        raise ValueError(f"detect_edge_of_stability needs a positive lr (η), got {lr!r}")
+    lr = float(lr)
+    edge = 2.0 / lr
+    s = df[["step", sharpness_column]].dropna()
+    if s.empty:
+        raise ValueError(f"column {sharpness_column!r} holds no values")
+    steps, lam = s["step"].to_numpy(int), s[sharpness_column].to_numpy(float)
+    ratio = lam / edge
+    hit = np.nonzero(lam >= entry_fraction * edge)[0]
+    loss = df[["step", "train_loss"]].dropna()
+    ls, lv = loss["step"].to_numpy(int), loss["train_loss"].to_numpy(float)
+    if len(hit):
+        e = int(hit[0])
+        entry = int(steps[e])
+        after = ratio[e + 1 :]
+        in_band = float(np.mean((after >= band[0]) & (after <= band[1]))) if len(after) else math.nan
+        post = lv[ls >= entry]
+        increases = int(np.sum(np.diff(post) > 0)) if len(post) > 1 else 0
+        at_entry = float(lv[ls >= entry][0]) if len(post) else math.nan
+    else:
+        entry, after, in_band, increases, at_entry = None, np.array([]), math.nan, 0, math.nan
+    final = float(lv[-1]) if len(lv) else math.nan
+    detected = bool(entry is not None and len(after) > 0 and in_band >= min_fraction and increases >= 1)
+    return EdgeOfStabilityEvidence(
+        lr=lr,
+        two_over_lr=edge,
+        initial_sharpness=float(lam[0]),
+        initial_ratio=float(ratio[0]),
+        entry_step=entry,
+        n_after=int(len(after)),
+        fraction_in_band=in_band,
+        min_ratio_after=float(after.min()) if len(after) else math.nan,
+        max_ratio_after=float(after.max()) if len(after) else math.nan,
+        loss_increases=increases,
+        loss_at_entry=at_entry,
+        final_loss=final,
+        final_over_entry=final / at_entry if at_entry and at_entry > 0 else math.nan,
+        detected=detected,
+    )
+
+
+def detect(run: Any, **kwargs: Any) -> _Evidence:
+    """Run the detector matching the run's ``extra["phenomenon"]``."""
+    r = run if isinstance(run, Run) else Run.open(run)
+    phen = (r.config.get("extra") or {}).get("phenomenon")
+    fns = {
+        "grokking": detect_grokking,
+        "double_descent": detect_double_descent,
+        "edge_of_stability": detect_edge_of_stability,
+    }
+    if phen not in fns:
+        raise ValueError(f"run '{r.path}' names no known phenomenon (extra.phenomenon = {phen!r})")
+    return fns[phen](r, **kwargs)
