@@ -1,0 +1,134 @@
+"""Which run the app is looking at: the runs folder, run discovery and the per-session selection."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from dynascope.models import Run, RunError
+
+RUNS_DIR_ENV = "DYNASCOPE_RUNS_DIR"
+_RUN_KEY = "dynascope_run_path"  # session state: absolute path of the selected run folder
+_EXTRA_KEY = "dynascope_extra_runs"  # session state: run folders opened from elsewhere on disk
+_PICKER_KEY = "dynascope_sidebar_run"
+
+
+def runs_dir() -> Path:
+    """The folder holding run folders: ``$DYNASCOPE_RUNS_DIR`` or ``./runs`` (absolute)."""
+    return Path(os.environ.get(RUNS_DIR_ENV) or "runs").expanduser().resolve()
+
+
+def discover_runs(root: Path, max_depth: int = 3) -> list[Path]:
+    """Run folders (holding ``run.json``) under ``root``, up to ``max_depth`` levels deep, sorted."""
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for child in children:
+            if Run.is_run(child):
+                found.append(child)
+            elif depth < max_depth and child.name != "checkpoints":
+                walk(child, depth + 1)
+
+    walk(root, 1)
+    return found
+
+
+def known_runs() -> list[Path]:
+    """Runs under the runs folder plus those opened from disk in this session (no duplicates)."""
+    runs = discover_runs(runs_dir())
+    extra = [Path(p) for p in st.session_state.get(_EXTRA_KEY, []) if Run.is_run(p)]
+    return list(dict.fromkeys([*runs, *extra]))
+
+
+def label(path: Path | str) -> str:
+    """A short name: the path relative to the runs folder when inside it, else the full path."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(runs_dir()))
+    except ValueError:
+        return str(path)
+
+
+def select_run(path: Path | str) -> Run:
+    """Open ``path`` as a run (``RunError`` if it is not one) and make it the session's selection."""
+    run = Run.open(Path(path).expanduser().resolve())
+    st.session_state[_RUN_KEY] = str(run.path)
+    if run.path not in discover_runs(runs_dir()):
+        extra = st.session_state.setdefault(_EXTRA_KEY, [])
+        if str(run.path) not in extra:
+            extra.append(str(run.path))
+    return run
+
+
+def current_run_path() -> Path | None:
+    """The selected run folder; the first known run when nothing was selected yet."""
+    path = st.session_state.get(_RUN_KEY)
+    if path and Run.is_run(path):
+        return Path(path)
+    runs = known_runs()
+    if runs:
+        st.session_state[_RUN_KEY] = str(runs[0])
+        return runs[0]
+    return None
+
+
+def current_run() -> Run | None:
+    """The selected run, or ``None`` (with an error box when its folder became unreadable)."""
+    path = current_run_path()
+    if path is None:
+        return None
+    try:
+        return Run.open(path)
+    except RunError as exc:
+        st.error(str(exc))
+        return None
+
+
+def require_run() -> Run:
+    """The selected run; otherwise an info box pointing at the Runs page, and the page stops here."""
+    run = current_run()
+    if run is None:
+        st.info(
+            f"No run selected. Open the **Runs** page to pick one of the runs in `{runs_dir()}`, "
+            "open a run folder on disk, or upload checkpoints."
+        )
+        st.stop()
+    if not run.checkpoints():
+        st.warning(f"Run `{label(run.path)}` has no checkpoints yet; pick another run on the Runs page.")
+        st.stop()
+    return run
+
+
+def run_selectbox(where: Any, *, key: str, label_text: str = "Run") -> None:
+    """A selectbox of the known runs in ``where`` (``st`` or ``st.sidebar``), synced with the selection."""
+    runs = known_runs()
+    current = current_run_path()
+    options = [str(p) for p in runs]
+    if current is not None and str(current) not in options:
+        options.append(str(current))
+    if not options:
+        return
+    if st.session_state.get(key) != str(current):
+        st.session_state[key] = str(current) if current is not None else options[0]
+
+    def _changed() -> None:
+        st.session_state[_RUN_KEY] = st.session_state[key]
+
+    where.selectbox(label_text, options, format_func=label, key=key, on_change=_changed)
+
+
+def sidebar_picker() -> None:
+    """The run selector in the sidebar (every page)."""
+    if not known_runs() and current_run_path() is None:
+        st.sidebar.caption(f"No runs in `{runs_dir()}` yet.")
+        return
+    run_selectbox(st.sidebar, key=_PICKER_KEY)

@@ -1,0 +1,46 @@
+"""dynascope workbench — Streamlit entry script (``dynascope app`` or ``streamlit run app/main.py``).
+
+Multipage app via ``st.navigation``: Runs (pick / open / upload a run), then one page per
+phenomenon or probe family. The selected run lives in the session state (see ``lib.state``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent
+if str(APP_DIR) not in sys.path:  # pages import the shared helpers as ``lib.*``
+    sys.path.insert(0, str(APP_DIR))
+
+import streamlit as st  # noqa: E402
+from lib import downloads, state  # noqa: E402
+
+st.set_page_config(page_title="dynascope", page_icon=":material/biotech:", layout="wide")
+downloads.configure_browser()
+
+
+def _page(file: str, title: str, icon: str, **kwargs: object) -> st.Page:
+    return st.Page(APP_DIR / "pages" / file, title=title, icon=f":material/{icon}:", **kwargs)
+
+
+PAGES = {
+    "Runs": [_page("runs.py", "Runs", "folder_open", default=True)],
+    "Curvature": [
+        _page("hessian.py", "Hessian", "landscape"),
+        _page("edge_of_stability.py", "Edge of stability", "show_chart"),
+        _page("gradients.py", "Gradients", "explore"),
+    ],
+    "Phenomena": [
+        _page("grokking.py", "Grokking", "lightbulb"),
+        _page("double_descent.py", "Double descent", "ssid_chart"),
+        _page("neural_collapse.py", "Neural collapse", "target"),
+        _page("mode_connectivity.py", "Mode connectivity", "link"),
+    ],
+}
+
+page = st.navigation(PAGES)
+with st.sidebar:
+    st.caption(f"Runs folder: `{state.runs_dir()}`")
+state.sidebar_picker()
+page.run()

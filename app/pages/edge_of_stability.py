@@ -1,0 +1,104 @@
+"""Edge of stability: λ_max vs step against 2/η from the schedule; preconditioned sharpness for Adam runs."""
+
+from __future__ import annotations
+
+import streamlit as st
+from lib import compute, detectors, downloads, errors, figures, state
+
+st.title("Edge of stability")
+run = state.require_run()
+st.caption(
+    "Full-batch gradient descent is stable on a quadratic while λ_max(H) < 2/η. Progressive sharpening "
+    "drives λ_max up until it hovers at 2/η (Cohen et al., 2021). For adaptive optimizers the relevant "
+    "quantity is the preconditioned sharpness λ_max(P⁻¹H), computed from the saved optimizer state, "
+    "against its own threshold (Cohen et al., 2022)."
+)
+if compute.lr_or_none(run, run.steps()[-1]) is None:
+    st.warning("This run records no learning rate, so the 2/η line cannot be drawn (λ_max is still shown).")
+
+steps = compute.checkpoint_picker(run, key="eos", default_count=8)
+split, max_samples = compute.data_controls(run, key="eos")
+c1, c2 = st.columns(2)
+adaptive = compute.is_adaptive(run)
+preconditioned = c1.toggle(
+    "Preconditioned sharpness (optimizer state)",
+    value=adaptive,
+    disabled=not adaptive,
+    key="eos_pre",
+    help="Needs an Adam/AdamW/RMSprop/Adagrad run with optimizer state saved beside the checkpoints.",
+)
+with_trace = c2.toggle("Also estimate tr(H)", value=False, key="eos_trace")
+params = {"k": 1, "tol": 1e-3, "trace": with_trace}
+
+results: dict = {}
+if compute.require_probes("sharpness"):
+    with errors.guard("Sharpness"):
+        results = compute.sharpness_results(
+            run, steps, params=params, split=split, max_samples=max_samples, preconditioned=preconditioned
+        )
+        missing = [s for s in steps if s not in results]
+        note = st.empty()
+        if missing:
+            note.caption(f"{len(results)} of {len(steps)} checkpoint(s) cached; {len(missing)} to compute.")
+            if st.button("Compute sharpness", type="primary", key="eos_run"):
+                results = compute.sharpness_results(
+                    run,
+                    steps,
+                    params=params,
+                    split=split,
+                    max_samples=max_samples,
+                    preconditioned=preconditioned,
+                    compute_missing=True,
+                )
+                note.caption("All selected checkpoints are now in the result store.")
+        elif steps:
+            note.caption("All selected checkpoints are in the result store; nothing to compute.")
+
+metrics = run.metrics()
+logged = next((c for c in ("sharpness", "lambda_max", "hessian_lambda_max") if c in metrics.columns), None)
+left, right = st.columns(2)
+with left, errors.guard("Sharpness chart"):
+    if results or logged:
+        frame = figures.sharpness_frame(results)
+
+        def lr_at(s):
+            return compute.lr_or_none(run, s) or float("nan")
+
+        schedule = figures.schedule_frame(lr_at, max(run.steps()))
+        fig = figures.sharpness_figure(frame, schedule)
+        if logged:  # λ_max the training loop measured itself (e.g. the edge-of-stability recipe)
+            part = metrics[["step", logged]].dropna()
+            fig.add_scatter(
+                x=part["step"],
+                y=part[logged],
+                mode="lines",
+                name=f"{logged} (logged in training)",
+                line={"width": 1},
+            )
+            part = part.rename(columns={logged: f"{logged}_logged"})
+            frame = part if frame.empty else frame.merge(part, on="step", how="outer")
+        downloads.chart(
+            fig,
+            frame,
+            f"{state.label(run.path)}_sharpness",
+            key="eos_sharpness",
+            extra_json={"schedule": schedule.to_dict(orient="list")},
+        )
+        ratio = frame["ratio"].dropna() if "ratio" in frame.columns else []
+        if len(ratio):
+            st.metric("λ_max / (2/η) at the last selected checkpoint", f"{ratio.iloc[-1]:.3f}")
+    else:
+        st.info("Compute the sharpness to see λ_max against 2/η.")
+with right, errors.guard("Loss curve"):
+    loss_cols = [c for c in ("train_loss", "test_loss") if c in metrics.columns]
+    if loss_cols:
+        data = metrics[["step", *loss_cols]]
+        downloads.chart(
+            figures.loss_figure(data, loss_cols), data, f"{state.label(run.path)}_loss", key="eos_loss"
+        )
+    else:
+        st.info("This run's metrics.csv has no loss column.")
+
+if logged:
+    with errors.guard("Edge-of-stability detector"):
+        detectors.show_evidence("Edge of stability", "detect_edge_of_stability", run)

@@ -1,0 +1,127 @@
+"""Mode connectivity: loss along the linear path between two checkpoints, with and without alignment."""
+
+from __future__ import annotations
+
+import streamlit as st
+from lib import compute, downloads, errors, state
+
+from dynascope.models import Run
+
+st.title("Mode connectivity")
+run = state.require_run()
+st.caption(
+    "Loss along θ(α) = (1−α)θ_A + αθ_B. The barrier is the largest rise above the straight chord between "
+    "the end points (Frankle et al., 2020). Permuting B's hidden units to match A first (weight or "
+    "activation matching, Ainsworth et al., 2023) often removes the barrier between independently "
+    "trained networks. Layer-wise barriers interpolate one layer at a time."
+)
+
+
+def _compatible_runs(base: Run) -> list[str]:
+    """Known runs with the same architecture (seed aside) as ``base``."""
+
+    def arch(r: Run) -> dict:
+        return {k: v for k, v in r.model_config.items() if k != "seed"}
+
+    out = []
+    for p in state.known_runs():
+        try:
+            other = Run.open(p)
+        except Exception:  # noqa: BLE001 - unreadable runs are simply not offered
+            continue
+        if arch(other) == arch(base) and other.checkpoints():
+            out.append(str(p))
+    return out or [str(base.path)]
+
+
+candidates = _compatible_runs(run)
+col_a, col_b = st.columns(2)
+with col_a:
+    st.markdown("**Model A**")
+    st.caption(f"run `{state.label(run.path)}` (the selected run)")
+    step_a = st.selectbox("Checkpoint A", run.steps(), index=len(run.steps()) - 1, key="lmc_step_a")
+with col_b:
+    st.markdown("**Model B**")
+    others = [c for c in candidates if c != str(run.path)]
+    default_b = others[0] if others else str(run.path)
+    path_b = st.selectbox(
+        "Run B",
+        candidates,
+        index=candidates.index(default_b),
+        format_func=state.label,
+        key="lmc_run_b",
+        help="Runs with the same architecture (e.g. another seed).",
+    )
+    run_b = Run.open(path_b)
+    steps_b = run_b.steps()
+    default_step_b = len(steps_b) - 1 if path_b != str(run.path) else 0
+    step_b = st.selectbox("Checkpoint B", steps_b, index=default_step_b, key=f"lmc_step_b_{path_b}")
+
+c1, c2, c3 = st.columns(3)
+n_points = int(c1.number_input("Points on the path", 3, 101, 11, key="lmc_points"))
+align_label = c2.selectbox(
+    "Alignment of B to A", ["weight matching", "activation matching", "none"], key="lmc_align"
+)
+layerwise = c3.toggle("Layer-wise barriers", value=True, key="lmc_layerwise")
+split, max_samples = compute.data_controls(run, key="lmc")
+align = {"weight matching": "weights", "activation matching": "activations", "none": None}[align_label]
+
+if compute.require_probes("lmc_barrier"):
+    with errors.guard("Mode connectivity"):
+        if path_b == str(run.path) and step_a == step_b:
+            raise ValueError("choose two different checkpoints (A and B are the same file)")
+        paths = [run.checkpoint(step_a).path, run_b.checkpoint(step_b).path]
+        digest = compute.combined_hash(paths)
+        key = {
+            "n_points": n_points,
+            "align": align,
+            "layerwise": layerwise,
+            "compare_unaligned": True,
+            "loss": run.loss or "auto",
+            "split": split,
+            "max_samples": max_samples,
+        }
+        result = compute.stored(run, "lmc_barrier", digest, key)
+        note = st.empty()
+        if result is None:
+            note.caption("This pair is not in the result store yet.")
+            if st.button("Compute the path", type="primary", key="lmc_run"):
+                result = compute.compute_stored(
+                    run,
+                    "lmc_barrier",
+                    digest,
+                    key,
+                    lambda progress: compute.lmc(run, step_a, run_b, step_b, key, progress),
+                    label="loss along the linear path",
+                    step=step_a,
+                )
+                note.caption("Computed and stored in the result store.")
+        else:
+            note.caption("Loaded from the result store.")
+        if result is not None:
+            m1, m2 = st.columns(2)
+            m1.metric(f"Loss barrier ({align_label})", f"{result.barrier:.4g}")
+            if result.barrier_unaligned is not None:
+                m2.metric("Loss barrier (no alignment)", f"{result.barrier_unaligned:.4g}")
+            name = f"{state.label(run.path)}_{step_a}_vs_{state.label(path_b)}_{step_b}"
+            downloads.chart(
+                result.figure(),
+                result.to_frame(),
+                f"{name}_lmc",
+                key="lmc_path",
+                extra_json={"result": result.to_dict()},
+            )
+            layers = result.layerwise_frame()
+            if len(layers):
+                import plotly.graph_objects as go
+
+                st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
+                st.dataframe(layers, hide_index=True, key="lmc_layers_table")
+                fig = go.Figure(go.Bar(x=layers["group"], y=layers["barrier"]))
+                fig.update_layout(
+                    title="Layer-wise loss barriers",
+                    xaxis_title="layer",
+                    yaxis_title="barrier",
+                    template="plotly_white",
+                )
+                downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")

@@ -1,0 +1,166 @@
+"""Runs: pick a run folder (built-in demos, a path on disk) or upload checkpoints; inspect its checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+from lib import demos, errors, state, uploads
+
+from dynascope.datasets import available as datasets_available
+from dynascope.datasets import defaults as dataset_defaults
+from dynascope.models import Run, RunError, normalize_config
+from dynascope.models import available as models_available
+from dynascope.store import ResultStore
+
+st.title("Runs")
+root = state.runs_dir()
+st.caption(f"Run folders are read from `{root}` (set `DYNASCOPE_RUNS_DIR` or `dynascope app --runs-dir`).")
+
+# ------------------------------------------------------------------ demos (first start)
+if demos.auto_generation_enabled():
+    with errors.guard("Generating the demo runs"):
+        job = demos.start_generation(root)
+        if job is not None:
+
+            @st.fragment(run_every=None if job.done else 2.0)
+            def _demo_progress() -> None:
+                demos.show_progress(job)
+
+            _demo_progress()
+
+# ------------------------------------------------------------------ pick a run
+st.subheader("Pick a run")
+runs = state.known_runs()
+if runs:
+    state.run_selectbox(st, key="runs_page_pick", label_text="Run folder")
+else:
+    st.info(f"No run folders in `{root}` yet: open one from disk or upload checkpoints below.")
+
+with st.form("open_path", border=False):
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    path_text = c1.text_input("…or open a run folder on disk", placeholder="/path/to/run", key="runs_path")
+    if c2.form_submit_button("Open"):
+        with errors.guard("Opening the run folder"):
+            if not path_text.strip():
+                raise ValueError("enter the path of a run folder (it holds run.json)")
+            state.select_run(path_text.strip())
+            st.rerun()
+
+# ------------------------------------------------------------------ upload
+with st.expander("Upload checkpoints as a new run", expanded=not runs):
+    st.caption(
+        "Checkpoints (`.pt`, `.safetensors`, Lightning `.ckpt`) are loaded safely (no arbitrary pickles) "
+        "into the architecture you name, then saved as a new run folder under "
+        f"`{root / uploads.UPLOADS_FOLDER}`."
+    )
+    models = models_available()
+    datasets = datasets_available()
+    m_col, d_col = st.columns(2)
+    model_name = m_col.selectbox(
+        "Architecture", models, index=models.index("mlp") if "mlp" in models else 0, key="up_model"
+    )
+    dataset_name = d_col.selectbox(
+        "Dataset", datasets, index=datasets.index("digits") if "digits" in datasets else 0, key="up_dataset"
+    )
+    with st.form("upload", border=False):
+        files = st.file_uploader(
+            "Checkpoint files",
+            type=list(uploads.UPLOAD_SUFFIXES),
+            accept_multiple_files=True,
+            key="up_files",
+        )
+        c1, c2 = st.columns(2)
+        try:
+            example = {k: v for k, v in normalize_config(model_name).items() if k != "name"}
+        except (ValueError, TypeError):
+            example = {"in_dim": 64, "width": 32, "depth": 2, "out_dim": 10} if model_name == "mlp" else {}
+        model_json = c1.text_area(
+            "Model config (JSON)",
+            value=json.dumps(example),
+            key=f"up_model_json_{model_name}",
+            help=f"Keyword arguments of `dynascope.models.build({model_name!r}, ...)`.",
+        )
+        data_json = c2.text_area(
+            "Dataset config (JSON)",
+            value=json.dumps({k: v for k, v in dataset_defaults(dataset_name).items() if k != "seed"}),
+            key=f"up_data_json_{dataset_name}",
+            help=f"Keyword arguments of `dynascope.datasets.load({dataset_name!r}, ...)`.",
+        )
+        c3, c4, c5 = st.columns(3)
+        run_name = c3.text_input("Run name", value="my-upload", key="up_name")
+        loss = c4.selectbox("Training loss", ["auto", "cross_entropy", "mse"], key="up_loss")
+        lr = c5.number_input("Learning rate (optional, for 2/η)", min_value=0.0, value=0.0, format="%g")
+        submitted = st.form_submit_button("Create run from upload", type="primary")
+    if submitted:
+        with errors.guard("Importing the upload"):
+            report = uploads.import_checkpoints(
+                [(f.name, f.getvalue()) for f in (files or [])],
+                runs_root=root,
+                run_name=run_name,
+                model_name=model_name,
+                model_config=uploads.parse_json_object(model_json, "the model config"),
+                dataset_name=dataset_name,
+                dataset_config=uploads.parse_json_object(data_json, "the dataset config"),
+                loss=None if loss == "auto" else loss,
+                lr=lr or None,
+            )
+            for name, exc in report.errors.items():
+                st.error(f"**{name}** was not imported. {errors.describe(exc)}")
+            if report.run is None:
+                st.warning("No run was created: none of the files could be loaded.")
+            else:
+                state.select_run(report.run.path)
+                st.success(
+                    f"Created run `{state.label(report.run.path)}` with "
+                    f"{len(report.steps)} checkpoint(s) (steps {sorted(report.steps.values())})."
+                )
+
+# ------------------------------------------------------------------ details of the selected run
+run: Run | None = state.current_run()
+if run is None:
+    st.stop()
+st.divider()
+st.subheader(f"Run `{state.label(run.path)}`")
+cfg_cols = st.columns(4)
+cfg_cols[0].metric("Model", run.model_config.get("name", "?"))
+cfg_cols[1].metric("Dataset", run.dataset_config.get("name", "?"))
+cfg_cols[2].metric("Optimizer", (run.optimizer_config or {}).get("name", "—"))
+cfg_cols[3].metric("Checkpoints", len(run.checkpoints()))
+if run.notes:
+    st.caption(run.notes)
+with st.expander("run.json"):
+    st.json(run.config, expanded=1)
+
+rows = []
+with errors.guard("Reading the checkpoints"):
+    for ck in run.checkpoints():
+        row = {"step": ck.step, "epoch": ck.epoch}
+        try:
+            row["lr"] = run.lr_at(ck.step)
+        except (RunError, ValueError, TypeError):
+            row["lr"] = None
+        for k, v in ck.metrics.items():
+            row[k] = v
+        row["optimizer state"] = ck.optimizer_path is not None
+        row["size (KiB)"] = round(ck.path.stat().st_size / 1024, 1)
+        rows.append(row)
+if rows:
+    st.markdown("**Checkpoints**")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="runs_ckpt_table")
+else:
+    st.warning("This run has no checkpoints.")
+
+with errors.guard("Reading metrics.csv"):
+    metrics = run.metrics()
+    if len(metrics) > 0:
+        st.markdown(f"**Logged metrics** ({len(metrics)} rows of `metrics.csv`)")
+        st.dataframe(metrics, hide_index=True, height=220, key="runs_metrics_table")
+
+with errors.guard("Reading the result store"):
+    cached = ResultStore(run.path).frame()
+    st.markdown(f"**Result store**: {len(cached)} cached probe result(s) in `results.sqlite`.")
+    if len(cached):
+        counts = cached.groupby("probe").size().rename("results").reset_index()
+        st.dataframe(counts, hide_index=True, key="runs_store_table")
