@@ -12,7 +12,7 @@ import torch
 from dynascope.datasets import load
 from dynascope.models import Run, build
 from dynascope.probes.eos import run_loss, track_sharpness
-from dynascope.probes.sharpness import sharpness
+from dynascope.probes.stability import sharpness
 
 
 def _half_sse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dynascope.probes.sharpness import adaptive_sharpness, average_sharpness, sharpness
+from dynascope.probes.stability import adaptive_sharpness, average_sharpness, sharpness
 
 D = torch.float64
 

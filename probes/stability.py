@@ -40,7 +40,7 @@ from .results import Result, make_meta
 # ---------------------------------------------------------------------------------------------- result
 @dataclass(frozen=True, kw_only=True)
 class SharpnessResult(Result):
-    """Sharpness of the training loss at one point (see :mod:`dynascope.probes.sharpness`).
+    """Sharpness of the training loss at one point (see :mod:`dynascope.probes.stability`).
 
     Threshold fields are ``None`` when no learning rate is known; preconditioned fields are ``None``
     without optimizer state; batch fields are ``None`` without ``batch_size_for_batch_sharpness``.
