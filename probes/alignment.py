@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
-from .operators import _ModeGuard
+from .operators import ModeGuard
 
 __all__ = [
     "UnsupportedArchitectureError",
@@ -380,7 +380,7 @@ def activation_matching_permutations(
         for p, mod in spec.activations.items():
             handles.append(mods_a[mod].register_forward_hook(hook("a", p)))
             handles.append(mods_b[mod].register_forward_hook(hook("b", p)))
-        with _ModeGuard(model_a, "eval"), _ModeGuard(model_b, "eval"), torch.no_grad():
+        with ModeGuard(model_a, "eval"), ModeGuard(model_b, "eval"), torch.no_grad():
             for batch in as_batches(data, batch_size, device=pa.device):
                 model_a(batch.x)
                 model_b(batch.x)

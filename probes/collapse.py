@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
-from .operators import _ModeGuard
+from .operators import ModeGuard
 from .results import Result, make_meta
 
 __all__ = [
@@ -396,7 +396,7 @@ def neural_collapse(
     agree = correct = 0
     capture = _Capture(layer)
     try:
-        with _ModeGuard(model, mode), torch.no_grad():
+        with ModeGuard(model, mode), torch.no_grad():
             for batch in source:  # pass 1: counts and class sums
                 h, _ = capture.run(model, batch.x)
                 y = _labels(batch.y, n_classes)

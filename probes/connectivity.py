@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..datasets.batching import BatchSource, as_batches
 from .losses import Loss, resolve_loss
-from .operators import _ModeGuard
+from .operators import ModeGuard
 from .results import Result, make_meta
 
 __all__ = ["LMCResult", "lmc_barrier", "interpolate_state", "reestimate_batchnorm", "evaluate", "barrier_of"]
@@ -139,7 +139,7 @@ def reestimate_batchnorm(model: nn.Module, data: BatchSource | Any) -> int:
     saved = [(bn, bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
     seen = 0
     try:
-        with _ModeGuard(model, "eval"), torch.no_grad():
+        with ModeGuard(model, "eval"), torch.no_grad():
             for bn in bns:
                 bn.reset_running_stats()
                 bn.train()
@@ -174,7 +174,7 @@ def evaluate(model: nn.Module, data: BatchSource, loss: Loss) -> tuple[float, fl
     """Dataset-mean loss ``(1/N) Σ_i ℓ_i`` (float64 accumulation) and accuracy (``None`` unless targets
     are integer labels or one-hot rows with outputs ``[B, C]``), in eval mode without gradients."""
     total, correct, n, classification = 0.0, 0, 0, True
-    with _ModeGuard(model, "eval"), torch.no_grad():
+    with ModeGuard(model, "eval"), torch.no_grad():
         for batch in data:
             out = model(batch.x)
             total += float(loss.per_sample(out, batch.y).to(torch.float64).sum())

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .operators import LinearOperator, select_parameters
+from .operators import LinearOperator, ModeGuard, select_parameters
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
 REDUCTIONS = ("trace", None)
@@ -115,7 +115,7 @@ class _FunctionalModel:
         return x.to(self.dtype) if x.is_floating_point() else x
 
     def output_dim(self, x: torch.Tensor) -> int:
-        with torch.no_grad(), _Mode(self.model, self.mode):
+        with torch.no_grad(), ModeGuard(self.model, self.mode):
             try:
                 out = self.batch(self.params, x[:1])
             except Exception as err:  # a model/input mismatch: say so instead of a deep traceback
@@ -143,27 +143,12 @@ class _FunctionalModel:
         leaves = [m for m in self.model.modules() if not list(m.children())]
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
-            with torch.no_grad(), _Mode(self.model, self.mode):
+            with torch.no_grad(), ModeGuard(self.model, self.mode):
                 self.batch(self.params, x[:1])
         finally:
             for h in handles:
                 h.remove()
         return max(flops[0], 2.0 * self.size), max(acts[0], 1)
-
-
-class _Mode:
-    """Put a model in eval/train mode for a block, then restore every module's flag."""
-
-    def __init__(self, model: nn.Module, mode: str) -> None:
-        self.model, self.mode = model, mode
-        self.saved = [(m, m.training) for m in model.modules()]
-
-    def __enter__(self) -> None:
-        self.model.train(self.mode == "train")
-
-    def __exit__(self, *exc: object) -> None:
-        for m, training in self.saved:
-            m.training = training
 
 
 # --------------------------------------------------------------------------- cost model
@@ -428,7 +413,7 @@ def empirical_ntk(
         max_memory=max_memory,
     )
     run = _ntk_jacobian if plan.strategy == "jacobian" else _ntk_vp
-    with _Mode(fm.model, mode):
+    with ModeGuard(fm.model, mode):
         K = run(fm, x1, x2, O, reduce_outputs == "trace", plan)
     K = K.detach()
     return (K, plan) if return_plan else K
@@ -483,7 +468,7 @@ class NTKOperator(LinearOperator):
             cot = (V.T[:, None, :, None] * eye[None, :, None, :]).reshape(K * O, n, O)
         else:
             cot = V.T.reshape(K, n, O)
-        with _Mode(fm.model, self.mode):
+        with ModeGuard(fm.model, self.mode):
             tang: dict[str, torch.Tensor] | None = None
             for lo, hi in self._batches():
                 xb = self.x[lo:hi]
@@ -508,7 +493,7 @@ class NTKOperator(LinearOperator):
         fm, O = self.fm, self.n_outputs
         c = chunk_size or max(1, max_memory // (self.dtype.itemsize * O * fm.size))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        with _Mode(fm.model, self.mode):
+        with ModeGuard(fm.model, self.mode):
             for lo in range(0, self.x.shape[0], c):
                 for J in _jacobian_chunk(fm, self.x[lo : lo + c]):
                     total = total + J.double().pow(2).sum()

@@ -158,7 +158,26 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
-class _ModeGuard:
+def prepare_model(
+    model: nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """Check ``model`` and return it in ``dtype`` on ``device``.
+
+    The caller's model is never modified: a deep copy is made when the dtype or device differs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        raise ValueError("the model has no parameters")
+    change_dtype = dtype is not None and dtype != first.dtype
+    change_device = device is not None and torch.device(device) != first.device
+    if change_dtype or change_device:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype if change_dtype else None)
+    return model
+
+
+class ModeGuard:
     """Put a model in eval (default) or train mode for the duration of a block, then restore."""
 
     def __init__(self, model: nn.Module, mode: str) -> None:
@@ -224,14 +243,7 @@ class CurvatureOperator(LinearOperator):
             raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
         if backend not in ("auto", "graph", "func"):
             raise ValueError(f"backend must be 'auto', 'graph' or 'func'; got {backend!r}")
-        first = next(iter(model.parameters()), None)
-        if first is None:
-            raise ValueError("the model has no parameters")
-        if dtype is not None and dtype != first.dtype:
-            model = copy.deepcopy(model).to(dtype)
-        if device is not None:
-            model = model.to(device)
-            first = next(iter(model.parameters()))
+        model = prepare_model(model, dtype=dtype, device=device)
         self.model = model
         self.kind, self.mode = kind, mode
         named = select_parameters(model, params)
@@ -281,7 +293,7 @@ class CurvatureOperator(LinearOperator):
     def loss_value(self) -> float:
         """The dataset-mean loss L(θ) (reduced over shards)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        with torch.no_grad(), _ModeGuard(self.model, self.mode):
+        with torch.no_grad(), ModeGuard(self.model, self.mode):
             for b in self.source:
                 total += self.loss.total(self.model(b.x), b.y).double()
         if self.reduce_fn is not None:
@@ -291,7 +303,7 @@ class CurvatureOperator(LinearOperator):
     def gradient(self) -> torch.Tensor:
         """∇L(θ), flattened (reduced over shards)."""
         g = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        with _ModeGuard(self.model, self.mode):
+        with ModeGuard(self.model, self.mode):
             for b in self.source:
                 g += self.space.flatten(grad(self._batch_loss_fn(b.x, b.y))(self._primal()))
         return self.reduce_fn(g) if self.reduce_fn is not None else g
@@ -305,7 +317,7 @@ class CurvatureOperator(LinearOperator):
     # ---------------------------------------------------------------- products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
-        with _ModeGuard(self.model, self.mode):
+        with ModeGuard(self.model, self.mode):
             for lo in range(0, V.shape[1], self.max_vectors):
                 Vc = V[:, lo : lo + self.max_vectors]
                 if self.backend == "graph":

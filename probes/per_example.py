@@ -22,7 +22,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..datasets.batching import as_batches
 from .losses import Loss, resolve_loss
-from .operators import ParamSpace, _ModeGuard, select_parameters
+from .operators import ModeGuard, ParamSpace, prepare_model, select_parameters
 
 
 @dataclass
@@ -61,17 +61,7 @@ def prepare(
     """Resolve parameters, batches (``chunk_size`` samples each) and the loss for per-example work."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    first = next(iter(model.parameters()), None)
-    if first is None:
-        raise ValueError("the model has no parameters")
-    if dtype is not None and dtype != first.dtype:
-        import copy
-
-        model = copy.deepcopy(model).to(dtype)
-    if device is not None:
-        model = model.to(device)
+    model = prepare_model(model, dtype=dtype, device=device)
     named = select_parameters(model, params)
     space = ParamSpace(named)
     pdtype, pdevice = named[0][1].dtype, named[0][1].device
@@ -116,7 +106,7 @@ def iter_per_example_gradients(
     """
     gfn = vmap(grad(ctx.single_loss_fn()), in_dims=(None, 0, 0))
     row = 0
-    with torch.no_grad(), _ModeGuard(ctx.model, "eval"):
+    with torch.no_grad(), ModeGuard(ctx.model, "eval"):
         for b in ctx.source:
             target = out[row : row + b.n] if out is not None else None
             row += b.n

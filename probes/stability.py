@@ -406,12 +406,12 @@ class AverageSharpnessResult(Result):
 
 def _loss_fn(op: CurvatureOperator) -> Callable[[torch.Tensor, bool], tuple[float, torch.Tensor | None]]:
     """``θ ↦ (L(θ), ∇L(θ) or None)`` for flat parameter vectors of the operator's block."""
-    from .operators import _ModeGuard
+    from .operators import ModeGuard
 
     def f(theta: torch.Tensor, need_grad: bool) -> tuple[float, torch.Tensor | None]:
         total = 0.0
         g = torch.zeros_like(theta) if need_grad else None
-        with _ModeGuard(op.model, op.mode):
+        with ModeGuard(op.model, op.mode):
             for b in op.source:
                 fb = op._batch_loss_fn(b.x, b.y)
                 if need_grad:
