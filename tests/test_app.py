@@ -596,3 +596,15 @@ def test_unexpected_errors_show_a_traceback_expander() -> None:
     ]
     assert len(at.expander) == 1 and "RuntimeError: boom" in at.expander[0].code[0].value
     assert at.markdown[-1].value == "still running"
+
+
+def test_phenomenon_page_offers_a_matching_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Grokking page on a double-descent run points at the grokking run and switches to it."""
+    make_tiny_run(tmp_path / "a-dd", steps=(0, 5), extra={"phenomenon": "double_descent"})
+    make_tiny_run(tmp_path / "b-grok", steps=(0, 5), extra={"phenomenon": "grokking"})
+    at = _app(tmp_path, monkeypatch, page="grokking")
+    assert any("not a grokking run" in i.value for i in at.info), [i.value for i in at.info]
+    _button(at, "Switch to `b-grok`").click().run()
+    assert not at.exception, at.exception
+    assert Path(at.session_state["dynascope_run_path"]).name == "b-grok"
+    assert not any("not a grokking run" in i.value for i in at.info)

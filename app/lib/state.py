@@ -108,6 +108,27 @@ def require_run() -> Run:
     return run
 
 
+def phenomenon_of(path: Path | str) -> str | None:
+    """The phenomenon a recipe run was made to show (``run.json`` extra), if any."""
+    try:
+        return Run.open(path).extra.get("phenomenon")
+    except RunError:
+        return None
+
+
+def offer_phenomenon_run(run: Run, phenomenon: str, title: str) -> None:
+    """On a phenomenon page, point at a run of that phenomenon when the selected run is another one."""
+    if run.extra.get("phenomenon") in (None, phenomenon):
+        return
+    matches = [p for p in known_runs() if phenomenon_of(p) == phenomenon]
+    if not matches:
+        return
+    st.info(f"`{label(run.path)}` is a {run.extra['phenomenon'].replace('_', ' ')} run, not a {title} run.")
+    if st.button(f"Switch to `{label(matches[0])}`", key=f"switch_to_{phenomenon}"):
+        select_run(matches[0])
+        st.rerun()
+
+
 def run_selectbox(where: Any, *, key: str, label_text: str = "Run") -> None:
     """A selectbox of the known runs in ``where`` (``st`` or ``st.sidebar``), synced with the selection."""
     runs = known_runs()

@@ -9,6 +9,7 @@ from lib import detectors, downloads, errors, figures, state
 
 st.title("Double descent")
 run = state.require_run()
+state.offer_phenomenon_run(run, "double_descent", "double-descent")
 st.caption(
     "Test error first falls, then peaks where the model can just interpolate the training set "
     "(p ≈ n for random-features regression), then falls again as the model grows (Belkin et al., 2019; "

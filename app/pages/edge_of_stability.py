@@ -7,6 +7,7 @@ from lib import compute, detectors, downloads, errors, figures, state
 
 st.title("Edge of stability")
 run = state.require_run()
+state.offer_phenomenon_run(run, "edge_of_stability", "edge-of-stability")
 st.caption(
     "Full-batch gradient descent is stable on a quadratic while λ_max(H) < 2/η. Progressive sharpening "
     "drives λ_max up until it hovers at 2/η (Cohen et al., 2021). For adaptive optimizers the relevant "

@@ -7,6 +7,7 @@ from lib import compute, detectors, downloads, errors, figures, state
 
 st.title("Grokking")
 run = state.require_run()
+state.offer_phenomenon_run(run, "grokking", "grokking")
 st.caption(
     "Grokking: the training set is fit early, test accuracy jumps much later (Power et al., 2022). "
     "The function-space view: the empirical NTK's alignment with the labels and its distance from the "
