@@ -21,7 +21,7 @@ downloads.configure_browser()
 
 
 def _page(file: str, title: str, icon: str, **kwargs: object) -> st.Page:
-    return st.Page(APP_DIR / "pages" / file, title=title, icon=f":material/{icon}:", **kwargs)
+    return st.Page(APP_DIR / "views" / file, title=title, icon=f":material/{icon}:", **kwargs)
 
 
 PAGES = {

@@ -100,7 +100,7 @@ def _app(runs_root: Path, monkeypatch: pytest.MonkeyPatch, page: str | None = No
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception, at.exception
     if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
         assert not at.exception, at.exception
     return at
 
@@ -246,7 +246,7 @@ def test_upload_refuses_unsafe_pickle_and_corrupt_file(
     assert "No run was created" in _texts(at.warning)
     assert not (root / "uploads" / "bad").exists()
     # the app keeps running: another page still works
-    at.switch_page("pages/hessian.py").run()
+    at.switch_page("views/hessian.py").run()
     assert not at.exception and "No run selected" in _texts(at.info)
 
 
@@ -349,7 +349,7 @@ def test_edge_of_stability_adam_run_has_preconditioned_sharpness(
 ) -> None:
     at = _app(runs_root, monkeypatch)
     _select(at, "tiny-adam")
-    at.switch_page("pages/edge_of_stability.py").run()
+    at.switch_page("views/edge_of_stability.py").run()
     assert at.toggle(key="eos_pre").value is True
     at.multiselect(key=f"eos_steps_{runs_root / 'tiny-adam'}").set_value([5, 20])
     at.number_input(key="eos_max_samples").set_value(32).run()
@@ -372,7 +372,7 @@ def test_edge_of_stability_adam_run_has_preconditioned_sharpness(
 def test_edge_of_stability_gd_run_uses_the_schedule(runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = _app(runs_root, monkeypatch)
     _select(at, "tiny-gd")
-    at.switch_page("pages/edge_of_stability.py").run()
+    at.switch_page("views/edge_of_stability.py").run()
     assert at.toggle(key="eos_pre").value is False and at.toggle(key="eos_pre").disabled
     at.multiselect(key=f"eos_steps_{runs_root / 'tiny-gd'}").set_value([20])
     at.number_input(key="eos_max_samples").set_value(32).run()
@@ -413,7 +413,7 @@ def test_neural_collapse_and_gradients_pages(fresh_root: Path, monkeypatch: pyte
     at.button(key="nc_run").click().run()
     assert not at.exception and not at.error, _texts(at.error)
     assert _charts(at) == 2  # NC1–NC4 over checkpoints + per-class detail
-    at.switch_page("pages/gradients.py").run()
+    at.switch_page("views/gradients.py").run()
     at.multiselect(key=f"grad_steps_{fresh_root / 'tiny'}").set_value([0, 20])
     at.number_input(key="grad_max_samples").set_value(48).run()
     at.button(key="grad_run").click().run()
@@ -426,7 +426,7 @@ def test_neural_collapse_and_gradients_pages(fresh_root: Path, monkeypatch: pyte
 def test_mode_connectivity_between_two_runs(runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = _app(runs_root, monkeypatch)
     _select(at, "tiny-gd")
-    at.switch_page("pages/mode_connectivity.py").run()
+    at.switch_page("views/mode_connectivity.py").run()
     assert Path(at.selectbox(key="lmc_run_b").value).name == "tiny-adam"  # same architecture, another run
     at.number_input(key="lmc_points").set_value(5)
     at.number_input(key="lmc_max_samples").set_value(48).run()
