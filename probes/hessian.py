@@ -6,6 +6,12 @@
 ``‖A u − θ u‖ ≤ tol · max(|θ|, 10⁻³ ‖T‖)``; the eigenvalue error is then at most of the order of
 ``residual² / gap`` (far below ``tol``).
 
+With ``refine`` the float Ritz vectors ``Y`` (``[P, k]``) of a low-precision run get one
+Rayleigh–Ritz step in float64: ``Y`` is orthonormalised in float64 (``Q``), ``Z = H₆₄ Q`` is one
+``matmat`` (``k`` products) with a float64 copy of the operator, and the eigenpairs ``(θ, w)`` of
+``Qᵀ Z`` give the values ``θ`` (error quadratic in the angle between ``span Y`` and the eigenvectors),
+vectors ``u = Q w`` and true float64 residuals ``‖Z w − θ u‖``.
+
 :func:`layerwise_hessian` applies the same probes to the diagonal blocks ``H_ℓℓ`` of each
 parameter group (the principal submatrix for that layer's parameters, the other layers held fixed).
 The block traces sum to the full trace; block eigenvalues are *not* eigenvalues of ``H``.
@@ -32,8 +38,9 @@ class HessianEigenResult(Result):
     """Extremal eigenpairs of a curvature operator.
 
     ``values`` float64, descending; ``residuals`` ``‖A u − θ u‖``; ``converged`` bool per value;
-    ``n_matvecs`` operator-vector products used by Lanczos; ``vectors`` ``[P, k]`` unit eigenvectors
-    (operator dtype) or ``None``. ``to_dict``/``save`` leave the vectors out (they can be huge).
+    ``n_matvecs`` operator-vector products (Lanczos plus, when refined, the float64 refinement
+    products, also in ``meta["n_matvecs_refine"]``); ``vectors`` ``[P, k]`` unit eigenvectors
+    (operator dtype; float64 when refined) or ``None``. ``to_dict``/``save`` leave the vectors out.
     """
 
     values: torch.Tensor
@@ -115,6 +122,48 @@ def _warm_start(v0: Any) -> torch.Tensor | None:
     )
 
 
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+REFINE_AUTO_TOL = 1e-5
+
+
+def _use_refine(refine: bool | str, op_dtype: torch.dtype, tol: float) -> bool:
+    """``"auto"``: refine a low-precision operator (float32/bfloat16/float16) when ``tol ≤ 1e-5``."""
+    if isinstance(refine, bool):
+        return refine
+    if refine == "auto":
+        return op_dtype in LOW_PRECISION and tol <= REFINE_AUTO_TOL
+    raise ValueError(f"refine must be True, False or 'auto'; got {refine!r}")
+
+
+@dataclass(frozen=True)
+class RitzRefinement:
+    """Output of :func:`rayleigh_ritz64`: ``values`` (float64, descending, CPU), ``vectors`` ``[P, j]``
+    float64 orthonormal, ``residuals`` ``‖A u − θ u‖`` (float64, CPU), ``n_matvecs`` products used."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    n_matvecs: int
+
+
+def rayleigh_ritz64(op64: Any, Y: torch.Tensor) -> RitzRefinement:
+    """One float64 Rayleigh–Ritz step of ``op64`` on ``span Y`` (``Y`` ``[P, j]``, any dtype).
+
+    ``Q = qr(Y₆₄)``, ``Z = A Q`` (``j`` products), ``Qᵀ Z = W diag(θ) Wᵀ``; returns ``θ`` (descending),
+    ``U = Q W`` and residuals ``‖Z W − U diag(θ)‖`` per column (exact for ``U``, no further products).
+    """
+    Q, _ = torch.linalg.qr(Y.to(device=op64.device, dtype=torch.float64))
+    before = op64.n_matvecs
+    Z = op64.matmat(Q).to(torch.float64)
+    M = Q.T @ Z
+    theta, W = torch.linalg.eigh(0.5 * (M + M.T))
+    order = torch.argsort(theta, descending=True)
+    theta, W = theta[order], W[:, order]
+    U = Q @ W
+    residuals = (Z @ W - U * theta).norm(dim=0)
+    return RitzRefinement(theta.cpu(), U, residuals.cpu(), op64.n_matvecs - before)
+
+
 def hessian_eigenvalues(
     model: nn.Module,
     data: Any,
@@ -135,6 +184,7 @@ def hessian_eigenvalues(
     return_vectors: bool = True,
     reduce_fn: Callable | None = None,
     check_determinism: bool = True,
+    refine: bool | str = "auto",
 ) -> HessianEigenResult:
     """Extremal eigenvalues of the Hessian (``operator="hessian"``), GGN or empirical Fisher.
 
@@ -143,6 +193,13 @@ def hessian_eigenvalues(
     :class:`HessianEigenResult` (its eigenvectors, e.g. from the previous checkpoint) or a ``[P]`` /
     ``[P, j]`` tensor. ``dtype=torch.float64`` evaluates reference-grade products on a copy of the
     model; otherwise products run in the model's dtype. ``params`` restricts to a parameter block.
+
+    ``refine``: after Lanczos, one float64 Rayleigh–Ritz step on the Ritz vectors (``k`` float64
+    products on a float64 copy of the model, see the module docstring); values, vectors and
+    residuals are then the refined float64 ones and ``converged`` is judged on the float64
+    residuals. ``"auto"`` (default) refines when the products run in float32/bfloat16/float16 and
+    ``tol ≤ 1e-5`` — residuals that small are at the level of float32 product rounding, so only a
+    float64 check can certify them — and leaves the default ``tol=1e-4`` run unchanged.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int; got {k!r}")
@@ -150,6 +207,8 @@ def hessian_eigenvalues(
         raise ValueError(f"which must be one of {WHICH}; got {which!r}")
     if not isinstance(tol, (int, float)) or tol <= 0:
         raise ValueError(f"tol must be a positive number; got {tol!r}")
+    if not (isinstance(refine, bool) or refine == "auto"):
+        raise ValueError(f"refine must be True, False or 'auto'; got {refine!r}")
     start = _warm_start(v0)
     t0 = now()
     op = build_operator(
@@ -160,22 +219,39 @@ def hessian_eigenvalues(
         raise ValueError(f"k={k} exceeds the number of parameters in the block ({op.size})")
     if start is not None and start.shape[0] != op.size:
         raise ValueError(f"v0 has {start.shape[0]} rows but the parameter block has {op.size} entries")
+    do_refine = _use_refine(refine, op.dtype, float(tol))
     rec = RecordingOperator(op)
     out = eigsh(rec, k=k, which=which, tol=float(tol), max_iter=max_iter, v0=start, seed=seed,
-                return_vectors=return_vectors)  # fmt: skip
+                return_vectors=return_vectors or do_refine)  # fmt: skip
+    values, residuals, converged, vectors = out.values, out.residuals, out.converged, out.vectors
+    n_refine, lanczos_residuals = 0, None
+    if do_refine:
+        assert vectors is not None
+        op64 = op if op.dtype == torch.float64 else build_operator(
+            model, data, operator=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
+            dtype=torch.float64, device=device, reduce_fn=reduce_fn, seed=seed,
+        )  # fmt: skip
+        ref = rayleigh_ritz64(op64, vectors)
+        n_refine, lanczos_residuals = ref.n_matvecs, out.residuals.tolist()
+        values, residuals = ref.values, ref.residuals
+        scale = max(float(values.abs().max()), float(out.values.abs().max())) or 1.0
+        converged = residuals <= float(tol) * torch.clamp(values.abs(), min=1e-3 * scale)
+        vectors = ref.vectors if return_vectors else None
     settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter, "params": params,
-                "batch_size": batch_size, "warm_start": start is not None}  # fmt: skip
+                "batch_size": batch_size, "warm_start": start is not None, "refine": refine}  # fmt: skip
     meta = spectral_meta(
         "hessian_eigenvalues", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, krylov_dim=out.n_iter,
-        all_converged=bool(out.converged.all()),
+        all_converged=bool(converged.all()), refined=do_refine, n_matvecs_refine=n_refine,
+        lanczos_residuals=lanczos_residuals,
     )  # fmt: skip
+    meta["n_matvecs"] = out.n_matvecs + n_refine
     return HessianEigenResult(
-        values=out.values,
-        residuals=out.residuals,
-        converged=out.converged,
-        n_matvecs=out.n_matvecs,
-        vectors=out.vectors,
+        values=values,
+        residuals=residuals,
+        converged=converged,
+        n_matvecs=out.n_matvecs + n_refine,
+        vectors=vectors,
         meta=meta,
     )
 
