@@ -55,13 +55,18 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def check_config_keys(name: str, given: Any, accepted: Any) -> None:
+    """``ValueError`` naming the recipe, the unknown keys and the accepted ones."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ValueError(f"recipe {name!r}: unknown config keys {unknown}; accepted: {sorted(accepted)}")
+
+
 def resolve_config(recipe: Recipe, *, small: bool = False, **overrides: Any) -> dict[str, Any]:
     cfg = dict(recipe.config)
     if small:
         cfg.update(recipe.small)
-    unknown = sorted(set(overrides) - set(cfg))
-    if unknown:
-        raise ValueError(f"recipe {recipe.name!r}: unknown config keys {unknown}; accepted: {sorted(cfg)}")
+    check_config_keys(recipe.name, overrides, cfg)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
 

@@ -32,7 +32,7 @@ import torch
 
 from ..datasets import load
 from ..models import Run, build, save_checkpoint
-from .base import Recipe, register_recipe
+from .base import Recipe, check_config_keys, register_recipe
 from .train import _accuracy, make_optimizer
 
 __all__ = [
@@ -136,9 +136,7 @@ def double_descent(
     **config: Any,
 ) -> Run:
     """Random-features min-norm least-squares sweep over p into run folder ``out`` (keys: ``DD_CONFIG``)."""
-    unknown = sorted(set(config) - set(DD_CONFIG))
-    if unknown:
-        raise ValueError(f"double_descent: unknown config keys {unknown}; accepted: {sorted(DD_CONFIG)}")
+    check_config_keys("double_descent", config, DD_CONFIG)
     cfg = {**DD_CONFIG, **config}
     done, replace = _prepare(out, overwrite, resume, "double_descent")
     if done is not None:
@@ -276,11 +274,7 @@ def double_descent_nn(
     **config: Any,
 ) -> Run:
     """Width sweep of two-layer ReLU nets trained to (near) interpolation; keys: ``DD_NN_CONFIG``."""
-    unknown = sorted(set(config) - set(DD_NN_CONFIG))
-    if unknown:
-        raise ValueError(
-            f"double_descent_nn: unknown config keys {unknown}; accepted: {sorted(DD_NN_CONFIG)}"
-        )
+    check_config_keys("double_descent_nn", config, DD_NN_CONFIG)
     cfg = {**DD_NN_CONFIG, **config}
     done, replace = _prepare(out, overwrite, resume, "double_descent_nn")
     if done is not None:

@@ -23,7 +23,7 @@ from torch import nn
 from ..models import Run
 from ..probes.lanczos import eigsh
 from ..probes.operators import make_operator
-from .base import Recipe, register_recipe
+from .base import Recipe, check_config_keys, register_recipe
 from .train import train
 
 __all__ = ["edge_of_stability", "lambda_max", "SharpnessTracker", "EOS_CONFIG", "EOS_SMALL"]
@@ -95,9 +95,7 @@ def edge_of_stability(
     **config: Any,
 ) -> Run:
     """Train the edge-of-stability recipe into run folder ``out`` (config keys: ``EOS_CONFIG``)."""
-    unknown = sorted(set(config) - set(EOS_CONFIG))
-    if unknown:
-        raise ValueError(f"edge_of_stability: unknown config keys {unknown}; accepted: {sorted(EOS_CONFIG)}")
+    check_config_keys("edge_of_stability", config, EOS_CONFIG)
     cfg = {**EOS_CONFIG, **config}
     lr = float(cfg["lr"])
     if not lr > 0:

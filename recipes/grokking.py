@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from ..models import Run
-from .base import Recipe, register_recipe
+from .base import Recipe, check_config_keys, register_recipe
 from .train import train
 
 __all__ = ["grokking", "GROKKING_CONFIG", "GROKKING_SMALL", "TRANSFORMER_CONFIG"]
@@ -106,10 +106,8 @@ def grokking(
     **config: Any,
 ) -> Run:
     """Train the grokking recipe into run folder ``out`` (config keys: ``GROKKING_CONFIG``)."""
+    check_config_keys("grokking", config, {**GROKKING_CONFIG, **TRANSFORMER_CONFIG})
     cfg = {**GROKKING_CONFIG, **config}
-    unknown = sorted(set(cfg) - set(TRANSFORMER_CONFIG))
-    if unknown:
-        raise ValueError(f"grokking: unknown config keys {unknown}")
     fmt = "pairs" if cfg["arch"] == "embed_mlp" else "tokens"
     steps = int(cfg["steps"])
     schedule = None
