@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
-from .operators import ModeGuard
+from .operators import ModeGuard, check_finite
 from .results import Result, make_meta
 
 __all__ = [
@@ -377,6 +377,7 @@ def neural_collapse(
     if not isinstance(pinv_rtol, (int, float)) or not 0 <= pinv_rtol < 1:
         raise ValueError(f"pinv_rtol must be a float in [0, 1); got {pinv_rtol!r}")
     name, layer = find_classifier(model, classifier)
+    check_finite(model)
     weight = layer.weight.detach().to(torch.float64)
     if n_classes is None:
         n_classes = layer.out_features

@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..datasets.batching import BatchSource, as_batches
 from .losses import Loss, resolve_loss
-from .operators import ModeGuard
+from .operators import ModeGuard, check_finite
 from .results import Result, make_meta
 
 __all__ = ["LMCResult", "lmc_barrier", "interpolate_state", "reestimate_batchnorm", "evaluate", "barrier_of"]
@@ -263,6 +263,10 @@ def lmc_barrier(
         raise ValueError(f"n_points must be an integer >= 2; got {n_points!r}")
     if align not in (None, "weights", "activations"):
         raise ValueError(f"align must be None, 'weights' or 'activations'; got {align!r}")
+    for label, m in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{label} must be a torch.nn.Module; got {type(m).__name__}")
+        check_finite(m, label)
     state_a = {k: v.detach().clone() for k, v in model_a.state_dict().items()}
     state_b_raw = model_b.state_dict()
     if state_a.keys() != state_b_raw.keys():

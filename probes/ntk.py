@@ -32,7 +32,6 @@ large to form. Everything runs on the model's device and dtype; no host synchron
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .operators import LinearOperator, ModeGuard, select_parameters
+from .operators import LinearOperator, ModeGuard, prepare_model, select_parameters
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
 REDUCTIONS = ("trace", None)
@@ -65,15 +64,9 @@ class _FunctionalModel:
         mode: str,
         device: torch.device | str | None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
-        first = next(iter(model.parameters()), None)
-        if first is None:
-            raise ValueError("the model has no parameters")
-        if device is not None and torch.device(device) != first.device:
-            model = copy.deepcopy(model).to(device)
+        model = prepare_model(model, device=device)
         if mode == "train":
             coupled = [type(m).__name__ for m in model.modules() if isinstance(m, _NOT_PER_SAMPLE_IN_TRAIN)]
             if coupled:

@@ -158,10 +158,21 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+def check_finite(model: nn.Module, what: str = "model") -> None:
+    """``ValueError`` naming every parameter or floating buffer that holds NaN or Inf values."""
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()})"
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise ValueError(f"the {what} has non-finite (NaN/Inf) values in: {', '.join(bad)}")
+
+
 def prepare_model(
     model: nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> nn.Module:
-    """Check ``model`` and return it in ``dtype`` on ``device``.
+    """Check ``model`` (a module with parameters, all finite) and return it in ``dtype`` on ``device``.
 
     The caller's model is never modified: a deep copy is made when the dtype or device differs.
     """
@@ -170,6 +181,7 @@ def prepare_model(
     first = next(iter(model.parameters()), None)
     if first is None:
         raise ValueError("the model has no parameters")
+    check_finite(model)
     change_dtype = dtype is not None and dtype != first.dtype
     change_device = device is not None and torch.device(device) != first.device
     if change_dtype or change_device:

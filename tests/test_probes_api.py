@@ -27,3 +27,30 @@ def test_design_contract_names_exist() -> None:
         "lmc_barrier", "weight_matching",
     ]:  # fmt: skip
         assert callable(getattr(probes, name)), name
+
+
+def test_nan_weights_give_a_clear_error_in_every_probe() -> None:
+    import pytest
+    import torch
+
+    from dynascope.models import build
+
+    model = build("mlp", in_dim=4, width=8, depth=1, out_dim=3)
+    other = build("mlp", in_dim=4, width=8, depth=1, out_dim=3, seed=1)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    calls = {
+        "hessian_eigenvalues": lambda: probes.hessian_eigenvalues(model, (x, y), k=2),
+        "hessian_trace": lambda: probes.hessian_trace(model, (x, y), n_matvecs=6),
+        "hessian_density": lambda: probes.hessian_density(model, (x, y), n_probes=1, lanczos_steps=4),
+        "sharpness": lambda: probes.sharpness(model, (x, y)),
+        "gradient_coherence": lambda: probes.gradient_coherence(model, (x, y)),
+        "empirical_ntk": lambda: probes.empirical_ntk(model, x),
+        "ntk_probe": lambda: probes.ntk_probe(model, (x, y), k=2),
+        "neural_collapse": lambda: probes.neural_collapse(model, (x, y)),
+        "lmc_barrier": lambda: probes.lmc_barrier(other, model, (x, y), n_points=3),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"non-finite \(NaN/Inf\) values in: head\.weight \(1 of 24\)"):
+            call()
