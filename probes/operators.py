@@ -442,15 +442,6 @@ class CurvatureOperator(LinearOperator):
             )
         return torch.stack(cols, dim=1).detach()
 
-    # ---------------------------------------------------------------- checks
-    def determinism_check(self, seed: int = 0) -> float:
-        """Relative difference between two evaluations of ``A v`` (0 for a deterministic operator)."""
-        gen = torch.Generator().manual_seed(seed)
-        v = torch.randn(self.size, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
-        a, b = self.matvec(v), self.matvec(v)
-        denom = float(a.norm()) or 1.0
-        return float((a - b).norm()) / denom
-
 
 def make_operator(
     model: nn.Module, data: Any, *, operator: str = "hessian", **kwargs: Any

@@ -11,6 +11,7 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from dynascope.probes.curvature_setup import RecordingOperator
 from dynascope.probes.losses import resolve_loss
 from dynascope.probes.operators import CurvatureOperator, DenseOperator, parameter_groups, select_parameters
 
@@ -136,7 +137,9 @@ def test_eval_mode_is_used_and_restored() -> None:
     op = CurvatureOperator(model, (x, y))
     assert torch.allclose(op.to_dense(), ref, rtol=1e-8, atol=1e-11)
     assert model.training, "the operator must restore the caller's mode"
-    assert op.determinism_check() == 0.0
+    rec = RecordingOperator(op)
+    rec.matvec(torch.randn(op.size, dtype=torch.float64))
+    assert rec.determinism() == 0.0
 
 
 def test_parameter_block_is_principal_submatrix() -> None:
