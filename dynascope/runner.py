@@ -120,7 +120,11 @@ def cached_result(
     run = _as_run(run)
     _, info, _, key = _plan(run, probe, step, params, split, max_samples)
     store = store if store is not None else ResultStore(run.path)
-    hit = store.get(probe, file_sha256(info.path), key)
+    return _stored(store, probe, file_sha256(info.path), key)
+
+
+def _stored(store: ResultStore, probe: str, digest: str, key: dict[str, Any]) -> Result | None:
+    hit = store.get(probe, digest, key)
     return hit.result if hit is not None and isinstance(hit.result, Result) else None
 
 
@@ -155,10 +159,8 @@ def run_probe(
     spec, info, call, key = _plan(run, probe, step, params, split, max_samples)
     store = store if store is not None else ResultStore(run.path)
     digest = file_sha256(info.path)
-    if not recompute:
-        hit = store.get(probe, digest, key)
-        if hit is not None and isinstance(hit.result, Result):
-            return hit.result, True
+    if not recompute and (hit := _stored(store, probe, digest, key)) is not None:
+        return hit, True
     if world_size > 1 and not spec.shardable:
         raise ValueError(f"probe {probe!r} cannot shard its data over ranks (it takes no reduce_fn)")
     model = run.load_model(info.step)

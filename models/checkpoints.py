@@ -22,6 +22,7 @@ globals (importing them by name, via ``torch.serialization.safe_globals``) and s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -226,7 +227,17 @@ def _json_value(value: Any, where: str) -> Any:
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, streamed."""
+    """Hex SHA-256 of a file's bytes, streamed.
+
+    Memoised on (path, inode, size, mtime): the app and the runner ask for the same checkpoint's hash
+    on every page rerun, and an atomically replaced or rewritten file changes at least one of these.
+    """
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

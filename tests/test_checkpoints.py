@@ -437,3 +437,18 @@ def test_saving_a_compiled_model_round_trips(tmp_path):
     ck = load_checkpoint(p, fresh)
     assert ck.stripped_prefixes == ["_orig_mod."] and ck.model_config == model_config(model)
     assert_same_function(model, fresh, "mlp")
+
+
+def test_file_sha256_is_memoised_but_sees_rewrites(tmp_path) -> None:
+    import hashlib
+    import os
+
+    from dynascope.models.checkpoints import file_sha256
+
+    p = tmp_path / "w.bin"
+    p.write_bytes(b"first")
+    assert file_sha256(p) == hashlib.sha256(b"first").hexdigest() == file_sha256(p)
+    tmp = tmp_path / "w.tmp"
+    tmp.write_bytes(b"second, longer")
+    os.replace(tmp, p)  # the way checkpoints are written
+    assert file_sha256(p) == hashlib.sha256(b"second, longer").hexdigest()
