@@ -11,7 +11,12 @@ Peak memory: CPU — freed heap pages are returned (``malloc_trim``), the proces
 ``VmHWM − VmRSS(before)`` is reported (Linux/glibc only);
 CUDA — ``torch.cuda.max_memory_allocated`` delta after ``reset_peak_memory_stats``.
 
-    python bench/bench_ntk.py [--n 256] [--full-n 64] [--repeats 3] [--device cpu] [--json out.json]
+Two ≥100k-parameter CNNs on 8×8 digits: ``lenet`` (convs [16, 32], flatten, hidden Linear 64: most
+parameters in Linear layers, which dynascope contracts in structured form) and ``allconv`` (convs
+[48, 96, 96], global average pool: almost all parameters in 3×3 convolutions, plain Jacobians).
+
+    python bench/bench_ntk.py [--arch lenet allconv] [--n 256] [--full-n 64] [--repeats 3] [--device cpu]
+                              [--json out.json]
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def compare(model: nn.Module, x: torch.Tensor, traced: bool, repeats: int, devic
     naive_ntk(model, x[:8], traced)
     fast = measure(lambda: empirical_ntk(model, x, reduce_outputs=mode), repeats, device)
     slow = measure(lambda: naive_ntk(model, x, traced), repeats, device)
-    _, plan = empirical_ntk(model, x[:8], reduce_outputs=mode, return_plan=True)
+    _, plan = empirical_ntk(model, x, reduce_outputs=mode, return_plan=True)
     K1, K2 = fast.pop("out").double(), slow.pop("out").double()
     return {
         "kernel": "traced [N, N]" if traced else "full [N*O, N*O]",
@@ -130,14 +135,21 @@ def compare(model: nn.Module, x: torch.Tensor, traced: bool, repeats: int, devic
         "max_abs_diff_rel": float((K1 - K2).abs().max() / K2.abs().max()),
         "frobenius_rel": float((K1 - K2).norm() / K2.norm()),
         "strategy": plan.strategy,
+        "structured": list(plan.structured),
     }
+
+
+ARCHS = {
+    "lenet": dict(channels=[16, 32], pool="flatten", hidden=[64]),
+    "allconv": dict(channels=[48, 96, 96], pool="avg"),
+}
 
 
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=256, help="samples for the traced kernel")
     ap.add_argument("--full-n", type=int, default=64, help="samples for the full kernel (0: skip)")
-    ap.add_argument("--channels", type=int, nargs="+", default=[48, 96, 96])
+    ap.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["lenet", "allconv"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -148,11 +160,7 @@ def main() -> dict:
     device = torch.device(args.device)
     data = load("digits", n_train=max(args.n, args.full_n), flatten=False, seed=0)
     x = data.train[0].float().to(device)
-    model = build("cnn", in_channels=1, image_size=8, channels=args.channels, out_dim=10).to(device).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    report = {
-        "model": f"cnn channels={args.channels} (8x8 digits, 10 outputs, avg pool)",
-        "n_params": n_params,
+    report: dict = {
         "device": str(device),
         "threads": args.threads,
         "torch": torch.__version__,
@@ -160,20 +168,29 @@ def main() -> dict:
         "memory_method": "CUDA max_memory_allocated delta"
         if device.type == "cuda"
         else "VmHWM - VmRSS after /proc/self/clear_refs reset",
-        "runs": [compare(model, x[: args.n], True, args.repeats, device)],
+        "runs": [],
     }
-    if args.full_n:
-        report["runs"].append(compare(model, x[: args.full_n], False, args.repeats, device))
-    print(f"{report['model']}: P={n_params}, device={device}, threads={args.threads}")
+    for arch in args.arch:
+        cfg = ARCHS[arch]
+        model = build("cnn", in_channels=1, image_size=8, out_dim=10, **cfg).to(device).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        runs = [compare(model, x[: args.n], True, args.repeats, device)]
+        if args.full_n:
+            runs.append(compare(model, x[: args.full_n], False, args.repeats, device))
+        for r in runs:
+            r.update(arch=arch, config=cfg, n_params=n_params)
+        report["runs"] += runs
+    print(f"device={device}, threads={args.threads}, torch {torch.__version__}")
     print(
-        "| kernel | N | dynascope median s (min) | naive median s (min) | speedup "
+        "| model | kernel | N | dynascope median s (min) | naive median s (min) | speedup "
         "| CPU-time speedup | peak MB dyn / naive | rel diff |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:
         f, s = r["dynascope"], r["naive_loop"]
         print(
-            f"| {r['kernel']} | {r['n']} | {f['median_s']:.2f} ({f['min_s']:.2f}) | {s['median_s']:.2f} "
+            f"| {r['arch']} (P={r['n_params']:,}) | {r['kernel']} | {r['n']} | {f['median_s']:.2f} "
+            f"({f['min_s']:.2f}) | {s['median_s']:.2f} "
             f"({s['min_s']:.2f}) | {r['speedup_median']:.2f}x | {r['speedup_cpu_time']:.2f}x | "
             f"{f['peak_mb']:.0f} / {s['peak_mb']:.0f} | "
             f"{r['max_abs_diff_rel']:.1e} |"

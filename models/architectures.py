@@ -88,10 +88,12 @@ class MLP(nn.Module):
 
 @register("cnn")
 class CNN(nn.Module):
-    """Conv net: ``body`` = per channel count [Conv3x3(pad 1), (BatchNorm), act]; pool; ``head``.
+    """Conv net: ``body`` = per channel count [Conv3x3(pad 1), (BatchNorm), act]; pool; ``fc``; ``head``.
 
-    ``pool="avg"``: global average pool (head input = channels[-1]);
-    ``pool="flatten"``: flatten (head input = channels[-1]·image_size²).
+    ``pool="avg"``: global average pool (features = channels[-1]);
+    ``pool="flatten"``: flatten (features = channels[-1]·image_size²).
+    ``hidden``: widths of fully connected [Linear, act] layers between the pooled features and the
+    ``head`` (LeNet-style; empty by default, then ``fc`` is an empty ``nn.Sequential``).
     """
 
     def __init__(
@@ -103,9 +105,11 @@ class CNN(nn.Module):
         batchnorm: bool = False,
         activation: str = "relu",
         pool: str = "avg",
+        hidden: list[int] | tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         _positive(in_channels=in_channels, image_size=image_size, out_dim=out_dim)
+        _positive(**{f"hidden[{i}]": h for i, h in enumerate(hidden)})
         if not channels:
             raise ValueError("channels must be a non-empty list of ints")
         _positive(**{f"channels[{i}]": c for i, c in enumerate(channels)})
@@ -127,11 +131,16 @@ class CNN(nn.Module):
         else:
             self.pool = nn.Flatten()
             feat = c_in * image_size * image_size
+        fc: list[nn.Module] = []
+        for h in hidden:
+            fc += [nn.Linear(feat, h), _activation(activation)]
+            feat = h
+        self.fc = nn.Sequential(*fc)
         self.head = nn.Linear(feat, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         x = _as_image(x, self.in_channels, self.image_size)
-        return self.head(self.pool(self.body(x)))
+        return self.head(self.fc(self.pool(self.body(x))))
 
 
 class CausalSelfAttention(nn.Module):

@@ -19,6 +19,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "cnn_bn_flatten": dict(
         name="cnn", in_channels=2, image_size=4, channels=[3], out_dim=2, batchnorm=True, pool="flatten"
     ),
+    "cnn_hidden": dict(
+        name="cnn", in_channels=1, image_size=4, channels=[2], out_dim=3, pool="flatten", hidden=[5, 4]
+    ),
     "transformer": dict(
         name="transformer", vocab_size=11, seq_len=3, d_model=8, n_heads=2, n_layers=2, d_mlp=12, out_dim=7
     ),

@@ -178,6 +178,8 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
     if isinstance(model, (MLP, EmbedMLP)):
         return _chain_spec(model, "body.", list(model.body.named_children()), "head", model.head, None)
     if isinstance(model, CNN):
+        if len(model.fc):
+            raise UnsupportedArchitectureError("CNNs with hidden fully connected layers (hidden=[...])")
         pool = model.pool
         if isinstance(pool, nn.Flatten):
             convs = [m for m in model.body if isinstance(m, nn.Conv2d)]

@@ -32,7 +32,9 @@ large to form. Everything runs on the model's device and dtype; no host synchron
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,12 +43,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from .ntk_structure import Factors, LinearSite, Taps, contract_site, find_linear_sites
 from .operators import LinearOperator, ModeGuard, prepare_model, select_parameters
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
 REDUCTIONS = ("trace", None)
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes for Jacobian chunks / tangent blocks
 JACREV_SAMPLES = 8  # samples per vmap(jacrev) call inside a Jacobian chunk
+SYM_BLOCK = 32  # x2 = x1 with cached Jacobians and N ≥ 4·SYM_BLOCK: contract 4×4 blocks, upper triangle
 
 # modules whose train-mode output is not a deterministic per-sample function
 _NOT_PER_SAMPLE_IN_TRAIN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -159,6 +163,7 @@ class NTKPlan:
     n_params: int
     n_outputs: int
     output_chunk: int  # "jacobian": outputs per group (O unless the traced kernel is split by outputs)
+    structured: tuple[str, ...] = ()  # "jacobian": Linear modules contracted in structured form
 
     def as_meta(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -177,8 +182,15 @@ def plan_ntk(
     strategy: str = "auto",
     chunk_size: int | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    jacobian_numbers: int | None = None,
+    pair_flops: float | None = None,
 ) -> NTKPlan:
-    """Choose the strategy by the cost formulas in the module docstring (``n2=None``: symmetric ``x2=x1``)."""
+    """Choose the strategy by the cost formulas in the module docstring (``n2=None``: symmetric ``x2=x1``).
+
+    ``jacobian_numbers``: numbers stored per sample and output by the Jacobian contraction (default
+    ``n_params``; less with structured Linear sites); ``pair_flops``: its contraction flops per sample
+    pair (default ``2·O^a·n_params``).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
     if chunk_size is not None and (
@@ -187,10 +199,12 @@ def plan_ntk(
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if max_memory <= 0:
         raise ValueError(f"max_memory must be positive; got {max_memory}")
-    O, P, F, A = n_outputs, n_params, flops_per_sample, activations_per_sample
+    O, F, A = n_outputs, flops_per_sample, activations_per_sample
+    P = n_params if jacobian_numbers is None else jacobian_numbers
     sym = n2 is None
     m2 = n1 if sym else n2
     a = 1 if traced else 2
+    pair = 2.0 * O**a * P if pair_flops is None else pair_flops
     budget = max_memory // itemsize  # numbers
     # Jacobian contraction: chunk c samples, two chunks alive, each c·O·(P + A) numbers
     jac_fits = 2 * O * P <= budget
@@ -204,68 +218,106 @@ def plan_ntk(
     else:
         row_chunks = math.ceil(n1 / c_jac)
         n_jac = n1 + (m2 * (row_chunks + 1) / 2 if sym else m2 * row_chunks)
-    cost_jac = (2.0 * O + n_groups) * F * n_jac + 2.0 * n1 * m2 * O**a * P
+    cost_jac = (2.0 * O + n_groups) * F * n_jac + n1 * m2 * pair
     # NTK-vector products: b unit columns per block (b·P tangent numbers), r rows of x1 per jvp call
-    b_vp = chunk_size or max(1, min(m2 * O, (budget // 2) // max(P, 1)))
+    b_vp = chunk_size or max(1, min(m2 * O, (budget // 2) // max(n_params, 1)))
     r_vp = max(1, min(n1, (budget // 2) // (b_vp * (A + O))))
     cost_vp = 3.0 * F * m2 * O + 3.0 * F * n1 * m2 * O
     if strategy == "auto":
         strategy = "jacobian" if jac_fits and cost_jac <= cost_vp else "ntk_vp"
     if strategy == "jacobian":
         c = min(c_jac, max(n1, m2))
-        return NTKPlan("jacobian", c, c, cost_jac, cost_vp, cached, F, P, O, g)
-    return NTKPlan("ntk_vp", b_vp, r_vp, cost_jac, cost_vp, False, F, P, O, O)
+        if sym and cached and n1 >= 4 * SYM_BLOCK:  # upper-triangular blocks only: 5/8 of a full product
+            c = min(c, math.ceil(n1 / 4))
+        return NTKPlan("jacobian", c, c, cost_jac, cost_vp, cached, F, n_params, O, g)
+    return NTKPlan("ntk_vp", b_vp, r_vp, cost_jac, cost_vp, False, F, n_params, O, O)
 
 
 # --------------------------------------------------------------------------- strategies
+Chunk = tuple[list[torch.Tensor], list[Factors]]  # plain per-parameter Jacobians, structured site factors
+
+
 def _jacobian_chunk(
-    fm: _FunctionalModel, x: torch.Tensor, outputs: tuple[int, int] | None = None
-) -> list[torch.Tensor]:
-    """Per-sample Jacobians of a chunk: one ``[c, O, numel]`` tensor per parameter (``outputs=(lo, hi)``:
-    only those outputs, ``[c, hi − lo, numel]``).
+    fm: _FunctionalModel, x: torch.Tensor, outputs: tuple[int, int] | None = None, taps: Taps | None = None
+) -> Chunk:
+    """Per-sample Jacobians of a chunk: one ``[c, O, numel]`` tensor per plain parameter (``outputs=(lo,
+    hi)``: only those outputs, ``[c, hi − lo, numel]``) and, with ``taps``, the structured factors
+    ``δ [c, O, T, d_out]``, ``a [c, T, d_in]`` of each Linear site (module ``ntk_structure``).
 
     ``vmap(jacrev)`` runs on sub-chunks of ``JACREV_SAMPLES`` samples (large vmapped batches of
     convolution backward are slower per sample on CPU) written into preallocated tensors.
     """
+    sites = taps.sites if taps is not None else []
+    in_sites = {n for s in sites for n in (s.weight, s.bias) if n}
+    plain = [(n, k) for n, k in zip(fm.names, fm.numels) if n not in in_sites]
+    p_plain = {n: fm.params[n] for n, _ in plain}
+    p_sites = {n: fm.params[n] for n in in_sites}
+    eps = {s.module: torch.zeros(s.out_shape, dtype=fm.dtype, device=fm.device) for s in sites}
+
+    def fn(p: dict[str, torch.Tensor], e: dict[str, torch.Tensor], xi: torch.Tensor) -> Any:
+        if taps is None:
+            out, inputs = fm.single(p, xi), {}
+        else:
+            out, inputs = taps.call(lambda: fm.single({**p_sites, **p}, xi), e)
+        return (out if outputs is None else out[outputs[0] : outputs[1]]), inputs
+
     c = x.shape[0]
     out: list[torch.Tensor] | None = None
     for lo in range(0, c, JACREV_SAMPLES):
         xs = x[lo : lo + JACREV_SAMPLES]
-        fn = fm.single if outputs is None else (lambda p, xi: fm.single(p, xi)[outputs[0] : outputs[1]])
-        jac = vmap(jacrev(fn), in_dims=(None, 0))(fm.params, xs)
-        parts = [jac[n].reshape(xs.shape[0], -1, k) for n, k in zip(fm.names, fm.numels)]
-        if lo == 0 and xs.shape[0] == c:
-            return parts
+        b = xs.shape[0]
+        (jp, je), inputs = vmap(jacrev(fn, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))(
+            p_plain, eps, xs
+        )
+        parts = [jp[n].reshape(b, -1, k) for n, k in plain]
+        for s in sites:
+            parts.append(je[s.module].reshape(b, -1, s.positions, s.d_out))
+            parts.append(inputs[s.module].reshape(b, s.positions, s.d_in))
+        if lo == 0 and b == c:
+            out = parts
+            break
         if out is None:
             out = [torch.empty((c, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
         for buf, p in zip(out, parts):
-            buf[lo : lo + xs.shape[0]] = p
+            buf[lo : lo + b] = p
     assert out is not None
-    return out
+    n = len(plain)
+    factors = [Factors(out[n + 2 * i], out[n + 2 * i + 1], s.bias is not None) for i, s in enumerate(sites)]
+    return out[:n], factors
 
 
-def _contract(J1: list[torch.Tensor], J2: list[torch.Tensor], traced: bool) -> torch.Tensor:
-    """Σ over parameter tensors of ``J1 J2ᵀ``: ``[c1, c2]`` (traced) or ``[c1·O, c2·O]`` (full)."""
+def _contract(J1: Chunk, J2: Chunk, traced: bool) -> torch.Tensor:
+    """Σ over parameter tensors of ``J1 J2ᵀ`` plus the structured sites' blocks: ``[c1, c2]`` (traced)
+    or ``[c1·O, c2·O]`` (full)."""
     out = None
-    for a, b in zip(J1, J2):
+    for a, b in zip(J1[0], J2[0]):
         if traced:
             blk = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
         else:
             blk = a.reshape(-1, a.shape[2]) @ b.reshape(-1, b.shape[2]).T
+        out = blk if out is None else out + blk
+    for f1, f2 in zip(J1[1], J2[1]):
+        blk = contract_site(f1, f2, traced)
         out = blk if out is None else out + blk
     assert out is not None
     return out
 
 
 def _ntk_jacobian(
-    fm: _FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, O: int, traced: bool, plan: NTKPlan
+    fm: _FunctionalModel,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    O: int,
+    traced: bool,
+    plan: NTKPlan,
+    taps: Taps | None = None,
 ) -> torch.Tensor:
     g = plan.output_chunk
     if not traced or g >= O:
-        return _ntk_jacobian_group(fm, x1, x2, O, traced, plan, None)
+        return _ntk_jacobian_group(fm, x1, x2, O, traced, plan, None, taps)
     K = None  # traced kernel Σ_o J_o J_oᵀ, accumulated over groups of outputs
     for lo in range(0, O, g):
-        blk = _ntk_jacobian_group(fm, x1, x2, O, traced, plan, (lo, min(lo + g, O)))
+        blk = _ntk_jacobian_group(fm, x1, x2, O, traced, plan, (lo, min(lo + g, O)), taps)
         K = blk if K is None else K + blk
     assert K is not None
     return K
@@ -279,6 +331,7 @@ def _ntk_jacobian_group(
     traced: bool,
     plan: NTKPlan,
     outputs: tuple[int, int] | None,
+    taps: Taps | None = None,
 ) -> torch.Tensor:
     sym = x2 is None
     xs2 = x1 if sym else x2
@@ -289,8 +342,8 @@ def _ntk_jacobian_group(
     rows = [(lo, min(lo + c, n1)) for lo in range(0, n1, c)]
     cols = rows if sym else [(lo, min(lo + c, n2)) for lo in range(0, n2, c)]
 
-    def jac(x: torch.Tensor) -> list[torch.Tensor]:
-        return _jacobian_chunk(fm, x, outputs)
+    def jac(x: torch.Tensor) -> Chunk:
+        return _jacobian_chunk(fm, x, outputs, taps)
 
     cache1 = [jac(x1[lo:hi]) for lo, hi in rows] if plan.cached else None
     cache2 = cache1 if sym else ([jac(xs2[lo:hi]) for lo, hi in cols] if plan.cached else None)
@@ -366,6 +419,7 @@ def empirical_ntk(
     params: Sequence[str] | str | None = None,
     device: torch.device | str | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    structured: bool = True,
     return_plan: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, NTKPlan]:
     """Empirical NTK ``Θ(x, x') = J(x) J(x')ᵀ`` between ``x1 [N1, ...]`` and ``x2 [N2, ...]`` (default x1).
@@ -374,8 +428,11 @@ def empirical_ntk(
     ``[N1·O, N2·O]`` kernel. ``strategy``: ``"jacobian"``, ``"ntk_vp"`` or ``"auto"`` (module docstring);
     ``chunk_size``: samples per Jacobian chunk / unit columns per tangent block (default from
     ``max_memory`` bytes). ``params`` restricts θ to a parameter block; ``mode="eval"`` (default) uses
-    BatchNorm running statistics. Returns a tensor of the model's dtype on its device (or ``device``);
-    with ``return_plan=True`` also the :class:`NTKPlan` used.
+    BatchNorm running statistics. ``structured`` (Jacobian contraction only): contract ``nn.Linear``
+    layers from their inputs and output gradients where that is cheaper (module ``ntk_structure``);
+    checked against plain Jacobians on the first sample, with a warning and plain Jacobians if they
+    differ. Returns a tensor of the model's dtype on its device (or ``device``); with
+    ``return_plan=True`` also the :class:`NTKPlan` used (``plan.structured`` names the sites).
     """
     if reduce_outputs not in REDUCTIONS:
         raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
@@ -392,6 +449,15 @@ def empirical_ntk(
             raise TypeError(f"x1 and x2 must have the same dtype; got {x1.dtype} and {x2.dtype}")
     O = fm.output_dim(x1)
     flops, acts = fm.profile(x1)
+    traced = reduce_outputs == "trace"
+    sites: list[LinearSite] = []
+    if structured and strategy != "ntk_vp":
+        with ModeGuard(fm.model, mode):
+            sites = find_linear_sites(
+                fm.model, set(fm.names), x1, lambda xb: fm.batch(fm.params, xb), O, traced
+            )
+    in_sites = {n for s in sites for n in (s.weight, s.bias) if n}
+    plain_size = sum(k for n, k in zip(fm.names, fm.numels) if n not in in_sites)
     plan = plan_ntk(
         x1.shape[0],
         None if x2 is None else x2.shape[0],
@@ -404,12 +470,43 @@ def empirical_ntk(
         strategy=strategy,
         chunk_size=chunk_size,
         max_memory=max_memory,
+        jacobian_numbers=plain_size + sum(-(-s.numbers_per_sample(O) // O) for s in sites),
+        pair_flops=2.0 * O ** (1 if traced else 2) * plain_size + sum(s.pair_flops(O, traced) for s in sites),
     )
-    run = _ntk_jacobian if plan.strategy == "jacobian" else _ntk_vp
     with ModeGuard(fm.model, mode):
-        K = run(fm, x1, x2, O, reduce_outputs == "trace", plan)
+        if plan.strategy == "ntk_vp":
+            K = _ntk_vp(fm, x1, x2, O, traced, plan)
+        elif not sites:
+            K = _ntk_jacobian(fm, x1, x2, O, traced, plan)
+        else:
+            taps = Taps(fm.model, sites)
+            with taps.installed():
+                if _structure_agrees(fm, x1[:1], taps):
+                    plan = dataclasses.replace(plan, structured=tuple(s.module for s in sites))
+                    K = _ntk_jacobian(fm, x1, x2, O, traced, plan, taps)
+                else:
+                    taps = None
+            if taps is None:
+                K = _ntk_jacobian(fm, x1, x2, O, traced, plan)
     K = K.detach()
     return (K, plan) if return_plan else K
+
+
+def _structure_agrees(fm: _FunctionalModel, x: torch.Tensor, taps: Taps) -> bool:
+    """Compare ``tr Θ(x, x)`` (one sample) from structured factors with plain Jacobians; warn if they differ
+    (e.g. a Linear weight also used outside its module's forward)."""
+    structured = _contract(*[_jacobian_chunk(fm, x, None, taps)] * 2, traced=True)
+    plain = _contract(*[_jacobian_chunk(fm, x)] * 2, traced=True)
+    tol = 1e3 * torch.finfo(fm.dtype).eps * float(plain.abs().max())
+    if float((structured - plain).abs().max()) <= tol:
+        return True
+    warnings.warn(
+        "structured Linear NTK contributions disagree with plain Jacobians on the first sample "
+        f"(sites {[s.module for s in taps.sites]}; a weight used outside its module?): using plain Jacobians",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
 
 
 class NTKOperator(LinearOperator):
@@ -488,6 +585,6 @@ class NTKOperator(LinearOperator):
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with ModeGuard(fm.model, self.mode):
             for lo in range(0, self.x.shape[0], c):
-                for J in _jacobian_chunk(fm, self.x[lo : lo + c]):
+                for J in _jacobian_chunk(fm, self.x[lo : lo + c])[0]:
                     total = total + J.double().pow(2).sum()
         return total
