@@ -21,6 +21,12 @@ Two strategies (the cost model follows Novak et al. 2022, "Fast finite width neu
   forward-mode ``jvp`` over ``x1``. Cost ``≈ 3·F·N2·O + 3·F·N1·N2·O`` flops, memory
   ``block·P`` numbers for the tangents; it never holds per-sample Jacobians of ``x1``.
 
+With ``structured=True`` (default) the Jacobian contraction builds the Jacobians of ``nn.Linear`` and
+``nn.Conv2d`` weights from the layers' inputs and output gradients (a backward pass without weight
+gradients), and contracts Linear layers in factored form where that is cheaper: ``2·O^a·d_in·d_out``
+flops per pair become ``2·T²·(d_in + O^a·d_out)`` (module ``ntk_structure``); the cost formula then uses
+the structured per-pair flops. For ``x2 = x1`` only the upper-triangular blocks of ``K`` are contracted.
+
 ``strategy="auto"`` evaluates both formulas (``F`` counted on one sample by forward hooks:
 ``2·MACs`` of Linear/conv layers plus one flop per other activation, at least ``2·P``) and takes the
 cheaper strategy that fits ``max_memory`` bytes (the Jacobian contraction needs at least ``2·O·P`` numbers).
@@ -43,14 +49,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .ntk_structure import Factors, LinearSite, Taps, contract_site, find_linear_sites
+from .ntk_structure import Factors, Site, Taps, contract_site, find_sites
 from .operators import LinearOperator, ModeGuard, prepare_model, select_parameters
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
 REDUCTIONS = ("trace", None)
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes for Jacobian chunks / tangent blocks
 JACREV_SAMPLES = 8  # samples per vmap(jacrev) call inside a Jacobian chunk
-SYM_BLOCK = 32  # x2 = x1 with cached Jacobians and N ≥ 4·SYM_BLOCK: contract 4×4 blocks, upper triangle
+SYM_BLOCK = 32  # x2 = x1, cached Jacobians, ≥ 4·SYM_BLOCK kernel rows: contract 4×4 blocks, upper triangle
 
 # modules whose train-mode output is not a deterministic per-sample function
 _NOT_PER_SAMPLE_IN_TRAIN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -163,7 +169,8 @@ class NTKPlan:
     n_params: int
     n_outputs: int
     output_chunk: int  # "jacobian": outputs per group (O unless the traced kernel is split by outputs)
-    structured: tuple[str, ...] = ()  # "jacobian": Linear modules contracted in structured form
+    structured: tuple[str, ...] = ()  # "jacobian": Linear/Conv2d modules in structured form (ntk_structure)
+    factored: tuple[str, ...] = ()  # those of them contracted by factors (the others materialised)
 
     def as_meta(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -227,7 +234,9 @@ def plan_ntk(
         strategy = "jacobian" if jac_fits and cost_jac <= cost_vp else "ntk_vp"
     if strategy == "jacobian":
         c = min(c_jac, max(n1, m2))
-        if sym and cached and n1 >= 4 * SYM_BLOCK:  # upper-triangular blocks only: 5/8 of a full product
+        if (
+            sym and cached and n1 * O ** (a - 1) >= 4 * SYM_BLOCK
+        ):  # 4×4 blocks, upper triangle: 5/8 of the flops
             c = min(c, math.ceil(n1 / 4))
         return NTKPlan("jacobian", c, c, cost_jac, cost_vp, cached, F, n_params, O, g)
     return NTKPlan("ntk_vp", b_vp, r_vp, cost_jac, cost_vp, False, F, n_params, O, O)
@@ -241,8 +250,9 @@ def _jacobian_chunk(
     fm: _FunctionalModel, x: torch.Tensor, outputs: tuple[int, int] | None = None, taps: Taps | None = None
 ) -> Chunk:
     """Per-sample Jacobians of a chunk: one ``[c, O, numel]`` tensor per plain parameter (``outputs=(lo,
-    hi)``: only those outputs, ``[c, hi − lo, numel]``) and, with ``taps``, the structured factors
-    ``δ [c, O, T, d_out]``, ``a [c, T, d_in]`` of each Linear site (module ``ntk_structure``).
+    hi)``: only those outputs, ``[c, hi − lo, numel]``) and, with ``taps``, for each structured site
+    (module ``ntk_structure``) its factors ``δ [c, O, T, d_out]``, ``a [c, T, d_in]`` or, materialised,
+    its weight (and bias) Jacobians ``δᵀ a`` (``Σ_t δ``) as further ``[c, O, numel]`` tensors.
 
     ``vmap(jacrev)`` runs on sub-chunks of ``JACREV_SAMPLES`` samples (large vmapped batches of
     convolution backward are slower per sample on CPU) written into preallocated tensors.
@@ -270,9 +280,16 @@ def _jacobian_chunk(
             p_plain, eps, xs
         )
         parts = [jp[n].reshape(b, -1, k) for n, k in plain]
+        mats = []
         for s in sites:
-            parts.append(je[s.module].reshape(b, -1, s.positions, s.d_out))
-            parts.append(inputs[s.module].reshape(b, s.positions, s.d_in))
+            delta, acts = s.deltas(je[s.module], b), s.acts(inputs[s.module], b)
+            if s.factored:
+                parts += [delta, acts]
+                continue
+            mats.append(torch.matmul(delta.transpose(2, 3), acts[:, None]).reshape(b, delta.shape[1], -1))
+            if s.bias is not None:
+                mats.append(delta.sum(2))
+        parts += mats
         if lo == 0 and b == c:
             out = parts
             break
@@ -281,9 +298,9 @@ def _jacobian_chunk(
         for buf, p in zip(out, parts):
             buf[lo : lo + b] = p
     assert out is not None
-    n = len(plain)
-    factors = [Factors(out[n + 2 * i], out[n + 2 * i + 1], s.bias is not None) for i, s in enumerate(sites)]
-    return out[:n], factors
+    n, fs = len(plain), [s for s in sites if s.factored]
+    factors = [Factors(out[n + 2 * i], out[n + 2 * i + 1], s.bias is not None) for i, s in enumerate(fs)]
+    return out[:n] + out[n + 2 * len(fs) :], factors
 
 
 def _contract(J1: Chunk, J2: Chunk, traced: bool) -> torch.Tensor:
@@ -428,8 +445,9 @@ def empirical_ntk(
     ``[N1·O, N2·O]`` kernel. ``strategy``: ``"jacobian"``, ``"ntk_vp"`` or ``"auto"`` (module docstring);
     ``chunk_size``: samples per Jacobian chunk / unit columns per tangent block (default from
     ``max_memory`` bytes). ``params`` restricts θ to a parameter block; ``mode="eval"`` (default) uses
-    BatchNorm running statistics. ``structured`` (Jacobian contraction only): contract ``nn.Linear``
-    layers from their inputs and output gradients where that is cheaper (module ``ntk_structure``);
+    BatchNorm running statistics. ``structured`` (Jacobian contraction only): build the Jacobians of
+    ``nn.Linear`` / ``nn.Conv2d`` weights from the layers' inputs and output gradients, factored where
+    that is cheaper (module ``ntk_structure``);
     checked against plain Jacobians on the first sample, with a warning and plain Jacobians if they
     differ. Returns a tensor of the model's dtype on its device (or ``device``); with
     ``return_plan=True`` also the :class:`NTKPlan` used (``plan.structured`` names the sites).
@@ -450,12 +468,10 @@ def empirical_ntk(
     O = fm.output_dim(x1)
     flops, acts = fm.profile(x1)
     traced = reduce_outputs == "trace"
-    sites: list[LinearSite] = []
+    sites: list[Site] = []
     if structured and strategy != "ntk_vp":
         with ModeGuard(fm.model, mode):
-            sites = find_linear_sites(
-                fm.model, set(fm.names), x1, lambda xb: fm.batch(fm.params, xb), O, traced
-            )
+            sites = find_sites(fm.model, set(fm.names), x1, lambda xb: fm.batch(fm.params, xb), O, traced)
     in_sites = {n for s in sites for n in (s.weight, s.bias) if n}
     plain_size = sum(k for n, k in zip(fm.names, fm.numels) if n not in in_sites)
     plan = plan_ntk(
@@ -482,7 +498,11 @@ def empirical_ntk(
             taps = Taps(fm.model, sites)
             with taps.installed():
                 if _structure_agrees(fm, x1[:1], taps):
-                    plan = dataclasses.replace(plan, structured=tuple(s.module for s in sites))
+                    plan = dataclasses.replace(
+                        plan,
+                        structured=tuple(s.module for s in sites),
+                        factored=tuple(s.module for s in sites if s.factored),
+                    )
                     K = _ntk_jacobian(fm, x1, x2, O, traced, plan, taps)
                 else:
                     taps = None
@@ -501,7 +521,7 @@ def _structure_agrees(fm: _FunctionalModel, x: torch.Tensor, taps: Taps) -> bool
     if float((structured - plain).abs().max()) <= tol:
         return True
     warnings.warn(
-        "structured Linear NTK contributions disagree with plain Jacobians on the first sample "
+        "structured Linear/Conv2d NTK contributions disagree with plain Jacobians on the first sample "
         f"(sites {[s.module for s in taps.sites]}; a weight used outside its module?): using plain Jacobians",
         RuntimeWarning,
         stacklevel=3,

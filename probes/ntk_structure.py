@@ -1,22 +1,27 @@
-"""Structured NTK contributions of ``nn.Linear`` layers (no per-sample weight Jacobians).
+"""Structured NTK contributions of ``nn.Linear`` and ``nn.Conv2d`` layers (no weight backward passes).
 
 A Linear layer ``y_t = W a_t + b`` applied at ``T`` positions (``T = 1`` for an MLP layer, the sequence
 length in a transformer) has per-sample, per-output Jacobian ``∂f_o/∂W = Σ_t δ_{o,t} a_tᵀ`` with
 ``δ_{o,t} = ∂f_o/∂y_t ∈ R^{d_out}`` and ``a_t ∈ R^{d_in}`` the layer's input, and ``∂f_o/∂b = Σ_t δ_{o,t}``.
-Its NTK contribution between samples ``i, j`` and outputs ``o, p`` is therefore
+A convolution is the same with ``t`` running over the ``T = H_out·W_out`` output positions, ``a_t`` the
+input patch at ``t`` (``d_in = C_in·k_h·k_w``, from ``unfold``) and ``d_out = C_out``. ``a`` is recorded by a
+forward hook; ``δ`` is the Jacobian of the outputs with respect to a zero perturbation ``ε`` added to the
+layer's output, so the backward pass never forms weight gradients (Novak et al. 2022, "Fast finite width
+neural tangent kernel", structured derivatives). Each site is then used in one of two forms:
 
-    Θ_W((i,o),(j,p)) = Σ_{t,s} (a_{i,t}·a_{j,s}) (δ_{i,o,t}·δ_{j,p,s}),
-    Θ_b((i,o),(j,p)) = (Σ_t δ_{i,o,t})·(Σ_s δ_{j,p,s}),
+* **factored**: the NTK contribution between samples ``i, j`` and outputs ``o, p`` is
 
-which needs only ``a`` (recorded by a forward hook) and ``δ`` (the Jacobian of the outputs with respect to
-a zero perturbation ``ε`` added to the layer's output), never the ``d_out × d_in`` weight Jacobian
-(Novak et al. 2022, "Fast finite width neural tangent kernel", structured derivatives).
+      Θ_W((i,o),(j,p)) = Σ_{t,s} (a_{i,t}·a_{j,s}) (δ_{i,o,t}·δ_{j,p,s}),
+      Θ_b((i,o),(j,p)) = (Σ_t δ_{i,o,t})·(Σ_s δ_{j,p,s}),
 
-Per pair of samples this costs ``2·T²·(d_in + O^a·d_out)`` flops against ``2·O^a·d_in·d_out`` for
-contracting explicit Jacobians (``a = 1`` traced, ``2`` full), and stores ``T·(d_in + O·d_out)`` numbers
-per sample instead of ``O·d_in·d_out``. A layer is used in structured form when that is cheaper, its
-weight is among the kernel's parameters, the weight is not shared with another module, and the module
-runs exactly once per forward pass.
+  costing ``2·T²·(d_in + O^a·d_out)`` flops per pair (``a = 1`` traced, ``2`` full) and storing
+  ``T·(d_in + O·d_out)`` numbers per sample;
+* **materialised**: ``J_W = δᵀ a`` per sample and output by one batched matrix product, then contracted
+  like any parameter Jacobian (``2·O^a·d_in·d_out`` flops per pair, ``O·d_in·d_out`` numbers per sample).
+
+The cheaper form per pair is taken. A module is a site when its weight is among the kernel's parameters,
+its parameters are not shared with another module, it runs exactly once per forward pass, and (conv) it
+has ``groups=1``, zero padding given as integers.
 """
 
 from __future__ import annotations
@@ -29,22 +34,25 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
-class LinearSite:
-    """One ``nn.Linear`` module used in structured form (names as in ``model.named_parameters()``)."""
+class Site:
+    """One Linear / Conv2d module in structured form (names as in ``model.named_parameters()``)."""
 
     module: str
     weight: str
     bias: str | None  # the bias parameter when it is part of the kernel, else None
-    positions: int  # T: number of input vectors per sample the layer sees
+    positions: int  # T: input vectors (Linear) or output positions (conv) per sample
     d_in: int
     d_out: int
     out_shape: tuple[int, ...]  # the layer's output shape for a batch of one sample
+    factored: bool  # contract by factors (else materialise the weight Jacobian)
+    conv: dict[str, Any] | None = None  # Conv2d: in_shape, kernel_size, dilation, padding, stride
 
-    def pair_flops(self, n_outputs: int, traced: bool) -> float:
-        """Flops per sample pair of the structured contraction (formula in the module docstring)."""
+    def factored_pair_flops(self, n_outputs: int, traced: bool) -> float:
+        """Flops per sample pair of the factored contraction (formula in the module docstring)."""
         oa = n_outputs if traced else n_outputs**2
         return 2.0 * self.positions**2 * (self.d_in + oa * self.d_out)
 
@@ -52,15 +60,39 @@ class LinearSite:
         oa = n_outputs if traced else n_outputs**2
         return 2.0 * oa * (self.d_in * self.d_out + (self.d_out if self.bias else 0))
 
+    def pair_flops(self, n_outputs: int, traced: bool) -> float:
+        if self.factored:
+            return self.factored_pair_flops(n_outputs, traced)
+        return self.plain_pair_flops(n_outputs, traced)
+
     def numbers_per_sample(self, n_outputs: int) -> int:
-        """Stored numbers per sample: ``δ [O, T, d_out]`` and ``a [T, d_in]``."""
-        return self.positions * (n_outputs * self.d_out + self.d_in)
+        """Stored numbers per sample: ``δ [O, T, d_out]`` and ``a [T, d_in]``, or the weight Jacobian."""
+        if self.factored:
+            return self.positions * (n_outputs * self.d_out + self.d_in)
+        return n_outputs * (self.d_in * self.d_out + (self.d_out if self.bias else 0))
+
+    def deltas(self, grad: torch.Tensor, b: int) -> torch.Tensor:
+        """``δ [b, O, T, d_out]`` from the output Jacobian ``[b, O, *out_shape]`` (conv: channels first)."""
+        if self.conv is None:
+            return grad.reshape(b, -1, self.positions, self.d_out)
+        return grad.reshape(b, -1, self.d_out, self.positions).transpose(2, 3)
+
+    def acts(self, inp: torch.Tensor, b: int) -> torch.Tensor:
+        """The layer inputs ``a [b, T, d_in]`` of ``b`` samples (conv: unfolded patches)."""
+        if self.conv is None:
+            return inp.reshape(b, self.positions, self.d_in)
+        c = self.conv
+        patches = F.unfold(
+            inp.reshape(b, *c["in_shape"]), c["kernel_size"], c["dilation"], c["padding"], c["stride"]
+        )
+        return patches.transpose(1, 2)  # [b, T, C_in·k_h·k_w], matching weight.reshape(C_out, -1)
 
 
-def find_linear_sites(
+def find_sites(
     model: nn.Module, selected: set[str], x1: torch.Tensor, run: Any, n_outputs: int, traced: bool
-) -> list[LinearSite]:
-    """The ``nn.Linear`` modules worth using in structured form (see the module docstring).
+) -> list[Site]:
+    """The Linear / Conv2d modules that can be used in structured form (module docstring), each with
+    the cheaper of the factored and materialised forms.
 
     ``run(x)`` evaluates the model on a batch (here: one sample); ``selected``: the kernel's parameter names.
     """
@@ -70,7 +102,7 @@ def find_linear_sites(
     candidates = {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
+        if _supported(m)
         and _pname(name, "weight") in selected
         and uses[id(m.weight)] == 1
         and (m.bias is None or uses[id(m.bias)] == 1)
@@ -79,7 +111,7 @@ def find_linear_sites(
 
     def recorder(name: str) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            if len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
                 calls[name].append((tuple(args[0].shape), tuple(out.shape)))
             else:
                 calls[name].append(((), ()))
@@ -99,13 +131,38 @@ def find_linear_sites(
             continue  # called twice (shared module), never, or with odd arguments: plain Jacobians
         in_shape, out_shape = calls[name][0]
         bias = _pname(name, "bias") if m.bias is not None and _pname(name, "bias") in selected else None
-        site = LinearSite(
-            name, _pname(name, "weight"), bias, math.prod(in_shape) // m.in_features, m.in_features,
-            m.out_features, out_shape,
-        )  # fmt: skip
-        if site.pair_flops(n_outputs, traced) < site.plain_pair_flops(n_outputs, traced):
-            sites.append(site)
+        if isinstance(m, nn.Linear):
+            shape = dict(
+                positions=math.prod(in_shape) // m.in_features, d_in=m.in_features, d_out=m.out_features
+            )
+            conv = None
+        else:
+            if len(in_shape) != 4:
+                continue
+            shape = dict(
+                positions=out_shape[2] * out_shape[3], d_in=m.weight[0].numel(), d_out=m.out_channels
+            )
+            conv = dict(
+                in_shape=in_shape[1:], kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding,
+                stride=m.stride,
+            )  # fmt: skip
+        site = Site(
+            name, _pname(name, "weight"), bias, **shape, out_shape=out_shape, factored=False, conv=conv
+        )
+        factored = site.factored_pair_flops(n_outputs, traced) < site.plain_pair_flops(n_outputs, traced)
+        sites.append(Site(**{**site.__dict__, "factored": factored}))
     return sites
+
+
+def _supported(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return (
+        type(m) is nn.Conv2d
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
 
 
 def _pname(module: str, attr: str) -> str:
@@ -115,7 +172,7 @@ def _pname(module: str, attr: str) -> str:
 class Taps:
     """Forward hooks that add ``ε[site]`` to each site's output and record its input (while active)."""
 
-    def __init__(self, model: nn.Module, sites: list[LinearSite]) -> None:
+    def __init__(self, model: nn.Module, sites: list[Site]) -> None:
         self.model, self.sites = model, sites
         self.eps: dict[str, torch.Tensor] | None = None
         self.inputs: dict[str, torch.Tensor] = {}
@@ -197,4 +254,4 @@ def _contract_rows(f1: Factors, f2: Factors, traced: bool) -> torch.Tensor:
     return K.reshape(c1 * O, c2 * O)
 
 
-__all__ = ["LinearSite", "Taps", "Factors", "contract_site", "find_linear_sites"]
+__all__ = ["Site", "Taps", "Factors", "contract_site", "find_sites"]

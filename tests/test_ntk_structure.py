@@ -61,7 +61,7 @@ def test_structured_kernel_matches_explicit_jacobians(
 
 def test_transformer_sites_span_positions() -> None:
     model, x = _wide_transformer()
-    sites = structure.find_linear_sites(model, {n for n, _ in model.named_parameters()}, x, model, 3, True)
+    sites = structure.find_sites(model, {n for n, _ in model.named_parameters()}, x, model, 3, True)
     by_name = {s.module: s for s in sites}
     assert by_name["blocks.0.attn.qkv"].positions == 3 and by_name["head"].positions == 1
 
@@ -135,3 +135,45 @@ def test_shared_weights_and_repeated_modules_are_plain_or_caught() -> None:
         K, plan = probes.empirical_ntk(model, x, reduce_outputs=None, return_plan=True)
     assert not plan.structured
     torch.testing.assert_close(K, _reference(model, x, None, None), rtol=1e-10, atol=1e-10)
+
+
+class _Convs(nn.Module):
+    """Strided, dilated, rectangular, bias-free convolutions (sites) and grouped / 'same' ones (plain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+        self.b = nn.Conv2d(4, 4, 3, padding="same", bias=False)
+        self.c = nn.Conv2d(4, 6, 2, groups=2)
+        self.d = nn.Conv2d(6, 3, 1, bias=False)
+        self.head = nn.Linear(3 * 2 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.c(torch.tanh(self.b(h))))
+        return self.head(torch.tanh(self.d(h)).flatten(1))
+
+
+@pytest.mark.parametrize("reduce", ["trace", None])
+def test_conv_sites_with_stride_dilation_padding(reduce: str | None) -> None:
+    model = _Convs().double().eval()
+    x = torch.randn(4, 2, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    K, plan = probes.empirical_ntk(model, x, reduce_outputs=reduce, strategy="jacobian", return_plan=True)
+    assert set(plan.structured) == {"a", "d", "head"}  # b: padding="same", c: groups=2 -> plain
+    torch.testing.assert_close(K, _reference(model, x, None, reduce), rtol=1e-10, atol=1e-10)
+    K2 = probes.empirical_ntk(model, x, x[:2], reduce_outputs=reduce, strategy="jacobian", chunk_size=3)
+    torch.testing.assert_close(K2, _reference(model, x, x[:2], reduce), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("reduce", ["trace", None])
+def test_upper_triangular_blocks_for_symmetric_kernels(
+    monkeypatch: pytest.MonkeyPatch, reduce: str | None
+) -> None:
+    import dynascope.probes.ntk as ntk
+
+    model, x = _lenet()
+    monkeypatch.setattr(ntk, "SYM_BLOCK", 1)  # 5 samples -> cached row blocks 2, 2, 1
+    K, plan = probes.empirical_ntk(model, x, reduce_outputs=reduce, strategy="jacobian", return_plan=True)
+    assert plan.cached and plan.chunk_size == 2
+    assert torch.equal(K, K.T)
+    torch.testing.assert_close(K, _reference(model, x, None, reduce), rtol=1e-10, atol=1e-10)
