@@ -10,6 +10,8 @@ Cases
       products (its own ±stderr is shown).
 Top-5 rows: PyHessian, dynascope float32 / float64 products, and float32 + float64 Rayleigh–Ritz
 refinement (``refine=True`` at tol 1e-4; ``tol=1e-5``, where ``refine="auto"`` refines), timed round-robin.
+The refinement's float64 products run ``conv2d`` through ``probes/gemm_conv.py``; the references (dense,
+and float64 Lanczos without refinement) use PyTorch's native convolution, so they are independent of it.
 ``--eig-only`` prints just those rows (to merge into an existing section).
 Timings: one thread, median of ``--repeats`` runs; the machine is shared, so read the ratios.
 """
@@ -286,8 +288,10 @@ def main() -> None:
         return
     notes.append(f"PyHessian `density()`: {runner.density(model, data)}")
     notes.append(
-        "`refine` costs k float64 products on top of the float32 Lanczos run; on a CPU float64 convolutions "
-        "are ~3-4x slower than float32 ones, so for conv nets that step dominates the refined wall time."
+        "`refine` costs k float64 products (and a float64 first-order graph) on top of the float32 Lanczos "
+        "run. PyTorch's float64 CPU convolution loops over samples (~4.6x a float32 product on the CNN), so "
+        "the refinement runs `conv2d` as one gather + one matmul (`probes/gemm_conv.py`, ~2.8x a float32 "
+        "product); the CNN's float64 reference (non-refined float64 Lanczos) keeps the native kernel."
     )
 
     # SLQ density against the dense spectrum

@@ -49,6 +49,8 @@ def test_refined_values_match_dense_float64(case: str) -> None:
     assert refined.n_matvecs == m["n_matvecs"] == m["krylov_dim"] + 3
     assert len(m["lanczos_residuals"]) == 3
     assert plain.meta["refined"] is False and plain.meta["n_matvecs_refine"] == 0
+    # the float64 products of the CNN ran its convolution through the gather + matmul path
+    assert (m["refine_conv2d_gemm"] > 0) == (case == "cnn-bn") and plain.meta["refine_conv2d_gemm"] == 0
     assert plain.n_matvecs == plain.meta["krylov_dim"]
 
 
@@ -95,10 +97,12 @@ def test_rayleigh_ritz64_exact_on_invariant_subspace() -> None:
     assert torch.allclose(out.residuals, (A @ out.vectors - out.vectors * out.values).norm(dim=0), atol=1e-14)
 
 
+@pytest.mark.parametrize("case", ["mlp-ce", "cnn-bn"])
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_refine_with_batches_and_reduce_fn(kind: str) -> None:
-    """The float64 copy keeps the operator kind, batching (func backend) and the shard reduction."""
-    model, x, y, _ = float32_case("mlp-ce")
+def test_refine_with_batches_and_reduce_fn(kind: str, case: str) -> None:
+    """The float64 copy keeps the operator kind, batching (func backend: vmap-ed products, through the
+    gather + matmul convolution for the CNN) and the shard reduction."""
+    model, x, y, _ = float32_case(case)
     H = dense_reference(copy.deepcopy(model).double(), x.double(), y, kind)
     lam = torch.linalg.eigvalsh(H).flip(0)[:2]
     calls: list[int] = []
@@ -113,3 +117,4 @@ def test_refine_with_batches_and_reduce_fn(kind: str) -> None:
     assert res.meta["backend"] == "func" and res.meta["refined"] is True
     assert float(((res.values - lam).abs() / lam).max()) <= 1e-9
     assert any(n == 2 * H.shape[0] for n in calls)  # the float64 matmat of 2 vectors was reduced
+    assert (res.meta["refine_conv2d_gemm"] > 0) == (case == "cnn-bn")
