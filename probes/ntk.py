@@ -234,9 +234,8 @@ def plan_ntk(
         strategy = "jacobian" if jac_fits and cost_jac <= cost_vp else "ntk_vp"
     if strategy == "jacobian":
         c = min(c_jac, max(n1, m2))
-        if (
-            sym and cached and n1 * O ** (a - 1) >= 4 * SYM_BLOCK
-        ):  # 4×4 blocks, upper triangle: 5/8 of the flops
+        # x2 = x1 with enough kernel rows: 4×4 blocks, upper triangle only (5/8 of the flops)
+        if sym and cached and n1 * O ** (a - 1) >= 4 * SYM_BLOCK:
             c = min(c, math.ceil(n1 / 4))
         return NTKPlan("jacobian", c, c, cost_jac, cost_vp, cached, F, n_params, O, g)
     return NTKPlan("ntk_vp", b_vp, r_vp, cost_jac, cost_vp, False, F, n_params, O, O)
