@@ -10,26 +10,12 @@ import math
 
 import pytest
 import torch
+from test_hessian_probes import outliers_plus_bulk, random_symmetric  # outliers over a bulk of both signs
 from test_operators import cases, dense_reference
 
 import dynascope.probes as probes
 from dynascope.probes.operators import DenseOperator
 from dynascope.probes.trace import TRACE_METHODS, estimate_trace, krylov_plus_plus
-
-
-def random_symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigenvalues.numel()
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return Q @ torch.diag(eigenvalues.double()) @ Q.T
-
-
-def outliers_plus_bulk(n: int = 300, seed: int = 0) -> torch.Tensor:
-    """Six outliers above a bulk of both signs (mean > 0), as in trained-network Hessians."""
-    g = torch.Generator().manual_seed(seed)
-    outliers = torch.tensor([40.0, 25.0, 17.0, 11.0, 7.0, 5.0], dtype=torch.float64)
-    bulk = torch.randn(n - 6, generator=g, dtype=torch.float64) ** 2 * 0.4 - 0.1
-    return torch.cat([outliers, bulk])
 
 
 # ------------------------------------------------------------------------------ exactness
