@@ -5,6 +5,8 @@ from __future__ import annotations
 import streamlit as st
 from lib import compute, downloads, errors, figures, state
 
+from dynascope.probes.trace import TRACE_METHODS
+
 st.title("Hessian spectrum")
 run = state.require_run()
 st.caption(
@@ -116,7 +118,7 @@ with tab_trace:
     if compute.require_probes("hessian_trace"):
         c1, c2 = st.columns(2)
         n_mv = int(c1.number_input("Matrix-vector products", 6, 600, 30, step=6, key="hess_trace_mv"))
-        method = c2.radio("Estimator", ["hutch++", "hutchinson"], horizontal=True, key="hess_trace_method")
+        method = c2.radio("Estimator", list(TRACE_METHODS), horizontal=True, key="hess_trace_method")
         with errors.guard("Hessian trace"):
             results = compute.sweep_panel(
                 run,
