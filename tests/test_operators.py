@@ -244,3 +244,40 @@ def test_registry_models_match_dense(key: str, kind: str) -> None:
     # two unequal batches (3 + 2) exercise the per-batch weighting on every architecture
     op = CurvatureOperator(model, (x, y), kind=kind, batch_size=3)
     assert (op.to_dense() - ref).norm() / ref.norm() < 1e-9
+
+
+class _PlainTanh(torch.autograd.Function):
+    """tanh as an old-style autograd.Function: no ``setup_context``, so torch.func transforms reject it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _PlainTanhMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_PlainTanh.apply(self.a(x)))
+
+
+def test_func_backend_falls_back_to_double_backward_once() -> None:
+    torch.manual_seed(0)
+    model = _PlainTanhMLP().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    op = CurvatureOperator(model, (x, y), batch_size=4, backend="func")
+    assert op.backend == "func"
+    V = torch.randn(op.size, 3, dtype=torch.float64)
+    H = dense_reference(model, x, y, "hessian")
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-10, atol=1e-12)
+    assert op.backend == "double_backward"  # recorded (e.g. in result meta), not retried per batch
+    torch.testing.assert_close(op.matvec(V[:, 0]), H @ V[:, 0], rtol=1e-10, atol=1e-12)
