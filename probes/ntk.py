@@ -471,6 +471,8 @@ def empirical_ntk(
     if structured and strategy != "ntk_vp":
         with ModeGuard(fm.model, mode):
             sites = find_sites(fm.model, set(fm.names), x1, lambda xb: fm.batch(fm.params, xb), O, traced)
+            if sites and not _structure_agrees(fm, x1[:1], sites, O):
+                sites = []  # decided before planning, so the plan's memory bound fits what runs
     in_sites = {n for s in sites for n in (s.weight, s.bias) if n}
     plain_size = sum(k for n, k in zip(fm.names, fm.numels) if n not in in_sites)
     plan = plan_ntk(
@@ -480,7 +482,7 @@ def empirical_ntk(
         fm.size,
         flops_per_sample=flops,
         activations_per_sample=acts,
-        traced=reduce_outputs == "trace",
+        traced=traced,
         itemsize=torch.empty((), dtype=fm.dtype).element_size(),
         strategy=strategy,
         chunk_size=chunk_size,
@@ -494,35 +496,32 @@ def empirical_ntk(
         elif not sites:
             K = _ntk_jacobian(fm, x1, x2, O, traced, plan)
         else:
+            plan = dataclasses.replace(
+                plan,
+                structured=tuple(s.module for s in sites),
+                factored=tuple(s.module for s in sites if s.factored),
+            )
             taps = Taps(fm.model, sites)
             with taps.installed():
-                if _structure_agrees(fm, x1[:1], taps):
-                    plan = dataclasses.replace(
-                        plan,
-                        structured=tuple(s.module for s in sites),
-                        factored=tuple(s.module for s in sites if s.factored),
-                    )
-                    K = _ntk_jacobian(fm, x1, x2, O, traced, plan, taps)
-                else:
-                    taps = None
-            if taps is None:
-                K = _ntk_jacobian(fm, x1, x2, O, traced, plan)
+                K = _ntk_jacobian(fm, x1, x2, O, traced, plan, taps)
     K = K.detach()
     return (K, plan) if return_plan else K
 
 
-def _structure_agrees(fm: _FunctionalModel, x: torch.Tensor, taps: Taps) -> bool:
+def _structure_agrees(fm: _FunctionalModel, x: torch.Tensor, sites: list[Site], n_outputs: int) -> bool:
     """Compare ``Σ_{o<2} Θ(x, x)_oo`` (one sample) from structured factors with plain Jacobians; warn if
     they differ (e.g. a Linear weight also used outside its module's forward)."""
-    outs = (0, min(2, fm.output_dim(x)))  # two outputs bound the plain Jacobian's memory by 2·P numbers
-    structured = _contract(*[_jacobian_chunk(fm, x, outs, taps)] * 2, traced=True)
+    outs = (0, min(2, n_outputs))  # two outputs bound the plain Jacobian's memory by 2·P numbers
+    taps = Taps(fm.model, sites)
+    with taps.installed():
+        structured = _contract(*[_jacobian_chunk(fm, x, outs, taps)] * 2, traced=True)
     plain = _contract(*[_jacobian_chunk(fm, x, outs)] * 2, traced=True)
     tol = 1e3 * torch.finfo(fm.dtype).eps * float(plain.abs().max())
     if float((structured - plain).abs().max()) <= tol:
         return True
     warnings.warn(
         "structured Linear/Conv2d NTK contributions disagree with plain Jacobians on the first sample "
-        f"(sites {[s.module for s in taps.sites]}; a weight used outside its module?): using plain Jacobians",
+        f"(sites {[s.module for s in sites]}; a weight used outside its module?): using plain Jacobians",
         RuntimeWarning,
         stacklevel=3,
     )

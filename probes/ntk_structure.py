@@ -26,6 +26,7 @@ has ``groups=1``, zero padding given as integers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,7 +151,7 @@ def find_sites(
             name, _pname(name, "weight"), bias, **shape, out_shape=out_shape, factored=False, conv=conv
         )
         factored = site.factored_pair_flops(n_outputs, traced) < site.plain_pair_flops(n_outputs, traced)
-        sites.append(Site(**{**site.__dict__, "factored": factored}))
+        sites.append(dataclasses.replace(site, factored=factored))
     return sites
 
 
