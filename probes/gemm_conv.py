@@ -53,6 +53,14 @@ def _padding(padding: Any, kernel: Pair, dilation: Pair, stride: Pair) -> tuple[
     return (p[0], p[0], p[1], p[1])
 
 
+def _out_size(hp: int, wp: int, kernel: Pair, stride: Pair, dilation: Pair) -> Pair:
+    """Output height and width of a convolution over a padded ``hp × wp`` input."""
+    return (
+        (hp - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+        (wp - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+    )
+
+
 def _receptive_index(
     n: int, hp: int, wp: int, kernel: Pair, stride: Pair, dilation: Pair, device: torch.device
 ) -> tuple[torch.Tensor, int, int]:
@@ -61,8 +69,7 @@ def _receptive_index(
     key = (n, hp, wp, kernel, stride, dilation, str(device))
     hit = _INDEX_CACHE.get(key)
     if hit is None:
-        ho = (hp - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-        wo = (wp - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        ho, wo = _out_size(hp, wp, kernel, stride, dilation)
         if ho < 1 or wo < 1:
             raise ValueError(f"conv2d_gemm: kernel {kernel} does not fit the padded input {hp}x{wp}")
         a = torch.arange(kernel[0]).view(-1, 1, 1, 1, 1) * dilation[0]
@@ -126,8 +133,7 @@ def cols_numel(x_shape: torch.Size, w_shape: torch.Size, stride: Any, padding: A
     kh, kw = w_shape[-2:]
     st, dl = _pair(stride, "stride"), _pair(dilation, "dilation")
     top, bottom, left, right = _padding(padding, (kh, kw), dl, st)
-    ho = (h + top + bottom - dl[0] * (kh - 1) - 1) // st[0] + 1
-    wo = (w + left + right - dl[1] * (kw - 1) - 1) // st[1] + 1
+    ho, wo = _out_size(h + top + bottom, w + left + right, (kh, kw), st, dl)
     return c * kh * kw * n * max(ho, 0) * max(wo, 0)
 
 
