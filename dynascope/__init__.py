@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> submodule of dynascope that defines it (imported lazily)
 _EXPORTS: dict[str, str] = {"open_run": "notebook", "RunView": "notebook"}

@@ -121,7 +121,7 @@ class RunView:
 
         import pandas as pd
 
-        from dynascope.export import scalar_series
+        from dynascope.probes.figures import scalar_series
         from dynascope.probes.results import Result
 
         rows = [
@@ -133,8 +133,8 @@ class RunView:
         return frame.sort_values("step", kind="stable").reset_index(drop=True)
 
     def figure(self, probe: str):
-        """Plot of the cached ``probe`` results across checkpoints (``export.trajectory_figure``)."""
-        from dynascope.export import trajectory_figure
+        """Plot of the cached ``probe`` results across checkpoints (``figures.trajectory_figure``)."""
+        from dynascope.probes.figures import trajectory_figure
 
         return trajectory_figure(self.store, probe)
 

@@ -269,7 +269,7 @@ class Run:
                 )
         path.mkdir(parents=True, exist_ok=True)
         (path / "checkpoints").mkdir(exist_ok=True)
-        from .. import __version__ as version
+        from ..version import __version__ as version
 
         config = {
             "schema": RUN_SCHEMA,

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynascope.version import __version__
+
 
 def to_jsonable(value: Any) -> Any:
     """Convert tensors, arrays, numpy scalars, dataclasses and non-finite floats to JSON-safe values.
@@ -133,38 +135,15 @@ class Result:
             frame[k] = v
         return frame
 
-    def figure(self, *, title: str | None = None):
-        """A Plotly figure of the result. This generic fallback plots :meth:`to_frame`; probes override it.
+    def figure(self, **kwargs: Any):  # -> plotly.graph_objects.Figure
+        """The Plotly figure, drawn by :func:`dynascope.probes.figures.draw` (keywords pass through)."""
+        from .figures import draw
 
-        One row: a bar per numeric column. Several rows: one line per numeric column against the
-        first column when it is numeric and increasing (e.g. a grid), else against the row number.
-        """
-        import pandas as pd
-        import plotly.graph_objects as go
-
-        frame = self.to_frame()
-        numeric = [
-            c for c in frame.columns
-            if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
-        ]  # fmt: skip
-        name = str(self.meta.get("probe") or type(self).__name__)
-        fig = go.Figure()
-        if len(frame) <= 1:
-            fig.add_trace(go.Bar(x=[str(c) for c in numeric], y=[frame[c].iloc[0] for c in numeric]))
-            fig.update_layout(xaxis_title="quantity", yaxis_title="value")
-        else:
-            x_col = numeric[0] if numeric and frame[numeric[0]].is_monotonic_increasing else None
-            x = frame[x_col].tolist() if x_col is not None else list(range(1, len(frame) + 1))
-            for c in numeric:
-                if c != x_col:
-                    fig.add_trace(go.Scatter(x=x, y=frame[c].tolist(), mode="lines+markers", name=str(c)))
-            fig.update_layout(xaxis_title=str(x_col or "row"), yaxis_title="value")
-        fig.update_layout(title=title or name, template="plotly_white")
-        return fig
+        return draw(self, **kwargs)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the result by file suffix: ``.json`` (full), ``.csv`` / ``.parquet`` (``to_frame``),
-        ``.html`` / ``.png`` (:meth:`figure`; PNG needs kaleido and Chrome/Chromium).
+        ``.html`` / ``.png`` / ``.svg`` / ``.pdf`` (:meth:`figure`; images need kaleido and Chrome/Chromium).
 
         Written atomically.
         """
@@ -180,19 +159,18 @@ class Result:
             buf = io.BytesIO()
             self.to_frame().to_parquet(buf, index=False)
             return atomic_write_bytes(path, buf.getvalue())
-        if suffix in (".html", ".png"):
-            from dynascope.export import write_html, write_png
+        if suffix in (".html", ".png", ".svg", ".pdf"):
+            from .figures import write_figure
 
-            fig = self.figure()
-            return write_html(fig, path) if suffix == ".html" else write_png(fig, path)
-        raise ValueError(f"cannot save a result as {suffix!r}; use .json, .csv, .parquet, .html or .png")
+            return write_figure(self.figure(), path)
+        raise ValueError(
+            f"cannot save a result as {suffix!r}; use .json, .csv, .parquet, .html, .png, .svg or .pdf"
+        )
 
 
 def _versions() -> dict[str, str]:
-    import dynascope
-
     return {
-        "dynascope": dynascope.__version__,
+        "dynascope": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

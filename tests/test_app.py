@@ -568,7 +568,9 @@ def test_upload_helpers() -> None:
 
 def test_schedule_line_and_interpolation_threshold(tmp_path: Path) -> None:
     import pandas as pd
-    from lib import detectors, figures
+    from lib import detectors
+
+    from dynascope.probes import figures
 
     sched = figures.schedule_frame(lambda s: 0.1 if s < 50 else 0.05, 100, n=11)
     assert sched["step"].tolist() == list(range(0, 101, 10))

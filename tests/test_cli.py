@@ -138,7 +138,7 @@ def test_export_formats_parse(probed_run: Run, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_png_unavailable_is_a_readable_error(tmp_path: Path) -> None:
-    from dynascope.export import ExportError, write_png
+    from dynascope.probes.figures import ExportError, write_png
 
     class Broken:
         def to_image(self, **kwargs):

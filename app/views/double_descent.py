@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
-from lib import detectors, downloads, errors, figures, state
+from lib import detectors, downloads, errors, state
+
+from dynascope.probes import figures
 
 st.title("Double descent")
 run = state.require_run()
@@ -72,14 +73,5 @@ with errors.guard("Double descent"):
     )
 
     if cond is not None and cond in frame.columns:
-        cfig = go.Figure(go.Scatter(x=frame[x], y=frame[cond], mode="lines+markers", name=cond))
-        figures.add_threshold(cfig, threshold, frame[cond])
-        cfig.update_layout(
-            title="Condition number of the feature matrix",
-            xaxis_title=x,
-            yaxis_title="condition number",
-            xaxis_type="log" if log_x else "linear",
-            yaxis_type="log",
-            template=figures.TEMPLATE,
-        )
+        cfig = figures.condition_figure(frame, x=x, y=cond, threshold=threshold, log_x=log_x)
         downloads.chart(cfig, frame[[x, cond]], f"{state.label(run.path)}_condition", key="dd_cond")

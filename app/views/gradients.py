@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import streamlit as st
-from lib import compute, downloads, errors, figures, state
+from lib import compute, downloads, errors, state
+
+from dynascope.probes import figures
 
 st.title("Gradients")
 run = state.require_run()

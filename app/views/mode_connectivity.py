@@ -6,6 +6,7 @@ import streamlit as st
 from lib import compute, downloads, errors, state
 
 from dynascope.models import Run
+from dynascope.probes import figures
 
 st.title("Mode connectivity")
 run = state.require_run()
@@ -113,15 +114,7 @@ if compute.require_probes("lmc_barrier"):
             )
             layers = result.layerwise_frame()
             if len(layers):
-                import plotly.graph_objects as go
-
                 st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
                 st.dataframe(layers, hide_index=True, key="lmc_layers_table")
-                fig = go.Figure(go.Bar(x=layers["group"], y=layers["barrier"]))
-                fig.update_layout(
-                    title="Layer-wise loss barriers",
-                    xaxis_title="layer",
-                    yaxis_title="barrier",
-                    template="plotly_white",
-                )
+                fig = figures.lmc_layerwise(layers)
                 downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")

@@ -1,0 +1,859 @@
+"""Every figure dynascope draws, in one module: ``Result.figure()``, the app's pages and the CLI exports.
+
+Results are plain data; the functions here draw them. Three groups:
+
+* one result → a figure: :func:`draw` (``Result.figure()`` is a thin delegate) picks the drawer
+  registered for the result's class (walking its bases), else :func:`generic`;
+* ``{step: Result}`` → a tidy frame (``*_frame``, what downloads hold) → a figure across checkpoints
+  (``*_figure``), used by the app and reports;
+* cached results in a store → :func:`trajectory_figure` (every scalar against the step; the CLI export).
+
+All figures use the ``"dynascope"`` Plotly template (:data:`TEMPLATE`): white background, one
+colour-blind-safe palette (Okabe–Ito), readable font sizes, legends above the plot area, and log axes
+ticked at decades only (:func:`log_axis`). Notebooks can make it their default with
+:func:`use_paper_template`. :func:`write_html` / :func:`write_png` / :func:`write_figure` save figures
+(HTML embeds plotly.js; PNG/SVG/PDF go through kaleido and a Chrome/Chromium browser).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+from .results import Result, atomic_write_bytes
+
+TEMPLATE = "dynascope"
+#: Okabe & Ito (2008) colour-blind-safe palette, black last.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+_AXIS = {
+    "showline": True,
+    "linecolor": "#444",
+    "ticks": "outside",
+    "showgrid": True,
+    "gridcolor": "#ececec",
+    "zeroline": False,
+    "automargin": True,
+    "title": {"font": {"size": 15}},
+}
+pio.templates[TEMPLATE] = go.layout.Template(
+    layout={
+        "font": {"family": "Helvetica, Arial, sans-serif", "size": 14, "color": "#222"},
+        "colorway": list(PALETTE),
+        "paper_bgcolor": "white",
+        "plot_bgcolor": "white",
+        "xaxis": _AXIS,
+        "yaxis": _AXIS,
+        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0},
+        "title": {"font": {"size": 17}, "x": 0, "xanchor": "left", "y": 0.98, "yanchor": "top"},
+        "margin": {"l": 70, "r": 24, "t": 96, "b": 60},
+        "hoverlabel": {"font": {"size": 13}},
+    }
+)
+
+
+def use_paper_template() -> None:
+    """Make the dynascope template Plotly's default (for figures a notebook draws itself)."""
+    pio.templates.default = TEMPLATE
+
+
+def log_axis(fig: go.Figure, axis: str = "y", **where: Any) -> go.Figure:
+    """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels."""
+    update = fig.update_yaxes if axis == "y" else fig.update_xaxes
+    update(type="log", dtick=1, exponentformat="power", showexponent="all", **where)
+    return fig
+
+
+def _finish(fig: go.Figure, title: str, **layout: Any) -> go.Figure:
+    fig.update_layout(title={"text": title}, template=TEMPLATE, **layout)
+    return fig
+
+
+def _num(v: Any) -> float:
+    """A float (NaN for None / non-numbers)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _list(v: Any) -> list[float]:
+    if v is None:
+        return []
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    return [_num(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+# =============================================================================== one result
+def generic(result: Result, *, title: str | None = None) -> go.Figure:
+    """Fallback for results without a drawer: plots :meth:`Result.to_frame`.
+
+    One row: a bar per numeric column. Several rows: one line per numeric column against the first
+    column when it is numeric and increasing (e.g. a grid), else against the row number.
+    """
+    frame = result.to_frame()
+    numeric = [
+        c for c in frame.columns
+        if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+    ]  # fmt: skip
+    name = str(result.meta.get("probe") or type(result).__name__)
+    fig = go.Figure()
+    if len(frame) <= 1:
+        fig.add_trace(go.Bar(x=[str(c) for c in numeric], y=[frame[c].iloc[0] for c in numeric]))
+        fig.update_layout(xaxis_title="quantity", yaxis_title="value")
+    else:
+        x_col = numeric[0] if numeric and frame[numeric[0]].is_monotonic_increasing else None
+        x = frame[x_col].tolist() if x_col is not None else list(range(1, len(frame) + 1))
+        for c in numeric:
+            if c != x_col:
+                fig.add_trace(go.Scatter(x=x, y=frame[c].tolist(), mode="lines+markers", name=str(c)))
+        fig.update_layout(xaxis_title=str(x_col or "row"), yaxis_title="value")
+    return _finish(fig, title or name)
+
+
+def hessian_eigenvalues(result: Any, *, title: str | None = None) -> go.Figure:
+    """Stem plot of the eigenvalues (unconverged ones as crosses), residuals in the hover text."""
+    vals, res = _list(result.values), _list(result.residuals)
+    conv = [bool(c) for c in _list(result.converged)]
+    idx = list(range(1, len(vals) + 1))
+    fig = go.Figure()
+    for i, v in zip(idx, vals):
+        fig.add_trace(go.Scatter(x=[i, i], y=[0, v], mode="lines", line={"color": "#999"}, showlegend=False))
+    fig.add_trace(
+        go.Scatter(
+            x=idx,
+            y=vals,
+            mode="markers",
+            marker={"size": 10, "symbol": ["circle" if c else "x" for c in conv], "color": PALETTE[0]},
+            text=[f"residual {r:.2e}, {'converged' if c else 'NOT converged'}" for r, c in zip(res, conv)],
+            name="eigenvalue",
+        )
+    )
+    op = result.meta.get("operator", "hessian")
+    fig.update_layout(xaxis_title="index i", yaxis_title="eigenvalue λ_i")
+    return _finish(fig, title or f"Top eigenvalues of the {op} ({result.meta.get('reduction', '')})")
+
+
+def layerwise_hessian(result: Any, *, value: str = "lambda_1", title: str | None = None) -> go.Figure:
+    """Bar chart of one column of ``to_frame()`` per layer (``trace`` gets ±2 s.e. error bars)."""
+    frame = result.to_frame()
+    if value not in frame.columns:
+        raise ValueError(f"value must be one of {list(frame.columns[2:])}; got {value!r}")
+    err = {"type": "data", "array": (2 * frame["trace_stderr"]).tolist()} if value == "trace" else None
+    fig = go.Figure(go.Bar(x=frame["layer"], y=frame[value], error_y=err, name=value))
+    fig.update_layout(xaxis_title="layer", yaxis_title=value)
+    op = result.meta.get("operator", "hessian")
+    return _finish(fig, title or f"{value} per layer ({op} diagonal blocks)")
+
+
+def hessian_trace(result: Any, *, title: str | None = None) -> go.Figure:
+    """Running estimate over the stochastic samples with the final ±2 s.e. band."""
+    s = np.asarray(_list(result.samples), dtype=np.float64)
+    running = (result.lowrank_trace + np.cumsum(s) / np.arange(1, s.size + 1)).tolist()
+    lo, hi = result.estimate - 2 * result.stderr, result.estimate + 2 * result.stderr
+    fig = go.Figure(
+        go.Scatter(x=list(range(1, s.size + 1)), y=running, mode="lines+markers", name="running estimate")
+    )
+    fig.add_hrect(y0=lo, y1=hi, fillcolor=PALETTE[4], opacity=0.2, line_width=0, annotation_text="±2 s.e.")
+    fig.add_hline(y=result.estimate, line_dash="dash")
+    fig.update_layout(xaxis_title="stochastic samples", yaxis_title="trace estimate")
+    head = (
+        f"Trace ({result.method}, {result.n_matvecs} products): {result.estimate:.6g} ± {result.stderr:.2g}"
+    )
+    return _finish(fig, title or head)
+
+
+def hessian_density(result: Any, *, log_y: bool = False, title: str | None = None) -> go.Figure:
+    """The SLQ density (optional log y-axis, which shows the bulk and the outliers at once)."""
+    y = _list(result.density)
+    if log_y:
+        y = [max(v, 1e-12) for v in y]
+    fig = go.Figure(go.Scatter(x=_list(result.grid), y=y, mode="lines", name="density"))
+    fig.update_layout(
+        xaxis_title="log₁₀ |eigenvalue|" if result.log_scale else "eigenvalue", yaxis_title="density"
+    )
+    if log_y:
+        log_axis(fig)
+    scale = "decades" if result.log_scale else "λ units"
+    return _finish(fig, title or f"Spectral density (SLQ, σ = {result.sigma:.3g} {scale})")
+
+
+def sharpness(result: Any) -> go.Figure:
+    """Top-k eigenvalues (and the batch λ_max distribution) against the 2/η threshold."""
+    fig = go.Figure()
+    fig.add_scatter(
+        x=[f"λ{i + 1}" for i in range(len(result.eigenvalues))],
+        y=_list(result.eigenvalues),
+        mode="markers",
+        marker={"size": 10},
+        name="full-batch eigenvalues",
+    )
+    if result.batch_lambdas:
+        fig.add_box(
+            y=result.batch_lambdas,
+            x=["batch λ_max"] * len(result.batch_lambdas),
+            name=f"b={result.batch_size}",
+        )
+    if result.two_over_lr is not None:
+        fig.add_hline(y=result.two_over_lr, line_dash="dash", annotation_text="2/η")
+    title = f"λ_max = {result.lambda_max:.4g}"
+    if result.trace is not None:
+        title += f", tr(H) = {result.trace:.4g}"
+    if result.ratio is not None:
+        title += f", λ_max/(2/η) = {result.ratio:.3g}"
+    fig.update_layout(yaxis_title="Hessian eigenvalue")
+    return _finish(fig, title)
+
+
+def adaptive_sharpness(result: Any) -> go.Figure:
+    """The worst-case loss increase after each ascent step."""
+    steps = list(range(1, len(result.step_values) + 1))
+    fig = go.Figure(go.Scatter(x=steps, y=result.step_values, mode="lines+markers"))
+    fig.update_layout(xaxis_title="ascent step", yaxis_title="L(w+ε) − L(w)")
+    return _finish(fig, f"Adaptive sharpness (ρ={result.rho}, η={result.eta}) = {result.sharpness:.4g}")
+
+
+def average_sharpness(result: Any) -> go.Figure:
+    """Histogram of the Monte Carlo loss increases."""
+    fig = go.Figure(go.Histogram(x=result.samples))
+    fig.update_layout(xaxis_title="L(w+ε) − L(w)", yaxis_title="count")
+    head = f"Average-case sharpness (σ={result.sigma}) = {result.sharpness:.4g} ± {result.stderr:.2g}"
+    return _finish(fig, head)
+
+
+def sharpness_track(result: Any) -> go.Figure:
+    """λ_max (and the other top-k) vs step with the 2/η line (left); training loss, log scale (right)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("sharpness vs 2/η", "training loss"))
+    for j in range(1, result.k):
+        fig.add_trace(
+            go.Scatter(
+                x=result.steps,
+                y=[v[j] if j < len(v) else None for v in result.top_k],
+                mode="lines",
+                name=f"λ_{j + 1}",
+                line={"width": 1},
+                opacity=0.6,
+            ),
+            row=1,
+            col=1,
+        )
+    fig.add_trace(go.Scatter(x=result.steps, y=result.lambda_max, mode="lines+markers", name="λ_max"), 1, 1)
+    fig.add_trace(
+        go.Scatter(x=result.steps, y=result.two_over_lr, mode="lines", name="2/η", line={"dash": "dash"}),
+        1,
+        1,
+    )
+    fig.add_trace(go.Scatter(x=result.steps, y=result.train_loss, mode="lines", name="train loss"), 1, 2)
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="Hessian eigenvalue", row=1, col=1)
+    fig.update_yaxes(title_text=f"{result.loss} (dataset mean)", row=1, col=2)
+    log_axis(fig, row=1, col=2)
+    return _finish(fig, "Edge-of-stability tracker")
+
+
+def gradient_coherence(result: Any) -> go.Figure:
+    """Per-class coherence α (bars) with the dataset-wide α as a dashed line."""
+    fig = go.Figure()
+    if result.per_class:
+        fig.add_bar(
+            x=[str(r["class"]) for r in result.per_class],
+            y=[r["alpha"] for r in result.per_class],
+            name="α per class",
+        )
+    fig.add_hline(y=result.alpha, line_dash="dash", annotation_text=f"α (all) = {result.alpha:.3g}")
+    fig.update_layout(xaxis_title="class", yaxis_title="α = E_{i≠j}[g_i·g_j] / E[‖g_i‖²]")
+    head = (
+        f"Gradient coherence (i≠j pairs); m-coherence {result.m_coherence:.3g} at m={result.m}, "
+        f"B_simple {result.noise_scale:.3g}"
+    )
+    return _finish(fig, head)
+
+
+NC_FIELDS = (
+    "nc1",
+    "nc1_trace_ratio",
+    "nc2_equinorm",
+    "nc2_equinorm_classifier",
+    "nc2_equiangular",
+    "nc2_equiangular_classifier",
+    "nc2_etf_distance",
+    "nc3",
+    "nc4",
+)
+
+
+def neural_collapse(result: Any) -> go.Figure:
+    """Bar chart of the NC metrics (left) and per-class mean norms against class size (right)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("collapse metrics", "class means"))
+    fig.add_bar(x=list(NC_FIELDS), y=[getattr(result, f) for f in NC_FIELDS], name="metric", row=1, col=1)
+    fig.add_scatter(
+        x=result.class_sizes,
+        y=result.class_mean_norms_uncentred,
+        mode="markers+text",
+        text=[str(c) for c in range(result.n_classes)],
+        name="‖μ_c‖ vs n_c",
+        row=1,
+        col=2,
+    )
+    fig.update_xaxes(title_text="class size", row=1, col=2)
+    fig.update_yaxes(title_text="‖μ_c‖", row=1, col=2)
+    return _finish(fig, "Neural collapse", showlegend=False)
+
+
+def nc_trajectory(result: Any) -> go.Figure:
+    """NC1 (log scale), NC2, NC3 and NC4 against the checkpoint step."""
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        subplot_titles=("NC1: Tr(Σ_W Σ_B⁺)/C", "NC2", "NC3: self-duality", "NC4: NCC agreement"),
+    )
+    fig.add_scatter(x=result.steps, y=result.nc1, name="nc1", row=1, col=1)
+    for name in ("nc2_equinorm", "nc2_equiangular", "nc2_etf_distance"):
+        fig.add_scatter(x=result.steps, y=getattr(result, name), name=name, row=1, col=2)
+    fig.add_scatter(x=result.steps, y=result.nc3, name="nc3", row=2, col=1)
+    fig.add_scatter(x=result.steps, y=result.nc4, name="nc4", row=2, col=2)
+    log_axis(fig, row=1, col=1)
+    fig.update_xaxes(title_text="step")
+    return _finish(fig, "Neural collapse over training", height=620)
+
+
+def lmc(result: Any) -> go.Figure:
+    """Loss along the path (aligned and unaligned when both were computed); accuracy on a 2nd row."""
+    rows = 2 if result.accuracies is not None else 1
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True)
+    label = f"aligned ({result.align})" if result.align else "no alignment"
+    fig.add_scatter(x=result.alphas, y=result.losses, name=f"loss, {label}", row=1, col=1)
+    if result.losses_unaligned is not None:
+        fig.add_scatter(x=result.alphas, y=result.losses_unaligned, name="loss, no alignment", row=1, col=1)
+    if result.accuracies is not None:
+        fig.add_scatter(x=result.alphas, y=result.accuracies, name=f"accuracy, {label}", row=2, col=1)
+        if result.accuracies_unaligned is not None:
+            fig.add_scatter(
+                x=result.alphas, y=result.accuracies_unaligned, name="accuracy, no alignment", row=2, col=1
+            )
+        fig.update_yaxes(title_text="accuracy", row=2, col=1)
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    fig.update_xaxes(title_text="α (0 = model A, 1 = model B)", row=rows, col=1)
+    return _finish(fig, f"Linear mode connectivity — barrier {result.barrier:.4g}")
+
+
+def lmc_layerwise(layers: pd.DataFrame) -> go.Figure:
+    """Barrier per layer group when only that group is interpolated (``LMCResult.layerwise_frame()``)."""
+    fig = go.Figure(go.Bar(x=layers["group"], y=layers["barrier"]))
+    fig.update_layout(xaxis_title="layer", yaxis_title="barrier")
+    return _finish(fig, "Layer-wise loss barriers")
+
+
+def ntk(result: Any) -> go.Figure:
+    """Eigenvalue spectrum (log scale) and cumulative label energy of the top eigenvectors."""
+    df = result.to_frame()
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("NTK eigenvalues", "Cumulative label energy (centered)")
+    )
+    fig.add_scatter(x=df["rank"], y=df["eigenvalue"], mode="lines+markers", name="λ_i", row=1, col=1)
+    fig.add_scatter(
+        x=df["rank"], y=df["cumulative_label_energy"], mode="lines+markers", name="Σ energy", row=1, col=2
+    )
+    fig.update_yaxes(title_text="eigenvalue", row=1, col=1)
+    log_axis(fig, row=1, col=1)
+    fig.update_yaxes(range=[0, 1.05], title_text="fraction", row=1, col=2)
+    fig.update_xaxes(title_text="rank")
+    head = f"NTK: label alignment {result.label_alignment:.3f}, trace {result.trace:.3g}"
+    return _finish(fig, head, showlegend=False)
+
+
+def ntk_trajectory(result: Any) -> go.Figure:
+    """Kernel distance, kernel velocity, label alignment and relative weight change against the step."""
+    panels = [
+        ("kernel_distance", "Kernel distance to init"),
+        ("kernel_velocity", "Kernel velocity"),
+        ("label_alignment", "Label alignment"),
+        ("relative_param_change", "‖θ−θ₀‖/‖θ₀‖"),
+    ]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in panels])
+    for i, (name, title) in enumerate(panels):
+        fig.add_scatter(
+            x=result.steps,
+            y=getattr(result, name),
+            mode="lines+markers",
+            name=title,
+            row=i // 2 + 1,
+            col=i % 2 + 1,
+        )
+    fig.update_xaxes(title_text="step")
+    return _finish(fig, "NTK trajectory (lazy → rich)", showlegend=False, height=620)
+
+
+#: Result class name → drawer. :func:`draw` walks the class's bases, so subclasses inherit a drawer.
+DRAWERS: dict[str, Callable[..., go.Figure]] = {
+    "HessianEigenResult": hessian_eigenvalues,
+    "LayerwiseHessianResult": layerwise_hessian,
+    "TraceResult": hessian_trace,
+    "DensityResult": hessian_density,
+    "SharpnessResult": sharpness,
+    "AdaptiveSharpnessResult": adaptive_sharpness,
+    "AverageSharpnessResult": average_sharpness,
+    "SharpnessTrack": sharpness_track,
+    "CoherenceResult": gradient_coherence,
+    "NeuralCollapseResult": neural_collapse,
+    "NeuralCollapseTrajectory": nc_trajectory,
+    "LMCResult": lmc,
+    "NTKResult": ntk,
+    "NTKTrajectory": ntk_trajectory,
+}
+
+
+def draw(result: Result, **kwargs: Any) -> go.Figure:
+    """The figure of one result: its class's drawer (see :data:`DRAWERS`), else :func:`generic`."""
+    for cls in type(result).__mro__:
+        drawer = DRAWERS.get(cls.__name__)
+        if drawer is not None:
+            return drawer(result, **kwargs)
+    return generic(result, **kwargs)
+
+
+# =============================================================================== across checkpoints
+def topk_frame(results: Mapping[int, Any]) -> pd.DataFrame:
+    """``step, index, eigenvalue, residual, converged`` (one row per eigenvalue per checkpoint)."""
+    rows = []
+    for step, r in sorted(results.items()):
+        vals, res = _list(r.values), _list(r.residuals)
+        conv = r.converged.tolist() if hasattr(r.converged, "tolist") else list(r.converged)
+        for i, v in enumerate(vals):
+            rows.append(
+                {
+                    "step": step,
+                    "index": i + 1,
+                    "eigenvalue": v,
+                    "residual": res[i] if i < len(res) else math.nan,
+                    "converged": bool(conv[i]) if i < len(conv) else False,
+                }
+            )
+    return pd.DataFrame(rows, columns=["step", "index", "eigenvalue", "residual", "converged"])
+
+
+def topk_figure(frame: pd.DataFrame, *, log_y: bool = False) -> go.Figure:
+    """λ_i vs step, one line per index; unconverged values drawn as crosses."""
+    fig = go.Figure()
+    for i, part in frame.groupby("index"):
+        fig.add_trace(
+            go.Scatter(
+                x=part["step"],
+                y=part["eigenvalue"],
+                mode="lines+markers",
+                name=f"λ_{i}",
+                marker={"symbol": ["circle" if c else "x" for c in part["converged"]], "size": 8},
+                customdata=part["residual"],
+                hovertemplate="step %{x}<br>λ = %{y:.6g}<br>residual %{customdata:.2e}<extra></extra>",
+            )
+        )
+    fig.update_layout(xaxis_title="step", yaxis_title="eigenvalue")
+    if log_y:
+        log_axis(fig)
+    return _finish(fig, "Top Hessian eigenvalues over training (× = not converged)")
+
+
+def density_frame(results: Mapping[int, Any]) -> pd.DataFrame:
+    """``step, x, density, sigma, log_scale`` (x: eigenvalue, or log10|λ| when the probe used a log grid)."""
+    rows = []
+    for step, r in sorted(results.items()):
+        for x, d in zip(_list(r.grid), _list(r.density)):
+            rows.append(
+                {"step": step, "x": x, "density": d, "sigma": r.sigma, "log_scale": bool(r.log_scale)}
+            )
+    return pd.DataFrame(rows, columns=["step", "x", "density", "sigma", "log_scale"])
+
+
+def density_figure(frame: pd.DataFrame, *, log_y: bool = False) -> go.Figure:
+    """Spectral densities, one line per checkpoint; optional log y-axis (shows the bulk and the outliers)."""
+    fig = go.Figure()
+    log_x = bool(frame["log_scale"].any()) if len(frame) else False
+    for step, part in frame.groupby("step"):
+        y = part["density"].clip(lower=1e-12) if log_y else part["density"]
+        fig.add_trace(go.Scatter(x=part["x"], y=y, mode="lines", name=f"step {step}"))
+    sigma = frame["sigma"].iloc[0] if len(frame) else float("nan")
+    fig.update_layout(xaxis_title="log₁₀ |eigenvalue|" if log_x else "eigenvalue", yaxis_title="density")
+    if log_y:
+        log_axis(fig)
+    return _finish(fig, f"Hessian spectral density (SLQ, Gaussian broadening σ = {sigma:.3g})")
+
+
+def trace_frame(results: Mapping[int, Any]) -> pd.DataFrame:
+    """``step, estimate, stderr, n_matvecs, method``."""
+    rows = [
+        {"step": s, "estimate": _num(r.estimate), "stderr": _num(r.stderr), "n_matvecs": r.n_matvecs,
+         "method": r.method}
+        for s, r in sorted(results.items())
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["step", "estimate", "stderr", "n_matvecs", "method"])
+
+
+def trace_figure(frame: pd.DataFrame, *, z: float = 2.0) -> go.Figure:
+    """tr(H) vs step with ±z·stderr error bars."""
+    fig = go.Figure(
+        go.Scatter(
+            x=frame["step"],
+            y=frame["estimate"],
+            mode="lines+markers",
+            name="tr(H)",
+            error_y={"type": "data", "array": (z * frame["stderr"]).tolist(), "visible": True},
+        )
+    )
+    fig.update_layout(xaxis_title="step", yaxis_title="trace")
+    return _finish(fig, f"Hessian trace over training (error bars ±{z:g} standard errors)")
+
+
+SHARPNESS_COLUMNS = (
+    "lambda_max",
+    "lr",
+    "two_over_lr",
+    "ratio",
+    "trace",
+    "trace_stderr",
+    "loss_value",
+    "preconditioned_lambda_max",
+    "preconditioned_threshold",
+    "preconditioned_ratio",
+    "optimizer",
+)
+
+
+def sharpness_frame(results: Mapping[int, Any]) -> pd.DataFrame:
+    """One row per checkpoint with λ_max, η, 2/η, their ratio, trace and the preconditioned values."""
+    rows = []
+    for s, r in sorted(results.items()):
+        rows.append({"step": s, **{c: getattr(r, c, None) for c in SHARPNESS_COLUMNS}})
+    return pd.DataFrame(rows, columns=["step", *SHARPNESS_COLUMNS])
+
+
+def schedule_frame(lr_at: Callable[[int], float], max_step: int, n: int = 400) -> pd.DataFrame:
+    """``step, lr, two_over_lr`` on up to ``n`` steps in ``[0, max_step]`` (the 2/η stability line)."""
+    steps = np.unique(np.linspace(0, max(max_step, 0), num=min(n, max_step + 1)).round().astype(int))
+    lrs = [lr_at(int(s)) for s in steps]
+    return pd.DataFrame(
+        {"step": steps, "lr": lrs, "two_over_lr": [2.0 / v if v and v > 0 else math.nan for v in lrs]}
+    )
+
+
+def sharpness_figure(frame: pd.DataFrame, schedule: pd.DataFrame | None) -> go.Figure:
+    """λ_max vs step against the 2/η line; Adam-style runs add λ_max(P⁻¹H) against its threshold."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=frame["step"], y=frame["lambda_max"], mode="lines+markers", name="λ_max(H)"))
+    if schedule is not None and len(schedule):
+        fig.add_trace(
+            go.Scatter(
+                x=schedule["step"],
+                y=schedule["two_over_lr"],
+                mode="lines",
+                name="2/η (schedule)",
+                line={"dash": "dash", "color": "black"},
+            )
+        )
+    pre = frame["preconditioned_lambda_max"].map(_num)
+    if pre.notna().any():
+        fig.add_trace(
+            go.Scatter(x=frame["step"], y=pre, mode="lines+markers", name="λ_max(P⁻¹H) (preconditioned)")
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=frame["step"],
+                y=frame["preconditioned_threshold"].map(_num),
+                mode="lines",
+                name="preconditioned threshold",
+                line={"dash": "dot"},
+            )
+        )
+    fig.update_layout(xaxis_title="step", yaxis_title="eigenvalue")
+    return _finish(fig, "Sharpness vs the stability threshold 2/η")
+
+
+def loss_figure(metrics: pd.DataFrame, columns: Sequence[str] = ("train_loss", "test_loss")) -> go.Figure:
+    """Loss curves from metrics.csv (log y)."""
+    fig = go.Figure()
+    for c in columns:
+        if c in metrics.columns:
+            fig.add_trace(go.Scatter(x=metrics["step"], y=metrics[c], mode="lines", name=c))
+    fig.update_layout(xaxis_title="step", yaxis_title="loss")
+    return _finish(log_axis(fig), "Loss")
+
+
+def log_step(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows with step ≥ 1 (a log axis cannot show step 0)."""
+    return frame[frame["step"] >= 1] if "step" in frame.columns else frame
+
+
+def grokking_figure(metrics: pd.DataFrame) -> go.Figure:
+    """Train/test accuracy (left) and loss (right) vs step on a log axis."""
+    m = log_step(metrics)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "loss"))
+    for c in ("train_acc", "test_acc"):
+        if c in m.columns:
+            fig.add_trace(go.Scatter(x=m["step"], y=m[c], mode="lines", name=c), row=1, col=1)
+    for c in ("train_loss", "test_loss"):
+        if c in m.columns:
+            fig.add_trace(go.Scatter(x=m["step"], y=m[c], mode="lines", name=c), row=1, col=2)
+    log_axis(fig, "x", title_text="step (log)")
+    log_axis(fig, row=1, col=2)
+    return _finish(fig, "Generalisation over training")
+
+
+def dynamics_frame(trajectory: Any | None, weight_norms: Mapping[int, float]) -> pd.DataFrame:
+    """``step, label_alignment, kernel_distance, relative_param_change, weight_norm``."""
+    rows: dict[int, dict[str, Any]] = {s: {"step": s, "weight_norm": w} for s, w in weight_norms.items()}
+    if trajectory is not None:
+        for i, s in enumerate(trajectory.steps):
+            row = rows.setdefault(int(s), {"step": int(s)})
+            for c in ("label_alignment", "kernel_distance", "relative_param_change"):
+                row[c] = _num(getattr(trajectory, c)[i])
+    cols = ["step", "label_alignment", "kernel_distance", "relative_param_change", "weight_norm"]
+    return pd.DataFrame([rows[s] for s in sorted(rows)], columns=cols)
+
+
+def dynamics_figure(frame: pd.DataFrame) -> go.Figure:
+    """NTK label alignment, kernel distance to init and weight norm vs step (log axis)."""
+    f = log_step(frame)
+    panels = [
+        ("label_alignment", "NTK label alignment"),
+        ("kernel_distance", "kernel distance to init"),
+        ("weight_norm", "weight norm ‖θ‖"),
+    ]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels])
+    for j, (c, t) in enumerate(panels):
+        part = f[["step", c]].dropna()
+        fig.add_trace(go.Scatter(x=part["step"], y=part[c], mode="lines+markers", name=t), row=1, col=j + 1)
+    log_axis(fig, "x", title_text="step (log)")
+    return _finish(fig, "Function-space and weight dynamics", showlegend=False)
+
+
+NC_COLUMNS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_etf_distance", "nc3", "nc4", "accuracy")
+
+
+def nc_frame(results: Mapping[int, Any]) -> pd.DataFrame:
+    """``step`` and the NC metrics, one row per checkpoint."""
+    rows = [
+        {"step": s, **{c: _num(getattr(r, c, None)) for c in NC_COLUMNS}} for s, r in sorted(results.items())
+    ]
+    return pd.DataFrame(rows, columns=["step", *NC_COLUMNS])
+
+
+def nc_figure(frame: pd.DataFrame) -> go.Figure:
+    """NC1 (within-class variability), NC2 (equinorm, equiangularity, ETF distance), NC3 (self-duality)
+    on log axes, and NC4 (fraction of samples where the nearest class mean agrees with the network,
+    → 1 under collapse) vs step."""
+    panels = [
+        ("NC1: Tr(Σ_W Σ_B⁺)/C", ["nc1"]),
+        ("NC2: simplex ETF", ["nc2_equinorm", "nc2_equiangular", "nc2_etf_distance"]),
+        ("NC3: ‖W/‖W‖ − M/‖M‖‖²", ["nc3"]),
+        ("NC4: agreement with the nearest class mean", ["nc4"]),
+    ]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for t, _ in panels])
+    for j, (_, cols) in enumerate(panels):
+        for c in cols:
+            fig.add_trace(
+                go.Scatter(x=frame["step"], y=frame[c], mode="lines+markers", name=c),
+                row=j // 2 + 1,
+                col=j % 2 + 1,
+            )
+    for j in range(3):
+        log_axis(fig, row=j // 2 + 1, col=j % 2 + 1)
+    fig.update_yaxes(range=[0, 1.05], row=2, col=2)
+    fig.update_xaxes(title_text="step")
+    return _finish(fig, "Neural collapse over training", height=640)
+
+
+COHERENCE_COLUMNS = ("alpha", "alpha_with_self", "m_coherence", "noise_scale", "trace_cov", "grad_norm_sq")
+
+
+def coherence_frame(results: Mapping[int, Any]) -> pd.DataFrame:
+    """``step`` and the coherence statistics, one row per checkpoint."""
+    rows = [
+        {"step": s, **{c: _num(getattr(r, c, None)) for c in COHERENCE_COLUMNS}}
+        for s, r in sorted(results.items())
+    ]
+    return pd.DataFrame(rows, columns=["step", *COHERENCE_COLUMNS])
+
+
+def coherence_figure(frame: pd.DataFrame) -> go.Figure:
+    """Gradient coherence α and the simple noise scale B_simple = tr(Σ)/‖g‖² vs step."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("coherence α", "noise scale tr(Σ)/‖g‖²"))
+    for c in ("alpha", "m_coherence"):
+        fig.add_trace(go.Scatter(x=frame["step"], y=frame[c], mode="lines+markers", name=c), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(x=frame["step"], y=frame["noise_scale"], mode="lines+markers", name="noise_scale"),
+        row=1,
+        col=2,
+    )
+    log_axis(fig, row=1, col=2)
+    fig.update_xaxes(title_text="step")
+    return _finish(fig, "Gradient coherence and noise scale")
+
+
+def double_descent_figure(
+    frame: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    threshold: float | None,
+    x_title: str,
+    log_x: bool = True,
+    log_y: bool = False,
+) -> go.Figure:
+    """Test (and train) error vs model size or epochs, with the interpolation threshold marked."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=y))
+    train = y.replace("test", "train")
+    if train != y and train in frame.columns:
+        fig.add_trace(
+            go.Scatter(x=frame[x], y=frame[train], mode="lines+markers", name=train, line={"dash": "dot"})
+        )
+    add_threshold(fig, threshold, frame[y])
+    fig.update_layout(xaxis_title=x_title, yaxis_title=y)
+    if log_x:
+        log_axis(fig, "x")
+    if log_y:
+        log_axis(fig)
+    return _finish(fig, "Double descent")
+
+
+def condition_figure(
+    frame: pd.DataFrame, *, x: str, y: str, threshold: float | None, log_x: bool = True
+) -> go.Figure:
+    """Condition number of the feature matrix vs ``x`` (log y), with the interpolation threshold marked."""
+    fig = go.Figure(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=y))
+    add_threshold(fig, threshold, frame[y])
+    fig.update_layout(xaxis_title=x, yaxis_title="condition number")
+    if log_x:
+        log_axis(fig, "x")
+    return _finish(log_axis(fig), "Condition number of the feature matrix")
+
+
+def add_threshold(
+    fig: go.Figure, threshold: float | None, values: Any, name: str = "interpolation threshold"
+) -> None:
+    """A dashed vertical line at ``x = threshold`` spanning ``values`` (a legend entry; works on log axes,
+    where Plotly's annotated ``add_vline`` misplaces its label)."""
+    if threshold is None or not math.isfinite(threshold):
+        return
+    v = pd.to_numeric(pd.Series(values), errors="coerce").replace([np.inf, -np.inf], np.nan).dropna()
+    v = v[v > 0] if len(v[v > 0]) else v
+    if not len(v):
+        return
+    fig.add_trace(
+        go.Scatter(
+            x=[threshold, threshold],
+            y=[float(v.min()), float(v.max())],
+            mode="lines",
+            name=name,
+            line={"dash": "dash", "color": PALETTE[1]},
+            hoverinfo="name+x",
+        )
+    )
+
+
+# =============================================================================== cached results
+_MAX_VECTOR = 16  # vectors up to this length become one trajectory line per entry
+_SKIP_SERIES = {"n_matvecs"}
+#: Kept in tables but not drawn on the values' axis of a trajectory (residuals, standard errors).
+_NOT_DRAWN = {"residuals", "stderr", "trace_stderr"}
+
+
+def scalar_series(result: Any) -> dict[str, float]:
+    """The plottable numbers of a result: finite scalars and short vectors (``name_1..name_k``)."""
+    out: dict[str, float] = {}
+    for name, value in result.to_dict().items():
+        if name == "meta" or name in _SKIP_SERIES or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+        elif (
+            isinstance(value, list)
+            and 0 < len(value) <= _MAX_VECTOR
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            for i, v in enumerate(value, 1):
+                out[f"{name}_{i}"] = float(v)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+class ExportError(ValueError):
+    """An export that cannot be made (missing results, unavailable renderer, bad format)."""
+
+
+def trajectory_figure(store: Any, probe: str, *, title: str | None = None) -> go.Figure:
+    """Every cached ``probe`` result's :func:`scalar_series` against the step (``store``: a ResultStore).
+
+    With several parameter sets in the store, the one covering the most checkpoints is plotted.
+    """
+    entries = [s for s in store.list(probe) if isinstance(s.result, Result) and s.step is not None]
+    if not entries:
+        raise ExportError(f"no cached {probe!r} results with a step to plot")
+    groups: dict[str, list[Any]] = {}
+    for s in entries:
+        groups.setdefault(json.dumps(s.params, sort_keys=True), []).append(s)
+    chosen = max(groups.values(), key=lambda g: len({s.step for s in g}))
+    latest = {s.step: s for s in sorted(chosen, key=lambda s: s.created)}
+    steps = sorted(latest)
+    series: dict[str, list[float | None]] = {}
+    for i, st in enumerate(steps):
+        for name, v in scalar_series(latest[st].result).items():
+            if name in _NOT_DRAWN or name.rpartition("_")[0] in _NOT_DRAWN:
+                continue
+            series.setdefault(name, [None] * len(steps))[i] = v
+    fig = go.Figure()
+    for name, ys in series.items():
+        fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines+markers", name=name))
+    note = f" ({len(groups)} parameter sets; showing the widest)" if len(groups) > 1 else ""
+    fig.update_layout(xaxis_title="step", yaxis_title="value")
+    return _finish(fig, title or f"{probe} across checkpoints{note}")
+
+
+# =============================================================================== files
+IMAGE_FORMATS = ("png", "svg", "pdf")
+
+
+def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
+    """A self-contained HTML page of a figure (plotly.js embedded: opens offline). Written atomically."""
+    return atomic_write_bytes(Path(path), fig.to_html(include_plotlyjs=True, full_html=True).encode())
+
+
+def figure_image(fig: go.Figure, fmt: str = "png", *, scale: float = 2.0) -> bytes:
+    """PNG, SVG or PDF bytes rendered by kaleido (needs Chrome/Chromium; ``ExportError`` otherwise)."""
+    if fmt not in IMAGE_FORMATS:
+        raise ExportError(f"image format must be one of {IMAGE_FORMATS}; got {fmt!r}")
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        raise ExportError(f"{fmt.upper()} export needs the 'kaleido' package (pip install kaleido)") from None
+    try:
+        return fig.to_image(format=fmt, scale=scale)
+    except Exception as exc:  # noqa: BLE001 - kaleido/choreographer raise many types for a missing browser
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(
+            f"{fmt.upper()} export failed: kaleido could not render with a Chrome/Chromium browser "
+            f"({type(exc).__name__}: {first}); install chromium (or set BROWSER_PATH), or use HTML instead"
+        ) from None
+
+
+def write_png(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
+    """A PNG of a figure (kaleido + Chrome/Chromium). Written atomically."""
+    return atomic_write_bytes(Path(path), figure_image(fig, "png", scale=scale))
+
+
+def write_figure(fig: go.Figure, path: str | os.PathLike, fmt: str | None = None) -> Path:
+    """Write a figure as ``fmt`` (default: by suffix): ``html``, ``png``, ``svg`` or ``pdf``."""
+    suffix = fmt or Path(path).suffix.lower().lstrip(".")
+    if suffix == "html":
+        return write_html(fig, path)
+    if suffix in IMAGE_FORMATS:
+        return atomic_write_bytes(Path(path), figure_image(fig, suffix))
+    raise ExportError(f"cannot write a figure as {suffix!r}; use .html, .png, .svg or .pdf")
