@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# public name -> submodule of dynascope.probes that defines it
+# public name -> submodule of dynascope.probes that defines it. No submodule may carry a public name:
+# importing it would set the package attribute of that name to the module (tests/test_probes_api.py).
 _EXPORTS: dict[str, str] = {
     # curvature engine
     "LinearOperator": "operators",
@@ -25,19 +26,19 @@ _EXPORTS: dict[str, str] = {
     "resolve_loss": "losses",
     "Result": "results",
     # empirical NTK and kernel diagnostics
-    "empirical_ntk": "ntk",
-    "NTKOperator": "ntk",
-    "NTKPlan": "ntk",
-    "plan_ntk": "ntk",
-    "ntk_probe": "ntk_probes",
-    "NTKResult": "ntk_probes",
-    "ntk_trajectory": "ntk_probes",
-    "NTKTrajectory": "ntk_probes",
-    "kernel_distance": "kernels",
-    "kernel_alignment": "kernels",
-    "kernel_velocity": "kernels",
-    "relative_param_change": "kernels",
-    "center_kernel": "kernels",
+    "empirical_ntk": "ntk.empirical",
+    "NTKOperator": "ntk.empirical",
+    "NTKPlan": "ntk.empirical",
+    "plan_ntk": "ntk.empirical",
+    "ntk_probe": "ntk.diagnostics",
+    "NTKResult": "ntk.diagnostics",
+    "ntk_trajectory": "ntk.diagnostics",
+    "NTKTrajectory": "ntk.diagnostics",
+    "kernel_distance": "ntk.kernels",
+    "kernel_alignment": "ntk.kernels",
+    "kernel_velocity": "ntk.kernels",
+    "relative_param_change": "ntk.kernels",
+    "center_kernel": "ntk.kernels",
     # Hessian spectrum probes
     "hessian_eigenvalues": "hessian",
     "layerwise_hessian": "hessian",
@@ -64,16 +65,16 @@ _EXPORTS: dict[str, str] = {
     "permutation_spec": "alignment",
     "UnsupportedArchitectureError": "alignment",
     # sharpness, edge of stability, gradient coherence
-    "sharpness": "stability",
-    "SharpnessResult": "stability",
-    "adaptive_sharpness": "stability",
-    "AdaptiveSharpnessResult": "stability",
-    "average_sharpness": "stability",
-    "AverageSharpnessResult": "stability",
+    "sharpness": "curvature_sharpness",
+    "SharpnessResult": "curvature_sharpness",
+    "track_sharpness": "curvature_sharpness",
+    "SharpnessTrack": "curvature_sharpness",
+    "adaptive_sharpness": "perturbation",
+    "AdaptiveSharpnessResult": "perturbation",
+    "average_sharpness": "perturbation",
+    "AverageSharpnessResult": "perturbation",
     "preconditioner_from_state": "preconditioning",
     "DiagonalScaledOperator": "preconditioning",
-    "track_sharpness": "eos",
-    "SharpnessTrack": "eos",
     "gradient_coherence": "coherence",
     "CoherenceResult": "coherence",
     "coherence_stats": "coherence",

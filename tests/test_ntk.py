@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 import dynascope.probes as probes
 from dynascope.models import build
-from dynascope.probes.ntk import NTKOperator, plan_ntk
+from dynascope.probes.ntk.empirical import NTKOperator, plan_ntk
 
 N, O = 5, 3
 
@@ -143,7 +143,7 @@ def test_memory_bound_forces_chunked_paths_with_same_result() -> None:
 
 
 def test_jacrev_subchunks_fill_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dynascope.probes.ntk as ntk
+    import dynascope.probes.ntk.empirical as ntk
 
     model, x = _transformer()
     ref = probes.empirical_ntk(model, x, reduce_outputs=None)

@@ -8,7 +8,7 @@ from test_ntk import reference_jacobian, traced
 from torch import nn
 
 import dynascope.probes as probes
-import dynascope.probes.ntk_structure as structure
+import dynascope.probes.ntk.structure as structure
 from dynascope.models import build
 
 
@@ -169,7 +169,7 @@ def test_conv_sites_with_stride_dilation_padding(reduce: str | None) -> None:
 def test_upper_triangular_blocks_for_symmetric_kernels(
     monkeypatch: pytest.MonkeyPatch, reduce: str | None
 ) -> None:
-    import dynascope.probes.ntk as ntk
+    import dynascope.probes.ntk.empirical as ntk
 
     model, x = _lenet()
     monkeypatch.setattr(ntk, "SYM_BLOCK", 1)  # 5 samples -> cached row blocks 2, 2, 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 import types
 
 import dynascope.probes as probes
@@ -12,12 +14,32 @@ import dynascope.probes as probes
 def test_exports_resolve_after_all_submodules_are_imported() -> None:
     # Importing a submodule sets it as an attribute of the package; an export with the same name
     # as a submodule would then be shadowed by the module (order-dependent breakage).
-    for info in pkgutil.iter_modules(probes.__path__):
-        importlib.import_module(f"dynascope.probes.{info.name}")
+    for info in pkgutil.walk_packages(probes.__path__, prefix="dynascope.probes."):
+        importlib.import_module(info.name)
     for name, module in probes._EXPORTS.items():
         value = getattr(probes, name)
         assert not isinstance(value, types.ModuleType), f"probes.{name} is shadowed by a submodule"
         assert value is getattr(importlib.import_module(f"dynascope.probes.{module}"), name)
+
+
+def test_no_submodule_carries_a_public_name() -> None:
+    submodules = {info.name for info in pkgutil.iter_modules(probes.__path__)}
+    assert {"curvature_sharpness", "perturbation", "ntk"} <= submodules
+    assert not submodules & set(probes._EXPORTS), "a submodule named like an export shadows it"
+
+
+def test_curvature_sharpness_module_imported_first_leaves_the_function() -> None:
+    # a fresh interpreter: the submodule is imported before the public name is ever looked up
+    code = (
+        "from dynascope.probes.curvature_sharpness import SharpnessResult\n"
+        "from dynascope.probes.ntk.empirical import NTKOperator\n"
+        "import dynascope.probes, types\n"
+        "assert not isinstance(dynascope.probes.sharpness, types.ModuleType)\n"
+        "assert dynascope.probes.sharpness.__name__ == 'sharpness'\n"
+        "assert dynascope.probes.SharpnessResult is SharpnessResult\n"
+        "assert dynascope.probes.NTKOperator is NTKOperator\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_design_contract_names_exist() -> None:

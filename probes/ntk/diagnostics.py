@@ -2,7 +2,8 @@
 
 :func:`ntk_probe` — top-k eigenvalues of the empirical NTK on a data set (dense ``eigh`` of the formed
 kernel when its size ``M`` (``N``, or ``N·O`` for the full kernel) is at most ``max_dense``; Lanczos
-(:func:`~dynascope.probes.lanczos.eigsh`) on the matrix-free :class:`~dynascope.probes.ntk.NTKOperator`
+(:func:`~dynascope.probes.lanczos.eigsh`) on the matrix-free
+:class:`~dynascope.probes.ntk.empirical.NTKOperator`
 otherwise), its trace, the top-k condition number ``λ_1/λ_k``, the centered kernel-target alignment
 and the fraction of the centered label energy ``‖U_kᵀ Y_c‖_F² / ‖Y_c‖_F²`` captured by the top-k
 eigenvectors ``U_k`` of the (uncentered) kernel.
@@ -25,7 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datasets.batching import as_batches
+from ...datasets.batching import as_batches
+from ..lanczos import eigsh
+from ..results import Result, make_meta
+from .empirical import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
 from .kernels import (
     center_kernel,
     center_targets,
@@ -34,9 +38,6 @@ from .kernels import (
     relative_param_change,
     target_matrix,
 )
-from .lanczos import eigsh
-from .ntk import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
-from .results import Result, make_meta
 
 
 @dataclass(frozen=True, kw_only=True)

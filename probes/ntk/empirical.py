@@ -24,7 +24,7 @@ Two strategies (the cost model follows Novak et al. 2022, "Fast finite width neu
 With ``structured=True`` (default) the Jacobian contraction builds the Jacobians of ``nn.Linear`` and
 ``nn.Conv2d`` weights from the layers' inputs and output gradients (a backward pass without weight
 gradients), and contracts Linear layers in factored form where that is cheaper: ``2·O^a·d_in·d_out``
-flops per pair become ``2·T²·(d_in + O^a·d_out)`` (module ``ntk_structure``); the cost formula then uses
+flops per pair become ``2·T²·(d_in + O^a·d_out)`` (module ``ntk.structure``); the cost formula then uses
 the structured per-pair flops. For ``x2 = x1`` only the upper-triangular blocks of ``K`` are contracted.
 
 ``strategy="auto"`` evaluates both formulas (``F`` counted on one sample by forward hooks:
@@ -49,8 +49,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .ntk_structure import Factors, Site, Taps, contract_site, find_sites
-from .operators import LinearOperator, ModeGuard, prepare_model, select_parameters
+from ..operators import LinearOperator, ModeGuard, prepare_model, select_parameters
+from .structure import Factors, Site, Taps, contract_site, find_sites
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
 REDUCTIONS = ("trace", None)
@@ -169,7 +169,7 @@ class NTKPlan:
     n_params: int
     n_outputs: int
     output_chunk: int  # "jacobian": outputs per group (O unless the traced kernel is split by outputs)
-    structured: tuple[str, ...] = ()  # "jacobian": Linear/Conv2d modules in structured form (ntk_structure)
+    structured: tuple[str, ...] = ()  # "jacobian": Linear/Conv2d modules in structured form (ntk.structure)
     factored: tuple[str, ...] = ()  # those of them contracted by factors (the others materialised)
 
     def as_meta(self) -> dict[str, Any]:
@@ -250,7 +250,7 @@ def _jacobian_chunk(
 ) -> Chunk:
     """Per-sample Jacobians of a chunk: one ``[c, O, numel]`` tensor per plain parameter (``outputs=(lo,
     hi)``: only those outputs, ``[c, hi − lo, numel]``) and, with ``taps``, for each structured site
-    (module ``ntk_structure``) its factors ``δ [c, O, T, d_out]``, ``a [c, T, d_in]`` or, materialised,
+    (module ``ntk.structure``) its factors ``δ [c, O, T, d_out]``, ``a [c, T, d_in]`` or, materialised,
     its weight (and bias) Jacobians ``δᵀ a`` (``Σ_t δ``) as further ``[c, O, numel]`` tensors.
 
     ``vmap(jacrev)`` runs on sub-chunks of ``JACREV_SAMPLES`` samples (large vmapped batches of
@@ -446,7 +446,7 @@ def empirical_ntk(
     ``max_memory`` bytes). ``params`` restricts θ to a parameter block; ``mode="eval"`` (default) uses
     BatchNorm running statistics. ``structured`` (Jacobian contraction only): build the Jacobians of
     ``nn.Linear`` / ``nn.Conv2d`` weights from the layers' inputs and output gradients, factored where
-    that is cheaper (module ``ntk_structure``);
+    that is cheaper (module ``ntk.structure``);
     checked against plain Jacobians on the first sample, with a warning and plain Jacobians if they
     differ. Returns a tensor of the model's dtype on its device (or ``device``); with
     ``return_plan=True`` also the :class:`NTKPlan` used (``plan.structured`` names the sites).

@@ -1,4 +1,5 @@
-"""Sharpness of the training loss: λ_max, trace, stability thresholds, preconditioned and batch sharpness.
+"""Curvature sharpness of the training loss: λ_max, trace, stability thresholds, preconditioned and batch
+sharpness at one point, and λ_max over the checkpoints of a run (edge-of-stability tracking).
 
 All curvature is that of the dataset-mean loss ``L(θ) = (1/N) Σ_i ℓ_i`` (see
 :mod:`dynascope.probes.losses`; use ``loss="half_sse"`` for the ½‖f − y‖² convention of the
@@ -16,11 +17,18 @@ edge-of-stability papers).
   ``H_B`` over a partition of the data is H, the mean over a full partition is ≥ λ_max(H).
   Also reported: the directional form ``E_B[g_Bᵀ H_B g_B / ‖g_B‖²]`` (``batch_directional_sharpness``,
   the "batch sharpness" of Andreyev & Beneventano 2024, "Edge of stochastic stability").
+* The trajectory over checkpoints (:func:`track_sharpness`): the top-k eigenvalues at every checkpoint of a
+  run, warm-started from the previous checkpoint's eigenvectors; the learning rate ``η_s`` from the run's
+  schedule (``run.lr_at(s)``), ``2/η_s`` and ``λ_max / (2/η_s)``; the training loss. Progressive
+  sharpening shows as λ_max rising; the edge of stability as λ_max hovering at 2/η (Cohen et al. 2021).
+
+Loss-perturbation sharpness (ASAM, average case) lives in :mod:`dynascope.probes.perturbation`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +40,7 @@ from torch import nn
 from ..datasets.batching import as_batches
 from .lanczos import eigsh
 from .losses import Loss
-from .operators import CurvatureOperator, make_operator, random_vectors
+from .operators import make_operator
 from .preconditioning import DiagonalScaledOperator, preconditioner_from_state
 from .results import Result, make_meta
 
@@ -40,7 +48,7 @@ from .results import Result, make_meta
 # ---------------------------------------------------------------------------------------------- result
 @dataclass(frozen=True, kw_only=True)
 class SharpnessResult(Result):
-    """Sharpness of the training loss at one point (see :mod:`dynascope.probes.stability`).
+    """Sharpness of the training loss at one point (see :mod:`dynascope.probes.curvature_sharpness`).
 
     Threshold fields are ``None`` when no learning rate is known; preconditioned fields are ``None``
     without optimizer state; batch fields are ``None`` without ``batch_size_for_batch_sharpness``.
@@ -344,289 +352,231 @@ def sharpness(
     )
 
 
-# ---------------------------------------------------------------------------------------------- SAM-style
-@dataclass(frozen=True, kw_only=True)
-class AdaptiveSharpnessResult(Result):
-    """ASAM-style worst-case sharpness ``max_{‖T⁻¹ε‖≤ρ} L(w+ε) − L(w)``, ``T = diag(|w| + η)``.
+# ---------------------------------------------------------------------------------------------- trajectory
+_LOSS_KEYS = (("loss",), ("training", "loss"), ("recipe", "loss"), ("optimizer", "loss"))
 
-    ``sharpness`` is the best value found by ``steps`` projected normalized-gradient-ascent steps
-    (a lower bound of the true maximum; 1 step = the ASAM/SAM closed form). With ``m``: the mean over
-    disjoint batches of size m of each batch's worst-case sharpness (m-sharpness); ``per_batch`` holds them.
-    """
 
-    sharpness: float
-    loss_value: float
-    perturbed_loss: float
-    rho: float
-    eta: float
-    steps: int
-    m: int | None
-    step_values: list[float]
-    per_batch: list[float] = field(default_factory=list)
-
-    def figure(self):  # -> plotly.graph_objects.Figure
-        import plotly.graph_objects as go
-
-        fig = go.Figure(
-            go.Scatter(x=list(range(1, len(self.step_values) + 1)), y=self.step_values, mode="lines+markers")
-        )
-        fig.update_layout(
-            title=f"Adaptive sharpness (ρ={self.rho}, η={self.eta}) = {self.sharpness:.4g}",
-            xaxis_title="ascent step",
-            yaxis_title="L(w+ε) − L(w)",
-        )
-        return fig
+def run_loss(run: Any) -> tuple[str | None, str | None]:
+    """The training loss recorded in ``run.json`` (``loss``, ``training.loss``, ``recipe.loss`` or
+    ``optimizer.loss``) and the key it came from; ``(None, None)`` when absent."""
+    cfg = getattr(run, "config", {}) or {}
+    for path in _LOSS_KEYS:
+        node: Any = cfg
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, str) and node:
+            return node, ".".join(path)
+        if isinstance(node, dict) and isinstance(node.get("name"), str):
+            return node["name"], ".".join(path) + ".name"
+    return None, None
 
 
 @dataclass(frozen=True, kw_only=True)
-class AverageSharpnessResult(Result):
-    """Average-case adaptive sharpness ``E_{ε~N(0, σ² diag(|w|+η)²)}[L(w+ε)] − L(w)`` (Monte Carlo).
+class SharpnessTrack(Result):
+    """λ_max per checkpoint against the learning-rate schedule.
 
-    ``samples``: per-draw increases (per antithetic pair means when ``meta.params.antithetic``).
+    Per checkpoint ``i``: ``steps[i]``, ``lambda_max[i]``, ``top_k[i]`` (descending), ``converged[i]``,
+    ``lr[i]`` (NaN when the run has no lr), ``two_over_lr[i]``, ``ratio[i] = λ_max/(2/η)``,
+    ``train_loss[i]`` (the dataset-mean loss the curvature is of) and ``n_matvecs[i]``.
     """
 
-    sharpness: float
-    stderr: float
-    loss_value: float
-    sigma: float
-    eta: float
-    n_samples: int
-    samples: list[float]
+    steps: list[int]
+    lambda_max: list[float]
+    top_k: list[list[float]]
+    converged: list[bool]
+    lr: list[float]
+    two_over_lr: list[float]
+    ratio: list[float]
+    train_loss: list[float]
+    n_matvecs: list[int]
+    k: int
+    loss: str
+    run_path: str | None = None
+
+    def to_frame(self):  # -> pandas.DataFrame
+        """One row per checkpoint; columns ``lambda_1..lambda_k`` hold the top-k eigenvalues."""
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            {
+                "step": self.steps,
+                "lambda_max": self.lambda_max,
+                "lr": self.lr,
+                "two_over_lr": self.two_over_lr,
+                "ratio": self.ratio,
+                "train_loss": self.train_loss,
+                "n_matvecs": self.n_matvecs,
+                "converged": self.converged,
+            }
+        )
+        for j in range(self.k):
+            frame[f"lambda_{j + 1}"] = [v[j] if j < len(v) else float("nan") for v in self.top_k]
+        return frame
 
     def figure(self):  # -> plotly.graph_objects.Figure
+        """λ_max (and the other top-k) vs step with the 2/η line (left); training loss, log scale (right)."""
         import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
 
-        fig = go.Figure(go.Histogram(x=self.samples))
-        fig.update_layout(
-            title=f"Average-case sharpness (σ={self.sigma}) = {self.sharpness:.4g} ± {self.stderr:.2g}",
-            xaxis_title="L(w+ε) − L(w)",
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("sharpness vs 2/η", "training loss"))
+        for j in range(1, self.k):
+            fig.add_trace(
+                go.Scatter(
+                    x=self.steps,
+                    y=[v[j] if j < len(v) else None for v in self.top_k],
+                    mode="lines",
+                    name=f"λ_{j + 1}",
+                    line={"width": 1},
+                    opacity=0.6,
+                ),
+                row=1,
+                col=1,
+            )
+        fig.add_trace(
+            go.Scatter(x=self.steps, y=self.lambda_max, mode="lines+markers", name="λ_max"), row=1, col=1
         )
+        fig.add_trace(
+            go.Scatter(x=self.steps, y=self.two_over_lr, mode="lines", name="2/η", line={"dash": "dash"}),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(x=self.steps, y=self.train_loss, mode="lines", name="train loss"), row=1, col=2
+        )
+        fig.update_xaxes(title_text="step")
+        fig.update_yaxes(title_text="Hessian eigenvalue", row=1, col=1)
+        fig.update_yaxes(title_text=f"{self.loss} (dataset mean)", type="log", row=1, col=2)
+        fig.update_layout(title="Edge-of-stability tracker")
         return fig
 
 
-def _loss_fn(op: CurvatureOperator) -> Callable[[torch.Tensor, bool], tuple[float, torch.Tensor | None]]:
-    """``θ ↦ (L(θ), ∇L(θ) or None)`` for flat parameter vectors of the operator's block."""
-    from .operators import ModeGuard
+def _open_run(run_or_path: Any) -> Any:
+    from ..models.runs import Run
 
-    def f(theta: torch.Tensor, need_grad: bool) -> tuple[float, torch.Tensor | None]:
-        total = 0.0
-        g = torch.zeros_like(theta) if need_grad else None
-        with ModeGuard(op.model, op.mode):
-            for b in op.source:
-                fb = op._batch_loss_fn(b.x, b.y)
-                if need_grad:
-                    gd, val = torch.func.grad_and_value(fb)(op.space.split(theta))
-                    g += op.space.flatten(gd)  # type: ignore[operator]
-                else:
-                    with torch.no_grad():
-                        val = fb(op.space.split(theta))
-                total += float(val)
-        return total, g
-
-    return f
+    if isinstance(run_or_path, Run):
+        return run_or_path
+    if isinstance(run_or_path, (str, os.PathLike)):
+        return Run.open(run_or_path)
+    raise TypeError(f"run_or_path must be a Run or a path to a run folder; got {type(run_or_path).__name__}")
 
 
-def _worst_case(
-    op: CurvatureOperator, rho: float, eta: float, steps: int
-) -> tuple[float, float, float, list[float]]:
-    f = _loss_fn(op)
-    w = op.parameters_vector()
-    T = w.abs() + eta
-    l0, _ = f(w, False)
-    delta = torch.zeros_like(w)
-    values: list[float] = []
-    best_l = l0
-    for t in range(steps):
-        _, g = f(w + T * delta, True)
-        u = T * g  # type: ignore[operator]
-        un = float(u.norm())
-        if un == 0.0:
-            break
-        delta = delta + (rho / math.sqrt(t + 1)) * u / un
-        dn = float(delta.norm())
-        if dn > rho:
-            delta = delta * (rho / dn)
-        lt, _ = f(w + T * delta, False)
-        values.append(lt - l0)
-        best_l = max(best_l, lt)
-    return max([0.0, *values]) if values else 0.0, l0, best_l, values
-
-
-def _subsets(
-    data: Any, m: int, seed: int, max_batches: int | None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = as_batches(data).tensors()
-    n = x.shape[0]
-    if not 1 <= m <= n:
-        raise ValueError(f"m must be between 1 and the number of samples {n}; got {m}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    count = n // m if max_batches is None else min(n // m, max_batches)
-    return [(x[order[i * m : (i + 1) * m]], y[order[i * m : (i + 1) * m]]) for i in range(count)]
-
-
-def adaptive_sharpness(
-    model: nn.Module,
-    data: Any,
+def track_sharpness(
+    run_or_path: Any,
+    data: Any = None,
     *,
-    rho: float = 0.5,
-    eta: float = 0.01,
-    steps: int = 1,
-    m: int | None = None,
-    max_batches: int | None = None,
-    loss: str | Callable | Loss = "auto",
-    seed: int = 0,
-    params: Sequence[str] | str | None = None,
+    k: int = 1,
+    steps: Sequence[int] | None = None,
+    loss: str | Callable | Loss | None = None,
+    warm_start: bool = True,
+    progress: bool = True,
+    tol: float = 1e-4,
+    max_iter: int | None = None,
     batch_size: int | None = None,
     mode: str = "eval",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> AdaptiveSharpnessResult:
-    """ASAM worst-case adaptive sharpness ``max_{‖T_w⁻¹ε‖₂ ≤ ρ} L(w+ε) − L(w)``, ``T_w = diag(|w| + η)``.
+    seed: int = 0,
+) -> SharpnessTrack:
+    """Top-k Hessian eigenvalues at every checkpoint of a run (or at ``steps``), with 2/η from ``run.json``.
 
-    Solved in ``δ = T⁻¹ε`` by ``steps`` steps of projected normalized gradient ascent from δ = 0 with
-    step ``ρ/√(t+1)`` (step t = 0, 1, ...), ascent direction ``T ∇L(w + Tδ)``; the first step lands on the
-    ASAM closed form ``ε = ρ T² ∇L / ‖T ∇L‖``. Reports the largest increase over the iterates (≥ 0).
-    ``m``: m-sharpness — the average over disjoint random batches of size m (at most ``max_batches``)
-    of each batch's own worst case.
+    ``data``: default the run's training set (``run.load_dataset().train``). ``loss``: default the loss
+    recorded in ``run.json`` (see :func:`run_loss`), else ``"auto"``. ``warm_start``: start Lanczos
+    from the previous checkpoint's top-k eigenvectors (their sum plus a small random part).
     """
-    for name, v in (("rho", rho), ("eta", eta)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "rho" and v == 0):
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    started = time.perf_counter()
+    run = _open_run(run_or_path)
+    infos = run.checkpoints()
+    if not infos:
+        raise ValueError(f"run {run.path} has no checkpoints")
+    if steps is not None:
+        available = {c.step: c for c in infos}
+        missing = [s for s in steps if s not in available]
+        if missing:
             raise ValueError(
-                f"{name} must be a {'positive' if name == 'rho' else 'non-negative'} number; got {v!r}"
+                f"run {run.path} has no checkpoints at steps {missing}; it has {sorted(available)}"
             )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    started = time.perf_counter()
-    kw = {
-        "loss": loss,
-        "params": params,
-        "batch_size": batch_size,
-        "mode": mode,
-        "dtype": dtype,
-        "device": device,
-    }
-    op = make_operator(model, data, **kw)
-    s, l0, lbest, values = _worst_case(op, float(rho), float(eta), steps)
-    per_batch: list[float] = []
-    if m is not None:
-        for xb, yb in _subsets(data, m, seed, max_batches):
-            per_batch.append(
-                _worst_case(make_operator(model, (xb, yb), **{**kw, "batch_size": None}), rho, eta, steps)[0]
-            )
-    meta = make_meta(
-        "adaptive_sharpness",
-        model=op.model,
-        params={
-            "rho": rho,
-            "eta": eta,
-            "steps": steps,
-            "m": m,
-            "max_batches": max_batches,
-            "loss": op.loss.name,
-            "seed": seed,
-        },
-        started=started,
-        mode=mode,
-        reduction="mean over the whole dataset (per batch of size m for m-sharpness)",
-        ball="||T^-1 eps||_2 <= rho, T = diag(|w| + eta), all selected parameters",
-        solver="projected normalized gradient ascent in T^-1 eps, step rho/sqrt(t+1); max over iterates",
-    )
-    return AdaptiveSharpnessResult(
-        sharpness=_mean_sem(per_batch)[0] if per_batch else s,
-        loss_value=l0,
-        perturbed_loss=lbest,
-        rho=float(rho),
-        eta=float(eta),
-        steps=steps,
-        m=m,
-        step_values=values,
-        per_batch=per_batch,
-        meta=meta,
-    )
-
-
-def average_sharpness(
-    model: nn.Module,
-    data: Any,
-    *,
-    sigma: float = 0.01,
-    eta: float = 0.0,
-    n_samples: int = 20,
-    antithetic: bool = True,
-    loss: str | Callable | Loss = "auto",
-    seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> AverageSharpnessResult:
-    """Average-case adaptive sharpness ``E_ε[L(w+ε)] − L(w)`` with ``ε = σ (|w| + η) ⊙ z``, ``z ~ N(0, I)``.
-
-    Monte Carlo with ``n_samples`` loss evaluations at seeded draws. ``antithetic=True`` (default) pairs
-    ``±ε`` and averages each pair, which removes the first-order term ``∇Lᵀε`` from the variance
-    (``samples`` then holds ``n_samples // 2`` pair means); ``stderr`` = std(samples) / √len(samples).
-    For a quadratic loss the expectation is ``½ σ² tr(T H T)``, ``T = diag(|w| + η)``.
-    """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        raise ValueError(f"sigma must be a positive number; got {sigma!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
-        raise ValueError(f"eta must be a non-negative number; got {eta!r}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer >= 2; got {n_samples!r}")
-    if antithetic and n_samples < 4:
-        raise ValueError(f"antithetic sampling needs n_samples >= 4 (two pairs); got {n_samples}")
-    started = time.perf_counter()
-    op = make_operator(
-        model, data, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device
-    )
-    f = _loss_fn(op)
-    w = op.parameters_vector()
-    T = w.abs() + eta
-    l0, _ = f(w, False)
-    if antithetic:
-        Z = random_vectors(op.size, n_samples // 2, seed=seed, dtype=op.dtype, device=op.device)
-        samples = [
-            0.5 * (f(w + sigma * T * Z[:, i], False)[0] + f(w - sigma * T * Z[:, i], False)[0]) - l0
-            for i in range(Z.shape[1])
-        ]
+        infos = [available[s] for s in sorted(set(steps))]
+    loss_source = "argument"
+    if loss is None:
+        name, key = run_loss(run)
+        loss, loss_source = (name, f"run.json:{key}") if name else ("auto", "default")
+    if data is None:
+        data = run.load_dataset().train
+        data_source = "run training set"
     else:
-        Z = random_vectors(op.size, n_samples, seed=seed, dtype=op.dtype, device=op.device)
-        samples = [f(w + sigma * T * Z[:, i], False)[0] - l0 for i in range(n_samples)]
-    mean, sem = _mean_sem(samples)
+        data_source = "argument"
+
+    iterator: Any = infos
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(infos, desc="sharpness", unit="ckpt")
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            pass
+    out_steps, lam, topk, conv, lrs, thr, ratio, losses, mvs = [], [], [], [], [], [], [], [], []
+    v0 = None
+    loss_name = str(loss)
+    for info in iterator:
+        model = run.load_model(info.step)
+        op = make_operator(
+            model, data, loss=loss, batch_size=batch_size, mode=mode, dtype=dtype, device=device
+        )
+        loss_name = op.loss.name
+        res = eigsh(op, k, tol=tol, v0=v0 if warm_start else None, seed=seed, max_iter=max_iter)
+        if warm_start and res.vectors is not None:
+            v0 = res.vectors
+        try:
+            lr = float(run.lr_at(info.step))
+        except ValueError:  # RunError: no lr recorded
+            lr = float("nan")
+        two = 2.0 / lr if lr == lr and lr > 0 else float("nan")
+        out_steps.append(info.step)
+        lam.append(float(res.values[0]))
+        topk.append([float(v) for v in res.values])
+        conv.append(bool(res.converged.all()))
+        lrs.append(lr)
+        thr.append(two)
+        ratio.append(float(res.values[0]) / two if two == two else float("nan"))
+        losses.append(op.loss_value())
+        mvs.append(res.n_matvecs)
     meta = make_meta(
-        "average_sharpness",
-        model=op.model,
+        "track_sharpness",
         params={
-            "sigma": sigma,
-            "eta": eta,
-            "n_samples": n_samples,
-            "antithetic": antithetic,
-            "loss": op.loss.name,
+            "k": k,
+            "tol": tol,
+            "loss": loss_name,
+            "loss_source": loss_source,
+            "warm_start": warm_start,
+            "steps": list(steps) if steps is not None else None,
+            "batch_size": batch_size,
             "seed": seed,
         },
         started=started,
+        run=str(run.path),
+        data=data_source,
         mode=mode,
-        reduction="mean over the whole dataset",
-        noise="eps = sigma * (|w| + eta) * z, z ~ N(0, I), seeded CPU generator",
+        reduction="mean over the whole dataset (batches weighted by sample count)",
+        n_matvecs=int(sum(mvs)),
+        lr_source="run.lr_at(step)",
     )
-    return AverageSharpnessResult(
-        sharpness=mean,
-        stderr=sem,
-        loss_value=l0,
-        sigma=float(sigma),
-        eta=float(eta),
-        n_samples=n_samples,
-        samples=samples,
+    return SharpnessTrack(
+        steps=out_steps,
+        lambda_max=lam,
+        top_k=topk,
+        converged=conv,
+        lr=lrs,
+        two_over_lr=thr,
+        ratio=ratio,
+        train_loss=losses,
+        n_matvecs=mvs,
+        k=k,
+        loss=loss_name,
+        run_path=str(run.path),
         meta=meta,
     )
 
 
-__all__ = [
-    "AdaptiveSharpnessResult",
-    "AverageSharpnessResult",
-    "SharpnessResult",
-    "adaptive_sharpness",
-    "average_sharpness",
-    "sharpness",
-]
+__all__ = ["SharpnessResult", "SharpnessTrack", "run_loss", "sharpness", "track_sharpness"]

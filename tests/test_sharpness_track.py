@@ -11,8 +11,7 @@ import torch
 
 from dynascope.datasets import load
 from dynascope.models import Run, build
-from dynascope.probes.eos import run_loss, track_sharpness
-from dynascope.probes.stability import sharpness
+from dynascope.probes.curvature_sharpness import run_loss, sharpness, track_sharpness
 
 
 def _half_sse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
