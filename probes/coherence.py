@@ -106,26 +106,6 @@ class CoherenceResult(Result):
             )
         return pd.DataFrame(rows)
 
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """Per-class coherence α (bars) with the dataset-wide α as a dashed line."""
-        import plotly.graph_objects as go
-
-        fig = go.Figure()
-        if self.per_class:
-            fig.add_bar(
-                x=[str(r["class"]) for r in self.per_class],
-                y=[r["alpha"] for r in self.per_class],
-                name="α per class",
-            )
-        fig.add_hline(y=self.alpha, line_dash="dash", annotation_text=f"α (all) = {self.alpha:.3g}")
-        fig.update_layout(
-            title=f"Gradient coherence (i≠j pairs); m-coherence {self.m_coherence:.3g} at m={self.m}, "
-            f"B_simple {self.noise_scale:.3g}",
-            xaxis_title="class",
-            yaxis_title="α = E_{i≠j}[g_i·g_j] / E[‖g_i‖²]",
-        )
-        return fig
-
 
 def _class_labels(y: torch.Tensor) -> torch.Tensor | None:
     """Integer class labels: integer targets as they are, one-hot/probability targets by argmax."""

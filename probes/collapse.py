@@ -111,26 +111,6 @@ class NeuralCollapseResult(Result):
             frame[name] = getattr(self, name)
         return frame
 
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """Bar chart of the NC metrics (left) and per-class mean norms against class size (right)."""
-        from plotly.subplots import make_subplots
-
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("collapse metrics", "class means"))
-        fig.add_bar(x=list(NC_FIELDS), y=[getattr(self, f) for f in NC_FIELDS], name="metric", row=1, col=1)
-        fig.add_scatter(
-            x=self.class_sizes,
-            y=self.class_mean_norms_uncentred,
-            mode="markers+text",
-            text=[str(c) for c in range(self.n_classes)],
-            name="‖μ_c‖ vs n_c",
-            row=1,
-            col=2,
-        )
-        fig.update_xaxes(title_text="class size", row=1, col=2)
-        fig.update_yaxes(title_text="‖μ_c‖", row=1, col=2)
-        fig.update_layout(title="Neural collapse", showlegend=False)
-        return fig
-
 
 @dataclass(frozen=True, kw_only=True)
 class NeuralCollapseTrajectory(Result):
@@ -147,26 +127,6 @@ class NeuralCollapseTrajectory(Result):
     nc3: list[float]
     nc4: list[float]
     accuracy: list[float]
-
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """NC1 (log scale), NC2, NC3 and NC4 against the checkpoint step."""
-        from plotly.subplots import make_subplots
-
-        fig = make_subplots(
-            rows=2,
-            cols=2,
-            subplot_titles=("NC1: Tr(Σ_W Σ_B⁺)/C", "NC2", "NC3: self-duality", "NC4: NCC agreement"),
-        )
-        fig.add_scatter(x=self.steps, y=self.nc1, name="nc1", row=1, col=1)
-        for name in ("nc2_equinorm", "nc2_equiangular", "nc2_etf_distance"):
-            fig.add_scatter(x=self.steps, y=getattr(self, name), name=name, row=1, col=2)
-        fig.add_scatter(x=self.steps, y=self.nc3, name="nc3", row=2, col=1)
-        fig.add_scatter(x=self.steps, y=self.nc4, name="nc4", row=2, col=2)
-        fig.update_yaxes(type="log", row=1, col=1)
-        for r, c in ((1, 1), (1, 2), (2, 1), (2, 2)):
-            fig.update_xaxes(title_text="step", row=r, col=c)
-        fig.update_layout(title="Neural collapse over training")
-        return fig
 
 
 # --------------------------------------------------------------------------- classifier / features

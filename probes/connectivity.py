@@ -83,28 +83,6 @@ class LMCResult(Result):
         items = list((self.layerwise or {}).items())
         return pd.DataFrame({"group": [k for k, _ in items], "barrier": [v for _, v in items]})
 
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """Loss along the path (aligned and unaligned when both were computed); accuracy on a 2nd row."""
-        from plotly.subplots import make_subplots
-
-        rows = 2 if self.accuracies is not None else 1
-        fig = make_subplots(rows=rows, cols=1, shared_xaxes=True)
-        label = f"aligned ({self.align})" if self.align else "no alignment"
-        fig.add_scatter(x=self.alphas, y=self.losses, name=f"loss, {label}", row=1, col=1)
-        if self.losses_unaligned is not None:
-            fig.add_scatter(x=self.alphas, y=self.losses_unaligned, name="loss, no alignment", row=1, col=1)
-        if self.accuracies is not None:
-            fig.add_scatter(x=self.alphas, y=self.accuracies, name=f"accuracy, {label}", row=2, col=1)
-            if self.accuracies_unaligned is not None:
-                fig.add_scatter(
-                    x=self.alphas, y=self.accuracies_unaligned, name="accuracy, no alignment", row=2, col=1
-                )
-            fig.update_yaxes(title_text="accuracy", row=2, col=1)
-        fig.update_yaxes(title_text="loss", row=1, col=1)
-        fig.update_xaxes(title_text="α (0 = model A, 1 = model B)", row=rows, col=1)
-        fig.update_layout(title=f"Linear mode connectivity — barrier {self.barrier:.4g}")
-        return fig
-
 
 # --------------------------------------------------------------------------- building blocks
 def interpolate_state(

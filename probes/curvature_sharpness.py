@@ -107,31 +107,6 @@ class SharpnessResult(Result):
             frame[k] = v
         return frame
 
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """Top-k eigenvalues (and the batch λ_max distribution) against the 2/η threshold."""
-        import plotly.graph_objects as go
-
-        fig = go.Figure()
-        fig.add_scatter(
-            x=[f"λ{i + 1}" for i in range(len(self.eigenvalues))],
-            y=self.eigenvalues,
-            mode="markers",
-            name="full-batch eigenvalues",
-        )
-        if self.batch_lambdas:
-            fig.add_box(
-                y=self.batch_lambdas, x=["batch λ_max"] * len(self.batch_lambdas), name=f"b={self.batch_size}"
-            )
-        if self.two_over_lr is not None:
-            fig.add_hline(y=self.two_over_lr, line_dash="dash", annotation_text="2/η")
-        title = f"λ_max = {self.lambda_max:.4g}"
-        if self.trace is not None:
-            title += f", tr(H) = {self.trace:.4g}"
-        if self.ratio is not None:
-            title += f", λ_max/(2/η) = {self.ratio:.3g}"
-        fig.update_layout(title=title, yaxis_title="Hessian eigenvalue")
-        return fig
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _mean_sem(xs: list[float]) -> tuple[float, float]:
@@ -412,42 +387,6 @@ class SharpnessTrack(Result):
         for j in range(self.k):
             frame[f"lambda_{j + 1}"] = [v[j] if j < len(v) else float("nan") for v in self.top_k]
         return frame
-
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """λ_max (and the other top-k) vs step with the 2/η line (left); training loss, log scale (right)."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("sharpness vs 2/η", "training loss"))
-        for j in range(1, self.k):
-            fig.add_trace(
-                go.Scatter(
-                    x=self.steps,
-                    y=[v[j] if j < len(v) else None for v in self.top_k],
-                    mode="lines",
-                    name=f"λ_{j + 1}",
-                    line={"width": 1},
-                    opacity=0.6,
-                ),
-                row=1,
-                col=1,
-            )
-        fig.add_trace(
-            go.Scatter(x=self.steps, y=self.lambda_max, mode="lines+markers", name="λ_max"), row=1, col=1
-        )
-        fig.add_trace(
-            go.Scatter(x=self.steps, y=self.two_over_lr, mode="lines", name="2/η", line={"dash": "dash"}),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(x=self.steps, y=self.train_loss, mode="lines", name="train loss"), row=1, col=2
-        )
-        fig.update_xaxes(title_text="step")
-        fig.update_yaxes(title_text="Hessian eigenvalue", row=1, col=1)
-        fig.update_yaxes(title_text=f"{self.loss} (dataset mean)", type="log", row=1, col=2)
-        fig.update_layout(title="Edge-of-stability tracker")
-        return fig
 
 
 def _open_run(run_or_path: Any) -> Any:

@@ -243,23 +243,6 @@ class DensityResult(Result):
             {"ritz_value": self.ritz_values.tolist(), "ritz_weight": self.ritz_weights.tolist()}
         )
 
-    def figure(self, *, log_y: bool = False, title: str | None = None):
-        """Line plot of the density (optional log y-axis)."""
-        import plotly.graph_objects as go
-
-        fig = go.Figure(
-            go.Scatter(x=self.grid.tolist(), y=self.density.tolist(), mode="lines", name="density")
-        )
-        scale = "decades" if self.log_scale else "λ units"
-        fig.update_layout(
-            title=title or f"Spectral density (SLQ, σ = {self.sigma:.3g} {scale})",
-            xaxis_title="log10 |eigenvalue|" if self.log_scale else "eigenvalue",
-            yaxis_title="density",
-            yaxis_type="log" if log_y else "linear",
-            template="plotly_white",
-        )
-        return fig
-
 
 def hessian_density(
     model: nn.Module,

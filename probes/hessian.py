@@ -80,40 +80,6 @@ class HessianEigenResult(Result):
             }
         )
 
-    def figure(self, *, title: str | None = None):
-        """Stem plot of the eigenvalues (unconverged ones marked), residuals in the hover text."""
-        import plotly.graph_objects as go
-
-        idx = list(range(1, self.values.numel() + 1))
-        vals = self.values.tolist()
-        conv = self.converged.tolist()
-        fig = go.Figure()
-        for i, v in zip(idx, vals):
-            fig.add_trace(
-                go.Scatter(x=[i, i], y=[0, v], mode="lines", line={"color": "#888"}, showlegend=False)
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=idx,
-                y=vals,
-                mode="markers",
-                marker={"size": 10, "symbol": ["circle" if c else "x" for c in conv]},
-                text=[
-                    f"residual {r:.2e}, {'converged' if c else 'NOT converged'}"
-                    for r, c in zip(self.residuals.tolist(), conv)
-                ],
-                name="eigenvalue",
-            )
-        )
-        op = self.meta.get("operator", "hessian")
-        fig.update_layout(
-            title=title or f"Top eigenvalues of the {op} ({self.meta.get('reduction', '')})",
-            xaxis_title="index",
-            yaxis_title="eigenvalue",
-            template="plotly_white",
-        )
-        return fig
-
 
 def _warm_start(v0: Any) -> torch.Tensor | None:
     if v0 is None:
@@ -317,25 +283,6 @@ class LayerwiseHessianResult(Result):
             row["n_matvecs"] = self.n_matvecs[i]
             rows.append(row)
         return pd.DataFrame(rows)
-
-    def figure(self, *, value: str = "lambda_1", title: str | None = None):
-        """Bar chart of one column of :meth:`to_frame` per layer (``trace`` gets ±2 stderr error bars)."""
-        import plotly.graph_objects as go
-
-        frame = self.to_frame()
-        if value not in frame.columns:
-            raise ValueError(f"value must be one of {list(frame.columns[2:])}; got {value!r}")
-        err = None
-        if value == "trace":
-            err = {"type": "data", "array": (2 * frame["trace_stderr"]).tolist()}
-        fig = go.Figure(go.Bar(x=frame["layer"], y=frame[value], error_y=err, name=value))
-        fig.update_layout(
-            title=title or f"{value} per layer ({self.meta.get('operator', 'hessian')} diagonal blocks)",
-            xaxis_title="layer",
-            yaxis_title=value,
-            template="plotly_white",
-        )
-        return fig
 
 
 def layerwise_hessian(

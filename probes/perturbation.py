@@ -47,19 +47,6 @@ class AdaptiveSharpnessResult(Result):
     step_values: list[float]
     per_batch: list[float] = field(default_factory=list)
 
-    def figure(self):  # -> plotly.graph_objects.Figure
-        import plotly.graph_objects as go
-
-        fig = go.Figure(
-            go.Scatter(x=list(range(1, len(self.step_values) + 1)), y=self.step_values, mode="lines+markers")
-        )
-        fig.update_layout(
-            title=f"Adaptive sharpness (ρ={self.rho}, η={self.eta}) = {self.sharpness:.4g}",
-            xaxis_title="ascent step",
-            yaxis_title="L(w+ε) − L(w)",
-        )
-        return fig
-
 
 @dataclass(frozen=True, kw_only=True)
 class AverageSharpnessResult(Result):
@@ -75,16 +62,6 @@ class AverageSharpnessResult(Result):
     eta: float
     n_samples: int
     samples: list[float]
-
-    def figure(self):  # -> plotly.graph_objects.Figure
-        import plotly.graph_objects as go
-
-        fig = go.Figure(go.Histogram(x=self.samples))
-        fig.update_layout(
-            title=f"Average-case sharpness (σ={self.sigma}) = {self.sharpness:.4g} ± {self.stderr:.2g}",
-            xaxis_title="L(w+ε) − L(w)",
-        )
-        return fig
 
 
 def _loss_fn(op: CurvatureOperator) -> Callable[[torch.Tensor, bool], tuple[float, torch.Tensor | None]]:

@@ -79,28 +79,6 @@ class TraceResult(Result):
         """``estimate ± z · stderr``."""
         return self.estimate - z * self.stderr, self.estimate + z * self.stderr
 
-    def figure(self, *, title: str | None = None):
-        """Running estimate over the stochastic samples with a ±2 stderr band at the end."""
-        import plotly.graph_objects as go
-
-        s = self.samples.double()
-        run = (self.lowrank_trace + torch.cumsum(s, 0) / torch.arange(1, s.numel() + 1)).tolist()
-        x = list(range(1, s.numel() + 1))
-        lo, hi = self.interval()
-        fig = go.Figure(go.Scatter(x=x, y=run, mode="lines+markers", name="running estimate"))
-        fig.add_hrect(
-            y0=lo, y1=hi, fillcolor="orange", opacity=0.2, line_width=0, annotation_text="±2 stderr"
-        )
-        fig.add_hline(y=self.estimate, line_dash="dash")
-        fig.update_layout(
-            title=title
-            or f"Trace ({self.method}, {self.n_matvecs} products): {self.estimate:.6g} ± {self.stderr:.2g}",
-            xaxis_title="stochastic samples",
-            yaxis_title="trace estimate",
-            template="plotly_white",
-        )
-        return fig
-
 
 def _blocks(total: int, block: int) -> list[int]:
     return [min(block, total - lo) for lo in range(0, total, block)]

@@ -77,26 +77,6 @@ class NTKResult(Result):
             frame[name] = getattr(self, name)
         return frame
 
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """Eigenvalue spectrum (log scale) and cumulative label energy of the top eigenvectors."""
-        from plotly.subplots import make_subplots
-
-        df = self.to_frame()
-        fig = make_subplots(
-            rows=1, cols=2, subplot_titles=("NTK eigenvalues", "Cumulative label energy (centered)")
-        )
-        fig.add_scatter(x=df["rank"], y=df["eigenvalue"], mode="lines+markers", name="λ_i", row=1, col=1)
-        fig.add_scatter(
-            x=df["rank"], y=df["cumulative_label_energy"], mode="lines+markers", name="Σ energy", row=1, col=2
-        )
-        fig.update_yaxes(type="log", title_text="eigenvalue", row=1, col=1)
-        fig.update_yaxes(range=[0, 1.05], title_text="fraction", row=1, col=2)
-        fig.update_xaxes(title_text="rank")
-        fig.update_layout(
-            title=f"NTK: label alignment {self.label_alignment:.3f}, trace {self.trace:.3g}", showlegend=False
-        )
-        return fig
-
 
 def _targets_for(y: torch.Tensor, size: int, n: int, n_outputs: int) -> torch.Tensor:
     """Centered targets as ``[size, C]``: ``[N, C]`` for a traced kernel, ``[N·O, 1]`` for a full one."""
@@ -272,30 +252,6 @@ class NTKTrajectory(Result):
     label_alignment: list[float]
     relative_param_change: list[float]
     kernel_trace: list[float]
-
-    def figure(self):  # -> plotly.graph_objects.Figure
-        """Four panels against the training step."""
-        from plotly.subplots import make_subplots
-
-        panels = [
-            ("kernel_distance", "Kernel distance to init"),
-            ("kernel_velocity", "Kernel velocity"),
-            ("label_alignment", "Label alignment"),
-            ("relative_param_change", "‖θ−θ0‖/‖θ0‖"),
-        ]
-        fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in panels])
-        for i, (name, title) in enumerate(panels):
-            fig.add_scatter(
-                x=self.steps,
-                y=getattr(self, name),
-                mode="lines+markers",
-                name=title,
-                row=i // 2 + 1,
-                col=i % 2 + 1,
-            )
-        fig.update_xaxes(title_text="step")
-        fig.update_layout(title="NTK trajectory (lazy → rich)", showlegend=False)
-        return fig
 
 
 def _checkpoint_models(checkpoints: Sequence[Any], model: nn.Module | None) -> list[Any]:

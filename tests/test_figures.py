@@ -1,0 +1,89 @@
+"""The one figures module: every Result class has a drawer, one template, decade log ticks, file formats."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import dynascope.probes as probes
+from dynascope.probes import figures
+from dynascope.probes.results import Result
+
+
+def _result_classes() -> list[type]:
+    out = []
+    for name in probes.__all__:
+        obj = getattr(probes, name)
+        if isinstance(obj, type) and issubclass(obj, Result) and obj is not Result:
+            out.append(obj)
+    return out
+
+
+def test_every_public_result_has_a_drawer() -> None:
+    classes = _result_classes()
+    assert len(classes) >= 12
+    missing = [c.__name__ for c in classes if not any(k.__name__ in figures.DRAWERS for k in c.__mro__)]
+    assert not missing, f"results drawn only by the generic fallback: {missing}"
+    assert set(figures.DRAWERS) <= {c.__name__ for c in classes}, "a drawer for a class that does not exist"
+
+
+def test_figure_delegates_and_uses_the_template() -> None:
+    res = probes.hessian_eigenvalues(
+        torch.nn.Linear(3, 2).double(),
+        (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2).double()),
+        k=2,
+    )
+    fig = res.figure(title="t")
+    assert fig.layout.template.layout.colorway == figures.PALETTE  # the dynascope template, not plotly's
+    assert fig.layout.title.text == "t"
+    assert list(fig.data[-1].y) == pytest.approx(res.values.tolist())
+
+
+def test_log_axes_tick_decades_only() -> None:
+    fig = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[1e-3, 10])))
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1
+    assert fig.layout.yaxis.exponentformat == "power"
+    frame = figures.nc_frame({})
+    nc = figures.nc_figure(frame)
+    assert nc.layout.yaxis.dtick == 1 and nc.layout.yaxis4.dtick is None  # NC4 is a fraction: linear
+
+
+def test_trajectory_figure_keeps_residuals_off_the_value_axis(tmp_path: Path) -> None:
+    from dynascope.store import ResultStore
+
+    store = ResultStore(tmp_path)
+    model = torch.nn.Linear(3, 2).double()
+    data = (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2).double())
+    for step in (0, 1):
+        store.put(
+            "hessian_eigenvalues",
+            f"h{step}",
+            {"k": 2},
+            probes.hessian_eigenvalues(model, data, k=2),
+            step=step,
+        )
+    names = {t.name for t in figures.trajectory_figure(store, "hessian_eigenvalues").data}
+    assert {"values_1", "values_2"} <= names
+    assert not any(n.startswith(("residuals", "stderr")) for n in names)
+
+
+def test_write_figure_formats(tmp_path: Path) -> None:
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+    out = figures.write_figure(fig, tmp_path / "f.html")
+    assert "plotly" in out.read_text()[:20000].lower()
+    with pytest.raises(figures.ExportError, match="cannot write a figure as 'gif'"):
+        figures.write_figure(fig, tmp_path / "f.gif")
+    with pytest.raises(figures.ExportError, match="image format"):
+        figures.figure_image(fig, "bmp")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium for kaleido")
+@pytest.mark.parametrize("fmt", ["svg", "pdf"])
+def test_vector_formats(tmp_path: Path, fmt: str) -> None:
+    out = figures.write_figure(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])), tmp_path / f"f.{fmt}")
+    head = out.read_bytes()[:200]
+    assert (b"<svg" in head) if fmt == "svg" else head.startswith(b"%PDF")
