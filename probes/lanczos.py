@@ -1,13 +1,28 @@
 """Lanczos on any symmetric :class:`~dynascope.probes.operators.LinearOperator`.
 
-Both routines keep the Krylov basis ``Q`` in the operator's dtype and device, orthogonalise every
-new vector against the whole basis twice (classical Gram-Schmidt, "twice is enough"), and build the
-tridiagonal ``T`` in float64.
+* :func:`eigsh` — extremal eigenpairs by **block** Lanczos with thick (Krylov–Schur) restarts.
+  Each step applies the operator to a block ``X`` of ``b`` orthonormal vectors in one ``matmat``
+  (one data pass), projects ``W = A X`` on the whole basis ``V`` (``H[:, X] = Vᵀ W``, float64),
+  orthogonalises ``W`` against ``V`` twice (classical Gram–Schmidt, "twice is enough") and takes
+  ``W = X₊ R`` (QR) as the next block. Then ``A V = V H + X₊ R E_Xᵀ``: a Ritz pair
+  ``(θ, y = V s)`` of ``H`` has residual ``‖A y − θ y‖ = ‖R s_X‖`` (``s_X``: the rows of ``s`` on the
+  last block) and is *converged* when that is at most ``tol · max(|θ|, 1e-3 · ‖H‖)``.
+  Iteration stops on residuals only (never on the change of θ); unconverged pairs are reported
+  as such.
 
-* :func:`eigsh` — extremal eigenpairs. A Ritz pair ``(θ, y = Q s)`` has residual
-  ``‖A y − θ y‖ = β_m |s_m|``; it is *converged* when that residual is at most
-  ``tol · max(|θ|, 1e-3 · ‖T‖)``. Iteration stops when all wanted pairs are converged (never on the
-  change of θ between iterations); unconverged pairs are reported as such.
+  *Multiplicities.* A block Krylov space from ``b`` random vectors holds at most ``b`` copies of an
+  eigenvalue (a single vector cannot see a repeated eigenvalue at all). When a run has converged,
+  Ritz values whose error intervals ``θ ± max(residual, tol·|θ|)`` overlap form a cluster; a
+  cluster of ``b`` values (the block's capacity) followed by other wanted values could be hiding
+  further copies. Then the run's wanted vectors are *locked*, a new run starts from a fresh random
+  block on their orthogonal complement (the deflated operator), and the results are merged; this
+  repeats until no full cluster remains. A cluster that could still hide copies when the budget or
+  the memory runs out marks the values after it as not converged.
+
+  *Memory.* The basis grows block by block (never preallocated) until locked vectors plus basis
+  reach ``max_basis`` vectors of the operator's dtype, then restarts in place on the ``p`` best
+  Ritz vectors. Peak memory over one product: ``(max_basis + 2 b) · P`` numbers (locked vectors,
+  basis, ``W`` and the QR factor), reported as ``EigshOutput.peak_basis_vectors``.
 * :func:`lanczos_tridiagonal` — several independent recurrences at once (one ``matmat`` per step
   serves all probes), as needed by stochastic Lanczos quadrature.
 """
@@ -29,7 +44,10 @@ class EigshOutput:
 
     ``values`` (float64), ``vectors`` ``[P, k]`` (operator dtype, unit columns, or ``None``),
     ``residuals`` ``‖A y − θ y‖`` (float64), ``converged`` (bool per value), ``n_matvecs``,
-    ``n_iter`` (Krylov dimension reached).
+    ``n_iter`` (basis vectors expanded, = products), ``n_passes`` (``matmat`` calls),
+    ``block_size``, ``n_restarts`` (thick restarts), ``n_runs`` (runs after locking, see
+    :func:`eigsh`) and ``peak_basis_vectors`` (most vectors of length P held at once: locked vectors,
+    basis, product block and QR factor).
     """
 
     values: torch.Tensor
@@ -38,6 +56,23 @@ class EigshOutput:
     converged: torch.Tensor
     n_matvecs: int
     n_iter: int
+    n_passes: int = 0
+    block_size: int = 1
+    n_restarts: int = 0
+    n_runs: int = 1
+    peak_basis_vectors: int = 0
+
+    def memory_bytes(self, size: int, dtype: torch.dtype) -> int:
+        """Bytes of the solver's vectors at their peak for an operator of ``size`` in ``dtype``."""
+        return self.peak_basis_vectors * size * torch.empty((), dtype=dtype).element_size()
+
+
+#: Seed offset between successive random blocks (restart directions, block growth).
+RANDOM_BLOCK_SEED_STRIDE = 7919
+#: A QR column whose |R_ii| is below this many machine epsilons times ‖H‖ is a breakdown direction.
+BREAKDOWN_EPS = 100.0
+#: Rows per chunk when restarting the basis in place (bounds the temporary to chunk × basis size).
+RESTART_CHUNK_ROWS = 1 << 16
 
 
 def _tridiagonal(alpha: list[float], beta: list[float]) -> torch.Tensor:
@@ -49,39 +84,289 @@ def _tridiagonal(alpha: list[float], beta: list[float]) -> torch.Tensor:
     return T
 
 
-def _pick(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    """Indices (into ascending ``theta``) of the wanted Ritz values."""
+def _orders(theta: torch.Tensor, k: int, which: str) -> list[tuple[torch.Tensor, int]]:
+    """``[(indices in preference order, how many of them are wanted)]`` for ascending ``theta``.
+
+    ``"BE"`` has two ends, each with ``k`` wanted values.
+    """
     m = theta.numel()
-    k = min(k, m)
+    desc, asc = torch.arange(m - 1, -1, -1), torch.arange(m)
     if which == "LA":
-        return torch.arange(m - k, m)
+        return [(desc, min(k, m))]
     if which == "SA":
-        return torch.arange(0, k)
+        return [(asc, min(k, m))]
     if which == "LM":
-        return torch.argsort(theta.abs(), descending=True)[:k]
-    lo = torch.arange(0, min(k, m))  # "BE": k from each end
-    hi = torch.arange(max(m - k, 0), m)
-    return torch.unique(torch.cat([lo, hi]))
+        return [(torch.argsort(theta.abs(), descending=True), min(k, m))]
+    return [(desc, min(k, m)), (asc, min(k, m))]
 
 
-def _orthogonalize(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Remove the span of the rows of ``Q`` from ``w`` (two Gram-Schmidt sweeps)."""
-    for _ in range(2):
-        w = w - Q.T @ (Q @ w)
-    return w
+def _wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    """Indices (into ascending ``theta``) of the wanted Ritz values, without repeats."""
+    idx = torch.cat([order[:n] for order, n in _orders(theta, k, which)])
+    return torch.unique(idx)
 
 
-def _start_vector(op: LinearOperator, v0: torch.Tensor | None, seed: int) -> torch.Tensor:
+def _keep_order(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    """All Ritz indices by preference for a restart (the ends of ``"BE"`` interleaved)."""
+    orders = _orders(theta, k, which)
+    if len(orders) == 1:
+        return orders[0][0]
+    a, b = orders[0][0], orders[1][0]
+    seen: list[int] = []
+    for i, j in zip(a.tolist(), b.tolist()):
+        for t in (i, j):
+            if t not in seen:
+                seen.append(t)
+    return torch.tensor(seen, dtype=torch.long)
+
+
+class _Basis:
+    """Orthonormal columns ``V = [B_1 | B_2 | …]`` kept as a list of blocks (grown without copies)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[torch.Tensor] = []
+
+    @property
+    def size(self) -> int:
+        return sum(B.shape[1] for B in self.blocks)
+
+    def append(self, X: torch.Tensor) -> None:
+        self.blocks.append(X)
+
+    def project(self, W: torch.Tensor) -> torch.Tensor:
+        """``Vᵀ W``."""
+        return torch.cat([B.T @ W for B in self.blocks], dim=0)
+
+    def subtract(self, W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """``W − V C`` in place."""
+        lo = 0
+        for B in self.blocks:
+            W.addmm_(B, C[lo : lo + B.shape[1]].to(W.dtype), alpha=-1.0)
+            lo += B.shape[1]
+        return W
+
+    def orthogonalize(self, W: torch.Tensor) -> torch.Tensor:
+        """Remove the span of ``V`` from ``W`` (two classical Gram–Schmidt sweeps), in place."""
+        for _ in range(2):
+            if self.blocks:
+                self.subtract(W, self.project(W))
+        return W
+
+    def combine(self, S: torch.Tensor) -> torch.Tensor:
+        """``V S`` as a new ``[P, j]`` tensor."""
+        out = None
+        lo = 0
+        for B in self.blocks:
+            part = B @ S[lo : lo + B.shape[1]].to(B.dtype)
+            out = part if out is None else out.add_(part)
+            lo += B.shape[1]
+        assert out is not None
+        return out
+
+    def restart(self, S: torch.Tensor) -> None:
+        """``V ← V S`` (``S``: ``[m, p]``, ``p ≤ m``) in place, by row chunks: no second basis in memory."""
+        p = S.shape[1]
+        S = S.to(self.blocks[0].dtype)
+        P = self.blocks[0].shape[0]
+        for r0 in range(0, P, RESTART_CHUNK_ROWS):
+            rows = slice(r0, min(r0 + RESTART_CHUNK_ROWS, P))
+            Y = torch.cat([B[rows] for B in self.blocks], dim=1) @ S
+            lo = 0
+            for B in self.blocks:
+                n = min(B.shape[1], p - lo)
+                if n <= 0:
+                    break
+                B[rows, :n] = Y[:, lo : lo + n]
+                lo += n
+        kept, lo = [], 0
+        for B in self.blocks:
+            n = min(B.shape[1], p - lo)
+            if n <= 0:
+                break
+            kept.append(B[:, :n])
+            lo += n
+        self.blocks = kept
+
+
+def _random_block(size: int, b: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    return random_vectors(size, b, seed=seed, dtype=like.dtype, device=like.device)
+
+
+def _start_block(
+    op: LinearOperator, v0: torch.Tensor | None, b: int, seed: int, device: torch.device
+) -> torch.Tensor:
+    """The first block: ``v0``'s columns (a warm start) filled up to ``b`` with seeded random vectors."""
+    rand = random_vectors(op.size, b, seed=seed, dtype=op.dtype, device=device)
     if v0 is None:
-        return random_vectors(op.size, 1, seed=seed, dtype=op.dtype, device=op.device)[:, 0]
-    v0 = v0.to(device=op.device, dtype=op.dtype)
-    if v0.dim() == 2:  # warm start from previous eigenvectors: their sum plus a small random part
-        noise = random_vectors(op.size, 1, seed=seed, dtype=op.dtype, device=op.device)[:, 0]
-        v0 = v0.sum(dim=1) / max(v0.shape[1], 1) ** 0.5
-        v0 = v0 + 1e-2 * v0.norm() * noise / noise.norm()
-    if v0.shape != (op.size,) or not torch.isfinite(v0).all() or float(v0.norm()) == 0.0:
+        return rand
+    v0 = v0.to(device=device, dtype=op.dtype)
+    v0 = v0[:, None] if v0.dim() == 1 else v0
+    if (
+        v0.dim() != 2
+        or v0.shape[0] != op.size
+        or not bool(torch.isfinite(v0).all())
+        or not bool((v0.norm(dim=0) > 0).all())
+    ):
         raise ValueError(f"v0 must be a finite nonzero vector of length {op.size} (or [P, j] eigenvectors)")
-    return v0
+    fill = max(b - v0.shape[1], 0)
+    return torch.cat([v0, rand[:, :fill]], dim=1) if fill else v0
+
+
+def _orthonormal_block(
+    W: torch.Tensor, basis: _Basis, scale: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W = X R`` with ``X`` orthonormal and orthogonal to ``basis``; a column whose ``|R_ii|`` is at
+    breakdown level is replaced by a fresh random direction (its row of ``R`` set to 0)."""
+    X, R = torch.linalg.qr(W)
+    R = R.double()
+    small = R.diagonal().abs() <= BREAKDOWN_EPS * torch.finfo(W.dtype).eps * max(scale, 1e-300)
+    for t, i in enumerate(torch.nonzero(small).flatten().tolist()):
+        for attempt in range(4):
+            z = _random_block(W.shape[0], 1, seed + RANDOM_BLOCK_SEED_STRIDE * (t * 4 + attempt + 1), W)
+            basis.orthogonalize(z)
+            others = torch.cat([X[:, :i], X[:, i + 1 :]], dim=1)
+            for _ in range(2):
+                z -= others @ (others.T @ z)
+            norm = float(z.norm())
+            if norm > 1e-3:
+                X[:, i] = z[:, 0] / norm
+                break
+        else:
+            X[:, i] = 0.0  # the space is exhausted (basis spans everything): a null direction
+        R[i, :] = 0.0
+    return X, R
+
+
+def _clusters(values: torch.Tensor, radii: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, end)]`` runs of consecutive ``values`` (in the given order) whose intervals
+    ``value ± radius`` overlap their neighbour's."""
+    runs, start = [], 0
+    for i in range(1, values.numel() + 1):
+        if i == values.numel() or float((values[i] - values[i - 1]).abs()) > float(radii[i] + radii[i - 1]):
+            runs.append((start, i - 1))
+            start = i
+    return runs
+
+
+def _capacity_ends(
+    theta: torch.Tensor, res: torch.Tensor, radius: torch.Tensor, k: int, which: str, block: int
+) -> list[float | None]:
+    """Per preference order (one, or two for ``"BE"``): the last value of the first cluster of
+    ``block`` wanted Ritz values (the block's capacity: it may hide further copies), else ``None``."""
+    out: list[float | None] = []
+    for order, n in _orders(theta, k, which):
+        window = order[: min(order.numel(), n + block)]
+        found = None
+        for start, end in _clusters(theta[window], radius[window]):
+            if start >= n:
+                break
+            if end - start + 1 >= block:
+                found = float(theta[window[end]])
+                break
+        out.append(found)
+    return out
+
+
+def _displaced(
+    values: torch.Tensor, e: float, k: int, which: str, end: int, tol: float, scale: float
+) -> torch.Tensor:
+    """Mask of the wanted ``values`` (the best ``k`` per end) that come after ``e`` — the last value of
+    a full cluster — in the preference order of ``end`` (by more than ``e``'s convergence radius)."""
+    margin = tol * max(abs(e), 1e-3 * scale)
+    order = torch.argsort(values)
+    wanted = torch.zeros_like(values, dtype=torch.bool)
+    wanted[order[_wanted(values[order], k, which)]] = True
+    if which == "LM":
+        behind = values.abs() < abs(e) - margin
+    elif which == "SA" or (which == "BE" and end == 1):
+        behind = values > e + margin
+    else:
+        behind = values < e - margin
+    return wanted & behind
+
+
+@dataclass
+class _Run:
+    """One block Krylov run on the complement of the locked vectors (see :func:`eigsh`)."""
+
+    theta: torch.Tensor  # ascending Ritz values of the run's projected matrix
+    res: torch.Tensor  # their residuals
+    S: torch.Tensor
+    basis: _Basis
+    used: int
+    passes: int
+    restarts: int
+    peak: int
+    exhausted: bool  # locked + basis span the whole space: the values are exact
+
+
+def _krylov_run(
+    op: LinearOperator,
+    locked: _Basis,
+    X: torch.Tensor,
+    *,
+    k: int,
+    which: str,
+    tol: float,
+    budget: int,
+    cap: int,
+    seed: int,
+    device: torch.device,
+) -> _Run:
+    """Block Lanczos with thick restarts on ``locked``'s orthogonal complement, from block ``X``,
+    until the ``k`` wanted values (per end) converge, ``budget`` products are spent, or the space is
+    exhausted. ``cap``: most basis vectors of this run."""
+    P, n_locked = op.size, locked.size
+    n_want = min(2 * k if which == "BE" else k, P - n_locked)
+    basis = _Basis()
+    H = torch.zeros(0, 0, dtype=torch.float64)
+    used = passes = restarts = peak = 0
+    width = X.shape[1]
+    while True:
+        lo = basis.size
+        basis.append(X)
+        m = basis.size
+        W = op.matmat(X).to(device)
+        used += X.shape[1]
+        passes += 1
+        C = basis.project(W)
+        basis.subtract(W, C)
+        locked.orthogonalize(W)
+        C2 = basis.project(W)  # second Gram–Schmidt sweep: its coefficients belong to H too
+        basis.subtract(W, C2)
+        col = (C + C2).double().cpu()
+        Hn = torch.zeros(m, m, dtype=torch.float64)
+        Hn[:lo, :lo] = H
+        Hn[:, lo:] = col
+        Hn[lo:, :] = col.T
+        H = (Hn + Hn.T) / 2
+        theta, S = torch.linalg.eigh(H)
+        scale = float(theta.abs().max()) or 1.0
+        peak = max(peak, n_locked + m + 2 * X.shape[1])
+        exhausted = n_locked + m >= P
+        if exhausted:
+            R = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
+            Xn = X
+        else:
+            both = _Basis()
+            both.blocks = locked.blocks + basis.blocks
+            Xn, R = _orthonormal_block(W, both, scale, seed + RANDOM_BLOCK_SEED_STRIDE * (used + 1))
+        del W
+        res = (R @ S[lo:, :]).norm(dim=0)  # ‖A y − θ y‖ for every Ritz pair
+        wanted = _wanted(theta, k, which)
+        conv = res[wanted] <= tol * torch.clamp(theta[wanted].abs(), min=1e-3 * scale)
+        room = budget - used
+        if exhausted or room <= 0 or (wanted.numel() >= n_want and bool(conv.all())):
+            return _Run(theta, res, S, basis, used, passes, restarts, peak, exhausted)
+        next_width = min(width, P - n_locked - m, room)
+        Xn = Xn[:, :next_width]
+        if basis.size + Xn.shape[1] > cap:
+            keep = _keep_order(theta, k, which)
+            p = min(cap - Xn.shape[1], max(n_want + width, (2 * (cap - Xn.shape[1])) // 3))
+            basis.restart(S[:, keep[:p]])
+            H = torch.diag(theta[keep[:p]])
+            restarts += 1
+        X = Xn
 
 
 def eigsh(
@@ -94,13 +379,25 @@ def eigsh(
     v0: torch.Tensor | None = None,
     seed: int = 0,
     return_vectors: bool = True,
+    block_size: int = 2,
+    max_basis: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigshOutput:
-    """Extremal eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+    """Extremal eigenpairs of a symmetric operator by block Lanczos with thick restarts (module docstring).
 
-    ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest
-    magnitude, ``"BE"`` k from both ends. ``v0``: start vector, or ``[P, j]`` previous
-    eigenvectors for a warm start. ``max_iter`` (default ``min(P, max(100, 20k))``) bounds the
-    Krylov dimension, so memory is ``max_iter · P`` numbers of the operator's dtype.
+    ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude,
+    ``"BE"`` k from both ends. ``v0``: start vector, or ``[P, j]`` previous eigenvectors for a warm
+    start (the first block is then ``j`` wide, at least ``block_size``). ``max_iter``: budget of
+    operator-vector products (default ``max(300, 60 k)``). ``block_size``: ``b ≥ 1`` (default 2).
+    ``max_basis``: most vectors held (locked + basis; default ``3 k' + 20`` for ``k'`` wanted values,
+    at most P), so memory is at most ``(max_basis + 2 b) · P`` numbers of the operator's dtype.
+    ``basis_device``: where the vectors live (e.g. ``"cpu"`` while the products run on a GPU).
+
+    Multiplicities: a run with block size ``b`` holds at most ``b`` copies of an eigenvalue. When a
+    converged run shows a cluster of ``b`` values followed by other wanted values, its wanted
+    vectors are *locked* and a new run from a fresh random block on their orthogonal complement
+    looks for further copies; the results are merged. A cluster that could still hide copies when
+    the budget or the memory runs out marks the values after it as not converged.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}; got {which!r}")
@@ -108,70 +405,90 @@ def eigsh(
         raise ValueError(f"k must be between 1 and the operator size {op.size}; got {k}")
     if tol <= 0:
         raise ValueError(f"tol must be positive; got {tol}")
-    n_want = 2 * k if which == "BE" else k
-    n_want = min(n_want, op.size)
-    m_max = min(op.size, max_iter if max_iter is not None else max(100, 20 * k))
-    if m_max < n_want:
-        raise ValueError(f"max_iter={m_max} is smaller than the number of wanted eigenvalues {n_want}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    P = op.size
+    n_want = min(2 * k if which == "BE" else k, P)
+    b = min(block_size, P)
+    budget = max_iter if max_iter is not None else max(300, 60 * k)
+    if budget < n_want:
+        raise ValueError(f"max_iter={budget} is smaller than the number of wanted eigenvalues {n_want}")
+    cap = min(P, max_basis if max_basis is not None else 3 * n_want + 20)
+    if cap < min(P, n_want + 2 * b):
+        raise ValueError(
+            f"max_basis={cap} is too small: it must hold the {n_want} wanted vectors plus two blocks "
+            f"of {b} (at least {n_want + 2 * b})"
+        )
+    device = torch.device(basis_device) if basis_device is not None else op.device
     start_matvecs = op.n_matvecs
-    Q = torch.zeros(m_max, op.size, dtype=op.dtype, device=op.device)
-    q = _start_vector(op, v0, seed)
-    q = q / q.norm()
-    alpha: list[float] = []
-    beta: list[float] = []
-    restarts = 0
-    theta = S = idx = res = None
-    for j in range(m_max):
-        Q[j] = q
-        w = op.matvec(q)
-        a = float(torch.dot(q.double(), w.double()))
-        w = w - a * q
-        if j > 0:
-            w = w - beta[j - 1] * Q[j - 1]
-        w = _orthogonalize(w, Q[: j + 1])
-        b = float(w.norm())
-        alpha.append(a)
-        T = _tridiagonal(alpha, beta)
-        theta, S = torch.linalg.eigh(T)
-        scale = float(theta.abs().max()) or 1.0
-        idx = _pick(theta, k, which)
-        res = b * S[-1, idx].abs()
-        conv = res <= tol * torch.clamp(theta[idx].abs(), min=1e-3 * scale)
-        done = j + 1 == op.size or (idx.numel() >= n_want and bool(conv.all()))
-        if done or j + 1 == m_max:
+    locked = _Basis()
+    values = torch.zeros(0, dtype=torch.float64)  # locked values, residuals and convergence
+    residuals = torch.zeros(0, dtype=torch.float64)
+    converged = torch.zeros(0, dtype=torch.bool)
+    used = passes = restarts = peak = runs = 0
+    k_run, start = k, _start_block(op, v0, b, seed, device)
+    doubt: list[float | None] = []  # full clusters (per end) not yet looked behind by a converged run
+    scale = 1.0
+    while True:
+        width = min(start.shape[1], budget - used, P - locked.size)
+        X = start[:, :width]
+        if locked.size:
+            locked.orthogonalize(X)
+        X, _ = torch.linalg.qr(X)
+        run = _krylov_run(
+            op, locked, X, k=k_run, which=which, tol=tol, budget=budget - used, cap=cap - locked.size,
+            seed=seed + RANDOM_BLOCK_SEED_STRIDE * runs, device=device,
+        )  # fmt: skip
+        runs += 1
+        used, passes, restarts = used + run.used, passes + run.passes, restarts + run.restarts
+        peak = max(peak, run.peak)
+        scale = max(float(run.theta.abs().max()), float(values.abs().max()) if values.numel() else 0.0) or 1.0
+        floor = tol * torch.clamp(run.theta.abs(), min=1e-3 * scale)
+        idx = _wanted(run.theta, k_run, which)
+        conv = run.res[idx] <= floor[idx]
+        # lock this run's wanted vectors; the answer is the best n_want of everything found so far
+        locked.append(run.basis.combine(run.S[:, idx]))
+        values = torch.cat([values, run.theta[idx]])
+        residuals = torch.cat([residuals, run.res[idx]])
+        converged = torch.cat([converged, conv])
+        if not bool(conv.all()):
+            break  # out of budget: the doubt of the previous run (if any) stands
+        doubt = [] if run.exhausted else _capacity_ends(run.theta, run.res, torch.maximum(run.res, floor),
+                                                         k_run, which, b)  # fmt: skip
+        need = max((int(_displaced(values, e, k, which, end, tol, scale).sum()) for end, e in enumerate(doubt)
+                    if e is not None), default=0)  # fmt: skip
+        if need == 0:
+            doubt = []
             break
-        if b <= 1e-10 * scale * max(1.0, abs(a)) or b == 0.0:
-            # invariant subspace: restart with a fresh random direction orthogonal to the basis
-            restarts += 1
-            w = random_vectors(op.size, 1, seed=seed + 7919 * restarts, dtype=op.dtype, device=op.device)[
-                :, 0
-            ]
-            w = _orthogonalize(w, Q[: j + 1])
-            b_next = float(w.norm())
-            if b_next == 0.0:
-                break
-            beta.append(0.0)
-            q = w / b_next
-            continue
-        beta.append(b)
-        q = w / b
-    assert theta is not None and S is not None and idx is not None and res is not None
-    m = len(alpha)
-    order = torch.argsort(theta[idx], descending=True)
-    idx, res = idx[order], res[order]
-    values = theta[idx]
-    conv = res <= tol * torch.clamp(values.abs(), min=1e-3 * (float(theta.abs().max()) or 1.0))
+        if used >= budget or locked.size + min(need, n_want) + 2 * b > cap:
+            break
+        k_run = need
+        start = random_vectors(P, b, seed=seed + RANDOM_BLOCK_SEED_STRIDE * (runs + 101), dtype=op.dtype,
+                               device=device)  # fmt: skip
+    order = torch.argsort(values)
+    sel = order[_wanted(values[order], k, which)]
+    sel = sel[torch.argsort(values[sel], descending=True)]
+    out_conv = converged[sel].clone()
+    for end, e in enumerate(doubt):  # a full cluster not looked behind: later values may be displaced
+        if e is not None:
+            out_conv &= ~_displaced(values, e, k, which, end, tol, scale)[sel]
     vectors = None
     if return_vectors:
-        vectors = Q[:m].T @ S[:, idx].to(op.dtype).to(op.device)
+        allv = torch.cat(locked.blocks, dim=1)
+        vectors = allv[:, sel].to(op.device)
         vectors = vectors / vectors.norm(dim=0, keepdim=True)
     return EigshOutput(
-        values=values.clone(),
+        values=values[sel].clone(),
         vectors=vectors,
-        residuals=res.clone(),
-        converged=conv.clone(),
+        residuals=residuals[sel].clone(),
+        converged=out_conv,
         n_matvecs=op.n_matvecs - start_matvecs,
-        n_iter=m,
+        n_iter=used,
+        n_passes=passes,
+        block_size=b,
+        n_restarts=restarts,
+        n_runs=runs,
+        peak_basis_vectors=peak,
     )
 
 
