@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
-from .operators import ModeGuard
+from .functional import ModeGuard
 
 __all__ = [
     "UnsupportedArchitectureError",

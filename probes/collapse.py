@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
-from .operators import ModeGuard, check_finite
+from .functional import ModeGuard, check_finite
 from .results import Result, make_meta
 
 __all__ = [

@@ -35,8 +35,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..datasets.batching import BatchSource, as_batches
+from .functional import ModeGuard, check_finite
 from .losses import Loss, resolve_loss
-from .operators import ModeGuard, check_finite
 from .results import Result, make_meta
 
 __all__ = ["LMCResult", "lmc_barrier", "interpolate_state", "reestimate_batchnorm", "evaluate", "barrier_of"]

@@ -19,6 +19,22 @@ from dataclasses import dataclass
 import torch
 
 from .operators import LinearOperator, random_vectors
+from .seeds import LANCZOS_RESTART_STRIDE
+
+#: Ritz pairs are converged when ``‖A u − θ u‖ ≤ tol·max(|θ|, EIGENVALUE_FLOOR·max|θ|)``: eigenvalues
+#: below this fraction of the largest are judged on an absolute scale (relative error is meaningless there).
+EIGENVALUE_FLOOR = 1e-3
+#: float64 breakdown: ``β_j ≤ 1e-10·scale`` marks an invariant subspace (see :func:`breakdown_rtol`).
+BREAKDOWN_RTOL_FLOAT64 = 1e-10
+#: In lower precisions rounding alone leaves ``β ≈ eps·‖A‖``: breakdown below ``10·eps`` of the scale.
+BREAKDOWN_EPS_MULTIPLE = 10
+
+
+def breakdown_rtol(dtype: torch.dtype) -> float:
+    """Relative size below which a Lanczos ``β_j`` is a breakdown (an invariant subspace) in ``dtype``:
+    ``max(1e-10, 10·eps)`` — 1e-10 in float64, 1.2e-6 in float32, 9.8e-3 in float16, 7.8e-2 in bfloat16."""
+    return max(BREAKDOWN_RTOL_FLOAT64, BREAKDOWN_EPS_MULTIPLE * torch.finfo(dtype).eps)
+
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -120,6 +136,7 @@ def eigsh(
     alpha: list[float] = []
     beta: list[float] = []
     restarts = 0
+    breakdown = breakdown_rtol(op.dtype)
     theta = S = idx = res = None
     for j in range(m_max):
         Q[j] = q
@@ -136,16 +153,16 @@ def eigsh(
         scale = float(theta.abs().max()) or 1.0
         idx = _pick(theta, k, which)
         res = b * S[-1, idx].abs()
-        conv = res <= tol * torch.clamp(theta[idx].abs(), min=1e-3 * scale)
+        conv = res <= tol * torch.clamp(theta[idx].abs(), min=EIGENVALUE_FLOOR * scale)
         done = j + 1 == op.size or (idx.numel() >= n_want and bool(conv.all()))
         if done or j + 1 == m_max:
             break
-        if b <= 1e-10 * scale * max(1.0, abs(a)) or b == 0.0:
+        if b <= breakdown * scale * max(1.0, abs(a)) or b == 0.0:
             # invariant subspace: restart with a fresh random direction orthogonal to the basis
             restarts += 1
-            w = random_vectors(op.size, 1, seed=seed + 7919 * restarts, dtype=op.dtype, device=op.device)[
-                :, 0
-            ]
+            w = random_vectors(
+                op.size, 1, seed=seed + LANCZOS_RESTART_STRIDE * restarts, dtype=op.dtype, device=op.device
+            )[:, 0]
             w = _orthogonalize(w, Q[: j + 1])
             b_next = float(w.norm())
             if b_next == 0.0:
@@ -160,7 +177,7 @@ def eigsh(
     order = torch.argsort(theta[idx], descending=True)
     idx, res = idx[order], res[order]
     values = theta[idx]
-    conv = res <= tol * torch.clamp(values.abs(), min=1e-3 * (float(theta.abs().max()) or 1.0))
+    conv = res <= tol * torch.clamp(values.abs(), min=EIGENVALUE_FLOOR * (float(theta.abs().max()) or 1.0))
     vectors = None
     if return_vectors:
         vectors = Q[:m].T @ S[:, idx].to(op.dtype).to(op.device)
@@ -238,7 +255,7 @@ def lanczos_tridiagonal(
             break
         b = W.double().norm(dim=0).cpu()
         scale = alpha[:, : j + 1].abs().max(dim=1).values.clamp(min=1e-300)
-        broke = active & (b <= 1e-10 * scale)
+        broke = active & (b <= breakdown_rtol(op.dtype) * scale)
         length = torch.where(broke, torch.full_like(length, j + 1), length)
         active = active & ~broke
         if not bool(active.any()):

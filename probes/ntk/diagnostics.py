@@ -29,6 +29,7 @@ from torch import nn
 from ...datasets.batching import as_batches
 from ..lanczos import eigsh
 from ..results import Result, make_meta
+from ..seeds import NTK_PROBE_OFFSET
 from .empirical import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
 from .kernels import (
     center_kernel,
@@ -204,7 +205,7 @@ def ntk_probe(
         trace = float(op.trace(chunk_size=chunk_size, max_memory=max_memory))
         Yt = Yc.to(op.dtype)
         num = float((Yc * op.matmat(Yt).double()).sum())  # ⟨K_c, Y_c Y_cᵀ⟩ = tr(Y_cᵀ K Y_c)
-        Z = _rademacher(M, n_probes, seed + 1, op.dtype, op.device)
+        Z = _rademacher(M, n_probes, seed + NTK_PROBE_OFFSET, op.dtype, op.device)
         KcZ = _center_columns(op.matmat(_center_columns(Z, n)), n).double()
         sq = KcZ.pow(2).sum(dim=0)  # unbiased samples of ‖K_c‖_F²
         kc_norm = float(sq.mean().sqrt())
