@@ -36,7 +36,7 @@ from .lanczos import eigsh, lanczos_tridiagonal
 from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
 from .seeds import DEFLATION_OFFSET
-from .validation import check_int
+from .validation import check_float, check_int
 
 
 class DeflatedOperator(LinearOperator):
@@ -143,8 +143,7 @@ def smooth_density(
         sigma = (0.02 if log_scale else 0.01) * span
         if sigma <= 0:
             sigma = 1e-3 * max(float(vals.abs().max()), 1.0)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive; got {sigma}")
+    check_float("sigma", sigma, min=0, min_open=True)
     if grid is None or isinstance(grid, int):
         n = 1000 if grid is None else grid
         if n < 2:

@@ -418,7 +418,7 @@ def layerwise_hessian(
                 "groups": {n: list(v) for n, v in blocks.items()}}  # fmt: skip
     meta = make_meta(
         "layerwise_hessian", model=model, params=settings, started=t0, operator=operator,
-        n_matvecs=sum(matvecs), seed=seed, mode=mode, **shared,
+        n_matvecs=sum(matvecs), seed=seed, mode=mode, n_params=sum(sizes), **shared,
         note="blocks are diagonal blocks H_ll (other layers fixed); block traces sum to tr(H)",
     )  # fmt: skip
     return LayerwiseHessianResult(

@@ -20,6 +20,7 @@ import torch
 
 from .operators import LinearOperator, random_vectors
 from .seeds import LANCZOS_RESTART_STRIDE
+from .validation import check_choice, check_float, check_int
 
 #: Ritz pairs are converged when ``‖A u − θ u‖ ≤ tol·max(|θ|, EIGENVALUE_FLOOR·max|θ|)``: eigenvalues
 #: below this fraction of the largest are judged on an absolute scale (relative error is meaningless there).
@@ -118,12 +119,11 @@ def eigsh(
     eigenvectors for a warm start. ``max_iter`` (default ``min(P, max(100, 20k))``) bounds the
     Krylov dimension, so memory is ``max_iter · P`` numbers of the operator's dtype.
     """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}; got {which!r}")
-    if not 1 <= k <= op.size:
-        raise ValueError(f"k must be between 1 and the operator size {op.size}; got {k}")
-    if tol <= 0:
-        raise ValueError(f"tol must be positive; got {tol}")
+    check_choice("which", which, WHICH)
+    check_int("k", k, min=1, max=op.size)
+    check_float("tol", tol, min=0, min_open=True)
+    check_int("max_iter", max_iter, min=1, optional=True)
+    check_int("seed", seed)
     n_want = 2 * k if which == "BE" else k
     n_want = min(n_want, op.size)
     m_max = min(op.size, max_iter if max_iter is not None else max(100, 20 * k))

@@ -2,12 +2,14 @@
 
 Each check returns the value (an ``int`` / ``float`` / the choice) or raises a ``ValueError`` that names
 the argument, what was expected and what was given, e.g. ``k must be a positive integer; got 0``.
-``bool`` is never accepted as a number (``True`` is an ``int`` in Python, but ``k=True`` is a mistake).
+Python and NumPy integers count as integers, any real (``numbers.Real``) as a number; ``bool`` is never
+accepted as a number (``True`` is an ``int`` in Python, but ``k=True`` is a mistake).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -30,7 +32,7 @@ def check_int(
     """``value`` as an ``int`` in ``[min, max]`` (``None`` passes when ``optional``)."""
     if value is None and optional:
         return None
-    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if ok and (min is None or value >= min) and (max is None or value <= max):
         return int(value)
     if max is None and min in (0, 1):
@@ -54,7 +56,7 @@ def check_float(
     when ``optional``). ``check_float("lr", lr, min=0, min_open=True)``: a positive number."""
     if value is None and optional:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         v = float(value)
         above = min is None or (v > min if min_open else v >= min)

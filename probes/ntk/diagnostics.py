@@ -30,6 +30,7 @@ from ...datasets.batching import as_batches
 from ..lanczos import eigsh
 from ..results import Result, make_meta
 from ..seeds import NTK_PROBE_OFFSET
+from ..validation import check_choice, check_int
 from .empirical import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
 from .kernels import (
     center_kernel,
@@ -152,10 +153,10 @@ def ntk_probe(
     ``meta``); the numerator ``tr(Y_cᵀ K Y_c)`` and the trace ``Σ_i ‖J_i‖_F²`` are exact.
     """
     started = time.perf_counter()
-    if method not in ("auto", "dense", "lanczos"):
-        raise ValueError(f"method must be 'auto', 'dense' or 'lanczos'; got {method!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
+    check_choice("method", method, ("auto", "dense", "lanczos"))
+    check_int("k", k, min=1)
+    check_int("n_probes", n_probes, min=1)
+    check_int("seed", seed)
     x, y = as_batches(data).tensors()
     op = NTKOperator(
         model,

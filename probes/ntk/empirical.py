@@ -51,6 +51,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from ..functional import FunctionalModel, ModeGuard
 from ..operators import LinearOperator
+from ..validation import check_float, check_int
 from .structure import Factors, Site, Taps, contract_site, find_sites
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
@@ -190,12 +191,8 @@ def plan_ntk(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    if max_memory <= 0:
-        raise ValueError(f"max_memory must be positive; got {max_memory}")
+    check_int("chunk_size", chunk_size, min=1, optional=True)
+    check_float("max_memory", max_memory, min=0, min_open=True)
     O, F, A = n_outputs, flops_per_sample, activations_per_sample
     P = n_params if jacobian_numbers is None else jacobian_numbers
     sym = n2 is None
@@ -541,10 +538,7 @@ class NTKOperator(LinearOperator):
     ) -> None:
         if reduce_outputs not in REDUCTIONS:
             raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        check_int("batch_size", batch_size, min=1, optional=True)
         self.fm = _FunctionalModel(model, params=params, mode=mode, device=device)
         self.x = self.fm.prepare(x, "x")
         self.n_outputs = self.fm.output_dim(self.x)
