@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
-from .operators import ModeGuard
+from .functional import ModeGuard
+from .validation import check_int
 
 __all__ = [
     "UnsupportedArchitectureError",
@@ -275,8 +276,7 @@ def weight_matching_permutations(
     """Permutations of ``model_b``'s hidden units maximising ``Σ_params ⟨θ_A, π(θ_B)⟩`` (module docstring)."""
     from scipy.optimize import linear_sum_assignment
 
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}")
+    check_int("max_iter", max_iter, min=1)
     spec = _check_pair(model_a, model_b)
     sa = {k: v.detach().to("cpu", torch.float64) for k, v in model_a.state_dict().items() if k in spec.params}
     sb = {k: v.detach().to("cpu", torch.float64) for k, v in model_b.state_dict().items() if k in spec.params}

@@ -36,6 +36,7 @@ from torch import nn
 from .losses import Loss
 from .per_example import GradientMoments, iter_per_example_gradients, prepare
 from .results import Result, make_meta
+from .validation import check_int
 
 
 def coherence_stats(n: int, s_sq: float, q: float, m: int | None = None) -> dict[str, float]:
@@ -135,8 +136,7 @@ def gradient_coherence(
     ``m``: sample size of the m-coherence (default: the number of samples, resp. the class size).
     ``per_class``: also report each class (integer targets, or argmax of one-hot targets).
     """
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-        raise ValueError(f"m must be a positive integer or None; got {m!r}")
+    check_int("m", m, min=1, optional=True)
     started = time.perf_counter()
     ctx = prepare(model, data, loss=loss, params=params, chunk_size=chunk_size, dtype=dtype, device=device)
     n_classes = 0

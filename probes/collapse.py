@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
-from .operators import ModeGuard, check_finite
+from .functional import ModeGuard, check_finite, check_mode
 from .results import Result, make_meta
+from .validation import check_float, check_int
 
 __all__ = [
     "NeuralCollapseResult",
@@ -332,17 +333,15 @@ def neural_collapse(
     (class means, then exact within-class scatter); every class must have at least one sample.
     """
     started = time.perf_counter()
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
-    if not isinstance(pinv_rtol, (int, float)) or not 0 <= pinv_rtol < 1:
-        raise ValueError(f"pinv_rtol must be a float in [0, 1); got {pinv_rtol!r}")
+    check_mode(mode)
+    if check_float("pinv_rtol", pinv_rtol, min=0, max=1) == 1:
+        raise ValueError(f"pinv_rtol must be a finite number in [0, 1); got {pinv_rtol!r}")
     name, layer = find_classifier(model, classifier)
     check_finite(model)
     weight = layer.weight.detach().to(torch.float64)
     if n_classes is None:
         n_classes = layer.out_features
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-        raise ValueError(f"n_classes must be an integer >= 2; got {n_classes!r}")
+    check_int("n_classes", n_classes, min=2)
     if n_classes != layer.out_features:
         raise ValueError(
             f"n_classes={n_classes} but the classifier {name!r} has {layer.out_features} outputs"

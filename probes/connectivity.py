@@ -35,9 +35,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..datasets.batching import BatchSource, as_batches
+from .functional import ModeGuard, check_finite
 from .losses import Loss, resolve_loss
-from .operators import ModeGuard, check_finite
 from .results import Result, make_meta
+from .validation import check_choice, check_int
 
 __all__ = ["LMCResult", "lmc_barrier", "interpolate_state", "reestimate_batchnorm", "evaluate", "barrier_of"]
 
@@ -237,10 +238,8 @@ def lmc_barrier(
     matching. The inputs are not modified (a copy of model A is evaluated).
     """
     started = time.perf_counter()
-    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
-        raise ValueError(f"n_points must be an integer >= 2; got {n_points!r}")
-    if align not in (None, "weights", "activations"):
-        raise ValueError(f"align must be None, 'weights' or 'activations'; got {align!r}")
+    check_int("n_points", n_points, min=2)
+    check_choice("align", align, (None, "weights", "activations"))
     for label, m in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{label} must be a torch.nn.Module; got {type(m).__name__}")

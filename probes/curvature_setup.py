@@ -1,22 +1,33 @@
-"""Shared plumbing of the Hessian-spectrum probes: operator construction, product recording, ``.meta``.
+"""Shared plumbing of the Hessian-spectrum probes: product recording, the determinism check, ``.meta``.
 
 Every spectral probe (:mod:`.hessian`, :mod:`.trace`, :mod:`.density`) builds one
-:class:`~dynascope.probes.operators.CurvatureOperator`, wraps it in :class:`RecordingOperator`
-(which counts its products and checks afterwards that a product comes out the same twice) and
-fills ``.meta`` with :func:`spectral_meta`.
+:class:`~dynascope.probes.operators.CurvatureOperator` from an
+:class:`~dynascope.probes.operators.OperatorSpec`, wraps it in :class:`RecordingOperator` (which counts
+its products and checks afterwards that a product comes out the same twice) and fills ``.meta``
+with :func:`spectral_meta` (the operator's keys from ``CurvatureOperator.meta()``, as in every probe
+that uses an operator).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .operators import OPERATOR_KINDS, CurvatureOperator, LinearOperator, make_operator, random_vectors
+from .operators import CurvatureOperator, LinearOperator, random_vectors
 from .results import make_meta
+
+#: A recomputed product is deterministic when it agrees with the first to within this many units of
+#: the operator dtype's machine epsilon, relatively (float64: 1.8e-15, float32: 9.5e-7); products on
+#: CPU repeat bit for bit, so the check flags nondeterministic kernels and train-mode randomness.
+DETERMINISM_EPS_MULTIPLE = 8
+
+
+def determinism_rtol(dtype: torch.dtype) -> float:
+    """``DETERMINISM_EPS_MULTIPLE · eps(dtype)``: the largest relative difference still deterministic."""
+    return DETERMINISM_EPS_MULTIPLE * torch.finfo(dtype).eps
 
 
 class RecordingOperator(LinearOperator):
@@ -41,52 +52,6 @@ class RecordingOperator(LinearOperator):
         return float((again - first).norm()) / (float(first.norm()) or 1.0)
 
 
-def check_common(operator: str, mode: str, seed: Any) -> None:
-    """Validate the arguments every spectral probe shares (clear errors before any work)."""
-    if operator not in OPERATOR_KINDS:
-        raise ValueError(f"unknown operator {operator!r}; choose one of {OPERATOR_KINDS}")
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
-
-
-def build_operator(
-    model: nn.Module,
-    data: Any,
-    *,
-    operator: str,
-    loss: Any,
-    params: Sequence[str] | str | None,
-    batch_size: int | None,
-    mode: str,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None,
-    reduce_fn: Callable | None,
-    seed: Any = 0,
-    backend: str = "auto",
-) -> CurvatureOperator:
-    """Validate the shared arguments and build the curvature operator."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    check_common(operator, mode, seed)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
-        raise TypeError(f"batch_size must be an int or None; got {batch_size!r}")
-    return make_operator(
-        model,
-        data,
-        operator=operator,
-        loss=loss,
-        params=params,
-        batch_size=batch_size,
-        mode=mode,
-        dtype=dtype,
-        device=device,
-        reduce_fn=reduce_fn,
-        backend=backend,
-    )
-
-
 def spectral_meta(
     probe: str,
     model: nn.Module,
@@ -102,32 +67,26 @@ def spectral_meta(
     """The ``.meta`` block of a spectral probe.
 
     ``n_matvecs`` counts the algorithm's operator-vector products; the determinism check (two
-    more products, when enabled) is counted separately in ``determinism_matvecs``.
+    more product, when enabled) is counted separately in ``determinism_matvecs``.
     """
     n_matvecs = rec.n_matvecs if rec is not None else op.n_matvecs
     n_passes = rec.n_passes if rec is not None else op.n_passes
     wall = time.perf_counter() - started
     det = rec.determinism() if (check_determinism and rec is not None) else None
+    rtol = determinism_rtol(op.dtype)
     return make_meta(
         probe,
         model=model,
         params=settings,
-        operator=op.kind,
-        loss=op.loss.name,
-        reduction=f"mean over {op.num_samples} samples",
-        n_samples=op.num_samples,
-        n_params=op.size,
+        **op.meta(),
         n_matvecs=n_matvecs,
         n_passes=n_passes,
         wall_time_s=wall,
-        dtype=str(op.dtype),
-        device=str(op.device),
         seed=seed,
-        mode=op.mode,
-        backend=op.backend,
         determinism_rel_diff=det,
         determinism_matvecs=RecordingOperator.DETERMINISM_MATVECS if det is not None else 0,
-        deterministic=None if det is None else bool(det <= 1e-6),
+        determinism_rtol=rtol if det is not None else None,
+        deterministic=None if det is None else bool(det <= rtol),
         **extra,
     )
 

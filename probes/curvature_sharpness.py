@@ -40,9 +40,11 @@ from torch import nn
 from ..datasets.batching import as_batches
 from .lanczos import eigsh
 from .losses import Loss
-from .operators import make_operator
+from .operators import OperatorSpec
 from .preconditioning import DiagonalScaledOperator, preconditioner_from_state
 from .results import Result, make_meta
+from .seeds import BATCH_PERMUTATION_OFFSET
+from .validation import check_float, check_int
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -124,15 +126,16 @@ def _batch_sharpness(
     seed: int,
     tol: float,
     v0: torch.Tensor | None,
-    op_kwargs: dict[str, Any],
+    spec: OperatorSpec,
     max_iter: int | None,
 ) -> tuple[list[float], list[float], int]:
-    """λ_max(H_B) and g_Bᵀ H_B g_B/‖g_B‖² over disjoint random mini-batches (seeded permutations)."""
+    """λ_max(H_B) and g_Bᵀ H_B g_B/‖g_B‖² over disjoint random mini-batches (seeded permutations; the
+    Lanczos run on batch ``i`` starts from ``seed + i``)."""
     x, y = as_batches(data).tensors()
     n = x.shape[0]
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size_for_batch_sharpness must be between 1 and {n}; got {batch_size}")
-    gen = torch.Generator().manual_seed(seed + 104729)
+    gen = torch.Generator().manual_seed(seed + BATCH_PERMUTATION_OFFSET)
     order = torch.empty(0, dtype=torch.long)
     lambdas, directional, matvecs = [], [], 0
     per_perm = n // batch_size
@@ -140,7 +143,7 @@ def _batch_sharpness(
         if i % per_perm == 0:
             order = torch.randperm(n, generator=gen)
         idx = order[(i % per_perm) * batch_size : (i % per_perm + 1) * batch_size].to(x.device)
-        op = make_operator(model, (x[idx], y[idx]), **op_kwargs)
+        op = spec.build(model, (x[idx], y[idx]))
         out = eigsh(op, 1, tol=tol, v0=v0, seed=seed + i, max_iter=max_iter)
         lambdas.append(float(out.values[0]))
         g = op.gradient()
@@ -196,23 +199,21 @@ def sharpness(
     params, batch_size, mode, dtype, device, reduce_fn:
         Passed to :class:`~dynascope.probes.operators.CurvatureOperator`.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise ValueError(f"lr must be a positive number; got {lr!r}")
-    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
-        raise ValueError(f"n_batches must be a positive integer; got {n_batches!r}")
+    check_int("k", k, min=1)
+    check_float("lr", lr, min=0, min_open=True, optional=True)
+    check_int("n_batches", n_batches, min=1)
+    check_int("seed", seed)
     started = time.perf_counter()
-    op_kwargs: dict[str, Any] = {
-        "loss": loss,
-        "params": params,
-        "batch_size": batch_size,
-        "mode": mode,
-        "dtype": dtype,
-        "device": device,
-        "reduce_fn": reduce_fn,
-    }
-    op = make_operator(model, data, **op_kwargs)
+    spec = OperatorSpec(
+        loss=loss,
+        params=params,
+        batch_size=batch_size,
+        mode=mode,
+        dtype=dtype,
+        device=device,
+        reduce_fn=reduce_fn,
+    )
+    op = spec.build(model, data)
     out = eigsh(op, k, tol=tol, v0=v0, seed=seed, max_iter=max_iter)
     n_matvecs = op.n_matvecs
     lam = float(out.values[0])
@@ -264,7 +265,7 @@ def sharpness(
             seed=seed,
             tol=tol,
             v0=out.vectors[:, :1] if out.vectors is not None else None,
-            op_kwargs={**op_kwargs, "batch_size": None, "reduce_fn": None},
+            spec=spec.replace(batch_size=None, reduce_fn=None),
             max_iter=max_iter,
         )
         n_matvecs += mv
@@ -295,13 +296,9 @@ def sharpness(
             "batch_size": batch_size,
         },
         started=started,
-        mode=mode,
-        reduction="mean over the whole dataset (batches weighted by sample count)",
-        n_parameters=op.size,
-        n_samples=op.num_samples,
+        **op.meta(),
         n_matvecs=n_matvecs,
         lanczos_iterations=out.n_iter,
-        backend=op.backend,
         trace_method=trace_method,
         preconditioned=pre_meta,
         batch_sampling="disjoint mini-batches from seeded permutations" if batch else None,
@@ -422,8 +419,8 @@ def track_sharpness(
     recorded in ``run.json`` (see :func:`run_loss`), else ``"auto"``. ``warm_start``: start Lanczos
     from the previous checkpoint's top-k eigenvectors (their sum plus a small random part).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
+    check_int("k", k, min=1)
+    check_int("seed", seed)
     started = time.perf_counter()
     run = _open_run(run_or_path)
     infos = run.checkpoints()
@@ -458,12 +455,12 @@ def track_sharpness(
     out_steps, lam, topk, conv, lrs, thr, ratio, losses, mvs = [], [], [], [], [], [], [], [], []
     v0 = None
     loss_name = str(loss)
+    spec = OperatorSpec(loss=loss, batch_size=batch_size, mode=mode, dtype=dtype, device=device)
+    op_meta: dict[str, Any] = {}
     for info in iterator:
         model = run.load_model(info.step)
-        op = make_operator(
-            model, data, loss=loss, batch_size=batch_size, mode=mode, dtype=dtype, device=device
-        )
-        loss_name = op.loss.name
+        op = spec.build(model, data)
+        loss_name, op_meta = op.loss.name, op.meta()
         res = eigsh(op, k, tol=tol, v0=v0 if warm_start else None, seed=seed, max_iter=max_iter)
         if warm_start and res.vectors is not None:
             v0 = res.vectors
@@ -496,8 +493,7 @@ def track_sharpness(
         started=started,
         run=str(run.path),
         data=data_source,
-        mode=mode,
-        reduction="mean over the whole dataset (batches weighted by sample count)",
+        **op_meta,
         n_matvecs=int(sum(mvs)),
         lr_source="run.lr_at(step)",
     )

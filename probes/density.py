@@ -31,10 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature_setup import RecordingOperator, build_operator, now, spectral_meta
+from .curvature_setup import RecordingOperator, now, spectral_meta
 from .lanczos import eigsh, lanczos_tridiagonal
-from .operators import LinearOperator, random_vectors
+from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
+from .seeds import DEFLATION_OFFSET
+from .validation import check_float, check_int
 
 
 class DeflatedOperator(LinearOperator):
@@ -74,8 +76,7 @@ def slq(
 ) -> SLQOutput:
     """Stochastic Lanczos quadrature on any symmetric operator (see the module docstring)."""
     for name, val, low in (("n_probes", n_probes, 1), ("lanczos_steps", steps, 1), ("deflate", deflate, 0)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise ValueError(f"{name} must be an int >= {low}; got {val!r}")
+        check_int(name, val, min=low)
     if deflate >= op.size:
         raise ValueError(f"deflate={deflate} must be smaller than the operator size {op.size}")
     start = op.n_matvecs
@@ -83,7 +84,7 @@ def slq(
     exact = torch.zeros(0, dtype=torch.float64)
     target: LinearOperator = op
     if deflate:
-        eig = eigsh(op, k=deflate, which="LM", tol=deflate_tol, seed=seed + 1)
+        eig = eigsh(op, k=deflate, which="LM", tol=deflate_tol, seed=seed + DEFLATION_OFFSET)
         assert eig.vectors is not None
         U, _ = torch.linalg.qr(eig.vectors.double())
         exact = eig.values.double().cpu()
@@ -142,8 +143,7 @@ def smooth_density(
         sigma = (0.02 if log_scale else 0.01) * span
         if sigma <= 0:
             sigma = 1e-3 * max(float(vals.abs().max()), 1.0)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive; got {sigma}")
+    check_float("sigma", sigma, min=0, min_open=True)
     if grid is None or isinstance(grid, int):
         n = 1000 if grid is None else grid
         if n < 2:
@@ -271,11 +271,12 @@ def hessian_density(
     (plus the deflation's Lanczos when ``deflate > 0``). See the module docstring for the
     estimator, the weight convention (integrates to 1), the default ``sigma`` and ``log_scale``.
     """
+    check_int("seed", seed)
     t0 = now()
-    op = build_operator(
-        model, data, operator=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
-        dtype=dtype, device=device, reduce_fn=reduce_fn, seed=seed,
-    )  # fmt: skip
+    op = OperatorSpec(
+        kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device,
+        reduce_fn=reduce_fn,
+    ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
     out = slq(rec, n_probes=n_probes, steps=lanczos_steps, seed=seed, deflate=deflate)
     g, d, s, info = smooth_density(out.nodes, out.weights, grid=grid, sigma=sigma, log_scale=log_scale)

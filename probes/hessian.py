@@ -35,11 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature_setup import RecordingOperator, build_operator, now, spectral_meta
+from .curvature_setup import RecordingOperator, now, spectral_meta
+from .functional import parameter_groups, select_parameters
 from .gemm_conv import Float64GemmConv
-from .lanczos import WHICH, eigsh
-from .operators import parameter_groups, select_parameters
+from .lanczos import EIGENVALUE_FLOOR, WHICH, eigsh
+from .operators import OperatorSpec
 from .results import Result, make_meta, to_jsonable
+from .validation import check_choice, check_float, check_int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,20 +182,16 @@ def hessian_eigenvalues(
     ``tol ≤ 1e-5`` — residuals that small are at the level of float32 product rounding, so only a
     float64 check can certify them — and leaves the default ``tol=1e-4`` run unchanged.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}; got {which!r}")
-    if not isinstance(tol, (int, float)) or tol <= 0:
-        raise ValueError(f"tol must be a positive number; got {tol!r}")
-    if not (isinstance(refine, bool) or refine == "auto"):
-        raise ValueError(f"refine must be True, False or 'auto'; got {refine!r}")
+    check_int("k", k, min=1)
+    check_choice("which", which, WHICH)
+    check_float("tol", tol, min=0, min_open=True)
+    check_choice("refine", refine, (True, False, "auto"))
+    check_int("seed", seed)
+    spec = OperatorSpec(kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
+                        dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
     start = _warm_start(v0)
     t0 = now()
-    op = build_operator(
-        model, data, operator=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
-        dtype=dtype, device=device, reduce_fn=reduce_fn, seed=seed,
-    )  # fmt: skip
+    op = spec.build(model, data)
     if k > op.size:
         raise ValueError(f"k={k} exceeds the number of parameters in the block ({op.size})")
     if start is not None and start.shape[0] != op.size:
@@ -206,15 +204,12 @@ def hessian_eigenvalues(
     n_refine, lanczos_residuals, n_conv_gemm = 0, None, 0
     if do_refine:
         assert vectors is not None
-        op64 = op if op.dtype == torch.float64 else build_operator(
-            model, data, operator=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
-            dtype=torch.float64, device=device, reduce_fn=reduce_fn, seed=seed,
-        )  # fmt: skip
+        op64 = op if op.dtype == torch.float64 else spec.replace(dtype=torch.float64).build(model, data)
         ref = rayleigh_ritz64(op64, vectors)
         n_refine, lanczos_residuals, n_conv_gemm = ref.n_matvecs, out.residuals.tolist(), ref.n_conv2d_gemm
         values, residuals = ref.values, ref.residuals
         scale = max(float(values.abs().max()), float(out.values.abs().max())) or 1.0
-        converged = residuals <= float(tol) * torch.clamp(values.abs(), min=1e-3 * scale)
+        converged = residuals <= float(tol) * torch.clamp(values.abs(), min=EIGENVALUE_FLOOR * scale)
         vectors = ref.vectors if return_vectors else None
     settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter, "params": params,
                 "batch_size": batch_size, "warm_start": start is not None, "refine": refine}  # fmt: skip
@@ -318,8 +313,7 @@ def layerwise_hessian(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
+    check_int("k", k, min=1)
     blocks = dict(groups) if groups is not None else parameter_groups(model)
     if not blocks:
         raise ValueError("no parameter groups to analyse")
@@ -371,7 +365,7 @@ def layerwise_hessian(
                 "groups": {n: list(v) for n, v in blocks.items()}}  # fmt: skip
     meta = make_meta(
         "layerwise_hessian", model=model, params=settings, started=t0, operator=operator,
-        n_matvecs=sum(matvecs), seed=seed, mode=mode, **shared,
+        n_matvecs=sum(matvecs), seed=seed, mode=mode, n_params=sum(sizes), **shared,
         note="blocks are diagonal blocks H_ll (other layers fixed); block traces sum to tr(H)",
     )  # fmt: skip
     return LayerwiseHessianResult(

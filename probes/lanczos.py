@@ -34,6 +34,24 @@ from dataclasses import dataclass
 import torch
 
 from .operators import LinearOperator, random_vectors
+from .seeds import LANCZOS_RESTART_STRIDE
+from .validation import check_choice, check_float, check_int
+
+#: Ritz pairs are converged when ``‖A u − θ u‖ ≤ tol·max(|θ|, EIGENVALUE_FLOOR·max|θ|)``: eigenvalues
+#: below this fraction of the largest are judged on an absolute scale (relative error is meaningless there).
+EIGENVALUE_FLOOR = 1e-3
+#: float64 breakdown: ``β_j ≤ 1e-10·scale`` marks an invariant subspace (see :func:`breakdown_rtol`).
+BREAKDOWN_RTOL_FLOAT64 = 1e-10
+#: In lower precisions rounding alone leaves ``β ≈ eps·‖A‖``: breakdown below ``10·eps`` of the scale.
+BREAKDOWN_EPS_MULTIPLE = 10
+
+
+def breakdown_rtol(dtype: torch.dtype) -> float:
+    """Relative size below which a Lanczos ``β_j`` (a block's ``|R_ii|``) is a breakdown — an invariant
+    subspace — in ``dtype``: ``max(1e-10, 10·eps)`` — 1e-10 in float64, 1.2e-6 in float32, 9.8e-3 in
+    float16, 7.8e-2 in bfloat16."""
+    return max(BREAKDOWN_RTOL_FLOAT64, BREAKDOWN_EPS_MULTIPLE * torch.finfo(dtype).eps)
+
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -67,10 +85,6 @@ class EigshOutput:
         return self.peak_basis_vectors * size * torch.empty((), dtype=dtype).element_size()
 
 
-#: Seed offset between successive random blocks (restart directions, block growth).
-RANDOM_BLOCK_SEED_STRIDE = 7919
-#: A QR column whose |R_ii| is below this many machine epsilons times ‖H‖ is a breakdown direction.
-BREAKDOWN_EPS = 100.0
 #: Rows per chunk when restarting the basis in place (bounds the temporary to chunk × basis size).
 RESTART_CHUNK_ROWS = 1 << 16
 
@@ -219,16 +233,17 @@ def _orthonormal_block(
     breakdown level is replaced by a fresh random direction (its row of ``R`` set to 0)."""
     X, R = torch.linalg.qr(W)
     R = R.double()
-    small = R.diagonal().abs() <= BREAKDOWN_EPS * torch.finfo(W.dtype).eps * max(scale, 1e-300)
+    small = R.diagonal().abs() <= breakdown_rtol(W.dtype) * max(scale, 1e-300)
     for t, i in enumerate(torch.nonzero(small).flatten().tolist()):
         for attempt in range(4):
-            z = _random_block(W.shape[0], 1, seed + RANDOM_BLOCK_SEED_STRIDE * (t * 4 + attempt + 1), W)
+            z = _random_block(W.shape[0], 1, seed + LANCZOS_RESTART_STRIDE * (t * 4 + attempt + 1), W)
+            before = float(z.norm())
             basis.orthogonalize(z)
             others = torch.cat([X[:, :i], X[:, i + 1 :]], dim=1)
             for _ in range(2):
                 z -= others @ (others.T @ z)
             norm = float(z.norm())
-            if norm > 1e-3:
+            if norm > breakdown_rtol(W.dtype) * before:  # else the basis already spans (almost) everything
                 X[:, i] = z[:, 0] / norm
                 break
         else:
@@ -272,7 +287,7 @@ def _displaced(
 ) -> torch.Tensor:
     """Mask of the wanted ``values`` (the best ``k`` per end) that come after ``e`` — the last value of
     a full cluster — in the preference order of ``end`` (by more than ``e``'s convergence radius)."""
-    margin = tol * max(abs(e), 1e-3 * scale)
+    margin = tol * max(abs(e), EIGENVALUE_FLOOR * scale)
     order = torch.argsort(values)
     wanted = torch.zeros_like(values, dtype=torch.bool)
     wanted[order[_wanted(values[order], k, which)]] = True
@@ -350,11 +365,11 @@ def _krylov_run(
         else:
             both = _Basis()
             both.blocks = locked.blocks + basis.blocks
-            Xn, R = _orthonormal_block(W, both, scale, seed + RANDOM_BLOCK_SEED_STRIDE * (used + 1))
+            Xn, R = _orthonormal_block(W, both, scale, seed + LANCZOS_RESTART_STRIDE * (used + 1))
         del W
         res = (R @ S[lo:, :]).norm(dim=0)  # ‖A y − θ y‖ for every Ritz pair
         wanted = _wanted(theta, k, which)
-        conv = res[wanted] <= tol * torch.clamp(theta[wanted].abs(), min=1e-3 * scale)
+        conv = res[wanted] <= tol * torch.clamp(theta[wanted].abs(), min=EIGENVALUE_FLOOR * scale)
         room = budget - used
         if exhausted or room <= 0 or (wanted.numel() >= n_want and bool(conv.all())):
             return _Run(theta, res, S, basis, used, passes, restarts, peak, exhausted)
@@ -399,14 +414,13 @@ def eigsh(
     looks for further copies; the results are merged. A cluster that could still hide copies when
     the budget or the memory runs out marks the values after it as not converged.
     """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}; got {which!r}")
-    if not 1 <= k <= op.size:
-        raise ValueError(f"k must be between 1 and the operator size {op.size}; got {k}")
-    if tol <= 0:
-        raise ValueError(f"tol must be positive; got {tol}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    check_choice("which", which, WHICH)
+    check_int("k", k, min=1, max=op.size)
+    check_float("tol", tol, min=0, min_open=True)
+    check_int("max_iter", max_iter, min=1, optional=True)
+    check_int("max_basis", max_basis, min=1, optional=True)
+    check_int("block_size", block_size, min=1)
+    check_int("seed", seed)
     P = op.size
     n_want = min(2 * k if which == "BE" else k, P)
     b = min(block_size, P)
@@ -437,13 +451,13 @@ def eigsh(
         X, _ = torch.linalg.qr(X)
         run = _krylov_run(
             op, locked, X, k=k_run, which=which, tol=tol, budget=budget - used, cap=cap - locked.size,
-            seed=seed + RANDOM_BLOCK_SEED_STRIDE * runs, device=device,
+            seed=seed + LANCZOS_RESTART_STRIDE * runs, device=device,
         )  # fmt: skip
         runs += 1
         used, passes, restarts = used + run.used, passes + run.passes, restarts + run.restarts
         peak = max(peak, run.peak)
         scale = max(float(run.theta.abs().max()), float(values.abs().max()) if values.numel() else 0.0) or 1.0
-        floor = tol * torch.clamp(run.theta.abs(), min=1e-3 * scale)
+        floor = tol * torch.clamp(run.theta.abs(), min=EIGENVALUE_FLOOR * scale)
         idx = _wanted(run.theta, k_run, which)
         conv = run.res[idx] <= floor[idx]
         # lock this run's wanted vectors; the answer is the best n_want of everything found so far
@@ -463,7 +477,7 @@ def eigsh(
         if used >= budget or locked.size + min(need, n_want) + 2 * b > cap:
             break
         k_run = need
-        start = random_vectors(P, b, seed=seed + RANDOM_BLOCK_SEED_STRIDE * (runs + 101), dtype=op.dtype,
+        start = random_vectors(P, b, seed=seed + LANCZOS_RESTART_STRIDE * (runs + 101), dtype=op.dtype,
                                device=device)  # fmt: skip
     order = torch.argsort(values)
     sel = order[_wanted(values[order], k, which)]
@@ -555,7 +569,7 @@ def lanczos_tridiagonal(
             break
         b = W.double().norm(dim=0).cpu()
         scale = alpha[:, : j + 1].abs().max(dim=1).values.clamp(min=1e-300)
-        broke = active & (b <= 1e-10 * scale)
+        broke = active & (b <= breakdown_rtol(op.dtype) * scale)
         length = torch.where(broke, torch.full_like(length, j + 1), length)
         active = active & ~broke
         if not bool(active.any()):

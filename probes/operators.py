@@ -11,23 +11,36 @@ loss over a whole dataset ``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)``:
 
 Products are summed over batches (each batch contributes ``Σ_{i∈b}`` / N) and, when a
 ``reduce_fn`` is given (e.g. ``torch.distributed.all_reduce``), over data shards too.
+
+An operator is defined by the model, the data and an :class:`OperatorSpec` (kind, loss, parameter
+block, batching, mode, backend, dtype, device, shard reduction): ``OperatorSpec(...).build(model, data)``
+is the one constructor every probe uses (``CurvatureOperator(model, data, spec)`` and
+:func:`make_operator` are the same call). The model is seen through
+:class:`~dynascope.probes.functional.FunctionalModel`.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from ..datasets.batching import BatchSource, as_batches
+from .functional import (
+    MODES,
+    FunctionalModel,
+    ModeGuard,
+)
 from .losses import Loss, resolve_loss
+from .validation import check_choice, check_int
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 OPERATOR_KINDS = ("hessian", "ggn", "fisher")
+BACKENDS = ("auto", "graph", "func")
 
 
 class LinearOperator:
@@ -111,116 +124,101 @@ class DenseOperator(LinearOperator):
         return self.matrix @ V
 
 
-class ParamSpace:
-    """Flattening of a subset of a model's parameters into one vector (in ``named_parameters`` order)."""
+@dataclass(frozen=True)
+class OperatorSpec:
+    """Everything besides the model and the data that defines a :class:`CurvatureOperator`.
 
-    def __init__(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
-        if not named:
-            raise ValueError("no parameters selected")
-        self.names = [n for n, _ in named]
-        self.shapes = [tuple(p.shape) for _, p in named]
-        self.numels = [p.numel() for _, p in named]
-        self.size = sum(self.numels)
+    Frozen, compared and hashed by value (``params`` is normalised to a tuple, ``device`` to a
+    ``torch.device``), validated on construction. Fields:
 
-    def split(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Flat ``[size, ...]`` (extra trailing dims allowed) → {name: tensor of the param's shape, ...}."""
-        parts = torch.split(vec, self.numels, dim=0)
-        tail = tuple(vec.shape[1:])
-        return {n: p.reshape(s + tail) for n, p, s in zip(self.names, parts, self.shapes)}
-
-    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
-        """{name: tensor} or a list in order → one flat vector."""
-        seq = [tensors[n] for n in self.names] if isinstance(tensors, dict) else list(tensors)
-        return torch.cat([t.reshape(-1) for t in seq])
-
-
-def select_parameters(
-    model: nn.Module, params: Sequence[str] | str | None = None
-) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters of ``model``; ``params`` keeps those whose name equals or starts with
-    one of the given names/module prefixes (``"body.0"`` selects ``body.0.weight``, ``body.0.bias``)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if params is None:
-        return named
-    wanted = [params] if isinstance(params, str) else list(params)
-    chosen = [(n, p) for n, p in named if any(n == w or n.startswith(w + ".") for w in wanted)]
-    if not chosen:
-        raise ValueError(f"no trainable parameter matches {wanted}; names are {[n for n, _ in named]}")
-    return chosen
-
-
-def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Trainable parameter names grouped by the module that owns them (the per-layer blocks)."""
-    groups: dict[str, list[str]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
-    return groups
-
-
-def check_finite(model: nn.Module, what: str = "model") -> None:
-    """``ValueError`` naming every parameter or floating buffer that holds NaN or Inf values."""
-    bad = [
-        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()})"
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-    if bad:
-        raise ValueError(f"the {what} has non-finite (NaN/Inf) values in: {', '.join(bad)}")
-
-
-def prepare_model(
-    model: nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> nn.Module:
-    """Check ``model`` (a module with parameters, all finite) and return it in ``dtype`` on ``device``.
-
-    The caller's model is never modified: a deep copy is made when the dtype or device differs.
+    kind:
+        ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+    loss:
+        ``"auto"``, a built-in name, a callable or a :class:`~dynascope.probes.losses.Loss`.
+    params:
+        Restrict to a parameter block (names or module prefixes); the others are held fixed.
+    batch_size:
+        Split tensor data into batches of this size (``None``: the source's batching, one batch for tensors).
+    mode:
+        ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
+    backend:
+        ``"auto"``, ``"graph"`` or ``"func"`` (see :class:`CurvatureOperator`).
+    dtype, device:
+        Evaluate in this dtype / on this device (the model is copied when they differ from its own).
+    reduce_fn:
+        Sums a local product over data shards (``all_reduce``); also applied to the local sample count.
+    max_vectors:
+        Vectors per batched product (memory ``max_vectors · P`` per pass).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    first = next(iter(model.parameters()), None)
-    if first is None:
-        raise ValueError("the model has no parameters")
-    check_finite(model)
-    change_dtype = dtype is not None and dtype != first.dtype
-    change_device = device is not None and torch.device(device) != first.device
-    if change_dtype or change_device:
-        model = copy.deepcopy(model).to(device=device, dtype=dtype if change_dtype else None)
-    return model
 
+    kind: str = "hessian"
+    loss: str | Callable | Loss = "auto"
+    params: tuple[str, ...] | None = None
+    batch_size: int | None = None
+    mode: str = "eval"
+    backend: str = "auto"
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    reduce_fn: ReduceFn | None = None
+    max_vectors: int = 32
 
-class ModeGuard:
-    """Put a model in eval (default) or train mode for the duration of a block, then restore."""
+    def __post_init__(self) -> None:
+        if self.kind not in OPERATOR_KINDS:
+            raise ValueError(f"unknown operator {self.kind!r}; choose one of {OPERATOR_KINDS}")
+        check_choice("mode", self.mode, MODES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_int("batch_size", self.batch_size, min=1, optional=True)
+        check_int("max_vectors", self.max_vectors, min=1)
+        if not (isinstance(self.loss, (str, Loss)) or callable(self.loss)):
+            raise ValueError(f"loss must be a name, a callable or a Loss; got {type(self.loss).__name__}")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype or None; got {self.dtype!r}")
+        if self.reduce_fn is not None and not callable(self.reduce_fn):
+            raise ValueError(f"reduce_fn must be callable or None; got {type(self.reduce_fn).__name__}")
+        params = self.params
+        if params is not None:
+            params = (params,) if isinstance(params, str) else tuple(params)
+            if not params or not all(isinstance(p, str) for p in params):
+                raise ValueError(f"params must be parameter names or module prefixes; got {self.params!r}")
+            object.__setattr__(self, "params", params)
+        if self.device is not None and not isinstance(self.device, torch.device):
+            try:
+                object.__setattr__(self, "device", torch.device(self.device))
+            except (TypeError, RuntimeError) as err:
+                raise ValueError(
+                    f"device must be a torch.device or a device string; got {self.device!r}"
+                ) from err
 
-    def __init__(self, model: nn.Module, mode: str) -> None:
-        self.model, self.mode = model, mode
-        self.saved = [(m, m.training) for m in model.modules()]
+    def replace(self, **changes: Any) -> OperatorSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
-    def __enter__(self) -> None:
-        self.model.train(self.mode == "train")
+    def build(self, model: nn.Module, data: Any) -> CurvatureOperator:
+        """The operator of this spec on ``model`` and ``data`` (the one constructor)."""
+        return CurvatureOperator(model, data, self)
 
-    def __exit__(self, *exc: object) -> None:
-        for m, training in self.saved:
-            m.training = training
+    def settings(self) -> dict[str, Any]:
+        """The JSON-able fields as a probe records them (the loss by name once resolved, see ``meta``)."""
+        return {
+            "operator": self.kind,
+            "params": list(self.params) if self.params is not None else None,
+            "batch_size": self.batch_size,
+            "mode": self.mode,
+            "backend": self.backend,
+            "dtype": str(self.dtype) if self.dtype is not None else None,
+            "device": str(self.device) if self.device is not None else None,
+            "sharded": self.reduce_fn is not None,
+        }
 
 
 class CurvatureOperator(LinearOperator):
     """Hessian, GGN or empirical Fisher of the dataset-mean loss, as a matrix-free operator.
 
-    Parameters
-    ----------
-    model, data:
-        The network and its data (``(x, y)`` tensors, DataLoader, Dataset or BatchSource).
-    kind:
-        ``"hessian"``, ``"ggn"`` or ``"fisher"``.
-    loss:
-        ``"auto"``, a built-in name or a callable (see :mod:`dynascope.probes.losses`).
-    params:
-        Restrict to a parameter block (names or module prefixes); others are held fixed.
-    batch_size:
-        Split tensor data into batches of this size (``None``: one batch).
-    mode:
-        ``"eval"`` (default; BatchNorm running statistics, no dropout) or ``"train"``.
+    ``CurvatureOperator(model, data, spec)`` with ``data`` ``(x, y)`` tensors, a DataLoader, Dataset or
+    BatchSource and ``spec`` an :class:`OperatorSpec`; keywords instead of (or on top of) a spec are its
+    fields (``CurvatureOperator(model, data, kind="ggn", loss="mse")``). The data's batches stay on the
+    device across products when they fit (:class:`~dynascope.probes.functional.ResidentBatches`).
+
     backend:
         ``"graph"`` caches the first-order graph of a single-batch dataset and differentiates it
         again per product (double backward); ``"func"`` recomputes forward-over-reverse
@@ -228,58 +226,35 @@ class CurvatureOperator(LinearOperator):
         picks ``graph`` for one batch and ``func`` otherwise. ``func`` falls back to per-vector
         double backward for ops without forward-mode or vmap support (``backend`` then reads
         ``"double_backward"`` and later products skip the failing attempt).
-    dtype:
-        Evaluate in this dtype (e.g. ``torch.float64`` for reference-grade products); the model is copied.
-    reduce_fn:
-        Sums a local product over data shards (``all_reduce``); also applied to the local sample count.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Any,
-        *,
-        kind: str = "hessian",
-        loss: str | Callable | Loss = "auto",
-        params: Sequence[str] | str | None = None,
-        batch_size: int | None = None,
-        mode: str = "eval",
-        backend: str = "auto",
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        reduce_fn: ReduceFn | None = None,
-        max_vectors: int = 32,
-    ) -> None:
-        if kind not in OPERATOR_KINDS:
-            raise ValueError(f"unknown operator {kind!r}; choose one of {OPERATOR_KINDS}")
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
-        if backend not in ("auto", "graph", "func"):
-            raise ValueError(f"backend must be 'auto', 'graph' or 'func'; got {backend!r}")
-        model = prepare_model(model, dtype=dtype, device=device)
-        self.model = model
-        self.kind, self.mode = kind, mode
-        named = select_parameters(model, params)
-        self.space = ParamSpace(named)
-        self._params = {n: p for n, p in named}
-        param_dtype = named[0][1].dtype
-        super().__init__(self.space.size, param_dtype, named[0][1].device)
-        if isinstance(data, BatchSource):  # keep its shard and batching, move to our device/dtype
-            batch_size = batch_size or data.batch_size
-            shard = {"rank": data.rank, "world_size": data.world_size}
-            data = data.data
-        else:
-            shard = {}
-        self.source = as_batches(data, batch_size, device=self.device, dtype=param_dtype, **shard)
-        self.reduce_fn = reduce_fn
+    def __init__(self, model: nn.Module, data: Any, spec: OperatorSpec | None = None, **fields: Any) -> None:
+        if spec is None:
+            spec = OperatorSpec(**fields)
+        elif not isinstance(spec, OperatorSpec):
+            raise ValueError(f"spec must be an OperatorSpec; got {type(spec).__name__}")
+        elif fields:
+            spec = spec.replace(**fields)
+        self.spec = spec
+        self.fm = FunctionalModel(
+            model, params=spec.params, mode=spec.mode, dtype=spec.dtype, device=spec.device
+        )
+        self.model = self.fm.model
+        self.kind, self.mode = spec.kind, spec.mode
+        self.space = self.fm.space
+        self._params = self.fm.live
+        super().__init__(self.space.size, self.fm.dtype, self.fm.device)
+        self.source = self.fm.batches(data, spec.batch_size)
+        self.reduce_fn = spec.reduce_fn
         first_batch = next(iter(self.source))
-        self.loss = resolve_loss(loss, first_batch.y)
+        self.loss = resolve_loss(spec.loss, first_batch.y)
         n_local = self.source.num_samples()
         n = torch.tensor(float(n_local), dtype=torch.float64, device=self.device)
-        self.num_samples = int(round(float(reduce_fn(n) if reduce_fn is not None else n)))
+        self.num_samples = int(round(float(self.reduce_fn(n) if self.reduce_fn is not None else n)))
         if self.num_samples == 0:
             raise ValueError("the dataset is empty")
-        self.single = self.source.single_batch() if kind == "hessian" else None
+        self.single = self.source.single_batch() if spec.kind == "hessian" else None
+        backend = spec.backend
         if backend == "auto":
             backend = "graph" if self.single is not None else "func"
         if backend == "graph" and self.single is None:
@@ -288,23 +263,34 @@ class CurvatureOperator(LinearOperator):
         # vmap-ed double backward pays off on accelerators; on CPU one backward per vector is faster
         # (measured 1.8x on an 11k-parameter MLP with 2048 samples, 10 vectors)
         self._batched_double_backward = self.device.type != "cpu"
-        self.max_vectors = max_vectors
+        self.max_vectors = spec.max_vectors
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        self._fixed = {
-            **{n: p.detach() for n, p in model.named_parameters() if n not in self._params},
-            **dict(model.named_buffers()),
+
+    def meta(self) -> dict[str, Any]:
+        """The operator's keys of a probe's ``.meta`` (the same in every probe that uses one):
+        ``operator, loss, reduction, n_samples, n_params, dtype, device, mode, backend``."""
+        return {
+            "operator": self.kind,
+            "loss": self.loss.name,
+            "reduction": f"mean over {self.num_samples} samples",
+            "n_samples": self.num_samples,
+            "n_params": self.size,
+            "dtype": str(self.dtype),
+            "device": str(self.device),
+            "mode": self.mode,
+            "backend": self.backend,
         }
 
     # ---------------------------------------------------------------- helpers
     def parameters_vector(self) -> torch.Tensor:
         """The current parameter values θ (flattened block)."""
-        return self.space.flatten({n: p.detach() for n, p in self._params.items()})
+        return self.fm.parameters_vector()
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**self._fixed, **params}, (x,))
+        return self.fm(params, x)
 
     def _primal(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self._params.items()}
+        return self.fm.params
 
     def loss_value(self) -> float:
         """The dataset-mean loss L(θ) (reduced over shards)."""
@@ -449,10 +435,18 @@ class CurvatureOperator(LinearOperator):
 
 
 def make_operator(
-    model: nn.Module, data: Any, *, operator: str = "hessian", **kwargs: Any
+    model: nn.Module,
+    data: Any,
+    spec: OperatorSpec | None = None,
+    *,
+    operator: str | None = None,
+    **fields: Any,
 ) -> CurvatureOperator:
-    """Build the curvature operator named by ``operator`` (``"hessian"``, ``"ggn"``, ``"fisher"``)."""
-    return CurvatureOperator(model, data, kind=operator, **kwargs)
+    """``CurvatureOperator(model, data, spec)``; without a spec, one from the keywords
+    (``operator=`` names the kind: ``"hessian"``, ``"ggn"``, ``"fisher"``)."""
+    if operator is not None:
+        fields["kind"] = operator
+    return CurvatureOperator(model, data, spec, **fields)
 
 
 def random_vectors(
@@ -473,12 +467,11 @@ def random_vectors(
 
 
 __all__ = [
-    "LinearOperator",
-    "DenseOperator",
+    "OPERATOR_KINDS",
     "CurvatureOperator",
-    "ParamSpace",
+    "DenseOperator",
+    "LinearOperator",
+    "OperatorSpec",
     "make_operator",
-    "parameter_groups",
-    "select_parameters",
     "random_vectors",
 ]

@@ -18,32 +18,44 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from ..datasets.batching import as_batches
+from .functional import FunctionalModel, ParamSpace
 from .losses import Loss, resolve_loss
-from .operators import ModeGuard, ParamSpace, prepare_model, select_parameters
+from .validation import check_int
 
 
 @dataclass
 class PerExampleContext:
-    """A resolved model/data/loss triple ready for per-example gradients (see :func:`prepare`)."""
+    """A resolved model/data/loss triple ready for per-example gradients (see :func:`prepare`).
 
-    model: nn.Module
-    space: ParamSpace
-    params: dict[str, torch.Tensor]
-    fixed: dict[str, torch.Tensor]
+    ``fm`` is the model's functional view (selected block, fixed tensors, eval mode); ``source`` the
+    data in chunks on its device; ``backend`` ``"vmap"`` until an op without a vmap rule forces ``"loop"``.
+    """
+
+    fm: FunctionalModel
     loss: Loss
     source: Any
     backend: str = "vmap"
 
+    @property
+    def model(self) -> nn.Module:
+        return self.fm.model
+
+    @property
+    def space(self) -> ParamSpace:
+        return self.fm.space
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.fm.params
+
     def single_loss_fn(self) -> Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]:
         """``ℓ(params, x_i, y_i)`` for one sample (inputs without the batch dimension)."""
-        model, fixed, loss = self.model, self.fixed, self.loss
+        fm, loss = self.fm, self.loss
 
         def f(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, {**fixed, **p}, (x.unsqueeze(0),))
-            return loss.per_sample(out, y.unsqueeze(0))[0]
+            return loss.per_sample(fm(p, x.unsqueeze(0)), y.unsqueeze(0))[0]
 
         return f
 
@@ -59,28 +71,11 @@ def prepare(
     device: torch.device | str | None = None,
 ) -> PerExampleContext:
     """Resolve parameters, batches (``chunk_size`` samples each) and the loss for per-example work."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
-    model = prepare_model(model, dtype=dtype, device=device)
-    named = select_parameters(model, params)
-    space = ParamSpace(named)
-    pdtype, pdevice = named[0][1].dtype, named[0][1].device
-    source = as_batches(data, chunk_size, device=pdevice, dtype=pdtype)
-    first_batch = next(iter(source))
-    resolved = resolve_loss(loss, first_batch.y)
-    chosen = {n for n, _ in named}
-    fixed = {
-        **{n: p.detach() for n, p in model.named_parameters() if n not in chosen},
-        **dict(model.named_buffers()),
-    }
-    return PerExampleContext(
-        model=model,
-        space=space,
-        params={n: p.detach() for n, p in named},
-        fixed=fixed,
-        loss=resolved,
-        source=source,
-    )
+    check_int("chunk_size", chunk_size, min=1)
+    fm = FunctionalModel(model, params=params, mode="eval", dtype=dtype, device=device)
+    source = fm.batches(data, chunk_size)
+    resolved = resolve_loss(loss, next(iter(source)).y)
+    return PerExampleContext(fm=fm, loss=resolved, source=source)
 
 
 def _loop_gradients(ctx: PerExampleContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -106,7 +101,7 @@ def iter_per_example_gradients(
     """
     gfn = vmap(grad(ctx.single_loss_fn()), in_dims=(None, 0, 0))
     row = 0
-    with torch.no_grad(), ModeGuard(ctx.model, "eval"):
+    with torch.no_grad(), ctx.fm.guard():
         for b in ctx.source:
             target = out[row : row + b.n] if out is not None else None
             row += b.n
@@ -145,8 +140,7 @@ def per_example_gradients(
     """All per-example gradients as one ``[N, P]`` matrix (small problems; otherwise stream them
     with :func:`iter_per_example_gradients` / :class:`GradientMoments`)."""
     ctx = prepare(model, data, loss=loss, params=params, chunk_size=chunk_size, dtype=dtype, device=device)
-    ref = next(iter(ctx.params.values()))
-    out = torch.empty(ctx.source.num_samples(), ctx.space.size, dtype=ref.dtype, device=ref.device)
+    out = torch.empty(ctx.source.num_samples(), ctx.space.size, dtype=ctx.fm.dtype, device=ctx.fm.device)
     lo = 0
     for G, _ in iter_per_example_gradients(ctx, out=out):
         lo += G.shape[0]

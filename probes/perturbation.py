@@ -22,9 +22,11 @@ from torch import nn
 
 from ..datasets.batching import as_batches
 from .curvature_sharpness import _mean_sem
+from .functional import ModeGuard
 from .losses import Loss
-from .operators import CurvatureOperator, make_operator, random_vectors
+from .operators import CurvatureOperator, OperatorSpec, random_vectors
 from .results import Result, make_meta
+from .validation import check_float, check_int
 
 
 # ---------------------------------------------------------------------------------------------- SAM-style
@@ -66,7 +68,6 @@ class AverageSharpnessResult(Result):
 
 def _loss_fn(op: CurvatureOperator) -> Callable[[torch.Tensor, bool], tuple[float, torch.Tensor | None]]:
     """``θ ↦ (L(θ), ∇L(θ) or None)`` for flat parameter vectors of the operator's block."""
-    from .operators import ModeGuard
 
     def f(theta: torch.Tensor, need_grad: bool) -> tuple[float, torch.Tensor | None]:
         total = 0.0
@@ -149,30 +150,23 @@ def adaptive_sharpness(
     ``m``: m-sharpness — the average over disjoint random batches of size m (at most ``max_batches``)
     of each batch's own worst case.
     """
-    for name, v in (("rho", rho), ("eta", eta)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "rho" and v == 0):
-            raise ValueError(
-                f"{name} must be a {'positive' if name == 'rho' else 'non-negative'} number; got {v!r}"
-            )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    check_float("rho", rho, min=0, min_open=True)
+    check_float("eta", eta, min=0)
+    check_int("steps", steps, min=1)
+    check_int("m", m, min=1, optional=True)
+    check_int("max_batches", max_batches, min=1, optional=True)
+    check_int("seed", seed)
     started = time.perf_counter()
-    kw = {
-        "loss": loss,
-        "params": params,
-        "batch_size": batch_size,
-        "mode": mode,
-        "dtype": dtype,
-        "device": device,
-    }
-    op = make_operator(model, data, **kw)
+    spec = OperatorSpec(
+        loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device
+    )
+    op = spec.build(model, data)
     s, l0, lbest, values = _worst_case(op, float(rho), float(eta), steps)
     per_batch: list[float] = []
     if m is not None:
+        batch_spec = spec.replace(batch_size=None)
         for xb, yb in _subsets(data, m, seed, max_batches):
-            per_batch.append(
-                _worst_case(make_operator(model, (xb, yb), **{**kw, "batch_size": None}), rho, eta, steps)[0]
-            )
+            per_batch.append(_worst_case(batch_spec.build(model, (xb, yb)), rho, eta, steps)[0])
     meta = make_meta(
         "adaptive_sharpness",
         model=op.model,
@@ -186,8 +180,8 @@ def adaptive_sharpness(
             "seed": seed,
         },
         started=started,
-        mode=mode,
-        reduction="mean over the whole dataset (per batch of size m for m-sharpness)",
+        **op.meta(),
+        m_sharpness="per disjoint batch of size m, then the mean over batches" if m is not None else None,
         ball="||T^-1 eps||_2 <= rho, T = diag(|w| + eta), all selected parameters",
         solver="projected normalized gradient ascent in T^-1 eps, step rho/sqrt(t+1); max over iterates",
     )
@@ -228,18 +222,16 @@ def average_sharpness(
     (``samples`` then holds ``n_samples // 2`` pair means); ``stderr`` = std(samples) / √len(samples).
     For a quadratic loss the expectation is ``½ σ² tr(T H T)``, ``T = diag(|w| + η)``.
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        raise ValueError(f"sigma must be a positive number; got {sigma!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
-        raise ValueError(f"eta must be a non-negative number; got {eta!r}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer >= 2; got {n_samples!r}")
+    check_float("sigma", sigma, min=0, min_open=True)
+    check_float("eta", eta, min=0)
+    check_int("n_samples", n_samples, min=2)
     if antithetic and n_samples < 4:
         raise ValueError(f"antithetic sampling needs n_samples >= 4 (two pairs); got {n_samples}")
+    check_int("seed", seed)
     started = time.perf_counter()
-    op = make_operator(
-        model, data, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device
-    )
+    op = OperatorSpec(
+        loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device
+    ).build(model, data)
     f = _loss_fn(op)
     w = op.parameters_vector()
     T = w.abs() + eta
@@ -266,8 +258,7 @@ def average_sharpness(
             "seed": seed,
         },
         started=started,
-        mode=mode,
-        reduction="mean over the whole dataset",
+        **op.meta(),
         noise="eps = sigma * (|w| + eta) * z, z ~ N(0, I), seeded CPU generator",
     )
     return AverageSharpnessResult(

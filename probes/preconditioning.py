@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .operators import LinearOperator, ParamSpace
+from .functional import ParamSpace
+from .operators import LinearOperator
 
 SUPPORTED = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
 

@@ -45,9 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature_setup import RecordingOperator, build_operator, now, spectral_meta
-from .operators import LinearOperator, random_vectors
+from .curvature_setup import RecordingOperator, now, spectral_meta
+from .lanczos import breakdown_rtol
+from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
+from .validation import check_choice, check_int
 
 TRACE_METHODS = ("hutch++", "hutchinson", "krylov++")
 
@@ -183,10 +185,8 @@ def krylov_plus_plus(
             f"krylov++ needs n_matvecs >= 4 (>= 1 Lanczos step, >= 2 residual probes); got {n_matvecs}"
         )
     k = n_matvecs // 3 if krylov_dim is None else krylov_dim
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_matvecs - 2:
-        raise ValueError(f"krylov_dim must be an int in [1, n_matvecs - 2] = [1, {n_matvecs - 2}]; got {k!r}")
-    if isinstance(krylov_block, bool) or not isinstance(krylov_block, int) or krylov_block < 1:
-        raise ValueError(f"krylov_block must be a positive int; got {krylov_block!r}")
+    check_int("krylov_dim", k, min=1, max=n_matvecs - 2)
+    check_int("krylov_block", krylov_block, min=1)
     k = min(k, op.size)
     s = n_matvecs - k
     gen = torch.Generator().manual_seed(seed)  # one stream: start block, replacements, residual probes
@@ -206,7 +206,7 @@ def krylov_plus_plus(
     low, scale, j = 0.0, 0.0, 0
     while True:
         Qb, Rb = torch.linalg.qr(W)
-        lost = Rb.diagonal().abs() <= 1e-10 * max(scale, float(Rb.diagonal().abs().max()))
+        lost = Rb.diagonal().abs() <= breakdown_rtol(op.dtype) * max(scale, float(Rb.diagonal().abs().max()))
         if bool(lost.any()):  # invariant subspace: continue from fresh directions orthogonal to Q
             W = W.clone()
             W[:, lost] = orth_against(fresh(int(lost.sum())), Q[:, :j])
@@ -231,10 +231,8 @@ def estimate_trace(
     op: LinearOperator, n_matvecs: int, *, method: str = "hutch++", seed: int = 0, block: int = 32
 ) -> tuple[float, float, torch.Tensor, float]:
     """Trace of any symmetric :class:`LinearOperator`: ``(estimate, stderr, samples, lowrank_trace)``."""
-    if method not in TRACE_METHODS:
-        raise ValueError(f"method must be one of {TRACE_METHODS}; got {method!r}")
-    if isinstance(n_matvecs, bool) or not isinstance(n_matvecs, int):
-        raise TypeError(f"n_matvecs must be an int; got {n_matvecs!r}")
+    check_choice("method", method, TRACE_METHODS)
+    check_int("n_matvecs", n_matvecs)
     if method == "hutchinson":
         est, se, s = hutchinson(op, n_matvecs, seed=seed, block=block)
         return est, se, s, 0.0
@@ -266,15 +264,14 @@ def hessian_trace(
     ``method="hutch++"`` (default), ``"hutchinson"`` or ``"krylov++"`` (see the module docstring for the
     estimators and their standard errors). ``block`` probes share one ``matmat`` (one data pass).
     """
-    if method not in TRACE_METHODS:
-        raise ValueError(f"method must be one of {TRACE_METHODS}; got {method!r}")
-    if isinstance(n_matvecs, bool) or not isinstance(n_matvecs, int):
-        raise TypeError(f"n_matvecs must be an int; got {n_matvecs!r}")
+    check_choice("method", method, TRACE_METHODS)
+    check_int("n_matvecs", n_matvecs)
+    check_int("seed", seed)
     t0 = now()
-    op = build_operator(
-        model, data, operator=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
-        dtype=dtype, device=device, reduce_fn=reduce_fn, seed=seed,
-    )  # fmt: skip
+    op = OperatorSpec(
+        kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device,
+        reduce_fn=reduce_fn,
+    ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
     est, se, samples, low = estimate_trace(rec, n_matvecs, method=method, seed=seed, block=block)
     settings = {"n_matvecs": n_matvecs, "method": method, "params": params, "batch_size": batch_size,

@@ -7,7 +7,7 @@ L(θ) = (1/N) Σ_i ½‖f(x_i; θ) − y_i‖² (``half_sse``); plain GD with st
 continues, non-monotonically, with λ_max hovering at 2/η.
 
 λ_max, the top eigenvalue of the Hessian ∇²L on the full training set, is computed at every checkpoint
-by Lanczos (:func:`dynascope.probes.lanczos.eigsh` on ``make_operator(model, (x, y), loss="half_sse")``,
+by Lanczos (:func:`dynascope.probes.lanczos.eigsh` on ``OperatorSpec(loss="half_sse").build(model, (x, y))``,
 warm-started from the previous top eigenvector) and logged as ``sharpness`` (with ``two_over_lr`` and
 ``sharpness_ratio`` = λ_max·η/2).
 """
@@ -22,7 +22,7 @@ from torch import nn
 
 from ..models import Run
 from ..probes.lanczos import eigsh
-from ..probes.operators import make_operator
+from ..probes.operators import OperatorSpec
 from .base import Recipe, check_config_keys, register_recipe
 from .train import train
 
@@ -60,7 +60,7 @@ def lambda_max(
 
     Returns ``(λ_max, eigenvector or None, converged)``; ``v0`` warm-starts Lanczos.
     """
-    op = make_operator(model, data, loss=loss)
+    op = OperatorSpec(loss=loss).build(model, data)
     out = eigsh(op, k=1, which="LA", tol=tol, v0=v0, max_iter=min(max_iter, op.size))
     vec = out.vectors[:, 0].detach().clone() if out.vectors is not None else None
     return float(out.values[0]), vec, bool(out.converged[0])

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dynascope.probes as probes
 from dynascope.probes.density import slq, smooth_density, spectral_moments, wasserstein1
-from dynascope.probes.operators import DenseOperator, parameter_groups, random_vectors
+from dynascope.probes.functional import parameter_groups
+from dynascope.probes.operators import DenseOperator, random_vectors
 from dynascope.probes.trace import estimate_trace
 
 

@@ -12,8 +12,9 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from dynascope.probes.curvature_setup import RecordingOperator
+from dynascope.probes.functional import parameter_groups, select_parameters
 from dynascope.probes.losses import resolve_loss
-from dynascope.probes.operators import CurvatureOperator, DenseOperator, parameter_groups, select_parameters
+from dynascope.probes.operators import CurvatureOperator, DenseOperator
 
 
 class TinyAttention(nn.Module):

@@ -94,6 +94,16 @@ def test_tracker_matches_one_shot_sharpness_and_reads_the_schedule(tmp_path: Pat
         track_sharpness(42, progress=False)
 
 
+def test_track_meta_has_the_operator_keys_of_the_one_shot_probe(tmp_path: Path) -> None:
+    run = _gd_run(tmp_path / "run", n_train=32, width=4, depth=1, lr=0.1, total=2, every=2)
+    track = track_sharpness(run, tol=1e-6, progress=False)
+    one = sharpness(run.load_model(2), run.load_dataset().train, loss="half_sse", tol=1e-6, trace=False)
+    keys = ("operator", "loss", "reduction", "n_samples", "n_params", "dtype", "device", "mode", "backend")
+    assert {k: track.meta[k] for k in keys} == {k: one.meta[k] for k in keys}
+    assert track.meta["n_params"] == sum(p.numel() for p in run.load_model(2).parameters())
+    assert "n_parameters" not in track.meta and "n_parameters" not in one.meta
+
+
 def test_warm_start_saves_matvecs_between_close_checkpoints(tmp_path: Path) -> None:
     run = _gd_run(tmp_path / "run", n_train=100, width=16, depth=1, lr=0.05, total=8, every=1)
     cold = track_sharpness(run, tol=1e-6, warm_start=False, progress=False)

@@ -29,6 +29,8 @@ from torch import nn
 from ...datasets.batching import as_batches
 from ..lanczos import eigsh
 from ..results import Result, make_meta
+from ..seeds import NTK_PROBE_OFFSET
+from ..validation import check_choice, check_int
 from .empirical import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
 from .kernels import (
     center_kernel,
@@ -131,10 +133,10 @@ def ntk_probe(
     ``meta``); the numerator ``tr(Y_cᵀ K Y_c)`` and the trace ``Σ_i ‖J_i‖_F²`` are exact.
     """
     started = time.perf_counter()
-    if method not in ("auto", "dense", "lanczos"):
-        raise ValueError(f"method must be 'auto', 'dense' or 'lanczos'; got {method!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
+    check_choice("method", method, ("auto", "dense", "lanczos"))
+    check_int("k", k, min=1)
+    check_int("n_probes", n_probes, min=1)
+    check_int("seed", seed)
     x, y = as_batches(data).tensors()
     op = NTKOperator(
         model,
@@ -184,7 +186,7 @@ def ntk_probe(
         trace = float(op.trace(chunk_size=chunk_size, max_memory=max_memory))
         Yt = Yc.to(op.dtype)
         num = float((Yc * op.matmat(Yt).double()).sum())  # ⟨K_c, Y_c Y_cᵀ⟩ = tr(Y_cᵀ K Y_c)
-        Z = _rademacher(M, n_probes, seed + 1, op.dtype, op.device)
+        Z = _rademacher(M, n_probes, seed + NTK_PROBE_OFFSET, op.dtype, op.device)
         KcZ = _center_columns(op.matmat(_center_columns(Z, n)), n).double()
         sq = KcZ.pow(2).sum(dim=0)  # unbiased samples of ‖K_c‖_F²
         kc_norm = float(sq.mean().sqrt())

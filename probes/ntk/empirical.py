@@ -47,9 +47,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
-from ..operators import LinearOperator, ModeGuard, prepare_model, select_parameters
+from ..functional import FunctionalModel, ModeGuard
+from ..operators import LinearOperator
+from ..validation import check_float, check_int
 from .structure import Factors, Site, Taps, contract_site, find_sites
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
@@ -63,8 +65,9 @@ _NOT_PER_SAMPLE_IN_TRAIN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout.
 
 
 # --------------------------------------------------------------------------- model as a function
-class _FunctionalModel:
-    """``model`` as pure functions of a parameter dict: per-sample ``[O]`` and batched ``[B, O]`` outputs."""
+class _FunctionalModel(FunctionalModel):
+    """The functional view of :mod:`dynascope.probes.functional` plus what the NTK needs: per-sample
+    ``[O]`` and batched ``[B, O]`` outputs, input checks, the output count and a cost profile."""
 
     def __init__(
         self,
@@ -74,32 +77,20 @@ class _FunctionalModel:
         mode: str,
         device: torch.device | str | None,
     ) -> None:
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
-        model = prepare_model(model, device=device)
+        super().__init__(model, params=params, mode=mode, device=device)
         if mode == "train":
-            coupled = [type(m).__name__ for m in model.modules() if isinstance(m, _NOT_PER_SAMPLE_IN_TRAIN)]
+            coupled = [
+                type(m).__name__ for m in self.model.modules() if isinstance(m, _NOT_PER_SAMPLE_IN_TRAIN)
+            ]
             if coupled:
                 raise ValueError(
                     "the empirical NTK is per-sample and deterministic; mode='train' is not supported for "
                     f"models with {sorted(set(coupled))} (use mode='eval')"
                 )
-        self.model, self.mode = model, mode
-        named = select_parameters(model, params)
-        self.names = [n for n, _ in named]
-        self.params = {n: p.detach() for n, p in named}
-        self.numels = [p.numel() for _, p in named]
-        self.size = sum(self.numels)
-        self.dtype = named[0][1].dtype
-        self.device = named[0][1].device
-        self.fixed = {
-            **{n: p.detach() for n, p in model.named_parameters() if n not in self.params},
-            **dict(model.named_buffers()),
-        }
 
     def batch(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs ``[B, O]`` (trailing output dimensions flattened)."""
-        out = functional_call(self.model, {**self.fixed, **p}, (x,))
+        out = self(p, x)
         return out.reshape(out.shape[0], -1)
 
     def single(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -200,12 +191,8 @@ def plan_ntk(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    if max_memory <= 0:
-        raise ValueError(f"max_memory must be positive; got {max_memory}")
+    check_int("chunk_size", chunk_size, min=1, optional=True)
+    check_float("max_memory", max_memory, min=0, min_open=True)
     O, F, A = n_outputs, flops_per_sample, activations_per_sample
     P = n_params if jacobian_numbers is None else jacobian_numbers
     sym = n2 is None
@@ -551,10 +538,7 @@ class NTKOperator(LinearOperator):
     ) -> None:
         if reduce_outputs not in REDUCTIONS:
             raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        check_int("batch_size", batch_size, min=1, optional=True)
         self.fm = _FunctionalModel(model, params=params, mode=mode, device=device)
         self.x = self.fm.prepare(x, "x")
         self.n_outputs = self.fm.output_dim(self.x)

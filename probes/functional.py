@@ -1,0 +1,272 @@
+"""One functional view of a model: ``f(x; θ_S, θ_F)`` as a pure function of a selected parameter block.
+
+Every probe that differentiates a network with ``torch.func`` (curvature operators, the empirical NTK,
+per-example gradients) sees it the same way:
+
+* **parameter selection** — :func:`select_parameters`: the trainable parameters ``θ_S`` (optionally a
+  block named by parameter names or module prefixes), flattened by :class:`ParamSpace` in
+  ``named_parameters`` order into one vector of length ``P``;
+* **fixed tensors** — ``θ_F``: the other parameters (detached) and every buffer (BatchNorm statistics);
+  ``functional_call(model, {**θ_F, **θ_S}, (x,))`` evaluates the network at a given ``θ_S``;
+* **mode** — ``"eval"`` (default: running statistics, no dropout) or ``"train"``, set for a block by
+  :class:`ModeGuard`, which restores every submodule's flag afterwards;
+* **dtype/device** — :func:`prepare_model` checks the model (a module with parameters, all finite) and
+  copies it only when the dtype or device differs, so the caller's model is never modified;
+* **data on the device** — :class:`ResidentBatches` keeps the batches of a
+  :class:`~dynascope.datasets.batching.BatchSource` on the model's device, in its dtype, after the first
+  pass, so repeated products do not re-collate or re-copy them, as long as their bytes fit
+  :data:`DEVICE_DATA_BUDGET`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..datasets.batching import Batch, BatchSource, as_batches
+
+MODES = ("eval", "train")
+
+#: Bytes of input and target tensors :class:`ResidentBatches` keeps on the device across passes (1 GiB).
+#: Counted batch by batch on the first pass (``x.nbytes + y.nbytes`` after the move and cast); data
+#: larger than this is streamed from its source on every pass, as before.
+DEVICE_DATA_BUDGET = 1 << 30
+
+
+class ParamSpace:
+    """Flattening of a subset of a model's parameters into one vector (in ``named_parameters`` order)."""
+
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        if not named:
+            raise ValueError("no parameters selected")
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.size = sum(self.numels)
+
+    def split(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat ``[size, ...]`` (extra trailing dims allowed) → {name: tensor of the param's shape, ...}."""
+        parts = torch.split(vec, self.numels, dim=0)
+        tail = tuple(vec.shape[1:])
+        return {n: p.reshape(s + tail) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        """{name: tensor} or a list in order → one flat vector."""
+        seq = [tensors[n] for n in self.names] if isinstance(tensors, dict) else list(tensors)
+        return torch.cat([t.reshape(-1) for t in seq])
+
+
+def select_parameters(
+    model: nn.Module, params: Sequence[str] | str | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters of ``model``; ``params`` keeps those whose name equals or starts with
+    one of the given names/module prefixes (``"body.0"`` selects ``body.0.weight``, ``body.0.bias``)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    wanted = [params] if isinstance(params, str) else list(params)
+    chosen = [(n, p) for n, p in named if any(n == w or n.startswith(w + ".") for w in wanted)]
+    if not chosen:
+        raise ValueError(f"no trainable parameter matches {wanted}; names are {[n for n, _ in named]}")
+    return chosen
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Trainable parameter names grouped by the module that owns them (the per-layer blocks)."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return groups
+
+
+def check_finite(model: nn.Module, what: str = "model") -> None:
+    """``ValueError`` naming every parameter or floating buffer that holds NaN or Inf values."""
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()})"
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise ValueError(f"the {what} has non-finite (NaN/Inf) values in: {', '.join(bad)}")
+
+
+def check_mode(mode: Any) -> str:
+    """``mode`` if it is ``"eval"`` or ``"train"``, else a ``ValueError``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
+    return mode
+
+
+def prepare_model(
+    model: nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """Check ``model`` (a module with parameters, all finite) and return it in ``dtype`` on ``device``.
+
+    The caller's model is never modified: a deep copy is made when the dtype or device differs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        raise ValueError("the model has no parameters")
+    check_finite(model)
+    change_dtype = dtype is not None and dtype != first.dtype
+    change_device = device is not None and torch.device(device) != first.device
+    if change_dtype or change_device:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype if change_dtype else None)
+    return model
+
+
+class ModeGuard:
+    """Put a model in eval (default) or train mode for the duration of a block, then restore."""
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        self.model, self.mode = model, mode
+        self.saved = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self) -> None:
+        self.model.train(self.mode == "train")
+
+    def __exit__(self, *exc: object) -> None:
+        for m, training in self.saved:
+            m.training = training
+
+
+class FunctionalModel:
+    """``model`` as the pure function ``(θ_S, x) ↦ f(x; θ_S, θ_F)`` of a selected parameter block.
+
+    Attributes: ``model`` (the caller's module, or a copy in ``dtype`` / on ``device``), ``mode``,
+    ``space`` (:class:`ParamSpace` of ``θ_S``), ``live`` ({name: nn.Parameter} of ``θ_S``, autograd
+    leaves for reverse-over-reverse products), ``params`` (the same, detached: the primal point),
+    ``fixed`` (``θ_F``: other parameters detached, and all buffers), ``dtype`` and ``device`` of ``θ_S``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        params: Sequence[str] | str | None = None,
+        mode: str = "eval",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.mode = check_mode(mode)
+        self.model = prepare_model(model, dtype=dtype, device=device)
+        named = select_parameters(self.model, params)
+        self.space = ParamSpace(named)
+        self.live: dict[str, nn.Parameter] = dict(named)
+        self.params = {n: p.detach() for n, p in named}
+        self.fixed = {
+            **{n: p.detach() for n, p in self.model.named_parameters() if n not in self.live},
+            **dict(self.model.named_buffers()),
+        }
+        self.dtype = named[0][1].dtype
+        self.device = named[0][1].device
+
+    @property
+    def names(self) -> list[str]:
+        return self.space.names
+
+    @property
+    def numels(self) -> list[int]:
+        return self.space.numels
+
+    @property
+    def size(self) -> int:
+        """``P``, the number of entries of ``θ_S``."""
+        return self.space.size
+
+    def __call__(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``f(x; p, θ_F)`` via ``functional_call`` (``p`` may be any subset-complete dict of ``θ_S``)."""
+        return functional_call(self.model, {**self.fixed, **p}, (x,))
+
+    def guard(self) -> ModeGuard:
+        """The block's mode for a ``with`` statement (restored on exit)."""
+        return ModeGuard(self.model, self.mode)
+
+    def parameters_vector(self) -> torch.Tensor:
+        """The current ``θ_S``, flattened."""
+        return self.space.flatten(self.params)
+
+    def batches(self, data: Any, batch_size: int | None = None, **shard: Any) -> ResidentBatches:
+        """``data`` as batches on this model's device and in its dtype, kept there across passes."""
+        return ResidentBatches(as_batches(data, batch_size, device=self.device, dtype=self.dtype, **shard))
+
+
+class ResidentBatches:
+    """A :class:`BatchSource` whose batches stay on the device after the first full pass.
+
+    The first pass streams from ``source`` and keeps each batch while the running total of
+    ``x.nbytes + y.nbytes`` is at most ``max_bytes`` (default :data:`DEVICE_DATA_BUDGET`); when the
+    pass completes within the budget the kept batches serve every later pass, otherwise they are
+    dropped and every pass streams. The batches (and therefore the sums over them) are the same
+    either way. Other attributes (``batch_size``, ``rank``, ``data`` ...) are the source's.
+    """
+
+    def __init__(self, source: BatchSource, max_bytes: int = DEVICE_DATA_BUDGET) -> None:
+        self.source = source
+        self.max_bytes = int(max_bytes)
+        self._kept: list[Batch] | None = None
+        self._fits = True
+
+    def __getattr__(self, name: str) -> Any:  # batch_size, rank, world_size, data, device, dtype
+        return getattr(self.__dict__["source"], name)
+
+    @property
+    def resident(self) -> bool:
+        """True once the whole dataset is held on the device."""
+        return self._kept is not None
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._kept is not None:
+            yield from self._kept
+            return
+        kept: list[Batch] = []
+        used = 0
+        for b in self.source:
+            if self._fits:
+                used += b.x.nbytes + b.y.nbytes
+                if used <= self.max_bytes:
+                    kept.append(b)
+                else:
+                    self._fits, kept = False, []
+            yield b
+        if self._fits:
+            self._kept = kept
+
+    def num_samples(self) -> int:
+        if self._kept is not None:
+            return sum(b.n for b in self._kept)
+        return self.source.num_samples()
+
+    def single_batch(self) -> Batch | None:
+        """The data as one batch when it is held as tensors and batching is off."""
+        if self._kept is not None and self.source._tensors is not None:
+            return self._kept[0] if len(self._kept) == 1 else None
+        return self.source.single_batch()
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.tensors()
+
+    def targets(self) -> torch.Tensor:
+        return self.source.targets()
+
+
+__all__ = [
+    "DEVICE_DATA_BUDGET",
+    "FunctionalModel",
+    "ModeGuard",
+    "ParamSpace",
+    "ResidentBatches",
+    "check_finite",
+    "check_mode",
+    "parameter_groups",
+    "prepare_model",
+    "select_parameters",
+]
