@@ -81,8 +81,11 @@ def parse_params(pairs: list[str], spec: Any) -> dict[str, Any]:
     """
     import torch
 
+    from dynascope.runner import RESERVED_PARAMS
+
     accepted = spec.parameters()
-    reserved = {"device": "--device", "reduce_fn": "torchrun", "v0": None}
+    reserved = {"device": "--device", "reduce_fn": "torchrun"}
+    reserved.update({n: None for n in RESERVED_PARAMS if n not in reserved})
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
@@ -176,74 +179,9 @@ def summarize(result: Any, width: int = 160) -> str:
 
 
 # ------------------------------------------------------------------------------------ bare checkpoints
-class CheckpointFile:
-    """A single checkpoint file used like a one-checkpoint :class:`~dynascope.models.Run`.
-
-    The model config comes from the file's dynascope metadata or ``model_config``; the dataset from
-    ``dataset_config``. Results go to ``results.sqlite`` beside the file (``store_dir`` to change).
-    """
-
-    def __init__(
-        self,
-        file: str | os.PathLike,
-        *,
-        model_config: dict[str, Any] | None = None,
-        dataset_config: dict[str, Any] | None = None,
-        loss: str | None = None,
-        store_dir: str | os.PathLike | None = None,
-    ) -> None:
-        from dynascope.models import CheckpointInfo, load_checkpoint
-
-        self.file = Path(file)
-        loaded = load_checkpoint(self.file)  # validates the file: CheckpointError names the problem
-        cfg = model_config or loaded.model_config
-        if cfg is None:
-            raise UsageError(
-                f"checkpoint '{self.file}' carries no dynascope model config; pass --model-config "
-                '\'{"name": "mlp", "in_dim": ..., ...}\''
-            )
-        if dataset_config is None:
-            raise UsageError("a bare checkpoint needs --dataset NAME or --dataset '{\"name\": ..., ...}'")
-        self.model_config = dict(cfg)
-        self.dataset_config = dict(dataset_config)
-        self.loss = loss
-        self.path = Path(store_dir) if store_dir is not None else self.file.parent
-        meta = dict(loaded.metadata)
-        step = loaded.step if loaded.step is not None else 0
-        self.info = CheckpointInfo(step=step, epoch=loaded.epoch, path=self.file, metadata=meta)
-
-    def checkpoint(self, step: int | None = None) -> Any:
-        if step is not None and step != self.info.step:
-            raise ValueError(f"checkpoint '{self.file}' is step {self.info.step}, not {step}")
-        return self.info
-
-    def checkpoints(self) -> list[Any]:
-        return [self.info]
-
-    def steps(self) -> list[int]:
-        return [self.info.step]
-
-    def load_model(self, step: int | None = None) -> Any:
-        from dynascope.models import build, load_checkpoint
-
-        cfg = dict(self.model_config)
-        try:
-            model = build(cfg.pop("name"), **cfg)
-        except TypeError as exc:
-            raise ValueError(f"model config {self.model_config}: {exc}") from None
-        load_checkpoint(self.file, model)
-        return model
-
-    def load_dataset(self) -> Any:
-        from dynascope.datasets import load
-
-        cfg = dict(self.dataset_config)
-        return load(cfg.pop("name"), **cfg)
-
-
 def resolve_target(args: argparse.Namespace) -> Any:
-    """The run (or :class:`CheckpointFile`) and the steps ``probe`` should visit."""
-    from dynascope.models import Run
+    """The run (or :class:`~dynascope.models.CheckpointFile`) and the steps ``probe`` should visit."""
+    from dynascope.models import CheckpointFile, Run
 
     path = Path(args.target)
     if not path.exists():
@@ -348,6 +286,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
     import torch
 
     from dynascope.distributed import distributed_sweep, init_from_env
+    from dynascope.runner import TqdmProgress
     from dynascope.store import ResultStore
 
     if args.seed is not None:
@@ -357,25 +296,16 @@ def run_probe_command(args: argparse.Namespace) -> int:
     ctx = init_from_env(args.device)
     try:
         store = ResultStore(store_folder(args.store)) if args.store else ResultStore(target.path)
-        bar = None
-        if ctx.is_main and len(steps) > 1:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc=f"{args.probe}", unit="ckpt", file=sys.stderr, disable=None)
-
-        def progress(step: int, total: int) -> None:
+        bar = TqdmProgress(args.probe, file=sys.stderr) if ctx.is_main and len(steps) > 1 else None
+        try:
+            rows = distributed_sweep(
+                target, args.probe, steps, ctx, strategy=args.distribute, store=store,
+                recompute=args.recompute, progress=bar, params=params, split=args.split,
+                max_samples=args.max_samples, device=ctx.device if ctx.active else args.device,
+            )  # fmt: skip
+        finally:
             if bar is not None:
-                bar.total = total
-                bar.set_postfix_str(f"step {step}")
-                bar.update(1)
-
-        rows = distributed_sweep(
-            target, args.probe, steps, ctx, strategy=args.distribute, store=store, recompute=args.recompute,
-            progress=progress, params=params, split=args.split, max_samples=args.max_samples,
-            device=ctx.device if ctx.active else args.device,
-        )  # fmt: skip
-        if bar is not None:
-            bar.close()
+                bar.close()
     finally:
         ctx.shutdown()
     if rows is None:  # not rank 0
@@ -404,7 +334,7 @@ def _probes_args(p: argparse.ArgumentParser) -> None:
 @command("probes", "list the probes `dynascope probe` can run", _probes_args)
 @guarded("probes")
 def run_probes_command(args: argparse.Namespace) -> int:
-    from dynascope.runner import PROBES
+    from dynascope.runner import PROBES, RESERVED_PARAMS
 
     if args.name is not None:
         if args.name not in PROBES:
@@ -412,7 +342,7 @@ def run_probes_command(args: argparse.Namespace) -> int:
         spec = PROBES[args.name]
         print(f"{spec.name}: {spec.description}  (function dynascope.probes.{spec.function})")
         for name, par in spec.parameters().items():
-            if name in ("device", "reduce_fn", "v0"):
+            if name in RESERVED_PARAMS:
                 continue
             default = spec.defaults.get(name, par.default)
             print(f"  --param {name}={default!r}")
