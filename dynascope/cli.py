@@ -64,6 +64,7 @@ def run_app(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dynascope import commands  # noqa: F401 - registers probe, probes, export, recipe, runs
+
     parser = argparse.ArgumentParser(prog="dynascope", description="Training-dynamics analysis workbench.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():

@@ -174,7 +174,8 @@ def distributed_sweep(
 ) -> list[tuple[int, Any, bool]] | None:
     """Run ``probe`` on ``steps`` of ``run`` across the ranks of ``ctx``; ``[(step, result, cached)]``
     on rank 0 (in step order), ``None`` on the others. ``kwargs`` go to :func:`~dynascope.runner.run_probe`
-    (``params``, ``split``, ``max_samples``, ``device``). In one process it is :func:`~dynascope.runner.sweep`.
+    (``params``, ``split``, ``max_samples``, ``device``). In one process it is
+    :func:`~dynascope.runner.sweep`.
     The loop, the cache key and the write are the runner's; ``progress(i, n, step, cached, seconds)``
     (the runner's callback) is called on rank 0 after each checkpoint it handles.
     """

@@ -20,7 +20,8 @@ that determines the result:
 * the probe parameters: the function's defaults, overridden by the spec's, overridden by the caller's,
   with the run's ``loss`` for probes that take one;
 * ``compute_dtype`` (the ``dtype`` parameter, else torch's default dtype the model is built in),
-  ``device_class`` (``cpu``/``cuda``/``mps``, not the index) and ``probe_version`` (:attr:`ProbeSpec.version`).
+  ``device_class`` (``cpu``/``cuda``/``mps``, not the index) and ``probe_version``
+  (:attr:`ProbeSpec.version`).
 
 A cached row whose key differs in any of these is never returned. ``reduce_fn`` and data sharding over
 ranks are not in the key: a sharded product equals the one-process one to rounding.
@@ -46,7 +47,7 @@ from dynascope.probes.results import Result, to_jsonable
 from dynascope.store import ResultStore
 
 #: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key.
-RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model")
+RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps")
 #: The ways a probe function takes its checkpoints (see :class:`ProbeSpec`).
 INPUTS = ("model", "trajectory", "pair")
 

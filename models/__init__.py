@@ -23,7 +23,14 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .registry import available, build, model_config, normalize_config, param_count, register, weight_norm
-from .runs import CheckpointFile, CheckpointInfo, Run, RunError, optimizer_state_by_name, optimizer_state_to_torch
+from .runs import (
+    CheckpointFile,
+    CheckpointInfo,
+    Run,
+    RunError,
+    optimizer_state_by_name,
+    optimizer_state_to_torch,
+)
 from .schedules import SCHEDULE_TYPES, lr_at, torch_scheduler, validate_schedule
 
 __all__ = [

@@ -629,17 +629,21 @@ class CheckpointFile:
         if dataset_config is None:
             raise ValueError(
                 f"checkpoint '{self.file}' needs a dataset config "
-                '(CLI: --dataset NAME or --dataset \'{"name": ..., ...}\')'
+                "(CLI: --dataset NAME or --dataset '{\"name\": ..., ...}')"
             )
         for what, c in (("model", cfg), ("dataset", dataset_config)):
             if not isinstance(c.get("name"), str):
-                raise ValueError(f"checkpoint '{self.file}': the {what} config needs a \"name\"; got {dict(c)}")
+                raise ValueError(
+                    f"checkpoint '{self.file}': the {what} config needs a \"name\"; got {dict(c)}"
+                )
         self.model_config = dict(cfg)
         self.dataset_config = dict(dataset_config)
         self.loss = loss
         self.path = Path(store_dir) if store_dir is not None else self.file.parent
         step = loaded.step if loaded.step is not None else 0
-        self.info = CheckpointInfo(step=step, epoch=loaded.epoch, path=self.file, metadata=dict(loaded.metadata))
+        self.info = CheckpointInfo(
+            step=step, epoch=loaded.epoch, path=self.file, metadata=dict(loaded.metadata)
+        )
 
     def checkpoint(self, step: int | None = None) -> CheckpointInfo:
         if step is not None and step != self.info.step:

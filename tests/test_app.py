@@ -568,16 +568,18 @@ def test_upload_helpers() -> None:
 
 def test_schedule_line_and_interpolation_threshold(tmp_path: Path) -> None:
     import pandas as pd
-    from lib import detectors, figures
+    from lib import figures
+
+    from dynascope.recipes import interpolation_threshold
 
     sched = figures.schedule_frame(lambda s: 0.1 if s < 50 else 0.05, 100, n=11)
     assert sched["step"].tolist() == list(range(0, 101, 10))
     assert sched["two_over_lr"].tolist() == pytest.approx([20.0] * 5 + [40.0] * 6)
     run = make_tiny_run(tmp_path / "r", steps=(0, 1))
     metrics = pd.DataFrame({"width": [1, 2, 4, 8, 8], "train_error": [0.5, 0.1, 0.0, 0.0, 0.002]})
-    assert detectors.interpolation_threshold(run, metrics, "width") == 4.0
-    assert detectors.interpolation_threshold(run, metrics.assign(train_error=0.3), "width") is None
-    assert detectors.interpolation_threshold(run, metrics, "n_features") == 48.0  # p = n_train
+    assert interpolation_threshold(run, metrics, "width") == 4.0
+    assert interpolation_threshold(run, metrics.assign(train_error=0.3), "width") is None
+    assert interpolation_threshold(run, metrics, "n_features") == 48.0  # p = n_train
 
 
 def test_unexpected_errors_show_a_traceback_expander() -> None:
