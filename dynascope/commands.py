@@ -192,8 +192,10 @@ def resolve_target(args: argparse.Namespace) -> Any:
         run = Run.open(path.parent.parent)  # a checkpoint inside a run folder: use the run
         matches = [c.step for c in run.checkpoints() if c.path.resolve() == path.resolve()]
         if matches:
-            if args.all or (step is not None and step != matches[0]):
-                raise UsageError(f"'{path}' is the checkpoint of step {matches[0]}; drop --all/--step")
+            if args.all or args.steps or (step is not None and step != matches[0]):
+                raise UsageError(
+                    f"'{path}' is the checkpoint of step {matches[0]}; drop --all/--step/--steps"
+                )
             return run, [matches[0]]
     if path.is_dir():
         if bare_opts:
@@ -204,11 +206,16 @@ def resolve_target(args: argparse.Namespace) -> Any:
             raise UsageError(f"run '{path}' has no checkpoints")
         if args.all:
             return run, steps
+        if args.steps:
+            absent = [s for s in args.steps if s not in steps]
+            if absent:
+                raise UsageError(f"run '{path}' has no checkpoint at step(s) {absent}; steps: {steps}")
+            return run, list(args.steps)
         if step is not None and step not in steps:
             raise UsageError(f"run '{path}' has no checkpoint at step {step}; steps: {steps}")
         return run, [step if step is not None else steps[-1]]
-    if args.all:
-        raise UsageError("--all needs a run folder, not a single checkpoint file")
+    if args.all or args.steps:
+        raise UsageError("--all/--steps need a run folder, not a single checkpoint file")
     target = CheckpointFile(
         path,
         model_config=_json_arg(args.model_config, "--model-config") if args.model_config else None,
@@ -225,6 +232,13 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     which.add_argument("--all", action="store_true", help="every checkpoint of the run")
+    which.add_argument(
+        "--steps",
+        type=_int_list,
+        default=None,
+        metavar="S,S,...",
+        help="these checkpoint steps (ntk_trajectory: the checkpoints of one trajectory)",
+    )
     p.add_argument(
         "--param",
         action="append",
@@ -262,7 +276,23 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="under torchrun: shard the data of each checkpoint, or split checkpoints (default auto)",
     )
+    p.add_argument(
+        "--other",
+        default=None,
+        metavar="RUN|CKPT",
+        help="lmc_barrier: the second model's run folder or checkpoint (same options as the target)",
+    )
+    p.add_argument(
+        "--other-step", type=int, default=None, help="lmc_barrier: step of --other (default: last)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")  # fmt: skip
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 @command("probe", "run a probe on one checkpoint or every checkpoint of a run (results cached)", _probe_args)
@@ -282,6 +312,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
     if args.device is not None and not (args.device == "cpu" or args.device.startswith(("cuda", "mps"))):
         raise UsageError(f"--device must be cpu, cuda, cuda:I or mps; got {args.device!r}")
     target, steps = resolve_target(args)
+    if spec.inputs != "model":
+        return _run_multi_checkpoint(args, spec, target, steps, params)
 
     import torch
 
@@ -324,6 +356,50 @@ def run_probe_command(args: argparse.Namespace) -> int:
         print(
             f"{len(rows)} checkpoint(s){dist}: {len(rows) - n_cached} computed, {n_cached} cached → {where}"
         )
+    return 0
+
+
+def _run_multi_checkpoint(
+    args: argparse.Namespace, spec: Any, target: Any, steps: list[int], params: dict[str, Any]
+) -> int:
+    """``ntk_trajectory`` over ``steps`` (default: every checkpoint) or ``lmc_barrier`` between the
+    target's checkpoint and ``--other``: one evaluation in one process, through the runner's cache."""
+    from dynascope.runner import run_probe
+    from dynascope.store import ResultStore
+
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise UsageError(f"probe {spec.name!r} runs in one process; start it without torchrun")
+    where: dict[str, Any] = {}
+    if spec.inputs == "trajectory":
+        if not (args.all or args.steps or args.step is not None):
+            steps = target.steps()
+        if len(steps) < 2:
+            raise UsageError(f"probe {spec.name!r} needs at least two checkpoints (--steps S,S,... or --all)")
+        where["steps"] = steps
+    else:
+        if args.other is None:
+            raise UsageError(f"probe {spec.name!r} compares two checkpoints: pass --other RUN|CHECKPOINT")
+        if len(steps) != 1:
+            raise UsageError(
+                f"probe {spec.name!r} takes one checkpoint of the target (--step), not --all/--steps"
+            )
+        other_args = argparse.Namespace(
+            **{**vars(args), "target": args.other, "step": args.other_step, "all": False, "steps": None}
+        )
+        other, (other_step,) = resolve_target(other_args)
+        where.update(step=steps[0], other=(other, other_step))
+    store = ResultStore(store_folder(args.store)) if args.store else ResultStore(target.path)
+    result, cached = run_probe(
+        target, spec.name, params=params, split=args.split, max_samples=args.max_samples, store=store,
+        recompute=args.recompute, device=args.device, **where,
+    )  # fmt: skip
+    which = where.get("steps") or [where["step"], where["other"][1]]
+    if args.json:
+        print(json.dumps({"probe": spec.name, "steps": which, "cached": cached, "result": result.to_dict()}))
+    else:
+        print(f"{spec.name} steps {','.join(map(str, which))}{' (cached)' if cached else ''}: "
+              f"{summarize(result)}")  # fmt: skip
+        print(f"1 evaluation: {'cached' if cached else 'computed'} → {store.path}")
     return 0
 
 
