@@ -19,7 +19,8 @@ that determines the result:
   ``max_samples`` (the first samples of the split);
 * the probe parameters: the function's defaults, overridden by the spec's, overridden by the caller's,
   with the run's ``loss`` for probes that take one;
-* ``compute_dtype`` (the ``dtype`` parameter, else torch's default dtype the model is built in),
+* ``compute_dtype`` (the ``dtype`` parameter, else torch's default dtype the model is built in; it
+  stands for the parameter in the key, so ``dtype=None`` and the default dtype share a row),
   ``device_class`` (``cpu``/``cuda``/``mps``, not the index) and ``probe_version``
   (:attr:`ProbeSpec.version`).
 
@@ -295,7 +296,7 @@ def plan(
     chosen = _checkpoint_list(run, spec, step, steps, other)
     call = _call_params(run, spec, params)
     digests = [file_sha256(info.path) for _, info in chosen]
-    key = to_jsonable({k: v for k, v in call.items() if k != "optimizer_state"})
+    key = to_jsonable({k: v for k, v in call.items() if k not in ("optimizer_state", "dtype")})
     if call.get("optimizer_state") is not None:
         if call["optimizer_state"] is not True:
             raise ValueError(
