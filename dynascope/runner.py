@@ -413,22 +413,12 @@ def get_or_compute(
 
 # ------------------------------------------------------------------------------------------ front doors
 def cached_result(
-    run: Run | str,
-    probe: str,
-    *,
-    step: int | None = None,
-    steps: Sequence[int] | None = None,
-    other: tuple[Any, int] | None = None,
-    params: Mapping[str, Any] | None = None,
-    split: str = "train",
-    max_samples: int | None = None,
-    device: str | torch.device | None = None,
-    store: ResultStore | None = None,
+    run: Run | str, probe: str, *, store: ResultStore | None = None, **where: Any
 ) -> Result | None:
-    """The result :func:`run_probe` would return from the cache, or ``None`` (nothing is computed)."""
-    p = plan(run, probe, step=step, steps=steps, other=other, params=params, split=split,
-             max_samples=max_samples, device=device)  # fmt: skip
-    return cached(p, store)
+    """The result :func:`run_probe` would return from the cache, or ``None`` (nothing is computed).
+    ``where``: :func:`plan`'s keywords (``step``/``steps``/``other``, ``params``, ``split``, ``max_samples``,
+    ``device``)."""
+    return cached(plan(run, probe, **where), store)
 
 
 def run_probe(

@@ -496,13 +496,8 @@ class Run:
         sweep run, where ``step`` is the size) is built from that config instead.
         """
         info = self.checkpoint(step)
-        ck_cfg = info.metadata.get("model_config")
-        own = isinstance(ck_cfg, Mapping) and isinstance(ck_cfg.get("name"), str)
-        if own and dict(ck_cfg) != self.model_config:
-            cfg = dict(ck_cfg)
-            model = build(cfg.pop("name"), **cfg)
-        else:
-            model = self.build_model()
+        cfg = self.model_config_at(info.step)
+        model = build(cfg.pop("name"), **cfg)
         load_checkpoint(info.path, model, allow_nonfinite=allow_nonfinite)
         return model
 
