@@ -179,7 +179,7 @@ def distributed_sweep(
     The loop, the cache key and the write are the runner's; ``progress(i, n, step, cached, seconds)``
     (the runner's callback) is called on rank 0 after each checkpoint it handles.
     """
-    from .runner import PROBES, cached_result, plan, store_result, sweep
+    from .runner import PROBES, cached_results, plan, store_result, sweep
     from .store import ResultStore
 
     store = store if store is not None else ResultStore(run.path)
@@ -190,10 +190,7 @@ def distributed_sweep(
     # rank 0 decides what is cached; everyone follows that decision (no diverging collectives)
     cached: dict[int, Any] = {}
     if ctx.is_main and not recompute:
-        for s in steps:
-            hit = cached_result(run, probe, step=s, store=store, **lookup)
-            if hit is not None:
-                cached[s] = hit
+        cached = cached_results(run, probe, steps, store=store, **lookup)
     todo = broadcast_object([s for s in steps if s not in cached], ctx)
     mode = choose_strategy(
         strategy, shardable=PROBES[probe].shardable, n_todo=len(todo), world=ctx.world_size

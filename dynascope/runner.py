@@ -421,6 +421,28 @@ def cached_result(
     return cached(plan(run, probe, **where), store)
 
 
+def cached_results(
+    run: Run | str,
+    probe: str,
+    steps: Iterable[int],
+    *,
+    params: Mapping[str, Any] | Callable[[int], Mapping[str, Any]] | None = None,
+    store: ResultStore | None = None,
+    **where: Any,
+) -> dict[int, Result]:
+    """``{step: result}`` for those of ``steps`` already in the cache (nothing is computed); ``params``
+    as in :func:`sweep`, ``where`` as in :func:`cached_result`."""
+    run = _as_run(run)
+    store = store if store is not None else ResultStore(run.path)
+    out = {}
+    for s in steps:
+        hit = cached_result(run, probe, step=s, params=params(s) if callable(params) else params, store=store,
+                            **where)  # fmt: skip
+        if hit is not None:
+            out[s] = hit
+    return out
+
+
 def run_probe(
     run: Run | str,
     probe: str,
@@ -509,6 +531,7 @@ __all__ = [
     "TqdmProgress",
     "cached",
     "cached_result",
+    "cached_results",
     "compute",
     "get_or_compute",
     "plan",

@@ -649,8 +649,8 @@ def test_app_and_notebook_share_multi_checkpoint_and_preconditioned_results(
            "max_samples": 16}  # fmt: skip
     assert compute.stored(adam, "ntk_trajectory", **ntk) is None
     traj = compute.compute_stored(adam, "ntk_trajectory", label="NTK trajectory", **ntk)
-    lmc = {"step": 20, "other": (adam, 20), "split": "train", "max_samples": 48,
-           "params": {"n_points": 5, "align": "weights", "layerwise": True, "compare_unaligned": True}}  # fmt: skip
+    options = {"n_points": 5, "align": "weights", "layerwise": True, "compare_unaligned": True}
+    lmc = {"step": 20, "other": (adam, 20), "split": "train", "max_samples": 48, "params": options}
     path = compute.compute_stored(gd, "lmc_barrier", label="linear path", **lmc)
     monkeypatch.setattr(runner, "compute", forbid)
     again = view.probe("ntk_trajectory", steps=[0, 5, 10], split="test", max_samples=16)

@@ -122,8 +122,8 @@ def test_bare_checkpoint_cache_key_holds_the_dataset_and_model_config(
     --model-config that cannot load the checkpoint gives its error (exit 2), not the cached value."""
     bare = tmp_path / "ckpt.safetensors"
     shutil.copy(probed_run.checkpoint_path(8), bare)
-    base = ["probe", "hessian_trace", str(bare), "--model-config", json.dumps(MODEL), "--param", "n_matvecs=6",
-            "--json"]  # fmt: skip
+    base = ["probe", "hessian_trace", str(bare), "--model-config", json.dumps(MODEL),
+            "--param", "n_matvecs=6", "--json"]  # fmt: skip
     code, out, err = run_cli([*base, "--dataset", json.dumps(DATASET)], capsys)
     assert code == 0 and json.loads(out)["cached"] is False, err
     code, out, err = run_cli([*base, "--dataset", json.dumps(DATASET)], capsys)

@@ -179,8 +179,10 @@ def test_notebook_cli_and_runner_share_multi_checkpoint_results(
             "--param", "n_points=3", "--json"]  # fmt: skip
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["cached"] is True and out["steps"] == [0, 8] and out["result"]["losses"] == pytest.approx(
-        list(lmc.losses)
+    assert (
+        out["cached"] is True
+        and out["steps"] == [0, 8]
+        and out["result"]["losses"] == pytest.approx(list(lmc.losses))
     )
     code = main(["probe", "lmc_barrier", str(run.path), "--step", "0"])
     assert code == 2 and "--other" in capsys.readouterr().err

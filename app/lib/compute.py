@@ -97,16 +97,9 @@ def lookup(
     max_samples: int | None = None,
 ) -> dict[int, Any]:
     """The cached results of ``probe`` at ``steps`` (nothing is computed)."""
-    store = ResultStore(run.path)
-    out: dict[int, Any] = {}
-    for s in steps:
-        p = params(s) if callable(params) else params
-        hit = runner.cached_result(
-            run, probe, step=s, params=p, split=split, max_samples=max_samples, store=store
-        )
-        if hit is not None:
-            out[s] = hit
-    return out
+    return runner.cached_results(
+        run, probe, steps, params=params, split=split, max_samples=max_samples, store=ResultStore(run.path)
+    )
 
 
 def compute(
