@@ -62,20 +62,9 @@ def run_app(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def _load_plugins() -> None:
-    """Import the modules that register further subcommands (they are optional during development)."""
-    import importlib
-
-    for module in ("dynascope.commands",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
+    from dynascope import commands  # noqa: F401 - registers probe, probes, export, recipe, runs
+
     parser = argparse.ArgumentParser(prog="dynascope", description="Training-dynamics analysis workbench.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():

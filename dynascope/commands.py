@@ -81,8 +81,11 @@ def parse_params(pairs: list[str], spec: Any) -> dict[str, Any]:
     """
     import torch
 
+    from dynascope.runner import RESERVED_PARAMS
+
     accepted = spec.parameters()
-    reserved = {"device": "--device", "reduce_fn": "torchrun", "v0": None}
+    reserved = {"device": "--device", "reduce_fn": "torchrun"}
+    reserved.update({n: None for n in RESERVED_PARAMS if n not in reserved})
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
@@ -176,74 +179,9 @@ def summarize(result: Any, width: int = 160) -> str:
 
 
 # ------------------------------------------------------------------------------------ bare checkpoints
-class CheckpointFile:
-    """A single checkpoint file used like a one-checkpoint :class:`~dynascope.models.Run`.
-
-    The model config comes from the file's dynascope metadata or ``model_config``; the dataset from
-    ``dataset_config``. Results go to ``results.sqlite`` beside the file (``store_dir`` to change).
-    """
-
-    def __init__(
-        self,
-        file: str | os.PathLike,
-        *,
-        model_config: dict[str, Any] | None = None,
-        dataset_config: dict[str, Any] | None = None,
-        loss: str | None = None,
-        store_dir: str | os.PathLike | None = None,
-    ) -> None:
-        from dynascope.models import CheckpointInfo, load_checkpoint
-
-        self.file = Path(file)
-        loaded = load_checkpoint(self.file)  # validates the file: CheckpointError names the problem
-        cfg = model_config or loaded.model_config
-        if cfg is None:
-            raise UsageError(
-                f"checkpoint '{self.file}' carries no dynascope model config; pass --model-config "
-                '\'{"name": "mlp", "in_dim": ..., ...}\''
-            )
-        if dataset_config is None:
-            raise UsageError("a bare checkpoint needs --dataset NAME or --dataset '{\"name\": ..., ...}'")
-        self.model_config = dict(cfg)
-        self.dataset_config = dict(dataset_config)
-        self.loss = loss
-        self.path = Path(store_dir) if store_dir is not None else self.file.parent
-        meta = dict(loaded.metadata)
-        step = loaded.step if loaded.step is not None else 0
-        self.info = CheckpointInfo(step=step, epoch=loaded.epoch, path=self.file, metadata=meta)
-
-    def checkpoint(self, step: int | None = None) -> Any:
-        if step is not None and step != self.info.step:
-            raise ValueError(f"checkpoint '{self.file}' is step {self.info.step}, not {step}")
-        return self.info
-
-    def checkpoints(self) -> list[Any]:
-        return [self.info]
-
-    def steps(self) -> list[int]:
-        return [self.info.step]
-
-    def load_model(self, step: int | None = None) -> Any:
-        from dynascope.models import build, load_checkpoint
-
-        cfg = dict(self.model_config)
-        try:
-            model = build(cfg.pop("name"), **cfg)
-        except TypeError as exc:
-            raise ValueError(f"model config {self.model_config}: {exc}") from None
-        load_checkpoint(self.file, model)
-        return model
-
-    def load_dataset(self) -> Any:
-        from dynascope.datasets import load
-
-        cfg = dict(self.dataset_config)
-        return load(cfg.pop("name"), **cfg)
-
-
 def resolve_target(args: argparse.Namespace) -> Any:
-    """The run (or :class:`CheckpointFile`) and the steps ``probe`` should visit."""
-    from dynascope.models import Run
+    """The run (or :class:`~dynascope.models.CheckpointFile`) and the steps ``probe`` should visit."""
+    from dynascope.models import CheckpointFile, Run
 
     path = Path(args.target)
     if not path.exists():
@@ -254,8 +192,10 @@ def resolve_target(args: argparse.Namespace) -> Any:
         run = Run.open(path.parent.parent)  # a checkpoint inside a run folder: use the run
         matches = [c.step for c in run.checkpoints() if c.path.resolve() == path.resolve()]
         if matches:
-            if args.all or (step is not None and step != matches[0]):
-                raise UsageError(f"'{path}' is the checkpoint of step {matches[0]}; drop --all/--step")
+            if args.all or args.steps or (step is not None and step != matches[0]):
+                raise UsageError(
+                    f"'{path}' is the checkpoint of step {matches[0]}; drop --all/--step/--steps"
+                )
             return run, [matches[0]]
     if path.is_dir():
         if bare_opts:
@@ -266,11 +206,16 @@ def resolve_target(args: argparse.Namespace) -> Any:
             raise UsageError(f"run '{path}' has no checkpoints")
         if args.all:
             return run, steps
+        if args.steps:
+            absent = [s for s in args.steps if s not in steps]
+            if absent:
+                raise UsageError(f"run '{path}' has no checkpoint at step(s) {absent}; steps: {steps}")
+            return run, list(args.steps)
         if step is not None and step not in steps:
             raise UsageError(f"run '{path}' has no checkpoint at step {step}; steps: {steps}")
         return run, [step if step is not None else steps[-1]]
-    if args.all:
-        raise UsageError("--all needs a run folder, not a single checkpoint file")
+    if args.all or args.steps:
+        raise UsageError("--all/--steps need a run folder, not a single checkpoint file")
     target = CheckpointFile(
         path,
         model_config=_json_arg(args.model_config, "--model-config") if args.model_config else None,
@@ -287,6 +232,13 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     which.add_argument("--all", action="store_true", help="every checkpoint of the run")
+    which.add_argument(
+        "--steps",
+        type=_int_list,
+        default=None,
+        metavar="S,S,...",
+        help="these checkpoint steps (ntk_trajectory: the checkpoints of one trajectory)",
+    )
     p.add_argument(
         "--param",
         action="append",
@@ -324,7 +276,23 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="under torchrun: shard the data of each checkpoint, or split checkpoints (default auto)",
     )
+    p.add_argument(
+        "--other",
+        default=None,
+        metavar="RUN|CKPT",
+        help="lmc_barrier: the second model's run folder or checkpoint (same options as the target)",
+    )
+    p.add_argument(
+        "--other-step", type=int, default=None, help="lmc_barrier: step of --other (default: last)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")  # fmt: skip
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 @command("probe", "run a probe on one checkpoint or every checkpoint of a run (results cached)", _probe_args)
@@ -344,10 +312,13 @@ def run_probe_command(args: argparse.Namespace) -> int:
     if args.device is not None and not (args.device == "cpu" or args.device.startswith(("cuda", "mps"))):
         raise UsageError(f"--device must be cpu, cuda, cuda:I or mps; got {args.device!r}")
     target, steps = resolve_target(args)
+    if spec.inputs != "model":
+        return _run_multi_checkpoint(args, spec, target, steps, params)
 
     import torch
 
     from dynascope.distributed import distributed_sweep, init_from_env
+    from dynascope.runner import TqdmProgress
     from dynascope.store import ResultStore
 
     if args.seed is not None:
@@ -357,25 +328,16 @@ def run_probe_command(args: argparse.Namespace) -> int:
     ctx = init_from_env(args.device)
     try:
         store = ResultStore(store_folder(args.store)) if args.store else ResultStore(target.path)
-        bar = None
-        if ctx.is_main and len(steps) > 1:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc=f"{args.probe}", unit="ckpt", file=sys.stderr, disable=None)
-
-        def progress(step: int, total: int) -> None:
+        bar = TqdmProgress(args.probe, file=sys.stderr) if ctx.is_main and len(steps) > 1 else None
+        try:
+            rows = distributed_sweep(
+                target, args.probe, steps, ctx, strategy=args.distribute, store=store,
+                recompute=args.recompute, progress=bar, params=params, split=args.split,
+                max_samples=args.max_samples, device=ctx.device if ctx.active else args.device,
+            )  # fmt: skip
+        finally:
             if bar is not None:
-                bar.total = total
-                bar.set_postfix_str(f"step {step}")
-                bar.update(1)
-
-        rows = distributed_sweep(
-            target, args.probe, steps, ctx, strategy=args.distribute, store=store, recompute=args.recompute,
-            progress=progress, params=params, split=args.split, max_samples=args.max_samples,
-            device=ctx.device if ctx.active else args.device,
-        )  # fmt: skip
-        if bar is not None:
-            bar.close()
+                bar.close()
     finally:
         ctx.shutdown()
     if rows is None:  # not rank 0
@@ -397,6 +359,50 @@ def run_probe_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_multi_checkpoint(
+    args: argparse.Namespace, spec: Any, target: Any, steps: list[int], params: dict[str, Any]
+) -> int:
+    """``ntk_trajectory`` over ``steps`` (default: every checkpoint) or ``lmc_barrier`` between the
+    target's checkpoint and ``--other``: one evaluation in one process, through the runner's cache."""
+    from dynascope.runner import run_probe
+    from dynascope.store import ResultStore
+
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise UsageError(f"probe {spec.name!r} runs in one process; start it without torchrun")
+    where: dict[str, Any] = {}
+    if spec.inputs == "trajectory":
+        if not (args.all or args.steps or args.step is not None):
+            steps = target.steps()
+        if len(steps) < 2:
+            raise UsageError(f"probe {spec.name!r} needs at least two checkpoints (--steps S,S,... or --all)")
+        where["steps"] = steps
+    else:
+        if args.other is None:
+            raise UsageError(f"probe {spec.name!r} compares two checkpoints: pass --other RUN|CHECKPOINT")
+        if len(steps) != 1:
+            raise UsageError(
+                f"probe {spec.name!r} takes one checkpoint of the target (--step), not --all/--steps"
+            )
+        other_args = argparse.Namespace(
+            **{**vars(args), "target": args.other, "step": args.other_step, "all": False, "steps": None}
+        )
+        other, (other_step,) = resolve_target(other_args)
+        where.update(step=steps[0], other=(other, other_step))
+    store = ResultStore(store_folder(args.store)) if args.store else ResultStore(target.path)
+    result, cached = run_probe(
+        target, spec.name, params=params, split=args.split, max_samples=args.max_samples, store=store,
+        recompute=args.recompute, device=args.device, **where,
+    )  # fmt: skip
+    which = where.get("steps") or [where["step"], where["other"][1]]
+    if args.json:
+        print(json.dumps({"probe": spec.name, "steps": which, "cached": cached, "result": result.to_dict()}))
+    else:
+        print(f"{spec.name} steps {','.join(map(str, which))}{' (cached)' if cached else ''}: "
+              f"{summarize(result)}")  # fmt: skip
+        print(f"1 evaluation: {'cached' if cached else 'computed'} → {store.path}")
+    return 0
+
+
 def _probes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", default=None, help="show one probe's parameters")
 
@@ -404,7 +410,7 @@ def _probes_args(p: argparse.ArgumentParser) -> None:
 @command("probes", "list the probes `dynascope probe` can run", _probes_args)
 @guarded("probes")
 def run_probes_command(args: argparse.Namespace) -> int:
-    from dynascope.runner import PROBES
+    from dynascope.runner import PROBES, RESERVED_PARAMS
 
     if args.name is not None:
         if args.name not in PROBES:
@@ -412,7 +418,7 @@ def run_probes_command(args: argparse.Namespace) -> int:
         spec = PROBES[args.name]
         print(f"{spec.name}: {spec.description}  (function dynascope.probes.{spec.function})")
         for name, par in spec.parameters().items():
-            if name in ("device", "reduce_fn", "v0"):
+            if name in RESERVED_PARAMS:
                 continue
             default = spec.defaults.get(name, par.default)
             print(f"  --param {name}={default!r}")

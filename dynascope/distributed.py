@@ -169,71 +169,53 @@ def distributed_sweep(
     strategy: str = "auto",
     store: Any = None,
     recompute: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, int | None, bool, float], None] | None = None,
     **kwargs: Any,
 ) -> list[tuple[int, Any, bool]] | None:
     """Run ``probe`` on ``steps`` of ``run`` across the ranks of ``ctx``; ``[(step, result, cached)]``
     on rank 0 (in step order), ``None`` on the others. ``kwargs`` go to :func:`~dynascope.runner.run_probe`
-    (``params``, ``split``, ``max_samples``, ``device``). In one process it is a plain cached sweep.
-    ``progress(step, total)`` is called on rank 0 after each checkpoint it computes (``total``: how
-    many rank 0 will compute).
+    (``params``, ``split``, ``max_samples``, ``device``). In one process it is
+    :func:`~dynascope.runner.sweep`.
+    The loop, the cache key and the write are the runner's; ``progress(i, n, step, cached, seconds)``
+    (the runner's callback) is called on rank 0 after each checkpoint it handles.
     """
-    from .runner import PROBES, cached_result, run_probe
+    from .runner import PROBES, cached_results, plan, store_result, sweep
     from .store import ResultStore
 
     store = store if store is not None else ResultStore(run.path)
     steps = list(steps)
-    lookup = {k: kwargs[k] for k in ("params", "split", "max_samples") if k in kwargs}
+    if not ctx.active:
+        return sweep(run, probe, steps, store=store, recompute=recompute, progress=progress, **kwargs)
+    lookup = {k: kwargs[k] for k in ("params", "split", "max_samples", "device") if k in kwargs}
     # rank 0 decides what is cached; everyone follows that decision (no diverging collectives)
     cached: dict[int, Any] = {}
     if ctx.is_main and not recompute:
-        for s in steps:
-            hit = cached_result(run, probe, step=s, store=store, **lookup)
-            if hit is not None:
-                cached[s] = hit
+        cached = cached_results(run, probe, steps, store=store, **lookup)
     todo = broadcast_object([s for s in steps if s not in cached], ctx)
     mode = choose_strategy(
         strategy, shardable=PROBES[probe].shardable, n_todo=len(todo), world=ctx.world_size
     )
-    computed: dict[int, Any] = {}
-    report = progress if (progress is not None and ctx.is_main) else (lambda step, total: None)
-    if not ctx.active or mode == "data":
-        reduce_fn = allreduce_sum if ctx.active else None
-        for s in todo:
-            result, _ = run_probe(
-                run, probe, step=s, store=store, recompute=True, reduce_fn=reduce_fn, rank=ctx.rank,
-                world_size=ctx.world_size, write=ctx.is_main, **kwargs,
-            )  # fmt: skip
-            computed[s] = result
-            report(s, len(todo))
+    report = progress if ctx.is_main else None
+    if mode == "data":
+        rows = sweep(
+            run, probe, todo, store=store, recompute=True, reduce_fn=allreduce_sum, rank=ctx.rank,
+            world_size=ctx.world_size, write=ctx.is_main, progress=report, **kwargs,
+        )  # fmt: skip
+        computed = {s: result for s, result, _ in rows}
     else:
-        mine = {}
         share = split_steps(todo, ctx.rank, ctx.world_size)
-        for s in share:
-            mine[s], _ = run_probe(run, probe, step=s, store=store, recompute=True, write=False, **kwargs)
-            report(s, len(share))
-        parts = gather_objects(mine, ctx)
+        rows = sweep(run, probe, share, store=store, recompute=True, write=False, progress=report, **kwargs)
+        parts = gather_objects({s: result for s, result, _ in rows}, ctx)
+        computed = {}
         if ctx.is_main:
             assert parts is not None
-            spec_key = dict(lookup)
             for part in parts:
                 computed.update(part)
-            for s in todo:  # the single writer: same keys run_probe would have used
-                _write(run, probe, s, computed[s], store, spec_key)
+            for s in todo:  # the single writer, under the runner's key
+                store_result(plan(run, probe, step=s, **lookup), computed[s], store)
     if not ctx.is_main:
         return None
     return [(s, cached[s], True) if s in cached else (s, computed[s], False) for s in steps]
-
-
-def _write(run: Any, probe: str, step: int, result: Any, store: Any, lookup: dict[str, Any]) -> None:
-    """Store ``result`` under the key :func:`~dynascope.runner.run_probe` uses for ``(probe, step)``."""
-    from .models.checkpoints import file_sha256
-    from .runner import _plan
-
-    _, info, _, key = _plan(
-        run, probe, step, lookup.get("params"), lookup.get("split", "train"), lookup.get("max_samples")
-    )
-    store.put(probe, file_sha256(info.path), key, result, step=info.step)
 
 
 __all__ = [

@@ -82,37 +82,57 @@ class RunView:
         name: str,
         step: int | None = None,
         *,
+        steps: list[int] | None = None,
+        other: tuple[Any, int] | None = None,
         split: str = "train",
         max_samples: int | None = None,
         device: str | None = None,
         recompute: bool = False,
         **params: Any,
     ):
-        """Run probe ``name`` on checkpoint ``step`` (last if None), from the cache when possible."""
+        """Run probe ``name`` on checkpoint ``step`` (last if None), from the cache when possible.
+
+        Multi-checkpoint probes: ``probe("ntk_trajectory", steps=[0, 500, 1000])``;
+        ``probe("lmc_barrier", step=1000, other=(other_run, 1000), align="weights")`` (``other_run``: a
+        RunView, Run or run folder).
+        """
         from dynascope.runner import run_probe
 
+        if other is not None:
+            run_b, step_b = other
+            other = (run_b.run if isinstance(run_b, RunView) else run_b, step_b)
         result, _ = run_probe(
-            self.run, name, step=step, params=params, split=split, max_samples=max_samples,
-            store=self.store, recompute=recompute, device=device,
+            self.run, name, step=step, steps=steps, other=other, params=params, split=split,
+            max_samples=max_samples, store=self.store, recompute=recompute, device=device,
         )  # fmt: skip
         return result
 
-    def sweep(self, name: str, steps: list[int] | None = None, *, progress: bool = True, **kwargs: Any):
-        """``{step: Result}`` of probe ``name`` over ``steps`` (all checkpoints by default), cached."""
-        from dynascope.runner import run_probe
+    def sweep(
+        self,
+        name: str,
+        steps: list[int] | None = None,
+        *,
+        progress: bool = True,
+        split: str = "train",
+        max_samples: int | None = None,
+        device: str | None = None,
+        recompute: bool = False,
+        **params: Any,
+    ):
+        """``{step: Result}`` of probe ``name`` over ``steps`` (all checkpoints by default), cached;
+        a tqdm bar when ``progress``."""
+        from dynascope.runner import TqdmProgress, sweep
 
-        steps = list(steps) if steps is not None else self.run.steps()
-        it: Any = steps
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(steps, desc=name, unit="ckpt", disable=None)
-        params = {
-            k: kwargs.pop(k) for k in list(kwargs) if k not in ("split", "max_samples", "device", "recompute")
-        }
-        return {
-            s: run_probe(self.run, name, step=s, params=params, store=self.store, **kwargs)[0] for s in it
-        }
+        bar = TqdmProgress(name) if progress else None
+        try:
+            rows = sweep(
+                self.run, name, steps, params=params, progress=bar, split=split, max_samples=max_samples,
+                store=self.store, recompute=recompute, device=device,
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
+        return {s: result for s, result, _ in rows}
 
     def trajectory(self, probe: str):  # -> pandas.DataFrame
         """One row per cached ``probe`` result: ``step``, ``params`` and its plottable numbers

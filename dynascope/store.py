@@ -1,7 +1,9 @@
 """Result store: a SQLite cache of probe results inside a run folder.
 
-Each row is keyed by ``sha256(probe, checkpoint hash, parameters)`` so a probe is never
-recomputed for the same checkpoint file and the same parameters. Rows hold the result's
+Each row is keyed by ``sha256(probe, checkpoint hash, parameters)``; :mod:`dynascope.runner` puts
+everything that determines a result into the parameters (checkpoint sha256s, resolved model and data
+specs, split, sample count, loss, probe parameters, dtype, device class, probe version), so a cached row
+is returned only for the same inputs, and a probe is never recomputed for them. Rows hold the result's
 ``to_dict()`` JSON and the name of its Result class, so it comes back as the same object.
 Writes are single transactions (SQLite's journal makes them atomic: a killed process leaves
 the previous state intact). Usable from the app, the CLI and notebooks alike.
@@ -164,13 +166,18 @@ class ResultStore:
         compute: Callable[[], Result | dict[str, Any]],
         *,
         step: int | None = None,
+        recompute: bool = False,
+        write: bool = True,
     ) -> tuple[Result | dict[str, Any], bool]:
-        """``(result, was_cached)``: the cached result, or ``compute()`` stored then returned."""
-        hit = self.get(probe, checkpoint_hash, params)
-        if hit is not None:
-            return hit.result, True
+        """``(result, was_cached)``: the cached result, or ``compute()`` stored (unless ``write=False``)
+        then returned; ``recompute`` skips the lookup. :mod:`dynascope.runner` calls it with the full key."""
+        if not recompute:
+            hit = self.get(probe, checkpoint_hash, params)
+            if hit is not None:
+                return hit.result, True
         result = compute()
-        self.put(probe, checkpoint_hash, params, result, step=step)
+        if write:
+            self.put(probe, checkpoint_hash, params, result, step=step)
         return result, False
 
     def list(self, probe: str | None = None) -> list[StoredResult]:

@@ -22,8 +22,15 @@ from .checkpoints import (
     read_safetensors_metadata,
     save_checkpoint,
 )
-from .registry import available, build, model_config, normalize_config, param_count, register
-from .runs import CheckpointInfo, Run, RunError, optimizer_state_by_name, optimizer_state_to_torch
+from .registry import available, build, model_config, normalize_config, param_count, register, weight_norm
+from .runs import (
+    CheckpointFile,
+    CheckpointInfo,
+    Run,
+    RunError,
+    optimizer_state_by_name,
+    optimizer_state_to_torch,
+)
 from .schedules import SCHEDULE_TYPES, lr_at, torch_scheduler, validate_schedule
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "register",
     "available",
     "param_count",
+    "weight_norm",
     "model_config",
     "normalize_config",
     "MLP",
@@ -56,6 +64,7 @@ __all__ = [
     "Run",
     "RunError",
     "CheckpointInfo",
+    "CheckpointFile",
     "optimizer_state_by_name",
     "optimizer_state_to_torch",
     "lr_at",

@@ -143,6 +143,13 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
+def weight_norm(model: nn.Module) -> float:
+    """‖θ‖₂ = (Σ_p Σ_i θ_{p,i}²)^½ over the model's parameters, accumulated in float64; buffers (e.g.
+    BatchNorm running statistics) are not weights and are excluded; shared parameters count once."""
+    with torch.no_grad():
+        return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+
+
 def param_count(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of scalar parameters (buffers excluded); shared parameters counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

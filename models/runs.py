@@ -41,7 +41,7 @@ from .checkpoints import (
 from .registry import build, model_config, normalize_config
 from .schedules import lr_at, validate_schedule
 
-__all__ = ["Run", "RunError", "CheckpointInfo", "RUN_SCHEMA", "RUN_SCHEMA_VERSION"]
+__all__ = ["Run", "RunError", "CheckpointInfo", "CheckpointFile", "RUN_SCHEMA", "RUN_SCHEMA_VERSION"]
 
 RUN_SCHEMA = "dynascope.run"
 RUN_SCHEMA_VERSION = 1
@@ -394,6 +394,14 @@ class Run:
         cfg = self.dataset_config
         return load(cfg.pop("name"), **cfg)
 
+    def model_config_at(self, step: int | None = None) -> dict[str, Any]:
+        """The model config checkpoint ``step`` is built from: its own metadata ``model_config``
+        (one size of a sweep run) when it names one, else the run's."""
+        ck_cfg = self.checkpoint(step).metadata.get("model_config")
+        if isinstance(ck_cfg, Mapping) and isinstance(ck_cfg.get("name"), str):
+            return dict(ck_cfg)
+        return self.model_config
+
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_dir(self) -> Path:
@@ -488,13 +496,8 @@ class Run:
         sweep run, where ``step`` is the size) is built from that config instead.
         """
         info = self.checkpoint(step)
-        ck_cfg = info.metadata.get("model_config")
-        own = isinstance(ck_cfg, Mapping) and isinstance(ck_cfg.get("name"), str)
-        if own and dict(ck_cfg) != self.model_config:
-            cfg = dict(ck_cfg)
-            model = build(cfg.pop("name"), **cfg)
-        else:
-            model = self.build_model()
+        cfg = self.model_config_at(info.step)
+        model = build(cfg.pop("name"), **cfg)
         load_checkpoint(info.path, model, allow_nonfinite=allow_nonfinite)
         return model
 
@@ -591,3 +594,80 @@ class Run:
             return pd.read_csv(self.metrics_path, on_bad_lines="skip")
         except Exception as e:  # noqa: BLE001
             raise RunError(self.path, f"metrics.csv could not be parsed ({type(e).__name__}: {e})") from None
+
+
+class CheckpointFile:
+    """A single checkpoint file used like a one-checkpoint :class:`Run`.
+
+    The model config comes from ``model_config`` or else the file's dynascope metadata; the dataset
+    from ``dataset_config`` (required); results go to ``results.sqlite`` beside the file (``store_dir``
+    to change). Missing configs raise ``ValueError``; an unreadable file ``CheckpointError``.
+    """
+
+    def __init__(
+        self,
+        file: str | os.PathLike[str],
+        *,
+        model_config: Mapping[str, Any] | None = None,
+        dataset_config: Mapping[str, Any] | None = None,
+        loss: str | None = None,
+        store_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.file = Path(file)
+        loaded = load_checkpoint(self.file)  # validates the file: CheckpointError names the problem
+        cfg = model_config or loaded.model_config
+        if cfg is None:
+            raise ValueError(
+                f"checkpoint '{self.file}' carries no dynascope model config; pass one "
+                '(CLI: --model-config \'{"name": "mlp", "in_dim": ..., ...}\')'
+            )
+        if dataset_config is None:
+            raise ValueError(
+                f"checkpoint '{self.file}' needs a dataset config "
+                "(CLI: --dataset NAME or --dataset '{\"name\": ..., ...}')"
+            )
+        for what, c in (("model", cfg), ("dataset", dataset_config)):
+            if not isinstance(c.get("name"), str):
+                raise ValueError(
+                    f"checkpoint '{self.file}': the {what} config needs a \"name\"; got {dict(c)}"
+                )
+        self.model_config = dict(cfg)
+        self.dataset_config = dict(dataset_config)
+        self.loss = loss
+        self.path = Path(store_dir) if store_dir is not None else self.file.parent
+        step = loaded.step if loaded.step is not None else 0
+        self.info = CheckpointInfo(
+            step=step, epoch=loaded.epoch, path=self.file, metadata=dict(loaded.metadata)
+        )
+
+    def checkpoint(self, step: int | None = None) -> CheckpointInfo:
+        if step is not None and step != self.info.step:
+            raise ValueError(f"checkpoint '{self.file}' is step {self.info.step}, not {step}")
+        return self.info
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return [self.info]
+
+    def steps(self) -> list[int]:
+        return [self.info.step]
+
+    def model_config_at(self, step: int | None = None) -> dict[str, Any]:
+        self.checkpoint(step)
+        return dict(self.model_config)
+
+    def load_model(self, step: int | None = None) -> nn.Module:
+        """The model built from the model config with this file's weights loaded."""
+        self.checkpoint(step)
+        cfg = dict(self.model_config)
+        try:
+            model = build(cfg.pop("name"), **cfg)
+        except TypeError as exc:
+            raise ValueError(f"model config {self.model_config}: {exc}") from None
+        load_checkpoint(self.file, model)
+        return model
+
+    def load_dataset(self) -> Any:
+        from ..datasets import load
+
+        cfg = dict(self.dataset_config)
+        return load(cfg.pop("name"), **cfg)

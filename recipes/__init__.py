@@ -9,6 +9,7 @@
 Command line: ``python -m dynascope.recipes NAME --out DIR [--small] [--steps N] [--seed S]``.
 """
 
+from ..models import weight_norm  # ‖θ‖₂ over the parameters, logged by train()
 from .base import RECIPES, Recipe, register_recipe, run_recipe
 from .demos import DEMOS, DemoSpec, ensure_demos
 from .detectors import (
@@ -19,11 +20,12 @@ from .detectors import (
     detect_double_descent,
     detect_edge_of_stability,
     detect_grokking,
+    interpolation_threshold,
 )
 from .double_descent import double_descent, double_descent_nn, min_norm_fit
 from .eos import SharpnessTracker, edge_of_stability, lambda_max
 from .grokking import TRANSFORMER_CONFIG, grokking
-from .train import checkpoint_schedule, evaluate, make_optimizer, train, weight_norm
+from .train import checkpoint_schedule, evaluate, make_optimizer, train
 
 __all__ = [
     "RECIPES",
@@ -46,6 +48,7 @@ __all__ = [
     "detect",
     "detect_grokking",
     "detect_double_descent",
+    "interpolation_threshold",
     "detect_edge_of_stability",
     "GrokkingEvidence",
     "DoubleDescentEvidence",

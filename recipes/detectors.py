@@ -22,6 +22,7 @@ __all__ = [
     "EdgeOfStabilityEvidence",
     "detect_grokking",
     "detect_double_descent",
+    "interpolation_threshold",
     "detect_edge_of_stability",
     "detect",
 ]
@@ -155,6 +156,40 @@ class DoubleDescentEvidence(_Evidence):
     detected: bool
 
 
+#: A model "fits the training set" when its mean train error (or loss) along the sweep is at most this.
+FIT_TOLERANCE = 1e-3
+#: Sweep variables that count random features p, whose interpolation threshold is p = n_train.
+FEATURE_COUNT_COLUMNS = ("n_features", "p")
+
+
+def interpolation_threshold(run: Any, metrics: Any, x: str) -> float | None:
+    """Where the model starts to interpolate, along column ``x`` of ``metrics`` (``None``: unknown).
+
+    The one rule, in order: the run's ``extra["interpolation_threshold"]`` (when ``x`` is the run's
+    sweep variable or none is recorded); the training-set size ``n`` when ``x`` counts random features
+    (``p = n``); else the smallest ``x`` whose mean train error (or train loss) is ≤ ``FIT_TOLERANCE``,
+    i.e. the first model that fits the training set. ``run``: a Run or ``None`` (metrics only).
+    """
+    config = run.config if run is not None else {}
+    extra = config.get("extra") or {}
+    given, sweep = extra.get("interpolation_threshold"), extra.get("sweep_variable")
+    if isinstance(given, (int, float)) and not isinstance(given, bool) and sweep in (None, x):
+        return float(given)
+    if x in FEATURE_COUNT_COLUMNS:
+        n = extra.get("n_train", (config.get("dataset") or {}).get("n_train"))
+        if isinstance(n, (int, float)) and not isinstance(n, bool):
+            return float(n)
+    if metrics is None or x not in metrics.columns:
+        return None
+    for col in ("train_error", "train_err", "train_mse", "train_loss"):
+        if col in metrics.columns:
+            mean = metrics.groupby(x)[col].mean()
+            fitted = mean[mean <= FIT_TOLERANCE]
+            if len(fitted):
+                return float(fitted.index.min())
+    return None
+
+
 def detect_double_descent(
     run: Any,
     *,
@@ -166,9 +201,9 @@ def detect_double_descent(
 ) -> DoubleDescentEvidence:
     """Find the peak of ``metric`` (default ``test_mse``) over the sweep variable ``x`` (default: the
     run's ``extra["sweep_variable"]`` column, else ``step``). ``threshold``: the interpolation threshold
-    in units of ``x`` (default: the run's ``extra["interpolation_threshold"]``, else the training-set
-    size). Detected when |peak_x / threshold − 1| ≤ ``location_tol`` and the peak is ≥ ``min_ratio``
-    times both the best under-parameterised value and the over-parameterised end of the sweep."""
+    in units of ``x`` (default: :func:`interpolation_threshold`). Detected when
+    |peak_x / threshold − 1| ≤ ``location_tol`` and the peak is ≥ ``min_ratio`` times both the best
+    under-parameterised value and the over-parameterised end of the sweep."""
     df, r = _frame(run)
     extra = (r.config.get("extra") or {}) if r is not None else {}
     if x is None:
@@ -176,9 +211,7 @@ def detect_double_descent(
         if x not in df.columns:
             x = "step"
     if threshold is None:
-        threshold = extra.get("interpolation_threshold")
-        if threshold is None and r is not None:
-            threshold = (r.config.get("dataset") or {}).get("n_train")
+        threshold = interpolation_threshold(r, df, x)
         if threshold is None:
             raise ValueError(
                 "detect_double_descent needs threshold= (the interpolation threshold in x units)"

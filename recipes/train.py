@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models import Run, lr_at
+from ..models import Run, lr_at, weight_norm
 from ..models.atomic import atomic_write_text, dir_lock
 from ..probes.losses import resolve_loss
 
@@ -119,12 +119,6 @@ def make_optimizer(config: Mapping[str, Any], params: Any) -> torch.optim.Optimi
         return OPTIMIZERS[name](params, **cfg)
     except TypeError as e:
         raise ValueError(f"optimizer {name!r}: invalid config {dict(config)} ({e})") from None
-
-
-def weight_norm(model: nn.Module) -> float:
-    """‖θ‖₂: Euclidean norm of all parameters concatenated (buffers excluded)."""
-    with torch.no_grad():
-        return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
 
 
 def _accuracy(out: Tensor, y: Tensor) -> float | None:

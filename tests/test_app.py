@@ -568,18 +568,18 @@ def test_upload_helpers() -> None:
 
 def test_schedule_line_and_interpolation_threshold(tmp_path: Path) -> None:
     import pandas as pd
-    from lib import detectors
 
     from dynascope.probes import figures
+    from dynascope.recipes import interpolation_threshold
 
     sched = figures.schedule_frame(lambda s: 0.1 if s < 50 else 0.05, 100, n=11)
     assert sched["step"].tolist() == list(range(0, 101, 10))
     assert sched["two_over_lr"].tolist() == pytest.approx([20.0] * 5 + [40.0] * 6)
     run = make_tiny_run(tmp_path / "r", steps=(0, 1))
     metrics = pd.DataFrame({"width": [1, 2, 4, 8, 8], "train_error": [0.5, 0.1, 0.0, 0.0, 0.002]})
-    assert detectors.interpolation_threshold(run, metrics, "width") == 4.0
-    assert detectors.interpolation_threshold(run, metrics.assign(train_error=0.3), "width") is None
-    assert detectors.interpolation_threshold(run, metrics, "n_features") == 48.0  # p = n_train
+    assert interpolation_threshold(run, metrics, "width") == 4.0
+    assert interpolation_threshold(run, metrics.assign(train_error=0.3), "width") is None
+    assert interpolation_threshold(run, metrics, "n_features") == 48.0  # p = n_train
 
 
 def test_unexpected_errors_show_a_traceback_expander() -> None:
@@ -612,3 +612,50 @@ def test_phenomenon_page_offers_a_matching_run(tmp_path: Path, monkeypatch: pyte
     assert not at.exception, at.exception
     assert Path(at.session_state["dynascope_run_path"]).name == "b-grok"
     assert not any("not a grokking run" in i.value for i in at.info)
+
+
+def test_app_and_notebook_share_multi_checkpoint_and_preconditioned_results(
+    runs_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preconditioned sharpness, the NTK trajectory and LMC are runner probes: what one front end
+    computed, the other reads from the result store (the second side may not compute)."""
+    from lib import compute
+
+    import dynascope
+    from dynascope import runner
+
+    adam, gd = Run.open(runs_root / "tiny-adam"), Run.open(runs_root / "tiny-gd")
+    view = dynascope.open_run(adam.path)
+    real_compute = runner.compute
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("recomputed instead of read from the result store")
+
+    # notebook → app: λ_max(P⁻¹H) from the saved Adam state, η from the schedule
+    nb = view.probe("sharpness", step=10, lr=0.05, k=1, tol=1e-3, trace=False, optimizer_state=True,
+                    max_samples=24)  # fmt: skip
+    assert nb.preconditioned_lambda_max is not None and nb.preconditioned_lambda_max > 0
+    monkeypatch.setattr(runner, "compute", forbid)
+    app = compute.sharpness_results(adam, [10], params={"k": 1, "tol": 1e-3, "trace": False}, split="train",
+                                    max_samples=24, preconditioned=True, compute_missing=True)  # fmt: skip
+    assert app[10].preconditioned_lambda_max == nb.preconditioned_lambda_max
+    plain = compute.sharpness_results(adam, [10], params={"k": 1, "tol": 1e-3, "trace": False}, split="train",
+                                      max_samples=24, preconditioned=False)  # fmt: skip
+    assert plain == {}  # without the optimizer state it is another key
+
+    # app → notebook: NTK trajectory over three checkpoints, LMC between two runs
+    monkeypatch.setattr(runner, "compute", real_compute)
+    ntk = {"steps": [0, 5, 10], "params": {"reduce_outputs": "trace", "centered": True}, "split": "test",
+           "max_samples": 16}  # fmt: skip
+    assert compute.stored(adam, "ntk_trajectory", **ntk) is None
+    traj = compute.compute_stored(adam, "ntk_trajectory", label="NTK trajectory", **ntk)
+    options = {"n_points": 5, "align": "weights", "layerwise": True, "compare_unaligned": True}
+    lmc = {"step": 20, "other": (adam, 20), "split": "train", "max_samples": 48, "params": options}
+    path = compute.compute_stored(gd, "lmc_barrier", label="linear path", **lmc)
+    monkeypatch.setattr(runner, "compute", forbid)
+    again = view.probe("ntk_trajectory", steps=[0, 5, 10], split="test", max_samples=16)
+    assert list(again.label_alignment) == list(traj.label_alignment)
+    nb_path = dynascope.open_run(gd.path).probe(
+        "lmc_barrier", step=20, other=(view, 20), n_points=5, align="weights", layerwise=True, max_samples=48
+    )
+    assert nb_path.barrier == path.barrier and list(nb_path.losses) == list(path.losses)

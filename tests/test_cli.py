@@ -115,6 +115,37 @@ def test_bare_checkpoint_and_checkpoint_inside_run(
     assert code == 2 and "--dataset" in err
 
 
+def test_bare_checkpoint_cache_key_holds_the_dataset_and_model_config(
+    probed_run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stale-cache repro: another --dataset config recomputes; once a result is cached, a
+    --model-config that cannot load the checkpoint gives its error (exit 2), not the cached value."""
+    bare = tmp_path / "ckpt.safetensors"
+    shutil.copy(probed_run.checkpoint_path(8), bare)
+    base = ["probe", "hessian_trace", str(bare), "--model-config", json.dumps(MODEL),
+            "--param", "n_matvecs=6", "--json"]  # fmt: skip
+    code, out, err = run_cli([*base, "--dataset", json.dumps(DATASET)], capsys)
+    assert code == 0 and json.loads(out)["cached"] is False, err
+    code, out, err = run_cli([*base, "--dataset", json.dumps(DATASET)], capsys)
+    assert code == 0 and json.loads(out)["cached"] is True, err
+    code, out, err = run_cli([*base, "--dataset", json.dumps({**DATASET, "n_train": 12})], capsys)
+    row = json.loads(out)
+    assert code == 0 and row["cached"] is False, err
+    assert row["result"]["meta"]["n_samples"] == 12
+    from dynascope.datasets import load
+
+    x, y = load(**{**DATASET, "n_train": 12}).train
+    direct = probes.hessian_trace(probed_run.load_model(8), (x, y), n_matvecs=6)
+    assert row["result"]["estimate"] == pytest.approx(direct.estimate, rel=1e-5)
+    wrong = ["probe", "hessian_trace", str(bare), "--model-config", json.dumps({**MODEL, "width": 7}),
+             "--param", "n_matvecs=6", "--dataset", json.dumps(DATASET)]  # fmt: skip
+    code, out, err = run_cli(wrong, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("dynascope probe: error: ") and "checkpoint [5] vs model [7]" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(ResultStore(tmp_path).list("hessian_trace")) == 2
+
+
 # ------------------------------------------------------------------------------------------- export
 def test_export_formats_parse(probed_run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["export", str(probed_run.path), "--probe", "hessian_eigenvalues"]

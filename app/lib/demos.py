@@ -16,7 +16,7 @@ from typing import Any
 
 import streamlit as st
 
-from .compute import optional
+from dynascope.recipes import demos as recipe_demos
 
 DEMOS_ENV = "DYNASCOPE_DEMOS"  # "0" turns automatic generation off (tests, read-only installs)
 # cheapest first: users see the first demo's charts within seconds
@@ -24,22 +24,15 @@ _ORDER = ("double_descent", "edge_of_stability", "grokking")
 
 
 def demo_specs() -> list[Any]:
-    """The built-in demos (``dynascope.recipes.demos.DEMOS``; empty when unavailable)."""
-    demos = optional("dynascope.recipes.demos", "DEMOS")
-    specs = list(demos) if demos is not None else []
+    """The built-in demos (``dynascope.recipes.demos.DEMOS``), cheapest first."""
+    specs = list(recipe_demos.DEMOS)
     rank = {n: i for i, n in enumerate(_ORDER)}
     return sorted(specs, key=lambda s: rank.get(s.name, len(rank)))
 
 
 def missing_demos(root: Path) -> list[str]:
     """Names of the demos not yet complete under ``root/<name>``."""
-    complete = optional("dynascope.recipes.demos", "demo_complete")
-    out = []
-    for spec in demo_specs():
-        done = complete(root / spec.name, spec) if complete is not None else (root / spec.name).is_dir()
-        if not done:
-            out.append(spec.name)
-    return out
+    return [spec.name for spec in demo_specs() if not recipe_demos.demo_complete(root / spec.name, spec)]
 
 
 def auto_generation_enabled() -> bool:
@@ -66,12 +59,9 @@ class DemoJob:
         return self
 
     def _work(self) -> None:
-        ensure = optional("dynascope.recipes.demos", "ensure_demos")
         try:
-            if ensure is None:
-                raise RuntimeError("the demo recipes (dynascope.recipes.demos) are not installed")
             for name in self.names:
-                ensure(self.root, progress=self._on_progress, names=[name])
+                recipe_demos.ensure_demos(self.root, progress=self._on_progress, names=[name])
                 self.finished.append(name)
         except Exception as exc:  # noqa: BLE001 - shown on the Runs page
             self.error = f"{type(exc).__name__}: {exc}"

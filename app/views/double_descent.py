@@ -7,6 +7,7 @@ import streamlit as st
 from lib import detectors, downloads, errors, state
 
 from dynascope.probes import figures
+from dynascope.recipes import interpolation_threshold
 
 st.title("Double descent")
 run = state.require_run()
@@ -59,7 +60,7 @@ with errors.guard("Double descent"):
         frame[f"{y}_std"] = grouped[y].std()[y].to_numpy()
         frame["trials"] = grouped.size()["size"].to_numpy()
 
-    threshold = detectors.interpolation_threshold(run, metrics, x)
+    threshold = interpolation_threshold(run, metrics, x)
     fig = figures.double_descent_figure(
         frame, x=x, y=y, threshold=threshold, x_title=x, log_x=log_x, log_y=log_y
     )

@@ -34,28 +34,27 @@ with_trace = c2.toggle("Also estimate tr(H)", value=False, key="eos_trace")
 params = {"k": 1, "tol": 1e-3, "trace": with_trace}
 
 results: dict = {}
-if compute.require_probes("sharpness"):
-    with errors.guard("Sharpness"):
-        results = compute.sharpness_results(
-            run, steps, params=params, split=split, max_samples=max_samples, preconditioned=preconditioned
-        )
-        missing = [s for s in steps if s not in results]
-        note = st.empty()
-        if missing:
-            note.caption(f"{len(results)} of {len(steps)} checkpoint(s) cached; {len(missing)} to compute.")
-            if st.button("Compute sharpness", type="primary", key="eos_run"):
-                results = compute.sharpness_results(
-                    run,
-                    steps,
-                    params=params,
-                    split=split,
-                    max_samples=max_samples,
-                    preconditioned=preconditioned,
-                    compute_missing=True,
-                )
-                note.caption("All selected checkpoints are now in the result store.")
-        elif steps:
-            note.caption("All selected checkpoints are in the result store; nothing to compute.")
+with errors.guard("Sharpness"):
+    results = compute.sharpness_results(
+        run, steps, params=params, split=split, max_samples=max_samples, preconditioned=preconditioned
+    )
+    missing = [s for s in steps if s not in results]
+    note = st.empty()
+    if missing:
+        note.caption(f"{len(results)} of {len(steps)} checkpoint(s) cached; {len(missing)} to compute.")
+        if st.button("Compute sharpness", type="primary", key="eos_run"):
+            results = compute.sharpness_results(
+                run,
+                steps,
+                params=params,
+                split=split,
+                max_samples=max_samples,
+                preconditioned=preconditioned,
+                compute_missing=True,
+            )
+            note.caption("All selected checkpoints are now in the result store.")
+    elif steps:
+        note.caption("All selected checkpoints are in the result store; nothing to compute.")
 
 metrics = run.metrics()
 logged = next((c for c in ("sharpness", "lambda_max", "hessian_lambda_max") if c in metrics.columns), None)

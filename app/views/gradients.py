@@ -17,38 +17,37 @@ st.caption(
 steps = compute.checkpoint_picker(run, key="grad", default_count=6)
 split, max_samples = compute.data_controls(run, key="grad")
 
-if compute.require_probes("gradient_coherence"):
-    with errors.guard("Gradient coherence"):
-        results = compute.sweep_panel(
-            run,
-            "gradient_coherence",
-            steps,
-            key="grad",
-            split=split,
-            max_samples=max_samples,
-            label="gradient coherence",
-            button="Compute coherence",
+with errors.guard("Gradient coherence"):
+    results = compute.sweep_panel(
+        run,
+        "gradient_coherence",
+        steps,
+        key="grad",
+        split=split,
+        max_samples=max_samples,
+        label="gradient coherence",
+        button="Compute coherence",
+    )
+    if results:
+        frame = figures.coherence_frame(results)
+        downloads.chart(
+            figures.coherence_figure(frame),
+            frame,
+            f"{state.label(run.path)}_coherence",
+            key="grad_traj",
+            extra_json={"results": {s: r.to_dict() for s, r in results.items()}},
         )
-        if results:
-            frame = figures.coherence_frame(results)
-            downloads.chart(
-                figures.coherence_figure(frame),
-                frame,
-                f"{state.label(run.path)}_coherence",
-                key="grad_traj",
-                extra_json={"results": {s: r.to_dict() for s, r in results.items()}},
-            )
-            pick = st.selectbox(
-                "Per-class detail at checkpoint",
-                list(results),
-                index=len(results) - 1,
-                key="grad_detail_step",
-            )
-            detail = results[pick].to_frame()
-            st.dataframe(detail, hide_index=True, key="grad_detail_table")
-            downloads.chart(
-                results[pick].figure(),
-                detail,
-                f"{state.label(run.path)}_coherence_step{pick}",
-                key="grad_detail",
-            )
+        pick = st.selectbox(
+            "Per-class detail at checkpoint",
+            list(results),
+            index=len(results) - 1,
+            key="grad_detail_step",
+        )
+        detail = results[pick].to_frame()
+        st.dataframe(detail, hide_index=True, key="grad_detail_table")
+        downloads.chart(
+            results[pick].figure(),
+            detail,
+            f"{state.label(run.path)}_coherence_step{pick}",
+            key="grad_detail",
+        )

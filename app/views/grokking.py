@@ -44,30 +44,21 @@ st.caption(
 with errors.guard("NTK trajectory"):
     weight_norms = {s: compute.weight_norm(run, s) for s in steps}
     trajectory = None
-    if len(steps) >= 2 and compute.require_probes("ntk_trajectory"):
-        digest = compute.combined_hash([run.checkpoint(s).path for s in steps])
-        key = {
+    if len(steps) >= 2:
+        where = {
+            "steps": steps,
+            "params": {"reduce_outputs": "trace", "centered": True},
             "split": split,
             "max_samples": max_samples,
-            "reduce_outputs": "trace",
-            "centered": True,
-            "steps": steps,
         }
-        trajectory = compute.stored(run, "ntk_trajectory", digest, key)
+        trajectory = compute.stored(run, "ntk_trajectory", **where)
         if trajectory is None:
             st.caption("The NTK trajectory for these checkpoints is not in the result store yet.")
             if st.button("Compute NTK trajectory", type="primary", key="grok_run"):
-                trajectory = compute.compute_stored(
-                    run,
-                    "ntk_trajectory",
-                    digest,
-                    key,
-                    lambda progress: compute.ntk_trajectory(run, steps, split, max_samples, progress),
-                    label="NTK trajectory",
-                )
+                trajectory = compute.compute_stored(run, "ntk_trajectory", label="NTK trajectory", **where)
         else:
             st.caption("NTK trajectory loaded from the result store.")
-    elif len(steps) < 2:
+    else:
         st.info("Select at least two checkpoints for the kernel trajectory.")
     frame = figures.dynamics_frame(trajectory, weight_norms)
     downloads.chart(

@@ -22,121 +22,113 @@ tab_topk, tab_density, tab_layers, tab_trace = st.tabs(
 )
 
 with tab_topk:
-    if compute.require_probes("hessian_eigenvalues"):
-        c1, c2, c3 = st.columns(3)
-        k = int(c1.number_input("k (eigenvalues)", 1, 20, 3, key="hess_k"))
-        tol = float(c2.select_slider("Residual tolerance", [1e-2, 1e-3, 1e-4, 1e-5], 1e-3, key="hess_tol"))
-        log_y = c3.toggle("Log y-axis", key="hess_topk_log")
-        with errors.guard("Top-k eigenvalues"):
-            results = compute.sweep_panel(
-                run,
-                "hessian_eigenvalues",
-                steps,
+    c1, c2, c3 = st.columns(3)
+    k = int(c1.number_input("k (eigenvalues)", 1, 20, 3, key="hess_k"))
+    tol = float(c2.select_slider("Residual tolerance", [1e-2, 1e-3, 1e-4, 1e-5], 1e-3, key="hess_tol"))
+    log_y = c3.toggle("Log y-axis", key="hess_topk_log")
+    with errors.guard("Top-k eigenvalues"):
+        results = compute.sweep_panel(
+            run,
+            "hessian_eigenvalues",
+            steps,
+            key="hess_topk",
+            params={"k": k, "tol": tol},
+            split=split,
+            max_samples=max_samples,
+            label="Hessian top-k (Lanczos)",
+            button="Compute top-k eigenvalues",
+        )
+        if results:
+            frame = figures.topk_frame(results)
+            downloads.chart(
+                figures.topk_figure(frame, log_y=log_y),
+                frame,
+                f"{state.label(run.path)}_hessian_topk",
                 key="hess_topk",
-                params={"k": k, "tol": tol},
-                split=split,
-                max_samples=max_samples,
-                label="Hessian top-k (Lanczos)",
-                button="Compute top-k eigenvalues",
+                extra_json={"results": {s: r.to_dict() for s, r in results.items()}},
             )
-            if results:
-                frame = figures.topk_frame(results)
-                downloads.chart(
-                    figures.topk_figure(frame, log_y=log_y),
-                    frame,
-                    f"{state.label(run.path)}_hessian_topk",
-                    key="hess_topk",
-                    extra_json={"results": {s: r.to_dict() for s, r in results.items()}},
-                )
 
 with tab_density:
-    if compute.require_probes("hessian_density"):
-        c1, c2, c3 = st.columns(3)
-        n_probes = int(c1.number_input("SLQ probes", 1, 20, 3, key="hess_probes"))
-        lanczos_steps = int(c2.number_input("Lanczos steps", 5, 200, 30, key="hess_lsteps"))
-        log_y = c3.toggle(
-            "Log-scale density",
-            value=True,
-            key="hess_density_log",
-            help="A log y-axis shows the bulk near zero and the isolated outliers together.",
+    c1, c2, c3 = st.columns(3)
+    n_probes = int(c1.number_input("SLQ probes", 1, 20, 3, key="hess_probes"))
+    lanczos_steps = int(c2.number_input("Lanczos steps", 5, 200, 30, key="hess_lsteps"))
+    log_y = c3.toggle(
+        "Log-scale density",
+        value=True,
+        key="hess_density_log",
+        help="A log y-axis shows the bulk near zero and the isolated outliers together.",
+    )
+    with errors.guard("Spectral density"):
+        results = compute.sweep_panel(
+            run,
+            "hessian_density",
+            steps,
+            key="hess_density",
+            params={"n_probes": n_probes, "lanczos_steps": lanczos_steps},
+            split=split,
+            max_samples=max_samples,
+            label="Hessian density (SLQ)",
+            button="Compute spectral density",
         )
-        with errors.guard("Spectral density"):
-            results = compute.sweep_panel(
-                run,
-                "hessian_density",
-                steps,
+        if results:
+            frame = figures.density_frame(results)
+            downloads.chart(
+                figures.density_figure(frame, log_y=log_y),
+                frame,
+                f"{state.label(run.path)}_hessian_density",
                 key="hess_density",
-                params={"n_probes": n_probes, "lanczos_steps": lanczos_steps},
-                split=split,
-                max_samples=max_samples,
-                label="Hessian density (SLQ)",
-                button="Compute spectral density",
+                extra_json={"ritz": {s: r.ritz_frame().to_dict(orient="list") for s, r in results.items()}},
             )
-            if results:
-                frame = figures.density_frame(results)
-                downloads.chart(
-                    figures.density_figure(frame, log_y=log_y),
-                    frame,
-                    f"{state.label(run.path)}_hessian_density",
-                    key="hess_density",
-                    extra_json={
-                        "ritz": {s: r.ritz_frame().to_dict(orient="list") for s, r in results.items()}
-                    },
-                )
 
 with tab_layers:
-    if compute.require_probes("layerwise_hessian"):
-        c1, c2 = st.columns(2)
-        layer_step = c1.selectbox(
-            "Checkpoint", run.steps(), index=len(run.steps()) - 1, key="hess_layer_step"
+    c1, c2 = st.columns(2)
+    layer_step = c1.selectbox("Checkpoint", run.steps(), index=len(run.steps()) - 1, key="hess_layer_step")
+    value = c2.selectbox("Bar chart of", ["lambda_1", "trace", "trace_per_param"], key="hess_layer_value")
+    with errors.guard("Per-layer Hessian"):
+        results = compute.sweep_panel(
+            run,
+            "layerwise_hessian",
+            [layer_step],
+            key="hess_layers",
+            params={"k": 1},
+            split=split,
+            max_samples=max_samples,
+            label="per-layer Hessian blocks",
+            button="Compute per-layer spectra",
         )
-        value = c2.selectbox("Bar chart of", ["lambda_1", "trace", "trace_per_param"], key="hess_layer_value")
-        with errors.guard("Per-layer Hessian"):
-            results = compute.sweep_panel(
-                run,
-                "layerwise_hessian",
-                [layer_step],
+        if results:
+            result = results[layer_step]
+            frame = result.to_frame()
+            st.dataframe(frame, hide_index=True, key="hess_layer_table")
+            downloads.chart(
+                result.figure(value=value),
+                frame,
+                f"{state.label(run.path)}_layerwise_step{layer_step}",
                 key="hess_layers",
-                params={"k": 1},
-                split=split,
-                max_samples=max_samples,
-                label="per-layer Hessian blocks",
-                button="Compute per-layer spectra",
+                extra_json={"result": result.to_dict()},
             )
-            if results:
-                result = results[layer_step]
-                frame = result.to_frame()
-                st.dataframe(frame, hide_index=True, key="hess_layer_table")
-                downloads.chart(
-                    result.figure(value=value),
-                    frame,
-                    f"{state.label(run.path)}_layerwise_step{layer_step}",
-                    key="hess_layers",
-                    extra_json={"result": result.to_dict()},
-                )
 
 with tab_trace:
-    if compute.require_probes("hessian_trace"):
-        c1, c2 = st.columns(2)
-        n_mv = int(c1.number_input("Matrix-vector products", 6, 600, 30, step=6, key="hess_trace_mv"))
-        method = c2.radio("Estimator", list(TRACE_METHODS), horizontal=True, key="hess_trace_method")
-        with errors.guard("Hessian trace"):
-            results = compute.sweep_panel(
-                run,
-                "hessian_trace",
-                steps,
+    c1, c2 = st.columns(2)
+    n_mv = int(c1.number_input("Matrix-vector products", 6, 600, 30, step=6, key="hess_trace_mv"))
+    method = c2.radio("Estimator", list(TRACE_METHODS), horizontal=True, key="hess_trace_method")
+    with errors.guard("Hessian trace"):
+        results = compute.sweep_panel(
+            run,
+            "hessian_trace",
+            steps,
+            key="hess_trace",
+            params={"n_matvecs": n_mv, "method": method},
+            split=split,
+            max_samples=max_samples,
+            label=f"Hessian trace ({method})",
+            button="Compute trace",
+        )
+        if results:
+            frame = figures.trace_frame(results)
+            downloads.chart(
+                figures.trace_figure(frame),
+                frame,
+                f"{state.label(run.path)}_hessian_trace",
                 key="hess_trace",
-                params={"n_matvecs": n_mv, "method": method},
-                split=split,
-                max_samples=max_samples,
-                label=f"Hessian trace ({method})",
-                button="Compute trace",
             )
-            if results:
-                frame = figures.trace_frame(results)
-                downloads.chart(
-                    figures.trace_figure(frame),
-                    frame,
-                    f"{state.label(run.path)}_hessian_trace",
-                    key="hess_trace",
-                )

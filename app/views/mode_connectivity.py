@@ -67,54 +67,41 @@ layerwise = c3.toggle("Layer-wise barriers", value=True, key="lmc_layerwise")
 split, max_samples = compute.data_controls(run, key="lmc")
 align = {"weight matching": "weights", "activation matching": "activations", "none": None}[align_label]
 
-if compute.require_probes("lmc_barrier"):
-    with errors.guard("Mode connectivity"):
-        if path_b == str(run.path) and step_a == step_b:
-            raise ValueError("choose two different checkpoints (A and B are the same file)")
-        paths = [run.checkpoint(step_a).path, run_b.checkpoint(step_b).path]
-        digest = compute.combined_hash(paths)
-        key = {
-            "n_points": n_points,
-            "align": align,
-            "layerwise": layerwise,
-            "compare_unaligned": True,
-            "loss": run.loss or "auto",
-            "split": split,
-            "max_samples": max_samples,
-        }
-        result = compute.stored(run, "lmc_barrier", digest, key)
-        note = st.empty()
-        if result is None:
-            note.caption("This pair is not in the result store yet.")
-            if st.button("Compute the path", type="primary", key="lmc_run"):
-                result = compute.compute_stored(
-                    run,
-                    "lmc_barrier",
-                    digest,
-                    key,
-                    lambda progress: compute.lmc(run, step_a, run_b, step_b, key, progress),
-                    label="loss along the linear path",
-                    step=step_a,
-                )
-                note.caption("Computed and stored in the result store.")
-        else:
-            note.caption("Loaded from the result store.")
-        if result is not None:
-            m1, m2 = st.columns(2)
-            m1.metric(f"Loss barrier ({align_label})", f"{result.barrier:.4g}")
-            if result.barrier_unaligned is not None:
-                m2.metric("Loss barrier (no alignment)", f"{result.barrier_unaligned:.4g}")
-            name = f"{state.label(run.path)}_{step_a}_vs_{state.label(path_b)}_{step_b}"
-            downloads.chart(
-                result.figure(),
-                result.to_frame(),
-                f"{name}_lmc",
-                key="lmc_path",
-                extra_json={"result": result.to_dict()},
-            )
-            layers = result.layerwise_frame()
-            if len(layers):
-                st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
-                st.dataframe(layers, hide_index=True, key="lmc_layers_table")
-                fig = figures.lmc_layerwise(layers)
-                downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")
+with errors.guard("Mode connectivity"):
+    if path_b == str(run.path) and step_a == step_b:
+        raise ValueError("choose two different checkpoints (A and B are the same file)")
+    where = {
+        "step": step_a,
+        "other": (run_b, step_b),
+        "params": {"n_points": n_points, "align": align, "layerwise": layerwise, "compare_unaligned": True},
+        "split": split,
+        "max_samples": max_samples,
+    }
+    result = compute.stored(run, "lmc_barrier", **where)
+    note = st.empty()
+    if result is None:
+        note.caption("This pair is not in the result store yet.")
+        if st.button("Compute the path", type="primary", key="lmc_run"):
+            result = compute.compute_stored(run, "lmc_barrier", label="loss along the linear path", **where)
+            note.caption("Computed and stored in the result store.")
+    else:
+        note.caption("Loaded from the result store.")
+    if result is not None:
+        m1, m2 = st.columns(2)
+        m1.metric(f"Loss barrier ({align_label})", f"{result.barrier:.4g}")
+        if result.barrier_unaligned is not None:
+            m2.metric("Loss barrier (no alignment)", f"{result.barrier_unaligned:.4g}")
+        name = f"{state.label(run.path)}_{step_a}_vs_{state.label(path_b)}_{step_b}"
+        downloads.chart(
+            result.figure(),
+            result.to_frame(),
+            f"{name}_lmc",
+            key="lmc_path",
+            extra_json={"result": result.to_dict()},
+        )
+        layers = result.layerwise_frame()
+        if len(layers):
+            st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
+            st.dataframe(layers, hide_index=True, key="lmc_layers_table")
+            fig = figures.lmc_layerwise(layers)
+            downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")

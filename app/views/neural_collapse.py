@@ -18,30 +18,29 @@ st.caption(
 steps = compute.checkpoint_picker(run, key="nc", default_count=6)
 split, max_samples = compute.data_controls(run, key="nc")
 
-if compute.require_probes("neural_collapse"):
-    with errors.guard("Neural collapse"):
-        results = compute.sweep_panel(
-            run,
-            "neural_collapse",
-            steps,
-            key="nc",
-            split=split,
-            max_samples=max_samples,
-            label="neural-collapse metrics",
-            button="Compute NC1–NC4",
+with errors.guard("Neural collapse"):
+    results = compute.sweep_panel(
+        run,
+        "neural_collapse",
+        steps,
+        key="nc",
+        split=split,
+        max_samples=max_samples,
+        label="neural-collapse metrics",
+        button="Compute NC1–NC4",
+    )
+    if results:
+        frame = figures.nc_frame(results)
+        downloads.chart(
+            figures.nc_figure(frame),
+            frame,
+            f"{state.label(run.path)}_neural_collapse",
+            key="nc_traj",
+            extra_json={"results": {s: r.to_dict() for s, r in results.items()}},
         )
-        if results:
-            frame = figures.nc_frame(results)
-            downloads.chart(
-                figures.nc_figure(frame),
-                frame,
-                f"{state.label(run.path)}_neural_collapse",
-                key="nc_traj",
-                extra_json={"results": {s: r.to_dict() for s, r in results.items()}},
-            )
-            last = max(results)
-            st.markdown(f"**Checkpoint {last}: per-class detail**")
-            detail = results[last].to_frame()
-            downloads.chart(
-                results[last].figure(), detail, f"{state.label(run.path)}_nc_step{last}", key="nc_detail"
-            )
+        last = max(results)
+        st.markdown(f"**Checkpoint {last}: per-class detail**")
+        detail = results[last].to_frame()
+        downloads.chart(
+            results[last].figure(), detail, f"{state.label(run.path)}_nc_step{last}", key="nc_detail"
+        )
