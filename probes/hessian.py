@@ -39,6 +39,7 @@ from .curvature_setup import RecordingOperator, now, spectral_meta
 from .functional import parameter_groups, select_parameters
 from .gemm_conv import Float64GemmConv
 from .lanczos import EIGENVALUE_FLOOR, WHICH, eigsh
+from .memory import peak_memory
 from .operators import OperatorSpec
 from .results import Result, make_meta, to_jsonable
 from .validation import check_choice, check_float, check_int
@@ -166,6 +167,8 @@ def hessian_eigenvalues(
     reduce_fn: Callable | None = None,
     check_determinism: bool = True,
     refine: bool | str = "auto",
+    block_size: int = 2,
+    max_basis: int | None = None,
 ) -> HessianEigenResult:
     """Extremal eigenvalues of the Hessian (``operator="hessian"``), GGN or empirical Fisher.
 
@@ -181,6 +184,12 @@ def hessian_eigenvalues(
     residuals. ``"auto"`` (default) refines when the products run in float32/bfloat16/float16 and
     ``tol ≤ 1e-5`` — residuals that small are at the level of float32 product rounding, so only a
     float64 check can certify them — and leaves the default ``tol=1e-4`` run unchanged.
+
+    ``block_size`` / ``max_basis``: the block Lanczos's block width and most vectors held (see
+    :func:`~dynascope.probes.lanczos.eigsh`; every copy of a repeated eigenvalue is found). Peak
+    solver memory ``(max_basis + 2·block_size)·P`` numbers; ``meta`` records the vectors held
+    (``peak_basis_vectors``, ``solver_memory_bytes``) and the measured peak over the call
+    (``measured_peak_bytes``, where the platform reports it: CUDA, Linux).
     """
     check_int("k", k, min=1)
     check_choice("which", which, WHICH)
@@ -198,8 +207,10 @@ def hessian_eigenvalues(
         raise ValueError(f"v0 has {start.shape[0]} rows but the parameter block has {op.size} entries")
     do_refine = _use_refine(refine, op.dtype, float(tol))
     rec = RecordingOperator(op)
-    out = eigsh(rec, k=k, which=which, tol=float(tol), max_iter=max_iter, v0=start, seed=seed,
-                return_vectors=return_vectors or do_refine)  # fmt: skip
+    with peak_memory(op.device) as peak:
+        out = eigsh(rec, k=k, which=which, tol=float(tol), max_iter=max_iter, v0=start, seed=seed,
+                    return_vectors=return_vectors or do_refine, block_size=block_size,
+                    max_basis=max_basis)  # fmt: skip
     values, residuals, converged, vectors = out.values, out.residuals, out.converged, out.vectors
     n_refine, lanczos_residuals, n_conv_gemm = 0, None, 0
     if do_refine:
@@ -212,10 +223,12 @@ def hessian_eigenvalues(
         converged = residuals <= float(tol) * torch.clamp(values.abs(), min=EIGENVALUE_FLOOR * scale)
         vectors = ref.vectors if return_vectors else None
     settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter, "params": params,
-                "batch_size": batch_size, "warm_start": start is not None, "refine": refine}  # fmt: skip
+                "batch_size": batch_size, "warm_start": start is not None, "refine": refine,
+                "block_size": block_size, "max_basis": max_basis}  # fmt: skip
     meta = spectral_meta(
         "hessian_eigenvalues", model, op, rec, started=t0, seed=seed, settings=settings,
-        check_determinism=check_determinism, krylov_dim=out.n_iter,
+        check_determinism=check_determinism, krylov_dim=out.n_iter, **out.meta(op.size, op.dtype),
+        measured_peak_bytes=peak.bytes, measured_peak_how=peak.how,
         all_converged=bool(converged.all()), refined=do_refine, n_matvecs_refine=n_refine,
         lanczos_residuals=lanczos_residuals, refine_conv2d_gemm=n_conv_gemm,
     )  # fmt: skip
@@ -334,6 +347,8 @@ def layerwise_hessian(
             shared = {
                 key: res.meta[key] for key in ("loss", "reduction", "n_samples", "dtype", "device", "backend")
             }
+            shared["product_fallbacks"] = []
+        shared["product_fallbacks"] += [f"{name}: {f}" for f in res.meta.get("product_fallbacks", [])]
         row = torch.full((k,), float("nan"), dtype=torch.float64)
         crow = torch.zeros(k, dtype=torch.bool)
         row[: res.values.numel()] = res.values

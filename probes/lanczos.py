@@ -84,6 +84,18 @@ class EigshOutput:
         """Bytes of the solver's vectors at their peak for an operator of ``size`` in ``dtype``."""
         return self.peak_basis_vectors * size * torch.empty((), dtype=dtype).element_size()
 
+    def meta(self, size: int, dtype: torch.dtype) -> dict[str, int | str]:
+        """The solver's keys of a probe's ``.meta``: block size, restarts, runs, data passes and memory."""
+        return {
+            "block_size": self.block_size,
+            "n_passes_solver": self.n_passes,
+            "n_restarts": self.n_restarts,
+            "n_runs": self.n_runs,
+            "peak_basis_vectors": self.peak_basis_vectors,
+            "solver_memory_bytes": self.memory_bytes(size, dtype),
+            "solver_memory_formula": "(locked + basis + 2·block) vectors × P × dtype bytes",
+        }
+
 
 #: Rows per chunk when restarting the basis in place (bounds the temporary to chunk × basis size).
 RESTART_CHUNK_ROWS = 1 << 16

@@ -22,6 +22,7 @@ is the one constructor every probe uses (``CurvatureOperator(model, data, spec)`
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -265,6 +266,7 @@ class CurvatureOperator(LinearOperator):
         self._batched_double_backward = self.device.type != "cpu"
         self.max_vectors = spec.max_vectors
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self.fallbacks: list[str] = []  # slower product paths taken, in order (see _fallback)
 
     def meta(self) -> dict[str, Any]:
         """The operator's keys of a probe's ``.meta`` (the same in every probe that uses one):
@@ -279,7 +281,23 @@ class CurvatureOperator(LinearOperator):
             "device": str(self.device),
             "mode": self.mode,
             "backend": self.backend,
+            "product_fallbacks": list(self.fallbacks),
         }
+
+    def _fallback(self, what: str, err: BaseException) -> None:
+        """Record (and warn once about) a switch to a slower product path; memory errors never switch."""
+        if isinstance(err, torch.OutOfMemoryError):
+            raise torch.OutOfMemoryError(
+                f"out of memory in a {self.kind}-vector product ({len(self.fallbacks)} fallbacks so far): "
+                "lower the batch size (batch_size=), the eigensolver's block size (block_size=) or its basis "
+                f"(max_basis=), or run on a device with more memory. {err}"
+            ) from err
+        line = f"{what}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        if not self.fallbacks:
+            warnings.warn(
+                f"dynascope: {line} (recorded in meta['product_fallbacks'])", RuntimeWarning, stacklevel=3
+            )
+        self.fallbacks.append(line)
 
     # ---------------------------------------------------------------- helpers
     def parameters_vector(self) -> torch.Tensor:
@@ -348,7 +366,8 @@ class CurvatureOperator(LinearOperator):
                     gflat, plist, grad_outputs=Vt, retain_graph=True, is_grads_batched=True
                 )
                 return torch.cat([h.reshape(V.shape[1], -1) for h in hv], dim=1).T
-            except RuntimeError:
+            except RuntimeError as err:
+                self._fallback("batched double backward → one vector at a time", err)
                 self._batched_double_backward = False  # an op without a batching rule: one vector at a time
         cols = []
         for k in range(V.shape[1]):
@@ -366,7 +385,8 @@ class CurvatureOperator(LinearOperator):
         Vd = {n: t.movedim(-1, 0) for n, t in self.space.split(V).items()}  # {name: [K, *shape]}
         try:
             res = self._func_products(x, y, primal, Vd)
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as err:
+            self._fallback("forward-over-reverse (func) → per-vector double backward", err)
             self.backend = "double_backward"  # an op without forward-mode/vmap rules: stop retrying func
             return self._double_backward(x, y, V)
         return torch.cat([res[n].reshape(V.shape[1], -1) for n in self.space.names], dim=1).T

@@ -143,3 +143,25 @@ def test_bad_block_arguments() -> None:
         eigsh(op, k=2, block_size=0)
     with pytest.raises(ValueError, match="max_basis=5 is too small"):
         eigsh(op, k=3, max_basis=5)
+
+
+def test_peak_memory_sees_an_allocation() -> None:
+    from dynascope.probes.memory import peak_memory
+
+    with peak_memory("cpu") as peak:
+        big = torch.ones(64 * 1024 * 1024 // 8, dtype=torch.float64)  # 64 MiB, touched
+        del big
+    if peak.bytes is not None:  # Linux: peak RSS above the start
+        assert peak.bytes >= 48 * 1024 * 1024
+
+
+def test_hessian_eigenvalues_records_the_solver_and_its_memory() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    res = probes.hessian_eigenvalues(
+        model, (torch.randn(64, 8), torch.randint(0, 3, (64,))), k=3, max_basis=20
+    )
+    P = sum(p.numel() for p in model.parameters())
+    assert res.meta["block_size"] == 2 and res.meta["peak_basis_vectors"] <= 20 + 4
+    assert res.meta["solver_memory_bytes"] == res.meta["peak_basis_vectors"] * P * 4
+    assert res.meta["params"]["max_basis"] == 20

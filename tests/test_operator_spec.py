@@ -15,6 +15,7 @@ from dynascope.probes.operators import CurvatureOperator, OperatorSpec, make_ope
 D = torch.float64
 OPERATOR_META_KEYS = {
     "operator", "loss", "reduction", "n_samples", "n_params", "dtype", "device", "mode", "backend",
+    "product_fallbacks",
 }  # fmt: skip
 
 
@@ -85,6 +86,7 @@ def test_one_constructor_behind_every_spelling() -> None:
     assert ops[0].meta() == {
         "operator": "ggn", "loss": "cross_entropy", "reduction": "mean over 12 samples", "n_samples": 12,
         "n_params": 31, "dtype": "torch.float64", "device": "cpu", "mode": "eval", "backend": "func",
+        "product_fallbacks": [],
     }  # fmt: skip
     with pytest.raises(ValueError, match="spec must be an OperatorSpec"):
         CurvatureOperator(model, (x, y), {"kind": "ggn"})  # type: ignore[arg-type]

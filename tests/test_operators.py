@@ -279,6 +279,24 @@ def test_func_backend_falls_back_to_double_backward_once() -> None:
     assert op.backend == "func"
     V = torch.randn(op.size, 3, dtype=torch.float64)
     H = dense_reference(model, x, y, "hessian")
-    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-10, atol=1e-12)
+    with pytest.warns(RuntimeWarning, match="per-vector double backward"):
+        torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-10, atol=1e-12)
     assert op.backend == "double_backward"  # recorded (e.g. in result meta), not retried per batch
     torch.testing.assert_close(op.matvec(V[:, 0]), H @ V[:, 0], rtol=1e-10, atol=1e-12)
+    assert len(op.fallbacks) == 1 and "func" in op.meta()["product_fallbacks"][0]  # warned and recorded once
+
+
+def test_out_of_memory_in_a_product_is_never_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OOM inside a product propagates with the knobs to lower; it does not switch product paths."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    op = CurvatureOperator(model, (x, y), batch_size=4, backend="func")
+
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(op, "_func_products", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="batch_size=.*block_size=.*max_basis="):
+        op.matmat(torch.randn(op.size, 2, dtype=torch.float64))
+    assert op.backend == "func" and not op.fallbacks
