@@ -22,6 +22,9 @@ from .operators import LinearOperator, random_vectors
 from .seeds import LANCZOS_RESTART_STRIDE
 from .validation import check_choice, check_float, check_int
 
+#: A warm start from ``[P, j]`` eigenvectors adds a seeded random direction of this relative norm, so the
+#: Krylov space is not confined to their span.
+WARM_START_NOISE = 1e-2
 #: Ritz pairs are converged when ``‖A u − θ u‖ ≤ tol·max(|θ|, EIGENVALUE_FLOOR·max|θ|)``: eigenvalues
 #: below this fraction of the largest are judged on an absolute scale (relative error is meaningless there).
 EIGENVALUE_FLOOR = 1e-3
@@ -95,7 +98,7 @@ def _start_vector(op: LinearOperator, v0: torch.Tensor | None, seed: int) -> tor
     if v0.dim() == 2:  # warm start from previous eigenvectors: their sum plus a small random part
         noise = random_vectors(op.size, 1, seed=seed, dtype=op.dtype, device=op.device)[:, 0]
         v0 = v0.sum(dim=1) / max(v0.shape[1], 1) ** 0.5
-        v0 = v0 + 1e-2 * v0.norm() * noise / noise.norm()
+        v0 = v0 + WARM_START_NOISE * v0.norm() * noise / noise.norm()
     if v0.shape != (op.size,) or not torch.isfinite(v0).all() or float(v0.norm()) == 0.0:
         raise ValueError(f"v0 must be a finite nonzero vector of length {op.size} (or [P, j] eigenvectors)")
     return v0
