@@ -44,6 +44,7 @@ from torch import nn
 from ..datasets.batching import as_batches
 from .functional import ModeGuard, check_finite, check_mode
 from .results import Result, make_meta
+from .trajectory import checkpoint_models
 from .validation import check_float, check_int
 
 __all__ = [
@@ -408,20 +409,20 @@ def nc_trajectory(
     models: Iterable[nn.Module] | Any,
     data: Any,
     steps: Sequence[int] | None = None,
+    *,
+    model: nn.Module | None = None,
     **kwargs: Any,
 ) -> NeuralCollapseTrajectory:
-    """:func:`neural_collapse` over checkpoints. ``models``: an iterable of models (loaded one at a time
-    if it is a generator) or a run folder object with ``steps()`` and ``load_model(step)``
-    (``dynascope.models.Run``). ``steps`` default: the run's steps, else 0, 1, 2, …"""
+    """:func:`neural_collapse` over checkpoints. ``models``: a run folder (``Run``, anything with
+    ``steps()`` and ``load_model(step)``, or a path) or models / state dicts (loaded into ``model=``),
+    one at a time if a generator — see :mod:`dynascope.probes.trajectory`. ``steps`` default: the run's
+    steps, else 0, 1, 2, …; ``kwargs`` go to :func:`neural_collapse`."""
     started = time.perf_counter()
-    if hasattr(models, "steps") and hasattr(models, "load_model"):
-        run = models
-        steps = list(run.steps()) if steps is None else list(steps)
-        models = (run.load_model(s) for s in steps)
-    results = [neural_collapse(m, data, **kwargs) for m in models]
+    ckpts = checkpoint_models(models, steps, model=model, name="models")
+    results = [neural_collapse(m, data, **kwargs) for m in ckpts.models]
     if not results:
         raise ValueError("nc_trajectory needs at least one model")
-    steps = list(range(len(results))) if steps is None else [int(s) for s in steps]
+    steps = list(range(len(results))) if ckpts.steps is None else [int(s) for s in ckpts.steps]
     if len(steps) != len(results):
         raise ValueError(f"got {len(steps)} steps for {len(results)} models")
     fields = {f: [getattr(r, f) for r in results] for f in (*NC_FIELDS, "accuracy")}

@@ -89,7 +89,3 @@ def spectral_meta(
         deterministic=None if det is None else bool(det <= rtol),
         **extra,
     )
-
-
-def now() -> float:
-    return time.perf_counter()

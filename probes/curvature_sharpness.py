@@ -28,7 +28,6 @@ Loss-perturbation sharpness (ASAM, average case) lives in :mod:`dynascope.probes
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from .operators import OperatorSpec
 from .preconditioning import DiagonalScaledOperator, preconditioner_from_state
 from .results import Result, make_meta
 from .seeds import BATCH_PERMUTATION_OFFSET
+from .trajectory import checkpoint_models
 from .validation import check_float, check_int
 
 
@@ -386,16 +386,6 @@ class SharpnessTrack(Result):
         return frame
 
 
-def _open_run(run_or_path: Any) -> Any:
-    from ..models.runs import Run
-
-    if isinstance(run_or_path, Run):
-        return run_or_path
-    if isinstance(run_or_path, (str, os.PathLike)):
-        return Run.open(run_or_path)
-    raise TypeError(f"run_or_path must be a Run or a path to a run folder; got {type(run_or_path).__name__}")
-
-
 def track_sharpness(
     run_or_path: Any,
     data: Any = None,
@@ -412,44 +402,43 @@ def track_sharpness(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
+    lr: float | None = None,
+    model: nn.Module | None = None,
 ) -> SharpnessTrack:
     """Top-k Hessian eigenvalues at every checkpoint of a run (or at ``steps``), with 2/η from ``run.json``.
 
-    ``data``: default the run's training set (``run.load_dataset().train``). ``loss``: default the loss
-    recorded in ``run.json`` (see :func:`run_loss`), else ``"auto"``. ``warm_start``: start Lanczos
-    from the previous checkpoint's top-k eigenvectors (their sum plus a small random part).
+    ``run_or_path``: a run folder (``Run`` or path) or models / state dicts (with ``model=``), see
+    :mod:`dynascope.probes.trajectory`. ``data``: default the run's training set
+    (``run.load_dataset().train``). ``loss``: default the loss recorded in ``run.json`` (see
+    :func:`run_loss`), else ``"auto"``. ``lr``: a constant learning rate instead of the run's schedule
+    (the only source of 2/η for checkpoints that are not a run). ``warm_start``: start Lanczos from the
+    previous checkpoint's top-k eigenvectors (their sum plus a small random part).
     """
     check_int("k", k, min=1)
     check_int("seed", seed)
+    check_float("lr", lr, min=0, min_open=True, optional=True)
     started = time.perf_counter()
-    run = _open_run(run_or_path)
-    infos = run.checkpoints()
-    if not infos:
-        raise ValueError(f"run {run.path} has no checkpoints")
-    if steps is not None:
-        available = {c.step: c for c in infos}
-        missing = [s for s in steps if s not in available]
-        if missing:
-            raise ValueError(
-                f"run {run.path} has no checkpoints at steps {missing}; it has {sorted(available)}"
-            )
-        infos = [available[s] for s in sorted(set(steps))]
+    ckpts = checkpoint_models(run_or_path, steps, model=model, name="run_or_path")
+    run = ckpts.run
     loss_source = "argument"
     if loss is None:
-        name, key = run_loss(run)
+        name, key = run_loss(run) if run is not None else (None, None)
         loss, loss_source = (name, f"run.json:{key}") if name else ("auto", "default")
     if data is None:
+        if run is None or not hasattr(run, "load_dataset"):
+            raise ValueError("track_sharpness needs data= when the checkpoints are not a run folder")
         data = run.load_dataset().train
         data_source = "run training set"
     else:
         data_source = "argument"
 
-    iterator: Any = infos
+    iterator: Any = ckpts.models
     if progress:
         try:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(infos, desc="sharpness", unit="ckpt")
+            total = len(ckpts.steps) if ckpts.steps is not None else None
+            iterator = tqdm(iterator, desc="sharpness", unit="ckpt", total=total)
         except ImportError:  # pragma: no cover - tqdm is a dependency
             pass
     out_steps, lam, topk, conv, lrs, thr, ratio, losses, mvs = [], [], [], [], [], [], [], [], []
@@ -457,27 +446,33 @@ def track_sharpness(
     loss_name = str(loss)
     spec = OperatorSpec(loss=loss, batch_size=batch_size, mode=mode, dtype=dtype, device=device)
     op_meta: dict[str, Any] = {}
-    for info in iterator:
-        model = run.load_model(info.step)
-        op = spec.build(model, data)
+    for i, model_i in enumerate(iterator):
+        step = ckpts.steps[i] if ckpts.steps is not None else i
+        op = spec.build(model_i, data)
         loss_name, op_meta = op.loss.name, op.meta()
         res = eigsh(op, k, tol=tol, v0=v0 if warm_start else None, seed=seed, max_iter=max_iter)
         if warm_start and res.vectors is not None:
             v0 = res.vectors
-        try:
-            lr = float(run.lr_at(info.step))
-        except ValueError:  # RunError: no lr recorded
-            lr = float("nan")
-        two = 2.0 / lr if lr == lr and lr > 0 else float("nan")
-        out_steps.append(info.step)
+        step_lr = float("nan") if lr is None else float(lr)
+        if lr is None and run is not None and hasattr(run, "lr_at"):
+            try:
+                step_lr = float(run.lr_at(step))
+            except ValueError:  # RunError: no lr recorded
+                pass
+        two = 2.0 / step_lr if step_lr == step_lr and step_lr > 0 else float("nan")
+        out_steps.append(step)
         lam.append(float(res.values[0]))
         topk.append([float(v) for v in res.values])
         conv.append(bool(res.converged.all()))
-        lrs.append(lr)
+        lrs.append(step_lr)
         thr.append(two)
         ratio.append(float(res.values[0]) / two if two == two else float("nan"))
         losses.append(op.loss_value())
         mvs.append(res.n_matvecs)
+    if not out_steps:
+        raise ValueError("track_sharpness needs at least one checkpoint")
+    if ckpts.steps is not None and len(ckpts.steps) != len(out_steps):
+        raise ValueError(f"got {len(ckpts.steps)} steps for {len(out_steps)} checkpoints")
     meta = make_meta(
         "track_sharpness",
         params={
@@ -491,11 +486,11 @@ def track_sharpness(
             "seed": seed,
         },
         started=started,
-        run=str(run.path),
+        run=str(run.path) if run is not None else None,
         data=data_source,
         **op_meta,
         n_matvecs=int(sum(mvs)),
-        lr_source="run.lr_at(step)",
+        lr_source="argument" if lr is not None else ("run.lr_at(step)" if run is not None else None),
     )
     return SharpnessTrack(
         steps=out_steps,
@@ -509,7 +504,7 @@ def track_sharpness(
         n_matvecs=mvs,
         k=k,
         loss=loss_name,
-        run_path=str(run.path),
+        run_path=str(run.path) if run is not None else None,
         meta=meta,
     )
 

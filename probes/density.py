@@ -24,6 +24,7 @@ with ``σ`` in decades (default ``0.02 ·`` the span of ``u``) — the usual vie
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature_setup import RecordingOperator, now, spectral_meta
+from .curvature_setup import RecordingOperator, spectral_meta
 from .lanczos import eigsh, lanczos_tridiagonal
 from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
@@ -272,7 +273,7 @@ def hessian_density(
     estimator, the weight convention (integrates to 1), the default ``sigma`` and ``log_scale``.
     """
     check_int("seed", seed)
-    t0 = now()
+    t0 = time.perf_counter()
     op = OperatorSpec(
         kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device,
         reduce_fn=reduce_fn,

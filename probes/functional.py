@@ -216,7 +216,10 @@ class ResidentBatches:
         self._fits = True
 
     def __getattr__(self, name: str) -> Any:  # batch_size, rank, world_size, data, device, dtype
-        return getattr(self.__dict__["source"], name)
+        source = self.__dict__.get("source")
+        if source is None:  # not yet initialised (copy / unpickle)
+            raise AttributeError(name)
+        return getattr(source, name)
 
     @property
     def resident(self) -> bool:
@@ -247,8 +250,6 @@ class ResidentBatches:
 
     def single_batch(self) -> Batch | None:
         """The data as one batch when it is held as tensors and batching is off."""
-        if self._kept is not None and self.source._tensors is not None:
-            return self._kept[0] if len(self._kept) == 1 else None
         return self.source.single_batch()
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ The block traces sum to the full trace; block eigenvalues are *not* eigenvalues 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature_setup import RecordingOperator, now, spectral_meta
+from .curvature_setup import RecordingOperator, spectral_meta
 from .functional import parameter_groups, select_parameters
 from .gemm_conv import Float64GemmConv
 from .lanczos import EIGENVALUE_FLOOR, WHICH, eigsh
@@ -199,7 +200,7 @@ def hessian_eigenvalues(
     spec = OperatorSpec(kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
                         dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
     start = _warm_start(v0)
-    t0 = now()
+    t0 = time.perf_counter()
     op = spec.build(model, data)
     if k > op.size:
         raise ValueError(f"k={k} exceeds the number of parameters in the block ({op.size})")
@@ -330,7 +331,7 @@ def layerwise_hessian(
     blocks = dict(groups) if groups is not None else parameter_groups(model)
     if not blocks:
         raise ValueError("no parameter groups to analyse")
-    t0 = now()
+    t0 = time.perf_counter()
     common = {"loss": loss, "operator": operator, "batch_size": batch_size, "mode": mode, "dtype": dtype,
               "device": device, "reduce_fn": reduce_fn}  # fmt: skip
     layers, sizes, matvecs = [], [], []

@@ -178,3 +178,15 @@ def test_per_example_gradients_and_the_ntk_use_the_functional_model() -> None:
     assert ctx.model is model and ctx.params is ctx.fm.params
     op = NTKOperator(model, x, params="4")
     assert isinstance(op.fm, FunctionalModel) and op.fm.size == 10
+
+
+def test_resident_batches_copy_and_single_batch() -> None:
+    import copy
+
+    x, y = _x(), torch.zeros(6, dtype=torch.long)
+    src = ResidentBatches(as_batches((x, y)))
+    assert src.single_batch() is not None and src.single_batch().n == 6
+    list(src)
+    dup = copy.deepcopy(src)
+    assert dup.resident and dup.num_samples() == 6 and torch.equal(next(iter(dup)).x, x)
+    assert ResidentBatches(as_batches((x, y), 4)).single_batch() is None

@@ -7,43 +7,9 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from test_curvature_sharpness import _adam_model, _flat_params, _linear_problem
 
 from dynascope.probes.perturbation import adaptive_sharpness, average_sharpness
-
-D = torch.float64
-
-
-def _linear_problem(n: int = 40, d: int = 6, out: int = 1, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=D)
-    y = torch.randn(n, out, generator=g, dtype=D)
-    torch.manual_seed(seed)
-    model = nn.Linear(d, out).double()
-    Xt = torch.cat([X, torch.ones(n, 1, dtype=D)], dim=1)  # [X, 1]: weight then bias
-    return model, X, y, Xt
-
-
-def _mlp(seed: int = 0, d: int = 4, h: int = 5, c: int = 3) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, c)).double()
-
-
-def _flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _adam_model(steps: int = 6, lr: float = 0.05):
-    g = torch.Generator().manual_seed(3)
-    X = torch.randn(30, 4, generator=g, dtype=D)
-    y = torch.randint(0, 3, (30,), generator=g)
-    model = _mlp(seed=3)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
-    return model, opt, X, y
 
 
 def test_adaptive_sharpness_one_step_is_asam_closed_form_and_more_steps_do_better() -> None:

@@ -16,7 +16,6 @@ kernel distance and label alignment (Kumar et al. 2023).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from ...datasets.batching import as_batches
 from ..lanczos import eigsh
 from ..results import Result, make_meta
 from ..seeds import NTK_PROBE_OFFSET
+from ..trajectory import checkpoint_models
 from ..validation import check_choice, check_int
 from .empirical import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
 from .kernels import (
@@ -256,22 +256,6 @@ class NTKTrajectory(Result):
     kernel_trace: list[float]
 
 
-def _checkpoint_models(checkpoints: Sequence[Any], model: nn.Module | None) -> list[Any]:
-    if len(checkpoints) == 0:
-        raise ValueError("ntk_trajectory needs at least one checkpoint")
-    for i, c in enumerate(checkpoints):
-        if isinstance(c, nn.Module):
-            continue
-        if isinstance(c, Mapping):
-            if model is None:
-                raise ValueError(
-                    f"checkpoint {i} is a state dict: pass model= (an architecture to load it into)"
-                )
-            continue
-        raise TypeError(f"checkpoint {i} must be an nn.Module or a state dict; got {type(c).__name__}")
-    return list(checkpoints)
-
-
 def ntk_trajectory(
     checkpoints: Sequence[nn.Module | Mapping[str, torch.Tensor]],
     x: torch.Tensor,
@@ -289,20 +273,22 @@ def ntk_trajectory(
 ) -> NTKTrajectory:
     """Kernel distance to init, kernel velocity, label alignment and relative parameter change per checkpoint.
 
-    ``checkpoints``: models, or state dicts loaded into (a copy of) ``model``; the first is the reference
-    ``θ0, K0``. ``steps`` default ``0, 1, …``. Kernels are formed on ``x`` with :func:`empirical_ntk`
-    (two ``[N, N]`` kernels are held at a time).
+    ``checkpoints``: a run folder (``Run`` or path; its checkpoints at ``steps``, default all), or models,
+    or state dicts loaded into (a copy of) ``model`` (see :mod:`dynascope.probes.trajectory`); the first
+    is the reference ``θ0, K0``. ``steps`` default: the run's steps, else ``0, 1, …``. Kernels are formed
+    on ``x`` with :func:`empirical_ntk` (two ``[N, N]`` kernels are held at a time).
     """
     started = time.perf_counter()
-    items = _checkpoint_models(checkpoints, model)
-    s = list(range(len(items))) if steps is None else [float(v) for v in steps]
-    if len(s) != len(items):
-        raise ValueError(f"got {len(items)} checkpoints but {len(s)} steps")
-    if any(b <= a for a, b in zip(s, s[1:])):
-        raise ValueError(f"steps must be strictly increasing; got {s}")
-    holder = (
-        copy.deepcopy(model) if model is not None and any(isinstance(c, Mapping) for c in items) else None
-    )
+    ckpts = checkpoint_models(checkpoints, steps, model=model)
+    given = None if ckpts.steps is None else [float(v) for v in ckpts.steps]
+    n_known = len(checkpoints) if ckpts.run is None and isinstance(checkpoints, Sequence) else None
+    if n_known == 0:
+        raise ValueError("ntk_trajectory needs at least one checkpoint")
+    if given is not None and n_known is not None and len(given) != n_known:
+        raise ValueError(f"got {n_known} checkpoints but {len(given)} steps")
+    if given is not None and any(b <= a for a, b in zip(given, given[1:])):
+        raise ValueError(f"steps must be strictly increasing; got {given}")
+    s: list[Any] = given if given is not None else []
     n_out = 1
     n_classes = None
     if y is not None and reduce_outputs is None and not (y.is_floating_point() or y.is_complex()):
@@ -311,16 +297,14 @@ def ntk_trajectory(
     out: dict[str, list[float]] = {
         n: [] for n in NTKTrajectory.__dataclass_fields__ if n not in ("meta", "steps")
     }
-    for i, c in enumerate(items):
-        if isinstance(c, Mapping):
-            assert holder is not None
-            try:
-                holder.load_state_dict(c)
-            except RuntimeError as err:
-                raise ValueError(f"checkpoint {i} does not fit model: {err}") from None
-            m = holder
-        else:
-            m = c
+    first: nn.Module | None = None
+    n_items = 0
+    for i, m in enumerate(ckpts.models):  # one model at a time (a state dict is loaded into model=)
+        if given is None:
+            s.append(i)
+        elif i >= len(given):
+            raise ValueError(f"more checkpoints than the {len(given)} steps")
+        n_items = i + 1
         K = empirical_ntk(
             m,
             x,
@@ -338,7 +322,7 @@ def ntk_trajectory(
             n_classes = n_out if n_classes is not None else None
         theta = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
         if i == 0:
-            K0, theta0 = K, theta
+            K0, theta0, first = K, theta, m
         assert K0 is not None and theta0 is not None
         out["kernel_distance"].append(kernel_distance(K0, K, centered=centered, n_outputs=n_out))
         out["kernel_velocity"].append(
@@ -352,9 +336,13 @@ def ntk_trajectory(
         out["relative_param_change"].append(relative_param_change(theta, theta0))
         out["kernel_trace"].append(float(K.trace()))
         K_prev = K
+    if n_items == 0:
+        raise ValueError("ntk_trajectory needs at least one checkpoint")
+    if len(s) != n_items:
+        raise ValueError(f"got {n_items} checkpoints but {len(s)} steps")
     meta = make_meta(
         "ntk_trajectory",
-        model=items[0] if isinstance(items[0], nn.Module) else model,
+        model=model if model is not None else first,
         params={
             "reduce_outputs": reduce_outputs,
             "centered": centered,
@@ -362,7 +350,7 @@ def ntk_trajectory(
             "chunk_size": chunk_size,
             "params": params,
             "n_samples": int(x.shape[0]),
-            "n_checkpoints": len(items),
+            "n_checkpoints": n_items,
         },
         started=started,
         mode=mode,

@@ -65,7 +65,7 @@ _NOT_PER_SAMPLE_IN_TRAIN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout.
 
 
 # --------------------------------------------------------------------------- model as a function
-class _FunctionalModel(FunctionalModel):
+class _NTKModel(FunctionalModel):
     """The functional view of :mod:`dynascope.probes.functional` plus what the NTK needs: per-sample
     ``[O]`` and batched ``[B, O]`` outputs, input checks, the output count and a cost profile."""
 
@@ -233,7 +233,7 @@ Chunk = tuple[list[torch.Tensor], list[Factors]]  # plain per-parameter Jacobian
 
 
 def _jacobian_chunk(
-    fm: _FunctionalModel, x: torch.Tensor, outputs: tuple[int, int] | None = None, taps: Taps | None = None
+    fm: _NTKModel, x: torch.Tensor, outputs: tuple[int, int] | None = None, taps: Taps | None = None
 ) -> Chunk:
     """Per-sample Jacobians of a chunk: one ``[c, O, numel]`` tensor per plain parameter (``outputs=(lo,
     hi)``: only those outputs, ``[c, hi − lo, numel]``) and, with ``taps``, for each structured site
@@ -307,7 +307,7 @@ def _contract(J1: Chunk, J2: Chunk, traced: bool) -> torch.Tensor:
 
 
 def _ntk_jacobian(
-    fm: _FunctionalModel,
+    fm: _NTKModel,
     x1: torch.Tensor,
     x2: torch.Tensor | None,
     O: int,
@@ -327,7 +327,7 @@ def _ntk_jacobian(
 
 
 def _ntk_jacobian_group(
-    fm: _FunctionalModel,
+    fm: _NTKModel,
     x1: torch.Tensor,
     x2: torch.Tensor | None,
     O: int,
@@ -368,7 +368,7 @@ def _ntk_jacobian_group(
     return K
 
 
-def _tangents(fm: _FunctionalModel, x2: torch.Tensor, cols: torch.Tensor, O: int) -> dict[str, torch.Tensor]:
+def _tangents(fm: _NTKModel, x2: torch.Tensor, cols: torch.Tensor, O: int) -> dict[str, torch.Tensor]:
     """``J2ᵀ e`` for unit columns ``e`` with flat indices ``cols`` (sample ``c // O``, output ``c % O``)."""
     xs = x2[cols // O]
     E = torch.nn.functional.one_hot(cols % O, O).to(fm.dtype)
@@ -381,7 +381,7 @@ def _tangents(fm: _FunctionalModel, x2: torch.Tensor, cols: torch.Tensor, O: int
 
 
 def _ntk_vp(
-    fm: _FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, O: int, traced: bool, plan: NTKPlan
+    fm: _NTKModel, x1: torch.Tensor, x2: torch.Tensor | None, O: int, traced: bool, plan: NTKPlan
 ) -> torch.Tensor:
     xs2 = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], xs2.shape[0]
@@ -440,7 +440,7 @@ def empirical_ntk(
     """
     if reduce_outputs not in REDUCTIONS:
         raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
-    fm = _FunctionalModel(model, params=params, mode=mode, device=device)
+    fm = _NTKModel(model, params=params, mode=mode, device=device)
     x1 = fm.prepare(x1, "x1")
     if x2 is not None:
         x2 = fm.prepare(x2, "x2")
@@ -495,7 +495,7 @@ def empirical_ntk(
     return (K, plan) if return_plan else K
 
 
-def _structure_agrees(fm: _FunctionalModel, x: torch.Tensor, sites: list[Site], n_outputs: int) -> bool:
+def _structure_agrees(fm: _NTKModel, x: torch.Tensor, sites: list[Site], n_outputs: int) -> bool:
     """Compare ``Σ_{o<2} Θ(x, x)_oo`` (one sample) from structured factors with plain Jacobians; warn if
     they differ (e.g. a Linear weight also used outside its module's forward)."""
     outs = (0, min(2, n_outputs))  # two outputs bound the plain Jacobian's memory by 2·P numbers
@@ -539,7 +539,7 @@ class NTKOperator(LinearOperator):
         if reduce_outputs not in REDUCTIONS:
             raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
         check_int("batch_size", batch_size, min=1, optional=True)
-        self.fm = _FunctionalModel(model, params=params, mode=mode, device=device)
+        self.fm = _NTKModel(model, params=params, mode=mode, device=device)
         self.x = self.fm.prepare(x, "x")
         self.n_outputs = self.fm.output_dim(self.x)
         self.traced = reduce_outputs == "trace"
