@@ -110,7 +110,7 @@ PROBES: dict[str, ProbeSpec] = {
     for spec in [
         ProbeSpec("hessian_eigenvalues", "hessian_eigenvalues", {"k": 5, "tol": 1e-4},
                   "top-k Hessian eigenvalues (Lanczos)"),
-        ProbeSpec("hessian_trace", "hessian_trace", {"n_matvecs": 60, "method": "hutch++"},
+        ProbeSpec("hessian_trace", "hessian_trace", {"n_matvecs": 60, "method": "auto"},
                   "Hessian trace (Hutch++) with standard error"),
         ProbeSpec("hessian_density", "hessian_density", {"n_probes": 4, "lanczos_steps": 40},
                   "spectral density (stochastic Lanczos quadrature)"),

@@ -18,4 +18,13 @@ NTK_PROBE_OFFSET = 1
 #: from the per-batch Lanczos seeds ``seed + i``).
 BATCH_PERMUTATION_OFFSET = 104729
 
-__all__ = ["BATCH_PERMUTATION_OFFSET", "DEFLATION_OFFSET", "LANCZOS_RESTART_STRIDE", "NTK_PROBE_OFFSET"]
+#: Trace ``method="auto"`` choosing Hutchinson: its probes after the shared sketch come from ``seed + 7``.
+AUTO_HUTCHINSON_OFFSET = 7
+
+__all__ = [
+    "AUTO_HUTCHINSON_OFFSET",
+    "BATCH_PERMUTATION_OFFSET",
+    "DEFLATION_OFFSET",
+    "LANCZOS_RESTART_STRIDE",
+    "NTK_PROBE_OFFSET",
+]

@@ -50,9 +50,10 @@ from .curvature_setup import RecordingOperator, spectral_meta
 from .lanczos import breakdown_rtol
 from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
+from .seeds import AUTO_HUTCHINSON_OFFSET
 from .validation import check_choice, check_int
 
-TRACE_METHODS = ("hutch++", "hutchinson", "krylov++")
+TRACE_METHODS = ("auto", "hutch++", "hutchinson", "krylov++")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +108,40 @@ def hutchinson(
     return float(s.mean()), float(s.std() / math.sqrt(s.numel())), s
 
 
+def _sketch(op: LinearOperator, S: torch.Tensor, block: int) -> torch.Tensor:
+    """``A S`` in blocks of columns."""
+    return torch.cat(
+        [
+            op.matmat(S[:, lo : lo + n])
+            for lo, n in zip(range(0, S.shape[1], block), _blocks(S.shape[1], block))
+        ],
+        dim=1,
+    )
+
+
+def _deflate_sketch(
+    op: LinearOperator, AS: torch.Tensor, G: torch.Tensor, block: int
+) -> tuple[float, float, torch.Tensor, float]:
+    """Hutch++ given the sketch ``A S``: ``Q = orth(AS)``, ``tr(QᵀAQ)`` exactly (``r`` products) and
+    Hutchinson on the deflated residual with the probes ``G``."""
+    s = G.shape[1]
+    Q, _ = torch.linalg.qr(AS.double())
+    Q = Q.to(op.dtype)
+    AQ = _sketch(op, Q, block)
+    low = float((Q.double() * AQ.double()).sum())
+    Gp = G - Q @ (Q.T @ G)  # (I − QQᵀ) g
+    samples, sq_norms = [], []
+    for lo, n in zip(range(0, s, block), _blocks(s, block)):
+        Gb = Gp[:, lo : lo + n]
+        RGb = op.matmat(Gb)
+        RGb = RGb - Q @ (Q.T @ RGb)  # R g with R = (I−QQᵀ)A(I−QQᵀ)
+        samples.append((Gb.double() * RGb.double()).sum(dim=0))
+        sq_norms.append(RGb.double().pow(2).sum(dim=0))
+    res = torch.cat(samples).cpu()
+    frob2 = float(torch.cat(sq_norms).mean())  # unbiased estimate of ‖R‖_F²
+    return low + float(res.mean()), math.sqrt(2.0 * frob2 / s), res, low
+
+
 def hutch_plus_plus(
     op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32
 ) -> tuple[float, float, torch.Tensor, float]:
@@ -121,27 +156,66 @@ def hutch_plus_plus(
     r = min(n_matvecs // 3, op.size)
     s = n_matvecs - 2 * r
     probes = random_vectors(op.size, r + s, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher")
-    S, G = probes[:, :r], probes[:, r:]
-    AS = torch.cat(
-        [op.matmat(S[:, lo : lo + n]) for lo, n in zip(range(0, r, block), _blocks(r, block))], dim=1
-    )
-    Q, _ = torch.linalg.qr(AS.double())
-    Q = Q.to(op.dtype)
-    AQ = torch.cat(
-        [op.matmat(Q[:, lo : lo + n]) for lo, n in zip(range(0, r, block), _blocks(r, block))], dim=1
-    )
-    low = float((Q.double() * AQ.double()).sum())
-    Gp = G - Q @ (Q.T @ G)  # (I − QQᵀ) g
-    samples, sq_norms = [], []
-    for lo, n in zip(range(0, s, block), _blocks(s, block)):
-        Gb = Gp[:, lo : lo + n]
-        RGb = op.matmat(Gb)
-        RGb = RGb - Q @ (Q.T @ RGb)  # R g with R = (I−QQᵀ)A(I−QQᵀ)
-        samples.append((Gb.double() * RGb.double()).sum(dim=0))
-        sq_norms.append(RGb.double().pow(2).sum(dim=0))
-    res = torch.cat(samples).cpu()
-    frob2 = float(torch.cat(sq_norms).mean())  # unbiased estimate of ‖R‖_F²
-    return low + float(res.mean()), math.sqrt(2.0 * frob2 / s), res, low
+    return _deflate_sketch(op, _sketch(op, probes[:, :r], block), probes[:, r:], block)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What :func:`auto_trace` saw in its sketch: ``‖A‖_F²`` (estimated), the share of it that half the
+    sketch captures, the predicted variance ratio Hutch++/Hutchinson and the method chosen."""
+
+    frobenius2: float
+    captured_share: float
+    variance_ratio: float
+    method: str
+
+
+def auto_trace(
+    op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32
+) -> tuple[float, float, torch.Tensor, float, AutoChoice]:
+    """Hutch++ or Hutchinson, chosen from the first sketch, never paying for the other's products.
+
+    The first ``r = m // 3`` products ``A S`` (Rademacher ``S``) serve both estimators: they are the
+    Hutch++ sketch, and ``s_iᵀ A s_i`` are Hutchinson samples. From them, with no extra product:
+    ``‖A‖_F² ≈ mean_i ‖A s_i‖²`` (unbiased), and the energy a rank-``r/2`` basis captures,
+    ``c ≈ mean_{j∈S₂} ‖Q₁ᵀ A s_j‖²`` with ``Q₁ = orth(A S₁)`` from the first half of the sketch and
+    ``S₂`` the other half (unbiased: ``S₂`` is independent of ``Q₁``). Per probe, Hutchinson's variance
+    is ``≤ 2‖A‖_F²`` and Hutch++'s residual variance ``≤ 2(‖A‖_F² − c)`` (deflating the full rank-``r``
+    sketch captures at least ``c``), so the rule is
+
+        Hutch++ when  (‖A‖_F² − c) / (m − 2r)  <  ‖A‖_F² / m,   else Hutchinson,
+
+    i.e. when the sketch holds more than ``2r/m ≈ 2/3`` of ``‖A‖_F²`` (outlier-dominated spectra).
+    Either way the result is exactly that estimator at ``m`` products (Hutchinson reuses the ``r``
+    sketch samples and draws ``m − r`` more).
+    """
+    if n_matvecs < 4:
+        raise ValueError(f"auto needs n_matvecs >= 4 (as hutch++); got {n_matvecs}")
+    r = min(n_matvecs // 3, op.size)
+    s = n_matvecs - 2 * r
+    probes = random_vectors(op.size, r + s, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher")
+    S = probes[:, :r]
+    AS = _sketch(op, S, block)
+    frob2 = float(AS.double().pow(2).sum(dim=0).mean())
+    half = r // 2
+    captured = 0.0
+    if half >= 1 and r - half >= 1:
+        Q1, _ = torch.linalg.qr(AS[:, :half].double())
+        captured = float((Q1.T @ AS[:, half:].double()).pow(2).sum(dim=0).mean())
+    captured = min(max(captured, 0.0), frob2)
+    ratio = ((frob2 - captured) / max(s, 1)) / (frob2 / n_matvecs) if frob2 > 0 else 1.0
+    if ratio < 1.0:
+        est, se, res, low = _deflate_sketch(op, AS, probes[:, r:], block)
+        method = "hutch++"
+    else:
+        more = random_vectors(
+            op.size, n_matvecs - r, seed=seed + AUTO_HUTCHINSON_OFFSET, dtype=op.dtype, device=op.device,
+            kind="rademacher",
+        )  # fmt: skip
+        res = torch.cat([(S.double() * AS.double()).sum(dim=0).cpu(), _quadratic_forms(op, more, block)])
+        est, se, low = float(res.mean()), float(res.std() / math.sqrt(res.numel())), 0.0
+        method = "hutchinson"
+    return est, se, res, low, AutoChoice(frob2, captured / frob2 if frob2 else 0.0, ratio, method)
 
 
 def _residual_hutchinson(
@@ -229,11 +303,13 @@ def krylov_plus_plus(
 
 
 def estimate_trace(
-    op: LinearOperator, n_matvecs: int, *, method: str = "hutch++", seed: int = 0, block: int = 32
+    op: LinearOperator, n_matvecs: int, *, method: str = "auto", seed: int = 0, block: int = 32
 ) -> tuple[float, float, torch.Tensor, float]:
     """Trace of any symmetric :class:`LinearOperator`: ``(estimate, stderr, samples, lowrank_trace)``."""
     check_choice("method", method, TRACE_METHODS)
     check_int("n_matvecs", n_matvecs)
+    if method == "auto":
+        return auto_trace(op, n_matvecs, seed=seed, block=block)[:4]
     if method == "hutchinson":
         est, se, s = hutchinson(op, n_matvecs, seed=seed, block=block)
         return est, se, s, 0.0
@@ -248,7 +324,7 @@ def hessian_trace(
     *,
     loss: str | Callable = "auto",
     n_matvecs: int = 100,
-    method: str = "hutch++",
+    method: str = "auto",
     operator: str = "hessian",
     seed: int = 0,
     params: Sequence[str] | str | None = None,
@@ -262,8 +338,10 @@ def hessian_trace(
 ) -> TraceResult:
     """``tr(A)`` of the Hessian / GGN / Fisher of the dataset-mean loss with exactly ``n_matvecs`` products.
 
-    ``method="hutch++"`` (default), ``"hutchinson"`` or ``"krylov++"`` (see the module docstring for the
-    estimators and their standard errors). ``block`` probes share one ``matmat`` (one data pass).
+    ``method="auto"`` (default: Hutch++ or Hutchinson chosen from the first sketch, see :func:`auto_trace`;
+    ``.method`` and ``meta["auto"]`` say which and why), ``"hutch++"``, ``"hutchinson"`` or ``"krylov++"``
+    (see the module docstring for the estimators and their standard errors). ``block`` probes share one
+    ``matmat`` (one data pass).
     """
     check_choice("method", method, TRACE_METHODS)
     check_int("n_matvecs", n_matvecs)
@@ -274,26 +352,39 @@ def hessian_trace(
         reduce_fn=reduce_fn,
     ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
-    est, se, samples, low = estimate_trace(rec, n_matvecs, method=method, seed=seed, block=block)
+    auto = None
+    if method == "auto":
+        est, se, samples, low, auto = auto_trace(rec, n_matvecs, seed=seed, block=block)
+        used = auto.method
+    else:
+        est, se, samples, low = estimate_trace(rec, n_matvecs, method=method, seed=seed, block=block)
+        used = method
     settings = {"n_matvecs": n_matvecs, "method": method, "params": params, "batch_size": batch_size,
                 "block": block}  # fmt: skip
     meta = spectral_meta(
         "hessian_trace", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, probes="rademacher",
         stderr_definition=(
-            "std(z^T A z)/sqrt(m), Rademacher z" if method == "hutchinson"
+            "std(z^T A z)/sqrt(m), Rademacher z" if used == "hutchinson"
             else "sqrt(2 mean||R g_i||^2 / s), R=(I-QQ^T)A(I-QQ^T), s residual probes; tr(Q^T A Q) exact"
-            + ("; Q: n_matvecs//3 Lanczos steps" if method == "krylov++" else "")
+            + ("; Q: n_matvecs//3 Lanczos steps" if used == "krylov++" else "")
         ),
+        auto=None if auto is None else {
+            "chosen": auto.method, "frobenius2": auto.frobenius2, "captured_share": auto.captured_share,
+            "variance_ratio": auto.variance_ratio,
+            "rule": "hutch++ when (||A||_F^2 - c)/(m - 2r) < ||A||_F^2/m, c: energy of half the sketch",
+        },
     )  # fmt: skip
     return TraceResult(
-        estimate=est, stderr=se, n_matvecs=rec.n_matvecs, method=method, samples=samples, lowrank_trace=low,
+        estimate=est, stderr=se, n_matvecs=rec.n_matvecs, method=used, samples=samples, lowrank_trace=low,
         meta=meta,
     )  # fmt: skip
 
 
 __all__ = [
+    "AutoChoice",
     "TraceResult",
+    "auto_trace",
     "TRACE_METHODS",
     "estimate_trace",
     "hessian_trace",

@@ -138,3 +138,53 @@ def test_krylov_bad_arguments() -> None:
         krylov_plus_plus(op, 10, krylov_block=0)
     with pytest.raises(ValueError, match="method must be one of"):
         estimate_trace(op, 10, method="xtrace ")
+
+
+def _rotated_op(lam: torch.Tensor, seed: int = 1):
+    from dynascope.probes.operators import DenseOperator
+
+    n = lam.numel()
+    Q, _ = torch.linalg.qr(
+        torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
+    return DenseOperator(Q @ torch.diag(lam) @ Q.T)
+
+
+@pytest.mark.parametrize("kind", ["bulk", "outliers"])
+def test_auto_is_never_worse_than_the_better_estimator(kind: str) -> None:
+    """Multi-seed rms error of method="auto" ≤ min(Hutchinson, Hutch++) + 10 % (relative), at 100 products."""
+    import math
+
+    from dynascope.probes.trace import auto_trace, hutch_plus_plus, hutchinson
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    if kind == "bulk":  # a wide bulk: Hutch++ wastes two thirds of its products
+        lam = torch.rand(n, generator=g, dtype=torch.float64) * 0.1 + 0.05
+    else:  # a few outliers dominate ‖A‖_F: deflation wins
+        lam = torch.cat(
+            [torch.tensor([80.0, 60, 40, 30, 20, 15, 10, 8, 6, 5]), 0.05 * torch.randn(n - 10, generator=g)]
+        )
+        lam = lam.double()
+    op, tr = _rotated_op(lam), float(lam.sum())
+    errs: dict[str, list[float]] = {"hutchinson": [], "hutch++": [], "auto": []}
+    chosen = set()
+    for seed in range(24):
+        errs["hutchinson"].append(hutchinson(op, 100, seed=seed)[0] - tr)
+        errs["hutch++"].append(hutch_plus_plus(op, 100, seed=seed)[0] - tr)
+        est, _, _, _, choice = auto_trace(op, 100, seed=seed)
+        errs["auto"].append(est - tr)
+        chosen.add(choice.method)
+    rms = {k: math.sqrt(sum(e * e for e in v) / len(v)) for k, v in errs.items()}
+    assert rms["auto"] <= 1.1 * min(rms["hutchinson"], rms["hutch++"]), rms
+    assert chosen == ({"hutchinson"} if kind == "bulk" else {"hutch++"})
+
+
+def test_auto_is_the_default_and_says_what_it_chose() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    data = (torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    res = probes.hessian_trace(model, data, n_matvecs=30)
+    assert res.method in ("hutch++", "hutchinson") and res.n_matvecs == 30
+    assert res.meta["params"]["method"] == "auto" and res.meta["auto"]["chosen"] == res.method
+    assert 0.0 <= res.meta["auto"]["captured_share"] <= 1.0
