@@ -333,7 +333,8 @@ def test_hessian_density_layers_and_trace_tabs(fresh_root: Path, monkeypatch: py
     at.number_input(key="hess_probes").set_value(2)
     at.number_input(key="hess_lsteps").set_value(10)
     at.number_input(key="hess_trace_mv").set_value(12).run()
-    assert at.radio(key="hess_trace_method").options == ["hutch++", "hutchinson", "krylov++"]
+    assert at.radio(key="hess_trace_method").options == ["auto", "hutch++", "hutchinson", "krylov++"]
+    assert at.radio(key="hess_trace_method").value == "auto"  # the default chooses from the first sketch
     at.radio(key="hess_trace_method").set_value("krylov++").run()
     for key in ("hess_density_run", "hess_layers_run", "hess_trace_run"):
         at.button(key=key).click().run()

@@ -99,7 +99,7 @@ def test_key_changes_with_every_ingredient(run: Run, bare: Path, monkeypatch: py
     same = {
         "again": _key(target),
         "run folder, same checkpoint": _key(run, step=8),
-        "defaults spelled out": _key(target, params={"n_matvecs": 60, "method": "hutch++", "seed": 0}),
+        "defaults spelled out": _key(target, params={"n_matvecs": 60, "method": "auto", "seed": 0}),
         "loss spelled out": _key(target, params={"loss": "auto"}),
         "model defaults filled in": _key(
             CheckpointFile(bare, model_config={**MODEL, "activation": "relu"}, dataset_config=DATASET)
