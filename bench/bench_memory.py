@@ -1,0 +1,128 @@
+"""Peak memory of the eigensolver: ``hessian_eigenvalues(k)`` against one Hessian-vector product.
+
+Run:  .venv/bin/python bench/bench_memory.py [--write]
+
+Each measurement runs in a fresh subprocess: build the model and data, note the resident set (RSS), reset
+the peak (``/proc/self/clear_refs``), run the work, read the peak RSS (``VmHWM``). "one HVP" is one
+product of the same operator ``hessian_eigenvalues`` builds (the cached first-order graph included);
+the solver's *increase* is its peak minus that. Bound to meet: ``(max_basis + 4) · P · 4`` bytes
+(float32), ``max_basis = 3k + 20`` by default. Linux only.
+
+Cases: an MLP 256-2000-2000-10 (4.53M parameters) on 256 samples, k = 1, 3, 10; and the registry's
+ResNet-18 (widths 64-128-256-512, two blocks per stage, 11.2M parameters) on 64 images 3×32×32, k = 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Eigensolver memory (bench/bench_memory.py)"
+
+
+def _case(name: str):
+    import torch
+
+    from dynascope.models import build
+
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = build("mlp", in_dim=256, width=2000, depth=2, out_dim=10, seed=0)
+        x, y = torch.randn(256, 256), torch.randint(0, 10, (256,))
+    else:
+        model = build("resnet", in_channels=3, image_size=32, widths=[64, 128, 256, 512], out_dim=10,
+                      blocks_per_stage=2)  # fmt: skip
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    return model, (x, y)
+
+
+def child(case: str, what: str, k: int) -> None:
+    """Measure one thing in this (fresh) process; print a JSON line."""
+    import torch
+
+    import dynascope.probes as probes
+    from dynascope.probes.memory import peak_memory, rss_bytes
+
+    torch.set_num_threads(2)
+    model, data = _case(case)
+    P = sum(p.numel() for p in model.parameters())
+    base = rss_bytes()
+    out: dict = {"case": case, "what": what, "k": k, "P": P, "base_rss": base}
+    if what == "hvp":
+        op = probes.OperatorSpec().build(model, data)
+        v = torch.randn(op.size)
+        with peak_memory() as peak:
+            op.matvec(v)
+        out["peak"] = peak.bytes
+    else:
+        with peak_memory() as peak:
+            res = probes.hessian_eigenvalues(model, data, k=k)
+        out.update(peak=peak.bytes, basis=res.meta["peak_basis_vectors"], n_matvecs=res.n_matvecs,
+                   converged=bool(res.converged.all()), values=res.values.tolist())  # fmt: skip
+    print(json.dumps(out))
+
+
+def measure(case: str, what: str, k: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, what, str(k)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--child", nargs=3, metavar=("CASE", "WHAT", "K"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    mib = 1024**2
+    rows = [
+        "| case | P | k | one HVP: peak above base | hessian_eigenvalues: peak above base "
+        "| increase over one HVP | bound (max_basis+4)·P·4 | basis vectors held | total peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, ks in (("mlp", (1, 3, 10)), ("resnet18", (3,))):
+        hvp = measure(case, "hvp")
+        for k in ks:
+            eig = measure(case, "eig", k)
+            P = eig["P"]
+            bound = (3 * k + 20 + 4) * P * 4
+            inc = eig["peak"] - hvp["peak"]
+            total = eig["base_rss"] + eig["peak"]
+            rows.append(
+                f"| {case} | {P / 1e6:.2f}M | {k} | {hvp['peak'] / mib:.0f} MiB | "
+                f"{eig['peak'] / mib:.0f} MiB | **{inc / mib:.0f} MiB** | {bound / mib:.0f} MiB | "
+                f"{eig['basis']} | {total / mib:.0f} MiB |"
+            )
+            print(rows[-1], flush=True)
+    text = "\n".join(
+        [
+            SECTION,
+            "",
+            "Command: `.venv/bin/python bench/bench_memory.py` (torch CPU, 2 threads; peak RSS from "
+            "`VmHWM` after resetting it through `/proc/self/clear_refs`, each row in a fresh process). Before the block "
+            "eigensolver, `hessian_eigenvalues(k=3)` raised the peak by 2.1 GB over one HVP on the MLP (a "
+            "preallocated basis of max(100, 20k) vectors) and a ResNet-18 needed 5.6 GB.",
+            "",
+            *rows,
+            "",
+        ]
+    )
+    print(text)
+    if args.write:
+        path = ROOT / "BENCHMARKS.md"
+        old = path.read_text()
+        if SECTION in old:
+            head, rest = old.split(SECTION, 1)
+            nxt = rest.find("\n## ")
+            old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
+        path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
