@@ -106,8 +106,8 @@ def main() -> None:
             "",
             "Command: `.venv/bin/python bench/bench_memory.py` (torch CPU, 2 threads; peak RSS from "
             "`VmHWM` after resetting it through `/proc/self/clear_refs`, each row in a fresh process). "
-            "Before the block eigensolver, `hessian_eigenvalues(k=3)` raised the peak by 2.1 GB over one HVP on the MLP (a "
-            "preallocated basis of max(100, 20k) vectors) and a ResNet-18 needed 5.6 GB.",
+            "Before the block eigensolver, `hessian_eigenvalues(k=3)` raised the peak by 2.1 GB over one "
+            "HVP on the MLP (a preallocated basis of max(100, 20k) vectors) and a ResNet-18 needed 5.6 GB.",
             "",
             *rows,
             "",
