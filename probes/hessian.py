@@ -168,7 +168,7 @@ def hessian_eigenvalues(
     reduce_fn: Callable | None = None,
     check_determinism: bool = True,
     refine: bool | str = "auto",
-    block_size: int = 2,
+    block_size: int | None = None,
     max_basis: int | None = None,
 ) -> HessianEigenResult:
     """Extremal eigenvalues of the Hessian (``operator="hessian"``), GGN or empirical Fisher.

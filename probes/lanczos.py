@@ -21,8 +21,9 @@
 
   *Memory.* The basis grows block by block (never preallocated) until locked vectors plus basis
   reach ``max_basis`` vectors of the operator's dtype, then restarts in place on the ``p`` best
-  Ritz vectors. Peak memory over one product: ``(max_basis + 2 b) · P`` numbers (locked vectors,
-  basis, ``W`` and the QR factor), reported as ``EigshOutput.peak_basis_vectors``.
+  Ritz vectors. Peak memory over one product (whose output ``W`` is the product's own): ``(max_basis +
+  2 b) · P`` numbers — locked vectors and basis, the QR's working copy of ``W`` and its factor ``Q`` —
+  reported as ``EigshOutput.peak_basis_vectors``.
 * :func:`lanczos_tridiagonal` — several independent recurrences at once (one ``matmat`` per step
   serves all probes), as needed by stochastic Lanczos quadrature.
 """
@@ -406,7 +407,7 @@ def eigsh(
     v0: torch.Tensor | None = None,
     seed: int = 0,
     return_vectors: bool = True,
-    block_size: int = 2,
+    block_size: int | None = None,
     max_basis: int | None = None,
     basis_device: torch.device | str | None = None,
 ) -> EigshOutput:
@@ -415,7 +416,8 @@ def eigsh(
     ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude,
     ``"BE"`` k from both ends. ``v0``: start vector, or ``[P, j]`` previous eigenvectors for a warm
     start (the first block is then ``j`` wide, at least ``block_size``). ``max_iter``: budget of
-    operator-vector products (default ``max(300, 60 k)``). ``block_size``: ``b ≥ 1`` (default 2).
+    operator-vector products (default ``max(300, 60 k)``). ``block_size``: ``b ≥ 1`` (default 2, or 1 when
+    a single value is wanted: copies of λ_max cannot change it).
     ``max_basis``: most vectors held (locked + basis; default ``3 k' + 20`` for ``k'`` wanted values,
     at most P), so memory is at most ``(max_basis + 2 b) · P`` numbers of the operator's dtype.
     ``basis_device``: where the vectors live (e.g. ``"cpu"`` while the products run on a GPU).
@@ -431,10 +433,12 @@ def eigsh(
     check_float("tol", tol, min=0, min_open=True)
     check_int("max_iter", max_iter, min=1, optional=True)
     check_int("max_basis", max_basis, min=1, optional=True)
-    check_int("block_size", block_size, min=1)
+    check_int("block_size", block_size, min=1, optional=True)
     check_int("seed", seed)
     P = op.size
     n_want = min(2 * k if which == "BE" else k, P)
+    if block_size is None:
+        block_size = 1 if n_want == 1 else 2
     b = min(block_size, P)
     budget = max_iter if max_iter is not None else max(300, 60 * k)
     if budget < n_want:
@@ -474,6 +478,7 @@ def eigsh(
         conv = run.res[idx] <= floor[idx]
         # lock this run's wanted vectors; the answer is the best n_want of everything found so far
         locked.append(run.basis.combine(run.S[:, idx]))
+        run.basis.blocks.clear()  # free the run's basis before anything else is allocated
         values = torch.cat([values, run.theta[idx]])
         residuals = torch.cat([residuals, run.res[idx]])
         converged = torch.cat([converged, conv])
@@ -499,10 +504,14 @@ def eigsh(
         if e is not None:
             out_conv &= ~_displaced(values, e, k, which, end, tol, scale)[sel]
     vectors = None
-    if return_vectors:
-        allv = torch.cat(locked.blocks, dim=1)
-        vectors = allv[:, sel].to(op.device)
-        vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    if return_vectors:  # gather the selected locked columns into one new [P, k] tensor (one copy)
+        offsets = torch.cumsum(torch.tensor([0] + [B.shape[1] for B in locked.blocks]), 0).tolist()
+        vectors = torch.empty(P, sel.numel(), dtype=op.dtype, device=device)
+        for j, c in enumerate(sel.tolist()):
+            blk = max(i for i, o in enumerate(offsets[:-1]) if o <= c)
+            vectors[:, j] = locked.blocks[blk][:, c - offsets[blk]]
+        locked.blocks.clear()
+        vectors = vectors.div_(vectors.norm(dim=0, keepdim=True)).to(op.device)
     return EigshOutput(
         values=values[sel].clone(),
         vectors=vectors,

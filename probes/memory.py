@@ -5,7 +5,10 @@
   ``5`` to ``/proc/self/clear_refs`` — pages, so it includes the allocator's slack and other threads;
 * elsewhere: ``None`` (not measured).
 
-The reported value is the peak *above* the memory in use when the block started.
+The reported value is the peak *above* the memory in use when the block started. On CPU, glibc keeps
+freed heap memory mapped unless large blocks are ``mmap``-ed, so run with ``MALLOC_MMAP_THRESHOLD_=131072``
+(as ``bench/bench_memory.py`` does) for a peak that reflects live tensors. A block nested in another is
+not measured on CPU (resetting the peak would spoil the outer measurement).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def rss_bytes() -> int | None:
     return None if kib is None else kib * 1024
 
 
+_DEPTH = [0]  # nesting: an inner block must not reset the peak an outer one is measuring
+
+
 class PeakMemory:
     """Result holder of :func:`peak_memory`: ``.bytes`` (peak above the start) and ``.how``."""
 
@@ -56,12 +62,20 @@ def peak_memory(device: torch.device | str | None = None) -> Iterator[PeakMemory
         out.bytes, out.how = torch.cuda.max_memory_allocated(dev) - start, "cuda max_memory_allocated"
         return
     start = rss_bytes()
+    resettable = False
+    if _DEPTH[0] == 0:
+        try:
+            _CLEAR.write_text("5")
+            resettable = start is not None
+        except OSError:
+            pass
+    _DEPTH[0] += 1
     try:
-        _CLEAR.write_text("5")
-        resettable = start is not None
-    except OSError:
-        resettable = False
-    yield out
+        yield out
+    finally:
+        _DEPTH[0] -= 1
     peak = _status_kib("VmHWM")
     if resettable and peak is not None and start is not None:
         out.bytes, out.how = max(peak * 1024 - start, 0), "peak RSS (VmHWM) above the start"
+    elif _DEPTH[0] > 0:
+        out.how = "not measured (inside another peak_memory block)"
