@@ -14,18 +14,33 @@ missing / unexpected / mis-shaped keys by name. Every failure is a :class:`Check
 (a ``ValueError``) whose message names the file and whose ``.kind`` says what went wrong.
 
 Unsafe pickles: a torch file whose unpickling needs globals beyond the ``weights_only``
-allowlist is refused, naming those globals. ``allow_unsafe=True`` allowlists exactly those named
-globals (importing them by name, via ``torch.serialization.safe_globals``) and still loads with
-``weights_only=True``, so no other code can run; ``allow_unsafe="pickle"`` is the last resort
-(``weights_only=False``, arbitrary code execution) and warns loudly.
+allowlist is refused, naming those globals. ``allow_unsafe=True`` allowlists those named globals
+(importing them by name, via ``torch.serialization.safe_globals``) and still loads with
+``weights_only=True``, so only the named globals can be called; ``allow_unsafe="pickle"`` is the last
+resort (``weights_only=False``: unpickling can execute arbitrary code) and warns loudly. Under both
+flags a deny-list that no flag lifts (:data:`DENIED_GLOBALS`: ``exec``/``eval``/``compile``/
+``__import__``/``getattr``, ``os``/``posix``/``subprocess``/``importlib``/``runpy``/``shutil``/``sys``/
+``socket``/``ctypes``, pickle/marshal loaders, ...) refuses the file before such a global is even
+imported. The deny-list stops the known gadgets, it cannot make an untrusted pickle safe: with
+``allow_unsafe="pickle"`` only load files you trust.
+
+Before any tensor is used, sparse, meta-device, quantized and other non-strided tensors are refused,
+``step``/``global_step``/``epoch`` metadata must be integers in [0, 2**63), and (with a model) each
+tensor's dtype must be of the parameter's kind (floating into floating, integer into integer, bool into
+bool). Format sniffing checks safetensors by its structure (u64 header length, then a JSON header
+that parses and fits in the file) before zip and pickle magic, because a header length of 640, 896,
+1152 or 1408 bytes starts with the bytes of a pickle protocol opcode.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import functools
 import hashlib
 import importlib
+import io
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -55,6 +70,10 @@ __all__ = [
     "NoStateDictError",
     "StateDictMismatchError",
     "NonFiniteWeightsError",
+    "UnsupportedTensorError",
+    "CheckpointMetadataError",
+    "DENIED_GLOBALS",
+    "checkpoint_counter",
     "file_sha256",
     "read_safetensors_metadata",
 ]
@@ -170,6 +189,18 @@ class NonFiniteWeightsError(CheckpointError):
         return (self.__class__, (self.path, self.detail, self.tensors))
 
 
+class UnsupportedTensorError(CheckpointError):
+    """Sparse, meta-device, quantized or otherwise non-strided tensors: refused before they are read."""
+
+    kind = "unsupported_tensor"
+
+
+class CheckpointMetadataError(CheckpointError):
+    """Metadata that cannot be right (a step or epoch that is NaN, negative, fractional or >= 2**63)."""
+
+    kind = "metadata"
+
+
 # ----------------------------------------------------------------------------------------- result
 @dataclass
 class LoadedCheckpoint:
@@ -197,13 +228,13 @@ class LoadedCheckpoint:
 
     @property
     def step(self) -> int | None:
-        step = self.metadata.get("step", self.metadata.get("global_step"))
-        return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+        """``step`` (or Lightning's ``global_step``) metadata, validated at load time."""
+        key = "step" if "step" in self.metadata else "global_step"
+        return checkpoint_counter(self.metadata.get(key), key, self.path)
 
     @property
     def epoch(self) -> int | None:
-        epoch = self.metadata.get("epoch")
-        return int(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None
+        return checkpoint_counter(self.metadata.get("epoch"), "epoch", self.path)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -224,6 +255,41 @@ def _json_value(value: Any, where: str) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"metadata value {where}={value!r} (type {type(value).__name__}) is not JSON-able")
+
+
+_COUNTER_KEYS = ("step", "global_step", "epoch")
+_COUNTER_LIMIT = 2**63  # the result store and JSON consumers keep steps as signed 64-bit integers
+
+
+def checkpoint_counter(value: Any, key: str, path: str | os.PathLike[str] = "<metadata>") -> int | None:
+    """A step/epoch counter as an ``int`` in [0, 2**63), ``None`` when absent or not numeric.
+
+    Numbers (and integral floats such as ``100.0``) that are NaN, infinite, fractional, negative or
+    >= 2**63, and booleans, raise :class:`CheckpointMetadataError` naming ``key``.
+    """
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / 0-d tensor scalar
+            return checkpoint_counter(value.item(), key, path)
+        if isinstance(value, bool):
+            raise CheckpointMetadataError(path, f"metadata {key!r} is a boolean ({value}), not an integer")
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise CheckpointMetadataError(
+                path, f"metadata {key!r} = {value!r} is not an integer (NaN, infinite or fractional)"
+            )
+        value = int(value)
+    if not 0 <= value < _COUNTER_LIMIT:
+        raise CheckpointMetadataError(path, f"metadata {key!r} = {value} is outside [0, 2**63)")
+    return int(value)
+
+
+def _check_counters(meta: Mapping[str, Any], path: Path) -> None:
+    for key in _COUNTER_KEYS:
+        if key in meta:
+            checkpoint_counter(meta[key], key, path)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -319,6 +385,7 @@ def save_checkpoint(
     if cfg is not None and "model_config" not in meta:
         meta["model_config"] = cfg
     meta = _json_value(meta, "metadata")
+    _check_counters(meta, path)
     meta_json = json.dumps(meta, sort_keys=True)
 
     if fmt == "safetensors":
@@ -351,19 +418,189 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------- load
+_MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors library's own limit
+
+
 def _sniff(path: Path) -> str | None:
-    """Format from the first bytes: zip or legacy pickle → torch; u64 header length + '{' → safetensors."""
+    """Format from the content.
+
+    safetensors first, by structure: a u64 little-endian header length n with 2 <= n <= size - 8, then
+    n bytes that parse as a JSON object. (n = 640, 896, 1152 or 1408 starts with ``0x80 0x02..0x05``,
+    a pickle protocol opcode, so this must come before the pickle check.) Then zip (``PK\x03\x04``) or
+    a legacy pickle (``0x80`` + protocol 2..5) → torch; a damaged safetensors file whose header still
+    starts with ``{`` → safetensors (reported as corrupt by the reader).
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
+        if len(head) >= 9 and head[8:9] == b"{":
+            n = int.from_bytes(head[:8], "little")
+            if 2 <= n <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+                f.seek(8)
+                try:
+                    header = json.loads(f.read(n))
+                except (ValueError, RecursionError):
+                    header = None
+                if isinstance(header, dict):
+                    return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         return "torch"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
-        if 2 <= n <= 100 * 2**20:
+        if 2 <= n <= _MAX_SAFETENSORS_HEADER:
             return "safetensors"
     return None
+
+
+class _BoundedReader:
+    """A read-only file whose ``read(n)`` never asks for more bytes than the file has left.
+
+    A damaged length field (a string of 2**32 bytes in a legacy pickle) then yields a short read and a
+    parse error instead of a multi-GB allocation. Passing a file object (not a path) to ``torch.load``
+    also keeps it from handing ``*.safetensors`` paths to the safetensors library.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        self._size = os.fstat(self._f.fileno()).st_size
+        self.name = str(path)
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self._f.read()
+        return self._f.read(min(n, max(self._size - self._f.tell(), 0)))
+
+    def readinto(self, buf: Any) -> int:
+        return self._f.readinto(buf)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._f.readline(limit)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def __enter__(self) -> _BoundedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+# Globals that no flag allowlists: code execution, process/file/system access, module import and
+# attribute access, and nested unpicklers. An entry denies the name itself and everything under it.
+DENIED_GLOBALS: frozenset[str] = frozenset(
+    {
+        *(
+            f"builtins.{n}"
+            for n in (
+                "exec", "eval", "compile", "__import__", "open", "getattr", "setattr", "delattr",
+                "globals", "locals", "vars", "breakpoint", "input", "__build_class__", "__loader__",
+                "memoryview", "exit", "quit", "help",
+            )
+        ),
+        "os", "posix", "nt", "_posixsubprocess", "subprocess", "pty", "shutil", "sys", "socket",
+        "_socket", "ssl", "select", "signal", "importlib", "_imp", "imp", "runpy", "pkgutil", "code",
+        "codeop", "ctypes", "_ctypes", "multiprocessing", "threading", "_thread", "asyncio",
+        "pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "joblib",
+        "pdb", "bdb", "webbrowser", "urllib", "http", "ftplib", "smtplib", "telnetlib", "tempfile",
+        "glob", "io", "_io", "fileinput", "zipimport", "tarfile", "zipfile", "inspect", "gc",
+        "platform", "sysconfig", "site", "types.FunctionType", "types.LambdaType", "types.CodeType",
+        "types.ModuleType", "types.MethodType", "types.BuiltinFunctionType", "operator.attrgetter",
+        "operator.methodcaller", "torch.load", "torch.hub", "torch.jit", "torch.package", "torch.ops",
+        "torch.utils.cpp_extension", "torch.serialization", "torch.classes", "numpy.load",
+        "numpy.testing", "numpy.f2py", "numpy.ctypeslib", "pandas.read_pickle", "yaml", "IPython",
+        # methods of path classes (writing, deleting); the classes themselves are common in hparams
+        "pathlib.Path.", "pathlib.PosixPath.", "pathlib.WindowsPath.", "pathlib.PurePath.",
+        "pathlib.PurePosixPath.",
+    }
+)  # fmt: skip
+# Python 2 module names that protocol-2 pickles use (``commands`` is ``subprocess``, ``__builtin__``
+# is ``builtins``); the unpickler maps them back, so the deny-list must too.
+_MODULE_ALIASES = {**_compat_pickle.IMPORT_MAPPING, "exceptions": "builtins"}
+
+
+def _denied(name: str) -> bool:
+    """Whether ``module.qualname`` is on (or under) :data:`DENIED_GLOBALS`; dunder attributes always are.
+
+    An entry denies itself and every name below it; an entry ending in ``.`` only the names below it.
+    """
+    parts = _canonical(name).split(".")
+    if any(p.startswith("__") and p.endswith("__") for p in parts[1:]):
+        return True
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p in DENIED_GLOBALS or (i < len(parts) - 1 and p + "." in DENIED_GLOBALS)
+               for i, p in enumerate(prefixes))  # fmt: skip
+
+
+def _resolved_name(obj: Any) -> str:
+    if isinstance(obj, type(os)):
+        return obj.__name__
+    mod = getattr(obj, "__module__", None) or ""
+    qual = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or ""
+    return f"{mod}.{qual}" if mod and qual else ""
+
+
+def _canonical(name: str) -> str:
+    """``name`` with a Python 2 module name mapped to today's (``commands.call`` → ``subprocess.call``)."""
+    head, _, rest = name.partition(".")
+    return ".".join(filter(None, [_MODULE_ALIASES.get(head, head), rest]))
+
+
+def _check_denied(names: list[str], path: Path) -> None:
+    denied = [n if _canonical(n) == n else f"{n} (= {_canonical(n)})" for n in names if _denied(n)]
+    if denied:
+        raise _denied_error(path, denied)
+
+
+def _denied_error(path: Path, denied: list[str]) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        path,
+        f"refused: unpickling it needs {', '.join(denied)}, which dynascope never allows (code "
+        "execution, system or file access); neither allow_unsafe=True nor allow_unsafe='pickle' "
+        "lifts this. Re-save the weights as a plain state_dict or safetensors file",
+        denied,
+    )
+
+
+class _DeniedGlobal(pickle.UnpicklingError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(name)
+
+
+class _DenyingUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that refuses deny-listed globals before importing them (allow_unsafe='pickle')."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if _denied(full):
+            raise _DeniedGlobal(full if _canonical(full) == full else f"{full} (= {_canonical(full)})")
+        obj = super().find_class(module, name)
+        resolved = _resolved_name(obj)
+        if resolved and _denied(resolved):
+            raise _DeniedGlobal(f"{full} (= {resolved})")
+        return obj
+
+
+def _denying_load(file: Any, **kwargs: Any) -> Any:
+    return _DenyingUnpickler(file, **kwargs).load()
+
+
+_DENYING_PICKLE = type(io)("dynascope_denying_pickle")
+_DENYING_PICKLE.Unpickler = _DenyingUnpickler  # type: ignore[attr-defined]
+_DENYING_PICKLE.load = _denying_load  # type: ignore[attr-defined]
+_DENYING_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
 
 
 def _resolve_global(name: str) -> Any:
@@ -400,7 +637,7 @@ def _short(exc: BaseException) -> str:
 
 def _legacy_pickles_truncated(path: Path) -> bool:
     """True if the pickles of a legacy (non-zip) torch file end early; parsed, never executed."""
-    with open(path, "rb") as f:
+    with _BoundedReader(path) as f:
         for _ in range(5):  # magic number, protocol, sys info, object, storage keys
             try:
                 for _op in pickletools.genops(f):
@@ -410,7 +647,12 @@ def _legacy_pickles_truncated(path: Path) -> bool:
     return False
 
 
+def _corrupt(path: Path, e: BaseException) -> CorruptCheckpointError:
+    return CorruptCheckpointError(path, f"is corrupt or truncated ({_short(e)})")
+
+
 def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
+    """``torch.load`` of a file object (never the path), every failure a :class:`CheckpointError`."""
     if allow_unsafe == "pickle":
         warnings.warn(
             f"loading '{path}' with weights_only=False (allow_unsafe='pickle'): unpickling can execute "
@@ -419,8 +661,11 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
             stacklevel=3,
         )
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
+            with _BoundedReader(path) as f:
+                return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_DENYING_PICKLE)
+        except _DeniedGlobal as e:
+            raise _denied_error(path, [e.name]) from None
+        except Exception as e:  # noqa: BLE001 - any failure of a full unpickle is a damaged/foreign file
             raise CorruptCheckpointError(path, f"could not be unpickled ({_short(e)})") from None
     if allow_unsafe not in (True, False):
         raise ValueError(f"allow_unsafe must be False, True or 'pickle', got {allow_unsafe!r}")
@@ -429,11 +674,11 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
     allowed_names: list[str] = []
     for _ in range(64):  # legacy (non-zip) files reveal one unsafe global per attempt
         try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(allowed), _BoundedReader(path) as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             if "Weights only load failed" not in str(e):
-                raise CorruptCheckpointError(path, f"is corrupt or truncated ({_short(e)})") from None
+                raise _corrupt(path, e) from None
             try:
                 names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
             except Exception:  # noqa: BLE001 - legacy format: parse the refused global from the message
@@ -443,10 +688,12 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
                     ) from None
                 names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
             names = [n for n in names if n not in allowed_names] or re.findall(r"GLOBAL ([\w.]+)", str(e))
+            names = [n if "." in n else f"builtins.{n}" for n in names]  # torch drops 'builtins.'
             if not names:
                 raise UnsafeCheckpointError(
                     path, _unsafe_message(["<unknown>"]) + f" ({_short(e)})"
                 ) from None
+            _check_denied(names, path)
             if not allow_unsafe:
                 raise UnsafeCheckpointError(path, _unsafe_message(names), names) from None
             if set(names) <= set(allowed_names):
@@ -459,17 +706,23 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
                 ) from None
             for n in names:
                 try:
-                    allowed.append(_resolve_global(n))
-                except ImportError:
+                    obj = _resolve_global(n)
+                except Exception:  # noqa: BLE001 - ImportError, or an import that fails on its own
                     raise UnsafeCheckpointError(
                         path,
                         f"needs the global {n}, which cannot be imported here; install the code that defines "
                         "it, or use allow_unsafe='pickle' if you trust the file",
                         names,
                     ) from None
+                resolved = _resolved_name(obj)
+                if resolved and _denied(resolved):
+                    raise _denied_error(path, [f"{n} (= {resolved})"]) from None
+                allowed.append(obj)
                 allowed_names.append(n)
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise CorruptCheckpointError(path, f"is corrupt or truncated ({_short(e)})") from None
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - RuntimeError, AssertionError, struct.error, MemoryError...
+            raise _corrupt(path, e) from None
     raise UnsafeCheckpointError(path, _unsafe_message(allowed_names), allowed_names)
 
 
@@ -568,6 +821,32 @@ def _fit_to_model(sd: dict[str, Tensor], model_keys: set[str]) -> tuple[dict[str
     return best, best_prefixes
 
 
+def _check_tensor_kinds(sd: dict[str, Tensor], path: Path) -> None:
+    """Refuse, before any value is read, tensors that are not dense CPU tensors with their own storage."""
+    bad: list[str] = []
+    for k, v in sd.items():
+        if v.layout != torch.strided:
+            bad.append(f"{k} (layout {str(v.layout).replace('torch.', '')})")
+        elif v.is_meta or v.device.type != "cpu":
+            bad.append(f"{k} (device {v.device.type}: no data)" if v.is_meta else f"{k} (device {v.device})")
+        elif v.is_quantized or v.is_nested or type(v) not in (Tensor, nn.Parameter):
+            bad.append(f"{k} ({'quantized' if v.is_quantized else type(v).__name__} tensor)")
+    if bad:
+        raise UnsupportedTensorError(
+            path,
+            f"holds {len(bad)} tensor(s) that are not dense (strided) CPU tensors: {_listing(bad)}; "
+            "only dense weights can be loaded (convert with .to_dense() / .dequantize() before saving)",
+        )
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
 def _check_finite(sd: dict[str, Tensor], path: Path) -> None:
     bad: list[str] = []
     for k, v in sd.items():
@@ -595,7 +874,13 @@ def _load_into(
     mismatched = [
         (k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape
     ]
-    if mismatched or (strict and (missing or unexpected)):
+    wrong_dtype = [
+        f"{k}: checkpoint {str(sd[k].dtype).replace('torch.', '')} vs model "
+        f"{str(own[k].dtype).replace('torch.', '')}"
+        for k in sd
+        if k in own and _dtype_kind(sd[k].dtype) != _dtype_kind(own[k].dtype)
+    ]
+    if mismatched or wrong_dtype or (strict and (missing or unexpected)):
         parts = []
         if missing:
             parts.append(
@@ -610,6 +895,11 @@ def _load_into(
             parts.append(
                 f"shape mismatches ({len(mismatched)}): "
                 + _listing([f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched])
+            )
+        if wrong_dtype:
+            parts.append(
+                f"dtype mismatches ({len(wrong_dtype)}, a value of another kind would be cast silently): "
+                + _listing(wrong_dtype)
             )
         raise StateDictMismatchError(
             path,
@@ -721,6 +1011,8 @@ def load_checkpoint(
             meta.setdefault("state_dict_key", nested)
     if not sd:
         raise EmptyCheckpointError(path, "contains no tensors")
+    _check_tensor_kinds(sd, path)
+    _check_counters(meta, path)
     sd, stripped = _strip_wrappers(sd)
     if model is not None:
         sd, more = _fit_to_model(sd, set(model.state_dict()))

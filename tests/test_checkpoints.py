@@ -452,3 +452,257 @@ def test_file_sha256_is_memoised_but_sees_rewrites(tmp_path) -> None:
     tmp.write_bytes(b"second, longer")
     os.replace(tmp, p)  # the way checkpoints are written
     assert file_sha256(p) == hashlib.sha256(b"second, longer").hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- hardening
+def safetensors_with_header_length(path: Path, n: int) -> Path:
+    """A valid safetensors checkpoint whose JSON header is exactly ``n`` bytes (metadata padded)."""
+    model = build("mlp", in_dim=3, width=4, depth=1, out_dim=2)
+
+    def length(pad: int) -> int:
+        save_checkpoint(model, path, format="safetensors", metadata={"step": 12, "pad": "x" * pad})
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    pad = max(0, n - length(0) - 16)  # one more pad byte adds one header byte (before 8-byte alignment)
+    while (got := length(pad)) < n:
+        pad += 1
+    assert got == n, f"header length {got}, wanted {n}"
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt"])
+@pytest.mark.parametrize("n", [640, 896, 1152, 1408])
+def test_safetensors_header_length_that_looks_like_a_pickle_opcode(tmp_path, n, suffix):
+    p = safetensors_with_header_length(tmp_path / "w.safetensors", n)
+    assert p.read_bytes()[0] == 0x80 and 2 <= p.read_bytes()[1] <= 5  # what fooled the old sniffer
+    q = p.with_name(f"copy{suffix}")
+    q.write_bytes(p.read_bytes())
+    model = build("mlp", in_dim=3, width=4, depth=1, out_dim=2)
+    fresh = build("mlp", in_dim=3, width=4, depth=1, out_dim=2, seed=1)
+    ck = load_checkpoint(q, fresh)
+    assert ck.format == "safetensors" and ck.step == 12 and ck.metadata["pad"].startswith("x")
+    assert ck.model_config == model_config(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_content_named_safetensors_is_loaded_as_torch(tmp_path, legacy):
+    model = trained_like("mlp")
+    p = tmp_path / "really_torch.safetensors"
+    torch.save(model.state_dict(), p, _use_new_zipfile_serialization=not legacy)
+    fresh = build_tiny("mlp", seed=1)
+    assert load_checkpoint(p, fresh).format == "torch"
+    assert_same_function(model, fresh, "mlp")
+    p.write_bytes(p.read_bytes()[:300])  # damaged: a CheckpointError, never a SafetensorError
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "corrupt")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR is beta, quantized deprecated
+@pytest.mark.parametrize(
+    "make,fragment",
+    [
+        (lambda: torch.zeros(4, 3).to_sparse(), "layout sparse_coo"),
+        (lambda: torch.zeros(4, 3).to_sparse_csr(), "layout sparse_csr"),
+        (lambda: torch.empty(10**7, 10**4, device="meta"), "device meta"),
+        (lambda: torch.quantize_per_tensor(torch.zeros(4, 3), 0.1, 0, torch.qint8), "quantized"),
+    ],
+    ids=["sparse_coo", "sparse_csr", "meta", "quantized"],
+)
+def test_non_dense_tensors_refused_up_front(tmp_path, make, fragment):
+    import time
+
+    from dynascope.models import UnsupportedTensorError
+
+    p = tmp_path / "odd.pt"
+    torch.save({"head.weight": make(), "head.bias": torch.zeros(4)}, p)
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedTensorError) as e:
+        load_checkpoint(p, build("mlp", in_dim=3, width=4, depth=0, out_dim=4))
+    assert time.perf_counter() - t0 < 2.0
+    check_error(e, p, "unsupported_tensor", "head.weight", fragment, "dense")
+
+
+def _legacy_with_huge_string_length(path: Path) -> None:
+    import pickletools
+
+    torch.save(build_tiny("mlp").state_dict(), path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    with open(path, "rb") as f:  # a legacy file is several pickles in a row; find a string in any
+        ops = (op for _ in range(4) for op in pickletools.genops(f))
+        pos = next(p for op, _a, p in ops if op.name in ("BINUNICODE", "BINSTRING"))
+    data[pos + 1 : pos + 5] = (0xFFFFFFF0).to_bytes(4, "little")  # a 4 GiB string in a small file
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("allow_unsafe", [False, True, "pickle"])
+def test_legacy_pickle_with_a_huge_string_length_is_corrupt(tmp_path, allow_unsafe):
+    import time
+
+    p = tmp_path / "huge.pt"
+    _legacy_with_huge_string_length(p)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CorruptCheckpointError) as e:
+            load_checkpoint(p, allow_unsafe=allow_unsafe)
+    assert time.perf_counter() - t0 < 2.0
+    check_error(e, p, "corrupt")
+
+
+@pytest.mark.parametrize("key", ["step", "epoch", "global_step"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1, 3.5, 2**63, 1e30, True])
+def test_step_and_epoch_must_be_integers_in_range(tmp_path, key, value):
+    import json
+
+    from dynascope.models import CheckpointMetadataError
+
+    p = tmp_path / "meta.pt"
+    sd = build_tiny("mlp").state_dict()
+    torch.save({"state_dict": sd, "dynascope_metadata": json.dumps({key: value})}, p)
+    with pytest.raises(CheckpointMetadataError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "metadata", repr(key))
+    with pytest.raises(CheckpointMetadataError, match=repr(key)):
+        save_checkpoint(build_tiny("mlp"), tmp_path / "out.safetensors", metadata={key: value})
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_lightning_top_level_step_out_of_range(tmp_path):
+    from dynascope.models import CheckpointMetadataError
+
+    p = tmp_path / "big.ckpt"
+    sd = {f"model.{k}": v for k, v in build_tiny("mlp").state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 1, "global_step": 2**63}, p)
+    with pytest.raises(CheckpointMetadataError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "metadata", "'global_step'", "2**63")
+    torch.save({"state_dict": sd, "epoch": 1, "global_step": 2**63 - 1}, p)
+    ck = load_checkpoint(p)
+    assert ck.step == 2**63 - 1 and ck.epoch == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.int8])
+def test_tensor_dtype_of_another_kind_is_refused(tmp_path, dtype):
+    model = build("mlp", in_dim=3, width=4, depth=0, out_dim=4)
+    sd = model.state_dict()
+    sd["head.weight"] = torch.ones(sd["head.weight"].shape, dtype=dtype)
+    p = tmp_path / "ints.pt"
+    torch.save(sd, p)
+    with pytest.raises(StateDictMismatchError) as e:
+        load_checkpoint(p, build("mlp", in_dim=3, width=4, depth=0, out_dim=4))
+    check_error(e, p, "mismatch", "dtype", f"head.weight: checkpoint {str(dtype)[6:]} vs model float32")
+    sd["head.weight"] = torch.ones(
+        sd["head.weight"].shape, dtype=torch.float16
+    )  # floating into floating: fine
+    torch.save(sd, p)
+    load_checkpoint(p, build("mlp", in_dim=3, width=4, depth=0, out_dim=4))
+
+
+MARKER_ENV = "DYNASCOPE_TEST_MARKER"
+
+
+class ExecPayload:
+    def __reduce__(self):
+        return (exec, (f"open({os.environ[MARKER_ENV]!r}, 'w').write('exec ran')",))
+
+
+class EvalPayload:
+    def __reduce__(self):
+        return (eval, (f"open({os.environ[MARKER_ENV]!r}, 'w').write('eval ran')",))
+
+
+class SystemPayload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ[MARKER_ENV]}",))
+
+
+class SubprocessPayload:
+    def __reduce__(self):
+        import subprocess
+
+        return (subprocess.call, (["touch", os.environ[MARKER_ENV]],))
+
+
+class ImportPayload:
+    def __reduce__(self):
+        import importlib
+
+        return (importlib.import_module, ("antigravity",))
+
+
+class RunpyPayload:
+    def __reduce__(self):
+        import runpy
+
+        return (runpy.run_path, (os.environ[MARKER_ENV] + ".py",))
+
+
+class PickleLoadsPayload:
+    def __reduce__(self):
+        import pickle
+
+        return (pickle.loads, (pickle.dumps(SystemPayload()),))
+
+
+@pytest.mark.parametrize(
+    "payload,global_",
+    [
+        (ExecPayload, "builtins.exec"),
+        (EvalPayload, "builtins.eval"),
+        (SystemPayload, "posix.system"),
+        (SubprocessPayload, "subprocess.call"),
+        (ImportPayload, "importlib.import_module"),
+        (RunpyPayload, "runpy.run_path"),
+        (PickleLoadsPayload, "pickle.loads"),
+    ],
+)
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("allow_unsafe", [False, True, "pickle"])
+def test_denied_globals_never_run(tmp_path, monkeypatch, payload, global_, legacy, allow_unsafe):
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    (tmp_path / "marker.py").write_text(f"open({str(marker)!r}, 'w').write('runpy ran')\n")
+    p = tmp_path / "evil.pt"
+    sd = build_tiny("mlp").state_dict()
+    torch.save({"state_dict": sd, "x": payload()}, p, _use_new_zipfile_serialization=not legacy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # allow_unsafe='pickle' warns; that is tested elsewhere
+        with pytest.raises(UnsafeCheckpointError) as e:
+            load_checkpoint(p, build_tiny("mlp"), allow_unsafe=allow_unsafe)
+    check_error(e, p, "unsafe", global_, "never allows")
+    assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.parametrize("allow_unsafe", [True, "pickle"])
+def test_denied_global_under_an_alias_is_refused(tmp_path, monkeypatch, allow_unsafe):
+    """`torch._utils.os.system` is os.system reached through a module that imports os."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    p = tmp_path / "alias.pt"
+    torch.save({"state_dict": build_tiny("mlp").state_dict(), "x": SystemPayload()}, p,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    data = p.read_bytes()
+    assert b"cposix\nsystem\n" in data
+    p.write_bytes(data.replace(b"cposix\nsystem\n", b"ctorch._utils\nos.system\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(p, allow_unsafe=allow_unsafe)
+    if allow_unsafe is True:  # the name resolves to posix.system: refused by what it is
+        check_error(e, p, "unsafe", "torch._utils.os.system (= posix.system)", "never allows")
+    assert not marker.exists()
+
+
+def test_deny_list_covers_names_and_spares_plain_classes():
+    from dynascope.models.checkpoints import _denied
+
+    for name in ["builtins.exec", "__builtin__.eval", "os.system", "posix.system", "subprocess.Popen",
+                 "importlib.import_module", "runpy.run_module", "_pickle.loads", "marshal.loads",
+                 "shutil.rmtree", "sys.modules", "socket.socket", "builtins.getattr", "foo.Bar.__init__",
+                 "pathlib.Path.write_text", "torch.serialization.os.system"]:  # fmt: skip
+        assert _denied(name), name
+    for name in ["argparse.Namespace", "collections.OrderedDict", "pathlib.PosixPath", "builtins.set",
+                 "torch._utils._rebuild_tensor_v2", "numpy.core.multiarray._reconstruct", CUSTOM_GLOBAL]:  # fmt: skip
+        assert not _denied(name), name
