@@ -46,6 +46,7 @@ import pickle
 import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -647,12 +648,45 @@ def _legacy_pickles_truncated(path: Path) -> bool:
     return False
 
 
+def _check_zip_records(path: Path) -> None:
+    """Verify every record's CRC-32 (torch's reader ignores them, so flipped weight bytes load silently)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise zipfile.BadZipFile(f"record {info.filename!r}: compression {info.compress_type}")
+                with z.open(info) as f:
+                    while f.read(1 << 22):
+                        pass
+    except Exception as e:  # noqa: BLE001 - BadZipFile (bad CRC, names differ), zlib.error, OSError, ...
+        raise _corrupt(path, e) from None
+
+
+def _check_consumed(f: _BoundedReader, path: Path) -> None:
+    """Refuse a legacy file with bytes left after ``torch.load`` read it.
+
+    A legacy file is read front to back: pickles, then each storage its index lists. Bytes left over
+    mean the index lost entries, and the tensors of those storages were never filled (garbage).
+    """
+    end = f.tell()
+    f.seek(0)
+    if f.read(1) == b"\x80" and end != f._size:
+        raise CorruptCheckpointError(
+            path,
+            f"is corrupt: a legacy torch file whose storage index does not cover its data ({f._size - end} "
+            "bytes never read); some tensors would hold uninitialised memory",
+        )
+
+
 def _corrupt(path: Path, e: BaseException) -> CorruptCheckpointError:
     return CorruptCheckpointError(path, f"is corrupt or truncated ({_short(e)})")
 
 
 def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
     """``torch.load`` of a file object (never the path), every failure a :class:`CheckpointError`."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            _check_zip_records(path)
     if allow_unsafe == "pickle":
         warnings.warn(
             f"loading '{path}' with weights_only=False (allow_unsafe='pickle'): unpickling can execute "
@@ -662,9 +696,13 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
         )
         try:
             with _BoundedReader(path) as f:
-                return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_DENYING_PICKLE)
+                obj = torch.load(f, map_location="cpu", weights_only=False, pickle_module=_DENYING_PICKLE)
+                _check_consumed(f, path)
+                return obj
         except _DeniedGlobal as e:
             raise _denied_error(path, [e.name]) from None
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure of a full unpickle is a damaged/foreign file
             raise CorruptCheckpointError(path, f"could not be unpickled ({_short(e)})") from None
     if allow_unsafe not in (True, False):
@@ -675,7 +713,9 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
     for _ in range(64):  # legacy (non-zip) files reveal one unsafe global per attempt
         try:
             with torch.serialization.safe_globals(allowed), _BoundedReader(path) as f:
-                return torch.load(f, map_location="cpu", weights_only=True)
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+                _check_consumed(f, path)
+                return obj
         except pickle.UnpicklingError as e:
             if "Weights only load failed" not in str(e):
                 raise _corrupt(path, e) from None
@@ -831,12 +871,25 @@ def _check_tensor_kinds(sd: dict[str, Tensor], path: Path) -> None:
             bad.append(f"{k} (device {v.device.type}: no data)" if v.is_meta else f"{k} (device {v.device})")
         elif v.is_quantized or v.is_nested or type(v) not in (Tensor, nn.Parameter):
             bad.append(f"{k} ({'quantized' if v.is_quantized else type(v).__name__} tensor)")
+        elif _self_overlapping(v):
+            bad.append(f"{k} (strides {list(v.stride())} for shape {list(v.shape)} overlap)")
     if bad:
         raise UnsupportedTensorError(
             path,
-            f"holds {len(bad)} tensor(s) that are not dense (strided) CPU tensors: {_listing(bad)}; "
+            f"holds {len(bad)} tensor(s) that are not dense (strided, non-overlapping) CPU tensors: "
+            f"{_listing(bad)}; "
             "only dense weights can be loaded (convert with .to_dense() / .dequantize() before saving)",
         )
+
+
+def _self_overlapping(t: Tensor) -> bool:
+    """Whether two indices of ``t`` share memory (a zero or too small stride); weights never do."""
+    extent = 0  # largest offset reached by the dims seen so far, smallest stride first
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
 
 
 def _dtype_kind(dtype: torch.dtype) -> str:
