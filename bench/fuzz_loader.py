@@ -151,6 +151,8 @@ def mutate(data: bytes, ranges: list[tuple[int, int]], others: list[bytes], rng:
     """One to three seeded mutations of ``data`` at positions inside ``ranges``."""
     buf = bytearray(data)
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        if not buf:
+            break
         a, b = rng.choice(ranges)
         b = min(b, len(buf))
         if b <= a:

@@ -9,6 +9,7 @@ fills ``.meta`` with :func:`spectral_meta`.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,6 +113,8 @@ def spectral_meta(
     n_passes = rec.n_passes if rec is not None else op.n_passes
     wall = time.perf_counter() - started
     det = rec.determinism() if (check_determinism and rec is not None) else None
+    stochastic = _stochastic_modules(model) if op.mode == "train" else []
+    _warn_nondeterministic(probe, det, stochastic)
     return make_meta(
         probe,
         model=model,
@@ -132,8 +135,31 @@ def spectral_meta(
         determinism_rel_diff=det,
         determinism_matvecs=1 if det is not None else 0,
         deterministic=None if det is None else bool(det <= 1e-6),
+        stochastic_modules=stochastic,
         **extra,
     )
+
+
+def _stochastic_modules(model: nn.Module) -> list[str]:
+    """Dropout modules with p > 0: in train mode each product draws new masks."""
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0
+    ]
+
+
+def _warn_nondeterministic(probe: str, det: float | None, stochastic: list[str]) -> None:
+    if stochastic or (det is not None and det > 1e-6):
+        why = f"mode='train' with dropout ({', '.join(stochastic[:5])})" if stochastic else "the model"
+        measured = f"; two products of the same vector differ by {det:.2g} (relative)" if det else ""
+        warnings.warn(
+            f"{probe}: {why} makes the curvature operator random, so results change between calls"
+            f"{measured}. Use mode='eval' for reproducible numbers (recorded in .meta: "
+            "'stochastic_modules', 'determinism_rel_diff')",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def now() -> float:

@@ -35,6 +35,7 @@ from .kernels import (
     target_matrix,
 )
 from .lanczos import eigsh
+from .losses import check_labels, check_model_input
 from .ntk import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
 from .results import Result, make_meta
 
@@ -100,6 +101,8 @@ class NTKResult(Result):
 def _targets_for(y: torch.Tensor, size: int, n: int, n_outputs: int) -> torch.Tensor:
     """Centered targets as ``[size, C]``: ``[N, C]`` for a traced kernel, ``[N·O, 1]`` for a full one."""
     integer = not (y.is_floating_point() or y.is_complex())
+    if integer and n_outputs > 1:  # class labels of a classifier: one-hot over its outputs
+        check_labels(y, n_outputs)
     n_classes = n_outputs if integer and y.numel() and int(y.max()) < n_outputs else None
     Y = center_targets(target_matrix(y, n_classes))
     if size == n:
@@ -155,6 +158,7 @@ def ntk_probe(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int; got {k!r}")
     x, y = as_batches(data).tensors()
+    check_model_input(model, x)
     op = NTKOperator(
         model,
         x,

@@ -273,7 +273,7 @@ class CurvatureOperator(LinearOperator):
         self.source = as_batches(data, batch_size, device=self.device, dtype=param_dtype, **shard)
         self.reduce_fn = reduce_fn
         first_batch = next(iter(self.source))
-        self.loss = resolve_loss(loss, first_batch.y)
+        self.loss = resolve_loss(loss, first_batch.y, model=model, inputs=first_batch.x)
         n_local = self.source.num_samples()
         n = torch.tensor(float(n_local), dtype=torch.float64, device=self.device)
         self.num_samples = int(round(float(reduce_fn(n) if reduce_fn is not None else n)))

@@ -67,7 +67,7 @@ def prepare(
     pdtype, pdevice = named[0][1].dtype, named[0][1].device
     source = as_batches(data, chunk_size, device=pdevice, dtype=pdtype)
     first_batch = next(iter(source))
-    resolved = resolve_loss(loss, first_batch.y)
+    resolved = resolve_loss(loss, first_batch.y, model=model, inputs=first_batch.x)
     chosen = {n for n, _ in named}
     fixed = {
         **{n: p.detach() for n, p in model.named_parameters() if n not in chosen},
