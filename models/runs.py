@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,16 +486,32 @@ class Run:
         """Build the run's model and load the checkpoint at ``step`` (the last one when None).
 
         A checkpoint whose metadata names a different ``model_config`` (e.g. one model size of a
-        sweep run, where ``step`` is the size) is built from that config instead.
+        sweep run, where ``step`` is the size) is built from that config instead; outside a sweep run
+        (no ``sweep_variable`` in run.json's extra) a different architecture is warned about. The
+        model's ``dynascope_config_source`` (``"run.json"`` or ``"checkpoint"``) says which config was
+        used, and probes record it in ``.meta["model_config_source"]``.
         """
         info = self.checkpoint(step)
         ck_cfg = info.metadata.get("model_config")
         own = isinstance(ck_cfg, Mapping) and isinstance(ck_cfg.get("name"), str)
         if own and dict(ck_cfg) != self.model_config:
             cfg = dict(ck_cfg)
+            differs = {k: v for k, v in cfg.items() if k != "seed"} != {
+                k: v for k, v in self.model_config.items() if k != "seed"
+            }
+            if differs and "sweep_variable" not in self.extra:
+                warnings.warn(
+                    f"run '{self.path}': the checkpoint of step {info.step} holds a different architecture "
+                    f"than run.json: checkpoint {dict(ck_cfg)} vs run.json {self.model_config}; using the "
+                    "checkpoint's (recorded as model_config_source='checkpoint' in probe results)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             model = build(cfg.pop("name"), **cfg)
+            model.dynascope_config_source = "checkpoint"
         else:
             model = self.build_model()
+            model.dynascope_config_source = "run.json"
         load_checkpoint(info.path, model, allow_nonfinite=allow_nonfinite)
         return model
 
