@@ -45,8 +45,10 @@ import os
 import pickle
 import pickletools
 import re
+import sys
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -648,18 +650,76 @@ def _legacy_pickles_truncated(path: Path) -> bool:
     return False
 
 
-def _check_zip_records(path: Path) -> None:
-    """Verify every record's CRC-32 (torch's reader ignores them, so flipped weight bytes load silently)."""
+def _check_zip_records(path: Path) -> set[tuple[int, int]] | None:
+    """Verify every record's CRC-32 (torch's reader ignores them, so flipped weight bytes load silently).
+
+    Returns the ``(size, CRC-32)`` of the tensor data records (``<archive>/data/<key>``), for
+    :func:`_check_zip_storages`; ``None`` when the file's byte order is not this machine's (torch then
+    byte-swaps the loaded data).
+    """
+    records: set[tuple[int, int]] = set()
+    native = True
     try:
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     raise zipfile.BadZipFile(f"record {info.filename!r}: compression {info.compress_type}")
                 with z.open(info) as f:
+                    head = f.read(1 << 22)
                     while f.read(1 << 22):
                         pass
+                parts = info.filename.split("/")
+                if len(parts) == 3 and parts[1] == "data":
+                    records.add((info.file_size, info.CRC))
+                elif parts[-1] == "byteorder":
+                    native = head.decode("ascii", "replace").strip() == sys.byteorder
     except Exception as e:  # noqa: BLE001 - BadZipFile (bad CRC, names differ), zlib.error, OSError, ...
         raise _corrupt(path, e) from None
+    return records if native else None
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> Any:
+    """The tensors in a loaded object (dicts, lists, tuples, modules, plain objects' attributes)."""
+    if depth > 32:
+        return
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, nn.Module):
+        yield from obj.state_dict().values()
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        yield from _tensors_in(vars(obj), depth + 1)
+
+
+def _check_zip_storages(obj: Any, records: set[tuple[int, int]] | None, path: Path) -> None:
+    """Each loaded storage must equal a data record byte for byte (same size and CRC-32).
+
+    torch's zip reader can hand back a storage it never filled (a damaged central-directory field it
+    does not use for reading): uninitialised memory, different on every load.
+    """
+    if records is None:
+        return
+    seen: set[tuple[int, int]] = set()
+    for t in _tensors_in(obj):
+        if t.layout != torch.strided or t.is_meta or t.device.type != "cpu" or t.is_quantized:
+            continue  # refused later by _check_tensor_kinds
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key in seen or storage.nbytes() == 0:
+            continue
+        seen.add(key)
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        if (storage.nbytes(), zlib.crc32(raw)) not in records:
+            raise CorruptCheckpointError(
+                path,
+                f"is corrupt: a tensor's data ({storage.nbytes()} bytes) matches none of the file's data "
+                "records (CRC-32): damaged zip index, the loaded values would be garbage",
+            )
 
 
 def _check_consumed(f: _BoundedReader, path: Path) -> None:
@@ -685,8 +745,7 @@ def _corrupt(path: Path, e: BaseException) -> CorruptCheckpointError:
 def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
     """``torch.load`` of a file object (never the path), every failure a :class:`CheckpointError`."""
     with open(path, "rb") as f:
-        if f.read(4) == b"PK\x03\x04":
-            _check_zip_records(path)
+        records = _check_zip_records(path) if f.read(4) == b"PK\x03\x04" else None
     if allow_unsafe == "pickle":
         warnings.warn(
             f"loading '{path}' with weights_only=False (allow_unsafe='pickle'): unpickling can execute "
@@ -698,7 +757,8 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
             with _BoundedReader(path) as f:
                 obj = torch.load(f, map_location="cpu", weights_only=False, pickle_module=_DENYING_PICKLE)
                 _check_consumed(f, path)
-                return obj
+            _check_zip_storages(obj, records, path)
+            return obj
         except _DeniedGlobal as e:
             raise _denied_error(path, [e.name]) from None
         except CheckpointError:
@@ -715,7 +775,8 @@ def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
             with torch.serialization.safe_globals(allowed), _BoundedReader(path) as f:
                 obj = torch.load(f, map_location="cpu", weights_only=True)
                 _check_consumed(f, path)
-                return obj
+            _check_zip_storages(obj, records, path)
+            return obj
         except pickle.UnpicklingError as e:
             if "Weights only load failed" not in str(e):
                 raise _corrupt(path, e) from None

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches
+from .losses import check_model_input
 from .operators import ModeGuard, check_finite
 from .results import Result, make_meta
 
@@ -390,6 +391,7 @@ def neural_collapse(
     d = layer.in_features
     dev = torch.device(device) if device is not None else _device_of(model)
     source = as_batches(data, batch_size, device=dev)
+    check_model_input(model, next(iter(source)).x)
 
     sums = torch.zeros(n_classes, d, dtype=torch.float64, device=dev)
     counts = torch.zeros(n_classes, dtype=torch.float64, device=dev)

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ..datasets.batching import check_finite as check_data_finite
 from .ntk_structure import Factors, Site, Taps, contract_site, find_sites
 from .operators import LinearOperator, ModeGuard, prepare_model, select_parameters
 
@@ -115,7 +116,9 @@ class _FunctionalModel:
                 f"{what} needs a leading, non-empty sample dimension; got shape {tuple(x.shape)}"
             )
         x = x.to(self.device)
-        return x.to(self.dtype) if x.is_floating_point() else x
+        x = x.to(self.dtype) if x.is_floating_point() else x
+        check_data_finite(x, f"inputs ({what})")
+        return x
 
     def output_dim(self, x: torch.Tensor) -> int:
         with torch.no_grad(), ModeGuard(self.model, self.mode):

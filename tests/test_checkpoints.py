@@ -800,3 +800,24 @@ def test_loader_fuzz_every_outcome_identical_weights_or_a_checkpoint_error(tmp_p
     for fmt, c in per_format.items():  # every format yields both loads and refusals
         assert c["identical"] > 0 and c["corrupt"] > 0, (fmt, c)
     assert {"mismatch", "unsafe", "metadata"} <= set(outcomes), outcomes
+
+
+def test_zip_index_damage_that_torch_reads_as_an_empty_record_is_corrupt(tmp_path):
+    """The DOS 'directory' bit in a central-directory entry's external attributes (Python's zipfile
+    ignores it, CRCs intact): torch's reader then skips the record and returns the tensor's storage
+    unfilled, garbage differing per load."""
+    p = save_checkpoint(trained_like("mlp"), tmp_path / "w.pt")
+    data = bytearray(p.read_bytes())
+    cd = data.index(
+        b"PK\x01\x02" + bytes(data[data.index(b"PK\x01\x02") + 4 : data.index(b"PK\x01\x02") + 6])
+    )
+    entries = [i for i in range(cd, len(data) - 4) if data[i : i + 4] == b"PK\x01\x02"]
+    name_of = {
+        i: bytes(data[i + 46 : i + 46 + int.from_bytes(data[i + 28 : i + 30], "little")]) for i in entries
+    }
+    entry = next(i for i, n in name_of.items() if b"/data/0" in n)
+    data[entry + 38] = 0x10  # external file attributes: MS-DOS directory flag
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p, build_tiny("mlp"))
+    check_error(e, p, "corrupt", "matches none of the file's data records")

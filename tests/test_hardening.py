@@ -30,6 +30,9 @@ PROBES = {
     "gradient_coherence": lambda m, d: probes.gradient_coherence(m, d),
     "ntk_probe": lambda m, d: probes.ntk_probe(m, d, k=2),
     "sharpness": lambda m, d: probes.sharpness(m, d, trace=False),
+    "hessian_density": lambda m, d: probes.hessian_density(m, d, n_probes=1, lanczos_steps=5),
+    "neural_collapse": lambda m, d: probes.neural_collapse(m, d),
+    "lmc_barrier": lambda m, d: probes.lmc_barrier(m, mlp(out_dim=4, seed=1), d, n_points=3),
 }
 
 
@@ -62,6 +65,16 @@ def test_nonfinite_batch_of_a_loader_is_found_as_it_streams():
         probes.hessian_trace(mlp(), loader, n_matvecs=6)
 
 
+@pytest.mark.parametrize("which", ["x1", "x2"])
+def test_empirical_ntk_names_nonfinite_inputs(which):
+    x = data()[0]
+    bad = x.clone()
+    bad[4, 1] = float("nan")
+    args = (bad, None) if which == "x1" else (x, bad)
+    with pytest.raises(ValueError, match=rf"inputs \({which}\) contain NaN/Inf: first at sample 4"):
+        probes.empirical_ntk(mlp(), *args)
+
+
 def test_finiteness_is_checked_on_the_first_pass_only():
     x, y = data(n=16)
     source = as_batches((x, y), 4)
@@ -81,7 +94,10 @@ def test_labels_out_of_range_are_a_clear_error(name, bad):
     with pytest.raises(ValueError) as e:
         PROBES[name](mlp(out_dim=4), (x, y))
     msg = str(e.value)
-    assert f"class label {bad} at index [6] is outside [0, 4)" in msg and "4 outputs" in msg, msg
+    if name == "neural_collapse":  # its own check, over all labels at once
+        assert "labels must lie in [0, 4)" in msg and str(bad) in msg, msg
+    else:
+        assert f"class label {bad} at index [6] is outside [0, 4)" in msg and "4 outputs" in msg, msg
 
 
 def test_ignore_index_is_allowed_for_cross_entropy():
