@@ -9,8 +9,10 @@ metadata, the same bytes named ``.bin``, and a Lightning ``.ckpt``. Case ``i`` m
 ``i % 5`` with ``random.Random(seed * 1_000_003 + i)``: bit flips, random or "interesting" bytes
 (0, 0xFF, 0x7F, 0x80, u32/u64 extremes, 640/896/1152/1408 as u64), truncation, insertion, deletion and
 duplication of a chunk, a splice from another seed, and, for safetensors, edits of the JSON header
-(dtype, shape, offsets, step metadata). Positions fall where the format has structure: anywhere in
-a zip (every record has a CRC-32, which the loader verifies); in the pickles of a legacy file and in
+(dtype, shape, offsets, step metadata), and for zips, mutations inside ``data.pkl`` (or another
+metadata record) with its CRC-32 rewritten so that they reach the unpickler. Positions fall where
+the format has structure: anywhere in a zip (every record has a CRC-32, which the loader verifies;
+data records are only mutated without fixing the CRC); in the pickles of a legacy file and in
 the header of a safetensors file, whose tensor bytes have no checksum (a flipped weight byte there is
 undetectable by any loader, so it is not a loader bug and not fuzzed).
 
@@ -26,6 +28,7 @@ benchmark. The fast suite runs the same cases in-process (tests/test_checkpoints
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pickletools
@@ -36,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -158,7 +163,7 @@ def mutate(data: bytes, ranges: list[tuple[int, int]], others: list[bytes], rng:
         if b <= a:
             a, b = 0, len(buf)
         pos = rng.randrange(a, b)
-        op = rng.randrange(10)
+        op = rng.randrange(12)
         if op == 0:  # bit flips
             for _ in range(rng.randint(1, 8)):
                 q = rng.randrange(a, b)
@@ -191,9 +196,56 @@ def mutate(data: bytes, ranges: list[tuple[int, int]], others: list[bytes], rng:
                 buf[i : i + len(old)] = new
             else:
                 buf[pos] = rng.choice((0, 1, 2, 0x7F, 0x80, 0xFF))
-        else:  # append junk
+        elif op == 9:  # append junk
             buf += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        elif not _mutate_zip_record(buf, rng):  # 10, 11: inside a zip's pickle, CRCs fixed up
+            buf[pos] ^= 1 << rng.randrange(8)
     return bytes(buf)
+
+
+def _mutate_zip_record(buf: bytearray, rng: random.Random) -> bool:
+    """Mutate a metadata record of a zip (data.pkl mostly) in place and rewrite its CRC-32 in the local
+    and central headers, so that the mutation reaches torch's unpickler instead of the CRC check.
+    Tensor data records are left alone: new bytes there with a matching CRC are simply other weights."""
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(bytes(buf))).infolist()
+    except Exception:  # noqa: BLE001 - an earlier mutation broke the zip: nothing to aim at
+        return False
+    meta = [i for i in infos if "/data/" not in i.filename and i.compress_type == 0 and i.file_size]
+    if not meta:
+        return False
+    pkl = [i for i in meta if i.filename.endswith("data.pkl")]
+    info = rng.choice(pkl) if pkl and rng.random() < 0.8 else rng.choice(meta)
+    h = info.header_offset
+    start = (
+        h
+        + 30
+        + int.from_bytes(buf[h + 26 : h + 28], "little")
+        + int.from_bytes(buf[h + 28 : h + 30], "little")
+    )
+    end = start + info.compress_size
+    if h < 0 or end > len(buf) or end <= start:  # offsets from a damaged directory
+        return False
+    for _ in range(rng.randint(1, 3)):
+        q = rng.randrange(start, end)
+        kind = rng.randrange(3)
+        if kind == 0:
+            buf[q] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            v = rng.choice(INTERESTING)[: end - q]
+            buf[q : q + len(v)] = v
+        else:
+            buf[q] = rng.randrange(256)
+    crc = zlib.crc32(bytes(buf[start:end])).to_bytes(4, "little")
+    buf[h + 14 : h + 18] = crc
+    name = info.filename.encode()
+    i = buf.find(b"PK\x01\x02")
+    while i >= 0:
+        n = int.from_bytes(buf[i + 28 : i + 30], "little")
+        if bytes(buf[i + 46 : i + 46 + n]) == name:
+            buf[i + 16 : i + 20] = crc
+        i = buf.find(b"PK\x01\x02", i + 4)
+    return True
 
 
 class Case:
