@@ -541,7 +541,7 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _readable_steps(run: Any) -> tuple[list[int], list[dict[str, str]]]:
     """Steps whose checkpoint header reads, and ``{"file", "error"}`` for each one that does not."""
-    from dynascope.models import CheckpointError, read_safetensors_metadata
+    from dynascope.models import CheckpointError, checkpoint_counter, read_safetensors_metadata
 
     try:
         return run.steps(), []
@@ -550,7 +550,9 @@ def _readable_steps(run: Any) -> tuple[list[int], list[dict[str, str]]]:
     steps, broken = [], []
     for f in sorted(run.checkpoint_dir.glob("step_*.safetensors")):
         try:
-            read_safetensors_metadata(f)
+            meta = read_safetensors_metadata(f)
+            for key in ("step", "epoch"):  # as Run.checkpoints() checks them
+                checkpoint_counter(meta.get(key), key, f.name)
             steps.append(int(f.stem.split("_", 1)[1]))
         except (CheckpointError, OSError, ValueError) as exc:
             broken.append({"file": f.name, "error": getattr(exc, "detail", str(exc))})

@@ -35,6 +35,7 @@ from .atomic import atomic_write, atomic_write_text, dir_lock
 from .checkpoints import (
     CheckpointError,
     _json_value,
+    checkpoint_counter,
     load_checkpoint,
     read_safetensors_metadata,
     save_checkpoint,
@@ -454,17 +455,8 @@ class Run:
             if not m:
                 continue
             meta = read_safetensors_metadata(f)
-            epoch = meta.get("epoch")
-            out.append(
-                CheckpointInfo(
-                    step=int(m.group(1)),
-                    epoch=int(epoch)
-                    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool)
-                    else None,
-                    path=f,
-                    metadata=meta,
-                )
-            )
+            epoch = checkpoint_counter(meta.get("epoch"), "epoch", f)  # CheckpointError if NaN/Inf/huge
+            out.append(CheckpointInfo(step=int(m.group(1)), epoch=epoch, path=f, metadata=meta))
         return sorted(out, key=lambda c: c.step)
 
     def steps(self) -> list[int]:

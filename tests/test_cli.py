@@ -340,3 +340,15 @@ def test_dataset_that_does_not_fit_the_model_is_exit_2(
     assert code == 2, err
     assert "got float32 inputs of shape [" in err and "expects float32 inputs [..., 64]" in err
     assert len(err.strip().splitlines()) == 1 and "unexpected" not in err
+
+
+def test_runs_marks_a_checkpoint_with_a_nan_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path / "r")
+    state = run.load_model(8).state_dict()
+    meta = {"format": "pt", "dynascope": '{"step": 8, "epoch": NaN}'}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(run.checkpoint_path(8)), metadata=meta)
+    code, out, err = run_cli(["runs", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "2 checkpoint(s), steps 0–4" in out and "[broken: step_000008.safetensors: metadata 'epoch'" in out
