@@ -23,6 +23,7 @@ stating what the first layer expects and what it got; ``resolve_loss(..., model=
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from torch import nn
 from torch.func import vmap
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: such targets contribute zero loss
+_CHECKED_LABELS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # label batches known to be in range
 
 PerSample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,15 +66,27 @@ def check_labels(
     """Raise ``ValueError`` naming the first label outside ``[0, n_classes)`` (``ignore_index`` allowed).
 
     Skipped under ``vmap`` (data-dependent control flow); the kernel's own bounds error is translated
-    there (see ``_cross_entropy``).
+    there (see ``_cross_entropy``). A batch that passed is remembered (by its memory, shape and
+    version, holding a reference so the memory is not reused), so the products of a probe do not
+    pay a device synchronisation each.
     """
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.numel() == 0:
+        return
+    try:
+        key = (y.device, y.untyped_storage().data_ptr(), y.storage_offset(), tuple(y.shape), y.stride(),
+               y._version, n_classes, ignore_index)  # fmt: skip
+    except (RuntimeError, NotImplementedError):  # a functorch-wrapped tensor (under vmap)
+        return
+    if key in _CHECKED_LABELS:  # this batch, unchanged, passed before: no device sync per product
         return
     try:
         bad = (y < 0) | (y >= n_classes)
         if ignore_index is not None:
             bad &= y != ignore_index
         if not bool(bad.any()):
+            _CHECKED_LABELS[key] = y  # holding y keeps its memory from being reused under this key
+            while len(_CHECKED_LABELS) > 256:
+                _CHECKED_LABELS.popitem(last=False)
             return
     except RuntimeError:  # inside a torch.func transform: the bounds check below still catches it
         return
@@ -196,7 +210,8 @@ def resolve_loss(
     resolved = _resolve(loss, targets)
     if model is not None and inputs is not None:
         out = check_model_input(model, inputs)
-        if resolved.name == "cross_entropy" and targets is not None and out.dim() == 2:
+        logits = isinstance(out, torch.Tensor) and out.dim() == 2
+        if resolved.name == "cross_entropy" and targets is not None and logits:
             check_labels(targets, out.shape[1], ignore_index=IGNORE_INDEX)
     return resolved
 

@@ -119,6 +119,22 @@ def test_label_check_under_vmap_translates_the_kernel_error():
         per(out, torch.tensor([0, 9, 2]))
 
 
+def test_label_check_is_remembered_per_batch_but_sees_in_place_changes(monkeypatch):
+    from dynascope.probes import losses
+
+    loss = losses.resolve_loss("cross_entropy")
+    out, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    loss.per_sample(out, y)
+    calls = []
+    real_any = torch.Tensor.any
+    monkeypatch.setattr(torch.Tensor, "any", lambda self, *a, **k: calls.append(1) or real_any(self, *a, **k))
+    loss.per_sample(out, y)  # the same, unchanged batch: no second check (no device sync on GPU)
+    assert calls == []
+    y[2] = 5  # in place: a new version of the batch is checked again
+    with pytest.raises(ValueError, match=r"class label 5 at index \[2\]"):
+        loss.per_sample(out, y)
+
+
 # ----------------------------------------------------------------------------------------- inputs vs model
 @pytest.mark.parametrize("name", sorted(PROBES))
 def test_integer_inputs_to_a_float_model(name):
