@@ -352,3 +352,18 @@ def test_runs_marks_a_checkpoint_with_a_nan_epoch(tmp_path: Path, capsys: pytest
     code, out, err = run_cli(["runs", str(tmp_path)], capsys)
     assert code == 0, err
     assert "2 checkpoint(s), steps 0–4" in out and "[broken: step_000008.safetensors: metadata 'epoch'" in out
+
+
+def test_checkpoint_step_beyond_int64_is_exit_2_before_any_probe(
+    probed_run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import save_file
+
+    state = probed_run.load_model(8).state_dict()
+    meta = {"format": "pt", "dynascope": json.dumps({"step": 2**63, "model_config": MODEL})}
+    bare = tmp_path / "huge_step.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bare), metadata=meta)
+    argv = ["probe", "hessian_trace", str(bare), "--dataset", json.dumps(DATASET), "--param", "n_matvecs=6"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and "metadata 'step' = 9223372036854775808 is outside [0, 2**63)" in err, err
+    assert not (tmp_path / "results.sqlite").exists() or not ResultStore(tmp_path).list()
