@@ -696,7 +696,7 @@ def test_denied_global_under_an_alias_is_refused(tmp_path, monkeypatch, allow_un
 
 
 def test_deny_list_covers_names_and_spares_plain_classes():
-    from dynascope.models.checkpoints import _denied
+    from dynascope.models.torch_files import _denied
 
     for name in ["builtins.exec", "__builtin__.eval", "os.system", "posix.system", "subprocess.Popen",
                  "importlib.import_module", "runpy.run_module", "_pickle.loads", "marshal.loads",
