@@ -257,6 +257,9 @@ def _tensors_in(obj: Any, depth: int = 0) -> Any:
         return
     if isinstance(obj, Tensor):
         yield obj
+    elif isinstance(obj, (torch.UntypedStorage, torch.TypedStorage)):  # a storage saved on its own
+        untyped = obj if isinstance(obj, torch.UntypedStorage) else obj._untyped_storage
+        yield torch.empty(0, dtype=torch.uint8, device=untyped.device).set_(untyped)
     elif isinstance(obj, nn.Module):
         yield from obj.state_dict().values()
     elif isinstance(obj, Mapping):
@@ -269,19 +272,27 @@ def _tensors_in(obj: Any, depth: int = 0) -> Any:
         yield from _tensors_in(vars(obj), depth + 1)
 
 
-def _check_zip_storages(obj: Any, records: set[tuple[int, int]] | None, path: Path) -> None:
-    """Each loaded storage of a data record's size must equal such a record (same CRC-32).
+def _check_zip_storages(
+    obj: Any, records: set[tuple[int, int]] | None, path: Path, *, every_record: bool = False
+) -> None:
+    """Each loaded storage of a data record's size must equal such a record (same CRC-32); with
+    ``every_record``, each non-empty data record must also be some loaded storage.
 
     torch's zip reader can hand back a storage it never filled (a damaged central-directory field it
-    does not use for reading): uninitialised memory, different on every load.
+    does not use for reading): uninitialised memory, different on every load. torch.save writes no
+    record that no tensor uses, so an unused record means the pickle's storage keys were damaged
+    (a tensor then shows another tensor's values). ``every_record`` is for plain ``weights_only``
+    loads, where every tensor of the file is reachable in the loaded object.
     """
     if records is None:
         return
     sizes = {n for n, _ in records}
     seen: set[tuple[int, int]] = set()
+    used: set[tuple[int, int]] = set()
     for t in _tensors_in(obj):
         if t.layout != torch.strided or t.is_meta or t.device.type != "cpu" or t.is_quantized:
-            continue  # refused later by _check_tensor_kinds
+            every_record = False  # its data is not a plain storage; refused later by _check_tensor_kinds
+            continue
         storage = t.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key in seen or storage.nbytes() == 0:
@@ -290,12 +301,21 @@ def _check_zip_storages(obj: Any, records: set[tuple[int, int]] | None, path: Pa
         if storage.nbytes() not in sizes:
             continue  # not read from a record (e.g. rebuilt from a pickled numpy array)
         raw = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-        if (storage.nbytes(), zlib.crc32(raw)) not in records:
+        found = (storage.nbytes(), zlib.crc32(raw))
+        if found not in records:
             raise CorruptCheckpointError(
                 path,
                 f"is corrupt: a tensor's data ({storage.nbytes()} bytes) matches none of the file's data "
                 "records (CRC-32): damaged zip index, the loaded values would be garbage",
             )
+        used.add(found)
+    unused = {r for r in records if r[0] > 0} - used
+    if every_record and unused:
+        raise CorruptCheckpointError(
+            path,
+            f"is corrupt: {len(unused)} data record(s) used by no tensor (damaged storage keys in the "
+            "pickle: some tensor would show another tensor's values)",
+        )
 
 
 def _check_consumed(f: _BoundedReader, path: Path) -> None:
@@ -351,7 +371,7 @@ def torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
             with torch.serialization.safe_globals(allowed), _BoundedReader(path) as f:
                 obj = torch.load(f, map_location="cpu", weights_only=True)
                 _check_consumed(f, path)
-            _check_zip_storages(obj, records, path)
+            _check_zip_storages(obj, records, path, every_record=not allowed)
             return obj
         except pickle.UnpicklingError as e:
             if "Weights only load failed" not in str(e):

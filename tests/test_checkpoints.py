@@ -833,3 +833,37 @@ def test_fuzz_bench_runs_cases_in_subprocesses_under_a_memory_limit(tmp_path):
     report = json.loads(out.read_text())
     assert sum(report["counts"].values()) == 40 and report["bad"] == {}
     assert "RLIMIT_AS 3.0 GiB" in proc.stdout
+
+
+def _rezip(src: Path, dst: Path, edit) -> None:
+    """Copy a torch zip, passing data.pkl through ``edit`` (CRCs recomputed: a self-consistent zip)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info.filename, edit(data) if info.filename.endswith("data.pkl") else data)
+
+
+def test_pickle_pointing_a_tensor_at_another_tensors_storage_is_corrupt(tmp_path):
+    """A damaged storage key makes `b` show `a`'s values; its own record is then used by no tensor."""
+    a, b = torch.arange(4.0), torch.arange(4.0) + 10
+    src = tmp_path / "src.pt"
+    torch.save({"a": a, "b": b}, src)
+    ok = tmp_path / "ok.pt"
+    _rezip(src, ok, lambda d: d)  # the copy itself loads, identical
+    ck = load_checkpoint(ok)
+    assert torch.equal(ck.state_dict["b"], b)
+    bad = tmp_path / "bad.pt"
+    _rezip(src, bad, lambda d: d.replace(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000"))  # b's key "1" -> "0"
+    assert torch.equal(torch.load(bad, weights_only=True)["b"], a)  # what torch.load alone returns
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(bad)
+    check_error(e, bad, "corrupt", "used by no tensor")
+
+
+def test_a_storage_saved_on_its_own_is_not_an_unused_record(tmp_path):
+    p = tmp_path / "s.pt"
+    w = torch.randn(3, 2)
+    torch.save({"w": w, "raw": torch.arange(5.0).untyped_storage()}, p)
+    assert torch.equal(load_checkpoint(p).state_dict["w"], w)
