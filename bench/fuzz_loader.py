@@ -14,7 +14,8 @@ metadata record) with its CRC-32 rewritten so that they reach the unpickler. Pos
 the format has structure: anywhere in a zip (every record has a CRC-32, which the loader verifies;
 data records are only mutated without fixing the CRC); in the pickles of a legacy file and in
 the header of a safetensors file, whose tensor bytes have no checksum (a flipped weight byte there is
-undetectable by any loader, so it is not a loader bug and not fuzzed).
+undetectable by any loader, so it is not a loader bug and not fuzzed; a mutation that ends up
+changing only such bytes is drawn again).
 
 Outcomes: ``identical`` (loaded into the model; every tensor equal to the seed's), the error's
 ``.kind`` for a ``CheckpointError`` subclass, or a failure: ``BAD:<exception type>`` (any other
@@ -272,7 +273,13 @@ class Case:
         k = i % len(self.seeds)
         rng = random.Random(self.seed * 1_000_003 + i)
         others = [d for j, d in enumerate(self.datas) if j != k]
-        data = mutate(self.datas[k], self.ranges[k], others, rng)
+        orig = self.datas[k]
+        data = mutate(orig, self.ranges[k], others, rng)
+        end = max(b for _, b in self.ranges[k])
+        while end < len(orig) and len(data) == len(orig) and data[:end] == orig[:end] and data != orig:
+            # only tensor bytes of an unchecksummed format changed (e.g. truncated, then as many bytes
+            # appended): other weights, which no loader can tell; draw again
+            data = mutate(orig, self.ranges[k], others, rng)
         path = self.folder / f"case_{i}{SUFFIXES[k]}"
         path.write_bytes(data)
         return path
