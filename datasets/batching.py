@@ -5,6 +5,10 @@ sample count:  L = (1/N) Σ_b n_b · mean_b(ℓ)  =  (1/N) Σ_i ℓ_i.
 :class:`BatchSource` is the single place that knows how to iterate a DataLoader, an
 ``(x, y)`` tuple of tensors or a ``torch.utils.data.Dataset``, optionally restricted to
 one shard ``rank`` of ``world_size`` (contiguous, possibly uneven shards).
+
+Data are checked as they stream, on the first complete pass of a source only (later passes cost
+nothing): NaN/Inf in floating inputs or targets raise ``ValueError`` naming the tensor (``inputs (x)``
+/ ``targets (y)``) and the first bad sample's index.
 """
 
 from __future__ import annotations
@@ -33,6 +37,26 @@ def _as_tensor(value: Any, what: str = "batch element") -> torch.Tensor:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"{what} cannot be converted to a tensor ({type(value).__name__}): {err}") from None
+
+
+def check_finite(t: torch.Tensor, what: str, offset: int = 0) -> None:
+    """Raise ``ValueError`` if floating ``t`` holds NaN/Inf, naming ``what`` and the first bad sample.
+
+    ``offset``: the index of ``t[0]`` in the whole dataset (iteration order for loaders).
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return
+    bad = ~finite
+    flat = int(bad.reshape(-1).nonzero()[0, 0])
+    index = [int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(t.shape))]
+    value = t.reshape(-1)[flat].item()
+    raise ValueError(
+        f"{what} contain NaN/Inf: first at sample {offset + index[0]} (element {index[1:] or ''} = {value}); "
+        f"{int(bad.sum())} non-finite values in a batch of {t.shape[0]}"
+    )
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -98,6 +122,7 @@ class BatchSource:
         _shard_bounds(world_size, rank, world_size)  # validates rank / world_size
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
+        self._verified = False  # set after one complete pass found every batch finite
         if isinstance(data, (tuple, list)):
             if len(data) != 2:
                 raise ValueError(f"data tuple must be (x, y); got {len(data)} elements")
@@ -129,7 +154,7 @@ class BatchSource:
             )
 
     # ------------------------------------------------------------------ helpers
-    def _finish(self, x: Any, y: Any) -> Batch:
+    def _finish(self, x: Any, y: Any, offset: int = 0) -> Batch:
         x, y = _as_tensor(x, "x"), _as_tensor(y, "y")
         if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
             raise ValueError(
@@ -142,6 +167,9 @@ class BatchSource:
                 x = x.to(self.dtype)
             if y.is_floating_point():
                 y = y.to(self.dtype)
+        if not self._verified:
+            check_finite(x, "inputs (x)", offset)
+            check_finite(y, "targets (y)", offset)
         return Batch(x, y, int(x.shape[0]))
 
     def _ranges(self, n: int) -> Iterator[tuple[int, int]]:
@@ -152,38 +180,47 @@ class BatchSource:
 
     # ------------------------------------------------------------------ API
     def __iter__(self) -> Iterator[Batch]:
+        yield from self._batches()
+        self._verified = True  # a complete pass: every batch was checked
+
+    def _batches(self) -> Iterator[Batch]:
         if self._tensors is not None:
             x, y = self._tensors
             for lo, hi in self._ranges(x.shape[0]):
-                yield self._finish(x[lo:hi], y[lo:hi])
+                yield self._finish(x[lo:hi], y[lo:hi], lo)
         elif isinstance(self.data, DataLoader):
+            seen = 0
             for i, item in enumerate(self.data):
                 if i % self.world_size != self.rank:
                     continue
-                yield self._finish(*_pair(item, "a DataLoader for probes"))
+                batch = self._finish(*_pair(item, "a DataLoader for probes"), seen)
+                seen += batch.n
+                yield batch
         elif isinstance(self.data, IterableDataset):
             items: list[tuple[Any, Any]] = []
+            seen = 0
             for i, item in enumerate(self.data):
                 if i % self.world_size != self.rank:
                     continue
                 items.append(_pair(item, "a Dataset for probes"))
                 if self.batch_size is not None and len(items) == self.batch_size:
-                    yield self._stack(items)
+                    yield self._stack(items, seen)
+                    seen += len(items)
                     items = []
             if items:
-                yield self._stack(items)
+                yield self._stack(items, seen)
         else:
             ds = self.data
             for lo, hi in self._ranges(len(ds)):
-                yield self._stack([_pair(ds[i], "a Dataset for probes") for i in range(lo, hi)])
+                yield self._stack([_pair(ds[i], "a Dataset for probes") for i in range(lo, hi)], lo)
 
-    def _stack(self, items: list[tuple[Any, Any]]) -> Batch:
+    def _stack(self, items: list[tuple[Any, Any]], offset: int = 0) -> Batch:
         try:
             xs = torch.stack([_as_tensor(it[0], "x") for it in items])
             ys = torch.stack([_as_tensor(it[1], "y") for it in items])
         except RuntimeError as err:
             raise ValueError(f"Dataset items have inconsistent shapes: {err}") from None
-        return self._finish(xs, ys)
+        return self._finish(xs, ys, offset)
 
     def num_samples(self) -> int:
         """Samples in this shard (iterates a DataLoader / IterableDataset once to count)."""

@@ -39,9 +39,32 @@ def app_path() -> Path:
 
 def _app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
-    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the app "
+                        "to the network, do so deliberately)")  # fmt: skip
     p.add_argument("--runs-dir", default=None, help="folder holding run folders (default ./runs)")
     p.add_argument("--headless", action="store_true", help="do not open a browser")
+
+
+# The settings of .streamlit/config.toml (read by `streamlit run` only from the current directory),
+# passed on the command line so that `dynascope app` keeps them wherever it is started.
+APP_SERVER_OPTIONS = {
+    "server.enableXsrfProtection": "true",
+    "server.enableCORS": "true",
+    "server.maxUploadSize": "1024",  # MB per file; app/lib/uploads.py MAX_UPLOAD_MB checks the same
+    "browser.gatherUsageStats": "false",
+}
+
+
+def app_command(args: argparse.Namespace) -> list[str]:
+    """The ``streamlit run`` command line of ``dynascope app``."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path()),
+           "--server.port", str(args.port), "--server.address", args.address]  # fmt: skip
+    for key, value in APP_SERVER_OPTIONS.items():
+        cmd += [f"--{key}", value]
+    if args.headless:
+        cmd += ["--server.headless", "true"]
+    return cmd
 
 
 @command("app", "start the web app with the built-in demo runs", _app_args)
@@ -52,14 +75,7 @@ def run_app(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.runs_dir:
         env["DYNASCOPE_RUNS_DIR"] = str(Path(args.runs_dir).resolve())
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(script),
-        "--server.port", str(args.port), "--server.address", args.address,
-        "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
-    if args.headless:
-        cmd += ["--server.headless", "true"]
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(app_command(args), env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `dynascope runs --json | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 141  # 128 + SIGPIPE, as a shell tool killed by the broken pipe
 
 
 if __name__ == "__main__":  # pragma: no cover

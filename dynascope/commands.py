@@ -38,7 +38,7 @@ def guarded(
         def run(args: argparse.Namespace) -> int:
             try:
                 return fn(args)
-            except (UsageError, KeyboardInterrupt):
+            except (UsageError, KeyboardInterrupt, BrokenPipeError):
                 raise
             except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
                 raise UsageError(
@@ -435,7 +435,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", required=True, help="probe whose cached results to export")
     p.add_argument("--format", choices=("csv", "parquet", "json", "html", "png"), default=None,
                    help="output format (default: from the --out suffix)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", required=True,
+                   help="output file; its folder must exist (not created); a file is replaced")  # fmt: skip
     p.add_argument("--step", type=int, default=None, help="only the result at this checkpoint step")
 
 
@@ -451,6 +452,12 @@ def run_export_command(args: argparse.Namespace) -> int:
         raise UsageError(
             f"cannot tell the format from --out {args.out!r}; pass --format {{{','.join(FORMATS)}}}"
         )
+    out_path = Path(args.out)
+    if out_path.is_dir():
+        example = out_path / f"results.{fmt}"
+        raise UsageError(f"--out '{out_path}' is a folder; give a file name, e.g. {example}")
+    if not out_path.parent.is_dir():
+        raise UsageError(f"the folder of --out '{out_path}' does not exist ({out_path.parent}); create it")
     path = Path(args.run)
     if path.is_file() and path.suffix == ".sqlite":
         store_path = path
@@ -522,15 +529,40 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
         except RunError as exc:
             rows.append({"run": str(path), "error": exc.detail})
             continue
-        steps = run.steps()
-        n_results = len(ResultStore(path).list()) if (path / STORE_FILENAME).is_file() else 0
+        steps, broken = _readable_steps(run)
+        try:
+            n_results = len(ResultStore(path).list()) if (path / STORE_FILENAME).is_file() else 0
+        except Exception as exc:  # noqa: BLE001 - one damaged store must not hide the other runs
+            n_results = 0
+            broken = [*broken, {"file": STORE_FILENAME, "error": f"{type(exc).__name__}: {exc}"}]
         rows.append({
             "run": str(path), "model": run.model_config.get("name"),
             "dataset": run.dataset_config.get("name"),
             "checkpoints": len(steps), "first_step": steps[0] if steps else None,
             "last_step": steps[-1] if steps else None, "results": n_results, "created": run.created,
+            **({"broken": broken} if broken else {}),
         })  # fmt: skip
     return rows
+
+
+def _readable_steps(run: Any) -> tuple[list[int], list[dict[str, str]]]:
+    """Steps whose checkpoint header reads, and ``{"file", "error"}`` for each one that does not."""
+    from dynascope.models import CheckpointError, checkpoint_counter, read_safetensors_metadata
+
+    try:
+        return run.steps(), []
+    except (CheckpointError, OSError):
+        pass  # find the broken file(s); keep the others
+    steps, broken = [], []
+    for f in sorted(run.checkpoint_dir.glob("step_*.safetensors")):
+        try:
+            meta = read_safetensors_metadata(f)
+            for key in ("step", "epoch"):  # as Run.checkpoints() checks them
+                checkpoint_counter(meta.get(key), key, f.name)
+            steps.append(int(f.stem.split("_", 1)[1]))
+        except (CheckpointError, OSError, ValueError) as exc:
+            broken.append({"file": f.name, "error": getattr(exc, "detail", str(exc))})
+    return sorted(steps), broken
 
 
 @command("runs", "list the run folders in a directory", _runs_args)
@@ -552,6 +584,8 @@ def run_runs_command(args: argparse.Namespace) -> int:
             span = f"steps {r['first_step']}–{r['last_step']}" if r["checkpoints"] else "no checkpoints"
             print(f"{r['run']}  {r['model']} on {r['dataset']}  {r['checkpoints']} checkpoint(s), {span}, "
                   f"{r['results']} cached result(s)")  # fmt: skip
+            for b in r.get("broken", []):
+                print(f"    [broken: {b['file']}: {b['error']}]")
     return 0
 
 

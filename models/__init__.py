@@ -7,7 +7,9 @@ Run.create(path, model=..., dataset=...)    Run.open(path): checkpoints(), load_
 
 from .architectures import CNN, MLP, EmbedMLP, RandomFeatures, ResNet, Transformer
 from .checkpoints import (
+    DENIED_GLOBALS,
     CheckpointError,
+    CheckpointMetadataError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     EmptyCheckpointError,
@@ -17,6 +19,8 @@ from .checkpoints import (
     StateDictMismatchError,
     UnknownFormatError,
     UnsafeCheckpointError,
+    UnsupportedTensorError,
+    checkpoint_counter,
     file_sha256,
     load_checkpoint,
     read_safetensors_metadata,
@@ -61,6 +65,10 @@ __all__ = [
     "NoStateDictError",
     "StateDictMismatchError",
     "NonFiniteWeightsError",
+    "UnsupportedTensorError",
+    "CheckpointMetadataError",
+    "DENIED_GLOBALS",
+    "checkpoint_counter",
     "Run",
     "RunError",
     "CheckpointInfo",

@@ -14,23 +14,32 @@ missing / unexpected / mis-shaped keys by name. Every failure is a :class:`Check
 (a ``ValueError``) whose message names the file and whose ``.kind`` says what went wrong.
 
 Unsafe pickles: a torch file whose unpickling needs globals beyond the ``weights_only``
-allowlist is refused, naming those globals. ``allow_unsafe=True`` allowlists exactly those named
-globals (importing them by name, via ``torch.serialization.safe_globals``) and still loads with
-``weights_only=True``, so no other code can run; ``allow_unsafe="pickle"`` is the last resort
-(``weights_only=False``, arbitrary code execution) and warns loudly.
+allowlist is refused, naming those globals. ``allow_unsafe=True`` allowlists those named globals
+(importing them by name, via ``torch.serialization.safe_globals``) and still loads with
+``weights_only=True``, so only the named globals can be called; ``allow_unsafe="pickle"`` is the last
+resort (``weights_only=False``: unpickling can execute arbitrary code) and warns loudly. Under both
+flags a deny-list that no flag lifts (:data:`DENIED_GLOBALS`: ``exec``/``eval``/``compile``/
+``__import__``/``getattr``, ``os``/``posix``/``subprocess``/``importlib``/``runpy``/``shutil``/``sys``/
+``socket``/``ctypes``, pickle/marshal loaders, ...) refuses the file before such a global is even
+imported. The deny-list stops the known gadgets, it cannot make an untrusted pickle safe: with
+``allow_unsafe="pickle"`` only load files you trust.
+
+Before any tensor is used, sparse, meta-device, quantized and other non-strided tensors are refused,
+``step``/``global_step``/``epoch`` metadata must be integers in [0, 2**63), and (with a model) each
+tensor's dtype must be of the parameter's kind (floating into floating, integer into integer, bool into
+bool). Format sniffing checks safetensors by its structure (u64 header length, then a JSON header
+that parses and fits in the file) before zip and pickle magic, because a header length of 640, 896,
+1152 or 1408 bytes starts with the bytes of a pickle protocol opcode.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
+import math
 import os
-import pickle
-import pickletools
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +49,22 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .checkpoint_errors import (
+    CheckpointError,
+    CheckpointMetadataError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    EmptyCheckpointError,
+    NonFiniteWeightsError,
+    NoStateDictError,
+    StateDictMismatchError,
+    UnknownFormatError,
+    UnsafeCheckpointError,
+    UnsupportedTensorError,
+)
+from .checkpoint_errors import short as _short
 from .registry import CONFIG_ATTR, _unwrap
+from .torch_files import DENIED_GLOBALS, torch_load
 
 __all__ = [
     "save_checkpoint",
@@ -55,6 +79,10 @@ __all__ = [
     "NoStateDictError",
     "StateDictMismatchError",
     "NonFiniteWeightsError",
+    "UnsupportedTensorError",
+    "CheckpointMetadataError",
+    "DENIED_GLOBALS",
+    "checkpoint_counter",
     "file_sha256",
     "read_safetensors_metadata",
 ]
@@ -80,94 +108,6 @@ _KNOWN_ATTR_PREFIXES = ("model", "net", "network", "module", "_model")
 _META_KEY_TORCH = "dynascope_metadata"
 _META_KEY_SAFETENSORS = "dynascope"
 _MAX_LISTED = 20
-
-
-# ----------------------------------------------------------------------------------------- errors
-class CheckpointError(ValueError):
-    """A checkpoint could not be saved or loaded; ``.path`` is the file, ``.kind`` the reason."""
-
-    kind = "error"
-
-    def __init__(self, path: str | os.PathLike[str], detail: str) -> None:
-        self.path = str(path)
-        self.detail = detail
-        super().__init__(f"checkpoint '{self.path}': {detail}")
-
-    def __reduce__(self):  # keep picklable (multiprocessing) despite the custom signature
-        return (self.__class__, (self.path, self.detail))
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    kind = "not_found"
-
-
-class EmptyCheckpointError(CheckpointError):
-    kind = "empty"
-
-
-class CorruptCheckpointError(CheckpointError):
-    """Truncated or damaged file of a recognised format, or garbage under a checkpoint suffix."""
-
-    kind = "corrupt"
-
-
-class UnknownFormatError(CheckpointError):
-    kind = "unknown_format"
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file needs unpickling code outside the ``weights_only`` allowlist; ``.globals`` names it."""
-
-    kind = "unsafe"
-
-    def __init__(self, path: str | os.PathLike[str], detail: str, globals_: list[str] | None = None) -> None:
-        self.globals = list(globals_ or [])
-        super().__init__(path, detail)
-
-    def __reduce__(self):
-        return (self.__class__, (self.path, self.detail, self.globals))
-
-
-class NoStateDictError(CheckpointError):
-    kind = "no_state_dict"
-
-
-class StateDictMismatchError(CheckpointError):
-    """Keys do not fit the model.
-
-    ``.missing``/``.unexpected``: key names; ``.mismatched``: (name, checkpoint shape, model shape).
-    """
-
-    kind = "mismatch"
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        detail: str,
-        missing: list[str] | None = None,
-        unexpected: list[str] | None = None,
-        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None,
-    ) -> None:
-        self.missing = list(missing or [])
-        self.unexpected = list(unexpected or [])
-        self.mismatched = list(mismatched or [])
-        super().__init__(path, detail)
-
-    def __reduce__(self):
-        return (self.__class__, (self.path, self.detail, self.missing, self.unexpected, self.mismatched))
-
-
-class NonFiniteWeightsError(CheckpointError):
-    """Some floating tensors contain NaN/Inf; ``.tensors`` lists their names."""
-
-    kind = "nonfinite"
-
-    def __init__(self, path: str | os.PathLike[str], detail: str, tensors: list[str] | None = None) -> None:
-        self.tensors = list(tensors or [])
-        super().__init__(path, detail)
-
-    def __reduce__(self):
-        return (self.__class__, (self.path, self.detail, self.tensors))
 
 
 # ----------------------------------------------------------------------------------------- result
@@ -197,13 +137,13 @@ class LoadedCheckpoint:
 
     @property
     def step(self) -> int | None:
-        step = self.metadata.get("step", self.metadata.get("global_step"))
-        return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+        """``step`` (or Lightning's ``global_step``) metadata, validated at load time."""
+        key = "step" if "step" in self.metadata else "global_step"
+        return checkpoint_counter(self.metadata.get(key), key, self.path)
 
     @property
     def epoch(self) -> int | None:
-        epoch = self.metadata.get("epoch")
-        return int(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None
+        return checkpoint_counter(self.metadata.get("epoch"), "epoch", self.path)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -224,6 +164,41 @@ def _json_value(value: Any, where: str) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"metadata value {where}={value!r} (type {type(value).__name__}) is not JSON-able")
+
+
+_COUNTER_KEYS = ("step", "global_step", "epoch")
+_COUNTER_LIMIT = 2**63  # the result store and JSON consumers keep steps as signed 64-bit integers
+
+
+def checkpoint_counter(value: Any, key: str, path: str | os.PathLike[str] = "<metadata>") -> int | None:
+    """A step/epoch counter as an ``int`` in [0, 2**63), ``None`` when absent or not numeric.
+
+    Numbers (and integral floats such as ``100.0``) that are NaN, infinite, fractional, negative or
+    >= 2**63, and booleans, raise :class:`CheckpointMetadataError` naming ``key``.
+    """
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / 0-d tensor scalar
+            return checkpoint_counter(value.item(), key, path)
+        if isinstance(value, bool):
+            raise CheckpointMetadataError(path, f"metadata {key!r} is a boolean ({value}), not an integer")
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise CheckpointMetadataError(
+                path, f"metadata {key!r} = {value!r} is not an integer (NaN, infinite or fractional)"
+            )
+        value = int(value)
+    if not 0 <= value < _COUNTER_LIMIT:
+        raise CheckpointMetadataError(path, f"metadata {key!r} = {value} is outside [0, 2**63)")
+    return int(value)
+
+
+def _check_counters(meta: Mapping[str, Any], path: Path) -> None:
+    for key in _COUNTER_KEYS:
+        if key in meta:
+            checkpoint_counter(meta[key], key, path)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -319,6 +294,7 @@ def save_checkpoint(
     if cfg is not None and "model_config" not in meta:
         meta["model_config"] = cfg
     meta = _json_value(meta, "metadata")
+    _check_counters(meta, path)
     meta_json = json.dumps(meta, sort_keys=True)
 
     if fmt == "safetensors":
@@ -351,126 +327,40 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------- load
+_MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors library's own limit
+
+
 def _sniff(path: Path) -> str | None:
-    """Format from the first bytes: zip or legacy pickle → torch; u64 header length + '{' → safetensors."""
+    """Format from the content.
+
+    safetensors first, by structure: a u64 little-endian header length n with 2 <= n <= size - 8, then
+    n bytes that parse as a JSON object. (n = 640, 896, 1152 or 1408 starts with ``0x80 0x02..0x05``,
+    a pickle protocol opcode, so this must come before the pickle check.) Then zip (``PK\x03\x04``) or
+    a legacy pickle (``0x80`` + protocol 2..5) → torch; a damaged safetensors file whose header still
+    starts with ``{`` → safetensors (reported as corrupt by the reader).
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
+        if len(head) >= 9 and head[8:9] == b"{":
+            n = int.from_bytes(head[:8], "little")
+            if 2 <= n <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+                f.seek(8)
+                try:
+                    header = json.loads(f.read(n))
+                except (ValueError, RecursionError):
+                    header = None
+                if isinstance(header, dict):
+                    return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         return "torch"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
-        if 2 <= n <= 100 * 2**20:
+        if 2 <= n <= _MAX_SAFETENSORS_HEADER:
             return "safetensors"
     return None
-
-
-def _resolve_global(name: str) -> Any:
-    """Import ``module.qualname`` (longest importable module prefix) without reading the file."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            continue
-        return obj
-    raise ImportError(name)
-
-
-def _unsafe_message(globals_: list[str]) -> str:
-    return (
-        "refused: unpickling it needs globals outside torch's weights_only allowlist: "
-        f"{', '.join(globals_)}. "
-        "If you trust this file, pass allow_unsafe=True to allowlist exactly these globals (still "
-        "weights_only, via torch.serialization.safe_globals), or allow_unsafe='pickle' to unpickle it "
-        "fully (weights_only=False: can execute arbitrary code)"
-    )
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
-
-
-def _legacy_pickles_truncated(path: Path) -> bool:
-    """True if the pickles of a legacy (non-zip) torch file end early; parsed, never executed."""
-    with open(path, "rb") as f:
-        for _ in range(5):  # magic number, protocol, sys info, object, storage keys
-            try:
-                for _op in pickletools.genops(f):
-                    pass
-            except Exception:  # noqa: BLE001
-                return True
-    return False
-
-
-def _torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
-    if allow_unsafe == "pickle":
-        warnings.warn(
-            f"loading '{path}' with weights_only=False (allow_unsafe='pickle'): unpickling can execute "
-            "arbitrary code; only do this for files you trust",
-            UserWarning,
-            stacklevel=3,
-        )
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise CorruptCheckpointError(path, f"could not be unpickled ({_short(e)})") from None
-    if allow_unsafe not in (True, False):
-        raise ValueError(f"allow_unsafe must be False, True or 'pickle', got {allow_unsafe!r}")
-
-    allowed: list[Any] = []
-    allowed_names: list[str] = []
-    for _ in range(64):  # legacy (non-zip) files reveal one unsafe global per attempt
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise CorruptCheckpointError(path, f"is corrupt or truncated ({_short(e)})") from None
-            try:
-                names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            except Exception:  # noqa: BLE001 - legacy format: parse the refused global from the message
-                if _legacy_pickles_truncated(path):  # a cut-off GLOBAL name is damage, not a class
-                    raise CorruptCheckpointError(
-                        path, "is corrupt or truncated (pickle stream ends early)"
-                    ) from None
-                names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
-            names = [n for n in names if n not in allowed_names] or re.findall(r"GLOBAL ([\w.]+)", str(e))
-            if not names:
-                raise UnsafeCheckpointError(
-                    path, _unsafe_message(["<unknown>"]) + f" ({_short(e)})"
-                ) from None
-            if not allow_unsafe:
-                raise UnsafeCheckpointError(path, _unsafe_message(names), names) from None
-            if set(names) <= set(allowed_names):
-                raise UnsafeCheckpointError(
-                    path,
-                    f"could not be loaded even with the globals {', '.join(names)} allowlisted "
-                    f"({_short(e)}); "
-                    "use allow_unsafe='pickle' if you trust it",
-                    names,
-                ) from None
-            for n in names:
-                try:
-                    allowed.append(_resolve_global(n))
-                except ImportError:
-                    raise UnsafeCheckpointError(
-                        path,
-                        f"needs the global {n}, which cannot be imported here; install the code that defines "
-                        "it, or use allow_unsafe='pickle' if you trust the file",
-                        names,
-                    ) from None
-                allowed_names.append(n)
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise CorruptCheckpointError(path, f"is corrupt or truncated ({_short(e)})") from None
-    raise UnsafeCheckpointError(path, _unsafe_message(allowed_names), allowed_names)
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -568,6 +458,45 @@ def _fit_to_model(sd: dict[str, Tensor], model_keys: set[str]) -> tuple[dict[str
     return best, best_prefixes
 
 
+def _check_tensor_kinds(sd: dict[str, Tensor], path: Path) -> None:
+    """Refuse, before any value is read, tensors that are not dense CPU tensors with their own storage."""
+    bad: list[str] = []
+    for k, v in sd.items():
+        if v.layout != torch.strided:
+            bad.append(f"{k} (layout {str(v.layout).replace('torch.', '')})")
+        elif v.is_meta or v.device.type != "cpu":
+            bad.append(f"{k} (device {v.device.type}: no data)" if v.is_meta else f"{k} (device {v.device})")
+        elif v.is_quantized or v.is_nested or type(v) not in (Tensor, nn.Parameter):
+            bad.append(f"{k} ({'quantized' if v.is_quantized else type(v).__name__} tensor)")
+        elif _self_overlapping(v):
+            bad.append(f"{k} (strides {list(v.stride())} for shape {list(v.shape)} overlap)")
+    if bad:
+        raise UnsupportedTensorError(
+            path,
+            f"holds {len(bad)} tensor(s) that are not dense (strided, non-overlapping) CPU tensors: "
+            f"{_listing(bad)}; "
+            "only dense weights can be loaded (convert with .to_dense() / .dequantize() before saving)",
+        )
+
+
+def _self_overlapping(t: Tensor) -> bool:
+    """Whether two indices of ``t`` share memory (a zero or too small stride); weights never do."""
+    extent = 0  # largest offset reached by the dims seen so far, smallest stride first
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
 def _check_finite(sd: dict[str, Tensor], path: Path) -> None:
     bad: list[str] = []
     for k, v in sd.items():
@@ -595,7 +524,13 @@ def _load_into(
     mismatched = [
         (k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape
     ]
-    if mismatched or (strict and (missing or unexpected)):
+    wrong_dtype = [
+        f"{k}: checkpoint {str(sd[k].dtype).replace('torch.', '')} vs model "
+        f"{str(own[k].dtype).replace('torch.', '')}"
+        for k in sd
+        if k in own and _dtype_kind(sd[k].dtype) != _dtype_kind(own[k].dtype)
+    ]
+    if mismatched or wrong_dtype or (strict and (missing or unexpected)):
         parts = []
         if missing:
             parts.append(
@@ -610,6 +545,11 @@ def _load_into(
             parts.append(
                 f"shape mismatches ({len(mismatched)}): "
                 + _listing([f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched])
+            )
+        if wrong_dtype:
+            parts.append(
+                f"dtype mismatches ({len(wrong_dtype)}, a value of another kind would be cast silently): "
+                + _listing(wrong_dtype)
             )
         raise StateDictMismatchError(
             path,
@@ -709,7 +649,7 @@ def load_checkpoint(
         fmt = "safetensors"
         sd, meta = _load_safetensors(path)
     else:
-        obj = _torch_load(path, allow_unsafe)
+        obj = torch_load(path, allow_unsafe)
         sd, meta, nested = _extract(obj, path)
         is_lightning = (
             isinstance(obj, Mapping)
@@ -721,6 +661,8 @@ def load_checkpoint(
             meta.setdefault("state_dict_key", nested)
     if not sd:
         raise EmptyCheckpointError(path, "contains no tensors")
+    _check_tensor_kinds(sd, path)
+    _check_counters(meta, path)
     sd, stripped = _strip_wrappers(sd)
     if model is not None:
         sd, more = _fit_to_model(sd, set(model.state_dict()))

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .atomic import atomic_write, atomic_write_text, dir_lock
 from .checkpoints import (
     CheckpointError,
     _json_value,
+    checkpoint_counter,
     load_checkpoint,
     read_safetensors_metadata,
     save_checkpoint,
@@ -461,17 +463,8 @@ class Run:
             if not m:
                 continue
             meta = read_safetensors_metadata(f)
-            epoch = meta.get("epoch")
-            out.append(
-                CheckpointInfo(
-                    step=int(m.group(1)),
-                    epoch=int(epoch)
-                    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool)
-                    else None,
-                    path=f,
-                    metadata=meta,
-                )
-            )
+            epoch = checkpoint_counter(meta.get("epoch"), "epoch", f)  # CheckpointError if NaN/Inf/huge
+            out.append(CheckpointInfo(step=int(m.group(1)), epoch=epoch, path=f, metadata=meta))
         return sorted(out, key=lambda c: c.step)
 
     def steps(self) -> list[int]:
@@ -493,11 +486,29 @@ class Run:
         """Build the run's model and load the checkpoint at ``step`` (the last one when None).
 
         A checkpoint whose metadata names a different ``model_config`` (e.g. one model size of a
-        sweep run, where ``step`` is the size) is built from that config instead.
+        sweep run, where ``step`` is the size) is built from that config instead; outside a sweep run
+        (no ``sweep_variable`` in run.json's extra) a different architecture is warned about. The
+        model's ``dynascope_config_source`` (``"run.json"`` or ``"checkpoint"``) says which config was
+        used, and probes record it in ``.meta["model_config_source"]``.
         """
         info = self.checkpoint(step)
         cfg = self.model_config_at(info.step)
+        source = "run.json"
+        if cfg != self.model_config:
+            source = "checkpoint"
+            differs = {k: v for k, v in cfg.items() if k != "seed"} != {
+                k: v for k, v in self.model_config.items() if k != "seed"
+            }
+            if differs and "sweep_variable" not in self.extra:
+                warnings.warn(
+                    f"run '{self.path}': the checkpoint of step {info.step} holds a different architecture "
+                    f"than run.json: checkpoint {cfg} vs run.json {self.model_config}; using the "
+                    "checkpoint's (recorded as model_config_source='checkpoint' in probe results)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         model = build(cfg.pop("name"), **cfg)
+        model.dynascope_config_source = source
         load_checkpoint(info.path, model, allow_nonfinite=allow_nonfinite)
         return model
 

@@ -20,12 +20,20 @@ With per-example gradients ``g_1..g_N`` (of the per-sample loss), ``S = Σ_i g_i
   estimators ``tr(Σ) = (Q − ‖S‖²/N)/(N − 1)`` (sample covariance of the g_i) and
   ``‖G‖² = ‖S/N‖² − tr(Σ)/N = (‖S‖² − Q)/(N(N − 1))``. Since ``tr(Σ) + ‖G‖² = Q/N``, the identity
   ``α = 1 / (1 + B_simple)`` holds exactly for these estimators.
+
+The unbiased estimators go negative when the mean gradient is below the noise level of N samples
+(‖S‖² < Q; common for large models, e.g. transformers): α < 0, ‖G‖² < 0 and B_simple < 0 together.
+The plug-in (biased, never negative) estimates are reported beside them: ``alpha_with_self`` (the
+plug-in α), ``grad_norm_sq_plugin = ‖S/N‖²``, ``trace_cov_plugin = Q/N − ‖S/N‖²`` and
+``noise_scale_plugin = trace_cov_plugin / grad_norm_sq_plugin = N Q/‖S‖² − 1``; a negative unbiased
+estimate raises a ``UserWarning`` and is listed in ``meta["negative_unbiased"]``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +64,17 @@ def coherence_stats(n: int, s_sq: float, q: float, m: int | None = None) -> dict
         "trace_cov": nan,
         "grad_norm_sq": nan,
         "mean_sq_norm": q / n if n > 0 else nan,
+        "trace_cov_plugin": nan,
+        "grad_norm_sq_plugin": nan,
+        "noise_scale_plugin": nan,
     }
+    if n >= 1:
+        out["grad_norm_sq_plugin"] = s_sq / n**2
+        out["trace_cov_plugin"] = max(q / n - s_sq / n**2, 0.0)  # ≥ 0 by Cauchy–Schwarz; clip rounding
+        if s_sq > 0:
+            out["noise_scale_plugin"] = out["trace_cov_plugin"] / out["grad_norm_sq_plugin"]
+        elif q > 0:
+            out["noise_scale_plugin"] = math.inf
     if n >= 1 and q > 0:
         out["alpha_with_self"] = s_sq / (n * q)
     if n >= 2:
@@ -80,8 +98,10 @@ class CoherenceResult(Result):
 
     ``alpha`` counts distinct pairs only (i ≠ j); ``alpha_with_self`` counts i = j too;
     ``m_coherence = 1 + (m − 1)·alpha``; ``noise_scale`` is B_simple with unbiased estimators, so
-    ``alpha == 1 / (1 + noise_scale)``. ``per_class``: one dict per class with the same fields
-    (``m`` there is the class size unless ``m`` was given).
+    ``alpha == 1 / (1 + noise_scale)``. The ``*_plugin`` fields (and ``alpha_with_self``, the plug-in
+    α) are the biased, never negative estimates; see the module docstring for when the unbiased ones
+    go negative. ``per_class``: one dict per class with the same fields (``m`` there is the class size
+    unless ``m`` was given).
     """
 
     alpha: float
@@ -93,13 +113,17 @@ class CoherenceResult(Result):
     grad_norm_sq: float
     mean_sq_norm: float
     n_samples: int
+    trace_cov_plugin: float = float("nan")
+    grad_norm_sq_plugin: float = float("nan")
+    noise_scale_plugin: float = float("nan")
     per_class: list[dict[str, Any]] = field(default_factory=list)
 
     def to_frame(self):  # -> pandas.DataFrame
         """One row for the whole dataset (``group="all"``) and one per class (``group="class <c>"``)."""
         import pandas as pd
 
-        keys = ("alpha", "alpha_with_self", "m", "m_coherence", "noise_scale", "trace_cov", "grad_norm_sq")
+        keys = ("alpha", "alpha_with_self", "m", "m_coherence", "noise_scale", "trace_cov", "grad_norm_sq",
+                "noise_scale_plugin", "trace_cov_plugin", "grad_norm_sq_plugin")  # fmt: skip
         rows = [{"group": "all", "class": None, "n": self.n_samples, **{k: getattr(self, k) for k in keys}}]
         for r in self.per_class:
             rows.append(
@@ -158,6 +182,19 @@ def gradient_coherence(
         Sc = moments.group_S[c]  # type: ignore[index]
         st = coherence_stats(nc, float(Sc @ Sc), float(moments.group_Q[c]), m)
         rows.append({"class": c, **st})
+    negative = [k for k in ("alpha", "grad_norm_sq", "noise_scale") if stats[k] < 0]
+    negative_classes = [r["class"] for r in rows if r["alpha"] < 0]
+    if negative:
+        warnings.warn(
+            f"gradient_coherence: the unbiased estimates are negative (alpha={stats['alpha']:.3g}, "
+            f"grad_norm_sq={stats['grad_norm_sq']:.3g}, noise_scale={stats['noise_scale']:.3g}): the mean "
+            f"gradient is below the noise level of {moments.n} samples. Plug-in (biased, >= 0) estimates: "
+            f"alpha_with_self={stats['alpha_with_self']:.3g}, grad_norm_sq_plugin="
+            f"{stats['grad_norm_sq_plugin']:.3g}, noise_scale_plugin={stats['noise_scale_plugin']:.3g}"
+            + (f"; {len(negative_classes)} class(es) negative too" if negative_classes else ""),
+            UserWarning,
+            stacklevel=2,
+        )
     meta = make_meta(
         "gradient_coherence",
         model=ctx.model,
@@ -175,6 +212,9 @@ def gradient_coherence(
         reduction="per-example gradients of the per-sample loss (not divided by N)",
         pairs="alpha: i != j pairs only; alpha_with_self: i = j included",
         estimators="tr(Sigma) unbiased (N-1); |G|^2 unbiased (|S|^2-Q)/(N(N-1)); alpha = 1/(1+B_simple)",
+        plugin_estimators="alpha_with_self = |S|^2/(N Q); |G|^2 = |S/N|^2; tr(Sigma) = Q/N - |S/N|^2",
+        negative_unbiased=negative,
+        negative_unbiased_classes=negative_classes,
     )
     return CoherenceResult(
         alpha=stats["alpha"],
@@ -186,6 +226,9 @@ def gradient_coherence(
         grad_norm_sq=stats["grad_norm_sq"],
         mean_sq_norm=stats["mean_sq_norm"],
         n_samples=moments.n,
+        trace_cov_plugin=stats["trace_cov_plugin"],
+        grad_norm_sq_plugin=stats["grad_norm_sq_plugin"],
+        noise_scale_plugin=stats["noise_scale_plugin"],
         per_class=rows,
         meta=meta,
     )

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..datasets.batching import as_batches
 from .functional import ModeGuard, check_finite, check_mode
+from .losses import check_model_input
 from .results import Result, make_meta
 from .trajectory import checkpoint_models
 from .validation import check_float, check_int
@@ -350,6 +351,7 @@ def neural_collapse(
     d = layer.in_features
     dev = torch.device(device) if device is not None else _device_of(model)
     source = as_batches(data, batch_size, device=dev)
+    check_model_input(model, next(iter(source)).x)
 
     sums = torch.zeros(n_classes, d, dtype=torch.float64, device=dev)
     counts = torch.zeros(n_classes, dtype=torch.float64, device=dev)

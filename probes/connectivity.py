@@ -260,7 +260,7 @@ def lmc_barrier(
     first = next(iter(source), None)
     if first is None:
         raise ValueError("the data holds no samples")
-    resolved = resolve_loss(loss, first.y)
+    resolved = resolve_loss(loss, first.y, model=model_a, inputs=first.x)
     has_bn = reset_bn and bool(_batchnorms(model_a))
     bn_source = as_batches(bn_reset_data if bn_reset_data is not None else data, batch_size, device=device)
     bn_source = bn_source if has_bn else None

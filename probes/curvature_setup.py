@@ -11,6 +11,7 @@ that uses an operator).
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -74,6 +75,8 @@ def spectral_meta(
     wall = time.perf_counter() - started
     det = rec.determinism() if (check_determinism and rec is not None) else None
     rtol = determinism_rtol(op.dtype)
+    stochastic = _stochastic_modules(model) if op.mode == "train" else []
+    _warn_nondeterministic(probe, det, stochastic, rtol)
     return make_meta(
         probe,
         model=model,
@@ -87,5 +90,32 @@ def spectral_meta(
         determinism_matvecs=RecordingOperator.DETERMINISM_MATVECS if det is not None else 0,
         determinism_rtol=rtol if det is not None else None,
         deterministic=None if det is None else bool(det <= rtol),
+        stochastic_modules=stochastic,
         **extra,
     )
+
+
+def _stochastic_modules(model: nn.Module) -> list[str]:
+    """Dropout modules with p > 0: in train mode each product draws new masks."""
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0
+    ]
+
+
+def _warn_nondeterministic(probe: str, det: float | None, stochastic: list[str], rtol: float) -> None:
+    if stochastic or (det is not None and det > rtol):
+        why = f"mode='train' with dropout ({', '.join(stochastic[:5])})" if stochastic else "the model"
+        measured = f"; two products of the same vector differ by {det:.2g} (relative)" if det else ""
+        warnings.warn(
+            f"{probe}: {why} makes the curvature operator random, so results change between calls"
+            f"{measured}. Use mode='eval' for reproducible numbers (recorded in .meta: "
+            "'stochastic_modules', 'determinism_rel_diff')",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def now() -> float:
+    return time.perf_counter()

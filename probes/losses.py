@@ -11,18 +11,29 @@ Built-in losses (``loss=`` argument of every probe):
 * ``"mse"``: ``ℓ_i = mean_o (f_io − y_io)²`` (PyTorch's ``mse_loss`` convention, mean over outputs).
 * ``"half_sse"``: ``ℓ_i = ½ Σ_o (f_io − y_io)²`` (the convention of the edge-of-stability papers).
 * ``"auto"``: integer targets → ``cross_entropy``, floating targets → ``mse``.
+
+Class labels must lie in ``[0, C)`` for a model with ``C`` outputs (``-100``, PyTorch's ignore index,
+is the one exception for ``cross_entropy``); anything else is a ``ValueError`` naming the first bad
+label, never torch's ``IndexError`` or a device-side assert. :func:`check_model_input` runs the
+model once on a few samples of the first batch and turns a dtype or shape error into a ``ValueError``
+stating what the first layer expects and what it got; ``resolve_loss(..., model=, inputs=)`` does both.
 * a callable ``fn(outputs, targets) -> scalar`` returning the *batch mean*, like ``nn.CrossEntropyLoss()``;
   its per-sample form is obtained by evaluating it on single-sample batches (``vmap``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import vmap
+
+IGNORE_INDEX = -100  # F.cross_entropy's default: such targets contribute zero loss
+_CHECKED_LABELS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # label batches known to be in range
 
 PerSample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,12 +60,62 @@ def _flat_pair(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     return out2, y2
 
 
+def check_labels(
+    y: torch.Tensor, n_classes: int, *, ignore_index: int | None = None, what: str = "targets"
+) -> None:
+    """Raise ``ValueError`` naming the first label outside ``[0, n_classes)`` (``ignore_index`` allowed).
+
+    Skipped under ``vmap`` (data-dependent control flow); the kernel's own bounds error is translated
+    there (see ``_cross_entropy``). A batch that passed is remembered (by its memory, shape and
+    version, holding a reference so the memory is not reused), so the products of a probe do not
+    pay a device synchronisation each.
+    """
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.numel() == 0:
+        return
+    try:
+        key = (y.device, y.untyped_storage().data_ptr(), y.storage_offset(), tuple(y.shape), y.stride(),
+               y._version, n_classes, ignore_index)  # fmt: skip
+    except (RuntimeError, NotImplementedError):  # a functorch-wrapped tensor (under vmap)
+        return
+    if key in _CHECKED_LABELS:  # this batch, unchanged, passed before: no device sync per product
+        return
+    try:
+        bad = (y < 0) | (y >= n_classes)
+        if ignore_index is not None:
+            bad &= y != ignore_index
+        if not bool(bad.any()):
+            _CHECKED_LABELS[key] = y  # holding y keeps its memory from being reused under this key
+            while len(_CHECKED_LABELS) > 256:
+                _CHECKED_LABELS.popitem(last=False)
+            return
+    except RuntimeError:  # inside a torch.func transform: the bounds check below still catches it
+        return
+    i = int(bad.reshape(-1).nonzero()[0, 0])
+    index = list(torch.unravel_index(torch.tensor(i), tuple(y.shape))) if y.dim() > 1 else [i]
+    allowed = f"[0, {n_classes})" + (f" or {ignore_index} (ignored)" if ignore_index is not None else "")
+    raise ValueError(
+        f"{what}: class label {int(y.reshape(-1)[i])} at index {[int(j) for j in index]} is outside "
+        f"{allowed} for a model with {n_classes} outputs ({int(bad.sum())} bad labels of {y.numel()})"
+    )
+
+
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if out.dim() != 2:
         raise ValueError(f"cross_entropy expects outputs [B, C]; got {tuple(out.shape)}")
     if y.dim() != 1:
         raise ValueError(f"cross_entropy expects integer targets [B]; got {tuple(y.shape)}")
-    return F.cross_entropy(out, y, reduction="none")
+    if y.is_floating_point():
+        raise ValueError(f"cross_entropy expects integer class labels; got {y.dtype} targets (loss='mse'?)")
+    check_labels(y, out.shape[1], ignore_index=IGNORE_INDEX)
+    try:
+        return F.cross_entropy(out, y, reduction="none")
+    except (IndexError, RuntimeError) as err:
+        if "out of bounds" not in str(err):
+            raise
+        raise ValueError(
+            f"targets: a class label is outside [0, {out.shape[1]}) for a model with {out.shape[1]} outputs "
+            f"({err})"
+        ) from None
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -81,8 +142,81 @@ def _from_batch_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -
     return vmap(single)
 
 
-def resolve_loss(loss: str | Callable | Loss, targets: torch.Tensor | None = None) -> Loss:
-    """Turn a ``loss=`` argument into a :class:`Loss`; ``"auto"`` looks at the targets' dtype."""
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.Bilinear)):
+            return name, m
+    return None
+
+
+def _expectation(model: nn.Module) -> str:
+    found = _first_layer(model)
+    if found is None:
+        return ""
+    name, m = found
+    where = f"its first layer {name or type(model).__name__} ({type(m).__name__})"
+    if isinstance(m, nn.Embedding):
+        return f"; {where} expects integer token ids in [0, {m.num_embeddings})"
+    dtype = str(m.weight.dtype).replace("torch.", "")
+    if isinstance(m, nn.Linear):
+        return f"; {where} expects {dtype} inputs [..., {m.in_features}]"
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+        spatial = ", ".join(["L", "H, W", "D, H, W"][nd - 1 : nd])
+        return f"; {where} expects {dtype} inputs [N, {m.in_channels}, {spatial}]"
+    return f"; {where} expects {dtype} inputs"
+
+
+def check_model_input(model: nn.Module, x: torch.Tensor, *, n: int = 8) -> torch.Tensor:
+    """The model's outputs on the first ``n`` samples of ``x`` (eval mode, no grad, modes restored).
+
+    Floating ``x`` is cast to the model's parameter dtype and moved to its device first, as probes do.
+
+    A forward that fails on a dtype or shape is re-raised as ``ValueError`` with the inputs' shape and
+    dtype and what the model's first layer expects.
+    """
+    p = next(model.parameters(), None)
+    if p is not None:  # as the probes prepare data: on the model's device, floating inputs in its dtype
+        x = x.to(p.device, dtype=p.dtype if x.is_floating_point() else None)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x[:n])
+    except (RuntimeError, TypeError, IndexError) as err:
+        got = f"{str(x.dtype).replace('torch.', '')} inputs of shape {list(x.shape)}"
+        text = " ".join(str(err).split())[:200]
+        raise ValueError(
+            f"the model cannot take the data's inputs: got {got}{_expectation(model)} "
+            f"({type(err).__name__}: {text})"
+        ) from None
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def resolve_loss(
+    loss: str | Callable | Loss,
+    targets: torch.Tensor | None = None,
+    *,
+    model: nn.Module | None = None,
+    inputs: torch.Tensor | None = None,
+) -> Loss:
+    """Turn a ``loss=`` argument into a :class:`Loss`; ``"auto"`` looks at the targets' dtype.
+
+    With ``model`` and ``inputs`` (a probe's first batch) the inputs are checked once against the model
+    (:func:`check_model_input`) and, for cross-entropy, the first batch's labels against its outputs.
+    """
+    resolved = _resolve(loss, targets)
+    if model is not None and inputs is not None:
+        out = check_model_input(model, inputs)
+        logits = isinstance(out, torch.Tensor) and out.dim() == 2
+        if resolved.name == "cross_entropy" and targets is not None and logits:
+            check_labels(targets, out.shape[1], ignore_index=IGNORE_INDEX)
+    return resolved
+
+
+def _resolve(loss: str | Callable | Loss, targets: torch.Tensor | None) -> Loss:
     if isinstance(loss, Loss):
         return loss
     if callable(loss):

@@ -248,7 +248,7 @@ class CurvatureOperator(LinearOperator):
         self.source = self.fm.batches(data, spec.batch_size)
         self.reduce_fn = spec.reduce_fn
         first_batch = next(iter(self.source))
-        self.loss = resolve_loss(spec.loss, first_batch.y)
+        self.loss = resolve_loss(spec.loss, first_batch.y, model=self.model, inputs=first_batch.x)
         n_local = self.source.num_samples()
         n = torch.tensor(float(n_local), dtype=torch.float64, device=self.device)
         self.num_samples = int(round(float(self.reduce_fn(n) if self.reduce_fn is not None else n)))

@@ -74,7 +74,8 @@ def prepare(
     check_int("chunk_size", chunk_size, min=1)
     fm = FunctionalModel(model, params=params, mode="eval", dtype=dtype, device=device)
     source = fm.batches(data, chunk_size)
-    resolved = resolve_loss(loss, next(iter(source)).y)
+    first_batch = next(iter(source))
+    resolved = resolve_loss(loss, first_batch.y, model=fm.model, inputs=first_batch.x)
     return PerExampleContext(fm=fm, loss=resolved, source=source)
 
 

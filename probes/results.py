@@ -193,6 +193,7 @@ def make_meta(
             meta["dtype"] = str(p.dtype)
         meta["checkpoint_hash"] = getattr(model, "dynascope_checkpoint_hash", None)
         meta["model_config"] = to_jsonable(getattr(model, "dynascope_config", None))
+        meta["model_config_source"] = getattr(model, "dynascope_config_source", None)
     if started is not None:
         meta["wall_time_s"] = time.perf_counter() - started
     meta["versions"] = _versions()

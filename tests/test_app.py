@@ -660,3 +660,90 @@ def test_app_and_notebook_share_multi_checkpoint_and_preconditioned_results(
         "lmc_barrier", step=20, other=(view, 20), n_points=5, align="weights", layerwise=True, max_samples=48
     )
     assert nb_path.barrier == path.barrier and list(nb_path.losses) == list(path.losses)
+
+
+# ----------------------------------------------------------------------------------------- hardening
+def test_upload_long_names_nonfinite_steps_duplicate_names_and_size_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lib import uploads
+
+    from dynascope.models import CheckpointMetadataError
+
+    model = build(**MODEL)
+    sd = model.state_dict()
+
+    def torch_bytes(meta: dict | None) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"state_dict": sd, "dynascope_metadata": json.dumps(meta)} if meta else sd, buf)
+        return buf.getvalue()
+
+    long_name = "x" * 300 + "_step_9.pt"  # over the file system's 255-byte name limit
+    files = [
+        (long_name, torch_bytes(None)),
+        ("dup.pt", torch_bytes({"step": 1})),
+        ("dup.pt", torch_bytes({"step": 2})),
+        ("nan.pt", torch_bytes({"step": float("nan")})),
+        ("inf_epoch.pt", torch_bytes({"step": 4, "epoch": float("inf")})),
+        ("big.pt", b"\0" * 40_000),
+    ]
+    monkeypatch.setenv("DYNASCOPE_MAX_UPLOAD_MB", "0.03")  # ~31 KB per file
+    report = uploads.import_checkpoints(
+        files, runs_root=tmp_path, run_name="r" * 300, model_name="mlp", model_config=MODEL,
+        dataset_name=DATASET["name"], dataset_config={k: v for k, v in DATASET.items() if k != "name"},
+    )  # fmt: skip
+    assert report.steps == {long_name: 9, "dup.pt": 1, "dup.pt (2)": 2}
+    assert sorted(report.errors) == ["big.pt", "inf_epoch.pt", "nan.pt"]
+    nan_err = report.errors["nan.pt"]
+    assert (
+        isinstance(nan_err, CheckpointMetadataError)
+        and "'nan.pt'" in str(nan_err)
+        and "'step'" in str(nan_err)
+    )
+    assert "'epoch'" in str(report.errors["inf_epoch.pt"]) and "'inf_epoch.pt'" in str(
+        report.errors["inf_epoch.pt"]
+    )
+    assert "0.0381 MB is over the upload limit of 0.03 MB per file" in str(report.errors["big.pt"])
+    assert report.run is not None and report.run.steps() == [1, 2, 9]
+    assert len(report.run.path.name) <= uploads.MAX_NAME_CHARS
+
+
+def test_safe_names_are_short_and_distinct() -> None:
+    from lib import uploads
+
+    a, b = uploads.safe_name("a" * 300 + "1.safetensors"), uploads.safe_name("a" * 300 + "2.safetensors")
+    assert a != b and len(a) <= uploads.MAX_NAME_CHARS and a.endswith(".safetensors")
+    assert uploads.safe_name("short.pt") == "short.pt"
+    assert uploads.distinct_names(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
+    assert uploads.step_from_name("step_" + "9" * 30 + ".pt") is None  # not a step: over 2**63
+
+
+def test_streamlit_config_binds_localhost_with_xsrf_and_dynascope_app_passes_it() -> None:
+    import argparse
+    import subprocess
+
+    from lib import uploads
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from dynascope.cli import APP_SERVER_OPTIONS, app_command
+
+    cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "127.0.0.1" and cfg["server"]["enableXsrfProtection"] is True
+    assert cfg["server"]["maxUploadSize"] == uploads.MAX_UPLOAD_MB
+    # `streamlit run app/main.py` from the repository root reads it ...
+    code = "from streamlit import config; config.get_config_options(force_reparse=True); " \
+           "print(config.get_option('server.address'), config.get_option('server.enableXsrfProtection'), " \
+           "config.get_option('server.maxUploadSize'))"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["127.0.0.1", "True", str(uploads.MAX_UPLOAD_MB)], out.stderr
+    # ... and `dynascope app`, started anywhere, passes the same settings explicitly
+    args = argparse.Namespace(port=8501, address="127.0.0.1", headless=True)
+    cmd = app_command(args)
+    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    assert flags["--server.address"] == "127.0.0.1"
+    for section, values in cfg.items():
+        for key, value in values.items():
+            if key != "address":
+                assert flags[f"--{section}.{key}"] == str(value).lower(), key
+    assert set(APP_SERVER_OPTIONS) == {f"{s}.{k}" for s, v in cfg.items() for k in v if k != "address"}

@@ -452,3 +452,418 @@ def test_file_sha256_is_memoised_but_sees_rewrites(tmp_path) -> None:
     tmp.write_bytes(b"second, longer")
     os.replace(tmp, p)  # the way checkpoints are written
     assert file_sha256(p) == hashlib.sha256(b"second, longer").hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- hardening
+def safetensors_with_header_length(path: Path, n: int) -> Path:
+    """A valid safetensors checkpoint whose JSON header is exactly ``n`` bytes (metadata padded)."""
+    model = build("mlp", in_dim=3, width=4, depth=1, out_dim=2)
+
+    def length(pad: int) -> int:
+        save_checkpoint(model, path, format="safetensors", metadata={"step": 12, "pad": "x" * pad})
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    pad = max(0, n - length(0) - 16)  # one more pad byte adds one header byte (before 8-byte alignment)
+    while (got := length(pad)) < n:
+        pad += 1
+    assert got == n, f"header length {got}, wanted {n}"
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt"])
+@pytest.mark.parametrize("n", [640, 896, 1152, 1408])
+def test_safetensors_header_length_that_looks_like_a_pickle_opcode(tmp_path, n, suffix):
+    p = safetensors_with_header_length(tmp_path / "w.safetensors", n)
+    assert p.read_bytes()[0] == 0x80 and 2 <= p.read_bytes()[1] <= 5  # what fooled the old sniffer
+    q = p.with_name(f"copy{suffix}")
+    q.write_bytes(p.read_bytes())
+    model = build("mlp", in_dim=3, width=4, depth=1, out_dim=2)
+    fresh = build("mlp", in_dim=3, width=4, depth=1, out_dim=2, seed=1)
+    ck = load_checkpoint(q, fresh)
+    assert ck.format == "safetensors" and ck.step == 12 and ck.metadata["pad"].startswith("x")
+    assert ck.model_config == model_config(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_content_named_safetensors_is_loaded_as_torch(tmp_path, legacy):
+    model = trained_like("mlp")
+    p = tmp_path / "really_torch.safetensors"
+    torch.save(model.state_dict(), p, _use_new_zipfile_serialization=not legacy)
+    fresh = build_tiny("mlp", seed=1)
+    assert load_checkpoint(p, fresh).format == "torch"
+    assert_same_function(model, fresh, "mlp")
+    p.write_bytes(p.read_bytes()[:300])  # damaged: a CheckpointError, never a SafetensorError
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "corrupt")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR is beta, quantized deprecated
+@pytest.mark.parametrize(
+    "make,fragment",
+    [
+        (lambda: torch.zeros(4, 3).to_sparse(), "layout sparse_coo"),
+        (lambda: torch.zeros(4, 3).to_sparse_csr(), "layout sparse_csr"),
+        (lambda: torch.empty(10**7, 10**4, device="meta"), "device meta"),
+        (lambda: torch.quantize_per_tensor(torch.zeros(4, 3), 0.1, 0, torch.qint8), "quantized"),
+    ],
+    ids=["sparse_coo", "sparse_csr", "meta", "quantized"],
+)
+def test_non_dense_tensors_refused_up_front(tmp_path, make, fragment):
+    import time
+
+    from dynascope.models import UnsupportedTensorError
+
+    p = tmp_path / "odd.pt"
+    torch.save({"head.weight": make(), "head.bias": torch.zeros(4)}, p)
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedTensorError) as e:
+        load_checkpoint(p, build("mlp", in_dim=3, width=4, depth=0, out_dim=4))
+    assert time.perf_counter() - t0 < 2.0
+    check_error(e, p, "unsupported_tensor", "head.weight", fragment, "dense")
+
+
+def _legacy_with_huge_string_length(path: Path) -> None:
+    import pickletools
+
+    torch.save(build_tiny("mlp").state_dict(), path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    with open(path, "rb") as f:  # a legacy file is several pickles in a row; find a string in any
+        ops = (op for _ in range(4) for op in pickletools.genops(f))
+        pos = next(p for op, _a, p in ops if op.name in ("BINUNICODE", "BINSTRING"))
+    data[pos + 1 : pos + 5] = (0xFFFFFFF0).to_bytes(4, "little")  # a 4 GiB string in a small file
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("allow_unsafe", [False, True, "pickle"])
+def test_legacy_pickle_with_a_huge_string_length_is_corrupt(tmp_path, allow_unsafe):
+    import time
+
+    p = tmp_path / "huge.pt"
+    _legacy_with_huge_string_length(p)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CorruptCheckpointError) as e:
+            load_checkpoint(p, allow_unsafe=allow_unsafe)
+    assert time.perf_counter() - t0 < 2.0
+    check_error(e, p, "corrupt")
+
+
+@pytest.mark.parametrize("key", ["step", "epoch", "global_step"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1, 3.5, 2**63, 1e30, True])
+def test_step_and_epoch_must_be_integers_in_range(tmp_path, key, value):
+    import json
+
+    from dynascope.models import CheckpointMetadataError
+
+    p = tmp_path / "meta.pt"
+    sd = build_tiny("mlp").state_dict()
+    torch.save({"state_dict": sd, "dynascope_metadata": json.dumps({key: value})}, p)
+    with pytest.raises(CheckpointMetadataError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "metadata", repr(key))
+    with pytest.raises(CheckpointMetadataError, match=repr(key)):
+        save_checkpoint(build_tiny("mlp"), tmp_path / "out.safetensors", metadata={key: value})
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_lightning_top_level_step_out_of_range(tmp_path):
+    from dynascope.models import CheckpointMetadataError
+
+    p = tmp_path / "big.ckpt"
+    sd = {f"model.{k}": v for k, v in build_tiny("mlp").state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 1, "global_step": 2**63}, p)
+    with pytest.raises(CheckpointMetadataError) as e:
+        load_checkpoint(p)
+    check_error(e, p, "metadata", "'global_step'", "2**63")
+    torch.save({"state_dict": sd, "epoch": 1, "global_step": 2**63 - 1}, p)
+    ck = load_checkpoint(p)
+    assert ck.step == 2**63 - 1 and ck.epoch == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.int8])
+def test_tensor_dtype_of_another_kind_is_refused(tmp_path, dtype):
+    model = build("mlp", in_dim=3, width=4, depth=0, out_dim=4)
+    sd = model.state_dict()
+    sd["head.weight"] = torch.ones(sd["head.weight"].shape, dtype=dtype)
+    p = tmp_path / "ints.pt"
+    torch.save(sd, p)
+    with pytest.raises(StateDictMismatchError) as e:
+        load_checkpoint(p, build("mlp", in_dim=3, width=4, depth=0, out_dim=4))
+    check_error(e, p, "mismatch", "dtype", f"head.weight: checkpoint {str(dtype)[6:]} vs model float32")
+    sd["head.weight"] = torch.ones(
+        sd["head.weight"].shape, dtype=torch.float16
+    )  # floating into floating: fine
+    torch.save(sd, p)
+    load_checkpoint(p, build("mlp", in_dim=3, width=4, depth=0, out_dim=4))
+
+
+MARKER_ENV = "DYNASCOPE_TEST_MARKER"
+
+
+class ExecPayload:
+    def __reduce__(self):
+        return (exec, (f"open({os.environ[MARKER_ENV]!r}, 'w').write('exec ran')",))
+
+
+class EvalPayload:
+    def __reduce__(self):
+        return (eval, (f"open({os.environ[MARKER_ENV]!r}, 'w').write('eval ran')",))
+
+
+class SystemPayload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ[MARKER_ENV]}",))
+
+
+class SubprocessPayload:
+    def __reduce__(self):
+        import subprocess
+
+        return (subprocess.call, (["touch", os.environ[MARKER_ENV]],))
+
+
+class ImportPayload:
+    def __reduce__(self):
+        import importlib
+
+        return (importlib.import_module, ("antigravity",))
+
+
+class RunpyPayload:
+    def __reduce__(self):
+        import runpy
+
+        return (runpy.run_path, (os.environ[MARKER_ENV] + ".py",))
+
+
+class PickleLoadsPayload:
+    def __reduce__(self):
+        import pickle
+
+        return (pickle.loads, (pickle.dumps(SystemPayload()),))
+
+
+@pytest.mark.parametrize(
+    "payload,global_",
+    [
+        (ExecPayload, "builtins.exec"),
+        (EvalPayload, "builtins.eval"),
+        (SystemPayload, "posix.system"),
+        (SubprocessPayload, "subprocess.call"),
+        (ImportPayload, "importlib.import_module"),
+        (RunpyPayload, "runpy.run_path"),
+        (PickleLoadsPayload, "pickle.loads"),
+    ],
+)
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("allow_unsafe", [False, True, "pickle"])
+def test_denied_globals_never_run(tmp_path, monkeypatch, payload, global_, legacy, allow_unsafe):
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    (tmp_path / "marker.py").write_text(f"open({str(marker)!r}, 'w').write('runpy ran')\n")
+    p = tmp_path / "evil.pt"
+    sd = build_tiny("mlp").state_dict()
+    torch.save({"state_dict": sd, "x": payload()}, p, _use_new_zipfile_serialization=not legacy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # allow_unsafe='pickle' warns; that is tested elsewhere
+        with pytest.raises(UnsafeCheckpointError) as e:
+            load_checkpoint(p, build_tiny("mlp"), allow_unsafe=allow_unsafe)
+    check_error(e, p, "unsafe", global_, "never allows")
+    assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.parametrize("allow_unsafe", [True, "pickle"])
+def test_denied_global_under_an_alias_is_refused(tmp_path, monkeypatch, allow_unsafe):
+    """`torch._utils.os.system` is os.system reached through a module that imports os."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    p = tmp_path / "alias.pt"
+    torch.save({"state_dict": build_tiny("mlp").state_dict(), "x": SystemPayload()}, p,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    data = p.read_bytes()
+    assert b"cposix\nsystem\n" in data
+    p.write_bytes(data.replace(b"cposix\nsystem\n", b"ctorch._utils\nos.system\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(p, allow_unsafe=allow_unsafe)
+    if allow_unsafe is True:  # the name resolves to posix.system: refused by what it is
+        check_error(e, p, "unsafe", "torch._utils.os.system (= posix.system)", "never allows")
+    assert not marker.exists()
+
+
+def test_deny_list_covers_names_and_spares_plain_classes():
+    from dynascope.models.torch_files import _denied
+
+    for name in ["builtins.exec", "__builtin__.eval", "os.system", "posix.system", "subprocess.Popen",
+                 "importlib.import_module", "runpy.run_module", "_pickle.loads", "marshal.loads",
+                 "shutil.rmtree", "sys.modules", "socket.socket", "builtins.getattr", "foo.Bar.__init__",
+                 "pathlib.Path.write_text", "torch.serialization.os.system"]:  # fmt: skip
+        assert _denied(name), name
+    allowed = ["argparse.Namespace", "collections.OrderedDict", "pathlib.PosixPath", "builtins.set",
+               "torch._utils._rebuild_tensor_v2", "numpy.core.multiarray._reconstruct"]  # fmt: skip
+    for name in [*allowed, CUSTOM_GLOBAL]:
+        assert not _denied(name), name
+
+
+def test_flipped_weight_byte_in_a_zip_checkpoint_is_caught_by_its_crc(tmp_path):
+    import zipfile
+
+    p = save_checkpoint(trained_like("mlp"), tmp_path / "w.pt")
+    data = bytearray(p.read_bytes())
+    info = next(i for i in zipfile.ZipFile(p).infolist() if "/data/" in i.filename)
+    h = info.header_offset  # local header: 30 bytes, then the name and the extra field
+    start = (
+        h
+        + 30
+        + int.from_bytes(data[h + 26 : h + 28], "little")
+        + int.from_bytes(data[h + 28 : h + 30], "little")
+    )
+    data[start + 1] ^= 0x10  # one bit of one weight: torch.load alone would load it silently
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p, build_tiny("mlp"))
+    check_error(e, p, "corrupt", "CRC")
+
+
+def test_legacy_file_whose_storage_index_lost_entries_is_corrupt(tmp_path):
+    """Storage keys pickle cut to an empty list: torch.load would return uninitialised tensors."""
+    import pickletools
+
+    p = tmp_path / "legacy.pt"
+    torch.save(build_tiny("mlp").state_dict(), p, _use_new_zipfile_serialization=False)
+    data = p.read_bytes()
+    with open(p, "rb") as f:
+        for _ in range(4):  # magic, protocol, sys info, object
+            for _op in pickletools.genops(f):
+                pass
+        keys_at = f.tell()
+    p.write_bytes(data[:keys_at] + b"\x80\x02]q\x00." + data[keys_at:][len(pickle_of_keys(data, keys_at)) :])
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p, build_tiny("mlp"))
+    check_error(e, p, "corrupt", "storage index", "uninitialised")
+
+
+def pickle_of_keys(data: bytes, start: int) -> bytes:
+    import io
+    import pickletools
+
+    f = io.BytesIO(data[start:])
+    for _op in pickletools.genops(f):
+        pass
+    return data[start : start + f.tell()]
+
+
+def test_self_overlapping_tensor_is_refused(tmp_path):
+    from dynascope.models import UnsupportedTensorError
+
+    model = build("mlp", in_dim=3, width=4, depth=0, out_dim=4)
+    p = tmp_path / "expanded.pt"
+    torch.save({"head.weight": torch.randn(1, 3).expand(4, 3), "head.bias": torch.zeros(4)}, p)
+    with pytest.raises(UnsupportedTensorError) as e:
+        load_checkpoint(p, model)
+    check_error(e, p, "unsupported_tensor", "head.weight (strides [0, 1] for shape [4, 3] overlap)")
+
+
+def _fuzz_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fuzz_loader.py"
+    spec = importlib.util.spec_from_file_location("fuzz_loader", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_loader_fuzz_every_outcome_identical_weights_or_a_checkpoint_error(tmp_path):
+    """2,500 seeded mutations of zip/legacy .pt, .safetensors (also named .bin) and .ckpt files
+    (bench/fuzz_loader.py runs the same cases in subprocesses under a memory limit, 10,000+)."""
+    from collections import Counter
+
+    fuzz = _fuzz_module()
+    case = fuzz.Case(tmp_path, seed=2026)
+    outcomes = Counter()
+    per_format: dict[str, Counter] = {s: Counter() for s in ("zip", "legacy", "st", "st.bin", "ckpt")}
+    bad = {}
+    for i in range(2500):
+        outcome = case.run(i)
+        outcomes[outcome] += 1
+        per_format[list(per_format)[i % 5]][outcome] += 1
+        if outcome.startswith("BAD"):
+            bad[i] = outcome
+    assert not bad, bad
+    assert sum(outcomes.values()) == 2500
+    for fmt, c in per_format.items():  # every format yields both loads and refusals
+        assert c["identical"] > 0 and c["corrupt"] > 0, (fmt, c)
+    assert {"mismatch", "unsafe", "metadata"} <= set(outcomes), outcomes
+
+
+def test_zip_index_damage_that_torch_reads_as_an_empty_record_is_corrupt(tmp_path):
+    """The DOS 'directory' bit in a central-directory entry's external attributes (Python's zipfile
+    ignores it, CRCs intact): torch's reader then skips the record and returns the tensor's storage
+    unfilled, garbage differing per load."""
+    p = save_checkpoint(trained_like("mlp"), tmp_path / "w.pt")
+    data = bytearray(p.read_bytes())
+    entries = [i for i in range(len(data) - 4) if data[i : i + 4] == b"PK\x01\x02"]  # central directory
+    name_of = {
+        i: bytes(data[i + 46 : i + 46 + int.from_bytes(data[i + 28 : i + 30], "little")]) for i in entries
+    }
+    entry = next(i for i, n in name_of.items() if b"/data/0" in n)
+    data[entry + 38] = 0x10  # external file attributes: MS-DOS directory flag
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(p, build_tiny("mlp"))
+    check_error(e, p, "corrupt", "matches none of the file's data records")
+
+
+def test_fuzz_bench_runs_cases_in_subprocesses_under_a_memory_limit(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "fuzz_loader.py"
+    out = tmp_path / "fuzz.json"
+    cmd = [sys.executable, str(bench), "--n", "40", "--workers", "1", "--mem-gb", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert sum(report["counts"].values()) == 40 and report["bad"] == {}
+    assert "RLIMIT_AS 3.0 GiB" in proc.stdout
+
+
+def _rezip(src: Path, dst: Path, edit) -> None:
+    """Copy a torch zip, passing data.pkl through ``edit`` (CRCs recomputed: a self-consistent zip)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info.filename, edit(data) if info.filename.endswith("data.pkl") else data)
+
+
+def test_pickle_pointing_a_tensor_at_another_tensors_storage_is_corrupt(tmp_path):
+    """A damaged storage key makes `b` show `a`'s values; its own record is then used by no tensor."""
+    a, b = torch.arange(4.0), torch.arange(4.0) + 10
+    src = tmp_path / "src.pt"
+    torch.save({"a": a, "b": b}, src)
+    ok = tmp_path / "ok.pt"
+    _rezip(src, ok, lambda d: d)  # the copy itself loads, identical
+    ck = load_checkpoint(ok)
+    assert torch.equal(ck.state_dict["b"], b)
+    bad = tmp_path / "bad.pt"
+    _rezip(src, bad, lambda d: d.replace(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000"))  # b's key "1" -> "0"
+    assert torch.equal(torch.load(bad, weights_only=True)["b"], a)  # what torch.load alone returns
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(bad)
+    check_error(e, bad, "corrupt", "used by no tensor")
+
+
+def test_a_storage_saved_on_its_own_is_not_an_unused_record(tmp_path):
+    p = tmp_path / "s.pt"
+    w = torch.randn(3, 2)
+    torch.save({"w": w, "raw": torch.arange(5.0).untyped_storage()}, p)
+    assert torch.equal(load_checkpoint(p).state_dict["w"], w)

@@ -302,3 +302,99 @@ def test_subprocess_python_m_dynascope(probed_run: Run) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "step 0 (cached)" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ hardening
+def test_runs_lists_the_other_runs_and_marks_a_truncated_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_run(tmp_path / "good")
+    broken = make_run(tmp_path / "broken")
+    ck = broken.checkpoint_path(8)
+    ck.write_bytes(ck.read_bytes()[:100])
+    code, out, err = run_cli(["runs", str(tmp_path)], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"{tmp_path / 'broken'}  mlp on xor  2 checkpoint(s), steps 0–4" in lines[0]
+    assert "[broken: step_000008.safetensors: is not a readable safetensors file" in lines[1]
+    assert f"{tmp_path / 'good'}  mlp on xor  3 checkpoint(s), steps 0–8" in lines[2]
+    code, out, _ = run_cli(["runs", str(tmp_path), "--json"], capsys)
+    rows = {Path(r["run"]).name: r for r in map(json.loads, out.splitlines())}
+    assert rows["good"]["checkpoints"] == 3 and "broken" not in rows["good"]
+    assert rows["broken"]["checkpoints"] == 2
+    assert [b["file"] for b in rows["broken"]["broken"]] == ["step_000008.safetensors"]
+
+
+def test_json_into_a_closed_pipe_is_quiet(
+    probed_run: Run, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dynascope runs --json | head -0`: the reader is gone before the first line is written."""
+    import io
+    import os
+
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    saved = os.dup(write_fd)  # main() points the pipe's descriptor at /dev/null; keep ours to close
+    pipe = io.TextIOWrapper(os.fdopen(write_fd, "wb", buffering=0), line_buffering=True)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        code = main(["runs", str(probed_run.path.parent), "--json"])
+    finally:
+        monkeypatch.undo()
+        os.close(saved)
+    _, err = capsys.readouterr()
+    assert code == 141 and err == ""
+
+
+def test_export_out_folder_or_missing_parent_is_exit_2(
+    probed_run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["export", str(probed_run.path), "--probe", "hessian_eigenvalues", "--format", "csv"]
+    code, _, err = run_cli([*base, "--out", str(tmp_path)], capsys)
+    assert code == 2 and f"--out '{tmp_path}' is a folder; give a file name" in err
+    missing = tmp_path / "no" / "such" / "x.csv"
+    code, _, err = run_cli([*base, "--out", str(missing)], capsys)
+    assert code == 2 and "does not exist" in err and "create it" in err
+    assert not (tmp_path / "no").exists()  # refused, never created
+    code, out, err = run_cli([*base, "--out", str(tmp_path / "x.csv")], capsys)
+    assert code == 0 and (tmp_path / "x.csv").is_file(), err
+
+
+def test_dataset_that_does_not_fit_the_model_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynascope.models import build, save_checkpoint
+
+    ck = save_checkpoint(build("mlp", in_dim=64, width=8, depth=1, out_dim=10), tmp_path / "m64.safetensors")
+    argv = ["probe", "hessian_eigenvalues", str(ck), "--dataset", '{"name": "xor"}', "--param", "k=2"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2, err
+    assert "got float32 inputs of shape [" in err and "expects float32 inputs [..., 64]" in err
+    assert len(err.strip().splitlines()) == 1 and "unexpected" not in err
+
+
+def test_runs_marks_a_checkpoint_with_a_nan_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path / "r")
+    state = run.load_model(8).state_dict()
+    meta = {"format": "pt", "dynascope": '{"step": 8, "epoch": NaN}'}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(run.checkpoint_path(8)), metadata=meta)
+    code, out, err = run_cli(["runs", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "2 checkpoint(s), steps 0–4" in out and "[broken: step_000008.safetensors: metadata 'epoch'" in out
+
+
+def test_checkpoint_step_beyond_int64_is_exit_2_before_any_probe(
+    probed_run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import save_file
+
+    state = probed_run.load_model(8).state_dict()
+    meta = {"format": "pt", "dynascope": json.dumps({"step": 2**63, "model_config": MODEL})}
+    bare = tmp_path / "huge_step.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bare), metadata=meta)
+    argv = ["probe", "hessian_trace", str(bare), "--dataset", json.dumps(DATASET), "--param", "n_matvecs=6"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and "metadata 'step' = 9223372036854775808 is outside [0, 2**63)" in err, err
+    assert not (tmp_path / "results.sqlite").exists() or not ResultStore(tmp_path).list()

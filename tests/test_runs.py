@@ -311,3 +311,33 @@ def test_concurrent_metric_writers_lose_no_rows(tmp_path):
     df = run.metrics()
     assert sorted(df["step"].tolist()) == sorted(w * 1000 + i for w in range(3) for i in range(25))
     assert {"extra_0", "extra_1", "extra_2"} <= set(df.columns) and tmp_files(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------- hardening
+@pytest.mark.parametrize("sweep", [False, True])
+def test_checkpoint_architecture_differing_from_run_json_warns_and_is_recorded(tmp_path, sweep):
+    import warnings
+
+    from dynascope import probes
+    from dynascope.models import save_checkpoint
+
+    run = make_run(tmp_path / "r", extra={"sweep_variable": "width"} if sweep else None)
+    run.save_checkpoint(run.build_model(), 0)
+    wider = build("mlp", in_dim=2, width=9, depth=1, out_dim=2)  # not what run.json says
+    save_checkpoint(wider, run.checkpoint_path(5), metadata={"step": 5, "model_config": model_config(wider)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = run.load_model(0)  # run.json's architecture: silent
+    assert same.dynascope_config_source == "run.json"
+    if sweep:  # a sweep run's checkpoints differ by design
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = run.load_model(5)
+    else:
+        with pytest.warns(UserWarning, match=r"step 5 holds a different architecture than run.json") as rec:
+            model = run.load_model(5)
+        assert "'width': 9" in str(rec[0].message) and "'width': 6" in str(rec[0].message)
+    assert model.dynascope_config_source == "checkpoint" and model_config(model)["width"] == 9
+    x, y = run.load_dataset().train
+    r = probes.hessian_trace(model, (x, y), n_matvecs=6)
+    assert r.meta["model_config_source"] == "checkpoint" and r.meta["model_config"]["width"] == 9

@@ -4,12 +4,21 @@ Every file is loaded with :func:`dynascope.models.load_checkpoint` into the arch
 the user (safe loading: ``weights_only`` pickles, safetensors, Lightning ``.ckpt``). Files that fail
 are reported by name with the loader's message; the run is created only when at least one file
 loads, then each loaded checkpoint is re-saved as ``checkpoints/step_<n>.safetensors``.
+
+Names are made safe (letters, digits, ``._-``) and short (at most :data:`MAX_NAME_CHARS`, a hash of
+the full name keeping long names apart); two files with the same name are reported as ``name`` and
+``name (2)``. Each file may be at most :data:`MAX_UPLOAD_MB` MB (``server.maxUploadSize`` in
+``.streamlit/config.toml`` sets the same limit in the browser; ``DYNASCOPE_MAX_UPLOAD_MB`` overrides
+both checks' value here). A step or epoch that is NaN, infinite, negative or >= 2**63 is that file's
+error; the other files are imported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -17,11 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynascope.models import CheckpointError, Run, build, load_checkpoint
+from dynascope.models import CheckpointError, Run, build, checkpoint_counter, load_checkpoint
 
 UPLOAD_SUFFIXES = ("pt", "pth", "bin", "safetensors", "ckpt")
 UPLOADS_FOLDER = "uploads"
 _STEP_PATTERNS = (re.compile(r"step[=_-]?(\d+)", re.I), re.compile(r"(\d+)"))
+MAX_NAME_CHARS = 120  # file systems allow 255 bytes per name; leave room for prefixes and suffixes
+MAX_UPLOAD_MB = 1024  # per file; keep equal to server.maxUploadSize in .streamlit/config.toml
+
+
+def max_upload_bytes() -> int:
+    """The per-file upload cap in bytes (``DYNASCOPE_MAX_UPLOAD_MB`` or :data:`MAX_UPLOAD_MB`)."""
+    try:
+        mb = float(os.environ.get("DYNASCOPE_MAX_UPLOAD_MB", MAX_UPLOAD_MB))
+    except ValueError:
+        mb = MAX_UPLOAD_MB
+    return int(mb * 2**20)
 
 
 def parse_json_object(text: str, what: str) -> dict[str, Any]:
@@ -40,9 +60,26 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
 
 
 def safe_name(name: str) -> str:
-    """A file/folder name made of letters, digits, ``._-`` only."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).strip("._")
-    return cleaned or "upload"
+    """A file/folder name made of letters, digits, ``._-`` only, at most :data:`MAX_NAME_CHARS` long.
+
+    A longer name keeps its start and suffix, with 10 hex digits of its SHA-256 between them.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).strip("._") or "upload"
+    if len(cleaned) <= MAX_NAME_CHARS:
+        return cleaned
+    suffix = Path(cleaned).suffix if len(Path(cleaned).suffix) <= 16 else ""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{cleaned[: MAX_NAME_CHARS - len(suffix) - 11]}-{digest}{suffix}"
+
+
+def distinct_names(names: Sequence[str]) -> list[str]:
+    """``names`` with repeats told apart: ``a.pt``, ``a.pt (2)``, ``a.pt (3)``..."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out
 
 
 def step_from_name(name: str) -> int | None:
@@ -51,7 +88,8 @@ def step_from_name(name: str) -> int | None:
     for pattern in _STEP_PATTERNS:
         m = pattern.search(stem)
         if m:
-            return int(m.group(1))
+            step = int(m.group(1))
+            return step if step < 2**63 else None  # a digit run too long to be a step
     return None
 
 
@@ -96,15 +134,24 @@ def import_checkpoints(
 
     loaded: list[tuple[str, int, Any, Any]] = []  # (file name, step, model, LoadedCheckpoint)
     errors: dict[str, Exception] = {}
+    cap = max_upload_bytes()
+    names = distinct_names([n for n, _ in files])
     with tempfile.TemporaryDirectory(prefix="dynascope-upload-") as tmp:
-        for i, (name, data) in enumerate(files):
-            fname = safe_name(name)
-            path = Path(tmp) / f"{i:03d}" / fname
+        for i, (name, (_, data)) in enumerate(zip(names, files)):
+            if len(data) > cap:
+                errors[name] = ValueError(
+                    f"checkpoint '{name}': {len(data) / 2**20:.3g} MB is over the upload limit of "
+                    f"{cap / 2**20:.3g} MB per file (DYNASCOPE_MAX_UPLOAD_MB, server.maxUploadSize)"
+                )
+                continue
+            path = Path(tmp) / f"{i:03d}" / safe_name(name)
             path.parent.mkdir()
             path.write_bytes(data)
             model = build(model_name, **cfg)
             try:
                 ck = load_checkpoint(path, model)
+                step = ck.step if ck.step is not None else step_from_name(name)
+                checkpoint_counter(ck.epoch, "epoch", path)
             except CheckpointError as exc:
                 errors[name] = _renamed(exc, str(path), name)
                 continue
@@ -112,7 +159,6 @@ def import_checkpoints(
                 why = f"{type(exc).__name__}: {exc}"
                 errors[name] = ValueError(f"checkpoint '{name}': could not be loaded ({why})")
                 continue
-            step = ck.step if ck.step is not None else step_from_name(name)
             loaded.append((name, step if step is not None else -1, model, ck))
     if not loaded:
         return ImportReport(run=None, errors=errors)

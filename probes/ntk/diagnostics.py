@@ -27,6 +27,7 @@ from torch import nn
 
 from ...datasets.batching import as_batches
 from ..lanczos import eigsh
+from ..losses import check_labels, check_model_input
 from ..results import Result, make_meta
 from ..seeds import NTK_PROBE_OFFSET
 from ..trajectory import checkpoint_models
@@ -83,6 +84,8 @@ class NTKResult(Result):
 def _targets_for(y: torch.Tensor, size: int, n: int, n_outputs: int) -> torch.Tensor:
     """Centered targets as ``[size, C]``: ``[N, C]`` for a traced kernel, ``[N·O, 1]`` for a full one."""
     integer = not (y.is_floating_point() or y.is_complex())
+    if integer and n_outputs > 1:  # class labels of a classifier: one-hot over its outputs
+        check_labels(y, n_outputs)
     n_classes = n_outputs if integer and y.numel() and int(y.max()) < n_outputs else None
     Y = center_targets(target_matrix(y, n_classes))
     if size == n:
@@ -138,6 +141,7 @@ def ntk_probe(
     check_int("n_probes", n_probes, min=1)
     check_int("seed", seed)
     x, y = as_batches(data).tensors()
+    check_model_input(model, x)
     op = NTKOperator(
         model,
         x,

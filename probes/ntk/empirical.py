@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
+from ...datasets.batching import check_finite as check_data_finite
 from ..functional import FunctionalModel, ModeGuard
 from ..operators import LinearOperator
 from ..validation import check_float, check_int
@@ -106,7 +107,9 @@ class _NTKModel(FunctionalModel):
                 f"{what} needs a leading, non-empty sample dimension; got shape {tuple(x.shape)}"
             )
         x = x.to(self.device)
-        return x.to(self.dtype) if x.is_floating_point() else x
+        x = x.to(self.dtype) if x.is_floating_point() else x
+        check_data_finite(x, f"inputs ({what})")
+        return x
 
     def output_dim(self, x: torch.Tensor) -> int:
         with torch.no_grad(), ModeGuard(self.model, self.mode):
