@@ -34,6 +34,7 @@ from .functional import (
     MODES,
     FunctionalModel,
     ModeGuard,
+    derivative_error,
 )
 from .losses import Loss, resolve_loss
 from .validation import check_choice, check_int
@@ -248,7 +249,12 @@ class CurvatureOperator(LinearOperator):
         self.reduce_fn = spec.reduce_fn
         first_batch = next(iter(self.source))
         self.loss = resolve_loss(spec.loss, first_batch.y)
-        n_local = self.source.num_samples()
+        # the normaliser: the sample count, or the counted tokens for token_cross_entropy (losses.py)
+        n_local = (
+            self.source.num_samples()
+            if self.loss.counts_samples
+            else sum(self.loss.count(b.y) for b in self.source)
+        )
         n = torch.tensor(float(n_local), dtype=torch.float64, device=self.device)
         self.num_samples = int(round(float(self.reduce_fn(n) if self.reduce_fn is not None else n)))
         if self.num_samples == 0:
@@ -272,13 +278,14 @@ class CurvatureOperator(LinearOperator):
         return {
             "operator": self.kind,
             "loss": self.loss.name,
-            "reduction": f"mean over {self.num_samples} samples",
+            "reduction": f"mean over {self.num_samples} {self.loss.unit}",
             "n_samples": self.num_samples,
             "n_params": self.size,
             "dtype": str(self.dtype),
             "device": str(self.device),
             "mode": self.mode,
             "backend": self.backend,
+            **self.fm.kernel_meta(),
         }
 
     # ---------------------------------------------------------------- helpers
@@ -297,7 +304,7 @@ class CurvatureOperator(LinearOperator):
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad(), ModeGuard(self.model, self.mode):
             for b in self.source:
-                total += self.loss.total(self.model(b.x), b.y).double()
+                total += self.loss.total(self._call(self._primal(), b.x), b.y).double()
         if self.reduce_fn is not None:
             total = self.reduce_fn(total)
         return float(total) / self.num_samples
@@ -318,6 +325,15 @@ class CurvatureOperator(LinearOperator):
 
     # ---------------------------------------------------------------- products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._products(V)
+        except (RuntimeError, NotImplementedError) as e:
+            hint = derivative_error(e, f"{self.backend} products after forward-over-reverse")
+            if hint is None:
+                raise
+            raise hint from e
+
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
         with ModeGuard(self.model, self.mode):
             for lo in range(0, V.shape[1], self.max_vectors):
