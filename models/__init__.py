@@ -22,6 +22,7 @@ from .checkpoints import (
     read_safetensors_metadata,
     save_checkpoint,
 )
+from .imports import FolderScan, import_checkpoints, scan_checkpoint_folder
 from .outputs import attach_logits_rule, logits_of
 from .registry import available, build, model_config, normalize_config, param_count, register, weight_norm
 from .runs import (
@@ -39,6 +40,9 @@ from .weights import load_weights, tied_groups
 __all__ = [
     "build",
     "build_from_spec",
+    "import_checkpoints",
+    "scan_checkpoint_folder",
+    "FolderScan",
     "normalize_model_spec",
     "model_fingerprint",
     "load_weights",

@@ -484,11 +484,32 @@ class Run:
         path = save_checkpoint(model, self.checkpoint_path(step), metadata=meta)
         return CheckpointInfo(step=step, epoch=epoch, path=path, metadata=_json_value(meta, "metadata"))
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """All checkpoints, sorted by step (metadata read from the safetensors headers only)."""
+    def set_checkpoint_refs(self, refs: Iterable[Mapping[str, Any]]) -> None:
+        """Record checkpoint files kept outside the run (an import by reference): ``[{"step", "epoch",
+        "path"}]`` in ``run.json``'s ``checkpoint_refs``; :meth:`checkpoints` lists them beside its own."""
+        clean = []
+        for r in refs:
+            step = r.get("step")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise RunError(self.path, f"checkpoint ref {dict(r)}: step must be a non-negative int")
+            clean.append({"step": step, "epoch": r.get("epoch"), "path": str(r["path"])})
+        self.config["checkpoint_refs"] = clean
+        atomic_write_text(self.path / "run.json", json.dumps(self.config, indent=2, sort_keys=False) + "\n")
+
+    def _referenced_checkpoints(self) -> list[CheckpointInfo]:
         out = []
+        for r in self.config.get("checkpoint_refs") or []:
+            p = Path(r["path"])
+            meta = {"step": r["step"], "epoch": r.get("epoch")}
+            out.append(CheckpointInfo(step=int(r["step"]), epoch=r.get("epoch"), path=p, metadata=meta))
+        return out
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """All checkpoints, sorted by step (metadata read from the safetensors headers only); files of an
+        import by reference (``checkpoint_refs``) included."""
+        out = self._referenced_checkpoints()
         if not self.checkpoint_dir.is_dir():
-            return out
+            return sorted(out, key=lambda c: c.step)
         for f in self.checkpoint_dir.iterdir():
             m = _CKPT_RE.match(f.name)
             if not m:

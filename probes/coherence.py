@@ -175,6 +175,7 @@ def gradient_coherence(
         reduction="per-example gradients of the per-sample loss (not divided by N)",
         pairs="alpha: i != j pairs only; alpha_with_self: i = j included",
         estimators="tr(Sigma) unbiased (N-1); |G|^2 unbiased (|S|^2-Q)/(N(N-1)); alpha = 1/(1+B_simple)",
+        **ctx.fm.kernel_meta(),
     )
     return CoherenceResult(
         alpha=stats["alpha"],

@@ -32,6 +32,7 @@ Every built-in loss checks its shapes and names them with a suggestion when they
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,7 @@ def _token_pair(
     return out, y
 
 
+@functools.cache
 def token_cross_entropy(shift: bool = False, ignore_index: int = IGNORE_INDEX) -> Loss:
     """Per-token cross-entropy (module docstring): ``per_sample`` sums a sequence's counted tokens,
     ``count`` counts a batch's tokens whose target is not ``ignore_index`` (after the optional shift)."""

@@ -22,7 +22,7 @@ is the one constructor every probe uses (``CurvatureOperator(model, data, spec)`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +170,8 @@ class OperatorSpec:
         check_choice("backend", self.backend, BACKENDS)
         check_int("batch_size", self.batch_size, min=1, optional=True)
         check_int("max_vectors", self.max_vectors, min=1)
+        if isinstance(self.loss, Mapping):  # a loss spec with options: resolved (hashable) here
+            object.__setattr__(self, "loss", resolve_loss(self.loss))
         if not (isinstance(self.loss, (str, Loss)) or callable(self.loss)):
             raise ValueError(f"loss must be a name, a callable or a Loss; got {type(self.loss).__name__}")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):

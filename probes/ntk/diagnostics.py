@@ -83,6 +83,8 @@ class NTKResult(Result):
 def _targets_for(y: torch.Tensor, size: int, n: int, n_outputs: int) -> torch.Tensor:
     """Centered targets as ``[size, C]``: ``[N, C]`` for a traced kernel, ``[N·O, 1]`` for a full one."""
     integer = not (y.is_floating_point() or y.is_complex())
+    if integer and y.dim() >= 2:  # token sequences: no label kernel; alignment and energies are NaN
+        return torch.zeros(size, 1, dtype=torch.float64)
     n_classes = n_outputs if integer and y.numel() and int(y.max()) < n_outputs else None
     Y = center_targets(target_matrix(y, n_classes))
     if size == n:
@@ -223,6 +225,7 @@ def ntk_probe(
         mode=mode,
         condition_number_definition="lambda_1 / lambda_k of the reported top-k",
         label_energy_definition="||U_k^T Y_c||^2 / ||Y_c||^2, U_k eigenvectors of the uncentered kernel",
+        **op.fm.kernel_meta(),
         **extra,
     )
     return NTKResult(
