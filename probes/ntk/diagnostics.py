@@ -308,6 +308,8 @@ def ntk_trajectory(
     )
     n_out = 1
     n_classes = None
+    if y is not None and y.dim() >= 2 and not (y.is_floating_point() or y.is_complex()):
+        y = None  # token sequences: no label kernel, the alignment is NaN
     if y is not None and reduce_outputs is None and not (y.is_floating_point() or y.is_complex()):
         n_classes = -1  # set to O (one-hot over the model's outputs) once O is known
     K0 = K_prev = theta0 = None

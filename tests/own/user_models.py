@@ -56,3 +56,10 @@ def token_data(n: int = 6, T: int = 5, vocab: int = 7, seed: int = 0) -> dict:
     y[0, -1] = -100
     y[1, 2] = -100
     return {"train": (x, y), "test": (x.flip(0), y.flip(0))}
+
+
+def lm_tokens(n: int = 8, T: int = 8, vocab: int = 97, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences for a causal LM: targets are the inputs (the loss shifts them)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, T), generator=g)
+    return x, x.clone()
