@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["is_factory_ref", "split_ref", "import_object", "call_factory", "ref_fingerprint"]
+__all__ = ["absolute_ref", "is_factory_ref", "split_ref", "import_object", "call_factory", "ref_fingerprint"]
 
 
 def is_factory_ref(value: Any) -> bool:
@@ -93,6 +93,14 @@ def call_factory(ref: str, kwargs: Mapping[str, Any] | None = None, what: str = 
         return fn(**dict(kwargs or {}))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{what} {ref!r} raised {type(e).__name__}: {e}") from e
+
+
+def absolute_ref(ref: str) -> str:
+    """``ref`` with a file path made absolute (so a stored spec works from any working directory)."""
+    mod, attr = split_ref(ref)
+    if _is_file_ref(mod):
+        return f"{Path(mod).expanduser().resolve()}:{attr}"
+    return ref
 
 
 def ref_fingerprint(ref: str) -> dict[str, Any]:

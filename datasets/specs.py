@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .factory import call_factory, is_factory_ref, ref_fingerprint
+from .factory import absolute_ref, call_factory, is_factory_ref, ref_fingerprint
 from .registry import DatasetSplit, defaults, load
 
 __all__ = ["DATA_SPEC_FORMS", "normalize_data_spec", "load_spec", "data_fingerprint", "data_spec_kind"]
@@ -82,6 +82,9 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         if not isinstance(f, str) or not f:
             raise ValueError(f"data spec {dict(spec)}: 'file' must be a path string")
         suffix = Path(f).suffix.lower()
+        out["file"] = str(Path(f).expanduser().resolve())
+        if isinstance(out.get("test_file"), str) and out["test_file"]:
+            out["test_file"] = str(Path(out["test_file"]).expanduser().resolve())
         if suffix in TABLE_SUFFIXES:
             if not isinstance(out.get("label"), str):
                 raise ValueError(f'data spec {dict(spec)}: a table ({suffix}) needs "label": "<column>"')
@@ -106,6 +109,7 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"data spec {dict(spec)}: kwargs are not JSON-able ({e})") from None
     out["kwargs"] = dict(kwargs)
+    out["factory"] = absolute_ref(out["factory"])
     return out
 
 

@@ -580,6 +580,11 @@ def _runs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per run")
 
 
+def _spec_label(spec: dict[str, Any]) -> str | None:
+    """A registry name, factory reference, Hugging Face folder or data file naming a spec."""
+    return next((spec[k] for k in ("name", "factory", "hf", "file") if isinstance(spec.get(k), str)), None)
+
+
 def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Summaries of the run folders in ``root`` (or ``root`` itself if it is a run), two levels deep."""
     from dynascope.models import Run, RunError
@@ -603,8 +608,8 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
         steps = run.steps()
         n_results = len(ResultStore(path).list()) if (path / STORE_FILENAME).is_file() else 0
         rows.append({
-            "run": str(path), "model": run.model_config.get("name"),
-            "dataset": run.dataset_config.get("name"),
+            "run": str(path), "model": _spec_label(run.model_config),
+            "dataset": _spec_label(run.dataset_config),
             "checkpoints": len(steps), "first_step": steps[0] if steps else None,
             "last_step": steps[-1] if steps else None, "results": n_results, "created": run.created,
         })  # fmt: skip

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datasets.factory import call_factory, is_factory_ref, ref_fingerprint
+from ..datasets.factory import absolute_ref, call_factory, is_factory_ref, ref_fingerprint
 from .checkpoints import file_sha256
 from .outputs import attach_logits_rule
 from .registry import CONFIG_ATTR, build, normalize_config
@@ -101,6 +101,7 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         except (TypeError, ValueError) as e:
             raise ValueError(f"model spec {dict(spec)}: kwargs are not JSON-able ({e})") from None
         out["kwargs"] = dict(kwargs)
+        out["factory"] = absolute_ref(out["factory"])
         return out
     if not isinstance(out["hf"], str) or not out["hf"]:
         raise ValueError(f"model spec {dict(spec)}: 'hf' must be the path of a save_pretrained folder")
