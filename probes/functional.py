@@ -66,9 +66,16 @@ def derivative_error(err: BaseException, tried: str) -> RuntimeError | None:
     is such a missing-derivative error (else ``None``: re-raise ``err`` itself)."""
     msg = str(err)
     m = _MISSING_DERIVATIVE.search(msg)
-    if m is None and "not implemented" not in msg:
+    if "once_differentiable" in msg:
+        op = "a custom autograd.Function marked @once_differentiable"
+    elif "functorch transforms" in msg:
+        op = "a custom autograd.Function without torch.func support (no setup_context)"
+    elif m is not None:
+        op = m.group(1) or m.group(2)
+    elif "not implemented" in msg or "forward AD" in msg or "forward-mode" in msg:
+        op = "an op"
+    else:
         return None
-    op = (m.group(1) or m.group(2)) if m else "an op"
     return RuntimeError(
         f"{op} has no derivative rule needed here (tried: {tried}; attention ran under the "
         f"{ATTENTION_BACKEND} backend). Replace that op (e.g. a fused kernel) with a differentiable one, "

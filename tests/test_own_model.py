@@ -236,6 +236,29 @@ def test_missing_derivative_errors_name_the_op_and_the_fallbacks() -> None:
     assert derivative_error(RuntimeError("shapes do not match"), "x") is None
 
 
+    class NoFunc(torch.autograd.Function):  # old-style: no setup_context, so torch.func cannot trace it
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.tanh()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - x.tanh() ** 2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return NoFunc.apply(self.lin(x))
+
+    with pytest.raises(RuntimeError, match=r"without torch.func support.*tried: the NTK.s Jacobian"):
+        probes.empirical_ntk(Net(), torch.randn(4, 3))
+
+
 # ------------------------------------------------------------------------------------------ runs
 def _lm_run(tmp_path: Path, name: str = "lm", steps: tuple[int, ...] = (0, 5)) -> Run:
     run = Run.create(tmp_path / name, model=LM, dataset=TOKENS, loss=SHIFTED)
