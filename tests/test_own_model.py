@@ -235,7 +235,6 @@ def test_missing_derivative_errors_name_the_op_and_the_fallbacks() -> None:
     assert hint is not None and "aten::_fused_thing_backward" in str(hint) and "double backward" in str(hint)
     assert derivative_error(RuntimeError("shapes do not match"), "x") is None
 
-
     class NoFunc(torch.autograd.Function):  # old-style: no setup_context, so torch.func cannot trace it
         @staticmethod
         def forward(ctx, x):
