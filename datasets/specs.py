@@ -286,18 +286,18 @@ def load_spec(spec: Mapping[str, Any] | str) -> DatasetSplit:
 
 
 def _file_digest(path: str | None) -> str | None:
-    """sha256 of a file, cached by (path, size, mtime) so a changed file is hashed again."""
+    """sha256 of a file, cached by (path, inode, size, mtime, ctime) so a changed file is hashed again."""
     if not path:
         return None
     p = Path(path).expanduser().resolve()
     if not p.is_file():
         return None
     st = p.stat()
-    return _digest(str(p), st.st_size, st.st_mtime_ns)
+    return _digest(str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @functools.lru_cache(maxsize=256)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
     p = Path(path)
     h = hashlib.sha256()
     with open(p, "rb") as f:

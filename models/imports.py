@@ -147,10 +147,17 @@ def _scan_lightning(folder: Path) -> FolderScan | None:
             raise CheckpointError(f, "a Lightning checkpoint without a global_step (cannot order it)")
         epoch = meta.get("epoch")
         found.append(FoundCheckpoint(int(step), int(epoch) if isinstance(epoch, int) else None, f))
-    steps = [c.step for c in found]
-    if len(set(steps)) != len(steps):
-        dup = sorted({s for s in steps if steps.count(s) > 1})
-        raise RunError(folder, f"several .ckpt files share global_step {dup} (e.g. last.ckpt); keep one each")
+    groups: dict[int, list[FoundCheckpoint]] = {}
+    for c in found:
+        groups.setdefault(c.step, []).append(c)
+    found, dup = [], []
+    for step, cs in groups.items():  # Lightning's last.ckpt repeats the newest step: keep the named file
+        named = [c for c in cs if not c.path.stem.startswith("last")]
+        if len(named) > 1:
+            dup.append(step)
+        found.append(named[0] if named else cs[0])
+    if dup:
+        raise RunError(folder, f"several .ckpt files share global_step {sorted(dup)}; keep one of each")
     metrics: list[dict[str, Any]] = []
     for m in sorted(folder.rglob("metrics.csv")):
         metrics = _csv_rows(m)

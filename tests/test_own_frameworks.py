@@ -168,12 +168,14 @@ def test_lightning_trainer_folder_imports_with_its_csv_metrics(tmp_path: Path) -
     trainer = L.Trainer(
         default_root_dir=root, max_steps=6, accelerator="cpu", logger=CSVLogger(root), log_every_n_steps=1,
         callbacks=[ModelCheckpoint(dirpath=root / "ckpts", every_n_train_steps=2, save_top_k=-1,
-                                   filename="{step}")],
+                                   save_last=True, filename="{step}")],
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(Module(), loader)
     scan = scan_checkpoint_folder(root)
+    assert (root / "ckpts" / "last.ckpt").is_file()  # repeats step 6: the named file is kept
     assert scan.layout == "lightning" and scan.steps == [2, 4, 6]
+    assert scan.checkpoints[-1].path.name != "last.ckpt"
     run = import_checkpoints(root, tmp_path / "run", model=spec, dataset=data, loss="cross_entropy")
     assert run.steps() == [2, 4, 6] and "train_loss" in run.metrics().columns
     m = run.load_model(6)

@@ -80,6 +80,32 @@ def test_model_fingerprint_follows_the_factory_file(tmp_path: Path) -> None:
     assert model_fingerprint(lin) == {**lin, "seed": 0, "factory_code": {"ref": "torch.nn:Linear"}}
 
 
+def test_hf_folder_fingerprint_follows_its_config_and_weights(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    a = model_fingerprint({"hf": str(folder)})
+    assert a["hf"] == str(folder.resolve()) and a["hf_weights_sha256"] and a["hf_config_sha256"]
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+    b = model_fingerprint({"hf": str(folder)})
+    assert b["hf_weights_sha256"] != a["hf_weights_sha256"] and b["hf_config_sha256"] == a["hf_config_sha256"]
+    (folder / "config.json").write_text('{"model_type": "gpt2", "n_layer": 3}')
+    assert model_fingerprint({"hf": str(folder)})["hf_config_sha256"] != b["hf_config_sha256"]
+
+
+def test_changed_data_file_changes_the_runner_cache_key(tmp_path: Path) -> None:
+    x, y = torch.randn(12, 2), torch.arange(12) % 2
+    save_file({"x": x, "y": y}, str(tmp_path / "d.safetensors"))
+    mlp = {"name": "mlp", "in_dim": 2, "width": 4, "depth": 1, "out_dim": 2}
+    run = Run.create(tmp_path / "run", model=mlp, dataset={"file": str(tmp_path / "d.safetensors")})
+    run.save_checkpoint(run.build_model(), 0)
+    runner.run_probe(run, "hessian_trace", step=0, params={"n_matvecs": 6})
+    assert runner.cached_result(run, "hessian_trace", step=0, params={"n_matvecs": 6}) is not None
+    save_file({"x": x * 2, "y": y}, str(tmp_path / "d.safetensors"))
+    assert runner.cached_result(run, "hessian_trace", step=0, params={"n_matvecs": 6}) is None
+
+
 # ------------------------------------------------------------------------------------------ data specs
 def test_data_files_of_every_kind(tmp_path: Path) -> None:
     x = torch.randn(10, 3)
