@@ -84,3 +84,45 @@ def test_runs_page_imports_an_own_model_folder_and_every_page_works(
     at.switch_page("views/gradients.py").run()
     at.button(key="grad_run").click().run()
     assert not at.exception and not at.error, _texts(at.error)
+
+
+@pytest.mark.slow
+def test_gpt2_trainer_folder_in_the_app_every_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hugging Face Trainer folder of GPT-2 tiny imported on the Runs page; Hessian top-k, density and
+    trace, sharpness, gradient coherence, the NTK trajectory and LMC (no alignment) computed on its pages."""
+    from streamlit.testing.v1 import AppTest
+    from test_own_frameworks import DATA, train_tiny_gpt2
+
+    pretrained, out = train_tiny_gpt2(tmp_path)
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(root))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
+    at = AppTest.from_file(str(APP), default_timeout=300).run()
+    at.text_input(key="own_folder").set_value(str(out))
+    at.text_area(key="own_model").set_value(json.dumps({"hf": str(pretrained)}))
+    at.text_area(key="own_data").set_value(json.dumps(DATA))
+    at.text_input(key="own_loss").set_value(json.dumps(SHIFTED))
+    at.text_input(key="own_name").set_value("gpt2")
+    at.button(key="own_create").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    assert "2 hf_trainer checkpoint(s)" in _texts(at.success)
+    pages = [
+        ("hessian", ["hess_topk_run", "hess_density_run", "hess_trace_run"], "hess_max_samples", 4),
+        ("edge_of_stability", ["eos_run"], "eos_max_samples", 4),
+        ("gradients", ["grad_run"], "grad_max_samples", 8),
+        ("grokking", ["grok_run"], "grok_max_samples", 2),
+    ]
+    for page, buttons, samples, n in pages:
+        at.switch_page(f"views/{page}.py").run()
+        at.number_input(key=samples).set_value(n).run()
+        for b in buttons:
+            at.button(key=b).click().run()
+            assert not at.exception and not at.error, (page, b, _texts(at.error))
+    at.switch_page("views/mode_connectivity.py").run()
+    at.selectbox(key="lmc_align").set_value("none")
+    at.toggle(key="lmc_layerwise").set_value(False)
+    at.number_input(key="lmc_max_samples").set_value(8).run()
+    at.button(key="lmc_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    assert "Loss barrier (none)" in [m.label for m in at.metric]
