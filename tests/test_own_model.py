@@ -395,3 +395,21 @@ def test_bad_specs_give_errors_that_name_the_spec(tmp_path: Path) -> None:
     assert rep.output_shape == [4, 5, 7] and rep.loss == "token_cross_entropy (shifted)"
     with pytest.raises(ValueError, match="model config must be a dict"):
         Run.create(tmp_path / "r", model={"factory": "a:b", "hf": "x"}, dataset=TOKENS)
+
+
+def test_cli_bad_specs_are_one_readable_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _lm_run(tmp_path, "src")
+    base = ["import", str(src.checkpoint_dir), "--data", f"{USER}:token_data", "--out", str(tmp_path / "o")]
+    assert main([*base, "--model", "no_such_pkg:make"]) == 2
+    err = capsys.readouterr().err
+    assert "model factory 'no_such_pkg:make': module 'no_such_pkg' is not importable" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*base, "--model", json.dumps(LM), "--loss", "cross_entropy"]) == 2
+    err = capsys.readouterr().err
+    assert "the loss 'cross_entropy' does not fit the model outputs [4, 5, 7]" in err
+    assert "token_cross_entropy" in err and not (tmp_path / "o").exists()  # nothing written
+    assert main([*base, "--model", '{"width": 3}']) == 2
+    assert '--model-config must be a JSON object with a "name", "factory" or "hf"' in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "nothing"), "--model", json.dumps(LM), "--data", "digits",
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "is not a folder" in capsys.readouterr().err
