@@ -135,7 +135,7 @@ def _json_arg(text: str, what: str, forms: tuple[str, ...] = ("name",)) -> dict[
     return value
 
 
-def model_spec_arg(text: str) -> dict[str, Any]:
+def model_spec_arg(text: str, what: str = "--model-config") -> dict[str, Any]:
     """``--model``/``--model-config``: a JSON model spec (``{"name": ...}``, ``{"factory": ..., "kwargs":
     ...}``, ``{"hf": folder}``) or the shorthand ``module:function`` / ``path/file.py:function``."""
     from dynascope.datasets import is_factory_ref
@@ -143,17 +143,17 @@ def model_spec_arg(text: str) -> dict[str, Any]:
     text = text.strip()
     if not text.startswith("{") and is_factory_ref(text):
         return {"factory": text}
-    return _json_arg(text, "--model-config", ("name", "factory", "hf"))
+    return _json_arg(text, what, ("name", "factory", "hf"))
 
 
-def dataset_arg(text: str) -> dict[str, Any]:
+def dataset_arg(text: str, what: str = "--dataset") -> dict[str, Any]:
     """``--dataset``: a registered name (``digits``), ``module:function`` (a data factory) or a JSON data spec
     (``{"name": "xor", "n_train": 64}``, ``{"file": "d.safetensors", "x": "x", "y": "y"}``, ...)."""
     from dynascope.datasets import is_factory_ref
 
     text = text.strip()
     if text.startswith("{"):
-        return _json_arg(text, "--dataset", ("name", "file", "factory"))
+        return _json_arg(text, what, ("name", "file", "factory"))
     return {"factory": text} if is_factory_ref(text) else {"name": text}
 
 
@@ -556,7 +556,7 @@ def run_import_command(args: argparse.Namespace) -> int:
     from dynascope.dry_run import dry_run
     from dynascope.models import import_checkpoints, scan_checkpoint_folder
 
-    model, data = model_spec_arg(args.model), dataset_arg(args.data)
+    model, data = model_spec_arg(args.model, "--model"), dataset_arg(args.data, "--data")
     loss = loss_arg(args.loss) if args.loss else None
     scan = scan_checkpoint_folder(args.folder)
     if not args.no_check:

@@ -409,7 +409,7 @@ def test_cli_bad_specs_are_one_readable_line(tmp_path: Path, capsys: pytest.Capt
     assert "the loss 'cross_entropy' does not fit the model outputs [4, 5, 7]" in err
     assert "token_cross_entropy" in err and not (tmp_path / "o").exists()  # nothing written
     assert main([*base, "--model", '{"width": 3}']) == 2
-    assert '--model-config must be a JSON object with a "name", "factory" or "hf"' in capsys.readouterr().err
+    assert '--model must be a JSON object with a "name", "factory" or "hf"' in capsys.readouterr().err
     assert main(["import", str(tmp_path / "nothing"), "--model", json.dumps(LM), "--data", "digits",
                  "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "is not a folder" in capsys.readouterr().err
