@@ -225,6 +225,11 @@ def _materialize(obj: Any, spec: Mapping[str, Any], where: str) -> Pair:
                 x, y = torch.stack(xs), torch.stack(ys)
         except ValueError as e:
             raise ValueError(f"data spec {dict(spec)}: {where}: {e}") from None
+        except RuntimeError as e:  # torch.cat / torch.stack of items with different shapes
+            raise ValueError(
+                f"data spec {dict(spec)}: {where}: its items cannot be stacked into one tensor "
+                f"(pad sequences to one length): {str(e).splitlines()[0]}"
+            ) from None
         return _check_pair(x, y, where, spec)
     raise ValueError(
         f"data spec {dict(spec)}: {where} returned {type(obj).__name__}; expected (x, y) tensors, "

@@ -379,6 +379,15 @@ def test_bad_specs_give_errors_that_name_the_spec(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"has no column 'target'"):
         pd.DataFrame({"a": [1.0], "b": [0]}).to_csv(tmp_path / "t.csv", index=False)
         load_spec({"file": str(tmp_path / "t.csv"), "label": "target"})
+    ragged = tmp_path / "ragged.py"
+    ragged.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    items = [(torch.zeros(3 + i), torch.zeros(3 + i)) for i in range(2)]\n"
+        "    return torch.utils.data.DataLoader(items, batch_size=1)\n"
+    )
+    with pytest.raises(ValueError, match=r"items cannot be stacked into one tensor \(pad sequences"):
+        load_spec({"factory": f"{ragged}:make"})
     # data that does not fit the model: found by the dry run
     lin = {"factory": "torch.nn:Linear", "kwargs": {"in_features": 5, "out_features": 2}}
     with pytest.raises(
