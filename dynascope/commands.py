@@ -121,22 +121,47 @@ def parse_params(pairs: list[str], spec: Any) -> dict[str, Any]:
     return out
 
 
-def _json_arg(text: str, what: str) -> dict[str, Any]:
+def _json_arg(text: str, what: str, forms: tuple[str, ...] = ("name",)) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{what} is not valid JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+    if not isinstance(value, dict) or not any(isinstance(value.get(k), str) for k in forms):
+        others = " or ".join(f'"{k}"' for k in forms[1:])
         raise UsageError(
-            f'{what} must be a JSON object with a "name", e.g. {{"name": "mlp", ...}}; got {text!r}'
+            f'{what} must be a JSON object with a "name"{", " + others if others else ""}, '
+            f'e.g. {{"name": "mlp", ...}}; got {text!r}'
         )
     return value
 
 
-def dataset_arg(text: str) -> dict[str, Any]:
-    """``--dataset``: a registered name (``digits``) or a JSON config (``{"name": "xor", "n_train": 64}``)."""
+def model_spec_arg(text: str, what: str = "--model-config") -> dict[str, Any]:
+    """``--model``/``--model-config``: a JSON model spec (``{"name": ...}``, ``{"factory": ..., "kwargs":
+    ...}``, ``{"hf": folder}``) or the shorthand ``module:function`` / ``path/file.py:function``."""
+    from dynascope.datasets import is_factory_ref
+
     text = text.strip()
-    return _json_arg(text, "--dataset") if text.startswith("{") else {"name": text}
+    if not text.startswith("{") and is_factory_ref(text):
+        return {"factory": text}
+    return _json_arg(text, what, ("name", "factory", "hf"))
+
+
+def dataset_arg(text: str, what: str = "--dataset") -> dict[str, Any]:
+    """``--dataset``: a registered name (``digits``), ``module:function`` (a data factory) or a JSON data spec
+    (``{"name": "xor", "n_train": 64}``, ``{"file": "d.safetensors", "x": "x", "y": "y"}``, ...)."""
+    from dynascope.datasets import is_factory_ref
+
+    text = text.strip()
+    if text.startswith("{"):
+        return _json_arg(text, what, ("name", "file", "factory"))
+    return {"factory": text} if is_factory_ref(text) else {"name": text}
+
+
+def loss_arg(text: str) -> str | dict[str, Any]:
+    """``--loss``: a name (``cross_entropy``, ``token_cross_entropy``, ...), ``module:function`` or a JSON
+    spec with options (``{"name": "token_cross_entropy", "shift": true}``)."""
+    text = text.strip()
+    return _json_arg(text, "--loss") if text.startswith("{") else text
 
 
 def store_folder(text: str) -> Path:
@@ -218,8 +243,9 @@ def resolve_target(args: argparse.Namespace) -> Any:
         raise UsageError("--all/--steps need a run folder, not a single checkpoint file")
     target = CheckpointFile(
         path,
-        model_config=_json_arg(args.model_config, "--model-config") if args.model_config else None,
+        model_config=model_spec_arg(args.model_config) if args.model_config else None,
         dataset_config=dataset_arg(args.dataset) if args.dataset else None,
+        loss=loss_arg(args.loss) if args.loss else None,
         store_dir=store_folder(args.store) if args.store else None,
     )
     return target, [target.checkpoint(step).step]
@@ -258,11 +284,22 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-config",
         default=None,
-        metavar="JSON",
-        help='bare checkpoints without metadata: \'{"name": "mlp", "in_dim": 64, ...}\'',
+        metavar="SPEC",
+        help='bare checkpoints: a model spec, \'{"name": "mlp", "in_dim": 64, ...}\', '
+        '\'{"factory": "pkg.mod:fn", "kwargs": {...}}\', \'{"hf": "folder"}\' or pkg.mod:fn',
     )
     p.add_argument(
-        "--dataset", default=None, metavar="NAME|JSON", help="bare checkpoints: dataset name or config"
+        "--dataset",
+        default=None,
+        metavar="SPEC",
+        help='bare checkpoints: dataset name, pkg.mod:fn or a JSON data spec ({"file": ...} ...)',
+    )
+    p.add_argument(
+        "--loss",
+        default=None,
+        metavar="SPEC",
+        help="loss: cross_entropy, mse, half_sse, token_cross_entropy, pkg.mod:fn or a JSON spec "
+        '(\'{"name": "token_cross_entropy", "shift": true}\'); default: the run\'s',
     )
     p.add_argument(
         "--store",
@@ -306,6 +343,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     params = parse_params(args.param, spec)
+    if args.loss and spec.uses_loss and spec.accepts("loss") and Path(args.target).is_dir():
+        params.setdefault("loss", loss_arg(args.loss))
     if args.seed is not None:
         if spec.accepts("seed"):
             params.setdefault("seed", args.seed)
@@ -502,11 +541,55 @@ def run_recipe_command(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- runs
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "folder",
+        help="checkpoint folder: Hugging Face Trainer output (checkpoint-N/), Lightning *.ckpt files, "
+        "or .pt/.safetensors files with the step in their names",
+    )
+    p.add_argument("--model", required=True, metavar="SPEC", help="model spec (JSON or pkg.mod:fn)")
+    p.add_argument("--data", required=True, metavar="SPEC", help="data spec (name, JSON or pkg.mod:fn)")
+    p.add_argument("--loss", default=None, metavar="SPEC", help="loss spec (name, JSON or pkg.mod:fn)")
+    p.add_argument("--out", required=True, help="run folder to create (e.g. runs/NAME)")
+    p.add_argument("--copy", action="store_true", help="copy the weights into the run (default: reference)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    p.add_argument("--no-check", action="store_true", help="skip the dry run (build, load, one forward)")
+
+
+@command("import", "import a checkpoint folder of another tool (HF Trainer, Lightning, plain) as a run",
+         _import_args)  # fmt: skip
+@guarded("import")
+def run_import_command(args: argparse.Namespace) -> int:
+    from dynascope.dry_run import dry_run
+    from dynascope.models import import_checkpoints, scan_checkpoint_folder
+
+    model, data = model_spec_arg(args.model, "--model"), dataset_arg(args.data, "--data")
+    loss = loss_arg(args.loss) if args.loss else None
+    scan = scan_checkpoint_folder(args.folder)
+    if not args.no_check:
+        report = dry_run(model, data, loss, checkpoint=scan.checkpoints[0].path)
+        print(report.summary())
+    run = import_checkpoints(
+        args.folder, args.out, model=model, dataset=data, loss=loss, copy=args.copy, overwrite=args.overwrite
+    )
+    how = "copied" if args.copy else "by reference"
+    print(
+        f"imported {len(scan.checkpoints)} {scan.layout} checkpoint(s) {how} (steps {scan.steps[0]}…"
+        f"{scan.steps[-1]}), {len(scan.metrics)} metrics row(s) → {run.path}"
+    )
+    return 0
+
+
 def _runs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "dir", nargs="?", default=None, help="folder of run folders (default $DYNASCOPE_RUNS_DIR or ./runs)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per run")
+
+
+def _spec_label(spec: dict[str, Any]) -> str | None:
+    """A registry name, factory reference, Hugging Face folder or data file naming a spec."""
+    return next((spec[k] for k in ("name", "factory", "hf", "file") if isinstance(spec.get(k), str)), None)
 
 
 def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
@@ -536,8 +619,8 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
             n_results = 0
             broken = [*broken, {"file": STORE_FILENAME, "error": f"{type(exc).__name__}: {exc}"}]
         rows.append({
-            "run": str(path), "model": run.model_config.get("name"),
-            "dataset": run.dataset_config.get("name"),
+            "run": str(path), "model": _spec_label(run.model_config),
+            "dataset": _spec_label(run.dataset_config),
             "checkpoints": len(steps), "first_step": steps[0] if steps else None,
             "last_step": steps[-1] if steps else None, "results": n_results, "created": run.created,
             **({"broken": broken} if broken else {}),

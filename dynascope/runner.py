@@ -14,9 +14,12 @@ that determines the result:
 
 * ``checkpoint_sha256`` — every checkpoint file involved (several for multi-checkpoint probes) and,
   for preconditioned sharpness, ``optimizer_state``: the optimizer file's sha256;
-* ``model_spec`` — the resolved model config each checkpoint is built from (registry defaults filled in);
-* ``data_spec`` — the resolved dataset config (registry defaults filled in, seed included), ``split`` and
-  ``max_samples`` (the first samples of the split);
+* ``model_spec`` — the resolved model spec each checkpoint is built from (registry defaults filled in; a
+  factory spec: its reference, kwargs and seed, plus the sha256 of a ``file.py`` factory; an ``hf`` spec: the
+  folder, plus the sha256 of its ``config.json`` and weights file);
+* ``data_spec`` — the resolved data spec (registry defaults filled in, seed included; a file spec: its path
+  and keys plus the sha256 of the file and of the test file; a factory: reference and kwargs, plus a
+  ``file.py`` factory's sha256), ``split`` and ``max_samples`` (the first samples of the split);
 * the probe parameters: the function's defaults, overridden by the spec's, overridden by the caller's,
   with the run's ``loss`` for probes that take one;
 * ``compute_dtype`` (the ``dtype`` parameter, else torch's default dtype the model is built in; it
@@ -162,6 +165,10 @@ def resolved_model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from dynascope.models import normalize_config
 
     cfg = dict(cfg)
+    if "name" not in cfg and ("factory" in cfg or "hf" in cfg):
+        from dynascope.models import model_fingerprint
+
+        return to_jsonable(model_fingerprint(cfg))
     name = cfg.pop("name", None)
     if not isinstance(name, str):
         return to_jsonable({"name": name, **cfg})
@@ -176,6 +183,10 @@ def resolved_data_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from dynascope.datasets.registry import defaults
 
     cfg = dict(cfg)
+    if "name" not in cfg and ("factory" in cfg or "file" in cfg):
+        from dynascope.datasets import data_fingerprint
+
+        return to_jsonable(data_fingerprint(cfg))
     name = cfg.get("name")
     try:
         base = defaults(name) if isinstance(name, str) else {}

@@ -26,6 +26,8 @@ from .checkpoints import (
     read_safetensors_metadata,
     save_checkpoint,
 )
+from .imports import FolderScan, import_checkpoints, scan_checkpoint_folder
+from .outputs import attach_logits_rule, logits_of
 from .registry import available, build, model_config, normalize_config, param_count, register, weight_norm
 from .runs import (
     CheckpointFile,
@@ -36,9 +38,21 @@ from .runs import (
     optimizer_state_to_torch,
 )
 from .schedules import SCHEDULE_TYPES, lr_at, torch_scheduler, validate_schedule
+from .specs import build_from_spec, model_fingerprint, normalize_model_spec
+from .weights import load_weights, tied_groups
 
 __all__ = [
     "build",
+    "build_from_spec",
+    "import_checkpoints",
+    "scan_checkpoint_folder",
+    "FolderScan",
+    "normalize_model_spec",
+    "model_fingerprint",
+    "load_weights",
+    "tied_groups",
+    "logits_of",
+    "attach_logits_rule",
     "register",
     "available",
     "param_count",

@@ -137,8 +137,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(_unwrap(model), CONFIG_ATTR, None)
     if cfg is None:
         raise ValueError(
-            f"{type(model).__name__} was not built by dynascope.models.build, so it has no config; "
-            "build it with build(name, **config) or pass the config explicitly"
+            f"{type(model).__name__} was not built by dynascope.models.build or build_from_spec, so it has "
+            "no config; pass its spec instead (e.g. {'factory': 'my_pkg.nets:make', 'kwargs': {...}} or "
+            "{'hf': 'save_pretrained folder'}) or build it with build_from_spec(spec)"
         )
     return copy.deepcopy(cfg)
 

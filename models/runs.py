@@ -40,8 +40,10 @@ from .checkpoints import (
     read_safetensors_metadata,
     save_checkpoint,
 )
-from .registry import build, model_config, normalize_config
+from .registry import model_config
 from .schedules import lr_at, validate_schedule
+from .specs import MODEL_SPEC_FORMS, build_from_spec, normalize_model_spec
+from .weights import load_weights
 
 __all__ = ["Run", "RunError", "CheckpointInfo", "CheckpointFile", "RUN_SCHEMA", "RUN_SCHEMA_VERSION"]
 
@@ -88,6 +90,34 @@ def _named_config(kind: str, cfg: Any) -> dict[str, Any]:
     if not isinstance(cfg, Mapping) or not isinstance(cfg.get("name"), str):
         raise ValueError(f"{kind} config must be a dict with a string 'name', got {cfg!r}")
     return _json_value(dict(cfg), kind)
+
+
+def _spec_label(spec: Mapping[str, Any]) -> str:
+    """A short label of a model or data spec: its registry name, factory reference, file or HF folder."""
+    for key in ("name", "factory", "hf", "file"):
+        if isinstance(spec.get(key), str):
+            return spec[key]
+    return "?"
+
+
+def _data_spec(dataset: Any) -> dict[str, Any]:
+    """A registry dataset config is stored as given; other data specs normalised (datasets.specs)."""
+    from ..datasets.specs import normalize_data_spec
+
+    if isinstance(dataset, Mapping) and isinstance(dataset.get("name"), str):
+        return _named_config("dataset", dataset)
+    if not isinstance(dataset, Mapping):
+        raise ValueError(f"dataset config must be a dict (a data spec); got {dataset!r}")
+    return _json_value(normalize_data_spec(dataset), "dataset")
+
+
+def _loss_spec(loss: Any) -> Any:
+    """The loss spec: ``None``, a name / ``"module:function"`` string, or a dict ``{"name", ...options}``."""
+    if loss is None or isinstance(loss, str):
+        return loss
+    if isinstance(loss, Mapping) and isinstance(loss.get("name"), str):
+        return _json_value(dict(loss), "loss")
+    raise ValueError(f"loss must be a name, 'module:function' or a dict with a 'name'; got {loss!r}")
 
 
 def _optimizer_config(optimizer: Any) -> dict[str, Any] | None:
@@ -222,32 +252,35 @@ class Run:
         cls,
         path: str | os.PathLike[str],
         *,
-        model: nn.Module | Mapping[str, Any],
-        dataset: Mapping[str, Any],
+        model: nn.Module | Mapping[str, Any] | str,
+        dataset: Mapping[str, Any] | str,
         optimizer: Mapping[str, Any] | torch.optim.Optimizer | None = None,
         lr_schedule: Mapping[str, Any] | None = None,
         seed: int = 0,
         notes: str = "",
-        loss: str | None = None,
+        loss: str | Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
         overwrite: bool = False,
     ) -> Run:
-        """Create a run folder. ``model``: a model built by ``build`` or its config ``{"name", ...}``;
-        ``dataset``: ``{"name", ...}`` for ``dynascope.datasets.load``; ``optimizer``: ``{"name", "lr",
+        """Create a run folder. ``model``: a model built by ``build``/``build_from_spec`` or a model spec
+        (``{"name", ...}``, ``{"factory", "kwargs"}``, ``{"hf": folder}``; see ``dynascope.models.specs``);
+        ``dataset``: a data spec (``{"name", ...}``, ``{"file", ...}``, ``{"factory", ...}``; see
+        ``dynascope.datasets.specs``); ``optimizer``: ``{"name", "lr",
         "weight_decay", ...}`` or a torch optimizer; ``lr_schedule``: see ``dynascope.models.schedules``.
 
         An existing run is only replaced with ``overwrite=True`` (its checkpoints and metrics are
         deleted); a non-empty folder that is not a run is never written into. ``loss``: the
-        training loss name (``"cross_entropy"``, ``"mse"``, ``"half_sse"``) that probes should use;
+        training loss spec (``"cross_entropy"``, ``"mse"``, ``"half_sse"``, ``"token_cross_entropy"``, a dict
+        ``{"name": ..., options}`` or ``"module:function"``) that probes should use;
         ``extra``: any further JSON-able facts about the run (e.g. the recipe and its phenomenon).
         """
         path = Path(path)
         if isinstance(model, nn.Module):
             model_cfg = model_config(model)
         else:
-            model_cfg = _named_config("model", model)
-            model_cfg = normalize_config(model_cfg.pop("name"), **model_cfg)
-        dataset_cfg = _named_config("dataset", dataset)
+            model_cfg = _json_value(normalize_model_spec(model), "model")
+        dataset_cfg = _data_spec(dataset)
+        loss = _loss_spec(loss)
         optim_cfg = _optimizer_config(optimizer)
         base_lr = optim_cfg.get("lr") if optim_cfg else None
         sched = None
@@ -323,9 +356,11 @@ class Run:
                 f"run.json schema_version {version!r} is not supported "
                 f"(this dynascope reads <= {RUN_SCHEMA_VERSION})",
             )
-        for key in ("model", "dataset"):
-            if not isinstance(config.get(key), dict) or not isinstance(config[key].get("name"), str):
-                raise RunError(path, f"run.json: {key!r} must be a dict with a 'name'")
+        forms = {"model": MODEL_SPEC_FORMS, "dataset": ("name", "file", "factory")}
+        for key, keys in forms.items():
+            spec = config.get(key)
+            if not isinstance(spec, dict) or not any(isinstance(spec.get(k), str) for k in keys):
+                raise RunError(path, f"run.json: {key!r} must be a spec dict with one of {list(keys)}")
         return cls(path, config)
 
     @staticmethod
@@ -333,7 +368,7 @@ class Run:
         return (Path(path) / "run.json").is_file()
 
     def __repr__(self) -> str:
-        model, data = self.model_config.get("name"), self.dataset_config.get("name")
+        model, data = _spec_label(self.model_config), _spec_label(self.dataset_config)
         return f"Run({str(self.path)!r}, model={model!r}, dataset={data!r})"
 
     # ------------------------------------------------------------------ config accessors
@@ -356,8 +391,8 @@ class Run:
         return dict(s) if s else None
 
     @property
-    def loss(self) -> str | None:
-        """The training loss name recorded at creation (``None``: probes use ``"auto"``)."""
+    def loss(self) -> str | dict[str, Any] | None:
+        """The training loss spec recorded at creation (``None``: probes use ``"auto"``)."""
         return self.config.get("loss")
 
     @property
@@ -385,22 +420,20 @@ class Run:
         return lr_at(sched, step, base)
 
     def build_model(self) -> nn.Module:
-        """A freshly initialised model from the run's model config."""
-        cfg = self.model_config
-        return build(cfg.pop("name"), **cfg)
+        """A freshly built model from the run's model spec (``build_from_spec``)."""
+        return build_from_spec(self.model_config)
 
     def load_dataset(self) -> Any:
-        """``dynascope.datasets.load(**dataset_config)`` (object with ``.train`` / ``.test`` tensors)."""
-        from ..datasets import load
+        """The run's data spec loaded (``dynascope.datasets.load_spec``; ``.train`` / ``.test`` tensors)."""
+        from ..datasets.specs import load_spec
 
-        cfg = self.dataset_config
-        return load(cfg.pop("name"), **cfg)
+        return load_spec(self.dataset_config)
 
     def model_config_at(self, step: int | None = None) -> dict[str, Any]:
         """The model config checkpoint ``step`` is built from: its own metadata ``model_config``
         (one size of a sweep run) when it names one, else the run's."""
         ck_cfg = self.checkpoint(step).metadata.get("model_config")
-        if isinstance(ck_cfg, Mapping) and isinstance(ck_cfg.get("name"), str):
+        if isinstance(ck_cfg, Mapping) and any(isinstance(ck_cfg.get(k), str) for k in MODEL_SPEC_FORMS):
             return dict(ck_cfg)
         return self.model_config
 
@@ -453,11 +486,32 @@ class Run:
         path = save_checkpoint(model, self.checkpoint_path(step), metadata=meta)
         return CheckpointInfo(step=step, epoch=epoch, path=path, metadata=_json_value(meta, "metadata"))
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """All checkpoints, sorted by step (metadata read from the safetensors headers only)."""
+    def set_checkpoint_refs(self, refs: Iterable[Mapping[str, Any]]) -> None:
+        """Record checkpoint files kept outside the run (an import by reference): ``[{"step", "epoch",
+        "path"}]`` in ``run.json``'s ``checkpoint_refs``; :meth:`checkpoints` lists them beside its own."""
+        clean = []
+        for r in refs:
+            step = r.get("step")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise RunError(self.path, f"checkpoint ref {dict(r)}: step must be a non-negative int")
+            clean.append({"step": step, "epoch": r.get("epoch"), "path": str(r["path"])})
+        self.config["checkpoint_refs"] = clean
+        atomic_write_text(self.path / "run.json", json.dumps(self.config, indent=2, sort_keys=False) + "\n")
+
+    def _referenced_checkpoints(self) -> list[CheckpointInfo]:
         out = []
+        for r in self.config.get("checkpoint_refs") or []:
+            p = Path(r["path"])
+            meta = {"step": r["step"], "epoch": r.get("epoch")}
+            out.append(CheckpointInfo(step=int(r["step"]), epoch=r.get("epoch"), path=p, metadata=meta))
+        return out
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """All checkpoints, sorted by step (metadata read from the safetensors headers only); files of an
+        import by reference (``checkpoint_refs``) included."""
+        out = self._referenced_checkpoints()
         if not self.checkpoint_dir.is_dir():
-            return out
+            return sorted(out, key=lambda c: c.step)
         for f in self.checkpoint_dir.iterdir():
             m = _CKPT_RE.match(f.name)
             if not m:
@@ -507,9 +561,9 @@ class Run:
                     UserWarning,
                     stacklevel=2,
                 )
-        model = build(cfg.pop("name"), **cfg)
+        model = build_from_spec(cfg)
         model.dynascope_config_source = source
-        load_checkpoint(info.path, model, allow_nonfinite=allow_nonfinite)
+        load_weights(info.path, model, allow_nonfinite=allow_nonfinite)
         return model
 
     def load_optimizer_state(
@@ -621,7 +675,7 @@ class CheckpointFile:
         *,
         model_config: Mapping[str, Any] | None = None,
         dataset_config: Mapping[str, Any] | None = None,
-        loss: str | None = None,
+        loss: str | Mapping[str, Any] | None = None,
         store_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.file = Path(file)
@@ -637,14 +691,16 @@ class CheckpointFile:
                 f"checkpoint '{self.file}' needs a dataset config "
                 "(CLI: --dataset NAME or --dataset '{\"name\": ..., ...}')"
             )
+        forms = {"model": MODEL_SPEC_FORMS, "dataset": ("name", "file", "factory")}
         for what, c in (("model", cfg), ("dataset", dataset_config)):
-            if not isinstance(c.get("name"), str):
+            if not isinstance(c, Mapping) or not any(isinstance(c.get(k), str) for k in forms[what]):
                 raise ValueError(
-                    f"checkpoint '{self.file}': the {what} config needs a \"name\"; got {dict(c)}"
+                    f"checkpoint '{self.file}': the {what} config needs a \"name\" (registry) or one of "
+                    f"{list(forms[what][1:])}; got {c!r}"
                 )
         self.model_config = dict(cfg)
         self.dataset_config = dict(dataset_config)
-        self.loss = loss
+        self.loss = _loss_spec(loss)
         self.path = Path(store_dir) if store_dir is not None else self.file.parent
         step = loaded.step if loaded.step is not None else 0
         self.info = CheckpointInfo(
@@ -669,16 +725,14 @@ class CheckpointFile:
     def load_model(self, step: int | None = None) -> nn.Module:
         """The model built from the model config with this file's weights loaded."""
         self.checkpoint(step)
-        cfg = dict(self.model_config)
         try:
-            model = build(cfg.pop("name"), **cfg)
+            model = build_from_spec(self.model_config)
         except TypeError as exc:
             raise ValueError(f"model config {self.model_config}: {exc}") from None
-        load_checkpoint(self.file, model)
+        load_weights(self.file, model)
         return model
 
     def load_dataset(self) -> Any:
-        from ..datasets import load
+        from ..datasets.specs import load_spec
 
-        cfg = dict(self.dataset_config)
-        return load(cfg.pop("name"), **cfg)
+        return load_spec(self.dataset_config)

@@ -215,6 +215,7 @@ def gradient_coherence(
         plugin_estimators="alpha_with_self = |S|^2/(N Q); |G|^2 = |S/N|^2; tr(Sigma) = Q/N - |S/N|^2",
         negative_unbiased=negative,
         negative_unbiased_classes=negative_classes,
+        **ctx.fm.kernel_meta(),
     )
     return CoherenceResult(
         alpha=stats["alpha"],

@@ -157,9 +157,11 @@ def evaluate(model: nn.Module, data: BatchSource, loss: Loss) -> tuple[float, fl
         for batch in data:
             out = model(batch.x)
             total += float(loss.per_sample(out, batch.y).to(torch.float64).sum())
-            n += batch.n
+            n += batch.n if loss.counts_samples else loss.count(batch.y)
             if classification:
-                if not batch.y.is_floating_point() and batch.y.dim() == 1 and out.dim() == 2:
+                if not loss.counts_samples:
+                    classification = False
+                elif not batch.y.is_floating_point() and batch.y.dim() == 1 and out.dim() == 2:
                     correct += int((out.argmax(1) == batch.y).sum())
                 elif _is_onehot(batch.y, out):
                     correct += int((out.argmax(1) == batch.y.argmax(1)).sum())

@@ -12,6 +12,15 @@ per-example gradients) sees it the same way:
   :class:`ModeGuard`, which restores every submodule's flag afterwards;
 * **dtype/device** — :func:`prepare_model` checks the model (a module with parameters, all finite) and
   copies it only when the dtype or device differs, so the caller's model is never modified;
+* **attention kernels** — every evaluation runs under PyTorch's math SDPA backend
+  (``sdpa_kernel(SDPBackend.MATH)``, :func:`attention_kernels`): the fused flash / memory-efficient kernels
+  have no double-backward nor forward-mode rules, so Hessian, NTK and per-example products would fail on
+  ``nn.MultiheadAttention`` or Hugging Face attention. Models with attention modules record
+  ``"attention": "math SDPA"`` in their probes' ``.meta`` (:meth:`FunctionalModel.kernel_meta`); another op
+  without a derivative rule is re-raised once by :func:`derivative_error` naming it and the fallbacks tried;
+* **outputs** — a model returning a tuple, dict or Hugging Face ``ModelOutput`` is reduced to its logits by
+  :func:`dynascope.models.logits_of` (``.logits``, else the first tensor); the rule used goes to ``.meta``
+  as ``"outputs"``;
 * **data on the device** — :class:`ResidentBatches` keeps the batches of a
   :class:`~dynascope.datasets.batching.BatchSource` on the model's device, in its dtype, after the first
   pass, so repeated products do not re-collate or re-copy them, as long as their bytes fit
@@ -21,14 +30,59 @@ per-example gradients) sees it the same way:
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..datasets.batching import Batch, BatchSource, as_batches
+from ..models.outputs import RULE_ATTR, logits_of, output_rule
+
+#: The attention backend every differentiated evaluation runs under (recorded in ``.meta["attention"]``).
+ATTENTION_BACKEND = "math SDPA"
+
+
+def attention_kernels() -> AbstractContextManager[None]:
+    """PyTorch's math scaled-dot-product-attention backend: it has double-backward and forward-mode rules."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether any submodule is an attention layer (its class name contains ``Attention``)."""
+    return any("Attention" in type(m).__name__ for m in model.modules())
+
+
+_MISSING_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented|(\S+) does not (?:have|support)"
+                                 r" (?:a )?(?:forward[- ]mode|batching|vmap)")  # fmt: skip
+
+
+def derivative_error(err: BaseException, tried: str) -> RuntimeError | None:
+    """A ``RuntimeError`` naming the op without a derivative rule and the fallbacks ``tried``, when ``err``
+    is such a missing-derivative error (else ``None``: re-raise ``err`` itself)."""
+    msg = str(err)
+    m = _MISSING_DERIVATIVE.search(msg)
+    if "once_differentiable" in msg:
+        op = "a custom autograd.Function marked @once_differentiable"
+    elif "functorch transforms" in msg:
+        op = "a custom autograd.Function without torch.func support (no setup_context)"
+    elif m is not None:
+        op = m.group(1) or m.group(2)
+    elif "not implemented" in msg or "forward AD" in msg or "forward-mode" in msg:
+        op = "an op"
+    else:
+        return None
+    return RuntimeError(
+        f"{op} has no derivative rule needed here (tried: {tried}; attention ran under the "
+        f"{ATTENTION_BACKEND} backend). Replace that op (e.g. a fused kernel) with a differentiable one, "
+        "or restrict the probe with params=[...] to parameters before it. "
+        f"Original error: {msg.splitlines()[0]}"
+    )
+
 
 MODES = ("eval", "train")
 
@@ -183,8 +237,28 @@ class FunctionalModel:
         return self.space.size
 
     def __call__(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``f(x; p, θ_F)`` via ``functional_call`` (``p`` may be any subset-complete dict of ``θ_S``)."""
-        return functional_call(self.model, {**self.fixed, **p}, (x,))
+        """``f(x; p, θ_F)`` via ``functional_call`` (``p`` may be any subset-complete dict of ``θ_S``),
+        under the math SDPA backend, reduced to logits (module docstring)."""
+        with attention_kernels():
+            out = functional_call(self.model, {**self.fixed, **p}, (x,))
+        if not isinstance(out, torch.Tensor):
+            self.output_rule = output_rule(out)
+            out = logits_of(out)
+        return out
+
+    #: The output rule applied (``None`` while the model returned plain tensors).
+    output_rule: str | None = None
+
+    def kernel_meta(self) -> dict[str, Any]:
+        """``{"attention": "math SDPA"}`` for models with attention layers and ``{"outputs": rule}`` for
+        models whose outputs were reduced to logits; empty for the rest (their ``.meta`` is unchanged)."""
+        meta: dict[str, Any] = {}
+        if has_attention(self.model):
+            meta["attention"] = ATTENTION_BACKEND
+        rule = self.output_rule or getattr(self.model, RULE_ATTR, None)
+        if rule is not None and rule != "tensor":
+            meta["outputs"] = rule
+        return meta
 
     def guard(self) -> ModeGuard:
         """The block's mode for a ``with`` statement (restored on exit)."""
@@ -260,6 +334,10 @@ class ResidentBatches:
 
 
 __all__ = [
+    "ATTENTION_BACKEND",
+    "attention_kernels",
+    "derivative_error",
+    "has_attention",
     "DEVICE_DATA_BUDGET",
     "FunctionalModel",
     "ModeGuard",

@@ -21,9 +21,8 @@
 
   *Memory.* The basis grows block by block (never preallocated) until locked vectors plus basis
   reach ``max_basis`` vectors of the operator's dtype, then restarts in place on the ``p`` best
-  Ritz vectors. Peak memory over one product (whose output ``W`` is the product's own): ``(max_basis +
-  2 b) · P`` numbers — locked vectors and basis, the QR's working copy of ``W`` and its factor ``Q`` —
-  reported as ``EigshOutput.peak_basis_vectors``.
+  Ritz vectors. Peak memory: ``(max_basis + b) · P`` numbers — locked vectors and basis, and the
+  product block ``W``, orthonormalised in place — reported as ``EigshOutput.peak_basis_vectors``.
 * :func:`lanczos_tridiagonal` — several independent recurrences at once (one ``matmat`` per step
   serves all probes), as needed by stochastic Lanczos quadrature.
 """
@@ -66,7 +65,7 @@ class EigshOutput:
     ``n_iter`` (basis vectors expanded, = products), ``n_passes`` (``matmat`` calls),
     ``block_size``, ``n_restarts`` (thick restarts), ``n_runs`` (runs after locking, see
     :func:`eigsh`) and ``peak_basis_vectors`` (most vectors of length P held at once: locked vectors,
-    basis, product block and QR factor).
+    basis and the product block).
     """
 
     values: torch.Tensor
@@ -94,7 +93,7 @@ class EigshOutput:
             "n_runs": self.n_runs,
             "peak_basis_vectors": self.peak_basis_vectors,
             "solver_memory_bytes": self.memory_bytes(size, dtype),
-            "solver_memory_formula": "(locked + basis + 2·block) vectors × P × dtype bytes",
+            "solver_memory_formula": "(locked + basis + block) vectors × P × dtype bytes",
         }
 
 
@@ -179,17 +178,6 @@ class _Basis:
                 self.subtract(W, self.project(W))
         return W
 
-    def combine(self, S: torch.Tensor) -> torch.Tensor:
-        """``V S`` as a new ``[P, j]`` tensor."""
-        out = None
-        lo = 0
-        for B in self.blocks:
-            part = B @ S[lo : lo + B.shape[1]].to(B.dtype)
-            out = part if out is None else out.add_(part)
-            lo += B.shape[1]
-        assert out is not None
-        return out
-
     def restart(self, S: torch.Tensor) -> None:
         """``V ← V S`` (``S``: ``[m, p]``, ``p ≤ m``) in place, by row chunks: no second basis in memory."""
         p = S.shape[1]
@@ -242,27 +230,39 @@ def _start_block(
 def _orthonormal_block(
     W: torch.Tensor, basis: _Basis, scale: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W = X R`` with ``X`` orthonormal and orthogonal to ``basis``; a column whose ``|R_ii|`` is at
-    breakdown level is replaced by a fresh random direction (its row of ``R`` set to 0)."""
-    X, R = torch.linalg.qr(W)
-    R = R.double()
-    small = R.diagonal().abs() <= breakdown_rtol(W.dtype) * max(scale, 1e-300)
-    for t, i in enumerate(torch.nonzero(small).flatten().tolist()):
+    """``W = X R`` by modified Gram–Schmidt (twice) *in place*: ``W`` becomes ``X``, orthonormal and
+    orthogonal to ``basis`` (no second block in memory). A column whose ``|R_ii|`` is at breakdown level
+    becomes a fresh random direction orthogonal to everything before it (``R_ii = 0``; later columns
+    are projected on the new direction, so ``W = X R`` stays exact)."""
+    b = W.shape[1]
+    R = torch.zeros(b, b, dtype=torch.float64)
+    tiny = breakdown_rtol(W.dtype) * max(scale, 1e-300)
+    for i in range(b):
+        w = W[:, i]
+        for _ in range(2):
+            if i:
+                c = W[:, :i].T @ w
+                w.sub_(W[:, :i] @ c)
+                R[:i, i] += c.double().cpu()
+        r = float(w.norm())
+        if r > tiny:
+            R[i, i] = r
+            w.div_(r)
+            continue
         for attempt in range(4):
-            z = _random_block(W.shape[0], 1, seed + LANCZOS_RESTART_STRIDE * (t * 4 + attempt + 1), W)
+            z = _random_block(W.shape[0], 1, seed + LANCZOS_RESTART_STRIDE * (i * 4 + attempt + 1), W)
             before = float(z.norm())
             basis.orthogonalize(z)
-            others = torch.cat([X[:, :i], X[:, i + 1 :]], dim=1)
             for _ in range(2):
-                z -= others @ (others.T @ z)
+                if i:
+                    z -= W[:, :i] @ (W[:, :i].T @ z)
             norm = float(z.norm())
             if norm > breakdown_rtol(W.dtype) * before:  # else the basis already spans (almost) everything
-                X[:, i] = z[:, 0] / norm
+                w.copy_(z[:, 0] / norm)
                 break
         else:
-            X[:, i] = 0.0  # the space is exhausted (basis spans everything): a null direction
-        R[i, :] = 0.0
-    return X, R
+            w.zero_()  # the space is exhausted (basis spans everything): a null direction
+    return W, R
 
 
 def _clusters(values: torch.Tensor, radii: torch.Tensor) -> list[tuple[int, int]]:
@@ -370,7 +370,7 @@ def _krylov_run(
         H = (Hn + Hn.T) / 2
         theta, S = torch.linalg.eigh(H)
         scale = float(theta.abs().max()) or 1.0
-        peak = max(peak, n_locked + m + 2 * X.shape[1])
+        peak = max(peak, n_locked + m + X.shape[1])
         exhausted = n_locked + m >= P
         if exhausted:
             R = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
@@ -419,7 +419,7 @@ def eigsh(
     operator-vector products (default ``max(300, 60 k)``). ``block_size``: ``b ≥ 1`` (default 2, or 1 when
     a single value is wanted: copies of λ_max cannot change it).
     ``max_basis``: most vectors held (locked + basis; default ``3 k' + 20`` for ``k'`` wanted values,
-    at most P), so memory is at most ``(max_basis + 2 b) · P`` numbers of the operator's dtype.
+    at most P), so memory is at most ``(max_basis + b) · P`` numbers of the operator's dtype.
     ``basis_device``: where the vectors live (e.g. ``"cpu"`` while the products run on a GPU).
 
     Multiplicities: a run with block size ``b`` holds at most ``b`` copies of an eigenvalue. When a
@@ -477,8 +477,8 @@ def eigsh(
         idx = _wanted(run.theta, k_run, which)
         conv = run.res[idx] <= floor[idx]
         # lock this run's wanted vectors; the answer is the best n_want of everything found so far
-        locked.append(run.basis.combine(run.S[:, idx]))
-        run.basis.blocks.clear()  # free the run's basis before anything else is allocated
+        run.basis.restart(run.S[:, idx])  # in place: the wanted Ritz vectors, the rest of the basis freed
+        locked.blocks.extend(run.basis.blocks)
         values = torch.cat([values, run.theta[idx]])
         residuals = torch.cat([residuals, run.res[idx]])
         converged = torch.cat([converged, conv])

@@ -10,6 +10,16 @@ Built-in losses (``loss=`` argument of every probe):
 * ``"cross_entropy"``: ``ℓ_i = −log softmax(f_i)[y_i]`` (integer targets).
 * ``"mse"``: ``ℓ_i = mean_o (f_io − y_io)²`` (PyTorch's ``mse_loss`` convention, mean over outputs).
 * ``"half_sse"``: ``ℓ_i = ½ Σ_o (f_io − y_io)²`` (the convention of the edge-of-stability papers).
+* ``"token_cross_entropy"``: language-model outputs ``[B, T, V]`` against token targets ``[B, T]``;
+  targets equal to ``ignore_index`` (−100) are not counted. Options as a dict spec
+  ``{"name": "token_cross_entropy", "shift": true, "ignore_index": -100}``: ``shift`` predicts token
+  ``t+1`` from position ``t`` (Hugging Face causal-LM convention, ``labels = input_ids``).
+  **Reduction: the mean over counted tokens of the whole dataset**,
+  ``L = Σ_i Σ_t ℓ_it / Σ_i T_i`` (``T_i`` the counted tokens of sequence ``i``). Its per-sample form is
+  the *sum* over the sequence's counted tokens, ``ℓ_i = Σ_t ℓ_it``, and :meth:`Loss.count` is ``T_i``
+  summed over a batch, so every probe's ``Σ_i ℓ_i / Σ_batches count`` is exactly that mean (batches
+  weighted by their counted tokens, not their sequences). Per-example quantities (gradient coherence)
+  use the per-sequence sums.
 * ``"auto"``: integer targets → ``cross_entropy``, floating targets → ``mse``.
 
 Class labels must lie in ``[0, C)`` for a model with ``C`` outputs (``-100``, PyTorch's ignore index,
@@ -19,13 +29,20 @@ model once on a few samples of the first batch and turns a dtype or shape error 
 stating what the first layer expects and what it got; ``resolve_loss(..., model=, inputs=)`` does both.
 * a callable ``fn(outputs, targets) -> scalar`` returning the *batch mean*, like ``nn.CrossEntropyLoss()``;
   its per-sample form is obtained by evaluating it on single-sample batches (``vmap``).
+* ``"pkg.module:function"`` or ``"path/file.py:function"``: such a callable imported by reference (from
+  the environment or a file on this machine, never from an uploaded file).
+
+Every built-in loss checks its shapes and names them with a suggestion when they do not fit (e.g.
+``[B, T, V]`` outputs with ``cross_entropy`` suggest ``token_cross_entropy``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +55,33 @@ _CHECKED_LABELS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # label batch
 PerSample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _count_samples(targets: torch.Tensor) -> int:
+    return int(targets.shape[0])
+
+
 @dataclass(frozen=True)
 class Loss:
-    """A resolved loss: its name and its per-sample form ``ℓ(outputs [B, ...], targets [B, ...]) -> [B]``."""
+    """A resolved loss: its name, its per-sample form ``ℓ(outputs [B, ...], targets [B, ...]) -> [B]`` and
+    ``counter(targets) -> int``, the units a batch adds to the normaliser (its samples; for
+    ``token_cross_entropy`` its counted tokens), named by ``unit``."""
 
     name: str
     per_sample: PerSample
+    counter: Callable[[torch.Tensor], int] = _count_samples
+    unit: str = "samples"
 
     def total(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Σ_i ℓ_i over the batch (divide by the dataset size for the mean)."""
+        """Σ_i ℓ_i over the batch (divide by the dataset's :meth:`count` for the mean)."""
         return self.per_sample(outputs, targets).sum()
+
+    def count(self, targets: torch.Tensor) -> int:
+        """The batch's weight in the dataset mean: its sample count, or its counted tokens."""
+        return self.counter(targets)
+
+    @property
+    def counts_samples(self) -> bool:
+        """Whether the normaliser is the sample count (every built-in loss but ``token_cross_entropy``)."""
+        return self.unit == "samples"
 
 
 def _flat_pair(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +134,11 @@ def check_labels(
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() == 3 and y.dim() == 2:
+        raise ValueError(
+            f"cross_entropy expects outputs [B, C]; got {tuple(out.shape)} with targets {tuple(y.shape)}, "
+            "a language model's [B, T, V] outputs: use loss='token_cross_entropy'"
+        )
     if out.dim() != 2:
         raise ValueError(f"cross_entropy expects outputs [B, C]; got {tuple(out.shape)}")
     if y.dim() != 1:
@@ -128,11 +167,50 @@ def _half_sse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((o - t) ** 2).sum(dim=1)
 
 
+IGNORE_INDEX = -100
+
+
+def _token_pair(
+    out: torch.Tensor, y: torch.Tensor, shift: bool, name: str = "token_cross_entropy"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if out.dim() != 3 or y.dim() != 2 or out.shape[:2] != y.shape or y.is_floating_point():
+        hint = " (outputs [B, C] with targets [B]: use loss='cross_entropy')" if out.dim() == 2 else ""
+        raise ValueError(
+            f"{name} expects outputs [B, T, V] and integer targets [B, T]; got outputs "
+            f"{tuple(out.shape)} and targets {tuple(y.shape)} ({y.dtype}){hint}"
+        )
+    if shift:
+        out, y = out[:, :-1], y[:, 1:]
+    return out, y
+
+
+@functools.cache
+def token_cross_entropy(shift: bool = False, ignore_index: int = IGNORE_INDEX) -> Loss:
+    """Per-token cross-entropy (module docstring): ``per_sample`` sums a sequence's counted tokens,
+    ``count`` counts a batch's tokens whose target is not ``ignore_index`` (after the optional shift)."""
+
+    def per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        o, t = _token_pair(out, y, shift)
+        ll = F.cross_entropy(
+            o.reshape(-1, o.shape[-1]), t.reshape(-1), reduction="none", ignore_index=ignore_index
+        )
+        return ll.reshape(t.shape).sum(dim=1)
+
+    def count(y: torch.Tensor) -> int:
+        t = y[:, 1:] if shift else y
+        return int((t != ignore_index).sum())
+
+    name = "token_cross_entropy" + (" (shifted)" if shift else "")
+    return Loss(name, per_sample, count, "tokens")
+
+
 BUILTIN_LOSSES: dict[str, PerSample] = {
     "cross_entropy": _cross_entropy,
     "mse": _mse,
     "half_sse": _half_sse,
 }
+#: Every loss name a spec may give (``token_cross_entropy`` takes options, so it is built, not looked up).
+LOSS_NAMES = (*BUILTIN_LOSSES, "token_cross_entropy")
 
 
 def _from_batch_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> PerSample:
@@ -196,13 +274,14 @@ def check_model_input(model: nn.Module, x: torch.Tensor, *, n: int = 8) -> torch
 
 
 def resolve_loss(
-    loss: str | Callable | Loss,
+    loss: str | Mapping[str, Any] | Callable | Loss,
     targets: torch.Tensor | None = None,
     *,
     model: nn.Module | None = None,
     inputs: torch.Tensor | None = None,
 ) -> Loss:
-    """Turn a ``loss=`` argument into a :class:`Loss`; ``"auto"`` looks at the targets' dtype.
+    """Turn a ``loss=`` argument (a name, a dict spec ``{"name", ...options}``, ``"module:function"``,
+    a callable or a :class:`Loss`) into a :class:`Loss`; ``"auto"`` looks at the targets' dtype.
 
     With ``model`` and ``inputs`` (a probe's first batch) the inputs are checked once against the model
     (:func:`check_model_input`) and, for cross-entropy, the first batch's labels against its outputs.
@@ -216,19 +295,42 @@ def resolve_loss(
     return resolved
 
 
-def _resolve(loss: str | Callable | Loss, targets: torch.Tensor | None) -> Loss:
+def _resolve(loss: str | Mapping[str, Any] | Callable | Loss, targets: torch.Tensor | None) -> Loss:
     if isinstance(loss, Loss):
         return loss
     if callable(loss):
         return Loss(getattr(loss, "__name__", type(loss).__name__), _from_batch_mean(loss))
+    if isinstance(loss, Mapping):
+        opts = dict(loss)
+        name = opts.pop("name", None)
+        if name != "token_cross_entropy" and opts:
+            raise ValueError(f"loss spec {dict(loss)}: only 'token_cross_entropy' takes options")
+        if name == "token_cross_entropy":
+            bad = sorted(set(opts) - {"shift", "ignore_index"})
+            if bad:
+                raise ValueError(f"loss spec {dict(loss)}: unknown options {bad}; valid: shift, ignore_index")
+            return token_cross_entropy(
+                bool(opts.get("shift", False)), int(opts.get("ignore_index", IGNORE_INDEX))
+            )
+        loss = name
     if not isinstance(loss, str):
         raise TypeError(f"loss must be a name, a callable or a Loss; got {type(loss).__name__}")
+    if loss == "token_cross_entropy":
+        return token_cross_entropy()
+    if ":" in loss:
+        from ..datasets.factory import import_object
+
+        fn = import_object(loss, what="loss")
+        if not callable(fn):
+            raise ValueError(f"loss {loss!r} is a {type(fn).__name__}, not a callable")
+        return Loss(loss, _from_batch_mean(fn))
     if loss == "auto":
         if targets is None:
             raise ValueError("loss='auto' needs the targets to choose cross-entropy or MSE")
         loss = "mse" if targets.is_floating_point() else "cross_entropy"
     if loss not in BUILTIN_LOSSES:
         raise ValueError(
-            f"unknown loss {loss!r}; choose one of {sorted(BUILTIN_LOSSES)}, 'auto' or a callable"
+            f"unknown loss {loss!r}; choose one of {sorted(LOSS_NAMES)}, 'auto', "
+            "'module:function' or a callable"
         )
     return Loss(loss, BUILTIN_LOSSES[loss])

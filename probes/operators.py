@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from .functional import (
     MODES,
     FunctionalModel,
     ModeGuard,
+    derivative_error,
 )
 from .losses import Loss, resolve_loss
 from .validation import check_choice, check_int
@@ -170,6 +171,8 @@ class OperatorSpec:
         check_choice("backend", self.backend, BACKENDS)
         check_int("batch_size", self.batch_size, min=1, optional=True)
         check_int("max_vectors", self.max_vectors, min=1)
+        if isinstance(self.loss, Mapping):  # a loss spec with options: resolved (hashable) here
+            object.__setattr__(self, "loss", resolve_loss(self.loss))
         if not (isinstance(self.loss, (str, Loss)) or callable(self.loss)):
             raise ValueError(f"loss must be a name, a callable or a Loss; got {type(self.loss).__name__}")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
@@ -249,7 +252,12 @@ class CurvatureOperator(LinearOperator):
         self.reduce_fn = spec.reduce_fn
         first_batch = next(iter(self.source))
         self.loss = resolve_loss(spec.loss, first_batch.y, model=self.model, inputs=first_batch.x)
-        n_local = self.source.num_samples()
+        # the normaliser: the sample count, or the counted tokens for token_cross_entropy (losses.py)
+        n_local = (
+            self.source.num_samples()
+            if self.loss.counts_samples
+            else sum(self.loss.count(b.y) for b in self.source)
+        )
         n = torch.tensor(float(n_local), dtype=torch.float64, device=self.device)
         self.num_samples = int(round(float(self.reduce_fn(n) if self.reduce_fn is not None else n)))
         if self.num_samples == 0:
@@ -274,7 +282,7 @@ class CurvatureOperator(LinearOperator):
         return {
             "operator": self.kind,
             "loss": self.loss.name,
-            "reduction": f"mean over {self.num_samples} samples",
+            "reduction": f"mean over {self.num_samples} {self.loss.unit}",
             "n_samples": self.num_samples,
             "n_params": self.size,
             "dtype": str(self.dtype),
@@ -282,6 +290,7 @@ class CurvatureOperator(LinearOperator):
             "mode": self.mode,
             "backend": self.backend,
             "product_fallbacks": list(self.fallbacks),
+            **self.fm.kernel_meta(),
         }
 
     def _fallback(self, what: str, err: BaseException) -> None:
@@ -315,7 +324,7 @@ class CurvatureOperator(LinearOperator):
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad(), ModeGuard(self.model, self.mode):
             for b in self.source:
-                total += self.loss.total(self.model(b.x), b.y).double()
+                total += self.loss.total(self._call(self._primal(), b.x), b.y).double()
         if self.reduce_fn is not None:
             total = self.reduce_fn(total)
         return float(total) / self.num_samples
@@ -336,12 +345,21 @@ class CurvatureOperator(LinearOperator):
 
     # ---------------------------------------------------------------- products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._products(V)
+        except (RuntimeError, NotImplementedError) as e:
+            hint = derivative_error(e, f"{self.backend} products after forward-over-reverse")
+            if hint is None:
+                raise
+            raise hint from e
+
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
         with ModeGuard(self.model, self.mode):
             for lo in range(0, V.shape[1], self.max_vectors):
                 Vc = V[:, lo : lo + self.max_vectors]
                 if self.backend == "graph":
-                    out[:, lo : lo + Vc.shape[1]] = self._graph_matmat(Vc)
+                    self._graph_matmat(Vc, out[:, lo : lo + Vc.shape[1]])
                 else:
                     for b in self.source:
                         out[:, lo : lo + Vc.shape[1]] += self._batch_matmat(b.x, b.y, Vc)
@@ -349,8 +367,9 @@ class CurvatureOperator(LinearOperator):
             out = self.reduce_fn(out)
         return out
 
-    def _graph_matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """Hessian products by differentiating a cached first-order graph (single-batch data)."""
+    def _graph_matmat(self, V: torch.Tensor, out: torch.Tensor) -> None:
+        """Hessian products by differentiating a cached first-order graph (single-batch data), written
+        into ``out`` (no second ``[P, K]`` block: one vector at a time is stored straight into its column)."""
         if self._graph is None:
             b = self.single
             assert b is not None
@@ -359,23 +378,27 @@ class CurvatureOperator(LinearOperator):
             g = torch.autograd.grad(loss, plist, create_graph=True)
             self._graph = (self.space.flatten(list(g)), plist)
         gflat, plist = self._graph
-        Vt = V.T.contiguous()  # [K, P]
         if V.shape[1] > 1 and self._batched_double_backward:
             try:
                 hv = torch.autograd.grad(
-                    gflat, plist, grad_outputs=Vt, retain_graph=True, is_grads_batched=True
+                    gflat, plist, grad_outputs=V.T.contiguous(), retain_graph=True, is_grads_batched=True
                 )
-                return torch.cat([h.reshape(V.shape[1], -1) for h in hv], dim=1).T
+                out.copy_(torch.cat([h.reshape(V.shape[1], -1) for h in hv], dim=1).T)
+                return
             except RuntimeError as err:
                 self._fallback("batched double backward → one vector at a time", err)
                 self._batched_double_backward = False  # an op without a batching rule: one vector at a time
-        cols = []
         for k in range(V.shape[1]):
-            hv = torch.autograd.grad(gflat, plist, grad_outputs=Vt[k], retain_graph=True, allow_unused=True)
-            cols.append(
-                self.space.flatten([torch.zeros_like(p) if h is None else h for h, p in zip(hv, plist)])
+            hv = torch.autograd.grad(
+                gflat, plist, grad_outputs=V[:, k].contiguous(), retain_graph=True, allow_unused=True
             )
-        return torch.stack(cols, dim=1)
+            lo = 0
+            for h, n in zip(hv, self.space.numels):
+                if h is None:
+                    out[lo : lo + n, k] = 0
+                else:
+                    out[lo : lo + n, k] = h.reshape(-1)
+                lo += n
 
     def _batch_matmat(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Σ over one batch of the operator applied to the columns of V (already divided by N)."""

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import streamlit as st
-from lib import demos, errors, state, uploads
+from lib import demos, errors, own, state, uploads
 
 from dynascope.datasets import available as datasets_available
 from dynascope.datasets import defaults as dataset_defaults
@@ -117,6 +117,53 @@ with st.expander("Upload checkpoints as a new run", expanded=not runs):
                     f"{len(report.steps)} checkpoint(s) (steps {sorted(report.steps.values())})."
                 )
 
+# ------------------------------------------------------------------ your own model: a checkpoint folder
+with st.expander("Import a checkpoint folder (your own model, data and loss)", expanded=False):
+    st.caption(
+        "A Hugging Face `Trainer` output folder (`checkpoint-N/`), Lightning `*.ckpt` files or `.pt` / "
+        "`.safetensors` files with the step in their names. Model: a registry name, JSON "
+        '(`{"name": ...}`, `{"factory": "pkg.mod:fn", "kwargs": {...}}`, `{"hf": "save_pretrained folder"}`) '
+        "or `pkg.mod:fn` / `path/file.py:fn`. Data: a dataset name, JSON "
+        '(`{"file": "d.safetensors", "x": "x", "y": "y"}`, `{"file": "t.parquet", "label": "y"}`) or a '
+        "factory. Loss: `cross_entropy`, `mse`, `half_sse`, `token_cross_entropy`, "
+        '`{"name": "token_cross_entropy", "shift": true}` or `pkg.mod:fn`. **Factories are imported from '
+        "this Python environment or a file path on this machine, never from an uploaded file.** The specs "
+        "are checked by a dry run (build the model, load the first checkpoint, one forward pass on one "
+        "batch, the loss's shape) before the run is created under "
+        f"`{root / own.OWN_FOLDER}`."
+    )
+    own_folder = st.text_input("Checkpoint folder", placeholder="/path/to/trainer/output", key="own_folder")
+    o1, o2, o3 = st.columns(3)
+    own_model = o1.text_area("Model spec", placeholder='{"hf": "/path/to/model"}', key="own_model")
+    own_data = o2.text_area("Data spec", placeholder="pkg.data:make_tokens", key="own_data")
+    own_loss = o3.text_input("Loss spec", value="auto", key="own_loss")
+    o4, o5 = st.columns(2)
+    own_name = o4.text_input("Run name", value="my-model", key="own_name")
+    own_copy = o5.checkbox("Copy the weights into the run (default: read them in place)", key="own_copy")
+    b1, b2 = st.columns(2)
+    check_clicked = b1.button("Check (dry run)", key="own_check")
+    create_clicked = b2.button("Create run from folder", type="primary", key="own_create")
+    if check_clicked or create_clicked:
+        with errors.guard("Checking the specs" if check_clicked else "Importing the folder"):
+            specs = (
+                own.parse_spec(own_model, "model spec"),
+                own.parse_spec(own_data, "data spec"),
+                None if own_loss.strip() in ("", "auto") else own.parse_spec(own_loss, "loss spec"),
+            )
+            if check_clicked:
+                result = own.check_folder(own_folder, *specs)
+                st.success(
+                    f"{len(result.scan.checkpoints)} {result.scan.layout} checkpoint(s) (steps "
+                    f"{result.scan.steps}). {result.report.summary()}"
+                )
+            else:
+                new_run, result = own.create_run(own_folder, root, own_name, *specs, copy=own_copy)
+                state.select_run(new_run.path)
+                st.success(
+                    f"Created run `{state.label(new_run.path)}` from {len(result.scan.checkpoints)} "
+                    f"{result.scan.layout} checkpoint(s). {result.report.summary()}"
+                )
+
 # ------------------------------------------------------------------ details of the selected run
 run: Run | None = state.current_run()
 if run is None:
@@ -124,8 +171,8 @@ if run is None:
 st.divider()
 st.subheader(f"Run `{state.label(run.path)}`")
 cfg_cols = st.columns(4)
-cfg_cols[0].metric("Model", run.model_config.get("name", "?"))
-cfg_cols[1].metric("Dataset", run.dataset_config.get("name", "?"))
+cfg_cols[0].metric("Model", own.spec_label(run.model_config))
+cfg_cols[1].metric("Dataset", own.spec_label(run.dataset_config))
 cfg_cols[2].metric("Optimizer", (run.optimizer_config or {}).get("name", "—"))
 cfg_cols[3].metric("Checkpoints", len(run.checkpoints()))
 if run.notes:

@@ -84,6 +84,8 @@ class NTKResult(Result):
 def _targets_for(y: torch.Tensor, size: int, n: int, n_outputs: int) -> torch.Tensor:
     """Centered targets as ``[size, C]``: ``[N, C]`` for a traced kernel, ``[N·O, 1]`` for a full one."""
     integer = not (y.is_floating_point() or y.is_complex())
+    if integer and y.dim() >= 2:  # token sequences: no label kernel; alignment and energies are NaN
+        return torch.zeros(size, 1, dtype=torch.float64)
     if integer and n_outputs > 1:  # class labels of a classifier: one-hot over its outputs
         check_labels(y, n_outputs)
     n_classes = n_outputs if integer and y.numel() and int(y.max()) < n_outputs else None
@@ -227,6 +229,7 @@ def ntk_probe(
         mode=mode,
         condition_number_definition="lambda_1 / lambda_k of the reported top-k",
         label_energy_definition="||U_k^T Y_c||^2 / ||Y_c||^2, U_k eigenvectors of the uncentered kernel",
+        **op.fm.kernel_meta(),
         **extra,
     )
     return NTKResult(
@@ -295,6 +298,8 @@ def ntk_trajectory(
     s: list[Any] = given if given is not None else []
     n_out = 1
     n_classes = None
+    if y is not None and y.dim() >= 2 and not (y.is_floating_point() or y.is_complex()):
+        y = None  # token sequences: no label kernel, the alignment is NaN
     if y is not None and reduce_outputs is None and not (y.is_floating_point() or y.is_complex()):
         n_classes = -1  # set to O (one-hot over the model's outputs) once O is known
     K0 = K_prev = theta0 = None

@@ -39,18 +39,19 @@ large to form. Everything runs on the model's device and dtype; no host synchron
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
 from ...datasets.batching import check_finite as check_data_finite
-from ..functional import FunctionalModel, ModeGuard
+from ..functional import FunctionalModel, ModeGuard, derivative_error
 from ..operators import LinearOperator
 from ..validation import check_float, check_int
 from .structure import Factors, Site, Taps, contract_site, find_sites
@@ -413,6 +414,29 @@ def _ntk_vp(
 
 
 # --------------------------------------------------------------------------- public API
+def _with_derivative_hint(tried: str) -> Callable[[F], F]:
+    """Re-raise a missing-derivative error of the wrapped function once, naming the op and ``tried``."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (RuntimeError, NotImplementedError) as e:
+                hint = derivative_error(e, tried)
+                if hint is None:
+                    raise
+                raise hint from e
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@_with_derivative_hint("the NTK's Jacobian (jacrev/vmap) and ntk_vp (jvp) strategies")
 def empirical_ntk(
     model: nn.Module,
     x1: torch.Tensor,

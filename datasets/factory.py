@@ -1,0 +1,119 @@
+"""Import a user's factory by reference: ``"pkg.module:function"`` or ``"path/to/file.py:function"``.
+
+The one rule every spec kind (model, data, loss) uses. A factory is imported only from the Python
+environment (an importable module) or from a file path on this machine; never from an uploaded file.
+Failures raise ``ValueError`` naming the spec and what is missing; the factory's own exceptions are
+re-raised by :func:`call_factory` as ``ValueError`` naming the spec and the original error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["absolute_ref", "is_factory_ref", "split_ref", "import_object", "call_factory", "ref_fingerprint"]
+
+
+def is_factory_ref(value: Any) -> bool:
+    """Whether ``value`` looks like ``"module:attr"`` / ``"file.py:attr"`` (one colon, both sides set)."""
+    if not isinstance(value, str) or value.count(":") != 1:
+        return False
+    mod, attr = value.split(":")
+    return bool(mod.strip()) and bool(attr.strip()) and "{" not in value
+
+
+def split_ref(ref: str, what: str = "factory") -> tuple[str, str]:
+    """``(module_or_file, attribute)`` of ``ref``; ``ValueError`` when it is not of that form."""
+    if not is_factory_ref(ref):
+        raise ValueError(f"{what} {ref!r} must be 'pkg.module:function' or 'path/to/file.py:function'")
+    mod, attr = ref.split(":")
+    return mod.strip(), attr.strip()
+
+
+def _is_file_ref(mod: str) -> bool:
+    return mod.endswith(".py") or "/" in mod or "\\" in mod
+
+
+def _load_file(path: Path, what: str, ref: str) -> Any:
+    if not path.is_file():
+        raise ValueError(f"{what} {ref!r}: file '{path}' does not exist")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    name = f"dynascope_user_{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{what} {ref!r}: '{path}' cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001
+        del sys.modules[name]
+        raise ValueError(f"{what} {ref!r}: importing '{path}' failed ({type(e).__name__}: {e})") from None
+    return module
+
+
+def import_object(ref: str, what: str = "factory") -> Any:
+    """The object named by ``ref`` (``"pkg.module:attr"``, dotted attributes allowed, or
+    ``"path/file.py:attr"``). ``ValueError`` naming ``ref`` when the module, file or attribute is missing."""
+    mod, attr = split_ref(ref, what)
+    if _is_file_ref(mod):
+        module = _load_file(Path(mod).expanduser(), what, ref)
+    else:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            raise ValueError(
+                f"{what} {ref!r}: module {mod!r} is not importable ({e}); install it in this "
+                "environment or give a file path 'path/to/file.py:function'"
+            ) from None
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{what} {ref!r}: importing {mod!r} failed ({type(e).__name__}: {e})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n in dir(module) if not n.startswith("_"))[:20]
+            raise ValueError(f"{what} {ref!r}: {mod!r} has no attribute {attr!r}; it has {names}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def call_factory(ref: str, kwargs: Mapping[str, Any] | None = None, what: str = "factory") -> Any:
+    """``import_object(ref)(**kwargs)``; the factory's exceptions become a ``ValueError`` naming ``ref``."""
+    fn = import_object(ref, what)
+    if not callable(fn):
+        raise ValueError(f"{what} {ref!r} is a {type(fn).__name__}, not a callable")
+    try:
+        return fn(**dict(kwargs or {}))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{what} {ref!r} raised {type(e).__name__}: {e}") from e
+
+
+def absolute_ref(ref: str) -> str:
+    """``ref`` with a file path made absolute (so a stored spec works from any working directory)."""
+    mod, attr = split_ref(ref)
+    if _is_file_ref(mod):
+        return f"{Path(mod).expanduser().resolve()}:{attr}"
+    return ref
+
+
+def ref_fingerprint(ref: str) -> dict[str, Any]:
+    """What identifies the factory's code for a cache key: the reference, and for a file reference the
+    sha256 of the file (so an edited file changes the key). Module references are identified by name."""
+    mod, _ = split_ref(ref)
+    if _is_file_ref(mod):
+        p = Path(mod).expanduser()
+        return {
+            "ref": ref,
+            "file_sha256": hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None,
+        }
+    return {"ref": ref}
+
+
+FactoryFn = Callable[..., Any]

@@ -1,0 +1,73 @@
+"""Model outputs → logits, by one stated rule.
+
+Probes differentiate a tensor. Models that return something else are reduced by :func:`logits_of`:
+
+1. a tensor is the logits;
+2. an object with a tensor attribute ``logits`` (Hugging Face ``ModelOutput``), or a mapping with a tensor
+   under ``"logits"``, gives that tensor;
+3. otherwise the first tensor of a tuple/list, or the first tensor value of a mapping (in its order).
+
+:func:`attach_logits_rule` registers the rule as a forward hook on a model (the module's parameters and
+their names are unchanged, so its checkpoints still fit) and records the rule that applied in
+``model.dynascope_output_rule`` (probes copy it into ``.meta["outputs"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["OUTPUT_RULE", "logits_of", "output_rule", "attach_logits_rule", "RULE_ATTR"]
+
+OUTPUT_RULE = "tensor as is; else .logits / ['logits']; else the first tensor of the tuple or dict"
+RULE_ATTR = "dynascope_output_rule"
+
+
+def output_rule(out: Any) -> str:
+    """Which branch of the rule ``out`` takes: ``"tensor"``, ``"logits"`` or ``"first tensor"``."""
+    if isinstance(out, torch.Tensor):
+        return "tensor"
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return "logits"
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return "logits"
+    return "first tensor"
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model output (module docstring); ``ValueError`` when it holds no tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    else:
+        values = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise ValueError(f"the model returned {type(out).__name__}, which holds no tensor; rule: {OUTPUT_RULE}")
+
+
+def _logits_hook(module: nn.Module, args: Any, out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        object.__setattr__(module, RULE_ATTR, output_rule(out))
+        return logits_of(out)
+    return out
+
+
+def attach_logits_rule(model: nn.Module) -> nn.Module:
+    """Register :func:`logits_of` as ``model``'s forward hook (once) and return ``model``."""
+    if not getattr(model, "_dynascope_logits_hook", False):
+        model.register_forward_hook(_logits_hook)
+        object.__setattr__(model, "_dynascope_logits_hook", True)
+    return model
