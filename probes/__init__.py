@@ -53,6 +53,8 @@ _EXPORTS: dict[str, str] = {
     "smooth_density": "density",
     "spectral_moments": "density",
     "wasserstein1": "density",
+    "hessian_diagonal": "diagonal",
+    "HessianDiagonalResult": "diagonal",
     # neural collapse, mode connectivity, permutation alignment
     "neural_collapse": "collapse",
     "nc_trajectory": "collapse",
