@@ -55,6 +55,11 @@ _EXPORTS: dict[str, str] = {
     "wasserstein1": "density",
     "hessian_diagonal": "diagonal",
     "HessianDiagonalResult": "diagonal",
+    # loss-landscape slices and trajectories
+    "loss_landscape": "landscape",
+    "landscape_trajectory": "landscape",
+    "LandscapeResult": "landscape",
+    "filter_normalized_direction": "landscape",
     # neural collapse, mode connectivity, permutation alignment
     "neural_collapse": "collapse",
     "nc_trajectory": "collapse",
