@@ -60,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "landscape_trajectory": "landscape",
     "LandscapeResult": "landscape",
     "filter_normalized_direction": "landscape",
+    "opposing_signals": "opposing",
+    "OpposingSignalsResult": "opposing",
     # neural collapse, mode connectivity, permutation alignment
     "neural_collapse": "collapse",
     "nc_trajectory": "collapse",
