@@ -1,0 +1,67 @@
+"""The landscape probes through the runner: cached, from the CLI and from the notebook, same numbers as a
+direct call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import STEPS, make_run
+
+import dynascope
+from dynascope import probes, runner
+from dynascope.cli import main
+from dynascope.models import Run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return make_run(tmp_path_factory.mktemp("land") / "run")
+
+
+def cli_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[dict]:
+    assert main([*argv, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_hessian_diagonal_cli_matches_direct_call_and_is_cached(run: Run, capsys) -> None:
+    rows = cli_json(["probe", "hessian_diagonal", str(run.path), "--param", "n_matvecs=12"], capsys)
+    assert len(rows) == 1 and rows[0]["cached"] is False and rows[0]["step"] == STEPS[-1]
+    x, y = run.load_dataset().train
+    direct = probes.hessian_diagonal(run.load_model(STEPS[-1]), (x, y), n_matvecs=12, loss="cross_entropy")
+    assert torch.allclose(torch.tensor(rows[0]["result"]["values"], dtype=torch.float64), direct.values)
+    again = cli_json(["probe", "hessian_diagonal", str(run.path), "--param", "n_matvecs=12"], capsys)
+    assert again[0]["cached"] is True
+    view = dynascope.open_run(run.path)
+    res = view.probe("hessian_diagonal", n_matvecs=12)
+    assert torch.allclose(res.values, direct.values)
+
+
+def test_loss_landscape_through_the_runner(run: Run) -> None:
+    res, cached = runner.run_probe(run, "loss_landscape", params={"resolution": 5, "span": 0.5})
+    assert not cached and res.loss.shape == (5, 5)
+    x, y = run.load_dataset().train
+    direct = probes.loss_landscape(run.load_model(STEPS[-1]), (x, y), resolution=5, span=0.5)
+    assert torch.allclose(res.loss, direct.loss, atol=1e-12)
+    again, cached = runner.run_probe(run, "loss_landscape", params={"resolution": 5, "span": 0.5})
+    assert cached and torch.allclose(again.loss, res.loss)
+
+
+def test_multi_checkpoint_landscape_and_opposing_signals(run: Run, capsys) -> None:
+    rows = cli_json(["probe", "landscape_trajectory", str(run.path), "--param", "resolution=4"], capsys)
+    result = rows[0]["result"]
+    assert rows[0]["steps"] == list(STEPS)
+    assert result["trajectory_steps"] == list(STEPS) and len(result["trajectory_coords"]) == len(STEPS)
+    assert result["meta"]["center_step"] == STEPS[-1] and result["meta"]["probe"] == "landscape_trajectory"
+    view = dynascope.open_run(run.path)
+    same = view.probe("landscape_trajectory", steps=list(STEPS), resolution=4)
+    assert same.trajectory_in_plane.tolist() == pytest.approx(result["trajectory_in_plane"])
+    opp = view.probe("opposing_signals", steps=list(STEPS))
+    x, y = run.load_dataset().train
+    direct = probes.opposing_signals(run, (x, y), loss="cross_entropy")
+    assert opp.selected == direct.selected and torch.allclose(opp.scores, direct.scores)
+    assert opp.steps == list(STEPS)
+    rows = cli_json(["probe", "opposing_signals", str(run.path), "--all"], capsys)
+    assert rows[0]["cached"] is True
+    assert "opposing_signals" in runner.PROBES and runner.PROBES["opposing_signals"].inputs == "checkpoints"
