@@ -9,9 +9,10 @@ Given checkpoints ``θ_0 … θ_T`` (consecutive steps of one run) and a dataset
    movement that went back and forth (0 for a monotone loss curve);
 3. selection: the ``n_examples`` highest scores, or (default) the examples above the widest relative gap
    in the sorted scores: with ``s_(1) ≥ s_(2) ≥ …``, the top ``k`` for the ``k ∈ [2, max_fraction · N]``
-   that maximises ``s_(k) / s_(k+1)`` (``selection_gap_ratio`` in ``meta``; a ratio near 1 means no
-   clear outliers). Outlier scores are orders of magnitude above the bulk, whose score distribution is
-   smooth, so the widest gap separates them;
+   that maximises ``s_(k) / s_(k+1)`` (``selection_gap_ratio`` in ``meta``). Outlier scores are orders of
+   magnitude above the bulk, whose score distribution is smooth, so the widest gap separates them; when
+   no ratio reaches ``min_gap`` (no clear outliers, e.g. an edge-of-stability oscillation shared by many
+   examples) the top ``max_fraction`` are taken;
 4. the reference checkpoint ``t*``: the one before the largest increase of the mean loss (the spike),
    or ``reference=`` (a step); the directions ``V``: the unit update ``θ_{t*+1} − θ_{t*}``
    (``direction="update"``, default) or the top-``k`` Hessian eigenvectors of the mean loss at ``θ_{t*}``
@@ -150,7 +151,7 @@ def _rows(source: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _select(
-    scores: torch.Tensor, n_examples: int | None, max_fraction: float
+    scores: torch.Tensor, n_examples: int | None, max_fraction: float, min_gap: float
 ) -> tuple[torch.Tensor, float | None, float | None]:
     """``(chosen indices by descending score, threshold, gap ratio)`` (module docstring, step 3)."""
     order = torch.argsort(scores, descending=True, stable=True)
@@ -162,8 +163,11 @@ def _select(
     ratios = (top[:-1] + eps) / (top[1:] + eps)  # s_k / s_{k+1}, k = 1..cap
     ratios[:1] = 0  # at least two examples (two sides of a split)
     k = int(ratios.argmax()) + 1
+    gap = float(ratios[k - 1])
+    if gap < min_gap:  # no clear outliers: the top max_fraction
+        return order[:cap], float(top[cap - 1]), gap
     threshold = float((top[k - 1] + eps).sqrt() * (top[k] + eps).sqrt())
-    return order[:k], threshold, float(ratios[k - 1])
+    return order[:k], threshold, gap
 
 
 def opposing_signals(
@@ -175,6 +179,7 @@ def opposing_signals(
     loss: str | Callable = "auto",
     n_examples: int | None = None,
     max_fraction: float = 0.1,
+    min_gap: float = 2.0,
     direction: str = "update",
     reference: Any = None,
     span: int = 1,
@@ -188,7 +193,8 @@ def opposing_signals(
 
     ``run``: a run (or path) — its checkpoints at ``steps`` (default all) — or models / state dicts (with
     ``model=``), in training order. ``n_examples``: how many to select (default: those above the widest
-    relative gap of the sorted oscillation scores, at most ``max_fraction`` of the data).
+    relative gap of the sorted oscillation scores, at most ``max_fraction`` of the data; the top
+    ``max_fraction`` when no gap ratio reaches ``min_gap``).
     ``direction``: ``"update"`` or ``"hessian"`` (top-``k`` eigenvectors at the reference, Lanczos to
     ``hessian_tol``). ``reference``: the step to split at (default: the one before the largest loss spike);
     ``span``: checkpoints from the reference on whose gradient projections are summed.
@@ -196,6 +202,7 @@ def opposing_signals(
     t0 = time.perf_counter()
     check_int("n_examples", n_examples, min=1, optional=True)
     check_float("max_fraction", max_fraction, min=0, max=1, min_open=True)
+    check_float("min_gap", min_gap, min=1)
     check_choice("direction", direction, DIRECTIONS)
     check_int("batch_size", batch_size, min=1, optional=True)
     check_int("seed", seed)
@@ -226,7 +233,7 @@ def opposing_signals(
     L = torch.stack(losses)  # [T, N]
     delta = L[1:] - L[:-1]  # [T-1, N]
     scores = delta.abs().sum(0) - (L[-1] - L[0]).abs()
-    chosen, threshold, gap = _select(scores, n_examples, max_fraction)
+    chosen, threshold, gap = _select(scores, n_examples, max_fraction, min_gap)
     mean_delta = delta.mean(1)
     spike = int(mean_delta.argmax()) if bool((mean_delta > 0).any()) else None
     if reference is None:
@@ -296,14 +303,16 @@ def opposing_signals(
         a = torch.stack(group_loss)[:, 1:] - torch.stack(group_loss)[:, :-1]
         if float(a[0].std()) > 0 and float(a[1].std()) > 0:
             alternation = float(torch.corrcoef(a)[0, 1])
-    settings = {"n_examples": n_examples, "max_fraction": max_fraction, "direction": direction,
-                "reference": reference, "span": span, "k": k, "batch_size": batch_size,
+    settings = {"n_examples": n_examples, "max_fraction": max_fraction, "min_gap": min_gap,
+                "direction": direction, "reference": reference, "span": span, "k": k,
+                "batch_size": batch_size,
                 "hessian_tol": hessian_tol}  # fmt: skip
     meta = make_meta(
         "opposing_signals", model=ref_model, params=settings, started=t0, seed=seed, loss=resolved.name,
         n_samples=int(L.shape[1]), n_checkpoints=len(kept), mode="eval", reference_index=ref,
         score_definition="sum_t |l_i(t+1) - l_i(t)| - |l_i(T) - l_i(0)|",
         selection=(f"top {n_examples} by score" if n_examples is not None
+                   else f"top {max_fraction:.3g} of the data (no gap ratio >= {min_gap:g})" if gap < min_gap
                    else "cut at the largest ratio between consecutive sorted scores in the top "
                    f"{max_fraction:.3g} of the data (at least 2)"),
         selection_gap_ratio=gap, projection_steps=[labels[t] for t in window],
