@@ -483,11 +483,21 @@ def landscape_trajectory(
     directions: Any = "pca",
     span: float | tuple[float, float] | str = "auto",
     resolution: int = 21,
-    **kwargs: Any,
+    loss: str | Callable = "auto",
+    bn: str = "frozen",
+    bias_bn: str = "zero",
+    params: Sequence[str] | str | None = None,
+    batch_size: int | None = None,
+    points_per_batch: int = 16,
+    hessian_tol: float = 1e-4,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> LandscapeResult:
     """The landscape around one checkpoint of a trajectory (default the last) with every checkpoint drawn
-    on the plane: :func:`loss_landscape` with ``trajectory=checkpoints``. ``checkpoints``: a run, a path,
-    models or state dicts (with ``model=``); ``span="auto"``: see :func:`loss_landscape`."""
+    on the plane: :func:`loss_landscape` of ``checkpoints[center]`` with ``trajectory=checkpoints``.
+    ``checkpoints``: a run, a path, models or state dicts (with ``model=``); ``span="auto"``: see
+    :func:`loss_landscape`; the other keywords are :func:`loss_landscape`'s."""
     check_int("center", center)
     ck = checkpoint_models(checkpoints, steps, model=model)
     models = [copy.deepcopy(m) if ck.run is None else m for m in ck.models]
@@ -496,8 +506,11 @@ def landscape_trajectory(
     if not -len(models) <= center < len(models):
         raise ValueError(f"center must index one of the {len(models)} checkpoints; got {center}")
     labels = list(ck.steps) if ck.steps is not None else list(range(len(models)))
-    res = loss_landscape(models[center], data, directions=directions, span=span, resolution=resolution,
-                         trajectory=models, steps=labels, **kwargs)  # fmt: skip
+    res = loss_landscape(
+        models[center], data, directions=directions, span=span, resolution=resolution, loss=loss, bn=bn,
+        bias_bn=bias_bn, trajectory=models, steps=labels, params=params, batch_size=batch_size,
+        points_per_batch=points_per_batch, hessian_tol=hessian_tol, seed=seed, dtype=dtype, device=device,
+    )  # fmt: skip
     meta = dict(res.meta)
     meta["probe"] = "landscape_trajectory"
     meta["center_step"] = labels[center]

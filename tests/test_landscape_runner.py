@@ -65,3 +65,11 @@ def test_multi_checkpoint_landscape_and_opposing_signals(run: Run, capsys) -> No
     rows = cli_json(["probe", "opposing_signals", str(run.path), "--all"], capsys)
     assert rows[0]["cached"] is True
     assert "opposing_signals" in runner.PROBES and runner.PROBES["opposing_signals"].inputs == "checkpoints"
+
+
+@pytest.mark.parametrize(
+    "probe", ["hessian_diagonal", "loss_landscape", "landscape_trajectory", "opposing_signals"]
+)
+def test_the_runs_loss_reaches_every_landscape_probe(run: Run, probe: str) -> None:
+    where = {"steps": list(STEPS)} if runner.PROBES[probe].inputs == "checkpoints" else {}
+    assert runner.plan(run, probe, **where).call["loss"] == run.loss == "cross_entropy"
