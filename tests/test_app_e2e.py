@@ -127,7 +127,8 @@ def _settle(page, timeout: float = 60_000) -> None:
 
 def _goto_page(page, title: str) -> None:
     # the label's exact text: a link's icon renders as text too (the Hessian page's icon is "landscape")
-    page.locator('[data-testid="stSidebarNav"] a').filter(has=page.get_by_text(title, exact=True)).first.click()
+    links = page.locator('[data-testid="stSidebarNav"] a')
+    links.filter(has=page.get_by_text(title, exact=True)).first.click()
     page.wait_for_selector(f'h1:has-text("{title}")', timeout=60_000)
     _settle(page)
 
