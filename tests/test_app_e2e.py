@@ -204,8 +204,12 @@ def test_landscape_surface_with_trajectory_and_opposing_signals(server: str, bro
     chart = page.locator(".st-key-chart_land_surface .js-plotly-plot")
     chart.wait_for(state="visible", timeout=120_000)
     _settle(page)
-    assert page.locator(".st-key-chart_land_surface .contourlayer .trace").count() == 1
-    assert page.locator(".st-key-chart_land_surface .scatterlayer .trace").count() == 2  # centre + path
+    plot = ".st-key-chart_land_surface .js-plotly-plot"
+    types = page.evaluate(f"document.querySelector('{plot}').data.map(t => t.type)")
+    assert types == ["contour", "scatter", "scatter"]  # the surface, the centre, the trajectory
+    n_points = page.evaluate(f"document.querySelector('{plot}')._fullData[2]._length")
+    assert n_points == 4  # the default checkpoint selection
+    assert page.locator(f"{plot} .scatterlayer .trace").count() == 2
     assert page.get_by_text("Variance of the checkpoint offsets explained").count() == 1
     _shot(page, "landscape_surface")
     page.get_by_role("tab", name="Opposing signals").click()
