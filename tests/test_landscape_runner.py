@@ -73,3 +73,24 @@ def test_multi_checkpoint_landscape_and_opposing_signals(run: Run, capsys) -> No
 def test_the_runs_loss_reaches_every_landscape_probe(run: Run, probe: str) -> None:
     where = {"steps": list(STEPS)} if runner.PROBES[probe].inputs == "checkpoints" else {}
     assert runner.plan(run, probe, **where).call["loss"] == run.loss == "cross_entropy"
+
+
+def test_cached_results_come_back_whole(run: Run) -> None:
+    """Results read back from the store (JSON) keep their frames and figures."""
+    x, y = run.load_dataset().train
+    for probe, where, params in (
+        ("hessian_diagonal", {}, {"n_matvecs": 8}),
+        ("loss_landscape", {}, {"resolution": 3}),
+        ("landscape_trajectory", {"steps": list(STEPS)}, {"resolution": 3}),
+        ("opposing_signals", {"steps": list(STEPS)}, {}),
+    ):
+        fresh, _ = runner.run_probe(run, probe, params=params, **where)
+        back = runner.cached_result(run, probe, params=params, **where)
+        assert type(back) is type(fresh)
+        assert back.to_frame().equals(fresh.to_frame()) or back.to_frame().round(12).equals(
+            fresh.to_frame().round(12)
+        )
+        assert len(back.figure().data) == len(fresh.figure().data)
+    back = runner.cached_result(run, "opposing_signals", steps=list(STEPS))
+    assert back.groups_frame()["n"].sum() == len(back.selected)
+    assert list(back.trajectory_frame()["step"]) == list(STEPS)
