@@ -244,16 +244,22 @@ class _Evaluator:
             self.fm = saved
         return float(loss[0]), (None if acc is None else float(acc[0]))
 
-    def evaluate(self, thetas: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def evaluate(
+        self, thetas: torch.Tensor | Callable[[int, int], torch.Tensor], n: int, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Loss and accuracy at ``n`` points, ``chunk`` at a time: the rows of ``thetas`` ``[n, P]``, or
+        ``thetas(lo, hi)`` building rows ``lo..hi−1`` on demand (memory ``chunk · P``, never ``n · P``)."""
         losses, accs = [], []
-        for lo in range(0, thetas.shape[0], chunk):
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            block = thetas(lo, hi) if callable(thetas) else thetas[lo:hi]
             if self.bn == "recompute":
-                for row in thetas[lo : lo + chunk]:
+                for row in block:
                     v, a = self.single(row)
                     losses.append(torch.tensor([v], dtype=torch.float64))
                     accs.append(None if a is None else torch.tensor([a], dtype=torch.float64))
             else:
-                v, a = self.batched(thetas[lo : lo + chunk])
+                v, a = self.batched(block)
                 losses.append(v)
                 accs.append(a)
         acc = None if any(a is None for a in accs) else torch.cat(accs)  # type: ignore[arg-type]
@@ -439,14 +445,18 @@ def loss_landscape(
     coords = torch.cartesian_prod(*[torch.tensor(g, dtype=torch.float64) for g in grids]).reshape(
         -1, len(rows)
     )
-    thetas = theta[None, :] + coords.to(fm.dtype).to(fm.device) @ D
+    C_grid = coords.to(device=fm.device, dtype=fm.dtype)
+
+    def grid_points(lo: int, hi: int) -> torch.Tensor:
+        return theta[None, :] + C_grid[lo:hi] @ D
+
     ev = _Evaluator(fm, data, resolved, batch_size, "recompute" if bn_used == "recompute" else "frozen")
-    values, acc = ev.evaluate(thetas, points_per_batch)
-    center_loss, _ = ev.evaluate(theta[None], 1)
+    values, acc = ev.evaluate(grid_points, coords.shape[0], points_per_batch)
+    center_loss, _ = ev.evaluate(theta[None], 1, 1)
     shape = [resolution] * len(rows)
     extra: dict[str, Any] = {}
     if trajectory is not None:
-        tl, _ = ev.evaluate(traj, points_per_batch)
+        tl, _ = ev.evaluate(traj, traj.shape[0], points_per_batch)
         extra = {"trajectory_steps": traj_steps, "trajectory_coords": C, "trajectory_in_plane": frac,
                  "trajectory_loss": tl}  # fmt: skip
     settings = {"directions": list(kinds), "span": list(span) if isinstance(span, (tuple, list)) else span,
@@ -462,7 +472,7 @@ def loss_landscape(
         bias_bn_in_random_directions=("zeroed (Li et al. 2018, ignore='biasbn')" if bias_bn == "zero"
                                       else "copied from the weights"),
         filter_definition="slice along dim 0 of every parameter with >= 2 dims",
-        n_evaluations=int(thetas.shape[0]) + 1 + (int(traj.shape[0]) if trajectory is not None else 0),
+        n_evaluations=int(coords.shape[0]) + 1 + (int(traj.shape[0]) if trajectory is not None else 0),
         alignment=alignment or None, **hess_meta,
     )  # fmt: skip
     return LandscapeResult(
