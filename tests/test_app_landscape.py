@@ -99,6 +99,14 @@ def test_opposing_signals_tab(root: Path, monkeypatch: pytest.MonkeyPatch) -> No
     feats = [d.value for d in at.dataframe if "group mean (z)" in d.value.columns]
     assert len(feats) == sum(1 for m in direct.groups.values() if m)
     assert list(feats[0].columns) == ["feature", "group mean (z)", "data mean"]
+    at.radio(key="land_opp_dir").set_value("hessian").run()
+    at.number_input(key="land_opp_k").set_value(2).run()
+    at.button(key="land_opp_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    (stored,) = [
+        s for s in ResultStore(root / "tiny").list("opposing_signals") if s.params["direction"] == "hessian"
+    ]
+    assert stored.params["k"] == 2 and len(stored.result.meta["hessian_eigenvalues"]) == 2
     members = next(m for m in direct.groups.values() if m)
     flat = x.reshape(x.shape[0], -1).double()
     z = (flat[members].mean(0) - flat.mean(0)) / flat.std(0)

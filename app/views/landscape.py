@@ -183,15 +183,17 @@ with tab_opp:
         "Consecutive checkpoints", all_steps, value=(all_steps[0], all_steps[-1]), key="land_opp_range"
     )
     chosen = [s for s in all_steps if lo <= s <= hi]
-    c1, c2 = st.columns(2)
+    c1, c2, c3 = st.columns(3)
     direction = c1.radio(
         "Split along",
         ["update", "hessian"],
         horizontal=True,
         key="land_opp_dir",
-        help="update: θ(t*+1) − θ(t*); hessian: the top eigenvector at t*",
+        help="update: θ(t*+1) − θ(t*); hessian: the top-k eigenvectors at t* (k > 1: the update's component "
+        "in their span, robust when the top eigenvalues are nearly equal)",
     )
-    n_fixed = int(c2.number_input("Examples (0 = automatic)", 0, 10000, 0, key="land_opp_n"))
+    k_eig = int(c2.number_input("k (hessian)", 1, 20, 1, key="land_opp_k", disabled=direction != "hessian"))
+    n_fixed = int(c3.number_input("Examples (0 = automatic)", 0, 10000, 0, key="land_opp_n"))
     opp = None
     with errors.guard("Opposing signals"):
         if len(chosen) < 3:
@@ -199,7 +201,8 @@ with tab_opp:
         else:
             where = {
                 "steps": chosen,
-                "params": {"direction": direction, "n_examples": n_fixed or None},
+                "params": {"direction": direction, "n_examples": n_fixed or None}
+                | ({"k": k_eig} if direction == "hessian" else {}),
                 "split": split,
                 "max_samples": max_samples,
             }
