@@ -140,6 +140,9 @@ PROBES: dict[str, ProbeSpec] = {
         ProbeSpec("landscape_trajectory", "landscape_trajectory", {"resolution": 21},
                   "loss on the PCA plane of several checkpoints (the last one the centre), path drawn on it",
                   inputs="checkpoints"),
+        ProbeSpec("landscape_between", "landscape_between", {"resolution": 21},
+                  "loss on the plane through a checkpoint, the direction to another one (optionally "
+                  "permutation-aligned) and a random direction", inputs="pair"),
         ProbeSpec("opposing_signals", "opposing_signals", {},
                   "examples whose loss oscillates most over consecutive checkpoints, split by gradient sign "
                   "along the update (or top Hessian eigenvector)", inputs="checkpoints"),

@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     # loss-landscape slices and trajectories
     "loss_landscape": "landscape",
     "landscape_trajectory": "landscape",
+    "landscape_between": "landscape",
     "LandscapeResult": "landscape",
     "filter_normalized_direction": "landscape",
     "opposing_signals": "opposing",

@@ -266,6 +266,13 @@ class _Evaluator:
         return torch.cat(losses), acc
 
 
+def _per_axis(span: Any, dims: int) -> list[Any]:
+    """``span`` for each axis: a pair of spans (``[(lo_a, hi_a), (lo_b, hi_b)]``) is per axis, else shared."""
+    if isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(v, (tuple, list)) for v in span):
+        return list(span)[:dims]
+    return [span] * dims
+
+
 def _axis(span: Any, resolution: int) -> list[float]:
     if isinstance(span, (tuple, list)):
         if len(span) != 2:
@@ -326,7 +333,8 @@ def loss_landscape(
 ) -> LandscapeResult:
     """The loss (and accuracy) on a line or plane through ``model``'s parameters (module docstring).
 
-    ``span``: ``s`` (coordinates in ``[−s, s]``) or ``(low, high)``, the same on both axes, in units of
+    ``span``: ``s`` (coordinates in ``[−s, s]``) or ``(low, high)``, the same on both axes (or one per
+    axis: ``[(low_a, high_a), (low_b, high_b)]``), in units of
     each direction (filter-normalised random directions: ``1`` moves every filter by its own norm; unit
     eigen/PCA directions: parameter-space distance; a model direction: ``1`` reaches the model);
     ``"auto"`` (with a trajectory): ``1.25 ×`` the largest |coordinate| of the projected trajectory.
@@ -345,7 +353,8 @@ def loss_landscape(
         if trajectory is None:
             raise ValueError("span='auto' needs trajectory= (it is sized to the projected checkpoints)")
     else:
-        _axis(span, resolution)  # validate before any work
+        for one in _per_axis(span, 2):
+            _axis(one, resolution)  # validate before any work
     fm = FunctionalModel(model, params=params, mode="eval", dtype=dtype, device=device)
     theta = fm.parameters_vector()
     source = fm.batches(data, batch_size)
@@ -441,7 +450,7 @@ def loss_landscape(
     if span == "auto":
         reach = float(C.abs().max())
         span = round(1.25 * reach, 12) if reach > 0 else 1.0
-    grids = [_axis(span, resolution)] * len(rows)
+    grids = [_axis(one, resolution) for one in _per_axis(span, len(rows))]
     coords = torch.cartesian_prod(*[torch.tensor(g, dtype=torch.float64) for g in grids]).reshape(
         -1, len(rows)
     )
@@ -459,7 +468,7 @@ def loss_landscape(
         tl, _ = ev.evaluate(traj, traj.shape[0], points_per_batch)
         extra = {"trajectory_steps": traj_steps, "trajectory_coords": C, "trajectory_in_plane": frac,
                  "trajectory_loss": tl}  # fmt: skip
-    settings = {"directions": list(kinds), "span": list(span) if isinstance(span, (tuple, list)) else span,
+    settings = {"directions": list(kinds), "span": to_jsonable(span),
                 "resolution": resolution, "bn": bn, "bias_bn": bias_bn, "align": align, "params": params,
                 "batch_size": batch_size, "points_per_batch": points_per_batch,
                 "hessian_tol": hessian_tol}  # fmt: skip
@@ -527,11 +536,57 @@ def landscape_trajectory(
     return dataclasses.replace(res, meta=meta)
 
 
+def landscape_between(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Any,
+    *,
+    align: bool = False,
+    plane: bool = True,
+    span: float | tuple[float, float] = (-0.5, 1.5),
+    resolution: int = 21,
+    loss: str | Callable = "auto",
+    bn: str = "frozen",
+    bias_bn: str = "zero",
+    params: Sequence[str] | str | None = None,
+    batch_size: int | None = None,
+    points_per_batch: int = 16,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> LandscapeResult:
+    """The loss around ``model_a`` along the direction to ``model_b`` (``a = 1`` is model B, after
+    permuting its hidden units to align with A when ``align``) and, with ``plane``, a filter-normalised
+    random direction: :func:`loss_landscape` with ``directions=[model_b, "random"]``. ``span``: the range
+    along the direction to B; the random axis spans the same width, centred on 0. Both models are
+    projected on the plane as a two-point trajectory (steps ``"a"``, ``"b"``)."""
+    if align:
+        from .alignment import weight_matching
+
+        model_b = weight_matching(model_a, model_b)
+    directions = [model_b, "random"] if plane else [model_b]
+    lo, hi = (-float(span), float(span)) if not isinstance(span, (tuple, list)) else map(float, span)
+    if plane:
+        span = [(lo, hi), (-(hi - lo) / 2, (hi - lo) / 2)]
+    res = loss_landscape(
+        model_a, data, directions=directions, span=span, resolution=resolution,
+        loss=loss, bn=bn, bias_bn=bias_bn, trajectory=[model_a, model_b], steps=["a", "b"], params=params,
+        batch_size=batch_size, points_per_batch=points_per_batch, seed=seed, dtype=dtype, device=device,
+    )  # fmt: skip
+    meta = dict(res.meta)
+    meta["probe"] = "landscape_between"
+    meta["alignment"] = "weight matching" if align else None
+    meta["checkpoint_hash_b"] = getattr(model_b, "dynascope_checkpoint_hash", None)
+    kinds = ["to model B" + (" (permutation-aligned)" if align else ""), *res.kinds[1:]]
+    return dataclasses.replace(res, kinds=kinds, meta=meta)
+
+
 __all__ = [
     "BN_MODES",
     "DIRECTION_KINDS",
     "LandscapeResult",
     "filter_normalized_direction",
+    "landscape_between",
     "landscape_trajectory",
     "loss_landscape",
 ]

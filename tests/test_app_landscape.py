@@ -79,6 +79,16 @@ def test_loss_surface_tab_trajectory_and_point(root: Path, monkeypatch: pytest.M
     assert not at.exception and not at.error, _texts(at.error)
     point = probes.loss_landscape(run.load_model(12), (x, y), directions="hessian", resolution=5)
     assert f"Loss at the centre: {point.center_loss:.6g}" in _texts(at.caption)
+    at.radio(key="land_dirs").set_value("toward a checkpoint").run()
+    at.selectbox(key="land_other").set_value(0).run()
+    at.button(key="land_between_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    between = frame_with(at, "in_plane")
+    assert list(between["step"]) == ["a", "b"] and between["a"].tolist() == pytest.approx(
+        [0.0, 1.0], abs=1e-6
+    )
+    first = probes.loss_landscape(run.load_model(0), (x, y), directions=["random"], resolution=2)
+    assert between["loss"].iloc[1] == pytest.approx(first.center_loss, abs=1e-6)
 
 
 def test_opposing_signals_tab(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -196,3 +196,17 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="parallel"):
         d = torch.ones(83)
         probes.loss_landscape(model, (x, y), directions=[d, 2 * d])
+
+
+def test_landscape_between_two_models() -> None:
+    x, y = classification()
+    a, b = mlp(), mlp()
+    res = probes.landscape_between(a, b, (x, y), span=(0.0, 1.0), resolution=5)
+    assert res.loss.shape == (5, 5) and res.kinds[0] == "to model B"
+    assert res.coords[1] == [-0.5, -0.25, 0.0, 0.25, 0.5]  # the random axis: same width, centred
+    assert float(res.loss[-1, 2]) == pytest.approx(direct(b, theta_of(b), x, y)[0], abs=1e-6)  # a = 1, b = 0
+    C = res.trajectory_coords
+    assert torch.allclose(C, torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64), atol=1e-6)
+    line = probes.landscape_between(a, b, (x, y), plane=False, align=True, resolution=3, span=(0.0, 1.0))
+    assert line.loss.shape == (3,) and line.meta["alignment"] == "weight matching"
+    assert float(line.loss[-1]) == pytest.approx(direct(b, theta_of(b), x, y)[0], abs=1e-6)

@@ -94,3 +94,14 @@ def test_cached_results_come_back_whole(run: Run) -> None:
     back = runner.cached_result(run, "opposing_signals", steps=list(STEPS))
     assert back.groups_frame()["n"].sum() == len(back.selected)
     assert list(back.trajectory_frame()["step"]) == list(STEPS)
+
+
+def test_landscape_between_two_checkpoints_from_the_cli(run: Run, capsys) -> None:
+    argv = ["probe", "landscape_between", str(run.path), "--step", "0", "--other", str(run.path),
+            "--other-step", str(STEPS[-1]), "--param", "resolution=3", "--param", "span=[0, 1]"]  # fmt: skip
+    rows = cli_json(argv, capsys)
+    result = rows[0]["result"]
+    x, y = run.load_dataset().train
+    last = probes.loss_landscape(run.load_model(STEPS[-1]), (x, y), directions=["random"], resolution=2)
+    assert result["loss"][-1][1] == pytest.approx(last.center_loss, abs=1e-6)  # a = 1, b = 0: the last step
+    assert result["trajectory_coords"][1] == pytest.approx([1.0, 0.0], abs=1e-6)

@@ -102,25 +102,45 @@ with tab_surface:
             center = c1.selectbox("Checkpoint", run.steps(), index=len(run.steps()) - 1, key="land_center")
             directions = c2.radio(
                 "Directions",
-                ["random", "hessian"],
+                ["random", "hessian", "toward a checkpoint"],
                 horizontal=True,
                 key="land_dirs",
-                help="random: filter-normalised Gaussian directions (biases and norm "
-                "parameters zeroed); hessian: the top two eigenvectors",
+                help="random: filter-normalised Gaussian directions (biases and norm parameters zeroed); "
+                "hessian: the top two eigenvectors; toward a checkpoint: the straight line to another "
+                "checkpoint (a = 1) and a random direction",
             )
-            span = float(c3.number_input("Span", 0.01, 100.0, 1.0, key="land_span"))
-            res = compute.sweep_panel(
-                run,
-                "loss_landscape",
-                [center],
-                key="land_point",
-                split=split,
-                max_samples=max_samples,
-                params={"directions": directions, "resolution": resolution, "span": span},
-                label="loss landscape",
-                button="Compute the surface",
-            )
-            result = res.get(center)
+            if directions == "toward a checkpoint":
+                others = [s for s in run.steps() if s != center]
+                other = c3.selectbox("Other checkpoint", others, index=0, key="land_other")
+                align = st.toggle("Permutation-align it first (weight matching)", key="land_align")
+                where = {
+                    "step": center,
+                    "other": (run, other),
+                    "params": {"resolution": resolution, "align": align},
+                    "split": split,
+                    "max_samples": max_samples,
+                }
+                result = compute.stored(run, "landscape_between", **where)
+                if result is None and st.button(
+                    "Compute the surface", type="primary", key="land_between_run"
+                ):
+                    result = compute.compute_stored(
+                        run, "landscape_between", label="landscape between", **where
+                    )
+            else:
+                span = float(c3.number_input("Span", 0.01, 100.0, 1.0, key="land_span"))
+                res = compute.sweep_panel(
+                    run,
+                    "loss_landscape",
+                    [center],
+                    key="land_point",
+                    split=split,
+                    max_samples=max_samples,
+                    params={"directions": directions, "resolution": resolution, "span": span},
+                    label="loss landscape",
+                    button="Compute the surface",
+                )
+                result = res.get(center)
     if result is not None:
         with errors.guard("Loss surface chart"):
             if result.explained_variance:
