@@ -211,7 +211,7 @@ def opposing_signals(
     check_int("span", span, min=1)
     check_int("k", k, min=1)
     ck = checkpoint_models(run, steps, model=model, name="run")
-    kept: list[nn.Module] = []
+    kept: list[nn.Module | None] = []  # copies of given models; None for a run's (reloaded when needed)
     losses: list[torch.Tensor] = []
     resolved = None
     source = None
@@ -226,12 +226,20 @@ def opposing_signals(
                 raise ValueError("the data holds no samples")
             resolved = resolve_loss(loss, first.y)
         losses.append(_per_example_losses(m, source, resolved))
-        kept.append(copy.deepcopy(m) if ck.run is None else m)
+        kept.append(copy.deepcopy(m) if ck.run is None else None)
     if len(kept) < 3:
         raise ValueError(f"opposing_signals needs at least 3 consecutive checkpoints; got {len(kept)}")
     labels = list(ck.steps) if ck.steps is not None else list(range(len(kept)))
     if len(labels) != len(kept):
         raise ValueError(f"got {len(kept)} checkpoints but {len(labels)} steps")
+
+    def model_at(t: int) -> nn.Module:
+        held = kept[t]
+        if held is not None:
+            return held
+        loaded = ck.run.load_model(labels[t])
+        return loaded.to(device) if device is not None else loaded
+
     L = torch.stack(losses)  # [T, N]
     delta = L[1:] - L[:-1]  # [T-1, N]
     scores = delta.abs().sum(0) - (L[-1] - L[0]).abs()
@@ -247,7 +255,7 @@ def opposing_signals(
     if direction == "update" and ref == len(kept) - 1:
         raise ValueError("direction='update' needs a checkpoint after the reference one")
     assert resolved is not None and source is not None
-    ref_model = kept[ref]
+    ref_model = model_at(ref)
     fm = FunctionalModel(ref_model, mode="eval")
     dir_meta: dict[str, Any] = {}
     if direction == "hessian":
@@ -260,7 +268,7 @@ def opposing_signals(
         dir_meta = {"lambda_max": float(eig.values[0]), "hessian_eigenvalues": eig.values.tolist(),
                     "hessian_converged": eig.converged.tolist()}  # fmt: skip
     else:
-        nxt = FunctionalModel(kept[ref + 1], mode="eval").parameters_vector()
+        nxt = FunctionalModel(model_at(ref + 1), mode="eval").parameters_vector()
         v = nxt - fm.parameters_vector()
         if float(v.norm()) == 0:
             raise ValueError("the update at the reference step is zero; choose another reference")
@@ -274,11 +282,11 @@ def opposing_signals(
         xs, ys = _rows(source, sel_sorted)
         Q = torch.zeros(chosen.numel(), V.shape[1], dtype=torch.float64)
         for t in window:
-            ctx = prepare(kept[t], (xs, ys), loss=resolved, chunk_size=256)
+            ctx = prepare(model_at(t), (xs, ys), loss=resolved, chunk_size=256)
             Q += torch.cat([(G @ V).double().cpu() for G, _ in iter_per_example_gradients(ctx)])
         if V.shape[1] > 1 and ref + 1 < len(kept):  # the update's component in the top eigenspace
             step_vec = (
-                FunctionalModel(kept[ref + 1], mode="eval").parameters_vector() - fm.parameters_vector()
+                FunctionalModel(model_at(ref + 1), mode="eval").parameters_vector() - fm.parameters_vector()
             )
             axis = (V.T @ step_vec).double().cpu()
             axis = axis / axis.norm()
