@@ -216,6 +216,8 @@ def opposing_signals(
     resolved = None
     source = None
     for m in ck.models:
+        if ck.run is None:
+            m = copy.deepcopy(m)  # the caller's model is never moved; a state dict's holder is reused
         if device is not None:
             m = m.to(device)
         if source is None:
@@ -226,7 +228,7 @@ def opposing_signals(
                 raise ValueError("the data holds no samples")
             resolved = resolve_loss(loss, first.y)
         losses.append(_per_example_losses(m, source, resolved))
-        kept.append(copy.deepcopy(m) if ck.run is None else None)
+        kept.append(m if ck.run is None else None)
     if len(kept) < 3:
         raise ValueError(f"opposing_signals needs at least 3 consecutive checkpoints; got {len(kept)}")
     labels = list(ck.steps) if ck.steps is not None else list(range(len(kept)))
