@@ -121,3 +121,43 @@ def test_opposing_signals_tab(root: Path, monkeypatch: pytest.MonkeyPatch) -> No
     flat = x.reshape(x.shape[0], -1).double()
     z = (flat[members].mean(0) - flat.mean(0)) / flat.std(0)
     assert feats[0]["group mean (z)"].abs().iloc[0] == pytest.approx(float(z.abs().max()))
+
+
+def test_opposing_signals_on_image_data_shows_the_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BatchNorm CNN on 8×8 digit images: the groups are shown as images, and the Hessian diagonal of the
+    conv kernels can be spatially averaged."""
+    from dynascope.datasets import load
+
+    dataset = {"name": "digits", "n_train": 64, "n_test": 16, "flatten": False, "seed": 0}
+    model_cfg = {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [4], "out_dim": 10,
+                 "batchnorm": True, "seed": 0}  # fmt: skip
+    run = Run.create(tmp_path / "img", model=model_cfg, dataset=dataset, optimizer={"name": "sgd", "lr": 2.0},
+                     loss="cross_entropy")  # fmt: skip
+    model = run.build_model()
+    x, y = load(**dataset).train
+    assert x.dim() == 4
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    for step in range(8):
+        run.save_checkpoint(model, step)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    at = _app(tmp_path, monkeypatch, "landscape")
+    at.number_input(key="land_max_samples").set_value(0).run()
+    at.toggle(key="land_diag_spatial").set_value(True).run()
+    at.number_input(key="land_diag_mv").set_value(10).run()
+    at.button(key="land_diag_run").click().run()
+    at.button(key="land_opp_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    (diag,) = ResultStore(tmp_path / "img").list("hessian_diagonal")
+    kernel = diag.result.split()["body.0.weight"]
+    assert torch.allclose(kernel, kernel.mean(dim=(2, 3), keepdim=True).expand_as(kernel))
+    (opp,) = ResultStore(tmp_path / "img").list("opposing_signals")
+    groups = [m for m in opp.result.groups.values() if m]
+    (strip,) = at.get("image")  # one strip per non-empty group
+    assert len(groups) == 1 and len(strip.proto.imgs) == min(8, len(groups[0]))
+    assert [i.caption for i in strip.proto.imgs] == [f"#{i}" for i in groups[0][:8]]
+    assert not [d for d in at.dataframe if "group mean (z)" in d.value.columns]  # images, not feature tables
