@@ -9,7 +9,8 @@ and the accuracy where targets are class labels (or one-hot rows). Directions (`
   (an output unit's row, a conv output channel) — is rescaled to the norm of the same filter of ``θ``:
   ``d_f ← d_f · ‖θ_f‖ / ‖d_f‖``. Biases and BatchNorm/LayerNorm parameters (≤ 1 dim) are zeroed in the
   direction, as in Li et al.'s ``ignore="biasbn"`` (``bias_bn="copy"``: ``d = θ`` for them, their other
-  option). Random direction ``j`` (0-based) is drawn from a CPU generator seeded with ``seed + j``.
+  option). Random direction ``j`` (0-based) is drawn from a CPU generator seeded with
+  ``seed + LANDSCAPE_DIRECTION_OFFSET + j`` (:mod:`~dynascope.probes.seeds`; ``seed`` starts Lanczos).
 * ``"hessian"`` — the top eigenvectors of the Hessian (unit norm, :func:`hessian_eigenvalues`): the
   ``j``-th ``"hessian"`` entry is ``v_{j+1}``. Along ``v₁`` the slice's curvature at 0 is ``λ₁``.
 * ``"pca"`` — the principal directions (unit norm) of the trajectory's differences ``θ_t − θ`` (centred
@@ -49,6 +50,7 @@ from .connectivity import _batchnorms, _is_onehot, reestimate_batchnorm
 from .functional import FunctionalModel
 from .losses import Loss, resolve_loss
 from .results import Result, make_meta, to_jsonable
+from .seeds import LANDSCAPE_DIRECTION_OFFSET
 from .trajectory import checkpoint_models
 from .validation import check_choice, check_float, check_int
 
@@ -409,7 +411,11 @@ def loss_landscape(
     alignment: list[Any] = []
     for e in entries:
         if isinstance(e, str) and e == "random":
-            rows.append(filter_normalized_direction(fm, seed=seed + i_random, bias_bn=bias_bn))
+            rows.append(
+                filter_normalized_direction(
+                    fm, seed=seed + LANDSCAPE_DIRECTION_OFFSET + i_random, bias_bn=bias_bn
+                )
+            )
             kinds.append("random (filter-normalised)")
             i_random += 1
         elif isinstance(e, str) and e == "hessian":

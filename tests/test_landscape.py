@@ -80,7 +80,7 @@ def test_filter_normalisation_per_filter() -> None:
             wn = p.detach().reshape(p.shape[0], -1).norm(dim=1)
             dn = d.reshape(d.shape[0], -1).norm(dim=1)
             assert torch.allclose(dn, wn, rtol=1e-5), name
-    # the two directions are different draws (seed, seed + 1)
+    # the two directions are different draws (seed + LANDSCAPE_DIRECTION_OFFSET + 0, + 1)
     assert not torch.allclose(res.directions[0], res.directions[1])
     copied = probes.loss_landscape(model, (x, y), resolution=2, bias_bn="copy")
     bias = torch.split(copied.directions[0], [p.numel() for p in model.parameters()])[1]
@@ -210,3 +210,17 @@ def test_landscape_between_two_models() -> None:
     line = probes.landscape_between(a, b, (x, y), plane=False, align=True, resolution=3, span=(0.0, 1.0))
     assert line.loss.shape == (3,) and line.meta["alignment"] == "weight matching"
     assert float(line.loss[-1]) == pytest.approx(direct(b, theta_of(b), x, y)[0], abs=1e-6)
+
+
+def test_random_direction_stream_is_named() -> None:
+    from dynascope.probes.functional import FunctionalModel
+    from dynascope.probes.landscape import filter_normalized_direction
+    from dynascope.probes.seeds import LANDSCAPE_DIRECTION_OFFSET
+
+    x, y = classification()
+    model = mlp()
+    res = probes.loss_landscape(model, (x, y), directions="random", resolution=2, seed=7)
+    fm = FunctionalModel(model)
+    for j in range(2):
+        expected = filter_normalized_direction(fm, seed=7 + LANDSCAPE_DIRECTION_OFFSET + j)
+        assert torch.equal(res.directions[j], expected)
