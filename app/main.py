@@ -28,6 +28,7 @@ PAGES = {
     "Runs": [_page("runs.py", "Runs", "folder_open", default=True)],
     "Curvature": [
         _page("hessian.py", "Hessian", "landscape"),
+        _page("landscape.py", "Landscape", "terrain"),
         _page("edge_of_stability.py", "Edge of stability", "show_chart"),
         _page("gradients.py", "Gradients", "explore"),
     ],

@@ -53,7 +53,7 @@ from dynascope.store import ResultStore
 #: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key.
 RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps")
 #: The ways a probe function takes its checkpoints (see :class:`ProbeSpec`).
-INPUTS = ("model", "trajectory", "pair")
+INPUTS = ("model", "trajectory", "pair", "checkpoints")
 
 
 class Progress(Protocol):
@@ -70,7 +70,9 @@ class ProbeSpec:
     * ``"trajectory"``: ``function([model_0, ...], x, y, steps=[...], **params)`` on several checkpoints
       of one run (the first is the reference);
     * ``"pair"``: ``function(model_a, model_b, data, **params)`` on two checkpoints (of one or two runs),
-      on the first run's data.
+      on the first run's data;
+    * ``"checkpoints"``: ``function([model_0, ...], (x, y), steps=[...], **params)`` on several checkpoints
+      of one run, data as one argument (``landscape_trajectory``, ``opposing_signals``).
 
     ``version`` joins the cache key: bump it when the function's numbers change for the same inputs.
     """
@@ -89,7 +91,7 @@ class ProbeSpec:
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         """The probe function's keyword parameters (after the model(s) and data)."""
-        skip = {"model": 2, "trajectory": 3, "pair": 3}[self.inputs]
+        skip = {"model": 2, "trajectory": 3, "pair": 3, "checkpoints": 2}[self.inputs]
         params = list(inspect.signature(self.resolve()).parameters.values())[skip:]
         return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
@@ -105,7 +107,8 @@ class ProbeSpec:
     @property
     def n_checkpoints(self) -> tuple[int, int | None]:
         """``(fewest, most)`` checkpoints one evaluation takes (``None``: no upper bound)."""
-        return {"model": (1, 1), "trajectory": (2, None), "pair": (2, 2)}[self.inputs]
+        bounds = {"model": (1, 1), "trajectory": (2, None), "pair": (2, 2), "checkpoints": (2, None)}
+        return bounds[self.inputs]
 
 
 PROBES: dict[str, ProbeSpec] = {
@@ -133,6 +136,19 @@ PROBES: dict[str, ProbeSpec] = {
         ProbeSpec("lmc_barrier", "lmc_barrier", {},
                   "loss barrier on the linear path between two checkpoints (possibly of two runs)",
                   inputs="pair"),
+        ProbeSpec("hessian_diagonal", "hessian_diagonal", {"n_matvecs": 100, "method": "hutchinson"},
+                  "Hessian diagonal (Hutchinson) with per-entry standard errors and per-layer means"),
+        ProbeSpec("loss_landscape", "loss_landscape", {"directions": "random", "resolution": 21},
+                  "2-D loss slice around a checkpoint (filter-normalised random or Hessian directions)"),
+        ProbeSpec("landscape_trajectory", "landscape_trajectory", {"resolution": 21},
+                  "loss on the PCA plane of several checkpoints (the last one the centre), path drawn on it",
+                  inputs="checkpoints"),
+        ProbeSpec("landscape_between", "landscape_between", {"resolution": 21},
+                  "loss on the plane through a checkpoint, the direction to another one (optionally "
+                  "permutation-aligned) and a random direction", inputs="pair"),
+        ProbeSpec("opposing_signals", "opposing_signals", {},
+                  "examples whose loss oscillates most over consecutive checkpoints, split by gradient sign "
+                  "along the update (or top Hessian eigenvector)", inputs="checkpoints"),
     ]
 }  # fmt: skip
 
@@ -248,7 +264,7 @@ def _checkpoint_list(
         if steps is not None or other is not None:
             raise ValueError(f"probe {spec.name!r} takes one checkpoint (step=), not steps=/other=")
         return [(run, run.checkpoint(step))]
-    if spec.inputs == "trajectory":
+    if spec.inputs in ("trajectory", "checkpoints"):
         if steps is None or other is not None:
             raise ValueError(f"probe {spec.name!r} takes steps=[...] of one run ({lo} or more checkpoints)")
         chosen = [(run, run.checkpoint(int(s))) for s in steps]
@@ -337,7 +353,7 @@ def plan(
         call=call,
         key=key,
         checkpoint_hash=combined_hash(digests),
-        step=None if spec.inputs == "trajectory" else chosen[0][1].step,
+        step=None if spec.inputs in ("trajectory", "checkpoints") else chosen[0][1].step,
         split=split,
         max_samples=max_samples,
     )
@@ -376,6 +392,8 @@ def compute(
     fn = spec.resolve()
     if spec.inputs == "trajectory":
         return fn(models, data[0], data[1], steps=[info.step for _, info in p.checkpoints], **call)
+    if spec.inputs == "checkpoints":
+        return fn(models, data, steps=[info.step for _, info in p.checkpoints], **call)
     if world_size > 1:
         data = BatchSource(data, rank=rank, world_size=world_size)
     if spec.inputs == "pair":

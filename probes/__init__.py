@@ -53,6 +53,16 @@ _EXPORTS: dict[str, str] = {
     "smooth_density": "density",
     "spectral_moments": "density",
     "wasserstein1": "density",
+    "hessian_diagonal": "diagonal",
+    "HessianDiagonalResult": "diagonal",
+    # loss-landscape slices and trajectories
+    "loss_landscape": "landscape",
+    "landscape_trajectory": "landscape",
+    "landscape_between": "landscape",
+    "LandscapeResult": "landscape",
+    "filter_normalized_direction": "landscape",
+    "opposing_signals": "opposing",
+    "OpposingSignalsResult": "opposing",
     # neural collapse, mode connectivity, permutation alignment
     "neural_collapse": "collapse",
     "nc_trajectory": "collapse",

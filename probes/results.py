@@ -52,6 +52,13 @@ def to_jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _nan_for_none(value: Any) -> Any:
+    """``None`` (how :func:`to_jsonable` writes NaN/Inf) back to NaN, in nested lists too."""
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return float("nan") if value is None else value
+
+
 def _all_bool(value: Any) -> bool:
     items = value if isinstance(value, list) else [value]
     return bool(items) and all(isinstance(v, bool) for v in items)
@@ -96,11 +103,7 @@ class Result:
             annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             if "Tensor" in annotation and isinstance(value, (list, int, float)):
                 try:
-                    raw = (
-                        [float("nan") if v is None else v for v in value]
-                        if isinstance(value, list)
-                        else value
-                    )
+                    raw = _nan_for_none(value)
                     value = torch.tensor(raw, dtype=torch.bool if _all_bool(value) else torch.float64)
                 except (TypeError, ValueError):
                     pass  # ragged or non-numeric: keep the JSON value

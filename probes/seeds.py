@@ -17,6 +17,9 @@ NTK_PROBE_OFFSET = 1
 #: Batch sharpness: the permutations that form disjoint mini-batches use ``seed + 104729`` (a prime far
 #: from the per-batch Lanczos seeds ``seed + i``).
 BATCH_PERMUTATION_OFFSET = 104729
+#: Loss landscape: random direction ``j`` uses ``seed + 15485863 + j`` (``seed`` itself starts the Lanczos
+#: run of Hessian directions in the same call).
+LANDSCAPE_DIRECTION_OFFSET = 15485863
 
 #: Trace ``method="auto"`` choosing Hutchinson: its probes after the shared sketch come from ``seed + 7``.
 AUTO_HUTCHINSON_OFFSET = 7
@@ -26,5 +29,6 @@ __all__ = [
     "BATCH_PERMUTATION_OFFSET",
     "DEFLATION_OFFSET",
     "LANCZOS_RESTART_STRIDE",
+    "LANDSCAPE_DIRECTION_OFFSET",
     "NTK_PROBE_OFFSET",
 ]

@@ -38,6 +38,7 @@ PAGES = [
     ("Double descent", "double_descent"),
     ("Neural collapse", "neural_collapse"),
     ("Mode connectivity", "mode_connectivity"),
+    ("Landscape", "landscape"),
 ]
 
 pytestmark = [
@@ -125,7 +126,9 @@ def _settle(page, timeout: float = 60_000) -> None:
 
 
 def _goto_page(page, title: str) -> None:
-    page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
+    # the label's exact text: a link's icon renders as text too (the Hessian page's icon is "landscape")
+    links = page.locator('[data-testid="stSidebarNav"] a')
+    links.filter(has=page.get_by_text(title, exact=True)).first.click()
     page.wait_for_selector(f'h1:has-text("{title}")', timeout=60_000)
     _settle(page)
 
@@ -187,6 +190,36 @@ def test_every_page_renders_and_computes(server: str, browser) -> None:
         assert page.locator('[data-testid="stAlertContentError"]').count() == 0, f"{title} showed an error"
         assert page.locator(".js-plotly-plot").count() >= 1, f"{title} shows no chart"
         _shot(page, name)
+    page.close()
+
+
+def test_landscape_surface_with_trajectory_and_opposing_signals(server: str, browser) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    page.goto(server)
+    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
+    _settle(page)
+    _goto_page(page, "Landscape")
+    page.get_by_role("tab", name="Loss surface").click()
+    page.get_by_role("button", name="Compute the trajectory plane").click()
+    chart = page.locator(".st-key-chart_land_surface .js-plotly-plot")
+    chart.wait_for(state="visible", timeout=120_000)
+    _settle(page)
+    plot = ".st-key-chart_land_surface .js-plotly-plot"
+    types = page.evaluate(f"document.querySelector('{plot}').data.map(t => t.type)")
+    assert types == ["contour", "scatter", "scatter"]  # the surface, the centre, the trajectory
+    n_points = page.evaluate(f"document.querySelector('{plot}')._fullData[2]._length")
+    assert n_points == 4  # the default checkpoint selection
+    assert page.locator(f"{plot} .scatterlayer .trace").count() == 2
+    assert page.get_by_text("Variance of the checkpoint offsets explained").count() == 1
+    _shot(page, "landscape_surface")
+    page.get_by_role("tab", name="Opposing signals").click()
+    page.get_by_role("button", name="Find opposing signals").click()
+    page.locator(".st-key-chart_land_opp .js-plotly-plot").wait_for(state="visible", timeout=120_000)
+    _settle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+    assert page.get_by_text("examples selected").count() == 1
+    _shot(page, "landscape_opposing")
     page.close()
 
 

@@ -39,7 +39,9 @@ def _probes(model, data, reduce_fn=None) -> dict[str, torch.Tensor]:
     eig_b = probes.hessian_eigenvalues(model, data, k=1, tol=1e-10, batch_size=10, reduce_fn=reduce_fn)
     tr = probes.hessian_trace(model, data, n_matvecs=24, reduce_fn=reduce_fn)
     den = probes.hessian_density(model, data, n_probes=3, lanczos_steps=12, reduce_fn=reduce_fn)
+    diag = probes.hessian_diagonal(model, data, n_matvecs=16, reduce_fn=reduce_fn)
     return {
+        "diagonal": diag.values, "diagonal_stderr": diag.stderr,
         "eig": eig.values, "eig_batched": eig_b.values, "eig_matvecs": torch.tensor(eig.n_matvecs),
         "trace": torch.tensor([tr.estimate, tr.stderr]), "ritz_values": den.ritz_values,
         "ritz_weights": den.ritz_weights, "density": den.density,
@@ -98,7 +100,8 @@ def test_sharded_probes_equal_single_process(tmp_path: Path) -> None:
     ref = _probes(model, data)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert int(r0["n_samples"]) == N_SAMPLES
-    for key in ("eig", "eig_batched", "trace", "ritz_values", "ritz_weights", "density"):
+    for key in ("eig", "eig_batched", "trace", "ritz_values", "ritz_weights", "density", "diagonal",
+                "diagonal_stderr"):  # fmt: skip
         torch.testing.assert_close(r0[key], ref[key], rtol=1e-9, atol=1e-12, msg=key)
         torch.testing.assert_close(r1[key], r0[key], rtol=0, atol=0, msg=f"ranks disagree on {key}")
     assert int(r0["eig_matvecs"]) == int(ref["eig_matvecs"])

@@ -46,7 +46,7 @@ def test_design_contract_names_exist() -> None:
     for name in [
         "hessian_eigenvalues", "hessian_trace", "hessian_density", "empirical_ntk", "ntk_probe",
         "kernel_distance", "kernel_alignment", "sharpness", "gradient_coherence", "neural_collapse",
-        "lmc_barrier", "weight_matching",
+        "lmc_barrier", "weight_matching", "hessian_diagonal", "loss_landscape", "opposing_signals",
     ]:  # fmt: skip
         assert callable(getattr(probes, name)), name
 

@@ -1,0 +1,351 @@
+"""Opposing signals (Rosenfeld & Risteski 2023): the few examples whose loss swings most across
+consecutive checkpoints, split by which way their gradients pull along the sharpest direction.
+
+Given checkpoints ``θ_0 … θ_T`` (consecutive steps of one run) and a dataset:
+
+1. per-example losses ``ℓ_i(θ_t)`` at every checkpoint (eval mode) and their changes
+   ``Δ_ti = ℓ_i(θ_{t+1}) − ℓ_i(θ_t)``;
+2. oscillation score ``s_i = Σ_t |Δ_ti| − |ℓ_i(θ_T) − ℓ_i(θ_0)|``: the part of example ``i``'s loss
+   movement that went back and forth (0 for a monotone loss curve);
+3. selection: the ``n_examples`` highest scores, or (default) the examples above the widest relative gap
+   in the sorted scores: with ``s_(1) ≥ s_(2) ≥ …``, the top ``k`` for the ``k ∈ [2, max_fraction · N]``
+   that maximises ``s_(k) / s_(k+1)`` (``selection_gap_ratio`` in ``meta``). Outlier scores are orders of
+   magnitude above the bulk, whose score distribution is smooth, so the widest gap separates them; when
+   no ratio reaches ``min_gap`` (no clear outliers, e.g. an edge-of-stability oscillation shared by many
+   examples) the top ``max_fraction`` are taken;
+4. the reference checkpoint ``t*``: the one before the largest increase of the mean loss (the spike),
+   or ``reference=`` (a step); the directions ``V``: the unit update ``θ_{t*+1} − θ_{t*}``
+   (``direction="update"``, default) or the top-``k`` Hessian eigenvectors of the mean loss at ``θ_{t*}``
+   (``"hessian"``);
+5. projections ``Q_i = Σ_{t ∈ W} Vᵀ ∇ℓ_i(θ_t)`` over the ``span`` checkpoints ``W = t*, t*+1, …``
+   (default one) and ``p_i = Q_i · u`` along one axis ``u`` of ``span V``: ``u = 1`` for one direction;
+   for ``k > 1`` eigenvectors the update's component in their span, ``u ∝ Vᵀ(θ_{t*+1} − θ_{t*})`` (the
+   sharp part of the step), or without a next checkpoint the top right singular vector of ``Q``.
+   Groups: the selected examples with ``p_i > 0`` (``"+v"``) and ``< 0`` (``"-v"``); the sign of ``u`` is
+   arbitrary, the split is not.
+   Why the update by default: at the edge of stability the top eigenvalues are often nearly equal
+   (λ₁ ≈ λ₂ ≈ …), so ``v₁`` alone is an arbitrary vector of their eigenspace, and in an oscillation the
+   group that is well fit at ``t*`` has tiny gradients whose projection on ``v₁`` has an unreliable sign;
+   the update is the direction the iterate actually swings along. Planted-group tests
+   (tests/test_opposing.py, 5 seeds, worst per-group precision/recall): update 1.0 in all; Hessian
+   ``k=1`` 0.73–1.0, ``k=2`` 0.67–1.0, ``k=5`` 1.0 in all;
+6. for each group: its mean loss at every checkpoint, and its share of each step's change of the total
+   loss ``Σ_{i∈G} Δ_ti / Σ_i Δ_ti`` — at the spike (``spike_share``) and over all steps where the mean
+   loss rose (``rise_share``). ``alternation`` is the correlation of the two groups' mean-loss changes
+   over the steps (near −1 when one group's loss rises while the other's falls).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .functional import FunctionalModel
+from .losses import resolve_loss
+from .results import Result, make_meta
+from .trajectory import checkpoint_models
+from .validation import check_choice, check_float, check_int
+
+DIRECTIONS = ("hessian", "update")
+GROUP_NAMES = ("+v", "-v")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpposingSignalsResult(Result):
+    """Opposing-signal groups (module docstring).
+
+    ``steps`` ``[T]``; ``mean_loss`` ``[T]``; ``scores`` ``[N]`` oscillation scores; ``threshold`` the
+    selection cut (``None`` when ``n_examples`` was given); ``selected`` example indices by descending
+    score; ``projections`` ``g_i · v`` of the selected; ``example_loss`` ``[n_selected, T]``; ``groups``
+    ``{name: example indices}``; ``group_loss`` ``[G, T]``; ``group_step_share`` ``[G, T−1]``;
+    ``spike_index`` (``t*``, or ``None`` when the mean loss never rose), ``reference_step``;
+    ``spike_share`` / ``rise_share`` per group; ``alternation``.
+    """
+
+    steps: list[Any]
+    mean_loss: torch.Tensor
+    scores: torch.Tensor
+    threshold: float | None
+    selected: list[int]
+    projections: torch.Tensor
+    example_loss: torch.Tensor
+    groups: dict[str, list[int]]
+    group_loss: torch.Tensor
+    group_step_share: torch.Tensor
+    spike_index: int | None
+    reference_step: Any
+    spike_share: dict[str, float]
+    rise_share: dict[str, float]
+    alternation: float | None
+    direction: str
+
+    def group_of(self, index: int) -> str | None:
+        for name, members in self.groups.items():
+            if index in members:
+                return name
+        return None
+
+    def to_frame(self):
+        """One row per selected example: ``example, group, score, projection, loss_min, loss_max``."""
+        import pandas as pd
+
+        return pd.DataFrame({
+            "example": self.selected,
+            "group": [self.group_of(i) for i in self.selected],
+            "score": [float(self.scores[i]) for i in self.selected],
+            "projection": self.projections.tolist(),
+            "loss_min": self.example_loss.min(dim=1).values.tolist() if self.selected else [],
+            "loss_max": self.example_loss.max(dim=1).values.tolist() if self.selected else [],
+        })  # fmt: skip
+
+    def groups_frame(self):
+        """One row per group: ``group, n, fraction_of_data, spike_share, rise_share, mean_projection``."""
+        import pandas as pd
+
+        n_total = int(self.scores.numel())
+        rows = []
+        for name, members in self.groups.items():
+            proj = [float(self.projections[self.selected.index(i)]) for i in members]
+            rows.append({
+                "group": name, "n": len(members), "fraction_of_data": len(members) / n_total,
+                "spike_share": self.spike_share.get(name), "rise_share": self.rise_share.get(name),
+                "mean_projection": sum(proj) / len(proj) if proj else float("nan"),
+            })  # fmt: skip
+        return pd.DataFrame(rows)
+
+    def trajectory_frame(self):
+        """One row per checkpoint: ``step, mean_loss`` and each group's mean loss (``loss_+v``, ...)."""
+        import pandas as pd
+
+        cols: dict[str, Any] = {"step": list(self.steps), "mean_loss": self.mean_loss.tolist()}
+        for g, name in enumerate(self.groups):
+            cols[f"loss_{name}"] = self.group_loss[g].tolist()
+        return pd.DataFrame(cols)
+
+
+def _per_example_losses(model: nn.Module, source: Any, loss: Any) -> torch.Tensor:
+    out = []
+    from .functional import ModeGuard
+
+    with torch.no_grad(), ModeGuard(model, "eval"):
+        for b in source:
+            out.append(loss.per_sample(model(b.x), b.y).double().cpu())
+    return torch.cat(out)
+
+
+def _rows(source: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples at ``index`` (ascending positions in the data's order), gathered batch by batch."""
+    xs, ys, lo = [], [], 0
+    for b in source:
+        hi = lo + b.n
+        local = index[(index >= lo) & (index < hi)] - lo
+        if local.numel():
+            xs.append(b.x[local.to(b.x.device)])
+            ys.append(b.y[local.to(b.y.device)])
+        lo = hi
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _select(
+    scores: torch.Tensor, n_examples: int | None, max_fraction: float, min_gap: float
+) -> tuple[torch.Tensor, float | None, float | None]:
+    """``(chosen indices by descending score, threshold, gap ratio)`` (module docstring, step 3)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    if n_examples is not None:
+        return order[: min(n_examples, scores.numel())], None, None
+    cap = min(max(2, int(max_fraction * scores.numel())), scores.numel() - 1)
+    top = scores[order[: cap + 1]].clamp_min(0)
+    eps = 1e-12 * float(top[0]) if float(top[0]) > 0 else 1e-300
+    ratios = (top[:-1] + eps) / (top[1:] + eps)  # s_k / s_{k+1}, k = 1..cap
+    ratios[:1] = 0  # at least two examples (two sides of a split)
+    k = int(ratios.argmax()) + 1
+    gap = float(ratios[k - 1])
+    if gap < min_gap:  # no clear outliers: the top max_fraction
+        return order[:cap], float(top[cap - 1]), gap
+    threshold = float((top[k - 1] + eps).sqrt() * (top[k] + eps).sqrt())
+    return order[:k], threshold, gap
+
+
+def opposing_signals(
+    run: Any,
+    data: Any,
+    *,
+    steps: Sequence[Any] | None = None,
+    model: nn.Module | None = None,
+    loss: str | Callable = "auto",
+    n_examples: int | None = None,
+    max_fraction: float = 0.1,
+    min_gap: float = 2.0,
+    direction: str = "update",
+    reference: Any = None,
+    span: int = 1,
+    k: int = 1,
+    batch_size: int | None = 1024,
+    hessian_tol: float = 1e-3,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> OpposingSignalsResult:
+    """Opposing-signal groups over consecutive checkpoints (module docstring).
+
+    ``run``: a run (or path) — its checkpoints at ``steps`` (default all) — or models / state dicts (with
+    ``model=``), in training order. ``n_examples``: how many to select (default: those above the widest
+    relative gap of the sorted oscillation scores, at most ``max_fraction`` of the data; the top
+    ``max_fraction`` when no gap ratio reaches ``min_gap``).
+    ``direction``: ``"update"`` or ``"hessian"`` (top-``k`` eigenvectors at the reference, Lanczos to
+    ``hessian_tol``). ``reference``: the step to split at (default: the one before the largest loss spike);
+    ``span``: checkpoints from the reference on whose gradient projections are summed.
+    """
+    t0 = time.perf_counter()
+    check_int("n_examples", n_examples, min=1, optional=True)
+    check_float("max_fraction", max_fraction, min=0, max=1, min_open=True)
+    check_float("min_gap", min_gap, min=1)
+    check_choice("direction", direction, DIRECTIONS)
+    check_int("batch_size", batch_size, min=1, optional=True)
+    check_int("seed", seed)
+    check_int("span", span, min=1)
+    check_int("k", k, min=1)
+    ck = checkpoint_models(run, steps, model=model, name="run")
+    kept: list[nn.Module | None] = []  # copies of given models; None for a run's (reloaded when needed)
+    losses: list[torch.Tensor] = []
+    resolved = None
+    source = None
+    for m in ck.models:
+        if ck.run is None:
+            m = copy.deepcopy(m)  # the caller's model is never moved; a state dict's holder is reused
+        if device is not None:
+            m = m.to(device)
+        if source is None:
+            fm = FunctionalModel(m, mode="eval")
+            source = fm.batches(data, batch_size)
+            first = next(iter(source), None)
+            if first is None:
+                raise ValueError("the data holds no samples")
+            resolved = resolve_loss(loss, first.y)
+        losses.append(_per_example_losses(m, source, resolved))
+        kept.append(m if ck.run is None else None)
+    if len(kept) < 3:
+        raise ValueError(f"opposing_signals needs at least 3 consecutive checkpoints; got {len(kept)}")
+    labels = list(ck.steps) if ck.steps is not None else list(range(len(kept)))
+    if len(labels) != len(kept):
+        raise ValueError(f"got {len(kept)} checkpoints but {len(labels)} steps")
+
+    def model_at(t: int) -> nn.Module:
+        held = kept[t]
+        if held is not None:
+            return held
+        loaded = ck.run.load_model(labels[t])
+        return loaded.to(device) if device is not None else loaded
+
+    L = torch.stack(losses)  # [T, N]
+    delta = L[1:] - L[:-1]  # [T-1, N]
+    scores = delta.abs().sum(0) - (L[-1] - L[0]).abs()
+    chosen, threshold, gap = _select(scores, n_examples, max_fraction, min_gap)
+    mean_delta = delta.mean(1)
+    spike = int(mean_delta.argmax()) if bool((mean_delta > 0).any()) else None
+    if reference is None:
+        ref = spike if spike is not None else len(kept) // 2
+    else:
+        if reference not in labels:
+            raise ValueError(f"reference step {reference!r} is not among the checkpoints' steps {labels}")
+        ref = labels.index(reference)
+    if direction == "update" and ref == len(kept) - 1:
+        raise ValueError("direction='update' needs a checkpoint after the reference one")
+    assert resolved is not None and source is not None
+    ref_model = model_at(ref)
+    fm = FunctionalModel(ref_model, mode="eval")
+    dir_meta: dict[str, Any] = {}
+    if direction == "hessian":
+        from .hessian import hessian_eigenvalues
+
+        eig = hessian_eigenvalues(ref_model, data, k=k, loss=resolved, tol=hessian_tol, seed=seed,
+                                  batch_size=batch_size, check_determinism=False)  # fmt: skip
+        assert eig.vectors is not None
+        V = eig.vectors.to(dtype=fm.dtype, device=fm.device)
+        dir_meta = {"lambda_max": float(eig.values[0]), "hessian_eigenvalues": eig.values.tolist(),
+                    "hessian_converged": eig.converged.tolist()}  # fmt: skip
+    else:
+        nxt = FunctionalModel(model_at(ref + 1), mode="eval").parameters_vector()
+        v = nxt - fm.parameters_vector()
+        if float(v.norm()) == 0:
+            raise ValueError("the update at the reference step is zero; choose another reference")
+        V = (v / v.norm())[:, None]
+    sel_sorted = torch.sort(chosen).values
+    window = list(range(ref, min(ref + span, len(kept))))
+    projections = torch.zeros(chosen.numel(), dtype=torch.float64)
+    if chosen.numel():
+        from .per_example import iter_per_example_gradients, prepare
+
+        xs, ys = _rows(source, sel_sorted)
+        Q = torch.zeros(chosen.numel(), V.shape[1], dtype=torch.float64)
+        for t in window:
+            ctx = prepare(model_at(t), (xs, ys), loss=resolved, chunk_size=256)
+            Q += torch.cat([(G @ V).double().cpu() for G, _ in iter_per_example_gradients(ctx)])
+        if V.shape[1] > 1 and ref + 1 < len(kept):  # the update's component in the top eigenspace
+            step_vec = (
+                FunctionalModel(model_at(ref + 1), mode="eval").parameters_vector() - fm.parameters_vector()
+            )
+            axis = (V.T @ step_vec).double().cpu()
+            axis = axis / axis.norm()
+        else:
+            axis = torch.linalg.svd(Q, full_matrices=False).Vh[0]  # the common axis of the projections
+            axis = axis * (1.0 if float(axis[0]) >= 0 else -1.0)
+        proj_sorted = Q @ axis
+        dir_meta["axis_in_eigenbasis"] = axis.tolist()
+        position = {int(i): k for k, i in enumerate(sel_sorted)}
+        projections = torch.stack([proj_sorted[position[int(i)]] for i in chosen])
+    selected = [int(i) for i in chosen]
+    groups = {
+        GROUP_NAMES[0]: [i for i, p in zip(selected, projections.tolist()) if p > 0],
+        GROUP_NAMES[1]: [i for i, p in zip(selected, projections.tolist()) if p < 0],
+    }
+    total_delta = delta.sum(1)  # [T-1]
+    group_loss, step_share, spike_share, rise_share = [], [], {}, {}
+    rising = mean_delta > 0
+    for name, members in groups.items():
+        idx = torch.tensor(members, dtype=torch.long)
+        gl = L[:, idx].mean(1) if members else torch.full((L.shape[0],), float("nan"), dtype=torch.float64)
+        gd = delta[:, idx].sum(1) if members else torch.zeros(delta.shape[0], dtype=torch.float64)
+        group_loss.append(gl)
+        step_share.append(torch.where(total_delta != 0, gd / total_delta, torch.full_like(gd, float("nan"))))
+        spike_share[name] = float(gd[spike] / total_delta[spike]) if spike is not None else float("nan")
+        rise_share[name] = (
+            float(gd[rising].sum() / total_delta[rising].sum()) if bool(rising.any()) else float("nan")
+        )
+    alternation = None
+    if all(groups.values()):
+        a = torch.stack(group_loss)[:, 1:] - torch.stack(group_loss)[:, :-1]
+        if float(a[0].std()) > 0 and float(a[1].std()) > 0:
+            alternation = float(torch.corrcoef(a)[0, 1])
+    settings = {"n_examples": n_examples, "max_fraction": max_fraction, "min_gap": min_gap,
+                "direction": direction, "reference": reference, "span": span, "k": k,
+                "batch_size": batch_size,
+                "hessian_tol": hessian_tol}  # fmt: skip
+    meta = make_meta(
+        "opposing_signals", model=ref_model, params=settings, started=t0, seed=seed, loss=resolved.name,
+        n_samples=int(L.shape[1]), n_checkpoints=len(kept), mode="eval", reference_index=ref,
+        score_definition="sum_t |l_i(t+1) - l_i(t)| - |l_i(T) - l_i(0)|",
+        selection=(f"top {n_examples} by score" if n_examples is not None
+                   else f"top {max_fraction:.3g} of the data (no gap ratio >= {min_gap:g})" if gap < min_gap
+                   else "cut at the largest ratio between consecutive sorted scores in the top "
+                   f"{max_fraction:.3g} of the data (at least 2)"),
+        selection_gap_ratio=gap, projection_steps=[labels[t] for t in window],
+        direction_definition=("top Hessian eigenvector of the mean loss at the reference checkpoint"
+                              if direction == "hessian" else "unit update theta(ref+1) - theta(ref)"),
+        **dir_meta,
+    )  # fmt: skip
+    return OpposingSignalsResult(
+        steps=labels, mean_loss=L.mean(1), scores=scores, threshold=threshold, selected=selected,
+        projections=projections, example_loss=L[:, chosen].T.contiguous(), groups=groups,
+        group_loss=torch.stack(group_loss), group_step_share=torch.stack(step_share), spike_index=spike,
+        reference_step=labels[ref], spike_share=spike_share, rise_share=rise_share, alternation=alternation,
+        direction=direction, meta=meta,
+    )  # fmt: skip
+
+
+__all__ = ["DIRECTIONS", "OpposingSignalsResult", "opposing_signals"]
