@@ -35,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hessian import PyHessianRunner, cnn_case, dense_spectrum, mlp_case  # noqa: E402
+from benchmarks_md import write_section  # noqa: E402
 
 import dynascope.probes as probes  # noqa: E402
 
@@ -147,13 +148,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        old = path.read_text()
-        if SECTION in old:
-            head, rest = old.split(SECTION, 1)
-            nxt = rest.find("\n## ")
-            old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

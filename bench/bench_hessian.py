@@ -367,13 +367,9 @@ def main() -> None:
     print(text)
     print(summary, file=sys.stderr)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        old = path.read_text() if path.exists() else "# Benchmarks\n"
-        if SECTION in old:
-            head, rest = old.split(SECTION, 1)
-            nxt = rest.find("\n## ")
-            old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        from benchmarks_md import write_section
+
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

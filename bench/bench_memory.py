@@ -21,6 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Eigensolver memory (bench/bench_memory.py)"
 
@@ -118,13 +121,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        old = path.read_text()
-        if SECTION in old:
-            head, rest = old.split(SECTION, 1)
-            nxt = rest.find("\n## ")
-            old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,17 @@
+"""Write one benchmark's section into BENCHMARKS.md (replacing the section of the same heading)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PATH = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def write_section(heading: str, text: str, path: Path = PATH) -> None:
+    """Replace the section that starts with ``heading`` (up to the next ``## ``) by ``text``, or append it."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if heading in old:
+        head, rest = old.split(heading, 1)
+        nxt = rest.find("\n## ")
+        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
+    path.write_text(old.rstrip("\n") + "\n\n" + text)
