@@ -204,7 +204,13 @@ class _Basis:
 
 
 def _random_block(size: int, b: int, seed: int, like: torch.Tensor) -> torch.Tensor:
-    return random_vectors(size, b, seed=seed, dtype=like.dtype, device=like.device)
+    return _column_major(random_vectors(size, b, seed=seed, dtype=like.dtype, device=like.device))
+
+
+def _column_major(X: torch.Tensor) -> torch.Tensor:
+    """``X [P, b]`` stored column by column, so each vector is contiguous: products of one column at a
+    time read and write it in place (no per-column copy), and ``zeros_like`` keeps the layout."""
+    return X if X.stride(0) == 1 else X.t().contiguous().t()
 
 
 def _start_block(
@@ -464,7 +470,7 @@ def eigsh(
         X = start[:, :width]
         if locked.size:
             locked.orthogonalize(X)
-        X, _ = torch.linalg.qr(X)
+        X = _column_major(torch.linalg.qr(X)[0])
         run = _krylov_run(
             op, locked, X, k=k_run, which=which, tol=tol, budget=budget - used, cap=cap - locked.size,
             seed=seed + LANCZOS_RESTART_STRIDE * runs, device=device,

@@ -389,9 +389,7 @@ class CurvatureOperator(LinearOperator):
                 self._fallback("batched double backward → one vector at a time", err)
                 self._batched_double_backward = False  # an op without a batching rule: one vector at a time
         for k in range(V.shape[1]):
-            hv = torch.autograd.grad(
-                gflat, plist, grad_outputs=V[:, k].contiguous(), retain_graph=True, allow_unused=True
-            )
+            hv = torch.autograd.grad(gflat, plist, grad_outputs=V[:, k], retain_graph=True, allow_unused=True)
             lo = 0
             for h, n in zip(hv, self.space.numels):
                 if h is None:
