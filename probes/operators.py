@@ -397,6 +397,7 @@ class CurvatureOperator(LinearOperator):
                 else:
                     out[lo : lo + n, k] = h.reshape(-1)
                 lo += n
+            del hv  # before the next column's product: one column's gradients alive at a time
 
     def _batch_matmat(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Σ over one batch of the operator applied to the columns of V (already divided by N)."""
