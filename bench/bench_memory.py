@@ -6,7 +6,7 @@ Each measurement runs in a fresh subprocess: build the model and data, note the 
 the peak (``/proc/self/clear_refs``), run the work, read the peak RSS (``VmHWM``). "one HVP" is one
 product of the same operator ``hessian_eigenvalues`` builds (the cached first-order graph included);
 the solver's *increase* is its peak minus that. Bound to meet: ``(max_basis + 4) · P · 4`` bytes
-(float32), ``max_basis = 3k + 20`` by default. Linux only.
+(float32), ``max_basis = 3k + 20 + 2b`` by default (block ``b`` = 1 for k = 1, else 2). Linux only.
 
 Cases: an MLP 256-2000-2000-10 (4.53M parameters) on 256 samples, k = 1, 3, 10; and the registry's
 ResNet-18 (widths 64-128-256-512, two blocks per stage, 11.2M parameters) on 64 images 3×32×32, k = 3.
@@ -96,7 +96,8 @@ def main() -> None:
         for k in ks:
             eig = measure(case, "eig", k)
             P = eig["P"]
-            bound = (3 * k + 20 + 4) * P * 4
+            b = 1 if k == 1 else 2
+            bound = (3 * k + 20 + 2 * b + 4) * P * 4
             inc = eig["peak"] - hvp["peak"]
             total = eig["base_rss"] + eig["peak"]
             rows.append(

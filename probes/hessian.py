@@ -188,7 +188,7 @@ def hessian_eigenvalues(
 
     ``block_size`` / ``max_basis``: the block Lanczos's block width and most vectors held (see
     :func:`~dynascope.probes.lanczos.eigsh`; every copy of a repeated eigenvalue is found). Peak
-    solver memory ``(max_basis + block_size)·P`` numbers; ``meta`` records the vectors held
+    solver memory at most ``max_basis·P`` numbers; ``meta`` records the vectors held
     (``peak_basis_vectors``, ``solver_memory_bytes``) and the measured peak over the call
     (``measured_peak_bytes``, where the platform reports it: CUDA, Linux).
     """

@@ -21,8 +21,8 @@
 
   *Memory.* The basis grows block by block (never preallocated) until locked vectors plus basis
   reach ``max_basis`` vectors of the operator's dtype, then restarts in place on the ``p`` best
-  Ritz vectors. Peak memory: ``(max_basis + b) · P`` numbers — locked vectors and basis, and the
-  product block ``W``, orthonormalised in place — reported as ``EigshOutput.peak_basis_vectors``.
+  Ritz vectors. Peak memory: ``max_basis · P`` numbers — locked vectors, basis and the product
+  block ``W`` (orthonormalised in place) — reported as ``EigshOutput.peak_basis_vectors``.
 * :func:`lanczos_tridiagonal` — several independent recurrences at once (one ``matmat`` per step
   serves all probes), as needed by stochastic Lanczos quadrature.
 """
@@ -93,7 +93,7 @@ class EigshOutput:
             "n_runs": self.n_runs,
             "peak_basis_vectors": self.peak_basis_vectors,
             "solver_memory_bytes": self.memory_bytes(size, dtype),
-            "solver_memory_formula": "(locked + basis + block) vectors × P × dtype bytes",
+            "solver_memory_formula": "(locked + basis + product block) vectors × P × dtype bytes",
         }
 
 
@@ -394,9 +394,10 @@ def _krylov_run(
             return _Run(theta, res, S, basis, used, passes, restarts, peak, exhausted)
         next_width = min(width, P - n_locked - m, room)
         Xn = Xn[:, :next_width]
-        if basis.size + Xn.shape[1] > cap:
+        if basis.size + 2 * Xn.shape[1] > cap:  # the next step holds the basis, Xn and Xn's product
             keep = _keep_order(theta, k, which)
-            p = min(cap - Xn.shape[1], max(n_want + width, (2 * (cap - Xn.shape[1])) // 3))
+            room_left = cap - 2 * Xn.shape[1]
+            p = min(room_left, max(n_want + width, (2 * room_left) // 3))
             basis.restart(S[:, keep[:p]])
             H = torch.diag(theta[keep[:p]])
             restarts += 1
@@ -424,8 +425,9 @@ def eigsh(
     start (the first block is then ``j`` wide, at least ``block_size``). ``max_iter``: budget of
     operator-vector products (default ``max(300, 60 k)``). ``block_size``: ``b ≥ 1`` (default 2, or 1 when
     a single value is wanted: copies of λ_max cannot change it).
-    ``max_basis``: most vectors held (locked + basis; default ``3 k' + 20`` for ``k'`` wanted values,
-    at most P), so memory is at most ``(max_basis + b) · P`` numbers of the operator's dtype.
+    ``max_basis``: most vectors held (locked + basis + the product block; default ``3 k' + 20 + 2 b``
+    for ``k'`` wanted values, at most P), so memory is at most ``max_basis · P`` numbers of the
+    operator's dtype.
     ``basis_device``: where the vectors live (e.g. ``"cpu"`` while the products run on a GPU).
 
     Multiplicities: a run with block size ``b`` holds at most ``b`` copies of an eigenvalue. When a
@@ -449,7 +451,7 @@ def eigsh(
     budget = max_iter if max_iter is not None else max(300, 60 * k)
     if budget < n_want:
         raise ValueError(f"max_iter={budget} is smaller than the number of wanted eigenvalues {n_want}")
-    cap = min(P, max_basis if max_basis is not None else 3 * n_want + 20)
+    cap = min(P, max_basis if max_basis is not None else 3 * n_want + 20 + 2 * b)
     if cap < min(P, n_want + 2 * b):
         raise ValueError(
             f"max_basis={cap} is too small: it must hold the {n_want} wanted vectors plus two blocks "

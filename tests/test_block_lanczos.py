@@ -99,7 +99,7 @@ def test_restart_with_a_small_basis_still_converges() -> None:
     out = eigsh(DenseOperator(A), k=3, tol=1e-9, max_basis=12, max_iter=4000)
     assert torch.allclose(out.values, torch.tensor([9.0, 8.5, 8.0], dtype=torch.float64), rtol=1e-8)
     assert bool(out.converged.all()) and out.n_restarts > 0
-    assert out.peak_basis_vectors <= 12 + 2
+    assert out.peak_basis_vectors <= 12
 
 
 def test_full_cluster_without_room_is_not_called_converged() -> None:
@@ -116,7 +116,7 @@ def test_full_cluster_without_room_is_not_called_converged() -> None:
 def test_memory_is_bounded_by_the_basis() -> None:
     A = _rotated(torch.linspace(0, 1, 500).double() ** 4, seed=6)
     out = eigsh(DenseOperator(A), k=5, tol=1e-8, max_basis=30, block_size=3)
-    assert out.peak_basis_vectors <= 30 + 3
+    assert out.peak_basis_vectors <= 30
     assert out.memory_bytes(500, torch.float64) == out.peak_basis_vectors * 500 * 8
 
 
@@ -162,6 +162,6 @@ def test_hessian_eigenvalues_records_the_solver_and_its_memory() -> None:
         model, (torch.randn(64, 8), torch.randint(0, 3, (64,))), k=3, max_basis=20
     )
     P = sum(p.numel() for p in model.parameters())
-    assert res.meta["block_size"] == 2 and res.meta["peak_basis_vectors"] <= 20 + 2
+    assert res.meta["block_size"] == 2 and res.meta["peak_basis_vectors"] <= 20
     assert res.meta["solver_memory_bytes"] == res.meta["peak_basis_vectors"] * P * 4
     assert res.meta["params"]["max_basis"] == 20
