@@ -85,7 +85,8 @@ class SharpnessResult(Result):
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        d["eigenvectors"] = None if self.eigenvectors is None else {"shape": list(self.eigenvectors.shape)}
+        ev = self.eigenvectors  # a tensor, or the {"shape"} stub a cached result comes back with
+        d["eigenvectors"] = {"shape": list(ev.shape)} if isinstance(ev, torch.Tensor) else ev
         return d
 
     def summary(self) -> dict[str, Any]:
