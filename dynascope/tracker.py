@@ -46,6 +46,7 @@ Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls re
 from __future__ import annotations
 
 import atexit
+import copy
 import datetime as _dt
 import json
 import math
@@ -434,6 +435,8 @@ class Tracker:
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained") and hasattr(model, "save_pretrained"):
             folder = str((self.path / HF_CONFIG_DIR).resolve())
+            config = copy.deepcopy(config)
+            config.architectures = [type(model).__name__]  # the task head, as model.save_pretrained records
             return (
                 {"hf": folder, "seed": 0},
                 {"source": f"Hugging Face config saved to {HF_CONFIG_DIR}/"},
@@ -571,7 +574,7 @@ class Tracker:
         assert self.run is not None
         t0 = time.perf_counter()
         params = dict(p.params)
-        if p.runner_name == "sharpness" and lr is not None and "lr" not in params:
+        if p.runner_name == "sharpness" and lr is not None and lr > 0 and "lr" not in params:
             params["lr"] = lr
         max_samples = p.max_samples if p.max_samples is not None else self._max_samples
         if p.max_samples is not None and self._max_samples is not None:
