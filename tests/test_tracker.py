@@ -87,6 +87,8 @@ def test_plain_loop_run_folder_and_inline_probes(tmp_path: Path) -> None:
     _, cached = run_probe(run.run, "gradient_coherence", step=12, store=run.store)
     assert cached
     assert len(run.cached("sharpness")) == 4
+    # cached sharpness results come back (and convert again) without their eigenvector tensor
+    assert run.results["probe"].value_counts().to_dict() == {"sharpness": 4, "gradient_coherence": 2}
 
 
 def test_spec_data_probe_batch_is_the_runner_max_samples(tmp_path: Path) -> None:
