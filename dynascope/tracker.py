@@ -271,15 +271,17 @@ class _InlineProbe:
         self.runs = 0
         self.previous: Any = None  # last result, for warm starts
         self.warning: str | None = None  # the last warning the probe raised
+        self.error: str | None = None  # set when the probe failed: it is switched off
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0
+        return self.error is None and step % self.every == 0
 
     def summary(self) -> dict[str, Any]:
         return {
             "probe": self.runner_name, "every": self.every, "every_requested": self.requested_every,
             "params": self.params, "max_samples": self.max_samples, "runs": self.runs,
             "seconds": round(self.seconds, 6), **({"last_warning": self.warning} if self.warning else {}),
+            **({"error": self.error} if self.error else {}),
         }  # fmt: skip
 
 
@@ -594,8 +596,20 @@ class Tracker:
             warnings.simplefilter("always")
             try:
                 result = fn(model, data, **call)
+            except Exception as e:  # noqa: BLE001 - a probe must never stop the user's training
+                p.error = f"step {step}: {type(e).__name__}: {e}"
+                result = None
             finally:
                 model.train(was_training)
+        if result is None:
+            warnings.warn(
+                f"Tracker '{self.path}': inline probe {p.name!r} failed at step {step} and is switched off "
+                f"({p.error}); tracker.json records it",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._probe_s += time.perf_counter() - t0
+            return
         if caught:  # recorded once per probe in tracker.json instead of repeated in the user's log
             p.warning = f"step {step}: {caught[-1].message}"
         store_result(pl, result)

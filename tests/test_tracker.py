@@ -189,3 +189,33 @@ def test_cli_runs_shows_a_run_being_written(tmp_path: Path, capsys: pytest.Captu
     tr.close()
     assert main(["runs", str(tmp_path)]) == 0
     assert "[finished at step 0]" in capsys.readouterr().out
+
+
+def test_hessian_and_ntk_inline_probes_are_runner_cache_hits(tmp_path: Path) -> None:
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    probes = {"hessian_eigenvalues": {"every": 5, "k": 2}, "ntk": 10}
+    with dynascope.Tracker(tmp_path / "run", model, data=_data(), loss="cross_entropy", optimizer=opt,
+                           probes=probes, ntk_samples=16, budget=None, schedule=[0]) as tr:  # fmt: skip
+        _train(tr, model, opt, 10, _data())
+    run = dynascope.open_run(tmp_path / "run")
+    assert run.steps == [0, 5, 10]
+    for s in (5, 10):
+        res, cached = run_probe(run.run, "hessian_eigenvalues", step=s, params={"k": 2}, store=run.store)
+        assert cached and len(res.values) == 2
+        assert run.metrics.loc[run.metrics["step"] == s, "hessian_lambda_max"].item() == res.values[0]
+    _, cached = run_probe(run.run, "ntk", step=10, max_samples=16, store=run.store)
+    assert cached
+    assert run.metrics["ntk_alignment"].notna().sum() == 2
+
+
+def test_a_failing_inline_probe_is_switched_off_not_raised(tmp_path: Path) -> None:
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with pytest.warns(UserWarning, match="inline probe 'ntk' failed at step 0 and is switched off"):
+        with dynascope.Tracker(tmp_path / "run", model, data=_data(), optimizer=opt, probes={"ntk": 2},
+                               ntk_samples=2, budget=None) as tr:  # fmt: skip
+            _train(tr, model, opt, 4, _data())
+    status = run_status(tmp_path / "run")
+    assert status["state"] == "finished" and status["probes"]["ntk"]["runs"] == 0
+    assert "exceeds the kernel size" in status["probes"]["ntk"]["error"]
