@@ -32,6 +32,8 @@ and app find them as cached results:
 * ``"lambda_max"`` / ``"sharpness"`` → runner probe ``sharpness`` with ``k=1, tol=1e-3, trace=False`` and
   ``lr`` = the optimizer's current rate (the parameters of the app's edge-of-stability page), Lanczos
   warm-started from the previous block's eigenvector (``v0`` is not part of the key);
+  ``{"sharpness": {"every": n, "tol": 1e-4, "trace": True, "lr": None}}`` stores under the key of a bare
+  ``probe("sharpness", step=s)``;
 * ``"hessian_eigenvalues"`` → ``hessian_eigenvalues`` (runner defaults ``k=5, tol=1e-4``), warm-started;
 * ``"gradient_coherence"`` → ``gradient_coherence`` (per-sample gradients of the probe batch): logs
   ``grad_norm`` = ‖mean gradient‖ (plug-in) and ``coherence_alpha``;

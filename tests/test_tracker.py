@@ -219,3 +219,21 @@ def test_a_failing_inline_probe_is_switched_off_not_raised(tmp_path: Path) -> No
     status = run_status(tmp_path / "run")
     assert status["state"] == "finished" and status["probes"]["ntk"]["runs"] == 0
     assert "exceeds the kernel size" in status["probes"]["ntk"]["error"]
+
+
+def test_inline_sharpness_with_the_runner_defaults_serves_a_plain_probe_call(tmp_path: Path) -> None:
+    """``probes={"sharpness": {..., the runner's defaults, "lr": None}}``: ``open_run(...).probe("sharpness",
+    step=s)`` with no parameters is a cache hit."""
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    defaults = {"every": 4, "tol": 1e-4, "trace": True, "lr": None}
+    with dynascope.Tracker(tmp_path / "run", model, data=_data(), loss="cross_entropy", optimizer=opt,
+                           probes={"sharpness": defaults}, budget=None, schedule=[0]) as tr:  # fmt: skip
+        _train(tr, model, opt, 8, _data())
+    run = dynascope.open_run(tmp_path / "run")
+    for s in (4, 8):
+        _, cached = run_probe(run.run, "sharpness", step=s, store=run.store)
+        assert cached
+        before = len(run.results)
+        res = run.probe("sharpness", step=s)
+        assert len(run.results) == before and res.trace is not None and res.lr is None
