@@ -12,7 +12,13 @@ from typing import Any
 from .version import __version__
 
 # public name -> submodule of dynascope that defines it (imported lazily)
-_EXPORTS: dict[str, str] = {"open_run": "notebook", "RunView": "notebook"}
+_EXPORTS: dict[str, str] = {
+    "open_run": "notebook",
+    "RunView": "notebook",
+    "Tracker": "tracker",
+    "LightningTracker": "track_lightning",
+    "HFTracker": "track_hf",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +34,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = ["__version__", "open_run", "RunView"]
+__all__ = ["__version__", "open_run", "RunView", "Tracker", "LightningTracker", "HFTracker"]

@@ -596,6 +596,7 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Summaries of the run folders in ``root`` (or ``root`` itself if it is a run), two levels deep."""
     from dynascope.models import Run, RunError
     from dynascope.store import STORE_FILENAME, ResultStore
+    from dynascope.tracker import describe_status, run_status
 
     root = Path(root)
     if not root.is_dir():
@@ -613,6 +614,7 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
             rows.append({"run": str(path), "error": exc.detail})
             continue
         steps, broken = _readable_steps(run)
+        status = describe_status(run_status(path))  # a Tracker's run: still being written?
         try:
             n_results = len(ResultStore(path).list()) if (path / STORE_FILENAME).is_file() else 0
         except Exception as exc:  # noqa: BLE001 - one damaged store must not hide the other runs
@@ -623,7 +625,7 @@ def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
             "dataset": _spec_label(run.dataset_config),
             "checkpoints": len(steps), "first_step": steps[0] if steps else None,
             "last_step": steps[-1] if steps else None, "results": n_results, "created": run.created,
-            **({"broken": broken} if broken else {}),
+            **({"broken": broken} if broken else {}), **({"status": status} if status else {}),
         })  # fmt: skip
     return rows
 
@@ -665,8 +667,9 @@ def run_runs_command(args: argparse.Namespace) -> int:
             print(f"{r['run']}  [unreadable: {r['error']}]")
         else:
             span = f"steps {r['first_step']}–{r['last_step']}" if r["checkpoints"] else "no checkpoints"
+            note = f"  [{r['status']}]" if "status" in r else ""
             print(f"{r['run']}  {r['model']} on {r['dataset']}  {r['checkpoints']} checkpoint(s), {span}, "
-                  f"{r['results']} cached result(s)")  # fmt: skip
+                  f"{r['results']} cached result(s){note}")  # fmt: skip
             for b in r.get("broken", []):
                 print(f"    [broken: {b['file']}: {b['error']}]")
     return 0

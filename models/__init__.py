@@ -37,7 +37,7 @@ from .runs import (
     optimizer_state_by_name,
     optimizer_state_to_torch,
 )
-from .schedules import SCHEDULE_TYPES, lr_at, torch_scheduler, validate_schedule
+from .schedules import SCHEDULE_TYPES, checkpoint_due, lr_at, torch_scheduler, validate_schedule
 from .specs import build_from_spec, model_fingerprint, normalize_model_spec
 from .weights import load_weights, tied_groups
 
@@ -90,6 +90,7 @@ __all__ = [
     "optimizer_state_by_name",
     "optimizer_state_to_torch",
     "lr_at",
+    "checkpoint_due",
     "validate_schedule",
     "torch_scheduler",
     "SCHEDULE_TYPES",

@@ -21,7 +21,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SCHEDULE_TYPES", "lr_at", "validate_schedule", "torch_scheduler"]
+__all__ = [
+    "SCHEDULE_TYPES",
+    "CHECKPOINT_SCHEDULES",
+    "checkpoint_due",
+    "lr_at",
+    "validate_schedule",
+    "torch_scheduler",
+]
 
 SCHEDULE_TYPES = ("constant", "step", "cosine", "warmup_cosine", "list")
 
@@ -133,3 +140,40 @@ def torch_scheduler(schedule: Mapping[str, Any], optimizer: Any) -> Any:
     if base_sched == 0:
         raise ValueError("torch_scheduler needs a non-zero base lr")
     return LambdaLR(optimizer, lambda step: lr_at(s, step, base) / base_sched)
+
+
+# ----------------------------------------------------------------------------- checkpoint schedules
+CHECKPOINT_SCHEDULES = ("log", "linear", "log+linear")
+
+
+def checkpoint_due(step: int, schedule: str | int | Any = "log+linear", *, every: int = 100) -> bool:
+    """Whether a run of unknown length saves a checkpoint at ``step`` (step 0 always).
+
+    ``"log"``: step 0 and powers of two (1, 2, 4, ...); ``"linear"``: every ``every`` steps;
+    ``"log+linear"``: both (dense early, where dynamics change fastest, then evenly spaced);
+    an int ``k``: every ``k`` steps; a collection of ints: exactly those steps.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpoint 'every' must be a positive int, got {every!r}")
+    if isinstance(schedule, str):
+        if schedule not in CHECKPOINT_SCHEDULES:
+            raise ValueError(
+                f"checkpoint schedule must be one of {CHECKPOINT_SCHEDULES}, an int or a list of steps; "
+                f"got {schedule!r}"
+            )
+        log = step == 0 or (step & (step - 1)) == 0
+        linear = step % every == 0
+        return {"log": log, "linear": linear, "log+linear": log or linear}[schedule]
+    if isinstance(schedule, int) and not isinstance(schedule, bool):
+        if schedule < 1:
+            raise ValueError(f"checkpoint interval must be a positive int, got {schedule}")
+        return step % schedule == 0
+    try:
+        return step in {int(s) for s in schedule}
+    except TypeError:
+        raise ValueError(
+            f"checkpoint schedule must be one of {CHECKPOINT_SCHEDULES}, an int or a list of steps; "
+            f"got {schedule!r}"
+        ) from None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from .lanczos import eigsh
 from .losses import Loss
 from .operators import OperatorSpec
 from .preconditioning import DiagonalScaledOperator, preconditioner_from_state
-from .results import Result, make_meta
+from .results import Result, make_meta, to_jsonable
 from .seeds import BATCH_PERMUTATION_OFFSET
 from .trajectory import checkpoint_models
 from .validation import check_float, check_int
@@ -84,8 +84,10 @@ class SharpnessResult(Result):
     eigenvectors: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d["eigenvectors"] = None if self.eigenvectors is None else {"shape": list(self.eigenvectors.shape)}
+        # every field but the [P, k] vectors, which would be converted to JSON only to be dropped
+        d = {f.name: to_jsonable(getattr(self, f.name)) for f in fields(self) if f.name != "eigenvectors"}
+        ev = self.eigenvectors  # a tensor, or the {"shape"} stub a cached result comes back with
+        d["eigenvectors"] = {"shape": list(ev.shape)} if isinstance(ev, torch.Tensor) else ev
         return d
 
     def summary(self) -> dict[str, Any]:

@@ -1,0 +1,52 @@
+"""A Hugging Face ``TrainerCallback`` running a :class:`~dynascope.tracker.Tracker` inside ``Trainer.train``.
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[dynascope.HFTracker(
+        "runs/my_run", loss={"name": "token_cross_entropy", "shift": True}, probes={"lambda_max": 50})])
+
+The tracked model is the Trainer's model (a ``PreTrainedModel``: its config is saved to ``<run>/hf_config``
+and the run's model spec is ``{"hf": <run>/hf_config}``; probes take its ``.logits``), the optimizer the
+Trainer's (unwrapped from accelerate), the data ``data=`` or else the training DataLoader
+(``input_ids``/``labels``).
+``Tracker.step(state.global_step)`` runs at every optimizer step; the Trainer's logs (``loss`` as
+``train_loss``, ``learning_rate``, ``grad_norm``) join the same step's row. Only world process zero writes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .tracker import Tracker
+
+__all__ = ["HFTracker"]
+
+
+class HFTracker(TrainerCallback):
+    """Track a Hugging Face Trainer run into ``run_dir``; keyword arguments go to :class:`Tracker`."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, data: Any = None, **tracker_kwargs: Any) -> None:
+        self.run_dir, self.data, self.kwargs = run_dir, data, tracker_kwargs
+        self.tracker: Tracker | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       train_dataloader: Any = None, **kwargs: Any) -> None:  # fmt: skip
+        if not state.is_world_process_zero:
+            return
+        data = self.data if self.data is not None else train_dataloader
+        self.tracker = Tracker(self.run_dir, model, data=data, optimizer=optimizer, **self.kwargs)
+        self.tracker.step(int(state.global_step))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.step(int(state.global_step))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if self.tracker is not None and logs:
+            names = {"loss": "train_loss", "learning_rate": "lr"}
+            self.tracker.log(int(state.global_step), {names.get(k, k): v for k, v in logs.items()})
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.close()

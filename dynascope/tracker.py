@@ -1,0 +1,697 @@
+"""Track your own training: :class:`Tracker` writes a run folder from inside any training loop.
+
+    tracker = dynascope.Tracker("runs/my_run", model, data=(x, y), loss="cross_entropy", optimizer=opt,
+                                probes={"lambda_max": 50, "gradient_coherence": 200})
+    for step in range(1, steps + 1):
+        ...; opt.step()
+        tracker.step(step, metrics={"train_loss": loss.item()})
+    tracker.close()                      # or: with dynascope.Tracker(...) as tracker: ...
+
+What it writes (the run folder format of :class:`dynascope.models.Run`, nothing new besides the status file):
+
+* ``run.json`` with the model, data and loss specs. The model spec is ``model_spec=`` when given, else the
+  config of a model built by dynascope, else a Hugging Face model's config saved to ``<run>/hf_config``, else
+  the model's class as a factory (``"pkg.module:Class"`` for installed packages, ``"/path/file.py:Class"``
+  otherwise; a LightningModule's ``hparams`` as its kwargs). The tracker rebuilds that spec once and records
+  in ``extra["tracker"]["model_spec"]`` whether the run can be re-opened with it (``reopenable``) and why not.
+* The data: a data spec is stored as given and the probe batch is its first ``probe_samples`` training
+  samples (the runner's ``max_samples``); tensors, a ``Dataset`` or a ``DataLoader`` are cut to their first
+  ``probe_samples`` samples, saved to ``<run>/probe_data.safetensors`` and that file is the run's data spec.
+* ``checkpoints/step_*.safetensors`` (+ optimizer state) at the steps of the checkpoint schedule
+  (:func:`dynascope.models.checkpoint_due`) and at every step an inline probe runs, ``metrics.csv`` rows
+  (buffered, flushed at checkpoints and every ``heartbeat_s`` seconds), and ``tracker.json``: the writer's
+  status (``state`` running / finished / failed, pid, host, heartbeat time, last step, overhead, skipped
+  probes). :func:`run_status` reads it; a killed process leaves ``state: running`` with a dead pid, shown as
+  "stopped without closing". Every file is written atomically, so readers see a consistent run meanwhile.
+
+Inline probes run on the fixed probe batch at their interval (``probes={name: every}`` or ``{name: {"every":
+n, **params}}``), on the in-memory model, right after its checkpoint is written, and are stored in the run's
+result store under the key :func:`dynascope.runner.plan` computes for that checkpoint — so the notebook, CLI
+and app find them as cached results:
+
+* ``"lambda_max"`` / ``"sharpness"`` → runner probe ``sharpness`` with ``k=1, tol=1e-3, trace=False`` and
+  ``lr`` = the optimizer's current rate (the parameters of the app's edge-of-stability page), Lanczos
+  warm-started from the previous block's eigenvector (``v0`` is not part of the key);
+  ``{"sharpness": {"every": n, "tol": 1e-4, "trace": True, "lr": None}}`` stores under the key of a bare
+  ``probe("sharpness", step=s)``;
+* ``"hessian_eigenvalues"`` → ``hessian_eigenvalues`` (runner defaults ``k=5, tol=1e-4``), warm-started;
+* ``"gradient_coherence"`` → ``gradient_coherence`` (per-sample gradients of the probe batch): logs
+  ``grad_norm`` = ‖mean gradient‖ (plug-in) and ``coherence_alpha``;
+* ``"ntk"`` / ``"ntk_alignment"`` → ``ntk`` on the first ``ntk_samples`` samples (``max_samples``).
+
+Overhead budget: the tracker times the training between its calls and its own probes; a due probe is skipped
+when running it (at its last measured cost) would push probe time above ``budget`` × training time, and its
+interval is doubled; every skip is recorded in ``tracker.json`` (``skipped``). ``budget=None`` never skips.
+Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls return at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dynascope.models import Run, checkpoint_due
+from dynascope.models.atomic import atomic_write_text
+
+__all__ = ["Tracker", "run_status", "describe_status", "STATUS_FILE", "INLINE_PROBES"]
+
+STATUS_FILE = "tracker.json"
+STATUS_SCHEMA = "dynascope.tracker/1"
+PROBE_DATA_FILE = "probe_data.safetensors"
+HF_CONFIG_DIR = "hf_config"
+#: inline probe name → (runner probe, default parameters)
+INLINE_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
+    "lambda_max": ("sharpness", {"k": 1, "tol": 1e-3, "trace": False}),
+    "sharpness": ("sharpness", {"k": 1, "tol": 1e-3, "trace": False}),
+    "hessian_eigenvalues": ("hessian_eigenvalues", {}),
+    "gradient_coherence": ("gradient_coherence", {}),
+    "ntk": ("ntk", {}),
+    "ntk_alignment": ("ntk", {}),
+}
+#: a heartbeat older than this (seconds) counts as stale when the writer's pid cannot be checked
+STALE_AFTER_S = 300.0
+
+
+# ------------------------------------------------------------------------------------------ status
+def _pid_alive(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The tracker status of a run folder (``tracker.json``), or ``None`` when no tracker wrote it.
+
+    Adds ``live``: the run is still being written — state ``running`` and the writer process alive (same
+    host), or its heartbeat fresher than :data:`STALE_AFTER_S` (another host) — and ``heartbeat_age_s``.
+    """
+    p = Path(path) / STATUS_FILE
+    if not p.is_file():
+        return None
+    try:
+        status = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return {"state": "unreadable", "live": False, "error": f"{STATUS_FILE}: {e}"}
+    if not isinstance(status, dict):
+        return {"state": "unreadable", "live": False, "error": f"{STATUS_FILE} is not a JSON object"}
+    beat = status.get("heartbeat")
+    age = time.time() - beat if isinstance(beat, (int, float)) else None
+    status["heartbeat_age_s"] = age
+    live = False
+    if status.get("state") == "running":
+        if status.get("host") == socket.gethostname():
+            live = _pid_alive(status.get("pid"))
+        else:
+            live = age is not None and age < STALE_AFTER_S
+    status["live"] = live
+    return status
+
+
+def describe_status(status: Mapping[str, Any] | None) -> str | None:
+    """One line for ``dynascope runs``: "still being written (step 120, heartbeat 3 s ago)", ..."""
+    if not status:
+        return None
+    state, step = status.get("state"), status.get("step")
+    at = f"step {step}" if step is not None else "no step yet"
+    if state == "unreadable":
+        return f"tracker status unreadable ({status.get('error')})"
+    if status.get("live"):
+        age = status.get("heartbeat_age_s")
+        beat = f", heartbeat {age:.0f} s ago" if isinstance(age, (int, float)) else ""
+        return f"still being written ({at}{beat})"
+    if state == "running":
+        return f"stopped without closing at {at} (the writer is gone)"
+    if state == "failed":
+        return f"training failed at {at}: {status.get('error', '')}".rstrip(": ")
+    return f"finished at {at}"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _is_writer() -> bool:
+    """Rank 0 of ``torch.distributed`` (or no process group): the one process that writes."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.detach().item() if v.numel() == 1 else None
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+        return v.item()
+    return v if v is None or isinstance(v, (bool, int, float, str)) else None
+
+
+def _pair_of(item: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(item, Mapping):
+        if "input_ids" in item:
+            return torch.as_tensor(item["input_ids"]), torch.as_tensor(item.get("labels", item["input_ids"]))
+        if "x" in item and "y" in item:
+            return torch.as_tensor(item["x"]), torch.as_tensor(item["y"])
+        raise ValueError(f"data items are dicts with keys {sorted(item)}; expected input_ids/labels or x/y")
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return torch.as_tensor(item[0]), torch.as_tensor(item[1])
+    raise ValueError(f"data items must be (x, y) pairs or dicts; got {type(item).__name__}")
+
+
+def _first_samples(data: Any, n: int) -> tuple[Tensor, Tensor]:
+    """The first ``n`` samples of ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader`` (its batches)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"data: x has {x.shape[0]} samples but y has {y.shape[0]}")
+        return x[:n], y[:n]
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    got = 0
+    if isinstance(data, DataLoader):
+        for batch in data:
+            x, y = _pair_of(batch)
+            xs.append(x)
+            ys.append(y)
+            got += x.shape[0]
+            if got >= n:
+                break
+        if not xs:
+            raise ValueError("data: the DataLoader yielded no batches")
+        return torch.cat(xs)[:n], torch.cat(ys)[:n]
+    if isinstance(data, Dataset):
+        for i in range(min(n, len(data))):  # type: ignore[arg-type]
+            x, y = _pair_of(data[i])
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise ValueError("data: the Dataset is empty")
+        return torch.stack(xs), torch.stack(ys)
+    raise ValueError(
+        "data must be a data spec (dict or name), (x, y) tensors, a torch Dataset or a DataLoader; "
+        f"got {type(data).__name__}"
+    )
+
+
+def _class_ref(cls: type) -> str | None:
+    """``"pkg.module:Class"`` for a class of an installed package, ``"/abs/file.py:Class"`` for one defined
+    in a source file (not ``__main__``: importing a training script would run it); else ``None``."""
+    qual = cls.__qualname__
+    if "<locals>" in qual or "." in qual:
+        return None
+    module = sys.modules.get(cls.__module__)
+    if module is None or cls.__module__ == "__main__":
+        return None
+    file = getattr(module, "__file__", None)
+    prefixes = {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix)}
+    if file is None or any(str(Path(file).resolve()).startswith(p) for p in prefixes):
+        return f"{cls.__module__}:{qual}"
+    return f"{Path(file).resolve()}:{qual}"
+
+
+def _jsonable_kwargs(hparams: Any) -> dict[str, Any] | None:
+    try:
+        kw = dict(hparams)
+        json.dumps(kw, allow_nan=False)
+        return kw
+    except (TypeError, ValueError):
+        return None
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / FSDP / ``torch.compile`` wrappers (their checkpoints carry its names)."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "OptimizedModule", "FullyShardedDataParallel",
+        ):  # fmt: skip
+            return _unwrap_model(inner)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ the tracker
+class _InlineProbe:
+    """One inline probe: runner name, parameters, interval (stretched by the budget) and timings."""
+
+    def __init__(self, name: str, spec: int | Mapping[str, Any], ntk_samples: int) -> None:
+        if name not in INLINE_PROBES:
+            raise ValueError(f"unknown inline probe {name!r}; choose from {sorted(INLINE_PROBES)}")
+        self.name = name
+        self.runner_name, defaults = INLINE_PROBES[name]
+        params = dict(defaults)
+        if isinstance(spec, Mapping):
+            spec = dict(spec)
+            every = spec.pop("every", None)
+            params.update(spec)
+        else:
+            every = spec
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"inline probe {name!r}: the interval must be a positive int, got {every!r}")
+        self.every = self.requested_every = every
+        self.params = params
+        self.max_samples: int | None = ntk_samples if self.runner_name == "ntk" else None
+        self.last_seconds: float | None = None
+        self.seconds = 0.0
+        self.runs = 0
+        self.previous: Any = None  # last result, for warm starts
+        self.warning: str | None = None  # the last warning the probe raised
+        self.error: str | None = None  # set when the probe failed: it is switched off
+
+    def due(self, step: int) -> bool:
+        return self.error is None and step % self.every == 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "probe": self.runner_name, "every": self.every, "every_requested": self.requested_every,
+            "params": self.params, "max_samples": self.max_samples, "runs": self.runs,
+            "seconds": round(self.seconds, 6), **({"last_warning": self.warning} if self.warning else {}),
+            **({"error": self.error} if self.error else {}),
+        }  # fmt: skip
+
+
+class Tracker:
+    """Write a run folder from your own training loop (module docstring): ``step(step, metrics=...)``
+    after each optimizer update, ``close()`` at the end (or use it as a context manager).
+
+    ``run_dir``: the run folder (created; ``overwrite=True`` replaces an existing run). ``model``: the
+    ``nn.Module`` being trained. ``data``: a data spec, ``(x, y)`` tensors, a Dataset or a DataLoader (the
+    probe batch is its first ``probe_samples`` samples). ``loss``: the loss spec probes use
+    (``"cross_entropy"``, ``"mse"``, ``{"name": "token_cross_entropy", "shift": True}``, ...; ``None``: auto).
+    ``optimizer``: saved with each checkpoint (``save_optimizer``) and the source of the logged ``lr``.
+    ``lr``: an lr schedule dict (:mod:`dynascope.models.schedules`) or a constant stored in run.json.
+    ``schedule`` / ``checkpoint_every``: the checkpoint schedule (:func:`dynascope.models.checkpoint_due`).
+    ``probes``: ``{name: every}`` or ``{name: {"every": n, **params}}`` (names: :data:`INLINE_PROBES`).
+    ``budget``: the most inline probe time as a fraction of training time (``None``: no limit).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        data: Any,
+        loss: str | Mapping[str, Any] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float | Mapping[str, Any] | None = None,
+        schedule: str | int | Iterable[int] = "log+linear",
+        checkpoint_every: int = 100,
+        probes: Mapping[str, int | Mapping[str, Any]] | None = None,
+        probe_samples: int = 256,
+        ntk_samples: int = 32,
+        budget: float | None = 0.1,
+        model_spec: Mapping[str, Any] | str | None = None,
+        save_optimizer: bool = True,
+        seed: int = 0,
+        notes: str = "",
+        extra: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        heartbeat_s: float = 5.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+        for name, v in (("probe_samples", probe_samples), ("ntk_samples", ntk_samples)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget):  # fmt: skip
+            raise ValueError(f"budget must be a positive fraction of training time or None, got {budget!r}")
+        checkpoint_due(0, schedule, every=checkpoint_every)  # validates the schedule
+        self.model = model
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate / Lightning wrappers
+        self.schedule, self.checkpoint_every = schedule, checkpoint_every
+        self.budget = float(budget) if budget is not None else None
+        self.save_optimizer = save_optimizer
+        self.heartbeat_s = float(heartbeat_s)
+        self.writer = _is_writer()
+        self.path = Path(run_dir)
+        self.run: Run | None = None
+        self.closed = False
+        self._probes = [_InlineProbe(n, s, ntk_samples) for n, s in (probes or {}).items()]
+        self._rows: dict[int, dict[str, Any]] = {}
+        self._last_step: int | None = None
+        self._last_checkpoint: int | None = None
+        self._train_s = 0.0
+        self._probe_s = 0.0
+        self._checkpoint_s = 0.0
+        self._write_s = 0.0
+        self._n_checkpoints = 0
+        self._resumed_at: float | None = None
+        self._last_beat = 0.0
+        self._skipped: list[dict[str, Any]] = []
+        self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        if not self.writer:
+            return
+        t0 = time.perf_counter()
+        self._setup(data, loss, lr, probe_samples, model_spec, seed, notes, extra, overwrite)
+        self._write_s += time.perf_counter() - t0
+        ref = weakref.ref(self)
+        atexit.register(lambda: (t := ref()) is not None and not t.closed and t.close())
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, data, loss, lr, probe_samples, model_spec, seed, notes, extra, overwrite) -> None:
+        path = self.path
+        if overwrite and Run.is_run(path):  # the files a tracker adds to a run (Run.create clears the rest)
+            import shutil
+
+            from dynascope.store import STORE_FILENAME
+
+            for name in (STATUS_FILE, PROBE_DATA_FILE, STORE_FILENAME):
+                (path / name).unlink(missing_ok=True)
+            shutil.rmtree(path / HF_CONFIG_DIR, ignore_errors=True)
+        data_spec: dict[str, Any] | None = None
+        batch: tuple[Tensor, Tensor] | None = None
+        if isinstance(data, (Mapping, str)):
+            from dynascope.datasets.specs import load_spec, normalize_data_spec
+
+            data_spec = normalize_data_spec(data)
+            x, y = load_spec(data_spec).train
+            self._max_samples = probe_samples if probe_samples < x.shape[0] else None
+            batch = (x[:probe_samples], y[:probe_samples])
+        else:
+            batch = _first_samples(data, probe_samples)
+            self._max_samples = None
+            data_spec = {"file": str((path / PROBE_DATA_FILE).resolve())}
+        spec, spec_info, hf_config = self._model_spec(model_spec)
+        lr_schedule = None
+        if isinstance(lr, Mapping):
+            lr_schedule = dict(lr)
+        elif lr is not None:
+            lr_schedule = {"type": "constant", "lr": float(lr)}
+        given_spec = isinstance(data, (Mapping, str))
+        n_probe = int(batch[0].shape[0])
+        info = {
+            "model_spec": spec_info,
+            "schedule": self.schedule if isinstance(self.schedule, (str, int)) else sorted(self.schedule),
+            "checkpoint_every": self.checkpoint_every,
+            "probe_samples": n_probe,
+            "probe_data": f"the data spec's first {n_probe} training samples"
+            if given_spec
+            else f"the first {n_probe} samples given, saved to {PROBE_DATA_FILE} (the run's data spec)",
+        }
+        self.run = Run.create(
+            path, model=spec, dataset=data_spec, optimizer=self.optimizer, lr_schedule=lr_schedule, seed=seed,
+            notes=notes, loss=loss, extra={**dict(extra or {}), "tracker": info}, overwrite=overwrite,
+        )  # fmt: skip
+        if data_spec.get("file") == str((path / PROBE_DATA_FILE).resolve()):
+            from safetensors.torch import save_file
+
+            from dynascope.models.atomic import atomic_write
+
+            tensors = {"x": batch[0].detach().cpu().contiguous(), "y": batch[1].detach().cpu().contiguous()}
+            atomic_write(path / PROBE_DATA_FILE, lambda tmp: save_file(tensors, tmp))
+        if hf_config is not None:
+            hf_config.save_pretrained(str(path / HF_CONFIG_DIR))
+        self._check_reopenable(spec_info)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self._device = device
+        self._batch = (batch[0].to(device), batch[1].to(device))
+        self._write_status("running")
+
+    def _model_spec(self, given: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+        """``(spec, info, hf_config_to_save)``: the model spec of the run (module docstring)."""
+        from dynascope.models import model_config, normalize_model_spec
+
+        model = _unwrap_model(self.model)
+        if given is not None:
+            return normalize_model_spec(given), {"source": "model_spec="}, None
+        try:
+            return model_config(model), {"source": "dynascope model config"}, None
+        except ValueError:
+            pass
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained") and hasattr(model, "save_pretrained"):
+            folder = str((self.path / HF_CONFIG_DIR).resolve())
+            config = copy.deepcopy(config)
+            config.architectures = [type(model).__name__]  # the task head, as model.save_pretrained records
+            return (
+                {"hf": folder, "seed": 0},
+                {"source": f"Hugging Face config saved to {HF_CONFIG_DIR}/"},
+                config,
+            )
+        ref = _class_ref(type(model))
+        if ref is None:
+            raise ValueError(
+                f"Tracker: the model's class {type(model).__qualname__} (module {type(model).__module__}) "
+                "cannot be imported by a reader of the run (it is defined in __main__ or inside a function); "
+                "pass model_spec={'factory': 'pkg.module:make_model', 'kwargs': {...}} (or a file path "
+                "'path/to/file.py:make_model')"
+            )
+        kwargs = {}
+        source = "the model's class"
+        hp = getattr(model, "hparams", None)
+        if hp is not None and len(hp):
+            kw = _jsonable_kwargs(hp)
+            if kw is not None:
+                kwargs, source = kw, "the model's class and its hparams"
+        return normalize_model_spec({"factory": ref, "kwargs": kwargs}), {"source": source}, None
+
+    def _check_reopenable(self, info: dict[str, Any]) -> None:
+        """Build the run's model spec once; record whether its parameters match the tracked model's."""
+        assert self.run is not None
+        from dynascope.models import build_from_spec
+
+        mine = {k: tuple(v.shape) for k, v in _unwrap_model(self.model).state_dict().items()}
+        try:
+            built = build_from_spec(self.run.model_config)
+            theirs = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+            ok = theirs == mine
+            why = None if ok else (
+                "the spec builds a model with other parameters (missing "
+                f"{sorted(set(mine) - set(theirs))[:5]}, unexpected {sorted(set(theirs) - set(mine))[:5]}, "
+                "or other shapes)"
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - any failure means: not reopenable, say why
+            ok, why = False, f"building the spec failed ({type(e).__name__}: {e})"
+        info["reopenable"] = ok
+        if not ok:
+            info["note"] = (
+                f"{why}; the run's checkpoints can only be re-opened with a spec that builds this model: "
+                "create the Tracker with model_spec=... ({'factory': 'pkg.module:make', 'kwargs': {...}})"
+            )
+            warnings.warn(f"Tracker '{self.path}': {info['note']}", UserWarning, stacklevel=4)
+        self.run.config["extra"]["tracker"]["model_spec"] = info
+        atomic_write_text(self.run.path / "run.json", json.dumps(self.run.config, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ the per-step call
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(error=None if exc is None else f"{type(exc).__name__}: {exc}")
+
+    def current_lr(self) -> float | None:
+        """The optimizer's current learning rate (first param group), or the run's schedule at the step."""
+        if self.optimizer is not None and self.optimizer.param_groups:
+            lr = self.optimizer.param_groups[0].get("lr")
+            if isinstance(lr, Tensor):
+                lr = float(lr)
+            return float(lr) if isinstance(lr, (int, float)) else None
+        return None
+
+    def log(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record metrics at ``step`` (merged into that step's row of ``metrics.csv``) without probing."""
+        if not self.writer or self.closed:
+            return
+        row = self._rows.setdefault(int(step), {"step": int(step)})
+        for k, v in (metrics or {}).items():
+            v = _scalar(v)
+            if v is not None and k != "step":
+                row[str(k)] = v
+
+    def step(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Call after optimizer update number ``step`` (0 for the initial weights): logs ``metrics``,
+        writes the checkpoint when the schedule says so, runs due inline probes within the budget."""
+        if not self.writer or self.closed:
+            return
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"Tracker.step: step must be a non-negative int, got {step!r}")
+        now = time.perf_counter()
+        if self._resumed_at is not None:
+            self._train_s += now - self._resumed_at
+        try:
+            if self._last_step is not None and step <= self._last_step:
+                self.log(step, metrics)  # e.g. gradient accumulation: one update, several calls
+                return
+            self._last_step = step
+            lr = self.current_lr()
+            self.log(step, {**({"lr": lr} if lr is not None else {}), **dict(metrics or {})})
+            due = [p for p in self._probes if p.due(step) and self._within_budget(p, step)]
+            if due or checkpoint_due(step, self.schedule, every=self.checkpoint_every):
+                self._checkpoint(step)
+            for p in due:
+                self._run_probe(p, step, lr)
+            if due or time.perf_counter() - self._last_beat >= self.heartbeat_s:
+                self.flush()
+        finally:
+            self._resumed_at = time.perf_counter()
+
+    def _within_budget(self, p: _InlineProbe, step: int) -> bool:
+        """Run ``p`` now unless its last cost would push probe time above ``budget`` × training time
+        (then its interval doubles and the skip is recorded). A probe's first run always happens."""
+        if self.budget is None or p.last_seconds is None:
+            return True
+        allowed = self.budget * self._train_s
+        if self._probe_s + p.last_seconds <= allowed:
+            return True
+        p.every *= 2
+        self._skipped.append({
+            "step": step, "probe": p.name, "every": p.every,
+            "reason": f"probe time {self._probe_s:.3g} s + {p.last_seconds:.3g} s would exceed "
+                      f"{self.budget:g} × training time {self._train_s:.3g} s",
+        })  # fmt: skip
+        return False
+
+    def _checkpoint(self, step: int) -> None:
+        assert self.run is not None
+        t0 = time.perf_counter()
+        model = _unwrap_model(self.model)
+        row = {k: v for k, v in self._rows.get(step, {}).items() if k != "step"}
+        self.run.save_checkpoint(
+            model, step, optimizer=self.optimizer if self.save_optimizer else None, metrics=row
+        )
+        self._last_checkpoint = step
+        self._n_checkpoints += 1
+        self._checkpoint_s += time.perf_counter() - t0
+
+    def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> None:
+        """Compute ``p`` on the in-memory model and store it under the runner's key for this checkpoint."""
+        from dynascope.runner import PROBES, plan, store_result
+
+        assert self.run is not None
+        t0 = time.perf_counter()
+        params = dict(p.params)
+        if p.runner_name == "sharpness" and lr is not None and lr > 0 and "lr" not in params:
+            params["lr"] = lr
+        max_samples = p.max_samples if p.max_samples is not None else self._max_samples
+        if p.max_samples is not None and self._max_samples is not None:
+            max_samples = min(p.max_samples, self._max_samples)
+        pl = plan(self.run, p.runner_name, step=step, params=params, max_samples=max_samples,
+                  device=self._device)  # fmt: skip
+        n = max_samples if max_samples is not None else self._batch[0].shape[0]
+        data = (self._batch[0][:n], self._batch[1][:n])
+        call = dict(pl.call)
+        fn = PROBES[p.runner_name].resolve()
+        if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():
+            call["v0"] = p.previous
+        model = _unwrap_model(self.model)
+        was_training = model.training
+        devices = [self._device] if self._device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                result = fn(model, data, **call)
+            except Exception as e:  # noqa: BLE001 - a probe must never stop the user's training
+                p.error = f"step {step}: {type(e).__name__}: {e}"
+                result = None
+            finally:
+                model.train(was_training)
+        if result is None:
+            warnings.warn(
+                f"Tracker '{self.path}': inline probe {p.name!r} failed at step {step} and is switched off "
+                f"({p.error}); tracker.json records it",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._probe_s += time.perf_counter() - t0
+            return
+        if caught:  # recorded once per probe in tracker.json instead of repeated in the user's log
+            p.warning = f"step {step}: {caught[-1].message}"
+        store_result(pl, result)
+        if p.runner_name == "sharpness" and getattr(result, "eigenvectors", None) is not None:
+            p.previous = result.eigenvectors
+        elif p.runner_name == "hessian_eigenvalues" and getattr(result, "vectors", None) is not None:
+            p.previous = result
+        row = self._rows.setdefault(step, {"step": step})
+        row.update(self._probe_metrics(p.runner_name, result))
+        dt = time.perf_counter() - t0
+        p.last_seconds, p.runs = dt, p.runs + 1
+        p.seconds += dt
+        self._probe_s += dt
+
+    @staticmethod
+    def _probe_metrics(name: str, r: Any) -> dict[str, Any]:
+        """Scalars of an inline result for ``metrics.csv`` (``lambda_max`` is what the EoS page plots)."""
+        if name == "sharpness":
+            return {"lambda_max": r.lambda_max, "two_over_lr": r.two_over_lr}
+        if name == "hessian_eigenvalues":
+            return {"hessian_lambda_max": float(r.values[0])}
+        if name == "gradient_coherence":
+            g2 = r.grad_norm_sq_plugin
+            return {"grad_norm": math.sqrt(g2) if g2 >= 0 else float("nan"), "coherence_alpha": r.alpha}
+        if name == "ntk":
+            return {"ntk_alignment": r.label_alignment}
+        return {}
+
+    # ------------------------------------------------------------------ writing
+    def flush(self) -> None:
+        """Write buffered metrics rows and the status file now."""
+        if not self.writer or self.run is None:
+            return
+        t0 = time.perf_counter()
+        if self._rows:
+            rows = [self._rows[s] for s in sorted(self._rows)]
+            self._rows = {}
+            self.run.log_metrics(rows)
+        self._write_status("running" if not self.closed else "finished")
+        self._write_s += time.perf_counter() - t0
+
+    @property
+    def overhead(self) -> dict[str, Any]:
+        """Seconds spent training (between calls), in inline probes, writing checkpoints and other files."""
+        train = self._train_s
+        return {
+            "train_seconds": round(train, 6), "probe_seconds": round(self._probe_s, 6),
+            "checkpoint_seconds": round(self._checkpoint_s, 6), "write_seconds": round(self._write_s, 6),
+            "probe_fraction": self._probe_s / train if train > 0 else None, "budget": self.budget,
+        }  # fmt: skip
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """Inline probe runs skipped by the overhead budget: ``{"step", "probe", "every", "reason"}``."""
+        return list(self._skipped)
+
+    def _write_status(self, state: str, error: str | None = None) -> None:
+        status = {
+            "schema": STATUS_SCHEMA, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
+            "started": self._started, "heartbeat": time.time(), "step": self._last_step,
+            "last_checkpoint": self._last_checkpoint, "checkpoints_written": self._n_checkpoints,
+            "probes": {p.name: p.summary() for p in self._probes}, "overhead": self.overhead,
+            "skipped": self._skipped,
+        }  # fmt: skip
+        if error:
+            status["error"] = error
+        atomic_write_text(self.path / STATUS_FILE, json.dumps(status, indent=2) + "\n")
+        self._last_beat = time.perf_counter()
+
+    def close(self, error: str | None = None) -> None:
+        """Checkpoint the last step (if not yet saved), flush metrics, mark the run finished (or failed)."""
+        if self.closed:
+            return
+        if self.writer and self.run is not None:
+            if self._last_step is not None and self._last_checkpoint != self._last_step and error is None:
+                self._checkpoint(self._last_step)
+            self.flush()
+            self.closed = True
+            self._write_status("failed" if error else "finished", error)
+        self.closed = True
+
+    def __repr__(self) -> str:
+        return f"Tracker({str(self.path)!r}, step={self._last_step}, probes={[p.name for p in self._probes]})"
