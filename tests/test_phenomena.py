@@ -1,0 +1,82 @@
+"""Phenomena from the literature (issue 20): XOR benign overfitting → grokking; trained-model re-basin."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from dynascope.models import build
+from dynascope.recipes import RECIPES, detect, detect_xor_grokking
+
+
+def test_two_layer_relu_is_the_logistic_model_with_a_fixed_readout() -> None:
+    model = build("two_layer_relu", in_dim=5, width=4, init_scale=0.5, seed=0)
+    assert not model.head.weight.requires_grad and model.body[0].weight.requires_grad
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    a = torch.tensor([1.0, 1.0, -1.0, -1.0]) / 4
+    f = torch.relu(x @ model.body[0].weight.T) @ a
+    torch.testing.assert_close(model(x), torch.stack([-f / 2, f / 2], 1))
+    y = torch.tensor([1, 0, 1, 1, 0, 0, 1])
+    ce = torch.nn.functional.cross_entropy(model(x), y)
+    sign = 2.0 * y - 1
+    torch.testing.assert_close(ce, torch.nn.functional.softplus(-sign * f).mean())
+    with pytest.raises(ValueError, match="init_scale"):
+        build("two_layer_relu", in_dim=5, width=4, init_scale=0.0)
+
+
+def _frame(test_acc: list[float], train_acc: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"step": range(len(test_acc)), "train_acc": train_acc, "test_acc": test_acc})
+
+
+def test_xor_grokking_detector_criteria() -> None:
+    ok = _frame([0.5, 0.55, 0.7, 0.9, 0.97, 0.99], [0.6, 1.0, 1.0, 1.0, 1.0, 1.0])
+    ev = detect_xor_grokking(ok, bayes_accuracy=1.0)
+    assert ev.detected and ev.s_fit == 1 and ev.s_gen == 4 and ev.delay_ratio == 4.0
+    assert ev.test_acc_at_fit == 0.55 and math.isnan(ev.train_acc_flipped_at_gen)
+    # generalises too soon (s_gen = 2 < 3·s_fit)
+    assert not detect_xor_grokking(_frame([0.5, 0.55, 0.97], [0.6, 1.0, 1.0]), bayes_accuracy=1.0).detected
+    # test accuracy already above 0.6 when the training set is fit
+    assert not detect_xor_grokking(
+        _frame([0.5, 0.65, 0.7, 0.9, 0.99], [0.6, 1.0] + [1.0] * 3), bayes_accuracy=1
+    ).detected
+    # the flipped labels are unlearnt by the time the test accuracy is high
+    assert not detect_xor_grokking(
+        _frame([0.5, 0.55, 0.7, 0.9, 0.99], [0.6, 1.0, 1.0, 1.0, 0.9]), bayes_accuracy=1
+    ).detected
+    # a lower Bayes level lowers the bar
+    assert (
+        detect_xor_grokking(_frame([0.5, 0.55, 0.6, 0.7, 0.76], [0.6] + [1.0] * 4), bayes_accuracy=0.8).s_gen
+        == 4
+    )
+    with pytest.raises(ValueError, match="bayes_accuracy"):
+        detect_xor_grokking(ok)
+
+
+@pytest.mark.slow
+def test_xor_grokking_recipe_meets_the_detector_and_resumes(tmp_path) -> None:
+    """The recipe's small variant (30 of the 60 steps; same data, model and lr), seed 0."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    run = RECIPES["xor_grokking"].run(tmp_path / "x", small=True, seed=0, progress=False)
+    wall = time.perf_counter() - t0
+    ev = detect(run)
+    print(f"xor_grokking small: {wall:.1f} s, {ev.to_dict()}")
+    assert ev.detected
+    assert ev.s_fit is not None and ev.s_fit <= 2 and ev.test_acc_at_fit <= 0.6
+    assert ev.bayes_accuracy > 0.999 and ev.test_acc_at_gen >= ev.bayes_accuracy - 0.05
+    assert ev.s_gen >= 3 * ev.s_fit and ev.train_acc_flipped_at_gen == 1.0
+    m = run.metrics().set_index("step")
+    assert m.loc[ev.s_fit, "train_acc_flipped"] == 1.0 and m.loc[ev.s_fit, "train_acc_clean"] == 1.0
+    assert m["train_acc_flipped"].iloc[-1] == 1.0  # flipped labels stay memorised to the end
+    # resumable: stop at step 8, continue to 30 — the same metrics as the uninterrupted run
+    part = RECIPES["xor_grokking"].run(tmp_path / "r", small=True, seed=0, progress=False, steps=8)
+    assert part.steps()[-1] == 8
+    resumed = RECIPES["xor_grokking"].run(tmp_path / "r", small=True, seed=0, progress=False)
+    cols = ["train_loss", "test_acc", "train_acc_flipped"]
+    pd.testing.assert_frame_equal(
+        resumed.metrics().set_index("step")[cols], m[cols], check_exact=False, rtol=1e-5, atol=1e-6
+    )
