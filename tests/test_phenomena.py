@@ -80,3 +80,26 @@ def test_xor_grokking_recipe_meets_the_detector_and_resumes(tmp_path) -> None:
     pd.testing.assert_frame_equal(
         resumed.metrics().set_index("step")[cols], m[cols], check_exact=False, rtol=1e-5, atol=1e-6
     )
+
+
+def test_grokking_page_shows_an_xor_run_with_its_clean_flipped_split(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    RECIPES["xor_grokking"].run(
+        tmp_path / "xor", seed=0, progress=False, dim=200, mean_norm=8.0, width=20, steps=4, n_checkpoints=2
+    )
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
+    app = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    at = AppTest.from_file(str(app), default_timeout=120).run()
+    at.switch_page("views/grokking.py").run()
+    assert not at.exception, at.exception
+    captions = "\n".join(str(c.value) for c in at.caption)
+    assert "flipped" in captions, captions
+    assert "Bayes-optimal test accuracy: 1.000" in captions
+    assert "not a grokking run" not in "\n".join(str(i.value) for i in at.info)
+    assert "detect_xor_grokking" in "\n".join(str(e.value) for e in [*at.success, *at.warning])
+    fig = at.get("plotly_chart")[0].proto.spec
+    assert "train_acc_flipped" in fig and "train_acc_clean" in fig
