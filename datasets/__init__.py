@@ -3,7 +3,7 @@
 ``load(name, **config)`` returns a :class:`DatasetSplit` (``.train``/``.test`` ``(x, y)``
 tensors, a JSON-able ``.config`` that rebuilds it, and ``.info``). Built-in names:
 ``modular_arithmetic``, ``digits``, ``gaussian_mixture``, ``teacher_student``, ``xor``,
-``polynomial`` (see :func:`available`). Nothing is downloaded.
+``xor_cluster``, ``polynomial`` (see :func:`available`). Nothing is downloaded.
 """
 
 from . import algorithmic, digits, synthetic  # noqa: F401  (registers the built-in datasets)

@@ -1,4 +1,5 @@
-"""Synthetic datasets: Gaussian mixtures, teacher-student regression, XOR clusters, polynomials.
+"""Synthetic datasets: Gaussian mixtures, teacher-student regression, XOR clusters (2-d and the
+high-dimensional ``xor_cluster`` of benign-overfitting theory), polynomials.
 
 All draw from one local ``torch.Generator`` seeded by ``seed``; the population parameters
 (means, teacher weights, coefficients) are drawn first, then the training set, then the test
@@ -166,6 +167,61 @@ def xor(
     flipped = exact_subset(n_train, label_flip, gen)
     y_tr[flipped] = 1 - y_tr[flipped]
     info = {"task": "classification", "n_classes": 2, "flipped_indices": flipped.tolist()}
+    return (x_tr, y_tr), test, info
+
+
+def xor_bayes_accuracy(mean_norm: float) -> float:
+    """Accuracy of the Bayes rule for :func:`xor_cluster` (clean labels): predict the cluster pair with
+    the larger ``|⟨x, μ⟩|``; correct with probability ``P(|r + Z₁| > |Z₂|)``, ``Z`` i.i.d. N(0, 1),
+    ``r = ‖μ‖`` (the noise along the other ``d − 2`` directions is irrelevant). Gauss–Hermite-free:
+    ``P = E_{Z₁}[erf(|r + Z₁| / √2)]`` by a 20001-point trapezoid rule on ``Z₁ ∈ [−10, 10]``."""
+    z = torch.linspace(-10.0, 10.0, 20001, dtype=torch.float64)
+    dens = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    inner = torch.erf((mean_norm + z).abs() / math.sqrt(2))
+    return min(1.0, float(torch.trapezoid(dens * inner, z)))
+
+
+@register("xor_cluster")
+def xor_cluster(
+    *,
+    n_train: int = 80,
+    n_test: int = 500,
+    dim: int = 3000,
+    mean_norm: float = 15.8,
+    label_flip: float = 0.15,
+    seed: int = 0,
+) -> tuple[Pair, Pair, dict[str, Any]]:
+    """High-dimensional XOR clusters of Xu, Wang, Frei, Gu et al. (2023): ``x = μ + ξ``, ``ξ ~ N(0, I_d)``,
+    ``μ`` one of ``±μ₁`` (label 1) or ``±μ₂`` (label 0) with equal probability (balanced counts),
+    ``μ₁ = r·e₁ ⊥ μ₂ = r·e₂``, ``r = mean_norm``. ``label_flip``: exactly ``round(label_flip·n_train)``
+    distinct training labels flipped (``info["flipped_indices"]``); test labels stay clean.
+    ``info["bayes_accuracy"]``: :func:`xor_bayes_accuracy` of ``mean_norm`` (clean test labels).
+    """
+    n_train = check_int("n_train", n_train, low=1, high=_MAX_N)
+    n_test = check_int("n_test", n_test, low=1, high=_MAX_N)
+    dim = check_int("dim", dim, low=2, high=_MAX_N)
+    mean_norm = check_float("mean_norm", mean_norm, low=0.0)
+    label_flip = check_float("label_flip", label_flip, low=0.0, high=1.0)
+    seed = check_seed(seed)
+    gen = torch_generator(seed)
+
+    def sample(n: int) -> Pair:
+        cluster = _balanced_labels(n, 4, gen)  # 0: +μ₁, 1: −μ₁, 2: +μ₂, 3: −μ₂
+        x = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+        sign = 1.0 - 2.0 * (cluster % 2).double()
+        x[cluster < 2, 0] += mean_norm * sign[cluster < 2]
+        x[cluster >= 2, 1] += mean_norm * sign[cluster >= 2]
+        return x.float(), (cluster < 2).long()
+
+    (x_tr, y_tr), test = sample(n_train), sample(n_test)
+    flipped = exact_subset(n_train, label_flip, gen)
+    y_tr[flipped] = 1 - y_tr[flipped]
+    info = {
+        "task": "classification",
+        "n_classes": 2,
+        "flipped_indices": flipped.tolist(),
+        "bayes_accuracy": xor_bayes_accuracy(mean_norm),
+    }
     return (x_tr, y_tr), test, info
 
 

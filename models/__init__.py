@@ -5,7 +5,7 @@ save_checkpoint(model, path, metadata=...)  load_checkpoint(path, model=None) ->
 Run.create(path, model=..., dataset=...)    Run.open(path): checkpoints(), load_model(), metrics()
 """
 
-from .architectures import CNN, MLP, EmbedMLP, RandomFeatures, ResNet, Transformer
+from .architectures import CNN, MLP, EmbedMLP, RandomFeatures, ResNet, Transformer, TwoLayerReLU
 from .checkpoints import (
     DENIED_GLOBALS,
     CheckpointError,
@@ -65,6 +65,7 @@ __all__ = [
     "EmbedMLP",
     "RandomFeatures",
     "ResNet",
+    "TwoLayerReLU",
     "save_checkpoint",
     "load_checkpoint",
     "LoadedCheckpoint",

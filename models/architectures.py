@@ -15,7 +15,16 @@ from torch import Tensor, nn
 
 from .registry import register
 
-__all__ = ["MLP", "CNN", "Transformer", "EmbedMLP", "RandomFeatures", "ResNet", "ACTIVATIONS"]
+__all__ = [
+    "MLP",
+    "CNN",
+    "Transformer",
+    "EmbedMLP",
+    "RandomFeatures",
+    "ResNet",
+    "TwoLayerReLU",
+    "ACTIVATIONS",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -377,3 +386,28 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = _as_image(x, self.in_channels, self.image_size)
         return self.head(self.pool(self.body(self.stem(x))))
+
+
+@register("two_layer_relu")
+class TwoLayerReLU(nn.Module):
+    """Two-layer ReLU net of benign-overfitting theory, ``f(x) = Σ_j a_j ReLU(⟨w_j, x⟩)`` with a fixed
+    second layer ``a_j = +1/m`` (first half of the units), ``−1/m`` (second half), no biases, trained
+    first layer ``w_j ~ N(0, init_scale² I)``. Output: the two logits ``(−f/2, f/2)``, so cross-entropy
+    on labels {0, 1} is the logistic loss ``log(1 + exp(−ỹ f))`` with ``ỹ = ±1``. ``head`` is the fixed
+    readout (``requires_grad=False``)."""
+
+    def __init__(self, in_dim: int, width: int, init_scale: float = 1e-4) -> None:
+        super().__init__()
+        _positive(in_dim=in_dim, width=width)
+        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+        self.body = nn.Sequential(nn.Linear(in_dim, width, bias=False), nn.ReLU())
+        nn.init.normal_(self.body[0].weight, std=float(init_scale))
+        a = torch.cat([torch.ones(width // 2), -torch.ones(width - width // 2)]) / width
+        self.head = nn.Linear(width, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.stack([-a / 2, a / 2]))
+        self.head.weight.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x.flatten(1)))

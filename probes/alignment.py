@@ -17,7 +17,22 @@ model A's:
 
 Supported: ``dynascope.models`` ``"mlp"``, ``"cnn"`` (with or without BatchNorm; global-average-pool or
 flatten head) and ``"embed_mlp"``, and a plain ``nn.Sequential`` of ``nn.Linear`` layers with element-wise
-activations (optionally starting with ``nn.Flatten``), whose last ``nn.Linear`` is the output layer.
+activations (optionally starting with ``nn.Flatten``), whose last ``nn.Linear`` is the output layer; and
+the residual models below.
+
+* ``"resnet"``: one permutation per residual stream — the stem's channels and every block of the first
+  stage share it (identity shortcuts add the stream to itself), each later stage's stream is born at its
+  1×1 shortcut conv and shared by that stage's ``conv2``/``bn2`` outputs; one permutation per block for
+  the inner ``conv1``/``bn1`` channels. BatchNorm affine parameters and running statistics follow
+  their channels.
+* ``"transformer"``: one residual-stream permutation ``"embed"`` of the ``d_model`` features (token and
+  positional embeddings, every LayerNorm's weight/bias — LayerNorm statistics are permutation-invariant —,
+  the input columns of ``qkv``/``mlp.0``/``head``, the output rows of ``attn.out``/``mlp.2``); per block a
+  permutation of the attention heads (``qkv`` rows and ``attn.out`` columns move in head blocks of
+  ``d_head``) and of the MLP hidden units. The finer symmetry inside a head (a joint permutation of the
+  query/key dimensions and one of the value dimensions) is not used. Activation matching correlates
+  heads by their concatenated outputs (dimension ``j`` of head ``h`` with dimension ``j`` of head ``h'``),
+  MLP units at every position, and the residual stream at the head's input.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from .validation import check_int
 __all__ = [
     "UnsupportedArchitectureError",
     "PermutationSpec",
+    "Site",
     "Alignment",
     "permutation_spec",
     "apply_permutations",
@@ -69,6 +85,18 @@ class UnsupportedArchitectureError(ValueError):
 
 
 @dataclass(frozen=True)
+class Site:
+    """Where activation matching reads a permutation's units: the output (``pre=False``) or first input
+    of ``module``, units along ``dim``; ``group`` > 1 reads blocks of ``group`` consecutive features as
+    one unit (attention heads: feature ``h·group + j`` is dimension ``j`` of head ``h``)."""
+
+    module: str
+    dim: int = 1
+    pre: bool = False
+    group: int = 1
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     """Which axis of which state-dict entry each permutation acts on.
 
@@ -76,14 +104,15 @@ class PermutationSpec:
     ``axes``: state key → per-axis permutation name (``None``: not permuted), on the tensor reshaped to
     ``views[key]`` when present (flatten head: ``[out, channels, spatial]``).
     ``params``: the keys that are trainable parameters (used by the weight-matching objective).
-    ``activations``: permutation name → module whose output carries the units (for activation matching).
+    ``activations``: permutation name → module whose output carries the units along dim 1, or a
+    :class:`Site` (for activation matching).
     """
 
     sizes: dict[str, int]
     axes: dict[str, tuple[str | None, ...]]
     views: dict[str, tuple[int, ...]] = field(default_factory=dict)
     params: frozenset[str] = frozenset()
-    activations: dict[str, str] = field(default_factory=dict)
+    activations: dict[str, str | Site] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,9 +201,95 @@ def _chain_spec(
     return PermutationSpec(sizes, axes, views, frozenset(k for k in axes if k in params), acts)
 
 
+def _resnet_spec(model: nn.Module) -> PermutationSpec:
+    """Streams shared across residual additions, per-block inner permutations (module docstring)."""
+    state = model.state_dict()
+    sizes: dict[str, int] = {}
+    axes: dict[str, tuple[str | None, ...]] = {}
+    acts: dict[str, str | Site] = {}
+
+    def layer(conv: str, norm: str, out: str, inp: str | None) -> None:
+        module = model.get_submodule(conv)
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            raise UnsupportedArchitectureError(f"{conv!r} is not an ungrouped nn.Conv2d")
+        axes[f"{conv}.weight"] = (out, inp, None, None)
+        if module.bias is not None:
+            axes[f"{conv}.bias"] = (out,)
+        for buf in ("weight", "bias", "running_mean", "running_var"):
+            if f"{norm}.{buf}" in state:
+                axes[f"{norm}.{buf}"] = (out,)
+
+    stream = "stem.0"
+    sizes[stream] = model.stem[0].out_channels
+    layer("stem.0", "stem.1", stream, None)
+    acts[stream] = "stem.2"
+    for j, block in enumerate(model.body):
+        b = f"body.{j}"
+        inner = f"{b}.conv1"
+        sizes[inner] = block.conv1.out_channels
+        layer(inner, f"{b}.bn1", inner, stream)
+        acts[inner] = f"{b}.act1"
+        if isinstance(block.shortcut, nn.Sequential):
+            new = f"{b}.shortcut.0"
+            sizes[new] = block.shortcut[0].out_channels
+            layer(new, f"{b}.shortcut.1", new, stream)
+            stream = new
+        layer(f"{b}.conv2", f"{b}.bn2", stream, inner)
+        acts[stream] = b
+    axes["head.weight"] = (None, stream)
+    params = {n for n, _ in model.named_parameters()}
+    return PermutationSpec(sizes, axes, {}, frozenset(k for k in axes if k in params), acts)
+
+
+def _transformer_spec(model: nn.Module) -> PermutationSpec:
+    """Residual stream, per-block heads and MLP units (module docstring)."""
+    state = model.state_dict()
+    d = model.embed.embedding_dim
+    sizes: dict[str, int] = {"embed": d}
+    axes: dict[str, tuple[str | None, ...]] = {"embed.weight": (None, "embed"), "pos_embed": (None, "embed")}
+    views: dict[str, tuple[int, ...]] = {}
+    acts: dict[str, str | Site] = {"embed": Site("head", dim=-1, pre=True)}
+
+    def norm(key: str) -> None:
+        for buf in ("weight", "bias"):
+            if f"{key}.{buf}" in state:
+                axes[f"{key}.{buf}"] = ("embed",)
+
+    for i, block in enumerate(model.blocks):
+        b = f"blocks.{i}"
+        h, dh = block.attn.n_heads, block.attn.d_head
+        heads, hidden = f"{b}.attn.heads", f"{b}.mlp.0"
+        sizes[heads] = h
+        sizes[hidden] = block.mlp[0].out_features
+        norm(f"{b}.ln1")
+        norm(f"{b}.ln2")
+        views[f"{b}.attn.qkv.weight"] = (3, h, dh, d)
+        axes[f"{b}.attn.qkv.weight"] = (None, heads, None, "embed")
+        views[f"{b}.attn.qkv.bias"] = (3, h, dh)
+        axes[f"{b}.attn.qkv.bias"] = (None, heads, None)
+        views[f"{b}.attn.out.weight"] = (d, h, dh)
+        axes[f"{b}.attn.out.weight"] = ("embed", heads, None)
+        axes[f"{b}.attn.out.bias"] = ("embed",)
+        axes[f"{b}.mlp.0.weight"] = (hidden, "embed")
+        axes[f"{b}.mlp.0.bias"] = (hidden,)
+        axes[f"{b}.mlp.2.weight"] = ("embed", hidden)
+        axes[f"{b}.mlp.2.bias"] = ("embed",)
+        acts[heads] = Site(f"{b}.attn.out", dim=-1, pre=True, group=dh)
+        acts[hidden] = Site(f"{b}.mlp.1", dim=-1)
+    norm("ln_f")
+    axes["head.weight"] = (None, "embed")
+    params = {n for n, _ in model.named_parameters()}
+    return PermutationSpec(sizes, axes, views, frozenset(k for k in axes if k in params), acts)
+
+
 def permutation_spec(model: nn.Module) -> PermutationSpec:
     """The hidden-unit permutation structure of a supported model (see the module docstring)."""
-    from ..models.architectures import CNN, MLP, EmbedMLP
+    from ..models.architectures import CNN, MLP, EmbedMLP, ResNet, Transformer
+
+    if isinstance(model, ResNet):
+        return _resnet_spec(model)
+    if isinstance(model, Transformer):
+        return _transformer_spec(model)
 
     if isinstance(model, (MLP, EmbedMLP)):
         return _chain_spec(model, "body.", list(model.body.named_children()), "head", model.head, None)
@@ -207,8 +322,7 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
         return _chain_spec(model, "", children[:last], head_name, head, None)
     raise UnsupportedArchitectureError(
         f"permutation alignment does not support {type(model).__name__}; supported: dynascope 'mlp', 'cnn', "
-        "'embed_mlp' and nn.Sequential of Linear + element-wise activations (residual networks and "
-        "transformers need per-block permutation specs that are not implemented)"
+        "'embed_mlp', 'resnet', 'transformer' and nn.Sequential of Linear + element-wise activations"
     )
 
 
@@ -349,11 +463,15 @@ class _Moments:
         return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
 
 
-def _unit_rows(t: torch.Tensor) -> torch.Tensor:
-    """Activations [B, n] or [B, n, *spatial] as rows [B·spatial, n]."""
-    if t.dim() == 2:
+def _unit_rows(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Activations with units along ``dim`` (e.g. [B, n] or [B, n, *spatial]) as rows [B·rest, n]."""
+    if t.dim() == 2 and dim in (1, -1):
         return t
-    return torch.movedim(t, 1, -1).reshape(-1, t.shape[1])
+    return torch.movedim(t, dim, -1).reshape(-1, t.shape[dim])
+
+
+def _site(value: str | Site) -> Site:
+    return value if isinstance(value, Site) else Site(value)
 
 
 def activation_matching_permutations(
@@ -377,23 +495,37 @@ def activation_matching_permutations(
 
         return fn
 
-    moments = {p: _Moments(n, pa.device) for p, n in spec.sizes.items()}
+    def pre_hook(which: str, name: str):
+        def fn(module: nn.Module, inputs: Any) -> None:
+            store[which][name] = inputs[0].detach()
+
+        return fn
+
+    sites = {p: _site(spec.activations[p]) for p in spec.sizes}
+    moments = {p: _Moments(n * sites[p].group, pa.device) for p, n in spec.sizes.items()}
     try:
-        for p, mod in spec.activations.items():
-            handles.append(mods_a[mod].register_forward_hook(hook("a", p)))
-            handles.append(mods_b[mod].register_forward_hook(hook("b", p)))
+        for p, site in sites.items():
+            for which, mods in (("a", mods_a), ("b", mods_b)):
+                if site.pre:
+                    handles.append(mods[site.module].register_forward_pre_hook(pre_hook(which, p)))
+                else:
+                    handles.append(mods[site.module].register_forward_hook(hook(which, p)))
         with ModeGuard(model_a, "eval"), ModeGuard(model_b, "eval"), torch.no_grad():
             for batch in as_batches(data, batch_size, device=pa.device):
                 model_a(batch.x)
                 model_b(batch.x)
-                for p in spec.sizes:
-                    moments[p].update(_unit_rows(store["a"][p]), _unit_rows(store["b"][p]))
+                for p, site in sites.items():
+                    moments[p].update(
+                        _unit_rows(store["a"][p], site.dim), _unit_rows(store["b"][p], site.dim)
+                    )
     finally:
         for h in handles:
             h.remove()
     perms, objective = {}, 0.0
     for p, mom in moments.items():
-        corr = mom.correlation().cpu().numpy()
+        n, g = spec.sizes[p], sites[p].group
+        # grouped units: cost[h, h'] = Σ_j corr[h·g + j, h'·g + j]
+        corr = mom.correlation().reshape(n, g, n, g).diagonal(dim1=1, dim2=3).sum(-1).cpu().numpy()
         rows, cols = linear_sum_assignment(corr, maximize=True)
         perms[p] = cols
         objective += float(corr[rows, cols].sum())

@@ -799,10 +799,11 @@ def log_step(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def grokking_figure(metrics: pd.DataFrame) -> go.Figure:
-    """Train/test accuracy (left) and loss (right) vs step on a log axis."""
+    """Train/test accuracy (left) and loss (right) vs step on a log axis; the training accuracy on the
+    kept / flipped labels too when the run logged them (``train_acc_clean``, ``train_acc_flipped``)."""
     m = log_step(metrics)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "loss"))
-    for c in ("train_acc", "test_acc"):
+    for c in ("train_acc", "test_acc", "train_acc_clean", "train_acc_flipped"):
         if c in m.columns:
             fig.add_trace(go.Scatter(x=m["step"], y=m[c], mode="lines", name=c), row=1, col=1)
     for c in ("train_loss", "test_loss"):

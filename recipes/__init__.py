@@ -1,9 +1,11 @@
 """dynascope.recipes — phenomena reproduced on a CPU in minutes, and detectors for them.
 
 ``train(run_or_config, steps=..., ...)``          the training loop (run folder, resumable, seeded)
-``RECIPES[name].run(out, small=False, seed=0)``   grokking, grokking_transformer, double_descent,
-                                  double_descent_nn, edge_of_stability, edge_of_stability_lr0.25
-``detect_grokking / detect_double_descent / detect_edge_of_stability(run)`` evidence dataclasses
+``RECIPES[name].run(out, small=False, seed=0)``   grokking, grokking_transformer, xor_grokking,
+                                  double_descent, double_descent_nn, edge_of_stability,
+                                  edge_of_stability_lr0.25
+``detect_grokking / detect_xor_grokking / detect_double_descent / detect_edge_of_stability(run)``
+                                                  evidence dataclasses
 ``ensure_demos(root)``                            small demo runs for the app (``DEMOS``)
 
 Command line: ``python -m dynascope.recipes NAME --out DIR [--small] [--steps N] [--seed S]``.
@@ -16,16 +18,19 @@ from .detectors import (
     DoubleDescentEvidence,
     EdgeOfStabilityEvidence,
     GrokkingEvidence,
+    XorGrokkingEvidence,
     detect,
     detect_double_descent,
     detect_edge_of_stability,
     detect_grokking,
+    detect_xor_grokking,
     interpolation_threshold,
 )
 from .double_descent import double_descent, double_descent_nn, min_norm_fit
 from .eos import SharpnessTracker, edge_of_stability, lambda_max
 from .grokking import TRANSFORMER_CONFIG, grokking
 from .train import checkpoint_schedule, evaluate, make_optimizer, train
+from .xor_grokking import XOR_GROKKING_CONFIG, xor_grokking
 
 __all__ = [
     "RECIPES",
@@ -47,6 +52,10 @@ __all__ = [
     "SharpnessTracker",
     "detect",
     "detect_grokking",
+    "detect_xor_grokking",
+    "XorGrokkingEvidence",
+    "xor_grokking",
+    "XOR_GROKKING_CONFIG",
     "detect_double_descent",
     "interpolation_threshold",
     "detect_edge_of_stability",

@@ -18,6 +18,8 @@ from ..models import Run
 
 __all__ = [
     "GrokkingEvidence",
+    "XorGrokkingEvidence",
+    "detect_xor_grokking",
     "DoubleDescentEvidence",
     "EdgeOfStabilityEvidence",
     "detect_grokking",
@@ -127,6 +129,71 @@ def detect_grokking(
         weight_norm_at_gen=_value_at(df, "weight_norm", s_gen),
         final_train_acc=float(df["train_acc"].iloc[-1]),
         final_test_acc=float(df["test_acc"].iloc[-1]),
+        detected=detected,
+    )
+
+
+# ------------------------------------------------------------------ benign overfitting → grokking
+@dataclass(frozen=True)
+class XorGrokkingEvidence(_Evidence):
+    """``s_fit``: first step with train accuracy 1 (every label, flipped ones included); ``s_gen``: first
+    step with test accuracy ≥ ``bayes_accuracy − gap``; accuracies at both steps (``train_acc_flipped``
+    is ``nan`` when the run did not log the split)."""
+
+    s_fit: int | None
+    s_gen: int | None
+    bayes_accuracy: float
+    test_acc_at_fit: float
+    test_acc_at_gen: float
+    train_acc_at_gen: float
+    train_acc_flipped_at_gen: float
+    delay_ratio: float
+    detected: bool
+
+
+def detect_xor_grokking(
+    run: Any,
+    *,
+    bayes_accuracy: float | None = None,
+    max_test_acc_at_fit: float = 0.6,
+    gap: float = 0.05,
+    min_delay_ratio: float = 3.0,
+) -> XorGrokkingEvidence:
+    """Benign overfitting then grokking (Xu et al. 2023): train accuracy 1.0 at ``s_fit`` with test
+    accuracy ≤ ``max_test_acc_at_fit``; test accuracy ≥ ``bayes_accuracy − gap`` first at
+    ``s_gen ≥ min_delay_ratio · s_fit`` (``s_fit = 0`` counts as 1); train accuracy still 1 at ``s_gen``
+    (the flipped labels are still fit). ``bayes_accuracy``: default the run's ``extra["bayes_accuracy"]``."""
+    df, r = _frame(run)
+    _need(df, "train_acc", "test_acc")
+    if bayes_accuracy is None:
+        bayes_accuracy = ((r.config.get("extra") or {}) if r is not None else {}).get("bayes_accuracy")
+    if not isinstance(bayes_accuracy, (int, float)) or not 0 < float(bayes_accuracy) <= 1:
+        raise ValueError(
+            "detect_xor_grokking needs bayes_accuracy in (0, 1] (argument or run extra), "
+            f"got {bayes_accuracy!r}"
+        )
+    bayes = float(bayes_accuracy)
+    s_fit = _first_step(df, "train_acc", 1.0)
+    s_gen = _first_step(df, "test_acc", bayes - gap)
+    ratio = s_gen / max(s_fit, 1) if s_fit is not None and s_gen is not None else math.nan
+    test_at_fit = _value_at(df, "test_acc", s_fit)
+    train_at_gen = _value_at(df, "train_acc", s_gen)
+    detected = bool(
+        s_fit is not None
+        and s_gen is not None
+        and test_at_fit <= max_test_acc_at_fit
+        and ratio >= min_delay_ratio
+        and train_at_gen >= 1.0
+    )
+    return XorGrokkingEvidence(
+        s_fit=s_fit,
+        s_gen=s_gen,
+        bayes_accuracy=bayes,
+        test_acc_at_fit=test_at_fit,
+        test_acc_at_gen=_value_at(df, "test_acc", s_gen),
+        train_acc_at_gen=train_at_gen,
+        train_acc_flipped_at_gen=_value_at(df, "train_acc_flipped", s_gen),
+        delay_ratio=ratio,
         detected=detected,
     )
 
@@ -358,6 +425,7 @@ def detect(run: Any, **kwargs: Any) -> _Evidence:
     phen = (r.config.get("extra") or {}).get("phenomenon")
     fns = {
         "grokking": detect_grokking,
+        "xor_grokking": detect_xor_grokking,
         "double_descent": detect_double_descent,
         "edge_of_stability": detect_edge_of_stability,
     }

@@ -35,9 +35,34 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def _randomize_ln(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Distinct LayerNorm affine parameters (init values are uniform and would hide a wrong permutation)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + 0.5 * torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+def _resnet_bn(x: torch.Tensor) -> nn.Module:
+    """A ResNet with random BN affine parameters and running statistics estimated on ``x`` (no unit is
+    dead on ``x``, so activation matching can identify every channel)."""
+    from dynascope.datasets.batching import as_batches
+    from dynascope.probes.connectivity import reestimate_batchnorm
+
+    model = build(
+        "resnet", in_channels=2, image_size=6, widths=[4, 6, 8], out_dim=3, blocks_per_stage=2, seed=6
+    )
+    model = _randomize_bn(model).double()
+    reestimate_batchnorm(model, as_batches((x, torch.zeros(len(x)))))
+    return model
+
+
 def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     x_flat = torch.randn(32, 12, dtype=torch.float64)
-    x_img = torch.randn(16, 2, 6, 6, dtype=torch.float64)
+    x_img = torch.randn(16, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     return {
         "mlp": (build("mlp", in_dim=12, width=16, depth=3, out_dim=5, seed=1).double(), x_flat),
         "mlp_tanh_nobias": (
@@ -77,6 +102,28 @@ def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
             ).double(),
             x_flat,
         ),
+        "resnet_bn": (_resnet_bn(x_img), x_img),
+        "resnet_nobn": (
+            build(
+                "resnet", in_channels=2, image_size=6, widths=[5, 7], out_dim=3, batchnorm=False, seed=7
+            ).double(),
+            x_img,
+        ),
+        "transformer": (
+            _randomize_ln(
+                build(
+                    "transformer",
+                    vocab_size=11,
+                    seq_len=4,
+                    d_model=12,
+                    n_heads=3,
+                    n_layers=2,
+                    d_mlp=20,
+                    seed=8,
+                )
+            ).double(),
+            torch.randint(0, 11, (40, 4), generator=torch.Generator().manual_seed(0)),
+        ),
     }
 
 
@@ -112,7 +159,9 @@ def test_weight_matching_recovers_the_permutation_exactly(name: str) -> None:
         assert torch.equal(aligned.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn_avg", "cnn_bn_flatten", "sequential"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "cnn_bn_avg", "cnn_bn_flatten", "sequential", "resnet_bn", "resnet_nobn", "transformer"]
+)
 def test_activation_matching_recovers_the_permutation_exactly(name: str) -> None:
     model, x = _models()[name]
     perms = random_permutations(model, seed=13)
@@ -158,12 +207,12 @@ def test_spec_of_cnn_flatten_head() -> None:
 @pytest.mark.parametrize(
     "model",
     [
-        build("resnet", in_channels=1, image_size=8, widths=[4], out_dim=3),
-        build("transformer", vocab_size=7, seq_len=3, d_model=8, n_heads=2, n_layers=1, d_mlp=16),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)),
+        nn.GRU(3, 4),
         nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)),
         nn.Linear(3, 2),
     ],
-    ids=["resnet", "transformer", "layernorm_sequential", "bare_linear"],
+    ids=["conv_sequential", "recurrent", "layernorm_sequential", "bare_linear"],
 )
 def test_unsupported_architectures_raise_clearly(model: nn.Module) -> None:
     with pytest.raises(UnsupportedArchitectureError, match="not|support"):
@@ -181,3 +230,54 @@ def test_bad_permutations_and_mismatched_models() -> None:
         weight_matching(a, b)
     with pytest.raises(ValueError, match="max_iter"):
         weight_matching(a, a, max_iter=0)
+
+
+def test_spec_of_resnet_shares_one_permutation_per_residual_stream() -> None:
+    model = build("resnet", in_channels=1, image_size=8, widths=[4, 6], out_dim=3, blocks_per_stage=2)
+    spec = permutation_spec(model)
+    # stage 0: stem + both blocks' conv2 write the stem's stream; stage 1's stream starts at its shortcut
+    assert spec.sizes == {
+        "stem.0": 4,
+        "body.0.conv1": 4,
+        "body.1.conv1": 4,
+        "body.2.conv1": 6,
+        "body.2.shortcut.0": 6,
+        "body.3.conv1": 6,
+    }
+    assert spec.axes["body.1.conv2.weight"] == ("stem.0", "body.1.conv1", None, None)
+    assert spec.axes["body.3.conv2.weight"] == ("body.2.shortcut.0", "body.3.conv1", None, None)
+    assert spec.axes["body.2.shortcut.0.weight"] == ("body.2.shortcut.0", "stem.0", None, None)
+    assert spec.axes["body.3.bn2.running_mean"] == ("body.2.shortcut.0",)
+    assert spec.axes["head.weight"] == (None, "body.2.shortcut.0")
+
+
+def test_spec_of_transformer_permutes_heads_in_blocks() -> None:
+    model = build("transformer", vocab_size=7, seq_len=3, d_model=8, n_heads=2, n_layers=1, d_mlp=16)
+    spec = permutation_spec(model)
+    assert spec.sizes == {"embed": 8, "blocks.0.attn.heads": 2, "blocks.0.mlp.0": 16}
+    assert spec.views["blocks.0.attn.qkv.weight"] == (3, 2, 4, 8)
+    assert spec.axes["blocks.0.attn.out.weight"] == ("embed", "blocks.0.attn.heads", None)
+    assert spec.axes["blocks.0.ln1.weight"] == ("embed",)
+    assert spec.axes["pos_embed"] == (None, "embed")
+    perms = {"embed": np.arange(8), "blocks.0.attn.heads": np.array([1, 0]), "blocks.0.mlp.0": np.arange(16)}
+    swapped = apply_permutations(model, perms)
+    w, w2 = model.blocks[0].attn.qkv.weight, swapped.blocks[0].attn.qkv.weight
+    torch.testing.assert_close(w2[:4], w[4:8])  # query rows of head 0 ← head 1
+    torch.testing.assert_close(w2[16:20], w[20:24])  # value rows of head 0 ← head 1
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "transformer"])
+def test_planted_permutation_of_residual_models_has_zero_barrier(name: str) -> None:
+    from dynascope import probes
+
+    model, x = _models()[name]
+    model.eval()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    perms = random_permutations(model, seed=21)
+    permuted = apply_permutations(model, perms)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted.eval()(x), model(x), atol=1e-6, rtol=0)
+    r = probes.lmc_barrier(model, permuted, (x, y), n_points=7, align="weights", reset_bn=False)
+    assert r.barrier == pytest.approx(0, abs=1e-6)
+    assert r.barrier_unaligned > 1e-3  # the planted permutation did break the straight path

@@ -16,6 +16,7 @@ SMALL = {
     "gaussian_mixture": {"n_train": 40, "n_test": 30},
     "teacher_student": {"n_train": 40, "n_test": 30, "teacher": "mlp", "noise": 0.1},
     "xor": {"n_train": 40, "n_test": 30, "label_flip": 0.25},
+    "xor_cluster": {"n_train": 40, "n_test": 30, "dim": 50, "mean_norm": 3.0},
     "polynomial": {"n_train": 15, "n_test": 25, "features": 4},
 }
 
@@ -350,3 +351,20 @@ def test_polynomial_targets_and_features() -> None:
     assert torch.equal(noisy.test[1], split.test[1])
     random_coef = D.load("polynomial", degree=5, seed=3).info["coefficients"]
     assert len(random_coef) == 6
+
+
+def test_xor_cluster_means_flips_and_bayes_accuracy() -> None:
+    split = D.load("xor_cluster", n_train=400, n_test=400, dim=20, mean_norm=6.0, label_flip=0.1, seed=3)
+    x, y = split.test
+    # label 1 lives on the e₁ axis (±μ₁), label 0 on the e₂ axis (±μ₂); the mean of each cluster pair is 0
+    assert (x[y == 1, 0].abs().mean() > 5) and (x[y == 1, 1].abs().mean() < 1.5)
+    assert (x[y == 0, 1].abs().mean() > 5) and abs(float(x[:, 0].mean())) < 0.7
+    flipped = split.info["flipped_indices"]
+    assert len(flipped) == 40
+    # the Bayes rule |x₁| > |x₂| on the clean test set matches the computed Bayes accuracy
+    acc = float(((x[:, 0].abs() > x[:, 1].abs()).long() == y).double().mean())
+    assert split.info["bayes_accuracy"] == pytest.approx(acc, abs=0.02)
+    from dynascope.datasets.synthetic import xor_bayes_accuracy
+
+    assert xor_bayes_accuracy(0.0) == pytest.approx(0.5, abs=1e-7)
+    assert xor_bayes_accuracy(1.0) == pytest.approx(0.6353, abs=2e-3)  # P(|1+Z₁| > |Z₂|), Monte Carlo 2e6

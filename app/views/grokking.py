@@ -9,7 +9,9 @@ from dynascope.probes import figures
 
 st.title("Grokking")
 run = state.require_run()
-state.offer_phenomenon_run(run, "grokking", "grokking")
+xor = run.extra.get("phenomenon") == "xor_grokking"
+if not xor:
+    state.offer_phenomenon_run(run, "grokking", "grokking")
 st.caption(
     "Grokking: the training set is fit early, test accuracy jumps much later (Power et al., 2022). "
     "The function-space view: the empirical NTK's alignment with the labels and its distance from the "
@@ -19,13 +21,24 @@ st.caption(
 
 metrics = run.metrics()
 with errors.guard("Training curves"):
-    have = [c for c in ("train_acc", "test_acc", "train_loss", "test_loss") if c in metrics.columns]
+    split_cols = ("train_acc_clean", "train_acc_flipped")
+    cols = ("train_acc", "test_acc", *split_cols, "train_loss", "test_loss")
+    have = [c for c in cols if c in metrics.columns]
     if have:
         data = metrics[["step", *have]]
         downloads.chart(
             figures.grokking_figure(data), data, f"{state.label(run.path)}_curves", key="grok_curves"
         )
-        detectors.show_evidence("Grokking", "detect_grokking", run)
+        if xor:
+            st.caption(
+                "XOR clusters with flipped training labels (Xu et al., 2023): every label, flipped ones "
+                "included, is fit while the test accuracy is near chance (benign overfitting); the test "
+                "accuracy reaches the Bayes-optimal level later while the flipped labels stay fit. "
+                f"Bayes-optimal test accuracy: {run.extra.get('bayes_accuracy', float('nan')):.3f}."
+            )
+            detectors.show_evidence("Benign overfitting → grokking", "detect_xor_grokking", run)
+        else:
+            detectors.show_evidence("Grokking", "detect_grokking", run)
     else:
         st.info("This run's metrics.csv has no accuracy or loss columns to plot.")
 
