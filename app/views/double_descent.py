@@ -11,6 +11,7 @@ from dynascope.recipes import interpolation_threshold
 
 st.title("Double descent")
 run = state.require_run()
+state.page_settings_for("dd", run)
 state.offer_phenomenon_run(run, "double_descent", "double-descent")
 st.caption(
     "Test error first falls, then peaks where the model can just interpolate the training set "

@@ -9,6 +9,7 @@ from dynascope.probes import figures
 
 st.title("Edge of stability")
 run = state.require_run()
+state.page_settings_for("eos", run)
 state.offer_phenomenon_run(run, "edge_of_stability", "edge-of-stability")
 st.caption(
     "Full-batch gradient descent is stable on a quadratic while λ_max(H) < 2/η. Progressive sharpening "
@@ -20,7 +21,7 @@ if compute.lr_or_none(run, run.steps()[-1]) is None:
     st.warning("This run records no learning rate, so the 2/η line cannot be drawn (λ_max is still shown).")
 
 steps = compute.checkpoint_picker(run, key="eos", default_count=8)
-split, max_samples = compute.data_controls(run, key="eos")
+split, max_samples, sample = compute.data_controls(run, key="eos")
 c1, c2 = st.columns(2)
 adaptive = compute.is_adaptive(run)
 preconditioned = c1.toggle(
@@ -36,7 +37,13 @@ params = {"k": 1, "tol": 1e-3, "trace": with_trace}
 results: dict = {}
 with errors.guard("Sharpness"):
     results = compute.sharpness_results(
-        run, steps, params=params, split=split, max_samples=max_samples, preconditioned=preconditioned
+        run,
+        steps,
+        params=params,
+        split=split,
+        max_samples=max_samples,
+        preconditioned=preconditioned,
+        sample=sample,
     )
     missing = [s for s in steps if s not in results]
     note = st.empty()
@@ -51,6 +58,7 @@ with errors.guard("Sharpness"):
                 max_samples=max_samples,
                 preconditioned=preconditioned,
                 compute_missing=True,
+                sample=sample,
             )
             note.caption("All selected checkpoints are now in the result store.")
     elif steps:

@@ -12,12 +12,13 @@ from dynascope.probes import figures
 
 st.title("Loss landscape")
 run = state.require_run()
+state.page_settings_for("land", run)
 st.caption(
     "Curvature entry by entry (Hutchinson's diagonal estimator), the loss on a plane through the weights "
     "(Li et al., 2018) and the few examples whose loss swings most between checkpoints (opposing signals, "
     "Rosenfeld & Risteski, 2023). Everything is cached in the run's result store."
 )
-split, max_samples = compute.data_controls(run, key="land")
+split, max_samples, _ = compute.data_controls(run, key="land", stratify=False)
 tab_diag, tab_surface, tab_opp = st.tabs(["Hessian diagonal", "Loss surface", "Opposing signals"])
 name = state.label(run.path)
 

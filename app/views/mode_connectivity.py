@@ -10,6 +10,7 @@ from dynascope.probes import figures
 
 st.title("Mode connectivity")
 run = state.require_run()
+state.page_settings_for("lmc", run)
 st.caption(
     "Loss along θ(α) = (1−α)θ_A + αθ_B. The barrier is the largest rise above the straight chord between "
     "the end points (Frankle et al., 2020). Permuting B's hidden units to match A first (weight or "
@@ -64,7 +65,7 @@ align_label = c2.selectbox(
     "Alignment of B to A", ["weight matching", "activation matching", "none"], key="lmc_align"
 )
 layerwise = c3.toggle("Layer-wise barriers", value=True, key="lmc_layerwise")
-split, max_samples = compute.data_controls(run, key="lmc")
+split, max_samples, sample = compute.data_controls(run, key="lmc")
 align = {"weight matching": "weights", "activation matching": "activations", "none": None}[align_label]
 
 with errors.guard("Mode connectivity"):
@@ -76,6 +77,7 @@ with errors.guard("Mode connectivity"):
         "params": {"n_points": n_points, "align": align, "layerwise": layerwise, "compare_unaligned": True},
         "split": split,
         "max_samples": max_samples,
+        "sample": sample,
     }
     result = compute.stored(run, "lmc_barrier", **where)
     note = st.empty()
