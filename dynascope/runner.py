@@ -161,9 +161,10 @@ SAMPLES = ("first", "stratified")
 def stratified_indices(y: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of a deterministic class-stratified subset of size ``min(n, len(y))``, in file order.
 
-    Classes are the integer labels (or the argmax of one-hot / score rows); the subset takes the
-    examples round-robin over the classes (rank r of every class before rank r+1), so every class is
-    present when ``n`` ≥ the number of classes and class proportions are kept up to rounding.
+    Classes are the integer labels (or the argmax of one-hot / score rows). Example r of a class of
+    size c has share r/c; the subset is the ``n`` smallest shares (ties by class, then file order): the
+    first example of every class comes first, so every class is present when ``n`` ≥ the number of
+    classes, and class proportions are kept up to rounding.
     Non-class targets (continuous regression) get ``n`` evenly spaced examples."""
     total = int(y.shape[0])
     n = min(int(n), total)
@@ -173,14 +174,15 @@ def stratified_indices(y: torch.Tensor, n: int) -> torch.Tensor:
         labels = y
     else:
         return torch.linspace(0, total - 1, n).round().long().unique()
-    labels = labels.long()
+    labels = labels.long() - int(labels.min())
     order = torch.argsort(labels, stable=True)  # by class, file order within a class
     sorted_labels = labels[order]
     starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(total) - starts  # position of each example within its class
-    key = rank * (int(labels.max()) + 1 - int(labels.min())) + (labels - int(labels.min()))
-    chosen = torch.argsort(key, stable=True)[:n]
+    counts = torch.bincount(labels)
+    share = rank.double() / counts[labels].double()  # 0 for each class's first example
+    chosen = order[torch.argsort(share[order], stable=True)][:n]
     return chosen.sort().values
 
 

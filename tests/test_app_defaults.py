@@ -1,0 +1,99 @@
+"""The app's defaults are right for the run: probes use the data the run was trained on (the whole
+split up to a budget, else a class-stratified subset), and page settings do not carry over between runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_app import _app, _select, _texts, make_tiny_run
+
+from dynascope.models import Run, build
+from dynascope.runner import plan, probe_data, stratified_indices
+from dynascope.store import ResultStore
+
+WIDE = {"name": "gaussian_mixture", "n_classes": 50, "dim": 2, "n_train": 2100, "n_test": 100, "seed": 0}
+
+
+def _wide_run(path: Path) -> Run:
+    """50 classes, 2100 training samples (over the app's 2048-sample budget); untrained checkpoints."""
+    model = build(name="mlp", in_dim=2, width=8, depth=1, out_dim=50, seed=0)
+    run = Run.create(path, model=model, dataset=WIDE, loss="cross_entropy", seed=0)
+    for step in (0, 1):
+        run.save_checkpoint(model, step)
+    return run
+
+
+def test_stratified_indices_keep_every_class_in_file_order() -> None:
+    y = torch.tensor([0] * 10 + [1] * 3 + [2] + [0] * 5)
+    idx = stratified_indices(y, 6)
+    assert idx.tolist() == [0, 1, 2, 3, 10, 13]  # every class, then proportional; file order kept
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 97, (2822,), generator=g)
+    idx = stratified_indices(labels, 2048)
+    assert len(idx) == 2048 and bool((idx.diff() > 0).all())
+    assert set(labels[idx].tolist()) == set(labels.tolist())  # every class present
+    counts = torch.bincount(labels[idx], minlength=97).float()
+    full = torch.bincount(labels, minlength=97).float() * 2048 / 2822
+    assert float((counts - full).abs().max()) <= 2.0  # proportions kept up to rounding
+    onehot = torch.nn.functional.one_hot(torch.tensor([2, 2, 2, 1, 0, 0]), 3).float()
+    assert stratified_indices(onehot, 3).tolist() == [0, 3, 4]
+    assert stratified_indices(torch.randn(10, 1), 4).tolist() == [0, 3, 6, 9]  # regression: spread
+
+
+def test_stratified_subset_has_its_own_cache_key(tmp_path: Path) -> None:
+    run = _wide_run(tmp_path / "wide")
+    x, y = probe_data(run, max_samples=100, sample="stratified")
+    assert len(y) == 100 and len(y.unique()) == 50
+    first = plan(run, "neural_collapse", step=1, max_samples=100)
+    strat = plan(run, "neural_collapse", step=1, max_samples=100, sample="stratified")
+    assert "sample" not in first.key and strat.key["sample"] == "stratified"
+    assert (
+        plan(run, "neural_collapse", step=1, sample="stratified").key
+        == plan(run, "neural_collapse", step=1).key
+    )
+    with pytest.raises(ValueError, match="sample must be one of"):
+        probe_data(run, max_samples=10, sample="random")
+
+
+def test_small_run_defaults_to_all_of_its_training_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "tiny")
+    at = _app(tmp_path, monkeypatch, "neural_collapse")
+    assert at.number_input(key="nc_max_samples").value == 0  # 0 = all
+    assert "Using all 48 train samples (the data the run was trained on)." in _texts(at.caption)
+    at.multiselect(key=f"nc_steps_{tmp_path / 'tiny'}").set_value([0, 20]).run()
+    at.button(key="nc_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    stored = ResultStore(tmp_path / "tiny").list("neural_collapse")
+    assert len(stored) == 2 and all(s.params["max_samples"] is None for s in stored)
+
+
+def test_large_run_defaults_to_a_stratified_subset_with_every_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _wide_run(tmp_path / "wide")
+    at = _app(tmp_path, monkeypatch, "neural_collapse")
+    assert at.number_input(key="nc_max_samples").value == 2048
+    assert at.radio(key="nc_sample").value == "stratified"
+    assert "class-stratified subset: 2048 of 2100 train samples, every class kept" in _texts(at.caption)
+    at.button(key="nc_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    stored = ResultStore(tmp_path / "wide").list("neural_collapse")
+    assert stored and all(
+        s.params["sample"] == "stratified" and s.params["max_samples"] == 2048 for s in stored
+    )
+    assert len(stored[0].result.to_frame()) >= 50  # every class has a row in the per-class detail
+
+
+def test_page_settings_are_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tiny_run(tmp_path / "a")
+    make_tiny_run(tmp_path / "b", seed=1)
+    at = _app(tmp_path, monkeypatch, "neural_collapse")
+    _select(at, "a")
+    at.number_input(key="nc_max_samples").set_value(16).run()
+    assert at.number_input(key="nc_max_samples").value == 16
+    _select(at, "b")
+    assert at.number_input(key="nc_max_samples").value == 0  # b's default, not a's setting
