@@ -913,12 +913,15 @@ def double_descent_figure(
     x_title: str,
     log_x: bool = True,
     log_y: bool = False,
+    show_train: bool = True,
 ) -> go.Figure:
-    """Test (and train) error vs model size or epochs, with the interpolation threshold marked."""
+    """Test (and, with ``show_train``, train) error vs model size or epochs, with the interpolation
+    threshold marked. On a linear y axis the test-error peak at p ≈ n stands out; train error (down to
+    ~1e-30 past the threshold) belongs on a log axis or its own chart."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=y))
     train = y.replace("test", "train")
-    if train != y and train in frame.columns:
+    if show_train and train != y and train in frame.columns:
         fig.add_trace(
             go.Scatter(x=frame[x], y=frame[train], mode="lines+markers", name=train, line={"dash": "dot"})
         )

@@ -97,3 +97,59 @@ def test_page_settings_are_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert at.number_input(key="nc_max_samples").value == 16
     _select(at, "b")
     assert at.number_input(key="nc_max_samples").value == 0  # b's default, not a's setting
+
+
+def _dd_run(path: Path) -> Run:
+    run = Run.create(
+        path,
+        model={"name": "random_features", "in_dim": 4, "n_features": 10, "out_dim": 1},
+        dataset={"name": "teacher_student", "dim": 4, "n_train": 10, "n_test": 20},
+        extra={"sweep_variable": "n_features", "interpolation_threshold": 10},
+    )
+    ps = [2, 5, 8, 10, 12, 20, 40, 100]
+    mse = [1.0, 0.8, 2.0, 30.0, 3.0, 0.9, 0.6, 0.5]
+    run.log_metrics(
+        [
+            {"step": p, "n_features": p, "test_mse": m, "train_mse": max(1e-30, 1 - p / 10)}
+            for p, m in zip(ps, mse)
+        ]
+    )
+    run.save_checkpoint(build("random_features", in_dim=4, n_features=10, out_dim=1), 10)
+    return run
+
+
+def _values(v: object) -> list:
+    """A Plotly array as a list (typed arrays ``{"dtype", "bdata"}`` decoded)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).tolist()
+    return list(v)
+
+
+def _plotly_spec(at, index: int = 0) -> dict:
+    import json
+
+    return json.loads(at.get("plotly_chart")[index].proto.spec)
+
+
+def test_double_descent_defaults_to_test_error_on_a_linear_axis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dd_run(tmp_path / "dd")
+    at = _app(tmp_path, monkeypatch, "double_descent")
+    assert not at.error, _texts(at.error)
+    spec = _plotly_spec(at)
+    assert spec["layout"]["yaxis"].get("type", "linear") == "linear"
+    names = [t.get("name") for t in spec["data"]]
+    assert "test_mse" in names and "train_mse" not in names
+    test = next(t for t in spec["data"] if t.get("name") == "test_mse")
+    ys, xs = _values(test["y"]), _values(test["x"])
+    peak_x = xs[ys.index(max(ys))]
+    assert peak_x == 10  # the peak sits at p = n
+    at.toggle(key="dd_train").set_value(True).run()
+    at.toggle(key="dd_logy").set_value(True).run()
+    spec = _plotly_spec(at)
+    assert spec["layout"]["yaxis"]["type"] == "log" and "train_mse" in [t.get("name") for t in spec["data"]]
