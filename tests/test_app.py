@@ -291,7 +291,7 @@ def test_hessian_topk_computes_once_then_comes_from_the_store(
     assert not at.exception and not at.error, _texts(at.error)
     assert "Hessian top-k (Lanczos): 2 computed, 0 from the result store" in [s.label for s in at.status]
     assert _charts(at) == 1
-    assert _downloads(at) == ["CSV", "Parquet", "JSON", "HTML", "PNG"]
+    assert _downloads(at) == ["CSV", "Parquet", "JSON", "HTML", "PNG", "SVG", "PDF"]
     stored = ResultStore(fresh_root / "tiny").list("hessian_eigenvalues")
     assert sorted(s.step for s in stored) == [5, 20]
     assert all(s.params["k"] == 2 and s.params["max_samples"] == 32 for s in stored)

@@ -9,6 +9,8 @@ import streamlit as st
 
 from dynascope import recipes
 
+from . import downloads
+
 
 def show_evidence(title: str, detector: str, *args: Any, **kwargs: Any) -> Any | None:
     """Run ``dynascope.recipes.<detector>`` and show its verdict (a caption when it does not apply)."""
@@ -26,5 +28,5 @@ def show_evidence(title: str, detector: str, *args: Any, **kwargs: Any) -> Any |
         else:
             st.warning(f"**{title} not detected** by `{detector}` with its default thresholds")
         table = pd.DataFrame({"evidence": list(data), "value": [str(v) for v in data.values()]})
-        st.dataframe(table, hide_index=True, key=f"evidence_table_{detector}")
+        downloads.table(table, key=f"evidence_table_{detector}")
     return evidence

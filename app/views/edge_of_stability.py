@@ -66,8 +66,7 @@ with errors.guard("Sharpness"):
 
 metrics = run.metrics()
 logged = next((c for c in ("sharpness", "lambda_max", "hessian_lambda_max") if c in metrics.columns), None)
-left, right = st.columns(2)
-with left, errors.guard("Sharpness chart"):
+with errors.guard("Sharpness chart"):
     if results or logged:
         frame = figures.sharpness_frame(results)
 
@@ -99,7 +98,7 @@ with left, errors.guard("Sharpness chart"):
             st.metric("λ_max / (2/η) at the last selected checkpoint", f"{ratio.iloc[-1]:.3f}")
     else:
         st.info("Compute the sharpness to see λ_max against 2/η.")
-with right, errors.guard("Loss curve"):
+with errors.guard("Loss curve"):
     loss_cols = [c for c in ("train_loss", "test_loss") if c in metrics.columns]
     if loss_cols:
         data = metrics[["step", *loss_cols]]

@@ -46,7 +46,7 @@ with errors.guard("Gradient coherence"):
             key="grad_detail_step",
         )
         detail = results[pick].to_frame()
-        st.dataframe(detail, hide_index=True, key="grad_detail_table")
+        downloads.table(detail, key="grad_detail_table")
         downloads.chart(
             results[pick].figure(),
             detail,

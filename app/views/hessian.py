@@ -103,7 +103,7 @@ with tab_layers:
         if results:
             result = results[layer_step]
             frame = result.to_frame()
-            st.dataframe(frame, hide_index=True, key="hess_layer_table")
+            downloads.table(frame, key="hess_layer_table")
             downloads.chart(
                 result.figure(value=value),
                 frame,

@@ -51,7 +51,7 @@ with tab_diag:
         if results:
             result = results[step]
             layers = result.layer_frame()
-            st.dataframe(layers, hide_index=True, key="land_diag_table")
+            downloads.table(layers, key="land_diag_table")
             total = float(result.values.sum())
             st.caption(
                 f"tr(H) = Σ diag = {total:.6g} over {result.values.numel()} parameters "
@@ -152,7 +152,7 @@ with tab_surface:
             )
             traj = result.trajectory_frame()
             if len(traj):
-                st.dataframe(traj, hide_index=True, key="land_traj_table")
+                downloads.table(traj, key="land_traj_table")
             fig = figures.loss_landscape(result, value=value, surface=view == "surface", log=log)
             downloads.chart(
                 fig,
@@ -233,7 +233,7 @@ with tab_opp:
     if opp is not None:
         with errors.guard("Opposing-signal groups"):
             groups = opp.groups_frame()
-            st.dataframe(groups, hide_index=True, key="land_opp_groups")
+            downloads.table(groups, key="land_opp_groups")
             alt = "n/a" if opp.alternation is None else f"{opp.alternation:.3f}"
             st.caption(
                 f"{len(opp.selected)} examples selected ({opp.meta['selection']}); reference step "

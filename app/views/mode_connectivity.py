@@ -104,6 +104,6 @@ with errors.guard("Mode connectivity"):
         layers = result.layerwise_frame()
         if len(layers):
             st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
-            st.dataframe(layers, hide_index=True, key="lmc_layers_table")
+            downloads.table(layers, key="lmc_layers_table")
             fig = figures.lmc_layerwise(layers)
             downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import streamlit as st
-from lib import demos, errors, own, state, uploads
+from lib import demos, downloads, errors, own, state, uploads
 
 from dynascope.datasets import available as datasets_available
 from dynascope.datasets import defaults as dataset_defaults
@@ -195,7 +195,7 @@ with errors.guard("Reading the checkpoints"):
         rows.append(row)
 if rows:
     st.markdown("**Checkpoints**")
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="runs_ckpt_table")
+    downloads.table(pd.DataFrame(rows), key="runs_ckpt_table")
 else:
     st.warning("This run has no checkpoints.")
 
@@ -203,11 +203,11 @@ with errors.guard("Reading metrics.csv"):
     metrics = run.metrics()
     if len(metrics) > 0:
         st.markdown(f"**Logged metrics** ({len(metrics)} rows of `metrics.csv`)")
-        st.dataframe(metrics, hide_index=True, height=220, key="runs_metrics_table")
+        downloads.table(metrics, height=220, key="runs_metrics_table")
 
 with errors.guard("Reading the result store"):
     cached = ResultStore(run.path).frame()
     st.markdown(f"**Result store**: {len(cached)} cached probe result(s) in `results.sqlite`.")
     if len(cached):
         counts = cached.groupby("probe").size().rename("results").reset_index()
-        st.dataframe(counts, hide_index=True, key="runs_store_table")
+        downloads.table(counts, key="runs_store_table")
