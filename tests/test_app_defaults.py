@@ -153,3 +153,28 @@ def test_double_descent_defaults_to_test_error_on_a_linear_axis(
     at.toggle(key="dd_logy").set_value(True).run()
     spec = _plotly_spec(at)
     assert spec["layout"]["yaxis"]["type"] == "log" and "train_mse" in [t.get("name") for t in spec["data"]]
+
+
+def test_mode_connectivity_trains_a_seed_twin_and_defaults_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dynascope.recipes import RECIPES
+
+    tiny = {"trials": 1, "n_train": 20, "p_grid": [5, 10, 20, 40]}
+    RECIPES["double_descent"].run(tmp_path / "dd", small=True, progress=False, **tiny)
+    at = _app(tmp_path, monkeypatch, "mode_connectivity")
+    assert "No second run of this recipe yet" in _texts(at.markdown)
+    at.button(key="lmc_twin_start").click().run()
+    from lib import twins  # the module the app imported (same server-wide job registry)
+
+    job = twins.job_for(Run.open(tmp_path / "dd"))
+    assert job is not None and job.out == tmp_path / "dd-seed1"
+    job.thread.join(timeout=120)
+    assert job.done and job.error is None, job.error
+    at.run()
+    assert not at.exception and not at.error, _texts(at.error)
+    b = at.selectbox(key="lmc_run_b")
+    assert Path(b.value) == tmp_path / "dd-seed1"  # the default pair: two different runs
+    twin = Run.open(tmp_path / "dd-seed1")
+    assert twin.config["seed"] == 1 and twin.steps() == Run.open(tmp_path / "dd").steps()
+    assert "Seed twin `dd-seed1` trained in" in _texts(at.caption)

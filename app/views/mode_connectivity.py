@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
-from lib import compute, downloads, errors, state
+from lib import compute, downloads, errors, state, twins
 
 from dynascope.models import Run
 from dynascope.probes import figures
@@ -37,6 +37,40 @@ def _compatible_runs(base: Run) -> list[str]:
 
 
 candidates = _compatible_runs(run)
+_running = twins.job_for(run)
+if _running is not None and not _running.done:  # a twin still being trained is not offered as B yet
+    candidates = [c for c in candidates if c != str(_running.out)] or [str(run.path)]
+
+
+@st.fragment(run_every=2.0)
+def _twin_progress(job: twins.TwinJob) -> None:
+    """Progress of the seed twin's training; the whole page reruns when it is done (so B defaults to it)."""
+    if job.done:
+        st.rerun(scope="app")
+    text = f"step {job.step}/{job.total}" if job.total else "starting"
+    st.progress(job.fraction, text=f"Training `{job.out.name}` (seed {job.seed}): {text}")
+
+
+if len(candidates) < 2 and twins.recipe_of(run) is not None:
+    job = twins.job_for(run)
+    with st.container(border=True, key="lmc_twin"):
+        if job is not None and not job.done:
+            _twin_progress(job)
+        else:
+            if job is not None and job.error:
+                st.error(f"Training the seed twin failed: {job.error}")
+            st.markdown(
+                "**No second run of this recipe yet.** Mode connectivity compares two independently "
+                f"trained networks: train `{twins.twin_path(run).name}`, the same recipe and config with the "
+                "next seed (a background job; the page stays usable)."
+            )
+            if st.button("Train a seed twin", key="lmc_twin_start", type="primary"):
+                twins.start_twin(run)
+                st.rerun()
+elif len(candidates) >= 2:
+    job = twins.job_for(run)
+    if job is not None and job.done and job.error is None:
+        st.caption(f"Seed twin `{job.out.name}` trained in {job.finished_after:.0f} s.")
 col_a, col_b = st.columns(2)
 with col_a:
     st.markdown("**Model A**")
@@ -46,12 +80,23 @@ with col_b:
     st.markdown("**Model B**")
     others = [c for c in candidates if c != str(run.path)]
     default_b = others[0] if others else str(run.path)
+    if (
+        others
+        and st.session_state.get("lmc_run_b") == str(run.path)
+        and not st.session_state.get("lmc_run_b_chosen")
+    ):
+        del st.session_state["lmc_run_b"]  # a second run appeared (e.g. a seed twin): it is the default
+
+    def _chose_b() -> None:
+        st.session_state["lmc_run_b_chosen"] = True
+
     path_b = st.selectbox(
         "Run B",
         candidates,
         index=candidates.index(default_b),
         format_func=state.label,
         key="lmc_run_b",
+        on_change=_chose_b,
         help="Runs with the same architecture (e.g. another seed).",
     )
     run_b = Run.open(path_b)
