@@ -66,9 +66,31 @@ def use_paper_template() -> None:
     pio.templates.default = TEMPLATE
 
 
+def _axis_values(fig: go.Figure, axis: str) -> np.ndarray:
+    """The positive finite values the traces put on ``axis`` ("x" or "y")."""
+    out: list[float] = []
+    for trace in fig.data:
+        values = getattr(trace, axis, None)
+        if values is None:
+            continue
+        try:
+            arr = np.asarray(values, dtype=float).ravel()
+        except (TypeError, ValueError):
+            continue
+        out.extend(arr[np.isfinite(arr) & (arr > 0)].tolist())
+    return np.asarray(out, dtype=float)
+
+
 def log_axis(fig: go.Figure, axis: str = "y", **where: Any) -> go.Figure:
-    """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels."""
+    """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels. When the data
+    holds fewer than two decade ticks (it spans less than about a decade), Plotly's own ticks are kept:
+    they label real values (0.06, 0.08, 0.1, 0.2), where decades alone would leave the axis bare."""
     update = fig.update_yaxes if axis == "y" else fig.update_xaxes
+    values = _axis_values(fig, axis)
+    if len(values):
+        lo, hi = math.log10(values.min()), math.log10(values.max())
+        if math.floor(hi) - math.ceil(lo) + 1 < 2:  # decade ticks inside the data range
+            return update(type="log", exponentformat="power", **where)
     update(type="log", dtick=1, exponentformat="power", showexponent="all", **where)
     return fig
 
