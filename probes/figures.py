@@ -66,10 +66,20 @@ def use_paper_template() -> None:
     pio.templates.default = TEMPLATE
 
 
-def _axis_values(fig: go.Figure, axis: str) -> np.ndarray:
-    """The positive finite values the traces put on ``axis`` ("x" or "y")."""
+def _axis_values(fig: go.Figure, axis: str, where: Mapping[str, Any]) -> np.ndarray:
+    """The positive finite values the traces put on ``axis`` ("x" or "y"); with ``row``/``col`` in
+    ``where``, only those of that subplot."""
+    ref = None
+    if "row" in where and "col" in where:
+        try:
+            sub = fig.get_subplot(where["row"], where["col"])
+            ref = getattr(sub, f"{axis}axis").plotly_name.replace("axis", "")  # "yaxis2" -> "y2"
+        except Exception:  # noqa: BLE001 - not a subplot grid: every trace counts
+            ref = None
     out: list[float] = []
     for trace in fig.data:
+        if ref is not None and (getattr(trace, f"{axis}axis", None) or axis) != ref:
+            continue
         values = getattr(trace, axis, None)
         if values is None:
             continue
@@ -81,22 +91,42 @@ def _axis_values(fig: go.Figure, axis: str) -> np.ndarray:
     return np.asarray(out, dtype=float)
 
 
+def _log_ticks(vmin: float, vmax: float) -> list[float]:
+    """Round tick values (1, 2, 5 × 10ᵏ; all of 1–9 × 10ᵏ when that gives fewer than three) in range."""
+    lo, hi = math.floor(math.log10(vmin)) - 1, math.ceil(math.log10(vmax)) + 1
+    for mantissas in ((1, 2, 5), tuple(range(1, 10))):
+        ticks = [
+            float(f"{m * 10.0**k:.12g}")
+            for k in range(lo, hi + 1)
+            for m in mantissas
+            if vmin / 1.05 <= m * 10.0**k <= vmax * 1.05
+        ]
+        if len(ticks) >= 3:
+            break
+    return ticks
+
+
 def log_axis(fig: go.Figure, axis: str = "y", **where: Any) -> go.Figure:
     """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels. When the data
-    holds fewer than two decade ticks (it spans less than about a decade), Plotly's own ticks are kept:
-    they label real values (0.06, 0.08, 0.1, 0.2), where decades alone would leave the axis bare."""
+    holds fewer than two decade ticks (it spans about a decade or less), the ticks are round values
+    (0.1, 0.2, 0.5, 1) labelled in full, where decades alone would leave the axis bare."""
     update = fig.update_yaxes if axis == "y" else fig.update_xaxes
-    values = _axis_values(fig, axis)
+    values = _axis_values(fig, axis, where)
     if len(values):
-        lo, hi = math.log10(values.min()), math.log10(values.max())
-        if math.floor(hi) - math.ceil(lo) + 1 < 2:  # decade ticks inside the data range
-            return update(type="log", exponentformat="power", **where)
+        vmin, vmax = float(values.min()), float(values.max())
+        if math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1 < 2:
+            ticks = _log_ticks(vmin, vmax)
+            update(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks], **where)
+            return fig
     update(type="log", dtick=1, exponentformat="power", showexponent="all", **where)
     return fig
 
 
 def _finish(fig: go.Figure, title: str, **layout: Any) -> go.Figure:
+    """Title and template; with subplot titles the legend goes above them (it would cover them)."""
     fig.update_layout(title={"text": title}, template=TEMPLATE, **layout)
+    if fig.layout.annotations and "legend" not in layout and len(fig.data) > 1:
+        fig.update_layout(legend={"y": 1.06}, margin={"t": 120})
     return fig
 
 
