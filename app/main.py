@@ -14,7 +14,7 @@ if str(APP_DIR) not in sys.path:  # pages import the shared helpers as ``lib.*``
     sys.path.insert(0, str(APP_DIR))
 
 import streamlit as st  # noqa: E402
-from lib import downloads, state  # noqa: E402
+from lib import demos, downloads, state  # noqa: E402
 
 st.set_page_config(page_title="dynascope", page_icon=":material/biotech:", layout="wide")
 downloads.configure_browser()
@@ -40,6 +40,11 @@ PAGES = {
     ],
 }
 
+if demos.auto_generation_enabled():  # the demos start with the app, whichever page is opened first
+    try:
+        demos.start_generation(state.runs_dir())
+    except OSError as exc:  # a read-only runs folder: the Runs page reports it
+        st.sidebar.caption(f"Demo runs not generated: {exc}")
 page = st.navigation(PAGES)
 with st.sidebar:
     st.caption(f"Runs folder: `{state.runs_dir()}`")

@@ -178,3 +178,35 @@ def test_mode_connectivity_trains_a_seed_twin_and_defaults_to_it(
     twin = Run.open(tmp_path / "dd-seed1")
     assert twin.config["seed"] == 1 and twin.steps() == Run.open(tmp_path / "dd").steps()
     assert "Seed twin `dd-seed1` trained in" in _texts(at.caption)
+
+
+def test_demo_banner_reports_the_real_duration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP
+
+    import dynascope.recipes.demos as demos_mod
+
+    def fake_ensure(root, *, progress=None, names=None):
+        progress("tiny-demo", 1, 1, {})
+        make_tiny_run(Path(root) / "tiny-demo", steps=(0, 5))
+        return {}
+
+    monkeypatch.setattr(demos_mod, "DEMOS", (demos_mod.DemoSpec("tiny-demo", "grokking", "A tiny demo"),))
+    monkeypatch.setattr(demos_mod, "ensure_demos", fake_ensure)
+    monkeypatch.setattr(demos_mod, "demo_complete", lambda path, s: Run.is_run(path))
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "1")
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    from lib import demos
+
+    job = demos.job_for(tmp_path)
+    job.thread.join(timeout=60)
+    assert job.finished_after is not None
+    at.run()
+    first = _texts(at.success)
+    assert f"generated in {job.finished_after:.0f} s" in first
+    time.sleep(1.2)
+    at.run()
+    assert _texts(at.success) == first  # the banner does not keep counting after the demos finished
