@@ -370,6 +370,11 @@ def test_edge_of_stability_adam_run_has_preconditioned_sharpness(
         assert s.result.two_over_lr == pytest.approx(40.0)
         assert s.result.preconditioned_lambda_max is not None and s.result.preconditioned_lambda_max > 0
     assert any(m.label.startswith("λ_max / (2/η)") for m in at.metric)
+    # the headline is the ratio that applies to Adam: λ_max(P⁻¹H) over its threshold
+    last = max(stored, key=lambda s: s.step).result
+    assert at.metric[0].label.startswith("λ_max(P⁻¹H) / threshold")
+    assert float(at.metric[0].value) == pytest.approx(last.preconditioned_ratio, rel=1e-3, abs=1e-3)
+    assert "38/η" in _texts(at.caption)
 
 
 def test_edge_of_stability_gd_run_uses_the_schedule(runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
