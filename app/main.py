@@ -25,7 +25,10 @@ def _page(file: str, title: str, icon: str, **kwargs: object) -> st.Page:
 
 
 PAGES = {
-    "Runs": [_page("runs.py", "Runs", "folder_open", default=True)],
+    "Runs": [
+        _page("runs.py", "Runs", "folder_open", default=True),
+        _page("compare.py", "Compare runs", "stacked_line_chart"),
+    ],
     "Curvature": [
         _page("hessian.py", "Hessian", "landscape"),
         _page("landscape.py", "Landscape", "terrain"),

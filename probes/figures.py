@@ -1118,3 +1118,41 @@ def write_figure(fig: go.Figure, path: str | os.PathLike, fmt: str | None = None
     if suffix in IMAGE_FORMATS:
         return atomic_write_bytes(Path(path), figure_image(fig, suffix))
     raise ExportError(f"cannot write a figure as {suffix!r}; use .html, .png, .svg or .pdf")
+
+
+# =============================================================================== run comparison
+def overlay_figure(
+    frames: Mapping[str, pd.DataFrame],
+    *,
+    x: str,
+    y: str,
+    y_title: str | None = None,
+    log_x: bool = False,
+    log_y: bool = False,
+    hline: float | None = None,
+    hline_name: str | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Several runs on one chart: ``y`` against ``x`` per run (``frames``: run label → frame), in the
+    palette's order, with an optional horizontal reference line (e.g. λ_max·η/2 = 1, the edge)."""
+    fig = go.Figure()
+    for name, frame in frames.items():
+        part = frame[[x, y]].dropna()
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="lines+markers", name=name, marker={"size": 5}))
+    if hline is not None:
+        xs = pd.concat([f[x] for f in frames.values()]) if frames else pd.Series([0, 1])
+        fig.add_trace(
+            go.Scatter(
+                x=[xs.min(), xs.max()],
+                y=[hline, hline],
+                mode="lines",
+                name=hline_name or f"{y} = {hline:g}",
+                line={"dash": "dash", "color": "black"},
+            )
+        )
+    fig.update_layout(xaxis_title=x, yaxis_title=y_title or y)
+    if log_x:
+        log_axis(fig, "x")
+    if log_y:
+        log_axis(fig)
+    return _finish(fig, title or f"{y_title or y} across runs")

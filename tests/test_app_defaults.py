@@ -210,3 +210,51 @@ def test_demo_banner_reports_the_real_duration(tmp_path: Path, monkeypatch: pyte
     time.sleep(1.2)
     at.run()
     assert _texts(at.success) == first  # the banner does not keep counting after the demos finished
+
+
+def _eos_like_run(path: Path, lr: float) -> Run:
+    """An EoS-style run at step size ``lr``: logged λ_max rising to 2/η and hovering there."""
+    model = build(name="mlp", in_dim=2, width=8, depth=1, out_dim=3, seed=0)
+    run = Run.create(
+        path, model=model, dataset={"name": "gaussian_mixture", "n_classes": 3, "dim": 2, "n_train": 48},
+        optimizer={"name": "sgd", "lr": lr}, extra={"phenomenon": "edge_of_stability"},
+    )  # fmt: skip
+    edge = 2.0 / lr
+    run.log_metrics(
+        [
+            {"step": s, "train_loss": 1.0 / (s + 1), "lr": lr, "sharpness": edge * min(1.0, 0.5 + s / 20)}
+            for s in range(0, 40, 5)
+        ]
+    )
+    run.save_checkpoint(model, 0)
+    return run
+
+
+def test_compare_runs_overlays_eos_runs_in_units_of_the_edge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _eos_like_run(tmp_path / "eos-lr0.5", 0.5)
+    _eos_like_run(tmp_path / "eos-lr0.25", 0.25)
+    make_tiny_run(tmp_path / "other")
+    at = _app(tmp_path, monkeypatch)
+    _select(at, "eos-lr0.5")
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and not at.error, _texts(at.error)
+    assert sorted(Path(p).name for p in at.multiselect(key="cmp_runs").value) == ["eos-lr0.25", "eos-lr0.5"]
+    spec = _plotly_spec(at)
+    traces = {t["name"]: t for t in spec["data"]}
+    assert {"eos-lr0.5", "eos-lr0.25"} <= set(traces)
+    for name in ("eos-lr0.5", "eos-lr0.25"):  # λ_max·η/2 reaches 1 (the edge) for both step sizes
+        assert max(_values(traces[name]["y"])) == pytest.approx(1.0)
+    assert spec["layout"]["yaxis"]["title"]["text"] == "λ_max·η/2"
+
+
+def test_compare_runs_overlays_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tiny_run(tmp_path / "a")
+    make_tiny_run(tmp_path / "b", seed=1)
+    at = _app(tmp_path, monkeypatch)
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and not at.error, _texts(at.error)
+    assert at.selectbox(key="cmp_y").value == "test_acc" and at.selectbox(key="cmp_x").value == "step"
+    names = [t["name"] for t in _plotly_spec(at)["data"]]
+    assert names == ["a", "b"]
