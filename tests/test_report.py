@@ -54,3 +54,21 @@ def test_report_cli(run_with_results, tmp_path: Path, capsys: pytest.CaptureFixt
     assert out.is_file() and "wrote" in capsys.readouterr().out
     assert main(["report", str(tmp_path), "--out", str(out)]) != 0
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_runs_page_builds_the_report_in_one_click(run_with_results, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import zipfile
+
+    from test_app import _app, _texts
+
+    at = _app(run_with_results.path.parent, monkeypatch)
+    at.button(key="runs_report_build").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    assert "Report ready: " in _texts(at.caption) and "hessian_eigenvalues across checkpoints" in _texts(
+        at.caption
+    )
+    payload = at.session_state["runs_report_payload"]
+    assert payload[0] == str(run_with_results.path) and payload[2].count(b'class="plotly-graph-div"') >= 3
+    names = zipfile.ZipFile(io.BytesIO(payload[3])).namelist()
+    assert "tiny_report.html" in names and any(n.endswith("hessian_eigenvalues_results.csv") for n in names)

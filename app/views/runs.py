@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -211,3 +212,49 @@ with errors.guard("Reading the result store"):
     if len(cached):
         counts = cached.groupby("probe").size().rename("results").reset_index()
         downloads.table(counts, key="runs_store_table")
+
+# ------------------------------------------------------------------ report
+with st.container(border=True, key="runs_report"):
+    st.markdown(
+        "**Run report**: one self-contained HTML page of everything computed for this run (figures, tables, "
+        "detector evidence, versions, checkpoint hashes, data used) plus its SVG/CSV files as a zip. "
+        f"From a shell: `dynascope report {run.path} --out report.html`."
+    )
+    if st.button("Build the report", key="runs_report_build"):
+        with errors.guard("Run report"), st.spinner("Writing the report…"):
+            import io
+            import tempfile
+            import zipfile
+
+            from dynascope.report import build_report
+
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / f"{downloads.slug(run.path.name)}_report.html"
+                rep = build_report(run, out)
+                buf = io.BytesIO()
+                with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                    zf.write(out, out.name)
+                    for f in rep.files:
+                        zf.write(f, f"{rep.files_dir.name}/{f.name}")
+                st.session_state["runs_report_payload"] = (
+                    str(run.path),
+                    out.name,
+                    out.read_bytes(),
+                    buf.getvalue(),
+                )
+                st.session_state["runs_report_summary"] = (
+                    f"{len(rep.figures)} figures ({', '.join(rep.figures)}), {len(rep.tables)} tables"
+                    + ("; " + "; ".join(rep.notes) if rep.notes else "")
+                )
+    payload = st.session_state.get("runs_report_payload")
+    if payload and payload[0] == str(run.path):
+        _, name, page_bytes, zip_bytes = payload
+        st.caption(f"Report ready: {st.session_state.get('runs_report_summary', '')}.")
+        row = st.container(horizontal=True, gap="small")
+        row.download_button(
+            "Report (HTML)", page_bytes, name, "text/html", key="runs_report_html", on_click="ignore"
+        )
+        row.download_button(
+            "Report + SVG/CSV (zip)", zip_bytes, name.replace(".html", ".zip"), "application/zip",
+            key="runs_report_zip", on_click="ignore",
+        )  # fmt: skip
