@@ -258,3 +258,21 @@ def test_compare_runs_overlays_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert at.selectbox(key="cmp_y").value == "test_acc" and at.selectbox(key="cmp_x").value == "step"
     names = [t["name"] for t in _plotly_spec(at)["data"]]
     assert names == ["a", "b"]
+
+
+def test_runs_page_follows_a_recently_written_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    run = make_tiny_run(tmp_path / "live")
+    at = _app(tmp_path, monkeypatch)
+    assert at.toggle(key=f"runs_follow_{run.path}").value is True  # written just now: followed
+    labels = [m.label for m in at.metric]
+    assert "Latest checkpoint step" in labels and "Metric rows" in labels
+    old = run.path.parent / "old"
+    make_tiny_run(old)
+    past = os.stat(old / "run.json").st_mtime - 3600
+    for f in [old / "run.json", old / "metrics.csv", old / "checkpoints", *(old / "checkpoints").iterdir()]:
+        os.utime(f, (past, past))
+    at.run()
+    _select(at, "old")
+    assert at.toggle(key=f"runs_follow_{old}").value is False  # a finished run is not polled

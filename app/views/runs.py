@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-from lib import demos, downloads, errors, own, state, uploads
+from lib import demos, downloads, errors, live, own, state, uploads
 
 from dynascope.datasets import available as datasets_available
 from dynascope.datasets import defaults as dataset_defaults
 from dynascope.models import Run, RunError, normalize_config
 from dynascope.models import available as models_available
+from dynascope.probes import figures
 from dynascope.store import ResultStore
 
 st.title("Runs")
@@ -180,6 +182,39 @@ if run.notes:
     st.caption(run.notes)
 with st.expander("run.json"):
     st.json(run.config, expanded=1)
+
+# ------------------------------------------------------------------ live: a run still being written
+follow = st.toggle(
+    f"Follow this run as it is written (refresh every {live.POLL_S:g} s)",
+    value=live.is_live(run.path),
+    key=f"runs_follow_{run.path}",
+    help=f"On by default when the run folder changed in the last {live.LIVE_WINDOW_S:.0f} s.",
+)
+
+
+@st.fragment(run_every=live.POLL_S if follow else None)
+def _live_view(path: str) -> None:
+    """Checkpoints and metrics as they appear (re-read from the folder on every poll)."""
+    try:
+        current = Run.open(path)
+        steps, metrics = current.steps(), current.metrics()
+    except RunError as exc:  # a half-written file: the next poll reads it again
+        st.caption(f"Waiting for the run folder: {exc}")
+        return
+    with st.container(border=True, key="runs_live"):
+        c = st.columns(4)
+        c[0].metric("Checkpoints", len(steps))
+        c[1].metric("Latest checkpoint step", steps[-1] if steps else "—")
+        c[2].metric("Metric rows", len(metrics))
+        c[3].metric("Last write", f"{max(time.time() - live.last_write(Path(path)), 0):.0f} s ago")
+        loss_cols = [k for k in ("train_loss", "test_loss") if k in metrics.columns]
+        if loss_cols and "step" in metrics.columns and len(metrics):
+            data = metrics[["step", *loss_cols]]
+            st.plotly_chart(figures.loss_figure(data, loss_cols), key="runs_live_loss")
+
+
+if follow:
+    _live_view(str(run.path))
 
 rows = []
 with errors.guard("Reading the checkpoints"):
