@@ -108,13 +108,13 @@ def _log_ticks(vmin: float, vmax: float) -> list[float]:
 
 def log_axis(fig: go.Figure, axis: str = "y", **where: Any) -> go.Figure:
     """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels. When the data
-    holds fewer than two decade ticks (it spans about a decade or less), the ticks are round values
+    holds fewer than three decade ticks (it spans about two decades or less), the ticks are round values
     (0.1, 0.2, 0.5, 1) labelled in full, where decades alone would leave the axis bare."""
     update = fig.update_yaxes if axis == "y" else fig.update_xaxes
     values = _axis_values(fig, axis, where)
     if len(values):
         vmin, vmax = float(values.min()), float(values.max())
-        if math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1 < 2:
+        if math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1 < 3:
             ticks = _log_ticks(vmin, vmax)
             update(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks], **where)
             return fig
