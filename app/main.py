@@ -14,7 +14,7 @@ if str(APP_DIR) not in sys.path:  # pages import the shared helpers as ``lib.*``
     sys.path.insert(0, str(APP_DIR))
 
 import streamlit as st  # noqa: E402
-from lib import downloads, state  # noqa: E402
+from lib import demos, downloads, state  # noqa: E402
 
 st.set_page_config(page_title="dynascope", page_icon=":material/biotech:", layout="wide")
 downloads.configure_browser()
@@ -25,7 +25,10 @@ def _page(file: str, title: str, icon: str, **kwargs: object) -> st.Page:
 
 
 PAGES = {
-    "Runs": [_page("runs.py", "Runs", "folder_open", default=True)],
+    "Runs": [
+        _page("runs.py", "Runs", "folder_open", default=True),
+        _page("compare.py", "Compare runs", "stacked_line_chart"),
+    ],
     "Curvature": [
         _page("hessian.py", "Hessian", "landscape"),
         _page("landscape.py", "Landscape", "terrain"),
@@ -40,6 +43,11 @@ PAGES = {
     ],
 }
 
+if demos.auto_generation_enabled():  # the demos start with the app, whichever page is opened first
+    try:
+        demos.start_generation(state.runs_dir())
+    except OSError as exc:  # a read-only runs folder: the Runs page reports it
+        st.sidebar.caption(f"Demo runs not generated: {exc}")
 page = st.navigation(PAGES)
 with st.sidebar:
     st.caption(f"Runs folder: `{state.runs_dir()}`")

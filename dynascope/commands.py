@@ -676,3 +676,34 @@ def run_runs_command(args: argparse.Namespace) -> int:
 
 
 command("list", "alias of `runs`", _runs_args)(run_runs_command)
+
+
+# ------------------------------------------------------------------------------------------- report
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder")
+    p.add_argument(
+        "--out", required=True, help="the HTML file to write (its CSV/SVG go to <stem>_files/ beside it)"
+    )
+    p.add_argument("--no-svg", action="store_true", help="skip the SVG files (they need Chrome/Chromium)")
+
+
+@command("report", "write a self-contained HTML report of everything computed for a run", _report_args)
+@guarded("report")
+def run_report_command(args: argparse.Namespace) -> int:
+    from dynascope.models import Run
+    from dynascope.report import build_report
+
+    path = Path(args.run)
+    if not path.is_dir() or not Run.is_run(path):
+        raise UsageError(f"'{path}' is not a run folder (no run.json)")
+    try:
+        rep = build_report(Run.open(path), args.out, svg=not args.no_svg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(
+        f"wrote {rep.html_path} ({len(rep.figures)} figures, {len(rep.tables)} tables; "
+        f"files in {rep.files_dir})"
+    )
+    for note in rep.notes:
+        print(f"note: {note}")
+    return 0

@@ -19,7 +19,8 @@ that determines the result:
   folder, plus the sha256 of its ``config.json`` and weights file);
 * ``data_spec`` — the resolved data spec (registry defaults filled in, seed included; a file spec: its path
   and keys plus the sha256 of the file and of the test file; a factory: reference and kwargs, plus a
-  ``file.py`` factory's sha256), ``split`` and ``max_samples`` (the first samples of the split);
+  ``file.py`` factory's sha256), ``split``, ``max_samples`` and ``sample`` (the first samples of the
+  split; for a class-stratified subset ``sample="stratified"`` joins the key);
 * the probe parameters: the function's defaults, overridden by the spec's, overridden by the caller's,
   with the run's ``loss`` for probes that take one;
 * ``compute_dtype`` (the ``dtype`` parameter, else torch's default dtype the model is built in; it
@@ -154,19 +155,57 @@ PROBES: dict[str, ProbeSpec] = {
 
 
 # ------------------------------------------------------------------------------------------ inputs
+SAMPLES = ("first", "stratified")
+
+
+def stratified_indices(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of a deterministic class-stratified subset of size ``min(n, len(y))``, in file order.
+
+    Classes are the integer labels (or the argmax of one-hot / score rows). Example r of a class of
+    size c has share r/c; the subset is the ``n`` smallest shares (ties by class, then file order): the
+    first example of every class comes first, so every class is present when ``n`` ≥ the number of
+    classes, and class proportions are kept up to rounding.
+    Non-class targets (continuous regression) get ``n`` evenly spaced examples."""
+    total = int(y.shape[0])
+    n = min(int(n), total)
+    if y.dtype.is_floating_point and y.dim() == 2 and y.shape[1] > 1:
+        labels = y.argmax(dim=1)
+    elif not y.dtype.is_floating_point and y.dim() == 1:
+        labels = y
+    else:
+        return torch.linspace(0, total - 1, n).round().long().unique()
+    labels = labels.long() - int(labels.min())
+    order = torch.argsort(labels, stable=True)  # by class, file order within a class
+    sorted_labels = labels[order]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(total) - starts  # position of each example within its class
+    counts = torch.bincount(labels)
+    share = rank.double() / counts[labels].double()  # 0 for each class's first example
+    chosen = order[torch.argsort(share[order], stable=True)][:n]
+    return chosen.sort().values
+
+
 def probe_data(
-    run: Any, *, split: str = "train", max_samples: int | None = None
+    run: Any, *, split: str = "train", max_samples: int | None = None, sample: str = "first"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's dataset split as tensors; ``max_samples`` keeps the first samples (deterministic)."""
+    """The run's dataset split as tensors; ``max_samples`` keeps the first samples (``sample="first"``)
+    or a class-stratified subset (``sample="stratified"``, :func:`stratified_indices`); deterministic."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    if sample not in SAMPLES:
+        raise ValueError(f"sample must be one of {SAMPLES}; got {sample!r}")
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):  # fmt: skip
         raise ValueError(f"max_samples must be a positive integer or None; got {max_samples!r}")
     ds = run.load_dataset()
     x, y = getattr(ds, split)
     if max_samples is not None:
-        x, y = x[:max_samples], y[:max_samples]
+        if sample == "stratified" and max_samples < len(y):
+            idx = stratified_indices(y, max_samples)
+            x, y = x[idx], y[idx]
+        else:
+            x, y = x[:max_samples], y[:max_samples]
     return x, y
 
 
@@ -245,6 +284,7 @@ class Plan:
     step: int | None
     split: str
     max_samples: int | None
+    sample: str = "first"
 
     @property
     def probe(self) -> str:
@@ -310,6 +350,7 @@ def plan(
     split: str = "train",
     max_samples: int | None = None,
     device: str | torch.device | None = None,
+    sample: str = "first",
 ) -> Plan:
     """Resolve one evaluation of ``probe``: checkpoint ``step`` of ``run`` (the last if None), or
     ``steps`` of ``run`` (trajectory probes), or ``step`` of ``run`` and ``other=(run_b, step_b)``
@@ -318,6 +359,8 @@ def plan(
         raise ValueError(f"unknown probe {probe!r}; choose one of {sorted(PROBES)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    if sample not in SAMPLES:
+        raise ValueError(f"sample must be one of {SAMPLES}; got {sample!r}")
     spec = PROBES[probe]
     run = _as_run(run)
     chosen = _checkpoint_list(run, spec, step, steps, other)
@@ -345,6 +388,8 @@ def plan(
         device_class=device_class(device),
         probe_version=spec.version,
     )
+    if sample != "first" and max_samples is not None:  # the first-N key stays as it was
+        key["sample"] = sample
     if spec.inputs != "model":
         key["checkpoint_steps"] = [info.step for _, info in chosen]
     return Plan(
@@ -356,6 +401,7 @@ def plan(
         step=None if spec.inputs in ("trajectory", "checkpoints") else chosen[0][1].step,
         split=split,
         max_samples=max_samples,
+        sample=sample if max_samples is not None else "first",
     )
 
 
@@ -388,7 +434,7 @@ def compute(
         call["device"] = device
     if reduce_fn is not None:
         call["reduce_fn"] = reduce_fn
-    data: Any = probe_data(p.run, split=p.split, max_samples=p.max_samples)
+    data: Any = probe_data(p.run, split=p.split, max_samples=p.max_samples, sample=p.sample)
     fn = spec.resolve()
     if spec.inputs == "trajectory":
         return fn(models, data[0], data[1], steps=[info.step for _, info in p.checkpoints], **call)
@@ -482,6 +528,7 @@ def run_probe(
     params: Mapping[str, Any] | None = None,
     split: str = "train",
     max_samples: int | None = None,
+    sample: str = "first",
     store: ResultStore | None = None,
     recompute: bool = False,
     device: str | None = None,
@@ -503,7 +550,7 @@ def run_probe(
     ``reduce_fn`` can be sharded. ``write=False`` skips the store write (every rank but 0).
     """
     p = plan(run, probe, step=step, steps=steps, other=other, params=params, split=split,
-             max_samples=max_samples, device=device)  # fmt: skip
+             max_samples=max_samples, device=device, sample=sample)  # fmt: skip
     return get_or_compute(
         p, store, recompute=recompute, write=write, progress=progress, device=device, reduce_fn=reduce_fn,
         rank=rank, world_size=world_size,

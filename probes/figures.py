@@ -66,15 +66,67 @@ def use_paper_template() -> None:
     pio.templates.default = TEMPLATE
 
 
+def _axis_values(fig: go.Figure, axis: str, where: Mapping[str, Any]) -> np.ndarray:
+    """The positive finite values the traces put on ``axis`` ("x" or "y"); with ``row``/``col`` in
+    ``where``, only those of that subplot."""
+    ref = None
+    if "row" in where and "col" in where:
+        try:
+            sub = fig.get_subplot(where["row"], where["col"])
+            ref = getattr(sub, f"{axis}axis").plotly_name.replace("axis", "")  # "yaxis2" -> "y2"
+        except Exception:  # noqa: BLE001 - not a subplot grid: every trace counts
+            ref = None
+    out: list[float] = []
+    for trace in fig.data:
+        if ref is not None and (getattr(trace, f"{axis}axis", None) or axis) != ref:
+            continue
+        values = getattr(trace, axis, None)
+        if values is None:
+            continue
+        try:
+            arr = np.asarray(values, dtype=float).ravel()
+        except (TypeError, ValueError):
+            continue
+        out.extend(arr[np.isfinite(arr) & (arr > 0)].tolist())
+    return np.asarray(out, dtype=float)
+
+
+def _log_ticks(vmin: float, vmax: float) -> list[float]:
+    """Round tick values (1, 2, 5 × 10ᵏ; all of 1–9 × 10ᵏ when that gives fewer than three) in range."""
+    lo, hi = math.floor(math.log10(vmin)) - 1, math.ceil(math.log10(vmax)) + 1
+    for mantissas in ((1, 2, 5), tuple(range(1, 10))):
+        ticks = [
+            float(f"{m * 10.0**k:.12g}")
+            for k in range(lo, hi + 1)
+            for m in mantissas
+            if vmin / 1.05 <= m * 10.0**k <= vmax * 1.05
+        ]
+        if len(ticks) >= 3:
+            break
+    return ticks
+
+
 def log_axis(fig: go.Figure, axis: str = "y", **where: Any) -> go.Figure:
-    """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels."""
+    """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels. When the data
+    holds fewer than three decade ticks (it spans about two decades or less), the ticks are round values
+    (0.1, 0.2, 0.5, 1) labelled in full, where decades alone would leave the axis bare."""
     update = fig.update_yaxes if axis == "y" else fig.update_xaxes
+    values = _axis_values(fig, axis, where)
+    if len(values):
+        vmin, vmax = float(values.min()), float(values.max())
+        if math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1 < 3:
+            ticks = _log_ticks(vmin, vmax)
+            update(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks], **where)
+            return fig
     update(type="log", dtick=1, exponentformat="power", showexponent="all", **where)
     return fig
 
 
 def _finish(fig: go.Figure, title: str, **layout: Any) -> go.Figure:
+    """Title and template; with subplot titles the legend goes above them (it would cover them)."""
     fig.update_layout(title={"text": title}, template=TEMPLATE, **layout)
+    if fig.layout.annotations and "legend" not in layout and len(fig.data) > 1:
+        fig.update_layout(legend={"y": 1.06}, margin={"t": 120})
     return fig
 
 
@@ -914,12 +966,15 @@ def double_descent_figure(
     x_title: str,
     log_x: bool = True,
     log_y: bool = False,
+    show_train: bool = True,
 ) -> go.Figure:
-    """Test (and train) error vs model size or epochs, with the interpolation threshold marked."""
+    """Test (and, with ``show_train``, train) error vs model size or epochs, with the interpolation
+    threshold marked. On a linear y axis the test-error peak at p ≈ n stands out; train error (down to
+    ~1e-30 past the threshold) belongs on a log axis or its own chart."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=y))
     train = y.replace("test", "train")
-    if train != y and train in frame.columns:
+    if show_train and train != y and train in frame.columns:
         fig.add_trace(
             go.Scatter(x=frame[x], y=frame[train], mode="lines+markers", name=train, line={"dash": "dot"})
         )
@@ -1064,3 +1119,41 @@ def write_figure(fig: go.Figure, path: str | os.PathLike, fmt: str | None = None
     if suffix in IMAGE_FORMATS:
         return atomic_write_bytes(Path(path), figure_image(fig, suffix))
     raise ExportError(f"cannot write a figure as {suffix!r}; use .html, .png, .svg or .pdf")
+
+
+# =============================================================================== run comparison
+def overlay_figure(
+    frames: Mapping[str, pd.DataFrame],
+    *,
+    x: str,
+    y: str,
+    y_title: str | None = None,
+    log_x: bool = False,
+    log_y: bool = False,
+    hline: float | None = None,
+    hline_name: str | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Several runs on one chart: ``y`` against ``x`` per run (``frames``: run label → frame), in the
+    palette's order, with an optional horizontal reference line (e.g. λ_max·η/2 = 1, the edge)."""
+    fig = go.Figure()
+    for name, frame in frames.items():
+        part = frame[[x, y]].dropna()
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="lines+markers", name=name, marker={"size": 5}))
+    if hline is not None:
+        xs = pd.concat([f[x] for f in frames.values()]) if frames else pd.Series([0, 1])
+        fig.add_trace(
+            go.Scatter(
+                x=[xs.min(), xs.max()],
+                y=[hline, hline],
+                mode="lines",
+                name=hline_name or f"{y} = {hline:g}",
+                line={"dash": "dash", "color": "black"},
+            )
+        )
+    fig.update_layout(xaxis_title=x, yaxis_title=y_title or y)
+    if log_x:
+        log_axis(fig, "x")
+    if log_y:
+        log_axis(fig)
+    return _finish(fig, title or f"{y_title or y} across runs")

@@ -291,7 +291,7 @@ def test_hessian_topk_computes_once_then_comes_from_the_store(
     assert not at.exception and not at.error, _texts(at.error)
     assert "Hessian top-k (Lanczos): 2 computed, 0 from the result store" in [s.label for s in at.status]
     assert _charts(at) == 1
-    assert _downloads(at) == ["CSV", "Parquet", "JSON", "HTML", "PNG"]
+    assert _downloads(at) == ["CSV", "Parquet", "JSON", "HTML", "PNG", "SVG", "PDF"]
     stored = ResultStore(fresh_root / "tiny").list("hessian_eigenvalues")
     assert sorted(s.step for s in stored) == [5, 20]
     assert all(s.params["k"] == 2 and s.params["max_samples"] == 32 for s in stored)
@@ -370,6 +370,11 @@ def test_edge_of_stability_adam_run_has_preconditioned_sharpness(
         assert s.result.two_over_lr == pytest.approx(40.0)
         assert s.result.preconditioned_lambda_max is not None and s.result.preconditioned_lambda_max > 0
     assert any(m.label.startswith("λ_max / (2/η)") for m in at.metric)
+    # the headline is the ratio that applies to Adam: λ_max(P⁻¹H) over its threshold
+    last = max(stored, key=lambda s: s.step).result
+    assert at.metric[0].label.startswith("λ_max(P⁻¹H) / threshold")
+    assert float(at.metric[0].value) == pytest.approx(last.preconditioned_ratio, rel=1e-3, abs=1e-3)
+    assert "38/η" in _texts(at.caption)
 
 
 def test_edge_of_stability_gd_run_uses_the_schedule(runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

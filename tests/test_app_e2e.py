@@ -39,6 +39,7 @@ PAGES = [
     ("Neural collapse", "neural_collapse"),
     ("Mode connectivity", "mode_connectivity"),
     ("Landscape", "landscape"),
+    ("Compare runs", "compare"),
 ]
 
 pytestmark = [

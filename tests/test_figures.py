@@ -87,3 +87,16 @@ def test_vector_formats(tmp_path: Path, fmt: str) -> None:
     out = figures.write_figure(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])), tmp_path / f"f.{fmt}")
     head = out.read_bytes()[:200]
     assert (b"<svg" in head) if fmt == "svg" else head.startswith(b"%PDF")
+
+
+def test_log_axis_within_one_decade_keeps_real_value_ticks() -> None:
+    """Decade ticks only where the data spans decades; a loss from 0.05 to 0.5 has one decade tick (0.1),
+    so it gets round value ticks instead (a bare axis, or Plotly's 2–9 digit labels, otherwise)."""
+    narrow = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[0.05, 0.5])))
+    assert narrow.layout.yaxis.type == "log" and narrow.layout.yaxis.dtick is None
+    assert list(narrow.layout.yaxis.tickvals) == [0.05, 0.1, 0.2, 0.5]
+    assert list(narrow.layout.yaxis.ticktext) == ["0.05", "0.1", "0.2", "0.5"]
+    few = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[20, 55])))
+    assert list(few.layout.yaxis.tickvals) == [20, 30, 40, 50]
+    wide = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[1e-30, 0.5])))
+    assert wide.layout.yaxis.dtick == 1

@@ -20,7 +20,10 @@ from dynascope.store import ResultStore
 
 from .errors import guard
 
-DEFAULT_MAX_SAMPLES = 256
+DEFAULT_MAX_SAMPLES = 256  # CLI-era default, kept for callers; the pages default to the run's data
+#: Probes default to the whole split the run was trained on when it has at most this many samples,
+#: else to a class-stratified subset of this size.
+DATA_BUDGET = 2048
 Params = dict[str, Any] | Callable[[int], dict[str, Any]] | None
 
 
@@ -49,11 +52,33 @@ def checkpoint_picker(run: Run, *, key: str, default_count: int = 4, label: str 
     return sorted(chosen)
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _split_sizes(run_path: str, dataset_json: str) -> dict[str, int]:
+    ds = Run.open(run_path).load_dataset()
+    return {name: int(len(getattr(ds, name)[1])) for name in ("train", "test")}
+
+
+def split_sizes(run: Run) -> dict[str, int]:
+    """Samples in the run's train and test splits (cached per run and data spec)."""
+    import json
+
+    return _split_sizes(str(run.path), json.dumps(run.dataset_config, sort_keys=True, default=str))
+
+
 def data_controls(
-    run: Run, *, key: str, default_split: str = "train", default_samples: int = DEFAULT_MAX_SAMPLES
-) -> tuple[str, int | None]:
-    """Split and sample-count controls: ``(split, max_samples)`` (the first samples, deterministic)."""
-    c1, c2 = st.columns(2)
+    run: Run,
+    *,
+    key: str,
+    default_split: str = "train",
+    budget: int = DATA_BUDGET,
+    stratify: bool = True,
+) -> tuple[str, int | None, str]:
+    """Split, sample-count and subset controls: ``(split, max_samples, sample)``.
+
+    The default is the data the run was trained on: its ``default_split`` whole when that has at most
+    ``budget`` samples (``max_samples=None``), else a class-stratified subset of ``budget`` samples
+    (every class present; ``stratify=False``: the first ``budget``), stated in a caption."""
+    c1, c2, c3 = st.columns([2, 2, 3])
     split = c1.radio(
         "Data split",
         ["train", "test"],
@@ -61,15 +86,44 @@ def data_controls(
         key=f"{key}_split",
         horizontal=True,
     )
+    try:
+        size = split_sizes(run)[split]
+    except Exception:  # noqa: BLE001 - an unreadable dataset is reported by the probe itself
+        size = None
+    over = size is not None and size > budget
     n = c2.number_input(
         "Samples (0 = all)",
         min_value=0,
-        value=default_samples,
+        value=budget if over else 0,
         step=32,
         key=f"{key}_max_samples",
-        help="Probes use the first N samples of the split (deterministic) to keep CPU time low.",
+        help=f"Default: the whole split when it has at most {budget} samples, else a subset of {budget}.",
     )
-    return split, (int(n) or None)
+    max_samples = int(n) or None
+    options = ["first", "stratified"] if stratify else ["first"]
+    sample = c3.radio(
+        "Subset",
+        options,
+        index=1 if (over and stratify) else 0,
+        key=f"{key}_sample",
+        horizontal=True,
+        format_func={"first": "first N", "stratified": "class-stratified"}.get,
+        help="Which samples a subset keeps: the first N of the split, or N spread over the classes.",
+    )
+    if size is not None:
+        if max_samples is None or max_samples >= size:
+            c3.caption(
+                f"Using all {size} {split} samples"
+                + (" (the data the run was trained on)." if split == "train" else ".")
+            )
+        elif sample == "stratified":
+            c3.caption(
+                f"Using a class-stratified subset: {max_samples} of {size} {split} samples, every class kept"
+                + (f" (the budget is {budget})." if max_samples == budget else ".")
+            )
+        else:
+            c3.caption(f"Using the first {max_samples} of {size} {split} samples.")
+    return split, max_samples, sample
 
 
 # ------------------------------------------------------------------------------------ per-checkpoint
@@ -95,11 +149,13 @@ def lookup(
     params: Params = None,
     split: str = "train",
     max_samples: int | None = None,
+    sample: str = "first",
 ) -> dict[int, Any]:
     """The cached results of ``probe`` at ``steps`` (nothing is computed)."""
     return runner.cached_results(
-        run, probe, steps, params=params, split=split, max_samples=max_samples, store=ResultStore(run.path)
-    )
+        run, probe, steps, params=params, split=split, max_samples=max_samples, sample=sample,
+        store=ResultStore(run.path),
+    )  # fmt: skip
 
 
 def compute(
@@ -110,6 +166,7 @@ def compute(
     params: Params = None,
     split: str = "train",
     max_samples: int | None = None,
+    sample: str = "first",
     label: str | None = None,
 ) -> dict[int, Any]:
     """Run ``probe`` at ``steps`` (:func:`dynascope.runner.sweep`) with a status box and a progress
@@ -121,7 +178,7 @@ def compute(
         progress = BarProgress()
         try:
             rows = runner.sweep(
-                run, probe, steps, params=params, split=split, max_samples=max_samples,
+                run, probe, steps, params=params, split=split, max_samples=max_samples, sample=sample,
                 store=ResultStore(run.path), progress=progress,
             )  # fmt: skip
         except Exception:
@@ -146,6 +203,7 @@ def sweep_panel(
     params: dict[str, Any] | Callable[[int], dict[str, Any]] | None = None,
     split: str = "train",
     max_samples: int | None = None,
+    sample: str = "first",
     label: str | None = None,
     button: str = "Run probe",
 ) -> dict[int, Any]:
@@ -153,7 +211,7 @@ def sweep_panel(
     if not steps:
         st.info("Select at least one checkpoint.")
         return {}
-    results = lookup(run, probe, steps, params=params, split=split, max_samples=max_samples)
+    results = lookup(run, probe, steps, params=params, split=split, max_samples=max_samples, sample=sample)
     missing = [s for s in steps if s not in results]
     note = st.empty()
     if missing:
@@ -165,8 +223,15 @@ def sweep_panel(
             with guard(label or probe):
                 results.update(
                     compute(
-                        run, probe, missing, params=params, split=split, max_samples=max_samples, label=label
-                    )
+                        run,
+                        probe,
+                        missing,
+                        params=params,
+                        split=split,
+                        max_samples=max_samples,
+                        sample=sample,
+                        label=label,
+                    )  # fmt: skip
                 )
                 note.caption(
                     f"Computed {len(missing)} checkpoint(s); all results are now in the result store."
@@ -249,16 +314,19 @@ def sharpness_results(
     max_samples: int | None,
     preconditioned: bool,
     compute_missing: bool = False,
+    sample: str = "first",
 ) -> dict[int, Any]:
     """``sharpness`` per checkpoint with η from the schedule and, for adaptive optimizers, λ_max(P⁻¹H)
     from the saved optimizer state. Cached results only, unless ``compute_missing`` (with progress)."""
     per_step = sharpness_params(run, params, preconditioned)
-    out = lookup(run, "sharpness", steps, params=per_step, split=split, max_samples=max_samples)
+    out = lookup(
+        run, "sharpness", steps, params=per_step, split=split, max_samples=max_samples, sample=sample
+    )
     todo = [s for s in steps if s not in out]
     if compute_missing and todo:
         out.update(
             compute(run, "sharpness", todo, params=per_step, split=split, max_samples=max_samples,
-                    label="sharpness")
+                    sample=sample, label="sharpness")
         )  # fmt: skip
     return dict(sorted(out.items()))
 

@@ -1,4 +1,5 @@
-"""Built-in demo runs, generated on first start by ``dynascope.recipes.demos.ensure_demos``.
+"""Built-in demo runs, generated when the app starts by ``dynascope.recipes.demos.ensure_demos``
+(``app/main.py`` starts the job on the first script run of any page, not on a visit to the Runs page).
 
 Generation runs in one background thread per runs folder (shared by all sessions of the server), the
 fastest demo first, so the app stays usable: each demo appears in the run list as soon as it is
@@ -51,6 +52,7 @@ class DemoJob:
     error: str | None = None
     done: bool = False
     started: float = field(default_factory=time.monotonic)
+    finished_after: float | None = None  # seconds the generation took (set once, when it ends)
     thread: threading.Thread | None = None
 
     def start(self) -> DemoJob:
@@ -66,6 +68,7 @@ class DemoJob:
         except Exception as exc:  # noqa: BLE001 - shown on the Runs page
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
+            self.finished_after = time.monotonic() - self.started
             self.done = True
 
     def _on_progress(self, name: str, step: int, total: int, metrics: Any = None) -> None:
@@ -111,7 +114,8 @@ def show_progress(job: DemoJob) -> None:
         if job.error:
             st.error(f"Generating the demo runs failed: {job.error}")
         else:
-            st.success(f"Demo runs ready in `{job.root}` ({time.monotonic() - job.started:.0f} s).")
+            took = job.finished_after if job.finished_after is not None else time.monotonic() - job.started
+            st.success(f"Demo runs ready in `{job.root}` (generated in {took:.0f} s).")
         return
     with st.container(border=True, key="demo_progress"):
         st.markdown(

@@ -9,6 +9,15 @@ import streamlit as st
 
 from dynascope import recipes
 
+from . import downloads
+
+
+def _fmt(v: Any) -> str:
+    """Evidence values as text: floats to 4 significant digits (69.89, not 69.89076232910156)."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
 
 def show_evidence(title: str, detector: str, *args: Any, **kwargs: Any) -> Any | None:
     """Run ``dynascope.recipes.<detector>`` and show its verdict (a caption when it does not apply)."""
@@ -25,6 +34,6 @@ def show_evidence(title: str, detector: str, *args: Any, **kwargs: Any) -> Any |
             st.success(f"**{title} detected** (`{detector}`)")
         else:
             st.warning(f"**{title} not detected** by `{detector}` with its default thresholds")
-        table = pd.DataFrame({"evidence": list(data), "value": [str(v) for v in data.values()]})
-        st.dataframe(table, hide_index=True, key=f"evidence_table_{detector}")
+        table = pd.DataFrame({"evidence": list(data), "value": [_fmt(v) for v in data.values()]})
+        downloads.table(table, key=f"evidence_table_{detector}")
     return evidence

@@ -1,9 +1,9 @@
-"""Charts with downloads: data as CSV / Parquet / JSON, the figure as standalone HTML and PNG.
+"""Charts with downloads: data as CSV / Parquet / JSON, the figure as standalone HTML, PNG, SVG, PDF.
 
-PNG goes through kaleido 1.x, which drives a Chrome/Chromium browser found via ``BROWSER_PATH``.
-:func:`configure_browser` points it at the system Chromium when there is one; without a browser
-the PNG button is disabled and the app says how to enable it. HTML files embed plotly.js, so they
-open offline.
+Images are drawn by :func:`dynascope.probes.figures.figure_image` (kaleido 1.x, which drives a
+Chrome/Chromium browser found via ``BROWSER_PATH``). :func:`configure_browser` points it at the system
+Chromium when there is one; without a browser the image buttons are disabled and the app says how to
+enable it. HTML files embed plotly.js, so they open offline.
 """
 
 from __future__ import annotations
@@ -58,15 +58,34 @@ def png_support(environ: dict[str, str] | None = None) -> tuple[bool, str]:
     return True, f"rendered with {browser}"
 
 
-def figure_png(fig: Any, *, scale: float = 2.0) -> bytes:
-    """The figure as PNG bytes (kaleido; one persistent browser process serves every export)."""
+def figure_bytes(fig: Any, fmt: str = "png", *, scale: float = 2.0) -> bytes:
+    """The figure as PNG/SVG/PDF bytes (:func:`figures.figure_image`; one persistent browser process
+    serves every export)."""
     import kaleido
+
+    from dynascope.probes import figures
 
     configure_browser()
     with _kaleido_lock, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The kopts argument is ignored")
         kaleido.start_sync_server(silence_warnings=True)
-        return fig.to_image(format="png", scale=scale)
+        return figures.figure_image(fig, fmt, scale=scale)
+
+
+def figure_png(fig: Any, *, scale: float = 2.0) -> bytes:
+    """The figure as PNG bytes."""
+    return figure_bytes(fig, "png", scale=scale)
+
+
+def table(frame: pd.DataFrame, *, key: str, digits: int = 4, **kwargs: Any) -> None:
+    """``st.dataframe`` with float columns shown to ``digits`` significant digits (``%.4g``: 1.2e-09,
+    not 0.0000000012 cut to "0000000000"); the data itself is unchanged."""
+    config = {
+        str(c): st.column_config.NumberColumn(format=f"%.{digits}g")
+        for c in frame.columns
+        if pd.api.types.is_float_dtype(frame[c])
+    }
+    st.dataframe(frame, hide_index=True, key=key, column_config=config, **kwargs)
 
 
 def figure_html(fig: Any) -> str:
@@ -107,7 +126,7 @@ def download_row(
     key: str,
     extra_json: dict[str, Any] | None = None,
 ) -> None:
-    """Five download buttons: CSV, Parquet, JSON (data) and HTML, PNG (figure)."""
+    """Seven download buttons: CSV, Parquet, JSON (data) and HTML, PNG, SVG, PDF (figure)."""
     base = slug(name)
     row = st.container(horizontal=True, gap="small", key=f"downloads_{key}")
     row.download_button(
@@ -141,19 +160,20 @@ def download_row(
         icon="⬇",
     )
     ok, reason = png_support()
-    row.download_button(
-        "PNG",
-        (lambda: figure_png(fig)) if ok else b"",
-        f"{base}.png",
-        "image/png",
-        key=f"{key}_png",
-        on_click="ignore",
-        icon="⬇",
-        disabled=not ok,
-        help=None if ok else "PNG export unavailable: " + reason,
-    )
+    for fmt, mime in (("png", "image/png"), ("svg", "image/svg+xml"), ("pdf", "application/pdf")):
+        row.download_button(
+            fmt.upper(),
+            (lambda fmt=fmt: figure_bytes(fig, fmt)) if ok else b"",
+            f"{base}.{fmt}",
+            mime,
+            key=f"{key}_{fmt}",
+            on_click="ignore",
+            icon="⬇",
+            disabled=not ok,
+            help=None if ok else "Image export unavailable: " + reason,
+        )
     if not ok:
-        st.caption("PNG export is unavailable: " + reason)
+        st.caption("PNG/SVG/PDF export is unavailable: " + reason)
 
 
 def chart(

@@ -153,3 +153,18 @@ def sidebar_picker() -> None:
         st.sidebar.caption(f"No runs in `{runs_dir()}` yet.")
         return
     run_selectbox(st.sidebar, key=_PICKER_KEY)
+
+
+def page_settings_for(prefix: str, run: Run) -> None:
+    """Per-run page settings: when the page ``prefix`` is shown for another run than last time, its
+    widgets (session keys ``{prefix}_…``) start again from that run's defaults, not the last run's."""
+    marker = f"dynascope_settings_run_{prefix}"
+    if st.session_state.get(marker) == str(run.path):
+        return
+    if marker in st.session_state:
+        for k in [k for k in list(st.session_state) if isinstance(k, str) and k.startswith(f"{prefix}_")]:
+            try:
+                del st.session_state[k]
+            except Exception:  # noqa: BLE001,S112 - a key Streamlit holds for a live widget stays
+                continue
+    st.session_state[marker] = str(run.path)

@@ -11,6 +11,7 @@ from dynascope.recipes import interpolation_threshold
 
 st.title("Double descent")
 run = state.require_run()
+state.page_settings_for("dd", run)
 state.offer_phenomenon_run(run, "double_descent", "double-descent")
 st.caption(
     "Test error first falls, then peaks where the model can just interpolate the training set "
@@ -45,11 +46,22 @@ with errors.guard("Double descent"):
     if y_default is None:
         st.info("metrics.csv has no error or loss column to plot.")
         st.stop()
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2, c3, c4, c5 = st.columns(5)
     x = c1.selectbox("x-axis (model size or time)", numeric, index=numeric.index(x_default), key="dd_x")
     y = c2.selectbox("y-axis", y_options, index=y_options.index(y_default), key="dd_y")
     log_x = c3.toggle("Log x-axis", value=x != "step", key="dd_logx")
-    log_y = c4.toggle("Log y-axis", value=True, key="dd_logy")
+    log_y = c4.toggle(
+        "Log y-axis",
+        value=False,
+        key="dd_logy",
+        help="Linear by default: the test-error peak at the interpolation threshold stands out.",
+    )
+    show_train = c5.toggle(
+        "Also train error",
+        value=False,
+        key="dd_train",
+        help="Train error falls to ~0 past the threshold; best read on a log y-axis.",
+    )
 
     cond = next((c for c in ("cond", "condition_number") if c in metrics.columns), None)
     wanted = [x, y, f"{y}_std", y.replace("test", "train"), cond]
@@ -62,7 +74,7 @@ with errors.guard("Double descent"):
 
     threshold = interpolation_threshold(run, metrics, x)
     fig = figures.double_descent_figure(
-        frame, x=x, y=y, threshold=threshold, x_title=x, log_x=log_x, log_y=log_y
+        frame, x=x, y=y, threshold=threshold, x_title=x, log_x=log_x, log_y=log_y, show_train=show_train
     )
     if f"{y}_std" in frame.columns:
         fig.data[0].error_y = {"type": "data", "array": frame[f"{y}_std"].fillna(0).tolist(), "visible": True}

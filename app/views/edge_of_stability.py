@@ -9,6 +9,7 @@ from dynascope.probes import figures
 
 st.title("Edge of stability")
 run = state.require_run()
+state.page_settings_for("eos", run)
 state.offer_phenomenon_run(run, "edge_of_stability", "edge-of-stability")
 st.caption(
     "Full-batch gradient descent is stable on a quadratic while λ_max(H) < 2/η. Progressive sharpening "
@@ -20,7 +21,7 @@ if compute.lr_or_none(run, run.steps()[-1]) is None:
     st.warning("This run records no learning rate, so the 2/η line cannot be drawn (λ_max is still shown).")
 
 steps = compute.checkpoint_picker(run, key="eos", default_count=8)
-split, max_samples = compute.data_controls(run, key="eos")
+split, max_samples, sample = compute.data_controls(run, key="eos")
 c1, c2 = st.columns(2)
 adaptive = compute.is_adaptive(run)
 preconditioned = c1.toggle(
@@ -36,7 +37,13 @@ params = {"k": 1, "tol": 1e-3, "trace": with_trace}
 results: dict = {}
 with errors.guard("Sharpness"):
     results = compute.sharpness_results(
-        run, steps, params=params, split=split, max_samples=max_samples, preconditioned=preconditioned
+        run,
+        steps,
+        params=params,
+        split=split,
+        max_samples=max_samples,
+        preconditioned=preconditioned,
+        sample=sample,
     )
     missing = [s for s in steps if s not in results]
     note = st.empty()
@@ -51,6 +58,7 @@ with errors.guard("Sharpness"):
                 max_samples=max_samples,
                 preconditioned=preconditioned,
                 compute_missing=True,
+                sample=sample,
             )
             note.caption("All selected checkpoints are now in the result store.")
     elif steps:
@@ -58,8 +66,7 @@ with errors.guard("Sharpness"):
 
 metrics = run.metrics()
 logged = next((c for c in ("sharpness", "lambda_max", "hessian_lambda_max") if c in metrics.columns), None)
-left, right = st.columns(2)
-with left, errors.guard("Sharpness chart"):
+with errors.guard("Sharpness chart"):
     if results or logged:
         frame = figures.sharpness_frame(results)
 
@@ -86,12 +93,30 @@ with left, errors.guard("Sharpness chart"):
             key="eos_sharpness",
             extra_json={"schedule": schedule.to_dict(orient="list")},
         )
+        pre = frame["preconditioned_ratio"].dropna() if "preconditioned_ratio" in frame.columns else []
         ratio = frame["ratio"].dropna() if "ratio" in frame.columns else []
-        if len(ratio):
+        if adaptive and len(pre):  # the ratio that applies to the run's optimizer
+            st.metric("λ_max(P⁻¹H) / threshold at the last preconditioned checkpoint", f"{pre.iloc[-1]:.3f}")
+            if len(ratio):
+                st.metric("λ_max / (2/η) (plain GD ratio, for reference)", f"{ratio.iloc[-1]:.3g}")
+            st.caption(
+                "Adaptive optimizers precondition the step: Adam's update is η·P⁻¹m with P = diag(√v̂ + ε), "
+                "so its stability is set by the preconditioned sharpness λ_max(P⁻¹H) against its threshold "
+                "(2 + 2β₁)/((1 − β₁)η) = 38/η for β₁ = 0.9 (Cohen et al., 2022; dotted line), not by "
+                "λ_max(H) against 2/η, which says little for this run. P comes from the optimizer state "
+                "saved beside each checkpoint; checkpoints without it have no preconditioned point."
+            )
+        elif len(ratio):
             st.metric("λ_max / (2/η) at the last selected checkpoint", f"{ratio.iloc[-1]:.3f}")
+            if adaptive:
+                st.caption(
+                    "This run uses an adaptive optimizer but no selected checkpoint has its optimizer state "
+                    "saved, so λ_max(P⁻¹H), the quantity that applies, cannot be computed; λ_max(H)/(2/η) "
+                    "is shown instead."
+                )
     else:
         st.info("Compute the sharpness to see λ_max against 2/η.")
-with right, errors.guard("Loss curve"):
+with errors.guard("Loss curve"):
     loss_cols = [c for c in ("train_loss", "test_loss") if c in metrics.columns]
     if loss_cols:
         data = metrics[["step", *loss_cols]]

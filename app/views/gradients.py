@@ -9,13 +9,14 @@ from dynascope.probes import figures
 
 st.title("Gradients")
 run = state.require_run()
+state.page_settings_for("grad", run)
 st.caption(
     "Coherence α = E_{i≠j}[g_i·g_j] / E_i[‖g_i‖²] over distinct pairs of per-example gradients "
     "(Chatterjee, 2020): α near 1 means examples pull the same way; m-coherence = 1 + (m−1)α. "
     "The simple noise scale B = tr(Σ)/‖ḡ‖² (McCandlish et al., 2018) estimates the critical batch size."
 )
 steps = compute.checkpoint_picker(run, key="grad", default_count=6)
-split, max_samples = compute.data_controls(run, key="grad")
+split, max_samples, sample = compute.data_controls(run, key="grad")
 
 with errors.guard("Gradient coherence"):
     results = compute.sweep_panel(
@@ -25,6 +26,7 @@ with errors.guard("Gradient coherence"):
         key="grad",
         split=split,
         max_samples=max_samples,
+        sample=sample,
         label="gradient coherence",
         button="Compute coherence",
     )
@@ -44,7 +46,7 @@ with errors.guard("Gradient coherence"):
             key="grad_detail_step",
         )
         detail = results[pick].to_frame()
-        st.dataframe(detail, hide_index=True, key="grad_detail_table")
+        downloads.table(detail, key="grad_detail_table")
         downloads.chart(
             results[pick].figure(),
             detail,

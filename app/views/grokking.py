@@ -9,6 +9,7 @@ from dynascope.probes import figures
 
 st.title("Grokking")
 run = state.require_run()
+state.page_settings_for("grok", run)
 xor = run.extra.get("phenomenon") == "xor_grokking"
 if not xor:
     state.offer_phenomenon_run(run, "grokking", "grokking")
@@ -48,7 +49,7 @@ first = run.steps()[0]
 if steps and steps[0] != first:
     steps = [first, *steps]
     st.caption(f"The first checkpoint (step {first}) is included as the reference kernel at init.")
-split, max_samples = compute.data_controls(run, key="grok", default_split="test", default_samples=64)
+split, max_samples, sample = compute.data_controls(run, key="grok", default_split="test", budget=64)
 st.caption(
     "One N×N empirical NTK per checkpoint (summed over the outputs): its cost grows with N² × outputs × "
     "parameters, so start with a few dozen samples."
@@ -63,6 +64,7 @@ with errors.guard("NTK trajectory"):
             "params": {"reduce_outputs": "trace", "centered": True},
             "split": split,
             "max_samples": max_samples,
+            "sample": sample,
         }
         trajectory = compute.stored(run, "ntk_trajectory", **where)
         if trajectory is None:

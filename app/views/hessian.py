@@ -10,13 +10,14 @@ from dynascope.probes.trace import TRACE_METHODS
 
 st.title("Hessian spectrum")
 run = state.require_run()
+state.page_settings_for("hess", run)
 st.caption(
     "Curvature of the run's training loss (dataset mean, eval mode) by Lanczos on exact Hessian-vector "
     "products. Results are cached in the run's result store: nothing is computed twice."
 )
 
 steps = compute.checkpoint_picker(run, key="hess")
-split, max_samples = compute.data_controls(run, key="hess")
+split, max_samples, sample = compute.data_controls(run, key="hess")
 tab_topk, tab_density, tab_layers, tab_trace = st.tabs(
     ["Top-k eigenvalues", "Spectral density", "Per layer", "Trace"]
 )
@@ -35,6 +36,7 @@ with tab_topk:
             params={"k": k, "tol": tol},
             split=split,
             max_samples=max_samples,
+            sample=sample,
             label="Hessian top-k (Lanczos)",
             button="Compute top-k eigenvalues",
         )
@@ -67,6 +69,7 @@ with tab_density:
             params={"n_probes": n_probes, "lanczos_steps": lanczos_steps},
             split=split,
             max_samples=max_samples,
+            sample=sample,
             label="Hessian density (SLQ)",
             button="Compute spectral density",
         )
@@ -93,13 +96,14 @@ with tab_layers:
             params={"k": 1},
             split=split,
             max_samples=max_samples,
+            sample=sample,
             label="per-layer Hessian blocks",
             button="Compute per-layer spectra",
         )
         if results:
             result = results[layer_step]
             frame = result.to_frame()
-            st.dataframe(frame, hide_index=True, key="hess_layer_table")
+            downloads.table(frame, key="hess_layer_table")
             downloads.chart(
                 result.figure(value=value),
                 frame,
@@ -121,6 +125,7 @@ with tab_trace:
             params={"n_matvecs": n_mv, "method": method},
             split=split,
             max_samples=max_samples,
+            sample=sample,
             label=f"Hessian trace ({method})",
             button="Compute trace",
         )

@@ -12,12 +12,13 @@ from dynascope.probes import figures
 
 st.title("Loss landscape")
 run = state.require_run()
+state.page_settings_for("land", run)
 st.caption(
     "Curvature entry by entry (Hutchinson's diagonal estimator), the loss on a plane through the weights "
     "(Li et al., 2018) and the few examples whose loss swings most between checkpoints (opposing signals, "
     "Rosenfeld & Risteski, 2023). Everything is cached in the run's result store."
 )
-split, max_samples = compute.data_controls(run, key="land")
+split, max_samples, _ = compute.data_controls(run, key="land", stratify=False)
 tab_diag, tab_surface, tab_opp = st.tabs(["Hessian diagonal", "Loss surface", "Opposing signals"])
 name = state.label(run.path)
 
@@ -50,7 +51,7 @@ with tab_diag:
         if results:
             result = results[step]
             layers = result.layer_frame()
-            st.dataframe(layers, hide_index=True, key="land_diag_table")
+            downloads.table(layers, key="land_diag_table")
             total = float(result.values.sum())
             st.caption(
                 f"tr(H) = Σ diag = {total:.6g} over {result.values.numel()} parameters "
@@ -151,7 +152,7 @@ with tab_surface:
             )
             traj = result.trajectory_frame()
             if len(traj):
-                st.dataframe(traj, hide_index=True, key="land_traj_table")
+                downloads.table(traj, key="land_traj_table")
             fig = figures.loss_landscape(result, value=value, surface=view == "surface", log=log)
             downloads.chart(
                 fig,
@@ -232,7 +233,7 @@ with tab_opp:
     if opp is not None:
         with errors.guard("Opposing-signal groups"):
             groups = opp.groups_frame()
-            st.dataframe(groups, hide_index=True, key="land_opp_groups")
+            downloads.table(groups, key="land_opp_groups")
             alt = "n/a" if opp.alternation is None else f"{opp.alternation:.3f}"
             st.caption(
                 f"{len(opp.selected)} examples selected ({opp.meta['selection']}); reference step "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import streamlit as st
-from lib import compute, downloads, errors, state
+from lib import compute, downloads, errors, state, twins
 
 from dynascope.models import Run
 from dynascope.probes import figures
 
 st.title("Mode connectivity")
 run = state.require_run()
+state.page_settings_for("lmc", run)
 st.caption(
     "Loss along θ(α) = (1−α)θ_A + αθ_B. The barrier is the largest rise above the straight chord between "
     "the end points (Frankle et al., 2020). Permuting B's hidden units to match A first (weight or "
@@ -36,6 +37,40 @@ def _compatible_runs(base: Run) -> list[str]:
 
 
 candidates = _compatible_runs(run)
+_running = twins.job_for(run)
+if _running is not None and not _running.done:  # a twin still being trained is not offered as B yet
+    candidates = [c for c in candidates if c != str(_running.out)] or [str(run.path)]
+
+
+@st.fragment(run_every=2.0)
+def _twin_progress(job: twins.TwinJob) -> None:
+    """Progress of the seed twin's training; the whole page reruns when it is done (so B defaults to it)."""
+    if job.done:
+        st.rerun(scope="app")
+    text = f"step {job.step}/{job.total}" if job.total else "starting"
+    st.progress(job.fraction, text=f"Training `{job.out.name}` (seed {job.seed}): {text}")
+
+
+if len(candidates) < 2 and twins.recipe_of(run) is not None:
+    job = twins.job_for(run)
+    with st.container(border=True, key="lmc_twin"):
+        if job is not None and not job.done:
+            _twin_progress(job)
+        else:
+            if job is not None and job.error:
+                st.error(f"Training the seed twin failed: {job.error}")
+            st.markdown(
+                "**No second run of this recipe yet.** Mode connectivity compares two independently "
+                f"trained networks: train `{twins.twin_path(run).name}`, the same recipe and config with the "
+                "next seed (a background job; the page stays usable)."
+            )
+            if st.button("Train a seed twin", key="lmc_twin_start", type="primary"):
+                twins.start_twin(run)
+                st.rerun()
+elif len(candidates) >= 2:
+    job = twins.job_for(run)
+    if job is not None and job.done and job.error is None:
+        st.caption(f"Seed twin `{job.out.name}` trained in {job.finished_after:.0f} s.")
 col_a, col_b = st.columns(2)
 with col_a:
     st.markdown("**Model A**")
@@ -45,12 +80,23 @@ with col_b:
     st.markdown("**Model B**")
     others = [c for c in candidates if c != str(run.path)]
     default_b = others[0] if others else str(run.path)
+    if (
+        others
+        and st.session_state.get("lmc_run_b") == str(run.path)
+        and not st.session_state.get("lmc_run_b_chosen")
+    ):
+        del st.session_state["lmc_run_b"]  # a second run appeared (e.g. a seed twin): it is the default
+
+    def _chose_b() -> None:
+        st.session_state["lmc_run_b_chosen"] = True
+
     path_b = st.selectbox(
         "Run B",
         candidates,
         index=candidates.index(default_b),
         format_func=state.label,
         key="lmc_run_b",
+        on_change=_chose_b,
         help="Runs with the same architecture (e.g. another seed).",
     )
     run_b = Run.open(path_b)
@@ -64,7 +110,7 @@ align_label = c2.selectbox(
     "Alignment of B to A", ["weight matching", "activation matching", "none"], key="lmc_align"
 )
 layerwise = c3.toggle("Layer-wise barriers", value=True, key="lmc_layerwise")
-split, max_samples = compute.data_controls(run, key="lmc")
+split, max_samples, sample = compute.data_controls(run, key="lmc")
 align = {"weight matching": "weights", "activation matching": "activations", "none": None}[align_label]
 
 with errors.guard("Mode connectivity"):
@@ -76,6 +122,7 @@ with errors.guard("Mode connectivity"):
         "params": {"n_points": n_points, "align": align, "layerwise": layerwise, "compare_unaligned": True},
         "split": split,
         "max_samples": max_samples,
+        "sample": sample,
     }
     result = compute.stored(run, "lmc_barrier", **where)
     note = st.empty()
@@ -102,6 +149,6 @@ with errors.guard("Mode connectivity"):
         layers = result.layerwise_frame()
         if len(layers):
             st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
-            st.dataframe(layers, hide_index=True, key="lmc_layers_table")
+            downloads.table(layers, key="lmc_layers_table")
             fig = figures.lmc_layerwise(layers)
             downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")

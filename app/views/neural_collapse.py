@@ -9,6 +9,7 @@ from dynascope.probes import figures
 
 st.title("Neural collapse")
 run = state.require_run()
+state.page_settings_for("nc", run)
 st.caption(
     "Late in training on a classification task the last-layer features collapse to their class means "
     "(NC1), the class means form a simplex equiangular tight frame (NC2), the classifier aligns with them "
@@ -16,7 +17,7 @@ st.caption(
     "Features are the input of the final linear layer."
 )
 steps = compute.checkpoint_picker(run, key="nc", default_count=6)
-split, max_samples = compute.data_controls(run, key="nc")
+split, max_samples, sample = compute.data_controls(run, key="nc")
 
 with errors.guard("Neural collapse"):
     results = compute.sweep_panel(
@@ -26,6 +27,7 @@ with errors.guard("Neural collapse"):
         key="nc",
         split=split,
         max_samples=max_samples,
+        sample=sample,
         label="neural-collapse metrics",
         button="Compute NC1–NC4",
     )

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-from lib import demos, errors, own, state, uploads
+from lib import demos, downloads, errors, live, own, state, uploads
 
 from dynascope.datasets import available as datasets_available
 from dynascope.datasets import defaults as dataset_defaults
 from dynascope.models import Run, RunError, normalize_config
 from dynascope.models import available as models_available
+from dynascope.probes import figures
 from dynascope.store import ResultStore
 
 st.title("Runs")
@@ -180,6 +183,39 @@ if run.notes:
 with st.expander("run.json"):
     st.json(run.config, expanded=1)
 
+# ------------------------------------------------------------------ live: a run still being written
+follow = st.toggle(
+    f"Follow this run as it is written (refresh every {live.POLL_S:g} s)",
+    value=live.is_live(run.path),
+    key=f"runs_follow_{run.path}",
+    help=f"On by default when the run folder changed in the last {live.LIVE_WINDOW_S:.0f} s.",
+)
+
+
+@st.fragment(run_every=live.POLL_S if follow else None)
+def _live_view(path: str) -> None:
+    """Checkpoints and metrics as they appear (re-read from the folder on every poll)."""
+    try:
+        current = Run.open(path)
+        steps, metrics = current.steps(), current.metrics()
+    except RunError as exc:  # a half-written file: the next poll reads it again
+        st.caption(f"Waiting for the run folder: {exc}")
+        return
+    with st.container(border=True, key="runs_live"):
+        c = st.columns(4)
+        c[0].metric("Checkpoints", len(steps))
+        c[1].metric("Latest checkpoint step", steps[-1] if steps else "—")
+        c[2].metric("Metric rows", len(metrics))
+        c[3].metric("Last write", f"{max(time.time() - live.last_write(Path(path)), 0):.0f} s ago")
+        loss_cols = [k for k in ("train_loss", "test_loss") if k in metrics.columns]
+        if loss_cols and "step" in metrics.columns and len(metrics):
+            data = metrics[["step", *loss_cols]]
+            st.plotly_chart(figures.loss_figure(data, loss_cols), key="runs_live_loss")
+
+
+if follow:
+    _live_view(str(run.path))
+
 rows = []
 with errors.guard("Reading the checkpoints"):
     for ck in run.checkpoints():
@@ -195,7 +231,7 @@ with errors.guard("Reading the checkpoints"):
         rows.append(row)
 if rows:
     st.markdown("**Checkpoints**")
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="runs_ckpt_table")
+    downloads.table(pd.DataFrame(rows), key="runs_ckpt_table")
 else:
     st.warning("This run has no checkpoints.")
 
@@ -203,11 +239,57 @@ with errors.guard("Reading metrics.csv"):
     metrics = run.metrics()
     if len(metrics) > 0:
         st.markdown(f"**Logged metrics** ({len(metrics)} rows of `metrics.csv`)")
-        st.dataframe(metrics, hide_index=True, height=220, key="runs_metrics_table")
+        downloads.table(metrics, height=220, key="runs_metrics_table")
 
 with errors.guard("Reading the result store"):
     cached = ResultStore(run.path).frame()
     st.markdown(f"**Result store**: {len(cached)} cached probe result(s) in `results.sqlite`.")
     if len(cached):
         counts = cached.groupby("probe").size().rename("results").reset_index()
-        st.dataframe(counts, hide_index=True, key="runs_store_table")
+        downloads.table(counts, key="runs_store_table")
+
+# ------------------------------------------------------------------ report
+with st.container(border=True, key="runs_report"):
+    st.markdown(
+        "**Run report**: one self-contained HTML page of everything computed for this run (figures, tables, "
+        "detector evidence, versions, checkpoint hashes, data used) plus its SVG/CSV files as a zip. "
+        f"From a shell: `dynascope report {run.path} --out report.html`."
+    )
+    if st.button("Build the report", key="runs_report_build"):
+        with errors.guard("Run report"), st.spinner("Writing the report…"):
+            import io
+            import tempfile
+            import zipfile
+
+            from dynascope.report import build_report
+
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / f"{downloads.slug(run.path.name)}_report.html"
+                rep = build_report(run, out)
+                buf = io.BytesIO()
+                with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                    zf.write(out, out.name)
+                    for f in rep.files:
+                        zf.write(f, f"{rep.files_dir.name}/{f.name}")
+                st.session_state["runs_report_payload"] = (
+                    str(run.path),
+                    out.name,
+                    out.read_bytes(),
+                    buf.getvalue(),
+                )
+                st.session_state["runs_report_summary"] = (
+                    f"{len(rep.figures)} figures ({', '.join(rep.figures)}), {len(rep.tables)} tables"
+                    + ("; " + "; ".join(rep.notes) if rep.notes else "")
+                )
+    payload = st.session_state.get("runs_report_payload")
+    if payload and payload[0] == str(run.path):
+        _, name, page_bytes, zip_bytes = payload
+        st.caption(f"Report ready: {st.session_state.get('runs_report_summary', '')}.")
+        row = st.container(horizontal=True, gap="small")
+        row.download_button(
+            "Report (HTML)", page_bytes, name, "text/html", key="runs_report_html", on_click="ignore"
+        )
+        row.download_button(
+            "Report + SVG/CSV (zip)", zip_bytes, name.replace(".html", ".zip"), "application/zip",
+            key="runs_report_zip", on_click="ignore",
+        )  # fmt: skip

@@ -1,0 +1,89 @@
+"""Compare runs: several runs' metrics overlaid on one chart (seeds, learning rates, widths).
+
+Edge-of-stability runs at different η are put on one axis as λ_max·η/2 (1 = the edge 2/η); grokking
+seeds as accuracy against the step; double-descent runs as test error against model size.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from lib import downloads, errors, state
+
+from dynascope.models import Run, RunError
+from dynascope.probes import figures
+
+st.title("Compare runs")
+st.caption(
+    "Overlay the metrics several runs logged during training. Edge-of-stability runs are normalised as "
+    "λ_max·η/2, so runs at different learning rates share one axis with the edge at 1."
+)
+run = state.current_run()
+runs: dict[str, Run] = {}
+for p in state.known_runs():
+    try:
+        r = Run.open(p)
+    except RunError:
+        continue
+    if not r.metrics().empty:
+        runs[str(p)] = r
+if len(runs) < 2:
+    st.info("Comparing needs at least two runs with metrics.csv in the runs folder.")
+    st.stop()
+
+phenomenon = run.extra.get("phenomenon") if run is not None else None
+same = [p for p, r in runs.items() if phenomenon and r.extra.get("phenomenon") == phenomenon]
+default = same if len(same) >= 2 else list(runs)[:2]
+chosen = st.multiselect(
+    "Runs", list(runs), default=default, format_func=state.label, key="cmp_runs",
+    help="Default: every run of the selected run's phenomenon (e.g. its seeds or learning rates).",
+)  # fmt: skip
+
+
+def _eos_frame(r: Run) -> pd.DataFrame:
+    """``step, lambda_eta_over_2`` from the logged sharpness and η (``sharpness_ratio`` when logged)."""
+    m = r.metrics()
+    col = next((c for c in ("sharpness", "lambda_max", "hessian_lambda_max") if c in m.columns), None)
+    if col is None:
+        return pd.DataFrame(columns=["step", "lambda_eta_over_2"])
+    if "sharpness_ratio" in m.columns:
+        out = m[["step", "sharpness_ratio"]].rename(columns={"sharpness_ratio": "lambda_eta_over_2"})
+    else:
+        lr = m["lr"] if "lr" in m.columns else float((r.optimizer_config or {}).get("lr", float("nan")))
+        out = pd.DataFrame({"step": m["step"], "lambda_eta_over_2": m[col] * lr / 2.0})
+    return out.dropna()
+
+
+with errors.guard("Run comparison"):
+    if len(chosen) < 1:
+        st.info("Select runs to compare.")
+        st.stop()
+    picked = {state.label(p): runs[p] for p in chosen}
+    eos = all(r.extra.get("phenomenon") == "edge_of_stability" for r in picked.values())
+    if eos:
+        frames = {name: _eos_frame(r) for name, r in picked.items()}
+        fig = figures.overlay_figure(
+            frames, x="step", y="lambda_eta_over_2", y_title="λ_max·η/2", hline=1.0,
+            hline_name="edge of stability (λ_max = 2/η)", title="Sharpness in units of 2/η",
+        )  # fmt: skip
+    else:
+        metrics = {name: r.metrics() for name, r in picked.items()}
+        common = sorted(set.intersection(*(set(m.select_dtypes("number").columns) for m in metrics.values())))
+        if not common:
+            st.info("The selected runs share no numeric metric column.")
+            st.stop()
+        sweeps = {r.extra.get("sweep_variable") for r in picked.values()}
+        x_default = next(iter(sweeps)) if len(sweeps) == 1 and None not in sweeps else "step"
+        x_default = x_default if x_default in common else common[0]
+        y_pref = ("test_mse", "test_error", "test_acc", "test_loss", "train_loss")
+        ys = [c for c in common if c != x_default]
+        y_default = next((c for c in y_pref if c in ys), ys[0] if ys else x_default)
+        c1, c2, c3, c4 = st.columns(4)
+        x = c1.selectbox("x-axis", common, index=common.index(x_default), key="cmp_x")
+        y = c2.selectbox("y-axis", ys or common, index=(ys or common).index(y_default), key="cmp_y")
+        log_x = c3.toggle("Log x-axis", value=x != "step", key="cmp_logx")
+        log_y = c4.toggle("Log y-axis", value=False, key="cmp_logy")
+        frames = {name: m.groupby(x, as_index=False)[y].mean() for name, m in metrics.items()}
+        fig = figures.overlay_figure(frames, x=x, y=y, log_x=log_x, log_y=log_y)
+    table = pd.concat([f.assign(run=name) for name, f in frames.items()], ignore_index=True)
+    downloads.chart(fig, table, "compare_runs", key="cmp_overlay")

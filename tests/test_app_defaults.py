@@ -1,0 +1,278 @@
+"""The app's defaults are right for the run: probes use the data the run was trained on (the whole
+split up to a budget, else a class-stratified subset), and page settings do not carry over between runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_app import _app, _select, _texts, make_tiny_run
+
+from dynascope.models import Run, build
+from dynascope.runner import plan, probe_data, stratified_indices
+from dynascope.store import ResultStore
+
+WIDE = {"name": "gaussian_mixture", "n_classes": 50, "dim": 2, "n_train": 2100, "n_test": 100, "seed": 0}
+
+
+def _wide_run(path: Path) -> Run:
+    """50 classes, 2100 training samples (over the app's 2048-sample budget); untrained checkpoints."""
+    model = build(name="mlp", in_dim=2, width=8, depth=1, out_dim=50, seed=0)
+    run = Run.create(path, model=model, dataset=WIDE, loss="cross_entropy", seed=0)
+    for step in (0, 1):
+        run.save_checkpoint(model, step)
+    return run
+
+
+def test_stratified_indices_keep_every_class_in_file_order() -> None:
+    y = torch.tensor([0] * 10 + [1] * 3 + [2] + [0] * 5)
+    idx = stratified_indices(y, 6)
+    assert idx.tolist() == [0, 1, 2, 3, 10, 13]  # every class, then proportional; file order kept
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 97, (2822,), generator=g)
+    idx = stratified_indices(labels, 2048)
+    assert len(idx) == 2048 and bool((idx.diff() > 0).all())
+    assert set(labels[idx].tolist()) == set(labels.tolist())  # every class present
+    counts = torch.bincount(labels[idx], minlength=97).float()
+    full = torch.bincount(labels, minlength=97).float() * 2048 / 2822
+    assert float((counts - full).abs().max()) <= 2.0  # proportions kept up to rounding
+    onehot = torch.nn.functional.one_hot(torch.tensor([2, 2, 2, 1, 0, 0]), 3).float()
+    assert stratified_indices(onehot, 3).tolist() == [0, 3, 4]
+    assert stratified_indices(torch.randn(10, 1), 4).tolist() == [0, 3, 6, 9]  # regression: spread
+
+
+def test_stratified_subset_has_its_own_cache_key(tmp_path: Path) -> None:
+    run = _wide_run(tmp_path / "wide")
+    x, y = probe_data(run, max_samples=100, sample="stratified")
+    assert len(y) == 100 and len(y.unique()) == 50
+    first = plan(run, "neural_collapse", step=1, max_samples=100)
+    strat = plan(run, "neural_collapse", step=1, max_samples=100, sample="stratified")
+    assert "sample" not in first.key and strat.key["sample"] == "stratified"
+    assert (
+        plan(run, "neural_collapse", step=1, sample="stratified").key
+        == plan(run, "neural_collapse", step=1).key
+    )
+    with pytest.raises(ValueError, match="sample must be one of"):
+        probe_data(run, max_samples=10, sample="random")
+
+
+def test_small_run_defaults_to_all_of_its_training_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "tiny")
+    at = _app(tmp_path, monkeypatch, "neural_collapse")
+    assert at.number_input(key="nc_max_samples").value == 0  # 0 = all
+    assert "Using all 48 train samples (the data the run was trained on)." in _texts(at.caption)
+    at.multiselect(key=f"nc_steps_{tmp_path / 'tiny'}").set_value([0, 20]).run()
+    at.button(key="nc_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    stored = ResultStore(tmp_path / "tiny").list("neural_collapse")
+    assert len(stored) == 2 and all(s.params["max_samples"] is None for s in stored)
+
+
+def test_large_run_defaults_to_a_stratified_subset_with_every_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _wide_run(tmp_path / "wide")
+    at = _app(tmp_path, monkeypatch, "neural_collapse")
+    assert at.number_input(key="nc_max_samples").value == 2048
+    assert at.radio(key="nc_sample").value == "stratified"
+    assert "class-stratified subset: 2048 of 2100 train samples, every class kept" in _texts(at.caption)
+    at.button(key="nc_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    stored = ResultStore(tmp_path / "wide").list("neural_collapse")
+    assert stored and all(
+        s.params["sample"] == "stratified" and s.params["max_samples"] == 2048 for s in stored
+    )
+    assert len(stored[0].result.to_frame()) >= 50  # every class has a row in the per-class detail
+
+
+def test_page_settings_are_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tiny_run(tmp_path / "a")
+    make_tiny_run(tmp_path / "b", seed=1)
+    at = _app(tmp_path, monkeypatch, "neural_collapse")
+    _select(at, "a")
+    at.number_input(key="nc_max_samples").set_value(16).run()
+    assert at.number_input(key="nc_max_samples").value == 16
+    _select(at, "b")
+    assert at.number_input(key="nc_max_samples").value == 0  # b's default, not a's setting
+
+
+def _dd_run(path: Path) -> Run:
+    run = Run.create(
+        path,
+        model={"name": "random_features", "in_dim": 4, "n_features": 10, "out_dim": 1},
+        dataset={"name": "teacher_student", "dim": 4, "n_train": 10, "n_test": 20},
+        extra={"sweep_variable": "n_features", "interpolation_threshold": 10},
+    )
+    ps = [2, 5, 8, 10, 12, 20, 40, 100]
+    mse = [1.0, 0.8, 2.0, 30.0, 3.0, 0.9, 0.6, 0.5]
+    run.log_metrics(
+        [
+            {"step": p, "n_features": p, "test_mse": m, "train_mse": max(1e-30, 1 - p / 10)}
+            for p, m in zip(ps, mse)
+        ]
+    )
+    run.save_checkpoint(build("random_features", in_dim=4, n_features=10, out_dim=1), 10)
+    return run
+
+
+def _values(v: object) -> list:
+    """A Plotly array as a list (typed arrays ``{"dtype", "bdata"}`` decoded)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).tolist()
+    return list(v)
+
+
+def _plotly_spec(at, index: int = 0) -> dict:
+    import json
+
+    return json.loads(at.get("plotly_chart")[index].proto.spec)
+
+
+def test_double_descent_defaults_to_test_error_on_a_linear_axis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dd_run(tmp_path / "dd")
+    at = _app(tmp_path, monkeypatch, "double_descent")
+    assert not at.error, _texts(at.error)
+    spec = _plotly_spec(at)
+    assert spec["layout"]["yaxis"].get("type", "linear") == "linear"
+    names = [t.get("name") for t in spec["data"]]
+    assert "test_mse" in names and "train_mse" not in names
+    test = next(t for t in spec["data"] if t.get("name") == "test_mse")
+    ys, xs = _values(test["y"]), _values(test["x"])
+    peak_x = xs[ys.index(max(ys))]
+    assert peak_x == 10  # the peak sits at p = n
+    at.toggle(key="dd_train").set_value(True).run()
+    at.toggle(key="dd_logy").set_value(True).run()
+    spec = _plotly_spec(at)
+    assert spec["layout"]["yaxis"]["type"] == "log" and "train_mse" in [t.get("name") for t in spec["data"]]
+
+
+def test_mode_connectivity_trains_a_seed_twin_and_defaults_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dynascope.recipes import RECIPES
+
+    tiny = {"trials": 1, "n_train": 20, "p_grid": [5, 10, 20, 40]}
+    RECIPES["double_descent"].run(tmp_path / "dd", small=True, progress=False, **tiny)
+    at = _app(tmp_path, monkeypatch, "mode_connectivity")
+    assert "No second run of this recipe yet" in _texts(at.markdown)
+    at.button(key="lmc_twin_start").click().run()
+    from lib import twins  # the module the app imported (same server-wide job registry)
+
+    job = twins.job_for(Run.open(tmp_path / "dd"))
+    assert job is not None and job.out == tmp_path / "dd-seed1"
+    job.thread.join(timeout=120)
+    assert job.done and job.error is None, job.error
+    at.run()
+    assert not at.exception and not at.error, _texts(at.error)
+    b = at.selectbox(key="lmc_run_b")
+    assert Path(b.value) == tmp_path / "dd-seed1"  # the default pair: two different runs
+    twin = Run.open(tmp_path / "dd-seed1")
+    assert twin.config["seed"] == 1 and twin.steps() == Run.open(tmp_path / "dd").steps()
+    assert "Seed twin `dd-seed1` trained in" in _texts(at.caption)
+
+
+def test_demo_banner_reports_the_real_duration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP
+
+    import dynascope.recipes.demos as demos_mod
+
+    def fake_ensure(root, *, progress=None, names=None):
+        progress("tiny-demo", 1, 1, {})
+        make_tiny_run(Path(root) / "tiny-demo", steps=(0, 5))
+        return {}
+
+    monkeypatch.setattr(demos_mod, "DEMOS", (demos_mod.DemoSpec("tiny-demo", "grokking", "A tiny demo"),))
+    monkeypatch.setattr(demos_mod, "ensure_demos", fake_ensure)
+    monkeypatch.setattr(demos_mod, "demo_complete", lambda path, s: Run.is_run(path))
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "1")
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    from lib import demos
+
+    job = demos.job_for(tmp_path)
+    job.thread.join(timeout=60)
+    assert job.finished_after is not None
+    at.run()
+    first = _texts(at.success)
+    assert f"generated in {job.finished_after:.0f} s" in first
+    time.sleep(1.2)
+    at.run()
+    assert _texts(at.success) == first  # the banner does not keep counting after the demos finished
+
+
+def _eos_like_run(path: Path, lr: float) -> Run:
+    """An EoS-style run at step size ``lr``: logged λ_max rising to 2/η and hovering there."""
+    model = build(name="mlp", in_dim=2, width=8, depth=1, out_dim=3, seed=0)
+    run = Run.create(
+        path, model=model, dataset={"name": "gaussian_mixture", "n_classes": 3, "dim": 2, "n_train": 48},
+        optimizer={"name": "sgd", "lr": lr}, extra={"phenomenon": "edge_of_stability"},
+    )  # fmt: skip
+    edge = 2.0 / lr
+    run.log_metrics(
+        [
+            {"step": s, "train_loss": 1.0 / (s + 1), "lr": lr, "sharpness": edge * min(1.0, 0.5 + s / 20)}
+            for s in range(0, 40, 5)
+        ]
+    )
+    run.save_checkpoint(model, 0)
+    return run
+
+
+def test_compare_runs_overlays_eos_runs_in_units_of_the_edge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _eos_like_run(tmp_path / "eos-lr0.5", 0.5)
+    _eos_like_run(tmp_path / "eos-lr0.25", 0.25)
+    make_tiny_run(tmp_path / "other")
+    at = _app(tmp_path, monkeypatch)
+    _select(at, "eos-lr0.5")
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and not at.error, _texts(at.error)
+    assert sorted(Path(p).name for p in at.multiselect(key="cmp_runs").value) == ["eos-lr0.25", "eos-lr0.5"]
+    spec = _plotly_spec(at)
+    traces = {t["name"]: t for t in spec["data"]}
+    assert {"eos-lr0.5", "eos-lr0.25"} <= set(traces)
+    for name in ("eos-lr0.5", "eos-lr0.25"):  # λ_max·η/2 reaches 1 (the edge) for both step sizes
+        assert max(_values(traces[name]["y"])) == pytest.approx(1.0)
+    assert spec["layout"]["yaxis"]["title"]["text"] == "λ_max·η/2"
+
+
+def test_compare_runs_overlays_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tiny_run(tmp_path / "a")
+    make_tiny_run(tmp_path / "b", seed=1)
+    at = _app(tmp_path, monkeypatch)
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and not at.error, _texts(at.error)
+    assert at.selectbox(key="cmp_y").value == "test_acc" and at.selectbox(key="cmp_x").value == "step"
+    names = [t["name"] for t in _plotly_spec(at)["data"]]
+    assert names == ["a", "b"]
+
+
+def test_runs_page_follows_a_recently_written_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    run = make_tiny_run(tmp_path / "live")
+    at = _app(tmp_path, monkeypatch)
+    assert at.toggle(key=f"runs_follow_{run.path}").value is True  # written just now: followed
+    labels = [m.label for m in at.metric]
+    assert "Latest checkpoint step" in labels and "Metric rows" in labels
+    old = run.path.parent / "old"
+    make_tiny_run(old)
+    past = os.stat(old / "run.json").st_mtime - 3600
+    for f in [old / "run.json", old / "metrics.csv", old / "checkpoints", *(old / "checkpoints").iterdir()]:
+        os.utime(f, (past, past))
+    at.run()
+    _select(at, "old")
+    assert at.toggle(key=f"runs_follow_{old}").value is False  # a finished run is not polled

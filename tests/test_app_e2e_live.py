@@ -1,0 +1,103 @@
+"""Live runs in the browser: a writer process appends checkpoints and metrics.csv rows to a run while
+its Runs page is open; the page follows them (polling the run folder) without a reload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_app_e2e import CHROMIUM, CHROMIUM_ARGS, REPO, _free_port, _settle, _shot, _wait_healthy
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and not os.environ.get("CI"),
+        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium); CI always runs this",
+    ),
+]
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from dynascope.models import Run
+    run = Run.open(sys.argv[1])
+    model = run.load_model(run.steps()[-1])
+    for i in range(1, 7):
+        time.sleep(1.5)
+        step = 20 + 5 * i
+        run.log_metrics([{"step": step, "train_loss": 1.0 / step, "test_loss": 1.2 / step, "lr": 0.2}])
+        run.save_checkpoint(model, step)
+    """
+)
+
+
+@pytest.fixture()
+def live_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    from test_app import make_tiny_run
+
+    make_tiny_run(tmp_path / "runs" / "live")
+    port = _free_port()
+    env = {**os.environ, "DYNASCOPE_RUNS_DIR": str(tmp_path / "runs"), "DYNASCOPE_DEMOS": "0"}
+    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "main.py"),
+         "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, tmp_path / "runs" / "live"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _metric(page, label: str) -> str:
+    box = page.locator('.st-key-runs_live [data-testid="stMetric"]').filter(has_text=label).first
+    return box.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def test_runs_page_follows_a_run_being_written(live_server) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, run_path = live_server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(url)
+        page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
+        _settle(page)
+        page.locator(".st-key-runs_live").wait_for(timeout=30_000)  # just written: followed by default
+        assert _metric(page, "Latest checkpoint step") == "20"
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run_path)], cwd=REPO)
+        try:
+            seen = {"20"}
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                seen.add(_metric(page, "Latest checkpoint step"))
+                if "50" in seen:
+                    break
+                page.wait_for_timeout(500)
+            assert writer.wait(timeout=60) == 0
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+        assert "50" in seen and len(seen) >= 3, seen  # intermediate steps appeared too, no reload
+        page.wait_for_timeout(2500)
+        assert _metric(page, "Checkpoints") == "10"  # 4 + 6 new
+        assert int(_metric(page, "Metric rows")) == 21 + 6
+        _shot(page, "runs_live")
+        browser.close()
