@@ -7,7 +7,8 @@ Two spectra of the MLP of bench/bench_hessian.py (10.9k parameters, 2048 samples
 * outlier-dominated: the same network after 60 Adam steps (a few outliers carry most of ``‖H‖_F²``).
 References: exact traces ``Σ_i e_iᵀ H e_i`` in float64 (P unit-vector products; cached). For each seed and
 budget (100, 200 products), each method runs with that seed; reported: rms of the relative error over seeds,
-and how often "auto" chose Hutch++. The target: auto's rms ≤ min(Hutchinson, Hutch++) + 10 % (relative). """
+and how often "auto" chose Hutch++. The target: auto's rms ≤ min(Hutchinson, Hutch++) + 10 % (relative).
+"""
 
 from __future__ import annotations
 
