@@ -30,6 +30,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from .collapse import NC_FIELDS
 from .results import Result, atomic_write_bytes
 
 TEMPLATE = "dynascope"
@@ -331,17 +332,6 @@ def gradient_coherence(result: Any) -> go.Figure:
     return _finish(fig, head)
 
 
-NC_FIELDS = (
-    "nc1",
-    "nc1_trace_ratio",
-    "nc2_equinorm",
-    "nc2_equinorm_classifier",
-    "nc2_equiangular",
-    "nc2_equiangular_classifier",
-    "nc2_etf_distance",
-    "nc3",
-    "nc4",
-)
 
 
 def neural_collapse(result: Any) -> go.Figure:

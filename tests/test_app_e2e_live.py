@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_app_e2e import CHROMIUM, CHROMIUM_ARGS, REPO, _free_port, _settle, _shot, _wait_healthy
+from test_app_e2e import CHROMIUM, CHROMIUM_ARGS, REPO, _settle, _shot, app_server
 
 pytestmark = [
     pytest.mark.e2e,
@@ -43,26 +43,8 @@ def live_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     from test_app import make_tiny_run
 
     make_tiny_run(tmp_path / "runs" / "live")
-    port = _free_port()
-    env = {**os.environ, "DYNASCOPE_RUNS_DIR": str(tmp_path / "runs"), "DYNASCOPE_DEMOS": "0"}
-    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "main.py"),
-         "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
+    with app_server(tmp_path / "runs", tmp_path / "streamlit.log") as url:
         yield url, tmp_path / "runs" / "live"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _metric(page, label: str) -> str:
