@@ -21,11 +21,7 @@ BATCH_PERMUTATION_OFFSET = 104729
 #: run of Hessian directions in the same call).
 LANDSCAPE_DIRECTION_OFFSET = 15485863
 
-#: Trace ``method="auto"`` choosing Hutchinson: its probes after the shared sketch come from ``seed + 7``.
-AUTO_HUTCHINSON_OFFSET = 7
-
 __all__ = [
-    "AUTO_HUTCHINSON_OFFSET",
     "BATCH_PERMUTATION_OFFSET",
     "DEFLATION_OFFSET",
     "LANCZOS_RESTART_STRIDE",

@@ -50,7 +50,6 @@ from .curvature_setup import RecordingOperator, spectral_meta
 from .lanczos import breakdown_rtol
 from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
-from .seeds import AUTO_HUTCHINSON_OFFSET
 from .validation import check_choice, check_int
 
 TRACE_METHODS = ("auto", "hutch++", "hutchinson", "krylov++")
@@ -186,14 +185,19 @@ def auto_trace(
         Hutch++ when  (‖A‖_F² − c) / (m − 2r)  <  ‖A‖_F² / m,   else Hutchinson,
 
     i.e. when the sketch holds more than ``2r/m ≈ 2/3`` of ``‖A‖_F²`` (outlier-dominated spectra).
-    Either way the result is exactly that estimator at ``m`` products (Hutchinson reuses the ``r``
-    sketch samples and draws ``m − r`` more).
+    Either way the result is exactly that estimator at ``m`` products: the probes are those of
+    ``hutchinson(op, m, seed)``, so choosing Hutchinson returns exactly its estimate (the sketch's ``r``
+    samples are its first ``r``), and Hutch++ deflates the sketch and probes the residual with the next
+    ``m − 2r`` columns.
     """
     if n_matvecs < 4:
         raise ValueError(f"auto needs n_matvecs >= 4 (as hutch++); got {n_matvecs}")
     r = min(n_matvecs // 3, op.size)
     s = n_matvecs - 2 * r
-    probes = random_vectors(op.size, r + s, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher")
+    # the same probes as hutchinson(op, m, seed): when Hutchinson is chosen the result is exactly its own
+    probes = random_vectors(
+        op.size, n_matvecs, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher"
+    )
     S = probes[:, :r]
     AS = _sketch(op, S, block)
     frob2 = float(AS.double().pow(2).sum(dim=0).mean())
@@ -205,14 +209,12 @@ def auto_trace(
     captured = min(max(captured, 0.0), frob2)
     ratio = ((frob2 - captured) / max(s, 1)) / (frob2 / n_matvecs) if frob2 > 0 else 1.0
     if ratio < 1.0:
-        est, se, res, low = _deflate_sketch(op, AS, probes[:, r:], block)
+        est, se, res, low = _deflate_sketch(op, AS, probes[:, r : r + s], block)
         method = "hutch++"
     else:
-        more = random_vectors(
-            op.size, n_matvecs - r, seed=seed + AUTO_HUTCHINSON_OFFSET, dtype=op.dtype, device=op.device,
-            kind="rademacher",
-        )  # fmt: skip
-        res = torch.cat([(S.double() * AS.double()).sum(dim=0).cpu(), _quadratic_forms(op, more, block)])
+        res = torch.cat(
+            [(S.double() * AS.double()).sum(dim=0).cpu(), _quadratic_forms(op, probes[:, r:], block)]
+        )
         est, se, low = float(res.mean()), float(res.std() / math.sqrt(res.numel())), 0.0
         method = "hutchinson"
     return est, se, res, low, AutoChoice(frob2, captured / frob2 if frob2 else 0.0, ratio, method)
