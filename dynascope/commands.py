@@ -374,6 +374,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
                 recompute=args.recompute, progress=bar, params=params, split=args.split,
                 max_samples=args.max_samples, device=ctx.device if ctx.active else args.device,
             )  # fmt: skip
+            if ctx.active:  # every rank past its last collective before any tears the group down
+                torch.distributed.barrier()
         finally:
             if bar is not None:
                 bar.close()

@@ -71,6 +71,7 @@ def _worker(rank: int, port: int, out_dir: str, run_dir: str) -> None:
                 params={"n_matvecs": 12, "dtype": torch.float64},
             )  # fmt: skip
             assert (rows is None) == (rank != 0)
+        torch.distributed.barrier()  # both ranks done with every collective before the group goes away
     finally:
         torch.distributed.destroy_process_group()
 
