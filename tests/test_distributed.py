@@ -107,10 +107,15 @@ def test_sharded_probes_equal_single_process(tmp_path: Path) -> None:
         "import sys; sys.path.insert(0, sys.argv[1]); import test_distributed as t; t._spawn(*sys.argv[2:])"
     )
     args = [str(Path(__file__).resolve().parent), str(_free_port()), str(tmp_path), str(run.path)]
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tries = 0
+    for _ in range(3):  # a gloo rank aborted at start (SIGABRT, no Python error) in full CI runs only
+        tries += 1
+        args[1] = str(_free_port())
+        cmd = [sys.executable, "-c", code, *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode == 0 or "SIGABRT" not in proc.stderr:
+            break
+    assert proc.returncode == 0, f"attempt {tries}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
     model, data = _model_and_data()
     ref = _probes(model, data)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
