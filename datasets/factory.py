@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -101,6 +102,25 @@ def absolute_ref(ref: str) -> str:
     if _is_file_ref(mod):
         return f"{Path(mod).expanduser().resolve()}:{attr}"
     return ref
+
+
+def normalize_factory_spec(out: dict[str, Any], spec: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Check and complete a ``{"factory": ref, "kwargs": {...}}`` spec in place (``what``: "model"/"data"):
+    the ref names a function, the kwargs are a JSON-able dict, and a file ref becomes absolute."""
+    if not is_factory_ref(out["factory"]):
+        raise ValueError(
+            f"{what} spec {dict(spec)}: 'factory' must be 'pkg.module:function' or 'path/file.py:function'"
+        )
+    kwargs = out.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{what} spec {dict(spec)}: 'kwargs' must be a dict")
+    try:
+        json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} spec {dict(spec)}: kwargs are not JSON-able ({e})") from None
+    out["kwargs"] = dict(kwargs)
+    out["factory"] = absolute_ref(out["factory"])
+    return out
 
 
 def ref_fingerprint(ref: str) -> dict[str, Any]:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .factory import absolute_ref, call_factory, is_factory_ref, ref_fingerprint
+from .factory import call_factory, is_factory_ref, normalize_factory_spec, ref_fingerprint
 from .registry import DatasetSplit, defaults, load
 
 __all__ = ["DATA_SPEC_FORMS", "normalize_data_spec", "load_spec", "data_fingerprint", "data_spec_kind"]
@@ -97,20 +96,7 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
                 f"{list(TENSOR_SUFFIXES + TABLE_SUFFIXES)}"
             )
         return out
-    if not is_factory_ref(out["factory"]):
-        raise ValueError(
-            f"data spec {dict(spec)}: 'factory' must be 'pkg.module:function' or 'path/file.py:function'"
-        )
-    kwargs = out.get("kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise ValueError(f"data spec {dict(spec)}: 'kwargs' must be a dict")
-    try:
-        json.dumps(kwargs, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"data spec {dict(spec)}: kwargs are not JSON-able ({e})") from None
-    out["kwargs"] = dict(kwargs)
-    out["factory"] = absolute_ref(out["factory"])
-    return out
+    return normalize_factory_spec(out, spec, "data")
 
 
 # ------------------------------------------------------------------------------------------ readers

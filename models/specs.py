@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datasets.factory import absolute_ref, call_factory, is_factory_ref, ref_fingerprint
+from ..datasets.factory import (
+    call_factory,
+    is_factory_ref,
+    normalize_factory_spec,
+    ref_fingerprint,
+)
 from .checkpoints import file_sha256
 from .outputs import attach_logits_rule
 from .registry import CONFIG_ATTR, build, normalize_config
@@ -89,20 +93,7 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         )
     out["seed"] = _seed(out)
     if kind == "factory":
-        if not is_factory_ref(out["factory"]):
-            raise ValueError(
-                f"model spec {dict(spec)}: 'factory' must be 'pkg.module:function' or 'path/file.py:function'"
-            )
-        kwargs = out.get("kwargs") or {}
-        if not isinstance(kwargs, Mapping):
-            raise ValueError(f"model spec {dict(spec)}: 'kwargs' must be a dict")
-        try:
-            json.dumps(kwargs, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"model spec {dict(spec)}: kwargs are not JSON-able ({e})") from None
-        out["kwargs"] = dict(kwargs)
-        out["factory"] = absolute_ref(out["factory"])
-        return out
+        return normalize_factory_spec(out, spec, "model")
     if not isinstance(out["hf"], str) or not out["hf"]:
         raise ValueError(f"model spec {dict(spec)}: 'hf' must be the path of a save_pretrained folder")
     out["hf"] = str(Path(out["hf"]).expanduser().resolve())
