@@ -33,23 +33,39 @@ def determinism_rtol(dtype: torch.dtype) -> float:
 
 class RecordingOperator(LinearOperator):
     """Delegates to ``op``, counting only the products requested through it; :meth:`determinism`
-    checks afterwards that a product comes out the same twice."""
+    checks afterwards that a product comes out the same twice.
 
-    #: Products one determinism check costs (holding nothing while the algorithm runs).
-    DETERMINISM_MATVECS = 2
+    When ``op`` computes every column on its own (:attr:`CurvatureOperator.columnwise`), the first
+    column of the algorithm's first product is kept (two vectors) and the check recomputes only it:
+    one product instead of two."""
 
     def __init__(self, op: LinearOperator) -> None:
         super().__init__(op.size, op.dtype, op.device)
         self.inner = op
+        self._first: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._keep_first = bool(getattr(op, "columnwise", False))
+        self.determinism_matvecs = 0
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.inner.matmat(V)
+        out = self.inner.matmat(V)
+        if self._keep_first and self._first is None:
+            self._first = (V[:, 0].clone(), out[:, 0].clone())
+        return out
 
     def determinism(self, seed: int = 0) -> float:
-        """``‖A v − A v‖ / ‖A v‖`` for one seeded random ``v`` evaluated twice in the same shape
-        (a batched and a one-vector product may differ in rounding; that is not nondeterminism)."""
-        v = random_vectors(self.size, 1, seed=seed, dtype=self.dtype, device=self.device)
-        first, again = self.inner.matmat(v), self.inner.matmat(v)
+        """``‖A v − A v‖ / ‖A v‖`` for one vector evaluated twice in the same shape (a batched and a
+        one-vector product may differ in rounding; that is not nondeterminism): the algorithm's first
+        column against a recomputation when products are column-wise, else a seeded random ``v``
+        twice. Sets :attr:`determinism_matvecs` to the products it cost (1 or 2)."""
+        if self._first is not None:
+            v, first = self._first
+            again = self.inner.matmat(v[:, None])[:, 0]
+            self.determinism_matvecs = 1
+        else:
+            v = random_vectors(self.size, 1, seed=seed, dtype=self.dtype, device=self.device)
+            first, again = self.inner.matmat(v), self.inner.matmat(v)
+            self.determinism_matvecs = 2
+        self._first = None
         return float((again - first).norm()) / (float(first.norm()) or 1.0)
 
 
@@ -67,8 +83,8 @@ def spectral_meta(
 ) -> dict[str, Any]:
     """The ``.meta`` block of a spectral probe.
 
-    ``n_matvecs`` counts the algorithm's operator-vector products; the determinism check (two
-    more product, when enabled) is counted separately in ``determinism_matvecs``.
+    ``n_matvecs`` counts the algorithm's operator-vector products; the determinism check (one or
+    two more products, when enabled) is counted separately in ``determinism_matvecs``.
     """
     n_matvecs = rec.n_matvecs if rec is not None else op.n_matvecs
     n_passes = rec.n_passes if rec is not None else op.n_passes
@@ -87,7 +103,7 @@ def spectral_meta(
         wall_time_s=wall,
         seed=seed,
         determinism_rel_diff=det,
-        determinism_matvecs=RecordingOperator.DETERMINISM_MATVECS if det is not None else 0,
+        determinism_matvecs=rec.determinism_matvecs if (rec is not None and det is not None) else 0,
         determinism_rtol=rtol if det is not None else None,
         deterministic=None if det is None else bool(det <= rtol),
         stochastic_modules=stochastic,

@@ -55,6 +55,20 @@ def breakdown_rtol(dtype: torch.dtype) -> float:
 
 WHICH = ("LA", "SA", "LM", "BE")
 
+#: The default ``max_basis`` holds at most this many bytes of vectors when the model is large (it only
+#: binds above ~10M float32 parameters at small k), but never fewer than ``2k' + 4 + 2b`` vectors.
+BASIS_MEMORY_BYTES = 2**30
+
+
+def default_max_basis(n_want: int, b: int, size: int, itemsize: int) -> int:
+    """``min(3k' + 20 + 2b, BASIS_MEMORY_BYTES / (P · itemsize))``, at least ``2k' + 4 + 2b``, at most P.
+
+    ``3k' + 20 + 2b`` lets a run find ``k'`` values without restarting on typical Hessians; on large
+    models the memory cap trades restarts (more products) for a smaller peak."""
+    full = 3 * n_want + 20 + 2 * b
+    fits = BASIS_MEMORY_BYTES // max(size * itemsize, 1)
+    return min(size, max(2 * n_want + 4 + 2 * b, min(full, fits)))
+
 
 @dataclass(frozen=True)
 class EigshOutput:
@@ -64,8 +78,8 @@ class EigshOutput:
     ``residuals`` ``‖A y − θ y‖`` (float64), ``converged`` (bool per value), ``n_matvecs``,
     ``n_iter`` (basis vectors expanded, = products), ``n_passes`` (``matmat`` calls),
     ``block_size``, ``n_restarts`` (thick restarts), ``n_runs`` (runs after locking, see
-    :func:`eigsh`) and ``peak_basis_vectors`` (most vectors of length P held at once: locked vectors,
-    basis and the product block).
+    :func:`eigsh`), ``peak_basis_vectors`` (most vectors of length P held at once: locked vectors,
+    basis and the product block) and ``max_basis`` (the cap it ran under).
     """
 
     values: torch.Tensor
@@ -79,6 +93,7 @@ class EigshOutput:
     n_restarts: int = 0
     n_runs: int = 1
     peak_basis_vectors: int = 0
+    max_basis: int = 0
 
     def memory_bytes(self, size: int, dtype: torch.dtype) -> int:
         """Bytes of the solver's vectors at their peak for an operator of ``size`` in ``dtype``."""
@@ -92,6 +107,7 @@ class EigshOutput:
             "n_restarts": self.n_restarts,
             "n_runs": self.n_runs,
             "peak_basis_vectors": self.peak_basis_vectors,
+            "max_basis": self.max_basis,
             "solver_memory_bytes": self.memory_bytes(size, dtype),
             "solver_memory_formula": "(locked + basis + product block) vectors × P × dtype bytes",
         }
@@ -425,8 +441,9 @@ def eigsh(
     start (the first block is then ``j`` wide, at least ``block_size``). ``max_iter``: budget of
     operator-vector products (default ``max(300, 60 k)``). ``block_size``: ``b ≥ 1`` (default 2, or 1 when
     a single value is wanted: copies of λ_max cannot change it).
-    ``max_basis``: most vectors held (locked + basis + the product block; default ``3 k' + 20 + 2 b``
-    for ``k'`` wanted values, at most P), so memory is at most ``max_basis · P`` numbers of the
+    ``max_basis``: most vectors held (locked + basis + the product block; default
+    :func:`default_max_basis`: ``3 k' + 20 + 2 b`` for ``k'`` wanted values, fewer when that would
+    exceed :data:`BASIS_MEMORY_BYTES`), so memory is at most ``max_basis · P`` numbers of the
     operator's dtype.
     ``basis_device``: where the vectors live (e.g. ``"cpu"`` while the products run on a GPU).
 
@@ -451,7 +468,8 @@ def eigsh(
     budget = max_iter if max_iter is not None else max(300, 60 * k)
     if budget < n_want:
         raise ValueError(f"max_iter={budget} is smaller than the number of wanted eigenvalues {n_want}")
-    cap = min(P, max_basis if max_basis is not None else 3 * n_want + 20 + 2 * b)
+    itemsize = torch.empty(0, dtype=op.dtype).element_size()
+    cap = min(P, max_basis) if max_basis is not None else default_max_basis(n_want, b, P, itemsize)
     if cap < min(P, n_want + 2 * b):
         raise ValueError(
             f"max_basis={cap} is too small: it must hold the {n_want} wanted vectors plus two blocks "
@@ -532,6 +550,7 @@ def eigsh(
         n_restarts=restarts,
         n_runs=runs,
         peak_basis_vectors=peak,
+        max_basis=cap,
     )
 
 

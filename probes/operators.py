@@ -276,6 +276,15 @@ class CurvatureOperator(LinearOperator):
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.fallbacks: list[str] = []  # slower product paths taken, in order (see _fallback)
 
+    @property
+    def columnwise(self) -> bool:
+        """Whether each column of a ``matmat`` is computed on its own (one backward per vector, no
+        reduction across ranks), so a column's product does not depend on the block it came in."""
+        per_vector = self.backend == "double_backward" or (
+            self.backend == "graph" and not self._batched_double_backward
+        )
+        return per_vector and self.reduce_fn is None
+
     def meta(self) -> dict[str, Any]:
         """The operator's keys of a probe's ``.meta`` (the same in every probe that uses one):
         ``operator, loss, reduction, n_samples, n_params, dtype, device, mode, backend``."""

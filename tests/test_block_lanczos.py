@@ -120,6 +120,23 @@ def test_memory_is_bounded_by_the_basis() -> None:
     assert out.memory_bytes(500, torch.float64) == out.peak_basis_vectors * 500 * 8
 
 
+def test_default_max_basis_is_capped_by_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynascope.probes import lanczos
+
+    # small models: 3k' + 20 + 2b; ResNet-18 in float32 (11.2M): 1 GiB holds 24 vectors; floor 2k' + 4 + 2b
+    assert lanczos.default_max_basis(3, 2, 10_000, 4) == 33
+    assert lanczos.default_max_basis(3, 2, 11_173_962, 4) == 24
+    assert lanczos.default_max_basis(3, 2, 100_000_000, 4) == 14
+    assert lanczos.default_max_basis(3, 2, 20, 8) == 20  # never more than P
+    # the cap binds in eigsh: a 1 KiB budget on a 500-dimensional float64 problem -> the floor, still exact
+    monkeypatch.setattr(lanczos, "BASIS_MEMORY_BYTES", 1024)
+    lam = torch.cat([torch.tensor([9.0, 8.5, 8.0]), torch.linspace(-1, 7, 497)]).double()
+    out = eigsh(DenseOperator(_rotated(lam, seed=8)), k=3, tol=1e-9, max_iter=4000)
+    assert out.max_basis == 14 and out.peak_basis_vectors <= 14 and out.n_restarts > 0
+    assert torch.allclose(out.values, torch.tensor([9.0, 8.5, 8.0], dtype=torch.float64), rtol=1e-8)
+    assert bool(out.converged.all())
+
+
 def test_basis_on_another_device_gives_the_same_values() -> None:
     A = _rotated(torch.linspace(-2, 5, 80).double(), seed=7)
     a = eigsh(DenseOperator(A), k=3, tol=1e-10)

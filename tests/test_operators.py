@@ -141,6 +141,28 @@ def test_eval_mode_is_used_and_restored() -> None:
     rec = RecordingOperator(op)
     rec.matvec(torch.randn(op.size, dtype=torch.float64))
     assert rec.determinism() == 0.0
+    assert rec.determinism_matvecs == 1  # column-wise CPU products: only the first column is recomputed
+
+
+class _Noisy(nn.Module):
+    """Adds fresh noise on every forward: products that recompute the forward differ between calls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn_like(x)
+
+
+@pytest.mark.parametrize("backend", ["double_backward", "func"])
+def test_determinism_check_catches_a_stochastic_forward(backend: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _Noisy(), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    op = CurvatureOperator(model, (x, y), backend="func")
+    op.backend = backend  # "double_backward": the per-vector path that an op without vmap rules falls to
+    assert op.columnwise is (backend == "double_backward")
+    rec = RecordingOperator(op)
+    rec.matmat(torch.randn(op.size, 3, dtype=torch.float64))
+    assert rec.determinism() > 1e-3
+    assert rec.determinism_matvecs == (1 if backend == "double_backward" else 2)
 
 
 def test_parameter_block_is_principal_submatrix() -> None:
