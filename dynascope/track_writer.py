@@ -6,8 +6,9 @@ still written atomically (temp file, fsync, rename), so a reader, or a process k
 each file whole or not at all, a visible checkpoint has its optimizer state, and metrics rows and status
 never name a checkpoint that is not yet on disk (they are written after every job handed over before them).
 
-* At most ``max_pending`` checkpoint snapshots wait at once; a further one waits for the writer (memory
-  stays bounded; the wait counts as tracker time).
+* Checkpoint snapshots wait for the writer while their total size stays within ``max_pending_bytes``
+  (default 256 MiB; one snapshot may always wait, however large); a further one waits for the writer
+  before it is taken (memory stays bounded; the wait counts as tracker time).
 * A flush handed over while the previous flush is still the last job waiting merges into it (rows by step,
   the newest status), so a fast loop with frequent flushes never builds a queue.
 * A job that raises is recorded and the writer goes on with the next jobs; :meth:`Writer.errors` hands the
@@ -41,17 +42,22 @@ class Writer:
     """Run write jobs in order on one daemon thread (module docstring)."""
 
     def __init__(
-        self, *, threaded: bool = True, max_pending: int = 1, name: str = "dynascope-tracker"
+        self, *, threaded: bool = True, max_pending_bytes: int = 256 << 20, name: str = "dynascope-tracker"
     ) -> None:
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        if (
+            isinstance(max_pending_bytes, bool)
+            or not isinstance(max_pending_bytes, int)
+            or max_pending_bytes < 0
+        ):
+            raise ValueError(f"max_pending_bytes must be a non-negative int, got {max_pending_bytes!r}")
         self.threaded = threaded
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0  # snapshots handed over and not yet written
         self.busy_seconds = 0.0
         self.jobs_done = 0
         self._errors: list[str] = []
         self._jobs: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
-        self._slots = threading.BoundedSemaphore(max_pending)
         self._running = 0  # jobs taken off the queue and not finished
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -64,26 +70,34 @@ class Writer:
         """Queue ``fn`` (runs after every job queued before it)."""
         self._put(_Job(fn, "job"))
 
-    def submit_checkpoint(self, snapshot: Callable[[], Callable[[], None]]) -> float:
-        """Wait for a free checkpoint slot, then call ``snapshot()`` (on this thread: it copies what to
-        write) and queue the job it returns. Returns the seconds waited for the slot."""
+    def submit_checkpoint(self, snapshot: Callable[[], Callable[[], None]], nbytes: int) -> float:
+        """Wait until a snapshot of ``nbytes`` fits (module docstring), then call ``snapshot()`` on this
+        thread (it copies what to write) and queue the job it returns. Returns the seconds waited."""
         t0 = time.perf_counter()
-        self._slots.acquire()
+        with self._cond:
+            while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                self._cond.wait()
+            self._pending_bytes += nbytes
         waited = time.perf_counter() - t0
         try:
             fn = snapshot()
         except BaseException:
-            self._slots.release()
+            self._release(nbytes)
             raise
 
         def job() -> None:
             try:
                 fn()
             finally:
-                self._slots.release()
+                self._release(nbytes)
 
         self._put(_Job(job, "checkpoint"))
         return waited
+
+    def _release(self, nbytes: int) -> None:
+        with self._cond:
+            self._pending_bytes -= nbytes
+            self._cond.notify_all()
 
     def flush(self, rows: list[dict[str, Any]], status: dict[str, Any] | None, write: FlushFn) -> None:
         """Queue writing ``rows`` and ``status`` with ``write(rows, status)``; merges into a waiting flush."""

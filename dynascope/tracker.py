@@ -387,7 +387,7 @@ class Tracker:
             call_params(self.run, p.runner_name, p.params)
         self._writer = Writer(threaded=background_writes)
         weakref.finalize(self, self._writer.close)  # a tracker dropped without close() stops its thread
-        self._write_status_now("running")
+        self._writer.flush([], self._status("running"), self._write_rows_and_status)
         self._setup_s = time.perf_counter() - t0
         ref = weakref.ref(self)
         atexit.register(lambda: (t := ref()) is not None and not t.closed and t.close())
@@ -626,7 +626,17 @@ class Tracker:
 
             return write
 
-        self._writer.submit_checkpoint(snapshot)
+        nbytes = sum(
+            t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor)
+        )
+        if opt is not None:  # optimizer state: tensors per parameter (exp_avg, momentum_buffer, ...)
+            nbytes += sum(
+                v.numel() * v.element_size()
+                for st in opt.state.values()
+                for v in st.values()
+                if isinstance(v, Tensor)
+            )
+        self._writer.submit_checkpoint(snapshot, nbytes)
         self._last_checkpoint = step
 
     def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> None:
