@@ -284,6 +284,7 @@ class _InlineProbe:
         self.params = params
         self.max_samples: int | None = ntk_samples if self.runner_name == "ntk" else None
         self.seconds = 0.0
+        self.first_seconds: float | None = None  # the first run (cold, outside the budget rule)
         self.runs = 0
         self.previous: Any = None  # last result, for warm starts
         self.warning: str | None = None  # the last warning the probe raised
@@ -299,6 +300,7 @@ class _InlineProbe:
             "every_requested": self.interval.requested, "params": self.params,
             "max_samples": self.max_samples, "runs": self.runs,
             "seconds": round(self.seconds, 6), "last_cost_seconds": None if cost is None else round(cost, 6),
+            "first_run_seconds": None if self.first_seconds is None else round(self.first_seconds, 6),
             **({"last_warning": self.warning} if self.warning else {}),
             **({"error": self.error} if self.error else {}),
         }  # fmt: skip
@@ -576,6 +578,8 @@ class Tracker:
                 self._run_probe(p, step, lr)
                 dt = _clock() - t0
                 p.seconds += dt
+                if p.first_seconds is None:
+                    p.first_seconds = dt
                 p.interval.cost = dt + (0.0 if scheduled else ck)  # the checkpoint was written for it
                 self._budget.add_own("probe", dt)
                 parts += dt
@@ -763,6 +767,10 @@ class Tracker:
             "over_budget": b.over_budget(),
         }  # fmt: skip
 
+    def status_probes(self) -> dict[str, dict[str, Any]]:
+        """Each inline probe's summary as in ``tracker.json`` (interval, runs, seconds, first run's cost)."""
+        return {p.name: p.summary() for p in self._probes}
+
     @property
     def skipped(self) -> list[dict[str, Any]]:
         """Inline probe runs deferred by the overhead budget: ``{"step", "probe", "every", "reason"}``."""
@@ -778,7 +786,7 @@ class Tracker:
         status = {
             "schema": STATUS_SCHEMA, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
             "started": self._started, "step": self._last_step,
-            "probes": {p.name: p.summary() for p in self._probes}, "overhead": self.overhead,
+            "probes": self.status_probes(), "overhead": self.overhead,
             "skipped": list(self._skipped), "relaxed": list(self._relaxed),
         }  # fmt: skip
         if error:
