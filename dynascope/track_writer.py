@@ -13,7 +13,8 @@ never name a checkpoint that is not yet on disk (they are written after every jo
   the newest status), so a fast loop with frequent flushes never builds a queue.
 * A job that raises is recorded and the writer goes on with the next jobs; :meth:`Writer.errors` hands the
   records to the training thread (the tracker raises them at its next call).
-* ``threaded=False`` runs every job at once on the caller's thread (the same order and files).
+* ``threaded=False`` runs every job at once on the caller's thread (the same order and files); so does a
+  writer after :meth:`Writer.close`.
 """
 
 from __future__ import annotations
@@ -111,15 +112,21 @@ class Writer:
             if status is not None:
                 last.status = status
             self._cond.notify_all()
-        if not self.threaded:
+        if self._inline():
             self._run_queued()
 
     def _put(self, job: _Job) -> None:
         with self._cond:
             self._jobs.append(job)
             self._cond.notify_all()
-        if not self.threaded:
+        if self._inline():
             self._run_queued()
+
+    def _inline(self) -> bool:
+        """Jobs run on the caller's thread without a writer thread, or once it is stopped (``close()``)."""
+        return not self.threaded or (
+            self._stop and not (self._thread is not None and self._thread.is_alive())
+        )
 
     # ------------------------------------------------------------------ the writer
     def _execute(self, job: _Job) -> None:
@@ -159,7 +166,7 @@ class Writer:
     # ------------------------------------------------------------------ waiting, errors
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued job is done; ``False`` if ``timeout`` passed first."""
-        if not self.threaded:
+        if self._inline():
             self._run_queued()
             return True
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -379,6 +379,7 @@ class Tracker:
         self._relaxed: list[dict[str, Any]] = []
         self._writer: Writer | None = None
         self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._pid = os.getpid()  # a forked child (e.g. a DataLoader worker) never writes
         if not self.writer:
             return
         t0 = time.perf_counter()
@@ -388,7 +389,10 @@ class Tracker:
         for p in self._probes:  # unknown parameters fail here, not at the first due step
             call_params(self.run, p.runner_name, p.params)
         self._writer = Writer(threaded=background_writes)
-        weakref.finalize(self, self._writer.close)  # a tracker dropped without close() stops its thread
+        stop = weakref.finalize(
+            self, self._writer.close
+        )  # a tracker dropped without close() stops its thread
+        stop.atexit = False  # at exit, close() (registered below) drains the writer itself
         self._writer.flush([], self._status("running"), self._write_rows_and_status)
         self._setup_s = time.perf_counter() - t0
         ref = weakref.ref(self)
@@ -548,7 +552,7 @@ class Tracker:
         """Call after optimizer update number ``step`` (0 for the initial weights): logs ``metrics``,
         hands the checkpoint to the writer when the schedule says so, runs the due inline probes the budget
         admits (module docstring). Raises ``RunError`` when a background write failed."""
-        if not self.writer or self.closed:
+        if not self.writer or self.closed or os.getpid() != self._pid:
             return
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"Tracker.step: step must be a non-negative int, got {step!r}")
@@ -802,7 +806,7 @@ class Tracker:
     def close(self, error: str | None = None) -> None:
         """Checkpoint the last step (if not yet saved), write every row, wait for the writer, mark the run
         finished (or failed). Raises ``RunError`` when a background write failed."""
-        if self.closed:
+        if self.closed or os.getpid() != self._pid:
             return
         if not (self.writer and self.run is not None and self._writer is not None):
             self.closed = True

@@ -181,7 +181,11 @@ def test_writer_bounds_waiting_snapshots_and_records_errors() -> None:
     w.submit(lambda: taken.append("after"))
     assert w.drain(timeout=30)
     assert w.errors() == ["OSError: disk full"] and w.errors() == [] and taken[-1] == "after"
-    w.close(timeout=30)
+    assert w.close(timeout=30)
+    w.submit(
+        lambda: taken.append("late")
+    )  # a closed writer runs jobs in place: nothing waits on a dead thread
+    assert taken[-1] == "late" and w.drain(timeout=1)
     sync = Writer(threaded=False)
     sync.submit(lambda: taken.append("now"))
     assert taken[-1] == "now" and sync.pending == 0
