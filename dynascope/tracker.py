@@ -68,7 +68,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -621,7 +621,7 @@ class Tracker:
         opt = self.optimizer if self.save_optimizer else None
         run, written = self.run, self._written
 
-        def snapshot():
+        def snapshot() -> Callable[[], None]:
             from dynascope.models.runs import optimizer_state_by_name
 
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
