@@ -339,6 +339,15 @@ def _call_params(run: Any, spec: ProbeSpec, params: Mapping[str, Any] | None) ->
     return call
 
 
+def call_params(run: Run | str, probe: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments :func:`plan` resolves for ``probe`` on ``run`` (``plan(...).call``) without a
+    checkpoint: function defaults < spec defaults < ``params``, plus the run's loss. ``ValueError`` for an
+    unknown probe or parameter."""
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; choose one of {sorted(PROBES)}")
+    return _call_params(_as_run(run), PROBES[probe], params)
+
+
 def plan(
     run: Run | str,
     probe: str,
@@ -608,6 +617,7 @@ __all__ = [
     "cached",
     "cached_result",
     "cached_results",
+    "call_params",
     "compute",
     "get_or_compute",
     "plan",

@@ -39,9 +39,19 @@ and app find them as cached results:
   ``grad_norm`` = ‖mean gradient‖ (plug-in) and ``coherence_alpha``;
 * ``"ntk"`` / ``"ntk_alignment"`` → ``ntk`` on the first ``ntk_samples`` samples (``max_samples``).
 
-Overhead budget: the tracker times the training between its calls and its own probes; a due probe is skipped
-when running it (at its last measured cost) would push probe time above ``budget`` × training time, and its
-interval is doubled; every skip is recorded in ``tracker.json`` (``skipped``). ``budget=None`` never skips.
+Writes leave the training thread: a checkpoint is a CPU snapshot of the weights and optimizer state taken
+at once, written (atomically, fsynced) by one background writer thread, in order with the metrics rows, the
+status and the inline results (:mod:`dynascope.track_writer`; ``background_writes=False`` writes on the
+training thread). A step's metrics row is written with the next flush after that step (``log()`` calls
+after ``step()`` join it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``.
+
+Overhead budget (:mod:`dynascope.track_budget`): the tracker times the training between its calls and its
+own time on the training thread — checkpoint snapshots, hand-offs to the writer and waits for it, inline
+probes — and keeps that total under ``budget`` × training time (default 10 %): a due probe whose last cost
+would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skipped``) and its interval
+doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
+budget. Checkpoints on the schedule are never deferred nor dropped; when they alone exceed the budget the
+status's ``overhead.over_budget`` says so. ``budget=None`` never defers.
 Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls return at once.
 """
 
@@ -58,15 +68,18 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dynascope.models import Run, checkpoint_due
+from dynascope.models import Run, RunError, checkpoint_due
 from dynascope.models.atomic import atomic_write_text
+
+from .track_budget import Interval, OverheadBudget
+from .track_writer import Writer
 
 __all__ = ["Tracker", "run_status", "describe_status", "STATUS_FILE", "INLINE_PROBES"]
 
@@ -85,6 +98,8 @@ INLINE_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: a heartbeat older than this (seconds) counts as stale when the writer's pid cannot be checked
 STALE_AFTER_S = 300.0
+#: the clock of the overhead budget (a module attribute so tests can replace it)
+_clock = time.perf_counter
 
 
 # ------------------------------------------------------------------------------------------ status
@@ -249,7 +264,7 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ the tracker
 class _InlineProbe:
-    """One inline probe: runner name, parameters, interval (stretched by the budget) and timings."""
+    """One inline probe: runner name, parameters, interval (stretched / relaxed by the budget), timings."""
 
     def __init__(self, name: str, spec: int | Mapping[str, Any], ntk_samples: int) -> None:
         if name not in INLINE_PROBES:
@@ -265,24 +280,28 @@ class _InlineProbe:
             every = spec
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"inline probe {name!r}: the interval must be a positive int, got {every!r}")
-        self.every = self.requested_every = every
+        self.interval = Interval(every)
         self.params = params
         self.max_samples: int | None = ntk_samples if self.runner_name == "ntk" else None
-        self.last_seconds: float | None = None
         self.seconds = 0.0
+        self.first_seconds: float | None = None  # the first run (cold, outside the budget rule)
         self.runs = 0
         self.previous: Any = None  # last result, for warm starts
         self.warning: str | None = None  # the last warning the probe raised
         self.error: str | None = None  # set when the probe failed: it is switched off
 
     def due(self, step: int) -> bool:
-        return self.error is None and step % self.every == 0
+        return self.error is None and self.interval.due(step)
 
     def summary(self) -> dict[str, Any]:
+        cost = self.interval.cost
         return {
-            "probe": self.runner_name, "every": self.every, "every_requested": self.requested_every,
-            "params": self.params, "max_samples": self.max_samples, "runs": self.runs,
-            "seconds": round(self.seconds, 6), **({"last_warning": self.warning} if self.warning else {}),
+            "probe": self.runner_name, "every": self.interval.every,
+            "every_requested": self.interval.requested, "params": self.params,
+            "max_samples": self.max_samples, "runs": self.runs,
+            "seconds": round(self.seconds, 6), "last_cost_seconds": None if cost is None else round(cost, 6),
+            "first_run_seconds": None if self.first_seconds is None else round(self.first_seconds, 6),
+            **({"last_warning": self.warning} if self.warning else {}),
             **({"error": self.error} if self.error else {}),
         }  # fmt: skip
 
@@ -299,7 +318,9 @@ class Tracker:
     ``lr``: an lr schedule dict (:mod:`dynascope.models.schedules`) or a constant stored in run.json.
     ``schedule`` / ``checkpoint_every``: the checkpoint schedule (:func:`dynascope.models.checkpoint_due`).
     ``probes``: ``{name: every}`` or ``{name: {"every": n, **params}}`` (names: :data:`INLINE_PROBES`).
-    ``budget``: the most inline probe time as a fraction of training time (``None``: no limit).
+    ``budget``: the most tracker time (probes, checkpoint snapshots, hand-offs) as a fraction of training
+    time (``None``: no limit; the rule is in the module docstring). ``background_writes``: write files on a
+    background thread (default) or on the training thread.
     """
 
     def __init__(
@@ -324,6 +345,7 @@ class Tracker:
         extra: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         heartbeat_s: float = 5.0,
+        background_writes: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -347,21 +369,32 @@ class Tracker:
         self._probes = [_InlineProbe(n, s, ntk_samples) for n, s in (probes or {}).items()]
         self._rows: dict[int, dict[str, Any]] = {}
         self._last_step: int | None = None
-        self._last_checkpoint: int | None = None
-        self._train_s = 0.0
-        self._probe_s = 0.0
-        self._checkpoint_s = 0.0
-        self._write_s = 0.0
-        self._n_checkpoints = 0
+        self._last_checkpoint: int | None = None  # the last checkpoint handed to the writer
+        self._written: dict[str, Any] = {"last_checkpoint": None, "checkpoints_written": 0}  # by the writer
+        self._budget = OverheadBudget(self.budget)
+        self._setup_s = self._close_s = 0.0
         self._resumed_at: float | None = None
-        self._last_beat = 0.0
+        self._last_flush = _clock()
         self._skipped: list[dict[str, Any]] = []
+        self._relaxed: list[dict[str, Any]] = []
+        self._writer: Writer | None = None
         self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._pid = os.getpid()  # a forked child (e.g. a DataLoader worker) never writes
         if not self.writer:
             return
         t0 = time.perf_counter()
         self._setup(data, loss, lr, probe_samples, model_spec, seed, notes, extra, overwrite)
-        self._write_s += time.perf_counter() - t0
+        from dynascope.runner import call_params
+
+        for p in self._probes:  # unknown parameters fail here, not at the first due step
+            call_params(self.run, p.runner_name, p.params)
+        self._writer = Writer(threaded=background_writes)
+        stop = weakref.finalize(
+            self, self._writer.close
+        )  # a tracker dropped without close() stops its thread
+        stop.atexit = False  # at exit, close() (registered below) drains the writer itself
+        self._writer.flush([], self._status("running"), self._write_rows_and_status)
+        self._setup_s = time.perf_counter() - t0
         ref = weakref.ref(self)
         atexit.register(lambda: (t := ref()) is not None and not t.closed and t.close())
 
@@ -423,7 +456,6 @@ class Tracker:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._device = device
         self._batch = (batch[0].to(device), batch[1].to(device))
-        self._write_status("running")
 
     def _model_spec(self, given: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
         """``(spec, info, hf_config_to_save)``: the model spec of the run (module docstring)."""
@@ -518,86 +550,129 @@ class Tracker:
 
     def step(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Call after optimizer update number ``step`` (0 for the initial weights): logs ``metrics``,
-        writes the checkpoint when the schedule says so, runs due inline probes within the budget."""
-        if not self.writer or self.closed:
+        hands the checkpoint to the writer when the schedule says so, runs the due inline probes the budget
+        admits (module docstring). Raises ``RunError`` when a background write failed."""
+        if not self.writer or self.closed or os.getpid() != self._pid:
             return
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"Tracker.step: step must be a non-negative int, got {step!r}")
-        now = time.perf_counter()
+        start = _clock()
         if self._resumed_at is not None:
-            self._train_s += now - self._resumed_at
+            self._budget.add_train(start - self._resumed_at)
+        parts = 0.0  # seconds of this call booked as checkpoint or probe time; the rest is "write"
         try:
+            self._raise_write_errors()
             if self._last_step is not None and step <= self._last_step:
                 self.log(step, metrics)  # e.g. gradient accumulation: one update, several calls
                 return
             self._last_step = step
             lr = self.current_lr()
             self.log(step, {**({"lr": lr} if lr is not None else {}), **dict(metrics or {})})
-            due = [p for p in self._probes if p.due(step) and self._within_budget(p, step)]
-            if due or checkpoint_due(step, self.schedule, every=self.checkpoint_every):
+            due = self._admit(step)
+            scheduled = checkpoint_due(step, self.schedule, every=self.checkpoint_every)
+            ck = 0.0
+            if due or scheduled:
+                t0 = _clock()
                 self._checkpoint(step)
+                ck = _clock() - t0
+                self._budget.add_own("checkpoint", ck)
+                parts += ck
             for p in due:
+                t0 = _clock()
                 self._run_probe(p, step, lr)
-            if due or time.perf_counter() - self._last_beat >= self.heartbeat_s:
-                self.flush()
+                dt = _clock() - t0
+                p.seconds += dt
+                if p.first_seconds is None:
+                    p.first_seconds = dt
+                p.interval.cost = dt + (0.0 if scheduled else ck)  # the checkpoint was written for it
+                self._budget.add_own("probe", dt)
+                parts += dt
+                if self._budget.relax(p.interval):
+                    self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
+            if due or scheduled or _clock() - self._last_flush >= self.heartbeat_s:
+                self._flush(upto=step)
         finally:
-            self._resumed_at = time.perf_counter()
+            end = _clock()
+            self._budget.add_own("write", end - start - parts)
+            self._resumed_at = end
 
-    def _within_budget(self, p: _InlineProbe, step: int) -> bool:
-        """Run ``p`` now unless its last cost would push probe time above ``budget`` × training time
-        (then its interval doubles and the skip is recorded). A probe's first run always happens."""
-        if self.budget is None or p.last_seconds is None:
-            return True
-        allowed = self.budget * self._train_s
-        if self._probe_s + p.last_seconds <= allowed:
-            return True
-        p.every *= 2
-        self._skipped.append({
-            "step": step, "probe": p.name, "every": p.every,
-            "reason": f"probe time {self._probe_s:.3g} s + {p.last_seconds:.3g} s would exceed "
-                      f"{self.budget:g} × training time {self._train_s:.3g} s",
-        })  # fmt: skip
-        return False
+    def _admit(self, step: int) -> list[_InlineProbe]:
+        """The due probes the budget admits at ``step``; the deferred ones are recorded in ``skipped``."""
+        out: list[_InlineProbe] = []
+        planned = 0.0
+        for p in self._probes:
+            if not p.due(step):
+                continue
+            run, reason = self._budget.decide(p.interval, planned)
+            if run:
+                out.append(p)
+                planned += p.interval.cost or 0.0
+            else:
+                self._skipped.append(
+                    {"step": step, "probe": p.name, "every": p.interval.every, "reason": reason}
+                )
+        return out
 
     def _checkpoint(self, step: int) -> None:
-        assert self.run is not None
-        t0 = time.perf_counter()
+        """Snapshot weights (and optimizer state) to CPU now; the writer writes them."""
+        assert self.run is not None and self._writer is not None
         model = _unwrap_model(self.model)
         row = {k: v for k, v in self._rows.get(step, {}).items() if k != "step"}
-        self.run.save_checkpoint(
-            model, step, optimizer=self.optimizer if self.save_optimizer else None, metrics=row
+        opt = self.optimizer if self.save_optimizer else None
+        run, written = self.run, self._written
+
+        def snapshot() -> Callable[[], None]:
+            from dynascope.models.runs import optimizer_state_by_name
+
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            named = optimizer_state_by_name(opt, model) if opt is not None else None  # CPU copies
+
+            def write() -> None:
+                run.save_checkpoint(state, step, optimizer=named, metrics=row)
+                written["last_checkpoint"] = step
+                written["checkpoints_written"] += 1
+
+            return write
+
+        nbytes = sum(
+            t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor)
         )
+        if opt is not None:  # optimizer state: tensors per parameter (exp_avg, momentum_buffer, ...)
+            nbytes += sum(
+                v.numel() * v.element_size()
+                for st in opt.state.values()
+                for v in st.values()
+                if isinstance(v, Tensor)
+            )
+        self._writer.submit_checkpoint(snapshot, nbytes)
         self._last_checkpoint = step
-        self._n_checkpoints += 1
-        self._checkpoint_s += time.perf_counter() - t0
 
     def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> None:
-        """Compute ``p`` on the in-memory model and store it under the runner's key for this checkpoint."""
-        from dynascope.runner import PROBES, plan, store_result
+        """Compute ``p`` on the in-memory model; the writer stores it under the runner's key for the
+        checkpoint of ``step`` (queued before it)."""
+        from dynascope.runner import PROBES, call_params, plan, store_result
 
-        assert self.run is not None
-        t0 = time.perf_counter()
+        assert self.run is not None and self._writer is not None
         params = dict(p.params)
         if p.runner_name == "sharpness" and lr is not None and lr > 0 and "lr" not in params:
             params["lr"] = lr
         max_samples = p.max_samples if p.max_samples is not None else self._max_samples
         if p.max_samples is not None and self._max_samples is not None:
             max_samples = min(p.max_samples, self._max_samples)
-        pl = plan(self.run, p.runner_name, step=step, params=params, max_samples=max_samples,
-                  device=self._device)  # fmt: skip
+        call = call_params(self.run, p.runner_name, params)
         n = max_samples if max_samples is not None else self._batch[0].shape[0]
         data = (self._batch[0][:n], self._batch[1][:n])
-        call = dict(pl.call)
+        kwargs = dict(call)
         fn = PROBES[p.runner_name].resolve()
         if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():
-            call["v0"] = p.previous
+            kwargs["v0"] = p.previous
         model = _unwrap_model(self.model)
         was_training = model.training
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                result = fn(model, data, **call)
+                result = fn(model, data, **kwargs)
             except Exception as e:  # noqa: BLE001 - a probe must never stop the user's training
                 p.error = f"step {step}: {type(e).__name__}: {e}"
                 result = None
@@ -610,21 +685,25 @@ class Tracker:
                 UserWarning,
                 stacklevel=3,
             )
-            self._probe_s += time.perf_counter() - t0
             return
         if caught:  # recorded once per probe in tracker.json instead of repeated in the user's log
             p.warning = f"step {step}: {caught[-1].message}"
-        store_result(pl, result)
+        run, name, device = self.run, p.runner_name, self._device
+
+        def store() -> None:
+            pl = plan(run, name, step=step, params=params, max_samples=max_samples, device=device)
+            if pl.call != call:  # never store a number under a key that does not describe it
+                raise RuntimeError(f"inline {name} at step {step}: the runner's call {pl.call} != {call}")
+            store_result(pl, result)
+
+        self._writer.submit(store)
         if p.runner_name == "sharpness" and getattr(result, "eigenvectors", None) is not None:
             p.previous = result.eigenvectors
         elif p.runner_name == "hessian_eigenvalues" and getattr(result, "vectors", None) is not None:
             p.previous = result
         row = self._rows.setdefault(step, {"step": step})
         row.update(self._probe_metrics(p.runner_name, result))
-        dt = time.perf_counter() - t0
-        p.last_seconds, p.runs = dt, p.runs + 1
-        p.seconds += dt
-        self._probe_s += dt
+        p.runs += 1
 
     @staticmethod
     def _probe_metrics(name: str, r: Any) -> dict[str, Any]:
@@ -641,57 +720,112 @@ class Tracker:
         return {}
 
     # ------------------------------------------------------------------ writing
-    def flush(self) -> None:
-        """Write buffered metrics rows and the status file now."""
-        if not self.writer or self.run is None:
-            return
-        t0 = time.perf_counter()
-        if self._rows:
-            rows = [self._rows[s] for s in sorted(self._rows)]
-            self._rows = {}
+    def _flush(self, upto: int | None = None) -> None:
+        """Hand the metrics rows of steps before ``upto`` (all when None) and the status to the writer."""
+        assert self._writer is not None
+        rows = [self._rows.pop(s) for s in sorted(self._rows) if upto is None or s < upto]
+        self._writer.flush(rows, self._status("running"), self._write_rows_and_status)
+        self._last_flush = _clock()
+
+    def _write_rows_and_status(self, rows: list[dict[str, Any]], status: dict[str, Any] | None) -> None:
+        """The writer's flush: append ``rows`` to metrics.csv, then write the status file."""
+        assert self.run is not None
+        if rows:
             self.run.log_metrics(rows)
-        self._write_status("running" if not self.closed else "finished")
-        self._write_s += time.perf_counter() - t0
+        if status is not None:
+            atomic_write_text(
+                self.path / STATUS_FILE, json.dumps({**status, **self._written_now()}, indent=2) + "\n"
+            )
+
+    def _written_now(self) -> dict[str, Any]:
+        return {**self._written, "heartbeat": time.time()}
+
+    def flush(self) -> None:
+        """Write every buffered metrics row and the status file now (waits for the writer)."""
+        if not self.writer or self.run is None or self.closed or self._writer is None:
+            return
+        self._flush(None)
+        self._writer.drain()
+        self._raise_write_errors()
+
+    def _raise_write_errors(self) -> None:
+        errors = self._writer.errors() if self._writer is not None else []
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise RunError(self.path, f"the tracker's background write failed: {errors[0]}{more}")
 
     @property
     def overhead(self) -> dict[str, Any]:
-        """Seconds spent training (between calls), in inline probes, writing checkpoints and other files."""
-        train = self._train_s
+        """Seconds spent training (between calls) and in the tracker on the training thread (probes,
+        checkpoint snapshots and hand-offs, writes), its fraction of training time, the budget, the
+        background writer's busy seconds, setup and close seconds, and ``over_budget`` (a note or None)."""
+        b = self._budget
+        train = b.train
         return {
-            "train_seconds": round(train, 6), "probe_seconds": round(self._probe_s, 6),
-            "checkpoint_seconds": round(self._checkpoint_s, 6), "write_seconds": round(self._write_s, 6),
-            "probe_fraction": self._probe_s / train if train > 0 else None, "budget": self.budget,
+            **b.summary(),
+            "probe_seconds": round(b.own["probe"], 6), "checkpoint_seconds": round(b.own["checkpoint"], 6),
+            "write_seconds": round(b.own["write"], 6),
+            "probe_fraction": b.own["probe"] / train if train > 0 else None,
+            "background_write_seconds": round(self._writer.busy_seconds, 6) if self._writer else 0.0,
+            "setup_seconds": round(self._setup_s, 6), "close_seconds": round(self._close_s, 6),
+            "over_budget": b.over_budget(),
         }  # fmt: skip
+
+    def status_probes(self) -> dict[str, dict[str, Any]]:
+        """Each inline probe's summary as in ``tracker.json`` (interval, runs, seconds, first run's cost)."""
+        return {p.name: p.summary() for p in self._probes}
 
     @property
     def skipped(self) -> list[dict[str, Any]]:
-        """Inline probe runs skipped by the overhead budget: ``{"step", "probe", "every", "reason"}``."""
+        """Inline probe runs deferred by the overhead budget: ``{"step", "probe", "every", "reason"}``."""
         return list(self._skipped)
 
-    def _write_status(self, state: str, error: str | None = None) -> None:
+    @property
+    def relaxed(self) -> list[dict[str, Any]]:
+        """Stretched intervals halved again by the budget: ``{"step", "probe", "every"}``."""
+        return list(self._relaxed)
+
+    def _status(self, state: str, error: str | None = None) -> dict[str, Any]:
+        """The status (``tracker.json``) as the training thread sees it; the writer adds what it wrote."""
         status = {
             "schema": STATUS_SCHEMA, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
-            "started": self._started, "heartbeat": time.time(), "step": self._last_step,
-            "last_checkpoint": self._last_checkpoint, "checkpoints_written": self._n_checkpoints,
-            "probes": {p.name: p.summary() for p in self._probes}, "overhead": self.overhead,
-            "skipped": self._skipped,
+            "started": self._started, "step": self._last_step,
+            "probes": self.status_probes(), "overhead": self.overhead,
+            "skipped": list(self._skipped), "relaxed": list(self._relaxed),
         }  # fmt: skip
         if error:
             status["error"] = error
-        atomic_write_text(self.path / STATUS_FILE, json.dumps(status, indent=2) + "\n")
-        self._last_beat = time.perf_counter()
+        return status
+
+    def _write_status_now(self, state: str, error: str | None = None) -> None:
+        atomic_write_text(
+            self.path / STATUS_FILE,
+            json.dumps({**self._status(state, error), **self._written_now()}, indent=2) + "\n",
+        )
 
     def close(self, error: str | None = None) -> None:
-        """Checkpoint the last step (if not yet saved), flush metrics, mark the run finished (or failed)."""
-        if self.closed:
+        """Checkpoint the last step (if not yet saved), write every row, wait for the writer, mark the run
+        finished (or failed). Raises ``RunError`` when a background write failed."""
+        if self.closed or os.getpid() != self._pid:
             return
-        if self.writer and self.run is not None:
+        if not (self.writer and self.run is not None and self._writer is not None):
+            self.closed = True
+            return
+        t0 = time.perf_counter()
+        try:
             if self._last_step is not None and self._last_checkpoint != self._last_step and error is None:
                 self._checkpoint(self._last_step)
-            self.flush()
+            self._flush(None)
+        finally:
             self.closed = True
-            self._write_status("failed" if error else "finished", error)
-        self.closed = True
+            self._writer.close()
+            errors = self._writer.errors()
+            if errors and error is None:
+                error = f"background write failed: {errors[0]}"
+            self._close_s = time.perf_counter() - t0
+            self._write_status_now("failed" if error else "finished", error)
+        if errors:
+            raise RunError(self.path, f"the tracker's background write failed: {'; '.join(errors)}")
 
     def __repr__(self) -> str:
         return f"Tracker({str(self.path)!r}, step={self._last_step}, probes={[p.name for p in self._probes]})"

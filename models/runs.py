@@ -455,6 +455,8 @@ class Run:
     ) -> CheckpointInfo:
         """Write ``checkpoints/step_<step>.safetensors`` (+ ``.optim.pt`` when ``optimizer`` is given).
 
+        ``model`` may be a state dict (a snapshot) when ``optimizer`` is one too, keyed by name
+        (:func:`optimizer_state_by_name`).
         A model built by ``build`` must match the run's architecture (the seed may differ).
         The optimizer file is written first, so a visible checkpoint always has its optimizer state.
         """
@@ -476,9 +478,11 @@ class Run:
         if metrics:
             meta["metrics"] = {str(k): _scalar(v, str(k)) for k, v in metrics.items()}
         if optimizer is not None:
-            if not isinstance(model, nn.Module):
+            named_already = isinstance(optimizer, Mapping) and optimizer.get("format") == OPTIM_FORMAT
+            if not isinstance(model, nn.Module) and not named_already:
                 raise TypeError(
-                    "saving optimizer state needs the model (for parameter names), not a state_dict"
+                    "saving optimizer state needs the model (for parameter names), not a state_dict, "
+                    "unless the state is already keyed by name (optimizer_state_by_name)"
                 )
             named = optimizer_state_by_name(optimizer, model)
             opt_path = self.checkpoint_dir / f"step_{step:06d}.optim.pt"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fresh_process import free_port, run_fresh
 
 from dynascope import distributed as D
 from dynascope.datasets.batching import BatchSource
@@ -76,12 +76,6 @@ def _worker(rank: int, port: int | str, out_dir: str, run_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _make_run(path: Path) -> Run:
     run = Run.create(path, model=MODEL, dataset=DATASET, optimizer={"name": "sgd", "lr": 0.5})
     model = run.build_model()
@@ -100,21 +94,12 @@ def _spawn(port: int, out_dir: str, run_dir: str) -> None:
 @pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, more on a loaded machine
 def test_sharded_probes_equal_single_process(tmp_path: Path) -> None:
     run = _make_run(tmp_path / "run")
-    # the two ranks are spawned from a fresh interpreter: state left in this pytest process by earlier tests
-    # (Hugging Face / Lightning imports, inductor settings) made a spawned rank abort in the full suite
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR")}
+    # the ranks start from a fresh interpreter, retried on a start-up SIGABRT (tests/fresh_process.py)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_distributed as t; t._spawn(*sys.argv[2:])"
     )
-    args = [str(Path(__file__).resolve().parent), str(_free_port()), str(tmp_path), str(run.path)]
-    tries = 0
-    for _ in range(3):  # a gloo rank aborted at start (SIGABRT, no Python error) in full CI runs only
-        tries += 1
-        args[1] = str(_free_port())
-        cmd = [sys.executable, "-c", code, *args]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode == 0 or "SIGABRT" not in proc.stderr:
-            break
+    args = [str(Path(__file__).resolve().parent), "port", str(tmp_path), str(run.path)]
+    proc, tries = run_fresh(code, args, port_arg=1)
     assert proc.returncode == 0, f"attempt {tries}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
     model, data = _model_and_data()
     ref = _probes(model, data)
@@ -175,7 +160,7 @@ def test_torchrun_cli_matches_single_process(tmp_path: Path) -> None:
     """`torchrun --nproc_per_node=2 -m dynascope probe ...` shards the data and writes once."""
     run = _make_run(tmp_path / "run")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "dynascope", "probe",
+    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "dynascope", "probe",
            "hessian_eigenvalues", str(run.path), "--step", "5", "--param", "k=2",
            "--param", "dtype=float64"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,5 +1,5 @@
 """dynascope.Tracker inside a real Lightning Trainer and a real Hugging Face Trainer (tiny models, CPU), and a
-training process killed with SIGKILL leaving a readable run."""
+training process killed with SIGKILL leaving a readable run, one that ends without close() a finished one."""
 
 from __future__ import annotations
 
@@ -183,3 +183,34 @@ def test_killed_training_leaves_a_readable_run(tmp_path: Path) -> None:
     )
     assert listed["status"].startswith("stopped without closing")
     assert json.loads((path / STATUS_FILE).read_text())["pid"] == proc.pid
+
+
+EXIT_SCRIPT = """
+import sys, torch, dynascope
+from dynascope.models import build
+model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+tr = dynascope.Tracker(sys.argv[1], model, data=(x, y), loss="cross_entropy", optimizer=opt,
+                       schedule="linear", checkpoint_every=5, probes={"lambda_max": 5}, budget=None,
+                       heartbeat_s=1e9)
+tr.step(0)
+for s in range(1, 13):
+    opt.zero_grad(); loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
+    tr.step(s, metrics={"train_loss": loss.item()})
+# no close(): the interpreter's exit closes the tracker and waits for the background writer
+"""
+
+
+def test_a_script_that_ends_without_close_leaves_a_finished_complete_run(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(EXIT_SCRIPT)
+    cmd = [sys.executable, str(script), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = run_status(tmp_path / "run")
+    assert status["state"] == "finished" and status["step"] == 12 and status["last_checkpoint"] == 12
+    run = dynascope.open_run(tmp_path / "run")
+    assert run.steps == [0, 5, 10, 12] and run.metrics["step"].tolist() == list(range(13))
+    assert len(run.cached("sharpness")) == 3

@@ -1,0 +1,97 @@
+"""dynascope.Tracker under a real torch.distributed process group: two gloo ranks train a DDP model and
+both call the tracker with the same run folder; only rank 0 writes, and the folder is complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from fresh_process import run_fresh
+
+import dynascope
+from dynascope.tracker import run_status
+
+WORLD = 2
+STEPS = 12
+LR = 0.1
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+
+def _worker(rank: int, port: str, run_dir: str, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dynascope.models import build
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        model = DistributedDataParallel(build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0))
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        x, y = _data()
+        xs, ys = x[rank::WORLD], y[rank::WORLD]  # each rank trains on its shard
+        threads_before = threading.active_count()
+        tr = dynascope.Tracker(run_dir, model, data=(x, y), loss="cross_entropy", optimizer=opt, budget=None,
+                               schedule="linear", checkpoint_every=4, probes={"lambda_max": 6})  # fmt: skip
+        tr.step(0)
+        for s in range(1, STEPS + 1):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xs), ys)
+            loss.backward()  # all-reduces the gradients: both ranks hold the same weights
+            opt.step()
+            tr.step(s, metrics={"train_loss": loss})
+        tr.close()
+        info = {
+            "writer": tr.writer, "has_run": tr.run is not None, "has_writer_thread": tr._writer is not None,
+            "new_threads": threading.active_count() - threads_before, "pid": os.getpid(),
+        }  # fmt: skip
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(info))
+        torch.save(model.module.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn(port: str, run_dir: str, out_dir: str) -> None:
+    mp.spawn(_worker, args=(port, run_dir, out_dir), nprocs=WORLD, join=True)
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, more on a loaded machine
+def test_only_rank_zero_writes_under_a_gloo_process_group(tmp_path: Path) -> None:
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_tracker_distributed as t; "
+        "t._spawn(*sys.argv[2:])"
+    )
+    proc, tries = run_fresh(
+        code, [str(Path(__file__).resolve().parent), "port", str(run_dir), str(out)], port_arg=1
+    )
+    assert proc.returncode == 0, f"attempt {tries}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD))
+    assert r0["writer"] and r0["has_run"] and r0["has_writer_thread"]
+    # rank 1: no run object, no writer thread, nothing written (the status file is rank 0's)
+    assert not r1["writer"] and not r1["has_run"] and not r1["has_writer_thread"] and r1["new_threads"] == 0
+    status = run_status(run_dir)
+    assert status["state"] == "finished" and status["pid"] == r0["pid"] and status["step"] == STEPS
+    run = dynascope.open_run(run_dir)
+    assert run.steps == [0, 4, 6, 8, 12]  # "linear" every 4, the probe steps (6, 12), the last step
+    m = run.metrics
+    assert m["step"].tolist() == list(range(STEPS + 1))  # one writer: no duplicated rows
+    assert m["train_loss"].notna().sum() == STEPS and m["lambda_max"].notna().sum() == 3
+    assert len(run.cached("sharpness")) == 3
+    # the checkpoints hold the (DDP-synchronised) weights, saved under the module's names
+    final = torch.load(out / "rank1.pt")
+    for k, v in run.model(STEPS).state_dict().items():
+        torch.testing.assert_close(v, final[k], rtol=0, atol=0)
+    assert not list(run_dir.glob("**/.*.tmp"))  # no write left half-done
