@@ -7,7 +7,7 @@ the peak (``/proc/self/clear_refs``), run the work, read the peak RSS (``VmHWM``
 product of the same operator ``hessian_eigenvalues`` builds (the cached first-order graph included);
 the solver's *increase* is its peak minus that. Bound to meet: ``(max_basis + 4) · P · 4`` bytes
 (float32), ``max_basis`` the default cap the solver ran under (``probes.lanczos.default_max_basis``:
-``3k + 20 + 2b``, block ``b`` = 1 for k = 1 else 2, fewer vectors when that exceeds 1 GiB). Linux only.
+``3k + 20 + 2b``, block ``b`` = 1 for k = 1 else 2, fewer vectors when that exceeds 768 MiB). Linux only.
 
 Cases: an MLP 256-2000-2000-10 (4.53M parameters) on 256 samples, k = 1, 3, 10; and the registry's
 ResNet-18 (widths 64-128-256-512, two blocks per stage, 11.2M parameters) on 64 images 3×32×32, k = 3.

@@ -55,9 +55,9 @@ def breakdown_rtol(dtype: torch.dtype) -> float:
 
 WHICH = ("LA", "SA", "LM", "BE")
 
-#: The default ``max_basis`` holds at most this many bytes of vectors when the model is large (it only
-#: binds above ~10M float32 parameters at small k), but never fewer than ``2k' + 4 + 2b`` vectors.
-BASIS_MEMORY_BYTES = 2**30
+#: The default ``max_basis`` holds at most this many bytes of vectors on large models (at k = 3 it binds
+#: above 6.1M float32 parameters: ResNet-18 gets 18 vectors), but never fewer than ``2k' + 4 + 2b``.
+BASIS_MEMORY_BYTES = 768 * 2**20
 
 
 def default_max_basis(n_want: int, b: int, size: int, itemsize: int) -> int:

@@ -123,9 +123,9 @@ def test_memory_is_bounded_by_the_basis() -> None:
 def test_default_max_basis_is_capped_by_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     from dynascope.probes import lanczos
 
-    # small models: 3k' + 20 + 2b; ResNet-18 in float32 (11.2M): 1 GiB holds 24 vectors; floor 2k' + 4 + 2b
+    # small models: 3k' + 20 + 2b; ResNet-18 in float32 (11.2M): 768 MiB hold 18 vectors; floor 2k' + 4 + 2b
     assert lanczos.default_max_basis(3, 2, 10_000, 4) == 33
-    assert lanczos.default_max_basis(3, 2, 11_173_962, 4) == 24
+    assert lanczos.default_max_basis(3, 2, 11_173_962, 4) == 18
     assert lanczos.default_max_basis(3, 2, 100_000_000, 4) == 14
     assert lanczos.default_max_basis(3, 2, 20, 8) == 20  # never more than P
     # the cap binds in eigsh: a 1 KiB budget on a 500-dimensional float64 problem -> the floor, still exact
