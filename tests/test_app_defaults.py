@@ -276,3 +276,36 @@ def test_runs_page_follows_a_recently_written_run(tmp_path: Path, monkeypatch: p
     at.run()
     _select(at, "old")
     assert at.toggle(key=f"runs_follow_{old}").value is False  # a finished run is not polled
+
+
+def test_eos_page_draws_the_preconditioned_series_of_an_adam_recipe_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Adam EoS recipe run has optimizer state at every checkpoint after step 0; by default the page
+    selects those checkpoints and draws λ_max(P⁻¹H) at each of them against the 38/η line."""
+    from dynascope.recipes import RECIPES
+
+    run = RECIPES["edge_of_stability_adam"].run(
+        tmp_path / "adam", small=True, progress=False, steps=40, checkpoint_every=10, width=16, depth=1
+    )
+    at = _app(tmp_path, monkeypatch)
+    _select(at, "adam")
+    at.switch_page("views/edge_of_stability.py").run()
+    assert not at.exception, at.exception
+    with_state = [s for s in run.steps() if run.load_optimizer_state(s)["state"]]
+    assert with_state == [10, 20, 30, 40]
+    assert at.multiselect(key=f"eos_steps_{run.path}").value == with_state  # step 0 has no preconditioner
+    assert at.toggle(key="eos_pre").value is True
+    assert at.number_input(key="eos_max_samples").value == 0  # all 1000 training samples
+    at.button(key="eos_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    traces = {t["name"]: t for t in _plotly_spec(at, 0)["data"]}
+    pre = _values(traces["λ_max(P⁻¹H) (preconditioned)"]["y"])
+    assert len(pre) == len(with_state) and all(v > 0 for v in pre)
+    assert _values(traces["preconditioned threshold"]["y"]) == pytest.approx([38_000.0] * len(with_state))
+    stored = ResultStore(run.path).list("sharpness")
+    assert sorted(s.step for s in stored) == with_state
+    last = max(stored, key=lambda s: s.step).result
+    head = at.metric[0]
+    assert head.label.startswith("λ_max(P⁻¹H) / threshold 38/η") and "(step 40)" in head.label
+    assert float(head.value) == pytest.approx(last.preconditioned_ratio, abs=1e-3)
