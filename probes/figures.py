@@ -801,7 +801,7 @@ def sharpness_figure(
     """λ_max(H) vs step against the 2/η line (and ``logged``: ``step, value`` measured by the training
     loop). When the frame holds preconditioned values (adaptive optimizers) the figure has two panels
     on a shared step axis: λ_max(P⁻¹H) against its threshold (e.g. 38/η for Adam) on top — the quantity
-    that governs the run's stability — and λ_max(H) against 2/η below, each on its own scale."""
+    that governs the run's stability — and λ_max(H) against 2/η below (log y), each on its own scale."""
     pre = frame["preconditioned_lambda_max"].map(_num)
     two = bool(pre.notna().any())
     if two:
@@ -855,7 +855,8 @@ def sharpness_figure(
         )
         fig.update_xaxes(title_text="step", row=2, col=1)
         fig.update_yaxes(title_text="λ_max(P⁻¹H)", row=1, col=1)
-        fig.update_yaxes(title_text="λ_max(H)", row=2, col=1)
+        fig.update_yaxes(title_text="λ_max(H)", title_standoff=14, automargin=True, row=2, col=1)
+        log_axis(fig, row=2, col=1)  # λ_max(H) sits far below 2/η under an adaptive optimizer
         return _finish(fig, "Sharpness vs the stability threshold", height=640)
     fig.update_layout(xaxis_title="step", yaxis_title="eigenvalue")
     return _finish(fig, "Sharpness vs the stability threshold 2/η")
