@@ -309,3 +309,82 @@ def test_eos_page_draws_the_preconditioned_series_of_an_adam_recipe_run(
     head = at.metric[0]
     assert head.label.startswith("λ_max(P⁻¹H) / threshold 38/η") and "(step 40)" in head.label
     assert float(head.value) == pytest.approx(last.preconditioned_ratio, abs=1e-3)
+
+
+def test_demos_built_by_dynascope_app_show_their_status_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dynascope app`` starts the demo build in its own process before Streamlit: the app starts no thread
+    of its own, shows the progress from ``.demos_status.json`` and, once done, the measured duration."""
+    import json
+    import os
+    import time
+
+    import dynascope.recipes.demos as demos_mod
+    from dynascope.cli import DEMOS_BUILDER_ENV
+
+    monkeypatch.setattr(demos_mod, "DEMOS", (demos_mod.DemoSpec("tiny-demo", "grokking", "A tiny demo"),))
+    monkeypatch.setattr(demos_mod, "demo_complete", lambda path, s: Run.is_run(path))
+    monkeypatch.setattr(demos_mod, "ensure_demos", lambda *a, **k: pytest.fail("the app built the demos"))
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "1")
+    monkeypatch.setenv(DEMOS_BUILDER_ENV, "process")
+    status = {
+        "pid": os.getpid(), "started": time.time() - 42, "names": ["tiny-demo"],
+        "titles": {"tiny-demo": "Tiny"}, "progress": {"tiny-demo": [3, 10]}, "finished": [], "error": None,
+        "done": False, "finished_after": None,
+    }  # fmt: skip
+    demos_mod.status_path(tmp_path).write_text(json.dumps(status))
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP
+
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception and not at.error, _texts(at.error)
+    from lib import demos
+
+    job = demos.job_for(tmp_path)
+    assert job.external and job.thread is None and not job.done
+    texts = _texts(at.markdown)
+    import re
+
+    so_far = re.search(r"(\d+) s so far", texts)
+    assert "Preparing the built-in demo runs" in texts and so_far and 42 <= int(so_far.group(1)) <= 100
+    make_tiny_run(tmp_path / "tiny-demo", steps=(0, 5))
+    status.update(finished=["tiny-demo"], done=True, finished_after=123.4, progress={"tiny-demo": [10, 10]})
+    demos_mod.status_path(tmp_path).write_text(json.dumps(status))
+    at.run()
+    at.run()
+    assert not at.exception, at.exception
+    assert "generated in 123 s" in _texts(at.success)
+
+
+def test_dynascope_app_starts_the_demo_build_before_streamlit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import os
+    import subprocess
+
+    from dynascope import cli
+    from dynascope.recipes import demos as demos_mod
+
+    started, launched = [], []
+    monkeypatch.setattr(cli, "start_demo_build", lambda root: started.append(root))
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: launched.append((started[:], env)) or 0)
+    monkeypatch.delenv("DYNASCOPE_DEMOS", raising=False)
+    assert cli.main(["app", "--runs-dir", str(tmp_path / "runs"), "--headless"]) == 0
+    ((before, env),) = launched
+    assert before == [(tmp_path / "runs").resolve()]  # the build started before Streamlit
+    assert env["DYNASCOPE_DEMOS_BUILDER"] == "process" and env["DYNASCOPE_RUNS_DIR"] == str(before[0])
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
+    assert cli.main(["app", "--runs-dir", str(tmp_path / "runs"), "--headless"]) == 0
+    assert len(started) == 1 and "DYNASCOPE_DEMOS_BUILDER" not in launched[1][1]
+    # the real background process: another live build of the folder -> it leaves at once
+    monkeypatch.undo()
+    root = tmp_path / "busy"
+    root.mkdir()
+    demos_mod.status_path(root).write_text(json.dumps({"pid": os.getpid(), "done": False, "started": 0}))
+    proc = cli.start_demo_build(root)
+    assert proc.wait(timeout=120) == 0
+    assert "already running" in (root / ".demos.log").read_text()
+    assert isinstance(proc, subprocess.Popen)

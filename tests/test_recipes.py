@@ -376,3 +376,44 @@ def test_edge_of_stability_adam_recipe_reaches_the_preconditioned_threshold(tmp_
         ratios[s] = r.preconditioned_ratio
     assert ratios[50] < 0.2, ratios
     assert 0.85 <= ratios[300] <= 1.2 and 0.85 <= ratios[400] <= 1.2, ratios
+
+
+def test_build_demos_writes_a_status_file_the_app_reads(tmp_path, monkeypatch):
+    """``build_demos`` (what ``dynascope app`` starts in a background process) generates the missing
+    demos cheapest first and keeps ``.demos_status.json`` current; ``main`` does nothing when all are done."""
+    import json
+    import os
+
+    from dynascope.recipes import demos
+
+    tiny = (
+        demos.DemoSpec(
+            "edge_of_stability",
+            "edge_of_stability",
+            "tiny eos",
+            {"steps": 4, "width": 8, "checkpoint_every": 2},
+        ),
+        demos.DemoSpec(
+            "double_descent", "double_descent", "tiny sweep", {"p_grid": [20, 60], "trials": 1, "n_train": 60}
+        ),
+    )
+    monkeypatch.setattr(demos, "DEMOS", tiny)
+    seen: list[dict] = []
+    real = demos.ensure_demos
+
+    def spy(root, *, progress=None, names=None):
+        seen.append(json.loads(demos.status_path(root).read_text()))
+        return real(root, progress=progress, names=names)
+
+    monkeypatch.setattr(demos, "ensure_demos", spy)
+    status = demos.build_demos(tmp_path, min_interval=0.0)
+    assert status["names"] == ["double_descent", "edge_of_stability"]  # cheapest first
+    assert seen[0]["pid"] == os.getpid() and not seen[0]["done"] and seen[0]["finished"] == []
+    assert seen[1]["finished"] == ["double_descent"] and seen[1]["progress"]["double_descent"] == [2, 2]
+    on_disk = demos.read_status(tmp_path)
+    assert on_disk["done"] and on_disk["error"] is None and on_disk["finished"] == status["names"]
+    assert on_disk["finished_after"] > 0 and on_disk["progress"]["edge_of_stability"] == [4, 4]
+    assert demos.writer_alive(on_disk) and not demos.writer_alive({"pid": 2**22 + 12345})
+    assert demos.main([str(tmp_path)]) == 0  # everything complete: the stale status file goes
+    assert demos.read_status(tmp_path) is None
+    assert demos.main([]) == 2
