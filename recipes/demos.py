@@ -7,7 +7,8 @@ metrics)`` is called as each demo trains (e.g. to drive a Streamlit progress bar
 ``build_demos(root)`` (``python -m dynascope.recipes.demos ROOT``; what ``dynascope app`` starts in a
 background process before Streamlit) generates the missing demos, cheapest first, and keeps a status file
 ``root/.demos_status.json`` up to date — ``{"pid", "started", "names", "titles", "progress": {name: [step,
-total]}, "finished", "error", "done", "finished_after"}`` (times in epoch seconds / seconds) — which the app
+total]}, "finished", "seconds": {name: build time}, "error", "done", "finished_after"}`` (times in epoch
+seconds / seconds) — which the app
 reads, so the first page visit finds the demos in progress or done.
 """
 
@@ -160,6 +161,7 @@ def build_demos(root: str | os.PathLike[str], *, min_interval: float = 0.5) -> d
         "titles": {s.name: s.title for s in DEMOS},
         "progress": {},
         "finished": [],
+        "seconds": {},
         "error": None,
         "done": False,
         "finished_after": None,
@@ -179,8 +181,10 @@ def build_demos(root: str | os.PathLike[str], *, min_interval: float = 0.5) -> d
     write(force=True)
     try:
         for name in names:
+            t0 = time.time()
             ensure_demos(root, progress=progress, names=[name])
             status["finished"].append(name)
+            status["seconds"][name] = time.time() - t0
             write(force=True)
     except BaseException as exc:
         status["error"] = f"{type(exc).__name__}: {exc}"

@@ -413,6 +413,8 @@ def test_build_demos_writes_a_status_file_the_app_reads(tmp_path, monkeypatch):
     on_disk = demos.read_status(tmp_path)
     assert on_disk["done"] and on_disk["error"] is None and on_disk["finished"] == status["names"]
     assert on_disk["finished_after"] > 0 and on_disk["progress"]["edge_of_stability"] == [4, 4]
+    assert set(on_disk["seconds"]) == set(status["names"]) and all(v > 0 for v in on_disk["seconds"].values())
+    assert sum(on_disk["seconds"].values()) <= on_disk["finished_after"]
     assert demos.writer_alive(on_disk) and not demos.writer_alive({"pid": 2**22 + 12345})
     assert demos.main([str(tmp_path)]) == 0  # everything complete: the stale status file goes
     assert demos.read_status(tmp_path) is None

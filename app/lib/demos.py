@@ -61,6 +61,7 @@ class DemoJob:
     done: bool = False
     started: float = field(default_factory=time.time)
     finished_after: float | None = None  # seconds the generation took (set once, when it ends)
+    seconds: dict[str, float] = field(default_factory=dict)  # per demo, as each completes
     thread: threading.Thread | None = None
     external: bool = False
 
@@ -75,6 +76,7 @@ class DemoJob:
         self.titles = dict(status.get("titles") or {})
         self.progress = {k: (int(v[0]), int(v[1])) for k, v in (status.get("progress") or {}).items()}
         self.finished = list(status.get("finished") or [])
+        self.seconds = {k: float(v) for k, v in (status.get("seconds") or {}).items()}
         self.error = status.get("error")
         self.started = float(status.get("started") or time.time())
         self.finished_after = status.get("finished_after")
@@ -101,8 +103,10 @@ class DemoJob:
     def _work(self) -> None:
         try:
             for name in self.names:
+                t0 = time.time()
                 recipe_demos.ensure_demos(self.root, progress=self._on_progress, names=[name])
                 self.finished.append(name)
+                self.seconds[name] = time.time() - t0
         except Exception as exc:  # noqa: BLE001 - shown on the Runs page
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -167,7 +171,16 @@ def show_progress(job: DemoJob) -> None:
             st.error(f"Generating the demo runs failed: {job.error}")
         else:
             took = job.finished_after if job.finished_after is not None else time.time() - job.started
-            st.success(f"Demo runs ready in `{job.root}` (generated in {took:.0f} s).")
+            each = ", ".join(
+                f"{job.titles.get(n, n).split(':')[0].lower()} {job.seconds[n]:.0f} s"
+                for n in job.names
+                if n in job.seconds
+            )
+            st.success(
+                f"Demo runs ready in `{job.root}` (generated in {took:.0f} s"
+                + (f": {each}" if each else "")
+                + ")."
+            )
         return
     with st.container(border=True, key="demo_progress"):
         st.markdown(
