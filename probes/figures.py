@@ -388,9 +388,12 @@ def lmc(result: Any) -> go.Figure:
 
 
 def lmc_layerwise(layers: pd.DataFrame) -> go.Figure:
-    """Barrier per layer group when only that group is interpolated (``LMCResult.layerwise_frame()``)."""
-    fig = go.Figure(go.Bar(x=layers["group"], y=layers["barrier"]))
-    fig.update_layout(xaxis_title="layer", yaxis_title="barrier")
+    """Per layer group, when only that group is interpolated (``LMCResult.layerwise_frame()``): the
+    barrier above the chord and, when present, the loss rise over model A (max_α L(α) − L(0))."""
+    fig = go.Figure(go.Bar(x=layers["group"], y=layers["barrier"], name="barrier (above the chord)"))
+    if "max_rise" in layers.columns and layers["max_rise"].notna().any():
+        fig.add_trace(go.Bar(x=layers["group"], y=layers["max_rise"], name="loss rise over A"))
+    fig.update_layout(xaxis_title="layer group", yaxis_title="loss", barmode="group")
     return _finish(fig, "Layer-wise loss barriers")
 
 

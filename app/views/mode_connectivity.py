@@ -160,6 +160,11 @@ with errors.guard("Mode connectivity"):
         layers = result.layerwise_frame()
         if len(layers):
             st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
+            st.caption(
+                "barrier: the rise above the chord, as for the whole path (0 when the path stays under "
+                "it, typically because B's layer alone breaks A's network: see end_loss); max_rise: the "
+                "largest loss increase over model A along that layer's path."
+            )
             downloads.table(layers, key="lmc_layers_table")
             fig = figures.lmc_layerwise(layers)
             downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")
