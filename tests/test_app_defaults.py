@@ -388,3 +388,31 @@ def test_dynascope_app_starts_the_demo_build_before_streamlit(
     assert proc.wait(timeout=120) == 0
     assert "already running" in (root / ".demos.log").read_text()
     assert isinstance(proc, subprocess.Popen)
+
+
+def test_compare_runs_puts_an_adam_eos_run_in_units_of_its_own_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that logged no sharpness (an Adam EoS run) is drawn from its result store as λ_max(P⁻¹H)
+    over its threshold, next to a GD run's λ_max·η/2: both at 1 on the edge."""
+    from dynascope import runner
+
+    _eos_like_run(tmp_path / "eos-lr0.5", 0.5)
+    adam = make_tiny_run(
+        tmp_path / "adam", optimizer="adam", lr=0.05, extra={"phenomenon": "edge_of_stability"}
+    )
+    for step in (5, 20):
+        runner.run_probe(adam, "sharpness", step=step, params={"k": 1, "lr": 0.05, "optimizer_state": True})
+    stored = {s.step: s.result for s in ResultStore(adam.path).list("sharpness")}
+    at = _app(tmp_path, monkeypatch)
+    _select(at, "eos-lr0.5")
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and not at.error, _texts(at.error)
+    spec = _plotly_spec(at)
+    traces = {t["name"]: t for t in spec["data"]}
+    assert _values(traces["adam"]["x"]) == [5, 20]
+    assert _values(traces["adam"]["y"]) == pytest.approx(
+        [stored[5].preconditioned_ratio, stored[20].preconditioned_ratio]
+    )
+    assert spec["layout"]["yaxis"]["title"]["text"] == "λ_max / threshold (GD: λ_max·η/2)"
+    assert "adam: λ_max(P⁻¹H) over its threshold" in _texts(at.caption)
