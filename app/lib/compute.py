@@ -228,7 +228,9 @@ def sweep_panel(
             f"{len(results)} of {len(steps)} checkpoint(s) already in the result store; "
             f"{len(missing)} to compute (steps {', '.join(map(str, missing))})."
         )
-        if st.button(button, key=f"{key}_run", type="primary"):
+        slot = st.empty()  # the button goes once clicked: nothing is left to compute
+        if slot.button(button, key=f"{key}_run", type="primary"):
+            slot.empty()
             with guard(label or probe):
                 results.update(
                     compute(

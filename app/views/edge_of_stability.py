@@ -52,7 +52,9 @@ with errors.guard("Sharpness"):
     note = st.empty()
     if missing:
         note.caption(f"{len(results)} of {len(steps)} checkpoint(s) cached; {len(missing)} to compute.")
-        if st.button("Compute sharpness", type="primary", key="eos_run"):
+        slot = st.empty()  # the button goes once clicked
+        if slot.button("Compute sharpness", type="primary", key="eos_run"):
+            slot.empty()
             results = compute.sharpness_results(
                 run,
                 steps,

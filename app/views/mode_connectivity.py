@@ -139,7 +139,9 @@ with errors.guard("Mode connectivity"):
     note = st.empty()
     if result is None:
         note.caption("This pair is not in the result store yet.")
-        if st.button("Compute the path", type="primary", key="lmc_run"):
+        slot = st.empty()  # the button goes once clicked
+        if slot.button("Compute the path", type="primary", key="lmc_run"):
+            slot.empty()
             result = compute.compute_stored(run, "lmc_barrier", label="loss along the linear path", **where)
             note.caption("Computed and stored in the result store.")
     else:
