@@ -67,14 +67,42 @@ def app_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def demos_enabled(env: dict[str, str]) -> bool:
+    """``DYNASCOPE_DEMOS`` is not set to 0/false/no/off (the app's own switch)."""
+    return env.get("DYNASCOPE_DEMOS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+#: set by ``dynascope app`` for the app: the demos are built by the background process it started
+DEMOS_BUILDER_ENV = "DYNASCOPE_DEMOS_BUILDER"
+
+
+def start_demo_build(runs_dir: Path) -> subprocess.Popen:
+    """Start ``dynascope.recipes.demos.main([runs_dir])`` in a background process: it builds the missing
+    demo runs with the status file ``runs_dir/.demos_status.json`` the app shows, or exits at once when
+    every demo is complete or another build is running. Its output goes to ``runs_dir/.demos.log``."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    code = "import sys; from dynascope.recipes.demos import main; sys.exit(main(sys.argv[1:]))"
+    with open(runs_dir / ".demos.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(runs_dir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
 @command("app", "start the web app with the built-in demo runs", _app_args)
 def run_app(args: argparse.Namespace) -> int:
     script = app_path()
     if not script.exists():
         raise UsageError(f"the app script {script} is missing (install dynascope with `pip install -e .`)")
     env = dict(os.environ)
-    if args.runs_dir:
-        env["DYNASCOPE_RUNS_DIR"] = str(Path(args.runs_dir).resolve())
+    runs_dir = Path(args.runs_dir or env.get("DYNASCOPE_RUNS_DIR") or "runs").expanduser().resolve()
+    env["DYNASCOPE_RUNS_DIR"] = str(runs_dir)
+    if demos_enabled(env):  # the demos are under way before the first page is opened
+        try:
+            start_demo_build(runs_dir)
+            env[DEMOS_BUILDER_ENV] = "process"
+        except OSError as exc:
+            print(f"dynascope app: demo runs not started ({exc})", file=sys.stderr)
     return subprocess.call(app_command(args), env=env)
 
 

@@ -78,11 +78,24 @@ class LMCResult(Result):
         return frame
 
     def layerwise_frame(self):  # -> pandas.DataFrame
-        """One row per layer group with its barrier (empty when not computed)."""
+        """One row per layer group (empty when not computed): ``barrier`` (the rise above the chord, as
+        for the whole path), ``max_rise`` = max_α L(α) − L(0), the loss increase over model A when only
+        that group moves towards B, and ``end_loss`` = L(1), A's network with B's group. The barrier is 0
+        when the path stays under its chord, e.g. when swapping the group alone breaks the network."""
         import pandas as pd
 
         items = list((self.layerwise or {}).items())
-        return pd.DataFrame({"group": [k for k, _ in items], "barrier": [v for _, v in items]})
+        paths = self.layerwise_losses or {}
+        rise = [max(paths[k]) - paths[k][0] if paths.get(k) else None for k, _ in items]
+        end = [paths[k][-1] if paths.get(k) else None for k, _ in items]
+        return pd.DataFrame(
+            {
+                "group": [k for k, _ in items],
+                "barrier": [v for _, v in items],
+                "max_rise": rise,
+                "end_loss": end,
+            }
+        )
 
 
 # --------------------------------------------------------------------------- building blocks

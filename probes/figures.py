@@ -332,8 +332,6 @@ def gradient_coherence(result: Any) -> go.Figure:
     return _finish(fig, head)
 
 
-
-
 def neural_collapse(result: Any) -> go.Figure:
     """Bar chart of the NC metrics (left) and per-class mean norms against class size (right)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("collapse metrics", "class means"))
@@ -390,9 +388,12 @@ def lmc(result: Any) -> go.Figure:
 
 
 def lmc_layerwise(layers: pd.DataFrame) -> go.Figure:
-    """Barrier per layer group when only that group is interpolated (``LMCResult.layerwise_frame()``)."""
-    fig = go.Figure(go.Bar(x=layers["group"], y=layers["barrier"]))
-    fig.update_layout(xaxis_title="layer", yaxis_title="barrier")
+    """Per layer group, when only that group is interpolated (``LMCResult.layerwise_frame()``): the
+    barrier above the chord and, when present, the loss rise over model A (max_α L(α) − L(0))."""
+    fig = go.Figure(go.Bar(x=layers["group"], y=layers["barrier"], name="barrier (above the chord)"))
+    if "max_rise" in layers.columns and layers["max_rise"].notna().any():
+        fig.add_trace(go.Bar(x=layers["group"], y=layers["max_rise"], name="loss rise over A"))
+    fig.update_layout(xaxis_title="layer group", yaxis_title="loss", barmode="group")
     return _finish(fig, "Layer-wise loss barriers")
 
 
@@ -793,10 +794,33 @@ def schedule_frame(lr_at: Callable[[int], float], max_step: int, n: int = 400) -
     )
 
 
-def sharpness_figure(frame: pd.DataFrame, schedule: pd.DataFrame | None) -> go.Figure:
-    """λ_max vs step against the 2/η line; Adam-style runs add λ_max(P⁻¹H) against its threshold."""
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=frame["step"], y=frame["lambda_max"], mode="lines+markers", name="λ_max(H)"))
+def sharpness_figure(
+    frame: pd.DataFrame,
+    schedule: pd.DataFrame | None,
+    *,
+    logged: pd.DataFrame | None = None,
+    logged_name: str = "λ_max (logged in training)",
+) -> go.Figure:
+    """λ_max(H) vs step against the 2/η line (and ``logged``: ``step, value`` measured by the training
+    loop). When the frame holds preconditioned values (adaptive optimizers) the figure has two panels
+    on a shared step axis: λ_max(P⁻¹H) against its threshold (e.g. 38/η for Adam) on top — the quantity
+    that governs the run's stability — and λ_max(H) against 2/η below (log y), each on its own scale."""
+    pre = frame["preconditioned_lambda_max"].map(_num)
+    two = bool(pre.notna().any())
+    if two:
+        fig = make_subplots(
+            rows=2,
+            cols=1,
+            shared_xaxes=True,
+            vertical_spacing=0.12,
+            subplot_titles=("λ_max(P⁻¹H) vs its threshold (the run's optimizer)", "λ_max(H) vs 2/η"),
+        )
+        plain: dict[str, Any] = {"row": 2, "col": 1}
+    else:
+        fig, plain = go.Figure(), {}
+    fig.add_trace(
+        go.Scatter(x=frame["step"], y=frame["lambda_max"], mode="lines+markers", name="λ_max(H)"), **plain
+    )
     if schedule is not None and len(schedule):
         fig.add_trace(
             go.Scatter(
@@ -805,12 +829,21 @@ def sharpness_figure(frame: pd.DataFrame, schedule: pd.DataFrame | None) -> go.F
                 mode="lines",
                 name="2/η (schedule)",
                 line={"dash": "dash", "color": "black"},
-            )
+            ),
+            **plain,
         )
-    pre = frame["preconditioned_lambda_max"].map(_num)
-    if pre.notna().any():
+    if logged is not None and len(logged):
         fig.add_trace(
-            go.Scatter(x=frame["step"], y=pre, mode="lines+markers", name="λ_max(P⁻¹H) (preconditioned)")
+            go.Scatter(
+                x=logged["step"], y=logged["value"], mode="lines", name=logged_name, line={"width": 1}
+            ),
+            **plain,
+        )
+    if two:
+        fig.add_trace(
+            go.Scatter(x=frame["step"], y=pre, mode="lines+markers", name="λ_max(P⁻¹H) (preconditioned)"),
+            row=1,
+            col=1,
         )
         fig.add_trace(
             go.Scatter(
@@ -818,9 +851,16 @@ def sharpness_figure(frame: pd.DataFrame, schedule: pd.DataFrame | None) -> go.F
                 y=frame["preconditioned_threshold"].map(_num),
                 mode="lines",
                 name="preconditioned threshold",
-                line={"dash": "dot"},
-            )
+                line={"dash": "dot", "color": "black"},
+            ),
+            row=1,
+            col=1,
         )
+        fig.update_xaxes(title_text="step", row=2, col=1)
+        fig.update_yaxes(title_text="λ_max(P⁻¹H)", row=1, col=1)
+        fig.update_yaxes(title_text="λ_max(H)", title_standoff=14, automargin=True, row=2, col=1)
+        log_axis(fig, row=2, col=1)  # λ_max(H) sits far below 2/η under an adaptive optimizer
+        return _finish(fig, "Sharpness vs the stability threshold", height=640)
     fig.update_layout(xaxis_title="step", yaxis_title="eigenvalue")
     return _finish(fig, "Sharpness vs the stability threshold 2/η")
 

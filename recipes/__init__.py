@@ -3,7 +3,7 @@
 ``train(run_or_config, steps=..., ...)``          the training loop (run folder, resumable, seeded)
 ``RECIPES[name].run(out, small=False, seed=0)``   grokking, grokking_transformer, xor_grokking,
                                   double_descent, double_descent_nn, edge_of_stability,
-                                  edge_of_stability_lr0.25
+                                  edge_of_stability_lr0.25, edge_of_stability_adam
 ``detect_grokking / detect_xor_grokking / detect_double_descent / detect_edge_of_stability(run)``
                                                   evidence dataclasses
 ``ensure_demos(root)``                            small demo runs for the app (``DEMOS``)

@@ -10,6 +10,18 @@ continues, non-monotonically, with λ_max hovering at 2/η.
 by Lanczos (:func:`dynascope.probes.lanczos.eigsh` on ``OperatorSpec(loss="half_sse").build(model, (x, y))``,
 warm-started from the previous top eigenvector) and logged as ``sharpness`` (with ``two_over_lr`` and
 ``sharpness_ratio`` = λ_max·η/2).
+
+``edge_of_stability_adam`` (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"): the
+same model, data and loss trained by full-batch Adam (η = 1e-3, torch's β = (0.9, 0.999), ε = 1e-8). For
+Adam the quantity that equilibrates is the *preconditioned* sharpness λ_max(P⁻¹H), with
+P = (1 − β₁ᵗ)(√v̂ + ε) from the optimizer state, at the threshold (2 + 2β₁)/((1 − β₁)η) = 38/η = 38,000;
+on this run it rises from ~0.05 of the threshold to ~1 by step 250 and then hovers at 0.9–1.1 of it
+while λ_max(H) keeps growing far beyond 2/η. Optimizer-state schedule: the state is saved at **every
+checkpoint** (``save_optimizer=True``; none exists at step 0, before the first update), so λ_max(P⁻¹H)
+can be computed afterwards at each of them — by the app's Edge of stability page or
+``dynascope.probes.sharpness(model, data, optimizer_state=run.load_optimizer_state(step))``. The
+recipe logs no sharpness itself (λ_max(H) against 2/η says nothing for Adam), which keeps it fast:
+training the small variant takes ~5 s on a CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +38,15 @@ from ..probes.operators import OperatorSpec
 from .base import Recipe, check_config_keys, register_recipe
 from .train import train
 
-__all__ = ["edge_of_stability", "lambda_max", "SharpnessTracker", "EOS_CONFIG", "EOS_SMALL"]
+__all__ = [
+    "edge_of_stability",
+    "lambda_max",
+    "SharpnessTracker",
+    "EOS_CONFIG",
+    "EOS_SMALL",
+    "EOS_ADAM_CONFIG",
+    "EOS_ADAM_SMALL",
+]
 
 EOS_CONFIG: dict[str, Any] = {
     "lr": 0.5,
@@ -38,6 +58,7 @@ EOS_CONFIG: dict[str, Any] = {
     "log_every": 5,
     "checkpoint_every": 25,
     "lanczos_tol": 1e-3,
+    "optimizer": "sgd",
     "save_optimizer": "last",
     "device": "cpu",
 }
@@ -45,6 +66,18 @@ EOS_CONFIG: dict[str, Any] = {
 #: CI / demo variant: same model, data and η; 1300 steps (λ_max reaches 2/η by step ~100 and the loss
 #: halves by ~1100), λ_max every 50 steps (≈ 6 MB of checkpoints).
 EOS_SMALL: dict[str, Any] = {"steps": 1300, "checkpoint_every": 50}
+
+#: Full-batch Adam (torch defaults β = (0.9, 0.999), ε = 1e-8); optimizer state at every checkpoint.
+EOS_ADAM_CONFIG: dict[str, Any] = {
+    **EOS_CONFIG,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "steps": 1000,
+    "checkpoint_every": 25,
+    "save_optimizer": True,
+}
+#: CI / demo variant: 400 steps (λ_max(P⁻¹H) reaches 38/η by step ~250), 8 checkpoints with state.
+EOS_ADAM_SMALL: dict[str, Any] = {"steps": 400, "checkpoint_every": 50}
 
 
 def lambda_max(
@@ -94,12 +127,22 @@ def edge_of_stability(
     resume: bool = True,
     **config: Any,
 ) -> Run:
-    """Train the edge-of-stability recipe into run folder ``out`` (config keys: ``EOS_CONFIG``)."""
+    """Train the edge-of-stability recipe into run folder ``out`` (config keys: ``EOS_CONFIG``).
+
+    ``optimizer="sgd"``: plain full-batch GD, λ_max logged at every checkpoint against 2/η.
+    ``optimizer="adam"``: full-batch Adam; no sharpness is logged, the optimizer state is saved at the
+    checkpoints for λ_max(P⁻¹H) against 38/η (see the module docstring)."""
     check_config_keys("edge_of_stability", config, EOS_CONFIG)
     cfg = {**EOS_CONFIG, **config}
     lr = float(cfg["lr"])
     if not lr > 0:
         raise ValueError(f"edge_of_stability: lr must be > 0, got {lr}")
+    opt = str(cfg["optimizer"]).lower()
+    if opt not in ("sgd", "adam"):
+        raise ValueError(f"edge_of_stability: optimizer must be 'sgd' or 'adam', got {cfg['optimizer']!r}")
+    adam = opt == "adam"
+    # the stability threshold of the update: 2/η for GD, (2 + 2β₁)/((1 − β₁)η) = 38/η for Adam (β₁ = 0.9)
+    threshold = 38.0 / lr if adam else 2.0 / lr
     run_cfg = {
         "path": out,
         "model": {
@@ -119,20 +162,26 @@ def edge_of_stability(
             "targets": "onehot",
             "seed": seed,
         },
-        "optimizer": {"name": "sgd", "lr": lr},
+        "optimizer": {"name": opt, "lr": lr},
         "lr_schedule": None,
         "loss": "half_sse",
         "seed": seed,
         "extra": {
-            "recipe": "edge_of_stability",
+            "recipe": "edge_of_stability_adam" if adam else "edge_of_stability",
             "phenomenon": "edge_of_stability",
             "config": cfg,
             "batch_size": None,
             "two_over_lr": 2.0 / lr,
+            "stability_threshold": threshold,
         },
-        "notes": f"Edge of stability: full-batch GD, eta={lr:g} (2/eta={2 / lr:g}), MSE 1/2||f-y||^2.",
+        "notes": (
+            f"Edge of stability: full-batch Adam, eta={lr:g} (preconditioned threshold "
+            f"38/eta={threshold:g}), MSE 1/2||f-y||^2."
+            if adam
+            else f"Edge of stability: full-batch GD, eta={lr:g} (2/eta={2 / lr:g}), MSE 1/2||f-y||^2."
+        ),
     }
-    tracker = SharpnessTracker(lr, tol=float(cfg["lanczos_tol"]))
+    tracker = None if adam else SharpnessTracker(lr, tol=float(cfg["lanczos_tol"]))
     return train(
         run_cfg,
         steps=int(cfg["steps"]),
@@ -166,5 +215,16 @@ register_recipe(
         fn=edge_of_stability,
         config={**EOS_CONFIG, "lr": 0.25, "steps": 3000},
         small={"steps": 2000, "checkpoint_every": 50},
+    )
+)
+register_recipe(
+    Recipe(
+        name="edge_of_stability_adam",
+        phenomenon="edge_of_stability",
+        description="As edge_of_stability with full-batch Adam η=1e-3: the preconditioned sharpness "
+        "λ_max(P⁻¹H) rises to 38/η and hovers there; optimizer state saved at every checkpoint.",
+        fn=edge_of_stability,
+        config=EOS_ADAM_CONFIG,
+        small=EOS_ADAM_SMALL,
     )
 )

@@ -276,3 +276,143 @@ def test_runs_page_follows_a_recently_written_run(tmp_path: Path, monkeypatch: p
     at.run()
     _select(at, "old")
     assert at.toggle(key=f"runs_follow_{old}").value is False  # a finished run is not polled
+
+
+def test_eos_page_draws_the_preconditioned_series_of_an_adam_recipe_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Adam EoS recipe run has optimizer state at every checkpoint after step 0; by default the page
+    selects those checkpoints and draws λ_max(P⁻¹H) at each of them against the 38/η line."""
+    from dynascope.recipes import RECIPES
+
+    run = RECIPES["edge_of_stability_adam"].run(
+        tmp_path / "adam", small=True, progress=False, steps=40, checkpoint_every=10, width=16, depth=1
+    )
+    at = _app(tmp_path, monkeypatch)
+    _select(at, "adam")
+    at.switch_page("views/edge_of_stability.py").run()
+    assert not at.exception, at.exception
+    with_state = [s for s in run.steps() if run.load_optimizer_state(s)["state"]]
+    assert with_state == [10, 20, 30, 40]
+    assert at.multiselect(key=f"eos_steps_{run.path}").value == with_state  # step 0 has no preconditioner
+    assert at.toggle(key="eos_pre").value is True
+    assert at.number_input(key="eos_max_samples").value == 0  # all 1000 training samples
+    at.button(key="eos_run").click().run()
+    assert not at.exception and not at.error, _texts(at.error)
+    traces = {t["name"]: t for t in _plotly_spec(at, 0)["data"]}
+    pre = _values(traces["λ_max(P⁻¹H) (preconditioned)"]["y"])
+    assert len(pre) == len(with_state) and all(v > 0 for v in pre)
+    assert _values(traces["preconditioned threshold"]["y"]) == pytest.approx([38_000.0] * len(with_state))
+    stored = ResultStore(run.path).list("sharpness")
+    assert sorted(s.step for s in stored) == with_state
+    last = max(stored, key=lambda s: s.step).result
+    head = at.metric[0]
+    assert head.label.startswith("λ_max(P⁻¹H) / threshold 38/η") and "(step 40)" in head.label
+    assert float(head.value) == pytest.approx(last.preconditioned_ratio, abs=1e-3)
+
+
+def test_demos_built_by_dynascope_app_show_their_status_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dynascope app`` starts the demo build in its own process before Streamlit: the app starts no thread
+    of its own, shows the progress from ``.demos_status.json`` and, once done, the measured duration."""
+    import json
+    import os
+    import time
+
+    import dynascope.recipes.demos as demos_mod
+    from dynascope.cli import DEMOS_BUILDER_ENV
+
+    monkeypatch.setattr(demos_mod, "DEMOS", (demos_mod.DemoSpec("tiny-demo", "grokking", "A tiny demo"),))
+    monkeypatch.setattr(demos_mod, "demo_complete", lambda path, s: Run.is_run(path))
+    monkeypatch.setattr(demos_mod, "ensure_demos", lambda *a, **k: pytest.fail("the app built the demos"))
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "1")
+    monkeypatch.setenv(DEMOS_BUILDER_ENV, "process")
+    status = {
+        "pid": os.getpid(), "started": time.time() - 42, "names": ["tiny-demo"],
+        "titles": {"tiny-demo": "Tiny"}, "progress": {"tiny-demo": [3, 10]}, "finished": [], "error": None,
+        "done": False, "finished_after": None,
+    }  # fmt: skip
+    demos_mod.status_path(tmp_path).write_text(json.dumps(status))
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP
+
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception and not at.error, _texts(at.error)
+    from lib import demos
+
+    job = demos.job_for(tmp_path)
+    assert job.external and job.thread is None and not job.done
+    texts = _texts(at.markdown)
+    import re
+
+    so_far = re.search(r"(\d+) s so far", texts)
+    assert "Preparing the built-in demo runs" in texts and so_far and 42 <= int(so_far.group(1)) <= 100
+    make_tiny_run(tmp_path / "tiny-demo", steps=(0, 5))
+    status.update(finished=["tiny-demo"], done=True, finished_after=123.4, progress={"tiny-demo": [10, 10]})
+    demos_mod.status_path(tmp_path).write_text(json.dumps(status))
+    at.run()
+    at.run()
+    assert not at.exception, at.exception
+    assert "generated in 123 s" in _texts(at.success)
+
+
+def test_dynascope_app_starts_the_demo_build_before_streamlit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import os
+    import subprocess
+
+    from dynascope import cli
+    from dynascope.recipes import demos as demos_mod
+
+    started, launched = [], []
+    monkeypatch.setattr(cli, "start_demo_build", lambda root: started.append(root))
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: launched.append((started[:], env)) or 0)
+    monkeypatch.delenv("DYNASCOPE_DEMOS", raising=False)
+    assert cli.main(["app", "--runs-dir", str(tmp_path / "runs"), "--headless"]) == 0
+    ((before, env),) = launched
+    assert before == [(tmp_path / "runs").resolve()]  # the build started before Streamlit
+    assert env["DYNASCOPE_DEMOS_BUILDER"] == "process" and env["DYNASCOPE_RUNS_DIR"] == str(before[0])
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
+    assert cli.main(["app", "--runs-dir", str(tmp_path / "runs"), "--headless"]) == 0
+    assert len(started) == 1 and "DYNASCOPE_DEMOS_BUILDER" not in launched[1][1]
+    # the real background process: another live build of the folder -> it leaves at once
+    monkeypatch.undo()
+    root = tmp_path / "busy"
+    root.mkdir()
+    demos_mod.status_path(root).write_text(json.dumps({"pid": os.getpid(), "done": False, "started": 0}))
+    proc = cli.start_demo_build(root)
+    assert proc.wait(timeout=120) == 0
+    assert "already running" in (root / ".demos.log").read_text()
+    assert isinstance(proc, subprocess.Popen)
+
+
+def test_compare_runs_puts_an_adam_eos_run_in_units_of_its_own_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that logged no sharpness (an Adam EoS run) is drawn from its result store as λ_max(P⁻¹H)
+    over its threshold, next to a GD run's λ_max·η/2: both at 1 on the edge."""
+    from dynascope import runner
+
+    _eos_like_run(tmp_path / "eos-lr0.5", 0.5)
+    adam = make_tiny_run(
+        tmp_path / "adam", optimizer="adam", lr=0.05, extra={"phenomenon": "edge_of_stability"}
+    )
+    for step in (5, 20):
+        runner.run_probe(adam, "sharpness", step=step, params={"k": 1, "lr": 0.05, "optimizer_state": True})
+    stored = {s.step: s.result for s in ResultStore(adam.path).list("sharpness")}
+    at = _app(tmp_path, monkeypatch)
+    _select(at, "eos-lr0.5")
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and not at.error, _texts(at.error)
+    spec = _plotly_spec(at)
+    traces = {t["name"]: t for t in spec["data"]}
+    assert _values(traces["adam"]["x"]) == [5, 20]
+    assert _values(traces["adam"]["y"]) == pytest.approx(
+        [stored[5].preconditioned_ratio, stored[20].preconditioned_ratio]
+    )
+    assert spec["layout"]["yaxis"]["title"]["text"] == "λ_max / threshold (GD: λ_max·η/2)"
+    assert "adam: λ_max(P⁻¹H) over its threshold" in _texts(at.caption)

@@ -81,5 +81,11 @@ def test_runs_page_follows_a_run_being_written(live_server) -> None:
         page.wait_for_timeout(2500)
         assert _metric(page, "Checkpoints") == "10"  # 4 + 6 new
         assert int(_metric(page, "Metric rows")) == 21 + 6
+        # the checkpoint and metrics tables below follow the folder too (no reload)
+        assert page.get_by_text("Checkpoints (10)", exact=True).count() == 1
+        assert page.get_by_text("Logged metrics (27 rows of", exact=False).count() == 1
+        grids = page.locator('[data-testid="stDataFrame"] [role="grid"]')
+        rows = [grids.nth(i).get_attribute("aria-rowcount") for i in range(2)]
+        assert rows == [str(10 + 1), str(27 + 1)], rows  # header + one row per checkpoint / metrics row
         _shot(page, "runs_live")
         browser.close()

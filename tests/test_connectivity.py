@@ -240,3 +240,20 @@ def test_mlps_from_different_seeds_on_digits() -> None:
     assert r.barrier <= 0.5 * r.barrier_unaligned, (r.barrier, r.barrier_unaligned)
     r_act = probes.lmc_barrier(a, b, test, n_points=11, align="activations", compare_unaligned=False)
     assert r_act.barrier <= 0.5 * r.barrier_unaligned
+
+
+def test_layerwise_frame_reports_the_rise_over_model_a() -> None:
+    """Swapping one layer alone can break the network: the path then stays under its chord (barrier 0)
+    while the loss still rises over A; the frame shows both (and L(1))."""
+    from dynascope.probes.connectivity import LMCResult
+
+    losses = {"body.0": [0.1, 0.5, 2.0], "head": [0.1, 0.4, 0.2]}
+    res = LMCResult(
+        alphas=[0.0, 0.5, 1.0], losses=[0.1, 0.3, 0.1], accuracies=None, barrier=0.2,
+        barrier_accuracy=None, align=None, meta={}, layerwise={"body.0": 0.0, "head": 0.25},
+        layerwise_losses=losses,
+    )  # fmt: skip
+    frame = res.layerwise_frame()
+    assert frame["group"].tolist() == ["body.0", "head"] and frame["barrier"].tolist() == [0.0, 0.25]
+    assert frame["max_rise"].tolist() == pytest.approx([1.9, 0.3])
+    assert frame["end_loss"].tolist() == pytest.approx([2.0, 0.2])

@@ -333,3 +333,89 @@ def test_double_descent_nn_runs_a_width_sweep(tmp_path):
     assert list(m["step"]) == [3, 5] and list(m["n_params"]) == [3 * 75 + 10, 5 * 75 + 10]
     assert run.load_model(5).body[0].weight.shape == (5, 64)
     assert run.config["extra"]["interpolation_threshold"] == pytest.approx((50 * 10 - 10) / 75)
+
+
+def test_edge_of_stability_adam_saves_optimizer_state_at_every_checkpoint(tmp_path):
+    """The Adam EoS recipe's stated schedule: optimizer state beside every checkpoint (with per-parameter
+    entries after the first update), Adam at η from the config, no λ_max(H) logged."""
+    from dynascope.recipes.eos import EOS_ADAM_CONFIG, EOS_ADAM_SMALL
+
+    assert EOS_ADAM_CONFIG["save_optimizer"] is True and EOS_ADAM_CONFIG["optimizer"] == "adam"
+    assert RECIPES["edge_of_stability_adam"].resolve(small=True)["steps"] == EOS_ADAM_SMALL["steps"] == 400
+    run = RECIPES["edge_of_stability_adam"].run(
+        tmp_path / "adam", small=True, progress=False, steps=20, checkpoint_every=5, width=16
+    )
+    assert run.steps() == [0, 5, 10, 15, 20]
+    assert run.optimizer_config["name"] == "adam" and run.optimizer_config["lr"] == 1e-3
+    assert run.extra["recipe"] == "edge_of_stability_adam"
+    assert run.extra["stability_threshold"] == pytest.approx(38_000.0)
+    for s in run.steps():
+        assert run.checkpoint(s).optimizer_path is not None, s
+        state = run.load_optimizer_state(s)
+        assert bool(state["state"]) == (s > 0), s  # Adam has no state before its first update
+    assert "sharpness" not in run.metrics().columns
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
+        RECIPES["edge_of_stability"].run(tmp_path / "bad", optimizer="rmsprop", steps=1, progress=False)
+
+
+@pytest.mark.slow
+def test_edge_of_stability_adam_recipe_reaches_the_preconditioned_threshold(tmp_path):
+    """EOS_ADAM_SMALL (400 full-batch Adam steps, η = 1e-3): λ_max(P⁻¹H) from the saved state starts far
+    below 38/η (< 0.2 of it at step 50) and hovers at it from step 300 on (0.885 and 1.006 of it at steps
+    300 and 400; asserted within 0.85–1.2)."""
+    from dynascope.probes import sharpness
+
+    torch.set_num_threads(1)
+    run = RECIPES["edge_of_stability_adam"].run(tmp_path / "adam", small=True, progress=False)
+    assert len(run.steps()) == 9
+    data = run.load_dataset().train
+    ratios = {}
+    for s in (50, 300, 400):
+        r = sharpness(run.load_model(s), data, loss="half_sse", optimizer_state=run.load_optimizer_state(s))
+        assert r.preconditioned_threshold == pytest.approx(38_000.0)
+        ratios[s] = r.preconditioned_ratio
+    assert ratios[50] < 0.2, ratios
+    assert 0.85 <= ratios[300] <= 1.2 and 0.85 <= ratios[400] <= 1.2, ratios
+
+
+def test_build_demos_writes_a_status_file_the_app_reads(tmp_path, monkeypatch):
+    """``build_demos`` (what ``dynascope app`` starts in a background process) generates the missing
+    demos cheapest first and keeps ``.demos_status.json`` current; ``main`` does nothing when all are done."""
+    import json
+    import os
+
+    from dynascope.recipes import demos
+
+    tiny = (
+        demos.DemoSpec(
+            "edge_of_stability",
+            "edge_of_stability",
+            "tiny eos",
+            {"steps": 4, "width": 8, "checkpoint_every": 2},
+        ),
+        demos.DemoSpec(
+            "double_descent", "double_descent", "tiny sweep", {"p_grid": [20, 60], "trials": 1, "n_train": 60}
+        ),
+    )
+    monkeypatch.setattr(demos, "DEMOS", tiny)
+    seen: list[dict] = []
+    real = demos.ensure_demos
+
+    def spy(root, *, progress=None, names=None):
+        seen.append(json.loads(demos.status_path(root).read_text()))
+        return real(root, progress=progress, names=names)
+
+    monkeypatch.setattr(demos, "ensure_demos", spy)
+    status = demos.build_demos(tmp_path, min_interval=0.0)
+    assert status["names"] == ["double_descent", "edge_of_stability"]  # cheapest first
+    assert seen[0]["pid"] == os.getpid() and not seen[0]["done"] and seen[0]["finished"] == []
+    assert seen[1]["finished"] == ["double_descent"] and seen[1]["progress"]["double_descent"] == [2, 2]
+    on_disk = demos.read_status(tmp_path)
+    assert on_disk["done"] and on_disk["error"] is None and on_disk["finished"] == status["names"]
+    assert on_disk["finished_after"] > 0 and on_disk["progress"]["edge_of_stability"] == [4, 4]
+    assert set(on_disk["seconds"]) == set(status["names"]) and all(v > 0 for v in on_disk["seconds"].values())
+    assert sum(on_disk["seconds"].values()) <= on_disk["finished_after"]
+    assert demos.writer_alive(on_disk) and not demos.writer_alive({"pid": 2**22 + 12345})
+    assert demos.main([str(tmp_path)]) == 0  # everything complete: the stale status file goes
+    assert demos.read_status(tmp_path) is None
+    assert demos.main([]) == 2

@@ -39,13 +39,22 @@ def evenly_spaced(steps: Sequence[int], n: int) -> list[int]:
     return [steps[i] for i in idx]
 
 
-def checkpoint_picker(run: Run, *, key: str, default_count: int = 4, label: str = "Checkpoints") -> list[int]:
-    """Multiselect of the run's checkpoint steps (default: a few spread over training)."""
+def checkpoint_picker(
+    run: Run,
+    *,
+    key: str,
+    default_count: int = 4,
+    label: str = "Checkpoints",
+    default_from: Sequence[int] | None = None,
+) -> list[int]:
+    """Multiselect of the run's checkpoint steps (default: ``default_count`` spread over training, or
+    over ``default_from`` when given and not empty)."""
     steps = run.steps()
+    pool = [s for s in (default_from or ()) if s in steps] or steps
     chosen = st.multiselect(
         label,
         steps,
-        default=evenly_spaced(steps, default_count),
+        default=evenly_spaced(pool, default_count),
         key=f"{key}_steps_{run.path}",
         help="Each selected checkpoint is probed once; results are cached in the run's result store.",
     )
@@ -219,7 +228,9 @@ def sweep_panel(
             f"{len(results)} of {len(steps)} checkpoint(s) already in the result store; "
             f"{len(missing)} to compute (steps {', '.join(map(str, missing))})."
         )
-        if st.button(button, key=f"{key}_run", type="primary"):
+        slot = st.empty()  # the button goes once clicked: nothing is left to compute
+        if slot.button(button, key=f"{key}_run", type="primary"):
+            slot.empty()
             with guard(label or probe):
                 results.update(
                     compute(
@@ -287,18 +298,42 @@ def is_adaptive(run: Run) -> bool:
     return str((run.optimizer_config or {}).get("name", "")).lower() in ADAPTIVE_OPTIMIZERS
 
 
+@st.cache_data(show_spinner=False, max_entries=4096)
+def _optimizer_state_nonempty(path: str, mtime: float) -> bool:
+    import torch
+
+    try:
+        named = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the probe that reads it
+        return True
+    return not isinstance(named, dict) or bool(named.get("state"))
+
+
+def has_optimizer_state(run: Run, step: int) -> bool:
+    """True when optimizer state was saved beside checkpoint ``step`` and holds per-parameter entries
+    (an adaptive optimizer has none before its first update, e.g. at step 0)."""
+    path = run.checkpoint(step).optimizer_path
+    return path is not None and _optimizer_state_nonempty(str(path), path.stat().st_mtime)
+
+
+def preconditioned_steps(run: Run) -> list[int]:
+    """The checkpoints at which λ_max(P⁻¹H) can be computed (optimizer state with entries)."""
+    return [s for s in run.steps() if has_optimizer_state(run, s)]
+
+
 def sharpness_params(
     run: Run, params: dict[str, Any], preconditioned: bool
 ) -> Callable[[int], dict[str, Any]]:
     """Per-step ``sharpness`` parameters: η at the step from the schedule and, when ``preconditioned``
-    and the optimizer state was saved beside the checkpoint, ``optimizer_state=True`` (λ_max(P⁻¹H))."""
+    and optimizer state with entries was saved beside the checkpoint, ``optimizer_state=True``
+    (λ_max(P⁻¹H))."""
 
     def at(step: int) -> dict[str, Any]:
         p = dict(params)
         lr = lr_or_none(run, step)
         if lr is not None:
             p["lr"] = lr
-        if preconditioned and run.checkpoint(step).optimizer_path is not None:
+        if preconditioned and has_optimizer_state(run, step):
             p["optimizer_state"] = True
         return p
 

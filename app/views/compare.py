@@ -1,17 +1,20 @@
 """Compare runs: several runs' metrics overlaid on one chart (seeds, learning rates, widths).
 
-Edge-of-stability runs at different η are put on one axis as λ_max·η/2 (1 = the edge 2/η); grokking
-seeds as accuracy against the step; double-descent runs as test error against model size.
+Edge-of-stability runs at different η are put on one axis as λ_max·η/2 (1 = the edge 2/η); runs that logged
+no sharpness (an Adam recipe run) use the sharpness results in their result store, as the ratio that applies
+to their optimizer (λ_max(P⁻¹H) over its threshold, 38/η for Adam); grokking seeds as accuracy against the
+step; double-descent runs as test error against model size.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from lib import downloads, errors, state
+from lib import compute, downloads, errors, state
 
 from dynascope.models import Run, RunError
 from dynascope.probes import figures
+from dynascope.store import ResultStore
 
 st.title("Compare runs")
 st.caption(
@@ -40,18 +43,29 @@ chosen = st.multiselect(
 )  # fmt: skip
 
 
-def _eos_frame(r: Run) -> pd.DataFrame:
-    """``step, lambda_eta_over_2`` from the logged sharpness and η (``sharpness_ratio`` when logged)."""
+def _eos_frame(r: Run) -> tuple[pd.DataFrame, bool]:
+    """``step, lambda_eta_over_2`` in units of the run's stability threshold, and whether the values are
+    preconditioned. From the logged sharpness and η (``sharpness_ratio`` when logged); for a run that
+    logged none, from the ``sharpness`` results in its store: ``preconditioned_ratio`` for an adaptive
+    optimizer when computed, else ``ratio`` (the last stored result per step)."""
     m = r.metrics()
     col = next((c for c in ("sharpness", "lambda_max", "hessian_lambda_max") if c in m.columns), None)
     if col is None:
-        return pd.DataFrame(columns=["step", "lambda_eta_over_2"])
+        pre = compute.is_adaptive(r)
+        by_step: dict[int, float] = {}
+        for s in ResultStore(r.path).list("sharpness"):
+            v = getattr(s.result, "preconditioned_ratio", None) if pre else None
+            v = v if v is not None else (None if pre else getattr(s.result, "ratio", None))
+            if v is not None and s.step is not None:
+                by_step[int(s.step)] = float(v)
+        frame = pd.DataFrame(sorted(by_step.items()), columns=["step", "lambda_eta_over_2"])
+        return frame, pre and bool(by_step)
     if "sharpness_ratio" in m.columns:
         out = m[["step", "sharpness_ratio"]].rename(columns={"sharpness_ratio": "lambda_eta_over_2"})
     else:
         lr = m["lr"] if "lr" in m.columns else float((r.optimizer_config or {}).get("lr", float("nan")))
         out = pd.DataFrame({"step": m["step"], "lambda_eta_over_2": m[col] * lr / 2.0})
-    return out.dropna()
+    return out.dropna(), False
 
 
 with errors.guard("Run comparison"):
@@ -61,11 +75,28 @@ with errors.guard("Run comparison"):
     picked = {state.label(p): runs[p] for p in chosen}
     eos = all(r.extra.get("phenomenon") == "edge_of_stability" for r in picked.values())
     if eos:
-        frames = {name: _eos_frame(r) for name, r in picked.items()}
+        found = {name: _eos_frame(r) for name, r in picked.items()}
+        frames = {name: f for name, (f, _) in found.items()}
+        adaptive = [name for name, (_, pre) in found.items() if pre]
+        empty = [name for name, f in frames.items() if f.empty]
+        if adaptive:
+            st.caption(
+                f"{', '.join(adaptive)}: λ_max(P⁻¹H) over its threshold (38/η for Adam), from the result "
+                "store; the others: λ_max·η/2. 1 is the edge of stability for each."
+            )
+        if empty:
+            st.caption(
+                f"{', '.join(empty)}: no sharpness logged or computed yet (compute it on the Edge of "
+                "stability page)."
+            )
+        if adaptive:
+            y_title, edge = "λ_max / threshold (GD: λ_max·η/2)", "edge of stability (λ_max = threshold)"
+            title = "Sharpness in units of the stability threshold"
+        else:
+            y_title, edge, title = "λ_max·η/2", "edge of stability (λ_max = 2/η)", "Sharpness in units of 2/η"
         fig = figures.overlay_figure(
-            frames, x="step", y="lambda_eta_over_2", y_title="λ_max·η/2", hline=1.0,
-            hline_name="edge of stability (λ_max = 2/η)", title="Sharpness in units of 2/η",
-        )  # fmt: skip
+            frames, x="step", y="lambda_eta_over_2", y_title=y_title, hline=1.0, hline_name=edge, title=title
+        )
     else:
         metrics = {name: r.metrics() for name, r in picked.items()}
         common = sorted(set.intersection(*(set(m.select_dtypes("number").columns) for m in metrics.values())))

@@ -20,10 +20,13 @@ st.caption(
 if compute.lr_or_none(run, run.steps()[-1]) is None:
     st.warning("This run records no learning rate, so the 2/η line cannot be drawn (λ_max is still shown).")
 
-steps = compute.checkpoint_picker(run, key="eos", default_count=8)
+adaptive = compute.is_adaptive(run)
+# adaptive runs: by default the checkpoints whose optimizer state gives a preconditioner (not step 0)
+steps = compute.checkpoint_picker(
+    run, key="eos", default_count=8, default_from=compute.preconditioned_steps(run) if adaptive else None
+)
 split, max_samples, sample = compute.data_controls(run, key="eos")
 c1, c2 = st.columns(2)
-adaptive = compute.is_adaptive(run)
 preconditioned = c1.toggle(
     "Preconditioned sharpness (optimizer state)",
     value=adaptive,
@@ -49,7 +52,9 @@ with errors.guard("Sharpness"):
     note = st.empty()
     if missing:
         note.caption(f"{len(results)} of {len(steps)} checkpoint(s) cached; {len(missing)} to compute.")
-        if st.button("Compute sharpness", type="primary", key="eos_run"):
+        slot = st.empty()  # the button goes once clicked
+        if slot.button("Compute sharpness", type="primary", key="eos_run"):
+            slot.empty()
             results = compute.sharpness_results(
                 run,
                 steps,
@@ -74,17 +79,14 @@ with errors.guard("Sharpness chart"):
             return compute.lr_or_none(run, s) or float("nan")
 
         schedule = figures.schedule_frame(lr_at, max(run.steps()))
-        fig = figures.sharpness_figure(frame, schedule)
+        part = None
         if logged:  # λ_max the training loop measured itself (e.g. the edge-of-stability recipe)
-            part = metrics[["step", logged]].dropna()
-            fig.add_scatter(
-                x=part["step"],
-                y=part[logged],
-                mode="lines",
-                name=f"{logged} (logged in training)",
-                line={"width": 1},
-            )
-            part = part.rename(columns={logged: f"{logged}_logged"})
+            part = metrics[["step", logged]].dropna().rename(columns={logged: "value"})
+        fig = figures.sharpness_figure(
+            frame, schedule, logged=part, logged_name=f"{logged} (logged in training)"
+        )
+        if part is not None:
+            part = part.rename(columns={"value": f"{logged}_logged"})
             frame = part if frame.empty else frame.merge(part, on="step", how="outer")
         downloads.chart(
             fig,
@@ -96,7 +98,18 @@ with errors.guard("Sharpness chart"):
         pre = frame["preconditioned_ratio"].dropna() if "preconditioned_ratio" in frame.columns else []
         ratio = frame["ratio"].dropna() if "ratio" in frame.columns else []
         if adaptive and len(pre):  # the ratio that applies to the run's optimizer
-            st.metric("λ_max(P⁻¹H) / threshold at the last preconditioned checkpoint", f"{pre.iloc[-1]:.3f}")
+            last = frame.loc[pre.index[-1]]
+            factor = float(last["preconditioned_threshold"]) * float(last["lr"] or "nan")
+            thr = f"{factor:.3g}/η" if factor == factor else "threshold"
+            at_step = int(last["step"])
+            st.metric(
+                f"λ_max(P⁻¹H) / threshold {thr} at the last preconditioned checkpoint (step {at_step})",
+                f"{pre.iloc[-1]:.3f}",
+            )
+            st.caption(
+                f"{len(pre)} of {len(frame)} selected checkpoint(s) have a preconditioned point; the "
+                f"threshold there is {float(last['preconditioned_threshold']):,.0f}."
+            )
             if len(ratio):
                 st.metric("λ_max / (2/η) (plain GD ratio, for reference)", f"{ratio.iloc[-1]:.3g}")
             st.caption(

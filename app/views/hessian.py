@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import streamlit as st
 from lib import compute, downloads, errors, state
 
@@ -18,6 +21,34 @@ st.caption(
 
 steps = compute.checkpoint_picker(run, key="hess")
 split, max_samples, sample = compute.data_controls(run, key="hess")
+
+
+def sweep_chart(
+    key: str,
+    probe: str,
+    params: dict[str, Any],
+    *,
+    label: str,
+    button: str,
+    frame_of: Callable[[dict[int, Any]], Any],
+    figure_of: Callable[[Any], Any],
+    name: str,
+    extra: Callable[[dict[int, Any]], dict[str, Any]] | None = None,
+) -> None:
+    """One probe over the selected checkpoints: cached results plus a compute button, then its chart."""
+    with errors.guard(label):
+        results = compute.sweep_panel(
+            run, probe, steps, key=key, params=params, split=split, max_samples=max_samples, sample=sample,
+            label=label, button=button,
+        )  # fmt: skip
+        if results:
+            frame = frame_of(results)
+            downloads.chart(
+                figure_of(frame), frame, f"{state.label(run.path)}_{name}", key=key,
+                extra_json=extra(results) if extra else None,
+            )  # fmt: skip
+
+
 tab_topk, tab_density, tab_layers, tab_trace = st.tabs(
     ["Top-k eigenvalues", "Spectral density", "Per layer", "Trace"]
 )
@@ -27,28 +58,12 @@ with tab_topk:
     k = int(c1.number_input("k (eigenvalues)", 1, 20, 3, key="hess_k"))
     tol = float(c2.select_slider("Residual tolerance", [1e-2, 1e-3, 1e-4, 1e-5], 1e-3, key="hess_tol"))
     log_y = c3.toggle("Log y-axis", key="hess_topk_log")
-    with errors.guard("Top-k eigenvalues"):
-        results = compute.sweep_panel(
-            run,
-            "hessian_eigenvalues",
-            steps,
-            key="hess_topk",
-            params={"k": k, "tol": tol},
-            split=split,
-            max_samples=max_samples,
-            sample=sample,
-            label="Hessian top-k (Lanczos)",
-            button="Compute top-k eigenvalues",
-        )
-        if results:
-            frame = figures.topk_frame(results)
-            downloads.chart(
-                figures.topk_figure(frame, log_y=log_y),
-                frame,
-                f"{state.label(run.path)}_hessian_topk",
-                key="hess_topk",
-                extra_json={"results": {s: r.to_dict() for s, r in results.items()}},
-            )
+    sweep_chart(
+        "hess_topk", "hessian_eigenvalues", {"k": k, "tol": tol}, label="Hessian top-k (Lanczos)",
+        button="Compute top-k eigenvalues", frame_of=figures.topk_frame,
+        figure_of=lambda f: figures.topk_figure(f, log_y=log_y), name="hessian_topk",
+        extra=lambda rs: {"results": {s: r.to_dict() for s, r in rs.items()}},
+    )  # fmt: skip
 
 with tab_density:
     c1, c2, c3 = st.columns(3)
@@ -60,28 +75,12 @@ with tab_density:
         key="hess_density_log",
         help="A log y-axis shows the bulk near zero and the isolated outliers together.",
     )
-    with errors.guard("Spectral density"):
-        results = compute.sweep_panel(
-            run,
-            "hessian_density",
-            steps,
-            key="hess_density",
-            params={"n_probes": n_probes, "lanczos_steps": lanczos_steps},
-            split=split,
-            max_samples=max_samples,
-            sample=sample,
-            label="Hessian density (SLQ)",
-            button="Compute spectral density",
-        )
-        if results:
-            frame = figures.density_frame(results)
-            downloads.chart(
-                figures.density_figure(frame, log_y=log_y),
-                frame,
-                f"{state.label(run.path)}_hessian_density",
-                key="hess_density",
-                extra_json={"ritz": {s: r.ritz_frame().to_dict(orient="list") for s, r in results.items()}},
-            )
+    sweep_chart(
+        "hess_density", "hessian_density", {"n_probes": n_probes, "lanczos_steps": lanczos_steps},
+        label="Hessian density (SLQ)", button="Compute spectral density", frame_of=figures.density_frame,
+        figure_of=lambda f: figures.density_figure(f, log_y=log_y), name="hessian_density",
+        extra=lambda rs: {"ritz": {s: r.ritz_frame().to_dict(orient="list") for s, r in rs.items()}},
+    )  # fmt: skip
 
 with tab_layers:
     c1, c2 = st.columns(2)
@@ -116,24 +115,8 @@ with tab_trace:
     c1, c2 = st.columns(2)
     n_mv = int(c1.number_input("Matrix-vector products", 6, 600, 30, step=6, key="hess_trace_mv"))
     method = c2.radio("Estimator", list(TRACE_METHODS), horizontal=True, key="hess_trace_method")
-    with errors.guard("Hessian trace"):
-        results = compute.sweep_panel(
-            run,
-            "hessian_trace",
-            steps,
-            key="hess_trace",
-            params={"n_matvecs": n_mv, "method": method},
-            split=split,
-            max_samples=max_samples,
-            sample=sample,
-            label=f"Hessian trace ({method})",
-            button="Compute trace",
-        )
-        if results:
-            frame = figures.trace_frame(results)
-            downloads.chart(
-                figures.trace_figure(frame),
-                frame,
-                f"{state.label(run.path)}_hessian_trace",
-                key="hess_trace",
-            )
+    sweep_chart(
+        "hess_trace", "hessian_trace", {"n_matvecs": n_mv, "method": method},
+        label=f"Hessian trace ({method})", button="Compute trace", frame_of=figures.trace_frame,
+        figure_of=figures.trace_figure, name="hessian_trace",
+    )  # fmt: skip

@@ -40,6 +40,18 @@ candidates = _compatible_runs(run)
 _running = twins.job_for(run)
 if _running is not None and not _running.done:  # a twin still being trained is not offered as B yet
     candidates = [c for c in candidates if c != str(_running.out)] or [str(run.path)]
+_recipe = twins.recipe_of(run)
+
+
+def _same_recipe(path: str) -> bool:
+    """Another seed of the selected run's recipe and config (what mode connectivity should compare)."""
+    try:
+        return path != str(run.path) and twins.recipe_of(Run.open(path)) == _recipe
+    except Exception:  # noqa: BLE001
+        return False
+
+
+seeds = [c for c in candidates if _recipe is not None and _same_recipe(c)]
 
 
 @st.fragment(run_every=2.0)
@@ -51,7 +63,7 @@ def _twin_progress(job: twins.TwinJob) -> None:
     st.progress(job.fraction, text=f"Training `{job.out.name}` (seed {job.seed}): {text}")
 
 
-if len(candidates) < 2 and twins.recipe_of(run) is not None:
+if _recipe is not None and not seeds:  # other runs may fit, but no second seed of this recipe
     job = twins.job_for(run)
     with st.container(border=True, key="lmc_twin"):
         if job is not None and not job.done:
@@ -63,11 +75,16 @@ if len(candidates) < 2 and twins.recipe_of(run) is not None:
                 "**No second run of this recipe yet.** Mode connectivity compares two independently "
                 f"trained networks: train `{twins.twin_path(run).name}`, the same recipe and config with the "
                 "next seed (a background job; the page stays usable)."
+                + (
+                    " Meanwhile B defaults to another run of the same architecture."
+                    if len(candidates) > 1
+                    else ""
+                )
             )
             if st.button("Train a seed twin", key="lmc_twin_start", type="primary"):
                 twins.start_twin(run)
                 st.rerun()
-elif len(candidates) >= 2:
+elif seeds:
     job = twins.job_for(run)
     if job is not None and job.done and job.error is None:
         st.caption(f"Seed twin `{job.out.name}` trained in {job.finished_after:.0f} s.")
@@ -78,26 +95,20 @@ with col_a:
     step_a = st.selectbox("Checkpoint A", run.steps(), index=len(run.steps()) - 1, key="lmc_step_a")
 with col_b:
     st.markdown("**Model B**")
-    others = [c for c in candidates if c != str(run.path)]
+    others = seeds + [c for c in candidates if c != str(run.path) and c not in seeds]
     default_b = others[0] if others else str(run.path)
-    if (
-        others
-        and st.session_state.get("lmc_run_b") == str(run.path)
-        and not st.session_state.get("lmc_run_b_chosen")
-    ):
-        del st.session_state["lmc_run_b"]  # a second run appeared (e.g. a seed twin): it is the default
-
-    def _chose_b() -> None:
-        st.session_state["lmc_run_b_chosen"] = True
-
+    # B follows the default (a seed twin once it exists, else another run of the same shape) until the
+    # user picks another run: the value is reset only while it still equals the default last shown
+    shown, last_default = st.session_state.get("lmc_run_b"), st.session_state.get("lmc_b_default")
+    if shown not in candidates or (shown == last_default and last_default != default_b):
+        st.session_state["lmc_run_b"] = default_b
+    st.session_state["lmc_b_default"] = default_b
     path_b = st.selectbox(
         "Run B",
         candidates,
-        index=candidates.index(default_b),
         format_func=state.label,
         key="lmc_run_b",
-        on_change=_chose_b,
-        help="Runs with the same architecture (e.g. another seed).",
+        help="Runs with the same architecture (e.g. another seed); default: a second seed of this recipe.",
     )
     run_b = Run.open(path_b)
     steps_b = run_b.steps()
@@ -128,7 +139,9 @@ with errors.guard("Mode connectivity"):
     note = st.empty()
     if result is None:
         note.caption("This pair is not in the result store yet.")
-        if st.button("Compute the path", type="primary", key="lmc_run"):
+        slot = st.empty()  # the button goes once clicked
+        if slot.button("Compute the path", type="primary", key="lmc_run"):
+            slot.empty()
             result = compute.compute_stored(run, "lmc_barrier", label="loss along the linear path", **where)
             note.caption("Computed and stored in the result store.")
     else:
@@ -149,6 +162,11 @@ with errors.guard("Mode connectivity"):
         layers = result.layerwise_frame()
         if len(layers):
             st.markdown("**Layer-wise barriers** (only that layer interpolated, the others at model A)")
+            st.caption(
+                "barrier: the rise above the chord, as for the whole path (0 when the path stays under "
+                "it, typically because B's layer alone breaks A's network: see end_loss); max_rise: the "
+                "largest loss increase over model A along that layer's path."
+            )
             downloads.table(layers, key="lmc_layers_table")
             fig = figures.lmc_layerwise(layers)
             downloads.chart(fig, layers, f"{name}_layerwise", key="lmc_layers")

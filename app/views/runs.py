@@ -173,11 +173,16 @@ if run is None:
     st.stop()
 st.divider()
 st.subheader(f"Run `{state.label(run.path)}`")
-cfg_cols = st.columns(4)
-cfg_cols[0].metric("Model", own.spec_label(run.model_config))
-cfg_cols[1].metric("Dataset", own.spec_label(run.dataset_config))
-cfg_cols[2].metric("Optimizer", (run.optimizer_config or {}).get("name", "—"))
-cfg_cols[3].metric("Checkpoints", len(run.checkpoints()))
+# the run's identity in full (st.metric would cut long spec labels such as factory paths)
+summary = {
+    "Model": own.spec_label(run.model_config),
+    "Dataset": own.spec_label(run.dataset_config),
+    "Optimizer": (run.optimizer_config or {}).get("name", "—"),
+    "Loss": str(run.config.get("loss") or "auto"),
+}
+for col, (name, value) in zip(st.columns(4), summary.items(), strict=True):
+    col.caption(name)
+    col.markdown(f"`{value}`")
 if run.notes:
     st.caption(run.notes)
 with st.expander("run.json"):
@@ -192,36 +197,13 @@ follow = st.toggle(
 )
 
 
-@st.fragment(run_every=live.POLL_S if follow else None)
-def _live_view(path: str) -> None:
-    """Checkpoints and metrics as they appear (re-read from the folder on every poll)."""
-    try:
-        current = Run.open(path)
-        steps, metrics = current.steps(), current.metrics()
-    except RunError as exc:  # a half-written file: the next poll reads it again
-        st.caption(f"Waiting for the run folder: {exc}")
-        return
-    with st.container(border=True, key="runs_live"):
-        c = st.columns(4)
-        c[0].metric("Checkpoints", len(steps))
-        c[1].metric("Latest checkpoint step", steps[-1] if steps else "—")
-        c[2].metric("Metric rows", len(metrics))
-        c[3].metric("Last write", f"{max(time.time() - live.last_write(Path(path)), 0):.0f} s ago")
-        loss_cols = [k for k in ("train_loss", "test_loss") if k in metrics.columns]
-        if loss_cols and "step" in metrics.columns and len(metrics):
-            data = metrics[["step", *loss_cols]]
-            st.plotly_chart(figures.loss_figure(data, loss_cols), key="runs_live_loss")
-
-
-if follow:
-    _live_view(str(run.path))
-
-rows = []
-with errors.guard("Reading the checkpoints"):
-    for ck in run.checkpoints():
+def _checkpoint_frame(current: Run) -> pd.DataFrame:
+    """One row per checkpoint: step, epoch, lr, the metrics saved with it, optimizer state, size."""
+    rows = []
+    for ck in current.checkpoints():
         row = {"step": ck.step, "epoch": ck.epoch}
         try:
-            row["lr"] = run.lr_at(ck.step)
+            row["lr"] = current.lr_at(ck.step)
         except (RunError, ValueError, TypeError):
             row["lr"] = None
         for k, v in ck.metrics.items():
@@ -229,17 +211,42 @@ with errors.guard("Reading the checkpoints"):
         row["optimizer state"] = ck.optimizer_path is not None
         row["size (KiB)"] = round(ck.path.stat().st_size / 1024, 1)
         rows.append(row)
-if rows:
-    st.markdown("**Checkpoints**")
-    downloads.table(pd.DataFrame(rows), key="runs_ckpt_table")
-else:
-    st.warning("This run has no checkpoints.")
+    return pd.DataFrame(rows)
 
-with errors.guard("Reading metrics.csv"):
-    metrics = run.metrics()
+
+@st.fragment(run_every=live.POLL_S if follow else None)
+def _run_view(path: str) -> None:
+    """Checkpoints and metrics, re-read from the folder on every poll while the run is followed."""
+    try:
+        current = Run.open(path)
+        steps, metrics = current.steps(), current.metrics()
+        checkpoints = _checkpoint_frame(current)
+    except (RunError, OSError) as exc:  # a half-written file: the next poll reads it again
+        st.caption(f"Waiting for the run folder: {exc}")
+        return
+    if follow:
+        with st.container(border=True, key="runs_live"):
+            c = st.columns(4)
+            c[0].metric("Checkpoints", len(steps))
+            c[1].metric("Latest checkpoint step", steps[-1] if steps else "—")
+            c[2].metric("Metric rows", len(metrics))
+            c[3].metric("Last write", f"{max(time.time() - live.last_write(Path(path)), 0):.0f} s ago")
+            loss_cols = [k for k in ("train_loss", "test_loss") if k in metrics.columns]
+            if loss_cols and "step" in metrics.columns and len(metrics):
+                data = metrics[["step", *loss_cols]]
+                st.plotly_chart(figures.loss_figure(data, loss_cols), key="runs_live_loss")
+    if len(checkpoints):
+        st.markdown(f"**Checkpoints** ({len(checkpoints)})")
+        downloads.table(checkpoints, key="runs_ckpt_table")
+    else:
+        st.warning("This run has no checkpoints.")
     if len(metrics) > 0:
         st.markdown(f"**Logged metrics** ({len(metrics)} rows of `metrics.csv`)")
         downloads.table(metrics, height=220, key="runs_metrics_table")
+
+
+with errors.guard("Reading the run"):
+    _run_view(str(run.path))
 
 with errors.guard("Reading the result store"):
     cached = ResultStore(run.path).frame()
