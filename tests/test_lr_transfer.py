@@ -1,0 +1,156 @@
+"""Learning-rate transfer across widths (issue 20): SP, NTK, μP MLPs; the lr_transfer recipe, detector."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from dynascope.models import RunError, build
+from dynascope.recipes import RECIPES, detect, detect_lr_transfer, read_lr_sweep
+
+TINY = {
+    "widths": [8, 16],
+    "base_width": 8,
+    "n_train": 32,
+    "lrs": [2.0, 4.0, 8.0],
+    "reference_lr": 4.0,
+    "steps": 6,
+    "log_every": 3,
+}
+
+
+def _mlp(p: str, width: int, base: int = 64, in_dim: int = 64) -> torch.nn.Module:
+    return build(
+        "parametrized_mlp",
+        in_dim=in_dim,
+        width=width,
+        depth=2,
+        out_dim=10,
+        parametrization=p,
+        base_width=base,
+        seed=3,
+    )
+
+
+def test_parametrizations_state_their_multipliers_and_lr_scales() -> None:
+    n, n0, d = 256, 64, 64
+    sp, ntk, mup = (_mlp(p, n, n0, d) for p in ("sp", "ntk", "mup"))
+    assert [m.lr_scale for m in (sp, ntk, mup)] == [1.0, float(n0), float(n)]
+    assert [sp.body[0].multiplier, sp.body[2].multiplier, sp.head.multiplier] == [1.0, 1.0, 1.0]
+    assert ntk.body[0].multiplier == d**-0.5 and ntk.body[2].multiplier == n**-0.5
+    assert ntk.head.multiplier == n**-0.5
+    assert mup.body[2].multiplier == n**-0.5 and mup.head.multiplier == math.sqrt(n0) / n
+    # same seed, same draws: SP stores the NTK weights times 1/√fan_in
+    torch.testing.assert_close(sp.body[2].weight, ntk.body[2].weight / math.sqrt(n))
+    assert abs(float(ntk.body[2].weight.detach().std()) - 1) < 0.02 and isinstance(ntk.head, torch.nn.Linear)
+    with pytest.raises(ValueError, match="parametrization"):
+        _mlp("mf", 8)
+
+
+def test_parametrizations_coincide_at_the_base_width() -> None:
+    """With d = n = n₀ the three are one function and, at the scaled rate η·lr_scale, one GD trajectory."""
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(20, 10, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for p in ("sp", "ntk", "mup"):
+        m = _mlp(p, 64)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5 * m.lr_scale)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+        outs.append(m(x).detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_mup_output_shrinks_with_width_and_its_features_move_by_order_one() -> None:
+    """μP: f at init ~ 1/√n·√(n₀/n)·√n = √(n₀/n); one GD step moves hidden pre-activations by Θ(1) (μP)
+    and by Θ(1/√n) (NTK) as the width grows from 64 to 1024."""
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+
+    def feature_move(p: str, n: int) -> tuple[float, float]:
+        m = _mlp(p, n)
+        h0 = m.body[:3](x).detach()
+        f0 = float(m(x).detach().pow(2).mean().sqrt())
+        torch.optim.SGD(m.parameters(), lr=0.05 * m.lr_scale).zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        with torch.no_grad():
+            for q in m.parameters():
+                q -= 0.05 * m.lr_scale * q.grad
+        return float((m.body[:3](x) - h0).pow(2).mean().sqrt()), f0
+
+    (mu_s, f_s), (mu_l, f_l) = feature_move("mup", 64), feature_move("mup", 1024)
+    (nt_s, _), (nt_l, _) = feature_move("ntk", 64), feature_move("ntk", 1024)
+    assert 0.5 < mu_l / mu_s < 2.0  # Θ(1)
+    assert nt_l / nt_s < 0.4  # ~ 1/√16 = 0.25
+    assert 0.15 < f_l / f_s < 0.4  # √(64/1024) = 0.25
+
+
+def test_lr_transfer_writes_the_sweep_and_trajectories(tmp_path) -> None:
+    torch.manual_seed(0)
+    run = RECIPES["lr_transfer"].run(tmp_path / "r", seed=0, progress=False, parametrization="sp", **TINY)
+    sweep = read_lr_sweep(run)
+    assert len(sweep) == 6 and list(sweep["width"].unique()) == [8, 16]
+    assert (sweep["log2_lr"] == [1.0, 2.0, 3.0] * 2).all() and (sweep["lr_effective"] == sweep["lr"]).all()
+    assert sweep["final_train_loss"].notna().all()
+    m = run.metrics()
+    assert sorted(m["step"].unique()) == [0, 3, 6] and sorted(m["width"].unique()) == [8, 16]
+    assert (m["lr"] == 4.0).all() and (m["two_over_lr"] == 0.5).all()
+    torch.testing.assert_close(torch.tensor(m["sharpness"].values), torch.tensor(m["lambda_max"].values))
+    assert run.extra["phenomenon"] == "lr_transfer" and run.steps() == [6]
+    ev = detect(run)
+    best = [sweep[sweep["width"] == w].sort_values("final_train_loss")["lr"].iloc[0] for w in (8, 16)]
+    assert ev.optimal_lrs == best and ev.widths == [8, 16] and ev.parametrization == "sp"
+    s0 = m[m["step"] == 0].set_index("width")["sharpness"]
+    assert ev.spread_at_init == pytest.approx(s0.max() / s0.min())
+    assert ev.to_dict()["optimal_lrs"] == best
+
+
+def test_lr_transfer_resumes_to_the_uninterrupted_result(tmp_path) -> None:
+    cfg = {**TINY, "parametrization": "mup"}
+    full = RECIPES["lr_transfer"].run(tmp_path / "full", seed=1, progress=False, **cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_four(i: int, total: int, row: dict) -> None:
+        if i == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        RECIPES["lr_transfer"].run(tmp_path / "part", seed=1, progress=stop_after_four, **cfg)
+    assert len(read_lr_sweep(tmp_path / "part")) == 4
+    resumed = RECIPES["lr_transfer"].run(tmp_path / "part", seed=1, progress=False, **cfg)
+    cols = ["width", "lr", "final_train_loss", "final_test_loss", "diverged"]
+    pd.testing.assert_frame_equal(read_lr_sweep(resumed)[cols], read_lr_sweep(full)[cols])
+    key = ["width", "step"]
+    a = resumed.metrics().sort_values(key).reset_index(drop=True)
+    b = full.metrics().sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[[*key, "train_loss", "sharpness"]], b[[*key, "train_loss", "sharpness"]])
+    # a finished run is returned as is; another config or seed is refused
+    t = (tmp_path / "full" / "lr_sweep.csv").stat().st_mtime_ns
+    RECIPES["lr_transfer"].run(tmp_path / "full", seed=1, progress=False, **cfg)
+    assert (tmp_path / "full" / "lr_sweep.csv").stat().st_mtime_ns == t
+    with pytest.raises(RunError, match="another config or seed"):
+        RECIPES["lr_transfer"].run(tmp_path / "full", seed=2, progress=False, **cfg)
+
+
+def test_lr_transfer_rejects_bad_configs(tmp_path) -> None:
+    with pytest.raises(ValueError, match="reference_lr 3 must be one of the grid"):
+        RECIPES["lr_transfer"].run(tmp_path / "a", progress=False, **{**TINY, "reference_lr": 3.0})
+    with pytest.raises(ValueError, match="parametrization must be one of"):
+        RECIPES["lr_transfer"].run(tmp_path / "b", progress=False, parametrization="standard")
+    with pytest.raises(ValueError, match="lrs must be positive"):
+        RECIPES["lr_transfer"].run(tmp_path / "c", progress=False, **{**TINY, "lrs": [4.0, -1.0]})
+    with pytest.raises(ValueError, match="unknown config keys"):
+        RECIPES["lr_transfer"].run(tmp_path / "d", progress=False, width=3)
+    RECIPES["xor_grokking"].run(
+        tmp_path / "x", progress=False, dim=20, mean_norm=4.0, width=4, steps=1, n_checkpoints=1
+    )
+    with pytest.raises(RunError, match="lr_sweep.csv"):
+        detect_lr_transfer(tmp_path / "x")
