@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -154,3 +155,49 @@ def test_lr_transfer_rejects_bad_configs(tmp_path) -> None:
     )
     with pytest.raises(RunError, match="lr_sweep.csv"):
         detect_lr_transfer(tmp_path / "x")
+
+
+def test_figures_draw_one_colour_per_width() -> None:
+    from dynascope.probes import figures
+
+    sweep = pd.DataFrame(
+        {
+            "width": [8, 8, 8, 16, 16, 16],
+            "lr": [1.0, 2.0, 4.0] * 2,
+            "final_train_loss": [0.3, 0.1, 0.2, 0.2, 0.05, math.inf],
+        }
+    )
+    fig = figures.lr_sweep_figure(sweep)
+    curves = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in curves] == ["width 8", "width 16"]
+    assert curves[0].line.color != curves[1].line.color and list(curves[1].x) == [1.0, 2.0]
+    rings = [t for t in fig.data if t.showlegend is False]
+    assert [list(t.x) for t in rings] == [[2.0], [2.0]] and fig.layout.xaxis.type == "log"
+    traj = pd.DataFrame({"step": [0, 5, 0, 5], "width": [8, 8, 16, 16], "sharpness": [0.1, 0.2, 0.1, 0.3]})
+    tfig = figures.width_sharpness_figure(traj, two_over_lr=0.5)
+    assert [t.name for t in tfig.data] == ["width 8", "width 16", "2/η"] and list(tfig.data[2].y) == [
+        0.5,
+        0.5,
+    ]
+
+
+def test_lr_transfer_page_shows_the_best_lr_per_width(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    run = RECIPES["lr_transfer"].run(tmp_path / "lrt", seed=0, progress=False, parametrization="mup", **TINY)
+    ev = detect_lr_transfer(run)
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
+    app = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    at = AppTest.from_file(str(app), default_timeout=120).run()
+    at.switch_page("views/lr_transfer.py").run()
+    assert not at.exception, at.exception
+    captions = "\n".join(str(c.value) for c in at.caption)
+    want = ", ".join(f"{w} → {lr:g}" for w, lr in zip(ev.widths, ev.optimal_lrs))
+    assert f"Best η per width: {want}" in captions, captions
+    assert "Parametrisation: **mup**" in captions
+    assert "detect_lr_transfer" in "\n".join(str(e.value) for e in [*at.success, *at.warning])
+    names = [[t.get("name") for t in json.loads(c.proto.spec)["data"]] for c in at.get("plotly_chart")]
+    assert len(names) == 2 and "width 16" in names[0] and names[1][-1] == "2/η"
