@@ -62,7 +62,7 @@ LR_TRANSFER_CONFIG: dict[str, Any] = {
     "base_width": 64,
     "depth": 2,
     "n_train": 256,
-    "lrs": [2.0**k for k in range(-1, 7)],
+    "lrs": [2.0**k for k in range(7)],
     "reference_lr": 4.0,
     "steps": 100,
     "log_every": 10,
@@ -345,7 +345,7 @@ register_recipe(
         name="lr_transfer",
         phenomenon="lr_transfer",
         description="Bias-free ReLU MLPs 64-n-n-10 (n = 64…1024) on 256 digits, MSE, 100 full-batch GD steps "
-        "over η ∈ 2^-1…2^6, in parametrization sp | ntk | mup (base width 64): under μP the best η is the "
+        "over η ∈ 2^0…2^6, in parametrization sp | ntk | mup (base width 64): under μP the best η is the "
         "same grid point for every width and the sharpness trajectories agree; under SP/NTK it shifts.",
         fn=lr_transfer,
         config=LR_TRANSFER_CONFIG,
