@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pandas as pd
 import pytest
@@ -201,3 +202,28 @@ def test_lr_transfer_page_shows_the_best_lr_per_width(tmp_path, monkeypatch) -> 
     assert "detect_lr_transfer" in "\n".join(str(e.value) for e in [*at.success, *at.warning])
     names = [[t.get("name") for t in json.loads(c.proto.spec)["data"]] for c in at.get("plotly_chart")]
     assert len(names) == 2 and "width 16" in names[0] and names[1][-1] == "2/η"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parametrization", ["mup", "sp", "ntk"])
+def test_lr_transfer_recipe_meets_its_detector(tmp_path, parametrization: str) -> None:
+    """The full recipe (widths 64…1024, η ∈ 2⁰…2⁶, 100 GD steps), seed 0: μP keeps the optimum on one grid
+    point with the sharpness of all widths within ×1.25 after warm-up; SP and NTK move it and spread."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    run = RECIPES["lr_transfer"].run(
+        tmp_path / parametrization, seed=0, progress=False, parametrization=parametrization
+    )
+    wall = time.perf_counter() - t0
+    ev = detect(run)
+    print(f"lr_transfer {parametrization}: {wall:.1f} s, {ev.to_dict()}")
+    assert ev.detected and ev.widths == [64, 128, 256, 512, 1024]
+    if parametrization == "mup":
+        assert ev.transfers and ev.optimum_shift == 0 and ev.fraction_in_band >= 0.5
+        assert ev.spread_max <= 1.25
+    else:
+        assert not ev.transfers and ev.optimum_shift >= 1 and ev.spread_peak >= 2.0
+    if parametrization == "sp":  # SP: wider nets start sharper (λ_max ∝ width at init), the optimum falls
+        assert ev.spread_at_init >= 5.0 and ev.optimum_trend < 0
+    if parametrization == "ntk":  # NTK: narrow nets sharpen, wide ones stay lazy; the optimum rises
+        assert ev.spread_median >= 1.5 and ev.optimum_trend > 0
