@@ -144,8 +144,9 @@ class PermutationSpec:
 
 @dataclass(frozen=True)
 class Alignment:
-    """Permutations found (``perms[name][i]`` = index of B's unit placed at position ``i``), sweeps done,
-    whether coordinate descent stopped by itself, and the final matching objective."""
+    """Permutations found (``perms[name][i]`` = index of B's unit placed at position ``i``; a
+    :class:`Within` permutation is ``[n_units, size]``), sweeps done, whether coordinate descent stopped by
+    itself, and the final matching objective."""
 
     perms: dict[str, np.ndarray]
     method: str

@@ -151,8 +151,8 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> Non
 @pytest.mark.slow
 def test_weight_matching_lowers_the_barrier_between_two_trained_transformers() -> None:
     """Two seeds of a 1-layer transformer (d_model 64, 8 heads, d_mlp 256) trained with AdamW (lr 1e-3,
-    200 steps of 128) on "x₀ + x₂ ≥ 16" over 4 tokens from 16: weight matching (residual stream, heads,
-    MLP units) lowers the test-loss barrier."""
+    200 steps of 128) on "x₀ + x₂ ≥ 16" over 4 tokens from 16: weight matching (residual stream, heads and
+    their query/key and value dimensions, MLP units) lowers the test-loss barrier (1.062 → 0.140)."""
     from dynascope import probes
 
     torch.set_num_threads(1)
