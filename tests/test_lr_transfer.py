@@ -84,7 +84,7 @@ def test_mup_output_shrinks_with_width_and_its_features_move_by_order_one() -> N
         with torch.no_grad():
             for q in m.parameters():
                 q -= 0.05 * m.lr_scale * q.grad
-        return float((m.body[:3](x) - h0).pow(2).mean().sqrt()), f0
+        return float((m.body[:3](x).detach() - h0).pow(2).mean().sqrt()), f0
 
     (mu_s, f_s), (mu_l, f_l) = feature_move("mup", 64), feature_move("mup", 1024)
     (nt_s, _), (nt_l, _) = feature_move("ntk", 64), feature_move("ntk", 1024)
