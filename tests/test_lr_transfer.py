@@ -227,3 +227,67 @@ def test_lr_transfer_recipe_meets_its_detector(tmp_path, parametrization: str) -
         assert ev.spread_at_init >= 5.0 and ev.optimum_trend < 0
     if parametrization == "ntk":  # NTK: narrow nets sharpen, wide ones stay lazy; the optimum rises
         assert ev.spread_median >= 1.5 and ev.optimum_trend > 0
+
+
+def _fake_run(path, parametrization: str, optima: dict[int, float], sharpness: dict[int, list[float]]):
+    """An lr_transfer run folder written by hand: the loss is lowest at ``optima[width]`` on the grid
+    1, 2, 4, 8, and ``sharpness[width]`` is logged at steps 0, 10, …, 100 (no warm-up beyond step 10)."""
+    from dynascope.models import Run
+
+    run = Run.create(
+        path,
+        model={"name": "mlp", "in_dim": 2, "width": 2, "depth": 1, "out_dim": 2},
+        dataset={"name": "xor"},
+        extra={
+            "recipe": "lr_transfer",
+            "phenomenon": "lr_transfer",
+            "parametrization": parametrization,
+            "config": {"steps": 100, "reference_lr": 2.0},
+        },
+    )
+    rows = []
+    for w, best in optima.items():
+        for lr in (1.0, 2.0, 4.0, 8.0):
+            loss = math.inf if lr == 8.0 else 0.1 + abs(math.log2(lr / best))
+            rows.append({"width": w, "lr": lr, "log2_lr": math.log2(lr), "lr_effective": lr,
+                         "final_train_loss": loss, "final_test_loss": loss, "final_test_acc": 0.5,
+                         "diverged": lr == 8.0, "steps_run": 100, "wall_time": 0.0})  # fmt: skip
+    pd.DataFrame(rows).to_csv(run.path / "lr_sweep.csv", index=False)
+    run.log_metrics(
+        [
+            {"step": 10 * i, "width": w, "sharpness": v}
+            for w, vs in sharpness.items()
+            for i, v in enumerate(vs)
+        ]
+    )
+    return run
+
+
+def test_lr_transfer_detector_criteria(tmp_path) -> None:
+    flat = [1.0] * 11
+    agree = {64: flat, 256: [1.3] + [1.2] * 10}  # spread 1.3 at init, 1.2 after: inside the 1.35 band
+    ev = detect_lr_transfer(_fake_run(tmp_path / "a", "mup", {64: 4.0, 256: 4.0}, agree))
+    assert ev.detected and ev.transfers and ev.optimum_shift == 0 and ev.optimal_lrs == [4.0, 4.0]
+    assert (
+        ev.fraction_in_band == 1.0 and ev.n_steps_compared == 10 and ev.spread_at_init == pytest.approx(1.3)
+    )
+    # μP with the optimum one grid point off at the widest width: no transfer
+    ev = detect_lr_transfer(_fake_run(tmp_path / "b", "mup", {64: 4.0, 256: 2.0}, agree))
+    assert not ev.detected and ev.optimum_shift == 1 and ev.optimum_trend == -1
+    # μP whose sharpness spreads ×1.5 on 6 of the 10 post-warm-up steps: no transfer
+    spread = {64: flat, 256: [1.0] * 5 + [1.5] * 6}
+    ev = detect_lr_transfer(_fake_run(tmp_path / "c", "mup", {64: 4.0, 256: 4.0}, spread))
+    assert not ev.detected and ev.fraction_in_band == pytest.approx(0.4) and ev.spread_max == 1.5
+    # NTK: the optimum rises and the widths' sharpness differs ×1.5: the predicted non-transfer
+    ev = detect_lr_transfer(_fake_run(tmp_path / "d", "ntk", {64: 2.0, 256: 4.0}, spread))
+    assert ev.detected and not ev.transfers and ev.optimum_trend == 1 and ev.spread_peak == 1.5
+    # NTK with a moving optimum but agreeing sharpness (spread 1.3 < 1.5): not the NTK picture
+    assert not detect_lr_transfer(_fake_run(tmp_path / "e", "ntk", {64: 2.0, 256: 4.0}, agree)).detected
+    # the loss would fall beyond the grid, but η = 8 diverged: the optimum is the best finite rate
+    ev = detect_lr_transfer(_fake_run(tmp_path / "f", "sp", {64: 2.0, 256: 16.0}, spread))
+    assert ev.optimal_lrs == [2.0, 4.0] and ev.detected  # SP: moved up one point, spread ×1.5
+    # a wider band does not make a moving optimum transfer
+    assert (
+        detect_lr_transfer(_fake_run(tmp_path / "g", "sp", {64: 2.0, 256: 4.0}, spread), band=2.0).transfers
+        is False
+    )
