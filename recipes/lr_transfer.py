@@ -19,7 +19,7 @@ Lanczos, warm-started from the previous top eigenvector; GD is stable while ``η
 ``two_over_lr = 2/η`` is the edge of stability for every width and parametrisation). The final model
 of the widest network at the reference rate is the run's one checkpoint.
 
-Measured (seeds 0, 1, 2; 86–95 s per parametrisation on 1 thread of a shared 2-core machine, width 1024
+Measured (seeds 0, 1, 2; 35–95 s per parametrisation on 1 thread of a shared 2-core machine, width 1024
 ~60 % of it): under μP the best η is 16 for every width on every seed and the widths' sharpness agrees within
 ×1.17 / ×1.40 / ×1.25 after step 10; under SP the best η falls with width (16 → 8, 16 → 8, 16 → 4) and
 λ_max at init grows ×10 from width 64 to 1024; under NTK it rises (16 → 32) and the narrow nets sharpen while
