@@ -38,6 +38,7 @@ PAGES = {
     "Phenomena": [
         _page("grokking.py", "Grokking", "lightbulb"),
         _page("double_descent.py", "Double descent", "ssid_chart"),
+        _page("lr_transfer.py", "LR transfer", "tune"),
         _page("neural_collapse.py", "Neural collapse", "target"),
         _page("mode_connectivity.py", "Mode connectivity", "link"),
     ],

@@ -5,7 +5,16 @@ save_checkpoint(model, path, metadata=...)  load_checkpoint(path, model=None) ->
 Run.create(path, model=..., dataset=...)    Run.open(path): checkpoints(), load_model(), metrics()
 """
 
-from .architectures import CNN, MLP, EmbedMLP, RandomFeatures, ResNet, Transformer, TwoLayerReLU
+from .architectures import (
+    CNN,
+    MLP,
+    EmbedMLP,
+    ParametrizedMLP,
+    RandomFeatures,
+    ResNet,
+    Transformer,
+    TwoLayerReLU,
+)
 from .checkpoints import (
     DENIED_GLOBALS,
     CheckpointError,
@@ -66,6 +75,7 @@ __all__ = [
     "RandomFeatures",
     "ResNet",
     "TwoLayerReLU",
+    "ParametrizedMLP",
     "save_checkpoint",
     "load_checkpoint",
     "LoadedCheckpoint",

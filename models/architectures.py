@@ -23,6 +23,9 @@ __all__ = [
     "RandomFeatures",
     "ResNet",
     "TwoLayerReLU",
+    "ParametrizedMLP",
+    "ScaledLinear",
+    "PARAMETRIZATIONS",
     "ACTIVATIONS",
 ]
 
@@ -408,6 +411,84 @@ class TwoLayerReLU(nn.Module):
         with torch.no_grad():
             self.head.weight.copy_(torch.stack([-a / 2, a / 2]))
         self.head.weight.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x.flatten(1)))
+
+
+class ScaledLinear(nn.Linear):
+    """``y = multiplier · x Wᵀ`` (no bias), ``W`` initialised ``N(0, init_std²)``: the layer of an
+    abc-parametrisation, whose stored (trained) weight is ``W`` and whose effective weight is
+    ``multiplier · W``."""
+
+    def __init__(self, in_features: int, out_features: int, *, multiplier: float, init_std: float) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.multiplier = float(multiplier)
+        nn.init.normal_(self.weight, std=float(init_std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight) * self.multiplier
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, multiplier={self.multiplier:.4g}"
+
+
+PARAMETRIZATIONS = ("sp", "ntk", "mup")
+
+
+@register("parametrized_mlp")
+class ParametrizedMLP(nn.Module):
+    """Bias-free MLP ``d → n → … → n → k`` (``depth`` hidden layers of width ``n``) in standard (SP), NTK
+    or maximal-update (μP) parametrisation, all relative to a base width ``n₀`` (``base_width``).
+
+    Layer ``l`` with fan-in ``m_l`` computes ``z = c_l · W_l h`` with stored weights ``W_l ~ N(0, σ_l²)``:
+
+    * ``"sp"``  (PyTorch-like): ``c_l = 1``, ``σ_l² = 1/m_l`` for every layer;
+    * ``"ntk"``: ``c_l = 1/√m_l``, ``σ_l² = 1`` for every layer;
+    * ``"mup"``: as NTK for the hidden layers, readout ``c_{L+1} = √n₀ / n`` (= ``1/√n · √(n₀/n)``,
+      the mean-field output scale; Yang & Hu 2021, Bordelon & Pehlevan 2022).
+
+    SGD on the stored weights takes the global step ``η · lr_scale`` (:attr:`lr_scale`): ``1`` (SP),
+    ``n₀`` (NTK), ``n`` (μP, i.e. ``n₀ · n/n₀``). With ``d = n = n₀`` the three are the same function and
+    the same GD trajectory for a given ``η``; under μP every layer's pre-activations move by Θ(1) per step
+    as ``n → ∞`` (feature learning), under NTK by Θ(1/√n) (lazy), and under SP the readout update
+    makes the output move by Θ(n), so the stable ``η`` falls with width.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        width: int,
+        depth: int,
+        out_dim: int,
+        parametrization: str = "mup",
+        base_width: int = 64,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        _positive(in_dim=in_dim, width=width, depth=depth, out_dim=out_dim, base_width=base_width)
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        self.parametrization, self.base_width, self.width = parametrization, base_width, width
+
+        def layer(fan_in: int, fan_out: int, readout: bool = False) -> ScaledLinear:
+            if parametrization == "sp":
+                return ScaledLinear(fan_in, fan_out, multiplier=1.0, init_std=fan_in**-0.5)
+            mult = math.sqrt(base_width) / fan_in if readout and parametrization == "mup" else fan_in**-0.5
+            return ScaledLinear(fan_in, fan_out, multiplier=mult, init_std=1.0)
+
+        layers: list[nn.Module] = []
+        d = in_dim
+        for _ in range(depth):
+            layers += [layer(d, width), _activation(activation)]
+            d = width
+        self.body = nn.Sequential(*layers)
+        self.head = layer(width, out_dim, readout=True)
+
+    @property
+    def lr_scale(self) -> float:
+        """SGD step on the stored weights per unit of the parametrisation-free rate ``η``."""
+        return {"sp": 1.0, "ntk": float(self.base_width), "mup": float(self.width)}[self.parametrization]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x.flatten(1)))

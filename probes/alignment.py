@@ -29,10 +29,15 @@ the residual models below.
   positional embeddings, every LayerNorm's weight/bias — LayerNorm statistics are permutation-invariant —,
   the input columns of ``qkv``/``mlp.0``/``head``, the output rows of ``attn.out``/``mlp.2``); per block a
   permutation of the attention heads (``qkv`` rows and ``attn.out`` columns move in head blocks of
-  ``d_head``) and of the MLP hidden units. The finer symmetry inside a head (a joint permutation of the
-  query/key dimensions and one of the value dimensions) is not used. Activation matching correlates
-  heads by their concatenated outputs (dimension ``j`` of head ``h`` with dimension ``j`` of head ``h'``),
-  MLP units at every position, and the residual stream at the head's input.
+  ``d_head``) and of the MLP hidden units; inside every head, composed with the head permutation, a
+  permutation ``"….attn.qk"`` of its query/key dimensions (the same on the query and the key rows, so
+  ``q·k`` is unchanged) and one ``"….attn.v"`` of its value dimensions (value rows and the matching
+  ``attn.out`` columns) — :class:`Within` permutations, stored as ``[n_heads, d_head]`` arrays. Weight
+  matching assigns heads and their inner dimensions jointly: the cost of pairing A's head ``i`` with B's
+  head ``j`` is the best inner (qk and v) assignment of that pair, one small linear assignment each, so
+  the head step stays exact. Activation matching does the same with the correlations of the value outputs
+  (``attn.out`` input) and of the queries plus keys (``qkv`` output), MLP units at every position, and the
+  residual stream at the head's input.
 """
 
 from __future__ import annotations
@@ -54,10 +59,12 @@ __all__ = [
     "UnsupportedArchitectureError",
     "PermutationSpec",
     "Site",
+    "Within",
     "Alignment",
     "permutation_spec",
     "apply_permutations",
     "random_permutations",
+    "invert_permutations",
     "weight_matching",
     "weight_matching_permutations",
     "activation_matching",
@@ -97,6 +104,23 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Within:
+    """A permutation inside every unit of the permutation ``parent``, applied after it: ``perms[name]`` is
+    an int array ``[n_parent, size]`` whose row ``i`` orders the ``size`` inner dimensions of the unit now at
+    position ``i`` (new ``[i, a]`` = old ``[parent[i], perms[name][i, a]]``). ``targets``: ``(state key, unit
+    axis, inner axis, slices)`` on the key's view, ``slices`` the indices on axis 0 it applies to (``None``:
+    all). Activation matching reads ``site``, whose features split as ``[parts, n_parent, size]``, and
+    sums the correlations of the parts ``act_parts``."""
+
+    parent: str
+    size: int
+    targets: tuple[tuple[str, int, int, tuple[int, ...] | None], ...]
+    site: Site | None = None
+    parts: int = 1
+    act_parts: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     """Which axis of which state-dict entry each permutation acts on.
 
@@ -106,6 +130,8 @@ class PermutationSpec:
     ``params``: the keys that are trainable parameters (used by the weight-matching objective).
     ``activations``: permutation name → module whose output carries the units along dim 1, or a
     :class:`Site` (for activation matching).
+    ``within``: permutations inside the units of another (:class:`Within`; attention heads); optional in
+    ``perms`` (missing: identity).
     """
 
     sizes: dict[str, int]
@@ -113,12 +139,14 @@ class PermutationSpec:
     views: dict[str, tuple[int, ...]] = field(default_factory=dict)
     params: frozenset[str] = frozenset()
     activations: dict[str, str | Site] = field(default_factory=dict)
+    within: dict[str, Within] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Alignment:
-    """Permutations found (``perms[name][i]`` = index of B's unit placed at position ``i``), sweeps done,
-    whether coordinate descent stopped by itself, and the final matching objective."""
+    """Permutations found (``perms[name][i]`` = index of B's unit placed at position ``i``; a
+    :class:`Within` permutation is ``[n_units, size]``), sweeps done, whether coordinate descent stopped by
+    itself, and the final matching objective."""
 
     perms: dict[str, np.ndarray]
     method: str
@@ -249,6 +277,7 @@ def _transformer_spec(model: nn.Module) -> PermutationSpec:
     axes: dict[str, tuple[str | None, ...]] = {"embed.weight": (None, "embed"), "pos_embed": (None, "embed")}
     views: dict[str, tuple[int, ...]] = {}
     acts: dict[str, str | Site] = {"embed": Site("head", dim=-1, pre=True)}
+    within: dict[str, Within] = {}
 
     def norm(key: str) -> None:
         for buf in ("weight", "bias"):
@@ -276,10 +305,25 @@ def _transformer_spec(model: nn.Module) -> PermutationSpec:
         axes[f"{b}.mlp.2.bias"] = ("embed",)
         acts[heads] = Site(f"{b}.attn.out", dim=-1, pre=True, group=dh)
         acts[hidden] = Site(f"{b}.mlp.1", dim=-1)
+        qkv = (f"{b}.attn.qkv.weight", f"{b}.attn.qkv.bias")
+        within[f"{b}.attn.qk"] = Within(
+            heads,
+            dh,
+            tuple((k, 1, 2, (0, 1)) for k in qkv),
+            Site(f"{b}.attn.qkv", dim=-1),
+            parts=3,
+            act_parts=(0, 1),
+        )
+        within[f"{b}.attn.v"] = Within(
+            heads,
+            dh,
+            (*((k, 1, 2, (2,)) for k in qkv), (f"{b}.attn.out.weight", 1, 2, None)),
+            Site(f"{b}.attn.out", dim=-1, pre=True),
+        )
     norm("ln_f")
     axes["head.weight"] = (None, "embed")
     params = {n for n, _ in model.named_parameters()}
-    return PermutationSpec(sizes, axes, views, frozenset(k for k in axes if k in params), acts)
+    return PermutationSpec(sizes, axes, views, frozenset(k for k in axes if k in params), acts, within)
 
 
 def permutation_spec(model: nn.Module) -> PermutationSpec:
@@ -330,14 +374,40 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
 def _permute(
     t: torch.Tensor, key: str, spec: PermutationSpec, perms: Mapping[str, Any], skip_axis: int | None = None
 ) -> torch.Tensor:
+    """``t`` (state entry ``key``) with every permutation applied but the one on ``skip_axis`` (and the
+    :class:`Within` permutations inside its units)."""
     view = spec.views.get(key, tuple(t.shape))
     v = t.reshape(view)
+    skipped = None
     for axis, p in enumerate(spec.axes[key]):
         if p is None or axis == skip_axis:
+            skipped = p if axis == skip_axis else skipped
             continue
         idx = torch.as_tensor(np.asarray(perms[p]), dtype=torch.long, device=t.device)
         v = v.index_select(axis, idx)
+    for name, w in spec.within.items():
+        if w.parent == skipped or name not in perms:
+            continue
+        for k, unit_axis, inner_axis, slices in w.targets:
+            if k == key:
+                v = _permute_within(v, np.asarray(perms[name]), unit_axis, inner_axis, slices)
     return v.reshape(t.shape)
+
+
+def _permute_within(
+    v: torch.Tensor, perm: np.ndarray, unit_axis: int, inner_axis: int, slices: tuple[int, ...] | None
+) -> torch.Tensor:
+    """new[…, i, …, a, …] = v[…, i, …, perm[i, a], …] (on the ``slices`` of axis 0 only, when given)."""
+    shape = [1] * v.dim()
+    shape[unit_axis], shape[inner_axis] = perm.shape
+    idx = torch.as_tensor(perm, dtype=torch.long, device=v.device)
+    if unit_axis > inner_axis:
+        idx = idx.T
+    out = v.gather(inner_axis, idx.reshape(shape).expand(v.shape))
+    if slices is None:
+        return out
+    sel = torch.as_tensor(slices, dtype=torch.long, device=v.device)
+    return v.index_copy(0, sel, out.index_select(0, sel))
 
 
 def _check_perms(spec: PermutationSpec, perms: Mapping[str, Any]) -> None:
@@ -347,6 +417,12 @@ def _check_perms(spec: PermutationSpec, perms: Mapping[str, Any]) -> None:
         p = np.asarray(perms[name])
         if p.shape != (n,) or not np.array_equal(np.sort(p), np.arange(n)):
             raise ValueError(f"perms[{name!r}] is not a permutation of {n} units")
+    for name, w in spec.within.items():
+        if name not in perms:
+            continue
+        p, shape = np.asarray(perms[name]), (spec.sizes[w.parent], w.size)
+        if p.shape != shape or not (np.sort(p, axis=1) == np.arange(w.size)).all():
+            raise ValueError(f"perms[{name!r}] is not an array {list(shape)} of per-unit permutations")
 
 
 def apply_permutations(
@@ -366,7 +442,22 @@ def apply_permutations(
 def random_permutations(model: nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
     """Uniformly random permutations of every hidden layer of ``model`` (seeded)."""
     rng = np.random.default_rng(seed)
-    return {name: rng.permutation(n) for name, n in permutation_spec(model).sizes.items()}
+    spec = permutation_spec(model)
+    perms = {name: rng.permutation(n) for name, n in spec.sizes.items()}
+    for name, w in spec.within.items():
+        perms[name] = np.stack([rng.permutation(w.size) for _ in range(spec.sizes[w.parent])])
+    return perms
+
+
+def invert_permutations(perms: Mapping[str, Any], spec: PermutationSpec) -> dict[str, np.ndarray]:
+    """The permutations that undo ``perms``: ``apply_permutations(apply_permutations(m, perms),
+    invert_permutations(perms, spec))`` has ``m``'s weights."""
+    out = {name: np.argsort(np.asarray(perms[name])) for name in spec.sizes}
+    for name, w in spec.within.items():
+        if name in perms:
+            p = np.asarray(perms[name])
+            out[name] = np.argsort(p[out[w.parent]], axis=1)
+    return out
 
 
 def _check_pair(model_a: nn.Module, model_b: nn.Module) -> PermutationSpec:
@@ -399,7 +490,9 @@ def weight_matching_permutations(
         for axis, p in enumerate(spec.axes[k]):
             if p is not None:
                 perm_keys[p].append((k, axis))
-    perms = {p: np.arange(n) for p, n in spec.sizes.items()}
+    perms: dict[str, np.ndarray] = {p: np.arange(n) for p, n in spec.sizes.items()}
+    for name, w in spec.within.items():
+        perms[name] = np.tile(np.arange(w.size), (spec.sizes[w.parent], 1))
     rng = np.random.default_rng(seed)
     names = sorted(spec.sizes)
     converged, n_iter = not names, 0
@@ -408,20 +501,52 @@ def weight_matching_permutations(
         improved = False
         for p in rng.permutation(names):
             n = spec.sizes[p]
+            inner = {name: w for name, w in spec.within.items() if w.parent == p}
             cost = torch.zeros(n, n, dtype=torch.float64)
+            gains = {
+                name: torch.zeros(n, n, w.size, w.size, dtype=torch.float64) for name, w in inner.items()
+            }
             for k, axis in perm_keys[p]:
                 wa = sa[k].reshape(spec.views.get(k, sa[k].shape))
                 wb = _permute(sb[k], k, spec, perms, skip_axis=axis).reshape(wa.shape)
-                cost += (
-                    torch.movedim(wa, axis, 0).reshape(n, -1) @ torch.movedim(wb, axis, 0).reshape(n, -1).T
-                )
-            c = cost.numpy()
-            rows, cols = linear_sum_assignment(c, maximize=True)
+                rest = torch.ones(wa.shape[0], dtype=torch.bool)
+                for name, w in inner.items():
+                    for key, unit_axis, inner_axis, slices in w.targets:
+                        if key != k:
+                            continue
+                        sel = torch.arange(wa.shape[0]) if slices is None else torch.tensor(slices)
+                        rest[sel] = False
+                        ta, tb = (
+                            torch.movedim(t.index_select(0, sel), (unit_axis, inner_axis), (0, 1)).reshape(
+                                n, w.size, -1
+                            )
+                            for t in (wa, wb)
+                        )
+                        gains[name] += torch.einsum("iar,jbr->ijab", ta, tb)
+                if rest.any():
+                    ta, tb = (torch.movedim(t[rest], axis, 0).reshape(n, -1) for t in (wa, wb))
+                    cost += ta @ tb.T
+            c = cost.numpy().copy()
             old = c[np.arange(n), perms[p]].sum()
+            best: dict[str, np.ndarray] = {}
+            for name, g in gains.items():
+                gn = g.numpy()
+                old += gn[
+                    np.arange(n)[:, None], perms[p][:, None], np.arange(inner[name].size), perms[name]
+                ].sum()
+                best[name] = np.empty((n, n, inner[name].size), dtype=np.int64)
+                for i in range(n):
+                    for j in range(n):
+                        r, col = linear_sum_assignment(gn[i, j], maximize=True)
+                        best[name][i, j] = col
+                        c[i, j] += gn[i, j][r, col].sum()
+            rows, cols = linear_sum_assignment(c, maximize=True)
             new = c[rows, cols].sum()
             if new > old + 1e-12 * max(abs(old), 1.0):
                 improved = True
                 perms[p] = cols
+                for name, b in best.items():
+                    perms[name] = b[np.arange(n), cols]
         converged = not improved
     objective = sum(float((sa[k] * _permute(sb[k], k, spec, perms)).sum()) for k in spec.params)
     return Alignment(perms, "weights", n_iter, converged, objective)
@@ -503,6 +628,10 @@ def activation_matching_permutations(
 
     sites = {p: _site(spec.activations[p]) for p in spec.sizes}
     moments = {p: _Moments(n * sites[p].group, pa.device) for p, n in spec.sizes.items()}
+    for name, w in spec.within.items():
+        if w.site is not None:
+            sites[name] = w.site
+            moments[name] = _Moments(w.parts * spec.sizes[w.parent] * w.size, pa.device)
     try:
         for p, site in sites.items():
             for which, mods in (("a", mods_a), ("b", mods_b)):
@@ -522,10 +651,29 @@ def activation_matching_permutations(
         for h in handles:
             h.remove()
     perms, objective = {}, 0.0
-    for p, mom in moments.items():
-        n, g = spec.sizes[p], sites[p].group
+    for p, n in spec.sizes.items():
+        inner = {k: w for k, w in spec.within.items() if w.parent == p and w.site is not None}
+        if inner:  # heads with inner dimensions: cost[i, j] = Σ_w best inner assignment of the pair
+            cost = np.zeros((n, n))
+            best: dict[str, np.ndarray] = {}
+            for name, w in inner.items():
+                c = moments[name].correlation().reshape(w.parts, n, w.size, w.parts, n, w.size)
+                g = sum(c[q, :, :, q] for q in w.act_parts).permute(0, 2, 1, 3).cpu().numpy()  # [i, j, a, b]
+                best[name] = np.empty((n, n, w.size), dtype=np.int64)
+                for i in range(n):
+                    for j in range(n):
+                        r, col = linear_sum_assignment(g[i, j], maximize=True)
+                        best[name][i, j] = col
+                        cost[i, j] += g[i, j][r, col].sum()
+            rows, cols = linear_sum_assignment(cost, maximize=True)
+            perms[p] = cols
+            for name, b in best.items():
+                perms[name] = b[np.arange(n), cols]
+            objective += float(cost[rows, cols].sum())
+            continue
+        g = sites[p].group
         # grouped units: cost[h, h'] = Σ_j corr[h·g + j, h'·g + j]
-        corr = mom.correlation().reshape(n, g, n, g).diagonal(dim1=1, dim2=3).sum(-1).cpu().numpy()
+        corr = moments[p].correlation().reshape(n, g, n, g).diagonal(dim1=1, dim2=3).sum(-1).cpu().numpy()
         rows, cols = linear_sum_assignment(corr, maximize=True)
         perms[p] = cols
         objective += float(corr[rows, cols].sum())

@@ -1187,3 +1187,65 @@ def overlay_figure(
     if log_y:
         log_axis(fig)
     return _finish(fig, title or f"{y_title or y} across runs")
+
+
+def _width_colours(widths: Sequence[Any]) -> dict[Any, str]:
+    """One palette colour per width, narrowest first."""
+    return {w: PALETTE[i % len(PALETTE)] for i, w in enumerate(sorted(widths))}
+
+
+def lr_sweep_figure(sweep: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Final train loss against the learning rate η (log–log), one curve per ``width`` (one colour per
+    width), the best η of each width ringed; diverged jobs (``inf``) are left out of the curves.
+    ``sweep``: ``width``, ``lr``, ``final_train_loss`` (an ``lr_transfer`` run's ``lr_sweep.csv``)."""
+    fig = go.Figure()
+    colours = _width_colours(sweep["width"].unique())
+    for w, c in colours.items():
+        part = sweep[sweep["width"] == w].sort_values("lr")
+        part = part[np.isfinite(part["final_train_loss"].astype(float))]
+        fig.add_trace(
+            go.Scatter(
+                x=part["lr"], y=part["final_train_loss"], mode="lines+markers", name=f"width {w}",
+                line={"color": c}, legendgroup=str(w),
+            )
+        )  # fmt: skip
+        if len(part):
+            best = part.loc[part["final_train_loss"].astype(float).idxmin()]
+            fig.add_trace(
+                go.Scatter(
+                    x=[best["lr"]], y=[best["final_train_loss"]], mode="markers", showlegend=False,
+                    marker={"size": 15, "color": "rgba(0,0,0,0)", "line": {"color": c, "width": 2}},
+                    legendgroup=str(w), hovertemplate=f"width {w}: best η = %{{x:g}}<extra></extra>",
+                )
+            )  # fmt: skip
+    fig.update_layout(xaxis_title="learning rate η", yaxis_title="final train loss")
+    log_axis(fig, "x")
+    log_axis(fig)
+    return _finish(fig, title or "Final train loss vs learning rate, per width")
+
+
+def width_sharpness_figure(
+    trajectories: pd.DataFrame,
+    *,
+    y: str = "sharpness",
+    two_over_lr: float | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """``y`` (default the η-unit sharpness) against the step, one curve per ``width`` (one colour per width),
+    with the edge of stability ``2/η`` dashed. ``trajectories``: long form ``step``, ``width``, ``y``."""
+    fig = go.Figure()
+    for w, c in _width_colours(trajectories["width"].unique()).items():
+        part = trajectories[trajectories["width"] == w].sort_values("step")[["step", y]].dropna()
+        fig.add_trace(
+            go.Scatter(x=part["step"], y=part[y], mode="lines+markers", name=f"width {w}", line={"color": c})
+        )
+    if two_over_lr is not None and math.isfinite(two_over_lr):
+        steps = trajectories["step"]
+        fig.add_trace(
+            go.Scatter(
+                x=[steps.min(), steps.max()], y=[two_over_lr, two_over_lr], mode="lines", name="2/η",
+                line={"dash": "dash", "color": "black"},
+            )
+        )  # fmt: skip
+    fig.update_layout(xaxis_title="step", yaxis_title=y)
+    return _finish(fig, title or f"{y} per width over training")

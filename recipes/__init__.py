@@ -3,8 +3,9 @@
 ``train(run_or_config, steps=..., ...)``          the training loop (run folder, resumable, seeded)
 ``RECIPES[name].run(out, small=False, seed=0)``   grokking, grokking_transformer, xor_grokking,
                                   double_descent, double_descent_nn, edge_of_stability,
-                                  edge_of_stability_lr0.25, edge_of_stability_adam
-``detect_grokking / detect_xor_grokking / detect_double_descent / detect_edge_of_stability(run)``
+                                  edge_of_stability_lr0.25, edge_of_stability_adam, lr_transfer
+``detect_grokking / detect_xor_grokking / detect_double_descent / detect_edge_of_stability /
+detect_lr_transfer(run)``
                                                   evidence dataclasses
 ``ensure_demos(root)``                            small demo runs for the app (``DEMOS``)
 
@@ -18,17 +19,20 @@ from .detectors import (
     DoubleDescentEvidence,
     EdgeOfStabilityEvidence,
     GrokkingEvidence,
+    LrTransferEvidence,
     XorGrokkingEvidence,
     detect,
     detect_double_descent,
     detect_edge_of_stability,
     detect_grokking,
+    detect_lr_transfer,
     detect_xor_grokking,
     interpolation_threshold,
 )
 from .double_descent import double_descent, double_descent_nn, min_norm_fit
 from .eos import SharpnessTracker, edge_of_stability, lambda_max
 from .grokking import TRANSFORMER_CONFIG, grokking
+from .lr_transfer import LR_TRANSFER_CONFIG, lr_transfer, read_lr_sweep
 from .train import checkpoint_schedule, evaluate, make_optimizer, train
 from .xor_grokking import XOR_GROKKING_CONFIG, xor_grokking
 
@@ -56,6 +60,11 @@ __all__ = [
     "XorGrokkingEvidence",
     "xor_grokking",
     "XOR_GROKKING_CONFIG",
+    "lr_transfer",
+    "LR_TRANSFER_CONFIG",
+    "read_lr_sweep",
+    "detect_lr_transfer",
+    "LrTransferEvidence",
     "detect_double_descent",
     "interpolation_threshold",
     "detect_edge_of_stability",

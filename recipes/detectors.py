@@ -26,6 +26,8 @@ __all__ = [
     "detect_double_descent",
     "interpolation_threshold",
     "detect_edge_of_stability",
+    "LrTransferEvidence",
+    "detect_lr_transfer",
     "detect",
 ]
 
@@ -419,6 +421,109 @@ def detect_edge_of_stability(
     )
 
 
+# ------------------------------------------------------------------------ learning-rate transfer
+@dataclass(frozen=True)
+class LrTransferEvidence(_Evidence):
+    """Per width (ascending ``widths``): ``optimal_lrs`` = the grid rate with the lowest final train loss
+    (ties: the smaller rate; ``None`` when every rate diverged). ``optimum_shift``: max − min of the
+    optima's grid indices (grid points); ``optimum_trend``: index at the widest − at the narrowest.
+    Sharpness (η units) at the reference rate, per logged step: ``spread`` = max / min over widths;
+    ``spread_at_init`` (step 0), ``spread_peak`` (max over all steps), ``spread_median`` /
+    ``spread_max`` over the steps after warm-up (step > 0 and ≥ ``warmup``·steps), ``fraction_in_band``
+    = share of those steps with spread ≤ ``band``. ``transfers``: optimum_shift ≤ max_shift and
+    fraction_in_band ≥ min_fraction. ``detected``: the behaviour the parametrisation predicts — μP
+    transfers; SP and NTK do not: the optimum moves by at least one grid point and the sharpness of
+    the widths differs by at least ``spread_factor`` at some step (spread_peak)."""
+
+    parametrization: str | None
+    widths: list[int]
+    optimal_lrs: list[float | None]
+    optimum_shift: int | None
+    optimum_trend: int | None
+    reference_lr: float
+    spread_at_init: float
+    spread_peak: float
+    spread_median: float
+    spread_max: float
+    fraction_in_band: float
+    n_steps_compared: int
+    band: float
+    transfers: bool
+    detected: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["optimal_lrs"] = [v if v is None or math.isfinite(v) else None for v in self.optimal_lrs]
+        return out
+
+
+def detect_lr_transfer(
+    run: Any,
+    *,
+    max_shift: int = 0,
+    band: float = 1.35,
+    warmup: float = 0.1,
+    min_fraction: float = 0.5,
+    spread_factor: float = 1.5,
+) -> LrTransferEvidence:
+    """Learning-rate transfer across widths in an ``lr_transfer`` run (a Run or its folder); the criteria
+    are those of :class:`LrTransferEvidence`. Defaults from the recipe's full runs, seeds 0/1/2: μP keeps
+    the optimum at η = 16 for every width and its widths' sharpness within ×1.17 / ×1.40 / ×1.25 after
+    step 10 (≤ ×1.35 on 100 / 90 / 100 % of those steps: ``band`` 1.35, ``min_fraction`` 0.5); SP
+    spreads ×10.0 / ×10.7 / ×9.7 at init (λ_max ∝ width) and moves the optimum down by 1 / 1 / 2 grid
+    points; NTK spreads ×2.2 / ×1.8 / ×2.2 (median after warm-up; narrow nets sharpen, wide ones stay
+    lazy) and moves it up by one (``spread_factor`` 1.5 on spread_peak)."""
+    from .lr_transfer import read_lr_sweep
+
+    r = run if isinstance(run, Run) else Run.open(run)
+    extra = r.config.get("extra") or {}
+    cfg = extra.get("config") or {}
+    sweep = read_lr_sweep(r)
+    grid = sorted({float(v) for v in sweep["lr"]})
+    widths = sorted({int(w) for w in sweep["width"]})
+    optima: list[float | None] = []
+    for w in widths:
+        part = sweep[sweep["width"] == w].sort_values("lr")
+        loss = part["final_train_loss"].astype(float).to_numpy()
+        ok = np.isfinite(loss)
+        optima.append(float(part["lr"].to_numpy()[ok][np.argmin(loss[ok])]) if ok.any() else None)
+    idx = [grid.index(o) for o in optima if o is not None]
+    shift = max(idx) - min(idx) if idx and len(idx) == len(widths) else None
+    trend = idx[-1] - idx[0] if shift is not None else None
+    metrics = r.metrics()
+    _need(metrics, "step", "width", "sharpness")
+    wide = metrics.pivot_table(index="step", columns="width", values="sharpness", aggfunc="last")
+    wide = wide.reindex(columns=widths).dropna()
+    spread = (wide.max(axis=1) / wide.min(axis=1)).astype(float)
+    steps = int(cfg.get("steps", int(metrics["step"].max())))
+    after = spread[(spread.index >= warmup * steps) & (spread.index > 0)]
+    in_band = float((after <= band).mean()) if len(after) else math.nan
+    peak = float(spread.max()) if len(spread) else math.nan
+    transfers = bool(shift is not None and shift <= max_shift and in_band >= min_fraction)
+    param = extra.get("parametrization")
+    if param == "mup":
+        detected = transfers
+    else:
+        detected = bool(shift is not None and shift > max_shift and peak >= spread_factor)
+    return LrTransferEvidence(
+        parametrization=param,
+        widths=widths,
+        optimal_lrs=optima,
+        optimum_shift=shift,
+        optimum_trend=trend,
+        reference_lr=float(cfg.get("reference_lr", math.nan)),
+        spread_at_init=float(spread.loc[0]) if 0 in spread.index else math.nan,
+        spread_peak=peak,
+        spread_median=float(after.median()) if len(after) else math.nan,
+        spread_max=float(after.max()) if len(after) else math.nan,
+        fraction_in_band=in_band,
+        n_steps_compared=int(len(after)),
+        band=float(band),
+        transfers=transfers,
+        detected=detected,
+    )
+
+
 def detect(run: Any, **kwargs: Any) -> _Evidence:
     """Run the detector matching the run's ``extra["phenomenon"]``."""
     r = run if isinstance(run, Run) else Run.open(run)
@@ -428,6 +533,7 @@ def detect(run: Any, **kwargs: Any) -> _Evidence:
         "xor_grokking": detect_xor_grokking,
         "double_descent": detect_double_descent,
         "edge_of_stability": detect_edge_of_stability,
+        "lr_transfer": detect_lr_transfer,
     }
     if phen not in fns:
         raise ValueError(f"run '{r.path}' names no known phenomenon (extra.phenomenon = {phen!r})")

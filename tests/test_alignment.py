@@ -14,6 +14,7 @@ from dynascope.probes.alignment import (
     activation_matching,
     activation_matching_permutations,
     apply_permutations,
+    invert_permutations,
     permutation_spec,
     random_permutations,
     weight_matching,
@@ -152,8 +153,9 @@ def test_weight_matching_recovers_the_permutation_exactly(name: str) -> None:
     permuted = apply_permutations(model, perms)
     al = weight_matching_permutations(model, permuted)
     assert al.converged
-    for p, true in perms.items():
-        np.testing.assert_array_equal(al.perms[p], np.argsort(true))
+    inverse = invert_permutations(perms, permutation_spec(model))
+    for p, true in perms.items():  # within-head permutations ([heads, d_head]) undo after their heads move
+        np.testing.assert_array_equal(al.perms[p], np.argsort(true) if true.ndim == 1 else inverse[p])
     aligned = weight_matching(model, permuted)
     for k, v in model.state_dict().items():
         assert torch.equal(aligned.state_dict()[k], v), k
@@ -167,8 +169,9 @@ def test_activation_matching_recovers_the_permutation_exactly(name: str) -> None
     perms = random_permutations(model, seed=13)
     permuted = apply_permutations(model, perms)
     al = activation_matching_permutations(model, permuted, (x, torch.zeros(len(x))), batch_size=5)
-    for p, true in perms.items():
-        np.testing.assert_array_equal(al.perms[p], np.argsort(true))
+    inverse = invert_permutations(perms, permutation_spec(model))
+    for p, true in perms.items():  # within-head permutations ([heads, d_head]) undo after their heads move
+        np.testing.assert_array_equal(al.perms[p], np.argsort(true) if true.ndim == 1 else inverse[p])
     aligned = activation_matching(model, permuted, (x, torch.zeros(len(x))))
     for k, v in model.state_dict().items():
         assert torch.equal(aligned.state_dict()[k], v), k
@@ -281,3 +284,51 @@ def test_planted_permutation_of_residual_models_has_zero_barrier(name: str) -> N
     r = probes.lmc_barrier(model, permuted, (x, y), n_points=7, align="weights", reset_bn=False)
     assert r.barrier == pytest.approx(0, abs=1e-6)
     assert r.barrier_unaligned > 1e-3  # the planted permutation did break the straight path
+
+
+def test_within_head_permutations_move_query_key_and_value_dimensions() -> None:
+    model = build("transformer", vocab_size=7, seq_len=3, d_model=8, n_heads=2, n_layers=1, d_mlp=16, seed=1)
+    spec = permutation_spec(model)
+    assert set(spec.within) == {"blocks.0.attn.qk", "blocks.0.attn.v"}
+    assert spec.within["blocks.0.attn.qk"].parent == "blocks.0.attn.heads"
+    ident = {name: np.arange(n) for name, n in spec.sizes.items()}
+    qk = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])  # reverse the query/key dims of head 1
+    moved = apply_permutations(model, {**ident, "blocks.0.attn.qk": qk})
+    w, w2 = model.blocks[0].attn.qkv.weight, moved.blocks[0].attn.qkv.weight
+    torch.testing.assert_close(w2[4:8], w[4:8].flip(0))  # query rows of head 1
+    torch.testing.assert_close(w2[12:16], w[12:16].flip(0))  # key rows of head 1, the same permutation
+    torch.testing.assert_close(w2[:4], w[:4])
+    torch.testing.assert_close(w2[16:], w[16:])  # values untouched
+    v = np.array([[1, 0, 2, 3], [0, 1, 2, 3]])  # swap value dims 0 and 1 of head 0
+    moved = apply_permutations(model, {**ident, "blocks.0.attn.v": v})
+    w2, o, o2 = (
+        moved.blocks[0].attn.qkv.weight,
+        model.blocks[0].attn.out.weight,
+        moved.blocks[0].attn.out.weight,
+    )
+    torch.testing.assert_close(w2[16:18], w[[17, 16]])
+    torch.testing.assert_close(o2[:, :2], o[:, [1, 0]])  # the matching attn.out columns
+    torch.testing.assert_close(w2[:16], w[:16])
+    x = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), model(x), atol=1e-6, rtol=0)
+    # composed with a head swap: head 0 of the copy is head 1 of the model with its own inner order
+    both = apply_permutations(
+        model, {**ident, "blocks.0.attn.heads": np.array([1, 0]), "blocks.0.attn.qk": qk}
+    )
+    torch.testing.assert_close(both.blocks[0].attn.qkv.weight[:4], w[4:8])
+    torch.testing.assert_close(both.blocks[0].attn.qkv.weight[4:8], w[:4].flip(0))
+    with pytest.raises(ValueError, match="per-unit permutations"):
+        apply_permutations(model, {**ident, "blocks.0.attn.v": np.array([[0, 0, 1, 2], [0, 1, 2, 3]])})
+    with pytest.raises(ValueError, match="per-unit permutations"):
+        apply_permutations(model, {**ident, "blocks.0.attn.v": np.arange(4)})
+
+
+def test_invert_permutations_undoes_heads_and_their_inner_dimensions() -> None:
+    model, _ = _models()["transformer"]
+    spec = permutation_spec(model)
+    perms = random_permutations(model, seed=5)
+    assert perms["blocks.1.attn.v"].shape == (3, 4)
+    back = apply_permutations(apply_permutations(model, perms), invert_permutations(perms, spec))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k

@@ -57,14 +57,15 @@ def test_xor_grokking_detector_criteria() -> None:
 
 
 @pytest.mark.slow
-def test_xor_grokking_recipe_meets_the_detector_and_resumes(tmp_path) -> None:
-    """The recipe's small variant (30 of the 60 steps; same data, model and lr), seed 0."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_xor_grokking_recipe_meets_the_detector_and_resumes(tmp_path, seed: int) -> None:
+    """The full recipe (150 steps) on seeds 0–2; the resume check on the small variant (50 steps)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    run = RECIPES["xor_grokking"].run(tmp_path / "x", small=True, seed=0, progress=False)
+    run = RECIPES["xor_grokking"].run(tmp_path / "x", seed=seed, progress=False)
     wall = time.perf_counter() - t0
     ev = detect(run)
-    print(f"xor_grokking small: {wall:.1f} s, {ev.to_dict()}")
+    print(f"xor_grokking seed {seed}: {wall:.1f} s, {ev.to_dict()}")
     assert ev.detected
     assert ev.s_fit is not None and ev.s_fit <= 2 and ev.test_acc_at_fit <= 0.6
     assert ev.bayes_accuracy > 0.999 and ev.test_acc_at_gen >= ev.bayes_accuracy - 0.05
@@ -72,13 +73,23 @@ def test_xor_grokking_recipe_meets_the_detector_and_resumes(tmp_path) -> None:
     m = run.metrics().set_index("step")
     assert m.loc[ev.s_fit, "train_acc_flipped"] == 1.0 and m.loc[ev.s_fit, "train_acc_clean"] == 1.0
     assert m["train_acc_flipped"].iloc[-1] == 1.0  # flipped labels stay memorised to the end
-    # resumable: stop at step 8, continue to 30 — the same metrics as the uninterrupted run
+    if seed != 0:
+        return
+    # resumable: stop at step 8, continue to 50 — the same metrics as the uninterrupted run
+    small = RECIPES["xor_grokking"].run(tmp_path / "s", small=True, seed=0, progress=False).metrics()
     part = RECIPES["xor_grokking"].run(tmp_path / "r", small=True, seed=0, progress=False, steps=8)
     assert part.steps()[-1] == 8
     resumed = RECIPES["xor_grokking"].run(tmp_path / "r", small=True, seed=0, progress=False)
     cols = ["train_loss", "test_acc", "train_acc_flipped"]
     pd.testing.assert_frame_equal(
-        resumed.metrics().set_index("step")[cols], m[cols], check_exact=False, rtol=1e-5, atol=1e-6
+        resumed.metrics().set_index("step")[cols],
+        small.set_index("step")[cols],
+        check_exact=False,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    pd.testing.assert_frame_equal(
+        small.set_index("step")[cols], m.loc[:50, cols], check_exact=False, rtol=1e-5, atol=1e-6
     )
 
 
@@ -140,8 +151,8 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> Non
 @pytest.mark.slow
 def test_weight_matching_lowers_the_barrier_between_two_trained_transformers() -> None:
     """Two seeds of a 1-layer transformer (d_model 64, 8 heads, d_mlp 256) trained with AdamW (lr 1e-3,
-    200 steps of 128) on "x₀ + x₂ ≥ 16" over 4 tokens from 16: weight matching (residual stream, heads,
-    MLP units) lowers the test-loss barrier."""
+    200 steps of 128) on "x₀ + x₂ ≥ 16" over 4 tokens from 16: weight matching (residual stream, heads and
+    their query/key and value dimensions, MLP units) lowers the test-loss barrier (1.062 → 0.140)."""
     from dynascope import probes
 
     torch.set_num_threads(1)
