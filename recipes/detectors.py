@@ -349,6 +349,8 @@ class EdgeOfStabilityEvidence(_Evidence):
     final_loss: float
     final_over_entry: float
     detected: bool
+    #: what was compared: λ_max(H) against 2/η, or (Adam) λ_max(P⁻¹H) against its threshold
+    quantity: str = "lambda_max(H) vs 2/lr"
 
 
 _SHARPNESS_COLUMNS = ("sharpness", "lambda_max", "hessian_lambda_max")
@@ -366,13 +368,22 @@ def detect_edge_of_stability(
     """Edge of stability from a ``sharpness`` column (λ_max at checkpoints; other rows may be empty) and
     ``train_loss``. ``lr`` (η): given, else the run's optimizer lr, else the ``lr`` column. Detected when
     the sharpness enters (≥ ``entry_fraction``·2/η), ≥ ``min_fraction`` of the later sharpness
-    measurements lie in ``band`` (in units of 2/η), and the loss rises at least once after entry."""
+    measurements lie in ``band`` (in units of 2/η), and the loss rises at least once after entry.
+
+    A run with no λ_max(H) column but a ``precond_sharpness`` one (adaptive optimizers, e.g. the
+    ``edge_of_stability_adam`` recipe) is judged the same way on λ_max(P⁻¹H) against its logged
+    threshold ``precond_threshold`` (38/η for Adam with β₁ = 0.9) in place of 2/η."""
     df, r = _frame(run)
+    threshold: float | None = None
     if sharpness_column is None:
         sharpness_column = next((c for c in _SHARPNESS_COLUMNS if c in df.columns), None)
+        if sharpness_column is None and {"precond_sharpness", "precond_threshold"} <= set(df.columns):
+            sharpness_column = "precond_sharpness"
+            threshold = float(df["precond_threshold"].dropna().median())
         if sharpness_column is None:
             raise ValueError(
-                f"metrics lack a sharpness column (one of {_SHARPNESS_COLUMNS}); have {list(df.columns)}"
+                f"metrics lack a sharpness column (one of {_SHARPNESS_COLUMNS}, or precond_sharpness with "
+                f"precond_threshold); have {list(df.columns)}"
             )
     _need(df, sharpness_column, "train_loss")
     if lr is None and r is not None:
@@ -382,7 +393,7 @@ def detect_edge_of_stability(
     if lr is None or not lr > 0:
         raise ValueError(f"detect_edge_of_stability needs a positive lr (η), got {lr!r}")
     lr = float(lr)
-    edge = 2.0 / lr
+    edge = 2.0 / lr if threshold is None else threshold
     s = df[["step", sharpness_column]].dropna()
     if s.empty:
         raise ValueError(f"column {sharpness_column!r} holds no values")
@@ -418,6 +429,7 @@ def detect_edge_of_stability(
         final_loss=final,
         final_over_entry=final / at_entry if at_entry and at_entry > 0 else math.nan,
         detected=detected,
+        quantity="lambda_max(H) vs 2/lr" if threshold is None else f"lambda_max(P^-1 H) vs {threshold:.6g}",
     )
 
 

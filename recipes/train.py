@@ -63,6 +63,9 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 #: ``progress`` callback: ``fn(step, total_steps, metrics_of_the_last_log_row)``.
 ProgressFn = Callable[[int, int, Mapping[str, Any]], None]
 MetricFn = Callable[[nn.Module, int, Any], Mapping[str, Any]]
+#: ``checkpoint_fn(model, step, data, optimizer)``: metrics at a checkpoint, with the optimizer (its state
+#: holds e.g. Adam's preconditioner)
+CheckpointFn = Callable[[nn.Module, int, Any, torch.optim.Optimizer], Mapping[str, Any]]
 
 
 # ----------------------------------------------------------------------------------- schedules
@@ -267,7 +270,7 @@ def train(
     overwrite: bool = False,
     device: str | torch.device = "cpu",
     eval_fn: MetricFn | None = None,
-    checkpoint_fn: MetricFn | None = None,
+    checkpoint_fn: CheckpointFn | None = None,
 ) -> Run:
     """Train the run's model and write checkpoints and metrics into its folder; returns the :class:`Run`.
 
@@ -278,9 +281,9 @@ def train(
     checkpoint, as preconditioned-sharpness probes of Adam runs need), ``"last"`` (only at the latest
     checkpoint, enough to resume) or ``False``. ``resume``: continue from the last checkpoint with
     optimizer state when the folder already holds checkpoints (otherwise start over at step 0).
-    ``eval_fn(model, step, data)`` / ``checkpoint_fn(model, step, data)`` return extra scalar metrics
-    logged at every log step / every checkpoint (``data``: the dataset split with ``.train``/``.test``
-    on ``device``); they must not change the model.
+    ``eval_fn(model, step, data)`` / ``checkpoint_fn(model, step, data, optimizer)`` return extra scalar
+    metrics logged at every log step / every checkpoint (``data``: the dataset split with
+    ``.train``/``.test`` on ``device``); they must not change the model.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
@@ -347,7 +350,7 @@ def train(
                 if eval_fn is not None:
                     row.update(eval_fn(model, step, dev_data))
                 if is_ck and checkpoint_fn is not None:
-                    row.update(checkpoint_fn(model, step, dev_data))
+                    row.update(checkpoint_fn(model, step, dev_data, optimizer))
                 if not math.isfinite(row["train_loss"]):
                     run.log_metrics(row)
                     raise FloatingPointError(

@@ -354,6 +354,17 @@ def test_edge_of_stability_adam_saves_optimizer_state_at_every_checkpoint(tmp_pa
         state = run.load_optimizer_state(s)
         assert bool(state["state"]) == (s > 0), s  # Adam has no state before its first update
     assert "sharpness" not in run.metrics().columns
+    # λ_max(P⁻¹H) logged inline at every checkpoint after the first update, equal to the probe on the saved
+    # checkpoint and optimizer state (to the inline Lanczos tolerance 1e-3)
+    from dynascope.probes import sharpness
+
+    logged = run.metrics().dropna(subset=["precond_sharpness"]).set_index("step")
+    assert logged.index.tolist() == [5, 10, 15, 20]
+    assert logged["precond_threshold"].tolist() == pytest.approx([38_000.0] * 4)
+    ref = sharpness(run.load_model(20), run.load_dataset().train, loss="half_sse",
+                    optimizer_state=run.load_optimizer_state(20), trace=False, tol=1e-8)  # fmt: skip
+    assert logged.loc[20, "precond_sharpness"] == pytest.approx(ref.preconditioned_lambda_max, rel=1e-3)
+    assert logged.loc[20, "precond_ratio"] == pytest.approx(ref.preconditioned_ratio, rel=1e-3)
     with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
         RECIPES["edge_of_stability"].run(tmp_path / "bad", optimizer="rmsprop", steps=1, progress=False)
 
@@ -419,3 +430,28 @@ def test_build_demos_writes_a_status_file_the_app_reads(tmp_path, monkeypatch):
     assert demos.main([str(tmp_path)]) == 0  # everything complete: the stale status file goes
     assert demos.read_status(tmp_path) is None
     assert demos.main([]) == 2
+
+
+def test_edge_of_stability_detector_reads_the_preconditioned_sharpness():
+    """An Adam run's metrics (no λ_max(H), ``precond_sharpness`` against ``precond_threshold`` = 38/η): the
+    ratio rises to the threshold and hovers in the band while the loss rises once → detected on that
+    quantity, not on 2/η (λ_max(P⁻¹H) ≈ 38,000 is 19× 2/η = 2,000)."""
+    import pandas as pd
+
+    from dynascope.recipes import detect_edge_of_stability
+
+    steps = list(range(0, 1001, 100))
+    ratio = [None, 0.1, 0.5, 0.97, 1.05, 0.95, 1.1, 1.0, 0.98, 1.02, 1.0]
+    df = pd.DataFrame({
+        "step": steps,
+        "precond_sharpness": [None if r is None else 38_000.0 * r for r in ratio],
+        "precond_threshold": [None] + [38_000.0] * 10,
+        "train_loss": [1.0, 0.5, 0.3, 0.2, 0.25, 0.15, 0.1, 0.12, 0.08, 0.07, 0.06],
+    })  # fmt: skip
+    ev = detect_edge_of_stability(df, lr=1e-3)
+    assert ev.detected and ev.entry_step == 300 and ev.two_over_lr == pytest.approx(38_000.0)
+    assert ev.quantity.startswith("lambda_max(P^-1 H)") and ev.fraction_in_band == 1.0
+    below = df.assign(precond_sharpness=df["precond_sharpness"] * 0.5)  # never reaches the threshold
+    assert not detect_edge_of_stability(below, lr=1e-3).detected
+    with pytest.raises(ValueError, match="precond_sharpness with precond_threshold"):
+        detect_edge_of_stability(df.drop(columns=["precond_sharpness"]), lr=1e-3)
