@@ -2,9 +2,11 @@
 
 Run:  .venv/bin/python bench/bench_trace_auto.py [--seeds 20] [--write]
 
-Two spectra of the MLP of bench/bench_hessian.py (10.9k parameters, 2048 samples, cross-entropy):
-* bulk-dominated: the untrained network (its Hessian's Frobenius norm is spread over a wide bulk);
-* outlier-dominated: the same network after 60 Adam steps (a few outliers carry most of ``‖H‖_F²``).
+Spectra (``--cases``): two Hessians of the MLP of bench/bench_hessian.py (10.9k parameters, 2048
+samples, cross-entropy) and a synthetic one:
+* untrained: bulk-dominated (its Hessian's Frobenius norm is spread over a wide bulk);
+* trained (60 Adam steps): outliers carry about half of ``‖H‖_F²`` (the two estimators are about even);
+* synthetic: 10 outliers over a small bulk, n = 4000 (deflation wins).
 References: exact traces ``Σ_i e_iᵀ H e_i`` (P unit-vector products; cached). For each seed and
 budget (100, 200 products), each method runs with that seed; reported: rms of the relative error over seeds
 (realized, and expected: the rms of each run's own standard error), and how often "auto" chose Hutch++.
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hessian import CACHE, mlp_case  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
 
-from dynascope.probes.operators import OperatorSpec  # noqa: E402
+from dynascope.probes.operators import DenseOperator, LinearOperator, OperatorSpec  # noqa: E402
 from dynascope.probes.trace import auto_trace, hutch_plus_plus, hutchinson  # noqa: E402
 
 SECTION = "## Trace default: auto vs Hutchinson and Hutch++ (bench/bench_trace_auto.py)"
@@ -57,10 +59,23 @@ def exact_trace(key: str, model: nn.Module, data) -> float:
     return total
 
 
+def outlier_case(n: int = 4000) -> tuple[LinearOperator, float]:
+    """A synthetic outlier-dominated spectrum: 10 outliers (80 … 5) over a bulk of ``n − 10`` values
+    ~ 0.05·N(0, 1), in a random orthonormal basis (float32 products, exact trace = Σλ)."""
+    g = torch.Generator().manual_seed(0)
+    lam = torch.cat(
+        [torch.tensor([80.0, 60, 40, 30, 20, 15, 10, 8, 6, 5]), 0.05 * torch.randn(n - 10, generator=g)]
+    ).double()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return DenseOperator((Q @ torch.diag(lam) @ Q.T).float()), float(lam.sum())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--cases", nargs="+", default=["untrained", "trained", "synthetic"],
+                    choices=["untrained", "trained", "synthetic"])  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = [
@@ -68,12 +83,19 @@ def main() -> None:
         "| auto / best, realized | auto / best, expected | auto chose Hutch++ |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for label, (model, data), key in (
-        ("bulk-dominated (untrained MLP)", untrained_case(), "mlp-untrained"),
-        ("outlier-dominated (trained MLP)", mlp_case(), "mlp"),
-    ):
-        exact = exact_trace(key, model, data)
-        op = OperatorSpec().build(model, data)
+    cases = {
+        "untrained": "bulk-dominated (untrained MLP)",
+        "trained": "trained MLP (60 Adam steps)",
+        "synthetic": "outlier-dominated (synthetic, n = 4000, 10 outliers)",
+    }
+    for name in args.cases:
+        label = cases[name]
+        if name == "synthetic":
+            op, exact = outlier_case()
+        else:
+            model, data = untrained_case() if name == "untrained" else mlp_case()
+            exact = exact_trace("mlp-untrained" if name == "untrained" else "mlp", model, data)
+            op = OperatorSpec().build(model, data)
         for m in (100, 200):
             errs: dict[str, list[float]] = {"hutchinson": [], "hutch++": [], "auto": []}
             ses: dict[str, list[float]] = {"hutchinson": [], "hutch++": [], "auto": []}
@@ -100,7 +122,8 @@ def main() -> None:
         [
             SECTION,
             "",
-            f"Command: `.venv/bin/python bench/bench_trace_auto.py --seeds {args.seeds}` (float32 products, "
+            f"Command: `.venv/bin/python bench/bench_trace_auto.py --seeds {args.seeds} --cases "
+            f"{' '.join(args.cases)}` (float32 products, "
             'exact traces from unit-vector products; relative errors over seeds). "rms" is the realized '
             "root-mean-square error over the seeds; from n seeds it is itself uncertain by about "
             f"1/√(2n) = {100 / math.sqrt(2 * args.seeds):.0f} % (relative), so two estimators with equal "

@@ -19,10 +19,12 @@
   repeats until no full cluster remains. A cluster that could still hide copies when the budget or
   the memory runs out marks the values after it as not converged.
 
-  *Memory.* The basis grows block by block (never preallocated) until locked vectors plus basis
-  reach ``max_basis`` vectors of the operator's dtype, then restarts in place on the ``p`` best
-  Ritz vectors. Peak memory: ``max_basis · P`` numbers — locked vectors, basis and the product
-  block ``W`` (orthonormalised in place) — reported as ``EigshOutput.peak_basis_vectors``.
+  *Memory.* The basis grows block by block (never preallocated, except on small problems whose
+  whole ``max_basis`` fits in :data:`SLAB_MAX_BYTES`) until locked vectors plus basis reach
+  ``max_basis`` vectors of the operator's dtype, then restarts in place on the ``p`` best Ritz vectors.
+  Peak memory: ``max_basis · P`` numbers — locked vectors, basis and the product block ``W``
+  (orthonormalised in place) — reported as ``EigshOutput.peak_basis_vectors``. The default
+  ``max_basis`` (:func:`default_max_basis`) is capped by :data:`BASIS_MEMORY_BYTES` on large models.
 * :func:`lanczos_tridiagonal` — several independent recurrences at once (one ``matmat`` per step
   serves all probes), as needed by stochastic Lanczos quadrature.
 """
@@ -162,18 +164,42 @@ def _keep_order(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return torch.tensor(seen, dtype=torch.long)
 
 
-class _Basis:
-    """Orthonormal columns ``V = [B_1 | B_2 | …]`` kept as a list of blocks (grown without copies)."""
+#: A run whose whole basis (``max_basis · P`` numbers) fits in this many bytes keeps it in one column-major
+#: slab allocated up front: the Gram–Schmidt sweeps are then one matrix product each instead of one per
+#: block, which is most of the solver's own time on small models; larger bases grow block by block.
+SLAB_MAX_BYTES = 64 * 2**20
 
-    def __init__(self) -> None:
+
+class _Basis:
+    """Orthonormal columns ``V = [B_1 | B_2 | …]`` kept as a list of blocks (grown without copies), or —
+    given a ``slab`` ``[P, C]`` — as the first columns of that one preallocated tensor."""
+
+    def __init__(self, slab: torch.Tensor | None = None) -> None:
         self.blocks: list[torch.Tensor] = []
+        self.slab = slab
+
+    @classmethod
+    def for_run(cls, P: int, cap: int, like: torch.Tensor) -> _Basis:
+        """A slab basis when ``cap`` vectors fit in :data:`SLAB_MAX_BYTES`, else a list of blocks."""
+        if cap * P * like.element_size() > SLAB_MAX_BYTES:
+            return cls()
+        return cls(torch.empty(cap, P, dtype=like.dtype, device=like.device).T)  # column-major
 
     @property
     def size(self) -> int:
         return sum(B.shape[1] for B in self.blocks)
 
     def append(self, X: torch.Tensor) -> None:
-        self.blocks.append(X)
+        lo, b = self.size, X.shape[1]
+        if self.slab is None or lo + b > self.slab.shape[1]:
+            self.blocks.append(X)
+            return
+        self.slab[:, lo : lo + b].copy_(X)
+        self.blocks = [self.slab[:, : lo + b]]
+
+    def detached_blocks(self) -> list[torch.Tensor]:
+        """The blocks, copied out of the slab (so that keeping them does not keep the whole slab)."""
+        return [_column_major(B.clone()) if self.slab is not None else B for B in self.blocks]
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
         """``Vᵀ W``."""
@@ -368,7 +394,7 @@ def _krylov_run(
     exhausted. ``cap``: most basis vectors of this run."""
     P, n_locked = op.size, locked.size
     n_want = min(2 * k if which == "BE" else k, P - n_locked)
-    basis = _Basis()
+    basis = _Basis.for_run(P, cap, X)
     H = torch.zeros(0, 0, dtype=torch.float64)
     used = passes = restarts = peak = 0
     width = X.shape[1]
@@ -504,7 +530,7 @@ def eigsh(
         conv = run.res[idx] <= floor[idx]
         # lock this run's wanted vectors; the answer is the best n_want of everything found so far
         run.basis.restart(run.S[:, idx])  # in place: the wanted Ritz vectors, the rest of the basis freed
-        locked.blocks.extend(run.basis.blocks)
+        locked.blocks.extend(run.basis.detached_blocks())
         values = torch.cat([values, run.theta[idx]])
         residuals = torch.cat([residuals, run.res[idx]])
         converged = torch.cat([converged, conv])

@@ -174,17 +174,21 @@ def auto_trace(
 ) -> tuple[float, float, torch.Tensor, float, AutoChoice]:
     """Hutch++ or Hutchinson, chosen from the first sketch, never paying for the other's products.
 
-    The first ``r = m // 3`` products ``A S`` (Rademacher ``S``) serve both estimators: they are the
-    Hutch++ sketch, and ``s_iᵀ A s_i`` are Hutchinson samples. From them, with no extra product:
-    ``‖A‖_F² ≈ mean_i ‖A s_i‖²`` (unbiased), and the energy a rank-``r/2`` basis captures,
-    ``c ≈ mean_{j∈S₂} ‖Q₁ᵀ A s_j‖²`` with ``Q₁ = orth(A S₁)`` from the first half of the sketch and
-    ``S₂`` the other half (unbiased: ``S₂`` is independent of ``Q₁``). Per probe, Hutchinson's variance
-    is ``≤ 2‖A‖_F²`` and Hutch++'s residual variance ``≤ 2(‖A‖_F² − c)`` (deflating the full rank-``r``
-    sketch captures at least ``c``), so the rule is
+    The first ``r = m // 3`` products ``Y = A S`` (Rademacher ``S``) serve both estimators: they are the
+    Hutch++ sketch, and ``s_iᵀ A s_i`` are Hutchinson samples. From them, with no extra product, the
+    share of ``‖A‖_F²`` that a rank-``r/2`` basis captures is estimated by cross-fitting the two halves
+    of the sketch: ``Q₁ = orth(Y₁)``, ``Q₂ = orth(Y₂)`` and
 
-        Hutch++ when  (‖A‖_F² − c) / (m − 2r)  <  ‖A‖_F² / m,   else Hutchinson,
+        c = (Σ_{j∈2} ‖Q₁ᵀ y_j‖² + Σ_{i∈1} ‖Q₂ᵀ y_i‖²) / Σ_i ‖y_i‖²
 
-    i.e. when the sketch holds more than ``2r/m ≈ 2/3`` of ``‖A‖_F²`` (outlier-dominated spectra).
+    (each basis is judged on the other half's samples, independent of it; ``E‖y‖² = ‖A‖_F²``, and the
+    ratio on the same samples cancels most of the heavy-tailed noise of ``‖y‖²``). Per probe,
+    Hutchinson's variance is ``≤ 2‖A‖_F²`` and Hutch++'s residual variance ``≤ 2(1 − c)‖A‖_F²``
+    (deflating the full rank-``r`` sketch captures at least what half of it does), so the rule is
+
+        Hutch++ when  (1 − c) / (m − 2r)  <  1 / m,   else Hutchinson,
+
+    i.e. when half the sketch holds more than ``2r/m ≈ 2/3`` of ``‖A‖_F²`` (outlier-dominated spectra).
     Either way the result is exactly that estimator at ``m`` products: the probes are those of
     ``hutchinson(op, m, seed)``, so choosing Hutchinson returns exactly its estimate (the sketch's ``r``
     samples are its first ``r``), and Hutch++ deflates the sketch and probes the residual with the next
@@ -200,14 +204,17 @@ def auto_trace(
     )
     S = probes[:, :r]
     AS = _sketch(op, S, block)
-    frob2 = float(AS.double().pow(2).sum(dim=0).mean())
+    Y = AS.double()
+    total = float(Y.pow(2).sum())
+    frob2 = total / r
     half = r // 2
     captured = 0.0
-    if half >= 1 and r - half >= 1:
-        Q1, _ = torch.linalg.qr(AS[:, :half].double())
-        captured = float((Q1.T @ AS[:, half:].double()).pow(2).sum(dim=0).mean())
-    captured = min(max(captured, 0.0), frob2)
-    ratio = ((frob2 - captured) / max(s, 1)) / (frob2 / n_matvecs) if frob2 > 0 else 1.0
+    if half >= 1 and r - half >= 1 and total > 0:
+        Y1, Y2 = Y[:, :half], Y[:, half:]
+        Q1, Q2 = torch.linalg.qr(Y1)[0], torch.linalg.qr(Y2)[0]
+        captured = float((Q1.T @ Y2).pow(2).sum() + (Q2.T @ Y1).pow(2).sum()) / total
+    captured = min(max(captured, 0.0), 1.0)
+    ratio = ((1.0 - captured) / max(s, 1)) / (1.0 / n_matvecs) if total > 0 else 1.0
     if ratio < 1.0:
         est, se, res, low = _deflate_sketch(op, AS, probes[:, r : r + s], block)
         method = "hutch++"
@@ -217,7 +224,7 @@ def auto_trace(
         )
         est, se, low = float(res.mean()), float(res.std() / math.sqrt(res.numel())), 0.0
         method = "hutchinson"
-    return est, se, res, low, AutoChoice(frob2, captured / frob2 if frob2 else 0.0, ratio, method)
+    return est, se, res, low, AutoChoice(frob2, captured, ratio, method)
 
 
 def _residual_hutchinson(
