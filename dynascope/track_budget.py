@@ -5,22 +5,26 @@ Accounting (seconds, cumulative since the tracker started):
 * ``train``: the time the training loop spends between tracker calls;
 * ``own``: the time spent inside the tracker's per-step calls on the training thread — checkpoint snapshots
   and their hand-off to the background writer (plus any wait for it), metric and status hand-offs, inline
-  probes. Writes done by the background writer thread run beside training and are recorded, not budgeted;
-  the constructor's setup and ``close()`` are recorded, not budgeted.
+  probes;
+* ``background``: the background writer thread's busy time. It runs beside training but is charged too:
+  a Python thread shares the interpreter lock (and, on a busy machine, the cores) with the training loop.
+  The constructor's setup and ``close()`` are recorded, not budgeted.
+
+``charged = own + background`` is what the budget bounds.
 
 The rule, applied when an inline probe comes due (``step % every == 0``), with ``cost`` its last measured
 cost on the training thread (the probe plus the checkpoint written for it):
 
-* **run** when ``own + cost ≤ budget × train``; a probe's first run always happens (it measures the cost);
+* **run** when ``charged + cost ≤ budget × train``; a probe's first run always happens (it measures the cost);
 * **defer** otherwise: that run is skipped and recorded, and the probe's interval doubles (*stretch*);
-* **relax** (hysteresis): when a stretched probe runs and ``own + cost ≤ RELAX × budget × train``
+* **relax** (hysteresis): when a stretched probe runs and ``charged + cost ≤ RELAX × budget × train``
   (``RELAX = 1/2``), its interval halves, never below the requested one. The band between ``RELAX × budget``
   and ``budget`` is a factor 2, the factor an interval changes by, so an interval does not flip back and
   forth on every due step;
 * checkpoints on the user's schedule are never deferred nor dropped: their cost counts in ``own`` (so
   probes yield to them) and when they alone exceed the budget the status says so (:meth:`over_budget`).
 
-So ``own ≤ budget × train`` holds at every step except for the first run of each probe and scheduled
+So ``charged ≤ budget × train`` holds at every step except for the first run of each probe and scheduled
 checkpoints that on their own take more than the budget.
 """
 
@@ -63,6 +67,7 @@ class OverheadBudget:
     fraction: float | None
     train: float = 0.0
     own: dict[str, float] = field(default_factory=lambda: {"probe": 0.0, "checkpoint": 0.0, "write": 0.0})
+    background: float = 0.0
 
     def add_train(self, seconds: float) -> None:
         self.train += max(seconds, 0.0)
@@ -74,9 +79,14 @@ class OverheadBudget:
     def own_total(self) -> float:
         return sum(self.own.values())
 
+    @property
+    def charged(self) -> float:
+        """``own + background``: the tracker time the budget bounds."""
+        return self.own_total + self.background
+
     def admits(self, cost: float) -> bool:
-        """``own + cost ≤ budget × train`` (always true without a budget)."""
-        return self.fraction is None or self.own_total + cost <= self.fraction * self.train
+        """``charged + cost ≤ budget × train`` (always true without a budget)."""
+        return self.fraction is None or self.charged + cost <= self.fraction * self.train
 
     def decide(self, interval: Interval, planned: float = 0.0) -> tuple[bool, str | None]:
         """Run the due probe (``True, None``), or defer it and stretch its interval (``False, reason``).
@@ -85,15 +95,15 @@ class OverheadBudget:
             return True, None
         interval.every *= 2
         return False, (
-            f"tracker time {self.own_total:.3g} s + {planned + interval.cost:.3g} s would exceed "
+            f"tracker time {self.charged:.3g} s + {planned + interval.cost:.3g} s would exceed "
             f"{self.fraction:g} × training time {self.train:.3g} s"
         )
 
     def relax(self, interval: Interval) -> bool:
-        """After a run: halve a stretched interval when ``own + cost ≤ RELAX × budget × train``."""
+        """After a run: halve a stretched interval when ``charged + cost ≤ RELAX × budget × train``."""
         if self.fraction is None or interval.every <= interval.requested or interval.cost is None:
             return False
-        if self.own_total + interval.cost > RELAX * self.fraction * self.train:
+        if self.charged + interval.cost > RELAX * self.fraction * self.train:
             return False
         interval.every = max(interval.every // 2, interval.requested)
         return True
@@ -102,7 +112,7 @@ class OverheadBudget:
         """A note when checkpoints and writes alone take more than the budget (they are never deferred)."""
         if self.fraction is None or self.train <= 0:
             return None
-        fixed = self.own_total - self.own.get("probe", 0.0)
+        fixed = self.charged - self.own.get("probe", 0.0)
         if fixed <= self.fraction * self.train:
             return None
         return (
@@ -116,6 +126,7 @@ class OverheadBudget:
         return {
             "train_seconds": round(t, 6),
             "tracker_seconds": round(self.own_total, 6),
-            "fraction": self.own_total / t if t > 0 else None,
+            "background_seconds": round(self.background, 6),
+            "fraction": self.charged / t if t > 0 else None,
             "budget": self.fraction,
         }

@@ -46,8 +46,9 @@ training thread). A step's metrics row is written with the next flush after that
 after ``step()`` join it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``.
 
 Overhead budget (:mod:`dynascope.track_budget`): the tracker times the training between its calls and its
-own time on the training thread — checkpoint snapshots, hand-offs to the writer and waits for it, inline
-probes — and keeps that total under ``budget`` × training time (default 10 %): a due probe whose last cost
+own time — checkpoint snapshots, hand-offs to the writer and waits for it, inline probes on the training
+thread, and the background writer's busy time (it shares the interpreter lock with training) — and keeps
+that total under ``budget`` × training time (default 10 %): a due probe whose last cost
 would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skipped``) and its interval
 doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
 budget. Checkpoints on the schedule are never deferred nor dropped; when they alone exceed the budget the
@@ -318,9 +319,9 @@ class Tracker:
     ``lr``: an lr schedule dict (:mod:`dynascope.models.schedules`) or a constant stored in run.json.
     ``schedule`` / ``checkpoint_every``: the checkpoint schedule (:func:`dynascope.models.checkpoint_due`).
     ``probes``: ``{name: every}`` or ``{name: {"every": n, **params}}`` (names: :data:`INLINE_PROBES`).
-    ``budget``: the most tracker time (probes, checkpoint snapshots, hand-offs) as a fraction of training
-    time (``None``: no limit; the rule is in the module docstring). ``background_writes``: write files on a
-    background thread (default) or on the training thread.
+    ``budget``: the most tracker time (probes, checkpoint snapshots, hand-offs, background writes) as a
+    fraction of training time (``None``: no limit; the rule is in the module docstring).
+    ``background_writes``: write files on a background thread (default) or on the training thread.
     """
 
     def __init__(
@@ -568,6 +569,8 @@ class Tracker:
             self._last_step = step
             lr = self.current_lr()
             self.log(step, {**({"lr": lr} if lr is not None else {}), **dict(metrics or {})})
+            if self._writer is not None and self._writer.threaded:  # inline writes are already in `own`
+                self._budget.background = self._writer.busy_seconds
             due = self._admit(step)
             scheduled = checkpoint_due(step, self.schedule, every=self.checkpoint_every)
             ck = 0.0

@@ -64,6 +64,20 @@ def test_over_budget_note_when_checkpoints_alone_exceed_it() -> None:
     assert b.summary()["fraction"] == pytest.approx(0.65)
 
 
+def test_background_writer_time_is_charged_to_the_budget() -> None:
+    """The writer thread shares the interpreter lock with training: its busy time is charged too."""
+    b = OverheadBudget(0.1)
+    b.add_train(10.0)
+    b.add_own("probe", 0.4)
+    iv = Interval(5, cost=0.5)
+    assert b.admits(0.5) and b.decide(iv) == (True, None)
+    b.background = 0.2  # 0.4 + 0.2 + 0.5 > 0.1 × 10
+    assert not b.admits(0.5)
+    run, reason = b.decide(iv)
+    assert not run and iv.every == 10 and "tracker time 0.6 s" in reason
+    assert b.summary()["background_seconds"] == 0.2 and b.summary()["fraction"] == pytest.approx(0.06)
+
+
 # ------------------------------------------------------------------------------------------ fake clock
 class FakeClock:
     def __init__(self) -> None:
