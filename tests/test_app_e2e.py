@@ -148,6 +148,25 @@ def _goto_page(page, title: str) -> None:
     _settle(page)
 
 
+def _open_run(browser, server: str, run: str, title: str | None, **kwargs):
+    """A new page on the app, ``run`` selected on the Runs page, then the page ``title`` (if any) opened."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2000}, **kwargs)
+    page.goto(server)
+    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
+    _settle(page)
+    page.get_by_role("combobox", name="Run folder").click()
+    page.get_by_role("option", name=run, exact=True).click()
+    _settle(page)
+    if title is not None:
+        _goto_page(page, title)
+    return page
+
+
+def _no_errors(page, title: str) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, f"{title} raised"
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0, f"{title} showed an error"
+
+
 def _shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.locator('[data-testid="stMain"]').screenshot(path=str(SHOTS / f"{name}.png"))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_app_e2e import CHROMIUM, _goto_page, _settle, _shot, app_server, chromium
+from test_app_e2e import CHROMIUM, _no_errors, _open_run, _settle, _shot, app_server, chromium
 
 pytestmark = [
     pytest.mark.e2e,
@@ -63,28 +63,11 @@ def browser():
         yield b
 
 
-def _open(browser, server: str, run: str, title: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 2000})
-    page.goto(server)
-    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-    _settle(page)
-    page.get_by_role("combobox", name="Run folder").click()
-    page.get_by_role("option", name=run, exact=True).click()
-    _settle(page)
-    _goto_page(page, title)
-    return page
-
-
-def _no_errors(page, title: str) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0, f"{title} raised"
-    assert page.locator('[data-testid="stAlertContentError"]').count() == 0, f"{title} showed an error"
-
-
 def test_eos_headline_is_in_the_detector_band_on_the_training_data(root: Path, server: str, browser) -> None:
     from dynascope.models import Run
     from dynascope.recipes import detect_edge_of_stability
 
-    page = _open(browser, server, "eos", "Edge of stability")
+    page = _open_run(browser, server, "eos", "Edge of stability")
     _no_errors(page, "Edge of stability")
     assert page.get_by_text("Using all 1000 train samples (the data the run was trained on).").count() == 1
     metric = page.locator('[data-testid="stMetric"]').filter(has_text="λ_max / (2/η)")
@@ -101,7 +84,7 @@ def test_eos_headline_is_in_the_detector_band_on_the_training_data(root: Path, s
 
 
 def test_neural_collapse_on_grokking_runs_by_default(server: str, browser) -> None:
-    page = _open(browser, server, "grok", "Neural collapse")
+    page = _open_run(browser, server, "grok", "Neural collapse")
     caption = page.get_by_text("class-stratified subset: 2048 of 4704 train samples, every class kept")
     assert caption.count() == 1, page.locator('[data-testid="stCaptionContainer"]').all_inner_texts()
     page.get_by_role("button", name="Compute NC1–NC4").click()
@@ -115,7 +98,7 @@ def test_neural_collapse_on_grokking_runs_by_default(server: str, browser) -> No
 
 
 def test_double_descent_default_is_test_error_with_its_peak_at_n(server: str, browser) -> None:
-    page = _open(browser, server, "dd", "Double descent")
+    page = _open_run(browser, server, "dd", "Double descent")
     _no_errors(page, "Double descent")
     plot = page.locator(".st-key-chart_dd_curve .js-plotly-plot")
     plot.wait_for(timeout=30_000)

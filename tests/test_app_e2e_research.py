@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_app_e2e import CHROMIUM, _goto_page, _settle, _shot, app_server, chromium
+from test_app_e2e import CHROMIUM, _no_errors, _open_run, _settle, _shot, app_server, chromium
 
 pytestmark = [
     pytest.mark.e2e,
@@ -58,24 +58,6 @@ def browser():
         yield b
 
 
-def _open(browser, server: str, run: str, title: str | None, **kwargs):
-    page = browser.new_page(viewport={"width": 1400, "height": 2000}, **kwargs)
-    page.goto(server)
-    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-    _settle(page)
-    page.get_by_role("combobox", name="Run folder").click()
-    page.get_by_role("option", name=run, exact=True).click()
-    _settle(page)
-    if title is not None:
-        _goto_page(page, title)
-    return page
-
-
-def _no_errors(page, title: str) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0, f"{title} raised"
-    assert page.locator('[data-testid="stAlertContentError"]').count() == 0, f"{title} showed an error"
-
-
 def _metric(page, label: str) -> tuple[str, float]:
     """The label and value of the first metric whose label contains ``label``."""
     box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
@@ -104,7 +86,7 @@ def test_adam_eos_headline_is_the_preconditioned_ratio(root: Path, server: str, 
     from dynascope.models import Run
     from dynascope.store import ResultStore
 
-    page = _open(browser, server, "adam", "Edge of stability")
+    page = _open_run(browser, server, "adam", "Edge of stability")
     _no_errors(page, "Edge of stability")
     assert page.get_by_text("Using all 1000 train samples (the data the run was trained on).").count() == 1
     _click_and_settle(page, "Compute sharpness")
@@ -131,7 +113,7 @@ def test_compare_runs_overlays_two_eos_runs_in_units_of_the_edge(root: Path, ser
     from dynascope.models import Run
     from dynascope.store import ResultStore
 
-    page = _open(browser, server, "eos-lr0.5", "Compare runs")
+    page = _open_run(browser, server, "eos-lr0.5", "Compare runs")
     _no_errors(page, "Compare runs")
     traces = {t["name"]: t for t in _traces(page, "cmp_overlay")}
     for name in ("eos-lr0.5", "eos-lr0.25"):  # λ_max·η/2 from the sharpness each run logged
@@ -155,7 +137,7 @@ def test_mode_connectivity_seed_twin_barrier_before_and_after_alignment(
     from dynascope.models import Run
     from dynascope.store import ResultStore
 
-    page = _open(browser, server, "adam", "Mode connectivity")
+    page = _open_run(browser, server, "adam", "Mode connectivity")
     _no_errors(page, "Mode connectivity")
     assert page.get_by_text("No second run of this recipe yet.").count() == 1
     page.get_by_role("button", name="Train a seed twin").click()
@@ -189,7 +171,7 @@ def test_report_button_writes_every_computed_figure(root: Path, server: str, bro
 
     if not ResultStore(root / "adam").list():  # run alone: compute one probe (the others do it in order)
         runner.run_probe(Run.open(root / "adam"), "sharpness", step=300, params={"k": 1, "lr": 1e-3})
-    page = _open(browser, server, "adam", None, accept_downloads=True)
+    page = _open_run(browser, server, "adam", None, accept_downloads=True)
     _click_and_settle(page, "Build the report", timeout=300_000)
     _no_errors(page, "Runs")
     with page.expect_download(timeout=60_000) as info:
