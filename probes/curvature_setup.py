@@ -31,19 +31,25 @@ def determinism_rtol(dtype: torch.dtype) -> float:
     return DETERMINISM_EPS_MULTIPLE * torch.finfo(dtype).eps
 
 
+#: The determinism check keeps the first product's column (two vectors) only while they take at most this
+#: many bytes: on small models it saves a product; on large ones memory binds, and two products are cheaper.
+KEEP_FIRST_MAX_BYTES = 16 * 2**20
+
+
 class RecordingOperator(LinearOperator):
     """Delegates to ``op``, counting only the products requested through it; :meth:`determinism`
     checks afterwards that a product comes out the same twice.
 
-    When ``op`` computes every column on its own (:attr:`CurvatureOperator.columnwise`), the first
-    column of the algorithm's first product is kept (two vectors) and the check recomputes only it:
-    one product instead of two."""
+    When ``op`` computes every column on its own (:attr:`CurvatureOperator.columnwise`) and two vectors
+    fit in :data:`KEEP_FIRST_MAX_BYTES`, the first column of the algorithm's first product is kept and
+    the check recomputes only it: one product instead of two."""
 
     def __init__(self, op: LinearOperator) -> None:
         super().__init__(op.size, op.dtype, op.device)
         self.inner = op
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._keep_first = bool(getattr(op, "columnwise", False))
+        two_vectors = 2 * op.size * torch.empty((), dtype=op.dtype).element_size()
+        self._keep_first = bool(getattr(op, "columnwise", False)) and two_vectors <= KEEP_FIRST_MAX_BYTES
         self.determinism_matvecs = 0
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,7 @@ class EigshOutput:
 
 
 #: Rows per chunk when restarting the basis in place (bounds the temporary to chunk × basis size).
-RESTART_CHUNK_ROWS = 1 << 16
+RESTART_CHUNK_ROWS = 1 << 13
 
 
 def _tridiagonal(alpha: list[float], beta: list[float]) -> torch.Tensor:

@@ -144,6 +144,16 @@ def test_eval_mode_is_used_and_restored() -> None:
     assert rec.determinism_matvecs == 1  # column-wise CPU products: only the first column is recomputed
 
 
+def test_determinism_check_keeps_no_vectors_on_large_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynascope.probes import curvature_setup
+
+    monkeypatch.setattr(curvature_setup, "KEEP_FIRST_MAX_BYTES", 0)  # as if two vectors were too large
+    make, x, y = cases()["mlp-ce"]
+    rec = RecordingOperator(CurvatureOperator(make().double(), (x, y)))
+    rec.matvec(torch.randn(rec.size, dtype=torch.float64))
+    assert rec._first is None and rec.determinism() == 0.0 and rec.determinism_matvecs == 2
+
+
 class _Noisy(nn.Module):
     """Adds fresh noise on every forward: products that recompute the forward differ between calls."""
 
