@@ -475,6 +475,23 @@ def _check_pair(model_a: nn.Module, model_b: nn.Module) -> PermutationSpec:
 
 
 # --------------------------------------------------------------------------- weight matching
+def _inner_assignments(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For gains ``g[i, j, a, b]`` of pairing dimension ``a`` of head ``i`` (model A) with dimension ``b`` of
+    head ``j`` (model B): the best inner assignment ``best[i, j]`` (``a → best[i, j, a]``) and its total gain
+    ``gain[i, j]``, so that heads and their dimensions are matched together exactly."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = g.shape[0]
+    best = np.empty((n, n, g.shape[2]), dtype=np.int64)
+    gain = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            r, col = linear_sum_assignment(g[i, j], maximize=True)
+            best[i, j] = col
+            gain[i, j] = g[i, j][r, col].sum()
+    return best, gain
+
+
 def weight_matching_permutations(
     model_a: nn.Module, model_b: nn.Module, *, max_iter: int = 100, seed: int = 0
 ) -> Alignment:
@@ -534,12 +551,8 @@ def weight_matching_permutations(
                 old += gn[
                     np.arange(n)[:, None], perms[p][:, None], np.arange(inner[name].size), perms[name]
                 ].sum()
-                best[name] = np.empty((n, n, inner[name].size), dtype=np.int64)
-                for i in range(n):
-                    for j in range(n):
-                        r, col = linear_sum_assignment(gn[i, j], maximize=True)
-                        best[name][i, j] = col
-                        c[i, j] += gn[i, j][r, col].sum()
+                best[name], gain = _inner_assignments(gn)
+                c += gain
             rows, cols = linear_sum_assignment(c, maximize=True)
             new = c[rows, cols].sum()
             if new > old + 1e-12 * max(abs(old), 1.0):
@@ -659,12 +672,8 @@ def activation_matching_permutations(
             for name, w in inner.items():
                 c = moments[name].correlation().reshape(w.parts, n, w.size, w.parts, n, w.size)
                 g = sum(c[q, :, :, q] for q in w.act_parts).permute(0, 2, 1, 3).cpu().numpy()  # [i, j, a, b]
-                best[name] = np.empty((n, n, w.size), dtype=np.int64)
-                for i in range(n):
-                    for j in range(n):
-                        r, col = linear_sum_assignment(g[i, j], maximize=True)
-                        best[name][i, j] = col
-                        cost[i, j] += g[i, j][r, col].sum()
+                best[name], gain = _inner_assignments(g)
+                cost += gain
             rows, cols = linear_sum_assignment(cost, maximize=True)
             perms[p] = cols
             for name, b in best.items():
