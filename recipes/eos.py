@@ -35,7 +35,7 @@ from torch import nn
 
 from ..models import Run
 from ..probes.lanczos import eigsh
-from ..probes.operators import OperatorSpec
+from ..probes.operators import LinearOperator, OperatorSpec
 from ..probes.preconditioning import DiagonalScaledOperator, preconditioner_from_state
 from .base import Recipe, check_config_keys, register_recipe
 from .train import train
@@ -95,7 +95,13 @@ def lambda_max(
 
     Returns ``(λ_max, eigenvector or None, converged)``; ``v0`` warm-starts Lanczos.
     """
-    op = OperatorSpec(loss=loss).build(model, data)
+    return _top_pair(OperatorSpec(loss=loss).build(model, data), tol=tol, v0=v0, max_iter=max_iter)
+
+
+def _top_pair(
+    op: LinearOperator, *, tol: float, v0: torch.Tensor | None, max_iter: int = 100
+) -> tuple[float, torch.Tensor | None, bool]:
+    """``(λ_max, eigenvector or None, converged)`` of ``op`` by Lanczos, warm-started from ``v0``."""
     out = eigsh(op, k=1, which="LA", tol=tol, v0=v0, max_iter=min(max_iter, op.size))
     vec = out.vectors[:, 0].detach().clone() if out.vectors is not None else None
     return float(out.values[0]), vec, bool(out.converged[0])
@@ -135,16 +141,15 @@ class SharpnessTracker:
             return {}
         op = OperatorSpec(loss=self.loss).build(model, data.train)
         P = preconditioner_from_state(optimizer, op.space, model=op.model, lr=self.lr)
-        sop = DiagonalScaledOperator(op, P.diag.rsqrt())
-        out = eigsh(sop, k=1, which="LA", tol=self.tol, v0=self._v, max_iter=min(100, op.size))
-        if out.vectors is not None and torch.isfinite(out.vectors).all():
-            self._v = out.vectors[:, 0].detach().clone()
-        lam, thr = float(out.values[0]), float(P.threshold(self.lr))
+        lam, vec, conv = _top_pair(DiagonalScaledOperator(op, P.diag.rsqrt()), tol=self.tol, v0=self._v)
+        if vec is not None and torch.isfinite(vec).all():
+            self._v = vec
+        thr = float(P.threshold(self.lr))
         return {
             "precond_sharpness": lam,
             "precond_threshold": thr,
             "precond_ratio": lam / thr,
-            "sharpness_converged": bool(out.converged[0]),
+            "sharpness_converged": conv,
         }
 
 
