@@ -223,6 +223,9 @@ def _legacy_pickles_truncated(path: Path) -> bool:
     return False
 
 
+_DOS_DIRECTORY = 0x10  # MS-DOS directory bit of a zip entry's external file attributes
+
+
 def _check_zip_records(path: Path) -> set[tuple[int, int]] | None:
     """Verify every record's CRC-32 (torch's reader ignores them, so flipped weight bytes load silently).
 
@@ -237,6 +240,9 @@ def _check_zip_records(path: Path) -> set[tuple[int, int]] | None:
             for info in z.infolist():
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     raise zipfile.BadZipFile(f"record {info.filename!r}: compression {info.compress_type}")
+                if info.external_attr & _DOS_DIRECTORY and not info.is_dir():
+                    # torch's reader (miniz) skips a record so marked: its tensor is left unfilled
+                    raise zipfile.BadZipFile(f"record {info.filename!r} is marked as a directory")
                 with z.open(info) as f:
                     head = f.read(1 << 22)
                     while f.read(1 << 22):

@@ -817,6 +817,22 @@ def test_zip_index_damage_that_torch_reads_as_an_empty_record_is_corrupt(tmp_pat
     p.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError) as e:
         load_checkpoint(p, build_tiny("mlp"))
+    check_error(e, p, "corrupt", "marked as a directory")
+
+
+def test_a_loaded_storage_that_matches_no_data_record_is_corrupt(tmp_path):
+    """The backstop behind the zip checks: a storage whose bytes match no record's CRC-32 (what torch
+    hands back when it skips a record it should have read) is refused, deterministically here by
+    changing one loaded value."""
+    from dynascope.models.torch_files import _check_zip_records, _check_zip_storages, _tensors_in
+
+    p = save_checkpoint(trained_like("mlp"), tmp_path / "w.pt")
+    records = _check_zip_records(p)
+    sd = torch.load(p, weights_only=True)
+    _check_zip_storages(sd, records, p, every_record=True)  # intact: passes
+    next(t for t in _tensors_in(sd) if t.is_floating_point() and t.numel()).view(-1)[0] += 1.0
+    with pytest.raises(CorruptCheckpointError) as e:
+        _check_zip_storages(sd, records, p)
     check_error(e, p, "corrupt", "matches none of the file's data records")
 
 
