@@ -227,7 +227,8 @@ _DOS_DIRECTORY = 0x10  # MS-DOS directory bit of a zip entry's external file att
 
 
 def _check_zip_records(path: Path) -> set[tuple[int, int]] | None:
-    """Verify every record's CRC-32 (torch's reader ignores them, so flipped weight bytes load silently).
+    """Verify every record's CRC-32 (torch's reader ignores them, so flipped weight bytes load silently)
+    and refuse a file record marked as a directory (torch's reader skips it, leaving its tensor unfilled).
 
     Returns the ``(size, CRC-32)`` of the tensor data records (``<archive>/data/<key>``), for
     :func:`_check_zip_storages`; ``None`` when the file's byte order is not this machine's (torch then
