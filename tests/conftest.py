@@ -9,3 +9,21 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def server(root, tmp_path_factory: pytest.TempPathFactory):
+    """The app (``streamlit run``) over the browser test module's ``root`` runs folder: its URL."""
+    from test_app_e2e import app_server
+
+    with app_server(root, tmp_path_factory.mktemp("e2e-log") / "streamlit.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium (Playwright), one per browser test module."""
+    from test_app_e2e import chromium
+
+    with chromium() as b:
+        yield b

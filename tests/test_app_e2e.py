@@ -43,7 +43,7 @@ PAGES = [
     ("Compare runs", "compare"),
 ]
 
-pytestmark = [
+E2E_MARKS = [  # every browser test module: pytestmark = E2E_MARKS
     pytest.mark.e2e,
     pytest.mark.slow,
     pytest.mark.skipif(
@@ -51,6 +51,7 @@ pytestmark = [
         reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium); CI always runs this",
     ),
 ]
+pytestmark = E2E_MARKS
 
 
 def _free_port() -> int:
@@ -117,20 +118,14 @@ def chromium() -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny prepared runs (the ``server`` fixture of conftest.py serves the module's ``root``)."""
     from test_app import make_tiny_run
 
     root = tmp_path_factory.mktemp("e2e-runs")
     make_tiny_run(root / "tiny-gd")
     make_tiny_run(root / "tiny-gd-seed1", seed=1)
-    with app_server(root, tmp_path_factory.mktemp("e2e-log") / "streamlit.log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
+    return root
 
 
 def _settle(page, timeout: float = 60_000) -> None:
@@ -148,12 +143,18 @@ def _goto_page(page, title: str) -> None:
     _settle(page)
 
 
-def _open_run(browser, server: str, run: str, title: str | None, **kwargs):
-    """A new page on the app, ``run`` selected on the Runs page, then the page ``title`` (if any) opened."""
-    page = browser.new_page(viewport={"width": 1400, "height": 2000}, **kwargs)
-    page.goto(server)
+def _open_app(browser, url: str, height: int = 1800, **kwargs):
+    """A new page (1400 px wide) on the app at ``url``, once its first page (Runs) has rendered."""
+    page = browser.new_page(viewport={"width": 1400, "height": height}, **kwargs)
+    page.goto(url)
     page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
     _settle(page)
+    return page
+
+
+def _open_run(browser, server: str, run: str, title: str | None, **kwargs):
+    """A new page on the app, ``run`` selected on the Runs page, then the page ``title`` (if any) opened."""
+    page = _open_app(browser, server, height=2000, **kwargs)
     page.get_by_role("combobox", name="Run folder").click()
     page.get_by_role("option", name=run, exact=True).click()
     _settle(page)
@@ -173,10 +174,7 @@ def _shot(page, name: str) -> None:
 
 
 def test_select_run_hessian_chart_and_csv_download(server: str, browser, tmp_path: Path) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
-    page.goto(server)
-    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-    _settle(page)
+    page = _open_app(browser, server, accept_downloads=True)
     # select the run on the Runs page
     page.get_by_role("combobox", name="Run folder").click()
     page.get_by_role("option", name="tiny-gd-seed1", exact=True).click()
@@ -209,10 +207,7 @@ def test_select_run_hessian_chart_and_csv_download(server: str, browser, tmp_pat
 
 
 def test_every_page_renders_and_computes(server: str, browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1800})
-    page.goto(server)
-    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-    _settle(page)
+    page = _open_app(browser, server)
     for title, name in PAGES:
         _goto_page(page, title)
         primary = page.locator('[data-testid="stBaseButton-primary"]:visible')
@@ -228,10 +223,7 @@ def test_every_page_renders_and_computes(server: str, browser) -> None:
 
 
 def test_landscape_surface_with_trajectory_and_opposing_signals(server: str, browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 2400})
-    page.goto(server)
-    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-    _settle(page)
+    page = _open_app(browser, server, height=2400)
     _goto_page(page, "Landscape")
     page.get_by_role("tab", name="Loss surface").click()
     page.get_by_role("button", name="Compute the trajectory plane").click()
@@ -258,10 +250,7 @@ def test_landscape_surface_with_trajectory_and_opposing_signals(server: str, bro
 
 
 def test_upload_corrupt_checkpoint_shows_error(server: str, browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(server)
-    page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-    _settle(page)
+    page = _open_app(browser, server, height=1000)
     page.locator('[data-testid="stExpander"] summary', has_text="Upload checkpoints").click()
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
         files=[

@@ -10,21 +10,12 @@ The runs are small real recipe runs (EoS: 200 GD steps on the 1000 digits; grokk
 from __future__ import annotations
 
 import inspect
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_app_e2e import CHROMIUM, _no_errors, _open_run, _settle, _shot, app_server, chromium
+from test_app_e2e import E2E_MARKS, _no_errors, _open_run, _settle, _shot
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists() and not os.environ.get("CI"),
-        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium); CI always runs this",
-    ),
-]
+pytestmark = E2E_MARKS
 EOS_DEFAULTS = {"k": 1, "tol": 1e-3, "trace": False}  # the EoS page's parameters
 
 
@@ -49,18 +40,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         p_grid=[20, 50, 90, 100, 110, 200, 400],
     )
     return root
-
-
-@pytest.fixture(scope="module")
-def server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with app_server(root, tmp_path_factory.mktemp("e2e-log") / "streamlit.log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def test_eos_headline_is_in_the_detector_band_on_the_training_data(root: Path, server: str, browser) -> None:

@@ -3,7 +3,6 @@ its Runs page is open; the page follows them (polling the run folder) without a 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,16 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_app_e2e import CHROMIUM, CHROMIUM_ARGS, REPO, _settle, _shot, app_server
+from test_app_e2e import E2E_MARKS, REPO, _open_app, _shot, app_server
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists() and not os.environ.get("CI"),
-        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium); CI always runs this",
-    ),
-]
+pytestmark = E2E_MARKS
 
 WRITER = textwrap.dedent(
     """
@@ -52,40 +44,32 @@ def _metric(page, label: str) -> str:
     return box.locator('[data-testid="stMetricValue"]').inner_text()
 
 
-def test_runs_page_follows_a_run_being_written(live_server) -> None:
-    from playwright.sync_api import sync_playwright
-
+def test_runs_page_follows_a_run_being_written(live_server, browser) -> None:
     url, run_path = live_server
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(url)
-        page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-        _settle(page)
-        page.locator(".st-key-runs_live").wait_for(timeout=30_000)  # just written: followed by default
-        assert _metric(page, "Latest checkpoint step") == "20"
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run_path)], cwd=REPO)
-        try:
-            seen = {"20"}
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                seen.add(_metric(page, "Latest checkpoint step"))
-                if "50" in seen:
-                    break
-                page.wait_for_timeout(500)
-            assert writer.wait(timeout=60) == 0
-        finally:
-            if writer.poll() is None:
-                writer.kill()
-        assert "50" in seen and len(seen) >= 3, seen  # intermediate steps appeared too, no reload
-        page.wait_for_timeout(2500)
-        assert _metric(page, "Checkpoints") == "10"  # 4 + 6 new
-        assert int(_metric(page, "Metric rows")) == 21 + 6
-        # the checkpoint and metrics tables below follow the folder too (no reload)
-        assert page.get_by_text("Checkpoints (10)", exact=True).count() == 1
-        assert page.get_by_text("Logged metrics (27 rows of", exact=False).count() == 1
-        grids = page.locator('[data-testid="stDataFrame"] [role="grid"]')
-        rows = [grids.nth(i).get_attribute("aria-rowcount") for i in range(2)]
-        assert rows == [str(10 + 1), str(27 + 1)], rows  # header + one row per checkpoint / metrics row
-        _shot(page, "runs_live")
-        browser.close()
+    page = _open_app(browser, url)
+    page.locator(".st-key-runs_live").wait_for(timeout=30_000)  # just written: followed by default
+    assert _metric(page, "Latest checkpoint step") == "20"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run_path)], cwd=REPO)
+    try:
+        seen = {"20"}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            seen.add(_metric(page, "Latest checkpoint step"))
+            if "50" in seen:
+                break
+            page.wait_for_timeout(500)
+        assert writer.wait(timeout=60) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert "50" in seen and len(seen) >= 3, seen  # intermediate steps appeared too, no reload
+    page.wait_for_timeout(2500)
+    assert _metric(page, "Checkpoints") == "10"  # 4 + 6 new
+    assert int(_metric(page, "Metric rows")) == 21 + 6
+    # the checkpoint and metrics tables below follow the folder too (no reload)
+    assert page.get_by_text("Checkpoints (10)", exact=True).count() == 1
+    assert page.get_by_text("Logged metrics (27 rows of", exact=False).count() == 1
+    grids = page.locator('[data-testid="stDataFrame"] [role="grid"]')
+    rows = [grids.nth(i).get_attribute("aria-rowcount") for i in range(2)]
+    assert rows == [str(10 + 1), str(27 + 1)], rows  # header + one row per checkpoint / metrics row
+    _shot(page, "runs_live")

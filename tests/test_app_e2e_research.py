@@ -11,21 +11,12 @@ steps, optimizer state at steps 100, 200, 300). The tests run in file order: the
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_app_e2e import CHROMIUM, _no_errors, _open_run, _settle, _shot, app_server, chromium
+from test_app_e2e import E2E_MARKS, _no_errors, _open_run, _settle, _shot
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists() and not os.environ.get("CI"),
-        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium); CI always runs this",
-    ),
-]
+pytestmark = E2E_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +35,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root / "adam", small=True, progress=False, steps=300, checkpoint_every=100
     )
     return root
-
-
-@pytest.fixture(scope="module")
-def server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with app_server(root, tmp_path_factory.mktemp("e2e-log") / "streamlit.log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def _metric(page, label: str) -> tuple[str, float]:

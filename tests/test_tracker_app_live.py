@@ -4,27 +4,18 @@ headless Chromium; the page's live view shows new checkpoints and metrics rows w
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-import pytest
-from test_app_e2e import CHROMIUM, CHROMIUM_ARGS, REPO, _settle, _shot, app_server
+from test_app_e2e import E2E_MARKS, REPO, _open_app, _shot, app_server
 from test_app_e2e_live import _metric
 
 from dynascope.tracker import run_status
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists() and not os.environ.get("CI"),
-        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium); CI always runs this",
-    ),
-]
+pytestmark = E2E_MARKS
 
 STEPS = 60
 # trains to step 10, waits for the test's "go" file (the page is open), then trains on slowly
@@ -61,9 +52,7 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_runs_page_follows_a_tracked_training_run(tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
+def test_runs_page_follows_a_tracked_training_run(tmp_path: Path, browser) -> None:
     runs, go = tmp_path / "runs", tmp_path / "go"
     run_path = runs / "tracked"
     runs.mkdir()
@@ -75,12 +64,8 @@ def test_runs_page_follows_a_tracked_training_run(tmp_path: Path) -> None:
             assert writer.poll() is None, writer.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the writer did not reach step 10 in time"
             time.sleep(0.2)
-        with app_server(runs, tmp_path / "streamlit.log") as url, sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(url)
-            page.wait_for_selector('h1:has-text("Runs")', timeout=90_000)
-            _settle(page)
+        with app_server(runs, tmp_path / "streamlit.log") as url:
+            page = _open_app(browser, url)
             page.locator(".st-key-runs_live").wait_for(timeout=30_000)  # just written: followed by default
             assert _metric(page, "Latest checkpoint step") == "10"
             assert _metric(page, "Metric rows") == "11"  # rows 0..10 (the writer flushed at step 10)
@@ -100,7 +85,6 @@ def test_runs_page_follows_a_tracked_training_run(tmp_path: Path) -> None:
             assert len({r for r in seen_rows if 11 < int(r) < STEPS + 1}) >= 2, seen_rows
             assert _metric(page, "Checkpoints") == str(STEPS // 5 + 1)
             _shot(page, "runs_live_tracked")
-            browser.close()
     finally:
         if writer.poll() is None:
             writer.kill()
