@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hessian import PyHessianRunner, cnn_case, dense_spectrum, mlp_case  # noqa: E402
-from benchmarks_md import write_section  # noqa: E402
+from benchmarks_md import publish  # noqa: E402
 
 import dynascope.probes as probes  # noqa: E402
 
@@ -133,22 +133,15 @@ def main() -> None:
         cmodel, cdata = cnn_case()
         ref = probes.hessian_eigenvalues(cmodel, cdata, k=5, tol=1e-10, dtype=torch.float64)
         run("CNN 105k / 1024 digits", cmodel, cdata, ref.values.tolist(), args.repeats, rows, summary)
-    text = "\n".join(
-        [
-            SECTION,
-            "",
-            f"Command: `.venv/bin/python bench/bench_eigensolver.py --repeats {args.repeats}` (torch "
-            f"{torch.__version__}, CPU, 1 thread, all methods timed round-robin in one process, median). "
-            "HVPs: operator-vector products of the algorithm (dynascope's determinism check excluded); data "
-            "passes: `matmat` calls (a block of b vectors is one pass).",
-            "",
-            *rows,
-            "",
-        ]
+    publish(
+        SECTION,
+        f"Command: `.venv/bin/python bench/bench_eigensolver.py --repeats {args.repeats}` (torch "
+        f"{torch.__version__}, CPU, 1 thread, all methods timed round-robin in one process, median). "
+        "HVPs: operator-vector products of the algorithm (dynascope's determinism check excluded); data "
+        "passes: `matmat` calls (a block of b vectors is one pass).",
+        rows,
+        args.write,
     )
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

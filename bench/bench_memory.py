@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import write_section  # noqa: E402
+from benchmarks_md import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Eigensolver memory (bench/bench_memory.py)"
@@ -109,23 +109,16 @@ def main() -> None:
                 f"{total / mib:.0f} MiB = {total / 1e9:.2f} GB |"
             )
             print(rows[-1], flush=True)
-    text = "\n".join(
-        [
-            SECTION,
-            "",
-            "Command: `.venv/bin/python bench/bench_memory.py` (torch CPU, 2 threads; peak RSS from "
-            "`VmHWM` after resetting it through `/proc/self/clear_refs`, each row in a fresh process with "
-            "`MALLOC_MMAP_THRESHOLD_=131072` so that freed tensors leave the RSS). "
-            "Before the block eigensolver, `hessian_eigenvalues(k=3)` raised the peak by 2.1 GB over one "
-            "HVP on the MLP (a preallocated basis of max(100, 20k) vectors) and a ResNet-18 needed 5.6 GB.",
-            "",
-            *rows,
-            "",
-        ]
+    publish(
+        SECTION,
+        "Command: `.venv/bin/python bench/bench_memory.py` (torch CPU, 2 threads; peak RSS from "
+        "`VmHWM` after resetting it through `/proc/self/clear_refs`, each row in a fresh process with "
+        "`MALLOC_MMAP_THRESHOLD_=131072` so that freed tensors leave the RSS). "
+        "Before the block eigensolver, `hessian_eigenvalues(k=3)` raised the peak by 2.1 GB over one "
+        "HVP on the MLP (a preallocated basis of max(100, 20k) vectors) and a ResNet-18 needed 5.6 GB.",
+        rows,
+        args.write,
     )
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

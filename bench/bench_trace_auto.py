@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hessian import CACHE, mlp_case  # noqa: E402
-from benchmarks_md import write_section  # noqa: E402
+from benchmarks_md import publish  # noqa: E402
 
 from dynascope.probes.operators import DenseOperator, LinearOperator, OperatorSpec  # noqa: E402
 from dynascope.probes.trace import auto_trace, hutch_plus_plus, hutchinson  # noqa: E402
@@ -118,29 +118,22 @@ def main() -> None:
                 f"{picked}/{args.seeds} |"
             )
             print(rows[-1], flush=True)
-    text = "\n".join(
-        [
-            SECTION,
-            "",
-            f"Command: `.venv/bin/python bench/bench_trace_auto.py --seeds {args.seeds} --cases "
-            f"{' '.join(args.cases)}` (float32 products, "
-            'exact traces from unit-vector products; relative errors over seeds). "rms" is the realized '
-            "root-mean-square error over the seeds; from n seeds it is itself uncertain by about "
-            f"1/√(2n) = {100 / math.sqrt(2 * args.seeds):.0f} % (relative), so two estimators with equal "
-            'expected error differ by that much by chance. "expected" is the root-mean-square of each '
-            "run's own standard error (Hutchinson: sample std/√m; Hutch++: the residual samples' std/√s), "
-            "a far less noisy estimate of the same quantity; the target is read on it. Rule "
-            "(`probes/trace.py`, `auto_trace`): the first m/3 products are a Rademacher sketch A S; Hutch++ "
-            "continues when (‖A‖_F² − c)/(m − 2r) < ‖A‖_F²/m, c the energy half the sketch captures, else "
-            "Hutchinson reuses the sketch's samples — either way no product is wasted.",
-            "",
-            *rows,
-            "",
-        ]
+    publish(
+        SECTION,
+        f"Command: `.venv/bin/python bench/bench_trace_auto.py --seeds {args.seeds} --cases "
+        f"{' '.join(args.cases)}` (float32 products, "
+        'exact traces from unit-vector products; relative errors over seeds). "rms" is the realized '
+        "root-mean-square error over the seeds; from n seeds it is itself uncertain by about "
+        f"1/√(2n) = {100 / math.sqrt(2 * args.seeds):.0f} % (relative), so two estimators with equal "
+        'expected error differ by that much by chance. "expected" is the root-mean-square of each '
+        "run's own standard error (Hutchinson: sample std/√m; Hutch++: the residual samples' std/√s), "
+        "a far less noisy estimate of the same quantity; the target is read on it. Rule "
+        "(`probes/trace.py`, `auto_trace`): the first m/3 products are a Rademacher sketch A S; Hutch++ "
+        "continues when (‖A‖_F² − c)/(m − 2r) < ‖A‖_F²/m, c the energy half the sketch captures, else "
+        "Hutchinson reuses the sketch's samples — either way no product is wasted.",
+        rows,
+        args.write,
     )
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

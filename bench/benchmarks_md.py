@@ -15,3 +15,12 @@ def write_section(heading: str, text: str, path: Path = PATH) -> None:
         nxt = rest.find("\n## ")
         old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
     path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+def publish(heading: str, intro: str, rows: list[str], write: bool) -> None:
+    """The section ``heading``, ``intro`` (the command and how to read the table), ``rows``: printed, and
+    written into BENCHMARKS.md when ``write``."""
+    text = "\n".join([heading, "", intro, "", *rows, ""])
+    print(text)
+    if write:
+        write_section(heading, text)
