@@ -183,18 +183,11 @@ def test_figures_draw_one_colour_per_width() -> None:
 
 
 def test_lr_transfer_page_shows_the_best_lr_per_width(tmp_path, monkeypatch) -> None:
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
+    from test_app import _app
 
     run = RECIPES["lr_transfer"].run(tmp_path / "lrt", seed=0, progress=False, parametrization="mup", **TINY)
     ev = detect_lr_transfer(run)
-    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
-    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
-    app = Path(__file__).resolve().parents[1] / "app" / "main.py"
-    at = AppTest.from_file(str(app), default_timeout=120).run()
-    at.switch_page("views/lr_transfer.py").run()
-    assert not at.exception, at.exception
+    at = _app(tmp_path, monkeypatch, "lr_transfer")
     captions = "\n".join(str(c.value) for c in at.caption)
     want = ", ".join(f"{w} → {lr:g}" for w, lr in zip(ev.widths, ev.optimal_lrs))
     assert f"Best η per width: {want}" in captions, captions

@@ -94,19 +94,12 @@ def test_xor_grokking_recipe_meets_the_detector_and_resumes(tmp_path, seed: int)
 
 
 def test_grokking_page_shows_an_xor_run_with_its_clean_flipped_split(tmp_path, monkeypatch) -> None:
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
+    from test_app import _app
 
     RECIPES["xor_grokking"].run(
         tmp_path / "xor", seed=0, progress=False, dim=200, mean_norm=8.0, width=20, steps=4, n_checkpoints=2
     )
-    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
-    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
-    app = Path(__file__).resolve().parents[1] / "app" / "main.py"
-    at = AppTest.from_file(str(app), default_timeout=120).run()
-    at.switch_page("views/grokking.py").run()
-    assert not at.exception, at.exception
+    at = _app(tmp_path, monkeypatch, "grokking")
     captions = "\n".join(str(c.value) for c in at.caption)
     assert "flipped" in captions, captions
     assert "Bayes-optimal test accuracy: 1.000" in captions

@@ -38,16 +38,15 @@ with_trace = c2.toggle("Also estimate tr(H)", value=False, key="eos_trace")
 params = {"k": 1, "tol": 1e-3, "trace": with_trace}
 
 results: dict = {}
+query = {
+    "params": params,
+    "split": split,
+    "max_samples": max_samples,
+    "preconditioned": preconditioned,
+    "sample": sample,
+}
 with errors.guard("Sharpness"):
-    results = compute.sharpness_results(
-        run,
-        steps,
-        params=params,
-        split=split,
-        max_samples=max_samples,
-        preconditioned=preconditioned,
-        sample=sample,
-    )
+    results = compute.sharpness_results(run, steps, **query)
     missing = [s for s in steps if s not in results]
     note = st.empty()
     if missing:
@@ -55,16 +54,7 @@ with errors.guard("Sharpness"):
         slot = st.empty()  # the button goes once clicked
         if slot.button("Compute sharpness", type="primary", key="eos_run"):
             slot.empty()
-            results = compute.sharpness_results(
-                run,
-                steps,
-                params=params,
-                split=split,
-                max_samples=max_samples,
-                preconditioned=preconditioned,
-                compute_missing=True,
-                sample=sample,
-            )
+            results = compute.sharpness_results(run, steps, compute_missing=True, **query)
             note.caption("All selected checkpoints are now in the result store.")
     elif steps:
         note.caption("All selected checkpoints are in the result store; nothing to compute.")
