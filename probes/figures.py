@@ -93,7 +93,9 @@ def _axis_values(fig: go.Figure, axis: str, where: Mapping[str, Any]) -> np.ndar
 
 
 def _log_ticks(vmin: float, vmax: float) -> list[float]:
-    """Round tick values (1, 2, 5 × 10ᵏ; all of 1–9 × 10ᵏ when that gives fewer than three) in range."""
+    """Round tick values in range: 1, 2, 5 × 10ᵏ; all of 1–9 × 10ᵏ when that gives fewer than three;
+    for a range narrower than that (a loss from 1.09 to 1.10), multiples of a round step (1, 2 or 5 ×
+    10ᵏ, at most five ticks)."""
     lo, hi = math.floor(math.log10(vmin)) - 1, math.ceil(math.log10(vmax)) + 1
     for mantissas in ((1, 2, 5), tuple(range(1, 10))):
         ticks = [
@@ -103,7 +105,14 @@ def _log_ticks(vmin: float, vmax: float) -> list[float]:
             if vmin / 1.05 <= m * 10.0**k <= vmax * 1.05
         ]
         if len(ticks) >= 3:
-            break
+            return ticks
+    if vmax > vmin:
+        base = 10.0 ** math.floor(math.log10((vmax - vmin) / 4))
+        step = next(m * base for m in (1, 2, 5, 10) if (vmax - vmin) / (m * base) <= 5)
+        first, last = math.ceil(vmin / step), math.floor(vmax / step)
+        linear = [float(f"{j * step:.12g}") for j in range(first, last + 1)]
+        if len(linear) > len(ticks):
+            return linear
     return ticks
 
 

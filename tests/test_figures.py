@@ -100,3 +100,13 @@ def test_log_axis_within_one_decade_keeps_real_value_ticks() -> None:
     assert list(few.layout.yaxis.tickvals) == [20, 30, 40, 50]
     wide = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[1e-30, 0.5])))
     assert wide.layout.yaxis.dtick == 1
+
+
+def test_log_axis_over_a_range_without_round_values_still_has_labelled_ticks() -> None:
+    """A loss from 1.0895 to 1.1 holds no 1–9 × 10ᵏ value: the ticks are multiples of a round step."""
+    flat = figures.log_axis(go.Figure(go.Scatter(x=[1, 2, 3], y=[1.1, 1.095, 1.0895])))
+    assert list(flat.layout.yaxis.tickvals) == [1.09, 1.095, 1.1]
+    assert list(flat.layout.yaxis.ticktext) == ["1.09", "1.095", "1.1"]
+    tiny = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[0.31234, 0.31251])))
+    ticks = list(tiny.layout.yaxis.tickvals)
+    assert 3 <= len(ticks) <= 5 and all(0.31234 <= t <= 0.31251 for t in ticks), ticks
