@@ -8,7 +8,7 @@ tensors, a JSON-able ``.config`` that rebuilds it, and ``.info``). Built-in name
 
 from . import algorithmic, digits, synthetic  # noqa: F401  (registers the built-in datasets)
 from .batching import Batch, BatchSource, as_batches
-from .factory import call_factory, import_object, is_factory_ref
+from .factory import UntrustedCodeError, call_factory, code_policy, import_object, is_factory_ref
 from .registry import DatasetSplit, available, defaults, load, register
 from .specs import data_fingerprint, load_spec, normalize_data_spec
 
@@ -18,6 +18,8 @@ __all__ = [
     "DatasetSplit",
     "as_batches",
     "call_factory",
+    "code_policy",
+    "UntrustedCodeError",
     "data_fingerprint",
     "import_object",
     "is_factory_ref",

@@ -4,6 +4,12 @@ The one rule every spec kind (model, data, loss) uses. A factory is imported onl
 environment (an importable module) or from a file path on this machine; never from an uploaded file.
 Failures raise ``ValueError`` naming the spec and what is missing; the factory's own exceptions are
 re-raised by :func:`call_factory` as ``ValueError`` naming the spec and the original error.
+
+Trust: :func:`import_object` is the one place where a spec's code is imported, and it obeys the
+innermost :func:`code_policy`. Outside any policy the reference was given by the user in this process (a
+notebook call, a CLI flag, an app form) and is imported. Inside one (opened for the specs of a run folder
+or a checkpoint file: :meth:`dynascope.models.Run.code_scope`) only the references the policy allows are
+imported; any other raises :class:`UntrustedCodeError` before anything is imported or run.
 """
 
 from __future__ import annotations
@@ -12,12 +18,82 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["absolute_ref", "is_factory_ref", "split_ref", "import_object", "call_factory", "ref_fingerprint"]
+__all__ = [
+    "absolute_ref",
+    "is_factory_ref",
+    "split_ref",
+    "import_object",
+    "call_factory",
+    "ref_fingerprint",
+    "UntrustedCodeError",
+    "CodePolicy",
+    "code_policy",
+]
+
+
+class UntrustedCodeError(ValueError):
+    """A spec from a folder or file names code (a factory, a loss function) that was not trusted."""
+
+    def __init__(self, ref: str, what: str, policy: CodePolicy) -> None:
+        self.ref, self.what, self.origin, self.how = ref, what, policy.origin, policy.how
+        super().__init__(
+            f"{policy.origin} names the {what} {ref!r}, code that dynascope does not run unless you trust "
+            f"it; {policy.how}"
+        )
+
+    def __reduce__(self):
+        return (_untrusted_error, (self.ref, self.what, self.origin, self.how))
+
+
+def _untrusted_error(ref: str, what: str, origin: str, how: str) -> UntrustedCodeError:
+    return UntrustedCodeError(ref, what, CodePolicy(origin, frozenset(), how))
+
+
+@dataclass(frozen=True)
+class CodePolicy:
+    """Which references may be imported while specs from ``origin`` are used; ``how`` says how to trust."""
+
+    origin: str
+    allowed: frozenset[str]
+    how: str
+
+
+_POLICY: ContextVar[CodePolicy | None] = ContextVar("dynascope_code_policy", default=None)
+
+
+def _canonical_ref(ref: str) -> str:
+    try:
+        return absolute_ref(ref)
+    except (ValueError, OSError):
+        return ref
+
+
+@contextmanager
+def code_policy(origin: str, allowed: Iterable[str] = (), how: str = "") -> Iterator[CodePolicy]:
+    """Within the block, :func:`import_object` imports only ``allowed`` references (the innermost policy
+    decides); ``origin`` names where the specs came from and ``how`` tells the user how to trust them."""
+    policy = CodePolicy(origin, frozenset(_canonical_ref(r) for r in allowed), how)
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
+
+
+def check_trusted(ref: str, what: str = "factory") -> None:
+    """``UntrustedCodeError`` when the current :func:`code_policy` does not allow ``ref``."""
+    policy = _POLICY.get()
+    if policy is not None and _canonical_ref(ref) not in policy.allowed:
+        raise UntrustedCodeError(ref, what, policy)
 
 
 def is_factory_ref(value: Any) -> bool:
@@ -60,15 +136,35 @@ def _load_file(path: Path, what: str, ref: str) -> Any:
     return module
 
 
+def _import_module(mod: str) -> Any:
+    """``importlib.import_module``; a module not found on ``sys.path`` is looked for in the working
+    directory too (as ``python -m`` does), since the ``dynascope`` command does not put it there."""
+    try:
+        return importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        top = mod.split(".")[0]
+        if cwd in sys.path or e.name != top or not (
+            Path(cwd, f"{top}.py").is_file() or Path(cwd, top, "__init__.py").is_file()
+        ):
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(mod)
+        finally:
+            sys.path.remove(cwd)
+
+
 def import_object(ref: str, what: str = "factory") -> Any:
     """The object named by ``ref`` (``"pkg.module:attr"``, dotted attributes allowed, or
     ``"path/file.py:attr"``). ``ValueError`` naming ``ref`` when the module, file or attribute is missing."""
     mod, attr = split_ref(ref, what)
+    check_trusted(ref, what)
     if _is_file_ref(mod):
         module = _load_file(Path(mod).expanduser(), what, ref)
     else:
         try:
-            module = importlib.import_module(mod)
+            module = _import_module(mod)
         except ModuleNotFoundError as e:
             raise ValueError(
                 f"{what} {ref!r}: module {mod!r} is not importable ({e}); install it in this "

@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "Tracker": "tracker",
     "LightningTracker": "track_lightning",
     "HFTracker": "track_hf",
+    "UntrustedCodeError": "models",
 }
 
 
@@ -34,4 +35,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = ["__version__", "open_run", "RunView", "Tracker", "LightningTracker", "HFTracker"]
+__all__ = [
+    "__version__", "open_run", "RunView", "Tracker", "LightningTracker", "HFTracker", "UntrustedCodeError"
+]

@@ -213,8 +213,9 @@ def resolve_target(args: argparse.Namespace) -> Any:
         raise UsageError(f"'{path}' does not exist (expected a run folder or a checkpoint file)")
     bare_opts = args.model_config is not None or args.dataset is not None
     step = args.step
+    trust = bool(getattr(args, "trust", False))
     if path.is_file() and path.parent.name == "checkpoints" and Run.is_run(path.parent.parent):
-        run = Run.open(path.parent.parent)  # a checkpoint inside a run folder: use the run
+        run = Run.open(path.parent.parent, trust=trust)  # a checkpoint inside a run folder: use the run
         matches = [c.step for c in run.checkpoints() if c.path.resolve() == path.resolve()]
         if matches:
             if args.all or args.steps or (step is not None and step != matches[0]):
@@ -225,7 +226,7 @@ def resolve_target(args: argparse.Namespace) -> Any:
     if path.is_dir():
         if bare_opts:
             raise UsageError("--model-config/--dataset apply to bare checkpoint files, not run folders")
-        run = Run.open(path)
+        run = Run.open(path, trust=trust)
         steps = run.steps()
         if not steps:
             raise UsageError(f"run '{path}' has no checkpoints")
@@ -247,6 +248,7 @@ def resolve_target(args: argparse.Namespace) -> Any:
         dataset_config=dataset_arg(args.dataset) if args.dataset else None,
         loss=loss_arg(args.loss) if args.loss else None,
         store_dir=store_folder(args.store) if args.store else None,
+        trust=trust,
     )
     return target, [target.checkpoint(step).step]
 
@@ -323,6 +325,8 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
         "--other-step", type=int, default=None, help="lmc_barrier: step of --other (default: last)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")  # fmt: skip
+    p.add_argument("--trust", action="store_true",
+                   help="trust the code named by the specs of the run (or file), and remember it")
 
 
 def _int_list(text: str) -> list[int]:
@@ -708,4 +712,53 @@ def run_report_command(args: argparse.Namespace) -> int:
     )
     for note in rep.notes:
         print(f"note: {note}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- trust
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="run folder, or a checkpoint file whose metadata names a model factory")
+    p.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
+    p.add_argument("--revoke", action="store_true", help="forget the trust record instead")
+
+
+def _trust_target(path: Path) -> tuple[list[Any], Callable[[], Any]]:
+    """The code a run folder or checkpoint file names, and the function that trusts it."""
+    from dynascope.models import Run, load_checkpoint
+    from dynascope.models.trust import grant, spec_refs
+
+    if path.is_dir():
+        run = Run.open(path)
+        return run.code_refs(), run.trust
+    if path.is_file():
+        refs = spec_refs({"model": load_checkpoint(path).model_config or {}})
+        return refs, lambda: grant(path, path, refs)
+    raise UsageError(f"'{path}' does not exist (expected a run folder or a checkpoint file)")
+
+
+@command("trust", "show the code a received run would run, and trust it (or --revoke)", _trust_args)
+@guarded("trust")
+def run_trust_command(args: argparse.Namespace) -> int:
+    from dynascope.models.trust import revoke, trust_file
+
+    path = Path(args.target)
+    if args.revoke:
+        revoke(path)
+        print(f"revoked: '{path}' runs no code until trusted again ({trust_file()})")
+        return 0
+    refs, trust = _trust_target(path)
+    if not refs:
+        print(f"'{path}' names no code (registry models, built-in data and losses): nothing to trust")
+        return 0
+    print(f"'{path}' names this code; trusting it lets dynascope import and run it:")
+    for r in refs:
+        print(f"  - {r.describe()}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("not asked (no terminal): pass --yes to trust it")
+        if input("Trust it? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("not trusted")
+            return 1
+    trust()
+    print(f"trusted (until run.json or a listed file changes); recorded in {trust_file()}")
     return 0

@@ -173,9 +173,11 @@ class RunView:
         return f"<RunView {self.run.path} · {model} on {data} · {span}>"
 
 
-def open_run(path: str | os.PathLike) -> RunView:
-    """Open a run folder for analysis (``RunError`` if ``path`` is not one)."""
-    return RunView(Run.open(path))
+def open_run(path: str | os.PathLike, *, trust: bool = False) -> RunView:
+    """Open a run folder for analysis (``RunError`` if ``path`` is not one). Code its specs name (a model
+    factory, a loss function) runs only once the folder is trusted: ``trust=True`` records that trust
+    (``dynascope trust PATH`` shows the code first); else probes needing it raise ``UntrustedCodeError``."""
+    return RunView(Run.open(path, trust=trust))
 
 
 __all__ = ["RunView", "open_run"]

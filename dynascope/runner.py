@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from dynascope.datasets.batching import BatchSource
+from dynascope.datasets.factory import is_factory_ref
 from dynascope.models import Run
 from dynascope.models.checkpoints import file_sha256
 from dynascope.probes.results import Result, to_jsonable
@@ -285,6 +286,7 @@ class Plan:
     split: str
     max_samples: int | None
     sample: str = "first"
+    allow: tuple[str, ...] = ()  # code references the caller gave (e.g. loss="pkg.mod:fn"): theirs to run
 
     @property
     def probe(self) -> str:
@@ -411,6 +413,7 @@ def plan(
         split=split,
         max_samples=max_samples,
         sample=sample if max_samples is not None else "first",
+        allow=tuple(v for v in (params or {}).values() if is_factory_ref(v)),
     )
 
 
@@ -425,7 +428,20 @@ def compute(
     progress: Progress | None = None,
 ) -> Result:
     """Load the plan's checkpoints and data and call the probe (no cache). ``progress`` is told of
-    each checkpoint loaded by multi-checkpoint probes."""
+    each checkpoint loaded by multi-checkpoint probes. Code named by the run's specs runs only if the
+    run is trusted (:meth:`~dynascope.models.Run.code_scope`); ``UntrustedCodeError`` otherwise."""
+    with p.run.code_scope(allow=p.allow):
+        return _compute(p, device, reduce_fn, rank, world_size, progress)
+
+
+def _compute(
+    p: Plan,
+    device: str | torch.device | None,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    rank: int,
+    world_size: int,
+    progress: Progress | None,
+) -> Result:
     spec, call = p.spec, dict(p.call)
     if world_size > 1 and not spec.shardable:
         raise ValueError(f"probe {spec.name!r} cannot shard its data over ranks (it takes no reduce_fn)")

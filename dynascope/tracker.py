@@ -521,7 +521,7 @@ class Tracker:
             )
             warnings.warn(f"Tracker '{self.path}': {info['note']}", UserWarning, stacklevel=4)
         self.run.config["extra"]["tracker"]["model_spec"] = info
-        atomic_write_text(self.run.path / "run.json", json.dumps(self.run.config, indent=2) + "\n")
+        self.run.save_config()
 
     # ------------------------------------------------------------------ the per-step call
     def __enter__(self) -> Tracker:

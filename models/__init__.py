@@ -5,6 +5,7 @@ save_checkpoint(model, path, metadata=...)  load_checkpoint(path, model=None) ->
 Run.create(path, model=..., dataset=...)    Run.open(path): checkpoints(), load_model(), metrics()
 """
 
+from ..datasets.factory import UntrustedCodeError
 from .architectures import (
     CNN,
     MLP,
@@ -51,6 +52,7 @@ from .specs import build_from_spec, model_fingerprint, normalize_model_spec
 from .weights import load_weights, tied_groups
 
 __all__ = [
+    "UntrustedCodeError",
     "build",
     "build_from_spec",
     "import_checkpoints",

@@ -22,8 +22,10 @@ import json
 import math
 import os
 import re
+import shlex
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..datasets.factory import CodePolicy, code_policy
 from .atomic import atomic_write, atomic_write_text, dir_lock
 from .checkpoints import (
     CheckpointError,
@@ -43,6 +46,7 @@ from .checkpoints import (
 from .registry import model_config
 from .schedules import lr_at, validate_schedule
 from .specs import MODEL_SPEC_FORMS, build_from_spec, normalize_model_spec
+from .trust import TRUST_HINT, CodeRef, grant, spec_refs, trusted_refs
 from .weights import load_weights
 
 __all__ = ["Run", "RunError", "CheckpointInfo", "CheckpointFile", "RUN_SCHEMA", "RUN_SCHEMA_VERSION"]
@@ -321,7 +325,9 @@ class Run:
             "dynascope_version": version,
         }
         atomic_write_text(path / "run.json", json.dumps(config, indent=2, sort_keys=False) + "\n")
-        return cls(path, config)
+        run = cls(path, config)
+        run.trust()  # the specs were given in this process: their code is the user's own
+        return run
 
     @staticmethod
     def _clear(path: Path) -> None:
@@ -335,8 +341,9 @@ class Run:
                     f.unlink()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Run:
-        """Open an existing run folder; ``RunError`` if it is not one or ``run.json`` is malformed."""
+    def open(cls, path: str | os.PathLike[str], *, trust: bool = False) -> Run:
+        """Open an existing run folder; ``RunError`` if it is not one or ``run.json`` is malformed.
+        ``trust=True`` records trust in the code its specs name (:meth:`trust`)."""
         path = Path(path)
         if not path.is_dir():
             raise RunError(path, "does not exist or is not a folder")
@@ -361,7 +368,10 @@ class Run:
             spec = config.get(key)
             if not isinstance(spec, dict) or not any(isinstance(spec.get(k), str) for k in keys):
                 raise RunError(path, f"run.json: {key!r} must be a spec dict with one of {list(keys)}")
-        return cls(path, config)
+        run = cls(path, config)
+        if trust:
+            run.trust()
+        return run
 
     @staticmethod
     def is_run(path: str | os.PathLike[str]) -> bool:
@@ -419,15 +429,51 @@ class Run:
             raise RunError(self.path, "has neither an lr_schedule nor an optimizer lr")
         return lr_at(sched, step, base)
 
+    # ------------------------------------------------------------------ trust (models/trust.py)
+    def code_refs(self) -> list[CodeRef]:
+        """Every piece of code the run's specs name: run.json's model, dataset and loss, then each
+        checkpoint's own ``model_config``."""
+        refs = spec_refs(self.config)
+        seen = {r.ref for r in refs}
+        for info in self.checkpoints():
+            cfg = info.metadata.get("model_config")
+            if not isinstance(cfg, Mapping):
+                continue
+            for r in spec_refs({"model": cfg}, f" (checkpoint step {info.step})"):
+                if r.ref not in seen:
+                    refs.append(r)
+                    seen.add(r.ref)
+        return refs
+
+    def untrusted_refs(self) -> list[CodeRef]:
+        """The code the run names that is not trusted (empty: nothing to trust, or trusted)."""
+        allowed = trusted_refs(self.path, self.path / "run.json")
+        return [r for r in self.code_refs() if r.ref not in allowed]
+
+    def trust(self) -> list[CodeRef]:
+        """Trust the code the run names now (a record in the user's trust file); returns it."""
+        refs = self.code_refs()
+        grant(self.path, self.path / "run.json", refs)
+        return refs
+
+    def code_scope(self, allow: Iterable[str] = ()) -> AbstractContextManager[CodePolicy]:
+        """A :func:`~dynascope.datasets.factory.code_policy` for the run's specs: only trusted code (and
+        ``allow``, references the user gave in this process) is imported inside it."""
+        allowed = trusted_refs(self.path, self.path / "run.json") | set(allow)
+        how = TRUST_HINT.format(path=shlex.quote(str(self.path)))
+        return code_policy(f"run '{self.path}'", allowed, how)
+
     def build_model(self) -> nn.Module:
         """A freshly built model from the run's model spec (``build_from_spec``)."""
-        return build_from_spec(self.model_config)
+        with self.code_scope():
+            return build_from_spec(self.model_config)
 
     def load_dataset(self) -> Any:
         """The run's data spec loaded (``dynascope.datasets.load_spec``; ``.train`` / ``.test`` tensors)."""
         from ..datasets.specs import load_spec
 
-        return load_spec(self.dataset_config)
+        with self.code_scope():
+            return load_spec(self.dataset_config)
 
     def model_config_at(self, step: int | None = None) -> dict[str, Any]:
         """The model config checkpoint ``step`` is built from: its own metadata ``model_config``
@@ -500,7 +546,15 @@ class Run:
                 raise RunError(self.path, f"checkpoint ref {dict(r)}: step must be a non-negative int")
             clean.append({"step": step, "epoch": r.get("epoch"), "path": str(r["path"])})
         self.config["checkpoint_refs"] = clean
+        self.save_config()
+
+    def save_config(self) -> None:
+        """Write ``self.config`` to ``run.json``; a run that was trusted stays trusted (the new run.json is
+        dynascope's own write, not an edit from outside)."""
+        kept = bool(self.code_refs()) and not self.untrusted_refs()
         atomic_write_text(self.path / "run.json", json.dumps(self.config, indent=2, sort_keys=False) + "\n")
+        if kept:
+            self.trust()
 
     def _referenced_checkpoints(self) -> list[CheckpointInfo]:
         out = []
@@ -565,7 +619,8 @@ class Run:
                     UserWarning,
                     stacklevel=2,
                 )
-        model = build_from_spec(cfg)
+        with self.code_scope():
+            model = build_from_spec(cfg)
         model.dynascope_config_source = source
         load_weights(info.path, model, allow_nonfinite=allow_nonfinite)
         return model
@@ -670,7 +725,8 @@ class CheckpointFile:
 
     The model config comes from ``model_config`` or else the file's dynascope metadata; the dataset
     from ``dataset_config`` (required); results go to ``results.sqlite`` beside the file (``store_dir``
-    to change). Missing configs raise ``ValueError``; an unreadable file ``CheckpointError``.
+    to change). Missing configs raise ``ValueError``; an unreadable file ``CheckpointError``. Code that
+    the file's own metadata names runs only once trusted (``trust=True``, or ``dynascope trust FILE``).
     """
 
     def __init__(
@@ -681,6 +737,7 @@ class CheckpointFile:
         dataset_config: Mapping[str, Any] | None = None,
         loss: str | Mapping[str, Any] | None = None,
         store_dir: str | os.PathLike[str] | None = None,
+        trust: bool = False,
     ) -> None:
         self.file = Path(file)
         loaded = load_checkpoint(self.file)  # validates the file: CheckpointError names the problem
@@ -705,6 +762,11 @@ class CheckpointFile:
         self.model_config = dict(cfg)
         self.dataset_config = dict(dataset_config)
         self.loss = _loss_spec(loss)
+        # What the caller passed is theirs; a model config read from the file's metadata is the file's.
+        given = {"dataset": self.dataset_config, "loss": self.loss}
+        self._given_refs = {r.ref for r in spec_refs({**given, "model": model_config or {}})}
+        if trust:
+            self.trust()
         self.path = Path(store_dir) if store_dir is not None else self.file.parent
         step = loaded.step if loaded.step is not None else 0
         self.info = CheckpointInfo(
@@ -726,11 +788,31 @@ class CheckpointFile:
         self.checkpoint(step)
         return dict(self.model_config)
 
+    def code_refs(self) -> list[CodeRef]:
+        """The code the file's own metadata names (what the caller passed needs no trust)."""
+        return [r for r in spec_refs({"model": self.model_config}) if r.ref not in self._given_refs]
+
+    def untrusted_refs(self) -> list[CodeRef]:
+        allowed = trusted_refs(self.file, self.file)
+        return [r for r in self.code_refs() if r.ref not in allowed]
+
+    def trust(self) -> list[CodeRef]:
+        """Trust the code the file's metadata names (keyed by the file and its sha256)."""
+        refs = self.code_refs()
+        grant(self.file, self.file, refs)
+        return refs
+
+    def code_scope(self, allow: Iterable[str] = ()) -> AbstractContextManager[CodePolicy]:
+        allowed = trusted_refs(self.file, self.file) | self._given_refs | set(allow)
+        how = TRUST_HINT.format(path=shlex.quote(str(self.file)))
+        return code_policy(f"checkpoint '{self.file}'", allowed, how)
+
     def load_model(self, step: int | None = None) -> nn.Module:
         """The model built from the model config with this file's weights loaded."""
         self.checkpoint(step)
         try:
-            model = build_from_spec(self.model_config)
+            with self.code_scope():
+                model = build_from_spec(self.model_config)
         except TypeError as exc:
             raise ValueError(f"model config {self.model_config}: {exc}") from None
         load_weights(self.file, model)
@@ -739,4 +821,5 @@ class CheckpointFile:
     def load_dataset(self) -> Any:
         from ..datasets.specs import load_spec
 
-        return load_spec(self.dataset_config)
+        with self.code_scope():
+            return load_spec(self.dataset_config)

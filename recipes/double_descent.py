@@ -116,14 +116,8 @@ def _prepare(out: Any, overwrite: bool, resume: bool, recipe: str) -> tuple[Run 
 
 
 def _finish(run: Run) -> None:
-    import json
-
-    from ..models.atomic import atomic_write_text
-
-    cfg = dict(run.config)
-    cfg["extra"] = {**cfg.get("extra", {}), "complete": True}
-    atomic_write_text(run.path / "run.json", json.dumps(cfg, indent=2) + "\n")
-    run.config = cfg
+    run.config = {**run.config, "extra": {**run.config.get("extra", {}), "complete": True}}
+    run.save_config()
 
 
 def double_descent(

@@ -1,9 +1,15 @@
 """Shared test settings: deterministic float64-friendly defaults, one thread (CI has 2 cores)."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# Trust records of the runs the tests create go to a scratch file, never the user's config (subprocesses
+# inherit it).
+os.environ["DYNASCOPE_TRUST_FILE"] = os.path.join(tempfile.mkdtemp(prefix="dynascope-trust-"), "trust.json")
 
 
 @pytest.fixture(autouse=True)

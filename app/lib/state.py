@@ -105,7 +105,28 @@ def require_run() -> Run:
     if not run.checkpoints():
         st.warning(f"Run `{label(run.path)}` has no checkpoints yet; pick another run on the Runs page.")
         st.stop()
+    if not trust_box(run):
+        st.stop()
     return run
+
+
+def trust_box(run: Run) -> bool:
+    """For a run whose specs name code that is not trusted (a model factory, a loss function): a box
+    listing that code with a "Trust this run" button. ``True`` when the run's code may run."""
+    refs = run.untrusted_refs()
+    if not refs:
+        return True
+    with st.container(border=True, key="trust_box"):
+        st.warning(
+            f"Run `{label(run.path)}` names code that dynascope runs only if you trust it; none of it "
+            "has run. Its metrics, checkpoints and cached results stay readable on the Runs page. "
+            "Probes need its code:"
+        )
+        st.markdown("\n".join(f"- {r.describe()}" for r in refs))
+        if st.button("Trust this run", key="trust_run", type="primary"):
+            run.trust()
+            st.rerun()
+    return False
 
 
 def phenomenon_of(path: Path | str) -> str | None:

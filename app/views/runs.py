@@ -187,6 +187,7 @@ if run.notes:
     st.caption(run.notes)
 with st.expander("run.json"):
     st.json(run.config, expanded=1)
+state.trust_box(run)
 
 # ------------------------------------------------------------------ live: a run still being written
 follow = st.toggle(

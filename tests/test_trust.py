@@ -1,0 +1,213 @@
+"""Files are data: code named by a received run folder or checkpoint runs only once trusted.
+
+Each received folder below names code that would write a marker file when imported or called; every entry
+point (notebook, CLI, app) must leave the marker absent until the folder is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynascope
+from dynascope.cli import main
+from dynascope.models import Run, UntrustedCodeError, build_from_spec
+from dynascope.models.trust import revoke, trust_file
+
+APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
+DATA = {"name": "digits", "n_train": 48, "n_test": 16}
+HELPER = """
+import pathlib
+MARKER = pathlib.Path(__file__).with_name("MARKER")
+MARKER.write_text("imported")  # importing the file is running it
+
+
+def make(width=6):
+    MARKER.write_text("called")
+    from dynascope.models import build
+    return build("mlp", in_dim=64, width=width, depth=1, out_dim=10, seed=0)
+
+
+def loss(outputs, targets):
+    MARKER.write_text("loss called")
+    return torch.nn.functional.cross_entropy(outputs, targets)
+"""
+
+
+def _received(root: Path, *, loss: bool = False, data_factory: str | None = None) -> Path:
+    """A run folder as a colleague sends it: run.json names ``helper.py:make`` (and optionally its loss, or
+    a data factory), two checkpoints; not trusted on this machine."""
+    folder = root / "received"
+    model = {"factory": f"{folder}/helper.py:make", "kwargs": {"width": 6}}
+    run = Run.create(folder, model=model, dataset=DATA, loss=f"{folder}/helper.py:loss" if loss else None)
+    (folder / "helper.py").write_text("import torch\n" + HELPER)
+    net = build_from_spec(run.model_config)
+    for step in (0, 1):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01 * step)
+        run.save_checkpoint(net, step)
+    if data_factory is not None:
+        run.config["dataset"] = {"factory": data_factory, "kwargs": {"command": f"touch {folder / 'MARKER'}"}}
+        (folder / "run.json").write_text(json.dumps(run.config))
+    (folder / "MARKER").unlink()
+    revoke(folder)  # received: no trust record on this machine
+    return folder
+
+
+def _marker(folder: Path) -> bool:
+    return (folder / "MARKER").exists()
+
+
+def test_a_received_run_runs_no_code_in_the_notebook_until_trusted(tmp_path: Path) -> None:
+    folder = _received(tmp_path, loss=True)
+    view = dynascope.open_run(folder)
+    refs = view.run.untrusted_refs()
+    assert [r.what for r in refs] == ["model factory", "loss"]
+    with pytest.raises(UntrustedCodeError) as e:
+        view.probe("hessian_trace", step=1, n_matvecs=4)
+    assert "helper.py:make" in str(e.value) and f"dynascope trust {folder}" in str(e.value)
+    with pytest.raises(UntrustedCodeError):
+        view.run.load_model(1)
+    with pytest.raises(UntrustedCodeError):
+        view.run.build_model()
+    assert not _marker(folder)
+    # metrics, checkpoints and the (empty) cache stay readable
+    assert view.run.steps() == [0, 1] and view.run.metrics is not None
+    # trusting it (as open_run(..., trust=True) does) lets the code run
+    trusted = dynascope.open_run(folder, trust=True)
+    result = trusted.probe("hessian_trace", step=1, n_matvecs=4)
+    assert _marker(folder) and (folder / "MARKER").read_text() == "loss called"
+    assert result.n_matvecs == 4
+
+
+def test_editing_run_json_or_the_referenced_file_revokes_trust(tmp_path: Path) -> None:
+    folder = _received(tmp_path)
+    run = Run.open(folder, trust=True)
+    assert not run.untrusted_refs()
+    helper = folder / "helper.py"
+    helper.write_text(helper.read_text() + "\n# edited\n")
+    assert [r.ref for r in Run.open(folder).untrusted_refs()] == [f"{folder}/helper.py:make"]
+    Run.open(folder, trust=True)
+    cfg = json.loads((folder / "run.json").read_text())
+    cfg["notes"] = "edited"
+    (folder / "run.json").write_text(json.dumps(cfg))
+    assert Run.open(folder).untrusted_refs()
+    with pytest.raises(UntrustedCodeError):
+        Run.open(folder).load_model(0)
+    assert not _marker(folder)
+
+
+def test_a_module_reference_in_a_received_data_spec_never_runs(tmp_path: Path) -> None:
+    folder = _received(tmp_path, data_factory="os:system")
+    run = Run.open(folder)
+    assert [r.ref for r in run.untrusted_refs()] == [f"{folder}/helper.py:make", "os:system"]
+    with pytest.raises(UntrustedCodeError, match="names the data factory 'os:system'"):
+        run.load_dataset()
+    with pytest.raises(UntrustedCodeError):
+        dynascope.open_run(folder).probe("hessian_trace", step=1, n_matvecs=4)
+    rc = main(["probe", "hessian_trace", str(folder), "--param", "n_matvecs=4"])
+    assert rc == 2 and not _marker(folder)
+
+
+def test_cli_refuses_then_trust_command_and_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _received(tmp_path)
+    rc = main(["probe", "hessian_trace", str(folder), "--param", "n_matvecs=4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "names the model factory" in err and "dynascope trust" in err
+    assert not _marker(folder)
+    # `dynascope trust` shows the code; without a terminal it does not ask and does not trust
+    rc = main(["trust", str(folder)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "helper.py:make" in out and "runs the file" in out and "--yes" in err
+    assert Run.open(folder).untrusted_refs() and not _marker(folder)
+    assert main(["trust", str(folder), "--yes"]) == 0
+    assert "trusted" in capsys.readouterr().out and str(trust_file()) != ""
+    assert main(["probe", "hessian_trace", str(folder), "--param", "n_matvecs=4"]) == 0
+    assert (folder / "MARKER").read_text() == "called"
+    (folder / "MARKER").unlink()
+    assert main(["trust", str(folder), "--revoke"]) == 0
+    capsys.readouterr()
+    assert main(["probe", "hessian_trace", str(folder), "--param", "n_matvecs=5"]) == 2
+    assert not _marker(folder)
+    assert main(["probe", "hessian_trace", str(folder), "--param", "n_matvecs=5", "--trust"]) == 0
+    assert _marker(folder)
+
+
+def test_a_checkpoint_file_whose_metadata_names_a_factory(tmp_path: Path) -> None:
+    folder = _received(tmp_path)
+    single = tmp_path / "single.safetensors"
+    single.write_bytes((folder / "checkpoints" / "step_000001.safetensors").read_bytes())
+    rc = main(["probe", "hessian_trace", str(single), "--dataset", "digits", "--param", "n_matvecs=4"])
+    assert rc == 2 and not _marker(folder)
+    # the same factory given on the command line is the user's own choice
+    rc = main(["probe", "hessian_trace", str(single), "--dataset", "digits", "--param", "n_matvecs=4",
+               "--model-config", f"{folder}/helper.py:make", "--store", str(tmp_path / "s1")])  # fmt: skip
+    assert rc == 0 and _marker(folder)
+
+
+def test_cached_results_and_reports_of_an_untrusted_run(tmp_path: Path) -> None:
+    folder = _received(tmp_path)
+    dynascope.open_run(folder, trust=True).probe("hessian_trace", step=1, n_matvecs=4)
+    (folder / "MARKER").unlink()
+    revoke(folder)
+    view = dynascope.open_run(folder)
+    again = view.probe("hessian_trace", step=1, n_matvecs=4)  # cached: nothing to import
+    assert again.n_matvecs == 4 and not _marker(folder)
+    assert len(view.results) == 1
+    from dynascope.report import build_report
+
+    rep = build_report(view.run, tmp_path / "report.html", svg=False)
+    assert rep.html_path.is_file() and not _marker(folder)
+
+
+def test_a_user_given_loss_reference_runs_in_an_untrusted_run(tmp_path: Path) -> None:
+    """A reference the caller passes in this process is theirs, even when the run is not trusted."""
+    folder = _received(tmp_path)
+    other = tmp_path / "mine.py"
+    other.write_text("import torch\n\ndef loss(o, t):\n    return torch.nn.functional.cross_entropy(o, t)\n")
+    with pytest.raises(UntrustedCodeError, match="model factory"):  # the run's own model still needs trust
+        dynascope.open_run(folder).probe("hessian_trace", step=1, n_matvecs=4, loss=f"{other}:loss")
+    assert not _marker(folder)
+
+
+def test_runs_created_here_are_trusted_and_the_trust_file_moves(tmp_path: Path) -> None:
+    assert os.environ["DYNASCOPE_TRUST_FILE"] == str(trust_file())
+    folder = tmp_path / "mine"
+    Run.create(folder, model={"factory": f"{tmp_path}/f.py:make"}, dataset=DATA)
+    record = json.loads(trust_file().read_text())[str(folder.resolve())]
+    assert record["refs"][0]["ref"] == f"{tmp_path}/f.py:make"
+    assert not Run.open(folder).untrusted_refs()
+
+
+@pytest.mark.parametrize(
+    "page", ["hessian", "landscape", "edge_of_stability", "gradients", "grokking", "double_descent",
+             "lr_transfer", "neural_collapse", "mode_connectivity", "compare", "runs"],
+)  # fmt: skip
+def test_every_app_page_on_an_untrusted_run_runs_nothing_and_shows_the_trust_box(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, page: str
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    folder = _received(root)
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(root))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception, at.exception
+    at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, at.exception
+    assert not _marker(folder)
+    warnings = " ".join(w.value for w in at.warning)
+    if page != "compare":
+        assert "names code that dynascope runs only if you trust it" in warnings, warnings
+        assert any(b.label == "Trust this run" for b in at.button)
+    if page == "hessian":  # the button trusts it, and the page's probes then run its code
+        next(b for b in at.button if b.label == "Trust this run").click().run()
+        assert not at.exception, at.exception
+        assert not Run.open(folder).untrusted_refs()
