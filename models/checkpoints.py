@@ -13,16 +13,13 @@ prefix (``model.``/``net.``...) when that makes the keys fit, checks weights are
 missing / unexpected / mis-shaped keys by name. Every failure is a :class:`CheckpointError`
 (a ``ValueError``) whose message names the file and whose ``.kind`` says what went wrong.
 
-Unsafe pickles: a torch file whose unpickling needs globals beyond the ``weights_only``
-allowlist is refused, naming those globals. ``allow_unsafe=True`` allowlists those named globals
-(importing them by name, via ``torch.serialization.safe_globals``) and still loads with
-``weights_only=True``, so only the named globals can be called; ``allow_unsafe="pickle"`` is the last
-resort (``weights_only=False``: unpickling can execute arbitrary code) and warns loudly. Under both
-flags a deny-list that no flag lifts (:data:`DENIED_GLOBALS`: ``exec``/``eval``/``compile``/
-``__import__``/``getattr``, ``os``/``posix``/``subprocess``/``importlib``/``runpy``/``shutil``/``sys``/
-``socket``/``ctypes``, pickle/marshal loaders, ...) refuses the file before such a global is even
-imported. The deny-list stops the known gadgets, it cannot make an untrusted pickle safe: with
-``allow_unsafe="pickle"`` only load files you trust.
+Unsafe pickles: a torch file is unpickled with ``weights_only=True`` and an allow-list: torch's
+weights-only set plus the globals the caller names (``safe_globals=["argparse.Namespace", ...]``, names or
+objects, as ``torch.serialization.add_safe_globals``). Any other global is refused, naming it, so no flag
+lets a file choose what unpickling calls; a name on the deny-list (:data:`DENIED_GLOBALS`:
+``exec``/``eval``/``os``/``subprocess``/``importlib``/``runpy``/pickle loaders, ...) is refused even when
+named. ``allow_unsafe`` (the old flag, which allowlisted whatever the file asked for) is refused with a
+message pointing at ``safe_globals``.
 
 Before any tensor is used, sparse, meta-device, quantized and other non-strided tensors are refused,
 ``step``/``global_step``/``epoch`` metadata must be integers in [0, 2**63), and (with a model) each
@@ -40,10 +37,10 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -612,16 +609,23 @@ def load_checkpoint(
     model: nn.Module | None = None,
     *,
     strict: bool = True,
-    allow_unsafe: bool | Literal["pickle"] = False,
+    safe_globals: Sequence[str | Any] = (),
+    allow_unsafe: bool | str = False,
     allow_nonfinite: bool = False,
 ) -> LoadedCheckpoint:
     """Load a checkpoint file safely and, if ``model`` is given, its weights into ``model`` (in place).
 
     ``strict=True``: missing or unexpected keys raise :class:`StateDictMismatchError` (mis-shaped
     keys always do). Non-finite floating tensors raise :class:`NonFiniteWeightsError` unless
-    ``allow_nonfinite``. See the module docstring for ``allow_unsafe``.
+    ``allow_nonfinite``. ``safe_globals``: globals (``"module.qualname"`` or objects) unpickling may call
+    besides torch's weights-only set (module docstring).
     """
     path = Path(path)
+    if allow_unsafe is not False:
+        raise ValueError(
+            f"load_checkpoint('{path}'): allow_unsafe is gone (it let the file choose the globals unpickling "
+            "calls); name the globals you trust instead: safe_globals=['module.Class', ...]"
+        )
     if not path.exists():
         raise CheckpointNotFoundError(path, "file does not exist")
     if not path.is_file():
@@ -649,7 +653,7 @@ def load_checkpoint(
         fmt = "safetensors"
         sd, meta = _load_safetensors(path)
     else:
-        obj = torch_load(path, allow_unsafe)
+        obj = torch_load(path, safe_globals)
         sd, meta, nested = _extract(obj, path)
         is_lightning = (
             isinstance(obj, Mapping)

@@ -2,9 +2,9 @@
 
 - Reads go through :class:`_BoundedReader` (a file object, never the path, so ``*.safetensors`` names
   are not handed to the safetensors library; no read asks for more bytes than the file has left).
-- Globals are refused by :data:`DENIED_GLOBALS` before they are imported, under every ``allow_unsafe``
-  flag; ``allow_unsafe=True`` allowlists the other named globals (still ``weights_only``),
-  ``allow_unsafe="pickle"`` unpickles fully with a deny-listing unpickler.
+- An allow-list: unpickling runs with ``weights_only=True``, so the only globals it can call are torch's
+  weights-only set and the ``safe_globals`` the caller names; any other global is refused, naming it. A
+  name on :data:`DENIED_GLOBALS` (code execution, system or file access) is refused even when named.
 - Integrity torch does not check: every zip record's CRC-32, every loaded zip storage equal to a data
   record (size and CRC-32), a legacy file read to its last byte (its storage index covers the data).
 """
@@ -19,12 +19,11 @@ import pickle
 import pickletools
 import re
 import sys
-import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -154,36 +153,6 @@ def _denied_error(path: Path, denied: list[str]) -> UnsafeCheckpointError:
     )
 
 
-class _DeniedGlobal(pickle.UnpicklingError):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(name)
-
-
-class _DenyingUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that refuses deny-listed globals before importing them (allow_unsafe='pickle')."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
-        if _denied(full):
-            raise _DeniedGlobal(full if _canonical(full) == full else f"{full} (= {_canonical(full)})")
-        obj = super().find_class(module, name)
-        resolved = _resolved_name(obj)
-        if resolved and _denied(resolved):
-            raise _DeniedGlobal(f"{full} (= {resolved})")
-        return obj
-
-
-def _denying_load(file: Any, **kwargs: Any) -> Any:
-    return _DenyingUnpickler(file, **kwargs).load()
-
-
-_DENYING_PICKLE = type(io)("dynascope_denying_pickle")
-_DENYING_PICKLE.Unpickler = _DenyingUnpickler  # type: ignore[attr-defined]
-_DENYING_PICKLE.load = _denying_load  # type: ignore[attr-defined]
-_DENYING_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
-
-
 def _resolve_global(name: str) -> Any:
     """Import ``module.qualname`` (longest importable module prefix) without reading the file."""
     parts = name.split(".")
@@ -202,12 +171,12 @@ def _resolve_global(name: str) -> Any:
 
 
 def _unsafe_message(globals_: list[str]) -> str:
+    quoted = ", ".join(repr(g) for g in globals_)
     return (
         "refused: unpickling it needs globals outside torch's weights_only allowlist: "
-        f"{', '.join(globals_)}. "
-        "If you trust this file, pass allow_unsafe=True to allowlist exactly these globals (still "
-        "weights_only, via torch.serialization.safe_globals), or allow_unsafe='pickle' to unpickle it "
-        "fully (weights_only=False: can execute arbitrary code)"
+        f"{', '.join(globals_)}. Unpickling can call any global a file names, so dynascope calls only those "
+        f"you name: if you trust these classes, pass safe_globals=[{quoted}] (still weights_only, as "
+        "torch.serialization.add_safe_globals), or re-save the weights as a plain state_dict or safetensors"
     )
 
 
@@ -345,86 +314,58 @@ def _corrupt(path: Path, e: BaseException) -> CorruptCheckpointError:
     return CorruptCheckpointError(path, f"is corrupt or truncated ({_short(e)})")
 
 
-def torch_load(path: Path, allow_unsafe: bool | Literal["pickle"]) -> Any:
-    """``torch.load`` of a file object (never the path), every failure a :class:`CheckpointError`."""
+def _named_globals(safe_globals: Sequence[str | Any], path: Path) -> list[Any]:
+    """The objects the caller allows by name (``"module.qualname"``) or as objects; denied ones refused."""
+    out = []
+    for g in safe_globals:
+        name = g if isinstance(g, str) else _resolved_name(g)
+        if not name or _denied(name):
+            raise _denied_error(path, [str(name or g)])
+        try:
+            obj = _resolve_global(g) if isinstance(g, str) else g
+        except Exception:  # noqa: BLE001 - ImportError, or an import that fails on its own
+            raise ValueError(f"safe_globals: {g!r} cannot be imported (expected 'module.qualname')") from None
+        resolved = _resolved_name(obj)
+        if resolved and _denied(resolved):
+            raise _denied_error(path, [f"{name} (= {resolved})"])
+        out.append(obj)
+    return out
+
+
+def _needed_globals(path: Path, e: BaseException) -> list[str]:
+    """The globals a refused weights-only load needs (all of a zip file's; a legacy file's first one)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - legacy format: parse the refused global from the message
+        if _legacy_pickles_truncated(path):  # a cut-off GLOBAL name is damage, not a class
+            raise CorruptCheckpointError(path, "is corrupt or truncated (pickle stream ends early)") from None
+        names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
+    names = names or re.findall(r"GLOBAL ([\w.]+)", str(e))
+    return [n if "." in n else f"builtins.{n}" for n in names]  # torch drops 'builtins.'
+
+
+def torch_load(path: Path, safe_globals: Sequence[str | Any] = ()) -> Any:
+    """``torch.load(weights_only=True)`` of a file object (never the path), every failure a
+    :class:`CheckpointError`. The only globals unpickling may call are torch's weights-only allowlist and
+    ``safe_globals`` (names or objects the caller trusts); anything else is refused, naming it."""
     with open(path, "rb") as f:
         records = _check_zip_records(path) if f.read(4) == b"PK\x03\x04" else None
-    if allow_unsafe == "pickle":
-        warnings.warn(
-            f"loading '{path}' with weights_only=False (allow_unsafe='pickle'): unpickling can execute "
-            "arbitrary code; only do this for files you trust",
-            UserWarning,
-            stacklevel=3,
-        )
-        try:
-            with _BoundedReader(path) as f:
-                obj = torch.load(f, map_location="cpu", weights_only=False, pickle_module=_DENYING_PICKLE)
-                _check_consumed(f, path)
-            _check_zip_storages(obj, records, path)
-            return obj
-        except _DeniedGlobal as e:
-            raise _denied_error(path, [e.name]) from None
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure of a full unpickle is a damaged/foreign file
-            raise CorruptCheckpointError(path, f"could not be unpickled ({_short(e)})") from None
-    if allow_unsafe not in (True, False):
-        raise ValueError(f"allow_unsafe must be False, True or 'pickle', got {allow_unsafe!r}")
-
-    allowed: list[Any] = []
-    allowed_names: list[str] = []
-    for _ in range(64):  # legacy (non-zip) files reveal one unsafe global per attempt
-        try:
-            with torch.serialization.safe_globals(allowed), _BoundedReader(path) as f:
-                obj = torch.load(f, map_location="cpu", weights_only=True)
-                _check_consumed(f, path)
-            _check_zip_storages(obj, records, path, every_record=not allowed)
-            return obj
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise _corrupt(path, e) from None
-            try:
-                names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            except Exception:  # noqa: BLE001 - legacy format: parse the refused global from the message
-                if _legacy_pickles_truncated(path):  # a cut-off GLOBAL name is damage, not a class
-                    raise CorruptCheckpointError(
-                        path, "is corrupt or truncated (pickle stream ends early)"
-                    ) from None
-                names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
-            names = [n for n in names if n not in allowed_names] or re.findall(r"GLOBAL ([\w.]+)", str(e))
-            names = [n if "." in n else f"builtins.{n}" for n in names]  # torch drops 'builtins.'
-            if not names:
-                raise UnsafeCheckpointError(
-                    path, _unsafe_message(["<unknown>"]) + f" ({_short(e)})"
-                ) from None
-            _check_denied(names, path)
-            if not allow_unsafe:
-                raise UnsafeCheckpointError(path, _unsafe_message(names), names) from None
-            if set(names) <= set(allowed_names):
-                raise UnsafeCheckpointError(
-                    path,
-                    f"could not be loaded even with the globals {', '.join(names)} allowlisted "
-                    f"({_short(e)}); "
-                    "use allow_unsafe='pickle' if you trust it",
-                    names,
-                ) from None
-            for n in names:
-                try:
-                    obj = _resolve_global(n)
-                except Exception:  # noqa: BLE001 - ImportError, or an import that fails on its own
-                    raise UnsafeCheckpointError(
-                        path,
-                        f"needs the global {n}, which cannot be imported here; install the code that defines "
-                        "it, or use allow_unsafe='pickle' if you trust the file",
-                        names,
-                    ) from None
-                resolved = _resolved_name(obj)
-                if resolved and _denied(resolved):
-                    raise _denied_error(path, [f"{n} (= {resolved})"]) from None
-                allowed.append(obj)
-                allowed_names.append(n)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - RuntimeError, AssertionError, struct.error, MemoryError...
+    allowed = _named_globals(safe_globals, path)
+    try:
+        with torch.serialization.safe_globals(allowed), _BoundedReader(path) as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            _check_consumed(f, path)
+        _check_zip_storages(obj, records, path, every_record=not allowed)
+        return obj
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
             raise _corrupt(path, e) from None
-    raise UnsafeCheckpointError(path, _unsafe_message(allowed_names), allowed_names)
+        names = _needed_globals(path, e)
+        if not names:
+            raise UnsafeCheckpointError(path, _unsafe_message(["<unknown>"]) + f" ({_short(e)})") from None
+        _check_denied(names, path)
+        raise UnsafeCheckpointError(path, _unsafe_message(names), names) from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - RuntimeError, AssertionError, struct.error, MemoryError...
+        raise _corrupt(path, e) from None

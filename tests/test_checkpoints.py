@@ -358,15 +358,18 @@ def test_unsafe_pickle_refused_naming_the_global(tmp_path, legacy):
     )
     with pytest.raises(UnsafeCheckpointError) as e:
         load_checkpoint(p, build_tiny("mlp"))
-    check_error(e, p, "unsafe", CUSTOM_GLOBAL, "allow_unsafe=True", "weights_only")
+    check_error(e, p, "unsafe", CUSTOM_GLOBAL, f"safe_globals=[{CUSTOM_GLOBAL!r}]", "weights_only")
     assert e.value.globals == [CUSTOM_GLOBAL]
-    # Explicit opt-in allowlists exactly that global and loads the weights.
-    fresh = build_tiny("mlp", seed=1)
-    load_checkpoint(p, fresh, allow_unsafe=True)
-    assert_same_function(model, fresh, "mlp")
+    # The caller names the global it trusts (by name or as the class): exactly that one is allowed.
+    for named in (CUSTOM_GLOBAL, CustomPayload):
+        fresh = build_tiny("mlp", seed=1)
+        load_checkpoint(p, fresh, safe_globals=[named])
+        assert_same_function(model, fresh, "mlp")
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(p, build_tiny("mlp"), safe_globals=["argparse.Namespace"])  # not the one it needs
 
 
-def test_unsafe_pickle_stdlib_global_and_full_pickle_opt_in(tmp_path):
+def test_unsafe_pickle_stdlib_global_and_the_old_flag(tmp_path):
     model = trained_like("mlp")
     p = tmp_path / "hparams.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=0.1)}, p)
@@ -374,12 +377,13 @@ def test_unsafe_pickle_stdlib_global_and_full_pickle_opt_in(tmp_path):
         load_checkpoint(p)
     check_error(e, p, "unsafe", "argparse.Namespace")
     fresh = build_tiny("mlp", seed=1)
-    with pytest.warns(UserWarning, match="arbitrary code"):
-        load_checkpoint(p, fresh, allow_unsafe="pickle")
-    assert_same_function(model, fresh, "mlp")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the allowlist route does not warn
-        load_checkpoint(p, build_tiny("mlp"), allow_unsafe=True)
+        warnings.simplefilter("error")
+        load_checkpoint(p, fresh, safe_globals=["argparse.Namespace"])
+    assert_same_function(model, fresh, "mlp")
+    for flag in (True, "pickle"):  # the flag that let the file choose its globals is gone, loudly
+        with pytest.raises(ValueError, match="allow_unsafe is gone.*safe_globals"):
+            load_checkpoint(p, build_tiny("mlp"), allow_unsafe=flag)
 
 
 def test_whole_pickled_module_is_refused(tmp_path):
@@ -536,8 +540,8 @@ def _legacy_with_huge_string_length(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("allow_unsafe", [False, True, "pickle"])
-def test_legacy_pickle_with_a_huge_string_length_is_corrupt(tmp_path, allow_unsafe):
+@pytest.mark.parametrize("safe_globals", [[], ["argparse.Namespace"]])
+def test_legacy_pickle_with_a_huge_string_length_is_corrupt(tmp_path, safe_globals):
     import time
 
     p = tmp_path / "huge.pt"
@@ -546,7 +550,7 @@ def test_legacy_pickle_with_a_huge_string_length_is_corrupt(tmp_path, allow_unsa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(CorruptCheckpointError) as e:
-            load_checkpoint(p, allow_unsafe=allow_unsafe)
+            load_checkpoint(p, safe_globals=safe_globals)
     assert time.perf_counter() - t0 < 2.0
     check_error(e, p, "corrupt")
 
@@ -659,24 +663,56 @@ class PickleLoadsPayload:
     ],
 )
 @pytest.mark.parametrize("legacy", [False, True])
-@pytest.mark.parametrize("allow_unsafe", [False, True, "pickle"])
-def test_denied_globals_never_run(tmp_path, monkeypatch, payload, global_, legacy, allow_unsafe):
+@pytest.mark.parametrize("named", [False, True])
+def test_denied_globals_never_run(tmp_path, monkeypatch, payload, global_, legacy, named):
+    """Refused whether or not the caller names the global in ``safe_globals``."""
     marker = tmp_path / "marker"
     monkeypatch.setenv(MARKER_ENV, str(marker))
     (tmp_path / "marker.py").write_text(f"open({str(marker)!r}, 'w').write('runpy ran')\n")
     p = tmp_path / "evil.pt"
     sd = build_tiny("mlp").state_dict()
     torch.save({"state_dict": sd, "x": payload()}, p, _use_new_zipfile_serialization=not legacy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # allow_unsafe='pickle' warns; that is tested elsewhere
-        with pytest.raises(UnsafeCheckpointError) as e:
-            load_checkpoint(p, build_tiny("mlp"), allow_unsafe=allow_unsafe)
-    check_error(e, p, "unsafe", global_, "never allows")
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_checkpoint(p, build_tiny("mlp"), safe_globals=[global_] if named else [])
+    check_error(e, p, "unsafe", "never allows")
+    if not named:
+        check_error(e, p, "unsafe", global_)
     assert not marker.exists(), marker.read_text()
 
 
-@pytest.mark.parametrize("allow_unsafe", [True, "pickle"])
-def test_denied_global_under_an_alias_is_refused(tmp_path, monkeypatch, allow_unsafe):
+class PipepagerPayload:
+    def __reduce__(self):
+        import pydoc
+
+        return (pydoc.pipepager, ("x", f"touch {os.environ[MARKER_ENV]}"))
+
+
+class TimeitPayload:
+    def __reduce__(self):
+        import timeit
+
+        return (timeit.timeit, (f"open({os.environ[MARKER_ENV]!r}, 'w')", "pass", None, 1))
+
+
+@pytest.mark.parametrize("payload,global_", [(PipepagerPayload, "pydoc.pipepager"),
+                                             (TimeitPayload, "timeit.timeit")])  # fmt: skip
+@pytest.mark.parametrize("legacy", [False, True])
+def test_globals_off_the_deny_list_are_refused_unless_named(tmp_path, monkeypatch, payload, global_, legacy):
+    """An allow-list, not a deny-list: gadgets nobody listed (these ran shell commands under the old
+    ``allow_unsafe=True``) are refused because the caller did not name them."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    p = tmp_path / "gadget.pt"
+    torch.save({"state_dict": build_tiny("mlp").state_dict(), "x": payload()}, p,
+               _use_new_zipfile_serialization=not legacy)  # fmt: skip
+    for named in ([], ["argparse.Namespace"]):
+        with pytest.raises(UnsafeCheckpointError) as e:
+            load_checkpoint(p, build_tiny("mlp"), safe_globals=named)
+        check_error(e, p, "unsafe", global_, "safe_globals")
+    assert not marker.exists()
+
+
+def test_denied_global_under_an_alias_is_refused(tmp_path, monkeypatch):
     """`torch._utils.os.system` is os.system reached through a module that imports os."""
     marker = tmp_path / "marker"
     monkeypatch.setenv(MARKER_ENV, str(marker))
@@ -686,12 +722,11 @@ def test_denied_global_under_an_alias_is_refused(tmp_path, monkeypatch, allow_un
     data = p.read_bytes()
     assert b"cposix\nsystem\n" in data
     p.write_bytes(data.replace(b"cposix\nsystem\n", b"ctorch._utils\nos.system\n"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(CheckpointError) as e:
-            load_checkpoint(p, allow_unsafe=allow_unsafe)
-    if allow_unsafe is True:  # the name resolves to posix.system: refused by what it is
-        check_error(e, p, "unsafe", "torch._utils.os.system (= posix.system)", "never allows")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(p)
+    with pytest.raises(CheckpointError) as e:  # named, it resolves to posix.system: refused by what it is
+        load_checkpoint(p, safe_globals=["torch._utils.os.system"])
+    check_error(e, p, "unsafe", "torch._utils.os.system (= posix.system)", "never allows")
     assert not marker.exists()
 
 
