@@ -279,6 +279,42 @@ class Run:
         ``extra``: any further JSON-able facts about the run (e.g. the recipe and its phenomenon).
         """
         path = Path(path)
+        config = cls.new_config(
+            path, model=model, dataset=dataset, optimizer=optimizer, lr_schedule=lr_schedule, seed=seed,
+            notes=notes, loss=loss, extra=extra,
+        )  # fmt: skip
+        if path.exists():
+            if not path.is_dir():
+                raise RunError(path, "exists and is not a folder")
+            if (path / "run.json").exists():
+                if not overwrite:
+                    raise RunError(path, "already holds a run; pass overwrite=True to replace it")
+                cls._clear(path)
+            elif any(path.iterdir()):
+                raise RunError(
+                    path, "exists, is not empty and is not a run folder; refusing to write into it"
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "checkpoints").mkdir(exist_ok=True)
+        atomic_write_text(path / "run.json", json.dumps(config, indent=2, sort_keys=False) + "\n")
+        run = cls(path, config)
+        run.trust()  # the specs were given in this process: their code is the user's own
+        return run
+
+    @staticmethod
+    def new_config(
+        path: Path,
+        *,
+        model: nn.Module | Mapping[str, Any] | str,
+        dataset: Mapping[str, Any] | str,
+        optimizer: Mapping[str, Any] | torch.optim.Optimizer | None = None,
+        lr_schedule: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        notes: str = "",
+        loss: str | Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The ``run.json`` content :meth:`create` writes for these arguments (checked, JSON-able)."""
         if isinstance(model, nn.Module):
             model_cfg = model_config(model)
         else:
@@ -295,22 +331,9 @@ class Run:
                 raise RunError(path, f"invalid lr_schedule: {e}") from None
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
-        if path.exists():
-            if not path.is_dir():
-                raise RunError(path, "exists and is not a folder")
-            if (path / "run.json").exists():
-                if not overwrite:
-                    raise RunError(path, "already holds a run; pass overwrite=True to replace it")
-                cls._clear(path)
-            elif any(path.iterdir()):
-                raise RunError(
-                    path, "exists, is not empty and is not a run folder; refusing to write into it"
-                )
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "checkpoints").mkdir(exist_ok=True)
         from ..version import __version__ as version
 
-        config = {
+        return {
             "schema": RUN_SCHEMA,
             "schema_version": RUN_SCHEMA_VERSION,
             "model": model_cfg,
@@ -324,10 +347,6 @@ class Run:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "dynascope_version": version,
         }
-        atomic_write_text(path / "run.json", json.dumps(config, indent=2, sort_keys=False) + "\n")
-        run = cls(path, config)
-        run.trust()  # the specs were given in this process: their code is the user's own
-        return run
 
     @staticmethod
     def _clear(path: Path) -> None:

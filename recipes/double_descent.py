@@ -23,6 +23,7 @@ same noisy data (MSE); the peak is weaker and sits near hÂ·(64 + 1 + 10) + 10 â‰
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from ..datasets import load
-from ..models import Run, build, save_checkpoint
+from ..models import Run, RunError, build, save_checkpoint
 from .base import Recipe, check_config_keys, register_recipe
 from .train import _accuracy, make_optimizer
 
@@ -101,18 +102,26 @@ def _p_grid(cfg: dict[str, Any]) -> list[int]:
     return sorted({int(p) for p in g})
 
 
-def _prepare(out: Any, overwrite: bool, resume: bool, recipe: str) -> tuple[Run | None, bool]:
+def _prepare(
+    out: Any, overwrite: bool, resume: bool, recipe: str, cfg: dict[str, Any], seed: int
+) -> tuple[Run | None, bool]:
     """``(finished run, None)`` when resuming a complete sweep at ``out``; else ``(None, replace)`` where
     ``replace`` allows ``Run.create`` to replace an existing folder (``overwrite``, or an unfinished run of
-    the same recipe when ``resume``: a sweep restarts from scratch, it is cheap)."""
+    the same recipe, config and seed when ``resume``: a sweep restarts from scratch, it is cheap). Any
+    other run at ``out`` is refused (``RunError``) without ``overwrite``."""
     path = os.fspath(out)
     if overwrite or not os.path.isfile(os.path.join(path, "run.json")):
         return None, overwrite
     run = Run.open(path)
     extra = run.config.get("extra") or {}
-    if resume and extra.get("recipe") == recipe:
-        return (run, False) if extra.get("complete") else (None, True)
-    return None, False
+    stored = extra.get("config") or {}
+    same = extra.get("recipe") == recipe and run.seed == seed and all(
+        json.dumps(stored.get(k)) == json.dumps(v) for k, v in cfg.items() if k not in ("p_grid", "widths")
+    )
+    if not (resume and same):
+        why = "resume=False" if same else "it holds another run (recipe, config or seed differ)"
+        raise RunError(path, f"{why}; nothing was changed. Pass overwrite=True (--overwrite) to replace it")
+    return (run, False) if extra.get("complete") else (None, True)
 
 
 def _finish(run: Run) -> None:
@@ -132,7 +141,7 @@ def double_descent(
     """Random-features min-norm least-squares sweep over p into run folder ``out`` (keys: ``DD_CONFIG``)."""
     check_config_keys("double_descent", config, DD_CONFIG)
     cfg = {**DD_CONFIG, **config}
-    done, replace = _prepare(out, overwrite, resume, "double_descent")
+    done, replace = _prepare(out, overwrite, resume, "double_descent", cfg, seed)
     if done is not None:
         return done
     data, dcfg = _digits(cfg, seed)
@@ -270,7 +279,7 @@ def double_descent_nn(
     """Width sweep of two-layer ReLU nets trained to (near) interpolation; keys: ``DD_NN_CONFIG``."""
     check_config_keys("double_descent_nn", config, DD_NN_CONFIG)
     cfg = {**DD_NN_CONFIG, **config}
-    done, replace = _prepare(out, overwrite, resume, "double_descent_nn")
+    done, replace = _prepare(out, overwrite, resume, "double_descent_nn", cfg, seed)
     if done is not None:
         return done
     data, dcfg = _digits(cfg, seed)

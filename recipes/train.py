@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import sys
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models import Run, lr_at, weight_norm
+from ..models import Run, RunError, lr_at, weight_norm
 from ..models.atomic import atomic_write_text, dir_lock
 from ..probes.losses import resolve_loss
 
@@ -196,15 +197,6 @@ def _truncate_metrics(run: Run, after_step: int) -> None:
         atomic_write_text(path, buf.getvalue())
 
 
-def _remove_checkpoints_after(run: Run, step: int) -> None:
-    for c in run.checkpoints():
-        if c.step > step:
-            opt = c.optimizer_path
-            c.path.unlink(missing_ok=True)
-            if opt is not None:
-                opt.unlink(missing_ok=True)
-
-
 class _Progress:
     """tqdm bar on stderr (``progress=True``), a user callback, or nothing."""
 
@@ -244,16 +236,40 @@ def _as_run(run_or_config: Run | str | os.PathLike[str] | Mapping[str, Any], ove
         if "path" not in cfg:
             raise ValueError("a run config needs a 'path' (the run folder to write)")
         path = Path(cfg.pop("path"))
-        if (path / "run.json").is_file() and not overwrite:
-            return Run.open(path)
         allowed = {"model", "dataset", "optimizer", "lr_schedule", "seed", "notes", "loss", "extra"}
         unknown = sorted(set(cfg) - allowed)
         if unknown:
             raise ValueError(f"unknown run config keys {unknown}; accepted: {sorted(allowed | {'path'})}")
+        if (path / "run.json").is_file() and not overwrite:
+            return _same_run(path, Run.new_config(path, **cfg))
         return Run.create(path, overwrite=overwrite, **cfg)
     raise TypeError(
         f"train() needs a Run, a run folder path or a run config dict, got {type(run_or_config).__name__}"
     )
+
+
+#: What makes an existing run folder the same run as a config: these run.json keys and the recipe's config.
+_SAME_RUN = ("model", "dataset", "optimizer", "lr_schedule", "loss", "seed")
+
+
+def _same_run(path: Path, want: Mapping[str, Any]) -> Run:
+    """The run at ``path`` when it is the run ``want`` describes (to resume it); otherwise ``RunError``:
+    another run's folder is never trained into nor cleared without ``overwrite``."""
+    run = Run.open(path)
+
+    def canon(v: Any) -> Any:
+        return json.loads(json.dumps(v))
+
+    differs = [k for k in _SAME_RUN if canon(want.get(k)) != canon(run.config.get(k))]
+    mine, theirs = want.get("extra") or {}, run.extra
+    differs += [f"extra.{k}" for k in ("recipe", "config") if canon(mine.get(k)) != canon(theirs.get(k))]
+    if differs:
+        raise RunError(
+            path,
+            f"already holds another run (its {', '.join(differs)} differ); nothing was changed. Pass "
+            "overwrite=True (--overwrite) to replace it, or write to another folder",
+        )
+    return run
 
 
 def train(
@@ -318,16 +334,22 @@ def train(
         return lr_at(sched, step, base_lr) if sched else base_lr
 
     start = 0
-    if resume:
-        done = [c for c in run.checkpoints() if c.optimizer_path is not None and c.step <= steps]
-        if done:
-            last = done[-1]
-            model.load_state_dict(run.load_model(last.step).state_dict())
-            run.load_optimizer_state(last.step, optimizer, model)
-            start = last.step
+    existing = run.checkpoints()
+    done = [c for c in existing if c.optimizer_path is not None and c.step <= steps] if resume else []
+    if existing and not done:
+        why = "resume=False" if not resume else "none of them has optimizer state to resume from"
+        raise RunError(
+            run.path,
+            f"holds {len(existing)} checkpoint(s) and {why}; nothing was changed. Pass overwrite=True "
+            "(--overwrite) to start it over, or write to another folder",
+        )
+    if done:
+        last = done[-1]
+        model.load_state_dict(run.load_model(last.step).state_dict())
+        run.load_optimizer_state(last.step, optimizer, model)
+        start = last.step
     if start == steps and start > 0:
         return run
-    _remove_checkpoints_after(run, start if start > 0 else -1)
     _truncate_metrics(run, start - 1)  # the resumed step is logged (and checkpointed) again
 
     bar = _Progress(progress, steps, start, desc=str(cfg.get("extra", {}).get("recipe", run.path.name)))

@@ -211,3 +211,38 @@ def test_every_app_page_on_an_untrusted_run_runs_nothing_and_shows_the_trust_box
         next(b for b in at.button if b.label == "Trust this run").click().run()
         assert not at.exception, at.exception
         assert not Run.open(folder).untrusted_refs()
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def _checkpoint_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "checkpoints").iterdir())}
+
+
+def test_a_recipe_never_trains_into_or_clears_another_run(tmp_path: Path, capsys) -> None:
+    from dynascope.recipes.__main__ import main as recipe_main
+
+    folder = _received(tmp_path)
+    before = _checkpoint_bytes(folder), (folder / "run.json").read_bytes()
+    rc = recipe_main(["grokking", "--out", str(folder), "--small", "--steps", "3", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds another run" in err and "--overwrite" in err
+    assert (_checkpoint_bytes(folder), (folder / "run.json").read_bytes()) == before
+    assert not _marker(folder)
+
+
+def test_a_recipe_resumes_its_own_run_and_refuses_to_restart_it(tmp_path: Path, capsys) -> None:
+    from dynascope.recipes.__main__ import main as recipe_main
+
+    out = tmp_path / "grok"
+    args = ["grokking", "--out", str(out), "--small", "--steps", "4", "--quiet",
+            "--set", "n_checkpoints=3"]  # fmt: skip
+    assert recipe_main(args) == 0
+    before = _checkpoint_bytes(out)
+    assert recipe_main(args) == 0  # complete: resumed, nothing rewritten
+    assert _checkpoint_bytes(out) == before
+    capsys.readouterr()
+    assert recipe_main([*args, "--no-resume"]) == 2  # starting over would delete them
+    assert "resume=False" in capsys.readouterr().err and _checkpoint_bytes(out) == before
+    assert recipe_main([*args[:5], "5", *args[6:]]) == 2  # another config (steps): another run
+    assert _checkpoint_bytes(out) == before
+    assert recipe_main([*args, "--no-resume", "--overwrite"]) == 0
