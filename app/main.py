@@ -6,6 +6,7 @@ phenomenon or probe family. The selected run lives in the session state (see ``l
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,17 @@ if str(APP_DIR) not in sys.path:  # pages import the shared helpers as ``lib.*``
 import streamlit as st  # noqa: E402
 from lib import demos, downloads, state  # noqa: E402
 
+from dynascope.cli import ALLOW_REMOTE_ENV, is_loopback  # noqa: E402
+
 st.set_page_config(page_title="dynascope", page_icon=":material/biotech:", layout="wide")
+_address = st.get_option("server.address")  # None only under streamlit's AppTest: app/.streamlit sets it
+if _address is not None and not is_loopback(_address) and os.environ.get(ALLOW_REMOTE_ENV) != "1":
+    st.error(
+        f"This app serves run folders and runs probes, and it was started on `{_address}`, which other "
+        "machines can reach; it refuses to serve there unless you choose that explicitly: "
+        f"`dynascope app --address {_address}`, or `{ALLOW_REMOTE_ENV}=1` beside `--server.address`."
+    )
+    st.stop()
 downloads.configure_browser()
 
 

@@ -8,7 +8,9 @@ bad options) are printed as one readable line with exit code 2, never as a trace
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -46,7 +48,7 @@ def _app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headless", action="store_true", help="do not open a browser")
 
 
-# The settings of .streamlit/config.toml (read by `streamlit run` only from the current directory),
+# The settings of app/.streamlit/config.toml (what `streamlit run app/main.py` reads),
 # passed on the command line so that `dynascope app` keeps them wherever it is started.
 APP_SERVER_OPTIONS = {
     "server.enableXsrfProtection": "true",
@@ -97,13 +99,54 @@ def run_app(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     runs_dir = Path(args.runs_dir or env.get("DYNASCOPE_RUNS_DIR") or "runs").expanduser().resolve()
     env["DYNASCOPE_RUNS_DIR"] = str(runs_dir)
+    if not is_loopback(args.address):  # chosen explicitly on the command line: the app may serve it
+        env[ALLOW_REMOTE_ENV] = "1"
+    children: list[subprocess.Popen] = []
     if demos_enabled(env):  # the demos are under way before the first page is opened
         try:
-            start_demo_build(runs_dir)
+            children.append(start_demo_build(runs_dir))
             env[DEMOS_BUILDER_ENV] = "process"
         except OSError as exc:
             print(f"dynascope app: demo runs not started ({exc})", file=sys.stderr)
-    return subprocess.call(app_command(args), env=env)
+    server = subprocess.Popen(app_command(args), env=env)
+    return wait_forwarding_signals(server, children)
+
+
+def wait_forwarding_signals(main: subprocess.Popen, others: list[subprocess.Popen]) -> int:
+    """Wait for ``main``; SIGTERM/SIGINT/SIGHUP sent to this process are passed on to ``main`` and
+    ``others`` (so no server is left running without its parent), then wait for them all."""
+    children = [main, *others]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        code = main.wait()
+        for child in others:  # the demo builder goes with the app
+            if child.poll() is None:
+                child.terminate()
+            child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+#: ``1`` lets the app serve on a non-loopback address (``dynascope app --address`` sets it)
+ALLOW_REMOTE_ENV = "DYNASCOPE_ALLOW_REMOTE"
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether ``address`` serves this machine only (``127.x``, ``::1``, ``localhost``)."""
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def build_parser() -> argparse.ArgumentParser:

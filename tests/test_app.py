@@ -733,14 +733,16 @@ def test_streamlit_config_binds_localhost_with_xsrf_and_dynascope_app_passes_it(
 
     from dynascope.cli import APP_SERVER_OPTIONS, app_command
 
-    cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    cfg = tomllib.loads((REPO / "app" / ".streamlit" / "config.toml").read_text())
     assert cfg["server"]["address"] == "127.0.0.1" and cfg["server"]["enableXsrfProtection"] is True
     assert cfg["server"]["maxUploadSize"] == uploads.MAX_UPLOAD_MB
-    # `streamlit run app/main.py` from the repository root reads it ...
-    code = "from streamlit import config; config.get_config_options(force_reparse=True); " \
+    # `streamlit run app/main.py` reads it from any working directory (the script's own .streamlit) ...
+    code = "from streamlit import config; config._main_script_path = sys.argv[1]; " \
+           "config.get_config_options(force_reparse=True); " \
            "print(config.get_option('server.address'), config.get_option('server.enableXsrfProtection'), " \
            "config.get_option('server.maxUploadSize'))"  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", "import sys; " + code, str(APP)], cwd="/",
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.stdout.split() == ["127.0.0.1", "True", str(uploads.MAX_UPLOAD_MB)], out.stderr
     # ... and `dynascope app`, started anywhere, passes the same settings explicitly
     args = argparse.Namespace(port=8501, address="127.0.0.1", headless=True)
@@ -752,3 +754,89 @@ def test_streamlit_config_binds_localhost_with_xsrf_and_dynascope_app_passes_it(
             if key != "address":
                 assert flags[f"--{section}.{key}"] == str(value).lower(), key
     assert set(APP_SERVER_OPTIONS) == {f"{s}.{k}" for s, v in cfg.items() for k in v if k != "address"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(log: Path, text: str, proc, timeout: float = 90.0) -> str:
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        out = log.read_text() if log.exists() else ""
+        if text in out:
+            return out
+        assert proc.poll() is None, out
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {log.read_text()!r}")
+
+
+@pytest.mark.slow
+def test_streamlit_run_outside_the_repository_listens_on_loopback_only(tmp_path: Path) -> None:
+    import subprocess
+
+    port = _free_port()
+    log = tmp_path / "st.log"
+    env = {**os.environ, "DYNASCOPE_DEMOS": "0", "DYNASCOPE_RUNS_DIR": str(tmp_path / "runs")}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless",
+                                 "true", "--server.port", str(port)], cwd=tmp_path, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        out = _wait_for(log, "server started on", proc)
+        assert f"server started on 127.0.0.1:{port}" in out, out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_app_refuses_a_non_loopback_address_unless_chosen(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DYNASCOPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNASCOPE_DEMOS", "0")
+    monkeypatch.delenv("DYNASCOPE_ALLOW_REMOTE", raising=False)
+    config.set_option("server.address", "0.0.0.0")
+    try:
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        assert "refuses to serve there" in " ".join(e.value for e in at.error)
+        assert not at.selectbox and not at.button
+        monkeypatch.setenv("DYNASCOPE_ALLOW_REMOTE", "1")
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        assert not at.error and not at.exception
+    finally:
+        config.set_option("server.address", None)
+
+
+@pytest.mark.slow
+def test_dynascope_app_passes_sigterm_to_its_server(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    import psutil
+
+    port = _free_port()
+    log = tmp_path / "app.log"
+    env = {**os.environ, "DYNASCOPE_DEMOS": "0"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "dynascope", "app", "--headless", "--port", str(port),
+                                 "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_for(log, "server started on", proc)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [c.cmdline() for c in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

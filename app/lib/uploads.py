@@ -8,7 +8,7 @@ loads, then each loaded checkpoint is re-saved as ``checkpoints/step_<n>.safeten
 Names are made safe (letters, digits, ``._-``) and short (at most :data:`MAX_NAME_CHARS`, a hash of
 the full name keeping long names apart); two files with the same name are reported as ``name`` and
 ``name (2)``. Each file may be at most :data:`MAX_UPLOAD_MB` MB (``server.maxUploadSize`` in
-``.streamlit/config.toml`` sets the same limit in the browser; ``DYNASCOPE_MAX_UPLOAD_MB`` overrides
+``app/.streamlit/config.toml`` sets the same limit in the browser; ``DYNASCOPE_MAX_UPLOAD_MB`` overrides
 both checks' value here). A step or epoch that is NaN, infinite, negative or >= 2**63 is that file's
 error; the other files are imported.
 """
@@ -32,7 +32,7 @@ UPLOAD_SUFFIXES = ("pt", "pth", "bin", "safetensors", "ckpt")
 UPLOADS_FOLDER = "uploads"
 _STEP_PATTERNS = (re.compile(r"step[=_-]?(\d+)", re.I), re.compile(r"(\d+)"))
 MAX_NAME_CHARS = 120  # file systems allow 255 bytes per name; leave room for prefixes and suffixes
-MAX_UPLOAD_MB = 1024  # per file; keep equal to server.maxUploadSize in .streamlit/config.toml
+MAX_UPLOAD_MB = 1024  # per file; keep equal to server.maxUploadSize in app/.streamlit/config.toml
 
 
 def max_upload_bytes() -> int:
