@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,13 +87,16 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         if not isinstance(name, str):
             raise ValueError(f"model spec {dict(spec)}: 'name' must be a string")
         return normalize_config(name, **out)
-    allowed = {"factory": {"factory", "kwargs", "seed"}, "hf": {"hf", "seed"}}[kind]
+    allowed = {"factory": {"factory", "kwargs", "seed"}, "hf": {"hf", "seed", "max_params"}}[kind]
     extra = sorted(set(out) - allowed)
     if extra:
         raise ValueError(
             f"model spec {dict(spec)}: unknown keys {extra}; a {kind!r} spec takes {sorted(allowed)}"
         )
     out["seed"] = _seed(out)
+    limit = out.get("max_params")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"model spec {dict(spec)}: max_params must be a positive int, got {limit!r}")
     if kind == "factory":
         return normalize_factory_spec(out, spec, "model")
     if not isinstance(out["hf"], str) or not out["hf"]:
@@ -109,12 +114,78 @@ def hf_weights_file(folder: str | Path) -> Path | None:
     return None
 
 
+#: Config attributes that count repeated layers; a parameter estimate scales each linearly.
+_LAYER_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer", "encoder_layers",
+               "decoder_layers", "num_encoder_layers")  # fmt: skip
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still use: Linux ``MemAvailable``, else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_max_params() -> int:
+    """The largest model a spec builds by default: 16 bytes per parameter (float32 weights, gradients and
+    two probe vectors) must fit the available memory."""
+    return available_memory_bytes() // 16
+
+
+def _hf_config_json(folder: Path, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json`` as data, refusing custom code (``auto_map``) before transformers reads it."""
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(
+            f"model spec {dict(spec)}: '{path}' is not a JSON file ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model spec {dict(spec)}: '{path}' must hold a JSON object")
+    if "auto_map" in cfg:
+        raise ValueError(
+            f"model spec {dict(spec)}: '{path}' names custom model code (auto_map {cfg['auto_map']!r}); "
+            "dynascope never runs code from a model folder (trust_remote_code=False). Build the model in "
+            "your own code and pass it as a factory spec"
+        )
+    return cfg
+
+
+def _hf_param_count(make: Any, config: Any) -> int:
+    """The parameter count of ``make(config)`` without allocating it: built on the meta device with one
+    layer, then with two of each layer kind; the count is linear in each layer count."""
+    aliases = getattr(config, "attribute_map", {}) or {}
+    counts: dict[str, int] = {}
+    for key in _LAYER_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            counts[aliases.get(key, key)] = value
+
+    def count(layers: Mapping[str, int]) -> int:
+        c = copy.deepcopy(config)
+        for k, v in layers.items():
+            setattr(c, k, v)
+        with torch.device("meta"):
+            model = make(c)
+        return sum(p.numel() for p in model.parameters())
+
+    ones = dict.fromkeys(counts, 1)
+    base = count(ones)
+    return base + sum((n - 1) * (count({**ones, k: 2}) - base) for k, n in counts.items() if n > 1)
+
+
 def _build_hf(spec: Mapping[str, Any]) -> nn.Module:
     folder = Path(spec["hf"])
     if not (folder / "config.json").is_file():
         raise ValueError(
             f"model spec {dict(spec)}: '{folder}' has no config.json (not a save_pretrained folder)"
         )
+    _hf_config_json(folder, spec)
     try:
         import transformers
     except ImportError:
@@ -122,7 +193,9 @@ def _build_hf(spec: Mapping[str, Any]) -> nn.Module:
             f"model spec {dict(spec)} needs Hugging Face transformers: pip install 'dynascope[hf]'"
         ) from None
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:  # noqa: BLE001
         raise ValueError(
             f"model spec {dict(spec)}: config.json could not be read ({type(e).__name__}: {e})"
@@ -130,13 +203,36 @@ def _build_hf(spec: Mapping[str, Any]) -> nn.Module:
     if hasattr(config, "use_cache"):
         config.use_cache = False
     archs = list(getattr(config, "architectures", None) or [])
-    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+
+    def make(c: Any) -> nn.Module:
+        if cls is not None:
+            return cls(c)
+        return transformers.AutoModel.from_config(c, trust_remote_code=False)
+
+    limit = spec.get("max_params") or default_max_params()
+    try:
+        n_params = _hf_param_count(make, config)
+    except Exception as e:  # noqa: BLE001 - transformers' own errors on a bad config
+        raise ValueError(
+            f"model spec {dict(spec)}: the model of '{folder / 'config.json'}' cannot be built "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from None
+    if n_params > limit:
+        raise ValueError(
+            f"model spec {dict(spec)}: '{folder / 'config.json'}' describes a model of {n_params:,} "
+            f"parameters, above the limit of {limit:,} ({limit * 16 / 2**30:.1f} GiB at 16 bytes per "
+            "parameter, from the available memory); set \"max_params\" in the spec to build it anyway"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
-        if cls is not None:
-            model = cls(config)
-        else:
-            model = transformers.AutoModel.from_config(config)
+        try:
+            model = make(config)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(
+                f"model spec {dict(spec)}: building {archs[0] if cls else 'AutoModel'} from '{folder}' "
+                f"failed ({type(e).__name__}: {e})"
+            ) from None
     weights = hf_weights_file(folder)
     if weights is not None:
         from .weights import load_weights

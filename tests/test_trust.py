@@ -246,3 +246,59 @@ def test_a_recipe_resumes_its_own_run_and_refuses_to_restart_it(tmp_path: Path, 
     assert recipe_main([*args[:5], "5", *args[6:]]) == 2  # another config (steps): another run
     assert _checkpoint_bytes(out) == before
     assert recipe_main([*args, "--no-resume", "--overwrite"]) == 0
+
+
+# ------------------------------------------------------------------------------------- HF folders
+def _hf_folder(root: Path, config) -> Path:
+    folder = root / "hf"
+    config.save_pretrained(folder)
+    return folder
+
+
+def test_hf_folder_with_custom_code_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    folder = _hf_folder(tmp_path, transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "modeling_evil.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('MARKER').write_text('ran')\n"
+    )
+    with pytest.raises(ValueError, match="custom model code.*trust_remote_code=False"):
+        build_from_spec({"hf": str(folder)})
+    assert not _marker(folder)
+
+
+@pytest.mark.parametrize("field,value", [("n_layer", 10**6), ("n_embd", 10**6), ("vocab_size", 10**10)])
+def test_hf_config_too_large_for_memory_is_refused_before_building(tmp_path: Path, field, value) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)
+    setattr(cfg, field, value)
+    folder = _hf_folder(tmp_path, cfg)
+    with pytest.raises(ValueError, match="parameters, above the limit") as e:
+        build_from_spec({"hf": str(folder)})
+    assert "max_params" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5", "bert"])
+def test_hf_parameter_estimate_equals_the_built_model(tmp_path: Path, kind: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from dynascope.models.specs import _hf_param_count
+
+    config = {
+        "gpt2": lambda: transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=40),
+        "t5": lambda: transformers.T5Config(num_layers=2, num_decoder_layers=3, d_model=16, d_ff=24,
+                                            num_heads=2, d_kv=8, vocab_size=40),  # fmt: skip
+        "bert": lambda: transformers.BertConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2,
+                                                intermediate_size=24, vocab_size=40),  # fmt: skip
+    }[kind]()
+    cls = {"gpt2": transformers.GPT2LMHeadModel, "t5": transformers.T5ForConditionalGeneration,
+           "bert": transformers.BertForMaskedLM}[kind]  # fmt: skip
+    real = sum(p.numel() for p in cls(config).parameters())
+    assert _hf_param_count(cls, config) == real
+    config.architectures = [cls.__name__]
+    folder = _hf_folder(tmp_path, config)
+    limit = real - 1
+    with pytest.raises(ValueError, match=f"{real:,} parameters, above the limit of {limit:,}"):
+        build_from_spec({"hf": str(folder), "max_params": limit})
+    assert sum(p.numel() for p in build_from_spec({"hf": str(folder), "max_params": real}).parameters()) == real
