@@ -1,7 +1,11 @@
 """Checkpoint-loader fuzzing: mutated files must load with identical weights or raise a CheckpointError.
 
 Run:  .venv/bin/python bench/fuzz_loader.py [--n 10000] [--seed 0] [--workers 2] [--mem-gb 3]
-      [--case-timeout 20] [--out fuzz.json]
+      [--case-timeout 20] [--families all|files|folders] [--out fuzz.json]
+
+With ``--families all`` (the default) even cases mutate checkpoint bytes (below) and odd cases are the
+folder families of ``bench/fuzz_folders.py`` (odd metadata JSON, float8 tensors, Trainer/Lightning
+folders with wrong-typed JSON and CSV, huge or custom-code HF configs, run.json specs naming code).
 
 Seed files (one small model with a BatchNorm, so a float, an integer and several shapes are present):
 a zip ``.pt`` and a legacy (pre-1.6) ``.pt`` from ``torch.save``, a ``.safetensors`` with dynascope
@@ -45,7 +49,9 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fuzz_folders beside this file
 SUFFIXES = (".pt", ".pt", ".safetensors", ".bin", ".ckpt")  # zip, legacy, safetensors (x2), lightning
+FORMATS = ("zip .pt", "legacy .pt", ".safetensors", "safetensors .bin", "lightning .ckpt")
 INTERESTING = [
     b"\x00",
     b"\xff",
@@ -312,13 +318,41 @@ class Case:
         return "identical" if same else "BAD:loaded different weights"
 
 
+class Campaign:
+    """Case ``i`` of ``--families``: ``files`` (checkpoint bytes, :class:`Case`), ``folders`` (metadata,
+    float8, Trainer/Lightning folders, HF configs, run.json: ``bench/fuzz_folders.py``) or ``all``
+    (even ``i`` files, odd ``i`` folders)."""
+
+    def __init__(self, folder: Path, seed: int, families: str = "all") -> None:
+        from fuzz_folders import FolderCase
+
+        self.families = families
+        self.files = Case(folder / "files", seed) if families != "folders" else None
+        self.folders = FolderCase(folder / "folders", seed) if families != "files" else None
+
+    def which(self, i: int) -> tuple[str, int]:
+        if self.families == "all":
+            return ("files" if i % 2 == 0 else "folders"), i // 2
+        return self.families, i
+
+    def label(self, i: int) -> str:
+        from fuzz_folders import FAMILIES
+
+        kind, j = self.which(i)
+        return FORMATS[j % len(FORMATS)] if kind == "files" else FAMILIES[j % len(FAMILIES)]
+
+    def run(self, i: int) -> str:
+        kind, j = self.which(i)
+        return (self.files if kind == "files" else self.folders).run(j)
+
+
 def _worker(args: argparse.Namespace) -> None:
     import resource
 
     limit = int(args.mem_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    case = Case(Path(args.folder), args.seed)
+    case = Campaign(Path(args.folder), args.seed, args.families)
 
     def on_alarm(signum, frame):
         raise TimeoutError("case timeout")
@@ -344,7 +378,7 @@ def _run_range(args: argparse.Namespace, start: int, stop: int, folder: Path, re
     while nxt < stop:
         cmd = [sys.executable, __file__, "--worker", "--start", str(nxt), "--stop", str(stop)]
         cmd += ["--seed", str(args.seed), "--folder", str(folder), "--mem-gb", str(args.mem_gb)]
-        cmd += ["--case-timeout", str(args.case_timeout)]
+        cmd += ["--case-timeout", str(args.case_timeout), "--families", args.families]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -385,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-gb", type=float, default=3.0, help="RLIMIT_AS of each worker (GiB)")
     ap.add_argument("--case-timeout", type=float, default=20.0, help="seconds per case")
     ap.add_argument("--out", type=Path, default=None, help="write the outcome of every case as JSON")
+    ap.add_argument("--families", choices=("all", "files", "folders"), default="all",
+                    help="checkpoint-byte mutations, the folder families of fuzz_folders.py, or both")
     ap.add_argument("--make-seeds", action="store_true", help=f"rewrite the seed files in {SEED_DIR}")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
@@ -418,9 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = [i for i in range(args.n) if i not in results]
     counts = Counter(results.values())
     by_format: dict[str, Counter] = {}
-    names = ["zip .pt", "legacy .pt", ".safetensors", "safetensors .bin", "lightning .ckpt"]
+    labels = Campaign.__new__(Campaign)
+    labels.families = args.families
     for i, outcome in results.items():
-        by_format.setdefault(names[i % len(names)], Counter())[outcome.split(":")[0]] += 1
+        kind = outcome.split(":")[0] if outcome.startswith("BAD") else outcome.split(":", 1)[-1]
+        by_format.setdefault(labels.label(i), Counter())[kind] += 1
     bad = {i: o for i, o in sorted(results.items()) if o.startswith("BAD") or o in ("timeout", "crash")}
     print(f"{len(results)} cases in {wall:.1f} s ({args.workers} workers, RLIMIT_AS {args.mem_gb} GiB)")
     for outcome, c in counts.most_common():

@@ -379,10 +379,11 @@ def _extract(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any], s
     meta: dict[str, Any] = {}
     for k, v in obj.items():
         if k == _META_KEY_TORCH and isinstance(v, str):
-            try:
-                meta.update(json.loads(v))
-            except json.JSONDecodeError:
+            parsed = _json_object(v)
+            if parsed is None:
                 meta[k] = v
+            else:
+                meta.update(parsed)
         elif isinstance(v, (int, float, str, bool)) and isinstance(k, str):
             meta[k] = v
         elif k == "hyper_parameters" and isinstance(v, Mapping):
@@ -498,6 +499,8 @@ def _check_finite(sd: dict[str, Tensor], path: Path) -> None:
     bad: list[str] = []
     for k, v in sd.items():
         if (v.is_floating_point() or v.is_complex()) and v.numel():
+            if v.dtype.itemsize == 1:  # float8 kinds: isfinite is not implemented for them
+                v = v.float()
             finite = torch.isfinite(v)
             if not bool(finite.all()):
                 n_nan = int(torch.isnan(v).sum())
@@ -577,14 +580,47 @@ def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _decode_safetensors_metadata(raw)
 
 
+#: Deeper JSON metadata is kept as its raw text (nothing downstream has to recurse into it).
+_MAX_META_DEPTH = 32
+
+
+def json_object(text: str | bytes) -> dict[str, Any]:
+    """``text`` parsed as a JSON object nested at most :data:`_MAX_META_DEPTH` deep; ``ValueError`` saying
+    why not (invalid, too deep, not an object) otherwise."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {_MAX_META_DEPTH} levels") from None
+    except ValueError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    level, depth = [obj], 0
+    while level:
+        depth += 1
+        if depth > _MAX_META_DEPTH:
+            raise ValueError(f"JSON nested deeper than {_MAX_META_DEPTH} levels")
+        level = [c for o in level for c in (o.values() if isinstance(o, dict) else o)
+                 if isinstance(c, (dict, list))]  # fmt: skip
+    return obj
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        return json_object(text)
+    except ValueError:
+        return None
+
+
 def _decode_safetensors_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = {k: v for k, v in raw.items() if k not in (_META_KEY_SAFETENSORS, "format")}
     blob = raw.get(_META_KEY_SAFETENSORS)
     if blob:
-        try:
-            meta.update(json.loads(blob))
-        except json.JSONDecodeError:
+        parsed = _json_object(blob)
+        if parsed is None:
             meta[_META_KEY_SAFETENSORS] = blob
+        else:
+            meta.update(parsed)
     return meta
 
 

@@ -63,11 +63,26 @@ class FolderScan:
         return [c.step for c in self.checkpoints]
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; ``RunError`` naming it when unreadable, too deeply nested or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RunError(path, f"could not be read as JSON ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise RunError(path, "could not be read as JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise RunError(path, f"must hold a JSON object, not a {type(obj).__name__}")
+    return obj
+
+
+def _step(value: Any, where: Path, what: str = "step") -> int:
+    """``value`` as a step: an integer (or integral float) in [0, 2**63); ``RunError`` naming ``where``."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise RunError(where, f"{what} must be an integer in [0, 2**63), got {str(value)[:40]!r}")
+    return value
 
 
 def _finite(v: Any) -> Any:
@@ -79,8 +94,10 @@ def _finite(v: Any) -> Any:
 def _hf_metrics(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     rename = {"loss": "train_loss", "eval_loss": "test_loss", "learning_rate": "lr"}
     rows: dict[int, dict[str, Any]] = {}
-    for entry in state.get("log_history") or []:
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("step"), int):
+    history = state.get("log_history")
+    for entry in history if isinstance(history, list) else []:
+        step = entry.get("step") if isinstance(entry, Mapping) else None
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
             continue
         row = rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})
         for k, v in entry.items():
@@ -102,9 +119,10 @@ def _scan_hf(folder: Path) -> FolderScan | None:
         st = d / "trainer_state.json"
         if st.is_file():
             state = _read_json(st)
-            step = int(state.get("global_step", step))
+            step = _step(state.get("global_step", step), st, "global_step")
             e = state.get("epoch")
-            epoch = int(e) if isinstance(e, (int, float)) and not isinstance(e, bool) else None
+            number = isinstance(e, (int, float)) and not isinstance(e, bool)
+            epoch = int(e) if number and 0 <= e < 2**63 else None  # NaN compares False
             states.append((step, state))
         found.append(FoundCheckpoint(step, epoch, weights))
     if not found:
@@ -118,8 +136,8 @@ def _csv_rows(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8", newline="") as f:
         for r in csv.DictReader(f):
             try:
-                step = int(float(r.get("step") or ""))
-            except ValueError:
+                step = _step(float(r.get("step") or ""), path)
+            except (ValueError, TypeError):  # RunError is a ValueError: a row without a usable step
                 continue
             row = rows.setdefault(step, {"step": step})
             for k, v in r.items():
@@ -130,7 +148,7 @@ def _csv_rows(path: Path) -> list[dict[str, Any]]:
                 except ValueError:
                     row[k] = v
                     continue
-                row[k] = int(num) if num.is_integer() and k == "epoch" else _finite(num)
+                row[k] = int(num) if k == "epoch" and num.is_integer() and abs(num) < 2**63 else _finite(num)
     return [rows[s] for s in sorted(rows)]
 
 
@@ -172,7 +190,7 @@ def _scan_plain(folder: Path) -> FolderScan | None:
         numbers = _NUMBER.findall(f.stem)
         if not numbers:
             continue
-        found.append(FoundCheckpoint(int(numbers[-1]), None, f))
+        found.append(FoundCheckpoint(_step(int(numbers[-1]), f, "the step in the file name"), None, f))
     if not found:
         return None
     steps = [c.step for c in found]

@@ -39,6 +39,7 @@ from .checkpoints import (
     CheckpointError,
     _json_value,
     checkpoint_counter,
+    json_object,
     load_checkpoint,
     read_safetensors_metadata,
     save_checkpoint,
@@ -370,10 +371,10 @@ class Run:
         if not cfg_path.is_file():
             raise RunError(path, "is not a run folder (no run.json)")
         try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunError(path, f"run.json is not valid JSON ({e})") from None
-        if not isinstance(config, dict) or config.get("schema") != RUN_SCHEMA:
+            config = json_object(cfg_path.read_bytes())
+        except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+            raise RunError(path, f"run.json is not a dynascope run: {e}") from None
+        if config.get("schema") != RUN_SCHEMA:
             raise RunError(path, f"run.json is not a dynascope run (schema must be {RUN_SCHEMA!r})")
         version = config.get("schema_version")
         if not isinstance(version, int) or version > RUN_SCHEMA_VERSION:

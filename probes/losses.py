@@ -314,7 +314,7 @@ def _resolve(loss: str | Mapping[str, Any] | Callable | Loss, targets: torch.Ten
             )
         loss = name
     if not isinstance(loss, str):
-        raise TypeError(f"loss must be a name, a callable or a Loss; got {type(loss).__name__}")
+        raise ValueError(f"loss must be a name, a callable or a Loss; got {type(loss).__name__} {loss!r:.80}")
     if loss == "token_cross_entropy":
         return token_cross_entropy()
     if ":" in loss:

@@ -302,3 +302,24 @@ def test_hf_parameter_estimate_equals_the_built_model(tmp_path: Path, kind: str)
     with pytest.raises(ValueError, match=f"{real:,} parameters, above the limit of {limit:,}"):
         build_from_spec({"hf": str(folder), "max_params": limit})
     assert sum(p.numel() for p in build_from_spec({"hf": str(folder), "max_params": real}).parameters()) == real
+
+
+def test_folder_fuzz_every_outcome_loads_or_is_a_clear_refusal(tmp_path: Path) -> None:
+    """240 seeded cases of bench/fuzz_folders.py in-process (the bench runs 10,000+ in subprocesses):
+    odd metadata JSON, float8, Trainer/Lightning folders, HF configs and run.json specs naming code."""
+    import importlib.util
+    import warnings
+    from collections import Counter
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fuzz_folders.py"
+    spec = importlib.util.spec_from_file_location("fuzz_folders", path)
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    case = fuzz.FolderCase(tmp_path, seed=2026)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = Counter(case.run(j) for j in range(240))
+    assert not [o for o in outcomes if o.startswith("BAD")], outcomes
+    for family in fuzz.FAMILIES:  # every family both loads and refuses something
+        assert any(o.startswith(f"{family}:ok") for o in outcomes), (family, outcomes)
+        assert any(o.startswith(f"{family}:refused") for o in outcomes) or family == "metadata_json", outcomes
