@@ -102,11 +102,24 @@ class ResultStore:
             path = path / STORE_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        new = not path.exists()
         try:
             with self._connect() as con:
                 con.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
+            if new:  # never leave an empty or half-made store behind (a full disk, a read-only folder)
+                for leftover in (path, path.with_name(path.name + "-journal")):
+                    leftover.unlink(missing_ok=True)
+                raise OSError(f"creating the result store '{path}' failed (SQLite: {exc})") from exc
             raise ValueError(f"{path} is not a dynascope result store (SQLite said: {exc})") from exc
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """SQLite's write failures (a full disk, a read-only file) as an ``OSError`` naming the store."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise OSError(f"{what} in '{self.path}' failed (SQLite: {exc})") from exc
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -142,7 +155,7 @@ class ResultStore:
         else:
             rtype, payload = "dict", to_jsonable(result)
         key = result_key(probe, checkpoint_hash, params)
-        with self._connect() as con:
+        with self._writing(f"storing the {probe} result"), self._connect() as con:
             con.execute(
                 "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets.factory import CodePolicy, code_policy
-from .atomic import atomic_write, atomic_write_text, dir_lock
+from .atomic import atomic_write, atomic_write_text, dir_lock, remove_orphans
 from .checkpoints import (
     CheckpointError,
     _json_value,
@@ -55,6 +55,8 @@ __all__ = ["Run", "RunError", "CheckpointInfo", "CheckpointFile", "RUN_SCHEMA", 
 RUN_SCHEMA = "dynascope.run"
 RUN_SCHEMA_VERSION = 1
 OPTIM_FORMAT = "dynascope.optim/1"
+#: A temporary file older than this when a run is opened is a killed writer's, not a write in progress.
+ORPHAN_AGE_S = 600.0
 _CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
 _PREFERRED_COLUMNS = ("step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
 
@@ -389,9 +391,15 @@ class Run:
             if not isinstance(spec, dict) or not any(isinstance(spec.get(k), str) for k in keys):
                 raise RunError(path, f"run.json: {key!r} must be a spec dict with one of {list(keys)}")
         run = cls(path, config)
+        run.remove_orphans(ORPHAN_AGE_S)
         if trust:
             run.trust()
         return run
+
+    def remove_orphans(self, min_age_s: float = 0.0) -> list[Path]:
+        """Delete temporary files that a killed writer left in the run folder and ``checkpoints/``
+        (``.step_….safetensors.XXXXXXXX.tmp``, ``.run.json.….tmp``) older than ``min_age_s``."""
+        return remove_orphans(self.path, min_age_s) + remove_orphans(self.checkpoint_dir, min_age_s)
 
     @staticmethod
     def is_run(path: str | os.PathLike[str]) -> bool:

@@ -204,7 +204,7 @@ def _build_hf(spec: Mapping[str, Any]) -> nn.Module:
         config.use_cache = False
     archs = getattr(config, "architectures", None) or []
     if not isinstance(archs, list):
-        raise ValueError(f"model spec {dict(spec)}: config.json 'architectures' must be a list of class names")
+        raise ValueError(f"model spec {dict(spec)}: config.json 'architectures' must be a list of names")
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
 
     def make(c: Any) -> nn.Module:

@@ -334,6 +334,7 @@ def train(
         return lr_at(sched, step, base_lr) if sched else base_lr
 
     start = 0
+    run.remove_orphans()  # this process is the run's writer: any temporary file is a killed one's
     existing = run.checkpoints()
     done = [c for c in existing if c.optimizer_path is not None and c.step <= steps] if resume else []
     if existing and not done:

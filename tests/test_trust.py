@@ -301,7 +301,8 @@ def test_hf_parameter_estimate_equals_the_built_model(tmp_path: Path, kind: str)
     limit = real - 1
     with pytest.raises(ValueError, match=f"{real:,} parameters, above the limit of {limit:,}"):
         build_from_spec({"hf": str(folder), "max_params": limit})
-    assert sum(p.numel() for p in build_from_spec({"hf": str(folder), "max_params": real}).parameters()) == real
+    built = build_from_spec({"hf": str(folder), "max_params": real})
+    assert sum(p.numel() for p in built.parameters()) == real
 
 
 def test_folder_fuzz_every_outcome_loads_or_is_a_clear_refusal(tmp_path: Path) -> None:
@@ -323,3 +324,54 @@ def test_folder_fuzz_every_outcome_loads_or_is_a_clear_refusal(tmp_path: Path) -
     for family in fuzz.FAMILIES:  # every family both loads and refuses something
         assert any(o.startswith(f"{family}:ok") for o in outcomes), (family, outcomes)
         assert any(o.startswith(f"{family}:refused") for o in outcomes) or family == "metadata_json", outcomes
+
+
+# ------------------------------------------------------------------------------------------- faults
+def test_orphan_temporary_files_of_a_killed_writer_are_removed_on_open(tmp_path: Path) -> None:
+    import time as _time
+
+    folder = _received(tmp_path)
+    ck = folder / "checkpoints"
+    old = [ck / ".step_000002.safetensors.abcd1234.tmp", folder / ".run.json.k3j4h5g6.tmp"]
+    fresh = ck / ".step_000003.safetensors.zzzz9999.tmp"  # a write in progress in another process
+    for f in [*old, fresh]:
+        f.write_bytes(b"partial")
+    stale = _time.time() - 3600
+    for f in old:
+        os.utime(f, (stale, stale))
+    keep = ck / "notes.tmp"
+    keep.write_text("mine")
+    run = Run.open(folder)
+    assert not any(f.exists() for f in old) and fresh.exists() and keep.exists()
+    assert run.steps() == [0, 1]
+    assert run.remove_orphans() == [fresh]  # the run's own writer (resume) removes every one
+
+
+def test_a_full_disk_names_the_write_and_leaves_no_empty_store(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE=0 in a child process: every write fails as on a full disk (EFBIG)."""
+    import subprocess
+    import sys
+
+    folder = _received(tmp_path)
+    Run.open(folder, trust=True)
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+        "from dynascope.store import ResultStore\n"
+        "from dynascope.models.atomic import atomic_write_text\n"
+        "d = sys.argv[1]\n"
+        "writes = (lambda: ResultStore(d), lambda: atomic_write_text(d + '/x.json', 'x'))\n"
+        "for f in writes:\n"
+        "    try:\n"
+        "        f()\n"
+        "    except OSError as e:\n"
+        "        print('OSError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stdout + out.stderr
+    assert f"creating the result store '{folder / 'results.sqlite'}' failed" in lines[0]
+    assert f"writing '{folder / 'x.json'}' failed" in lines[1]
+    assert not (folder / "results.sqlite").exists() and not list(folder.glob(".*.tmp"))
