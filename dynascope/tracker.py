@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dynascope.models import Run, RunError, checkpoint_due
+from dynascope.models import Run, RunError, checkpoint_due, load_weights
 from dynascope.models.atomic import atomic_write_text
 
 from .track_budget import Interval, OverheadBudget
@@ -322,6 +322,10 @@ class Tracker:
     ``budget``: the most tracker time (probes, checkpoint snapshots, hand-offs, background writes) as a
     fraction of training time (``None``: no limit; the rule is in the module docstring).
     ``background_writes``: write files on a background thread (default) or on the training thread.
+    ``resume=True`` continues a Tracker run at ``run_dir`` after a crash: the model (and optimizer) get the
+    weights (and state) of its last checkpoint, :attr:`start_step` is that step, metrics rows after it and a
+    killed writer's temporary files are dropped, and calls for steps up to it are ignored (no duplicate
+    rows): continue your loop at ``tracker.start_step + 1``.
     """
 
     def __init__(
@@ -345,6 +349,7 @@ class Tracker:
         notes: str = "",
         extra: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        resume: bool = False,
         heartbeat_s: float = 5.0,
         background_writes: bool = True,
     ) -> None:
@@ -381,10 +386,13 @@ class Tracker:
         self._writer: Writer | None = None
         self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._pid = os.getpid()  # a forked child (e.g. a DataLoader worker) never writes
+        self.start_step: int | None = None  # the step a resumed run continues after
         if not self.writer:
             return
+        if resume and overwrite:
+            raise ValueError("Tracker: resume=True continues a run, overwrite=True replaces it; pass one")
         t0 = time.perf_counter()
-        self._setup(data, loss, lr, probe_samples, model_spec, seed, notes, extra, overwrite)
+        self._setup(data, loss, lr, probe_samples, model_spec, seed, notes, extra, overwrite, resume)
         from dynascope.runner import call_params
 
         for p in self._probes:  # unknown parameters fail here, not at the first due step
@@ -400,8 +408,11 @@ class Tracker:
         atexit.register(lambda: (t := ref()) is not None and not t.closed and t.close())
 
     # ------------------------------------------------------------------ setup
-    def _setup(self, data, loss, lr, probe_samples, model_spec, seed, notes, extra, overwrite) -> None:
+    def _setup(
+        self, data, loss, lr, probe_samples, model_spec, seed, notes, extra, overwrite, resume
+    ) -> None:
         path = self.path
+        resume = resume and Run.is_run(path)
         if overwrite and Run.is_run(path):  # the files a tracker adds to a run (Run.create clears the rest)
             import shutil
 
@@ -440,10 +451,14 @@ class Tracker:
             if given_spec
             else f"the first {n_probe} samples given, saved to {PROBE_DATA_FILE} (the run's data spec)",
         }
-        self.run = Run.create(
-            path, model=spec, dataset=data_spec, optimizer=self.optimizer, lr_schedule=lr_schedule, seed=seed,
-            notes=notes, loss=loss, extra={**dict(extra or {}), "tracker": info}, overwrite=overwrite,
-        )  # fmt: skip
+        if resume:
+            self.run = self._resume(spec)
+        else:
+            self.run = Run.create(
+                path, model=spec, dataset=data_spec, optimizer=self.optimizer, lr_schedule=lr_schedule,
+                seed=seed, notes=notes, loss=loss, extra={**dict(extra or {}), "tracker": info},
+                overwrite=overwrite,
+            )  # fmt: skip
         if data_spec.get("file") == str((path / PROBE_DATA_FILE).resolve()):
             from safetensors.torch import save_file
 
@@ -457,6 +472,31 @@ class Tracker:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._device = device
         self._batch = (batch[0].to(device), batch[1].to(device))
+
+    def _resume(self, spec: Mapping[str, Any]) -> Run:
+        """Open the Tracker run at ``self.path`` to continue after its last checkpoint (class docstring)."""
+        run = Run.open(self.path)
+        if "tracker" not in run.extra:
+            raise RunError(self.path, "was not written by a Tracker; resume=True continues a Tracker run")
+        if {k: v for k, v in run.model_config.items() if k != "seed"} != {
+            k: v for k, v in spec.items() if k != "seed"
+        }:
+            raise RunError(
+                self.path,
+                f"holds a run of another model ({run.model_config}, not {dict(spec)}); nothing was changed",
+            )
+        run.remove_orphans()  # this process is the run's writer now
+        checkpoints = run.checkpoints()
+        if checkpoints:
+            last = checkpoints[-1]
+            load_weights(last.path, _unwrap_model(self.model))
+            if self.optimizer is not None and last.optimizer_path is not None:
+                run.load_optimizer_state(last.step, self.optimizer, _unwrap_model(self.model))
+            self.start_step = last.step
+            self._last_step = self._last_checkpoint = last.step
+            self._written.update(last_checkpoint=last.step, checkpoints_written=len(checkpoints))
+        run.truncate_metrics(self.start_step if self.start_step is not None else -1)
+        return run
 
     def _model_spec(self, given: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
         """``(spec, info, hf_config_to_save)``: the model spec of the run (module docstring)."""
@@ -541,8 +581,8 @@ class Tracker:
 
     def log(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Record metrics at ``step`` (merged into that step's row of ``metrics.csv``) without probing."""
-        if not self.writer or self.closed:
-            return
+        if not self.writer or self.closed or (self.start_step is not None and step <= self.start_step):
+            return  # a resumed run already holds the rows up to its last checkpoint
         row = self._rows.setdefault(int(step), {"step": int(step)})
         for k, v in (metrics or {}).items():
             v = _scalar(v)

@@ -681,6 +681,33 @@ class Run:
     def metrics_path(self) -> Path:
         return self.path / "metrics.csv"
 
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop ``metrics.csv`` rows with step > ``after_step`` (a resumed run logs them again)."""
+        path = self.metrics_path
+        if not path.is_file():
+            return
+        with dir_lock(self.path):
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f))
+            if not rows or "step" not in rows[0]:
+                return
+            header, body = rows[0], rows[1:]
+            i = header.index("step")
+            keep = []
+            for r in body:
+                try:
+                    if len(r) == len(header) and float(r[i]) <= after_step:
+                        keep.append(r)
+                except ValueError:
+                    continue
+            if len(keep) == len(body):
+                return
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(header)
+            w.writerows(keep)
+            atomic_write_text(path, buf.getvalue())
+
     def log_metrics(self, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Append one row (dict) or several to ``metrics.csv``; every row needs a ``step``.
 

@@ -26,8 +26,6 @@ Conventions
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -42,7 +40,6 @@ import torch
 from torch import Tensor, nn
 
 from ..models import Run, RunError, lr_at, weight_norm
-from ..models.atomic import atomic_write_text, dir_lock
 from ..probes.losses import resolve_loss
 
 __all__ = [
@@ -165,36 +162,6 @@ def _batch_indices(n: int, batch_size: int | None, step: int, seed: int) -> Tens
     gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
     perm = torch.randperm(n, generator=gen)
     return perm[k * batch_size : (k + 1) * batch_size]
-
-
-def _truncate_metrics(run: Run, after_step: int) -> None:
-    """Drop ``metrics.csv`` rows with step > ``after_step`` (they are recomputed on resume)."""
-    path = run.metrics_path
-    if not path.is_file():
-        return
-    with dir_lock(run.path):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows:
-            return
-        header, body = rows[0], rows[1:]
-        if "step" not in header:
-            return
-        i = header.index("step")
-        keep = []
-        for r in body:
-            try:
-                if len(r) == len(header) and float(r[i]) <= after_step:
-                    keep.append(r)
-            except ValueError:
-                continue
-        if len(keep) == len(body):
-            return
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(keep)
-        atomic_write_text(path, buf.getvalue())
 
 
 class _Progress:
@@ -351,7 +318,7 @@ def train(
         start = last.step
     if start == steps and start > 0:
         return run
-    _truncate_metrics(run, start - 1)  # the resumed step is logged (and checkpointed) again
+    run.truncate_metrics(start - 1)  # the resumed step is logged (and checkpointed) again
 
     bar = _Progress(progress, steps, start, desc=str(cfg.get("extra", {}).get("recipe", run.path.name)))
     model.train()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,55 @@ def test_a_script_that_ends_without_close_leaves_a_finished_complete_run(tmp_pat
     run = dynascope.open_run(tmp_path / "run")
     assert run.steps == [0, 5, 10, 12] and run.metrics["step"].tolist() == list(range(13))
     assert len(run.cached("sharpness")) == 3
+
+
+RESUME_SCRIPT = """
+import sys, time, torch, dynascope
+from dynascope.models import build
+path, resume, last = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
+model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+tr = dynascope.Tracker(path, model, data=(x, y), loss="cross_entropy", optimizer=opt, schedule="linear",
+                       checkpoint_every=5, heartbeat_s=0.0, budget=None, resume=resume)
+start = 0 if tr.start_step is None else tr.start_step + 1
+if start == 0:
+    tr.step(0)
+    start = 1
+for s in range(start, last + 1):
+    opt.zero_grad(); loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
+    tr.step(s, metrics={"train_loss": loss})
+    time.sleep(0.01 if last > 1000 else 0)
+tr.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_tracker_run_continues_with_resume(tmp_path: Path) -> None:
+    """kill -9 mid-training, then Tracker(resume=True): the run continues after its last checkpoint (weights
+    and momentum restored), with one metrics row per step, equal to a run that was never killed."""
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    path, ref = tmp_path / "run", tmp_path / "ref"
+    proc = subprocess.Popen([sys.executable, str(script), str(path), "new", "100000"], cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run_status(path) or {}).get("step") or 0) >= 23:
+            assert proc.poll() is None
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    ck = path / "checkpoints"
+    (ck / ".step_000099.safetensors.abcd1234.tmp").write_bytes(b"partial")  # as a kill mid-write leaves
+    for args, folder in (("resume", path), ("new", ref)):
+        subprocess.run([sys.executable, str(script), str(folder), args, "40"], cwd=tmp_path, check=True)
+    assert not list(ck.glob(".*.tmp"))
+    a, b = dynascope.open_run(path), dynascope.open_run(ref)
+    assert a.steps == b.steps and a.steps[-1] == 40
+    ma, mb = a.metrics, b.metrics
+    assert ma["step"].tolist() == list(range(41)) == mb["step"].tolist()  # no duplicate or missing row
+    assert np.allclose(ma["train_loss"], mb["train_loss"], rtol=1e-6, atol=1e-7, equal_nan=True)
+    for p, q in zip(a.model(40).parameters(), b.model(40).parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
