@@ -519,12 +519,19 @@ class Tracker:
                 {"source": f"Hugging Face config saved to {HF_CONFIG_DIR}/"},
                 config,
             )
+        from dynascope.models.structure import StructureError, describe_module
+
+        try:  # a Sequential of torch.nn layers (e.g. defined inline in a notebook) travels as data
+            return describe_module(model), {"source": "the model's torch.nn structure"}, None
+        except StructureError as e:
+            not_structure = str(e)
         ref = _class_ref(type(model))
         if ref is None:
             raise ValueError(
                 f"Tracker: the model's class {type(model).__qualname__} (module {type(model).__module__}) "
-                "cannot be imported by a reader of the run (it is defined in __main__ or inside a function); "
-                "pass model_spec={'factory': 'pkg.module:make_model', 'kwargs': {...}} (or a file path "
+                "cannot be imported by a reader of the run (it is defined in __main__ or inside a function), "
+                f"and it is not a Sequential of torch.nn layers ({not_structure}); pass "
+                "model_spec={'factory': 'pkg.module:make_model', 'kwargs': {...}} (or a file path "
                 "'path/to/file.py:make_model')"
             )
         kwargs = {}

@@ -46,7 +46,7 @@ from .checkpoints import (
 )
 from .registry import model_config
 from .schedules import lr_at, validate_schedule
-from .specs import MODEL_SPEC_FORMS, build_from_spec, normalize_model_spec
+from .specs import MODEL_SPEC_FORMS, build_from_spec, is_model_spec, normalize_model_spec
 from .trust import TRUST_HINT, CodeRef, grant, spec_refs, trusted_refs
 from .weights import load_weights
 
@@ -385,11 +385,11 @@ class Run:
                 f"run.json schema_version {version!r} is not supported "
                 f"(this dynascope reads <= {RUN_SCHEMA_VERSION})",
             )
-        forms = {"model": MODEL_SPEC_FORMS, "dataset": ("name", "file", "factory")}
-        for key, keys in forms.items():
-            spec = config.get(key)
-            if not isinstance(spec, dict) or not any(isinstance(spec.get(k), str) for k in keys):
-                raise RunError(path, f"run.json: {key!r} must be a spec dict with one of {list(keys)}")
+        if not is_model_spec(config.get("model")):
+            raise RunError(path, f"run.json: 'model' must be a spec dict, one of {list(MODEL_SPEC_FORMS)}")
+        data, forms = config.get("dataset"), ("name", "file", "factory")
+        if not isinstance(data, dict) or not any(isinstance(data.get(k), str) for k in forms):
+            raise RunError(path, f"run.json: 'dataset' must be a spec dict with one of {list(forms)}")
         run = cls(path, config)
         run.remove_orphans(ORPHAN_AGE_S)
         if trust:
@@ -507,7 +507,7 @@ class Run:
         """The model config checkpoint ``step`` is built from: its own metadata ``model_config``
         (one size of a sweep run) when it names one, else the run's."""
         ck_cfg = self.checkpoint(step).metadata.get("model_config")
-        if isinstance(ck_cfg, Mapping) and any(isinstance(ck_cfg.get(k), str) for k in MODEL_SPEC_FORMS):
+        if is_model_spec(ck_cfg):
             return dict(ck_cfg)
         return self.model_config
 
@@ -807,12 +807,15 @@ class CheckpointFile:
                 f"checkpoint '{self.file}' needs a dataset config "
                 "(CLI: --dataset NAME or --dataset '{\"name\": ..., ...}')"
             )
-        forms = {"model": MODEL_SPEC_FORMS, "dataset": ("name", "file", "factory")}
-        for what, c in (("model", cfg), ("dataset", dataset_config)):
-            if not isinstance(c, Mapping) or not any(isinstance(c.get(k), str) for k in forms[what]):
+        data_ok = isinstance(dataset_config, Mapping) and any(
+            isinstance(dataset_config.get(k), str) for k in ("name", "file", "factory")
+        )
+        for what, c, ok, forms in (("model", cfg, is_model_spec(cfg), MODEL_SPEC_FORMS[1:]),
+                                   ("dataset", dataset_config, data_ok, ("file", "factory"))):  # fmt: skip
+            if not ok:
                 raise ValueError(
                     f"checkpoint '{self.file}': the {what} config needs a \"name\" (registry) or one of "
-                    f"{list(forms[what][1:])}; got {c!r}"
+                    f"{list(forms)}; got {c!r}"
                 )
         self.model_config = dict(cfg)
         self.dataset_config = dict(dataset_config)

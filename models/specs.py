@@ -42,9 +42,11 @@ from ..datasets.factory import (
 from .checkpoints import file_sha256
 from .outputs import attach_logits_rule
 from .registry import CONFIG_ATTR, build, normalize_config
+from .structure import build_structure
 
 __all__ = [
     "MODEL_SPEC_FORMS",
+    "is_model_spec",
     "model_spec_kind",
     "normalize_model_spec",
     "build_from_spec",
@@ -52,7 +54,16 @@ __all__ = [
     "hf_weights_file",
 ]
 
-MODEL_SPEC_FORMS = ("name", "factory", "hf")
+MODEL_SPEC_FORMS = ("name", "factory", "hf", "structure")
+
+
+def is_model_spec(spec: Any) -> bool:
+    """Whether ``spec`` has the shape of a model spec: a dict naming a registry model, factory or HF folder
+    (a string), or a structure (a dict); not whether it builds."""
+    return isinstance(spec, Mapping) and (
+        any(isinstance(spec.get(k), str) for k in ("name", "factory", "hf"))
+        or isinstance(spec.get("structure"), Mapping)
+    )
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -62,7 +73,8 @@ def model_spec_kind(spec: Any) -> str:
     if len(kinds) != 1:
         raise ValueError(
             "model config must be a dict with a string 'name' (registry), or exactly one of 'factory' "
-            "('pkg.module:function' or 'path/file.py:function') or 'hf' (a save_pretrained folder); "
+            "('pkg.module:function' or 'path/file.py:function'), 'hf' (a save_pretrained folder) or "
+            "'structure' (torch.nn layers, dynascope.models.structure); "
             f"got {spec!r}"
         )
     return kinds[0]
@@ -87,7 +99,11 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         if not isinstance(name, str):
             raise ValueError(f"model spec {dict(spec)}: 'name' must be a string")
         return normalize_config(name, **out)
-    allowed = {"factory": {"factory", "kwargs", "seed"}, "hf": {"hf", "seed", "max_params"}}[kind]
+    allowed = {
+        "factory": {"factory", "kwargs", "seed"},
+        "hf": {"hf", "seed", "max_params"},
+        "structure": {"structure", "seed"},
+    }[kind]
     extra = sorted(set(out) - allowed)
     if extra:
         raise ValueError(
@@ -99,6 +115,10 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         raise ValueError(f"model spec {dict(spec)}: max_params must be a positive int, got {limit!r}")
     if kind == "factory":
         return normalize_factory_spec(out, spec, "model")
+    if kind == "structure":
+        if not isinstance(out["structure"], Mapping):
+            raise ValueError(f"model spec {dict(spec)}: 'structure' must be a layer object")
+        return out
     if not isinstance(out["hf"], str) or not out["hf"]:
         raise ValueError(f"model spec {dict(spec)}: 'hf' must be the path of a save_pretrained folder")
     out["hf"] = str(Path(out["hf"]).expanduser().resolve())
@@ -259,6 +279,10 @@ def build_from_spec(spec: Mapping[str, Any] | str) -> nn.Module:
             raise ValueError(
                 f"model factory {cfg['factory']!r} returned {type(model).__name__}, not a torch.nn.Module"
             )
+    elif kind == "structure":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"])
+            model = build_structure(cfg["structure"])
     else:
         model = _build_hf(cfg)
     attach_logits_rule(model)
