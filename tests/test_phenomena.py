@@ -179,5 +179,9 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_transformers() -
     a, b = trained(0), trained(1)
     r = probes.lmc_barrier(a, b, (xt, yt), n_points=11, align="weights")
     print(f"transformer barrier: unaligned {r.barrier_unaligned:.4f}, weight-matched {r.barrier:.4f}")
-    assert r.accuracies[0] > 0.95 and r.accuracies[-1] > 0.95
+    # both endpoints learned the rule, not the majority vote: test error at most a quarter of the
+    # majority-class error (0.453). Adam at a constant lr leaves the last step anywhere in its noise: the
+    # endpoint accuracy was 0.988–0.992 here and 0.949 on another CPU, so no bound is drawn near either.
+    chance_error = float(min(yt.float().mean(), 1 - yt.float().mean()))
+    assert max(1 - r.accuracies[0], 1 - r.accuracies[-1]) <= chance_error / 4, (r.accuracies, chance_error)
     assert r.barrier < 0.5 * r.barrier_unaligned

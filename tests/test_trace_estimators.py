@@ -168,18 +168,25 @@ def test_auto_is_never_worse_than_the_better_estimator(kind: str) -> None:
         lam = lam.double()
     op, tr = _rotated_op(lam), float(lam.sum())
     errs: dict[str, list[float]] = {"hutchinson": [], "hutch++": [], "auto": []}
-    chosen = set()
+    chosen, ratios = set(), []
     for seed in range(24):
         errs["hutchinson"].append(hutchinson(op, 100, seed=seed)[0] - tr)
         errs["hutch++"].append(hutch_plus_plus(op, 100, seed=seed)[0] - tr)
         est, _, _, _, choice = auto_trace(op, 100, seed=seed)
         errs["auto"].append(est - tr)
         chosen.add(choice.method)
+        ratios.append(round(choice.variance_ratio, 3))
     rms = {k: math.sqrt(sum(e * e for e in v) / len(v)) for k, v in errs.items()}
     assert rms["auto"] <= 1.1 * min(rms["hutchinson"], rms["hutch++"]), rms
-    assert chosen == ({"hutchinson"} if kind == "bulk" else {"hutch++"})
-    if kind == "bulk":  # choosing Hutchinson returns exactly its estimate (same probes, no product wasted)
-        assert errs["auto"] == errs["hutchinson"]
+    assert chosen == ({"hutchinson"} if kind == "bulk" else {"hutch++"}), ratios
+    if kind == "bulk":
+        # choosing Hutchinson returns its estimate (the same probes, no product wasted) up to the rounding
+        # of the products, which BLAS may sum in another order for another block of columns: each sample
+        # zᵀAz (|z| = 1) is off by at most 2γₙ·1ᵀ|A|1 with γₙ = n·ε / (1 − n·ε), in both estimators
+        eps = torch.finfo(torch.float64).eps
+        bound = 4 * (n * eps / (1 - n * eps)) * float(op.matrix.abs().sum())
+        gaps = [abs(a - h) for a, h in zip(errs["auto"], errs["hutchinson"])]
+        assert max(gaps) <= bound, (max(gaps), bound)
 
 
 def test_auto_is_the_default_and_says_what_it_chose() -> None:
