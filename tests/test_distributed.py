@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fresh_process import free_port, run_fresh
+from fresh_process import failure, free_port, run_fresh
 
 from dynascope import distributed as D
 from dynascope.datasets.batching import BatchSource
@@ -94,13 +94,13 @@ def _spawn(port: int, out_dir: str, run_dir: str) -> None:
 @pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, more on a loaded machine
 def test_sharded_probes_equal_single_process(tmp_path: Path) -> None:
     run = _make_run(tmp_path / "run")
-    # the ranks start from a fresh interpreter, retried on a start-up SIGABRT (tests/fresh_process.py)
+    # the ranks start from a fresh interpreter (tests/fresh_process.py)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_distributed as t; t._spawn(*sys.argv[2:])"
     )
-    args = [str(Path(__file__).resolve().parent), "port", str(tmp_path), str(run.path)]
-    proc, tries = run_fresh(code, args, port_arg=1)
-    assert proc.returncode == 0, f"attempt {tries}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = [str(Path(__file__).resolve().parent), str(free_port()), str(tmp_path), str(run.path)]
+    proc = run_fresh(code, args)
+    assert proc.returncode == 0, failure(proc)
     model, data = _model_and_data()
     ref = _probes(model, data)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fresh_process import run_fresh
+from fresh_process import failure, free_port, run_fresh
 
 import dynascope
 from dynascope.tracker import run_status
@@ -74,10 +74,8 @@ def test_only_rank_zero_writes_under_a_gloo_process_group(tmp_path: Path) -> Non
         "import sys; sys.path.insert(0, sys.argv[1]); import test_tracker_distributed as t; "
         "t._spawn(*sys.argv[2:])"
     )
-    proc, tries = run_fresh(
-        code, [str(Path(__file__).resolve().parent), "port", str(run_dir), str(out)], port_arg=1
-    )
-    assert proc.returncode == 0, f"attempt {tries}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_fresh(code, [str(Path(__file__).resolve().parent), str(free_port()), str(run_dir), str(out)])
+    assert proc.returncode == 0, failure(proc)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert r0["writer"] and r0["has_run"] and r0["has_writer_thread"]
     # rank 1: no run object, no writer thread, nothing written (the status file is rank 0's)
