@@ -34,6 +34,7 @@ ranks are not in the key: a sharded product equals the one-process one to roundi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -61,6 +62,12 @@ class Progress(Protocol):
     """``progress(i, n, step, cached, seconds)`` after checkpoint ``i`` of ``n`` (1-based) is done."""
 
     def __call__(self, i: int, n: int, step: int | None, cached: bool, seconds: float) -> None: ...
+
+
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature``, once per function (every cache lookup asks for the probe's parameters)."""
+    return inspect.signature(fn)
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class ProbeSpec:
     def parameters(self) -> dict[str, inspect.Parameter]:
         """The probe function's keyword parameters (after the model(s) and data)."""
         skip = {"model": 2, "trajectory": 3, "pair": 3, "checkpoints": 2}[self.inputs]
-        params = list(inspect.signature(self.resolve()).parameters.values())[skip:]
+        params = list(_signature(self.resolve()).parameters.values())[skip:]
         return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     def accepts(self, name: str) -> bool:
