@@ -54,8 +54,6 @@ from dynascope.store import ResultStore
 
 #: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key.
 RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps")
-#: The ways a probe function takes its checkpoints (see :class:`ProbeSpec`).
-INPUTS = ("model", "trajectory", "pair", "checkpoints")
 
 
 class Progress(Protocol):
@@ -90,7 +88,6 @@ class ProbeSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     uses_loss: bool = True
-    classification_only: bool = False
     inputs: str = "model"
     version: int = 1
 
@@ -137,7 +134,7 @@ PROBES: dict[str, ProbeSpec] = {
         ProbeSpec("ntk", "ntk_probe", {"k": 10}, "empirical NTK spectrum and label alignment",
                   uses_loss=False),
         ProbeSpec("neural_collapse", "neural_collapse", {}, "neural-collapse metrics NC1–NC4",
-                  uses_loss=False, classification_only=True),
+                  uses_loss=False),
         ProbeSpec("ntk_trajectory", "ntk_trajectory", {},
                   "NTK label alignment and kernel distance over several checkpoints (first = reference)",
                   uses_loss=False, inputs="trajectory"),
