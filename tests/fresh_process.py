@@ -2,7 +2,8 @@
 
 The ranks are spawned from a new interpreter, not from the pytest process: state that earlier tests leave in
 the pytest process (Hugging Face / Lightning imports, inductor settings) made a spawned rank abort in the
-full suite. A failed process is never retried (a genuine collective mismatch between ranks also dies with
+full suite. The ranks meet through a file (:func:`rendezvous`), not a port picked in advance. A failed
+process is never retried (a genuine collective mismatch between ranks also dies with
 SIGABRT); ``PYTHONFAULTHANDLER`` is set, so a rank that aborts prints every thread's Python stack into the
 stderr that the failing assertion shows.
 """
@@ -10,18 +11,20 @@ stderr that the failing assertion shows.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["failure", "free_port", "run_fresh"]
+__all__ = ["failure", "rendezvous", "run_fresh"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(folder: Path) -> str:
+    """A ``file://`` init method in ``folder`` for the ranks of one test: no TCP port is chosen in advance,
+    so no other process can take it between the choice and the bind (gloo binds its own ports)."""
+    path = Path(folder) / "rendezvous"
+    path.unlink(missing_ok=True)
+    return path.resolve().as_uri()
 
 
 def run_fresh(code: str, args: Sequence[str], *, timeout: float = 900) -> subprocess.CompletedProcess:
