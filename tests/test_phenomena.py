@@ -109,6 +109,26 @@ def test_grokking_page_shows_an_xor_run_with_its_clean_flipped_split(tmp_path, m
     assert "train_acc_flipped" in fig and "train_acc_clean" in fig
 
 
+def _fit(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, *, steps: int, batch: int, seed: int):
+    """``steps`` minibatch steps of cross-entropy (batches drawn with replacement, seeded); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (batch,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _assert_endpoints_learned(r, y_test: torch.Tensor) -> None:
+    """Both endpoints of a barrier learned the task, not the majority vote: test error at most a quarter
+    of the majority-class error. A constant-lr optimiser leaves the last step anywhere in its noise, so no
+    bound is drawn near the accuracy one machine happens to reach."""
+    chance_error = 1 - float(torch.bincount(y_test).max()) / len(y_test)
+    assert max(1 - r.accuracies[0], 1 - r.accuracies[-1]) <= chance_error / 4, (r.accuracies, chance_error)
+
+
 @pytest.mark.slow
 def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> None:
     """Two seeds of a small BatchNorm ResNet (widths 16, 32) trained on digits 8×8 (SGD + momentum,
@@ -125,19 +145,12 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> Non
         torch.manual_seed(seed)
         model = build("resnet", in_channels=1, image_size=8, widths=[16, 32], out_dim=10, seed=seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(300):
-            i = torch.randint(0, len(x), (64,), generator=g)
-            loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return model.eval()
+        return _fit(model, opt, x, y, steps=300, batch=64, seed=seed)
 
     a, b = trained(0), trained(1)
     r = probes.lmc_barrier(a, b, test, n_points=9, align="weights", bn_reset_data=(x, y))
     print(f"resnet barrier: unaligned {r.barrier_unaligned:.4f}, weight-matched {r.barrier:.4f}")
-    assert r.accuracies[0] > 0.8 and r.accuracies[-1] > 0.8
+    _assert_endpoints_learned(r, test[1])
     assert r.barrier < 0.8 * r.barrier_unaligned
 
 
@@ -167,21 +180,10 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_transformers() -
             seed=seed,
         )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(200):
-            i = torch.randint(0, len(x), (128,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return model.eval()
+        return _fit(model, opt, x, y, steps=200, batch=128, seed=seed)
 
     a, b = trained(0), trained(1)
     r = probes.lmc_barrier(a, b, (xt, yt), n_points=11, align="weights")
     print(f"transformer barrier: unaligned {r.barrier_unaligned:.4f}, weight-matched {r.barrier:.4f}")
-    # both endpoints learned the rule, not the majority vote: test error at most a quarter of the
-    # majority-class error (0.453). Adam at a constant lr leaves the last step anywhere in its noise: the
-    # endpoint accuracy was 0.988–0.992 here and 0.949 on another CPU, so no bound is drawn near either.
-    chance_error = float(min(yt.float().mean(), 1 - yt.float().mean()))
-    assert max(1 - r.accuracies[0], 1 - r.accuracies[-1]) <= chance_error / 4, (r.accuracies, chance_error)
+    _assert_endpoints_learned(r, yt)  # accuracy 0.988–0.992 here, 0.949 on another CPU
     assert r.barrier < 0.5 * r.barrier_unaligned
