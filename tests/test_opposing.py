@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import flat_call
 from torch import nn
 
 import dynascope.probes as probes
@@ -88,19 +89,13 @@ def dense_top_split(
     (ascending), its top eigenvector ``v₁`` and the per-example gradients ``g_i`` (rows)."""
     m = nn.Sequential(nn.Linear(x.shape[1], 32), nn.Tanh(), nn.Linear(32, 2)).double()
     m.load_state_dict({k: v.double() for k, v in state.items()})
-    named = [(n, p.shape) for n, p in m.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
-
-    def loss(t: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        parts = dict(zip([n for n, _ in named], torch.split(t, [s.numel() for _, s in named])))
-        params = {n: parts[n].reshape(s) for n, s in named}
-        return F.cross_entropy(torch.func.functional_call(m, params, (xs,)), ys)
-
+    theta, call = flat_call(m)
     xd = x.double()
-    lam, U = torch.linalg.eigh(torch.autograd.functional.hessian(lambda t: loss(t, xd, y), theta))
-    one = torch.func.grad(lambda t, xi, yi: loss(t, xi[None], yi[None]))
-    per_example = torch.func.vmap(one, (None, 0, 0))
-    return lam, U[:, -1], per_example(theta, xd, y)
+    lam, U = torch.linalg.eigh(
+        torch.autograd.functional.hessian(lambda t: F.cross_entropy(call(t, xd), y), theta)
+    )
+    one = torch.func.grad(lambda t, xi, yi: F.cross_entropy(call(t, xi[None]), yi[None]))
+    return lam, U[:, -1], torch.func.vmap(one, (None, 0, 0))(theta, xd, y)
 
 
 def test_hessian_direction_and_fixed_count() -> None:
