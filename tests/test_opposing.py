@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dense_reference import flat_call
+from dense import flat_call
 from torch import nn
 
 import dynascope.probes as probes

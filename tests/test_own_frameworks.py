@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dense_reference import token_loss_hessian
+from dense import token_loss_hessian
 
 import dynascope
 from dynascope.cli import main

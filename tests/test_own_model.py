@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from dense_reference import token_loss_hessian
+from dense import token_loss_hessian
 from safetensors.torch import save_file
 from torch import nn
 

@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from test_hessian_probes import outliers_plus_bulk, random_symmetric  # outliers over a bulk of both signs
+from dense import random_symmetric
+from test_hessian_probes import outliers_plus_bulk  # outliers over a bulk of both signs
 from test_operators import cases, dense_reference
 
 import dynascope.probes as probes
@@ -140,16 +141,6 @@ def test_krylov_bad_arguments() -> None:
         estimate_trace(op, 10, method="xtrace ")
 
 
-def _rotated_op(lam: torch.Tensor, seed: int = 1):
-    from dynascope.probes.operators import DenseOperator
-
-    n = lam.numel()
-    Q, _ = torch.linalg.qr(
-        torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    )
-    return DenseOperator(Q @ torch.diag(lam) @ Q.T)
-
-
 @pytest.mark.parametrize("kind", ["bulk", "outliers"])
 def test_auto_is_never_worse_than_the_better_estimator(kind: str) -> None:
     """Multi-seed rms error of method="auto" ≤ min(Hutchinson, Hutch++) + 10 % (relative), at 100 products."""
@@ -166,7 +157,7 @@ def test_auto_is_never_worse_than_the_better_estimator(kind: str) -> None:
             [torch.tensor([80.0, 60, 40, 30, 20, 15, 10, 8, 6, 5]), 0.05 * torch.randn(n - 10, generator=g)]
         )
         lam = lam.double()
-    op, tr = _rotated_op(lam), float(lam.sum())
+    op, tr = DenseOperator(random_symmetric(lam, seed=1)), float(lam.sum())
     errs: dict[str, list[float]] = {"hutchinson": [], "hutch++": [], "auto": []}
     chosen, ratios = set(), []
     for seed in range(24):

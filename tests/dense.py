@@ -1,6 +1,6 @@
-"""Dense float64 references shared by the tests: a model as a function of its flattened parameters, and the
-Hessian of a token loss by ``torch.autograd.functional.hessian`` (not ``torch.func.hessian``, wrong through
-LayerNorm in torch 2.13)."""
+"""Dense float64 references shared by the tests: a symmetric matrix of given spectrum, a model as a function
+of its flattened parameters, and the Hessian of a token loss by ``torch.autograd.functional.hessian`` (not
+``torch.func.hessian``, wrong through LayerNorm in torch 2.13)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,11 @@ def token_loss_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
         return ll / (t != -100).sum()
 
     return torch.autograd.functional.hessian(f, theta)
+
+
+def random_symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``Q diag(λ) Qᵀ`` (float64) with ``Q`` the orthogonal factor of a seeded Gaussian matrix."""
+    n = eigenvalues.numel()
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ torch.diag(eigenvalues.double()) @ Q.T
