@@ -168,17 +168,8 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_transformers() -
     y, yt = (x[:, 0] + x[:, 2] >= 16).long(), (xt[:, 0] + xt[:, 2] >= 16).long()
 
     def trained(seed: int) -> torch.nn.Module:
-        model = build(
-            "transformer",
-            vocab_size=16,
-            seq_len=4,
-            d_model=64,
-            n_heads=8,
-            n_layers=1,
-            d_mlp=256,
-            out_dim=2,
-            seed=seed,
-        )
+        shape = {"vocab_size": 16, "seq_len": 4, "d_model": 64, "n_heads": 8, "n_layers": 1, "d_mlp": 256}
+        model = build("transformer", **shape, out_dim=2, seed=seed)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         return _fit(model, opt, x, y, steps=200, batch=128, seed=seed)
 
