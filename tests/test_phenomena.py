@@ -8,6 +8,7 @@ import time
 import pandas as pd
 import pytest
 import torch
+from test_connectivity import assert_endpoints_learned
 
 from dynascope.models import build
 from dynascope.recipes import RECIPES, detect, detect_xor_grokking
@@ -121,14 +122,6 @@ def _fit(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, *, steps: int
     return model.eval()
 
 
-def _assert_endpoints_learned(r, y_test: torch.Tensor) -> None:
-    """Both endpoints of a barrier learned the task, not the majority vote: test error at most a quarter
-    of the majority-class error. A constant-lr optimiser leaves the last step anywhere in its noise, so no
-    bound is drawn near the accuracy one machine happens to reach."""
-    chance_error = 1 - float(torch.bincount(y_test).max()) / len(y_test)
-    assert max(1 - r.accuracies[0], 1 - r.accuracies[-1]) <= chance_error / 4, (r.accuracies, chance_error)
-
-
 @pytest.mark.slow
 def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> None:
     """Two seeds of a small BatchNorm ResNet (widths 16, 32) trained on digits 8×8 (SGD + momentum,
@@ -150,7 +143,7 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> Non
     a, b = trained(0), trained(1)
     r = probes.lmc_barrier(a, b, test, n_points=9, align="weights", bn_reset_data=(x, y))
     print(f"resnet barrier: unaligned {r.barrier_unaligned:.4f}, weight-matched {r.barrier:.4f}")
-    _assert_endpoints_learned(r, test[1])
+    assert_endpoints_learned(r, test[1])
     assert r.barrier < 0.8 * r.barrier_unaligned
 
 
@@ -176,5 +169,5 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_transformers() -
     a, b = trained(0), trained(1)
     r = probes.lmc_barrier(a, b, (xt, yt), n_points=11, align="weights")
     print(f"transformer barrier: unaligned {r.barrier_unaligned:.4f}, weight-matched {r.barrier:.4f}")
-    _assert_endpoints_learned(r, yt)  # accuracy 0.988–0.992 here, 0.949 on another CPU
+    assert_endpoints_learned(r, yt)  # accuracy 0.988–0.992 here, 0.949 on another CPU
     assert r.barrier < 0.5 * r.barrier_unaligned
