@@ -8,6 +8,8 @@ stamps mtimes with a coarse clock (a tick to seconds), so a change made within t
 the stamp as it was: a folder stamped within :data:`RACY_NS` of the scan that saw it is listed again on the
 next lookup (the "racy" rule of git's index). ``checkpoint(step)`` stats the folder and one file;
 ``checkpoints()`` stats the folder and every file; a header is read only for a new or changed file.
+Not seen: a file rewritten in place to the same size within one mtime tick of the write before it (dynascope
+writes checkpoints by atomic replace, so each write has a new inode).
 """
 
 from __future__ import annotations
