@@ -24,9 +24,10 @@ PACKAGES = {
 }
 LEAVES = {"dynascope.version"}
 #: Known violations, each to be removed with its fix (a stale entry fails ``test_known_violations_are_real``):
-#: the report runs a recipe's detector; recipes sit beside dynascope, so the report should get the detector
-#: (or its stored evidence) from its caller instead of importing recipes.
-KNOWN = {"dynascope/report.py imports dynascope.recipes"}
+#: the report runs a recipe's detector and the CLI's ``recipe`` command runs a recipe; recipes sit beside
+#: dynascope, so either they get what they need from their caller (or stored evidence), or recipes move
+#: below dynascope (they import only probes, models and datasets today).
+KNOWN = {"dynascope/report.py imports dynascope.recipes", "dynascope/commands.py imports dynascope.recipes"}
 
 
 def _module_name(path: Path) -> str:
@@ -41,6 +42,19 @@ def _is_package(path: Path) -> bool:
     return path.name == "__init__.py"
 
 
+def _dynamic_import(node: ast.Call) -> str | None:
+    """The module of ``importlib.import_module("a.b")`` / ``import_module(...)`` / ``__import__(...)`` with
+    an absolute name written out; ``None`` for any other call (relative or computed names are not judged)."""
+    f = node.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and not arg.value.startswith("."):
+        return arg.value
+    return None
+
+
 def _imports(path: Path, text: str) -> list[tuple[int, str]]:
     """``(line, module)`` of every import in ``text``, the source of ``path`` (relative ones resolved)."""
     tree = ast.parse(text, filename=str(path))
@@ -48,7 +62,9 @@ def _imports(path: Path, text: str) -> list[tuple[int, str]]:
     package = here if _is_package(path) else here[:-1]
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and _dynamic_import(node) is not None:
+            out.append((node.lineno, _dynamic_import(node)))
+        elif isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -135,6 +151,9 @@ def test_version_is_a_leaf() -> None:
         ("dynascope", "from . import recipes", False),
         ("dynascope", "from dynascope import runner, recipes", False),
         ("dynascope", "from dynascope import runner", True),
+        ("dynascope", "importlib.import_module('dynascope.recipes')", False),
+        ("models", "__import__('dynascope.probes')", False),
+        ("dynascope", "importlib.import_module('dynascope.probes')", True),
         ("probes", "from dynascope.version import __version__", True),
         ("dynascope", "from dynascope.probes import figures", True),
         ("app", "from dynascope.runner import PROBES", True),
