@@ -15,6 +15,7 @@ writes checkpoints by atomic replace, so each write has a new inode).
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -55,9 +56,9 @@ class CheckpointIndex:
     def _dir_stat(self) -> tuple[int, int] | None:
         try:
             st = os.stat(self.directory)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        return (st.st_ino, st.st_mtime_ns)
+        return (st.st_ino, st.st_mtime_ns) if stat.S_ISDIR(st.st_mode) else None
 
     def _record(self, name: str, step: int, key: FileKey) -> Any:
         """The cached record of ``name`` if its key is unchanged, else its header read again."""
