@@ -34,6 +34,7 @@ ranks are not in the key: a sharded product equals the one-process one to roundi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -54,14 +55,18 @@ from dynascope.store import ResultStore
 
 #: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key.
 RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps")
-#: The ways a probe function takes its checkpoints (see :class:`ProbeSpec`).
-INPUTS = ("model", "trajectory", "pair", "checkpoints")
 
 
 class Progress(Protocol):
     """``progress(i, n, step, cached, seconds)`` after checkpoint ``i`` of ``n`` (1-based) is done."""
 
     def __call__(self, i: int, n: int, step: int | None, cached: bool, seconds: float) -> None: ...
+
+
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature``, once per function (every cache lookup asks for the probe's parameters)."""
+    return inspect.signature(fn)
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,6 @@ class ProbeSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     uses_loss: bool = True
-    classification_only: bool = False
     inputs: str = "model"
     version: int = 1
 
@@ -94,7 +98,7 @@ class ProbeSpec:
     def parameters(self) -> dict[str, inspect.Parameter]:
         """The probe function's keyword parameters (after the model(s) and data)."""
         skip = {"model": 2, "trajectory": 3, "pair": 3, "checkpoints": 2}[self.inputs]
-        params = list(inspect.signature(self.resolve()).parameters.values())[skip:]
+        params = list(_signature(self.resolve()).parameters.values())[skip:]
         return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     def accepts(self, name: str) -> bool:
@@ -131,7 +135,7 @@ PROBES: dict[str, ProbeSpec] = {
         ProbeSpec("ntk", "ntk_probe", {"k": 10}, "empirical NTK spectrum and label alignment",
                   uses_loss=False),
         ProbeSpec("neural_collapse", "neural_collapse", {}, "neural-collapse metrics NC1–NC4",
-                  uses_loss=False, classification_only=True),
+                  uses_loss=False),
         ProbeSpec("ntk_trajectory", "ntk_trajectory", {},
                   "NTK label alignment and kernel distance over several checkpoints (first = reference)",
                   uses_loss=False, inputs="trajectory"),

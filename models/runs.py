@@ -38,13 +38,12 @@ from .atomic import atomic_write, atomic_write_text, dir_lock, remove_orphans
 from .checkpoints import (
     CheckpointError,
     _json_value,
-    checkpoint_counter,
     json_object,
     load_checkpoint,
-    read_safetensors_metadata,
     save_checkpoint,
 )
 from .registry import model_config
+from .run_index import CheckpointIndex, checkpoint_index
 from .schedules import lr_at, validate_schedule
 from .specs import MODEL_SPEC_FORMS, build_from_spec, is_model_spec, normalize_model_spec
 from .trust import TRUST_HINT, CodeRef, grant, spec_refs, trusted_refs
@@ -592,34 +591,30 @@ class Run:
             out.append(CheckpointInfo(step=int(r["step"]), epoch=r.get("epoch"), path=p, metadata=meta))
         return out
 
+    def _index(self) -> CheckpointIndex:
+        """This process's index of the checkpoint folder (listing and headers read once; models/run_index)."""
+        return checkpoint_index(self.checkpoint_dir, _CKPT_RE, CheckpointInfo)
+
     def checkpoints(self) -> list[CheckpointInfo]:
-        """All checkpoints, sorted by step (metadata read from the safetensors headers only); files of an
-        import by reference (``checkpoint_refs``) included."""
-        out = self._referenced_checkpoints()
-        if not self.checkpoint_dir.is_dir():
-            return sorted(out, key=lambda c: c.step)
-        for f in self.checkpoint_dir.iterdir():
-            m = _CKPT_RE.match(f.name)
-            if not m:
-                continue
-            meta = read_safetensors_metadata(f)
-            epoch = checkpoint_counter(meta.get("epoch"), "epoch", f)  # CheckpointError if NaN/Inf/huge
-            out.append(CheckpointInfo(step=int(m.group(1)), epoch=epoch, path=f, metadata=meta))
-        return sorted(out, key=lambda c: c.step)
+        """All checkpoints, sorted by step (metadata read from the safetensors headers only, once per
+        process while a file is unchanged); files of an import by reference (``checkpoint_refs``) included."""
+        return sorted([*self._referenced_checkpoints(), *self._index().records()], key=lambda c: c.step)
 
     def steps(self) -> list[int]:
         return [c.step for c in self.checkpoints()]
 
     def checkpoint(self, step: int | None = None) -> CheckpointInfo:
         """The checkpoint at ``step`` (the last one when None); ``RunError`` if absent."""
+        if step is not None:
+            found = next((c for c in self._referenced_checkpoints() if c.step == step), None)
+            found = found if found is not None else self._index().get(step)
+            if found is not None:
+                return found
         cks = self.checkpoints()
         if not cks:
             raise RunError(self.path, "has no checkpoints")
         if step is None:
             return cks[-1]
-        for c in cks:
-            if c.step == step:
-                return c
         raise RunError(self.path, f"has no checkpoint at step {step}; steps: {[c.step for c in cks]}")
 
     def load_model(self, step: int | None = None, *, allow_nonfinite: bool = False) -> nn.Module:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..datasets.batching import BatchSource, as_batches
@@ -228,6 +228,59 @@ def _layer_groups(model: nn.Module) -> dict[str, set[str]]:
     return groups
 
 
+def _pair_states(model_a: nn.Module, model_b: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Model A's state (a copy) and model B's, after checking both are finite modules of one architecture."""
+    for label, m in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{label} must be a torch.nn.Module; got {type(m).__name__}")
+        check_finite(m, label)
+    state_a = {k: v.detach().clone() for k, v in model_a.state_dict().items()}
+    state_b = model_b.state_dict()
+    if state_a.keys() != state_b.keys():
+        missing = sorted(set(state_a) ^ set(state_b))[:5]
+        raise ValueError(f"model_a and model_b have different state dict keys (e.g. {missing})")
+    for k, v in state_a.items():
+        if v.shape != state_b[k].shape:
+            raise ValueError(
+                f"model_a and model_b disagree on {k!r}: {tuple(v.shape)} vs {tuple(state_b[k].shape)}"
+            )
+    return state_a, state_b
+
+
+def _aligned_state(
+    model_a: nn.Module, model_b: nn.Module, align: str | None, source: Any, max_iter: int, seed: int
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """Model B's state, its hidden units permuted to match model A's when ``align``, and what the
+    alignment reported."""
+    if align is None:
+        return {k: v.detach() for k, v in model_b.state_dict().items()}, None
+    from .alignment import activation_matching_permutations, apply_permutations, weight_matching_permutations
+
+    if align == "weights":
+        al = weight_matching_permutations(model_a, model_b, max_iter=max_iter, seed=seed)
+    else:
+        al = activation_matching_permutations(model_a, model_b, source)
+    aligned = apply_permutations(model_b, al.perms)
+    info = {"method": al.method, "n_iter": al.n_iter, "converged": al.converged, "objective": al.objective}
+    return {k: v.detach() for k, v in aligned.state_dict().items()}, info
+
+
+def _groups(
+    layerwise: bool | Mapping[str, Sequence[str]], model_a: nn.Module, state_a: Mapping[str, Tensor]
+) -> dict[str, set[str]]:
+    """The state-dict keys of each layer group: the given prefixes, or the modules owning parameters."""
+    if not isinstance(layerwise, Mapping):
+        return _layer_groups(model_a)
+    groups = {
+        g: {k for k in state_a if any(k == pre or k.startswith(pre + ".") for pre in prefixes)}
+        for g, prefixes in layerwise.items()
+    }
+    empty = [g for g, keys in groups.items() if not keys]
+    if empty:
+        raise ValueError(f"layer groups {empty} match no state-dict keys")
+    return groups
+
+
 # --------------------------------------------------------------------------- probe
 def lmc_barrier(
     model_a: nn.Module,
@@ -255,20 +308,7 @@ def lmc_barrier(
     started = time.perf_counter()
     check_int("n_points", n_points, min=2)
     check_choice("align", align, (None, "weights", "activations"))
-    for label, m in (("model_a", model_a), ("model_b", model_b)):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"{label} must be a torch.nn.Module; got {type(m).__name__}")
-        check_finite(m, label)
-    state_a = {k: v.detach().clone() for k, v in model_a.state_dict().items()}
-    state_b_raw = model_b.state_dict()
-    if state_a.keys() != state_b_raw.keys():
-        missing = sorted(set(state_a) ^ set(state_b_raw))[:5]
-        raise ValueError(f"model_a and model_b have different state dict keys (e.g. {missing})")
-    for k, v in state_a.items():
-        if v.shape != state_b_raw[k].shape:
-            raise ValueError(
-                f"model_a and model_b disagree on {k!r}: {tuple(v.shape)} vs {tuple(state_b_raw[k].shape)}"
-            )
+    state_a, state_b_raw = _pair_states(model_a, model_b)
     p = next(iter(model_a.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     source = as_batches(data, batch_size, device=device)
@@ -282,28 +322,7 @@ def lmc_barrier(
     alphas = np.linspace(0.0, 1.0, n_points)
     work = copy.deepcopy(model_a)
 
-    alignment_info: dict[str, Any] | None = None
-    if align is not None:
-        from .alignment import (
-            activation_matching_permutations,
-            apply_permutations,
-            weight_matching_permutations,
-        )
-
-        if align == "weights":
-            al = weight_matching_permutations(model_a, model_b, max_iter=max_iter, seed=seed)
-        else:
-            al = activation_matching_permutations(model_a, model_b, source)
-        aligned = apply_permutations(model_b, al.perms)
-        state_b = {k: v.detach() for k, v in aligned.state_dict().items()}
-        alignment_info = {
-            "method": al.method,
-            "n_iter": al.n_iter,
-            "converged": al.converged,
-            "objective": al.objective,
-        }
-    else:
-        state_b = {k: v.detach() for k, v in state_b_raw.items()}
+    state_b, alignment_info = _aligned_state(model_a, model_b, align, source, max_iter, seed)
     state_b = {k: v.to(device) for k, v in state_b.items()}
 
     losses, accs = _path(work, state_a, state_b, alphas, source, bn_source, resolved)
@@ -318,16 +337,7 @@ def lmc_barrier(
             barrier_accuracy_unaligned=barrier_of(alphas, au, higher_is_better=True) if au else None,
         )
     if layerwise:
-        if isinstance(layerwise, Mapping):
-            groups = {
-                g: {k for k in state_a if any(k == pre or k.startswith(pre + ".") for pre in prefixes)}
-                for g, prefixes in layerwise.items()
-            }
-            empty = [g for g, keys in groups.items() if not keys]
-            if empty:
-                raise ValueError(f"layer groups {empty} match no state-dict keys")
-        else:
-            groups = _layer_groups(model_a)
+        groups = _groups(layerwise, model_a, state_a)
         lw, lw_losses = {}, {}
         for g, keys in groups.items():
             lg, _ = _path(work, state_a, state_b, alphas, source, bn_source, resolved, keys)

@@ -137,7 +137,3 @@ def _warn_nondeterministic(probe: str, det: float | None, stochastic: list[str],
             UserWarning,
             stacklevel=4,
         )
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -312,6 +312,142 @@ def _direction_entries(directions: Any) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------ probe
+@dataclass
+class _Directions:
+    """The rows of ``D`` (one per axis) and what each is, plus what finding them recorded."""
+
+    rows: list[torch.Tensor] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    eigenvalues: list[float] | None = None
+    explained: list[float] | None = None
+    alignment: list[str] = field(default_factory=list)
+    hessian_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _trajectory_vectors(
+    fm: FunctionalModel, trajectory: Any, steps: Sequence[Any] | None
+) -> tuple[torch.Tensor, list[Any]]:
+    """The trajectory's checkpoints as parameter vectors ``[T, P]`` and their step labels."""
+    ck = checkpoint_models(trajectory, steps, model=fm.model, name="trajectory")
+    thetas = [_state_vector(fm, m, "a trajectory checkpoint") for m in ck.models]
+    if not thetas:
+        raise ValueError("trajectory holds no checkpoints")
+    labels = list(ck.steps) if ck.steps is not None else list(range(len(thetas)))
+    return torch.stack(thetas), labels
+
+
+def _hessian_directions(
+    fm: FunctionalModel,
+    data: Any,
+    k: int,
+    resolved: Any,
+    tol: float,
+    batch_size: int | None,
+    seed: int,
+    found: _Directions,
+) -> torch.Tensor:
+    """The top-``k`` Hessian eigenvectors as rows; eigenvalues and solver record into ``found``."""
+    from .hessian import hessian_eigenvalues
+
+    res = hessian_eigenvalues(fm.model, data, k=k, loss=resolved, tol=tol, params=fm.names,
+                              batch_size=batch_size, seed=seed, check_determinism=False)  # fmt: skip
+    assert res.vectors is not None
+    found.eigenvalues = [float(v) for v in res.values]
+    found.hessian_meta = {"hessian_converged": res.converged.tolist(),
+                          "hessian_residuals": res.residuals.tolist(),
+                          "hessian_n_matvecs": res.n_matvecs}  # fmt: skip
+    return res.vectors.T.to(dtype=fm.dtype, device=fm.device)
+
+
+def _model_direction(
+    fm: FunctionalModel, theta: torch.Tensor, other: Any, align: bool, found: _Directions
+) -> None:
+    """The direction from this model to ``other`` (a model or state dict), permutation-aligned first when
+    ``align``."""
+    if align:
+        if not isinstance(other, nn.Module):
+            raise ValueError("align=True needs a model (not a state dict) as the direction")
+        from .alignment import weight_matching
+
+        other = weight_matching(fm.model, other)
+        found.alignment.append("weight matching")
+    found.rows.append(_state_vector(fm, other, "the direction's model") - theta)
+    found.kinds.append("to model" + (" (permutation-aligned)" if align else ""))
+
+
+def _directions(
+    fm: FunctionalModel,
+    theta: torch.Tensor,
+    data: Any,
+    entries: list[Any],
+    *,
+    traj: torch.Tensor | None,
+    resolved: Any,
+    bias_bn: str,
+    align: bool,
+    hessian_tol: float,
+    batch_size: int | None,
+    seed: int,
+) -> _Directions:
+    """One row per entry of ``directions``, in order (module docstring)."""
+    found = _Directions()
+    count = {kind: sum(1 for e in entries if isinstance(e, str) and e == kind) for kind in DIRECTION_KINDS}
+    named: dict[str, list[torch.Tensor]] = {}
+    if count["hessian"]:
+        vecs = _hessian_directions(fm, data, count["hessian"], resolved, hessian_tol, batch_size, seed, found)
+        named["hessian"] = list(vecs)
+    if count["pca"]:
+        assert traj is not None
+        pca_dirs, found.explained = _pca(traj - theta, count["pca"])
+        named["pca"] = list(pca_dirs.to(fm.dtype))
+    used = dict.fromkeys(DIRECTION_KINDS, 0)
+    for e in entries:
+        if isinstance(e, str):
+            i = used[e]
+            used[e] += 1
+            if e == "random":
+                seed_i = seed + LANDSCAPE_DIRECTION_OFFSET + i
+                found.rows.append(filter_normalized_direction(fm, seed=seed_i, bias_bn=bias_bn))
+                found.kinds.append("random (filter-normalised)")
+            else:
+                found.rows.append(named[e][i])
+                what = "hessian eigenvector" if e == "hessian" else "trajectory PCA"
+                found.kinds.append(f"{what} {i + 1}")
+        elif isinstance(e, torch.Tensor):
+            if e.shape != (fm.size,):
+                raise ValueError(f"a direction tensor must have shape [{fm.size}]; got {tuple(e.shape)}")
+            found.rows.append(e.detach().to(device=fm.device, dtype=fm.dtype))
+            found.kinds.append("given vector")
+        else:
+            _model_direction(fm, theta, e, align, found)
+    return found
+
+
+def _plane(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+    """``D`` (rows stacked) and the rows' norms; a zero or a parallel pair of directions is an error."""
+    D = torch.stack(rows)
+    norms = [float(r.double().norm()) for r in D]
+    if any(n == 0 for n in norms):
+        raise ValueError(f"a direction is zero (norms {norms}): e.g. the other model equals this one")
+    if len(rows) == 2 and float(torch.linalg.matrix_rank(D.double())) < 2:
+        raise ValueError("the two directions are parallel; they do not span a plane")
+    return D, norms
+
+
+def _grid(
+    span: Any, resolution: int, n_axes: int, C: torch.Tensor | None
+) -> tuple[Any, list[list[float]], torch.Tensor]:
+    """The span (``"auto"`` resolved from the projected trajectory ``C``), each axis' coordinates and every
+    grid point's coordinates ``[resolution^n_axes, n_axes]`` (float64)."""
+    if span == "auto":
+        assert C is not None
+        reach = float(C.abs().max())
+        span = round(1.25 * reach, 12) if reach > 0 else 1.0
+    grids = [_axis(one, resolution) for one in _per_axis(span, n_axes)]
+    axes = [torch.tensor(g, dtype=torch.float64) for g in grids]
+    return span, grids, torch.cartesian_prod(*axes).reshape(-1, n_axes)
+
+
 def loss_landscape(
     model: nn.Module,
     data: Any,
@@ -357,109 +493,23 @@ def loss_landscape(
     else:
         for one in _per_axis(span, 2):
             _axis(one, resolution)  # validate before any work
-    fm = FunctionalModel(model, params=params, mode="eval", dtype=dtype, device=device)
-    theta = fm.parameters_vector()
-    source = fm.batches(data, batch_size)
-    first = next(iter(source), None)
-    if first is None:
-        raise ValueError("the data holds no samples")
-    resolved = resolve_loss(loss, first.y)
-    if bn == "recompute" and not _batchnorms(fm.model):
-        bn_used = "frozen (the model has no BatchNorm)"
-    else:
-        bn_used = bn
-
-    traj_steps: list[Any] | None = None
-    if trajectory is not None:
-        ck = checkpoint_models(trajectory, steps, model=fm.model, name="trajectory")
-        traj_thetas = []
-        for m in ck.models:
-            traj_thetas.append(_state_vector(fm, m, "a trajectory checkpoint"))
-        if not traj_thetas:
-            raise ValueError("trajectory holds no checkpoints")
-        traj_steps = list(ck.steps) if ck.steps is not None else list(range(len(traj_thetas)))
-        traj = torch.stack(traj_thetas)
-    elif any(isinstance(e, str) and e == "pca" for e in entries):
+    if trajectory is None and any(isinstance(e, str) and e == "pca" for e in entries):
         raise ValueError(
             "directions='pca' needs trajectory= (the checkpoints whose differences give the plane)"
         )
-
-    kinds: list[str] = []
-    rows: list[torch.Tensor] = []
-    eigenvalues: list[float] | None = None
-    explained: list[float] | None = None
-    n_hess = sum(1 for e in entries if isinstance(e, str) and e == "hessian")
-    n_pca = sum(1 for e in entries if isinstance(e, str) and e == "pca")
-    hess_vecs = pca_dirs = None
-    hess_meta: dict[str, Any] = {}
-    if n_hess:
-        from .hessian import hessian_eigenvalues
-
-        res = hessian_eigenvalues(
-            fm.model, data, k=n_hess, loss=resolved, tol=hessian_tol, params=fm.names, batch_size=batch_size,
-            seed=seed, check_determinism=False,
-        )  # fmt: skip
-        assert res.vectors is not None
-        hess_vecs = res.vectors.T.to(dtype=fm.dtype, device=fm.device)
-        eigenvalues = [float(v) for v in res.values]
-        hess_meta = {"hessian_converged": res.converged.tolist(), "hessian_residuals": res.residuals.tolist(),
-                     "hessian_n_matvecs": res.n_matvecs}  # fmt: skip
-    if n_pca:
-        pca_dirs, explained = _pca(traj - theta, n_pca)
-        pca_dirs = pca_dirs.to(fm.dtype)
-    i_random = i_hess = i_pca = 0
-    alignment: list[Any] = []
-    for e in entries:
-        if isinstance(e, str) and e == "random":
-            rows.append(
-                filter_normalized_direction(
-                    fm, seed=seed + LANDSCAPE_DIRECTION_OFFSET + i_random, bias_bn=bias_bn
-                )
-            )
-            kinds.append("random (filter-normalised)")
-            i_random += 1
-        elif isinstance(e, str) and e == "hessian":
-            assert hess_vecs is not None
-            rows.append(hess_vecs[i_hess])
-            kinds.append(f"hessian eigenvector {i_hess + 1}")
-            i_hess += 1
-        elif isinstance(e, str):
-            assert pca_dirs is not None
-            rows.append(pca_dirs[i_pca])
-            kinds.append(f"trajectory PCA {i_pca + 1}")
-            i_pca += 1
-        elif isinstance(e, torch.Tensor):
-            if e.shape != (fm.size,):
-                raise ValueError(f"a direction tensor must have shape [{fm.size}]; got {tuple(e.shape)}")
-            rows.append(e.detach().to(device=fm.device, dtype=fm.dtype))
-            kinds.append("given vector")
-        else:
-            other = e
-            if align:
-                if not isinstance(other, nn.Module):
-                    raise ValueError("align=True needs a model (not a state dict) as the direction")
-                from .alignment import weight_matching
-
-                other = weight_matching(fm.model, other)
-                alignment.append("weight matching")
-            rows.append(_state_vector(fm, other, "the direction's model") - theta)
-            kinds.append("to model" + (" (permutation-aligned)" if align else ""))
-    D = torch.stack(rows)
-    norms = [float(r.double().norm()) for r in D]
-    if any(n == 0 for n in norms):
-        raise ValueError(f"a direction is zero (norms {norms}): e.g. the other model equals this one")
-    if len(rows) == 2 and float(torch.linalg.matrix_rank(D.double())) < 2:
-        raise ValueError("the two directions are parallel; they do not span a plane")
-
-    if trajectory is not None:
-        C, frac = _project(D, traj - theta)
-    if span == "auto":
-        reach = float(C.abs().max())
-        span = round(1.25 * reach, 12) if reach > 0 else 1.0
-    grids = [_axis(one, resolution) for one in _per_axis(span, len(rows))]
-    coords = torch.cartesian_prod(*[torch.tensor(g, dtype=torch.float64) for g in grids]).reshape(
-        -1, len(rows)
-    )
+    fm = FunctionalModel(model, params=params, mode="eval", dtype=dtype, device=device)
+    theta = fm.parameters_vector()
+    first = next(iter(fm.batches(data, batch_size)), None)
+    if first is None:
+        raise ValueError("the data holds no samples")
+    resolved = resolve_loss(loss, first.y)
+    bn_used = "frozen (the model has no BatchNorm)" if bn == "recompute" and not _batchnorms(fm.model) else bn
+    traj, traj_steps = _trajectory_vectors(fm, trajectory, steps) if trajectory is not None else (None, None)
+    found = _directions(fm, theta, data, entries, traj=traj, resolved=resolved, bias_bn=bias_bn,
+                        align=align, hessian_tol=hessian_tol, batch_size=batch_size, seed=seed)  # fmt: skip
+    D, norms = _plane(found.rows)
+    C, frac = _project(D, traj - theta) if traj is not None else (None, None)
+    span, grids, coords = _grid(span, resolution, len(found.rows), C)
     C_grid = coords.to(device=fm.device, dtype=fm.dtype)
 
     def grid_points(lo: int, hi: int) -> torch.Tensor:
@@ -468,13 +518,13 @@ def loss_landscape(
     ev = _Evaluator(fm, data, resolved, batch_size, "recompute" if bn_used == "recompute" else "frozen")
     values, acc = ev.evaluate(grid_points, coords.shape[0], points_per_batch)
     center_loss, _ = ev.evaluate(theta[None], 1, 1)
-    shape = [resolution] * len(rows)
+    shape = [resolution] * len(found.rows)
     extra: dict[str, Any] = {}
-    if trajectory is not None:
+    if traj is not None:
         tl, _ = ev.evaluate(traj, traj.shape[0], points_per_batch)
         extra = {"trajectory_steps": traj_steps, "trajectory_coords": C, "trajectory_in_plane": frac,
                  "trajectory_loss": tl}  # fmt: skip
-    settings = {"directions": list(kinds), "span": to_jsonable(span),
+    settings = {"directions": list(found.kinds), "span": to_jsonable(span),
                 "resolution": resolution, "bn": bn, "bias_bn": bias_bn, "align": align, "params": params,
                 "batch_size": batch_size, "points_per_batch": points_per_batch,
                 "hessian_tol": hessian_tol}  # fmt: skip
@@ -487,13 +537,13 @@ def loss_landscape(
         bias_bn_in_random_directions=("zeroed (Li et al. 2018, ignore='biasbn')" if bias_bn == "zero"
                                       else "copied from the weights"),
         filter_definition="slice along dim 0 of every parameter with >= 2 dims",
-        n_evaluations=int(coords.shape[0]) + 1 + (int(traj.shape[0]) if trajectory is not None else 0),
-        alignment=alignment or None, **hess_meta,
+        n_evaluations=int(coords.shape[0]) + 1 + (int(traj.shape[0]) if traj is not None else 0),
+        alignment=found.alignment or None, **found.hessian_meta,
     )  # fmt: skip
     return LandscapeResult(
         coords=[list(g) for g in grids], loss=values.reshape(shape),
-        accuracy=None if acc is None else acc.reshape(shape), kinds=kinds, norms=norms,
-        center_loss=float(center_loss[0]), eigenvalues=eigenvalues, explained_variance=explained,
+        accuracy=None if acc is None else acc.reshape(shape), kinds=found.kinds, norms=norms,
+        center_loss=float(center_loss[0]), eigenvalues=found.eigenvalues, explained_variance=found.explained,
         directions=D.detach(), meta=meta, **extra,
     )  # fmt: skip
 

@@ -2,43 +2,41 @@
 
 The ranks are spawned from a new interpreter, not from the pytest process: state that earlier tests leave in
 the pytest process (Hugging Face / Lightning imports, inductor settings) made a spawned rank abort in the
-full suite. A gloo rank also aborted at start-up now and then (SIGABRT, no Python error) in full CI runs
-only, so such a start is retried, on a fresh port, up to ``tries`` times.
+full suite. The ranks meet through a file (:func:`rendezvous`), not a port picked in advance. A failed
+process is never retried (a genuine collective mismatch between ranks also dies with
+SIGABRT); ``PYTHONFAULTHANDLER`` is set, so a rank that aborts prints every thread's Python stack into the
+stderr that the failing assertion shows.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["free_port", "run_fresh"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["failure", "rendezvous", "run_fresh"]
 
 
-def run_fresh(
-    code: str, args: Sequence[str], *, port_arg: int | None = None, tries: int = 3, timeout: float = 900
-) -> tuple[subprocess.CompletedProcess, int]:
-    """``python -c code *args`` in a fresh interpreter (``TORCHINDUCTOR*`` variables dropped);
-    ``args[port_arg]`` gets a free port on every try. Retried while it fails with a SIGABRT.
-    Returns ``(process, tries)``."""
+def rendezvous(folder: Path) -> str:
+    """A ``file://`` init method in ``folder`` for the ranks of one test: no TCP port is chosen in advance,
+    so no other process can take it between the choice and the bind (gloo binds its own ports)."""
+    path = Path(folder) / "rendezvous"
+    path.unlink(missing_ok=True)
+    return path.resolve().as_uri()
+
+
+def run_fresh(code: str, args: Sequence[str], *, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -c code *args`` in a fresh interpreter (``TORCHINDUCTOR*`` variables dropped, the fault
+    handler on in it and in the ranks it spawns)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR")}
-    args = list(args)
-    n = 0
-    for _ in range(tries):
-        n += 1
-        if port_arg is not None:
-            args[port_arg] = str(free_port())
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
-        if proc.returncode == 0 or "SIGABRT" not in proc.stderr:
-            break
-    return proc, n
+    env["PYTHONFAULTHANDLER"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """The tail of a failed process's output, for an assertion message."""
+    return f"exit {proc.returncode}\n" + proc.stdout[-3000:] + proc.stderr[-6000:]

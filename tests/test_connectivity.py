@@ -210,6 +210,14 @@ def test_exports_and_bad_inputs() -> None:
         probes.lmc_barrier(a, build("mlp", in_dim=12, width=9, depth=1, out_dim=5), (x, y))
 
 
+def assert_endpoints_learned(r: probes.LMCResult, y_test: torch.Tensor) -> None:
+    """Both endpoints of a barrier learned the task, not the majority vote: test error at most a quarter
+    of the majority-class error. A constant-lr optimiser leaves the last step anywhere in its noise, so no
+    bound is drawn near the accuracy one machine happens to reach."""
+    chance_error = 1 - float(torch.bincount(y_test).max()) / len(y_test)
+    assert max(1 - r.accuracies[0], 1 - r.accuracies[-1]) <= chance_error / 4, (r.accuracies, chance_error)
+
+
 @pytest.mark.slow
 def test_mlps_from_different_seeds_on_digits() -> None:
     """Two MLPs (2×128) trained with Adam from different seeds: a clear loss barrier between them that
@@ -235,7 +243,7 @@ def test_mlps_from_different_seeds_on_digits() -> None:
 
     a, b = train(1), train(2)
     r = probes.lmc_barrier(a, b, test, n_points=11, align="weights")
-    assert r.accuracies[0] > 0.9 and r.accuracies[-1] > 0.9
+    assert_endpoints_learned(r, test[1])  # accuracy 0.962 and 0.949 here
     assert r.barrier_unaligned > 0.1, r.barrier_unaligned
     assert r.barrier <= 0.5 * r.barrier_unaligned, (r.barrier, r.barrier_unaligned)
     r_act = probes.lmc_barrier(a, b, test, n_points=11, align="activations", compare_unaligned=False)

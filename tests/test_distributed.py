@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fresh_process import free_port, run_fresh
+from fresh_process import failure, rendezvous, run_fresh
 
 from dynascope import distributed as D
 from dynascope.datasets.batching import BatchSource
@@ -49,11 +49,9 @@ def _probes(model, data, reduce_fn=None) -> dict[str, torch.Tensor]:
     }  # fmt: skip
 
 
-def _worker(rank: int, port: int | str, out_dir: str, run_dir: str) -> None:
+def _worker(rank: int, init_method: str, out_dir: str, run_dir: str) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         model, data = _model_and_data()
         shard = D.shard_data(data, rank, WORLD)
@@ -87,20 +85,20 @@ def _make_run(path: Path) -> Run:
     return run
 
 
-def _spawn(port: int, out_dir: str, run_dir: str) -> None:
-    mp.spawn(_worker, args=(port, out_dir, run_dir), nprocs=WORLD, join=True)
+def _spawn(init_method: str, out_dir: str, run_dir: str) -> None:
+    mp.spawn(_worker, args=(init_method, out_dir, run_dir), nprocs=WORLD, join=True)
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, more on a loaded machine
 def test_sharded_probes_equal_single_process(tmp_path: Path) -> None:
     run = _make_run(tmp_path / "run")
-    # the ranks start from a fresh interpreter, retried on a start-up SIGABRT (tests/fresh_process.py)
+    # the ranks start from a fresh interpreter (tests/fresh_process.py)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_distributed as t; t._spawn(*sys.argv[2:])"
     )
-    args = [str(Path(__file__).resolve().parent), "port", str(tmp_path), str(run.path)]
-    proc, tries = run_fresh(code, args, port_arg=1)
-    assert proc.returncode == 0, f"attempt {tries}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = [str(Path(__file__).resolve().parent), rendezvous(tmp_path), str(tmp_path), str(run.path)]
+    proc = run_fresh(code, args)
+    assert proc.returncode == 0, failure(proc)
     model, data = _model_and_data()
     ref = _probes(model, data)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -160,7 +158,7 @@ def test_torchrun_cli_matches_single_process(tmp_path: Path) -> None:
     """`torchrun --nproc_per_node=2 -m dynascope probe ...` shards the data and writes once."""
     run = _make_run(tmp_path / "run")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "dynascope", "probe",
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "dynascope", "probe",  # its own free port
            "hessian_eigenvalues", str(run.path), "--step", "5", "--param", "k=2",
            "--param", "dtype=float64"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from dense import random_symmetric
 from test_operators import cases, dense_reference
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,13 +20,6 @@ from dynascope.probes.density import slq, smooth_density, spectral_moments, wass
 from dynascope.probes.functional import parameter_groups
 from dynascope.probes.operators import DenseOperator, random_vectors
 from dynascope.probes.trace import estimate_trace
-
-
-def random_symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigenvalues.numel()
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return Q @ torch.diag(eigenvalues.double()) @ Q.T
 
 
 def outliers_plus_bulk(n: int = 400, seed: int = 0) -> torch.Tensor:

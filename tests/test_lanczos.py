@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense import random_symmetric
 
 from dynascope.probes.lanczos import eigsh, lanczos_tridiagonal
 from dynascope.probes.operators import DenseOperator
-
-
-def random_symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigenvalues.numel()
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return Q @ torch.diag(eigenvalues.double()) @ Q.T
 
 
 def deep_net_like_spectrum(n: int = 300, seed: int = 0) -> torch.Tensor:

@@ -23,6 +23,11 @@ PACKAGES = {
     "app": ("app", 4),
 }
 LEAVES = {"dynascope.version"}
+#: Known violations, each to be removed with its fix (a stale entry fails ``test_known_violations_are_real``):
+#: the report runs a recipe's detector and the CLI's ``recipe`` command runs a recipe; recipes sit beside
+#: dynascope, so either they get what they need from their caller (or stored evidence), or recipes move
+#: below dynascope (they import only probes, models and datasets today).
+KNOWN = {"dynascope/report.py imports dynascope.recipes", "dynascope/commands.py imports dynascope.recipes"}
 
 
 def _module_name(path: Path) -> str:
@@ -37,6 +42,19 @@ def _is_package(path: Path) -> bool:
     return path.name == "__init__.py"
 
 
+def _dynamic_import(node: ast.Call) -> str | None:
+    """The module of ``importlib.import_module("a.b")`` / ``import_module(...)`` / ``__import__(...)`` with
+    an absolute name written out; ``None`` for any other call (relative or computed names are not judged)."""
+    f = node.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and not arg.value.startswith("."):
+        return arg.value
+    return None
+
+
 def _imports(path: Path, text: str) -> list[tuple[int, str]]:
     """``(line, module)`` of every import in ``text``, the source of ``path`` (relative ones resolved)."""
     tree = ast.parse(text, filename=str(path))
@@ -44,7 +62,9 @@ def _imports(path: Path, text: str) -> list[tuple[int, str]]:
     package = here if _is_package(path) else here[:-1]
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and _dynamic_import(node) is not None:
+            out.append((node.lineno, _dynamic_import(node)))
+        elif isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -53,13 +73,15 @@ def _imports(path: Path, text: str) -> list[tuple[int, str]]:
             else:
                 mod = node.module or ""
             out.append((node.lineno, mod))
-            out += [(node.lineno, f"{mod}.{a.name}") for a in node.names if f"{mod}.{a.name}" in LEAVES]
+            # a name may be a module (``from dynascope import recipes``): judged by its own owner; a
+            # function or class (``from dynascope.runner import PROBES``) has its module's owner anyway
+            out += [(node.lineno, f"{mod}.{a.name}") for a in node.names if a.name != "*"]
     return out
 
 
 def _owner(module: str) -> tuple[str, int] | None:
     """``(owning package, layer)`` of a dynascope/app module; ``None`` for third-party modules."""
-    if module in LEAVES:
+    if any(module == leaf or module.startswith(leaf + ".") for leaf in LEAVES):
         return None
     if module == "app" or module.startswith("app.") or module.split(".")[0] in ("lib", "views"):
         return "app", 4  # app/ puts its own folder on sys.path: `from lib import ...`
@@ -90,9 +112,24 @@ def _violations(path: Path, text: str) -> list[str]:
     return bad
 
 
+def _all_violations() -> list[str]:
+    return [v for path in _sources() for v in _violations(path, path.read_text())]
+
+
+def _known(violation: str) -> str | None:
+    path, _, rest = violation.partition(":")
+    key = f"{path} imports {rest.split(' imports ', 1)[1].split(' (')[0]}"
+    return key if key in KNOWN else None
+
+
 def test_layers_import_one_way() -> None:
-    bad = [v for path in _sources() for v in _violations(path, path.read_text())]
+    bad = [v for v in _all_violations() if _known(v) is None]
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_known_violations_are_real() -> None:
+    """Each :data:`KNOWN` entry is still found (so the checker sees ``from dynascope import recipes``)."""
+    assert {_known(v) for v in _all_violations()} - {None} == KNOWN
 
 
 def test_version_is_a_leaf() -> None:
@@ -110,6 +147,13 @@ def test_version_is_a_leaf() -> None:
         ("models", "from ..datasets import load", True),
         ("recipes", "from dynascope.store import ResultStore", False),
         ("dynascope", "from dynascope.recipes import grokking", False),
+        ("dynascope", "from dynascope import recipes", False),
+        ("dynascope", "from . import recipes", False),
+        ("dynascope", "from dynascope import runner, recipes", False),
+        ("dynascope", "from dynascope import runner", True),
+        ("dynascope", "importlib.import_module('dynascope.recipes')", False),
+        ("models", "__import__('dynascope.probes')", False),
+        ("dynascope", "importlib.import_module('dynascope.probes')", True),
         ("probes", "from dynascope.version import __version__", True),
         ("dynascope", "from dynascope.probes import figures", True),
         ("app", "from dynascope.runner import PROBES", True),

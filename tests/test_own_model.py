@@ -10,10 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from dense import token_loss_hessian
 from safetensors.torch import save_file
 from torch import nn
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dynascope.probes as probes
 from dynascope import runner
@@ -217,29 +216,12 @@ def test_load_weights_adds_prefixes_and_fills_tied_weights(tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------------------------------------ attention
-def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Dense float64 reference by torch.autograd.functional.hessian (not torch.func.hessian)."""
-    named = list(model.named_parameters())
-    shapes, numels = [p.shape for _, p in named], [p.numel() for _, p in named]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def f(th: torch.Tensor) -> torch.Tensor:
-        params = {n: t.reshape(s) for (n, _), t, s in zip(named, torch.split(th, numels), shapes)}
-        with sdpa_kernel(SDPBackend.MATH):
-            out = functional_call(model, params, (x,))
-        o, t = out[:, :-1], y[:, 1:]
-        ll = torch.nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), t.reshape(-1), reduction="sum")
-        return ll / (t != -100).sum()
-
-    return torch.autograd.functional.hessian(f, theta)
-
-
 def test_attention_model_hessian_matches_a_dense_float64_reference() -> None:
     """nn.MultiheadAttention + LayerNorm + tied embedding from a module:function spec, token loss with
     ignored positions: Lanczos top-k to 1e-8 (graph and func backends), Hutch++ trace within 2 s.e."""
     model = build_from_spec(LM).double()
     x, y = load_spec(TOKENS).train
-    H = _dense_hessian(model, x, y)
+    H = token_loss_hessian(model, x, y)
     ev = torch.linalg.eigvalsh(H).flip(0)
     for batch_size in (None, 4):  # one batch: graph reuse; two batches: forward-over-reverse
         r = probes.hessian_eigenvalues(model, (x, y), k=3, loss=SHIFTED, batch_size=batch_size, tol=1e-10)

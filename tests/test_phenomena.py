@@ -8,6 +8,7 @@ import time
 import pandas as pd
 import pytest
 import torch
+from test_connectivity import assert_endpoints_learned
 
 from dynascope.models import build
 from dynascope.recipes import RECIPES, detect, detect_xor_grokking
@@ -109,6 +110,18 @@ def test_grokking_page_shows_an_xor_run_with_its_clean_flipped_split(tmp_path, m
     assert "train_acc_flipped" in fig and "train_acc_clean" in fig
 
 
+def _fit(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, *, steps: int, batch: int, seed: int):
+    """``steps`` minibatch steps of cross-entropy (batches drawn with replacement, seeded); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (batch,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.mark.slow
 def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> None:
     """Two seeds of a small BatchNorm ResNet (widths 16, 32) trained on digits 8×8 (SGD + momentum,
@@ -125,19 +138,12 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_resnets() -> Non
         torch.manual_seed(seed)
         model = build("resnet", in_channels=1, image_size=8, widths=[16, 32], out_dim=10, seed=seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(300):
-            i = torch.randint(0, len(x), (64,), generator=g)
-            loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return model.eval()
+        return _fit(model, opt, x, y, steps=300, batch=64, seed=seed)
 
     a, b = trained(0), trained(1)
     r = probes.lmc_barrier(a, b, test, n_points=9, align="weights", bn_reset_data=(x, y))
     print(f"resnet barrier: unaligned {r.barrier_unaligned:.4f}, weight-matched {r.barrier:.4f}")
-    assert r.accuracies[0] > 0.8 and r.accuracies[-1] > 0.8
+    assert_endpoints_learned(r, test[1])
     assert r.barrier < 0.8 * r.barrier_unaligned
 
 
@@ -155,29 +161,13 @@ def test_weight_matching_lowers_the_barrier_between_two_trained_transformers() -
     y, yt = (x[:, 0] + x[:, 2] >= 16).long(), (xt[:, 0] + xt[:, 2] >= 16).long()
 
     def trained(seed: int) -> torch.nn.Module:
-        model = build(
-            "transformer",
-            vocab_size=16,
-            seq_len=4,
-            d_model=64,
-            n_heads=8,
-            n_layers=1,
-            d_mlp=256,
-            out_dim=2,
-            seed=seed,
-        )
+        shape = {"vocab_size": 16, "seq_len": 4, "d_model": 64, "n_heads": 8, "n_layers": 1, "d_mlp": 256}
+        model = build("transformer", **shape, out_dim=2, seed=seed)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(200):
-            i = torch.randint(0, len(x), (128,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return model.eval()
+        return _fit(model, opt, x, y, steps=200, batch=128, seed=seed)
 
     a, b = trained(0), trained(1)
     r = probes.lmc_barrier(a, b, (xt, yt), n_points=11, align="weights")
     print(f"transformer barrier: unaligned {r.barrier_unaligned:.4f}, weight-matched {r.barrier:.4f}")
-    assert r.accuracies[0] > 0.95 and r.accuracies[-1] > 0.95
+    assert_endpoints_learned(r, yt)  # accuracy 0.988–0.992 here, 0.949 on another CPU
     assert r.barrier < 0.5 * r.barrier_unaligned

@@ -100,30 +100,15 @@ def test_train_writes_run_folder(tmp_path):
 
 @pytest.mark.parametrize("batch_size", [None, 16])
 def test_resume_equals_uninterrupted(tmp_path, batch_size):
-    full = train(
-        _tiny_config(tmp_path / "full"),
-        steps=30,
-        log_every=5,
-        checkpoint_steps=10,
-        batch_size=batch_size,
-        progress=False,
-    )
-    part = train(
-        _tiny_config(tmp_path / "part"),
-        steps=30,
-        log_every=5,
-        checkpoint_steps=10,
-        batch_size=batch_size,
-        progress=False,
-    )
+    kw = {"steps": 30, "log_every": 5, "checkpoint_steps": 10, "batch_size": batch_size, "progress": False}
+    full = train(_tiny_config(tmp_path / "full"), **kw)
+    part = train(_tiny_config(tmp_path / "part"), **kw)
     # simulate a crash after step 15: the last checkpoint (step 30) and step 20 vanish, metrics overrun
     for step in (20, 30):
         ck = part.checkpoint(step)
         ck.optimizer_path.unlink()
         ck.path.unlink()
-    resumed = train(
-        str(part.path), steps=30, log_every=5, checkpoint_steps=10, batch_size=batch_size, progress=False
-    )
+    resumed = train(str(part.path), **kw)
     assert resumed.steps() == full.steps()
     for step in full.steps():
         a, b = full.load_model(step).state_dict(), resumed.load_model(step).state_dict()
@@ -133,22 +118,9 @@ def test_resume_equals_uninterrupted(tmp_path, batch_size):
 
 def test_resume_is_not_a_restart(tmp_path):
     """A different seed really changes the mini-batch order (so the determinism test can fail)."""
-    a = train(
-        _tiny_config(tmp_path / "a"),
-        steps=10,
-        log_every=5,
-        checkpoint_steps=10,
-        batch_size=16,
-        progress=False,
-    )
-    b = train(
-        _tiny_config(tmp_path / "b", seed=8),
-        steps=10,
-        log_every=5,
-        checkpoint_steps=10,
-        batch_size=16,
-        progress=False,
-    )
+    kw = {"steps": 10, "log_every": 5, "checkpoint_steps": 10, "batch_size": 16, "progress": False}
+    a = train(_tiny_config(tmp_path / "a"), **kw)
+    b = train(_tiny_config(tmp_path / "b", seed=8), **kw)
     assert not torch.equal(a.load_model(10).body[0].weight, b.load_model(10).body[0].weight)
 
 

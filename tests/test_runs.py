@@ -341,3 +341,42 @@ def test_checkpoint_architecture_differing_from_run_json_warns_and_is_recorded(t
     x, y = run.load_dataset().train
     r = probes.hessian_trace(model, (x, y), n_matvecs=6)
     assert r.meta["model_config_source"] == "checkpoint" and r.meta["model_config"]["width"] == 9
+
+
+def test_run_index_reads_each_header_once_and_follows_the_folder(tmp_path, monkeypatch):
+    """Lookups of every step (``Run.checkpoint``, the runner's cache key) read each safetensors header once
+    per process (a count, not a time); an added, rewritten, removed or same-tick file is seen."""
+    from dynascope import runner
+    from dynascope.models import run_index
+
+    reads: list[str] = []
+    real = run_index.read_safetensors_metadata
+    counted = lambda p: reads.append(Path(p).name) or real(p)  # noqa: E731
+    monkeypatch.setattr(run_index, "read_safetensors_metadata", counted)
+    run = make_run(tmp_path / "r")
+    model = run.build_model()
+    n = 30
+    for step in range(n):
+        run.save_checkpoint(model, step)
+    run_index.clear_run_indexes()
+    for _ in range(2):  # a sweep over all steps, twice, through a fresh Run each time
+        again = Run.open(run.path)
+        for step in again.steps():
+            assert again.checkpoint(step).step == step
+            runner.plan(again, "hessian_trace", step=step)  # the cache key: checkpoint + model_config_at
+    assert len(reads) == n and len(set(reads)) == n  # ≤ 2 per checkpoint is the target; one is what it takes
+    run.save_checkpoint(model, n, metrics={"train_loss": 1.0})  # added
+    run.save_checkpoint(model, 3, metrics={"train_loss": 2.0})  # rewritten (atomic replace)
+    assert again.steps() == list(range(n + 1)) and again.checkpoint(3).metrics == {"train_loss": 2.0}
+    assert sorted(reads[n:]) == ["step_000003.safetensors", f"step_{n:06d}.safetensors"]
+    run.checkpoint_path(5).unlink()  # removed
+    assert 5 not in again.steps()
+    with pytest.raises(RunError, match="no checkpoint at step 5"):
+        again.checkpoint(5)
+    # a coarse file-system clock: a file added within the folder's mtime tick leaves the stamp unchanged
+    folder = run.checkpoint_dir
+    before = os.stat(folder).st_mtime_ns
+    run.save_checkpoint(model, n + 1)
+    os.utime(folder, ns=(before, before))
+    assert again.checkpoint(n + 1).step == n + 1 and n + 1 in again.steps()
+    assert len(reads) == n + 3

@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from test_hessian_probes import outliers_plus_bulk, random_symmetric  # outliers over a bulk of both signs
+from dense import random_symmetric
+from test_hessian_probes import outliers_plus_bulk  # outliers over a bulk of both signs
 from test_operators import cases, dense_reference
 
 import dynascope.probes as probes
@@ -140,16 +141,6 @@ def test_krylov_bad_arguments() -> None:
         estimate_trace(op, 10, method="xtrace ")
 
 
-def _rotated_op(lam: torch.Tensor, seed: int = 1):
-    from dynascope.probes.operators import DenseOperator
-
-    n = lam.numel()
-    Q, _ = torch.linalg.qr(
-        torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    )
-    return DenseOperator(Q @ torch.diag(lam) @ Q.T)
-
-
 @pytest.mark.parametrize("kind", ["bulk", "outliers"])
 def test_auto_is_never_worse_than_the_better_estimator(kind: str) -> None:
     """Multi-seed rms error of method="auto" ≤ min(Hutchinson, Hutch++) + 10 % (relative), at 100 products."""
@@ -166,20 +157,27 @@ def test_auto_is_never_worse_than_the_better_estimator(kind: str) -> None:
             [torch.tensor([80.0, 60, 40, 30, 20, 15, 10, 8, 6, 5]), 0.05 * torch.randn(n - 10, generator=g)]
         )
         lam = lam.double()
-    op, tr = _rotated_op(lam), float(lam.sum())
+    op, tr = DenseOperator(random_symmetric(lam, seed=1)), float(lam.sum())
     errs: dict[str, list[float]] = {"hutchinson": [], "hutch++": [], "auto": []}
-    chosen = set()
+    chosen, ratios = set(), []
     for seed in range(24):
         errs["hutchinson"].append(hutchinson(op, 100, seed=seed)[0] - tr)
         errs["hutch++"].append(hutch_plus_plus(op, 100, seed=seed)[0] - tr)
         est, _, _, _, choice = auto_trace(op, 100, seed=seed)
         errs["auto"].append(est - tr)
         chosen.add(choice.method)
+        ratios.append(round(choice.variance_ratio, 3))
     rms = {k: math.sqrt(sum(e * e for e in v) / len(v)) for k, v in errs.items()}
     assert rms["auto"] <= 1.1 * min(rms["hutchinson"], rms["hutch++"]), rms
-    assert chosen == ({"hutchinson"} if kind == "bulk" else {"hutch++"})
-    if kind == "bulk":  # choosing Hutchinson returns exactly its estimate (same probes, no product wasted)
-        assert errs["auto"] == errs["hutchinson"]
+    assert chosen == ({"hutchinson"} if kind == "bulk" else {"hutch++"}), ratios
+    if kind == "bulk":
+        # choosing Hutchinson returns its estimate (the same probes, no product wasted) up to the rounding
+        # of the products, which BLAS may sum in another order for another block of columns: each sample
+        # zᵀAz (|z| = 1) is off by at most 2γₙ·1ᵀ|A|1 with γₙ = n·ε / (1 − n·ε), in both estimators
+        eps = torch.finfo(torch.float64).eps
+        bound = 4 * (n * eps / (1 - n * eps)) * float(op.matrix.abs().sum())
+        gaps = [abs(a - h) for a, h in zip(errs["auto"], errs["hutchinson"])]
+        assert max(gaps) <= bound, (max(gaps), bound)
 
 
 def test_auto_is_the_default_and_says_what_it_chose() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fresh_process import run_fresh
+from fresh_process import failure, rendezvous, run_fresh
 
 import dynascope
 from dynascope.tracker import run_status
@@ -26,15 +26,13 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
 
 
-def _worker(rank: int, port: str, run_dir: str, out_dir: str) -> None:
+def _worker(rank: int, init_method: str, run_dir: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from dynascope.models import build
 
     torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         model = DistributedDataParallel(build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0))
         opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -62,8 +60,8 @@ def _worker(rank: int, port: str, run_dir: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _spawn(port: str, run_dir: str, out_dir: str) -> None:
-    mp.spawn(_worker, args=(port, run_dir, out_dir), nprocs=WORLD, join=True)
+def _spawn(init_method: str, run_dir: str, out_dir: str) -> None:
+    mp.spawn(_worker, args=(init_method, run_dir, out_dir), nprocs=WORLD, join=True)
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, more on a loaded machine
@@ -74,10 +72,9 @@ def test_only_rank_zero_writes_under_a_gloo_process_group(tmp_path: Path) -> Non
         "import sys; sys.path.insert(0, sys.argv[1]); import test_tracker_distributed as t; "
         "t._spawn(*sys.argv[2:])"
     )
-    proc, tries = run_fresh(
-        code, [str(Path(__file__).resolve().parent), "port", str(run_dir), str(out)], port_arg=1
-    )
-    assert proc.returncode == 0, f"attempt {tries}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+    here = str(Path(__file__).resolve().parent)
+    proc = run_fresh(code, [here, rendezvous(tmp_path), str(run_dir), str(out)])
+    assert proc.returncode == 0, failure(proc)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert r0["writer"] and r0["has_run"] and r0["has_writer_thread"]
     # rank 1: no run object, no writer thread, nothing written (the status file is rank 0's)
