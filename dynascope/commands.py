@@ -681,8 +681,6 @@ def run_runs_command(args: argparse.Namespace) -> int:
     return 0
 
 
-command("list", "alias of `runs`", _runs_args)(run_runs_command)
-
 
 # ------------------------------------------------------------------------------------------- report
 def _report_args(p: argparse.ArgumentParser) -> None:

@@ -192,9 +192,8 @@ def test_export_png(probed_run: Run, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------- runs, recipe
 def test_runs_lists_runs(probed_run: Run, capsys: pytest.CaptureFixture[str]) -> None:
-    for cmd in ("runs", "list"):
-        code, out, _ = run_cli([cmd, str(probed_run.path.parent)], capsys)
-        assert code == 0 and "mlp on xor" in out and "3 checkpoint(s), steps 0–8" in out
+    code, out, _ = run_cli(["runs", str(probed_run.path.parent)], capsys)
+    assert code == 0 and "mlp on xor" in out and "3 checkpoint(s), steps 0–8" in out
     code, out, _ = run_cli(["runs", str(probed_run.path.parent), "--json"], capsys)
     row = json.loads(out.splitlines()[0])
     assert row["checkpoints"] == 3 and row["results"] >= 3
