@@ -1,0 +1,193 @@
+"""Curvature of a model sharded with FSDP2 (``fully_shard``) or wrapped in DDP, where it lives.
+
+Under an initialised process group each rank passes its own data shard; the operator is the Hessian of the
+loss averaged over the whole dataset, ``L(θ) = Σ_ranks Σ_{i ∈ shard} ℓ_i(θ) / N``.
+
+* **DDP** keeps full parameters on every rank, so the exact product of :mod:`dynascope.probes.operators`
+  runs on ``model.module`` with its per-shard products summed over ranks (``all_reduce``).
+* **FSDP2** gathers parameters outside autograd, so double backward never reaches the shards. The product
+  is a central finite difference of gradients, refined by Richardson extrapolation:
+
+      D(h) = (∇L(θ + h v) − ∇L(θ − h v)) / 2h = H v + h² c₃ + O(h⁴)
+      R(h) = (4 D(h/2) − D(h)) / 3             = H v + O(h⁴)
+
+  with ``h = s (1 + ‖θ‖) / ‖v‖`` for a relative step ``s`` (default ``ε^{1/5}`` of the parameters' dtype with
+  Richardson, ``ε^{1/3}`` without: truncation against rounding). Each gradient is FSDP's own backward
+  (sharded, reduce-scattered), gathered to full length. :attr:`FiniteDifferenceHessian.error` is the
+  largest ``‖R(h) − D(h/2)‖ / ‖R(h)‖`` over the products: the error of the unextrapolated difference, an
+  upper estimate for ``R`` (whose error is O(h⁴); measured in BENCHMARKS.md).
+
+Vectors are full length on every rank (the Krylov basis is replicated, as in hessian-eigenthings): memory
+per rank is that of one process plus FSDP's own; a basis sharded like the parameters is not built yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .losses import resolve_loss
+from .operators import LinearOperator
+
+__all__ = ["FiniteDifferenceHessian", "is_fsdp", "is_ddp", "sharded_operator"]
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``model`` (or a submodule) was wrapped by FSDP2's ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
+def _local_slice(p: Tensor) -> tuple[slice, int]:
+    """Where this rank's shard of a DTensor parameter sits along dim 0 of the full tensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return slice(offset[0], offset[0] + shape[0]) if shape else slice(0, 0), math.prod(shape)
+
+
+class FiniteDifferenceHessian(LinearOperator):
+    """``H v`` of an FSDP2-sharded model by Richardson-extrapolated central differences of gradients
+    (module docstring). ``data``: this rank's shard as ``(x, y)`` tensors; ``batch_size`` splits it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: tuple[Tensor, Tensor],
+        *,
+        loss: str | Callable = "auto",
+        batch_size: int | None = None,
+        richardson: bool = True,
+        step: float | None = None,
+    ) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("a sharded model is probed under an initialised torch.distributed process group")
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        dtype = self.params[0].dtype
+        self.sizes = [p.numel() for p in self.params]
+        super().__init__(sum(self.sizes), dtype, self.params[0].device)
+        x, y = data
+        self.batches = [(x, y)] if batch_size is None else [
+            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)
+        ]  # fmt: skip
+        self.loss = resolve_loss(loss, y)
+        count = float(sum(self.loss.count(b) for _, b in self.batches))
+        self.num_samples = int(_all_reduce(torch.tensor(count)))
+        self.world = torch.distributed.get_world_size()
+        self.richardson = richardson
+        eps = torch.finfo(dtype).eps
+        self.step = step if step is not None else eps ** (1 / 5 if richardson else 1 / 3)
+        self.error = 0.0
+        self.n_gradients = 0
+        self.meta = {
+            "product": "finite difference of gradients" + (", Richardson-extrapolated" if richardson else ""),
+            "fd_relative_step": self.step, "world_size": self.world, "n_samples": self.num_samples,
+            "basis": "full-length vectors on every rank",
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ parameters as one vector
+    def _locals(self) -> Iterator[tuple[Tensor, Tensor, slice]]:
+        """Each parameter's local shard and where it sits in that parameter's full flattened vector."""
+        for p in self.params:
+            if hasattr(p, "to_local"):
+                rows, _ = _local_slice(p)
+                local = p.to_local()
+                width = local[0].numel() if local.dim() and local.shape[0] else 0
+                yield p, local, slice(rows.start * width, rows.stop * width)
+            else:
+                yield p, p.data, slice(0, p.numel())
+
+    def _theta_norm(self) -> float:
+        sq = sum(float(local.detach().double().pow(2).sum()) for _, local, _ in self._locals())
+        return math.sqrt(float(_all_reduce(torch.tensor(sq, dtype=torch.float64))))
+
+    def _shift(self, v: Tensor, alpha: float) -> None:
+        """θ ← θ + α v on this rank's shards (``v`` full length)."""
+        with torch.no_grad():
+            for (_, local, where), part in zip(self._locals(), v.split(self.sizes), strict=True):
+                local.add_(part[where].view_as(local), alpha=alpha)
+
+    def gradient(self) -> Tensor:
+        """∇L(θ) at the current parameters, full length on every rank."""
+        for p in self.params:
+            p.grad = None
+        for x, y in self.batches:
+            out = self.model(x)
+            out = getattr(out, "logits", out)
+            # FSDP averages gradients over ranks: scale so that the average is Σ_all ℓ / N
+            (self.loss.total(out, y) * (self.world / self.num_samples)).backward()
+        grads = []
+        for p in self.params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            grads.append((g.full_tensor() if hasattr(g, "full_tensor") else g).reshape(-1))
+        self.n_gradients += 1
+        return torch.cat(grads).to(self.dtype)
+
+    def _difference(self, v: Tensor, h: float) -> Tensor:
+        saved = [local.detach().clone() for _, local, _ in self._locals()]
+        try:
+            self._shift(v, h)
+            plus = self.gradient()
+            self._shift(v, -2 * h)
+            minus = self.gradient()
+        finally:
+            with torch.no_grad():
+                for (_, local, _), s in zip(self._locals(), saved, strict=True):
+                    local.copy_(s)
+        return (plus - minus) / (2 * h)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        theta = self._theta_norm()
+        cols = []
+        for j in range(V.shape[1]):
+            v = V[:, j]
+            norm = float(v.norm())
+            if norm == 0.0:
+                cols.append(torch.zeros_like(v))
+                continue
+            h = self.step * (1.0 + theta) / norm
+            d_h = self._difference(v, h)
+            if not self.richardson:
+                cols.append(d_h)
+                continue
+            d_half = self._difference(v, h / 2)
+            r = (4 * d_half - d_h) / 3
+            scale = float(r.norm()) or 1.0
+            self.error = max(self.error, float((r - d_half).norm()) / scale)
+            cols.append(r)
+        return torch.stack(cols, dim=1)
+
+
+def sharded_operator(
+    model: nn.Module, data: Any, *, loss: str | Callable = "auto", **kwargs: Any
+) -> LinearOperator:
+    """The Hessian operator of a sharded model on this rank's ``data`` (module docstring): DDP → the exact
+    product on ``model.module`` summed over ranks; FSDP2 → :class:`FiniteDifferenceHessian`."""
+    if is_ddp(model):
+        from .operators import OperatorSpec
+
+        spec = OperatorSpec(kind="hessian", loss=loss, reduce_fn=_all_reduce, **kwargs)
+        return spec.build(model.module, data)
+    if is_fsdp(model):
+        return FiniteDifferenceHessian(model, data, loss=loss, **kwargs)
+    raise ValueError("sharded_operator: the model is neither FSDP2-sharded (fully_shard) nor DDP-wrapped")
