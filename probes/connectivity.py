@@ -195,6 +195,29 @@ def barrier_of(alphas: Sequence[float], values: Sequence[float], *, higher_is_be
     return float(gap.max())
 
 
+def exact_spectral_norms(model: nn.Module) -> int:
+    """Set every spectral-norm parametrization's power-iteration vectors ``u, v`` to the leading singular
+    vectors of its weight (SVD), so that the eval-mode ``σ = uᵀ W v`` is the exact ``σ_max(W)`` of the
+    current weights; ``u, v`` are functions of the weights, not state to interpolate. Returns how many."""
+    from torch.nn.utils import parametrize
+
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not parametrize.is_parametrized(module):
+                continue
+            for plist in module.parametrizations.values():
+                for p in plist:
+                    if type(p).__name__ != "_SpectralNorm" or not hasattr(p, "_u"):
+                        continue
+                    W = p._reshape_weight_to_matrix(plist.original)
+                    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+                    p._u.copy_(U[:, 0])
+                    p._v.copy_(Vh[0])
+                    n += 1
+    return n
+
+
 def _path(
     work: nn.Module,
     state_a: Mapping[str, torch.Tensor],
@@ -208,6 +231,7 @@ def _path(
     losses, accs = [], []
     for alpha in alphas:
         work.load_state_dict(interpolate_state(state_a, state_b, float(alpha), keys))
+        exact_spectral_norms(work)
         if bn_data is not None:
             reestimate_batchnorm(work, bn_data)
         value, acc = evaluate(work, data, loss)
@@ -321,6 +345,7 @@ def lmc_barrier(
     bn_source = bn_source if has_bn else None
     alphas = np.linspace(0.0, 1.0, n_points)
     work = copy.deepcopy(model_a)
+    n_spectral = exact_spectral_norms(work)
 
     state_b, alignment_info = _aligned_state(model_a, model_b, align, source, max_iter, seed)
     state_b = {k: v.to(device) for k, v in state_b.items()}
@@ -362,6 +387,10 @@ def lmc_barrier(
         reduction="mean over the dataset (batches weighted by sample count)",
         batchnorm_reestimated=has_bn,
         integer_buffers="model A's values, never interpolated",
+        spectral_norm=(
+            f"σ of {n_spectral} spectral-norm weight(s) recomputed exactly (SVD) at every point and end"
+            if n_spectral else None
+        ),
         alignment=alignment_info,
         checkpoint_hash_b=getattr(model_b, "dynascope_checkpoint_hash", None),
     )

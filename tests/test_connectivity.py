@@ -265,3 +265,40 @@ def test_layerwise_frame_reports_the_rise_over_model_a() -> None:
     assert frame["group"].tolist() == ["body.0", "head"] and frame["barrier"].tolist() == [0.0, 0.25]
     assert frame["max_rise"].tolist() == pytest.approx([1.9, 0.3])
     assert frame["end_loss"].tolist() == pytest.approx([2.0, 0.2])
+
+
+def test_lmc_on_spectral_norm_models_uses_the_exact_norm_at_every_point() -> None:
+    """The power-iteration vectors u, v are functions of the weights: at α the loss is that of
+    W_α / σ_max(W_α), computed here by hand with the SVD (float64)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from dynascope.probes import lmc_barrier
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = nn.Sequential(spectral_norm(nn.Linear(4, 16)), nn.Tanh(), spectral_norm(nn.Linear(16, 3)))
+        m = m.double()
+        m.train()
+        for _ in range(2):  # a couple of power iterations: u, v far from converged, as after short training
+            m(torch.randn(2, 4, dtype=torch.float64))
+        return m.eval()
+
+    a, b = net(0), net(1)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g)
+    res = lmc_barrier(a, b, (x, y), n_points=5, loss="cross_entropy")
+
+    def exact_loss(alpha: float) -> float:
+        h = x
+        for i in (0, 2):
+            wa, wb = a[i].parametrizations.weight.original, b[i].parametrizations.weight.original
+            w = torch.lerp(wa, wb, alpha)
+            bias = torch.lerp(a[i].bias, b[i].bias, alpha)
+            h = h @ (w / torch.linalg.matrix_norm(w, ord=2)).T + bias
+            if i == 0:
+                h = torch.tanh(h)
+        return float(nn.functional.cross_entropy(h, y).detach())
+
+    expected = [exact_loss(float(al)) for al in res.alphas]
+    assert res.losses == pytest.approx(expected, rel=1e-10)
+    assert "recomputed exactly" in res.meta["spectral_norm"]
