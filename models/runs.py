@@ -22,10 +22,8 @@ import json
 import math
 import os
 import re
-import shlex
 import warnings
 from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..datasets.factory import CodePolicy, code_policy
 from .atomic import atomic_write, atomic_write_text, dir_lock, remove_orphans
 from .checkpoints import (
     CheckpointError,
@@ -46,7 +43,7 @@ from .registry import model_config
 from .run_index import CheckpointIndex, checkpoint_index
 from .schedules import lr_at, validate_schedule
 from .specs import MODEL_SPEC_FORMS, build_from_spec, is_model_spec, normalize_model_spec
-from .trust import TRUST_HINT, CodeRef, grant, spec_refs, trusted_refs
+from .trust import CodeRef, TrustedCode, spec_refs
 from .weights import load_weights
 
 __all__ = ["Run", "RunError", "CheckpointInfo", "CheckpointFile", "RUN_SCHEMA", "RUN_SCHEMA_VERSION"]
@@ -245,8 +242,10 @@ def optimizer_state_to_torch(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-class Run:
+class Run(TrustedCode):
     """A run folder (see the module docstring). Use ``Run.create`` or ``Run.open``."""
+
+    _kind = "run"
 
     def __init__(self, path: Path, config: dict[str, Any]) -> None:
         self.path = Path(path)
@@ -472,23 +471,13 @@ class Run:
                     seen.add(r.ref)
         return refs
 
-    def untrusted_refs(self) -> list[CodeRef]:
-        """The code the run names that is not trusted (empty: nothing to trust, or trusted)."""
-        allowed = trusted_refs(self.path, self.path / "run.json")
-        return [r for r in self.code_refs() if r.ref not in allowed]
+    @property
+    def _trust_key(self) -> Path:
+        return self.path
 
-    def trust(self) -> list[CodeRef]:
-        """Trust the code the run names now (a record in the user's trust file); returns it."""
-        refs = self.code_refs()
-        grant(self.path, self.path / "run.json", refs)
-        return refs
-
-    def code_scope(self, allow: Iterable[str] = ()) -> AbstractContextManager[CodePolicy]:
-        """A :func:`~dynascope.datasets.factory.code_policy` for the run's specs: only trusted code (and
-        ``allow``, references the user gave in this process) is imported inside it."""
-        allowed = trusted_refs(self.path, self.path / "run.json") | set(allow)
-        how = TRUST_HINT.format(path=shlex.quote(str(self.path)))
-        return code_policy(f"run '{self.path}'", allowed, how)
+    @property
+    def _manifest(self) -> Path:
+        return self.path / "run.json"
 
     def build_model(self) -> nn.Module:
         """A freshly built model from the run's model spec (``build_from_spec``)."""
@@ -770,7 +759,7 @@ class Run:
             raise RunError(self.path, f"metrics.csv could not be parsed ({type(e).__name__}: {e})") from None
 
 
-class CheckpointFile:
+class CheckpointFile(TrustedCode):
     """A single checkpoint file used like a one-checkpoint :class:`Run`.
 
     The model config comes from ``model_config`` or else the file's dynascope metadata; the dataset
@@ -778,6 +767,8 @@ class CheckpointFile:
     to change). Missing configs raise ``ValueError``; an unreadable file ``CheckpointError``. Code that
     the file's own metadata names runs only once trusted (``trust=True``, or ``dynascope trust FILE``).
     """
+
+    _kind = "checkpoint"
 
     def __init__(
         self,
@@ -817,7 +808,7 @@ class CheckpointFile:
         self.loss = _loss_spec(loss)
         # What the caller passed is theirs; a model config read from the file's metadata is the file's.
         given = {"dataset": self.dataset_config, "loss": self.loss}
-        self._given_refs = {r.ref for r in spec_refs({**given, "model": model_config or {}})}
+        self._given_refs = frozenset(r.ref for r in spec_refs({**given, "model": model_config or {}}))
         if trust:
             self.trust()
         self.path = Path(store_dir) if store_dir is not None else self.file.parent
@@ -842,23 +833,16 @@ class CheckpointFile:
         return dict(self.model_config)
 
     def code_refs(self) -> list[CodeRef]:
-        """The code the file's own metadata names (what the caller passed needs no trust)."""
-        return [r for r in spec_refs({"model": self.model_config}) if r.ref not in self._given_refs]
+        """The code the model config names (what the caller passed is in ``_given_refs``: theirs)."""
+        return spec_refs({"model": self.model_config})
 
-    def untrusted_refs(self) -> list[CodeRef]:
-        allowed = trusted_refs(self.file, self.file)
-        return [r for r in self.code_refs() if r.ref not in allowed]
+    @property
+    def _trust_key(self) -> Path:
+        return self.file
 
-    def trust(self) -> list[CodeRef]:
-        """Trust the code the file's metadata names (keyed by the file and its sha256)."""
-        refs = self.code_refs()
-        grant(self.file, self.file, refs)
-        return refs
-
-    def code_scope(self, allow: Iterable[str] = ()) -> AbstractContextManager[CodePolicy]:
-        allowed = trusted_refs(self.file, self.file) | self._given_refs | set(allow)
-        how = TRUST_HINT.format(path=shlex.quote(str(self.file)))
-        return code_policy(f"checkpoint '{self.file}'", allowed, how)
+    @property
+    def _manifest(self) -> Path:
+        return self.file
 
     def load_model(self, step: int | None = None) -> nn.Module:
         """The model built from the model config with this file's weights loaded."""

@@ -18,15 +18,19 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..datasets.factory import _is_file_ref, absolute_ref, is_factory_ref, split_ref
+from ..datasets.factory import CodePolicy, _is_file_ref, absolute_ref, code_policy, is_factory_ref, split_ref
 from .atomic import atomic_write_text, dir_lock
 
-__all__ = ["CodeRef", "spec_refs", "trust_file", "trusted_refs", "grant", "revoke", "TRUST_HINT"]
+__all__ = [
+    "CodeRef", "TrustedCode", "spec_refs", "trust_file", "trusted_refs", "grant", "revoke", "TRUST_HINT"
+]
 
 #: How to trust a folder, with ``{path}`` to fill in.
 TRUST_HINT = (
@@ -144,3 +148,41 @@ def grant(folder: str | os.PathLike[str], manifest: str | os.PathLike[str], refs
 def revoke(folder: str | os.PathLike[str]) -> None:
     """Forget the trust record of ``folder`` (nothing happens when there is none)."""
     _write({str(Path(folder).resolve()): None})
+
+
+class TrustedCode:
+    """The trust methods of something that holds specs (a run folder, a checkpoint file): it names its
+    :meth:`code_refs`, is keyed by ``_trust_key`` with manifest ``_manifest``, and is called ``_kind``;
+    ``_given_refs`` are references the caller passed in this process (theirs, trusted)."""
+
+    _kind: str
+    _given_refs: frozenset[str] = frozenset()
+
+    @property
+    def _trust_key(self) -> Path:  # pragma: no cover - provided by the class
+        raise NotImplementedError
+
+    @property
+    def _manifest(self) -> Path:  # pragma: no cover - provided by the class
+        raise NotImplementedError
+
+    def code_refs(self) -> list[CodeRef]:  # pragma: no cover - provided by the class
+        raise NotImplementedError
+
+    def untrusted_refs(self) -> list[CodeRef]:
+        """The code named here that is not trusted (empty: nothing to trust, or trusted)."""
+        allowed = trusted_refs(self._trust_key, self._manifest) | self._given_refs
+        return [r for r in self.code_refs() if r.ref not in allowed]
+
+    def trust(self) -> list[CodeRef]:
+        """Trust the code named here now (a record in the user's trust file); returns it."""
+        refs = [r for r in self.code_refs() if r.ref not in self._given_refs]
+        grant(self._trust_key, self._manifest, refs)
+        return refs
+
+    def code_scope(self, allow: Iterable[str] = ()) -> AbstractContextManager[CodePolicy]:
+        """A :func:`~dynascope.datasets.factory.code_policy` for these specs: only trusted code, the
+        caller's own references and ``allow`` (references given in this process) are imported in it."""
+        allowed = trusted_refs(self._trust_key, self._manifest) | self._given_refs | set(allow)
+        how = TRUST_HINT.format(path=shlex.quote(str(self._trust_key)))
+        return code_policy(f"{self._kind} '{self._trust_key}'", allowed, how)
