@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "parameter_groups": "functional",
     "select_parameters": "functional",
     "eigsh": "lanczos",
+    "sharded_operator": "sharded",
+    "FiniteDifferenceHessian": "sharded",
     "lanczos_tridiagonal": "lanczos",
     "Loss": "losses",
     "resolve_loss": "losses",
