@@ -370,7 +370,8 @@ def test_dynascope_app_starts_the_demo_build_before_streamlit(
 
     started, launched = [], []
     monkeypatch.setattr(cli, "start_demo_build", lambda root: started.append(root))
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: launched.append((started[:], env)) or 0)
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda cmd, env: launched.append((started[:], env)))
+    monkeypatch.setattr(cli, "wait_forwarding_signals", lambda server, others: 0)
     monkeypatch.delenv("DYNASCOPE_DEMOS", raising=False)
     assert cli.main(["app", "--runs-dir", str(tmp_path / "runs"), "--headless"]) == 0
     ((before, env),) = launched
