@@ -137,14 +137,16 @@ def _load_file(path: Path, what: str, ref: str) -> Any:
 
 
 def _import_module(mod: str) -> Any:
-    """``importlib.import_module``; a module not found on ``sys.path`` is looked for in the working
-    directory too (as ``python -m`` does), since the ``dynascope`` command does not put it there."""
+    """``importlib.import_module``; a module the user named in this process (no :func:`code_policy` is
+    active) that is not on ``sys.path`` is looked for in the working directory too, as ``python -m`` does
+    (the ``dynascope`` command does not put it there). A folder's trusted references never are: their
+    trust record hashes files, not whatever the working directory holds."""
     try:
         return importlib.import_module(mod)
     except ModuleNotFoundError as e:
         cwd = os.getcwd()
         top = mod.split(".")[0]
-        if cwd in sys.path or e.name != top or not (
+        if _POLICY.get() is not None or cwd in sys.path or e.name != top or not (
             Path(cwd, f"{top}.py").is_file() or Path(cwd, top, "__init__.py").is_file()
         ):
             raise

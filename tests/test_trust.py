@@ -375,3 +375,17 @@ def test_a_full_disk_names_the_write_and_leaves_no_empty_store(tmp_path: Path) -
     assert f"creating the result store '{folder / 'results.sqlite'}' failed" in lines[0]
     assert f"writing '{folder / 'x.json'}' failed" in lines[1]
     assert not (folder / "results.sqlite").exists() and not list(folder.glob(".*.tmp"))
+
+
+def test_module_references_given_here_are_found_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    from dynascope.datasets.factory import code_policy
+
+    (tmp_path / "cwd_models_7f3a.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    spec = {"factory": "cwd_models_7f3a:make"}
+    # a folder's trusted module reference is a module of the environment, never the working directory's
+    with code_policy("run 'x'", ["cwd_models_7f3a:make"]), pytest.raises(ValueError, match="not importable"):
+        build_from_spec(spec)
+    assert isinstance(build_from_spec(spec), torch.nn.Linear)  # the user's own, named in this process
