@@ -157,15 +157,38 @@ def check_mode(mode: Any) -> str:
     return mode
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (``_orig_mod``): the same function, whose derivatives
+    eager autograd gives (a compiled graph donates its buffers and has no double backward)."""
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
+_COMPLEX_OF = {
+    torch.float64: torch.complex128, torch.float32: torch.complex64, torch.float16: torch.complex32
+}
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` if floating, in the complex dtype of that precision if complex (never dropping
+    an imaginary part), unchanged otherwise (integer and bool buffers)."""
+    if t.is_complex():
+        return t.to(_COMPLEX_OF.get(dtype, torch.complex128))
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def prepare_model(
     model: nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> nn.Module:
     """Check ``model`` (a module with parameters, all finite) and return it in ``dtype`` on ``device``.
 
-    The caller's model is never modified: a deep copy is made when the dtype or device differs.
+    The caller's model is never modified: a deep copy is made when the dtype or device differs. A
+    ``torch.compile``d module is probed through its original module (:func:`unwrap_compiled`); complex
+    buffers (a fixed FFT filter) go to the complex dtype of ``dtype``'s precision.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    model = unwrap_compiled(model)
     first = next(iter(model.parameters()), None)
     if first is None:
         raise ValueError("the model has no parameters")
@@ -173,7 +196,9 @@ def prepare_model(
     change_dtype = dtype is not None and dtype != first.dtype
     change_device = device is not None and torch.device(device) != first.device
     if change_dtype or change_device:
-        model = copy.deepcopy(model).to(device=device, dtype=dtype if change_dtype else None)
+        model = copy.deepcopy(model).to(device=device)
+        if change_dtype:
+            model._apply(lambda t: _cast(t, dtype))
     return model
 
 

@@ -197,6 +197,8 @@ def make_meta(
         meta["checkpoint_hash"] = getattr(model, "dynascope_checkpoint_hash", None)
         meta["model_config"] = to_jsonable(getattr(model, "dynascope_config", None))
         meta["model_config_source"] = getattr(model, "dynascope_config_source", None)
+        if type(model).__name__ == "OptimizedModule":
+            meta["compiled"] = "a torch.compile'd module, probed through its original module (_orig_mod)"
     if started is not None:
         meta["wall_time_s"] = time.perf_counter() - started
     meta["versions"] = _versions()

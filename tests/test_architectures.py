@@ -1,0 +1,69 @@
+"""Architectures beyond the registry, against dense float64 references: complex buffers under dtype=,
+torch.compile'd modules."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from dynascope.probes import hessian_eigenvalues
+
+
+class FFTFilter(nn.Module):
+    """A fixed complex filter in the frequency domain between two linear layers (a complex buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.lin, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("filt", torch.randn(5, generator=g, dtype=torch.cfloat))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        return self.out(torch.fft.irfft(torch.fft.rfft(h, dim=-1) * self.filt, n=8, dim=-1))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+
+def _dense_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, buffers: dict) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        params = {n: t.view(s) for n, t, s in zip(names, theta.split([s.numel() for s in shapes]), shapes,
+                                                  strict=True)}  # fmt: skip
+        out = torch.func.functional_call(model, {**params, **buffers}, (x.double(),))
+        return nn.functional.cross_entropy(out, y)
+
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)
+
+
+def test_a_complex_buffer_keeps_its_imaginary_part_under_dtype_float64() -> None:
+    torch.manual_seed(0)
+    model = FFTFilter()  # float32 parameters, complex64 buffer
+    x, y = _data()
+    ref = _dense_top(model, x, y, {"filt": model.filt.detach().to(torch.complex128)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it discards an imaginary part: none may be left
+        eig = hessian_eigenvalues(model, (x, y), k=3, tol=1e-10, dtype=torch.float64, loss="cross_entropy")
+    torch.testing.assert_close(eig.values, ref[:3], rtol=1e-8, atol=1e-12)
+    assert model.filt.dtype == torch.cfloat and next(model.parameters()).dtype == torch.float32  # untouched
+
+
+def test_a_compiled_module_is_probed_through_its_original_module() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3)).double()
+    x, y = _data()
+    plain = hessian_eigenvalues(model, (x.double(), y), k=3, tol=1e-10, loss="cross_entropy")
+    compiled = hessian_eigenvalues(torch.compile(model), (x.double(), y), k=3, tol=1e-10,
+                                   loss="cross_entropy")
+    torch.testing.assert_close(compiled.values, plain.values, rtol=1e-10, atol=0)
+    ref = _dense_top(model, x, y, {})
+    torch.testing.assert_close(compiled.values, ref[:3], rtol=1e-8, atol=1e-12)
+    assert "_orig_mod" in compiled.meta["compiled"] and "compiled" not in plain.meta
