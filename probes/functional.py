@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.parametrizations import _WeightNorm
 
 from ..datasets.batching import Batch, BatchSource, as_batches
 from ..models.outputs import RULE_ATTR, logits_of, output_rule
@@ -164,6 +165,33 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return orig if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
+def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
+    """``g · v / ‖v‖`` with the norm over every dim but ``dim`` (all of them for ``dim = -1``), in plain
+    differentiable ops: torch 2.13's fused ``_weight_norm`` has a wrong double backward (its products
+    disagree with differences of its gradients by 26 %)."""
+    dims = [d for d in range(v.dim()) if d != dim] if dim != -1 else list(range(v.dim()))
+    return v * (g / v.pow(2).sum(dim=dims, keepdim=True).sqrt())
+
+
+class _PlainWeightNorm(_WeightNorm):
+    """torch's weight-norm parametrization, evaluated by :func:`_weight_norm`."""
+
+    def forward(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+        return _weight_norm(weight_v, weight_g, self.dim)
+
+
+def plain_parametrizations(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose ``weight_norm`` parametrizations evaluate :func:`_weight_norm` (the same
+    function; derivatives of every order from plain ops)."""
+    if not any(type(m) is _WeightNorm for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is _WeightNorm:
+            m.__class__ = _PlainWeightNorm
+    return model
+
+
 _COMPLEX_OF = {
     torch.float64: torch.complex128, torch.float32: torch.complex64, torch.float16: torch.complex32
 }
@@ -183,12 +211,13 @@ def prepare_model(
     """Check ``model`` (a module with parameters, all finite) and return it in ``dtype`` on ``device``.
 
     The caller's model is never modified: a deep copy is made when the dtype or device differs. A
-    ``torch.compile``d module is probed through its original module (:func:`unwrap_compiled`); complex
-    buffers (a fixed FFT filter) go to the complex dtype of ``dtype``'s precision.
+    ``torch.compile``d module is probed through its original module (:func:`unwrap_compiled`), weight-norm
+    parametrizations through plain ops (:func:`plain_parametrizations`); complex buffers (a fixed FFT
+    filter) go to the complex dtype of ``dtype``'s precision.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    model = unwrap_compiled(model)
+    model = plain_parametrizations(unwrap_compiled(model))
     first = next(iter(model.parameters()), None)
     if first is None:
         raise ValueError("the model has no parameters")

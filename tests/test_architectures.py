@@ -67,3 +67,37 @@ def test_a_compiled_module_is_probed_through_its_original_module() -> None:
     ref = _dense_top(model, x, y, {})
     torch.testing.assert_close(compiled.values, ref[:3], rtol=1e-8, atol=1e-12)
     assert "_orig_mod" in compiled.meta["compiled"] and "compiled" not in plain.meta
+
+
+def test_weight_norm_is_probed_through_plain_ops() -> None:
+    """torch 2.13's fused weight-norm double backward is wrong; the probes evaluate the same function with
+    plain ops: eigenvalues equal a dense Hessian of the hand-written function, and the self-check passes."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from dynascope.probes.operators import OperatorSpec
+    from dynascope.probes.selfcheck import check_product
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(8, 6)), nn.Tanh(), weight_norm(nn.Linear(6, 3))).double()
+    x, y = _data()
+    x = x.double()
+    named = dict(model.named_parameters())
+    names = list(named)
+    shapes = [named[n].shape for n in names]
+    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        parts = theta.split([s.numel() for s in shapes])
+        p = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        h = x
+        for i, act in ((0, torch.tanh), (2, None)):
+            g, v = p[f"{i}.parametrizations.weight.original0"], p[f"{i}.parametrizations.weight.original1"]
+            w = v * (g / v.pow(2).sum(dim=1, keepdim=True).sqrt())
+            h = h @ w.T + p[f"{i}.bias"]
+            h = act(h) if act is not None else h
+        return nn.functional.cross_entropy(h, y)
+
+    ref = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)
+    eig = hessian_eigenvalues(model, (x, y), k=3, tol=1e-10, loss="cross_entropy")
+    torch.testing.assert_close(eig.values, ref[:3], rtol=1e-8, atol=1e-12)
+    assert check_product(OperatorSpec(kind="hessian", loss="cross_entropy").build(model, (x, y)))["passed"]
