@@ -1,4 +1,5 @@
-"""Shared plumbing of the Hessian-spectrum probes: product recording, the determinism check, ``.meta``.
+"""Shared plumbing of the Hessian-spectrum probes: product recording, the determinism check, the product
+self-check (:func:`product_check`), ``.meta``.
 
 Every spectral probe (:mod:`.hessian`, :mod:`.trace`, :mod:`.density`) builds one
 :class:`~dynascope.probes.operators.CurvatureOperator` from an
@@ -99,6 +100,7 @@ def spectral_meta(
     rtol = determinism_rtol(op.dtype)
     stochastic = _stochastic_modules(model) if op.mode == "train" else []
     _warn_nondeterministic(probe, det, stochastic, rtol)
+    checked = product_check(probe, op) if check_determinism and not stochastic else None
     return make_meta(
         probe,
         model=model,
@@ -113,8 +115,45 @@ def spectral_meta(
         determinism_rtol=rtol if det is not None else None,
         deterministic=None if det is None else bool(det <= rtol),
         stochastic_modules=stochastic,
+        product_check=checked,
         **extra,
     )
+
+
+#: Self-check results by architecture (every module's name and class, parameter block and shapes, dtype,
+#: loss, mode): the product mechanism of an architecture is checked once per process, not at every
+#: checkpoint.
+_CHECKED: dict[tuple, dict[str, Any]] = {}
+
+
+def product_check(probe: str, op: CurvatureOperator) -> dict[str, Any] | None:
+    """:func:`~dynascope.probes.selfcheck.check_product` of a Hessian operator, once per architecture
+    (later calls return it with ``"cached": True``); a failed check warns loudly. ``None`` for the GGN and
+    Fisher (no finite-difference relation) and for operators summed over ranks (checked on one rank's
+    shard it would compare different functions)."""
+    from .selfcheck import check_product
+
+    if op.kind != "hessian" or op.reduce_fn is not None:
+        return None
+    modules = tuple((name, type(m)) for name, m in op.model.named_modules())
+    shapes = tuple(tuple(s) for s in op.space.shapes)
+    key = (modules, tuple(op.space.names), shapes, op.dtype, op.loss.name, op.mode, str(op.device))
+    if key in _CHECKED:
+        return {**_CHECKED[key], "cached": True}
+    result = check_product(op)
+    if len(_CHECKED) > 256:
+        _CHECKED.clear()
+    _CHECKED[key] = result
+    if result["passed"] is False:
+        warnings.warn(
+            f"{probe}: the model's Hessian-vector products disagree with differences of its gradients by "
+            f"{result['agreement']:.2g} (relative; tolerance {result['tolerance']:.2g}): some layer's double "
+            "backward is wrong, so these curvature numbers are not the model's. Recorded in "
+            ".meta['product_check']",
+            UserWarning,
+            stacklevel=4,
+        )
+    return result
 
 
 def _stochastic_modules(model: nn.Module) -> list[str]:

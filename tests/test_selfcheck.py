@@ -98,3 +98,35 @@ def test_other_operators_are_not_checked() -> None:
     x, y = _data()
     op = OperatorSpec(kind="ggn", loss="cross_entropy").build(nn.Linear(4, 3).double(), (x, y))
     assert check_product(op)["passed"] is None
+
+
+def test_spectral_probes_record_the_check_once_per_architecture_and_warn_on_failure() -> None:
+    import pytest
+
+    from dynascope.probes import hessian_eigenvalues, hessian_trace
+
+    x, y = _data()
+    torch.manual_seed(0)
+    good = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    first = hessian_eigenvalues(good, (x, y), k=2, loss="cross_entropy")
+    assert first.meta["product_check"]["passed"] and "cached" not in first.meta["product_check"]
+    again = hessian_trace(good, (x, y), n_matvecs=6, loss="cross_entropy")
+    assert again.meta["product_check"]["cached"]
+    planted = nn.Sequential(nn.Linear(4, 8), _Planted(), nn.Linear(8, 3)).double()
+    with pytest.warns(UserWarning, match="double backward is wrong"):
+        bad = hessian_eigenvalues(planted, (x, y), k=2, loss="cross_entropy")
+    assert bad.meta["product_check"]["passed"] is False
+    ggn = hessian_eigenvalues(planted, (x, y), k=2, loss="cross_entropy", operator="ggn")
+    assert ggn.meta["product_check"] is None
+
+
+def test_piecewise_linear_models_get_no_verdict_rather_than_a_false_alarm() -> None:
+    """A ReLU MLP on 512 digits: units switch inside the step, gradients jump, the differences disagree
+    with each other (e ≈ 0.16): no verdict — never a false alarm."""
+    from dynascope.datasets import load
+    from dynascope.models import build
+
+    x, y = load("digits", n_train=512).train
+    model = build("mlp", in_dim=64, width=64, depth=2, out_dim=10, seed=0, activation="relu").double()
+    report = check_product(OperatorSpec(kind="hessian").build(model, (x.double(), y)))
+    assert report["passed"] is None and "no verdict" in report["reason"], report
