@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .operators import CurvatureOperator, LinearOperator, random_vectors
-from .results import make_meta
+from .results import make_meta, stochastic_modules
 
 #: A recomputed product is deterministic when it agrees with the first to within this many units of
 #: the operator dtype's machine epsilon, relatively (float64: 1.8e-15, float32: 9.5e-7); products on
@@ -98,7 +98,7 @@ def spectral_meta(
     wall = time.perf_counter() - started
     det = rec.determinism() if (check_determinism and rec is not None) else None
     rtol = determinism_rtol(op.dtype)
-    stochastic = _stochastic_modules(model) if op.mode == "train" else []
+    stochastic = stochastic_modules(model, op.mode)
     _warn_nondeterministic(probe, det, stochastic, rtol)
     checked = product_check(probe, op) if check_determinism and not stochastic else None
     return make_meta(
@@ -154,15 +154,6 @@ def product_check(probe: str, op: CurvatureOperator) -> dict[str, Any] | None:
             stacklevel=4,
         )
     return result
-
-
-def _stochastic_modules(model: nn.Module) -> list[str]:
-    """Dropout modules with p > 0: in train mode each product draws new masks."""
-    return [
-        name or type(m).__name__
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0
-    ]
 
 
 def _warn_nondeterministic(probe: str, det: float | None, stochastic: list[str], rtol: float) -> None:

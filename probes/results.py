@@ -14,6 +14,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,24 @@ def make_meta(
     meta["versions"] = _versions()
     meta.update(to_jsonable(extra))
     return meta
+
+
+def stochastic_modules(model: nn.Module, mode: str) -> list[str]:
+    """Dropout modules with p > 0 when ``mode="train"``: each forward draws new masks, so a probe's numbers
+    change between calls (empty in eval mode)."""
+    if mode != "train":
+        return []
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0]  # fmt: skip
+
+
+def warn_train_randomness(probe: str, stochastic: list[str], detail: str = "") -> None:
+    """The warning every probe gives when ``mode="train"`` makes it random (:func:`stochastic_modules`)."""
+    if stochastic:
+        warnings.warn(
+            f"{probe}: mode='train' with dropout ({', '.join(stochastic[:5])}) makes the result random, so "
+            f"it changes between calls{detail}. Use mode='eval' for reproducible numbers (recorded in .meta: "
+            "'stochastic_modules')",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -263,3 +263,18 @@ def test_nc1_decreases_after_zero_training_error_on_digits() -> None:
     assert len(nc1) >= 3
     assert all(b < a for a, b in zip(nc1, nc1[1:])), nc1
     assert nc1[-1] < 0.6 * nc1[0], nc1
+
+
+def test_train_mode_with_dropout_warns_and_is_recorded() -> None:
+    import pytest
+    from torch import nn
+
+    from dynascope.probes import neural_collapse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    x, y = torch.randn(60, 4), torch.arange(60) % 3
+    with pytest.warns(UserWarning, match="mode='train' with dropout"):
+        res = neural_collapse(model, (x, y), mode="train")
+    assert res.meta["stochastic_modules"] == ["2"]
+    assert neural_collapse(model, (x, y)).meta["stochastic_modules"] == []
