@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -231,17 +231,52 @@ def prepare_model(
     return model
 
 
+class _RunDirectly:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction``: calls the block."""
+
+    @staticmethod
+    def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
+
+
+def _no_checkpoint_context(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stands in for torch's non-reentrant checkpoint generator: no saved-tensor hooks, no recomputation."""
+    yield
+
+
+@contextmanager
+def plain_checkpointing() -> Iterator[None]:
+    """Inside the block, ``torch.utils.checkpoint.checkpoint`` runs its function plainly (the same function
+    and activations, every derivative): reentrant checkpointing detaches the block's inputs (its parameters
+    then get no second derivative, and a first block's gradients are lost under ``torch.func``), and the
+    non-reentrant kind's saved-tensor hooks are refused by ``torch.func`` transforms. The block's
+    activations are kept, as without checkpointing."""
+    import torch.utils.checkpoint as ckpt
+
+    saved = ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator
+    ckpt.CheckpointFunction = _RunDirectly
+    ckpt._checkpoint_without_reentrant_generator = _no_checkpoint_context
+    try:
+        yield
+    finally:
+        ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator = saved
+
+
 class ModeGuard:
-    """Put a model in eval (default) or train mode for the duration of a block, then restore."""
+    """Put a model in eval (default) or train mode for the duration of a block, then restore; activation
+    checkpointing runs plainly meanwhile (:func:`plain_checkpointing`)."""
 
     def __init__(self, model: nn.Module, mode: str) -> None:
         self.model, self.mode = model, mode
         self.saved = [(m, m.training) for m in model.modules()]
+        self._plain = plain_checkpointing()
 
     def __enter__(self) -> None:
         self.model.train(self.mode == "train")
+        self._plain.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        self._plain.__exit__(*exc)
         for m, training in self.saved:
             m.training = training
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -101,3 +102,43 @@ def test_weight_norm_is_probed_through_plain_ops() -> None:
     eig = hessian_eigenvalues(model, (x, y), k=3, tol=1e-10, loss="cross_entropy")
     torch.testing.assert_close(eig.values, ref[:3], rtol=1e-8, atol=1e-12)
     assert check_product(OperatorSpec(kind="hessian", loss="cross_entropy").build(model, (x, y)))["passed"]
+
+
+class Checkpointed(nn.Module):
+    """Three blocks; the first and second run under activation checkpointing (reentrant or not)."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+        self.head = nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for i, block in enumerate(self.blocks):
+            if self.reentrant is not None and i < 2:
+                x = checkpoint(block, x, use_reentrant=self.reentrant)
+            else:
+                x = block(x)
+        return self.head(x)
+
+
+def test_activation_checkpointing_is_differentiated_as_the_plain_model() -> None:
+    from dynascope.probes import empirical_ntk, gradient_coherence
+
+    x, y = _data()
+    x = x.double()
+    plain = Checkpointed(None).double()
+    ref = _dense_top(plain, x, y, {})
+    coh = gradient_coherence(plain, (x, y), loss="cross_entropy")
+    ntk = empirical_ntk(plain, x[:6])
+    for reentrant in (True, False):
+        model = Checkpointed(reentrant).double()
+        model.load_state_dict(plain.state_dict())
+        eig = hessian_eigenvalues(model, (x, y), k=3, tol=1e-10, loss="cross_entropy")
+        torch.testing.assert_close(eig.values, ref[:3], rtol=1e-8, atol=1e-12)
+        c = gradient_coherence(model, (x, y), loss="cross_entropy")
+        assert c.alpha == pytest.approx(coh.alpha, rel=1e-10)
+        torch.testing.assert_close(empirical_ntk(model, x[:6]), ntk, rtol=1e-10, atol=1e-12)
