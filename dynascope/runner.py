@@ -203,9 +203,9 @@ def probe_data(
     if max_samples is not None:
         if sample == "stratified" and max_samples < len(y):
             idx = stratified_indices(y, max_samples)
-            x, y = x[idx], y[idx]
+            x, y = slice_inputs(x, idx), y[idx]
         else:
-            x, y = x[:max_samples], y[:max_samples]
+            x, y = slice_inputs(x, slice(None, max_samples)), y[:max_samples]
     return x, y
 
 

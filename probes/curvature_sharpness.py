@@ -162,6 +162,7 @@ def sharpness(
     *,
     lr: float | None = None,
     loss: str | Callable | Loss = "auto",
+    output: Any = None,
     k: int = 1,
     tol: float = 1e-4,
     v0: torch.Tensor | None = None,
@@ -208,6 +209,7 @@ def sharpness(
     started = time.perf_counter()
     spec = OperatorSpec(
         loss=loss,
+        output=output,
         params=params,
         batch_size=batch_size,
         mode=mode,

@@ -155,6 +155,7 @@ def hessian_eigenvalues(
     loss: str | Callable = "auto",
     tol: float = 1e-4,
     operator: str = "hessian",
+    output: Any = None,
     which: str = "LA",
     v0: Any = None,
     max_iter: int | None = None,
@@ -197,7 +198,7 @@ def hessian_eigenvalues(
     check_float("tol", tol, min=0, min_open=True)
     check_choice("refine", refine, (True, False, "auto"))
     check_int("seed", seed)
-    spec = OperatorSpec(kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
+    spec = OperatorSpec(kind=operator, loss=loss, output=output, params=params, batch_size=batch_size, mode=mode,
                         dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
     start = _warm_start(v0)
     t0 = time.perf_counter()
