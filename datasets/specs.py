@@ -4,7 +4,9 @@ Forms (:func:`load_spec`):
 
 * ``{"name": "digits", ...}`` — a registered dataset (:func:`dynascope.datasets.load`);
 * ``{"file": "data.safetensors" | ".pt" | ".npz", "x": "x", "y": "y", "test_file": ...}`` — tensors stored
-  under the keys ``x`` and ``y`` (those names by default); ``.pt`` files are read with ``weights_only=True``;
+  under the keys ``x`` and ``y`` (those names by default; ``"x": {"input_ids": "k1", "attention_mask": "k2"}``
+  reads a dict of inputs, passed to ``forward`` as keyword arguments); ``.pt`` files are read with
+  ``weights_only=True``;
 * ``{"file": "table.parquet" | ".csv", "label": "column", "test_file": ...}`` — every other column is a
   float32 feature; the label is int64 when its column holds integers, else float32;
 * ``{"factory": "pkg.module:function" | "path/file.py:function", "kwargs": {...}}`` — the function returns
@@ -94,6 +96,14 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         elif suffix in TENSOR_SUFFIXES:
             out.setdefault("x", "x")
             out.setdefault("y", "y")
+            xk = out["x"]
+            ok = isinstance(xk, str) or (
+                isinstance(xk, Mapping) and xk and all(isinstance(k, str) and isinstance(v, str) for k, v in xk.items())
+            )
+            if not ok or not isinstance(out["y"], str):
+                raise ValueError(
+                    f"data spec {dict(spec)}: 'x' must be a key (or {{input name: key}}) and 'y' a key"
+                )
         else:
             raise ValueError(
                 f"data spec {dict(spec)}: file suffix {suffix!r} is not one of "
@@ -106,7 +116,7 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ readers
-def _read_tensor_file(path: Path, keys: tuple[str, str], spec: Mapping[str, Any]) -> Pair:
+def _read_tensor_file(path: Path, keys: tuple[Any, str], spec: Mapping[str, Any]) -> Pair:
     if not path.is_file():
         raise ValueError(f"data spec {dict(spec)}: file '{path}' does not exist")
     suffix = path.suffix.lower()
@@ -131,14 +141,16 @@ def _read_tensor_file(path: Path, keys: tuple[str, str], spec: Mapping[str, Any]
             f"data spec {dict(spec)}: '{path}' holds a {type(content).__name__}, not a dict of tensors "
             f"with keys {list(keys)}"
         )
-    missing = [k for k in keys if k not in content]
+    x_keys = dict(keys[0]) if isinstance(keys[0], Mapping) else {"": keys[0]}
+    missing = [k for k in [*x_keys.values(), keys[1]] if k not in content]
     if missing:
         raise ValueError(
             f"data spec {dict(spec)}: '{path}' has no key(s) {missing}; it has {sorted(map(str, content))} "
             '(name them with "x": ..., "y": ...)'
         )
-    x, y = (torch.as_tensor(content[k]) for k in keys)
-    return _check_pair(x, y, f"'{path}'", spec)
+    xs = {name: torch.as_tensor(content[k]) for name, k in x_keys.items()}
+    x = xs[""] if "" in xs else xs
+    return _check_pair(x, torch.as_tensor(content[keys[1]]), f"'{path}'", spec)
 
 
 def _read_table(path: Path, label: str, spec: Mapping[str, Any]) -> Pair:

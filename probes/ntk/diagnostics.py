@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...datasets.batching import as_batches
+from ...datasets.batching import as_batches, input_count
 from ..lanczos import eigsh
 from ..losses import check_labels, check_model_input
 from ..results import Result, make_meta
@@ -153,7 +153,7 @@ def ntk_probe(
         params=params,
         device=device,
     )
-    n, O, M = op.x.shape[0], op.n_outputs, op.size
+    n, O, M = input_count(op.x), op.n_outputs, op.size
     if k > M:
         raise ValueError(f"k={k} exceeds the kernel size {M}")
     Yc = _targets_for(y, M, n, O).to(device=op.device)
@@ -184,6 +184,8 @@ def ntk_probe(
         alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
         converged = torch.ones(k, dtype=torch.bool)
         extra["strategy"] = plan.as_meta()
+        if plan.fallback is not None:
+            extra["ntk_fallback"] = plan.fallback
         extra["min_eigenvalue"] = float(evals.min())
     else:
         out = eigsh(op, k, tol=tol, seed=seed)
@@ -199,6 +201,8 @@ def ntk_probe(
         t_norm = float((Yc.T @ Yc).norm())
         alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
         rel_se = float(sq.std() / (sq.mean() * math.sqrt(n_probes))) / 2 if n_probes > 1 else math.nan
+        if op.fallback is not None:
+            extra["ntk_fallback"] = op.fallback
         extra.update(
             n_matvecs=op.n_matvecs,
             lanczos_iterations=out.n_iter,
