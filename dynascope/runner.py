@@ -348,6 +348,16 @@ def call_params(run: Run | str, probe: str, params: Mapping[str, Any] | None = N
     return _call_params(_as_run(run), PROBES[probe], params)
 
 
+def schedule_lr(run: Any, step: int) -> float | None:
+    """η at ``step`` from the run's schedule (or its optimizer's lr), ``None`` when the run records none;
+    ``0.0`` at the end of a schedule that decays to zero (the sharpness then reports no threshold)."""
+    try:
+        lr = float(run.lr_at(step))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return lr if lr >= 0 and lr == lr else None
+
+
 def plan(
     run: Run | str,
     probe: str,
@@ -374,6 +384,8 @@ def plan(
     run = _as_run(run)
     chosen = _checkpoint_list(run, spec, step, steps, other)
     call = _call_params(run, spec, params)
+    if spec.name == "sharpness" and call.get("lr") is None and spec.inputs == "model":
+        call["lr"] = schedule_lr(run, chosen[0][1].step)  # η of the run's schedule at this checkpoint
     digests = [file_sha256(info.path) for _, info in chosen]
     key = to_jsonable({k: v for k, v in call.items() if k not in ("optimizer_state", "dtype")})
     if call.get("optimizer_state") is not None:

@@ -658,7 +658,7 @@ class Tracker:
 
         assert self.run is not None and self._writer is not None
         params = dict(p.params)
-        if p.runner_name == "sharpness" and lr is not None and lr > 0 and "lr" not in params:
+        if p.runner_name == "sharpness" and lr is not None and lr >= 0 and "lr" not in params:
             params["lr"] = lr
         max_samples = p.max_samples if p.max_samples is not None else self._max_samples
         if p.max_samples is not None and self._max_samples is not None:

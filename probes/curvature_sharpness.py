@@ -52,7 +52,7 @@ from .validation import check_float, check_int
 class SharpnessResult(Result):
     """Sharpness of the training loss at one point (see :mod:`dynascope.probes.curvature_sharpness`).
 
-    Threshold fields are ``None`` when no learning rate is known; preconditioned fields are ``None``
+    Threshold fields are ``None`` when no learning rate is known (or it is 0); preconditioned fields are ``None``
     without optimizer state; batch fields are ``None`` without ``batch_size_for_batch_sharpness``.
     ``eigenvectors`` ([P, k], for warm starts) is left out of ``to_dict``.
     """
@@ -203,7 +203,7 @@ def sharpness(
         Passed to :class:`~dynascope.probes.operators.CurvatureOperator`.
     """
     check_int("k", k, min=1)
-    check_float("lr", lr, min=0, min_open=True, optional=True)
+    check_float("lr", lr, min=0, optional=True)
     check_int("n_batches", n_batches, min=1)
     check_int("seed", seed)
     started = time.perf_counter()
@@ -247,13 +247,16 @@ def sharpness(
         pre = {
             "preconditioned_lambda_max": plam,
             "preconditioned_threshold": thr,
-            "preconditioned_ratio": plam / thr,
-            "preconditioned_stable": plam <= thr,
+            "preconditioned_ratio": plam / thr if thr == thr else float("nan"),
+            "preconditioned_stable": plam <= thr if thr == thr else None,
             "optimizer": P.optimizer,
         }
         pre_meta = {
             "optimizer": P.optimizer,
             "threshold": f"{P.threshold_factor:.6g}/lr",
+            **({"note": "lr = 0 at this checkpoint: λ_max(P⁻¹H) is reported, the threshold is NaN"}
+               if not lr > 0 else {}),  # fmt: skip
+            "frozen_groups": bool(torch.isinf(P.diag).any()),
             "hyperparameters": P.hyperparameters,
             "converged": bool(pout.converged.all()),
             "residual": float(pout.residuals[0]),
@@ -283,7 +286,7 @@ def sharpness(
             "batch_directional_sharpness": _mean_sem(directional)[0],
         }
 
-    two = 2.0 / lr if lr is not None else None
+    two = 2.0 / lr if lr is not None and lr > 0 else None
     meta = make_meta(
         "sharpness",
         model=op.model,
