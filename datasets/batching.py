@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 #: A batch's inputs: one tensor (positional argument) or a dict of tensors (keyword arguments).
-Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]
+Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]  # noqa: UP007 (a runtime alias)
 
 #: Target keys of a dict item, tried in order when no ``target_key`` is named.
 TARGET_KEYS = ("labels", "label", "y")
@@ -108,7 +108,7 @@ def split_item(item: Mapping[str, Any], target_key: str | None = None) -> tuple[
             return {k: v for k, v in item.items() if v is not None}, item["input_ids"]
     inputs = {k: v for k, v in item.items() if k != key and v is not None}
     if not inputs:
-        raise ValueError(f"items are dicts with keys {keys}: nothing is left as inputs beside the target {key!r}")
+        raise ValueError(f"items are dicts with keys {keys}: no input is left beside the target {key!r}")
     if list(inputs) == ["x"]:
         return inputs["x"], item[key]
     return inputs, item[key]
@@ -336,7 +336,9 @@ class BatchSource:
         try:
             first = items[0][0]
             if isinstance(first, Mapping):
-                xs: Inputs = {k: torch.stack([_as_tensor(it[0][k], f"input {k!r}") for it in items]) for k in first}
+                xs: Inputs = {
+                    k: torch.stack([_as_tensor(it[0][k], f"input {k!r}") for it in items]) for k in first
+                }
             else:
                 xs = torch.stack([_as_tensor(it[0], "x") for it in items])
             ys = torch.stack([_as_tensor(it[1], "y") for it in items])

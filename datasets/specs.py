@@ -98,7 +98,9 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
             out.setdefault("y", "y")
             xk = out["x"]
             ok = isinstance(xk, str) or (
-                isinstance(xk, Mapping) and xk and all(isinstance(k, str) and isinstance(v, str) for k, v in xk.items())
+                isinstance(xk, Mapping)
+                and bool(xk)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in xk.items())
             )
             if not ok or not isinstance(out["y"], str):
                 raise ValueError(
@@ -111,7 +113,7 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
             )
         return out
     if "target_key" in out and not isinstance(out["target_key"], str):
-        raise ValueError(f"data spec {dict(spec)}: 'target_key' must be a string (the targets' key of dict items)")
+        raise ValueError(f"data spec {dict(spec)}: 'target_key' must be a string (the key of the targets)")
     return normalize_factory_spec(out, spec, "data")
 
 

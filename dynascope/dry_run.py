@@ -4,7 +4,8 @@
 filled), loads the data, runs one forward pass on the first samples (under the math SDPA backend; a dict
 of inputs — every key of Hugging Face style items but the targets — as keyword arguments; outputs reduced
 to logits by the stated rule) and evaluates the loss on it, checking its shape: one finite value per
-sample. The report names every input key and its shape, and the trainable / frozen parameter counts. Each failure is a ``ValueError`` naming the spec at fault and what was expected, so the CLI
+sample. The report names every input key and its shape, and the trainable / frozen parameter counts.
+Each failure is a ``ValueError`` naming the spec at fault and what was expected, so the CLI
 (``dynascope import``) and the app's Runs page can refuse a bad triple before anything is written.
 """
 

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dynascope.datasets.batching import BatchSource
+from dynascope.datasets.batching import BatchSource, slice_inputs
 from dynascope.models import Run
 from dynascope.models.checkpoints import file_sha256
 from dynascope.probes.results import Result, to_jsonable

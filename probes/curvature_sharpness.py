@@ -52,7 +52,8 @@ from .validation import check_float, check_int
 class SharpnessResult(Result):
     """Sharpness of the training loss at one point (see :mod:`dynascope.probes.curvature_sharpness`).
 
-    Threshold fields are ``None`` when no learning rate is known (or it is 0); preconditioned fields are ``None``
+    Threshold fields are ``None`` when no learning rate is known (or it is 0); preconditioned fields are
+    ``None``
     without optimizer state; batch fields are ``None`` without ``batch_size_for_batch_sharpness``.
     ``eigenvectors`` ([P, k], for warm starts) is left out of ``to_dict``.
     """

@@ -53,7 +53,7 @@ from ..models.freezing import apply_freezing, frozen_parameters, name_matches
 from ..models.outputs import RULE_ATTR, logits_of, output_rule, raw_outputs
 
 #: ``output=``: what the loss sees of a model's outputs (see :func:`select_output`).
-OutputSelector = Union[None, str, int, Callable[[Any], torch.Tensor]]
+OutputSelector = Union[None, str, int, Callable[[Any], torch.Tensor]]  # noqa: UP007 (a runtime alias)
 
 #: The attention backend every differentiated evaluation runs under (recorded in ``.meta["attention"]``).
 ATTENTION_BACKEND = "math SDPA"
@@ -137,8 +137,8 @@ def warn_unused(names: Sequence[str]) -> None:
     if names:
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         warnings.warn(
-            f"dynascope: {len(names)} parameter tensor(s) do not reach the loss ({shown}): their gradient and "
-            "curvature rows are zero (listed in meta['unused_params']; restrict with params=[...] or "
+            f"dynascope: {len(names)} parameter tensor(s) do not reach the loss ({shown}): their gradient "
+            "and curvature rows are zero (listed in meta['unused_params']; restrict with params=[...] or "
             "choose the output with output=)",
             RuntimeWarning,
             stacklevel=3,

@@ -204,8 +204,8 @@ def hessian_eigenvalues(
     check_float("tol", tol, min=0, min_open=True)
     check_choice("refine", refine, (True, False, "auto"))
     check_int("seed", seed)
-    spec = OperatorSpec(kind=operator, loss=loss, output=output, params=params, batch_size=batch_size, mode=mode,
-                        dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
+    spec = OperatorSpec(kind=operator, loss=loss, output=output, params=params, batch_size=batch_size,
+                        mode=mode, dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
     start = _warm_start(v0)
     t0 = time.perf_counter()
     op = spec.build(model, data)

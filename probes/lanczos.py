@@ -25,11 +25,12 @@
   Peak memory: ``max_basis · P`` numbers — locked vectors, basis and the product block ``W``
   (orthonormalised in place) — reported as ``EigshOutput.peak_basis_vectors``. The default
   ``max_basis`` (:func:`default_max_basis`) is capped by :data:`BASIS_MEMORY_BYTES` on large models.
-  *Small or degenerate operators.* When ``P`` is at most :data:`DENSE_MAX_SIZE`, or ``k'`` is at least
-  a tenth of ``P`` (and the matrix fits :data:`DENSE_MAX_BYTES`), ``method="auto"`` builds the matrix
-  from ``P`` products (blocks of unit columns, one ``matmat`` per block) and solves it with a dense float64
-  ``eigh``: every copy of every eigenvalue, in exactly ``P`` products (Lanczos would need more than ``k'``
-  with restarts and locking). ``EigshOutput.method`` says which solver ran.
+
+  *Small or degenerate operators.* When ``P`` is at most :data:`DENSE_MAX_SIZE` (without a warm start),
+  or ``k'`` is at least a tenth of ``P`` (and the matrix fits :data:`DENSE_MAX_BYTES`), ``method="auto"``
+  builds the matrix from ``P`` products (blocks of unit columns, one ``matmat`` per block) and solves it
+  with a dense float64 ``eigh``: every copy of every eigenvalue, in exactly ``P`` products (Lanczos would
+  need more than ``k'`` with restarts and locking). ``EigshOutput.method`` says which solver ran.
 * :func:`lanczos_tridiagonal` — several independent recurrences at once (one ``matmat`` per step
   serves all probes), as needed by stochastic Lanczos quadrature.
 """
@@ -73,11 +74,12 @@ DENSE_MAX_BYTES = 256 * 2**20
 DENSE_BLOCK = 64
 
 
-def use_dense(P: int, n_want: int, budget: int | None = None) -> bool:
-    """Whether ``method="auto"`` solves densely: ``P ≤ DENSE_MAX_SIZE`` or ``n_want ≥ P/10`` with the
-    float64 matrix within ``DENSE_MAX_BYTES``, and a product budget of at least ``P``."""
+def use_dense(P: int, n_want: int, budget: int | None = None, warm: bool = False) -> bool:
+    """Whether ``method="auto"`` solves densely: ``n_want ≥ P/10``, or ``P ≤ DENSE_MAX_SIZE`` without a
+    warm start (which Lanczos uses), with the float64 matrix within ``DENSE_MAX_BYTES`` and a product
+    budget of at least ``P``."""
     fits = 8 * P * P <= DENSE_MAX_BYTES
-    small = P <= DENSE_MAX_SIZE or DENSE_FRACTION * n_want >= P
+    small = (P <= DENSE_MAX_SIZE and not warm) or DENSE_FRACTION * n_want >= P
     return fits and small and (budget is None or budget >= P)
 
 #: The default ``max_basis`` holds at most this many bytes of vectors on large models (at k = 3 it binds
@@ -532,7 +534,7 @@ def eigsh(
             f"of {b} (at least {n_want + 2 * b})"
         )
     device = torch.device(basis_device) if basis_device is not None else op.device
-    if method == "dense" or (method == "auto" and use_dense(P, n_want, max_iter)):
+    if method == "dense" or (method == "auto" and use_dense(P, n_want, max_iter, v0 is not None)):
         if v0 is not None:
             _start_block(op, v0, b, seed, device)  # validated; a dense solve needs no start
         return _dense_eigsh(op, k, which, tol, return_vectors, basis_device)

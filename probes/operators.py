@@ -255,8 +255,9 @@ class CurvatureOperator(LinearOperator):
             spec = spec.replace(**fields)
         self.spec = spec
         self.fm = FunctionalModel(
-            model, params=spec.params, mode=spec.mode, dtype=spec.dtype, device=spec.device, output=spec.output
-        )
+            model, params=spec.params, mode=spec.mode, dtype=spec.dtype, device=spec.device,
+            output=spec.output,
+        )  # fmt: skip
         self.model = self.fm.model
         self.kind, self.mode = spec.kind, spec.mode
         self.space = self.fm.space
@@ -268,9 +269,11 @@ class CurvatureOperator(LinearOperator):
         self.loss = resolve_loss(spec.loss, first_batch.y, model=self.model, inputs=first_batch.x)
         self.fm.raw = self.loss.takes_batch
         with ModeGuard(self.model, self.mode):
-            probe = self.loss.total(self._call(dict(self._params), first_batch.x), first_batch.y, first_batch.x)
+            fx, fy = first_batch.x, first_batch.y
+            probe = self.loss.total(self._call(dict(self._params), fx), fy, fx)
             #: parameters that do not reach the loss: zero rows (module functional), listed in meta
-            self.unused_params = unused_parameters(probe, list(self._params.items())) if probe.requires_grad else []
+            named = list(self._params.items())
+            self.unused_params = unused_parameters(probe, named) if probe.requires_grad else []
         del probe
         warn_unused(self.unused_params)
         # the normaliser: the sample count, or the counted tokens for token_cross_entropy (losses.py)
@@ -483,7 +486,9 @@ class CurvatureOperator(LinearOperator):
             vlist = [vk[name] for name in self.space.names]
             if self.kind == "hessian":
                 loss = self.loss.total(self._call(params, x), y, x) / n
-                g = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True, materialize_grads=True)
+                g = torch.autograd.grad(
+                    loss, plist, create_graph=True, allow_unused=True, materialize_grads=True
+                )
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vlist))
                 hv = torch.autograd.grad(dot, plist, allow_unused=True)
             elif self.kind == "ggn":

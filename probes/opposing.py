@@ -23,8 +23,8 @@ Given checkpoints ``θ_0 … θ_T`` (consecutive steps of one run) and a dataset
    while a shared oscillation or a smooth run has no such gap, so groups of 5 % to 40 % of the data are
    found and a run without them flags none. ``max_fraction`` (default 0.5: outliers are a minority) and
    ``min_gap`` (default 4 for ``"spike"``) are the visible parameters; ``n_examples`` takes a fixed count;
-5. the direction ``V``: the unit update ``θ_{t*+1} − θ_{t*}`` (``direction="update"``, default) or the top-``k``
-   Hessian eigenvectors of the mean loss at ``θ_{t*}`` (``"hessian"``); projections
+5. the direction ``V``: the unit update ``θ_{t*+1} − θ_{t*}`` (``direction="update"``, default) or the
+   top-``k`` Hessian eigenvectors of the mean loss at ``θ_{t*}`` (``"hessian"``); projections
    ``Q_i = Σ_{t ∈ W'} Vᵀ ∇ℓ_i(θ_t)`` over the ``span`` checkpoints ``W' = t*, t*+1, …`` (default one) and
    ``p_i = Q_i · u`` along one axis ``u`` of ``span V``: ``u = 1`` for one direction; for ``k > 1``
    eigenvectors the update's component in their span, ``u ∝ Vᵀ(θ_{t*+1} − θ_{t*})`` (the sharp part of the
@@ -149,7 +149,8 @@ def _per_example_losses(model: nn.Module, source: Any, loss: Any) -> torch.Tenso
     with torch.no_grad(), ModeGuard(model, "eval"):
         for b in source:
             raw = model(**b.x) if isinstance(b.x, dict) else model(b.x)
-            out.append(loss.losses(select_output(raw)[0] if not loss.takes_batch else raw, b.y, b.x).double().cpu())
+            out_b = raw if loss.takes_batch else select_output(raw)[0]
+            out.append(loss.losses(out_b, b.y, b.x).double().cpu())
     return torch.cat(out)
 
 
@@ -317,9 +318,9 @@ def opposing_signals(
         else:
             n_sel, cut, gap = separate(scores, max_fraction, min_gap)
             chosen, threshold = order[:n_sel], (cut if n_sel else None)
-            selection = (f"cut at the largest ratio between consecutive sorted scores in the top {max_fraction:.3g}"
-                         f" of the data (at least 2): {gap:.3g}"
-                         + (f" >= min_gap={min_gap:g}" if n_sel else f" < min_gap={min_gap:g}: nothing selected"))
+            verdict = f" >= min_gap={min_gap:g}" if n_sel else f" < min_gap={min_gap:g}: nothing selected"
+            selection = ("cut at the largest ratio between consecutive sorted scores in the top "
+                         f"{max_fraction:.3g} of the data (at least 2): {gap:.3g}{verdict}")  # fmt: skip
     if direction == "update" and ref == len(kept) - 1:
         raise ValueError("direction='update' needs a checkpoint after the reference one")
     assert resolved is not None and source is not None

@@ -196,7 +196,8 @@ def test_bad_items_from_loaders_and_datasets() -> None:
     with pytest.raises(ValueError, match="disagree on the number of samples"):
         list(BatchSource(mismatched))
     dicts = DataLoader([{"x": torch.zeros(2)}], batch_size=None)
-    with pytest.raises(ValueError, match="DataLoader for probes: items are dicts with keys \\['x'\\] and no target"):
+    no_target = r"DataLoader for probes: items are dicts with keys \['x'\] and no target"
+    with pytest.raises(ValueError, match=no_target):
         list(BatchSource(dicts))
     with pytest.raises(ValueError, match="DataLoader for probes must yield"):
         list(BatchSource(DataLoader([torch.zeros(2)], batch_size=None)))

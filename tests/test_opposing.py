@@ -158,7 +158,8 @@ def test_edge_of_stability_demo_reports_alternating_groups(tmp_path) -> None:
     x, y = run.load_dataset().train
     spike = probes.opposing_signals(run, (x, y), steps=list(range(230, 281)), loss="half_sse")
     assert spike.selected == [] and spike.meta["selection_gap_ratio"] < 4
-    res = probes.opposing_signals(run, (x, y), steps=list(range(230, 281)), loss="half_sse", score="oscillation")
+    steps = list(range(230, 281))
+    res = probes.opposing_signals(run, (x, y), steps=steps, loss="half_sse", score="oscillation")
     assert res.meta["selection"].startswith("top 0.1 of the data")
     assert all(len(m) >= 10 for m in res.groups.values())
     assert res.alternation is not None and res.alternation < -0.9

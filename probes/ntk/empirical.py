@@ -458,7 +458,8 @@ def _ntk_per_example(
 def _vmap_failure(err: BaseException) -> bool:
     """Whether ``err`` is a failure of the vmapped Jacobian / batched jvp path that per-example jacrev may
     avoid (not out of memory)."""
-    return isinstance(err, (RuntimeError, NotImplementedError)) and not isinstance(err, torch.OutOfMemoryError)
+    oom = isinstance(err, torch.OutOfMemoryError)
+    return isinstance(err, (RuntimeError, NotImplementedError)) and not oom
 
 
 def _fallback_note(strategy: str, err: BaseException) -> str:
@@ -659,9 +660,12 @@ class NTKOperator(LinearOperator):
                 if not _vmap_failure(err):
                     raise
                 self.fallback = _fallback_note("batched vjp/jvp products", err)
-                warnings.warn(f"NTKOperator: {self.fallback} (meta['ntk_fallback'])", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"NTKOperator: {self.fallback} (meta['ntk_fallback'])", RuntimeWarning, stacklevel=3
+                )
                 with ModeGuard(self.fm.model, self.mode):
-                    self._dense = _ntk_per_example(self.fm, self.x, None, self.n_outputs, self.traced, 1 << 62)
+                    fm, n_out = self.fm, self.n_outputs
+                    self._dense = _ntk_per_example(fm, self.x, None, n_out, self.traced, 1 << 62)
         return self._dense @ V
 
     def _products(self, V: torch.Tensor) -> torch.Tensor:
