@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import dynascope
 import dynascope.probes as probes
 from dynascope.datasets import load_spec
+from dynascope.probes.functional import attention_kernels
 from dynascope.probes.operators import OperatorSpec
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +43,8 @@ def dense_hessian(model: nn.Module, loss_of_outputs) -> torch.Tensor:
             i += p.numel()
         return loss_of_outputs(lambda *a, **kw: functional_call(model, ps, a, kw))
 
-    return torch.autograd.functional.hessian(f, theta)
+    with attention_kernels():  # the fused SDPA kernels have no double backward
+        return torch.autograd.functional.hessian(f, theta)
 
 
 def top(H: torch.Tensor, k: int) -> torch.Tensor:
@@ -322,3 +324,58 @@ def test_raw_sdpa_models_record_the_attention_backend() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         assert probes.gradient_coherence(model, (x, y)).meta["attention"] == "math SDPA"
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face
+@pytest.mark.slow
+def test_tiny_bert_trained_by_hf_trainer_keeps_its_attention_mask(tmp_path: Path) -> None:
+    """A BERT (1 layer, width 4) trained 2 steps by ``transformers.Trainer`` on padded dict items, tracked by
+    ``HFTracker`` and imported as a run with a data spec of the same items: the run's Hessian top-3 match a
+    dense float64 reference that uses the attention mask (and differ from one that drops it)."""
+    transformers = pytest.importorskip("transformers")
+    from dynascope.models import import_checkpoints
+
+    cfg = transformers.BertConfig(vocab_size=dm.VOCAB, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                                  intermediate_size=8, max_position_embeddings=8, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg)
+    pretrained = tmp_path / "bert-tiny"
+    model.save_pretrained(pretrained)
+    out = tmp_path / "trainer"
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-2,
+        per_device_train_batch_size=4, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        save_only_model=True,
+    )  # fmt: skip
+    import transformers.trainer as hf_trainer
+
+    tracker = dynascope.HFTracker(tmp_path / "tracked", loss="cross_entropy", probes={"lambda_max": 1},
+                                  probe_samples=8)  # fmt: skip
+    saved = hf_trainer.is_datasets_available
+    hf_trainer.is_datasets_available = lambda: False  # our datasets/ folder is not Hugging Face `datasets`
+    try:
+        transformers.Trainer(model=model, args=args, train_dataset=dm.bert_items(12),
+                             callbacks=[tracker]).train()  # fmt: skip
+    finally:
+        hf_trainer.is_datasets_available = saved
+    data = {"factory": f"{OWN}:bert_items", "kwargs": {"n": 12}}
+    run = import_checkpoints(out, tmp_path / "runs" / "bert", model={"hf": str(pretrained)}, dataset=data,
+                             loss="cross_entropy")  # fmt: skip
+    ref_model = transformers.BertForSequenceClassification.from_pretrained(out / "checkpoint-2").double().eval()
+    batch = dm.masked_tokens(12, classes=2)
+    ids, mask, y = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    H = dense_hessian(ref_model, lambda f: F.cross_entropy(f(input_ids=ids, attention_mask=mask).logits, y))
+    H0 = dense_hessian(ref_model, lambda f: F.cross_entropy(f(input_ids=ids).logits, y))
+    ref = top(H, 3)
+    # dropping the mask moves the top-3 by ~1e-4 relative, 1e4 times the tolerance below (measured: λ₂
+    # 0.856057 with the mask, 0.856130 without; trace 0.75548 vs 0.75592)
+    assert float((top(H0, 3) - ref).abs().max()) > 1e-5 * float(ref[0])
+    res = dynascope.open_run(run.path).probe("hessian_eigenvalues", step=2, k=3, tol=1e-10, dtype=torch.float64)
+    assert torch.allclose(res.values, ref, rtol=1e-8), (res.values, ref)
+    assert res.meta["attention"] == "math SDPA" and res.meta["outputs"] == "logits"
+    # the tracked run kept every key of the Trainer's batches
+    from dynascope.models import Run
+
+    x, _ = Run.open(tmp_path / "tracked").load_dataset().train
+    assert isinstance(x, dict) and {"input_ids", "attention_mask"} <= set(x)
+    assert len(dynascope.open_run(tmp_path / "tracked").results) >= 1  # inline λ_max ran on dict batches

@@ -118,3 +118,9 @@ def frozen_body() -> nn.Module:
 def classes(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def bert_items(n: int = 12, seed: int = 0) -> DictItems:
+    """A Dataset of ``{"input_ids", "attention_mask", "labels"}`` items for a 2-class tiny BERT (padded)."""
+    batch = masked_tokens(n, seed, classes=2)
+    return DictItems(batch)
