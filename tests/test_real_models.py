@@ -335,8 +335,9 @@ def test_tiny_bert_trained_by_hf_trainer_keeps_its_attention_mask(tmp_path: Path
     transformers = pytest.importorskip("transformers")
     from dynascope.models import import_checkpoints
 
-    cfg = transformers.BertConfig(vocab_size=dm.VOCAB, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
-                                  intermediate_size=8, max_position_embeddings=8, num_labels=2)  # fmt: skip
+    cfg = transformers.BertConfig(vocab_size=dm.VOCAB, hidden_size=4, num_hidden_layers=1,
+                                  num_attention_heads=1, intermediate_size=8, max_position_embeddings=8,
+                                  num_labels=2)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(cfg)
     pretrained = tmp_path / "bert-tiny"
@@ -361,7 +362,8 @@ def test_tiny_bert_trained_by_hf_trainer_keeps_its_attention_mask(tmp_path: Path
     data = {"factory": f"{OWN}:bert_items", "kwargs": {"n": 12}}
     run = import_checkpoints(out, tmp_path / "runs" / "bert", model={"hf": str(pretrained)}, dataset=data,
                              loss="cross_entropy")  # fmt: skip
-    ref_model = transformers.BertForSequenceClassification.from_pretrained(out / "checkpoint-2").double().eval()
+    bert = transformers.BertForSequenceClassification
+    ref_model = bert.from_pretrained(out / "checkpoint-2").double().eval()
     batch = dm.masked_tokens(12, classes=2)
     ids, mask, y = batch["input_ids"], batch["attention_mask"], batch["labels"]
     H = dense_hessian(ref_model, lambda f: F.cross_entropy(f(input_ids=ids, attention_mask=mask).logits, y))
@@ -370,7 +372,8 @@ def test_tiny_bert_trained_by_hf_trainer_keeps_its_attention_mask(tmp_path: Path
     # dropping the mask moves the top-3 by ~1e-4 relative, 1e4 times the tolerance below (measured: λ₂
     # 0.856057 with the mask, 0.856130 without; trace 0.75548 vs 0.75592)
     assert float((top(H0, 3) - ref).abs().max()) > 1e-5 * float(ref[0])
-    res = dynascope.open_run(run.path).probe("hessian_eigenvalues", step=2, k=3, tol=1e-10, dtype=torch.float64)
+    opened = dynascope.open_run(run.path)
+    res = opened.probe("hessian_eigenvalues", step=2, k=3, tol=1e-10, dtype=torch.float64)
     assert torch.allclose(res.values, ref, rtol=1e-8), (res.values, ref)
     assert res.meta["attention"] == "math SDPA" and res.meta["outputs"] == "logits"
     # the tracked run kept every key of the Trainer's batches
