@@ -382,3 +382,17 @@ def test_tiny_bert_trained_by_hf_trainer_keeps_its_attention_mask(tmp_path: Path
     x, _ = Run.open(tmp_path / "tracked").load_dataset().train
     assert isinstance(x, dict) and {"input_ids", "attention_mask"} <= set(x)
     assert len(dynascope.open_run(tmp_path / "tracked").results) >= 1  # inline λ_max ran on dict batches
+
+
+def test_ntk_trajectory_records_attention_and_fallback() -> None:
+    torch.manual_seed(8)
+    x = torch.randn(4, 5, 4, dtype=torch.float64)
+    a, b = dm.RawSDPA().double(), dm.RawSDPA().double()
+    traj = probes.ntk_trajectory([a, b], x)
+    assert traj.meta["attention"] == "math SDPA"
+    _, plan = probes.empirical_ntk(a, x, return_plan=True)
+    assert plan.attention == "math SDPA"
+    g1, g2 = dm.GRUNet().double(), dm.GRUNet().double()
+    with pytest.warns(RuntimeWarning, match="per-example jacrev"):
+        gru = probes.ntk_trajectory([g1, g2], torch.randn(4, 5, 3, dtype=torch.float64))
+    assert "ntk_fallback" in gru.meta and "attention" not in gru.meta

@@ -311,6 +311,7 @@ def ntk_trajectory(
         n: [] for n in NTKTrajectory.__dataclass_fields__ if n not in ("meta", "steps")
     }
     first: nn.Module | None = None
+    kernel_notes: dict[str, str] = {}  # meta["attention"], meta["ntk_fallback"] from the kernels' plans
     n_items = 0
     for i, m in enumerate(ckpts.models):  # one model at a time (a state dict is loaded into model=)
         if given is None:
@@ -318,7 +319,7 @@ def ntk_trajectory(
         elif i >= len(given):
             raise ValueError(f"more checkpoints than the {len(given)} steps")
         n_items = i + 1
-        K = empirical_ntk(
+        K, plan = empirical_ntk(
             m,
             x,
             reduce_outputs=reduce_outputs,
@@ -327,11 +328,13 @@ def ntk_trajectory(
             mode=mode,
             params=params,
             device=device,
-        )
-        assert isinstance(K, torch.Tensor)
+            return_plan=True,
+        )  # type: ignore[misc]
+        kernel_notes.update({k: v for k, v in (("attention", plan.attention), ("ntk_fallback", plan.fallback))
+                             if v is not None})  # fmt: skip
         K = K.double()
         if reduce_outputs is None:
-            n_out = K.shape[0] // x.shape[0]
+            n_out = K.shape[0] // input_count(x)
             n_classes = n_out if n_classes is not None else None
         theta = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
         if i == 0:
@@ -362,11 +365,12 @@ def ntk_trajectory(
             "strategy": strategy,
             "chunk_size": chunk_size,
             "params": params,
-            "n_samples": int(x.shape[0]),
+            "n_samples": input_count(x),
             "n_checkpoints": n_items,
         },
         started=started,
         mode=mode,
+        **kernel_notes,
         kernel_distance_definition="1 - centered alignment" if centered else "1 - uncentered alignment",
     )
     return NTKTrajectory(steps=s, meta=meta, **out)

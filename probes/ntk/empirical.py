@@ -175,6 +175,7 @@ class NTKPlan:
     structured: tuple[str, ...] = ()  # "jacobian": Linear/Conv2d modules in structured form (ntk.structure)
     factored: tuple[str, ...] = ()  # those of them contracted by factors (the others materialised)
     fallback: str | None = None  # why the planned strategy failed and per-example jacrev ran instead
+    attention: str | None = None  # "math SDPA" for models with attention (functional.kernel_meta)
 
     def as_meta(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -590,6 +591,8 @@ def empirical_ntk(
             plan = dataclasses.replace(plan, strategy="per_example_jacrev", structured=(), factored=(),
                                        fallback=note)  # fmt: skip
     K = K.detach()
+    if "attention" in fm.kernel_meta():
+        plan = dataclasses.replace(plan, attention=fm.kernel_meta()["attention"])
     return (K, plan) if return_plan else K
 
 
