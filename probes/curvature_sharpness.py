@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datasets.batching import as_batches
+from ..datasets.batching import as_batches, slice_inputs
 from .lanczos import eigsh
 from .losses import Loss
 from .operators import OperatorSpec
@@ -135,7 +135,7 @@ def _batch_sharpness(
     """λ_max(H_B) and g_Bᵀ H_B g_B/‖g_B‖² over disjoint random mini-batches (seeded permutations; the
     Lanczos run on batch ``i`` starts from ``seed + i``)."""
     x, y = as_batches(data).tensors()
-    n = x.shape[0]
+    n = y.shape[0]
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size_for_batch_sharpness must be between 1 and {n}; got {batch_size}")
     gen = torch.Generator().manual_seed(seed + BATCH_PERMUTATION_OFFSET)
@@ -145,8 +145,8 @@ def _batch_sharpness(
     for i in range(n_batches):
         if i % per_perm == 0:
             order = torch.randperm(n, generator=gen)
-        idx = order[(i % per_perm) * batch_size : (i % per_perm + 1) * batch_size].to(x.device)
-        op = spec.build(model, (x[idx], y[idx]))
+        idx = order[(i % per_perm) * batch_size : (i % per_perm + 1) * batch_size].to(y.device)
+        op = spec.build(model, (slice_inputs(x, idx), y[idx]))
         out = eigsh(op, 1, tol=tol, v0=v0, seed=seed + i, max_iter=max_iter)
         lambdas.append(float(out.values[0]))
         g = op.gradient()

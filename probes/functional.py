@@ -88,6 +88,11 @@ def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], x: Inputs) 
     return functional_call(model, dict(params), (x,))
 
 
+def forward(model: nn.Module, x: Inputs) -> Any:
+    """``model(x)``, or ``model(**x)`` for a dict of inputs (plain evaluation, no parameter substitution)."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
 def select_output(out: Any, output: OutputSelector = None) -> tuple[torch.Tensor, str]:
     """The tensor the loss sees of a model output, and the rule that chose it.
 
@@ -446,6 +451,7 @@ __all__ = [
     "apply_freezing",
     "attention_kernels",
     "call_model",
+    "forward",
     "frozen_parameters",
     "name_matches",
     "select_output",

@@ -268,6 +268,7 @@ class CurvatureOperator(LinearOperator):
         first_batch = next(iter(self.source))
         self.loss = resolve_loss(spec.loss, first_batch.y, model=self.model, inputs=first_batch.x)
         self.fm.raw = self.loss.takes_batch
+        saved = {n: t.clone() for n, t in self.model.named_buffers()} if spec.mode == "train" else {}
         with ModeGuard(self.model, self.mode):
             fx, fy = first_batch.x, first_batch.y
             probe = self.loss.total(self._call(dict(self._params), fx), fy, fx)
@@ -275,6 +276,10 @@ class CurvatureOperator(LinearOperator):
             named = list(self._params.items())
             self.unused_params = unused_parameters(probe, named) if probe.requires_grad else []
         del probe
+        with torch.no_grad():
+            for n, t in self.model.named_buffers():  # train mode: BatchNorm statistics as they were
+                if n in saved:
+                    t.copy_(saved[n])
         warn_unused(self.unused_params)
         # the normaliser: the sample count, or the counted tokens for token_cross_entropy (losses.py)
         n_local = (

@@ -396,3 +396,16 @@ def test_ntk_trajectory_records_attention_and_fallback() -> None:
     with pytest.warns(RuntimeWarning, match="per-example jacrev"):
         gru = probes.ntk_trajectory([g1, g2], torch.randn(4, 5, 3, dtype=torch.float64))
     assert "ntk_fallback" in gru.meta and "attention" not in gru.meta
+
+
+def test_lmc_and_batch_sharpness_take_dict_batches() -> None:
+    """lmc_barrier's evaluation and the batch sharpness slice and pass every key (reference: the model
+    called with keyword arguments by hand)."""
+    torch.manual_seed(9)
+    a, b = dm.masked_mean().double(), dm.masked_mean().double()
+    batch = dm.masked_tokens(12)
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    lmc = probes.lmc_barrier(a, b, batch, n_points=3)
+    assert lmc.losses[0] == pytest.approx(float(F.cross_entropy(a(**kw), batch["labels"])), rel=1e-12)
+    res = probes.sharpness(a, batch, lr=0.1, trace=False, batch_size_for_batch_sharpness=6, n_batches=2)
+    assert len(res.batch_lambdas) == 2 and all(v > 0 for v in res.batch_lambdas)
