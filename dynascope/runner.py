@@ -384,8 +384,8 @@ def plan(
     run = _as_run(run)
     chosen = _checkpoint_list(run, spec, step, steps, other)
     call = _call_params(run, spec, params)
-    if spec.name == "sharpness" and call.get("lr") is None and spec.inputs == "model":
-        call["lr"] = schedule_lr(run, chosen[0][1].step)  # η of the run's schedule at this checkpoint
+    if spec.name == "sharpness" and "lr" not in (params or {}) and call.get("lr") is None:
+        call["lr"] = schedule_lr(run, chosen[0][1].step)  # η of the run's schedule (lr=None: no threshold)
     digests = [file_sha256(info.path) for _, info in chosen]
     key = to_jsonable({k: v for k, v in call.items() if k not in ("optimizer_state", "dtype")})
     if call.get("optimizer_state") is not None:
