@@ -42,13 +42,21 @@ RULE_ATTR = "dynascope_output_rule"
 
 
 def output_rule(out: Any) -> str:
-    """Which branch of the rule ``out`` takes: ``"tensor"``, ``"logits"`` or ``"first tensor"``."""
+    """Which branch of the rule ``out`` takes: ``"tensor"``, ``"logits"`` or ``"first tensor: [key] of keys
+    [...]"`` (``[i] of n`` for a tuple), naming the tensor taken and the others."""
     if isinstance(out, torch.Tensor):
         return "tensor"
     if isinstance(getattr(out, "logits", None), torch.Tensor):
         return "logits"
     if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
         return "logits"
+    if isinstance(out, Mapping):  # say which one, and what else there was (output= chooses another)
+        keys = list(out.keys())
+        first = next((k for k in keys if isinstance(out[k], torch.Tensor)), None)
+        return f"first tensor: [{first!r}] of keys {keys}"
+    if isinstance(out, (tuple, list)):
+        first_i = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor)), None)
+        return f"first tensor: [{first_i}] of {len(out)}"
     return "first tensor"
 
 

@@ -409,3 +409,18 @@ def test_lmc_and_batch_sharpness_take_dict_batches() -> None:
     assert lmc.losses[0] == pytest.approx(float(F.cross_entropy(a(**kw), batch["labels"])), rel=1e-12)
     res = probes.sharpness(a, batch, lr=0.1, trace=False, batch_size_for_batch_sharpness=6, n_batches=2)
     assert len(res.batch_lambdas) == 2 and all(v > 0 for v in res.batch_lambdas)
+
+
+def test_first_tensor_rule_names_what_it_took() -> None:
+    class NoLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"scores": self.a(x), "other": self.b(x)}
+
+    x, y = dm.classes(10)
+    with pytest.warns(RuntimeWarning, match="b.weight, b.bias"):
+        res = probes.hessian_eigenvalues(NoLogits(), (x, y), k=1)
+    assert res.meta["outputs"] == "first tensor: ['scores'] of keys ['scores', 'other']"

@@ -222,8 +222,9 @@ def test_a_failing_inline_probe_is_switched_off_not_raised(tmp_path: Path) -> No
 
 
 def test_inline_sharpness_with_the_runner_defaults_serves_a_plain_probe_call(tmp_path: Path) -> None:
-    """``probes={"sharpness": {..., the runner's defaults}}``: ``open_run(...).probe("sharpness", step=s)`` with
-    no parameters is a cache hit — both take η from the run (the optimizer's lr, the run's schedule)."""
+    """``probes={"sharpness": {..., the runner's defaults}}``: ``open_run(...).probe("sharpness",
+    step=s)`` with no parameters is a cache hit — both take η from the run (the optimizer's lr, the
+    run's schedule)."""
     model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     defaults = {"every": 4, "tol": 1e-4, "trace": True}
