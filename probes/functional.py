@@ -49,7 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from ..datasets.batching import Batch, BatchSource, Inputs, as_batches, inputs_nbytes
-from ..models.freezing import apply_freezing, frozen_parameters, name_matches
+from ..models.freezing import frozen_parameters, name_matches
 from ..models.outputs import RULE_ATTR, logits_of, output_rule, raw_outputs
 
 #: ``output=``: what the loss sees of a model's outputs (see :func:`select_output`).
@@ -448,12 +448,9 @@ class ResidentBatches:
 __all__ = [
     "ATTENTION_BACKEND",
     "OutputSelector",
-    "apply_freezing",
     "attention_kernels",
     "call_model",
     "forward",
-    "frozen_parameters",
-    "name_matches",
     "select_output",
     "unused_parameters",
     "warn_unused",
