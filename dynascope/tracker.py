@@ -654,12 +654,13 @@ class Tracker:
         """Compute ``p`` on the in-memory model; the writer stores it under the runner's key for the
         checkpoint of ``step`` (queued before it)."""
         from dynascope.datasets.batching import slice_inputs
-        from dynascope.runner import PROBES, call_params, plan, store_result
+        from dynascope.runner import PROBES, call_params, plan, schedule_lr, store_result
 
         assert self.run is not None and self._writer is not None
         params = dict(p.params)
-        if p.runner_name == "sharpness" and lr is not None and lr >= 0 and "lr" not in params:
-            params["lr"] = lr
+        if p.runner_name == "sharpness" and "lr" not in params:
+            # η of the optimizer now; without one, the run's schedule (as the runner's plan fills it)
+            params["lr"] = lr if lr is not None and lr >= 0 else schedule_lr(self.run, step)
         max_samples = p.max_samples if p.max_samples is not None else self._max_samples
         if p.max_samples is not None and self._max_samples is not None:
             max_samples = min(p.max_samples, self._max_samples)
