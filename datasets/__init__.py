@@ -7,12 +7,34 @@ tensors, a JSON-able ``.config`` that rebuilds it, and ``.info``). Built-in name
 """
 
 from . import algorithmic, digits, synthetic  # noqa: F401  (registers the built-in datasets)
-from .batching import Batch, BatchSource, as_batches
+from .batching import (
+    TARGET_KEYS,
+    Batch,
+    BatchSource,
+    Inputs,
+    as_batches,
+    concat_inputs,
+    describe_inputs,
+    input_count,
+    input_tensors,
+    map_inputs,
+    slice_inputs,
+    split_item,
+)
 from .factory import UntrustedCodeError, call_factory, code_policy, import_object, is_factory_ref
 from .registry import DatasetSplit, available, defaults, load, register
 from .specs import data_fingerprint, load_spec, normalize_data_spec
 
 __all__ = [
+    "TARGET_KEYS",
+    "Inputs",
+    "concat_inputs",
+    "describe_inputs",
+    "input_count",
+    "input_tensors",
+    "map_inputs",
+    "slice_inputs",
+    "split_item",
     "Batch",
     "BatchSource",
     "DatasetSplit",

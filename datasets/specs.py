@@ -4,13 +4,18 @@ Forms (:func:`load_spec`):
 
 * ``{"name": "digits", ...}`` — a registered dataset (:func:`dynascope.datasets.load`);
 * ``{"file": "data.safetensors" | ".pt" | ".npz", "x": "x", "y": "y", "test_file": ...}`` — tensors stored
-  under the keys ``x`` and ``y`` (those names by default); ``.pt`` files are read with ``weights_only=True``;
+  under the keys ``x`` and ``y`` (those names by default; ``"x": {"input_ids": "k1", "attention_mask": "k2"}``
+  reads a dict of inputs, passed to ``forward`` as keyword arguments); ``.pt`` files are read with
+  ``weights_only=True``;
 * ``{"file": "table.parquet" | ".csv", "label": "column", "test_file": ...}`` — every other column is a
   float32 feature; the label is int64 when its column holds integers, else float32;
 * ``{"factory": "pkg.module:function" | "path/file.py:function", "kwargs": {...}}`` — the function returns
   ``(x, y)`` tensors, ``{"train": (x, y), "test": (x, y)}``, a ``torch.utils.data.Dataset`` or a
-  ``DataLoader`` whose items are ``(x, y)`` pairs or dicts with ``input_ids``/``labels`` (Hugging Face style;
-  without ``labels`` the ``input_ids`` are the labels). Everything is materialised as tensors once.
+  ``DataLoader`` whose items are ``(x, y)`` pairs or dicts (Hugging Face style, e.g. ``{"input_ids",
+  "attention_mask", "labels"}``): the targets are ``labels`` (or the spec's ``"target_key"``; without one
+  the ``input_ids`` are the labels) and **every other key is kept** as an input, reaching ``forward`` as a
+  keyword argument (:func:`dynascope.datasets.batching.split_item`). Everything is materialised as
+  tensors once; a dict dataset's ``x`` is a dict of tensors.
   A factory is imported from the environment or a file path on this machine, never from an uploaded file.
 
 Without a ``test_file`` (or a factory's ``"test"``) the test split is the train split, stated in
@@ -28,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .batching import Inputs, concat_inputs, input_count, input_tensors, split_item
 from .factory import call_factory, is_factory_ref, normalize_factory_spec, ref_fingerprint
 from .registry import DatasetSplit, defaults, load
 
@@ -39,10 +45,10 @@ TABLE_SUFFIXES = (".parquet", ".csv")
 _ALLOWED = {
     "name": None,
     "file": {"file", "x", "y", "test_file", "label"},
-    "factory": {"factory", "kwargs"},
+    "factory": {"factory", "kwargs", "target_key"},
 }
 
-Pair = tuple[torch.Tensor, torch.Tensor]
+Pair = tuple[Inputs, torch.Tensor]
 
 
 def data_spec_kind(spec: Mapping[str, Any]) -> str:
@@ -90,17 +96,29 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         elif suffix in TENSOR_SUFFIXES:
             out.setdefault("x", "x")
             out.setdefault("y", "y")
+            xk = out["x"]
+            ok = isinstance(xk, str) or (
+                isinstance(xk, Mapping)
+                and bool(xk)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in xk.items())
+            )
+            if not ok or not isinstance(out["y"], str):
+                raise ValueError(
+                    f"data spec {dict(spec)}: 'x' must be a key (or {{input name: key}}) and 'y' a key"
+                )
         else:
             raise ValueError(
                 f"data spec {dict(spec)}: file suffix {suffix!r} is not one of "
                 f"{list(TENSOR_SUFFIXES + TABLE_SUFFIXES)}"
             )
         return out
+    if "target_key" in out and not isinstance(out["target_key"], str):
+        raise ValueError(f"data spec {dict(spec)}: 'target_key' must be a string (the key of the targets)")
     return normalize_factory_spec(out, spec, "data")
 
 
 # ------------------------------------------------------------------------------------------ readers
-def _read_tensor_file(path: Path, keys: tuple[str, str], spec: Mapping[str, Any]) -> Pair:
+def _read_tensor_file(path: Path, keys: tuple[Any, str], spec: Mapping[str, Any]) -> Pair:
     if not path.is_file():
         raise ValueError(f"data spec {dict(spec)}: file '{path}' does not exist")
     suffix = path.suffix.lower()
@@ -125,14 +143,16 @@ def _read_tensor_file(path: Path, keys: tuple[str, str], spec: Mapping[str, Any]
             f"data spec {dict(spec)}: '{path}' holds a {type(content).__name__}, not a dict of tensors "
             f"with keys {list(keys)}"
         )
-    missing = [k for k in keys if k not in content]
+    x_keys = dict(keys[0]) if isinstance(keys[0], Mapping) else {"": keys[0]}
+    missing = [k for k in [*x_keys.values(), keys[1]] if k not in content]
     if missing:
         raise ValueError(
             f"data spec {dict(spec)}: '{path}' has no key(s) {missing}; it has {sorted(map(str, content))} "
             '(name them with "x": ..., "y": ...)'
         )
-    x, y = (torch.as_tensor(content[k]) for k in keys)
-    return _check_pair(x, y, f"'{path}'", spec)
+    xs = {name: torch.as_tensor(content[k]) for name, k in x_keys.items()}
+    x = xs[""] if "" in xs else xs
+    return _check_pair(x, torch.as_tensor(content[keys[1]]), f"'{path}'", spec)
 
 
 def _read_table(path: Path, label: str, spec: Mapping[str, Any]) -> Pair:
@@ -161,76 +181,101 @@ def _read_table(path: Path, label: str, spec: Mapping[str, Any]) -> Pair:
 
 
 def _check_pair(x: Any, y: Any, where: str, spec: Mapping[str, Any]) -> Pair:
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+    if isinstance(x, Mapping) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
+        xs = dict(x)
+    elif isinstance(x, torch.Tensor):
+        xs = {"x": x}
+    else:
         raise ValueError(f"data spec {dict(spec)}: {where} must give tensors x and y")
-    if x.dim() == 0 or y.dim() == 0:
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"data spec {dict(spec)}: {where} must give tensors x and y")
+    if y.dim() == 0 or any(t.dim() == 0 for t in xs.values()):
         raise ValueError(f"data spec {dict(spec)}: {where}: x and y need a sample dimension")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"data spec {dict(spec)}: {where}: x has {x.shape[0]} samples but y has {y.shape[0]} "
-            f"(x {tuple(x.shape)}, y {tuple(y.shape)})"
-        )
-    if x.shape[0] == 0:
+    for k, t in xs.items():
+        if t.shape[0] != y.shape[0]:
+            name = "x" if k == "x" and not isinstance(x, Mapping) else f"input {k!r}"
+            raise ValueError(
+                f"data spec {dict(spec)}: {where}: {name} has {t.shape[0]} samples but y has {y.shape[0]} "
+                f"({name} {tuple(t.shape)}, y {tuple(y.shape)})"
+            )
+    if y.shape[0] == 0:
         raise ValueError(f"data spec {dict(spec)}: {where} holds no samples")
-    if x.is_floating_point() and x.dtype == torch.float64:
-        x = x.float()
-    return x, y
+    xs = {k: t.float() if t.dtype == torch.float64 else t for k, t in xs.items()}
+    return (xs if isinstance(x, Mapping) else xs["x"]), y
 
 
-def _item_pair(item: Any) -> tuple[Any, Any]:
+def _item_pair(item: Any, target_key: str | None) -> tuple[Any, Any]:
     if isinstance(item, Mapping):
-        if "input_ids" in item:
-            return item["input_ids"], item.get("labels", item["input_ids"])
-        if "x" in item and "y" in item:
-            return item["x"], item["y"]
-        raise ValueError(f"items are dicts with keys {sorted(item)}; expected input_ids/labels or x/y")
+        x, y = split_item(item, target_key)
+        if isinstance(x, Mapping):
+            x = {k: torch.as_tensor(v) for k, v in x.items()}
+        return x, y
     if isinstance(item, (tuple, list)) and len(item) >= 2:
         return item[0], item[1]
     raise ValueError(f"items must be (x, y) pairs or dicts; got {type(item).__name__}")
 
 
+def _stack_inputs(xs: list[Any]) -> Inputs:
+    if isinstance(xs[0], Mapping):
+        return {k: torch.stack([torch.as_tensor(x[k]) for x in xs]) for k in xs[0]}
+    return torch.stack([torch.as_tensor(x) for x in xs])
+
+
 def _materialize(obj: Any, spec: Mapping[str, Any], where: str) -> Pair:
     from torch.utils.data import DataLoader, Dataset
 
-    if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
-        return _check_pair(obj[0], obj[1], where, spec)
+    target_key = spec.get("target_key")
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], torch.Tensor):
+        if isinstance(obj[0], (torch.Tensor, Mapping)):
+            return _check_pair(obj[0], obj[1], where, spec)
+    if isinstance(obj, Mapping) and "train" not in obj:  # a dict of tensors: one HF-style batch
+        try:
+            x, y = _item_pair(obj, target_key)
+        except ValueError as e:
+            raise ValueError(f"data spec {dict(spec)}: {where}: {e}") from None
+        return _check_pair(x, torch.as_tensor(y), where, spec)
     if isinstance(obj, (DataLoader, Dataset)):
         xs, ys = [], []
         try:
             if isinstance(obj, DataLoader):
                 for batch in obj:
-                    x, y = _item_pair(batch)
-                    xs.append(torch.as_tensor(x))
+                    x, y = _item_pair(batch, target_key)
+                    xs.append({k: torch.as_tensor(v) for k, v in x.items()} if isinstance(x, Mapping)
+                              else torch.as_tensor(x))  # fmt: skip
                     ys.append(torch.as_tensor(y))
-                x, y = torch.cat(xs), torch.cat(ys)
+                x, y = concat_inputs(xs), torch.cat(ys)
             else:
                 for i in range(len(obj)):  # type: ignore[arg-type]
-                    x, y = _item_pair(obj[i])
-                    xs.append(torch.as_tensor(x))
+                    x, y = _item_pair(obj[i], target_key)
+                    xs.append(x)
                     ys.append(torch.as_tensor(y))
-                x, y = torch.stack(xs), torch.stack(ys)
+                x, y = _stack_inputs(xs), torch.stack(ys)
         except ValueError as e:
             raise ValueError(f"data spec {dict(spec)}: {where}: {e}") from None
-        except RuntimeError as e:  # torch.cat / torch.stack of items with different shapes
+        except (RuntimeError, KeyError) as e:  # torch.cat / torch.stack of items with different shapes
             raise ValueError(
                 f"data spec {dict(spec)}: {where}: its items cannot be stacked into one tensor "
-                f"(pad sequences to one length): {str(e).splitlines()[0]}"
+                f"(pad sequences to one length, every item with the same keys): {str(e).splitlines()[0]}"
             ) from None
         return _check_pair(x, y, where, spec)
     raise ValueError(
         f"data spec {dict(spec)}: {where} returned {type(obj).__name__}; expected (x, y) tensors, "
-        "{'train': (x, y), 'test': (x, y)}, a Dataset or a DataLoader"
+        "{'train': (x, y), 'test': (x, y)}, a dict of tensors, a Dataset or a DataLoader"
     )
 
 
 def _info(train: Pair, test: Pair, test_note: str) -> dict[str, Any]:
     y = train[1]
     info: dict[str, Any] = {
-        "n_train": int(train[0].shape[0]),
-        "n_test": int(test[0].shape[0]),
-        "input_shape": list(train[0].shape[1:]),
+        "n_train": input_count(train[0]),
+        "n_test": input_count(test[0]),
         "test": test_note,
     }
+    if isinstance(train[0], Mapping):
+        info["input_shape"] = list(train[0][next(iter(train[0]))].shape[1:])
+        info["input_keys"] = {k: list(v.shape[1:]) for k, v in input_tensors(train[0]).items()}
+    else:
+        info["input_shape"] = list(train[0].shape[1:])
     if y.is_floating_point():
         info["task"] = "regression"
         info["out_dim"] = int(y[0].numel())
@@ -264,7 +309,7 @@ def load_spec(spec: Mapping[str, Any] | str) -> DatasetSplit:
         note = f"'{test_file}'" if test_file else "same as train (no test_file)"
         return DatasetSplit(train=train, test=test, config=spec, info=_info(train, test, note))
     out = call_factory(spec["factory"], spec["kwargs"], what="data factory")
-    if isinstance(out, Mapping):
+    if isinstance(out, Mapping) and ("train" in out or "test" in out):
         if "train" not in out:
             raise ValueError(f"data spec {dict(spec)}: the factory returned a dict without 'train'")
         train = _materialize(out["train"], spec, "the factory's 'train'")

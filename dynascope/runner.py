@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dynascope.datasets.batching import BatchSource
+from dynascope.datasets.batching import BatchSource, slice_inputs
 from dynascope.datasets.factory import is_factory_ref
 from dynascope.models import Run
 from dynascope.models.checkpoints import file_sha256
@@ -208,9 +208,9 @@ def probe_data(
     if max_samples is not None:
         if sample == "stratified" and max_samples < len(y):
             idx = stratified_indices(y, max_samples)
-            x, y = x[idx], y[idx]
+            x, y = slice_inputs(x, idx), y[idx]
         else:
-            x, y = x[:max_samples], y[:max_samples]
+            x, y = slice_inputs(x, slice(None, max_samples)), y[:max_samples]
     return x, y
 
 
@@ -354,6 +354,16 @@ def call_params(run: Run | str, probe: str, params: Mapping[str, Any] | None = N
     return _call_params(_as_run(run), PROBES[probe], params)
 
 
+def schedule_lr(run: Any, step: int) -> float | None:
+    """η at ``step`` from the run's schedule (or its optimizer's lr), ``None`` when the run records none;
+    ``0.0`` at the end of a schedule that decays to zero (the sharpness then reports no threshold)."""
+    try:
+        lr = float(run.lr_at(step))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return lr if lr >= 0 and lr == lr else None
+
+
 def plan(
     run: Run | str,
     probe: str,
@@ -380,6 +390,8 @@ def plan(
     run = _as_run(run)
     chosen = _checkpoint_list(run, spec, step, steps, other)
     call = _call_params(run, spec, params)
+    if spec.name == "sharpness" and "lr" not in (params or {}) and call.get("lr") is None:
+        call["lr"] = schedule_lr(run, chosen[0][1].step)  # η of the run's schedule (lr=None: no threshold)
     digests = [file_sha256(info.path) for _, info in chosen]
     key = to_jsonable({k: v for k, v in call.items() if k not in ("optimizer_state", "dtype")})
     if call.get("optimizer_state") is not None:

@@ -6,7 +6,7 @@
 The tracked model is the Trainer's model (a ``PreTrainedModel``: its config is saved to ``<run>/hf_config``
 and the run's model spec is ``{"hf": <run>/hf_config}``; probes take its ``.logits``), the optimizer the
 Trainer's (unwrapped from accelerate), the data ``data=`` or else the training DataLoader
-(``input_ids``/``labels``).
+(dict batches: every key but ``labels`` reaches ``forward``, e.g. ``input_ids`` and ``attention_mask``).
 ``Tracker.step(state.global_step)`` runs at every optimizer step; the Trainer's logs (``loss`` as
 ``train_loss``, ``learning_rate``, ``grad_norm``) join the same step's row. Only world process zero writes.
 """

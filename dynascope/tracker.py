@@ -178,53 +178,43 @@ def _scalar(v: Any) -> Any:
     return v if v is None or isinstance(v, (bool, int, float, str)) else None
 
 
-def _pair_of(item: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(item, Mapping):
-        if "input_ids" in item:
-            return torch.as_tensor(item["input_ids"]), torch.as_tensor(item.get("labels", item["input_ids"]))
-        if "x" in item and "y" in item:
-            return torch.as_tensor(item["x"]), torch.as_tensor(item["y"])
-        raise ValueError(f"data items are dicts with keys {sorted(item)}; expected input_ids/labels or x/y")
-    if isinstance(item, (tuple, list)) and len(item) >= 2:
-        return torch.as_tensor(item[0]), torch.as_tensor(item[1])
-    raise ValueError(f"data items must be (x, y) pairs or dicts; got {type(item).__name__}")
-
-
-def _first_samples(data: Any, n: int) -> tuple[Tensor, Tensor]:
-    """The first ``n`` samples of ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader`` (its batches)."""
+def _first_samples(data: Any, n: int) -> tuple[Any, Tensor]:
+    """The first ``n`` samples of ``(x, y)`` tensors, a dict of tensors, a ``Dataset`` or a ``DataLoader``
+    (its batches); dict items keep every key (:func:`dynascope.datasets.batching.split_item`)."""
     from torch.utils.data import DataLoader, Dataset
 
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"data: x has {x.shape[0]} samples but y has {y.shape[0]}")
-        return x[:n], y[:n]
-    xs: list[Tensor] = []
+    from dynascope.datasets.batching import BatchSource, concat_inputs, slice_inputs
+
+    if not isinstance(data, (tuple, list, Mapping, DataLoader, Dataset)):
+        raise ValueError(
+            "data must be a data spec (dict or name), (x, y) tensors, a torch Dataset or a DataLoader; "
+            f"got {type(data).__name__}"
+        )
+    source = BatchSource(data, None if isinstance(data, DataLoader) else n)
+    xs: list[Any] = []
     ys: list[Tensor] = []
     got = 0
-    if isinstance(data, DataLoader):
-        for batch in data:
-            x, y = _pair_of(batch)
-            xs.append(x)
-            ys.append(y)
-            got += x.shape[0]
+    try:
+        for batch in source:
+            xs.append(batch.x)
+            ys.append(batch.y)
+            got += batch.n
             if got >= n:
                 break
-        if not xs:
-            raise ValueError("data: the DataLoader yielded no batches")
-        return torch.cat(xs)[:n], torch.cat(ys)[:n]
-    if isinstance(data, Dataset):
-        for i in range(min(n, len(data))):  # type: ignore[arg-type]
-            x, y = _pair_of(data[i])
-            xs.append(x)
-            ys.append(y)
-        if not xs:
-            raise ValueError("data: the Dataset is empty")
-        return torch.stack(xs), torch.stack(ys)
-    raise ValueError(
-        "data must be a data spec (dict or name), (x, y) tensors, a torch Dataset or a DataLoader; "
-        f"got {type(data).__name__}"
-    )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"data: {e}") from None
+    if not xs:
+        raise ValueError("data: no samples")
+    return slice_inputs(concat_inputs(xs), slice(None, n)), torch.cat(ys)[:n]
+
+
+def _probe_tensors(x: Any, y: Tensor) -> tuple[dict[str, Tensor], str | dict[str, str]]:
+    """The tensors of ``probe_data.safetensors`` and the data spec's ``"x"``: ``"x"``, or for a dict of
+    inputs ``{input name: file key}`` (file keys ``x.<name>``)."""
+    if isinstance(x, Mapping):
+        tensors = {f"x.{k}": v.detach().cpu().contiguous() for k, v in x.items()}
+        return {**tensors, "y": y.detach().cpu().contiguous()}, {k: f"x.{k}" for k in x}
+    return {"x": x.detach().cpu().contiguous(), "y": y.detach().cpu().contiguous()}, "x"
 
 
 def _class_ref(cls: type) -> str | None:
@@ -421,27 +411,38 @@ class Tracker:
             for name in (STATUS_FILE, PROBE_DATA_FILE, STORE_FILENAME):
                 (path / name).unlink(missing_ok=True)
             shutil.rmtree(path / HF_CONFIG_DIR, ignore_errors=True)
+        from dynascope.datasets.batching import input_count, map_inputs, slice_inputs
+
         data_spec: dict[str, Any] | None = None
-        batch: tuple[Tensor, Tensor] | None = None
-        if isinstance(data, (Mapping, str)):
+        batch: tuple[Any, Tensor] | None = None
+        given_spec = isinstance(data, str) or (
+            isinstance(data, Mapping) and not any(isinstance(v, Tensor) for v in data.values())
+        )  # a dict of tensors (an HF-style batch) is data, not a spec
+        if given_spec:
             from dynascope.datasets.specs import load_spec, normalize_data_spec
 
             data_spec = normalize_data_spec(data)
             x, y = load_spec(data_spec).train
-            self._max_samples = probe_samples if probe_samples < x.shape[0] else None
-            batch = (x[:probe_samples], y[:probe_samples])
+            self._max_samples = probe_samples if probe_samples < y.shape[0] else None
+            batch = (slice_inputs(x, slice(None, probe_samples)), y[:probe_samples])
         else:
             batch = _first_samples(data, probe_samples)
             self._max_samples = None
             data_spec = {"file": str((path / PROBE_DATA_FILE).resolve())}
+            tensors, x_keys = _probe_tensors(*batch)
+            if x_keys != "x":
+                data_spec["x"] = x_keys
         spec, spec_info, hf_config = self._model_spec(model_spec)
+        frozen = [n for n, p in _unwrap_model(self.model).named_parameters() if not p.requires_grad]
+        if frozen and not any(k in spec for k in ("trainable", "frozen")):
+            spec = {**spec, "frozen": frozen}  # the run's readers freeze the same parameters
+            spec_info["frozen"] = f"{len(frozen)} frozen parameter tensor(s) recorded in the spec"
         lr_schedule = None
         if isinstance(lr, Mapping):
             lr_schedule = dict(lr)
         elif lr is not None:
             lr_schedule = {"type": "constant", "lr": float(lr)}
-        given_spec = isinstance(data, (Mapping, str))
-        n_probe = int(batch[0].shape[0])
+        n_probe = input_count(batch[0])
         info = {
             "model_spec": spec_info,
             "schedule": self.schedule if isinstance(self.schedule, (str, int)) else sorted(self.schedule),
@@ -464,14 +465,13 @@ class Tracker:
 
             from dynascope.models.atomic import atomic_write
 
-            tensors = {"x": batch[0].detach().cpu().contiguous(), "y": batch[1].detach().cpu().contiguous()}
             atomic_write(path / PROBE_DATA_FILE, lambda tmp: save_file(tensors, tmp))
         if hf_config is not None:
             hf_config.save_pretrained(str(path / HF_CONFIG_DIR))
         self._check_reopenable(spec_info)
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._device = device
-        self._batch = (batch[0].to(device), batch[1].to(device))
+        self._batch = (map_inputs(batch[0], lambda t: t.to(device)), batch[1].to(device))
 
     def _resume(self, spec: Mapping[str, Any]) -> Run:
         """Open the Tracker run at ``self.path`` to continue after its last checkpoint (class docstring)."""
@@ -700,18 +700,20 @@ class Tracker:
     def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> None:
         """Compute ``p`` on the in-memory model; the writer stores it under the runner's key for the
         checkpoint of ``step`` (queued before it)."""
-        from dynascope.runner import PROBES, call_params, plan, store_result
+        from dynascope.datasets.batching import slice_inputs
+        from dynascope.runner import PROBES, call_params, plan, schedule_lr, store_result
 
         assert self.run is not None and self._writer is not None
         params = dict(p.params)
-        if p.runner_name == "sharpness" and lr is not None and lr > 0 and "lr" not in params:
-            params["lr"] = lr
+        if p.runner_name == "sharpness" and "lr" not in params:
+            # η of the optimizer now; without one, the run's schedule (as the runner's plan fills it)
+            params["lr"] = lr if lr is not None and lr >= 0 else schedule_lr(self.run, step)
         max_samples = p.max_samples if p.max_samples is not None else self._max_samples
         if p.max_samples is not None and self._max_samples is not None:
             max_samples = min(p.max_samples, self._max_samples)
         call = call_params(self.run, p.runner_name, params)
-        n = max_samples if max_samples is not None else self._batch[0].shape[0]
-        data = (self._batch[0][:n], self._batch[1][:n])
+        n = max_samples if max_samples is not None else self._batch[1].shape[0]
+        data = (slice_inputs(self._batch[0], slice(None, n)), self._batch[1][:n])
         kwargs = dict(call)
         fn = PROBES[p.runner_name].resolve()
         if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():

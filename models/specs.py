@@ -13,6 +13,9 @@ Forms:
   built with random weights, then the folder's ``model.safetensors`` / ``pytorch_model.bin`` loaded with
   tied weights filled (:func:`~dynascope.models.weights.load_weights`). ``use_cache`` is turned off.
 
+Every form may add ``"trainable": [patterns]`` or ``"frozen": [patterns]`` (:mod:`dynascope.models.freezing`):
+the built model's ``requires_grad`` flags follow them, so every front end probes the same parameters.
+
 Models built from a factory or a Hugging Face folder get the output rule of
 :mod:`dynascope.models.outputs` (``.logits``, else the first tensor) as a forward hook. Every built model
 carries its normalised spec in ``model.dynascope_config`` (so ``model_config(model)`` returns it).
@@ -40,6 +43,7 @@ from ..datasets.factory import (
     ref_fingerprint,
 )
 from .checkpoints import file_sha256
+from .freezing import apply_freezing, freeze_patterns
 from .outputs import attach_logits_rule
 from .registry import CONFIG_ATTR, build, normalize_config
 from .structure import build_structure
@@ -93,12 +97,13 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     if isinstance(spec, str):
         spec = {"factory": spec} if is_factory_ref(spec) else {"name": spec}
     kind = model_spec_kind(spec)
-    out = dict(spec)
+    freeze = freeze_patterns(spec)  # "trainable" / "frozen" name patterns (models.freezing), any form
+    out = {k: v for k, v in spec.items() if k not in freeze}
     if kind == "name":
         name = out.pop("name")
         if not isinstance(name, str):
             raise ValueError(f"model spec {dict(spec)}: 'name' must be a string")
-        return normalize_config(name, **out)
+        return {**normalize_config(name, **out), **freeze}
     allowed = {
         "factory": {"factory", "kwargs", "seed"},
         "hf": {"hf", "seed", "max_params"},
@@ -114,15 +119,15 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"model spec {dict(spec)}: max_params must be a positive int, got {limit!r}")
     if kind == "factory":
-        return normalize_factory_spec(out, spec, "model")
+        return {**normalize_factory_spec(out, spec, "model"), **freeze}
     if kind == "structure":
         if not isinstance(out["structure"], Mapping):
             raise ValueError(f"model spec {dict(spec)}: 'structure' must be a layer object")
-        return out
+        return {**out, **freeze}
     if not isinstance(out["hf"], str) or not out["hf"]:
         raise ValueError(f"model spec {dict(spec)}: 'hf' must be the path of a save_pretrained folder")
     out["hf"] = str(Path(out["hf"]).expanduser().resolve())
-    return out
+    return {**out, **freeze}
 
 
 def hf_weights_file(folder: str | Path) -> Path | None:
@@ -268,9 +273,14 @@ def build_from_spec(spec: Mapping[str, Any] | str) -> nn.Module:
     """The model a spec describes (module docstring). Bad specs raise ``ValueError`` naming the spec."""
     cfg = normalize_model_spec(spec)
     kind = model_spec_kind(cfg)
+    freeze = freeze_patterns(cfg)
     if kind == "name":
-        c = dict(cfg)
-        return build(c.pop("name"), **c)
+        c = {k: v for k, v in cfg.items() if k not in freeze}
+        model = build(c.pop("name"), **c)
+        if freeze:
+            apply_freezing(model, **freeze)
+            object.__setattr__(model, CONFIG_ATTR, cfg)
+        return model
     if kind == "factory":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
@@ -285,6 +295,8 @@ def build_from_spec(spec: Mapping[str, Any] | str) -> nn.Module:
             model = build_structure(cfg["structure"])
     else:
         model = _build_hf(cfg)
+    if freeze:
+        apply_freezing(model, **freeze)
     attach_logits_rule(model)
     object.__setattr__(model, CONFIG_ATTR, cfg)
     return model

@@ -208,7 +208,7 @@ def gradient_coherence(
         started=started,
         mode="eval",
         backend=ctx.backend,
-        n_parameters=ctx.space.size,
+        n_params=ctx.space.size,
         reduction="per-example gradients of the per-sample loss (not divided by N)",
         pairs="alpha: i != j pairs only; alpha_with_self: i = j included",
         estimators="tr(Sigma) unbiased (N-1); |G|^2 unbiased (|S|^2-Q)/(N(N-1)); alpha = 1/(1+B_simple)",

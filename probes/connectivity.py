@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..datasets.batching import BatchSource, as_batches
-from .functional import ModeGuard, check_finite
+from ..models.outputs import logits_of
+from .functional import ModeGuard, check_finite, forward
 from .losses import Loss, resolve_loss
 from .results import Result, make_meta
 from .validation import check_choice, check_int
@@ -141,7 +142,7 @@ def reestimate_batchnorm(model: nn.Module, data: BatchSource | Any) -> int:
                 seen += batch.n
                 for bn in bns:
                     bn.momentum = batch.n / seen
-                model(batch.x)
+                forward(model, batch.x)
     finally:
         for bn, momentum, tracked in saved:
             bn.momentum = momentum
@@ -168,8 +169,9 @@ def evaluate(model: nn.Module, data: BatchSource, loss: Loss) -> tuple[float, fl
     total, correct, n, classification = 0.0, 0, 0, True
     with ModeGuard(model, "eval"), torch.no_grad():
         for batch in data:
-            out = model(batch.x)
-            total += float(loss.per_sample(out, batch.y).to(torch.float64).sum())
+            raw = forward(model, batch.x)
+            out = raw if loss.takes_batch else logits_of(raw)
+            total += float(loss.losses(out, batch.y, batch.x).to(torch.float64).sum())
             n += batch.n if loss.counts_samples else loss.count(batch.y)
             if classification:
                 if not loss.counts_samples:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datasets.batching import as_batches
+from ..datasets.batching import as_batches, slice_inputs
 from .lanczos import eigsh
 from .losses import Loss
 from .operators import OperatorSpec
@@ -52,7 +52,8 @@ from .validation import check_float, check_int
 class SharpnessResult(Result):
     """Sharpness of the training loss at one point (see :mod:`dynascope.probes.curvature_sharpness`).
 
-    Threshold fields are ``None`` when no learning rate is known; preconditioned fields are ``None``
+    Threshold fields are ``None`` when no learning rate is known (or it is 0); preconditioned fields are
+    ``None``
     without optimizer state; batch fields are ``None`` without ``batch_size_for_batch_sharpness``.
     ``eigenvectors`` ([P, k], for warm starts) is left out of ``to_dict``.
     """
@@ -134,7 +135,7 @@ def _batch_sharpness(
     """λ_max(H_B) and g_Bᵀ H_B g_B/‖g_B‖² over disjoint random mini-batches (seeded permutations; the
     Lanczos run on batch ``i`` starts from ``seed + i``)."""
     x, y = as_batches(data).tensors()
-    n = x.shape[0]
+    n = y.shape[0]
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size_for_batch_sharpness must be between 1 and {n}; got {batch_size}")
     gen = torch.Generator().manual_seed(seed + BATCH_PERMUTATION_OFFSET)
@@ -144,8 +145,8 @@ def _batch_sharpness(
     for i in range(n_batches):
         if i % per_perm == 0:
             order = torch.randperm(n, generator=gen)
-        idx = order[(i % per_perm) * batch_size : (i % per_perm + 1) * batch_size].to(x.device)
-        op = spec.build(model, (x[idx], y[idx]))
+        idx = order[(i % per_perm) * batch_size : (i % per_perm + 1) * batch_size].to(y.device)
+        op = spec.build(model, (slice_inputs(x, idx), y[idx]))
         out = eigsh(op, 1, tol=tol, v0=v0, seed=seed + i, max_iter=max_iter)
         lambdas.append(float(out.values[0]))
         g = op.gradient()
@@ -162,6 +163,7 @@ def sharpness(
     *,
     lr: float | None = None,
     loss: str | Callable | Loss = "auto",
+    output: Any = None,
     k: int = 1,
     tol: float = 1e-4,
     v0: torch.Tensor | None = None,
@@ -202,12 +204,13 @@ def sharpness(
         Passed to :class:`~dynascope.probes.operators.CurvatureOperator`.
     """
     check_int("k", k, min=1)
-    check_float("lr", lr, min=0, min_open=True, optional=True)
+    check_float("lr", lr, min=0, optional=True)
     check_int("n_batches", n_batches, min=1)
     check_int("seed", seed)
     started = time.perf_counter()
     spec = OperatorSpec(
         loss=loss,
+        output=output,
         params=params,
         batch_size=batch_size,
         mode=mode,
@@ -245,13 +248,16 @@ def sharpness(
         pre = {
             "preconditioned_lambda_max": plam,
             "preconditioned_threshold": thr,
-            "preconditioned_ratio": plam / thr,
-            "preconditioned_stable": plam <= thr,
+            "preconditioned_ratio": plam / thr if thr == thr else float("nan"),
+            "preconditioned_stable": plam <= thr if thr == thr else None,
             "optimizer": P.optimizer,
         }
         pre_meta = {
             "optimizer": P.optimizer,
             "threshold": f"{P.threshold_factor:.6g}/lr",
+            **({"note": "lr = 0 at this checkpoint: λ_max(P⁻¹H) is reported, the threshold is NaN"}
+               if not lr > 0 else {}),  # fmt: skip
+            "frozen_groups": bool(torch.isinf(P.diag).any()),
             "hyperparameters": P.hyperparameters,
             "converged": bool(pout.converged.all()),
             "residual": float(pout.residuals[0]),
@@ -281,7 +287,7 @@ def sharpness(
             "batch_directional_sharpness": _mean_sem(directional)[0],
         }
 
-    two = 2.0 / lr if lr is not None else None
+    two = 2.0 / lr if lr is not None and lr > 0 else None
     meta = make_meta(
         "sharpness",
         model=op.model,

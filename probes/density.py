@@ -250,6 +250,7 @@ def hessian_density(
     data: Any,
     *,
     loss: str | Callable = "auto",
+    output: Any = None,
     n_probes: int = 10,
     lanczos_steps: int = 80,
     sigma: float | None = None,
@@ -275,8 +276,8 @@ def hessian_density(
     check_int("seed", seed)
     t0 = time.perf_counter()
     op = OperatorSpec(
-        kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device,
-        reduce_fn=reduce_fn,
+        kind=operator, loss=loss, output=output, params=params, batch_size=batch_size, mode=mode, dtype=dtype,
+        device=device, reduce_fn=reduce_fn,
     ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
     out = slq(rec, n_probes=n_probes, steps=lanczos_steps, seed=seed, deflate=deflate)

@@ -18,9 +18,15 @@ per-example gradients) sees it the same way:
   ``nn.MultiheadAttention`` or Hugging Face attention. Models with attention modules record
   ``"attention": "math SDPA"`` in their probes' ``.meta`` (:meth:`FunctionalModel.kernel_meta`); another op
   without a derivative rule is re-raised once by :func:`derivative_error` naming it and the fallbacks tried;
-* **outputs** — a model returning a tuple, dict or Hugging Face ``ModelOutput`` is reduced to its logits by
+* **inputs** — a tensor is the positional argument, a dict of tensors (Hugging Face style batches) reaches
+  ``forward`` as keyword arguments (:func:`call_model`);
+* **outputs** — a model returning a tuple, dict or Hugging Face ``ModelOutput`` is reduced to one tensor by
+  ``output=`` (:func:`select_output`: a key, an attribute, an index or a callable), by default by
   :func:`dynascope.models.logits_of` (``.logits``, else the first tensor); the rule used goes to ``.meta``
-  as ``"outputs"``;
+  as ``"outputs"``. A loss taking ``(outputs, batch)`` sees the model's whole output instead;
+* **unused parameters** — selected parameters that do not reach the loss (an auxiliary head, a dead
+  layer) have zero rows in every curvature operator, are listed in ``.meta["unused_params"]`` and warned
+  about (:func:`unused_parameters`);
 * **data on the device** — :class:`ResidentBatches` keeps the batches of a
   :class:`~dynascope.datasets.batching.BatchSource` on the model's device, in its dtype, after the first
   pass, so repeated products do not re-collate or re-copy them, as long as their bytes fit
@@ -31,18 +37,24 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import _WeightNorm
+from torch.overrides import TorchFunctionMode
 
-from ..datasets.batching import Batch, BatchSource, as_batches
-from ..models.outputs import RULE_ATTR, logits_of, output_rule
+from ..datasets.batching import Batch, BatchSource, Inputs, as_batches, inputs_nbytes
+from ..models.freezing import frozen_parameters, name_matches
+from ..models.outputs import RULE_ATTR, logits_of, output_rule, raw_outputs
+
+#: ``output=``: what the loss sees of a model's outputs (see :func:`select_output`).
+OutputSelector = Union[None, str, int, Callable[[Any], torch.Tensor]]  # noqa: UP007 (a runtime alias)
 
 #: The attention backend every differentiated evaluation runs under (recorded in ``.meta["attention"]``).
 ATTENTION_BACKEND = "math SDPA"
@@ -56,6 +68,87 @@ def attention_kernels() -> AbstractContextManager[None]:
 def has_attention(model: nn.Module) -> bool:
     """Whether any submodule is an attention layer (its class name contains ``Attention``)."""
     return any("Attention" in type(m).__name__ for m in model.modules())
+
+
+class _SDPAWatch(TorchFunctionMode):
+    """Notes whether ``F.scaled_dot_product_attention`` is called (models calling it directly)."""
+
+    seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], x: Inputs) -> Any:
+    """``model(x)`` at ``params`` (``functional_call``): a tensor is the positional argument, a dict of
+    tensors the keyword arguments (``forward(input_ids=..., attention_mask=...)``)."""
+    if isinstance(x, Mapping):
+        return functional_call(model, dict(params), (), dict(x))
+    return functional_call(model, dict(params), (x,))
+
+
+def forward(model: nn.Module, x: Inputs) -> Any:
+    """``model(x)``, or ``model(**x)`` for a dict of inputs (plain evaluation, no parameter substitution)."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def select_output(out: Any, output: OutputSelector = None) -> tuple[torch.Tensor, str]:
+    """The tensor the loss sees of a model output, and the rule that chose it.
+
+    ``output``: ``None`` (default: a tensor as is, else ``.logits`` / ``["logits"]``, else the first
+    tensor), a string (a mapping key, else an attribute), an int (an index of a tuple/list) or a callable
+    ``fn(outputs) -> tensor``. ``ValueError`` names what the output holds when the selection fails."""
+    if output is None:
+        return logits_of(out), output_rule(out)
+    if callable(output):
+        sel, rule = output(out), f"output={getattr(output, '__name__', type(output).__name__)}"
+    elif isinstance(output, bool) or not isinstance(output, (str, int)):
+        raise ValueError(f"output= must be a key, an attribute, an index or a callable; got {output!r}")
+    elif isinstance(output, int):
+        if not isinstance(out, (tuple, list)) or not -len(out) <= output < len(out):
+            raise ValueError(f"output={output}: the model returned {_describe(out)}, which has no such index")
+        sel, rule = out[output], f"output[{output}]"
+    elif isinstance(out, Mapping) and output in out:
+        sel, rule = out[output], f"output[{output!r}]"
+    elif hasattr(out, output) and not isinstance(out, torch.Tensor):
+        sel, rule = getattr(out, output), f"output.{output}"
+    else:
+        raise ValueError(f"output={output!r}: the model returned {_describe(out)}, which has no such key")
+    if not isinstance(sel, torch.Tensor):
+        raise ValueError(f"output={output!r} selects a {type(sel).__name__}, not a tensor ({_describe(out)})")
+    return sel, rule
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor {list(out.shape)}"
+    if isinstance(out, Mapping):
+        keys = [f"{k} {list(v.shape)}" if isinstance(v, torch.Tensor) else str(k) for k, v in out.items()]
+        return f"a {type(out).__name__} with keys {keys}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    return f"a {type(out).__name__}"
+
+
+def unused_parameters(loss: torch.Tensor, named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the parameters ``loss`` does not depend on (one backward with ``allow_unused``)."""
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return [n for (n, _), g in zip(named, grads) if g is None]
+
+
+def warn_unused(names: Sequence[str]) -> None:
+    """The warning for parameters that do not reach the loss (their rows are zero)."""
+    if names:
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        warnings.warn(
+            f"dynascope: {len(names)} parameter tensor(s) do not reach the loss ({shown}): their gradient "
+            "and curvature rows are zero (listed in meta['unused_params']; restrict with params=[...] or "
+            "choose the output with output=)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _MISSING_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented|(\S+) does not (?:have|support)"
@@ -120,12 +213,13 @@ def select_parameters(
     model: nn.Module, params: Sequence[str] | str | None = None
 ) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters of ``model``; ``params`` keeps those whose name equals or starts with
-    one of the given names/module prefixes (``"body.0"`` selects ``body.0.weight``, ``body.0.bias``)."""
+    one of the given names/module prefixes (``"body.0"`` selects ``body.0.weight``, ``body.0.bias``)
+    or matches a glob (``"*.bias"``)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is None:
         return named
     wanted = [params] if isinstance(params, str) else list(params)
-    chosen = [(n, p) for n, p in named if any(n == w or n.startswith(w + ".") for w in wanted)]
+    chosen = [(n, p) for n, p in named if any(name_matches(n, w) for w in wanted)]
     if not chosen:
         raise ValueError(f"no trainable parameter matches {wanted}; names are {[n for n, _ in named]}")
     return chosen
@@ -298,9 +392,13 @@ class FunctionalModel:
         mode: str = "eval",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        output: OutputSelector = None,
+        raw: bool = False,
     ) -> None:
         self.mode = check_mode(mode)
+        self.output, self.raw = output, raw
         self.model = prepare_model(model, dtype=dtype, device=device)
+        self.frozen = frozen_parameters(self.model)
         named = select_parameters(self.model, params)
         self.space = ParamSpace(named)
         self.live: dict[str, nn.Parameter] = dict(named)
@@ -325,28 +423,42 @@ class FunctionalModel:
         """``P``, the number of entries of ``θ_S``."""
         return self.space.size
 
-    def __call__(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``f(x; p, θ_F)`` via ``functional_call`` (``p`` may be any subset-complete dict of ``θ_S``),
-        under the math SDPA backend, reduced to logits (module docstring)."""
-        with attention_kernels():
-            out = functional_call(self.model, {**self.fixed, **p}, (x,))
-        if not isinstance(out, torch.Tensor):
-            self.output_rule = output_rule(out)
-            out = logits_of(out)
+    def __call__(self, p: dict[str, torch.Tensor], x: Inputs) -> Any:
+        """``f(x; p, θ_F)`` via :func:`call_model` (``p`` may be any subset-complete dict of ``θ_S``),
+        under the math SDPA backend, reduced to one tensor by ``output=`` (module docstring); with
+        ``raw=True`` (a loss taking ``(outputs, batch)``, no ``output=``) the whole output."""
+        keep_raw = self.raw or self.output is not None
+        with attention_kernels(), raw_outputs(keep_raw):
+            if self._sdpa is None:  # the first evaluation: does the model call SDPA itself?
+                watch = _SDPAWatch()
+                with watch:
+                    out = call_model(self.model, {**self.fixed, **p}, x)
+                self._sdpa = watch.seen
+            else:
+                out = call_model(self.model, {**self.fixed, **p}, x)
+        if self.raw and self.output is None:
+            self.output_rule = "whole output (the loss takes (outputs, batch))"
+            return out
+        if self.output is not None or not isinstance(out, torch.Tensor):
+            out, self.output_rule = select_output(out, self.output)
         return out
 
     #: The output rule applied (``None`` while the model returned plain tensors).
     output_rule: str | None = None
+    _sdpa: bool | None = None
 
     def kernel_meta(self) -> dict[str, Any]:
-        """``{"attention": "math SDPA"}`` for models with attention layers and ``{"outputs": rule}`` for
-        models whose outputs were reduced to logits; empty for the rest (their ``.meta`` is unchanged)."""
+        """``{"attention": "math SDPA"}`` for models with attention layers or calling
+        ``scaled_dot_product_attention``, ``{"outputs": rule}`` for models whose outputs were selected,
+        ``{"frozen_params": [...]}`` when some parameters do not train; empty for the rest."""
         meta: dict[str, Any] = {}
-        if has_attention(self.model):
+        if has_attention(self.model) or self._sdpa:
             meta["attention"] = ATTENTION_BACKEND
         rule = self.output_rule or getattr(self.model, RULE_ATTR, None)
         if rule is not None and rule != "tensor":
             meta["outputs"] = rule
+        if self.frozen:
+            meta["frozen_params"] = list(self.frozen)
         return meta
 
     def guard(self) -> ModeGuard:
@@ -397,7 +509,7 @@ class ResidentBatches:
         used = 0
         for b in self.source:
             if self._fits:
-                used += b.x.nbytes + b.y.nbytes
+                used += inputs_nbytes(b.x) + b.y.nbytes
                 if used <= self.max_bytes:
                     kept.append(b)
                 else:
@@ -415,7 +527,7 @@ class ResidentBatches:
         """The data as one batch when it is held as tensors and batching is off."""
         return self.source.single_batch()
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(self) -> tuple[Inputs, torch.Tensor]:
         return self.source.tensors()
 
     def targets(self) -> torch.Tensor:
@@ -424,7 +536,13 @@ class ResidentBatches:
 
 __all__ = [
     "ATTENTION_BACKEND",
+    "OutputSelector",
     "attention_kernels",
+    "call_model",
+    "forward",
+    "select_output",
+    "unused_parameters",
+    "warn_unused",
     "derivative_error",
     "has_attention",
     "DEVICE_DATA_BUDGET",

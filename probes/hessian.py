@@ -155,6 +155,7 @@ def hessian_eigenvalues(
     loss: str | Callable = "auto",
     tol: float = 1e-4,
     operator: str = "hessian",
+    output: Any = None,
     which: str = "LA",
     v0: Any = None,
     max_iter: int | None = None,
@@ -170,6 +171,7 @@ def hessian_eigenvalues(
     refine: bool | str = "auto",
     block_size: int | None = None,
     max_basis: int | None = None,
+    solver: str = "auto",
 ) -> HessianEigenResult:
     """Extremal eigenvalues of the Hessian (``operator="hessian"``), GGN or empirical Fisher.
 
@@ -191,14 +193,19 @@ def hessian_eigenvalues(
     solver memory at most ``max_basis·P`` numbers; ``meta`` records the vectors held
     (``peak_basis_vectors``, ``solver_memory_bytes``) and the measured peak over the call
     (``measured_peak_bytes``, where the platform reports it: CUDA, Linux).
+
+    ``solver``: ``"auto"`` (default: a dense float64 ``eigh`` of the ``P×P`` matrix built from ``P``
+    products when ``k ≥ P/10`` or ``P ≤ 64`` — exact, every copy of a repeated eigenvalue — else block
+    Lanczos), ``"lanczos"`` or ``"dense"`` (:func:`~dynascope.probes.lanczos.eigsh`'s ``method``);
+    ``meta["eigensolver"]`` says which ran.
     """
     check_int("k", k, min=1)
     check_choice("which", which, WHICH)
     check_float("tol", tol, min=0, min_open=True)
     check_choice("refine", refine, (True, False, "auto"))
     check_int("seed", seed)
-    spec = OperatorSpec(kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode,
-                        dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
+    spec = OperatorSpec(kind=operator, loss=loss, output=output, params=params, batch_size=batch_size,
+                        mode=mode, dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
     start = _warm_start(v0)
     t0 = time.perf_counter()
     op = spec.build(model, data)
@@ -211,7 +218,7 @@ def hessian_eigenvalues(
     with peak_memory(op.device) as peak:
         out = eigsh(rec, k=k, which=which, tol=float(tol), max_iter=max_iter, v0=start, seed=seed,
                     return_vectors=return_vectors or do_refine, block_size=block_size,
-                    max_basis=max_basis)  # fmt: skip
+                    max_basis=max_basis, method=solver)  # fmt: skip
     values, residuals, converged, vectors = out.values, out.residuals, out.converged, out.vectors
     n_refine, lanczos_residuals, n_conv_gemm = 0, None, 0
     if do_refine:
@@ -225,7 +232,7 @@ def hessian_eigenvalues(
         vectors = ref.vectors if return_vectors else None
     settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter, "params": params,
                 "batch_size": batch_size, "warm_start": start is not None, "refine": refine,
-                "block_size": block_size, "max_basis": max_basis}  # fmt: skip
+                "block_size": block_size, "max_basis": max_basis, "solver": solver}  # fmt: skip
     meta = spectral_meta(
         "hessian_eigenvalues", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, krylov_dim=out.n_iter, **out.meta(op.size, op.dtype),

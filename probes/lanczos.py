@@ -25,6 +25,12 @@
   Peak memory: ``max_basis · P`` numbers — locked vectors, basis and the product block ``W``
   (orthonormalised in place) — reported as ``EigshOutput.peak_basis_vectors``. The default
   ``max_basis`` (:func:`default_max_basis`) is capped by :data:`BASIS_MEMORY_BYTES` on large models.
+
+  *Small or degenerate operators.* When ``P`` is at most :data:`DENSE_MAX_SIZE` (without a warm start),
+  or ``k'`` is at least a tenth of ``P`` (and the matrix fits :data:`DENSE_MAX_BYTES`), ``method="auto"``
+  builds the matrix from ``P`` products (blocks of unit columns, one ``matmat`` per block) and solves it
+  with a dense float64 ``eigh``: every copy of every eigenvalue, in exactly ``P`` products (Lanczos would
+  need more than ``k'`` with restarts and locking). ``EigshOutput.method`` says which solver ran.
 * :func:`lanczos_tridiagonal` — several independent recurrences at once (one ``matmat`` per step
   serves all probes), as needed by stochastic Lanczos quadrature.
 """
@@ -32,6 +38,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,6 +63,24 @@ def breakdown_rtol(dtype: torch.dtype) -> float:
 
 
 WHICH = ("LA", "SA", "LM", "BE")
+METHODS = ("auto", "lanczos", "dense")
+
+#: ``method="auto"`` solves operators of at most this size densely (``P`` products, float64 ``eigh``).
+DENSE_MAX_SIZE = 64
+#: ... and larger ones when ``k' ≥ P / DENSE_FRACTION`` and the float64 matrix fits ``DENSE_MAX_BYTES``.
+DENSE_FRACTION = 10
+DENSE_MAX_BYTES = 256 * 2**20
+#: Unit columns per ``matmat`` when the dense matrix is built.
+DENSE_BLOCK = 64
+
+
+def use_dense(P: int, n_want: int, budget: int | None = None, warm: bool = False) -> bool:
+    """Whether ``method="auto"`` solves densely: ``n_want ≥ P/10``, or ``P ≤ DENSE_MAX_SIZE`` without a
+    warm start (which Lanczos uses), with the float64 matrix within ``DENSE_MAX_BYTES`` and a product
+    budget of at least ``P``."""
+    fits = 8 * P * P <= DENSE_MAX_BYTES
+    small = (P <= DENSE_MAX_SIZE and not warm) or DENSE_FRACTION * n_want >= P
+    return fits and small and (budget is None or budget >= P)
 
 #: The default ``max_basis`` holds at most this many bytes of vectors on large models (at k = 3 it binds
 #: above 6.1M float32 parameters: ResNet-18 gets 18 vectors), but never fewer than ``2k' + 4 + 2b``.
@@ -96,6 +121,7 @@ class EigshOutput:
     n_runs: int = 1
     peak_basis_vectors: int = 0
     max_basis: int = 0
+    method: str = "lanczos"  # "lanczos" (block Lanczos) or "dense" (P products, float64 eigh)
 
     def memory_bytes(self, size: int, dtype: torch.dtype) -> int:
         """Bytes of the solver's vectors at their peak for an operator of ``size`` in ``dtype``."""
@@ -104,6 +130,8 @@ class EigshOutput:
     def meta(self, size: int, dtype: torch.dtype) -> dict[str, int | str]:
         """The solver's keys of a probe's ``.meta``: block size, restarts, runs, data passes and memory."""
         return {
+            "eigensolver": "dense float64 eigh of the P×P matrix (P products)" if self.method == "dense"
+            else "block Lanczos",
             "block_size": self.block_size,
             "n_passes_solver": self.n_passes,
             "n_restarts": self.n_restarts,
@@ -459,6 +487,7 @@ def eigsh(
     block_size: int | None = None,
     max_basis: int | None = None,
     basis_device: torch.device | str | None = None,
+    method: str = "auto",
 ) -> EigshOutput:
     """Extremal eigenpairs of a symmetric operator by block Lanczos with thick restarts (module docstring).
 
@@ -472,6 +501,8 @@ def eigsh(
     exceed :data:`BASIS_MEMORY_BYTES`), so memory is at most ``max_basis · P`` numbers of the
     operator's dtype.
     ``basis_device``: where the vectors live (e.g. ``"cpu"`` while the products run on a GPU).
+    ``method``: ``"lanczos"``, ``"dense"`` (``P`` products, dense float64 ``eigh``: exact, every copy) or
+    ``"auto"`` (dense for small or degenerate problems, :func:`use_dense`).
 
     Multiplicities: a run with block size ``b`` holds at most ``b`` copies of an eigenvalue. When a
     converged run shows a cluster of ``b`` values followed by other wanted values, its wanted
@@ -486,6 +517,7 @@ def eigsh(
     check_int("max_basis", max_basis, min=1, optional=True)
     check_int("block_size", block_size, min=1, optional=True)
     check_int("seed", seed)
+    check_choice("method", method, METHODS)
     P = op.size
     n_want = min(2 * k if which == "BE" else k, P)
     if block_size is None:
@@ -502,6 +534,10 @@ def eigsh(
             f"of {b} (at least {n_want + 2 * b})"
         )
     device = torch.device(basis_device) if basis_device is not None else op.device
+    if method == "dense" or (method == "auto" and use_dense(P, n_want, max_iter, v0 is not None)):
+        if v0 is not None:
+            _start_block(op, v0, b, seed, device)  # validated; a dense solve needs no start
+        return _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
     start_matvecs = op.n_matvecs
     locked = _Basis()
     values = torch.zeros(0, dtype=torch.float64)  # locked values, residuals and convergence
@@ -577,6 +613,46 @@ def eigsh(
         n_runs=runs,
         peak_basis_vectors=peak,
         max_basis=cap,
+    )
+
+
+def _dense_eigsh(
+    op: LinearOperator, k: int, which: str, tol: float, return_vectors: bool, basis_device: Any
+) -> EigshOutput:
+    """Eigenpairs from the dense matrix: ``P`` products in blocks of :data:`DENSE_BLOCK` unit columns, the
+    float64 matrix symmetrised, ``torch.linalg.eigh``. Residuals ``‖A y − θ y‖`` are taken with the
+    unsymmetrised matrix, so the products' own asymmetry (rounding) shows in them."""
+    P, start = op.size, op.n_matvecs
+    device = torch.device(basis_device) if basis_device is not None else op.device
+    A = torch.empty(P, P, dtype=torch.float64, device=device)
+    passes = 0
+    for lo in range(0, P, DENSE_BLOCK):
+        hi = min(lo + DENSE_BLOCK, P)
+        E = torch.zeros(P, hi - lo, dtype=op.dtype, device=op.device)
+        E[torch.arange(lo, hi), torch.arange(hi - lo)] = 1
+        A[:, lo:hi] = op.matmat(E).to(device=device, dtype=torch.float64)
+        passes += 1
+    theta, U = torch.linalg.eigh(0.5 * (A + A.T))
+    theta, U = theta.cpu(), U
+    idx = _wanted(theta, k, which)
+    idx = idx[torch.argsort(theta[idx], descending=True)]
+    vals, vecs = theta[idx].clone(), U[:, idx.to(U.device)]
+    res = (A @ vecs - vecs * vals.to(vecs.device)).norm(dim=0).cpu()
+    scale = float(theta.abs().max()) or 1.0
+    conv = res <= tol * torch.clamp(vals.abs(), min=EIGENVALUE_FLOOR * scale)
+    return EigshOutput(
+        values=vals,
+        vectors=vecs.to(device=op.device, dtype=op.dtype) if return_vectors else None,
+        residuals=res,
+        converged=conv,
+        n_matvecs=op.n_matvecs - start,
+        n_iter=P,
+        n_passes=passes,
+        block_size=min(DENSE_BLOCK, P),
+        peak_basis_vectors=3 * P * 8 // max(torch.empty((), dtype=op.dtype).element_size(), 1)
+        + min(DENSE_BLOCK, P),
+        max_basis=P,
+        method="dense",
     )
 
 

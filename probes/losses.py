@@ -28,7 +28,12 @@ label, never torch's ``IndexError`` or a device-side assert. :func:`check_model_
 model once on a few samples of the first batch and turns a dtype or shape error into a ``ValueError``
 stating what the first layer expects and what it got; ``resolve_loss(..., model=, inputs=)`` does both.
 * a callable ``fn(outputs, targets) -> scalar`` returning the *batch mean*, like ``nn.CrossEntropyLoss()``;
-  its per-sample form is obtained by evaluating it on single-sample batches (``vmap``).
+  its per-sample form is obtained by evaluating it on single-sample batches (``vmap``). A callable whose
+  second parameter is named ``batch`` (``fn(outputs, batch)``) sees the model's **whole output** (a tuple,
+  dict or ``ModelOutput``, unless ``output=`` selects a part) and the batch as a dict: every input key
+  (a tensor input is ``"x"``) and the targets under ``"labels"``.
+* ``"auto"`` with integer targets ``[B, T]`` (token labels, e.g. Hugging Face ``labels``) is
+  ``token_cross_entropy`` (unshifted; ``-100`` ignored).
 * ``"pkg.module:function"`` or ``"path/file.py:function"``: such a callable imported by reference (from
   the environment or a file on this machine, never from an uploaded file).
 
@@ -39,6 +44,7 @@ Every built-in loss checks its shapes and names them with a suggestion when they
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
+from torch.utils._pytree import tree_map
+
+from ..datasets.batching import Inputs, input_tensors
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: such targets contribute zero loss
 _CHECKED_LABELS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # label batches known to be in range
@@ -69,10 +78,17 @@ class Loss:
     per_sample: PerSample
     counter: Callable[[torch.Tensor], int] = _count_samples
     unit: str = "samples"
+    takes_batch: bool = False  # per_sample(outputs, targets, inputs): a loss fn(outputs, batch)
 
-    def total(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def losses(self, outputs: Any, targets: torch.Tensor, inputs: Inputs | None = None) -> torch.Tensor:
+        """ℓ_i for every sample of the batch ``[B]`` (``inputs`` reach a loss taking ``(outputs, batch)``)."""
+        if self.takes_batch:
+            return self.per_sample(outputs, targets, inputs)  # type: ignore[call-arg]
+        return self.per_sample(outputs, targets)
+
+    def total(self, outputs: Any, targets: torch.Tensor, inputs: Inputs | None = None) -> torch.Tensor:
         """Σ_i ℓ_i over the batch (divide by the dataset's :meth:`count` for the mean)."""
-        return self.per_sample(outputs, targets).sum()
+        return self.losses(outputs, targets, inputs).sum()
 
     def count(self, targets: torch.Tensor) -> int:
         """The batch's weight in the dataset mean: its sample count, or its counted tokens."""
@@ -220,6 +236,37 @@ def _from_batch_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -
     return vmap(single)
 
 
+def takes_batch(fn: Callable) -> bool:
+    """Whether a loss callable's second parameter is named ``batch`` (``fn(outputs, batch)``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2 and params[1].name == "batch"
+
+
+def _from_batch_loss(fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]) -> Callable:
+    """Per-sample form of a batch-mean ``fn(outputs, batch)``: ``fn`` on single-sample slices of every
+    output tensor and batch key (``vmap``; output leaves without the batch dimension are passed whole)."""
+
+    def per_sample(out: Any, y: torch.Tensor, x: Inputs | None = None) -> torch.Tensor:
+        batch = {**(input_tensors(x) if x is not None else {}), "labels": y}
+        n = y.shape[0]
+
+        def dim(t: Any) -> int | None:
+            return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
+
+        out_dims = tree_map(dim, out)
+
+        def one(o: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            o1 = tree_map(lambda t, d: t.unsqueeze(0) if d == 0 else t, o, out_dims)
+            return fn(o1, {k: v.unsqueeze(0) for k, v in b.items()})
+
+        return vmap(one, in_dims=(out_dims, 0))(out, batch)
+
+    return per_sample
+
+
 def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.Bilinear)):
@@ -245,24 +292,34 @@ def _expectation(model: nn.Module) -> str:
     return f"; {where} expects {dtype} inputs"
 
 
-def check_model_input(model: nn.Module, x: torch.Tensor, *, n: int = 8) -> torch.Tensor:
+def check_model_input(model: nn.Module, x: Inputs, *, n: int = 8) -> Any:
     """The model's outputs on the first ``n`` samples of ``x`` (eval mode, no grad, modes restored).
 
-    Floating ``x`` is cast to the model's parameter dtype and moved to its device first, as probes do.
+    Floating ``x`` is cast to the model's parameter dtype and moved to its device first, as probes do;
+    a dict of inputs reaches ``forward`` as keyword arguments.
 
     A forward that fails on a dtype or shape is re-raised as ``ValueError`` with the inputs' shape and
     dtype and what the model's first layer expects.
     """
     p = next(model.parameters(), None)
-    if p is not None:  # as the probes prepare data: on the model's device, floating inputs in its dtype
-        x = x.to(p.device, dtype=p.dtype if x.is_floating_point() else None)
+
+    def prep(t: torch.Tensor) -> torch.Tensor:  # as the probes prepare data: on the device, in its dtype
+        if p is not None:
+            t = t.to(p.device, dtype=p.dtype if t.is_floating_point() else None)
+        return t[:n]
+
+    xs = {k: prep(v) for k, v in x.items()} if isinstance(x, Mapping) else prep(x)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            return model(x[:n])
+            return model(**xs) if isinstance(xs, dict) else model(xs)
     except (RuntimeError, TypeError, IndexError) as err:
-        got = f"{str(x.dtype).replace('torch.', '')} inputs of shape {list(x.shape)}"
+        if isinstance(x, Mapping):
+            got = "inputs " + ", ".join(f"{k} {list(v.shape)} ({str(v.dtype).replace('torch.', '')})"
+                                        for k, v in x.items())  # fmt: skip
+        else:
+            got = f"{str(x.dtype).replace('torch.', '')} inputs of shape {list(x.shape)}"
         text = " ".join(str(err).split())[:200]
         raise ValueError(
             f"the model cannot take the data's inputs: got {got}{_expectation(model)} "
@@ -278,7 +335,7 @@ def resolve_loss(
     targets: torch.Tensor | None = None,
     *,
     model: nn.Module | None = None,
-    inputs: torch.Tensor | None = None,
+    inputs: Inputs | None = None,
 ) -> Loss:
     """Turn a ``loss=`` argument (a name, a dict spec ``{"name", ...options}``, ``"module:function"``,
     a callable or a :class:`Loss`) into a :class:`Loss`; ``"auto"`` looks at the targets' dtype.
@@ -295,11 +352,17 @@ def resolve_loss(
     return resolved
 
 
+def _callable_loss(name: str, fn: Callable) -> Loss:
+    if takes_batch(fn):
+        return Loss(name, _from_batch_loss(fn), takes_batch=True)
+    return Loss(name, _from_batch_mean(fn))
+
+
 def _resolve(loss: str | Mapping[str, Any] | Callable | Loss, targets: torch.Tensor | None) -> Loss:
     if isinstance(loss, Loss):
         return loss
     if callable(loss):
-        return Loss(getattr(loss, "__name__", type(loss).__name__), _from_batch_mean(loss))
+        return _callable_loss(getattr(loss, "__name__", type(loss).__name__), loss)
     if isinstance(loss, Mapping):
         opts = dict(loss)
         name = opts.pop("name", None)
@@ -323,10 +386,12 @@ def _resolve(loss: str | Mapping[str, Any] | Callable | Loss, targets: torch.Ten
         fn = import_object(loss, what="loss")
         if not callable(fn):
             raise ValueError(f"loss {loss!r} is a {type(fn).__name__}, not a callable")
-        return Loss(loss, _from_batch_mean(fn))
+        return _callable_loss(loss, fn)
     if loss == "auto":
         if targets is None:
             raise ValueError("loss='auto' needs the targets to choose cross-entropy or MSE")
+        if not targets.is_floating_point() and targets.dim() == 2:
+            return token_cross_entropy()
         loss = "mse" if targets.is_floating_point() else "cross_entropy"
     if loss not in BUILTIN_LOSSES:
         raise ValueError(

@@ -35,7 +35,10 @@ from .functional import (
     MODES,
     FunctionalModel,
     ModeGuard,
+    OutputSelector,
     derivative_error,
+    unused_parameters,
+    warn_unused,
 )
 from .losses import Loss, resolve_loss
 from .validation import check_choice, check_int
@@ -151,6 +154,9 @@ class OperatorSpec:
         Sums a local product over data shards (``all_reduce``); also applied to the local sample count.
     max_vectors:
         Vectors per batched product (memory ``max_vectors · P`` per pass).
+    output:
+        What the loss sees of the model's outputs: ``None`` (``.logits``, else the first tensor), a key,
+        an attribute, an index or a callable (:func:`~dynascope.probes.functional.select_output`).
     """
 
     kind: str = "hessian"
@@ -163,6 +169,7 @@ class OperatorSpec:
     device: torch.device | None = None
     reduce_fn: ReduceFn | None = None
     max_vectors: int = 32
+    output: OutputSelector = None
 
     def __post_init__(self) -> None:
         if self.kind not in OPERATOR_KINDS:
@@ -212,7 +219,14 @@ class OperatorSpec:
             "dtype": str(self.dtype) if self.dtype is not None else None,
             "device": str(self.device) if self.device is not None else None,
             "sharded": self.reduce_fn is not None,
+            **({"output": _output_name(self.output)} if self.output is not None else {}),
         }
+
+
+def _output_name(output: OutputSelector) -> str | int:
+    if isinstance(output, (str, int)):
+        return output
+    return getattr(output, "__name__", type(output).__name__)
 
 
 class CurvatureOperator(LinearOperator):
@@ -241,8 +255,9 @@ class CurvatureOperator(LinearOperator):
             spec = spec.replace(**fields)
         self.spec = spec
         self.fm = FunctionalModel(
-            model, params=spec.params, mode=spec.mode, dtype=spec.dtype, device=spec.device
-        )
+            model, params=spec.params, mode=spec.mode, dtype=spec.dtype, device=spec.device,
+            output=spec.output,
+        )  # fmt: skip
         self.model = self.fm.model
         self.kind, self.mode = spec.kind, spec.mode
         self.space = self.fm.space
@@ -252,6 +267,20 @@ class CurvatureOperator(LinearOperator):
         self.reduce_fn = spec.reduce_fn
         first_batch = next(iter(self.source))
         self.loss = resolve_loss(spec.loss, first_batch.y, model=self.model, inputs=first_batch.x)
+        self.fm.raw = self.loss.takes_batch
+        saved = {n: t.clone() for n, t in self.model.named_buffers()} if spec.mode == "train" else {}
+        with ModeGuard(self.model, self.mode):
+            fx, fy = first_batch.x, first_batch.y
+            probe = self.loss.total(self._call(dict(self._params), fx), fy, fx)
+            #: parameters that do not reach the loss: zero rows (module functional), listed in meta
+            named = list(self._params.items())
+            self.unused_params = unused_parameters(probe, named) if probe.requires_grad else []
+        del probe
+        with torch.no_grad():
+            for n, t in self.model.named_buffers():  # train mode: BatchNorm statistics as they were
+                if n in saved:
+                    t.copy_(saved[n])
+        warn_unused(self.unused_params)
         # the normaliser: the sample count, or the counted tokens for token_cross_entropy (losses.py)
         n_local = (
             self.source.num_samples()
@@ -299,6 +328,7 @@ class CurvatureOperator(LinearOperator):
             "mode": self.mode,
             "backend": self.backend,
             "product_fallbacks": list(self.fallbacks),
+            **({"unused_params": list(self.unused_params)} if self.unused_params else {}),
             **self.fm.kernel_meta(),
         }
 
@@ -333,7 +363,7 @@ class CurvatureOperator(LinearOperator):
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad(), ModeGuard(self.model, self.mode):
             for b in self.source:
-                total += self.loss.total(self._call(self._primal(), b.x), b.y).double()
+                total += self.loss.total(self._call(self._primal(), b.x), b.y, b.x).double()
         if self.reduce_fn is not None:
             total = self.reduce_fn(total)
         return float(total) / self.num_samples
@@ -346,9 +376,9 @@ class CurvatureOperator(LinearOperator):
                 g += self.space.flatten(grad(self._batch_loss_fn(b.x, b.y))(self._primal()))
         return self.reduce_fn(g) if self.reduce_fn is not None else g
 
-    def _batch_loss_fn(self, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    def _batch_loss_fn(self, x: Any, y: torch.Tensor) -> Callable:
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.loss.total(self._call(p, x), y) / self.num_samples
+            return self.loss.total(self._call(p, x), y, x) / self.num_samples
 
         return f
 
@@ -383,15 +413,16 @@ class CurvatureOperator(LinearOperator):
             b = self.single
             assert b is not None
             plist = list(self._params.values())
-            loss = self.loss.total(self._call(dict(self._params), b.x), b.y) / self.num_samples
-            g = torch.autograd.grad(loss, plist, create_graph=True)
+            loss = self.loss.total(self._call(dict(self._params), b.x), b.y, b.x) / self.num_samples
+            g = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True, materialize_grads=True)
             self._graph = (self.space.flatten(list(g)), plist)
         gflat, plist = self._graph
         if V.shape[1] > 1 and self._batched_double_backward:
             try:
                 hv = torch.autograd.grad(
-                    gflat, plist, grad_outputs=V.T.contiguous(), retain_graph=True, is_grads_batched=True
-                )
+                    gflat, plist, grad_outputs=V.T.contiguous(), retain_graph=True, is_grads_batched=True,
+                    allow_unused=True, materialize_grads=True,
+                )  # fmt: skip
                 out.copy_(torch.cat([h.reshape(V.shape[1], -1) for h in hv], dim=1).T)
                 return
             except RuntimeError as err:
@@ -437,13 +468,13 @@ class CurvatureOperator(LinearOperator):
             out, vjp_fn = vjp(f, primal)
             out = out.detach()
             Jv = vmap(lambda v: jvp(f, (primal,), (v,))[1])(Vd)  # [K, B, O]
-            gl = grad(lambda o: self.loss.total(o, y) / n)
+            gl = grad(lambda o: self.loss.total(o, y, x) / n)
             HJv = vmap(lambda u: jvp(gl, (out,), (u,))[1])(Jv)
             return vmap(lambda u: vjp_fn(u)[0])(HJv)
 
         # empirical Fisher: (1/N) Σ_i g_i (g_i · v) = (1/N) J_ℓᵀ (J_ℓ v), J_ℓ = ∂(ℓ_1..ℓ_B)/∂θ
         def per_sample(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.loss.per_sample(f(p), y)
+            return self.loss.losses(f(p), y, x)
 
         _, vjp_l = vjp(per_sample, primal)
         d = vmap(lambda v: jvp(per_sample, (primal,), (v,))[1])(Vd)  # [K, B]
@@ -459,24 +490,30 @@ class CurvatureOperator(LinearOperator):
             vk = self.space.split(V[:, k])
             vlist = [vk[name] for name in self.space.names]
             if self.kind == "hessian":
-                loss = self.loss.total(self._call(params, x), y) / n
-                g = torch.autograd.grad(loss, plist, create_graph=True)
+                loss = self.loss.total(self._call(params, x), y, x) / n
+                g = torch.autograd.grad(
+                    loss, plist, create_graph=True, allow_unused=True, materialize_grads=True
+                )
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vlist))
                 hv = torch.autograd.grad(dot, plist, allow_unused=True)
             elif self.kind == "ggn":
                 out = self._call(params, x)
                 # J v via the double-vjp trick: d/du [Jᵀu]·v = J v
                 u = torch.zeros_like(out, requires_grad=True)
-                jtu = torch.autograd.grad(out, plist, grad_outputs=u, create_graph=True)
+                jtu = torch.autograd.grad(
+                    out, plist, grad_outputs=u, create_graph=True, allow_unused=True, materialize_grads=True
+                )
                 jv = torch.autograd.grad(jtu, u, grad_outputs=vlist, retain_graph=True)[0]
                 o = out.detach().requires_grad_(True)
-                go = torch.autograd.grad(self.loss.total(o, y) / n, o, create_graph=True)[0]
+                go = torch.autograd.grad(self.loss.total(o, y, x) / n, o, create_graph=True)[0]
                 hjv = torch.autograd.grad(go, o, grad_outputs=jv)[0]
                 hv = torch.autograd.grad(out, plist, grad_outputs=hjv, allow_unused=True)
             else:
-                ls = self.loss.per_sample(self._call(params, x), y)
+                ls = self.loss.losses(self._call(params, x), y, x)
                 u = torch.zeros_like(ls, requires_grad=True)
-                jtu = torch.autograd.grad(ls, plist, grad_outputs=u, create_graph=True)
+                jtu = torch.autograd.grad(
+                    ls, plist, grad_outputs=u, create_graph=True, allow_unused=True, materialize_grads=True
+                )
                 d = torch.autograd.grad(jtu, u, grad_outputs=vlist, retain_graph=True)[0]
                 hv = torch.autograd.grad(ls, plist, grad_outputs=d / n, allow_unused=True)
             cols.append(

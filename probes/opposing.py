@@ -1,38 +1,45 @@
-"""Opposing signals (Rosenfeld & Risteski 2023): the few examples whose loss swings most across
-consecutive checkpoints, split by which way their gradients pull along the sharpest direction.
+"""Opposing signals (Rosenfeld & Risteski 2023, "Outliers with opposing signals have an outsized effect on
+neural network optimization"): the examples whose loss moves most at a training instability, split into the
+two groups that pull the network in opposite directions.
 
 Given checkpoints ``θ_0 … θ_T`` (consecutive steps of one run) and a dataset:
 
 1. per-example losses ``ℓ_i(θ_t)`` at every checkpoint (eval mode) and their changes
    ``Δ_ti = ℓ_i(θ_{t+1}) − ℓ_i(θ_t)``;
-2. oscillation score ``s_i = Σ_t |Δ_ti| − |ℓ_i(θ_T) − ℓ_i(θ_0)|``: the part of example ``i``'s loss
-   movement that went back and forth (0 for a monotone loss curve);
-3. selection: the ``n_examples`` highest scores, or (default) the examples above the widest relative gap
-   in the sorted scores: with ``s_(1) ≥ s_(2) ≥ …``, the top ``k`` for the ``k ∈ [2, max_fraction · N]``
-   that maximises ``s_(k) / s_(k+1)`` (``selection_gap_ratio`` in ``meta``). Outlier scores are orders of
-   magnitude above the bulk, whose score distribution is smooth, so the widest gap separates them; when
-   no ratio reaches ``min_gap`` (no clear outliers, e.g. an edge-of-stability oscillation shared by many
-   examples) the top ``max_fraction`` are taken;
-4. the reference checkpoint ``t*``: the one before the largest increase of the mean loss (the spike),
-   or ``reference=`` (a step); the directions ``V``: the unit update ``θ_{t*+1} − θ_{t*}``
-   (``direction="update"``, default) or the top-``k`` Hessian eigenvectors of the mean loss at ``θ_{t*}``
-   (``"hessian"``);
-5. projections ``Q_i = Σ_{t ∈ W} Vᵀ ∇ℓ_i(θ_t)`` over the ``span`` checkpoints ``W = t*, t*+1, …``
-   (default one) and ``p_i = Q_i · u`` along one axis ``u`` of ``span V``: ``u = 1`` for one direction;
-   for ``k > 1`` eigenvectors the update's component in their span, ``u ∝ Vᵀ(θ_{t*+1} − θ_{t*})`` (the
-   sharp part of the step), or without a next checkpoint the top right singular vector of ``Q``.
-   Groups: the selected examples with ``p_i > 0`` (``"+v"``) and ``< 0`` (``"-v"``); the sign of ``u`` is
-   arbitrary, the split is not.
-   Why the update by default: at the edge of stability the top eigenvalues are often nearly equal
-   (λ₁ ≈ λ₂ ≈ …), so ``v₁`` alone is an arbitrary vector of their eigenspace, and in an oscillation the
-   group that is well fit at ``t*`` has tiny gradients whose projection on ``v₁`` has an unreliable sign;
-   the update is the direction the iterate actually swings along. Planted-group tests
-   (tests/test_opposing.py, 5 seeds, worst per-group precision/recall): update 1.0 in all; Hessian
-   ``k=1`` 0.73–1.0, ``k=2`` 0.67–1.0, ``k=5`` 1.0 in all;
+2. the instability ``t*``: the step before the largest increase of the mean loss (the spike), or
+   ``reference=`` (a step);
+3. the score, ``score="spike"`` (default, the paper's ranking): the per-example loss change at the
+   instability, ``s_i = Σ_{t ∈ W} |Δ_ti|`` over the ``window`` steps on either side of ``t*``
+   (``W = t*−w … t*+w``; ``w = 1`` by default: the spike and the steps around it, so a group whose loss
+   falls at the spike and rises one step later counts as much as the one that rises). ``score="oscillation"``
+   (the earlier rule, kept as an option): ``s_i = Σ_t |Δ_ti| − |ℓ_i(θ_T) − ℓ_i(θ_0)|``, the loss movement
+   over *all* checkpoints that went back and forth — it needs many oscillating checkpoints and also ranks
+   examples that oscillate away from the instability;
+4. selection (``n_examples=None``): with ``s_(1) ≥ s_(2) ≥ …`` (floored at :data:`NOISE_FLOOR` of
+   ``s_(1)``), the top ``k`` for the ``k ∈ [2, max_fraction · N]`` that maximises ``s_(k) / s_(k+1)``, kept
+   only when that ratio is at least ``min_gap`` (``selection_gap_ratio`` in ``meta``); otherwise — and
+   when the mean loss never rose (no instability) — **nothing** is selected. Opposing groups' losses move
+   an order of magnitude more at the instability than the bulk's (ratios 60–240 in the planted tests),
+   while a shared oscillation or a smooth run has no such gap, so groups of 5 % to 40 % of the data are
+   found and a run without them flags none. ``max_fraction`` (default 0.5: outliers are a minority) and
+   ``min_gap`` (default 4 for ``"spike"``) are the visible parameters; ``n_examples`` takes a fixed count;
+5. the direction ``V``: the unit update ``θ_{t*+1} − θ_{t*}`` (``direction="update"``, default) or the
+   top-``k`` Hessian eigenvectors of the mean loss at ``θ_{t*}`` (``"hessian"``); projections
+   ``Q_i = Σ_{t ∈ W'} Vᵀ ∇ℓ_i(θ_t)`` over the ``span`` checkpoints ``W' = t*, t*+1, …`` (default one) and
+   ``p_i = Q_i · u`` along one axis ``u`` of ``span V``: ``u = 1`` for one direction; for ``k > 1``
+   eigenvectors the update's component in their span, ``u ∝ Vᵀ(θ_{t*+1} − θ_{t*})`` (the sharp part of the
+   step), or without a next checkpoint the top right singular vector of ``Q``. Groups: the selected examples
+   with ``p_i > 0`` (``"+v"``) and ``< 0`` (``"-v"``); the sign of ``u`` is arbitrary, the split is not. The
+   paper splits by the sign of the dominant direction the outliers share; the update at the instability is
+   that direction as the iterate actually moves along it (at the edge of stability the top eigenvalues are
+   often nearly equal, so ``v₁`` alone is an arbitrary vector of their eigenspace);
 6. for each group: its mean loss at every checkpoint, and its share of each step's change of the total
    loss ``Σ_{i∈G} Δ_ti / Σ_i Δ_ti`` — at the spike (``spike_share``) and over all steps where the mean
    loss rose (``rise_share``). ``alternation`` is the correlation of the two groups' mean-loss changes
    over the steps (near −1 when one group's loss rises while the other's falls).
+
+Planted-group tests (tests/test_opposing.py): two opposing groups of 5, 10, 20 and 30 % of the data are
+found with precision and recall ≥ 0.9 for each group, and a control without planted groups flags nothing.
 """
 
 from __future__ import annotations
@@ -46,13 +53,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import FunctionalModel
+from ..datasets.batching import concat_inputs, slice_inputs
+from .functional import FunctionalModel, select_output
 from .losses import resolve_loss
 from .results import Result, make_meta
 from .trajectory import checkpoint_models
 from .validation import check_choice, check_float, check_int
 
 DIRECTIONS = ("hessian", "update")
+SCORES = ("spike", "oscillation")
+#: ``score="spike"``: scores below this fraction of the largest are noise (float32 losses of well-fit
+#: examples change by exactly 0 or by rounding); the gap ratio is taken on scores floored there.
+NOISE_FLOOR = 1e-3
 GROUP_NAMES = ("+v", "-v")
 
 
@@ -60,8 +72,9 @@ GROUP_NAMES = ("+v", "-v")
 class OpposingSignalsResult(Result):
     """Opposing-signal groups (module docstring).
 
-    ``steps`` ``[T]``; ``mean_loss`` ``[T]``; ``scores`` ``[N]`` oscillation scores; ``threshold`` the
-    selection cut (``None`` when ``n_examples`` was given); ``selected`` example indices by descending
+    ``steps`` ``[T]``; ``mean_loss`` ``[T]``; ``scores`` ``[N]`` (``score=``: loss change at the spike, or
+    oscillation); ``threshold`` the selection cut (``None`` when ``n_examples`` was given or nothing was
+    selected); ``selected`` example indices by descending
     score; ``projections`` ``g_i · v`` of the selected; ``example_loss`` ``[n_selected, T]``; ``groups``
     ``{name: example indices}``; ``group_loss`` ``[G, T]``; ``group_step_share`` ``[G, T−1]``;
     ``spike_index`` (``t*``, or ``None`` when the mean loss never rose), ``reference_step``;
@@ -135,27 +148,31 @@ def _per_example_losses(model: nn.Module, source: Any, loss: Any) -> torch.Tenso
 
     with torch.no_grad(), ModeGuard(model, "eval"):
         for b in source:
-            out.append(loss.per_sample(model(b.x), b.y).double().cpu())
+            raw = model(**b.x) if isinstance(b.x, dict) else model(b.x)
+            out_b = raw if loss.takes_batch else select_output(raw)[0]
+            out.append(loss.losses(out_b, b.y, b.x).double().cpu())
     return torch.cat(out)
 
 
-def _rows(source: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(source: Any, index: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """The samples at ``index`` (ascending positions in the data's order), gathered batch by batch."""
     xs, ys, lo = [], [], 0
     for b in source:
         hi = lo + b.n
         local = index[(index >= lo) & (index < hi)] - lo
         if local.numel():
-            xs.append(b.x[local.to(b.x.device)])
+            xs.append(slice_inputs(b.x, local.to(b.y.device)))
             ys.append(b.y[local.to(b.y.device)])
         lo = hi
-    return torch.cat(xs), torch.cat(ys)
+    return concat_inputs(xs), torch.cat(ys)
 
 
-def _select(
+def _select_gap(
     scores: torch.Tensor, n_examples: int | None, max_fraction: float, min_gap: float
 ) -> tuple[torch.Tensor, float | None, float | None]:
-    """``(chosen indices by descending score, threshold, gap ratio)`` (module docstring, step 3)."""
+    """``(chosen indices by descending score, threshold, gap ratio)``: the widest relative gap of the
+    sorted scores in the top ``max_fraction`` (``score="oscillation"``; the top ``max_fraction`` when no
+    ratio reaches ``min_gap``)."""
     order = torch.argsort(scores, descending=True, stable=True)
     if n_examples is not None:
         return order[: min(n_examples, scores.numel())], None, None
@@ -172,6 +189,22 @@ def _select(
     return order[:k], threshold, gap
 
 
+def separate(scores: torch.Tensor, max_fraction: float, min_gap: float) -> tuple[int, float, float]:
+    """The outlier class of ``score="spike"`` (module docstring, step 4): ``(k, threshold, gap)`` — the
+    top ``k`` scores (``k = 0`` when the widest gap is below ``min_gap``), the cut between them and the rest
+    and the gap ratio ``s_(k) / s_(k+1)``, scores floored at :data:`NOISE_FLOOR` of the largest."""
+    n = scores.numel()
+    cap = min(max(2, int(max_fraction * n)), n - 1)
+    top = torch.sort(scores.double(), descending=True).values[: cap + 1]
+    floor = NOISE_FLOOR * float(top[0]) if float(top[0]) > 0 else 1e-300
+    t = top.clamp_min(floor)
+    ratios = t[:-1] / t[1:]  # s_k / s_{k+1}, k = 1..cap
+    ratios[:1] = 0  # at least two examples (two sides of a split)
+    k = int(ratios.argmax()) + 1
+    gap = float(ratios[k - 1])
+    return (k if gap >= min_gap else 0), float((t[k - 1] * t[k]).sqrt()), gap
+
+
 def opposing_signals(
     run: Any,
     data: Any,
@@ -180,8 +213,10 @@ def opposing_signals(
     model: nn.Module | None = None,
     loss: str | Callable = "auto",
     n_examples: int | None = None,
-    max_fraction: float = 0.1,
-    min_gap: float = 2.0,
+    score: str = "spike",
+    window: int = 1,
+    max_fraction: float | None = None,
+    min_gap: float | None = None,
     direction: str = "update",
     reference: Any = None,
     span: int = 1,
@@ -194,17 +229,26 @@ def opposing_signals(
     """Opposing-signal groups over consecutive checkpoints (module docstring).
 
     ``run``: a run (or path) — its checkpoints at ``steps`` (default all) — or models / state dicts (with
-    ``model=``), in training order. ``n_examples``: how many to select (default: those above the widest
-    relative gap of the sorted oscillation scores, at most ``max_fraction`` of the data; the top
-    ``max_fraction`` when no gap ratio reaches ``min_gap``).
+    ``model=``), in training order. ``score``: ``"spike"`` (default: the per-example loss change at the
+    instability, summed over ``window`` steps on either side of it) or ``"oscillation"`` (module
+    docstring, step 3). ``n_examples``: how many to select; by default those above the widest relative gap
+    of the sorted scores in the top ``max_fraction`` — for ``"spike"`` (``max_fraction`` 0.5, ``min_gap`` 4)
+    nothing when no ratio reaches ``min_gap`` or the loss never rose; for ``"oscillation"``
+    (``max_fraction`` 0.1, ``min_gap`` 2) the top ``max_fraction`` then.
     ``direction``: ``"update"`` or ``"hessian"`` (top-``k`` eigenvectors at the reference, Lanczos to
     ``hessian_tol``). ``reference``: the step to split at (default: the one before the largest loss spike);
     ``span``: checkpoints from the reference on whose gradient projections are summed.
     """
     t0 = time.perf_counter()
     check_int("n_examples", n_examples, min=1, optional=True)
-    check_float("max_fraction", max_fraction, min=0, max=1, min_open=True)
-    check_float("min_gap", min_gap, min=1)
+    check_choice("score", score, SCORES)
+    check_int("window", window, min=0)
+    check_float("max_fraction", max_fraction, min=0, max=1, min_open=True, optional=True)
+    check_float("min_gap", min_gap, min=1, optional=True)
+    if max_fraction is None:
+        max_fraction = 0.5 if score == "spike" else 0.1
+    if min_gap is None:
+        min_gap = 4.0 if score == "spike" else 2.0
     check_choice("direction", direction, DIRECTIONS)
     check_int("batch_size", batch_size, min=1, optional=True)
     check_int("seed", seed)
@@ -244,8 +288,6 @@ def opposing_signals(
 
     L = torch.stack(losses)  # [T, N]
     delta = L[1:] - L[:-1]  # [T-1, N]
-    scores = delta.abs().sum(0) - (L[-1] - L[0]).abs()
-    chosen, threshold, gap = _select(scores, n_examples, max_fraction, min_gap)
     mean_delta = delta.mean(1)
     spike = int(mean_delta.argmax()) if bool((mean_delta > 0).any()) else None
     if reference is None:
@@ -254,6 +296,31 @@ def opposing_signals(
         if reference not in labels:
             raise ValueError(f"reference step {reference!r} is not among the checkpoints' steps {labels}")
         ref = labels.index(reference)
+    gap = None
+    if score == "oscillation":
+        scores = delta.abs().sum(0) - (L[-1] - L[0]).abs()
+        chosen, threshold, gap = _select_gap(scores, n_examples, max_fraction, min_gap)
+        selection = (f"top {n_examples} by score" if n_examples is not None
+                     else f"top {max_fraction:.3g} of the data (no gap ratio >= {min_gap:g})" if gap < min_gap
+                     else "cut at the largest ratio between consecutive sorted scores in the top "
+                     f"{max_fraction:.3g} of the data (at least 2)")  # fmt: skip
+    else:
+        centre = min(ref, delta.shape[0] - 1)
+        lo, hi = max(0, centre - window), min(delta.shape[0], centre + window + 1)
+        scores = delta[lo:hi].abs().sum(0)
+        order = torch.argsort(scores, descending=True, stable=True)
+        if n_examples is not None:
+            chosen, threshold = order[: min(n_examples, scores.numel())], None
+            selection = f"top {n_examples} by score"
+        elif spike is None and reference is None:
+            chosen, threshold = order[:0], None
+            selection = "nothing: the mean loss never rose (no instability)"
+        else:
+            n_sel, cut, gap = separate(scores, max_fraction, min_gap)
+            chosen, threshold = order[:n_sel], (cut if n_sel else None)
+            verdict = f" >= min_gap={min_gap:g}" if n_sel else f" < min_gap={min_gap:g}: nothing selected"
+            selection = ("cut at the largest ratio between consecutive sorted scores in the top "
+                         f"{max_fraction:.3g} of the data (at least 2): {gap:.3g}{verdict}")  # fmt: skip
     if direction == "update" and ref == len(kept) - 1:
         raise ValueError("direction='update' needs a checkpoint after the reference one")
     assert resolved is not None and source is not None
@@ -276,14 +343,14 @@ def opposing_signals(
             raise ValueError("the update at the reference step is zero; choose another reference")
         V = (v / v.norm())[:, None]
     sel_sorted = torch.sort(chosen).values
-    window = list(range(ref, min(ref + span, len(kept))))
+    proj_window = list(range(ref, min(ref + span, len(kept))))
     projections = torch.zeros(chosen.numel(), dtype=torch.float64)
     if chosen.numel():
         from .per_example import iter_per_example_gradients, prepare
 
         xs, ys = _rows(source, sel_sorted)
         Q = torch.zeros(chosen.numel(), V.shape[1], dtype=torch.float64)
-        for t in window:
+        for t in proj_window:
             ctx = prepare(model_at(t), (xs, ys), loss=resolved, chunk_size=256)
             Q += torch.cat([(G @ V).double().cpu() for G, _ in iter_per_example_gradients(ctx)])
         if V.shape[1] > 1 and ref + 1 < len(kept):  # the update's component in the top eigenspace
@@ -322,19 +389,18 @@ def opposing_signals(
         a = torch.stack(group_loss)[:, 1:] - torch.stack(group_loss)[:, :-1]
         if float(a[0].std()) > 0 and float(a[1].std()) > 0:
             alternation = float(torch.corrcoef(a)[0, 1])
-    settings = {"n_examples": n_examples, "max_fraction": max_fraction, "min_gap": min_gap,
+    settings = {"n_examples": n_examples, "score": score, "window": window, "max_fraction": max_fraction,
+                "min_gap": min_gap,
                 "direction": direction, "reference": reference, "span": span, "k": k,
                 "batch_size": batch_size,
                 "hessian_tol": hessian_tol}  # fmt: skip
     meta = make_meta(
         "opposing_signals", model=ref_model, params=settings, started=t0, seed=seed, loss=resolved.name,
         n_samples=int(L.shape[1]), n_checkpoints=len(kept), mode="eval", reference_index=ref,
-        score_definition="sum_t |l_i(t+1) - l_i(t)| - |l_i(T) - l_i(0)|",
-        selection=(f"top {n_examples} by score" if n_examples is not None
-                   else f"top {max_fraction:.3g} of the data (no gap ratio >= {min_gap:g})" if gap < min_gap
-                   else "cut at the largest ratio between consecutive sorted scores in the top "
-                   f"{max_fraction:.3g} of the data (at least 2)"),
-        selection_gap_ratio=gap, projection_steps=[labels[t] for t in window],
+        score_definition=("sum_t |l_i(t+1) - l_i(t)| - |l_i(T) - l_i(0)|" if score == "oscillation" else
+                          f"sum over the {window} step(s) either side of the spike of |l_i(t+1) - l_i(t)|"),
+        selection=selection, selection_gap_ratio=gap,
+        projection_steps=[labels[t] for t in proj_window],
         direction_definition=("top Hessian eigenvector of the mean loss at the reference checkpoint"
                               if direction == "hessian" else "unit update theta(ref+1) - theta(ref)"),
         **dir_meta,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from ..datasets.batching import Inputs, map_inputs, slice_inputs
 from .functional import FunctionalModel, ParamSpace
 from .losses import Loss, resolve_loss
 from .validation import check_int
@@ -51,11 +52,13 @@ class PerExampleContext:
         return self.fm.params
 
     def single_loss_fn(self) -> Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``ℓ(params, x_i, y_i)`` for one sample (inputs without the batch dimension)."""
+        """``ℓ(params, x_i, y_i)`` for one sample (inputs without the batch dimension; every key of a
+        dict of inputs is one sample's slice)."""
         fm, loss = self.fm, self.loss
 
-        def f(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss.per_sample(fm(p, x.unsqueeze(0)), y.unsqueeze(0))[0]
+        def f(p: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor) -> torch.Tensor:
+            x1 = map_inputs(x, lambda t: t.unsqueeze(0))
+            return loss.losses(fm(p, x1), y.unsqueeze(0), x1)[0]
 
         return f
 
@@ -76,16 +79,17 @@ def prepare(
     source = fm.batches(data, chunk_size)
     first_batch = next(iter(source))
     resolved = resolve_loss(loss, first_batch.y, model=fm.model, inputs=first_batch.x)
+    fm.raw = resolved.takes_batch
     return PerExampleContext(fm=fm, loss=resolved, source=source)
 
 
-def _loop_gradients(ctx: PerExampleContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _loop_gradients(ctx: PerExampleContext, x: Inputs, y: torch.Tensor) -> torch.Tensor:
     """Reference/fallback: one autograd call per sample."""
     f = ctx.single_loss_fn()
     rows = []
-    for i in range(x.shape[0]):
+    for i in range(y.shape[0]):
         p = {n: t.detach().requires_grad_(True) for n, t in ctx.params.items()}
-        li = f(p, x[i], y[i])
+        li = f(p, slice_inputs(x, i), y[i])
         gs = torch.autograd.grad(li, list(p.values()), allow_unused=True)
         rows.append(
             ctx.space.flatten([torch.zeros_like(t) if g is None else g for g, t in zip(gs, p.values())])

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datasets.batching import as_batches
+from ..datasets.batching import as_batches, slice_inputs
 from .curvature_sharpness import _mean_sem
 from .functional import ModeGuard
 from .losses import Loss
@@ -117,12 +117,13 @@ def _subsets(
     data: Any, m: int, seed: int, max_batches: int | None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x, y = as_batches(data).tensors()
-    n = x.shape[0]
+    n = y.shape[0]
     if not 1 <= m <= n:
         raise ValueError(f"m must be between 1 and the number of samples {n}; got {m}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(y.device)
     count = n // m if max_batches is None else min(n // m, max_batches)
-    return [(x[order[i * m : (i + 1) * m]], y[order[i * m : (i + 1) * m]]) for i in range(count)]
+    parts = [order[i * m : (i + 1) * m] for i in range(count)]
+    return [(slice_inputs(x, idx), y[idx]) for idx in parts]
 
 
 def adaptive_sharpness(

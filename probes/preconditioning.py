@@ -17,8 +17,10 @@ that depends on the momentum scheme:
 
 ``P⁻¹H`` is not symmetric, but ``P^{-1/2} H P^{-1/2}`` is similar to it (same eigenvalues) and
 symmetric, so Lanczos runs on :class:`DiagonalScaledOperator` with ``d = P^{-1/2}``.
-Per-group learning rates ``η_g`` different from the first group's ``η_1`` are folded into P
-(``P_g · η_1/η_g``); the threshold uses ``lr=`` when given, else ``η_1``.
+Per-group learning rates ``η_g`` different from the first positive group lr ``η_1`` are folded into P
+(``P_g · η_1/η_g``; a group at ``η_g = 0`` does not move: ``P_g = ∞``, its block of ``P^{-1/2}`` is 0); the
+threshold uses ``lr=`` when given, else ``η_1``. λ_max(P⁻¹H) itself needs no lr: at ``η = 0`` (the last
+checkpoint of a schedule that decays to zero) it is reported and the threshold is NaN.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class Preconditioner:
     hyperparameters: dict[str, Any]
 
     def threshold(self, lr: float | None = None) -> float:
-        return self.threshold_factor / (lr if lr is not None else self.lr)
+        """``threshold_factor / η``; NaN at ``η = 0`` (no step is taken: no stability threshold)."""
+        eta = lr if lr is not None else self.lr
+        return self.threshold_factor / eta if eta > 0 else float("nan")
 
 
 def _normalize_state(optimizer_state: Any, model: nn.Module | None) -> dict[str, Any]:
@@ -155,20 +159,25 @@ def preconditioner_from_state(
         raise ValueError(f"preconditioned sharpness supports {SUPPORTED}; the optimizer is {kind!r}")
     groups = {n: _group_of(named, n) for n in space.names}
     group_lrs = [float(g["lr"]) for g in groups.values() if "lr" in g]
-    ref_lr = group_lrs[0] if group_lrs else None  # per-group lrs are folded into P relative to this one
+    positive = [v for v in group_lrs if v > 0]
+    # per-group lrs are folded into P relative to the first positive one (all zero: nothing to fold)
+    ref_lr = positive[0] if positive else None
     if lr is None:
-        if ref_lr is None:
+        if not group_lrs:
             raise ValueError("the optimizer state records no lr; pass lr=")
-        lr = ref_lr
+        lr = ref_lr if ref_lr is not None else 0.0
     lr = float(lr)
-    if not lr > 0:
-        raise ValueError(f"lr must be positive; got {lr}")
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0; got {lr}")
     parts = []
     hyper: dict[str, Any] = {}
     for name, shape in zip(space.names, space.shapes):
         g = groups[name]
         st = named["state"].get(name)
-        scale = ref_lr / float(g["lr"]) if ref_lr is not None and "lr" in g else 1.0
+        if ref_lr is None or "lr" not in g:
+            scale = 1.0
+        else:  # a group at lr 0 does not move: P = ∞ there (its rows of P^{-1/2} H P^{-1/2} are zero)
+            scale = ref_lr / float(g["lr"]) if float(g["lr"]) > 0 else float("inf")
         if kind == "sgd":
             parts.append(torch.full(shape, scale, dtype=torch.float64).reshape(-1))
             continue
@@ -209,8 +218,8 @@ def preconditioner_from_state(
             factor = 2 + 2 * mu
         hyper = {"momentum": mu, "dampening": damp, "nesterov": nesterov, "eps": gl[0].get("eps")}
     diag = torch.cat(parts)
-    if not torch.isfinite(diag).all() or bool((diag <= 0).any()):
-        raise ValueError("the preconditioner has non-positive or non-finite entries")
+    if bool(torch.isnan(diag).any()) or bool((diag <= 0).any()):
+        raise ValueError("the preconditioner has non-positive or NaN entries")
     return Preconditioner(diag=diag, optimizer=kind, lr=lr, threshold_factor=factor, hyperparameters=hyper)
 
 

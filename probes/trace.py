@@ -332,6 +332,7 @@ def hessian_trace(
     data: Any,
     *,
     loss: str | Callable = "auto",
+    output: Any = None,
     n_matvecs: int = 100,
     method: str = "auto",
     operator: str = "hessian",
@@ -357,8 +358,8 @@ def hessian_trace(
     check_int("seed", seed)
     t0 = time.perf_counter()
     op = OperatorSpec(
-        kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device,
-        reduce_fn=reduce_fn,
+        kind=operator, loss=loss, output=output, params=params, batch_size=batch_size, mode=mode, dtype=dtype,
+        device=device, reduce_fn=reduce_fn,
     ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
     auto = None

@@ -148,7 +148,8 @@ def test_as_batches_passthrough_and_inheritance(xy) -> None:
         ((torch.zeros(0, 2), torch.zeros(0)), {}, ValueError, "empty"),
         ((torch.tensor(1.0), torch.tensor(2.0)), {}, ValueError, "leading sample dimension"),
         ((["a", "b"], torch.zeros(2)), {}, TypeError, "x cannot be converted"),
-        ({"x": torch.zeros(2)}, {}, TypeError, "tuple of tensors, a DataLoader or a Dataset; got dict"),
+        ({"x": torch.zeros(2)}, {}, ValueError, "no target: name it with target_key="),
+        ("text", {}, TypeError, "a dict of tensors, a DataLoader or a Dataset; got str"),
         (torch.zeros(3, 2), {}, TypeError, "got Tensor"),
         ((torch.zeros(3, 2), torch.zeros(3)), {"batch_size": 0}, ValueError, "batch_size"),
         ((torch.zeros(3, 2), torch.zeros(3)), {"batch_size": 2.5}, ValueError, "batch_size"),
@@ -195,5 +196,8 @@ def test_bad_items_from_loaders_and_datasets() -> None:
     with pytest.raises(ValueError, match="disagree on the number of samples"):
         list(BatchSource(mismatched))
     dicts = DataLoader([{"x": torch.zeros(2)}], batch_size=None)
-    with pytest.raises(ValueError, match="DataLoader for probes must yield"):
+    no_target = r"DataLoader for probes: items are dicts with keys \['x'\] and no target"
+    with pytest.raises(ValueError, match=no_target):
         list(BatchSource(dicts))
+    with pytest.raises(ValueError, match="DataLoader for probes must yield"):
+        list(BatchSource(DataLoader([torch.zeros(2)], batch_size=None)))

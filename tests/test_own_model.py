@@ -65,7 +65,7 @@ def test_tuple_outputs_are_reduced_to_logits_by_the_stated_rule() -> None:
     out = m(x)
     assert isinstance(out, torch.Tensor) and out.shape == (5, 2)
     res = probes.hessian_eigenvalues(m, (x, torch.randint(0, 2, (5,))), k=1)
-    assert res.meta["outputs"] == "first tensor"
+    assert res.meta["outputs"] == "first tensor: [0] of 2"
 
 
 def test_model_fingerprint_follows_the_factory_file(tmp_path: Path) -> None:

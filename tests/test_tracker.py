@@ -222,11 +222,12 @@ def test_a_failing_inline_probe_is_switched_off_not_raised(tmp_path: Path) -> No
 
 
 def test_inline_sharpness_with_the_runner_defaults_serves_a_plain_probe_call(tmp_path: Path) -> None:
-    """``probes={"sharpness": {..., the runner's defaults, "lr": None}}``: ``open_run(...).probe("sharpness",
-    step=s)`` with no parameters is a cache hit."""
+    """``probes={"sharpness": {..., the runner's defaults}}``: ``open_run(...).probe("sharpness",
+    step=s)`` with no parameters is a cache hit — both take η from the run (the optimizer's lr, the
+    run's schedule)."""
     model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    defaults = {"every": 4, "tol": 1e-4, "trace": True, "lr": None}
+    defaults = {"every": 4, "tol": 1e-4, "trace": True}
     with dynascope.Tracker(tmp_path / "run", model, data=_data(), loss="cross_entropy", optimizer=opt,
                            probes={"sharpness": defaults}, budget=None, schedule=[0]) as tr:  # fmt: skip
         _train(tr, model, opt, 8, _data())
@@ -236,4 +237,4 @@ def test_inline_sharpness_with_the_runner_defaults_serves_a_plain_probe_call(tmp
         assert cached
         before = len(run.results)
         res = run.probe("sharpness", step=s)
-        assert len(run.results) == before and res.trace is not None and res.lr is None
+        assert len(run.results) == before and res.trace is not None and res.lr == pytest.approx(LR)

@@ -117,12 +117,12 @@ def test_hf_trainer(tmp_path: Path) -> None:
     assert run.steps == [0, 1, 2, 3, 4, 6]
     assert run.run.model_config["hf"] == str((tmp_path / "run" / "hf_config").resolve())
     assert run.run.extra["tracker"]["model_spec"]["reopenable"] is True
-    assert run.dataset().train[0].shape == (8, 8)
+    assert run.dataset().train[0]["input_ids"].shape == (8, 8)  # dict batches keep their keys
     m = run.metrics
     assert m["train_loss"].notna().sum() == 6 and "grad_norm" in m.columns
-    for s in (3, 6):  # the inline λ_max used the Trainer's current lr (None once it decays to 0)
+    for s in (3, 6):  # the inline λ_max used the Trainer's current lr (0 once it decays: no threshold)
         two = m.loc[(m["step"] == s) & m["lambda_max"].notna(), "two_over_lr"].item()
-        params = {"k": 1, "tol": 1e-3, "trace": False, **({"lr": 2 / two} if two == two else {})}
+        params = {"k": 1, "tol": 1e-3, "trace": False, "lr": 2 / two if two == two else 0.0}
         _check_inline_lambda_max(run, [s], SHIFTED, params)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...datasets.batching import as_batches
+from ...datasets.batching import as_batches, input_count
 from ..lanczos import eigsh
 from ..losses import check_labels, check_model_input
 from ..results import Result, make_meta
@@ -153,7 +153,7 @@ def ntk_probe(
         params=params,
         device=device,
     )
-    n, O, M = op.x.shape[0], op.n_outputs, op.size
+    n, O, M = input_count(op.x), op.n_outputs, op.size
     if k > M:
         raise ValueError(f"k={k} exceeds the kernel size {M}")
     Yc = _targets_for(y, M, n, O).to(device=op.device)
@@ -184,6 +184,8 @@ def ntk_probe(
         alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
         converged = torch.ones(k, dtype=torch.bool)
         extra["strategy"] = plan.as_meta()
+        if plan.fallback is not None:
+            extra["ntk_fallback"] = plan.fallback
         extra["min_eigenvalue"] = float(evals.min())
     else:
         out = eigsh(op, k, tol=tol, seed=seed)
@@ -199,6 +201,8 @@ def ntk_probe(
         t_norm = float((Yc.T @ Yc).norm())
         alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
         rel_se = float(sq.std() / (sq.mean() * math.sqrt(n_probes))) / 2 if n_probes > 1 else math.nan
+        if op.fallback is not None:
+            extra["ntk_fallback"] = op.fallback
         extra.update(
             n_matvecs=op.n_matvecs,
             lanczos_iterations=out.n_iter,
@@ -307,6 +311,7 @@ def ntk_trajectory(
         n: [] for n in NTKTrajectory.__dataclass_fields__ if n not in ("meta", "steps")
     }
     first: nn.Module | None = None
+    kernel_notes: dict[str, str] = {}  # meta["attention"], meta["ntk_fallback"] from the kernels' plans
     n_items = 0
     for i, m in enumerate(ckpts.models):  # one model at a time (a state dict is loaded into model=)
         if given is None:
@@ -314,7 +319,7 @@ def ntk_trajectory(
         elif i >= len(given):
             raise ValueError(f"more checkpoints than the {len(given)} steps")
         n_items = i + 1
-        K = empirical_ntk(
+        K, plan = empirical_ntk(
             m,
             x,
             reduce_outputs=reduce_outputs,
@@ -323,11 +328,13 @@ def ntk_trajectory(
             mode=mode,
             params=params,
             device=device,
-        )
-        assert isinstance(K, torch.Tensor)
+            return_plan=True,
+        )  # type: ignore[misc]
+        kernel_notes.update({k: v for k, v in (("attention", plan.attention), ("ntk_fallback", plan.fallback))
+                             if v is not None})  # fmt: skip
         K = K.double()
         if reduce_outputs is None:
-            n_out = K.shape[0] // x.shape[0]
+            n_out = K.shape[0] // input_count(x)
             n_classes = n_out if n_classes is not None else None
         theta = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
         if i == 0:
@@ -358,11 +365,12 @@ def ntk_trajectory(
             "strategy": strategy,
             "chunk_size": chunk_size,
             "params": params,
-            "n_samples": int(x.shape[0]),
+            "n_samples": input_count(x),
             "n_checkpoints": n_items,
         },
         started=started,
         mode=mode,
+        **kernel_notes,
         kernel_distance_definition="1 - centered alignment" if centered else "1 - uncentered alignment",
     )
     return NTKTrajectory(steps=s, meta=meta, **out)

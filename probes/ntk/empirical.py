@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
+from ...datasets.batching import Inputs, input_count, input_tensors, map_inputs, slice_inputs
 from ...datasets.batching import check_finite as check_data_finite
 from ..functional import FunctionalModel, ModeGuard, derivative_error
 from ..operators import LinearOperator
@@ -95,14 +96,20 @@ class _NTKModel(FunctionalModel):
         out = self(p, x)
         return out.reshape(out.shape[0], -1)
 
-    def single(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def single(self, p: dict[str, torch.Tensor], x: Inputs) -> torch.Tensor:
         """Output ``[O]`` of one sample (the model sees a batch of one)."""
-        return self.batch(p, x.unsqueeze(0))[0]
+        return self.batch(p, map_inputs(x, lambda t: t.unsqueeze(0)))[0]
 
-    def prepare(self, x: Any, what: str) -> torch.Tensor:
-        """Validate and move inputs to the model's device (floating inputs cast to its dtype)."""
+    def prepare(self, x: Any, what: str) -> Inputs:
+        """Validate and move inputs (a tensor, or a dict of tensors: keyword arguments) to the model's
+        device (floating inputs cast to its dtype)."""
+        if isinstance(x, dict) and x:
+            return {k: self._prepare_one(v, f"{what}[{k!r}]") for k, v in x.items()}
+        return self._prepare_one(x, what)
+
+    def _prepare_one(self, x: Any, what: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor; got {type(x).__name__}")
+            raise TypeError(f"{what} must be a torch.Tensor (or a dict of tensors); got {type(x).__name__}")
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(
                 f"{what} needs a leading, non-empty sample dimension; got shape {tuple(x.shape)}"
@@ -112,17 +119,18 @@ class _NTKModel(FunctionalModel):
         check_data_finite(x, f"inputs ({what})")
         return x
 
-    def output_dim(self, x: torch.Tensor) -> int:
+    def output_dim(self, x: Inputs) -> int:
         with torch.no_grad(), ModeGuard(self.model, self.mode):
             try:
-                out = self.batch(self.params, x[:1])
+                out = self.batch(self.params, slice_inputs(x, slice(0, 1)))
             except Exception as err:  # a model/input mismatch: say so instead of a deep traceback
+                shapes = {k: tuple(t.shape[1:]) for k, t in input_tensors(x).items()}
                 raise ValueError(
-                    f"the model cannot be evaluated on inputs of shape {tuple(x.shape[1:])} per sample: {err}"
+                    f"the model cannot be evaluated on inputs of shape {shapes} per sample: {err}"
                 ) from err
         return int(out.shape[1])
 
-    def profile(self, x: torch.Tensor) -> tuple[float, int]:
+    def profile(self, x: Inputs) -> tuple[float, int]:
         """``(F, A)`` for one sample: forward flops (``2·MACs`` of Linear / conv layers, one flop per
         output value of other leaf modules; at least ``2·P``) and the number of activation values."""
         flops, acts = [0.0], [0]
@@ -142,7 +150,7 @@ class _NTKModel(FunctionalModel):
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
             with torch.no_grad(), ModeGuard(self.model, self.mode):
-                self.batch(self.params, x[:1])
+                self.batch(self.params, slice_inputs(x, slice(0, 1)))
         finally:
             for h in handles:
                 h.remove()
@@ -166,6 +174,8 @@ class NTKPlan:
     output_chunk: int  # "jacobian": outputs per group (O unless the traced kernel is split by outputs)
     structured: tuple[str, ...] = ()  # "jacobian": Linear/Conv2d modules in structured form (ntk.structure)
     factored: tuple[str, ...] = ()  # those of them contracted by factors (the others materialised)
+    fallback: str | None = None  # why the planned strategy failed and per-example jacrev ran instead
+    attention: str | None = None  # "math SDPA" for models with attention (functional.kernel_meta)
 
     def as_meta(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -261,11 +271,11 @@ def _jacobian_chunk(
             out, inputs = taps.call(lambda: fm.single({**p_sites, **p}, xi), e)
         return (out if outputs is None else out[outputs[0] : outputs[1]]), inputs
 
-    c = x.shape[0]
+    c = input_count(x)
     out: list[torch.Tensor] | None = None
     for lo in range(0, c, JACREV_SAMPLES):
-        xs = x[lo : lo + JACREV_SAMPLES]
-        b = xs.shape[0]
+        xs = slice_inputs(x, slice(lo, lo + JACREV_SAMPLES))
+        b = input_count(xs)
         (jp, je), inputs = vmap(jacrev(fn, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))(
             p_plain, eps, xs
         )
@@ -343,26 +353,26 @@ def _ntk_jacobian_group(
     sym = x2 is None
     xs2 = x1 if sym else x2
     assert xs2 is not None
-    n1, n2, c = x1.shape[0], xs2.shape[0], plan.chunk_size
+    n1, n2, c = input_count(x1), input_count(xs2), plan.chunk_size
     w = 1 if traced else O
     K = torch.empty(n1 * w, n2 * w, dtype=fm.dtype, device=fm.device)
     rows = [(lo, min(lo + c, n1)) for lo in range(0, n1, c)]
     cols = rows if sym else [(lo, min(lo + c, n2)) for lo in range(0, n2, c)]
 
-    def jac(x: torch.Tensor) -> Chunk:
-        return _jacobian_chunk(fm, x, outputs, taps)
+    def jac(x: Inputs, lo: int, hi: int) -> Chunk:
+        return _jacobian_chunk(fm, slice_inputs(x, slice(lo, hi)), outputs, taps)
 
-    cache1 = [jac(x1[lo:hi]) for lo, hi in rows] if plan.cached else None
-    cache2 = cache1 if sym else ([jac(xs2[lo:hi]) for lo, hi in cols] if plan.cached else None)
+    cache1 = [jac(x1, lo, hi) for lo, hi in rows] if plan.cached else None
+    cache2 = cache1 if sym else ([jac(xs2, lo, hi) for lo, hi in cols] if plan.cached else None)
     for i, (lo1, hi1) in enumerate(rows):
-        J1 = cache1[i] if cache1 is not None else jac(x1[lo1:hi1])
+        J1 = cache1[i] if cache1 is not None else jac(x1, lo1, hi1)
         for j, (lo2, hi2) in enumerate(cols):
             if sym and j < i:
                 continue
             if sym and j == i:
                 J2 = J1
             else:
-                J2 = cache2[j] if cache2 is not None else jac(xs2[lo2:hi2])
+                J2 = cache2[j] if cache2 is not None else jac(xs2, lo2, hi2)
             blk = _contract(J1, J2, traced)
             K[lo1 * w : hi1 * w, lo2 * w : hi2 * w] = blk
             if sym and j > i:
@@ -374,7 +384,7 @@ def _ntk_jacobian_group(
 
 def _tangents(fm: _NTKModel, x2: torch.Tensor, cols: torch.Tensor, O: int) -> dict[str, torch.Tensor]:
     """``J2ᵀ e`` for unit columns ``e`` with flat indices ``cols`` (sample ``c // O``, output ``c % O``)."""
-    xs = x2[cols // O]
+    xs = slice_inputs(x2, cols // O)
     E = torch.nn.functional.one_hot(cols % O, O).to(fm.dtype)
 
     def one(x: torch.Tensor, e: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -388,7 +398,7 @@ def _ntk_vp(
     fm: _NTKModel, x1: torch.Tensor, x2: torch.Tensor | None, O: int, traced: bool, plan: NTKPlan
 ) -> torch.Tensor:
     xs2 = x1 if x2 is None else x2
-    n1, n2 = x1.shape[0], xs2.shape[0]
+    n1, n2 = input_count(x1), input_count(xs2)
     b, r = plan.chunk_size, plan.row_chunk
     w = 1 if traced else O
     K = torch.zeros(n1 * w, n2 * w, dtype=fm.dtype, device=fm.device)
@@ -396,8 +406,8 @@ def _ntk_vp(
         cols = torch.arange(lo, min(lo + b, n2 * O), device=fm.device)
         T = _tangents(fm, xs2, cols, O)  # {name: [b, *shape]}
         for rlo in range(0, n1, r):
-            xr = x1[rlo : rlo + r]
-            rhi = rlo + xr.shape[0]
+            xr = slice_inputs(x1, slice(rlo, rlo + r))
+            rhi = rlo + input_count(xr)
 
             def push(t: dict[str, torch.Tensor], xr: torch.Tensor = xr) -> torch.Tensor:
                 return jvp(lambda p: fm.batch(p, xr), (fm.params,), (t,))[1]
@@ -411,6 +421,51 @@ def _ntk_vp(
     if x2 is None:
         K = 0.5 * (K + K.T)
     return K
+
+
+def per_example_jacobians(fm: _NTKModel, x: Inputs) -> torch.Tensor:
+    """``[n, O, P]``: each sample's Jacobian by a plain ``jacrev`` (no ``vmap`` over samples) — the
+    fallback for models whose ops have no batching rule for ``vmap(jacrev)`` / batched ``jvp``
+    (``nn.GRU``/``nn.LSTM`` in eval mode)."""
+    rows = []
+    for i in range(input_count(x)):
+        xi = slice_inputs(x, i)
+        J = jacrev(lambda p, xi=xi: fm.single(p, xi))(fm.params)
+        rows.append(torch.cat([J[n].reshape(J[n].shape[0], -1) for n in fm.names], dim=1))
+    return torch.stack(rows)
+
+
+def _ntk_per_example(
+    fm: _NTKModel, x1: Inputs, x2: Inputs | None, O: int, traced: bool, max_memory: int
+) -> torch.Tensor:
+    """The kernel from :func:`per_example_jacobians` (memory ``(N1 + N2)·O·P`` numbers, checked
+    against ``max_memory``)."""
+    n = input_count(x1) + (input_count(x2) if x2 is not None else 0)
+    need = n * O * fm.size * torch.empty((), dtype=fm.dtype).element_size()
+    if need > max_memory:
+        raise MemoryError(
+            f"the per-example Jacobian fallback needs {need / 2**20:.0f} MiB of Jacobians (N·O·P numbers), "
+            f"above max_memory={max_memory / 2**20:.0f} MiB: raise max_memory or use fewer samples"
+        )
+    J1 = per_example_jacobians(fm, x1)
+    J2 = J1 if x2 is None else per_example_jacobians(fm, x2)
+    if traced:
+        K = torch.einsum("iop,jop->ij", J1, J2)
+    else:
+        K = J1.reshape(-1, fm.size) @ J2.reshape(-1, fm.size).T
+    return 0.5 * (K + K.T) if x2 is None else K
+
+
+def _vmap_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failure of the vmapped Jacobian / batched jvp path that per-example jacrev may
+    avoid (not out of memory)."""
+    oom = isinstance(err, torch.OutOfMemoryError)
+    return isinstance(err, (RuntimeError, NotImplementedError)) and not oom
+
+
+def _fallback_note(strategy: str, err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{strategy} failed ({type(err).__name__}: {first[:200]}); per-example jacrev used instead"
 
 
 # --------------------------------------------------------------------------- public API
@@ -471,27 +526,35 @@ def empirical_ntk(
     x1 = fm.prepare(x1, "x1")
     if x2 is not None:
         x2 = fm.prepare(x2, "x2")
-        if x2.shape[1:] != x1.shape[1:]:
+        t1, t2 = input_tensors(x1), input_tensors(x2)
+        if {k: v.shape[1:] for k, v in t1.items()} != {k: v.shape[1:] for k, v in t2.items()}:
             raise ValueError(
-                f"x1 and x2 must have the same per-sample shape; got {tuple(x1.shape[1:])} and "
-                f"{tuple(x2.shape[1:])}"
+                f"x1 and x2 must have the same per-sample shape; got "
+                f"{[tuple(v.shape[1:]) for v in t1.values()]} and {[tuple(v.shape[1:]) for v in t2.values()]}"
             )
-        if x2.dtype != x1.dtype:
-            raise TypeError(f"x1 and x2 must have the same dtype; got {x1.dtype} and {x2.dtype}")
+        if [v.dtype for v in t1.values()] != [v.dtype for v in t2.values()]:
+            dt1, dt2 = [v.dtype for v in t1.values()], [v.dtype for v in t2.values()]
+            raise TypeError(f"x1 and x2 must have the same dtype; got {dt1[0] if len(dt1) == 1 else dt1} and "
+                            f"{dt2[0] if len(dt2) == 1 else dt2}")  # fmt: skip
     O = fm.output_dim(x1)
     flops, acts = fm.profile(x1)
     traced = reduce_outputs == "trace"
     sites: list[Site] = []
-    if structured and strategy != "ntk_vp":
+    if structured and strategy != "ntk_vp" and isinstance(x1, torch.Tensor):
         with ModeGuard(fm.model, mode):
             sites = find_sites(fm.model, set(fm.names), x1, lambda xb: fm.batch(fm.params, xb), O, traced)
-            if sites and not _structure_agrees(fm, x1[:1], sites, O):
-                sites = []  # decided before planning, so the plan's memory bound fits what runs
+            try:
+                if sites and not _structure_agrees(fm, slice_inputs(x1, slice(0, 1)), sites, O):
+                    sites = []  # decided before planning, so the plan's memory bound fits what runs
+            except (RuntimeError, NotImplementedError) as err:
+                if not _vmap_failure(err):
+                    raise
+                sites = []  # vmap(jacrev) fails on this model: the plain path below falls back too
     in_sites = {n for s in sites for n in (s.weight, s.bias) if n}
     plain_size = sum(k for n, k in zip(fm.names, fm.numels) if n not in in_sites)
     plan = plan_ntk(
-        x1.shape[0],
-        None if x2 is None else x2.shape[0],
+        input_count(x1),
+        None if x2 is None else input_count(x2),
         O,
         fm.size,
         flops_per_sample=flops,
@@ -505,20 +568,31 @@ def empirical_ntk(
         pair_flops=2.0 * O ** (1 if traced else 2) * plain_size + sum(s.pair_flops(O, traced) for s in sites),
     )
     with ModeGuard(fm.model, mode):
-        if plan.strategy == "ntk_vp":
-            K = _ntk_vp(fm, x1, x2, O, traced, plan)
-        elif not sites:
-            K = _ntk_jacobian(fm, x1, x2, O, traced, plan)
-        else:
-            plan = dataclasses.replace(
-                plan,
-                structured=tuple(s.module for s in sites),
-                factored=tuple(s.module for s in sites if s.factored),
-            )
-            taps = Taps(fm.model, sites)
-            with taps.installed():
-                K = _ntk_jacobian(fm, x1, x2, O, traced, plan, taps)
+        try:
+            if plan.strategy == "ntk_vp":
+                K = _ntk_vp(fm, x1, x2, O, traced, plan)
+            elif not sites:
+                K = _ntk_jacobian(fm, x1, x2, O, traced, plan)
+            else:
+                plan = dataclasses.replace(
+                    plan,
+                    structured=tuple(s.module for s in sites),
+                    factored=tuple(s.module for s in sites if s.factored),
+                )
+                taps = Taps(fm.model, sites)
+                with taps.installed():
+                    K = _ntk_jacobian(fm, x1, x2, O, traced, plan, taps)
+        except (RuntimeError, NotImplementedError) as err:
+            if not _vmap_failure(err):
+                raise
+            note = _fallback_note(plan.strategy, err)
+            K = _ntk_per_example(fm, x1, x2, O, traced, max_memory)  # raises the same way if it fails too
+            warnings.warn(f"empirical_ntk: {note} (plan.fallback)", RuntimeWarning, stacklevel=3)
+            plan = dataclasses.replace(plan, strategy="per_example_jacrev", structured=(), factored=(),
+                                       fallback=note)  # fmt: skip
     K = K.detach()
+    if "attention" in fm.kernel_meta():
+        plan = dataclasses.replace(plan, attention=fm.kernel_meta()["attention"])
     return (K, plan) if return_plan else K
 
 
@@ -571,17 +645,35 @@ class NTKOperator(LinearOperator):
         self.n_outputs = self.fm.output_dim(self.x)
         self.traced = reduce_outputs == "trace"
         self.mode = mode
-        n = self.x.shape[0]
+        n = input_count(self.x)
         self.batch_size = batch_size or n
+        self.fallback: str | None = None  # set when batched products failed (per-example jacrev kernel)
+        self._dense: torch.Tensor | None = None
         super().__init__(n if self.traced else n * self.n_outputs, self.fm.dtype, self.fm.device)
 
     def _batches(self) -> list[tuple[int, int]]:
-        n = self.x.shape[0]
+        n = input_count(self.x)
         return [(lo, min(lo + self.batch_size, n)) for lo in range(0, n, self.batch_size)]
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self._dense is None:
+            try:
+                return self._products(V)
+            except (RuntimeError, NotImplementedError) as err:
+                if not _vmap_failure(err):
+                    raise
+                self.fallback = _fallback_note("batched vjp/jvp products", err)
+                warnings.warn(
+                    f"NTKOperator: {self.fallback} (meta['ntk_fallback'])", RuntimeWarning, stacklevel=3
+                )
+                with ModeGuard(self.fm.model, self.mode):
+                    fm, n_out = self.fm, self.n_outputs
+                    self._dense = _ntk_per_example(fm, self.x, None, n_out, self.traced, 1 << 62)
+        return self._dense @ V
+
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
         fm, O, K = self.fm, self.n_outputs, V.shape[1]
-        n = self.x.shape[0]
+        n = input_count(self.x)
         # cotangents [C, N, O]: full -> C = K columns reshaped; traced -> C = K·O (column k on output o)
         if self.traced:
             eye = torch.eye(O, dtype=V.dtype, device=V.device)
@@ -591,14 +683,14 @@ class NTKOperator(LinearOperator):
         with ModeGuard(fm.model, self.mode):
             tang: dict[str, torch.Tensor] | None = None
             for lo, hi in self._batches():
-                xb = self.x[lo:hi]
+                xb = slice_inputs(self.x, slice(lo, hi))
                 _, pull = vjp(lambda p, xb=xb: fm.batch(p, xb), fm.params)
                 u = vmap(lambda c, pull=pull: pull(c)[0])(cot[:, lo:hi])
                 tang = u if tang is None else {k: tang[k] + u[k] for k in tang}
             assert tang is not None
             outs = []
             for lo, hi in self._batches():
-                xb = self.x[lo:hi]
+                xb = slice_inputs(self.x, slice(lo, hi))
                 outs.append(
                     vmap(lambda t, xb=xb: jvp(lambda p: fm.batch(p, xb), (fm.params,), (t,))[1])(tang)
                 )
@@ -611,10 +703,18 @@ class NTKOperator(LinearOperator):
         """Exact ``tr Θ = Σ_i ‖J(x_i)‖_F²`` (same for the full and traced kernel), from per-sample
         Jacobians in chunks; a 0-d tensor on the operator's device."""
         fm, O = self.fm, self.n_outputs
+        if self._dense is not None:
+            return self._dense.double().trace()
         c = chunk_size or max(1, max_memory // (self.dtype.itemsize * O * fm.size))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with ModeGuard(fm.model, self.mode):
-            for lo in range(0, self.x.shape[0], c):
-                for J in _jacobian_chunk(fm, self.x[lo : lo + c])[0]:
-                    total = total + J.double().pow(2).sum()
+            try:
+                for lo in range(0, input_count(self.x), c):
+                    for J in _jacobian_chunk(fm, slice_inputs(self.x, slice(lo, lo + c)))[0]:
+                        total = total + J.double().pow(2).sum()
+            except (RuntimeError, NotImplementedError) as err:
+                if not _vmap_failure(err):
+                    raise
+                self.fallback = self.fallback or _fallback_note("vmap(jacrev) for the trace", err)
+                total = per_example_jacobians(fm, self.x).double().pow(2).sum()
         return total
