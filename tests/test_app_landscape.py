@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from test_app import _app, _charts, _downloads, _texts, make_tiny_run
 
 from dynascope import probes
 from dynascope.models import Run
-from dynascope.runner import probe_data
+from dynascope.runner import PROBES, probe_data
 from dynascope.store import ResultStore
 
 
@@ -20,6 +21,15 @@ def frame_with(at, column: str):
         if column in d.value.columns:
             return d.value
     raise AssertionError(f"no table with a {column!r} column")
+
+
+@pytest.fixture()
+def oscillation_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny runs have no outlier groups, so the default score="spike" flags nothing there; the page's
+    group tables and images are exercised with the earlier score="oscillation" (top 10 %)."""
+    spec = PROBES["opposing_signals"]
+    oscillation = dataclasses.replace(spec, defaults={"score": "oscillation"})
+    monkeypatch.setitem(PROBES, "opposing_signals", oscillation)
 
 
 @pytest.fixture()
@@ -91,7 +101,7 @@ def test_loss_surface_tab_trajectory_and_point(root: Path, monkeypatch: pytest.M
     assert between["loss"].iloc[1] == pytest.approx(first.center_loss, abs=1e-6)
 
 
-def test_opposing_signals_tab(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_opposing_signals_tab(root: Path, monkeypatch: pytest.MonkeyPatch, oscillation_score: None) -> None:
     at = _app(root, monkeypatch, "landscape")
     at.number_input(key="land_max_samples").set_value(0).run()
     at.button(key="land_opp_run").click().run()
@@ -99,7 +109,7 @@ def test_opposing_signals_tab(root: Path, monkeypatch: pytest.MonkeyPatch) -> No
     groups = frame_with(at, "spike_share")
     run = Run.open(root / "tiny")
     x, y = probe_data(run)
-    direct = probes.opposing_signals(run, (x, y), loss="cross_entropy")
+    direct = probes.opposing_signals(run, (x, y), loss="cross_entropy", score="oscillation")
     assert list(groups["group"]) == ["+v", "-v"]
     assert groups["n"].tolist() == [len(direct.groups["+v"]), len(direct.groups["-v"])]
     assert groups["spike_share"].tolist() == pytest.approx(list(direct.spike_share.values()), nan_ok=True)
@@ -124,7 +134,7 @@ def test_opposing_signals_tab(root: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_opposing_signals_on_image_data_shows_the_images(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, oscillation_score: None
 ) -> None:
     """A BatchNorm CNN on 8×8 digit images: the groups are shown as images, and the Hessian diagonal of the
     conv kernels can be spatially averaged."""
