@@ -41,7 +41,7 @@ from .lanczos import eigsh
 from .losses import Loss
 from .operators import OperatorSpec
 from .preconditioning import DiagonalScaledOperator, preconditioner_from_state
-from .results import Result, make_meta, to_jsonable
+from .results import Result, make_meta, stochastic_modules, to_jsonable, warn_train_randomness
 from .seeds import BATCH_PERMUTATION_OFFSET
 from .trajectory import checkpoint_models
 from .validation import check_float, check_int
@@ -219,6 +219,8 @@ def sharpness(
         reduce_fn=reduce_fn,
     )
     op = spec.build(model, data)
+    stochastic = stochastic_modules(op.model, mode)
+    warn_train_randomness("sharpness", stochastic)
     out = eigsh(op, k, tol=tol, v0=v0, seed=seed, max_iter=max_iter)
     n_matvecs = op.n_matvecs
     lam = float(out.values[0])
@@ -306,6 +308,7 @@ def sharpness(
         started=started,
         **op.meta(),
         n_matvecs=n_matvecs,
+        stochastic_modules=stochastic,
         lanczos_iterations=out.n_iter,
         trace_method=trace_method,
         preconditioned=pre_meta,

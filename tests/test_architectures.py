@@ -142,3 +142,15 @@ def test_activation_checkpointing_is_differentiated_as_the_plain_model() -> None
         c = gradient_coherence(model, (x, y), loss="cross_entropy")
         assert c.alpha == pytest.approx(coh.alpha, rel=1e-10)
         torch.testing.assert_close(empirical_ntk(model, x[:6]), ntk, rtol=1e-10, atol=1e-12)
+
+
+def test_sharpness_in_train_mode_with_dropout_warns_and_records_it() -> None:
+    from dynascope.probes import sharpness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+    x, y = _data()
+    with pytest.warns(UserWarning, match="mode='train' with dropout"):
+        res = sharpness(model, (x, y), mode="train", trace=False)
+    assert res.meta["stochastic_modules"] == ["2"]
+    assert sharpness(model, (x, y), trace=False).meta["stochastic_modules"] == []
