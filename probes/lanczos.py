@@ -474,6 +474,23 @@ def _krylov_run(
         X = Xn
 
 
+class _Float32Krylov(LinearOperator):
+    """A bfloat16/float16 operator seen in float32: products run in the operator's dtype, the Krylov
+    vectors, their inner products and QR (no half-precision kernels on CPU) in float32."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        super().__init__(op.size, torch.float32, op.device)
+        self.inner = op
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.inner.matmat(V).to(torch.float32)
+
+
+def krylov_precision(op: LinearOperator) -> LinearOperator:
+    """``op`` itself, or seen in float32 when its products are bfloat16/float16 (:class:`_Float32Krylov`)."""
+    return _Float32Krylov(op) if op.dtype in (torch.bfloat16, torch.float16) else op
+
+
 def eigsh(
     op: LinearOperator,
     k: int = 5,
@@ -518,6 +535,7 @@ def eigsh(
     check_int("block_size", block_size, min=1, optional=True)
     check_int("seed", seed)
     check_choice("method", method, METHODS)
+    op = krylov_precision(op)
     P = op.size
     n_want = min(2 * k if which == "BE" else k, P)
     if block_size is None:

@@ -154,3 +154,20 @@ def test_sharpness_in_train_mode_with_dropout_warns_and_records_it() -> None:
         res = sharpness(model, (x, y), mode="train", trace=False)
     assert res.meta["stochastic_modules"] == ["2"]
     assert sharpness(model, (x, y), trace=False).meta["stochastic_modules"] == []
+
+
+def test_a_bfloat16_model_runs_the_spectral_probes_with_float32_krylov_vectors() -> None:
+    """Products in bfloat16, Lanczos vectors in float32 (no half-precision QR on CPU): the values agree
+    with the dense float64 Hessian of the same (bfloat16-rounded) weights to a few bfloat16 epsilons."""
+    from dynascope.probes import sharpness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).bfloat16()
+    x, y = _data()
+    x16 = x.bfloat16()
+    ref = _dense_top(model, x16.double(), y, {})
+    eig = hessian_eigenvalues(model, (x16, y), k=3, loss="cross_entropy")
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(eig.values, ref[:3], rtol=4 * eps, atol=0)
+    lam = sharpness(model, (x16, y), lr=0.1, trace=False).lambda_max
+    assert lam == pytest.approx(float(ref[0]), rel=4 * eps)
