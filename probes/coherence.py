@@ -209,7 +209,8 @@ def gradient_coherence(
         mode="eval",
         backend=ctx.backend,
         n_params=ctx.space.size,
-        reduction="per-example gradients of the per-sample loss (not divided by N)",
+        reduction="per-example gradients of the per-sample loss (not divided by N)"
+        + ("" if ctx.loss.counts_samples else "; a sample's loss is the mean over its counted tokens"),
         pairs="alpha: i != j pairs only; alpha_with_self: i = j included",
         estimators="tr(Sigma) unbiased (N-1); |G|^2 unbiased (|S|^2-Q)/(N(N-1)); alpha = 1/(1+B_simple)",
         plugin_estimators="alpha_with_self = |S|^2/(N Q); |G|^2 = |S/N|^2; tr(Sigma) = Q/N - |S/N|^2",

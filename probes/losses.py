@@ -76,7 +76,7 @@ class Loss:
 
     name: str
     per_sample: PerSample
-    counter: Callable[[torch.Tensor], int] = _count_samples
+    counter: Callable[[torch.Tensor], int | torch.Tensor] = _count_samples
     unit: str = "samples"
     takes_batch: bool = False  # per_sample(outputs, targets, inputs): a loss fn(outputs, batch)
 
@@ -92,7 +92,7 @@ class Loss:
 
     def count(self, targets: torch.Tensor) -> int:
         """The batch's weight in the dataset mean: its sample count, or its counted tokens."""
-        return self.counter(targets)
+        return int(self.counter(targets))
 
     @property
     def counts_samples(self) -> bool:
@@ -212,9 +212,9 @@ def token_cross_entropy(shift: bool = False, ignore_index: int = IGNORE_INDEX) -
         )
         return ll.reshape(t.shape).sum(dim=1)
 
-    def count(y: torch.Tensor) -> int:
+    def count(y: torch.Tensor) -> torch.Tensor:  # a tensor: usable inside vmap (per-example probes)
         t = y[:, 1:] if shift else y
-        return int((t != ignore_index).sum())
+        return (t != ignore_index).sum()
 
     name = "token_cross_entropy" + (" (shifted)" if shift else "")
     return Loss(name, per_sample, count, "tokens")

@@ -53,12 +53,14 @@ class PerExampleContext:
 
     def single_loss_fn(self) -> Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]:
         """``ℓ(params, x_i, y_i)`` for one sample (inputs without the batch dimension; every key of a
-        dict of inputs is one sample's slice)."""
+        dict of inputs is one sample's slice). A token loss is the mean over the sample's counted tokens
+        (:meth:`Loss.count`), as the batch-mean loss of the other probes weighs them."""
         fm, loss = self.fm, self.loss
 
         def f(p: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor) -> torch.Tensor:
-            x1 = map_inputs(x, lambda t: t.unsqueeze(0))
-            return loss.losses(fm(p, x1), y.unsqueeze(0), x1)[0]
+            x1, y1 = map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0)
+            li = loss.losses(fm(p, x1), y1, x1)[0]
+            return li if loss.counts_samples else li / loss.counter(y1).clamp(min=1)
 
         return f
 

@@ -171,3 +171,24 @@ def test_a_bfloat16_model_runs_the_spectral_probes_with_float32_krylov_vectors()
     torch.testing.assert_close(eig.values, ref[:3], rtol=4 * eps, atol=0)
     lam = sharpness(model, (x16, y), lr=0.1, trace=False).lambda_max
     assert lam == pytest.approx(float(ref[0]), rel=4 * eps)
+
+
+def test_gradient_coherence_with_a_token_loss_uses_the_token_mean_per_sample() -> None:
+    """Per-sample losses are token means (as the dataset-mean loss weighs tokens), so with T counted
+    tokens per sequence the plug-in |mean g|² equals the squared gradient of the token-mean loss (it was
+    T² times that)."""
+    from dynascope.probes import gradient_coherence
+
+    torch.manual_seed(0)
+    vocab, T, n = 7, 6, 10
+    model = nn.Sequential(nn.Embedding(vocab, 8), nn.Tanh(), nn.Linear(8, vocab)).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, vocab, (n, T), generator=g)
+    y = torch.randint(0, vocab, (n, T), generator=g)
+    res = gradient_coherence(model, (x, y), loss="token_cross_entropy")
+    out = model(x)
+    full = nn.functional.cross_entropy(out.reshape(-1, vocab), y.reshape(-1))
+    grads = torch.autograd.grad(full, list(model.parameters()))
+    want = float(sum(gr.pow(2).sum() for gr in grads))
+    assert res.grad_norm_sq_plugin == pytest.approx(want, rel=1e-10)
+    assert "mean over its counted tokens" in res.meta["reduction"]
