@@ -28,8 +28,9 @@ from typing import Any, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-#: A batch's inputs: one tensor (positional argument) or a dict of tensors (keyword arguments).
-Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]  # noqa: UP007 (a runtime alias)
+#: A batch's inputs: one tensor (positional argument), a tuple of tensors (positional arguments, e.g. a
+#: diffusion model's ``(x_t, t)``) or a dict of tensors (keyword arguments).
+Inputs = Union[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # noqa: UP007 (runtime alias)
 
 #: Target keys of a dict item, tried in order when no ``target_key`` is named.
 TARGET_KEYS = ("labels", "label", "y")
@@ -45,14 +46,18 @@ class Batch:
 
 
 def map_inputs(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
-    """``fn`` applied to the tensor, or to every value of a dict of inputs."""
+    """``fn`` applied to the tensor, or to every tensor of a tuple or dict of inputs."""
     if isinstance(x, Mapping):
         return {k: fn(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(fn(t) for t in x)
     return fn(x)
 
 
 def input_tensors(x: Inputs) -> dict[str, torch.Tensor]:
-    """The inputs as ``{name: tensor}`` (a single tensor is named ``x``)."""
+    """The inputs as ``{name: tensor}`` (a single tensor is named ``x``, a tuple's ``x0``, ``x1``, ...)."""
+    if isinstance(x, tuple):
+        return {f"x{i}": t for i, t in enumerate(x)}
     return dict(x) if isinstance(x, Mapping) else {"x": x}
 
 
@@ -67,9 +72,11 @@ def slice_inputs(x: Inputs, index: Any) -> Inputs:
 
 
 def concat_inputs(parts: list[Inputs]) -> Inputs:
-    """Batches of inputs concatenated along the sample dimension (dicts key by key)."""
+    """Batches of inputs concatenated along the sample dimension (dicts key by key, tuples by position)."""
     if isinstance(parts[0], Mapping):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
     return torch.cat(parts)
 
 
@@ -79,9 +86,10 @@ def inputs_nbytes(x: Inputs) -> int:
 
 
 def describe_inputs(x: Inputs) -> str:
-    """``"[4, 12]"`` for a tensor, ``"input_ids [4, 12], attention_mask [4, 12]"`` for a dict."""
-    if isinstance(x, Mapping):
-        return ", ".join(f"{k} {list(v.shape)}" for k, v in x.items())
+    """``"[4, 12]"`` for a tensor, ``"input_ids [4, 12], attention_mask [4, 12]"`` for a dict,
+    ``"x0 [4, 3], x1 [4]"`` for a tuple (positional)."""
+    if isinstance(x, (Mapping, tuple)):
+        return ", ".join(f"{k} {list(v.shape)}" for k, v in input_tensors(x).items())
     return str(list(x.shape))
 
 
@@ -163,6 +171,8 @@ def _pair(item: Any, where: str, target_key: str | None = None) -> tuple[Any, An
 def _as_inputs(value: Any) -> Inputs:
     if isinstance(value, Mapping):
         return {str(k): _as_tensor(v, f"input {k!r}") for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_as_tensor(v, f"input {i}") for i, v in enumerate(value))  # positional inputs
     return _as_tensor(value, "x")
 
 
@@ -171,7 +181,7 @@ def _check_counts(x: Inputs, y: torch.Tensor, what: str) -> None:
     if y.ndim == 0 or any(len(s) == 0 for s in shapes.values()):
         raise ValueError(f"{what} need a leading sample dimension (got a 0-d tensor)")
     if any(s[0] != y.shape[0] for s in shapes.values()):
-        if not isinstance(x, Mapping):
+        if isinstance(x, torch.Tensor):
             raise ValueError(f"{what} disagree on the number of samples: {x.shape[0]} vs {y.shape[0]} "
                              f"({list(x.shape)} vs {list(y.shape)})")  # fmt: skip
         inputs = ", ".join(f"{k} {list(s)}" for k, s in shapes.items())
@@ -339,6 +349,8 @@ class BatchSource:
                 xs: Inputs = {
                     k: torch.stack([_as_tensor(it[0][k], f"input {k!r}") for it in items]) for k in first
                 }
+            elif isinstance(first, tuple) and all(isinstance(t, torch.Tensor) for t in first):
+                xs = tuple(torch.stack([it[0][i] for it in items]) for i in range(len(first)))
             else:
                 xs = torch.stack([_as_tensor(it[0], "x") for it in items])
             ys = torch.stack([_as_tensor(it[1], "y") for it in items])

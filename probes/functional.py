@@ -82,16 +82,19 @@ class _SDPAWatch(TorchFunctionMode):
 
 
 def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], x: Inputs) -> Any:
-    """``model(x)`` at ``params`` (``functional_call``): a tensor is the positional argument, a dict of
-    tensors the keyword arguments (``forward(input_ids=..., attention_mask=...)``)."""
+    """``model(x)`` at ``params`` (``functional_call``): a tensor is the positional argument, a tuple of
+    tensors the positional arguments (``forward(x_t, t)``), a dict of tensors the keyword arguments
+    (``forward(input_ids=..., attention_mask=...)``)."""
     if isinstance(x, Mapping):
         return functional_call(model, dict(params), (), dict(x))
-    return functional_call(model, dict(params), (x,))
+    return functional_call(model, dict(params), x if isinstance(x, tuple) else (x,))
 
 
 def forward(model: nn.Module, x: Inputs) -> Any:
     """``model(x)``, or ``model(**x)`` for a dict of inputs (plain evaluation, no parameter substitution)."""
-    return model(**x) if isinstance(x, Mapping) else model(x)
+    if isinstance(x, Mapping):
+        return model(**x)
+    return model(*x) if isinstance(x, tuple) else model(x)
 
 
 def select_output(out: Any, output: OutputSelector = None) -> tuple[torch.Tensor, str]:

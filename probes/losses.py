@@ -56,7 +56,7 @@ from torch import nn
 from torch.func import vmap
 from torch.utils._pytree import tree_map
 
-from ..datasets.batching import Inputs, input_tensors
+from ..datasets.batching import Inputs, input_tensors, map_inputs
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: such targets contribute zero loss
 _CHECKED_LABELS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # label batches known to be in range
@@ -308,16 +308,18 @@ def check_model_input(model: nn.Module, x: Inputs, *, n: int = 8) -> Any:
             t = t.to(p.device, dtype=p.dtype if t.is_floating_point() else None)
         return t[:n]
 
-    xs = {k: prep(v) for k, v in x.items()} if isinstance(x, Mapping) else prep(x)
+    xs = map_inputs(x, prep)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            return model(**xs) if isinstance(xs, dict) else model(xs)
+            if isinstance(xs, Mapping):
+                return model(**xs)
+            return model(*xs) if isinstance(xs, tuple) else model(xs)
     except (RuntimeError, TypeError, IndexError) as err:
-        if isinstance(x, Mapping):
+        if isinstance(x, (Mapping, tuple)):
             got = "inputs " + ", ".join(f"{k} {list(v.shape)} ({str(v.dtype).replace('torch.', '')})"
-                                        for k, v in x.items())  # fmt: skip
+                                        for k, v in input_tensors(x).items())  # fmt: skip
         else:
             got = f"{str(x.dtype).replace('torch.', '')} inputs of shape {list(x.shape)}"
         text = " ".join(str(err).split())[:200]

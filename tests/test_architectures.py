@@ -192,3 +192,49 @@ def test_gradient_coherence_with_a_token_loss_uses_the_token_mean_per_sample() -
     want = float(sum(gr.pow(2).sum() for gr in grads))
     assert res.grad_norm_sq_plugin == pytest.approx(want, rel=1e-10)
     assert "mean over its counted tokens" in res.meta["reduction"]
+
+
+class Denoiser(nn.Module):
+    """A diffusion-style model ``forward(x_t, t)``: two positional inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.t, self.b = nn.Linear(4, 8), nn.Linear(1, 8), nn.Linear(8, 4)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x_t) + self.t(t[:, None])))
+
+
+def test_a_model_of_two_positional_inputs_from_tuples_and_a_dataloader() -> None:
+    """``((x_t, t), eps)``: the inputs reach ``forward`` positionally; eigenvalues, trace and the NTK agree
+    with dense float64 references (Hessian of the MSE; explicit Jacobians)."""
+    from dynascope.probes import empirical_ntk
+
+    model = Denoiser().double()
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(24, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(24, generator=g, dtype=torch.float64)
+    eps = torch.randn(24, 4, generator=g, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflat(theta: torch.Tensor) -> dict:
+        parts = theta.split([s.numel() for s in shapes])
+        return {n: v.view(s) for n, v, s in zip(names, parts, shapes, strict=True)}
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        return (torch.func.functional_call(model, unflat(theta), (xt, t)) - eps).pow(2).mean()
+
+    ref = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)
+    loader = torch.utils.data.DataLoader(list(zip(zip(xt, t), eps)), batch_size=7)
+    for data in (((xt, t), eps), loader):
+        eig = hessian_eigenvalues(model, data, k=3, tol=1e-10, loss="mse")
+        torch.testing.assert_close(eig.values, ref[:3], rtol=1e-8, atol=1e-12)
+    def outputs(theta: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, unflat(theta), (xt[:5], t[:5]))
+
+    J = torch.autograd.functional.jacobian(outputs, flat).reshape(5, 4, -1)
+    want = torch.einsum("iop,jop->ij", J, J)  # the traced NTK sums over outputs
+    torch.testing.assert_close(empirical_ntk(model, (xt[:5], t[:5])), want, rtol=1e-10, atol=1e-12)

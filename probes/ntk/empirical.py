@@ -101,15 +101,19 @@ class _NTKModel(FunctionalModel):
         return self.batch(p, map_inputs(x, lambda t: t.unsqueeze(0)))[0]
 
     def prepare(self, x: Any, what: str) -> Inputs:
-        """Validate and move inputs (a tensor, or a dict of tensors: keyword arguments) to the model's
-        device (floating inputs cast to its dtype)."""
+        """Validate and move inputs (a tensor; a tuple of tensors: positional arguments; a dict of tensors:
+        keyword arguments) to the model's device (floating inputs cast to its dtype)."""
         if isinstance(x, dict) and x:
             return {k: self._prepare_one(v, f"{what}[{k!r}]") for k, v in x.items()}
+        if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+            return tuple(self._prepare_one(t, f"{what}[{i}]") for i, t in enumerate(x))
         return self._prepare_one(x, what)
 
     def _prepare_one(self, x: Any, what: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor (or a dict of tensors); got {type(x).__name__}")
+            raise TypeError(
+                f"{what} must be a torch.Tensor (or a tuple or dict of tensors); got {type(x).__name__}"
+            )
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(
                 f"{what} needs a leading, non-empty sample dimension; got shape {tuple(x.shape)}"
