@@ -473,8 +473,28 @@ class FunctionalModel:
         return self.space.flatten(self.params)
 
     def batches(self, data: Any, batch_size: int | None = None, **shard: Any) -> ResidentBatches:
-        """``data`` as batches on this model's device and in its dtype, kept there across passes."""
-        return ResidentBatches(as_batches(data, batch_size, device=self.device, dtype=self.dtype, **shard))
+        """``data`` as batches on this model's device and in its dtype, kept there across passes; an
+        encoder–decoder model's batches get their decoder inputs (:func:`decoder_inputs`)."""
+        source = as_batches(data, batch_size, device=self.device, dtype=self.dtype, **shard)
+        return ResidentBatches(source, prepare=decoder_inputs(self.model))
+
+
+def decoder_inputs(model: nn.Module) -> Callable[[Batch], Batch] | None:
+    """For a Hugging Face encoder–decoder model (T5, BART, ...): a batch of keyword inputs without
+    ``decoder_input_ids`` gets them from its labels as the model's own training does (the labels shifted
+    right, the start token first, −100 replaced by the pad token: ``prepare_decoder_input_ids_from_labels``).
+    ``None`` for other models."""
+    config = getattr(model, "config", None)
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not getattr(config, "is_encoder_decoder", False) or shift is None:
+        return None
+
+    def prepare(b: Batch) -> Batch:
+        if not isinstance(b.x, Mapping) or "decoder_input_ids" in b.x or "decoder_inputs_embeds" in b.x:
+            return b
+        return Batch({**b.x, "decoder_input_ids": shift(labels=b.y)}, b.y, b.n)
+
+    return prepare
 
 
 class ResidentBatches:
@@ -487,8 +507,11 @@ class ResidentBatches:
     either way. Other attributes (``batch_size``, ``rank``, ``data`` ...) are the source's.
     """
 
-    def __init__(self, source: BatchSource, max_bytes: int = DEVICE_DATA_BUDGET) -> None:
+    def __init__(
+        self, source: BatchSource, max_bytes: int = DEVICE_DATA_BUDGET, prepare: Callable | None = None
+    ) -> None:
         self.source = source
+        self.prepare = prepare
         self.max_bytes = int(max_bytes)
         self._kept: list[Batch] | None = None
         self._fits = True
@@ -511,6 +534,7 @@ class ResidentBatches:
         kept: list[Batch] = []
         used = 0
         for b in self.source:
+            b = self.prepare(b) if self.prepare is not None else b
             if self._fits:
                 used += inputs_nbytes(b.x) + b.y.nbytes
                 if used <= self.max_bytes:
@@ -528,10 +552,15 @@ class ResidentBatches:
 
     def single_batch(self) -> Batch | None:
         """The data as one batch when it is held as tensors and batching is off."""
-        return self.source.single_batch()
+        b = self.source.single_batch()
+        return self.prepare(b) if b is not None and self.prepare is not None else b
 
     def tensors(self) -> tuple[Inputs, torch.Tensor]:
-        return self.source.tensors()
+        if self.prepare is None:
+            return self.source.tensors()
+        x, y = self.source.tensors()
+        b = self.prepare(Batch(x, y, int(y.shape[0])))
+        return b.x, b.y
 
     def targets(self) -> torch.Tensor:
         return self.source.targets()

@@ -238,3 +238,35 @@ def test_a_model_of_two_positional_inputs_from_tuples_and_a_dataloader() -> None
     J = torch.autograd.functional.jacobian(outputs, flat).reshape(5, 4, -1)
     want = torch.einsum("iop,jop->ij", J, J)  # the traced NTK sums over outputs
     torch.testing.assert_close(empirical_ntk(model, (xt[:5], t[:5])), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_tiny_t5_from_dict_batches_derives_its_decoder_inputs_as_hf_does() -> None:
+    """``{"input_ids", "labels"}`` batches: the decoder inputs are the labels shifted right (−100 → pad),
+    as T5 builds them itself; the top eigenvalues equal a dense float64 Hessian of HF's own loss."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=10, d_model=4, d_kv=2, d_ff=6, num_layers=1, num_decoder_layers=1,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                dropout_rate=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 10, (6, 5), generator=g)
+    labels = torch.randint(1, 10, (6, 4), generator=g)
+    labels[0, -1] = -100  # an ignored target
+    named = dict(model.named_parameters())
+    names = list(named)
+    shapes = [named[n].shape for n in names]
+    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        parts = theta.split([s.numel() for s in shapes])
+        params = {n: v.view(s) for n, v, s in zip(names, parts, shapes, strict=True)}
+        return torch.func.functional_call(model, params, (), {"input_ids": ids, "labels": labels}).loss
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+        ref = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)
+    eig = hessian_eigenvalues(model, {"input_ids": ids, "labels": labels}, k=3, tol=1e-10)
+    torch.testing.assert_close(eig.values, ref[:3], rtol=1e-7, atol=1e-10)
