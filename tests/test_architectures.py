@@ -270,3 +270,43 @@ def test_a_tiny_t5_from_dict_batches_derives_its_decoder_inputs_as_hf_does() -> 
         ref = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)
     eig = hessian_eigenvalues(model, {"input_ids": ids, "labels": labels}, k=3, tol=1e-10)
     torch.testing.assert_close(eig.values, ref[:3], rtol=1e-7, atol=1e-10)
+
+
+class TopOneMoE(nn.Module):
+    """Top-1 routing with ``nonzero`` / ``index_add`` dispatch (dynamic shapes: no vmap rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate = nn.Linear(4, 3)
+        self.experts = nn.ModuleList([nn.Linear(4, 3) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.gate(x)
+        idx, w = scores.argmax(-1), torch.softmax(scores, -1)
+        y = torch.zeros(x.shape[0], 3, dtype=x.dtype)
+        for k, expert in enumerate(self.experts):
+            sel = torch.nonzero(idx == k).squeeze(-1)
+            if sel.numel():
+                y = y.index_add(0, sel, expert(x[sel]) * w[sel, k : k + 1])
+        return y
+
+
+def test_the_ntk_of_a_mixture_of_experts_falls_back_to_per_example_jacobians() -> None:
+    from dynascope.probes import empirical_ntk
+
+    model = TopOneMoE().double()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(theta: torch.Tensor) -> torch.Tensor:
+        parts = theta.split([s.numel() for s in shapes])
+        params = {n: v.view(s) for n, v, s in zip(names, parts, shapes, strict=True)}
+        return torch.func.functional_call(model, params, (x,))
+
+    J = torch.autograd.functional.jacobian(outputs, flat)
+    with pytest.warns(RuntimeWarning, match="per-example jacrev used instead"):
+        K = empirical_ntk(model, x)
+    torch.testing.assert_close(K, torch.einsum("iop,jop->ij", J, J), rtol=1e-12, atol=1e-12)
