@@ -4,7 +4,8 @@ Forms (:func:`load_spec`):
 
 * ``{"name": "digits", ...}`` — a registered dataset (:func:`dynascope.datasets.load`);
 * ``{"file": "data.safetensors" | ".pt" | ".npz", "x": "x", "y": "y", "test_file": ...}`` — tensors stored
-  under the keys ``x`` and ``y`` (those names by default; ``"x": {"input_ids": "k1", "attention_mask": "k2"}``
+  under the keys ``x`` and ``y`` (those names by default; ``"x": ["k0", "k1"]`` for positional inputs
+  ``forward(x0, x1)``; ``"x": {"input_ids": "k1", "attention_mask": "k2"}``
   reads a dict of inputs, passed to ``forward`` as keyword arguments); ``.pt`` files are read with
   ``weights_only=True``;
 * ``{"file": "table.parquet" | ".csv", "label": "column", "test_file": ...}`` — every other column is a
@@ -101,10 +102,11 @@ def normalize_data_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
                 isinstance(xk, Mapping)
                 and bool(xk)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in xk.items())
-            )
+            ) or (isinstance(xk, list) and bool(xk) and all(isinstance(k, str) for k in xk))
             if not ok or not isinstance(out["y"], str):
                 raise ValueError(
-                    f"data spec {dict(spec)}: 'x' must be a key (or {{input name: key}}) and 'y' a key"
+                    f"data spec {dict(spec)}: 'x' must be a key (or {{input name: key}} for keyword inputs, "
+                    "[key, ...] for positional ones) and 'y' a key"
                 )
         else:
             raise ValueError(
@@ -143,7 +145,10 @@ def _read_tensor_file(path: Path, keys: tuple[Any, str], spec: Mapping[str, Any]
             f"data spec {dict(spec)}: '{path}' holds a {type(content).__name__}, not a dict of tensors "
             f"with keys {list(keys)}"
         )
-    x_keys = dict(keys[0]) if isinstance(keys[0], Mapping) else {"": keys[0]}
+    positional = isinstance(keys[0], list)
+    x_keys = dict(keys[0]) if isinstance(keys[0], Mapping) else (
+        {str(i): k for i, k in enumerate(keys[0])} if positional else {"": keys[0]}
+    )  # fmt: skip
     missing = [k for k in [*x_keys.values(), keys[1]] if k not in content]
     if missing:
         raise ValueError(
@@ -151,7 +156,7 @@ def _read_tensor_file(path: Path, keys: tuple[Any, str], spec: Mapping[str, Any]
             '(name them with "x": ..., "y": ...)'
         )
     xs = {name: torch.as_tensor(content[k]) for name, k in x_keys.items()}
-    x = xs[""] if "" in xs else xs
+    x = xs[""] if "" in xs else tuple(xs.values()) if positional else xs
     return _check_pair(x, torch.as_tensor(content[keys[1]]), f"'{path}'", spec)
 
 
@@ -183,6 +188,8 @@ def _read_table(path: Path, label: str, spec: Mapping[str, Any]) -> Pair:
 def _check_pair(x: Any, y: Any, where: str, spec: Mapping[str, Any]) -> Pair:
     if isinstance(x, Mapping) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
         xs = dict(x)
+    elif isinstance(x, tuple) and x and all(isinstance(v, torch.Tensor) for v in x):
+        xs = {f"x{i}": t for i, t in enumerate(x)}
     elif isinstance(x, torch.Tensor):
         xs = {"x": x}
     else:
@@ -201,6 +208,8 @@ def _check_pair(x: Any, y: Any, where: str, spec: Mapping[str, Any]) -> Pair:
     if y.shape[0] == 0:
         raise ValueError(f"data spec {dict(spec)}: {where} holds no samples")
     xs = {k: t.float() if t.dtype == torch.float64 else t for k, t in xs.items()}
+    if isinstance(x, tuple):
+        return tuple(xs.values()), y
     return (xs if isinstance(x, Mapping) else xs["x"]), y
 
 
@@ -271,9 +280,10 @@ def _info(train: Pair, test: Pair, test_note: str) -> dict[str, Any]:
         "n_test": input_count(test[0]),
         "test": test_note,
     }
-    if isinstance(train[0], Mapping):
-        info["input_shape"] = list(train[0][next(iter(train[0]))].shape[1:])
-        info["input_keys"] = {k: list(v.shape[1:]) for k, v in input_tensors(train[0]).items()}
+    if isinstance(train[0], (Mapping, tuple)):
+        shapes = {k: list(v.shape[1:]) for k, v in input_tensors(train[0]).items()}
+        info["input_shape"] = next(iter(shapes.values()))
+        info["input_keys"] = shapes
     else:
         info["input_shape"] = list(train[0].shape[1:])
     if y.is_floating_point():

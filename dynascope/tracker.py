@@ -208,12 +208,15 @@ def _first_samples(data: Any, n: int) -> tuple[Any, Tensor]:
     return slice_inputs(concat_inputs(xs), slice(None, n)), torch.cat(ys)[:n]
 
 
-def _probe_tensors(x: Any, y: Tensor) -> tuple[dict[str, Tensor], str | dict[str, str]]:
-    """The tensors of ``probe_data.safetensors`` and the data spec's ``"x"``: ``"x"``, or for a dict of
-    inputs ``{input name: file key}`` (file keys ``x.<name>``)."""
+def _probe_tensors(x: Any, y: Tensor) -> tuple[dict[str, Tensor], str | list[str] | dict[str, str]]:
+    """The tensors of ``probe_data.safetensors`` and the data spec's ``"x"``: ``"x"``, for a dict of
+    inputs ``{input name: file key}`` (file keys ``x.<name>``), for a tuple ``[file key, ...]``."""
     if isinstance(x, Mapping):
         tensors = {f"x.{k}": v.detach().cpu().contiguous() for k, v in x.items()}
         return {**tensors, "y": y.detach().cpu().contiguous()}, {k: f"x.{k}" for k in x}
+    if isinstance(x, tuple):
+        tensors = {f"x.{i}": v.detach().cpu().contiguous() for i, v in enumerate(x)}
+        return {**tensors, "y": y.detach().cpu().contiguous()}, list(tensors)
     return {"x": x.detach().cpu().contiguous(), "y": y.detach().cpu().contiguous()}, "x"
 
 

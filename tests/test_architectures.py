@@ -310,3 +310,29 @@ def test_the_ntk_of_a_mixture_of_experts_falls_back_to_per_example_jacobians() -
     with pytest.warns(RuntimeWarning, match="per-example jacrev used instead"):
         K = empirical_ntk(model, x)
     torch.testing.assert_close(K, torch.einsum("iop,jop->ij", J, J), rtol=1e-12, atol=1e-12)
+
+
+def test_positional_inputs_through_the_tracker_and_a_data_spec_file(tmp_path) -> None:
+    """The Tracker saves ``(x_t, t)`` probe data as a file spec ``"x": ["x.0", "x.1"]``; the reopened
+    run's probe equals the live model's."""
+    import dynascope
+
+    model = Denoiser()
+    g = torch.Generator().manual_seed(0)
+    xt, t = torch.randn(24, 4, generator=g), torch.rand(24, generator=g)
+    eps = torch.randn(24, 4, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    spec = {"factory": f"{__file__}:Denoiser"}
+    with dynascope.Tracker(tmp_path / "run", model, data=((xt, t), eps), loss="mse", optimizer=opt,
+                           model_spec=spec, schedule=[0, 3]) as tr:  # fmt: skip
+        tr.step(0)
+        for s in range(1, 4):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(xt, t), eps).backward()
+            opt.step()
+            tr.step(s)
+    run = dynascope.open_run(tmp_path / "run")
+    assert run.run.dataset_config["x"] == ["x.0", "x.1"]
+    live = hessian_eigenvalues(model, ((xt, t), eps), k=2, tol=1e-8, loss="mse")
+    again = run.probe("hessian_eigenvalues", step=3, k=2, tol=1e-8)
+    torch.testing.assert_close(again.values, live.values, rtol=1e-6, atol=1e-9)
