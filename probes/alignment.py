@@ -43,6 +43,7 @@ the residual models below.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,7 +328,43 @@ def _transformer_spec(model: nn.Module) -> PermutationSpec:
 
 
 def permutation_spec(model: nn.Module) -> PermutationSpec:
-    """The hidden-unit permutation structure of a supported model (see the module docstring)."""
+    """The hidden-unit permutation structure of a supported model (see the module docstring); weights under
+    a parametrization follow :func:`_parametrized`."""
+    return _parametrized(model, _structure_spec(model))
+
+
+def _parametrized(model: nn.Module, spec: PermutationSpec) -> PermutationSpec:
+    """A weight under a parametrization (``spectral_norm``, ``weight_norm``, ...) is stored as
+    ``<m>.parametrizations.weight.original`` (``original0`` / ``original1`` for weight norm's ``g`` / ``v``)
+    with spectral norm's power-iteration vectors ``_u`` (output units) and ``_v`` (inputs) beside it: each
+    gets the weight's permutations, so a permuted model computes the same function."""
+    from torch.nn.utils import parametrize
+
+    axes, params = dict(spec.axes), set(spec.params)
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if not parametrize.is_parametrized(module, "weight") or key not in axes:
+            continue
+        if key in spec.views:
+            raise UnsupportedArchitectureError(f"a parametrized weight under a reshaped view ({key})")
+        weight_axes = axes.pop(key)
+        params.discard(key)
+        plist = module.parametrizations.weight
+        prefix = f"{name}.parametrizations.weight." if name else "parametrizations.weight."
+        for original, t in plist.named_parameters(recurse=False):
+            same = tuple(t.shape) == tuple(module.weight.shape)
+            axes[prefix + original] = weight_axes if same else (weight_axes[0],) + (None,) * (t.dim() - 1)
+            params.add(prefix + original)
+        for i, p in enumerate(plist):
+            if hasattr(p, "_u") and hasattr(p, "_v"):
+                if module.weight.dim() != 2:
+                    dims = module.weight.dim()
+                    raise UnsupportedArchitectureError(f"spectral norm on a {dims}-d weight ({key})")
+                axes[f"{prefix}{i}._u"], axes[f"{prefix}{i}._v"] = (weight_axes[0],), (weight_axes[1],)
+    return dataclasses.replace(spec, axes=axes, params=frozenset(params))
+
+
+def _structure_spec(model: nn.Module) -> PermutationSpec:
     from ..models.architectures import CNN, MLP, EmbedMLP, ResNet, Transformer
 
     if isinstance(model, ResNet):

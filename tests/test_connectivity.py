@@ -302,3 +302,28 @@ def test_lmc_on_spectral_norm_models_uses_the_exact_norm_at_every_point() -> Non
     expected = [exact_loss(float(al)) for al in res.alphas]
     assert res.losses == pytest.approx(expected, rel=1e-10)
     assert "recomputed exactly" in res.meta["spectral_norm"]
+
+
+@pytest.mark.parametrize("wrap", ["spectral_norm", "weight_norm"])
+def test_weight_matching_permutes_parametrized_weights_and_keeps_the_function(wrap: str) -> None:
+    """The stored ``original`` weights (and spectral norm's ``u``, ``v``) are permuted with the layer: the
+    permuted model computes the same function (before: biases permuted, weights not: outputs off by 0.35)."""
+    from torch.nn.utils import parametrizations
+
+    from dynascope.probes import weight_matching
+
+    norm = getattr(parametrizations, wrap)
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = nn.Sequential(norm(nn.Linear(4, 16)), nn.Tanh(), norm(nn.Linear(16, 3))).double()
+        m.train()
+        for _ in range(3):
+            m(torch.randn(2, 4, dtype=torch.float64))
+        return m.eval()
+
+    a, b = net(0), net(1)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    permuted = weight_matching(a, b)
+    torch.testing.assert_close(permuted.eval()(x), b(x), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(permuted[0].weight, b[0].weight)  # the hidden units did move
