@@ -44,7 +44,7 @@ from torch import nn
 from ..datasets.batching import as_batches
 from .functional import ModeGuard, check_finite, check_mode
 from .losses import check_model_input
-from .results import Result, make_meta, stochastic_modules, warn_train_randomness
+from .results import Result, make_meta, train_randomness
 from .trajectory import checkpoint_models
 from .validation import check_float, check_int
 
@@ -336,8 +336,7 @@ def neural_collapse(
     """
     started = time.perf_counter()
     check_mode(mode)
-    stochastic = stochastic_modules(model, mode)
-    warn_train_randomness("neural_collapse", stochastic)
+    stochastic = train_randomness("neural_collapse", model, mode)
     if check_float("pinv_rtol", pinv_rtol, min=0, max=1) == 1:
         raise ValueError(f"pinv_rtol must be a finite number in [0, 1); got {pinv_rtol!r}")
     name, layer = find_classifier(model, classifier)

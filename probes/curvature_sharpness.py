@@ -41,7 +41,7 @@ from .lanczos import eigsh
 from .losses import Loss
 from .operators import OperatorSpec
 from .preconditioning import DiagonalScaledOperator, preconditioner_from_state
-from .results import Result, make_meta, stochastic_modules, to_jsonable, warn_train_randomness
+from .results import Result, make_meta, to_jsonable, train_randomness
 from .seeds import BATCH_PERMUTATION_OFFSET
 from .trajectory import checkpoint_models
 from .validation import check_float, check_int
@@ -219,8 +219,7 @@ def sharpness(
         reduce_fn=reduce_fn,
     )
     op = spec.build(model, data)
-    stochastic = stochastic_modules(op.model, mode)
-    warn_train_randomness("sharpness", stochastic)
+    stochastic = train_randomness("sharpness", op.model, mode)
     out = eigsh(op, k, tol=tol, v0=v0, seed=seed, max_iter=max_iter)
     n_matvecs = op.n_matvecs
     lam = float(out.values[0])

@@ -25,7 +25,7 @@ from .curvature_sharpness import _mean_sem
 from .functional import ModeGuard
 from .losses import Loss
 from .operators import CurvatureOperator, OperatorSpec, random_vectors
-from .results import Result, make_meta
+from .results import Result, make_meta, train_randomness
 from .validation import check_float, check_int
 
 
@@ -184,6 +184,7 @@ def adaptive_sharpness(
         **op.meta(),
         m_sharpness="per disjoint batch of size m, then the mean over batches" if m is not None else None,
         ball="||T^-1 eps||_2 <= rho, T = diag(|w| + eta), all selected parameters",
+        stochastic_modules=train_randomness("adaptive_sharpness", op.model, op.mode),
         solver="projected normalized gradient ascent in T^-1 eps, step rho/sqrt(t+1); max over iterates",
     )
     return AdaptiveSharpnessResult(
@@ -261,6 +262,7 @@ def average_sharpness(
         started=started,
         **op.meta(),
         noise="eps = sigma * (|w| + eta) * z, z ~ N(0, I), seeded CPU generator",
+        stochastic_modules=train_randomness("average_sharpness", op.model, op.mode),
     )
     return AverageSharpnessResult(
         sharpness=mean,
@@ -275,3 +277,4 @@ def average_sharpness(
 
 
 __all__ = ["AdaptiveSharpnessResult", "AverageSharpnessResult", "adaptive_sharpness", "average_sharpness"]
+

@@ -226,3 +226,10 @@ def warn_train_randomness(probe: str, stochastic: list[str], detail: str = "") -
             UserWarning,
             stacklevel=3,
         )
+
+
+def train_randomness(probe: str, model: nn.Module, mode: str) -> list[str]:
+    """:func:`stochastic_modules` of ``model`` in ``mode``, warned about (:func:`warn_train_randomness`)."""
+    stochastic = stochastic_modules(model, mode)
+    warn_train_randomness(probe, stochastic, "")
+    return stochastic

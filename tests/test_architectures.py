@@ -336,3 +336,19 @@ def test_positional_inputs_through_the_tracker_and_a_data_spec_file(tmp_path) ->
     live = hessian_eigenvalues(model, ((xt, t), eps), k=2, tol=1e-8, loss="mse")
     again = run.probe("hessian_eigenvalues", step=3, k=2, tol=1e-8)
     torch.testing.assert_close(again.values, live.values, rtol=1e-6, atol=1e-9)
+
+
+def test_every_probe_with_a_mode_warns_and_records_train_mode_dropout() -> None:
+    from dynascope.probes import adaptive_sharpness, average_sharpness, ntk_probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+    x, y = _data()
+    for probe, kwargs in ((adaptive_sharpness, {"steps": 2}), (average_sharpness, {"n_samples": 4})):
+        with pytest.warns(UserWarning, match="mode='train' with dropout"):
+            res = probe(model, (x, y), mode="train", **kwargs)
+        assert res.meta["stochastic_modules"] == ["2"], probe.__name__
+        assert probe(model, (x, y), **kwargs).meta["stochastic_modules"] == []
+    with pytest.raises(ValueError, match="mode='train' is not supported for models with"):  # a clear refusal
+        ntk_probe(model, (x, y), k=2, mode="train")
+    assert ntk_probe(model, (x, y), k=2).meta["stochastic_modules"] == []

@@ -28,7 +28,7 @@ from torch import nn
 from ...datasets.batching import as_batches, input_count
 from ..lanczos import eigsh
 from ..losses import check_labels, check_model_input
-from ..results import Result, make_meta
+from ..results import Result, make_meta, train_randomness
 from ..seeds import NTK_PROBE_OFFSET
 from ..trajectory import checkpoint_models
 from ..validation import check_choice, check_int
@@ -233,6 +233,7 @@ def ntk_probe(
         mode=mode,
         condition_number_definition="lambda_1 / lambda_k of the reported top-k",
         label_energy_definition="||U_k^T Y_c||^2 / ||Y_c||^2, U_k eigenvectors of the uncentered kernel",
+        stochastic_modules=train_randomness("ntk_probe", op.fm.model, mode),
         **op.fm.kernel_meta(),
         **extra,
     )
