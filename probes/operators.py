@@ -205,7 +205,13 @@ class OperatorSpec:
         return dataclasses.replace(self, **changes)
 
     def build(self, model: nn.Module, data: Any) -> CurvatureOperator:
-        """The operator of this spec on ``model`` and ``data`` (the one constructor)."""
+        """The operator of this spec on ``model`` and ``data`` (the one constructor). A model sharded with
+        FSDP2 or wrapped in DDP, under a process group, gets the operator of
+        :func:`~dynascope.probes.sharded.sharded_operator` on this rank's ``data`` (every rank's loss)."""
+        from .sharded import is_ddp, is_fsdp, sharded_operator
+
+        if is_fsdp(model) or is_ddp(model):
+            return sharded_operator(model, data, spec=self)  # type: ignore[return-value]
         return CurvatureOperator(model, data, self)
 
     def settings(self) -> dict[str, Any]:

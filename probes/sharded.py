@@ -30,6 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..datasets.batching import as_batches
+from ..models.outputs import logits_of
+from .functional import forward
 from .losses import resolve_loss
 from .operators import LinearOperator
 
@@ -70,7 +73,7 @@ class FiniteDifferenceHessian(LinearOperator):
     def __init__(
         self,
         model: nn.Module,
-        data: tuple[Tensor, Tensor],
+        data: Any,
         *,
         loss: str | Callable = "auto",
         batch_size: int | None = None,
@@ -86,11 +89,10 @@ class FiniteDifferenceHessian(LinearOperator):
         dtype = self.params[0].dtype
         self.sizes = [p.numel() for p in self.params]
         super().__init__(sum(self.sizes), dtype, self.params[0].device)
-        x, y = data
-        self.batches = [(x, y)] if batch_size is None else [
-            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)
-        ]  # fmt: skip
-        self.loss = resolve_loss(loss, y)
+        self.batches = [(b.x, b.y) for b in as_batches(data, batch_size, device=self.device, dtype=dtype)]
+        if not self.batches:
+            raise ValueError("this rank's data shard holds no samples")
+        self.loss = resolve_loss(loss, self.batches[0][1])
         count = float(sum(self.loss.count(b) for _, b in self.batches))
         self.num_samples = int(_all_reduce(torch.tensor(count)))
         self.world = torch.distributed.get_world_size()
@@ -99,11 +101,30 @@ class FiniteDifferenceHessian(LinearOperator):
         self.step = step if step is not None else eps ** (1 / 5 if richardson else 1 / 3)
         self.error = 0.0
         self.n_gradients = 0
-        self.meta = {
+        self.kind, self.mode, self.reduce_fn, self.columnwise = "hessian", "eval", _all_reduce, True
+        self.fallbacks: list[str] = []
+        self._meta = {
             "product": "finite difference of gradients" + (", Richardson-extrapolated" if richardson else ""),
             "fd_relative_step": self.step, "world_size": self.world, "n_samples": self.num_samples,
             "basis": "full-length vectors on every rank",
         }  # fmt: skip
+
+    def meta(self) -> dict[str, Any]:
+        """The operator's keys of a probe's ``.meta`` (as ``CurvatureOperator.meta``, plus the product's)."""
+        return {
+            "operator": "hessian", "loss": self.loss.name, "n_params": self.size, "dtype": str(self.dtype),
+            "reduction": f"mean over {self.num_samples} {self.loss.unit} on {self.world} ranks",
+            "device": str(self.device), "mode": self.mode, "backend": "finite differences (FSDP2)",
+            "fd_error_estimate": self.error, **self._meta,
+        }  # fmt: skip
+
+    def loss_value(self) -> float:
+        """The dataset-mean loss L(θ) over every rank's shard."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for x, y in self.batches:
+                total += self.loss.total(logits_of(forward(self.model, x)), y).double()
+        return float(_all_reduce(total)) / self.num_samples
 
     # ------------------------------------------------------------------ parameters as one vector
     def _locals(self) -> Iterator[tuple[Tensor, Tensor, slice]]:
@@ -132,8 +153,7 @@ class FiniteDifferenceHessian(LinearOperator):
         for p in self.params:
             p.grad = None
         for x, y in self.batches:
-            out = self.model(x)
-            out = getattr(out, "logits", out)
+            out = logits_of(forward(self.model, x))
             # FSDP averages gradients over ranks: scale so that the average is Σ_all ℓ / N
             (self.loss.total(out, y) * (self.world / self.num_samples)).backward()
         grads = []
@@ -179,15 +199,20 @@ class FiniteDifferenceHessian(LinearOperator):
 
 
 def sharded_operator(
-    model: nn.Module, data: Any, *, loss: str | Callable = "auto", **kwargs: Any
+    model: nn.Module, data: Any, *, loss: str | Callable = "auto", spec: Any = None, **kwargs: Any
 ) -> LinearOperator:
     """The Hessian operator of a sharded model on this rank's ``data`` (module docstring): DDP → the exact
-    product on ``model.module`` summed over ranks; FSDP2 → :class:`FiniteDifferenceHessian`."""
-    if is_ddp(model):
-        from .operators import OperatorSpec
+    product on ``model.module`` summed over ranks; FSDP2 → :class:`FiniteDifferenceHessian`. ``spec``: an
+    :class:`~dynascope.probes.operators.OperatorSpec` to take the loss, batch size and operator from."""
+    from .operators import OperatorSpec
 
-        spec = OperatorSpec(kind="hessian", loss=loss, reduce_fn=_all_reduce, **kwargs)
-        return spec.build(model.module, data)
+    spec = spec if spec is not None else OperatorSpec(kind="hessian", loss=loss)
+    if spec.kind != "hessian":
+        raise ValueError(f"a sharded model's {spec.kind} operator is not built yet; the Hessian is")
+    if is_ddp(model):
+        if spec.reduce_fn is not None:
+            raise ValueError("a DDP-wrapped model sums its products over ranks itself; pass no reduce_fn")
+        return spec.replace(reduce_fn=_all_reduce).build(model.module, data)
     if is_fsdp(model):
-        return FiniteDifferenceHessian(model, data, loss=loss, **kwargs)
+        return FiniteDifferenceHessian(model, data, loss=spec.loss, batch_size=spec.batch_size, **kwargs)
     raise ValueError("sharded_operator: the model is neither FSDP2-sharded (fully_shard) nor DDP-wrapped")

@@ -59,8 +59,15 @@ def _worker(rank: int, init: str, world: int, wrap: str, out: str) -> None:
         shard = slice(bounds[rank], bounds[rank + 1])
         op = sharded_operator(model, (x[shard], y[shard]), loss="cross_entropy")
         v = torch.randn(op.size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        from dynascope import probes
+
         result = {"hv": op.matvec(v), "v": v, "eig": eigsh(op, k=3, tol=1e-9).values,
                   "error": getattr(op, "error", 0.0)}  # fmt: skip
+        # the probes take the sharded model and this rank's shard directly
+        result["probe_eig"] = probes.hessian_eigenvalues(model, (x[shard], y[shard]), k=2, tol=1e-9,
+                                                         loss="cross_entropy").values  # fmt: skip
+        result["lambda_max"] = probes.sharpness(model, (x[shard], y[shard]), lr=0.1, trace=False,
+                                                loss="cross_entropy").lambda_max  # fmt: skip
         torch.save(result, Path(out) / f"{wrap}_{world}_rank{rank}.pt")
         dist.barrier()
     finally:
@@ -88,6 +95,8 @@ def test_sharded_model_products_and_top_eigenvalues_equal_the_dense_hessian(tmp_
         assert float((r["hv"] - hv).norm() / hv.norm()) < 1e-9, (rank, wrap)
         torch.testing.assert_close(r["eig"], ref_eig, rtol=1e-6, atol=0)
         torch.testing.assert_close(r["eig"], first["eig"], rtol=0, atol=0)  # every rank holds the same values
+        torch.testing.assert_close(r["probe_eig"], ref_eig[:2], rtol=1e-6, atol=0)
+        assert r["lambda_max"] == pytest.approx(float(ref_eig[0]), rel=1e-6)
     if wrap == "fsdp":
         assert 0 < first["error"] < 1e-3
 
