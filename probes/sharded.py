@@ -45,7 +45,7 @@ def is_fsdp(model: nn.Module) -> bool:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without distributed
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return isinstance(model, nn.Module) and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def is_ddp(model: nn.Module) -> bool:
