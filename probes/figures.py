@@ -6,7 +6,9 @@ Results are plain data; the functions here draw them. Three groups:
   registered for the result's class (walking its bases), else :func:`generic`;
 * ``{step: Result}`` → a tidy frame (``*_frame``, what downloads hold) → a figure across checkpoints
   (``*_figure``), used by the app and reports;
-* cached results in a store → :func:`trajectory_figure` (every scalar against the step; the CLI export).
+* any probe's ``{step: Result}`` → :func:`across_checkpoints` (the figure above for its class, else one
+  panel per quantity: :func:`quantities_figure`); :mod:`dynascope.trajectories` feeds it from a result
+  store for the notebook, the CLI export and the report.
 
 All figures use the ``"dynascope"`` Plotly template (:data:`TEMPLATE`): white background, one
 colour-blind-safe palette (Okabe–Ito), readable font sizes, legends above the plot area, and log axes
@@ -17,7 +19,6 @@ ticked at decades only (:func:`log_axis`). Notebooks can make it their default w
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -1090,32 +1091,65 @@ class ExportError(ValueError):
     """An export that cannot be made (missing results, unavailable renderer, bad format)."""
 
 
-def trajectory_figure(store: Any, probe: str, *, title: str | None = None) -> go.Figure:
-    """Every cached ``probe`` result's :func:`scalar_series` against the step (``store``: a ResultStore).
-
-    With several parameter sets in the store, the one covering the most checkpoints is plotted.
-    """
-    entries = [s for s in store.list(probe) if isinstance(s.result, Result) and s.step is not None]
-    if not entries:
-        raise ExportError(f"no cached {probe!r} results with a step to plot")
-    groups: dict[str, list[Any]] = {}
-    for s in entries:
-        groups.setdefault(json.dumps(s.params, sort_keys=True), []).append(s)
-    chosen = max(groups.values(), key=lambda g: len({s.step for s in g}))
-    latest = {s.step: s for s in sorted(chosen, key=lambda s: s.created)}
-    steps = sorted(latest)
-    series: dict[str, list[float | None]] = {}
+def quantities_figure(results: Mapping[int, Any], *, x_title: str = "step", max_panels: int = 8) -> go.Figure:
+    """Every plottable number of ``{step: Result}`` (:func:`scalar_series`) against the step: one panel per
+    quantity, each on its own y axis (a short vector ``name_1..name_k``: one line per entry in the panel
+    of ``name``); residuals and standard errors stay in the tables. At most ``max_panels`` panels."""
+    steps = sorted(results)
+    series: dict[str, dict[str, list[float | None]]] = {}
     for i, st in enumerate(steps):
-        for name, v in scalar_series(latest[st].result).items():
-            if name in _NOT_DRAWN or name.rpartition("_")[0] in _NOT_DRAWN:
+        for name, v in scalar_series(results[st]).items():
+            base, _, tail = name.rpartition("_")
+            panel = base if tail.isdigit() and base else name
+            if panel in _NOT_DRAWN or panel in _SKIP_SERIES:
                 continue
-            series.setdefault(name, [None] * len(steps))[i] = v
-    fig = go.Figure()
-    for name, ys in series.items():
-        fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines+markers", name=name))
-    note = f" ({len(groups)} parameter sets; showing the widest)" if len(groups) > 1 else ""
-    fig.update_layout(xaxis_title="step", yaxis_title="value")
-    return _finish(fig, title or f"{probe} across checkpoints{note}")
+            series.setdefault(panel, {}).setdefault(name, [None] * len(steps))[i] = v
+    panels = list(series)[:max_panels]
+    if not panels:
+        raise ExportError("no numbers to plot across checkpoints")
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels,
+                        vertical_spacing=min(0.08, 0.3 / len(panels)))  # fmt: skip
+    for row, panel in enumerate(panels, 1):
+        for j, (name, ys) in enumerate(series[panel].items()):
+            fig.add_trace(
+                go.Scatter(x=steps, y=ys, mode="lines+markers", name=name, line={"color": PALETTE[j % 8]},
+                           showlegend=len(series[panel]) > 1),
+                row=row, col=1,
+            )  # fmt: skip
+    fig.update_xaxes(title_text=x_title, row=len(panels), col=1)
+    probe = next(iter(results.values())).meta.get("probe") or type(next(iter(results.values()))).__name__
+    return _finish(fig, f"{probe} across checkpoints", height=max(360, 110 + 200 * len(panels)))
+
+
+def _sharpness_across(results: Mapping[int, Any]) -> go.Figure:
+    frame = sharpness_frame(results)
+    return sharpness_figure(frame, frame[["step", "lr", "two_over_lr"]].dropna())
+
+
+#: Result class name → its figure of ``{step: Result}`` (one checkpoint per point or line); results of
+#: other classes get :func:`quantities_figure`.
+ACROSS: dict[str, Callable[[Mapping[int, Any]], go.Figure]] = {
+    "HessianEigenResult": lambda rs: topk_figure(topk_frame(rs)),
+    "DensityResult": lambda rs: density_figure(density_frame(rs), log_y=True),
+    "TraceResult": lambda rs: trace_figure(trace_frame(rs)),
+    "SharpnessResult": _sharpness_across,
+    "NeuralCollapseResult": lambda rs: nc_figure(nc_frame(rs)),
+    "CoherenceResult": lambda rs: coherence_figure(coherence_frame(rs)),
+}
+
+
+def across_checkpoints(results: Mapping[int, Any], *, x_title: str = "step") -> go.Figure:
+    """The figure of one probe's ``{step: Result}``: every step on the x axis (see :data:`ACROSS`)."""
+    if not results:
+        raise ExportError("no results to plot across checkpoints")
+    first = next(iter(results.values()))
+    for cls in type(first).__mro__:
+        if cls.__name__ in ACROSS:
+            fig = ACROSS[cls.__name__](results)
+            if x_title != "step":
+                fig.update_xaxes(title_text=x_title)
+            return fig
+    return quantities_figure(results, x_title=x_title)
 
 
 # =============================================================================== files

@@ -52,7 +52,7 @@ def test_log_axes_tick_decades_only() -> None:
     assert nc.layout.yaxis.dtick == 1 and nc.layout.yaxis4.dtick is None  # NC4 is a fraction: linear
 
 
-def test_trajectory_figure_keeps_residuals_off_the_value_axis(tmp_path: Path) -> None:
+def test_quantities_figure_keeps_residuals_off_the_value_axis(tmp_path: Path) -> None:
     from dynascope.store import ResultStore
 
     store = ResultStore(tmp_path)
@@ -66,8 +66,10 @@ def test_trajectory_figure_keeps_residuals_off_the_value_axis(tmp_path: Path) ->
             probes.hessian_eigenvalues(model, data, k=2),
             step=step,
         )
-    names = {t.name for t in figures.trajectory_figure(store, "hessian_eigenvalues").data}
-    assert {"values_1", "values_2"} <= names
+    results = {s.step: s.result for s in store.list("hessian_eigenvalues")}
+    fig = figures.quantities_figure(results)
+    names = {t.name for t in fig.data}
+    assert {"values_1", "values_2"} <= names and all(list(t.x) == [0, 1] for t in fig.data)
     assert not any(n.startswith(("residuals", "stderr")) for n in names)
 
 
