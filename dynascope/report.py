@@ -123,24 +123,27 @@ def _how(params: dict[str, Any], result: Any) -> str:
     return "Computed with " + "; ".join(bits) + "."
 
 
-def _summary_table(tidy: Any, max_rows: int = 12, max_cols: int = 7) -> Any:
-    """Scalars per step (at most ``max_rows`` steps spread over the run, ``max_cols`` quantities)."""
+def _summary_table(results: dict[int, Any], max_rows: int = 12, max_cols: int = 7) -> Any:
+    """The scalars that change over the steps (:func:`~dynascope.probes.figures.scalar_series`: scalars,
+    then short vectors' first entries), at most ``max_rows`` steps spread over the run and ``max_cols``
+    quantities; ``None`` when nothing changes."""
     import pandas as pd
 
-    scal = tidy[tidy["index"].isna()]
-    vec = tidy[tidy["index"].notna() & (tidy["index"] <= 3)]
-    vec = vec.assign(quantity=vec["quantity"] + "_" + vec["index"].astype(str))
-    both = pd.concat([vec, scal]).drop_duplicates(["step", "quantity"])
-    if not len(both):
+    from dynascope.probes.figures import scalar_series
+
+    rows = {s: scalar_series(r) for s, r in sorted(results.items())}
+    wide = pd.DataFrame.from_dict(rows, orient="index")
+    if wide.empty:
         return None
-    wide = both.pivot(index="step", columns="quantity", values="value")
-    keep = [c for c in dict.fromkeys(both["quantity"]) if wide[c].notna().any() and wide[c].nunique() > 1]
-    wide = wide[(keep or list(wide.columns))[:max_cols]]
-    steps = list(wide.index)
-    if len(steps) > max_rows:
-        idx = sorted({round(i * (len(steps) - 1) / (max_rows - 1)) for i in range(max_rows)})
-        wide = wide.iloc[idx]
-    return wide.reset_index()
+    plain = [c for c in wide.columns if not c.rpartition("_")[2].isdigit()]
+    firsts = [c for c in wide.columns if c.rpartition("_")[2] in ("1", "2", "3") and c not in plain]
+    keep = [c for c in plain + firsts if c != "n_matvecs" and wide[c].nunique(dropna=True) > 1][:max_cols]
+    if not keep:
+        return None
+    wide = wide[keep]
+    if len(wide) > max_rows:
+        wide = wide.iloc[sorted({round(i * (len(wide) - 1) / (max_rows - 1)) for i in range(max_rows)})]
+    return wide.rename_axis("step").reset_index()
 
 
 def _render(fig: Any, *, static: bool) -> tuple[str, bytes | None]:
@@ -341,7 +344,6 @@ def build_report(run: Any, out: str | os.PathLike[str], *, svg: bool = True, pdf
                 continue
             traj = found[0]
             parts.append(f"<section class='probe'><h3>{html.escape(probe)}</h3>")
-            tidy = traj.frame()
             side = {"probe": probe, "settings": {t.id: t.sidecar() for t in found}}
             frames = [t.frame().assign(setting=t.id) for t in found]
             csv = add_csv(pd.concat(frames, ignore_index=True), f"{probe}", side)
@@ -357,8 +359,8 @@ def build_report(run: Any, out: str | os.PathLike[str], *, svg: bool = True, pdf
             except Exception as exc:  # noqa: BLE001 - a result without a figure still has its numbers
                 rep.notes.append(f"{probe}: no figure ({exc})")
                 parts.append(f"<p class='note'>{caption}</p>")
-            table = _summary_table(tidy)
-            if table is not None and len(traj.steps) > 1:
+            table = _summary_table(traj.results) if len(traj.steps) > 1 else None
+            if table is not None:
                 parts.append(_table(table))
             parts.append("</section>")
 

@@ -88,8 +88,9 @@ class Trajectory:
 
 
 def tidy_frame(results: Mapping[int, Any]):  # -> pandas.DataFrame
-    """``step, quantity, index, value`` of ``{step: Result}``: every numeric scalar field and every entry of
-    every numeric vector field (nested lists, strings, booleans and ``meta`` are left out)."""
+    """``step, quantity, index, value`` of ``{step: Result}``: every numeric scalar field, every entry of
+    every numeric vector field and every row of a numeric matrix (``loss[i]``, ``index`` the column);
+    deeper lists, strings, booleans and ``meta`` are left out (JSON exports hold them)."""
     import pandas as pd
 
     rows: list[tuple[int, str, float, float]] = []
@@ -101,6 +102,9 @@ def tidy_frame(results: Mapping[int, Any]):  # -> pandas.DataFrame
                 rows.append((step, name, math.nan, float(value)))
             elif isinstance(value, list) and value and all(_is_number(v) for v in value):
                 rows.extend((step, name, float(i), float(v)) for i, v in enumerate(value, 1))
+            elif isinstance(value, list) and value and all(_numbers(row) for row in value):  # a grid
+                for i, row in enumerate(value, 1):
+                    rows.extend((step, f"{name}[{i}]", float(j), float(v)) for j, v in enumerate(row, 1))
     frame = pd.DataFrame(rows, columns=["step", "quantity", "index", "value"])
     frame["index"] = frame["index"].astype("Int64")
     return frame
@@ -108,6 +112,10 @@ def tidy_frame(results: Mapping[int, Any]):  # -> pandas.DataFrame
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(row: Any) -> bool:
+    return isinstance(row, list) and bool(row) and all(_is_number(v) for v in row)
 
 
 def settings(store: Any, probe: str) -> list[Trajectory]:

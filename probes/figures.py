@@ -117,19 +117,27 @@ def _log_ticks(vmin: float, vmax: float) -> list[float]:
     return ticks
 
 
+#: A log axis over more decades than this labels every 2nd (3rd, …) decade: stacked labels read as noise.
+MAX_LOG_LABELS = 8
+
+
 def log_axis(fig: go.Figure, axis: str = "y", **where: Any) -> go.Figure:
-    """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels. When the data
+    """A log axis ticked at decades only (10⁻³, 10⁻², …; every k-th decade when the data spans more than
+    :data:`MAX_LOG_LABELS` of them), never the 2–9 minor labels. When the data
     holds fewer than three decade ticks (it spans about two decades or less), the ticks are round values
     (0.1, 0.2, 0.5, 1) labelled in full, where decades alone would leave the axis bare."""
     update = fig.update_yaxes if axis == "y" else fig.update_xaxes
     values = _axis_values(fig, axis, where)
+    every = 1
     if len(values):
         vmin, vmax = float(values.min()), float(values.max())
-        if math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1 < 3:
+        decades = math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1
+        if decades < 3:
             ticks = _log_ticks(vmin, vmax)
             update(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks], **where)
             return fig
-    update(type="log", dtick=1, exponentformat="power", showexponent="all", **where)
+        every = math.ceil(decades / MAX_LOG_LABELS)
+    update(type="log", dtick=every, exponentformat="power", showexponent="all", **where)
     return fig
 
 
@@ -236,11 +244,23 @@ def hessian_trace(result: Any, *, title: str | None = None) -> go.Figure:
     return _finish(fig, title or head)
 
 
+#: A log density axis shows this many decades below the peak: Gaussian tails between isolated eigenvalues
+#: fall to 1e-300, which would read as structure.
+DENSITY_DECADES = 6
+
+
+def _density_floor(y: Sequence[float]) -> list[float]:
+    """Densities clipped from below at ``peak · 10^−DENSITY_DECADES`` (the bottom of a log axis)."""
+    arr = np.asarray(y, dtype=np.float64)
+    peak = float(np.nanmax(arr)) if arr.size and np.isfinite(arr).any() else 1.0
+    return np.maximum(arr, peak * 10.0**-DENSITY_DECADES).tolist()
+
+
 def hessian_density(result: Any, *, log_y: bool = False, title: str | None = None) -> go.Figure:
     """The SLQ density (optional log y-axis, which shows the bulk and the outliers at once)."""
     y = _list(result.density)
     if log_y:
-        y = [max(v, 1e-12) for v in y]
+        y = _density_floor(y)
     fig = go.Figure(go.Scatter(x=_list(result.grid), y=y, mode="lines", name="density"))
     fig.update_layout(
         xaxis_title="log₁₀ |eigenvalue|" if result.log_scale else "eigenvalue", yaxis_title="density"
@@ -325,16 +345,20 @@ def sharpness_track(result: Any) -> go.Figure:
 
 
 def gradient_coherence(result: Any) -> go.Figure:
-    """Per-class coherence α (bars) with the dataset-wide α as a dashed line."""
+    """Per-class coherence α (bars) with the dataset-wide α as a dashed line (labelled in the legend, where
+    it cannot overlap a bar)."""
     fig = go.Figure()
-    if result.per_class:
-        fig.add_bar(
-            x=[str(r["class"]) for r in result.per_class],
-            y=[r["alpha"] for r in result.per_class],
-            name="α per class",
+    classes = [str(r["class"]) for r in result.per_class or []]
+    if classes:
+        fig.add_bar(x=classes, y=[r["alpha"] for r in result.per_class], name="α per class")
+    fig.add_trace(
+        go.Scatter(
+            x=classes or ["all"], y=[result.alpha] * max(len(classes), 1),
+            mode="lines" if classes else "markers", name=f"α (all) = {result.alpha:.3g}",
+            line={"dash": "dash", "color": PALETTE[1]},
         )
-    fig.add_hline(y=result.alpha, line_dash="dash", annotation_text=f"α (all) = {result.alpha:.3g}")
-    fig.update_layout(xaxis_title="class", yaxis_title="α = E_{i≠j}[g_i·g_j] / E[‖g_i‖²]")
+    )  # fmt: skip
+    fig.update_layout(xaxis_title="class", yaxis_title="α = E[g_i·g_j] / E[‖g_i‖²], i ≠ j")
     head = (
         f"Gradient coherence (i≠j pairs); m-coherence {result.m_coherence:.3g} at m={result.m}, "
         f"B_simple {result.noise_scale:.3g}"
@@ -489,10 +513,12 @@ def hessian_diagonal(result: Any, *, title: str | None = None) -> go.Figure:
 
 
 def loss_landscape(
-    result: Any, *, value: str = "loss", surface: bool = False, log: bool = False, title: str | None = None
+    result: Any, *, value: str = "loss", surface: bool = False, log: bool = True, title: str | None = None
 ) -> go.Figure:
     """A 1-D slice as a line, a 2-D slice as a contour map (``surface=True``: a 3-D surface) of ``value``
-    (``"loss"`` or ``"accuracy"``; ``log``: log₁₀ of the loss), with the checkpoint trajectory drawn on
+    (``"loss"`` or ``"accuracy"``; ``log``, the default: log₁₀ of the loss — on a linear colour scale the
+    walls of the plane take every colour and the basin the trajectory lies in is one), with the checkpoint
+    trajectory drawn on
     the plane when the result has one (hover: step, in-plane fraction)."""
     z = result.loss if value == "loss" else result.accuracy
     if z is None:
@@ -738,7 +764,7 @@ def density_figure(frame: pd.DataFrame, *, log_y: bool = False) -> go.Figure:
     fig = go.Figure()
     log_x = bool(frame["log_scale"].any()) if len(frame) else False
     for step, part in frame.groupby("step"):
-        y = part["density"].clip(lower=1e-12) if log_y else part["density"]
+        y = _density_floor(part["density"]) if log_y else part["density"]
         fig.add_trace(go.Scatter(x=part["x"], y=y, mode="lines", name=f"step {step}"))
     sigma = frame["sigma"].iloc[0] if len(frame) else float("nan")
     fig.update_layout(xaxis_title="log₁₀ |eigenvalue|" if log_x else "eigenvalue", yaxis_title="density")
@@ -983,18 +1009,29 @@ def coherence_frame(results: Mapping[int, Any]) -> pd.DataFrame:
 
 
 def coherence_figure(frame: pd.DataFrame) -> go.Figure:
-    """Gradient coherence α and the simple noise scale B_simple = tr(Σ)/‖g‖² vs step."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("coherence α", "noise scale tr(Σ)/‖g‖²"))
-    for c in ("alpha", "m_coherence"):
-        fig.add_trace(go.Scatter(x=frame["step"], y=frame[c], mode="lines+markers", name=c), row=1, col=1)
-    fig.add_trace(
-        go.Scatter(x=frame["step"], y=frame["noise_scale"], mode="lines+markers", name="noise_scale"),
-        row=1,
-        col=2,
-    )
-    log_axis(fig, row=1, col=2)
+    """Gradient coherence α, the m-coherence 1 + (m−1)α and the simple noise scale B_simple = tr(Σ)/‖g‖²
+    vs step, each on its own axis (α ~ 0.02 next to an m-coherence of 67 would read as 0). The noise scale
+    is on a log axis when every value is positive; a negative estimate (the unbiased tr(Σ) estimate can
+    fall below 0 when the mean gradient dominates) keeps a linear axis and says so."""
+    panels = ("coherence α (i ≠ j)", "m-coherence 1 + (m−1)α", "noise scale tr(Σ)/‖g‖²")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=panels, horizontal_spacing=0.09)
+    for j, c in enumerate(("alpha", "m_coherence", "noise_scale"), 1):
+        fig.add_trace(
+            go.Scatter(x=frame["step"], y=frame[c], mode="lines+markers", name=c,
+                       line={"color": PALETTE[j - 1]}),
+            row=1, col=j,
+        )  # fmt: skip
+    noise = pd.to_numeric(frame["noise_scale"], errors="coerce")
+    if len(noise.dropna()) and (noise.dropna() > 0).all():
+        log_axis(fig, row=1, col=3)
+    elif len(noise.dropna()):
+        fig.add_annotation(
+            text=f"{int((noise <= 0).sum())} estimate(s) ≤ 0: linear axis",
+            xref="x3 domain", yref="y3 domain", x=0.5, y=0.98, yanchor="top", showarrow=False,
+            font={"size": 12, "color": "#666"},
+        )  # fmt: skip
     fig.update_xaxes(title_text="step")
-    return _finish(fig, "Gradient coherence and noise scale")
+    return _finish(fig, "Gradient coherence and noise scale", showlegend=False)
 
 
 def double_descent_figure(

@@ -73,7 +73,7 @@ with tab_surface:
     resolution = int(c1.number_input("Grid points per axis", 3, 81, 15, key="land_res"))
     value = c2.radio("Show", ["loss", "accuracy"], horizontal=True, key="land_value")
     view = c3.radio("View", ["contour", "surface"], horizontal=True, key="land_view")
-    log = st.toggle("log₁₀ loss", key="land_log")
+    log = st.toggle("log₁₀ loss", value=True, key="land_log")
     result = None
     with errors.guard("Loss surface"):
         if mode.startswith("Training"):
