@@ -119,7 +119,7 @@ PROBES: dict[str, ProbeSpec] = {
                   "top-k Hessian eigenvalues (Lanczos)"),
         ProbeSpec("hessian_trace", "hessian_trace", {"n_matvecs": 60, "method": "auto"},
                   "Hessian trace (Hutch++) with standard error"),
-        ProbeSpec("hessian_density", "hessian_density", {"n_probes": 4, "lanczos_steps": 40},
+        ProbeSpec("hessian_density", "hessian_density", {"n_probes": 4, "lanczos_steps": 40, "deflate": 10},
                   "spectral density (stochastic Lanczos quadrature)"),
         ProbeSpec("layerwise_hessian", "layerwise_hessian", {"k": 1},
                   "per-layer top eigenvalue and trace"),

@@ -1042,21 +1042,24 @@ def double_descent_figure(
     threshold: float | None,
     x_title: str,
     log_x: bool = True,
-    log_y: bool = False,
+    log_y: bool = True,
     show_train: bool = True,
 ) -> go.Figure:
     """Test (and, with ``show_train``, train) error vs model size or epochs, with the interpolation
-    threshold marked. On a linear y axis the test-error peak at p ≈ n stands out; train error (down to
-    ~1e-30 past the threshold) belongs on a log axis or its own chart."""
+    threshold marked. The log y axis (default) shows both descents: the test-error peak at p ≈ n is
+    ~1000× the error on either side, which a linear axis flattens to zero; train error falls to ~1e-30
+    past the threshold. The y title names every curve drawn."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=y))
     train = y.replace("test", "train")
+    y_title = y
     if show_train and train != y and train in frame.columns:
         fig.add_trace(
             go.Scatter(x=frame[x], y=frame[train], mode="lines+markers", name=train, line={"dash": "dot"})
         )
+        y_title = f"{y} and {train}"
     add_threshold(fig, threshold, frame[y])
-    fig.update_layout(xaxis_title=x_title, yaxis_title=y)
+    fig.update_layout(xaxis_title=x_title, yaxis_title=y_title)
     if log_x:
         log_axis(fig, "x")
     if log_y:
