@@ -258,9 +258,31 @@ def test_compare_runs_overlays_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyP
     at = _app(tmp_path, monkeypatch)
     at.switch_page("views/compare.py").run()
     assert not at.exception and not at.error, _texts(at.error)
-    assert at.selectbox(key="cmp_y").value == "test_acc" and at.selectbox(key="cmp_x").value == "step"
+    assert _box(at, "y-axis").value == "test_acc" and _box(at, "x-axis").value == "step"
     names = [t["name"] for t in _plotly_spec(at)["data"]]
     assert names == ["a", "b"]
+
+
+def _box(at, label: str):
+    return next(s for s in at.selectbox if s.label == label)
+
+
+def test_compare_runs_keeps_no_stale_axes_and_refuses_mixed_step_kinds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "a")
+    make_tiny_run(tmp_path / "b", seed=1)
+    _dd_run(tmp_path / "dd")
+    at = _app(tmp_path, monkeypatch)
+    at.switch_page("views/compare.py").run()
+    a, b, dd = (str(tmp_path / n) for n in ("a", "b", "dd"))
+    at.multiselect(key="cmp_runs").set_value([a, b]).run()
+    _box(at, "x-axis").set_value("train_loss").run()
+    at.multiselect(key="cmp_runs").set_value([a]).run()
+    assert _box(at, "x-axis").value == "step"  # another set of runs starts from its own default
+    at.multiselect(key="cmp_runs").set_value([a, dd]).run()
+    assert "different things on their step axis" in _texts(at.warning)  # p is not a training step
+    assert not at.get("plotly_chart")
 
 
 def test_runs_page_follows_a_recently_written_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -419,3 +441,13 @@ def test_compare_runs_puts_an_adam_eos_run_in_units_of_its_own_threshold(
     )
     assert spec["layout"]["yaxis"]["title"]["text"] == "λ_max / threshold (GD: λ_max·η/2)"
     assert "adam: λ_max(P⁻¹H) over its threshold" in _texts(at.caption)
+
+
+def test_lr_transfer_page_without_a_sweep_says_how_to_make_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "a")
+    at = _app(tmp_path, monkeypatch, "lr_transfer")
+    assert not at.exception and not at.error, _texts(at.error)  # not a red "failed" box
+    assert "holds no learning-rate sweep" in _texts(at.info)
+    assert "dynascope recipe lr_transfer --out" in at.code[0].value

@@ -163,6 +163,18 @@ with tab_surface:
             )
 
 
+def _label_counts(y: torch.Tensor) -> str:
+    """``class 3: 12, class 7: 5`` for integer labels or one-hot / soft targets (their argmax); regression
+    targets (one float per example) as ``mean ± std``."""
+    if y.dim() >= 2 and y.shape[-1] > 1 and y.is_floating_point():
+        y = y.reshape(len(y), -1).argmax(dim=1)
+    elif y.is_floating_point():
+        v = y.reshape(len(y), -1)[:, 0].double()
+        return f"target {float(v.mean()):.3g} ± {float(v.std()) if len(v) > 1 else 0.0:.2g} (mean ± std)"
+    counts = pd.Series(torch.as_tensor(y).reshape(-1).tolist()).value_counts()
+    return ", ".join(f"class {k}: {v}" for k, v in counts.items())
+
+
 def _sharpness(steps: list[int]) -> pd.DataFrame | None:
     """λ_max over ``steps``: logged during training when it was, else cached ``sharpness`` results."""
     metrics = run.metrics()
@@ -260,8 +272,7 @@ with tab_opp:
                 if not members:
                     continue
                 st.subheader(f"Group {gname}: {len(members)} examples")
-                labels = pd.Series(y[members].reshape(len(members), -1)[:, 0].tolist()).value_counts()
-                st.caption("Labels: " + ", ".join(f"{k}: {v}" for k, v in labels.items()))
+                st.caption("Labels: " + _label_counts(y[members]))
                 if x.dim() >= 3:  # images: [N, H, W] or [N, C, H, W]
                     imgs = [x[i].float() for i in members[:8]]
                     imgs = [(im if im.dim() == 2 else im.movedim(0, -1).squeeze(-1)) for im in imgs]
