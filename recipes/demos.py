@@ -59,6 +59,11 @@ DEMOS: tuple[DemoSpec, ...] = (
         "double_descent", "double_descent", "Double descent: random ReLU features, min-norm least squares"
     ),
     DemoSpec("edge_of_stability", "edge_of_stability", "Edge of stability: tanh MLP on digits, GD eta=0.5"),
+    DemoSpec(
+        "neural_collapse",
+        "neural_collapse",
+        "Neural collapse: MLP on 100 digits, MSE + weight decay, terminal phase",
+    ),
 )
 
 
@@ -111,7 +116,7 @@ def ensure_demos(
 # ------------------------------------------------------------------------------ background build + status
 STATUS_FILE = ".demos_status.json"
 #: cheapest first: the first demo is listed within minutes
-DEMO_ORDER = ("double_descent", "edge_of_stability", "grokking")
+DEMO_ORDER = ("double_descent", "neural_collapse", "edge_of_stability", "grokking")
 
 
 def status_path(root: str | os.PathLike[str]) -> Path:

@@ -451,3 +451,16 @@ def test_lr_transfer_page_without_a_sweep_says_how_to_make_one(
     assert not at.exception and not at.error, _texts(at.error)  # not a red "failed" box
     assert "holds no learning-rate sweep" in _texts(at.info)
     assert "dynascope recipe lr_transfer --out" in at.code[0].value
+
+
+def test_a_demo_still_being_built_is_not_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynascope.recipes import demos as demos_mod
+
+    spec = demos_mod.DemoSpec("dd", "double_descent", "a demo")
+    monkeypatch.setattr(demos_mod, "DEMOS", (spec,))
+    make_tiny_run(tmp_path / "dd", steps=(0, 5))  # 12/15 model sizes, say: not complete
+    make_tiny_run(tmp_path / "mine")
+    at = _app(tmp_path, monkeypatch)
+    assert not at.exception and not at.error, _texts(at.error)
+    options = [Path(str(o)).name for o in at.selectbox(key="dynascope_sidebar_run").options]
+    assert "dd" not in " ".join(options) and any("mine" in o for o in options)
