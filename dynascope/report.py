@@ -20,6 +20,7 @@ they are interactive, with plotly.js written once into ``report_files/``.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -214,6 +215,13 @@ def build_report(run: Any, out: str | os.PathLike[str], *, svg: bool = True, pdf
     """Write the report of ``run`` (a :class:`~dynascope.models.Run` or its folder) to ``out`` (HTML) and
     ``<out stem>_files/``; ``svg=False``: interactive figures without trying a browser; ``pdf``: also
     ``<out stem>.pdf`` (Chromium). Returns what was written."""
+    from dynascope.probes.figures import image_server
+
+    with image_server() if svg else contextlib.nullcontext():
+        return _build(run, out, svg=svg, pdf=pdf)
+
+
+def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Report:
     import pandas as pd
     import torch
 
@@ -336,6 +344,8 @@ def build_report(run: Any, out: str | os.PathLike[str], *, svg: bool = True, pdf
     if store_path.is_file():
         store = ResultStore(store_path)
         probes = sorted({s.probe for s in store.list()})
+        sweep = extra.get("sweep_variable")  # e.g. double descent: one checkpoint per model size
+        steps_are = f"{sweep} (checkpoint step)" if sweep else "step"
         if probes:
             parts.append("<h2>Probes over checkpoints</h2>")
         for probe in probes:
@@ -355,7 +365,7 @@ def build_report(run: Any, out: str | os.PathLike[str], *, svg: bool = True, pdf
                 f"Numbers: <code>{rel(csv)}</code>.</span>"
             )
             try:
-                add_figure(traj.figure(), f"{probe}", caption)
+                add_figure(traj.figure(x_title=steps_are), f"{probe}", caption)
             except Exception as exc:  # noqa: BLE001 - a result without a figure still has its numbers
                 rep.notes.append(f"{probe}: no figure ({exc})")
                 parts.append(f"<p class='note'>{caption}</p>")

@@ -19,9 +19,11 @@ ticked at decades only (:func:`log_axis`). Notebooks can make it their default w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1185,11 +1187,19 @@ def across_checkpoints(results: Mapping[int, Any], *, x_title: str = "step") -> 
     first = next(iter(results.values()))
     for cls in type(first).__mro__:
         if cls.__name__ in ACROSS:
-            fig = ACROSS[cls.__name__](results)
-            if x_title != "step":
-                fig.update_xaxes(title_text=x_title)
-            return fig
+            return relabel_steps(ACROSS[cls.__name__](results), x_title)
     return quantities_figure(results, x_title=x_title)
+
+
+def relabel_steps(fig: go.Figure, x_title: str) -> go.Figure:
+    """Name what the checkpoints' steps are when they are not training steps (a double-descent sweep keeps
+    one checkpoint per model size at ``step = p``): the x titles become ``x_title`` and "over training"
+    in the title becomes "against ``x_title``". ``x_title == "step"`` leaves the figure as it is."""
+    if x_title == "step":
+        return fig
+    fig.for_each_xaxis(lambda ax: ax.update(title_text=x_title) if ax.title.text else None)
+    text = fig.layout.title.text or ""
+    return fig.update_layout(title={"text": text.replace("over training", f"against {x_title}")})
 
 
 # =============================================================================== files
@@ -1217,6 +1227,25 @@ def figure_image(fig: go.Figure, fmt: str = "png", *, scale: float = 2.0) -> byt
             f"{fmt.upper()} export failed: kaleido could not render with a Chrome/Chromium browser "
             f"({type(exc).__name__}: {first}); install chromium (or set BROWSER_PATH), or use HTML instead"
         ) from None
+
+
+@contextlib.contextmanager
+def image_server() -> Iterator[None]:
+    """Keep one kaleido browser for the images rendered inside (a report's dozen SVGs: one Chromium start,
+    not one per figure); without kaleido, or when it cannot start, a no-op (each figure starts its own)."""
+    try:
+        import kaleido
+
+        kaleido.start_sync_server(silence_warnings=True)
+    except Exception:  # noqa: BLE001 - figure_image reports a missing browser itself
+        yield
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            yield
+    finally:
+        kaleido.stop_sync_server(silence_warnings=True)
 
 
 def write_png(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -> Path:

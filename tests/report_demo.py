@@ -16,13 +16,21 @@ def spread(steps: list[int], n: int) -> list[int]:
     return [steps[round(i * (len(steps) - 1) / (n - 1))] for i in range(n)]
 
 
-def fill_like_the_pages(run: Run, *, landscape: bool = True) -> dict[str, int]:
+def fill_like_the_pages(
+    run: Run, *, landscape: bool = True, only: tuple[str, ...] | None = None
+) -> dict[str, int]:
     """Compute, into the run's result store, what the Hessian, edge-of-stability, gradients,
-    neural-collapse and landscape pages compute with their defaults; returns results per probe."""
+    neural-collapse and landscape pages compute with their defaults (``only``: those probes); returns
+    results per probe."""
     steps = run.steps()
     jobs: list[tuple[str, list[int], Any]] = [
-        ("sharpness", spread(steps, 8), lambda s: {"k": 1, "tol": 1e-3, "lr": float(run.lr_at(s))}),
-        ("hessian_eigenvalues", spread(steps, 4), {"k": 3, "tol": 1e-3}),
+        ("hessian_eigenvalues", spread(steps, 4), {"k": 3, "tol": 1e-3})
+    ]
+    if run.optimizer_config:  # not the double-descent sweep (a closed-form fit per model size)
+        jobs.append(
+            ("sharpness", spread(steps, 8), lambda s: {"k": 1, "tol": 1e-3, "lr": float(run.lr_at(s))})
+        )
+    jobs += [
         ("hessian_density", spread(steps, 4), {}),
         ("hessian_trace", spread(steps, 4), {"n_matvecs": 30, "method": "hutch++"}),
         ("gradient_coherence", spread(steps, 6), None),
@@ -30,6 +38,8 @@ def fill_like_the_pages(run: Run, *, landscape: bool = True) -> dict[str, int]:
     ]
     out = {}
     for probe, at, params in jobs:
+        if only is not None and probe not in only:
+            continue
         out[probe] = len(runner.sweep(run, probe, at, params=params))
     if landscape:
         runner.run_probe(run, "loss_landscape", step=steps[-1], params={"resolution": 11})

@@ -113,6 +113,13 @@ def require_run() -> Run:
     return run
 
 
+def step_label(run: Run) -> str:
+    """What a run's checkpoint steps are: ``"step"``, or the swept variable of a sweep run (double descent
+    keeps one checkpoint per model size at ``step = p``) — the x title of its across-checkpoint figures."""
+    sweep = run.extra.get("sweep_variable")
+    return f"{sweep} (checkpoint step)" if sweep else "step"
+
+
 def phenomenon_of(path: Path | str) -> str | None:
     """The phenomenon a recipe run was made to show (``run.json`` extra), if any."""
     try:

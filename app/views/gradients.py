@@ -33,7 +33,7 @@ with errors.guard("Gradient coherence"):
     if results:
         frame = figures.coherence_frame(results)
         downloads.chart(
-            figures.coherence_figure(frame),
+            figures.relabel_steps(figures.coherence_figure(frame), state.step_label(run)),
             frame,
             f"{state.label(run.path)}_coherence",
             key="grad_traj",

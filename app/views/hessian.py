@@ -44,8 +44,9 @@ def sweep_chart(
         )  # fmt: skip
         if results:
             frame = frame_of(results)
+            fig = figures.relabel_steps(figure_of(frame), state.step_label(run))
             downloads.chart(
-                figure_of(frame), frame, f"{state.label(run.path)}_{name}", key=key,
+                fig, frame, f"{state.label(run.path)}_{name}", key=key,
                 extra_json=extra(results) if extra else None,
             )  # fmt: skip
 
