@@ -38,10 +38,15 @@ if len(runs) < 2:
 
 phenomenon = run.extra.get("phenomenon") if run is not None else None
 same = [p for p, r in runs.items() if phenomenon and r.extra.get("phenomenon") == phenomenon]
-default = same if len(same) >= 2 else list(runs)[:2]
+# else the selected run and the first other whose steps are of the same kind (training steps, or model sizes)
+kind = run.extra.get("sweep_variable") if run is not None else None
+alike = [p for p, r in runs.items() if r.extra.get("sweep_variable") == kind]
+current = [str(run.path)] if run is not None and str(run.path) in alike else []
+default = same if len(same) >= 2 else (current + [p for p in alike if p not in current])[:2]
 chosen = st.multiselect(
     "Runs", list(runs), default=default, format_func=state.label, key="cmp_runs",
-    help="Default: every run of the selected run's phenomenon (e.g. its seeds or learning rates).",
+    help="Default: every run of the selected run's phenomenon (e.g. its seeds or learning rates), else the "
+    "selected run and one whose steps are of the same kind.",
 )  # fmt: skip
 
 
