@@ -7,10 +7,11 @@ for the script to finish and saves ``OUT_DIR/<page>.png``; prints each page's he
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from test_app_e2e import _goto_page, _no_errors, _open_run, _settle, app_server, chromium
+from test_app_e2e import _no_errors, _open_run, _settle, app_server, chromium
 
 #: (page title, run folder name or None for the one selected by default, file name)
 PAGES = [
@@ -31,13 +32,18 @@ SCREEN_PX = 1000
 
 def main(argv: list[str]) -> int:
     runs, out = Path(argv[0]), Path(argv[1])
+    only = {n for n in (os.environ.get("PAGES") or "").split(",") if n}
     out.mkdir(parents=True, exist_ok=True)
     with app_server(runs, out / "streamlit.log") as url, chromium() as browser:
         for title, run, name in PAGES:
+            if only and name not in only:
+                continue
             page = _open_run(browser, url, run, None)
             if title != "Runs":
-                _goto_page(page, title)
-            _settle(page)
+                links = page.locator('[data-testid="stSidebarNav"] a')
+                links.filter(has=page.get_by_text(title, exact=True)).first.click()
+                page.wait_for_timeout(1500)
+            _settle(page, timeout=180_000)
             try:
                 _no_errors(page, title)
                 ok = "ok"

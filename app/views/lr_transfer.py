@@ -29,9 +29,10 @@ if not (run.path / SWEEP_FILE).is_file():
         "variant) and open it here:"
     )
     st.code(
+        "# μP (the recipe's default) and, for contrast, the standard parametrisation\n"
         f"dynascope recipe lr_transfer --out {state.runs_dir() / 'lr_transfer'} --small\n"
         f"dynascope recipe lr_transfer --out {state.runs_dir() / 'lr_transfer_sp'} --small "
-        "--set parametrization=sp   # the standard parametrisation, for contrast",
+        "--set parametrization=sp",
         language="bash",
     )
     st.stop()
