@@ -48,7 +48,8 @@ SHOWS = {
     "hessian_diagonal": "The diagonal of the Hessian per parameter tensor.",
     "layerwise_hessian": "The top eigenvalue and trace of each layer's diagonal Hessian block.",
     "sharpness": "λ_max of the Hessian at each checkpoint against the stability threshold 2/η of GD.",
-    "gradient_coherence": "Gradient coherence α = E_{i≠j}[g_i·g_j]/E‖g_i‖² and the noise scale tr(Σ)/‖g‖².",
+    "gradient_coherence": "Gradient coherence α = E[g_i·g_j]/E‖g_i‖² over pairs i ≠ j, and the noise scale "
+    "tr(Σ)/‖g‖².",
     "neural_collapse": "Neural-collapse metrics NC1–NC4 of the penultimate features at each checkpoint.",
     "ntk": "The empirical NTK's eigenvalues and its alignment with the labels.",
     "ntk_trajectory": "How far the NTK moves from initialisation over training (lazy vs rich).",

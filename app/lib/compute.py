@@ -71,16 +71,8 @@ def _split_sizes(run_path: str, dataset_json: str) -> dict[str, int]:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _class_counts(run_path: str, dataset_json: str) -> dict[str, int | None]:
     ds = Run.open(run_path).load_dataset()
-    out: dict[str, int | None] = {}
-    for name in ("train", "test"):
-        y = getattr(ds, name)[1]
-        if y.dtype.is_floating_point and y.dim() == 2 and y.shape[1] > 1:
-            out[name] = int(y.argmax(dim=1).unique().numel())  # one-hot / score rows
-        elif not y.dtype.is_floating_point and y.dim() == 1:
-            out[name] = int(y.unique().numel())
-        else:
-            out[name] = None  # regression targets: no classes
-    return out
+    labels = {name: runner.class_labels(getattr(ds, name)[1]) for name in ("train", "test")}
+    return {name: None if y is None else int(y.unique().numel()) for name, y in labels.items()}
 
 
 def split_sizes(run: Run) -> dict[str, int]:

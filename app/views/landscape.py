@@ -8,6 +8,7 @@ import streamlit as st
 import torch
 from lib import compute, downloads, errors, state
 
+from dynascope import runner
 from dynascope.probes import figures
 
 st.title("Loss landscape")
@@ -166,12 +167,11 @@ with tab_surface:
 def _label_counts(y: torch.Tensor) -> str:
     """``class 3: 12, class 7: 5`` for integer labels or one-hot / soft targets (their argmax); regression
     targets (one float per example) as ``mean ± std``."""
-    if y.dim() >= 2 and y.shape[-1] > 1 and y.is_floating_point():
-        y = y.reshape(len(y), -1).argmax(dim=1)
-    elif y.is_floating_point():
+    labels = runner.class_labels(y)
+    if labels is None:
         v = y.reshape(len(y), -1)[:, 0].double()
         return f"target {float(v.mean()):.3g} ± {float(v.std()) if len(v) > 1 else 0.0:.2g} (mean ± std)"
-    counts = pd.Series(torch.as_tensor(y).reshape(-1).tolist()).value_counts()
+    counts = pd.Series(labels.tolist()).value_counts()
     return ", ".join(f"class {k}: {v}" for k, v in counts.items())
 
 
