@@ -464,3 +464,15 @@ def test_a_demo_still_being_built_is_not_listed(tmp_path: Path, monkeypatch: pyt
     assert not at.exception and not at.error, _texts(at.error)
     options = [Path(str(o)).name for o in at.selectbox(key="dynascope_sidebar_run").options]
     assert "dd" not in " ".join(options) and any("mine" in o for o in options)
+
+
+def test_stratified_caption_counts_the_classes_a_small_subset_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "a")  # 3 classes
+    at = _app(tmp_path, monkeypatch, "hessian")
+    at.number_input(key="hess_max_samples").set_value(2)
+    at.radio(key="hess_sample").set_value("stratified").run()
+    assert "2 of the 3 classes kept, one sample each" in _texts(at.caption)  # not "every class kept"
+    at.number_input(key="hess_max_samples").set_value(6).run()
+    assert "every class kept" in _texts(at.caption)

@@ -102,3 +102,40 @@ def test_export_help_lists_every_format(capsys) -> None:
     text = capsys.readouterr().out
     for fmt in ("csv", "parquet", "json", "html", "png", "svg", "pdf"):
         assert fmt in text
+
+
+def test_tidy_frame_rows_of_scalars_vectors_and_grids() -> None:
+    from dataclasses import dataclass
+
+    import torch
+
+    from dynascope.probes.results import Result
+    from dynascope.trajectories import tidy_frame
+
+    @dataclass(frozen=True, kw_only=True)
+    class Grid(Result):
+        barrier: float
+        alphas: torch.Tensor
+        loss: torch.Tensor
+        align: str
+
+    r = Grid(
+        barrier=0.5, alphas=torch.tensor([0.0, 1.0]), loss=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), align="x"
+    )
+    f = tidy_frame({7: r})
+    assert set(f.quantity) == {"barrier", "alphas", "loss[1]", "loss[2]"} and set(f.step) == {7}
+    assert f[f.quantity == "loss[2]"].set_index("index")["value"].to_dict() == {1: 3.0, 2: 4.0}
+    assert pd.isna(f[f.quantity == "barrier"]["index"].iloc[0])
+
+
+def test_a_sweep_run_names_its_steps(tmp_path: Path) -> None:
+    """A double-descent run keeps one checkpoint per model size at step = p: its figures say so."""
+    import pandas as pd
+
+    from dynascope.probes import figures
+
+    frame = pd.DataFrame({"step": [10, 300], "index": [1, 1], "eigenvalue": [1.0, 2.0], "residual": 0.0,
+                          "converged": True})  # fmt: skip
+    fig = figures.relabel_steps(figures.topk_figure(frame), "n_features (checkpoint step)")
+    assert fig.layout.xaxis.title.text == "n_features (checkpoint step)"
+    assert "over training" not in fig.layout.title.text
