@@ -126,3 +126,18 @@ def test_demo_report_is_a_short_document(demo_root: Path, name: str, tmp_path: P
         screens = _page_height(out) / SCREEN_PX
         print(f"{name}: {screens:.1f} screens")
         assert screens <= MAX_SCREENS
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_pdf(run_with_results, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import stat
+
+    out = tmp_path / "r.html"
+    assert main(["report", str(run_with_results.path), "--out", str(out), "--pdf"]) == 0
+    pdf = tmp_path / "r.pdf"
+    assert pdf.read_bytes()[:5] == b"%PDF-" and "PDF" in capsys.readouterr().out
+    assert stat.S_IMODE(pdf.stat().st_mode) == 0o644 and stat.S_IMODE(out.stat().st_mode) == 0o644
+    css = out.read_text()
+    assert "@media print" in css and "@page" in css  # the browser's "Save as PDF" gets the same layout
