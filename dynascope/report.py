@@ -229,6 +229,7 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
     import pandas as pd
     import torch
 
+    from dynascope.export import params_sidecar, results_frame
     from dynascope.models import Run
     from dynascope.models.checkpoints import file_sha256
     from dynascope.probes import figures
@@ -358,9 +359,8 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
                 continue
             traj = found[0]
             parts.append(f"<section class='probe'><h3>{html.escape(probe)}</h3>")
-            side = {"probe": probe, "settings": {t.id: t.sidecar() for t in found}}
-            frames = [t.frame().assign(setting=t.id) for t in found]
-            csv = add_csv(pd.concat(frames, ignore_index=True), f"{probe}", side)
+            # the tables `dynascope export` writes: every setting, tidy, parameters in the sidecar
+            csv = add_csv(results_frame(store, probe), probe, params_sidecar(store, probe))
             last = traj.results[traj.steps[-1]]
             other = f" {len(found) - 1} other setting(s) in the CSV." if len(found) > 1 else ""
             caption = (
