@@ -139,3 +139,18 @@ def test_a_sweep_run_names_its_steps(tmp_path: Path) -> None:
     fig = figures.relabel_steps(figures.topk_figure(frame), "n_features (checkpoint step)")
     assert fig.layout.xaxis.title.text == "n_features (checkpoint step)"
     assert "over training" not in fig.layout.title.text
+
+
+def test_cli_and_notebook_sample_reuse_the_apps_stratified_results(swept, capsys) -> None:
+    """The app's default on large splits is a class-stratified subset: the CLI (--sample) and the notebook
+    (sample=) ask for the same key, so they find its results instead of computing them again."""
+    app_result, _ = runner.run_probe(swept, "hessian_trace", step=5, params={"n_matvecs": 6, "seed": 0},
+                                     max_samples=12, sample="stratified")  # fmt: skip
+    argv = ["probe", "hessian_trace", str(swept.path), "--step", "5", "--max-samples", "12", "--sample",
+            "stratified", "--param", "n_matvecs=6", "--param", "seed=0"]  # fmt: skip
+    assert main(argv) == 0
+    assert "(cached)" in capsys.readouterr().out
+    view = dynascope.open_run(swept.path)
+    again = view.probe("hessian_trace", step=5, max_samples=12, sample="stratified", n_matvecs=6, seed=0)
+    assert again.estimate == app_result.estimate
+    assert len(ResultStore(swept.path).list("hessian_trace")) == len(STEPS) + 1  # nothing computed twice
