@@ -768,11 +768,12 @@ def density_figure(frame: pd.DataFrame, *, log_y: bool = False) -> go.Figure:
     for step, part in frame.groupby("step"):
         y = _density_floor(part["density"]) if log_y else part["density"]
         fig.add_trace(go.Scatter(x=part["x"], y=y, mode="lines", name=f"step {step}"))
-    sigma = frame["sigma"].iloc[0] if len(frame) else float("nan")
+    lo, hi = (frame["sigma"].min(), frame["sigma"].max()) if len(frame) else (math.nan, math.nan)
+    sigma = f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}–{hi:.3g}"  # one width per checkpoint
     fig.update_layout(xaxis_title="log₁₀ |eigenvalue|" if log_x else "eigenvalue", yaxis_title="density")
     if log_y:
         log_axis(fig)
-    return _finish(fig, f"Hessian spectral density (SLQ, Gaussian broadening σ = {sigma:.3g})")
+    return _finish(fig, f"Hessian spectral density (SLQ, Gaussian broadening σ = {sigma})")
 
 
 def trace_frame(results: Mapping[int, Any]) -> pd.DataFrame:
