@@ -318,17 +318,25 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
             parts.append(f"<p class='note'>Detector not applicable: {html.escape(str(exc))}</p>")
 
     # ---------------------------------------------------------------- training
+    sweep = extra.get("sweep_variable")  # e.g. double descent: a checkpoint (and metrics row) per model size
+    steps_are = f"{sweep} (checkpoint step)" if sweep else "step"
     metrics = run.metrics()
     if len(metrics) and "step" in metrics.columns:
         parts.append("<h2>Training</h2>")
         loss_cols = [c for c in ("train_loss", "test_loss") if c in metrics.columns]
         csv = add_csv(metrics, "metrics")
         if loss_cols:
+            fig = figures.loss_figure(metrics[["step", *loss_cols]], loss_cols)
+            fig = figures.relabel_steps(fig, steps_are)
+            what = (
+                f"Loss per {html.escape(str(sweep))} as logged by the sweep (dataset mean)."
+                if sweep
+                else "Loss over training as logged by the training loop (dataset mean)."
+            )
             add_figure(
-                figures.loss_figure(metrics[["step", *loss_cols]], loss_cols),
+                figures.log_axis(fig, "x") if sweep else fig,
                 "training loss",
-                f"Loss over training as logged by the training loop (dataset mean). "
-                f"<span class='how'>Every logged step: <code>{rel(csv)}</code>.</span>",
+                f"{what} <span class='how'>Every logged step: <code>{rel(csv)}</code>.</span>",
             )
         logged = next((c for c in ("sharpness", "lambda_max") if c in metrics.columns), None)
         if logged is not None:
@@ -349,8 +357,6 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
     if store_path.is_file():
         store = ResultStore(store_path)
         probes = sorted({s.probe for s in store.list()})
-        sweep = extra.get("sweep_variable")  # e.g. double descent: one checkpoint per model size
-        steps_are = f"{sweep} (checkpoint step)" if sweep else "step"
         if probes:
             parts.append("<h2>Probes over checkpoints</h2>")
         for probe in probes:
