@@ -26,6 +26,8 @@ PAGES = [
     ("LR transfer", "edge_of_stability", "lr_transfer"),
     ("Neural collapse", "neural_collapse", "neural_collapse"),
     ("Mode connectivity", "grokking", "mode_connectivity"),
+    ("Hessian", "double_descent", "hessian_double_descent"),  # steps are model sizes
+    ("Gradients", "neural_collapse", "gradients_neural_collapse"),  # negative noise-scale estimates
 ]
 SCREEN_PX = 1000
 
