@@ -233,9 +233,9 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
     from dynascope.models import Run
     from dynascope.models.checkpoints import file_sha256
     from dynascope.probes import figures
-    from dynascope.probes.results import atomic_write_bytes
+    from dynascope.probes.results import Result, atomic_write_bytes
     from dynascope.store import STORE_FILENAME, ResultStore
-    from dynascope.trajectories import settings
+    from dynascope.trajectories import setting, settings
     from dynascope.version import __version__
 
     run = Run.open(run) if isinstance(run, (str, os.PathLike)) else run
@@ -279,6 +279,25 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
             rep.files.append(atomic_write_bytes(path, image))
         parts.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
         rep.figures.append(name)
+
+    def add_whole(store: Any, probe: str) -> None:
+        rows = [s for s in store.list(probe) if isinstance(s.result, Result)]
+        if not rows:
+            return
+        latest = max(rows, key=lambda s: s.created)
+        params = setting(latest.params)
+        csv = add_csv(latest.result.to_frame(), probe, {"probe": probe, "params": params})
+        over = latest.params.get("checkpoint_steps")
+        parts.append(f"<section class='probe'><h3>{html.escape(probe)}</h3>")
+        add_figure(
+            latest.result.figure(),
+            probe,
+            f"{html.escape(SHOWS.get(probe, probe))}"
+            + (f" Checkpoints {html.escape(_fmt(over))}." if over else "")
+            + f"<br><span class='how'>{html.escape(_how(params, latest.result))} "
+            f"Numbers: <code>{rel(csv)}</code>.</span>",
+        )
+        parts.append("</section>")
 
     # ---------------------------------------------------------------- first screen: run and verdict
     cfg, extra = run.config, (run.extra or {})
@@ -361,7 +380,8 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
             parts.append("<h2>Probes over checkpoints</h2>")
         for probe in probes:
             found = settings(store, probe)
-            if not found:
+            if not found:  # a multi-checkpoint probe (ntk_trajectory): one result spans the steps itself
+                add_whole(store, probe)
                 continue
             traj = found[0]
             parts.append(f"<section class='probe'><h3>{html.escape(probe)}</h3>")

@@ -141,3 +141,11 @@ def test_report_pdf(run_with_results, tmp_path: Path, capsys: pytest.CaptureFixt
     assert stat.S_IMODE(pdf.stat().st_mode) == 0o644 and stat.S_IMODE(out.stat().st_mode) == 0o644
     css = out.read_text()
     assert "@media print" in css and "@page" in css  # the browser's "Save as PDF" gets the same layout
+
+
+def test_report_draws_a_multi_checkpoint_probe_whole(run_with_results, tmp_path: Path) -> None:
+    """``ntk_trajectory`` is one result over several checkpoints (no step): drawn as it is, not dropped."""
+    runner.run_probe(run_with_results, "ntk_trajectory", steps=[0, 20], max_samples=12)
+    rep = build_report(run_with_results, tmp_path / "r.html", svg=False)
+    assert "ntk_trajectory" in rep.figures and "ntk_trajectory" in rep.tables
+    assert "Checkpoints [0, 20]." in (tmp_path / "r.html").read_text()
