@@ -380,7 +380,7 @@ def _build(run: Any, out: str | os.PathLike[str], *, svg: bool, pdf: bool) -> Re
             parts.append("<h2>Probes over checkpoints</h2>")
         for probe in probes:
             found = settings(store, probe)
-            if not found:  # a multi-checkpoint probe (ntk_trajectory): one result spans the steps itself
+            if not found or found[0].steps == [None]:  # ntk_trajectory: one result spans its checkpoints
                 add_whole(store, probe)
                 continue
             traj = found[0]

@@ -119,13 +119,14 @@ def _numbers(row: Any) -> bool:
 
 
 def settings(store: Any, probe: str) -> list[Trajectory]:
-    """Every setting of ``probe`` in ``store`` (a :class:`~dynascope.store.ResultStore`) with a step, the
-    one covering the most checkpoints first."""
+    """Every setting of ``probe`` in ``store`` (a :class:`~dynascope.store.ResultStore`), the one covering
+    the most checkpoints first (a multi-checkpoint probe such as ``ntk_trajectory`` has one result per
+    setting, under step ``None``)."""
     from dynascope.probes.results import Result
 
     groups: dict[str, list[Any]] = {}
     for s in store.list(probe):  # ordered by step, then time: the latest of a step wins below
-        if isinstance(s.result, Result) and s.step is not None:
+        if isinstance(s.result, Result):  # step None: a multi-checkpoint probe's one result
             groups.setdefault(setting_id(s.params), []).append(s)
     out = [
         Trajectory(
@@ -146,7 +147,7 @@ def trajectory(store: Any, probe: str) -> Trajectory:
 
     found = settings(store, probe)
     if not found:
-        raise ExportError(f"no cached {probe!r} results with a step to plot")
+        raise ExportError(f"no cached {probe!r} results")
     return found[0]
 
 

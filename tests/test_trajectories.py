@@ -154,3 +154,15 @@ def test_cli_and_notebook_sample_reuse_the_apps_stratified_results(swept, capsys
     again = view.probe("hessian_trace", step=5, max_samples=12, sample="stratified", n_matvecs=6, seed=0)
     assert again.estimate == app_result.estimate
     assert len(ResultStore(swept.path).list("hessian_trace")) == len(STEPS) + 1  # nothing computed twice
+
+
+def test_export_of_a_multi_checkpoint_probe(swept, tmp_path: Path) -> None:
+    """``ntk_trajectory`` keeps one result for its checkpoints (no step): exported whole, not refused."""
+    runner.run_probe(swept, "ntk_trajectory", steps=[0, 20], max_samples=12)
+    out = tmp_path / "ntk.csv"
+    assert main(["export", str(swept.path), "--probe", "ntk_trajectory", "--out", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert {"kernel_distance", "label_alignment"} <= set(frame.quantity)
+    assert (
+        main(["export", str(swept.path), "--probe", "ntk_trajectory", "--out", str(tmp_path / "n.html")]) == 0
+    )
