@@ -55,6 +55,7 @@ APP_SERVER_OPTIONS = {
     "server.enableCORS": "true",
     "server.maxUploadSize": "1024",  # MB per file; app/lib/uploads.py MAX_UPLOAD_MB checks the same
     "browser.gatherUsageStats": "false",
+    "client.toolbarMode": "minimal",  # no "Deploy" button
 }
 
 

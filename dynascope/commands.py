@@ -274,7 +274,14 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="probe parameter (JSON value or string), repeatable: --param k=10 --param tol=1e-5",
     )
-    p.add_argument("--max-samples", type=int, default=None, help="use the first N samples of the split")
+    p.add_argument("--max-samples", type=int, default=None, help="use N samples of the split (see --sample)")
+    p.add_argument(
+        "--sample",
+        choices=("first", "stratified"),
+        default="first",
+        help="which N samples --max-samples keeps: the first N (default) or a class-stratified subset "
+        "(the app's default on large splits: its cached results are reused)",
+    )
     p.add_argument(
         "--split", choices=("train", "test"), default="train", help="dataset split (default train)"
     )
@@ -376,7 +383,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
             rows = distributed_sweep(
                 target, args.probe, steps, ctx, strategy=args.distribute, store=store,
                 recompute=args.recompute, progress=bar, params=params, split=args.split,
-                max_samples=args.max_samples, device=ctx.device if ctx.active else args.device,
+                max_samples=args.max_samples, sample=args.sample,
+                device=ctx.device if ctx.active else args.device,
             )  # fmt: skip
             if ctx.active:  # every rank past its last collective before any tears the group down
                 torch.distributed.barrier()
@@ -435,7 +443,8 @@ def _run_multi_checkpoint(
         where.update(step=steps[0], other=(other, other_step))
     store = ResultStore(store_folder(args.store)) if args.store else ResultStore(target.path)
     result, cached = run_probe(
-        target, spec.name, params=params, split=args.split, max_samples=args.max_samples, store=store,
+        target, spec.name, params=params, split=args.split, max_samples=args.max_samples, sample=args.sample,
+        store=store,
         recompute=args.recompute, device=args.device, **where,
     )  # fmt: skip
     which = where.get("steps") or [where["step"], where["other"][1]]
@@ -476,16 +485,24 @@ def run_probes_command(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- export
 def _export_args(p: argparse.ArgumentParser) -> None:
+    from dynascope.export import FORMATS
+
     p.add_argument("run", help="run folder (or a folder holding results.sqlite)")
     p.add_argument("--probe", required=True, help="probe whose cached results to export")
-    p.add_argument("--format", choices=("csv", "parquet", "json", "html", "png"), default=None,
-                   help="output format (default: from the --out suffix)")  # fmt: skip
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="output format (default: from the --out suffix): csv/parquet (tidy: one row per step and "
+        "quantity, parameters in <stem>.params.json), json (every result whole), html, png, svg, pdf "
+        "(every checkpoint on the x axis; images need Chrome/Chromium)",
+    )
     p.add_argument("--out", required=True,
                    help="output file; its folder must exist (not created); a file is replaced")  # fmt: skip
     p.add_argument("--step", type=int, default=None, help="only the result at this checkpoint step")
 
 
-@command("export", "export cached probe results (csv, parquet, json, html, png)", _export_args)
+@command("export", "export cached probe results (csv, parquet, json, html, png, svg, pdf)", _export_args)
 @guarded("export")
 def run_export_command(args: argparse.Namespace) -> int:
     from dynascope.export import FORMATS, export_results
@@ -688,7 +705,12 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="the HTML file to write (its CSV/SVG go to <stem>_files/ beside it)"
     )
-    p.add_argument("--no-svg", action="store_true", help="skip the SVG files (they need Chrome/Chromium)")
+    p.add_argument(
+        "--no-svg",
+        action="store_true",
+        help="interactive figures (plotly.js in <stem>_files/) instead of static SVG (needs Chromium)",
+    )
+    p.add_argument("--pdf", action="store_true", help="also print <stem>.pdf with Chrome/Chromium")
 
 
 @command("report", "write a self-contained HTML report of everything computed for a run", _report_args)
@@ -701,12 +723,12 @@ def run_report_command(args: argparse.Namespace) -> int:
     if not path.is_dir() or not Run.is_run(path):
         raise UsageError(f"'{path}' is not a run folder (no run.json)")
     try:
-        rep = build_report(Run.open(path), args.out, svg=not args.no_svg)
+        rep = build_report(Run.open(path), args.out, svg=not args.no_svg, pdf=args.pdf)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(
         f"wrote {rep.html_path} ({len(rep.figures)} figures, {len(rep.tables)} tables; "
-        f"files in {rep.files_dir})"
+        f"files in {rep.files_dir})" + (f"; PDF {rep.pdf_path}" if rep.pdf_path else "")
     )
     for note in rep.notes:
         print(f"note: {note}")

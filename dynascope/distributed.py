@@ -174,7 +174,7 @@ def distributed_sweep(
 ) -> list[tuple[int, Any, bool]] | None:
     """Run ``probe`` on ``steps`` of ``run`` across the ranks of ``ctx``; ``[(step, result, cached)]``
     on rank 0 (in step order), ``None`` on the others. ``kwargs`` go to :func:`~dynascope.runner.run_probe`
-    (``params``, ``split``, ``max_samples``, ``device``). In one process it is
+    (``params``, ``split``, ``max_samples``, ``sample``, ``device``). In one process it is
     :func:`~dynascope.runner.sweep`.
     The loop, the cache key and the write are the runner's; ``progress(i, n, step, cached, seconds)``
     (the runner's callback) is called on rank 0 after each checkpoint it handles.
@@ -186,7 +186,7 @@ def distributed_sweep(
     steps = list(steps)
     if not ctx.active:
         return sweep(run, probe, steps, store=store, recompute=recompute, progress=progress, **kwargs)
-    lookup = {k: kwargs[k] for k in ("params", "split", "max_samples", "device") if k in kwargs}
+    lookup = {k: kwargs[k] for k in ("params", "split", "max_samples", "sample", "device") if k in kwargs}
     # rank 0 decides what is cached; everyone follows that decision (no diverging collectives)
     cached: dict[int, Any] = {}
     if ctx.is_main and not recompute:

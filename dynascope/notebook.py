@@ -6,7 +6,8 @@
     run.results                # DataFrame: one row per cached probe result (scalars as columns)
     res = run.probe("hessian_eigenvalues", step=1000, k=10)   # computed once, then cached
     res.figure()               # the Plotly figure the app shows; res.save("eig.html")
-    run.trajectory("hessian_trace")  # DataFrame: step + the result's scalars, one row per checkpoint
+    run.trajectory("hessian_trace")  # tidy DataFrame: step, quantity, index, value (every checkpoint)
+    run.figure("hessian_trace")      # the same results, every checkpoint on the x axis
 
 Everything goes through the same result store as the app and the CLI.
 """
@@ -86,6 +87,7 @@ class RunView:
         other: tuple[Any, int] | None = None,
         split: str = "train",
         max_samples: int | None = None,
+        sample: str = "first",
         device: str | None = None,
         recompute: bool = False,
         **params: Any,
@@ -94,7 +96,8 @@ class RunView:
 
         Multi-checkpoint probes: ``probe("ntk_trajectory", steps=[0, 500, 1000])``;
         ``probe("lmc_barrier", step=1000, other=(other_run, 1000), align="weights")`` (``other_run``: a
-        RunView, Run or run folder).
+        RunView, Run or run folder). ``sample="stratified"`` with ``max_samples``: a class-stratified subset
+        (the app's default on large splits, so its cached results are reused), else the first samples.
         """
         from dynascope.runner import run_probe
 
@@ -103,7 +106,7 @@ class RunView:
             other = (run_b.run if isinstance(run_b, RunView) else run_b, step_b)
         result, _ = run_probe(
             self.run, name, step=step, steps=steps, other=other, params=params, split=split,
-            max_samples=max_samples, store=self.store, recompute=recompute, device=device,
+            max_samples=max_samples, sample=sample, store=self.store, recompute=recompute, device=device,
         )  # fmt: skip
         return result
 
@@ -115,6 +118,7 @@ class RunView:
         progress: bool = True,
         split: str = "train",
         max_samples: int | None = None,
+        sample: str = "first",
         device: str | None = None,
         recompute: bool = False,
         **params: Any,
@@ -127,7 +131,7 @@ class RunView:
         try:
             rows = sweep(
                 self.run, name, steps, params=params, progress=bar, split=split, max_samples=max_samples,
-                store=self.store, recompute=recompute, device=device,
+                sample=sample, store=self.store, recompute=recompute, device=device,
             )  # fmt: skip
         finally:
             if bar is not None:
@@ -135,28 +139,18 @@ class RunView:
         return {s: result for s, result, _ in rows}
 
     def trajectory(self, probe: str):  # -> pandas.DataFrame
-        """One row per cached ``probe`` result: ``step``, ``params`` and its plottable numbers
-        (scalars; short vectors as ``name_1..name_k``), sorted by step."""
-        import json
+        """The cached ``probe`` results over checkpoints as one tidy table (the widest setting:
+        :func:`dynascope.trajectories.trajectory`): ``step, quantity, index, value``."""
+        from dynascope.trajectories import trajectory
 
-        import pandas as pd
-
-        from dynascope.probes.figures import scalar_series
-        from dynascope.probes.results import Result
-
-        rows = [
-            {"step": s.step, "params": json.dumps(s.params, sort_keys=True), **scalar_series(s.result)}
-            for s in self.store.list(probe)
-            if isinstance(s.result, Result)
-        ]
-        frame = pd.DataFrame(rows, columns=None if rows else ["step", "params"])
-        return frame.sort_values("step", kind="stable").reset_index(drop=True)
+        return trajectory(self.store, probe).frame()
 
     def figure(self, probe: str):
-        """Plot of the cached ``probe`` results across checkpoints (``figures.trajectory_figure``)."""
-        from dynascope.probes.figures import trajectory_figure
+        """The cached ``probe`` results with every checkpoint on the x axis (the widest setting;
+        :meth:`dynascope.trajectories.Trajectory.figure`)."""
+        from dynascope.trajectories import trajectory
 
-        return trajectory_figure(self.store, probe)
+        return trajectory(self.store, probe).figure()
 
     def model(self, step: int | None = None):
         """The model with the weights of checkpoint ``step`` (last if None)."""

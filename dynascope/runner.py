@@ -124,7 +124,7 @@ PROBES: dict[str, ProbeSpec] = {
                   "top-k Hessian eigenvalues (Lanczos)"),
         ProbeSpec("hessian_trace", "hessian_trace", {"n_matvecs": 60, "method": "auto"},
                   "Hessian trace (Hutch++) with standard error"),
-        ProbeSpec("hessian_density", "hessian_density", {"n_probes": 4, "lanczos_steps": 40},
+        ProbeSpec("hessian_density", "hessian_density", {"n_probes": 4, "lanczos_steps": 40, "deflate": 10},
                   "spectral density (stochastic Lanczos quadrature)"),
         ProbeSpec("layerwise_hessian", "layerwise_hessian", {"k": 1},
                   "per-layer top eigenvalue and trace"),
@@ -163,6 +163,16 @@ PROBES: dict[str, ProbeSpec] = {
 SAMPLES = ("first", "stratified")
 
 
+def class_labels(y: torch.Tensor) -> torch.Tensor | None:
+    """The class of each example: integer labels as they are, the argmax of one-hot / score rows; ``None``
+    for targets that are not classes (continuous regression)."""
+    if y.dtype.is_floating_point and y.dim() == 2 and y.shape[1] > 1:
+        return y.argmax(dim=1)
+    if not y.dtype.is_floating_point and y.dim() == 1:
+        return y
+    return None
+
+
 def stratified_indices(y: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of a deterministic class-stratified subset of size ``min(n, len(y))``, in file order.
 
@@ -173,11 +183,8 @@ def stratified_indices(y: torch.Tensor, n: int) -> torch.Tensor:
     Non-class targets (continuous regression) get ``n`` evenly spaced examples."""
     total = int(y.shape[0])
     n = min(int(n), total)
-    if y.dtype.is_floating_point and y.dim() == 2 and y.shape[1] > 1:
-        labels = y.argmax(dim=1)
-    elif not y.dtype.is_floating_point and y.dim() == 1:
-        labels = y
-    else:
+    labels = class_labels(y)
+    if labels is None:
         return torch.linspace(0, total - 1, n).round().long().unique()
     labels = labels.long() - int(labels.min())
     order = torch.argsort(labels, stable=True)  # by class, file order within a class

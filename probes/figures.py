@@ -6,7 +6,9 @@ Results are plain data; the functions here draw them. Three groups:
   registered for the result's class (walking its bases), else :func:`generic`;
 * ``{step: Result}`` → a tidy frame (``*_frame``, what downloads hold) → a figure across checkpoints
   (``*_figure``), used by the app and reports;
-* cached results in a store → :func:`trajectory_figure` (every scalar against the step; the CLI export).
+* any probe's ``{step: Result}`` → :func:`across_checkpoints` (the figure above for its class, else one
+  panel per quantity: :func:`quantities_figure`); :mod:`dynascope.trajectories` feeds it from a result
+  store for the notebook, the CLI export and the report.
 
 All figures use the ``"dynascope"`` Plotly template (:data:`TEMPLATE`): white background, one
 colour-blind-safe palette (Okabe–Ito), readable font sizes, legends above the plot area, and log axes
@@ -17,10 +19,11 @@ ticked at decades only (:func:`log_axis`). Notebooks can make it their default w
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,19 +119,27 @@ def _log_ticks(vmin: float, vmax: float) -> list[float]:
     return ticks
 
 
+#: A log axis over more decades than this labels every 2nd (3rd, …) decade: stacked labels read as noise.
+MAX_LOG_LABELS = 8
+
+
 def log_axis(fig: go.Figure, axis: str = "y", **where: Any) -> go.Figure:
-    """A log axis ticked at decades only (10⁻³, 10⁻², …), never the 2–9 minor labels. When the data
+    """A log axis ticked at decades only (10⁻³, 10⁻², …; every k-th decade when the data spans more than
+    :data:`MAX_LOG_LABELS` of them), never the 2–9 minor labels. When the data
     holds fewer than three decade ticks (it spans about two decades or less), the ticks are round values
     (0.1, 0.2, 0.5, 1) labelled in full, where decades alone would leave the axis bare."""
     update = fig.update_yaxes if axis == "y" else fig.update_xaxes
     values = _axis_values(fig, axis, where)
+    every = 1
     if len(values):
         vmin, vmax = float(values.min()), float(values.max())
-        if math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1 < 3:
+        decades = math.floor(math.log10(vmax)) - math.ceil(math.log10(vmin)) + 1
+        if decades < 3:
             ticks = _log_ticks(vmin, vmax)
             update(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks], **where)
             return fig
-    update(type="log", dtick=1, exponentformat="power", showexponent="all", **where)
+        every = math.ceil(decades / MAX_LOG_LABELS)
+    update(type="log", dtick=every, exponentformat="power", showexponent="all", **where)
     return fig
 
 
@@ -235,11 +246,23 @@ def hessian_trace(result: Any, *, title: str | None = None) -> go.Figure:
     return _finish(fig, title or head)
 
 
+#: A log density axis shows this many decades below the peak: Gaussian tails between isolated eigenvalues
+#: fall to 1e-300, which would read as structure.
+DENSITY_DECADES = 6
+
+
+def _density_floor(y: Sequence[float]) -> list[float]:
+    """Densities clipped from below at ``peak · 10^−DENSITY_DECADES`` (the bottom of a log axis)."""
+    arr = np.asarray(y, dtype=np.float64)
+    peak = float(np.nanmax(arr)) if arr.size and np.isfinite(arr).any() else 1.0
+    return np.maximum(arr, peak * 10.0**-DENSITY_DECADES).tolist()
+
+
 def hessian_density(result: Any, *, log_y: bool = False, title: str | None = None) -> go.Figure:
     """The SLQ density (optional log y-axis, which shows the bulk and the outliers at once)."""
     y = _list(result.density)
     if log_y:
-        y = [max(v, 1e-12) for v in y]
+        y = _density_floor(y)
     fig = go.Figure(go.Scatter(x=_list(result.grid), y=y, mode="lines", name="density"))
     fig.update_layout(
         xaxis_title="log₁₀ |eigenvalue|" if result.log_scale else "eigenvalue", yaxis_title="density"
@@ -324,16 +347,20 @@ def sharpness_track(result: Any) -> go.Figure:
 
 
 def gradient_coherence(result: Any) -> go.Figure:
-    """Per-class coherence α (bars) with the dataset-wide α as a dashed line."""
+    """Per-class coherence α (bars) with the dataset-wide α as a dashed line (labelled in the legend, where
+    it cannot overlap a bar)."""
     fig = go.Figure()
-    if result.per_class:
-        fig.add_bar(
-            x=[str(r["class"]) for r in result.per_class],
-            y=[r["alpha"] for r in result.per_class],
-            name="α per class",
+    classes = [str(r["class"]) for r in result.per_class or []]
+    if classes:
+        fig.add_bar(x=classes, y=[r["alpha"] for r in result.per_class], name="α per class")
+    fig.add_trace(
+        go.Scatter(
+            x=classes or ["all"], y=[result.alpha] * max(len(classes), 1),
+            mode="lines" if classes else "markers", name=f"α (all) = {result.alpha:.3g}",
+            line={"dash": "dash", "color": PALETTE[1]},
         )
-    fig.add_hline(y=result.alpha, line_dash="dash", annotation_text=f"α (all) = {result.alpha:.3g}")
-    fig.update_layout(xaxis_title="class", yaxis_title="α = E_{i≠j}[g_i·g_j] / E[‖g_i‖²]")
+    )  # fmt: skip
+    fig.update_layout(xaxis_title="class", yaxis_title="α = E[g_i·g_j] / E[‖g_i‖²], i ≠ j")
     head = (
         f"Gradient coherence (i≠j pairs); m-coherence {result.m_coherence:.3g} at m={result.m}, "
         f"B_simple {result.noise_scale:.3g}"
@@ -488,10 +515,12 @@ def hessian_diagonal(result: Any, *, title: str | None = None) -> go.Figure:
 
 
 def loss_landscape(
-    result: Any, *, value: str = "loss", surface: bool = False, log: bool = False, title: str | None = None
+    result: Any, *, value: str = "loss", surface: bool = False, log: bool = True, title: str | None = None
 ) -> go.Figure:
     """A 1-D slice as a line, a 2-D slice as a contour map (``surface=True``: a 3-D surface) of ``value``
-    (``"loss"`` or ``"accuracy"``; ``log``: log₁₀ of the loss), with the checkpoint trajectory drawn on
+    (``"loss"`` or ``"accuracy"``; ``log``, the default: log₁₀ of the loss — on a linear colour scale the
+    walls of the plane take every colour and the basin the trajectory lies in is one), with the checkpoint
+    trajectory drawn on
     the plane when the result has one (hover: step, in-plane fraction)."""
     z = result.loss if value == "loss" else result.accuracy
     if z is None:
@@ -737,13 +766,14 @@ def density_figure(frame: pd.DataFrame, *, log_y: bool = False) -> go.Figure:
     fig = go.Figure()
     log_x = bool(frame["log_scale"].any()) if len(frame) else False
     for step, part in frame.groupby("step"):
-        y = part["density"].clip(lower=1e-12) if log_y else part["density"]
+        y = _density_floor(part["density"]) if log_y else part["density"]
         fig.add_trace(go.Scatter(x=part["x"], y=y, mode="lines", name=f"step {step}"))
-    sigma = frame["sigma"].iloc[0] if len(frame) else float("nan")
+    lo, hi = (frame["sigma"].min(), frame["sigma"].max()) if len(frame) else (math.nan, math.nan)
+    sigma = f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}–{hi:.3g}"  # one width per checkpoint
     fig.update_layout(xaxis_title="log₁₀ |eigenvalue|" if log_x else "eigenvalue", yaxis_title="density")
     if log_y:
         log_axis(fig)
-    return _finish(fig, f"Hessian spectral density (SLQ, Gaussian broadening σ = {sigma:.3g})")
+    return _finish(fig, f"Hessian spectral density (SLQ, Gaussian broadening σ = {sigma})")
 
 
 def trace_frame(results: Mapping[int, Any]) -> pd.DataFrame:
@@ -982,18 +1012,29 @@ def coherence_frame(results: Mapping[int, Any]) -> pd.DataFrame:
 
 
 def coherence_figure(frame: pd.DataFrame) -> go.Figure:
-    """Gradient coherence α and the simple noise scale B_simple = tr(Σ)/‖g‖² vs step."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("coherence α", "noise scale tr(Σ)/‖g‖²"))
-    for c in ("alpha", "m_coherence"):
-        fig.add_trace(go.Scatter(x=frame["step"], y=frame[c], mode="lines+markers", name=c), row=1, col=1)
-    fig.add_trace(
-        go.Scatter(x=frame["step"], y=frame["noise_scale"], mode="lines+markers", name="noise_scale"),
-        row=1,
-        col=2,
-    )
-    log_axis(fig, row=1, col=2)
+    """Gradient coherence α, the m-coherence 1 + (m−1)α and the simple noise scale B_simple = tr(Σ)/‖g‖²
+    vs step, each on its own axis (α ~ 0.02 next to an m-coherence of 67 would read as 0). The noise scale
+    is on a log axis when every value is positive; a negative estimate (the unbiased tr(Σ) estimate can
+    fall below 0 when the mean gradient dominates) keeps a linear axis and says so."""
+    panels = ("coherence α (i ≠ j)", "m-coherence 1 + (m−1)α", "noise scale tr(Σ)/‖g‖²")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=panels, horizontal_spacing=0.09)
+    for j, c in enumerate(("alpha", "m_coherence", "noise_scale"), 1):
+        fig.add_trace(
+            go.Scatter(x=frame["step"], y=frame[c], mode="lines+markers", name=c,
+                       line={"color": PALETTE[j - 1]}),
+            row=1, col=j,
+        )  # fmt: skip
+    noise = pd.to_numeric(frame["noise_scale"], errors="coerce")
+    if len(noise.dropna()) and (noise.dropna() > 0).all():
+        log_axis(fig, row=1, col=3)
+    elif len(noise.dropna()):
+        fig.add_annotation(
+            text=f"{int((noise <= 0).sum())} estimate(s) ≤ 0: linear axis",
+            xref="x3 domain", yref="y3 domain", x=0.5, y=0.98, yanchor="top", showarrow=False,
+            font={"size": 12, "color": "#666"},
+        )  # fmt: skip
     fig.update_xaxes(title_text="step")
-    return _finish(fig, "Gradient coherence and noise scale")
+    return _finish(fig, "Gradient coherence and noise scale", showlegend=False)
 
 
 def double_descent_figure(
@@ -1004,21 +1045,24 @@ def double_descent_figure(
     threshold: float | None,
     x_title: str,
     log_x: bool = True,
-    log_y: bool = False,
+    log_y: bool = True,
     show_train: bool = True,
 ) -> go.Figure:
     """Test (and, with ``show_train``, train) error vs model size or epochs, with the interpolation
-    threshold marked. On a linear y axis the test-error peak at p ≈ n stands out; train error (down to
-    ~1e-30 past the threshold) belongs on a log axis or its own chart."""
+    threshold marked. The log y axis (default) shows both descents: the test-error peak at p ≈ n is
+    ~1000× the error on either side, which a linear axis flattens to zero; train error falls to ~1e-30
+    past the threshold. The y title names every curve drawn."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=y))
     train = y.replace("test", "train")
+    y_title = y
     if show_train and train != y and train in frame.columns:
         fig.add_trace(
             go.Scatter(x=frame[x], y=frame[train], mode="lines+markers", name=train, line={"dash": "dot"})
         )
+        y_title = f"{y} and {train}"
     add_threshold(fig, threshold, frame[y])
-    fig.update_layout(xaxis_title=x_title, yaxis_title=y)
+    fig.update_layout(xaxis_title=x_title, yaxis_title=y_title)
     if log_x:
         log_axis(fig, "x")
     if log_y:
@@ -1090,32 +1134,73 @@ class ExportError(ValueError):
     """An export that cannot be made (missing results, unavailable renderer, bad format)."""
 
 
-def trajectory_figure(store: Any, probe: str, *, title: str | None = None) -> go.Figure:
-    """Every cached ``probe`` result's :func:`scalar_series` against the step (``store``: a ResultStore).
-
-    With several parameter sets in the store, the one covering the most checkpoints is plotted.
-    """
-    entries = [s for s in store.list(probe) if isinstance(s.result, Result) and s.step is not None]
-    if not entries:
-        raise ExportError(f"no cached {probe!r} results with a step to plot")
-    groups: dict[str, list[Any]] = {}
-    for s in entries:
-        groups.setdefault(json.dumps(s.params, sort_keys=True), []).append(s)
-    chosen = max(groups.values(), key=lambda g: len({s.step for s in g}))
-    latest = {s.step: s for s in sorted(chosen, key=lambda s: s.created)}
-    steps = sorted(latest)
-    series: dict[str, list[float | None]] = {}
+def quantities_figure(results: Mapping[int, Any], *, x_title: str = "step", max_panels: int = 8) -> go.Figure:
+    """Every plottable number of ``{step: Result}`` (:func:`scalar_series`) against the step: one panel per
+    quantity, each on its own y axis (a short vector ``name_1..name_k``: one line per entry in the panel
+    of ``name``); residuals and standard errors stay in the tables. At most ``max_panels`` panels."""
+    steps = sorted(results)
+    series: dict[str, dict[str, list[float | None]]] = {}
     for i, st in enumerate(steps):
-        for name, v in scalar_series(latest[st].result).items():
-            if name in _NOT_DRAWN or name.rpartition("_")[0] in _NOT_DRAWN:
+        for name, v in scalar_series(results[st]).items():
+            base, _, tail = name.rpartition("_")
+            panel = base if tail.isdigit() and base else name
+            if panel in _NOT_DRAWN or panel in _SKIP_SERIES:
                 continue
-            series.setdefault(name, [None] * len(steps))[i] = v
-    fig = go.Figure()
-    for name, ys in series.items():
-        fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines+markers", name=name))
-    note = f" ({len(groups)} parameter sets; showing the widest)" if len(groups) > 1 else ""
-    fig.update_layout(xaxis_title="step", yaxis_title="value")
-    return _finish(fig, title or f"{probe} across checkpoints{note}")
+            series.setdefault(panel, {}).setdefault(name, [None] * len(steps))[i] = v
+    panels = list(series)[:max_panels]
+    if not panels:
+        raise ExportError("no numbers to plot across checkpoints")
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels,
+                        vertical_spacing=min(0.08, 0.3 / len(panels)))  # fmt: skip
+    for row, panel in enumerate(panels, 1):
+        for j, (name, ys) in enumerate(series[panel].items()):
+            fig.add_trace(
+                go.Scatter(x=steps, y=ys, mode="lines+markers", name=name, line={"color": PALETTE[j % 8]},
+                           showlegend=len(series[panel]) > 1),
+                row=row, col=1,
+            )  # fmt: skip
+    fig.update_xaxes(title_text=x_title, row=len(panels), col=1)
+    probe = next(iter(results.values())).meta.get("probe") or type(next(iter(results.values()))).__name__
+    return _finish(fig, f"{probe} across checkpoints", height=max(360, 110 + 200 * len(panels)))
+
+
+def _sharpness_across(results: Mapping[int, Any]) -> go.Figure:
+    frame = sharpness_frame(results)
+    return sharpness_figure(frame, frame[["step", "lr", "two_over_lr"]].dropna())
+
+
+#: Result class name → its figure of ``{step: Result}`` (one checkpoint per point or line); results of
+#: other classes get :func:`quantities_figure`.
+ACROSS: dict[str, Callable[[Mapping[int, Any]], go.Figure]] = {
+    "HessianEigenResult": lambda rs: topk_figure(topk_frame(rs)),
+    "DensityResult": lambda rs: density_figure(density_frame(rs), log_y=True),
+    "TraceResult": lambda rs: trace_figure(trace_frame(rs)),
+    "SharpnessResult": _sharpness_across,
+    "NeuralCollapseResult": lambda rs: nc_figure(nc_frame(rs)),
+    "CoherenceResult": lambda rs: coherence_figure(coherence_frame(rs)),
+}
+
+
+def across_checkpoints(results: Mapping[int, Any], *, x_title: str = "step") -> go.Figure:
+    """The figure of one probe's ``{step: Result}``: every step on the x axis (see :data:`ACROSS`)."""
+    if not results:
+        raise ExportError("no results to plot across checkpoints")
+    first = next(iter(results.values()))
+    for cls in type(first).__mro__:
+        if cls.__name__ in ACROSS:
+            return relabel_steps(ACROSS[cls.__name__](results), x_title)
+    return quantities_figure(results, x_title=x_title)
+
+
+def relabel_steps(fig: go.Figure, x_title: str) -> go.Figure:
+    """Name what the checkpoints' steps are when they are not training steps (a double-descent sweep keeps
+    one checkpoint per model size at ``step = p``): the x titles become ``x_title`` and "over training"
+    in the title becomes "against ``x_title``". ``x_title == "step"`` leaves the figure as it is."""
+    if x_title == "step":
+        return fig
+    fig.for_each_xaxis(lambda ax: ax.update(title_text=x_title) if ax.title.text else None)
+    text = fig.layout.title.text or ""
+    return fig.update_layout(title={"text": text.replace("over training", f"against {x_title}")})
 
 
 # =============================================================================== files
@@ -1143,6 +1228,25 @@ def figure_image(fig: go.Figure, fmt: str = "png", *, scale: float = 2.0) -> byt
             f"{fmt.upper()} export failed: kaleido could not render with a Chrome/Chromium browser "
             f"({type(exc).__name__}: {first}); install chromium (or set BROWSER_PATH), or use HTML instead"
         ) from None
+
+
+@contextlib.contextmanager
+def image_server() -> Iterator[None]:
+    """Keep one kaleido browser for the images rendered inside (a report's dozen SVGs: one Chromium start,
+    not one per figure); without kaleido, or when it cannot start, a no-op (each figure starts its own)."""
+    try:
+        import kaleido
+
+        kaleido.start_sync_server(silence_warnings=True)
+    except Exception:  # noqa: BLE001 - figure_image reports a missing browser itself
+        yield
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            yield
+    finally:
+        kaleido.stop_sync_server(silence_warnings=True)
 
 
 def write_png(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -> Path:

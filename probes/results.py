@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ import torch
 from torch import nn
 
 from dynascope.version import __version__
+
+from ..models.atomic import atomic_write
 
 
 def to_jsonable(value: Any) -> Any:
@@ -65,22 +66,16 @@ def _all_bool(value: Any) -> bool:
     return bool(items) and all(isinstance(v, bool) for v in items)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`dynascope.models.atomic.atomic_write`) with permissions
+    ``mode`` (default 0644, as any tool writes a document; a temporary file alone would leave 0600)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        os.chmod(tmp, mode)
+
+    return atomic_write(path, write)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,8 @@
 ``train(run_or_config, steps=..., ...)``          the training loop (run folder, resumable, seeded)
 ``RECIPES[name].run(out, small=False, seed=0)``   grokking, grokking_transformer, xor_grokking,
                                   double_descent, double_descent_nn, edge_of_stability,
-                                  edge_of_stability_lr0.25, edge_of_stability_adam, lr_transfer
+                                  edge_of_stability_lr0.25, edge_of_stability_adam, lr_transfer,
+                                  neural_collapse
 ``detect_grokking / detect_xor_grokking / detect_double_descent / detect_edge_of_stability /
 detect_lr_transfer(run)``
                                                   evidence dataclasses
@@ -33,6 +34,7 @@ from .double_descent import double_descent, double_descent_nn, min_norm_fit
 from .eos import SharpnessTracker, edge_of_stability, lambda_max
 from .grokking import TRANSFORMER_CONFIG, grokking
 from .lr_transfer import LR_TRANSFER_CONFIG, lr_transfer, read_lr_sweep
+from .neural_collapse import NC_CONFIG, neural_collapse
 from .train import checkpoint_schedule, evaluate, make_optimizer, train
 from .xor_grokking import XOR_GROKKING_CONFIG, xor_grokking
 
@@ -63,6 +65,8 @@ __all__ = [
     "lr_transfer",
     "LR_TRANSFER_CONFIG",
     "read_lr_sweep",
+    "neural_collapse",
+    "NC_CONFIG",
     "detect_lr_transfer",
     "LrTransferEvidence",
     "detect_double_descent",

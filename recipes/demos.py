@@ -5,7 +5,8 @@
 metrics)`` is called as each demo trains (e.g. to drive a Streamlit progress bar).
 
 ``build_demos(root)`` (``python -m dynascope.recipes.demos ROOT``; what ``dynascope app`` starts in a
-background process before Streamlit) generates the missing demos, cheapest first, and keeps a status file
+background process before Streamlit) generates the missing demos, cheapest first, on one torch thread, and
+keeps a status file
 ``root/.demos_status.json`` up to date — ``{"pid", "started", "names", "titles", "progress": {name: [step,
 total]}, "finished", "seconds": {name: build time}, "error", "done", "finished_after"}`` (times in epoch
 seconds / seconds) — which the app
@@ -59,6 +60,11 @@ DEMOS: tuple[DemoSpec, ...] = (
         "double_descent", "double_descent", "Double descent: random ReLU features, min-norm least squares"
     ),
     DemoSpec("edge_of_stability", "edge_of_stability", "Edge of stability: tanh MLP on digits, GD eta=0.5"),
+    DemoSpec(
+        "neural_collapse",
+        "neural_collapse",
+        "Neural collapse: MLP on 100 digits, MSE + weight decay, terminal phase",
+    ),
 )
 
 
@@ -111,7 +117,7 @@ def ensure_demos(
 # ------------------------------------------------------------------------------ background build + status
 STATUS_FILE = ".demos_status.json"
 #: cheapest first: the first demo is listed within minutes
-DEMO_ORDER = ("double_descent", "edge_of_stability", "grokking")
+DEMO_ORDER = ("double_descent", "neural_collapse", "edge_of_stability", "grokking")
 
 
 def status_path(root: str | os.PathLike[str]) -> Path:
@@ -149,10 +155,16 @@ def _ordered(names: list[str]) -> list[str]:
 def build_demos(root: str | os.PathLike[str], *, min_interval: float = 0.5) -> dict[str, Any]:
     """Generate the missing demos under ``root`` (cheapest first) while writing the status file; returns
     the final status. Errors are recorded in the status (``"error"``) and re-raised."""
+    import torch
+
     from ..models.atomic import atomic_write_text
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    # One thread: the demos' small networks gain little from a second one, and on a loaded 2-core machine
+    # (the app, its probes, other work) torch's spinning worker threads made the build ~15× slower
+    # (neural_collapse: 205 s with 2 threads at load ~9, 11 s with one).
+    torch.set_num_threads(1)
     names = _ordered([s.name for s in DEMOS if not demo_complete(root / s.name, s)])
     status: dict[str, Any] = {
         "pid": os.getpid(),

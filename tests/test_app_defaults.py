@@ -135,24 +135,27 @@ def _plotly_spec(at, index: int = 0) -> dict:
     return json.loads(at.get("plotly_chart")[index].proto.spec)
 
 
-def test_double_descent_defaults_to_test_error_on_a_linear_axis(
+def test_double_descent_defaults_to_test_error_on_a_log_axis(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _dd_run(tmp_path / "dd")
     at = _app(tmp_path, monkeypatch, "double_descent")
     assert not at.error, _texts(at.error)
     spec = _plotly_spec(at)
-    assert spec["layout"]["yaxis"].get("type", "linear") == "linear"
+    assert spec["layout"]["yaxis"]["type"] == "log"  # both descents show, not only the peak
     names = [t.get("name") for t in spec["data"]]
     assert "test_mse" in names and "train_mse" not in names
+    assert spec["layout"]["yaxis"]["title"]["text"] == "test_mse"
     test = next(t for t in spec["data"] if t.get("name") == "test_mse")
     ys, xs = _values(test["y"]), _values(test["x"])
     peak_x = xs[ys.index(max(ys))]
     assert peak_x == 10  # the peak sits at p = n
     at.toggle(key="dd_train").set_value(True).run()
-    at.toggle(key="dd_logy").set_value(True).run()
     spec = _plotly_spec(at)
-    assert spec["layout"]["yaxis"]["type"] == "log" and "train_mse" in [t.get("name") for t in spec["data"]]
+    assert "train_mse" in [t.get("name") for t in spec["data"]]
+    assert spec["layout"]["yaxis"]["title"]["text"] == "test_mse and train_mse"  # names what it shows
+    at.toggle(key="dd_logy").set_value(False).run()
+    assert _plotly_spec(at)["layout"]["yaxis"].get("type", "linear") == "linear"
 
 
 def test_mode_connectivity_trains_a_seed_twin_and_defaults_to_it(
@@ -255,9 +258,31 @@ def test_compare_runs_overlays_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyP
     at = _app(tmp_path, monkeypatch)
     at.switch_page("views/compare.py").run()
     assert not at.exception and not at.error, _texts(at.error)
-    assert at.selectbox(key="cmp_y").value == "test_acc" and at.selectbox(key="cmp_x").value == "step"
+    assert _box(at, "y-axis").value == "test_acc" and _box(at, "x-axis").value == "step"
     names = [t["name"] for t in _plotly_spec(at)["data"]]
     assert names == ["a", "b"]
+
+
+def _box(at, label: str):
+    return next(s for s in at.selectbox if s.label == label)
+
+
+def test_compare_runs_keeps_no_stale_axes_and_refuses_mixed_step_kinds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "a")
+    make_tiny_run(tmp_path / "b", seed=1)
+    _dd_run(tmp_path / "dd")
+    at = _app(tmp_path, monkeypatch)
+    at.switch_page("views/compare.py").run()
+    a, b, dd = (str(tmp_path / n) for n in ("a", "b", "dd"))
+    at.multiselect(key="cmp_runs").set_value([a, b]).run()
+    _box(at, "x-axis").set_value("train_loss").run()
+    at.multiselect(key="cmp_runs").set_value([a]).run()
+    assert _box(at, "x-axis").value == "step"  # another set of runs starts from its own default
+    at.multiselect(key="cmp_runs").set_value([a, dd]).run()
+    assert "different things on their step axis" in _texts(at.warning)  # p is not a training step
+    assert not at.get("plotly_chart")
 
 
 def test_runs_page_follows_a_recently_written_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,3 +442,38 @@ def test_compare_runs_puts_an_adam_eos_run_in_units_of_its_own_threshold(
     )
     assert spec["layout"]["yaxis"]["title"]["text"] == "λ_max / threshold (GD: λ_max·η/2)"
     assert "adam: λ_max(P⁻¹H) over its threshold" in _texts(at.caption)
+
+
+def test_lr_transfer_page_without_a_sweep_says_how_to_make_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "a")
+    at = _app(tmp_path, monkeypatch, "lr_transfer")
+    assert not at.exception and not at.error, _texts(at.error)  # not a red "failed" box
+    assert "holds no learning-rate sweep" in _texts(at.info)
+    assert "dynascope recipe lr_transfer --out" in at.code[0].value
+
+
+def test_a_demo_still_being_built_is_not_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynascope.recipes import demos as demos_mod
+
+    spec = demos_mod.DemoSpec("dd", "double_descent", "a demo")
+    monkeypatch.setattr(demos_mod, "DEMOS", (spec,))
+    make_tiny_run(tmp_path / "dd", steps=(0, 5))  # 12/15 model sizes, say: not complete
+    make_tiny_run(tmp_path / "mine")
+    at = _app(tmp_path, monkeypatch)
+    assert not at.exception and not at.error, _texts(at.error)
+    options = [Path(str(o)).name for o in at.selectbox(key="dynascope_sidebar_run").options]
+    assert "dd" not in " ".join(options) and any("mine" in o for o in options)
+
+
+def test_stratified_caption_counts_the_classes_a_small_subset_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_run(tmp_path / "a")  # 3 classes
+    at = _app(tmp_path, monkeypatch, "hessian")
+    at.number_input(key="hess_max_samples").set_value(2)
+    at.radio(key="hess_sample").set_value("stratified").run()
+    assert "2 of the 3 classes kept, one sample each" in _texts(at.caption)  # not "every class kept"
+    at.number_input(key="hess_max_samples").set_value(6).run()
+    assert "every class kept" in _texts(at.caption)

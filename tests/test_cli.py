@@ -152,16 +152,19 @@ def test_export_formats_parse(probed_run: Run, tmp_path: Path, capsys: pytest.Ca
     for fmt in ("csv", "parquet", "json", "html"):
         code, _, err = run_cli([*base, "--format", fmt, "--out", str(tmp_path / f"eig.{fmt}")], capsys)
         assert code == 0, err
-    csv = pd.read_csv(tmp_path / "eig.csv")
-    assert list(csv.columns[:4]) == ["step", "checkpoint_hash", "params", "index"]
-    assert "eigenvalue" in csv.columns and len(csv) == 3 * 2 and sorted(set(csv["step"])) == list(STEPS)
+    csv = pd.read_csv(tmp_path / "eig.csv")  # tidy: one row per step and quantity, params in a sidecar
+    assert list(csv.columns) == ["step", "setting", "quantity", "index", "value"]
+    eig = csv[csv.quantity == "values"]
+    assert len(eig) == 3 * 2 and sorted(set(eig["step"])) == list(STEPS)
+    side = json.loads((tmp_path / "eig.params.json").read_text())
+    assert side["settings"][csv.setting.iloc[0]]["params"]["k"] == 2
     pq = pd.read_parquet(tmp_path / "eig.parquet")
-    pd.testing.assert_frame_equal(pq[["step", "eigenvalue"]], csv[["step", "eigenvalue"]])
+    pd.testing.assert_frame_equal(pq[["step", "value"]], csv[["step", "value"]], check_dtype=False)
     data = json.loads((tmp_path / "eig.json").read_text())
     assert [d["step"] for d in data] == list(STEPS) and len(data[0]["result"]["values"]) == 2
-    assert data[0]["result"]["values"][0] == pytest.approx(csv["eigenvalue"].iloc[0])
+    assert data[0]["result"]["values"][0] == pytest.approx(eig["value"].iloc[0])
     html = (tmp_path / "eig.html").read_text()
-    assert "plotly" in html.lower() and "values_1" in html  # trajectory of λ1, λ2 across steps
+    assert "plotly" in html.lower() and "Top Hessian eigenvalues over training" in html  # λ1, λ2 over steps
     # one checkpoint → the probe's own figure; format from the suffix
     code, _, err = run_cli([*base, "--step", "4", "--out", str(tmp_path / "one.html")], capsys)
     assert code == 0, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_log_axes_tick_decades_only() -> None:
     assert nc.layout.yaxis.dtick == 1 and nc.layout.yaxis4.dtick is None  # NC4 is a fraction: linear
 
 
-def test_trajectory_figure_keeps_residuals_off_the_value_axis(tmp_path: Path) -> None:
+def test_quantities_figure_keeps_residuals_off_the_value_axis(tmp_path: Path) -> None:
     from dynascope.store import ResultStore
 
     store = ResultStore(tmp_path)
@@ -66,8 +67,10 @@ def test_trajectory_figure_keeps_residuals_off_the_value_axis(tmp_path: Path) ->
             probes.hessian_eigenvalues(model, data, k=2),
             step=step,
         )
-    names = {t.name for t in figures.trajectory_figure(store, "hessian_eigenvalues").data}
-    assert {"values_1", "values_2"} <= names
+    results = {s.step: s.result for s in store.list("hessian_eigenvalues")}
+    fig = figures.quantities_figure(results)
+    names = {t.name for t in fig.data}
+    assert {"values_1", "values_2"} <= names and all(list(t.x) == [0, 1] for t in fig.data)
     assert not any(n.startswith(("residuals", "stderr")) for n in names)
 
 
@@ -99,7 +102,16 @@ def test_log_axis_within_one_decade_keeps_real_value_ticks() -> None:
     few = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[20, 55])))
     assert list(few.layout.yaxis.tickvals) == [20, 30, 40, 50]
     wide = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[1e-30, 0.5])))
-    assert wide.layout.yaxis.dtick == 1
+    assert wide.layout.yaxis.dtick == 4  # 30 decades: every 4th labelled, 8 labels (not 31 stacked)
+    assert figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[1e-5, 0.5]))).layout.yaxis.dtick == 1
+
+
+@pytest.mark.parametrize("lo", [1e-3, 1e-12, 1e-30, 1e-200])
+def test_log_axes_print_at_most_eight_labels(lo: float) -> None:
+    fig = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[lo, 3.0])))
+    dtick = fig.layout.yaxis.dtick
+    labels = len(range(math.floor(math.log10(lo)), 1, dtick))
+    assert labels <= figures.MAX_LOG_LABELS
 
 
 def test_log_axis_over_a_range_without_round_values_still_has_labelled_ticks() -> None:

@@ -42,9 +42,10 @@ def test_landscape_figures_contour_surface_and_line() -> None:
         )
         ckpts.append(m)
     res = probes.landscape_trajectory(ckpts, (x, y), resolution=5, center=0)
-    fig = res.figure()
+    fig = res.figure()  # log₁₀ colour scale by default: the basin is not one colour
     contour = fig.data[0]
-    assert np.allclose(np.asarray(contour.z), res.loss.numpy().T)
+    assert np.allclose(np.asarray(contour.z), np.log10(res.loss.numpy().T))
+    assert np.allclose(np.asarray(res.figure(log=False).data[0].z), res.loss.numpy().T)
     path = next(t for t in fig.data if t.name == "trajectory")
     assert np.allclose(path.x, res.trajectory_coords[:, 0].numpy()) and np.allclose(
         path.y, res.trajectory_coords[:, 1].numpy()
@@ -54,7 +55,7 @@ def test_landscape_figures_contour_surface_and_line() -> None:
     assert np.allclose(np.asarray(surf.data[0].z), np.log10(res.loss.numpy().T))
     acc = figures.loss_landscape(res, value="accuracy")
     assert np.allclose(np.asarray(acc.data[0].z), res.accuracy.numpy().T)
-    line = probes.loss_landscape(center, (x, y), directions=["random"], resolution=4).figure()
+    line = probes.loss_landscape(center, (x, y), directions=["random"], resolution=4).figure(log=False)
     assert np.allclose(
         line.data[0].y,
         probes.loss_landscape(center, (x, y), directions=["random"], resolution=4).loss.numpy(),

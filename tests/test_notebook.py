@@ -44,10 +44,13 @@ def test_probe_is_cached_and_results_frame(view) -> None:
     frame = view.results
     assert isinstance(frame, pd.DataFrame)
     assert sorted(frame.loc[frame.probe == "hessian_trace", "step"]) == list(STEPS)
-    traj = view.trajectory("hessian_trace")
-    assert list(traj["step"]) == list(STEPS) and "estimate" in traj and "stderr" in traj
-    assert view.trajectory("hessian_eigenvalues")["values_1"].iloc[0] == pytest.approx(float(first.values[0]))
-    assert len(view.figure("hessian_trace").data) >= 2  # one line per plotted quantity
+    traj = view.trajectory("hessian_trace")  # tidy: one row per step and quantity
+    assert list(traj.columns) == ["step", "quantity", "index", "value"]
+    assert sorted(set(traj["step"])) == list(STEPS) and {"estimate", "stderr"} <= set(traj["quantity"])
+    eig = view.trajectory("hessian_eigenvalues")
+    lam1 = eig[(eig.quantity == "values") & (eig["index"] == 1)]["value"]
+    assert lam1.iloc[0] == pytest.approx(float(first.values[0]))
+    assert list(view.figure("hessian_trace").data[0].x) == list(STEPS)  # every checkpoint on the x axis
     ((step, cached),) = view.cached("hessian_eigenvalues")
     assert step == 4 and isinstance(cached, Result)
 

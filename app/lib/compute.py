@@ -7,6 +7,7 @@ optimizer's preconditioner (``optimizer_state=True``: the optimizer file's hash 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,10 +68,15 @@ def _split_sizes(run_path: str, dataset_json: str) -> dict[str, int]:
     return {name: int(len(getattr(ds, name)[1])) for name in ("train", "test")}
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _class_counts(run_path: str, dataset_json: str) -> dict[str, int | None]:
+    ds = Run.open(run_path).load_dataset()
+    labels = {name: runner.class_labels(getattr(ds, name)[1]) for name in ("train", "test")}
+    return {name: None if y is None else int(y.unique().numel()) for name, y in labels.items()}
+
+
 def split_sizes(run: Run) -> dict[str, int]:
     """Samples in the run's train and test splits (cached per run and data spec)."""
-    import json
-
     return _split_sizes(str(run.path), json.dumps(run.dataset_config, sort_keys=True, default=str))
 
 
@@ -126,8 +132,19 @@ def data_controls(
                 + (" (the data the run was trained on)." if split == "train" else ".")
             )
         elif sample == "stratified":
+            try:
+                classes = _class_counts(
+                    str(run.path), json.dumps(run.dataset_config, sort_keys=True, default=str)
+                )
+            except Exception:  # noqa: BLE001 - as above
+                classes = {}
+            n_cls = classes.get(split)
+            kept = (
+                "every class kept" if n_cls is None or max_samples >= n_cls
+                else f"{max_samples} of the {n_cls} classes kept, one sample each"
+            )  # fmt: skip
             c3.caption(
-                f"Using a class-stratified subset: {max_samples} of {size} {split} samples, every class kept"
+                f"Using a class-stratified subset: {max_samples} of {size} {split} samples, {kept}"
                 + (f" (the budget is {budget})." if max_samples == budget else ".")
             )
         else:

@@ -10,6 +10,8 @@ import streamlit as st
 
 from dynascope.models import Run, RunError
 
+from .demos import missing_demos
+
 RUNS_DIR_ENV = "DYNASCOPE_RUNS_DIR"
 _RUN_KEY = "dynascope_run_path"  # session state: absolute path of the selected run folder
 _EXTRA_KEY = "dynascope_extra_runs"  # session state: run folders opened from elsewhere on disk
@@ -43,8 +45,11 @@ def discover_runs(root: Path, max_depth: int = 3) -> list[Path]:
 
 
 def known_runs() -> list[Path]:
-    """Runs under the runs folder plus those opened from disk in this session (no duplicates)."""
-    runs = discover_runs(runs_dir())
+    """Runs under the runs folder plus those opened from disk in this session (no duplicates); a demo run
+    still being built is left out until it is complete (its pages would show a partial sweep)."""
+    root = runs_dir()
+    building = {root / name for name in missing_demos(root)}
+    runs = [p for p in discover_runs(root) if p not in building]
     extra = [Path(p) for p in st.session_state.get(_EXTRA_KEY, []) if Run.is_run(p)]
     return list(dict.fromkeys([*runs, *extra]))
 
@@ -127,6 +132,13 @@ def trust_box(run: Run) -> bool:
             run.trust()
             st.rerun()
     return False
+
+
+def step_label(run: Run) -> str:
+    """What a run's checkpoint steps are: ``"step"``, or the swept variable of a sweep run (double descent
+    keeps one checkpoint per model size at ``step = p``) — the x title of its across-checkpoint figures."""
+    sweep = run.extra.get("sweep_variable")
+    return f"{sweep} (checkpoint step)" if sweep else "step"
 
 
 def phenomenon_of(path: Path | str) -> str | None:

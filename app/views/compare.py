@@ -8,6 +8,8 @@ step; double-descent runs as test error against model size.
 
 from __future__ import annotations
 
+import hashlib
+
 import pandas as pd
 import streamlit as st
 from lib import compute, downloads, errors, state
@@ -36,10 +38,15 @@ if len(runs) < 2:
 
 phenomenon = run.extra.get("phenomenon") if run is not None else None
 same = [p for p, r in runs.items() if phenomenon and r.extra.get("phenomenon") == phenomenon]
-default = same if len(same) >= 2 else list(runs)[:2]
+# else the selected run and the first other whose steps are of the same kind (training steps, or model sizes)
+kind = run.extra.get("sweep_variable") if run is not None else None
+alike = [p for p, r in runs.items() if r.extra.get("sweep_variable") == kind]
+current = [str(run.path)] if run is not None and str(run.path) in alike else []
+default = same if len(same) >= 2 else (current + [p for p in alike if p not in current])[:2]
 chosen = st.multiselect(
     "Runs", list(runs), default=default, format_func=state.label, key="cmp_runs",
-    help="Default: every run of the selected run's phenomenon (e.g. its seeds or learning rates).",
+    help="Default: every run of the selected run's phenomenon (e.g. its seeds or learning rates), else the "
+    "selected run and one whose steps are of the same kind.",
 )  # fmt: skip
 
 
@@ -104,16 +111,26 @@ with errors.guard("Run comparison"):
             st.info("The selected runs share no numeric metric column.")
             st.stop()
         sweeps = {r.extra.get("sweep_variable") for r in picked.values()}
+        if len(sweeps) > 1:  # a double-descent run's "step" is its model size p, not a training step
+            kinds = ", ".join(
+                sorted(f"{v} (one checkpoint per value)" if v else "training step" for v in sweeps)
+            )
+            st.warning(
+                f"The selected runs put different things on their step axis: {kinds}. Pick runs of one kind."
+            )
+            st.stop()
         x_default = next(iter(sweeps)) if len(sweeps) == 1 and None not in sweeps else "step"
         x_default = x_default if x_default in common else common[0]
         y_pref = ("test_mse", "test_error", "test_acc", "test_loss", "train_loss")
         ys = [c for c in common if c != x_default]
         y_default = next((c for c in y_pref if c in ys), ys[0] if ys else x_default)
         c1, c2, c3, c4 = st.columns(4)
-        x = c1.selectbox("x-axis", common, index=common.index(x_default), key="cmp_x")
-        y = c2.selectbox("y-axis", ys or common, index=(ys or common).index(y_default), key="cmp_y")
-        log_x = c3.toggle("Log x-axis", value=x != "step", key="cmp_logx")
-        log_y = c4.toggle("Log y-axis", value=False, key="cmp_logy")
+        # the axes' choices belong to this set of runs: another set starts from its own defaults
+        which = hashlib.sha256("|".join(sorted(chosen)).encode()).hexdigest()[:8]
+        x = c1.selectbox("x-axis", common, index=common.index(x_default), key=f"cmp_x_{which}")
+        y = c2.selectbox("y-axis", ys or common, index=(ys or common).index(y_default), key=f"cmp_y_{which}")
+        log_x = c3.toggle("Log x-axis", value=x != "step", key=f"cmp_logx_{which}")
+        log_y = c4.toggle("Log y-axis", value=False, key=f"cmp_logy_{which}")
         frames = {name: m.groupby(x, as_index=False)[y].mean() for name, m in metrics.items()}
         fig = figures.overlay_figure(frames, x=x, y=y, log_x=log_x, log_y=log_y)
     table = pd.concat([f.assign(run=name) for name, f in frames.items()], ignore_index=True)

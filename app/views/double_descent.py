@@ -52,9 +52,9 @@ with errors.guard("Double descent"):
     log_x = c3.toggle("Log x-axis", value=x != "step", key="dd_logx")
     log_y = c4.toggle(
         "Log y-axis",
-        value=False,
+        value=True,
         key="dd_logy",
-        help="Linear by default: the test-error peak at the interpolation threshold stands out.",
+        help="Log by default: both descents show (a linear axis flattens everything but the peak).",
     )
     show_train = c5.toggle(
         "Also train error",

@@ -11,7 +11,7 @@ st.title("Gradients")
 run = state.require_run()
 state.page_settings_for("grad", run)
 st.caption(
-    "Coherence α = E_{i≠j}[g_i·g_j] / E_i[‖g_i‖²] over distinct pairs of per-example gradients "
+    "Coherence α = E[g_i·g_j] / E[‖g_i‖²], the numerator over distinct pairs i ≠ j of per-example gradients "
     "(Chatterjee, 2020): α near 1 means examples pull the same way; m-coherence = 1 + (m−1)α. "
     "The simple noise scale B = tr(Σ)/‖ḡ‖² (McCandlish et al., 2018) estimates the critical batch size."
 )
@@ -33,7 +33,7 @@ with errors.guard("Gradient coherence"):
     if results:
         frame = figures.coherence_frame(results)
         downloads.chart(
-            figures.coherence_figure(frame),
+            figures.relabel_steps(figures.coherence_figure(frame), state.step_label(run)),
             frame,
             f"{state.label(run.path)}_coherence",
             key="grad_traj",

@@ -8,6 +8,7 @@ from typing import Any
 import streamlit as st
 from lib import compute, downloads, errors, state
 
+from dynascope import runner
 from dynascope.probes import figures
 from dynascope.probes.trace import TRACE_METHODS
 
@@ -43,8 +44,9 @@ def sweep_chart(
         )  # fmt: skip
         if results:
             frame = frame_of(results)
+            fig = figures.relabel_steps(figure_of(frame), state.step_label(run))
             downloads.chart(
-                figure_of(frame), frame, f"{state.label(run.path)}_{name}", key=key,
+                fig, frame, f"{state.label(run.path)}_{name}", key=key,
                 extra_json=extra(results) if extra else None,
             )  # fmt: skip
 
@@ -66,17 +68,28 @@ with tab_topk:
     )  # fmt: skip
 
 with tab_density:
-    c1, c2, c3 = st.columns(3)
-    n_probes = int(c1.number_input("SLQ probes", 1, 20, 3, key="hess_probes"))
-    lanczos_steps = int(c2.number_input("Lanczos steps", 5, 200, 30, key="hess_lsteps"))
-    log_y = c3.toggle(
+    slq = runner.call_params(run, "hessian_density")  # the defaults the CLI and notebook use too
+    c1, c2, c3, c4 = st.columns(4)
+    n_probes = int(c1.number_input("SLQ probes", 1, 20, int(slq["n_probes"]), key="hess_probes"))
+    lanczos_steps = int(
+        c2.number_input("Lanczos steps", 5, 200, int(slq["lanczos_steps"]), key="hess_lsteps")
+    )
+    deflate = int(
+        c3.number_input(
+            "Outliers computed exactly", 0, 50, int(slq["deflate"]), key="hess_deflate",
+            help="The largest-magnitude eigenvalues found by Lanczos first and removed from the probes: the "
+            "outliers carry the higher moments, which random probes estimate with ~100 % error.",
+        )
+    )  # fmt: skip
+    log_y = c4.toggle(
         "Log-scale density",
         value=True,
         key="hess_density_log",
         help="A log y-axis shows the bulk near zero and the isolated outliers together.",
     )
     sweep_chart(
-        "hess_density", "hessian_density", {"n_probes": n_probes, "lanczos_steps": lanczos_steps},
+        "hess_density", "hessian_density",
+        {"n_probes": n_probes, "lanczos_steps": lanczos_steps, "deflate": deflate},
         label="Hessian density (SLQ)", button="Compute spectral density", frame_of=figures.density_frame,
         figure_of=lambda f: figures.density_figure(f, log_y=log_y), name="hessian_density",
         extra=lambda rs: {"ritz": {s: r.ritz_frame().to_dict(orient="list") for s, r in rs.items()}},

@@ -8,6 +8,7 @@ import streamlit as st
 import torch
 from lib import compute, downloads, errors, state
 
+from dynascope import runner
 from dynascope.probes import figures
 
 st.title("Loss landscape")
@@ -73,7 +74,7 @@ with tab_surface:
     resolution = int(c1.number_input("Grid points per axis", 3, 81, 15, key="land_res"))
     value = c2.radio("Show", ["loss", "accuracy"], horizontal=True, key="land_value")
     view = c3.radio("View", ["contour", "surface"], horizontal=True, key="land_view")
-    log = st.toggle("log₁₀ loss", key="land_log")
+    log = st.toggle("log₁₀ loss", value=True, key="land_log")
     result = None
     with errors.guard("Loss surface"):
         if mode.startswith("Training"):
@@ -161,6 +162,17 @@ with tab_surface:
                 key="land_surface",
                 extra_json={"trajectory": traj.to_dict(orient="list"), "kinds": result.kinds},
             )
+
+
+def _label_counts(y: torch.Tensor) -> str:
+    """``class 3: 12, class 7: 5`` for integer labels or one-hot / soft targets (their argmax); regression
+    targets (one float per example) as ``mean ± std``."""
+    labels = runner.class_labels(y)
+    if labels is None:
+        v = y.reshape(len(y), -1)[:, 0].double()
+        return f"target {float(v.mean()):.3g} ± {float(v.std()) if len(v) > 1 else 0.0:.2g} (mean ± std)"
+    counts = pd.Series(labels.tolist()).value_counts()
+    return ", ".join(f"class {k}: {v}" for k, v in counts.items())
 
 
 def _sharpness(steps: list[int]) -> pd.DataFrame | None:
@@ -260,8 +272,7 @@ with tab_opp:
                 if not members:
                     continue
                 st.subheader(f"Group {gname}: {len(members)} examples")
-                labels = pd.Series(y[members].reshape(len(members), -1)[:, 0].tolist()).value_counts()
-                st.caption("Labels: " + ", ".join(f"{k}: {v}" for k, v in labels.items()))
+                st.caption("Labels: " + _label_counts(y[members]))
                 if x.dim() >= 3:  # images: [N, H, W] or [N, C, H, W]
                     imgs = [x[i].float() for i in members[:8]]
                     imgs = [(im if im.dim() == 2 else im.movedim(0, -1).squeeze(-1)) for im in imgs]

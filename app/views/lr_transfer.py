@@ -8,6 +8,7 @@ from lib import detectors, downloads, errors, state
 
 from dynascope.probes import figures
 from dynascope.recipes import read_lr_sweep
+from dynascope.recipes.lr_transfer import SWEEP_FILE
 
 st.title("Learning-rate transfer")
 run = state.require_run()
@@ -20,6 +21,21 @@ st.caption(
     "Reads an lr_transfer run's lr_sweep.csv (final train loss per width and η) and metrics.csv "
     "(trajectories at the reference η; sharpness in η units, so GD is stable below 2/η)."
 )
+
+if not (run.path / SWEEP_FILE).is_file():
+    st.info(
+        f"`{state.label(run.path)}` holds no learning-rate sweep ({SWEEP_FILE}). This page reads the runs of "
+        "the `lr_transfer` recipe: one η grid trained at several widths. Make one (`--small`: the CI-sized "
+        "variant) and open it here:"
+    )
+    st.code(
+        "# μP (the recipe's default) and, for contrast, the standard parametrisation\n"
+        f"dynascope recipe lr_transfer --out {state.runs_dir() / 'lr_transfer'} --small\n"
+        f"dynascope recipe lr_transfer --out {state.runs_dir() / 'lr_transfer_sp'} --small "
+        "--set parametrization=sp",
+        language="bash",
+    )
+    st.stop()
 
 with errors.guard("Learning-rate transfer"):
     sweep = read_lr_sweep(run)

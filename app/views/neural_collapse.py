@@ -34,7 +34,7 @@ with errors.guard("Neural collapse"):
     if results:
         frame = figures.nc_frame(results)
         downloads.chart(
-            figures.nc_figure(frame),
+            figures.relabel_steps(figures.nc_figure(frame), state.step_label(run)),
             frame,
             f"{state.label(run.path)}_neural_collapse",
             key="nc_traj",

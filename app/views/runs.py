@@ -259,9 +259,10 @@ with errors.guard("Reading the result store"):
 # ------------------------------------------------------------------ report
 with st.container(border=True, key="runs_report"):
     st.markdown(
-        "**Run report**: one self-contained HTML page of everything computed for this run (figures, tables, "
-        "detector evidence, versions, checkpoint hashes, data used) plus its SVG/CSV files as a zip. "
-        f"From a shell: `dynascope report {run.path} --out report.html`."
+        "**Run report**: a short document of everything computed for this run, laid out as a paper "
+        "appendix — the run and the detector's verdict first, then one figure per probe over its checkpoints "
+        "with a caption saying how it was computed; the raw numbers as CSV files (in the zip). Print it to "
+        f"PDF from the browser, or from a shell: `dynascope report {run.path} --out report.html --pdf`."
     )
     if st.button("Build the report", key="runs_report_build"):
         with errors.guard("Run report"), st.spinner("Writing the report…"):

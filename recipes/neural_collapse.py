@@ -1,0 +1,93 @@
+"""Neural collapse in the terminal phase of training (Papyan, Han & Donoho, 2020; Han et al., 2022 for MSE).
+
+``neural_collapse``: a ReLU MLP 64 → 128 → 128 → 10 on 100 digits (10 per class, pixels centred), one-hot
+targets and the MSE loss, full-batch SGD (momentum 0.9, η = 0.2, weight decay 1e-3) for 1500 steps —
+training error reaches 0 within ~150 steps and the rest is the terminal phase, where the penultimate
+features of each class shrink to their mean (NC1), the class means approach a simplex ETF (NC2), the
+classifier aligns with them (NC3) and the network becomes a nearest-class-mean classifier (NC4).
+Checkpoints are log-spaced, so the early fall and the slow terminal phase are both sampled.
+
+Measured on this recipe (seed 0; ``dynascope probe neural_collapse``, all 100 training samples): NC1
+0.60 at step 0 → 0.17 at step 105 → 0.012 at step 1500 (1.7 decades), NC4 0.09 → 1.0. MSE with weight
+decay collapses faster than cross-entropy at this size (cross-entropy, 500 samples, 3000 steps: NC1
+0.66 → 0.25); a larger weight decay (2e-3) stops at NC1 ≈ 0.025.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..models import Run
+from .base import Recipe, check_config_keys, register_recipe
+from .train import train
+
+__all__ = ["NC_CONFIG", "neural_collapse"]
+
+NC_CONFIG: dict[str, Any] = {
+    "n_train": 100,
+    "n_test": 500,
+    "width": 128,
+    "depth": 2,
+    "lr": 0.2,
+    "momentum": 0.9,
+    "weight_decay": 1e-3,
+    "steps": 1500,
+    "log_every": 15,
+    "n_checkpoints": 12,
+    "device": "cpu",
+}
+
+
+def neural_collapse(
+    out: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    progress: Any = True,
+    overwrite: bool = False,
+    resume: bool = True,
+    **config: Any,
+) -> Run:
+    """Train the neural-collapse recipe into run folder ``out`` (config keys: ``NC_CONFIG``)."""
+    check_config_keys("neural_collapse", config, NC_CONFIG)
+    cfg = {**NC_CONFIG, **config}
+    run_cfg = {
+        "path": out,
+        "model": {"name": "mlp", "in_dim": 64, "width": int(cfg["width"]), "depth": int(cfg["depth"]),
+                  "out_dim": 10, "activation": "relu", "seed": seed},
+        "dataset": {"name": "digits", "n_train": int(cfg["n_train"]), "n_test": int(cfg["n_test"]),
+                    "normalize": "center", "targets": "onehot", "seed": seed},
+        "optimizer": {"name": "sgd", "lr": float(cfg["lr"]), "momentum": float(cfg["momentum"]),
+                      "weight_decay": float(cfg["weight_decay"])},
+        "loss": "mse",
+        "seed": seed,
+        "extra": {"recipe": "neural_collapse", "phenomenon": "neural_collapse", "config": cfg,
+                  "batch_size": None},
+        "notes": "Neural collapse: full-batch SGD with weight decay on 100 digits, MSE on one-hot targets, "
+        "trained far past zero training error.",
+    }  # fmt: skip
+    return train(
+        run_cfg,
+        steps=int(cfg["steps"]),
+        log_every=int(cfg["log_every"]),
+        checkpoint_steps="log",
+        n_checkpoints=int(cfg["n_checkpoints"]),
+        save_optimizer="last",
+        progress=progress,
+        resume=resume,
+        overwrite=overwrite,
+        device=cfg["device"],
+    )
+
+
+register_recipe(
+    Recipe(
+        name="neural_collapse",
+        phenomenon="neural_collapse",
+        description="MLP 64→128→128→10 on 100 digits, MSE on one-hot targets, SGD momentum 0.9, η 0.2, "
+        "wd 1e-3, 1500 full-batch steps: NC1 falls from 0.6 to ~0.01 in the terminal phase.",
+        fn=neural_collapse,
+        config=NC_CONFIG,
+        small={},
+    )
+)
