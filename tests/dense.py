@@ -13,17 +13,26 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def flat_call(model: nn.Module) -> tuple[torch.Tensor, Callable[..., Any]]:
-    """``(θ, call)``: the parameters flattened (detached) and ``call(θ', *inputs)``, the model's forward at
-    parameters ``θ'`` (buffers as they are; attention on the math SDPA backend, which has double backward)."""
+def flat_params(model: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
+    """``(θ, unflat)``: the parameters flattened (detached) and ``unflat(θ')`` as ``{name: tensor}``."""
     named = list(model.named_parameters())
     shapes, numels = [p.shape for _, p in named], [p.numel() for _, p in named]
     theta = torch.cat([p.detach().reshape(-1) for _, p in named])
 
+    def unflat(th: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.reshape(s) for (n, _), t, s in zip(named, torch.split(th, numels), shapes)}
+
+    return theta, unflat
+
+
+def flat_call(model: nn.Module) -> tuple[torch.Tensor, Callable[..., Any]]:
+    """``(θ, call)``: the parameters flattened (detached) and ``call(θ', *inputs)``, the model's forward at
+    parameters ``θ'`` (buffers as they are; attention on the math SDPA backend, which has double backward)."""
+    theta, unflat = flat_params(model)
+
     def call(th: torch.Tensor, *inputs: Any) -> Any:
-        params = {n: t.reshape(s) for (n, _), t, s in zip(named, torch.split(th, numels), shapes)}
         with sdpa_kernel(SDPBackend.MATH):
-            return functional_call(model, params, inputs)
+            return functional_call(model, unflat(th), inputs)
 
     return theta, call
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from dense import flat_params
 from torch import nn
 
 from dynascope.probes import hessian_eigenvalues
@@ -32,14 +33,11 @@ def _data():
 
 
 def _dense_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, buffers: dict) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    flat, unflat = flat_params(model)
+    flat = flat.double()
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
-        params = {n: t.view(s) for n, t, s in zip(names, theta.split([s.numel() for s in shapes]), shapes,
-                                                  strict=True)}  # fmt: skip
-        out = torch.func.functional_call(model, {**params, **buffers}, (x.double(),))
+        out = torch.func.functional_call(model, {**unflat(theta), **buffers}, (x.double(),))
         return nn.functional.cross_entropy(out, y)
 
     return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)
@@ -82,14 +80,10 @@ def test_weight_norm_is_probed_through_plain_ops() -> None:
     model = nn.Sequential(weight_norm(nn.Linear(8, 6)), nn.Tanh(), weight_norm(nn.Linear(6, 3))).double()
     x, y = _data()
     x = x.double()
-    named = dict(model.named_parameters())
-    names = list(named)
-    shapes = [named[n].shape for n in names]
-    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+    flat, unflat = flat_params(model)
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
-        parts = theta.split([s.numel() for s in shapes])
-        p = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        p = unflat(theta)
         h = x
         for i, act in ((0, torch.tanh), (2, None)):
             g, v = p[f"{i}.parametrizations.weight.original0"], p[f"{i}.parametrizations.weight.original1"]
@@ -216,13 +210,7 @@ def test_a_model_of_two_positional_inputs_from_tuples_and_a_dataloader() -> None
     xt = torch.randn(24, 4, generator=g, dtype=torch.float64)
     t = torch.rand(24, generator=g, dtype=torch.float64)
     eps = torch.randn(24, 4, generator=g, dtype=torch.float64)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def unflat(theta: torch.Tensor) -> dict:
-        parts = theta.split([s.numel() for s in shapes])
-        return {n: v.view(s) for n, v, s in zip(names, parts, shapes, strict=True)}
+    flat, unflat = flat_params(model)
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
         return (torch.func.functional_call(model, unflat(theta), (xt, t)) - eps).pow(2).mean()
@@ -254,15 +242,10 @@ def test_a_tiny_t5_from_dict_batches_derives_its_decoder_inputs_as_hf_does() -> 
     ids = torch.randint(1, 10, (6, 5), generator=g)
     labels = torch.randint(1, 10, (6, 4), generator=g)
     labels[0, -1] = -100  # an ignored target
-    named = dict(model.named_parameters())
-    names = list(named)
-    shapes = [named[n].shape for n in names]
-    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+    flat, unflat = flat_params(model)
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
-        parts = theta.split([s.numel() for s in shapes])
-        params = {n: v.view(s) for n, v, s in zip(names, parts, shapes, strict=True)}
-        return torch.func.functional_call(model, params, (), {"input_ids": ids, "labels": labels}).loss
+        return torch.func.functional_call(model, unflat(theta), (), {"input_ids": ids, "labels": labels}).loss
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -297,14 +280,10 @@ def test_the_ntk_of_a_mixture_of_experts_falls_back_to_per_example_jacobians() -
 
     model = TopOneMoE().double()
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    flat, unflat = flat_params(model)
 
     def outputs(theta: torch.Tensor) -> torch.Tensor:
-        parts = theta.split([s.numel() for s in shapes])
-        params = {n: v.view(s) for n, v, s in zip(names, parts, shapes, strict=True)}
-        return torch.func.functional_call(model, params, (x,))
+        return torch.func.functional_call(model, unflat(theta), (x,))
 
     J = torch.autograd.functional.jacobian(outputs, flat)
     with pytest.warns(RuntimeWarning, match="per-example jacrev used instead"):
