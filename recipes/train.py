@@ -215,8 +215,10 @@ def _as_run(run_or_config: Run | str | os.PathLike[str] | Mapping[str, Any], ove
     )
 
 
-#: What makes an existing run folder the same run as a config: these run.json keys and the recipe's config.
+#: What makes an existing run folder the same run as a config: these run.json keys and the recipe's config
+#: but for the keys of :data:`_RESUMABLE` (training longer, or on another device, continues the same run).
 _SAME_RUN = ("model", "dataset", "optimizer", "lr_schedule", "loss", "seed")
+_RESUMABLE = ("steps", "device")
 
 
 def _same_run(path: Path, want: Mapping[str, Any]) -> Run:
@@ -227,9 +229,16 @@ def _same_run(path: Path, want: Mapping[str, Any]) -> Run:
     def canon(v: Any) -> Any:
         return json.loads(json.dumps(v))
 
+    def recipe_config(extra: Mapping[str, Any]) -> Any:  # how long and where it trains is not another run
+        cfg = extra.get("config")
+        return {k: v for k, v in cfg.items() if k not in _RESUMABLE} if isinstance(cfg, Mapping) else cfg
+
     differs = [k for k in _SAME_RUN if canon(want.get(k)) != canon(run.config.get(k))]
     mine, theirs = want.get("extra") or {}, run.extra
-    differs += [f"extra.{k}" for k in ("recipe", "config") if canon(mine.get(k)) != canon(theirs.get(k))]
+    if canon(mine.get("recipe")) != canon(theirs.get("recipe")):
+        differs.append("extra.recipe")
+    if canon(recipe_config(mine)) != canon(recipe_config(theirs)):
+        differs.append("extra.config")
     if differs:
         raise RunError(
             path,

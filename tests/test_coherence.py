@@ -116,7 +116,9 @@ def test_estimators_match_explicit_pairwise_formulas_and_identity() -> None:
     assert list(frame["group"])[0] == "all" and len(frame) == 1 + len(res.per_class) == 4
     d = json.loads(json.dumps(res.to_dict()))
     assert d["meta"]["mode"] == "eval" and "i != j" in d["meta"]["pairs"]
-    assert len(res.figure().data) == 1
+    fig = res.figure()  # bars per class, α(all) as a line named in the legend
+    assert [t.name for t in fig.data][0] == "α per class" and fig.data[1].name.startswith("α (all)")
+    assert list(fig.data[1].y) == pytest.approx([res.alpha] * 3)
 
 
 def test_coherence_stats_edge_cases_and_bad_input() -> None:

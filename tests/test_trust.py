@@ -243,8 +243,10 @@ def test_a_recipe_resumes_its_own_run_and_refuses_to_restart_it(tmp_path: Path, 
     capsys.readouterr()
     assert recipe_main([*args, "--no-resume"]) == 2  # starting over would delete them
     assert "resume=False" in capsys.readouterr().err and _checkpoint_bytes(out) == before
-    assert recipe_main([*args[:5], "5", *args[6:]]) == 2  # another config (steps): another run
+    assert recipe_main([*args, "--set", "lr=0.5"]) == 2  # another config (lr): another run
     assert _checkpoint_bytes(out) == before
+    assert recipe_main([*args[:5], "6", *args[6:]]) == 0  # training longer continues the same run
+    assert all(_checkpoint_bytes(out)[k] == v for k, v in before.items() if k in _checkpoint_bytes(out))
     assert recipe_main([*args, "--no-resume", "--overwrite"]) == 0
 
 
