@@ -84,7 +84,7 @@ def names_the_knob(probe: str, budget: int, formula: str) -> Iterator[None]:
 
 
 #: Rows of two float64 ``[rows, b]`` chunks and their product: :func:`column_dots` holds at most 3 × this.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 4 * 2**20
 
 
 def chunk_bytes(size: int, b: int) -> int:
