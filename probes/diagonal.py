@@ -298,7 +298,8 @@ def hessian_diagonal(
             spatial_average=spatial_average, memory_budget=budget,
         )  # fmt: skip
     settings = {"n_matvecs": n_matvecs, "method": method, "spatial_average": spatial_average,
-                "params": params, "batch_size": batch_size, "block": block}  # fmt: skip
+                "params": params, "batch_size": batch_size, "block": block,
+                "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_diagonal", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism,

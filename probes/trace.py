@@ -33,6 +33,15 @@ hold 57 % of ``‖H‖_F²`` and 14 % of the trace), so even deflating the *exac
 relative standard deviation of 2.7 % / 1.4 % / 0.9 % of the trace at 10 / 26 / 50 products there.
 
 Products are taken in blocks (``matmat``): one data pass serves a whole block of probes.
+
+Memory (``memory_budget``, :mod:`~dynascope.probes.budget`): no estimator holds ``[P, n_matvecs]``. Probes
+are streamed ``b`` at a time; their signs are kept as ``int8`` (``m·P`` bytes, the values of
+``random_vectors``, so estimates equal those before the budget) when that fits, else drawn per block.
+Hutchinson holds ``2b`` vectors of ``P``; Hutch++ and auto ``max(2r, r + 2b)`` (the sketch ``A S``, then
+its QR in the operator's dtype; the residual probes are projected block by block); Krylov++
+``max(k + 4c, k + 2b)``.
+Where the budget binds, :func:`plan_trace` draws the signs per block, then lowers ``b``, then the sketch
+``r`` / ``k`` (the freed products go to the residual probes), and says so in ``meta``.
 """
 
 from __future__ import annotations
@@ -519,7 +528,7 @@ def hessian_trace(
             )
             used = method
     settings = {"n_matvecs": n_matvecs, "method": method, "params": params, "batch_size": batch_size,
-                "block": block}  # fmt: skip
+                "block": block, "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_trace", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, probes="rademacher",
