@@ -66,15 +66,21 @@ def too_small(probe: str, budget: int, need: int, what: str) -> MemoryBudgetErro
     )
 
 
+#: How CPU allocators word an allocation failure in a ``RuntimeError`` (CUDA: ``torch.OutOfMemoryError``).
+_OOM_TEXT = ("can't allocate memory", "not enough memory", "out of memory")
+
+
 @contextmanager
 def names_the_knob(probe: str, budget: int, formula: str) -> Iterator[None]:
     """Re-raise an out-of-memory error as :class:`MemoryBudgetError` naming ``memory_budget`` and ``block``
     (never swallowed: the probe stops)."""
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as err:
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as err:
         text = str(err)
-        if not isinstance(err, torch.OutOfMemoryError) and "memory" not in text.lower():
+        if isinstance(err, MemoryBudgetError) or not (
+            isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(s in text for s in _OOM_TEXT)
+        ):
             raise
         raise MemoryBudgetError(
             f"{probe} ran out of memory within memory_budget={budget} bytes ({gib(budget)}; its vectors: "
