@@ -42,11 +42,11 @@ SIZES = {
 }
 LOSS = {"name": "token_cross_entropy", "shift": True}
 BATCH, TOKENS = 4, 128
-MATMAT = 8  # vectors of the one block product whose peak the hvp task also measures
 
 
-def child(size: str, tasks: list[str], trace_matvecs: int, device: str, mem_limit: int) -> None:
+def child(size: str, tasks: list[str], args: argparse.Namespace) -> None:
     """Run the tasks for one size in this (fresh) process; print one JSON line per task."""
+    device, trace_matvecs, mem_limit = args.device, args.trace_matvecs, int(args.mem_limit_gb * 2**30)
     if mem_limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     import torch
@@ -71,7 +71,7 @@ def child(size: str, tasks: list[str], trace_matvecs: int, device: str, mem_limi
         print(json.dumps({"size": size, "P": P, "task": task, "load": os.getloadavg()[0],
                           "rss_now": rss_bytes(), **row}), flush=True)  # fmt: skip
 
-    def timed(fn, repeats: int = 3) -> tuple[float, float, int | None]:
+    def timed(fn, repeats: int = args.repeats) -> tuple[float, float, int | None]:
         """Least wall and CPU seconds over ``repeats`` runs after a warm-up (least: the run that other jobs
         on the machine disturbed least), and the peak memory of the last."""
         fn()
@@ -103,12 +103,16 @@ def child(size: str, tasks: list[str], trace_matvecs: int, device: str, mem_limi
             v = torch.randn(op.size, generator=g).to(device=op.device, dtype=op.dtype)
             wall, cpu["hvp"], peak = timed(lambda op=op, v=v: op.matvec(v))
             ratio = cpu["hvp"] / cpu["grad"] if "grad" in cpu else None
-            V = torch.randn(op.size, MATMAT, generator=g).to(device=op.device, dtype=op.dtype)
-            with peak_memory(device) as block_peak:  # the product's own memory grows with the block
-                op.matmat(V)
-            emit("hvp", seconds=wall, cpu_seconds=cpu["hvp"], peak=peak, ratio=ratio,
-                 backend=op.meta().get("backend"), matmat_peak=block_peak.bytes)  # fmt: skip
-            del op, v, V
+            block_peak = None
+            if args.matmat:
+                V = torch.randn(op.size, args.matmat, generator=g).to(device=op.device, dtype=op.dtype)
+                with peak_memory(device) as bp:  # the product's own memory grows with the block
+                    op.matmat(V)
+                block_peak = bp.bytes
+                del V
+            emit("hvp", seconds=wall, cpu_seconds=cpu["hvp"], peak=peak, ratio=ratio, matmat=args.matmat,
+                 backend=op.meta().get("backend"), matmat_peak=block_peak)  # fmt: skip
+            del op, v
         elif task == "trace":
             t0, c0 = time.perf_counter(), time.process_time()
             r = probes.hessian_trace(model, data, loss=LOSS, n_matvecs=trace_matvecs)
@@ -138,8 +142,8 @@ def child(size: str, tasks: list[str], trace_matvecs: int, device: str, mem_limi
 
 def run_size(size: str, args: argparse.Namespace) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", size, "--tasks", args.tasks, "--trace-matvecs",
-           str(args.trace_matvecs), "--device", args.device,
-           "--mem-limit-gb", str(args.mem_limit_gb)]  # fmt: skip
+           str(args.trace_matvecs), "--device", args.device, "--mem-limit-gb", str(args.mem_limit_gb),
+           "--repeats", str(args.repeats), "--matmat", str(args.matmat)]  # fmt: skip
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -168,7 +172,7 @@ def _fmt(rows: list[dict]) -> list[str]:
         if r["task"] == "hvp":
             det = f"HVP / gradient (CPU s) = **{r['ratio']:.2f}×** ({r['backend']})" if r.get("ratio") else ""
             if r.get("matmat_peak"):
-                det += f"; a block of {MATMAT} products: peak {r['matmat_peak'] / gb:.2f} GB"
+                det += f"; a block of {r['matmat']} products: peak {r['matmat_peak'] / gb:.2f} GB"
         elif r["task"] == "trace":
             signs = "held" if r["held"] else "per block"
             det = (f"{r['method']} {r['estimate']:.4g} ± {r['stderr']:.2g}; block {r['block']}, sketch "
@@ -190,19 +194,20 @@ def main() -> None:
     ap.add_argument("--trace-matvecs", type=int, default=100)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mem-limit-gb", type=float, default=12.0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of grad and hvp after a warm-up")
+    ap.add_argument("--matmat", type=int, default=8, help="vectors of the block product measured (0: none)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(
-            args.child, args.tasks.split(","), args.trace_matvecs, args.device, int(args.mem_limit_gb * 2**30)
-        )
+        child(args.child, args.tasks.split(","), args)
         return
     rows = [row for size in args.sizes.split(",") for row in run_size(size, args)]
     publish(
         SECTION,
         f"Command: `.venv/bin/python bench/bench_scale.py --sizes {args.sizes} --tasks {args.tasks} "
-        f"--trace-matvecs {args.trace_matvecs} --device {args.device} --mem-limit-gb {args.mem_limit_gb:g}` "
+        f"--trace-matvecs {args.trace_matvecs} --device {args.device} --mem-limit-gb {args.mem_limit_gb:g} "
+        f"--repeats {args.repeats} --matmat {args.matmat}` "
         "(torch threads: default; each size in a fresh process with `MALLOC_MMAP_THRESHOLD_=131072` under "
         "`RLIMIT_AS`). GPT-2 from `GPT2Config` (random weights), 4×128 tokens, shifted token cross-entropy. "
         "'peak above start': the task's peak over the memory in use before it; 'load': 1-minute load "
