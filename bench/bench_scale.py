@@ -115,7 +115,8 @@ def child(size: str, tasks: list[str], args: argparse.Namespace) -> None:
             del op, v
         elif task == "trace":
             t0, c0 = time.perf_counter(), time.process_time()
-            r = probes.hessian_trace(model, data, loss=LOSS, n_matvecs=trace_matvecs)
+            budget = {"memory_budget": int(args.memory_budget_gb * 2**30)} if args.memory_budget_gb else {}
+            r = probes.hessian_trace(model, data, loss=LOSS, n_matvecs=trace_matvecs, **budget)
             m = r.meta
             emit("trace", seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
                  peak=m["measured_peak_bytes"], n_matvecs=r.n_matvecs,
@@ -143,7 +144,8 @@ def child(size: str, tasks: list[str], args: argparse.Namespace) -> None:
 def run_size(size: str, args: argparse.Namespace) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", size, "--tasks", args.tasks, "--trace-matvecs",
            str(args.trace_matvecs), "--device", args.device, "--mem-limit-gb", str(args.mem_limit_gb),
-           "--repeats", str(args.repeats), "--matmat", str(args.matmat)]  # fmt: skip
+           "--repeats", str(args.repeats), "--matmat", str(args.matmat),
+           "--memory-budget-gb", str(args.memory_budget_gb)]  # fmt: skip
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -196,6 +198,7 @@ def main() -> None:
     ap.add_argument("--mem-limit-gb", type=float, default=12.0)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of grad and hvp after a warm-up")
     ap.add_argument("--matmat", type=int, default=8, help="vectors of the block product measured (0: none)")
+    ap.add_argument("--memory-budget-gb", type=float, default=0.0, help="trace's memory_budget (0: default)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -207,7 +210,7 @@ def main() -> None:
         SECTION,
         f"Command: `.venv/bin/python bench/bench_scale.py --sizes {args.sizes} --tasks {args.tasks} "
         f"--trace-matvecs {args.trace_matvecs} --device {args.device} --mem-limit-gb {args.mem_limit_gb:g} "
-        f"--repeats {args.repeats} --matmat {args.matmat}` "
+        f"--repeats {args.repeats} --matmat {args.matmat} --memory-budget-gb {args.memory_budget_gb:g}` "
         "(torch threads: default; each size in a fresh process with `MALLOC_MMAP_THRESHOLD_=131072` under "
         "`RLIMIT_AS`). GPT-2 from `GPT2Config` (random weights), 4×128 tokens, shifted token cross-entropy. "
         "'peak above start': the task's peak over the memory in use before it; 'load': 1-minute load "
