@@ -207,3 +207,14 @@ def test_peak_memory_stays_within_the_budget(what: str) -> None:
     assert run["n"] == 60
     assert run["peak"] <= B + product["peak"] + 8 * mib, (run, product)
     assert 12 * run["P"] * 60 > 5 * B  # what the old code held
+
+
+def test_exact_diagonal_under_a_binding_budget() -> None:
+    P = 90
+    A = _sym(P, 6)
+    tight = 2 * 3 * P * 8 + 16 * P + 4 * P * 3 * 8  # 3 unit vectors and their products per block
+    plan = plan_diagonal("exact", P, 0, 8, block=32, budget=tight)
+    assert plan["block_used"] == 3 and plan["budget_binds"]
+    v, se, _, _ = diagonal_estimate(DenseOperator(A), method="exact", memory_budget=tight)
+    torch.testing.assert_close(v, A.diagonal(), rtol=0, atol=1e-13)
+    assert float(se.abs().max()) == 0.0
