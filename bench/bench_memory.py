@@ -1,6 +1,6 @@
 """Peak memory of the eigensolver: ``hessian_eigenvalues(k)`` against one Hessian-vector product.
 
-Run:  .venv/bin/python bench/bench_memory.py [--write]
+Run:  .venv/bin/python bench/bench_memory.py [--part all|eig|budget] [--write]
 
 Each measurement runs in a fresh subprocess: build the model and data, note the resident set (RSS), reset
 the peak (``/proc/self/clear_refs``), run the work, read the peak RSS (``VmHWM``). "one HVP" is one
@@ -11,6 +11,8 @@ the solver's *increase* is its peak minus that. Bound to meet: ``(max_basis + 4)
 
 Cases: an MLP 256-2000-2000-10 (4.53M parameters) on 256 samples, k = 1, 3, 10; and the registry's
 ResNet-18 (widths 64-128-256-512, two blocks per stage, 11.2M parameters) on 64 images 3×32×32, k = 3.
+Then ``hessian_trace`` and ``hessian_diagonal`` (100 products) on the MLP, with the default ``memory_budget``
+and with 256 MiB: the plan they chose and their peak (``probes.budget``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from benchmarks_md import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Eigensolver memory (bench/bench_memory.py)"
+BUDGET_SECTION = "## Trace and diagonal within memory_budget (bench/bench_memory.py --part budget)"
 
 
 def _case(name: str):
@@ -63,6 +66,15 @@ def child(case: str, what: str, k: int) -> None:
         with peak_memory() as peak:
             op.matvec(v)
         out["peak"] = peak.bytes
+    elif what in ("trace", "diagonal"):  # k: memory_budget in MiB (0: the default, half the available memory)
+        kw = {"memory_budget": k * 2**20} if k else {}
+        fn = probes.hessian_trace if what == "trace" else probes.hessian_diagonal
+        with peak_memory() as peak:
+            res = fn(model, data, n_matvecs=100, check_determinism=False, **kw)
+        m = res.meta
+        out.update(peak=peak.bytes, n_matvecs=res.n_matvecs, block=m["block_used"], held=m["probes_held"],
+                   sketch=m.get("sketch_vectors", 0), budget=m["memory_budget"],
+                   vector_bytes=m["vector_bytes"])  # fmt: skip
     else:
         with peak_memory() as peak:
             res = probes.hessian_eigenvalues(model, data, k=k)
@@ -82,6 +94,9 @@ def measure(case: str, what: str, k: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument(
+        "--part", choices=("all", "eig", "budget"), default="all", help="eigensolver rows, budget rows"
+    )
     ap.add_argument("--child", nargs=3, metavar=("CASE", "WHAT", "K"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -94,7 +109,8 @@ def main() -> None:
         "(restarts) | total peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for case, ks in (("mlp", (1, 3, 10)), ("resnet18", (3,))):
+    eig_cases = (("mlp", (1, 3, 10)), ("resnet18", (3,))) if args.part != "budget" else ()
+    for case, ks in eig_cases:
         hvp = measure(case, "hvp")
         for k in ks:
             eig = measure(case, "eig", k)
@@ -109,13 +125,47 @@ def main() -> None:
                 f"{total / mib:.0f} MiB = {total / 1e9:.2f} GB |"
             )
             print(rows[-1], flush=True)
+    intro = (
+        "(torch CPU, 2 threads; peak RSS from `VmHWM` after resetting it through `/proc/self/clear_refs`, "
+        "each row in a fresh process with `MALLOC_MMAP_THRESHOLD_=131072` so that freed tensors leave the "
+        "RSS)."
+    )
+    if args.part != "budget":
+        publish(
+            SECTION,
+            f"Command: `.venv/bin/python bench/bench_memory.py --part eig` {intro} "
+            "Before the block eigensolver, `hessian_eigenvalues(k=3)` raised the peak by 2.1 GB over one "
+            "HVP on the MLP (a preallocated basis of max(100, 20k) vectors) and a ResNet-18 needed 5.6 GB.",
+            rows,
+            args.write,
+        )
+    if args.part == "eig":
+        return
+    rows = [
+        "| probe (100 products) | memory_budget | plan: block, sketch, signs | vectors by the formula "
+        "| peak above base | increase over one HVP |",
+        "|---|---|---|---|---|---|",
+    ]
+    hvp = measure("mlp", "hvp")
+    for what in ("trace", "diagonal"):
+        for budget_mib in (0, 256):
+            r = measure("mlp", what, budget_mib)
+            signs = "held (int8)" if r["held"] else "per block"
+            default = "" if budget_mib else " (default)"
+            rows.append(
+                f"| {what} | {r['budget'] / mib:.0f} MiB{default} | {r['block']}, {r['sketch']}, {signs} | "
+                f"{r['vector_bytes'] / mib:.0f} MiB | {r['peak'] / mib:.0f} MiB | "
+                f"**{(r['peak'] - hvp['peak']) / mib:.0f} MiB** |"
+            )
+            print(rows[-1], flush=True)
     publish(
-        SECTION,
-        "Command: `.venv/bin/python bench/bench_memory.py` (torch CPU, 2 threads; peak RSS from "
-        "`VmHWM` after resetting it through `/proc/self/clear_refs`, each row in a fresh process with "
-        "`MALLOC_MMAP_THRESHOLD_=131072` so that freed tensors leave the RSS). "
-        "Before the block eigensolver, `hessian_eigenvalues(k=3)` raised the peak by 2.1 GB over one "
-        "HVP on the MLP (a preallocated basis of max(100, 20k) vectors) and a ResNet-18 needed 5.6 GB.",
+        BUDGET_SECTION,
+        f"Command: `.venv/bin/python bench/bench_memory.py --part budget` {intro} The MLP above (4.53M "
+        "parameters, 256 samples): `hessian_trace` (default method) and `hessian_diagonal` (Hutchinson), 100 "
+        "products, with the default `memory_budget` (half the available memory when the row ran) and "
+        "256 MiB; one HVP's peak above base is "
+        f"{hvp['peak'] / mib:.0f} MiB. Before the budget both held every probe (`[P, 100]` in float64 and "
+        "float32: 5.4 GB for the trace, plus float64 copies of each block).",
         rows,
         args.write,
     )

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "select_parameters": "functional",
     "eigsh": "lanczos",
     "sharded_operator": "sharded",
+    "MemoryBudgetError": "budget",
     "FiniteDifferenceHessian": "sharded",
     "lanczos_tridiagonal": "lanczos",
     "Loss": "losses",

@@ -31,8 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget import CHUNK_BYTES, RademacherProbes, largest, names_the_knob, resolve_budget, too_small
 from .curvature_setup import RecordingOperator, spectral_meta
-from .operators import LinearOperator, OperatorSpec, random_vectors
+from .memory import peak_memory
+from .operators import LinearOperator, OperatorSpec
 from .results import Result
 from .validation import check_choice, check_int
 
@@ -93,50 +95,89 @@ class HessianDiagonalResult(Result):
 
 
 class _Moments:
-    """Running mean and sum of squared deviations of sample columns, merged block by block (Chan et al.)."""
+    """Running mean and sum of squared deviations per row, merged block by block of sample columns (Chan et
+    al.); a block may arrive in row chunks (:meth:`add`), then :meth:`commit` counts its columns."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
         self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+        self.mean = torch.zeros(size, dtype=torch.float64)
+        self.m2 = torch.zeros(size, dtype=torch.float64)
 
-    def add(self, S: torch.Tensor) -> None:
-        """Merge the samples in the columns of ``S`` (``[..., b]``, float64)."""
+    def add(self, S: torch.Tensor, lo: int = 0) -> None:
+        """Merge the samples in the columns of ``S`` (``[rows, b]``, float64) into rows ``lo:lo+rows``."""
         b = S.shape[-1]
         mean_b = S.mean(dim=-1)
         m2_b = ((S - mean_b[..., None]) ** 2).sum(dim=-1)
-        if self.mean is None:
-            self.n, self.mean, self.m2 = b, mean_b, m2_b
-            return
-        assert self.m2 is not None
         n = self.n + b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (b / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.n * b / n)
-        self.n = n
+        hi = lo + S.shape[0]
+        delta = mean_b - self.mean[lo:hi]
+        self.mean[lo:hi] = self.mean[lo:hi] + delta * (b / n)
+        self.m2[lo:hi] = self.m2[lo:hi] + m2_b + delta**2 * (self.n * b / n)
+
+    def commit(self, b: int) -> None:
+        self.n += b
 
     def stderr(self) -> torch.Tensor:
-        assert self.m2 is not None
         return (self.m2 / (self.n - 1)).sqrt() / math.sqrt(self.n)
 
 
-def _spatial_average(
-    S: torch.Tensor, shapes: Sequence[tuple[int, ...]], numels: Sequence[int]
-) -> torch.Tensor:
-    """Each ≥3-dim block of ``S`` (``[P, b]``) averaged over its dims after the second (kernel dims)."""
-    parts = []
-    for block, shape in zip(torch.split(S, list(numels), dim=0), shapes):
-        if len(shape) >= 3:
-            t = block.reshape(*shape, -1)
-            dims = tuple(range(2, len(shape)))
-            block = t.mean(dim=dims, keepdim=True).expand_as(t).reshape(-1, S.shape[1])
-        parts.append(block)
-    return torch.cat(parts, dim=0)
+def _chunks(shapes: Sequence[tuple[int, ...]], b: int, spatial_average: bool) -> list[tuple[int, int, int]]:
+    """``(tensor index, lo, hi)`` row ranges of the flat parameter vector: within one tensor, at most
+    :data:`CHUNK_BYTES` of float64 ``[rows, b]`` each, whole kernels when spatially averaged."""
+    rows = max(1, CHUNK_BYTES // (8 * b))
+    out, start = [], 0
+    for i, shape in enumerate(shapes):
+        numel = math.prod(shape)
+        unit = math.prod(shape[2:]) if spatial_average and len(shape) >= 3 else 1
+        step = max(unit, rows // unit * unit)
+        out += [(i, start + lo, start + min(lo + step, numel)) for lo in range(0, numel, step)]
+        start += numel
+    return out
 
 
-def _layer_means(S: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
-    """``[L, b]``: the mean of each tensor's rows of ``S`` (``[P, b]``)."""
-    return torch.stack([blk.mean(dim=0) for blk in torch.split(S, list(numels), dim=0)])
+def _spatial_average(S: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Rows of a ≥3-dim tensor ``[out, in, *kernel]`` (whole kernels, ``[rows, b]``) averaged over each
+    kernel's entries."""
+    k = math.prod(shape[2:])
+    t = S.reshape(-1, k, S.shape[1])
+    return t.mean(dim=1, keepdim=True).expand_as(t).reshape(S.shape)
+
+
+def plan_diagonal(
+    method: str, size: int, n_matvecs: int, itemsize: int, *, block: int, budget: int
+) -> dict[str, Any]:
+    """Probes per product (``block_used``) and whether the Hutchinson signs are held (``int8``, the values of
+    ``random_vectors``) or drawn per block, so that the vectors fit ``budget`` bytes; their bytes by the
+    formula in ``memory_formula``. Raises :class:`MemoryBudgetError` when one probe does not fit."""
+    V = size * itemsize
+    exact = method == "exact"
+    block = min(block, size if exact else n_matvecs)
+    chunk = lambda b: 4 * min(size * b * 8, CHUNK_BYTES)  # noqa: E731 - float64 row chunks of a block
+
+    def need(b: int, hold: bool) -> int:
+        if exact:
+            return 2 * b * V + 16 * size + chunk(b)
+        return 2 * b * V + 24 * size + (n_matvecs if hold else b) * size + chunk(b)
+
+    formula = (
+        "2b·P·itemsize (unit vectors, products) + 16·P (diagonal, stderr: float64)" if exact
+        else "2b·P·itemsize (probe block, product block) + 24·P (mean, M2, stderr: float64) + probe signs "
+        "(m·P int8 held, else b·P) + float64 row chunks"
+    )  # fmt: skip
+    for hold in (True, False) if not exact else (False,):
+        if need(block, hold) <= budget:
+            b = block
+            break
+    else:
+        hold = False
+        b = largest(lambda b: need(b, False) <= budget, 1, block)
+        if b is None:
+            raise too_small(
+                f"hessian_diagonal ({method})", budget, need(1, False), "one probe and its product"
+            )
+    binds = (b, hold) != (block, not exact)
+    return {"memory_budget": budget, "memory_formula": formula, "vector_bytes": need(b, hold),
+            "block_used": b, "probes_held": hold, "budget_binds": binds}  # fmt: skip
 
 
 def diagonal_estimate(
@@ -148,11 +189,13 @@ def diagonal_estimate(
     block: int = 32,
     shapes: Sequence[tuple[int, ...]] | None = None,
     spatial_average: bool = False,
+    memory_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, stderr, layer_mean, layer_mean_stderr)`` (float64, CPU) of ``diag(op)``.
 
     ``shapes``: the parameter tensors' shapes in order (for spatial averaging and layer means; default
-    one block of ``P`` entries).
+    one block of ``P`` entries). Vectors within ``memory_budget`` bytes (default: half the available
+    memory; :func:`plan_diagonal`): probes streamed ``block`` at a time, samples reduced in row chunks.
     """
     check_choice("method", method, DIAGONAL_METHODS)
     check_int("block", block, min=1)
@@ -160,6 +203,12 @@ def diagonal_estimate(
     numels = [math.prod(s) for s in shapes]
     if sum(numels) != op.size:
         raise ValueError(f"shapes hold {sum(numels)} entries but the operator has {op.size}")
+    if method == "hutchinson" and n_matvecs < 2:
+        raise ValueError(f"hutchinson needs n_matvecs >= 2 for a standard error; got {n_matvecs}")
+    itemsize = torch.empty((), dtype=op.dtype).element_size()
+    plan = plan_diagonal(method, op.size, n_matvecs, itemsize, block=block,
+                         budget=resolve_budget(memory_budget, op.device))  # fmt: skip
+    block = plan["block_used"]
     if method == "exact":
         diag = torch.empty(op.size, dtype=torch.float64)
         for lo in range(0, op.size, block):
@@ -168,22 +217,34 @@ def diagonal_estimate(
             idx = torch.arange(lo, hi, device=op.device)
             E[idx, torch.arange(hi - lo, device=op.device)] = 1
             diag[lo:hi] = op.matmat(E)[idx, torch.arange(hi - lo, device=op.device)].double().cpu()
-        if spatial_average:
-            diag = _spatial_average(diag[:, None], shapes, numels)[:, 0]
-        layer = _layer_means(diag[:, None], numels)[:, 0]
+            del E
+        layer = torch.empty(len(shapes), dtype=torch.float64)
+        for i, (shape, blk) in enumerate(zip(shapes, torch.split(diag, numels))):
+            if spatial_average and len(shape) >= 3:
+                blk.copy_(_spatial_average(blk[:, None], shape)[:, 0])
+            layer[i] = blk.mean()
         return diag, torch.zeros_like(diag), layer, torch.zeros_like(layer)
-    if n_matvecs < 2:
-        raise ValueError(f"hutchinson needs n_matvecs >= 2 for a standard error; got {n_matvecs}")
-    entries, layers = _Moments(), _Moments()
-    Z = random_vectors(op.size, n_matvecs, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher")
-    for lo in range(0, n_matvecs, block):
-        Zb = Z[:, lo : lo + block]
-        S = (Zb.double() * op.matmat(Zb).double()).cpu()  # samples z ⊙ A z, [P, b]
-        if spatial_average:
-            S = _spatial_average(S, shapes, numels)
-        entries.add(S)
-        layers.add(_layer_means(S, numels))
-    assert entries.mean is not None and layers.mean is not None
+    chunks = _chunks(shapes, block, spatial_average)
+    entries, layers = _Moments(op.size), _Moments(len(shapes))
+    probes = RademacherProbes(op.size, n_matvecs, torch.Generator().manual_seed(seed),
+                              hold=plan["probes_held"], dtype=op.dtype, device=op.device)  # fmt: skip
+    for nb in [min(block, n_matvecs - lo) for lo in range(0, n_matvecs, block)]:
+        Zb = probes.take(nb)
+        AZb = op.matmat(Zb)
+        means = torch.zeros(len(shapes), nb, dtype=torch.float64)  # per-probe layer means
+        for i, lo, hi in chunks:
+            S = (Zb[lo:hi].double() * AZb[lo:hi].double()).cpu()  # samples z ⊙ A z
+            if spatial_average and len(shapes[i]) >= 3:
+                S = _spatial_average(S, shapes[i])
+            entries.add(S, lo)
+            if hi - lo == numels[i]:
+                means[i] = S.mean(dim=0)
+            else:  # a tensor in several chunks: sum, then divide
+                means[i] += S.sum(dim=0) / numels[i]
+        layers.add(means)
+        entries.commit(nb)
+        layers.commit(nb)
+        del Zb, AZb
     return entries.mean, entries.stderr(), layers.mean, layers.stderr()
 
 
@@ -205,12 +266,17 @@ def hessian_diagonal(
     block: int = 32,
     reduce_fn: Callable | None = None,
     check_determinism: bool = True,
+    memory_budget: int | None = None,
 ) -> HessianDiagonalResult:
     """``diag(A)`` of the Hessian (``operator="hessian"``), GGN or empirical Fisher of the dataset-mean loss.
 
     ``method="hutchinson"``: ``n_matvecs`` Rademacher probes, ``block`` per data pass, with a per-entry
     standard error; ``"exact"``: ``P`` unit-vector products (``n_matvecs`` is ignored; small models).
     ``spatial_average``: ADAHESSIAN's averaging over convolution kernels' spatial dims (module docstring).
+    ``memory_budget``: bytes of vectors held at once (default: half the available RAM / free GPU memory);
+    never ``[P, n_matvecs]``: probes go ``block`` at a time (fewer where the budget binds, their signs then
+    drawn per block) and samples are reduced in row chunks. ``meta`` records the budget, the formula, the
+    plan and the measured peak (:func:`plan_diagonal`).
     """
     check_choice("method", method, DIAGONAL_METHODS)
     check_int("n_matvecs", n_matvecs, min=2)
@@ -223,12 +289,17 @@ def hessian_diagonal(
     ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
     shapes = op.space.shapes
-    values, se, layer, layer_se = diagonal_estimate(
-        rec, method=method, n_matvecs=n_matvecs, seed=seed, block=block, shapes=shapes,
-        spatial_average=spatial_average,
-    )  # fmt: skip
+    budget = resolve_budget(memory_budget, op.device)
+    itemsize = torch.empty((), dtype=op.dtype).element_size()
+    plan = plan_diagonal(method, op.size, n_matvecs, itemsize, block=block, budget=budget)
+    with names_the_knob("hessian_diagonal", budget, plan["memory_formula"]), peak_memory(op.device) as peak:
+        values, se, layer, layer_se = diagonal_estimate(
+            rec, method=method, n_matvecs=n_matvecs, seed=seed, block=block, shapes=shapes,
+            spatial_average=spatial_average, memory_budget=budget,
+        )  # fmt: skip
     settings = {"n_matvecs": n_matvecs, "method": method, "spatial_average": spatial_average,
-                "params": params, "batch_size": batch_size, "block": block}  # fmt: skip
+                "params": params, "batch_size": batch_size, "block": block,
+                "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_diagonal", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism,
@@ -241,6 +312,7 @@ def hessian_diagonal(
             "mean over the kernel dims (dims >= 2) of each >=3-dim parameter, per probe; no absolute value"
             if spatial_average else None
         ),
+        **plan, measured_peak_bytes=peak.bytes, measured_peak_how=peak.how,
     )  # fmt: skip
     return HessianDiagonalResult(
         values=values, stderr=se, names=list(op.space.names), shapes=[list(s) for s in shapes],
@@ -248,4 +320,10 @@ def hessian_diagonal(
     )  # fmt: skip
 
 
-__all__ = ["DIAGONAL_METHODS", "HessianDiagonalResult", "diagonal_estimate", "hessian_diagonal"]
+__all__ = [
+    "DIAGONAL_METHODS",
+    "HessianDiagonalResult",
+    "diagonal_estimate",
+    "hessian_diagonal",
+    "plan_diagonal",
+]

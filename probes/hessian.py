@@ -322,11 +322,13 @@ def layerwise_hessian(
     device: torch.device | str | None = None,
     seed: int = 0,
     reduce_fn: Callable | None = None,
+    memory_budget: int | None = None,
 ) -> LayerwiseHessianResult:
     """Top-``k`` eigenvalues, trace (± stderr) and optionally the SLQ density of each diagonal block.
 
     ``groups``: {layer name: parameter names or module prefixes}; default
     :func:`~dynascope.probes.operators.parameter_groups` (parameters grouped by owning module).
+    ``memory_budget``: bytes the per-block trace estimator may hold (:mod:`~dynascope.probes.budget`).
     Each block ``H_ℓℓ = ∂²L/∂θ_ℓ²`` is the principal submatrix of the full operator for that layer.
     """
     from .density import hessian_density
@@ -366,7 +368,7 @@ def layerwise_hessian(
         if trace:
             t = hessian_trace(
                 model, data, n_matvecs=trace_matvecs, method=trace_method, params=list(names),
-                seed=seed + i, check_determinism=False, **common,
+                seed=seed + i, check_determinism=False, memory_budget=memory_budget, **common,
             )  # fmt: skip
             tr, se, used = t.estimate, t.stderr, used + t.n_matvecs
         if density:

@@ -33,6 +33,15 @@ hold 57 % of ``‖H‖_F²`` and 14 % of the trace), so even deflating the *exac
 relative standard deviation of 2.7 % / 1.4 % / 0.9 % of the trace at 10 / 26 / 50 products there.
 
 Products are taken in blocks (``matmat``): one data pass serves a whole block of probes.
+
+Memory (``memory_budget``, :mod:`~dynascope.probes.budget`): no estimator holds ``[P, n_matvecs]``. Probes
+are streamed ``b`` at a time; their signs are kept as ``int8`` (``m·P`` bytes, the values of
+``random_vectors``, so estimates equal those before the budget) when that fits, else drawn per block.
+Hutchinson holds ``2b`` vectors of ``P``; Hutch++ and auto ``max(2r, r + 2b)`` (the sketch ``A S``, then
+its QR in the operator's dtype; the residual probes are projected block by block); Krylov++
+``max(k + 4c, k + 2b)``.
+Where the budget binds, :func:`plan_trace` draws the signs per block, then lowers ``b``, then the sketch
+``r`` / ``k`` (the freed products go to the residual probes), and says so in ``meta``.
 """
 
 from __future__ import annotations
@@ -46,9 +55,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget import (
+    RademacherProbes,
+    chunk_bytes,
+    column_dots,
+    largest,
+    names_the_knob,
+    resolve_budget,
+    too_small,
+)
 from .curvature_setup import RecordingOperator, spectral_meta
 from .lanczos import breakdown_rtol
-from .operators import LinearOperator, OperatorSpec, random_vectors
+from .memory import peak_memory
+from .operators import LinearOperator, OperatorSpec
 from .results import Result
 from .validation import check_choice, check_int
 
@@ -87,75 +106,206 @@ def _blocks(total: int, block: int) -> list[int]:
     return [min(block, total - lo) for lo in range(0, total, block)]
 
 
-def _quadratic_forms(op: LinearOperator, Z: torch.Tensor, block: int) -> torch.Tensor:
-    """``z_iᵀ A z_i`` for the columns of ``Z`` (float64), one ``matmat`` per block of columns."""
+@dataclass(frozen=True)
+class TracePlan:
+    """How an estimator fits ``memory_budget`` (see :func:`plan_trace`): ``block`` probes per product,
+    ``sketch`` deflation vectors (Hutch++'s ``r``, Krylov++'s ``k``; 0 for Hutchinson), whether the probe
+    signs are held (``int8``, the values of ``random_vectors``) or drawn per block, and the bytes of
+    vectors it holds at most (``vector_bytes``, by ``formula``)."""
+
+    method: str
+    block: int
+    sketch: int
+    hold_probes: bool
+    vector_bytes: int
+    budget: int
+    formula: str
+    binds: bool
+
+    def meta(self) -> dict[str, Any]:
+        return {"memory_budget": self.budget, "memory_formula": self.formula,
+                "vector_bytes": self.vector_bytes, "block_used": self.block, "sketch_vectors": self.sketch,
+                "probes_held": self.hold_probes, "budget_binds": self.binds}  # fmt: skip
+
+
+_FORMULAS = {
+    "hutchinson": "2b·P·itemsize (probe block, product block) + probe signs (m·P int8 held, else b·P) "
+    "+ float64 dot chunks",
+    "hutch++": "max(2r, r + 2b)·P·itemsize (sketch A S then its QR; or Q, probe block, product block) "
+    "+ probe signs ((m − r)·P int8 held, else b·P) + float64 dot chunks",
+    "krylov++": "max(k + 4c, k + 2b)·P·itemsize (Krylov basis Q, Lanczos block c, QR and "
+    "orthogonalisation; or Q, probe block, product block) + probe signs ((m − k)·P int8 held, else b·P) "
+    "+ float64 dot chunks",
+}
+
+
+def _plan_bytes(method: str, size: int, m: int, itemsize: int, r: int, b: int, hold: bool, kb: int) -> int:
+    V = size * itemsize
+    if method == "hutchinson":
+        vectors, held = 2 * b, m
+    elif method == "krylov++":
+        vectors, held = max(r + 4 * kb, r + 2 * b), m - r
+    else:  # hutch++ and auto (auto's half-sketch QRs hold at most r + r/2)
+        vectors, held = max(2 * r, r + 2 * b), m - r
+    return vectors * V + (held if hold else b) * size + chunk_bytes(size, b)
+
+
+def plan_trace(
+    method: str, size: int, n_matvecs: int, itemsize: int, *, block: int, budget: int,
+    krylov_dim: int | None = None, krylov_block: int = 1,
+) -> TracePlan:  # fmt: skip
+    """The largest work that fits ``budget`` bytes: first as asked (``block`` probes per product, sketch
+    ``r = m // 3`` — ``krylov_dim`` for Krylov++ — and the probe signs held), then with the signs drawn per
+    block, then fewer probes per block, then a smaller sketch (the residual gets the products it frees:
+    ``s = m − 2r``, ``m − k``). Raises :class:`MemoryBudgetError` when not even one vector fits."""
+    kind = "hutch++" if method == "auto" else method
+    if kind == "hutchinson":
+        r0 = 0
+    elif kind == "krylov++":
+        r0 = min(n_matvecs // 3 if krylov_dim is None else krylov_dim, size)
+    else:
+        r0 = min(n_matvecs // 3, size)
+    block = min(block, n_matvecs)
+
+    def need(r: int, b: int, hold: bool) -> int:
+        return _plan_bytes(kind, size, n_matvecs, itemsize, r, b, hold, krylov_block)
+
+    def done(r: int, b: int, hold: bool) -> TracePlan:
+        return TracePlan(method=method, block=b, sketch=r, hold_probes=hold, vector_bytes=need(r, b, hold),
+                         budget=budget, formula=_FORMULAS[kind],
+                         binds=(r, b, hold) != (r0, block, True))  # fmt: skip
+
+    for hold in (True, False):
+        if need(r0, block, hold) <= budget:
+            return done(r0, block, hold)
+    b = largest(lambda b: need(r0, b, False) <= budget, 1, block)
+    if b is not None:
+        return done(r0, b, False)
+    r = largest(lambda r: need(r, 1, False) <= budget, 1, r0) if r0 > 0 else None
+    if r is None:
+        least = need(min(r0, 1), 1, False)
+        raise too_small(f"trace ({method})", budget, least, "one probe, one product and one sketch vector")
+    b = largest(lambda b: need(r, b, False) <= budget, 1, block)
+    assert b is not None
+    return done(r, b, False)
+
+
+def _budget(op: LinearOperator, memory_budget: int | None) -> int:
+    return resolve_budget(memory_budget, op.device)
+
+
+def _itemsize(op: LinearOperator) -> int:
+    return torch.empty((), dtype=op.dtype).element_size()
+
+
+def _probes(op: LinearOperator, m: int, gen: torch.Generator, plan: TracePlan) -> RademacherProbes:
+    return RademacherProbes(op.size, m, gen, hold=plan.hold_probes, dtype=op.dtype, device=op.device)
+
+
+def _quadratic_forms(op: LinearOperator, probes: RademacherProbes, n: int, block: int) -> torch.Tensor:
+    """``z_iᵀ A z_i`` (float64) for the next ``n`` probes, one ``matmat`` per block of them."""
     out = []
-    for lo, n in zip(range(0, Z.shape[1], block), _blocks(Z.shape[1], block)):
-        Zb = Z[:, lo : lo + n]
-        out.append((Zb.double() * op.matmat(Zb).double()).sum(dim=0))
+    for nb in _blocks(n, block):
+        Zb = probes.take(nb)
+        out.append(column_dots(Zb, op.matmat(Zb)))
     return torch.cat(out).cpu()
 
 
 def hutchinson(
-    op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32
+    op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32, memory_budget: int | None = None
 ) -> tuple[float, float, torch.Tensor]:
-    """Hutchinson with Rademacher probes: ``(estimate, stderr, samples)``."""
+    """Hutchinson with Rademacher probes: ``(estimate, stderr, samples)``; probes streamed in blocks within
+    ``memory_budget`` (:func:`plan_trace`)."""
     if n_matvecs < 2:
         raise ValueError(f"hutchinson needs n_matvecs >= 2 for a standard error; got {n_matvecs}")
-    Z = random_vectors(op.size, n_matvecs, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher")
-    s = _quadratic_forms(op, Z, block)
+    plan = plan_trace("hutchinson", op.size, n_matvecs, _itemsize(op), block=block,
+                      budget=_budget(op, memory_budget))  # fmt: skip
+    probes = _probes(op, n_matvecs, torch.Generator().manual_seed(seed), plan)
+    s = _quadratic_forms(op, probes, n_matvecs, plan.block)
     return float(s.mean()), float(s.std() / math.sqrt(s.numel())), s
 
 
-def _sketch(op: LinearOperator, S: torch.Tensor, block: int) -> torch.Tensor:
-    """``A S`` in blocks of columns."""
-    return torch.cat(
-        [
-            op.matmat(S[:, lo : lo + n])
-            for lo, n in zip(range(0, S.shape[1], block), _blocks(S.shape[1], block))
-        ],
-        dim=1,
-    )
+def _sketch(
+    op: LinearOperator, probes: RademacherProbes, r: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A S, s_iᵀ A s_i)`` for the next ``r`` probes ``S``, in blocks of columns."""
+    AS = torch.empty(op.size, r, dtype=op.dtype, device=op.device)
+    forms = []
+    for lo, nb in zip(range(0, r, block), _blocks(r, block)):
+        Sb = probes.take(nb)
+        AS[:, lo : lo + nb] = op.matmat(Sb)
+        forms.append(column_dots(Sb, AS[:, lo : lo + nb]))
+    return AS, torch.cat(forms).cpu()
 
 
-def _deflate_sketch(
-    op: LinearOperator, AS: torch.Tensor, G: torch.Tensor, block: int
-) -> tuple[float, float, torch.Tensor, float]:
-    """Hutch++ given the sketch ``A S``: ``Q = orth(AS)``, ``tr(QᵀAQ)`` exactly (``r`` products) and
-    Hutchinson on the deflated residual with the probes ``G``."""
-    s = G.shape[1]
-    Q, _ = torch.linalg.qr(AS.double())
-    Q = Q.to(op.dtype)
-    AQ = _sketch(op, Q, block)
-    low = float((Q.double() * AQ.double()).sum())
-    Gp = G - Q @ (Q.T @ G)  # (I − QQᵀ) g
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of ``Y`` (Householder QR in ``Y``'s dtype, float32 for 16-bit)."""
+    work = Y if Y.element_size() >= 4 else Y.float()
+    return torch.linalg.qr(work)[0].to(Y.dtype)
+
+
+def _project_out(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``X ← (I − QQᵀ) X`` in place."""
+    return X.addmm_(Q, Q.T @ X, alpha=-1)
+
+
+def _lowrank_trace(op: LinearOperator, Q: torch.Tensor, block: int) -> float:
+    """``tr(QᵀAQ) = Σ_j q_jᵀ A q_j``: ``r`` products in blocks of columns."""
+    low = 0.0
+    for lo, nb in zip(range(0, Q.shape[1], block), _blocks(Q.shape[1], block)):
+        Qb = Q[:, lo : lo + nb]
+        low += float(column_dots(Qb, op.matmat(Qb)).sum())
+    return low
+
+
+def _residual_hutchinson(
+    op: LinearOperator, Q: torch.Tensor, probes: RademacherProbes, s: int, block: int, *, sweeps: int
+) -> tuple[torch.Tensor, float]:
+    """Hutchinson on ``R = (I − QQᵀ) A (I − QQᵀ)`` with the next ``s`` probes ``g`` (``Q`` orthonormal):
+    samples ``(Pg)ᵀ A (Pg)`` and the unbiased estimate ``mean ‖R g‖²`` of ``‖R‖_F²``. ``sweeps``
+    projections of each probe off ``Q`` (two: ``P g`` orthogonal to ``Q`` to working precision)."""
     samples, sq_norms = [], []
-    for lo, n in zip(range(0, s, block), _blocks(s, block)):
-        Gb = Gp[:, lo : lo + n]
-        RGb = op.matmat(Gb)
-        RGb = RGb - Q @ (Q.T @ RGb)  # R g with R = (I−QQᵀ)A(I−QQᵀ)
-        samples.append((Gb.double() * RGb.double()).sum(dim=0))
-        sq_norms.append(RGb.double().pow(2).sum(dim=0))
-    res = torch.cat(samples).cpu()
-    frob2 = float(torch.cat(sq_norms).mean())  # unbiased estimate of ‖R‖_F²
+    for nb in _blocks(s, block):
+        Gb = probes.take(nb)
+        for _ in range(sweeps):
+            _project_out(Q, Gb)  # P g
+        RGb = _project_out(Q, op.matmat(Gb))  # R g
+        samples.append(column_dots(Gb, RGb))
+        sq_norms.append(column_dots(RGb, RGb))
+    return torch.cat(samples).cpu(), float(torch.cat(sq_norms).mean())
+
+
+def _deflated(
+    op: LinearOperator, Q: torch.Tensor, probes: RademacherProbes, s: int, block: int
+) -> tuple[float, float, torch.Tensor, float]:
+    """Hutch++ given the orthonormal basis ``Q`` of its sketch: ``(estimate, stderr, samples, tr(QᵀAQ))``,
+    stderr ``√(2 mean‖R g‖² / s)`` (module docstring)."""
+    low = _lowrank_trace(op, Q, block)
+    res, frob2 = _residual_hutchinson(op, Q, probes, s, block, sweeps=1)
     return low + float(res.mean()), math.sqrt(2.0 * frob2 / s), res, low
 
 
 def hutch_plus_plus(
-    op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32
+    op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32, memory_budget: int | None = None
 ) -> tuple[float, float, torch.Tensor, float]:
     """Hutch++: ``(estimate, stderr, residual samples, tr(QᵀAQ))`` using exactly ``n_matvecs`` products.
 
-    Split ``n_matvecs = 2r + s`` with ``r = n_matvecs // 3`` (``s ≥ r``, ``s ≥ 2``).
+    Split ``n_matvecs = 2r + s`` with ``r = n_matvecs // 3`` (``s ≥ r``, ``s ≥ 2``), or a smaller ``r``
+    where ``memory_budget`` cannot hold ``2r`` vectors (:func:`plan_trace`).
     """
     if n_matvecs < 4:
         raise ValueError(
             f"hutch++ needs n_matvecs >= 4 (sketch, projection, >= 2 residual probes); got {n_matvecs}"
         )
-    r = min(n_matvecs // 3, op.size)
+    plan = plan_trace("hutch++", op.size, n_matvecs, _itemsize(op), block=block,
+                      budget=_budget(op, memory_budget))  # fmt: skip
+    r = plan.sketch
     s = n_matvecs - 2 * r
-    probes = random_vectors(op.size, r + s, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher")
-    return _deflate_sketch(op, _sketch(op, probes[:, :r], block), probes[:, r:], block)
+    probes = _probes(op, r + s, torch.Generator().manual_seed(seed), plan)
+    AS, _ = _sketch(op, probes, r, plan.block)
+    Q = _orth(AS)
+    del AS
+    return _deflated(op, Q, probes, s, plan.block)
 
 
 @dataclass(frozen=True)
@@ -170,7 +320,7 @@ class AutoChoice:
 
 
 def auto_trace(
-    op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32
+    op: LinearOperator, n_matvecs: int, *, seed: int = 0, block: int = 32, memory_budget: int | None = None
 ) -> tuple[float, float, torch.Tensor, float, AutoChoice]:
     """Hutch++ or Hutchinson, chosen from the first sketch, never paying for the other's products.
 
@@ -192,57 +342,44 @@ def auto_trace(
     Either way the result is exactly that estimator at ``m`` products: the probes are those of
     ``hutchinson(op, m, seed)``, so choosing Hutchinson returns exactly its estimate (the sketch's ``r``
     samples are its first ``r``), and Hutch++ deflates the sketch and probes the residual with the next
-    ``m − 2r`` columns.
+    ``m − 2r`` columns. Where ``memory_budget`` binds, ``r`` is smaller (:func:`plan_trace`, as Hutch++).
     """
     if n_matvecs < 4:
         raise ValueError(f"auto needs n_matvecs >= 4 (as hutch++); got {n_matvecs}")
-    r = min(n_matvecs // 3, op.size)
+    plan = plan_trace(
+        "auto", op.size, n_matvecs, _itemsize(op), block=block, budget=_budget(op, memory_budget)
+    )
+    r = plan.sketch
     s = n_matvecs - 2 * r
     # the same probes as hutchinson(op, m, seed): when Hutchinson is chosen the result is exactly its own
-    probes = random_vectors(
-        op.size, n_matvecs, seed=seed, dtype=op.dtype, device=op.device, kind="rademacher"
-    )
-    S = probes[:, :r]
-    AS = _sketch(op, S, block)
-    Y = AS.double()
-    total = float(Y.pow(2).sum())
+    probes = _probes(op, n_matvecs, torch.Generator().manual_seed(seed), plan)
+    AS, forms = _sketch(op, probes, r, plan.block)
+    norms2 = column_dots(AS, AS).cpu()
+    total = float(norms2.sum())
     frob2 = total / r
     half = r // 2
     captured = 0.0
     if half >= 1 and r - half >= 1 and total > 0:
-        Y1, Y2 = Y[:, :half], Y[:, half:]
-        Q1, Q2 = torch.linalg.qr(Y1)[0], torch.linalg.qr(Y2)[0]
-        captured = float((Q1.T @ Y2).pow(2).sum() + (Q2.T @ Y1).pow(2).sum()) / total
+        Y1, Y2 = AS[:, :half], AS[:, half:]
+        captured = (_cross_energy(Y1, Y2) + _cross_energy(Y2, Y1)) / total
     captured = min(max(captured, 0.0), 1.0)
     ratio = ((1.0 - captured) / max(s, 1)) / (1.0 / n_matvecs) if total > 0 else 1.0
     if ratio < 1.0:
-        est, se, res, low = _deflate_sketch(op, AS, probes[:, r : r + s], block)
+        Q = _orth(AS)
+        del AS
+        est, se, res, low = _deflated(op, Q, probes, s, plan.block)
         method = "hutch++"
     else:
-        res = torch.cat(
-            [(S.double() * AS.double()).sum(dim=0).cpu(), _quadratic_forms(op, probes[:, r:], block)]
-        )
+        del AS
+        res = torch.cat([forms, _quadratic_forms(op, probes, n_matvecs - r, plan.block)])
         est, se, low = float(res.mean()), float(res.std() / math.sqrt(res.numel())), 0.0
         method = "hutchinson"
     return est, se, res, low, AutoChoice(frob2, captured, ratio, method)
 
 
-def _residual_hutchinson(
-    op: LinearOperator, Q: torch.Tensor, G: torch.Tensor, block: int
-) -> tuple[torch.Tensor, float]:
-    """Hutchinson on ``R = (I − QQᵀ) A (I − QQᵀ)``: samples ``(Pg)ᵀ A (Pg)`` for the columns ``g`` of ``G``
-    and the unbiased estimate ``mean ‖R g‖²`` of ``‖R‖_F²`` (``Q`` orthonormal columns, ``P = I − QQᵀ``)."""
-    s = G.shape[1]
-    Gp = G - Q @ (Q.T @ G)
-    Gp = Gp - Q @ (Q.T @ Gp)  # second sweep: P g orthogonal to Q to working precision
-    samples, sq_norms = [], []
-    for lo, n in zip(range(0, s, block), _blocks(s, block)):
-        Gb = Gp[:, lo : lo + n]
-        RGb = op.matmat(Gb)
-        RGb = RGb - Q @ (Q.T @ RGb)
-        samples.append((Gb.double() * RGb.double()).sum(dim=0))
-        sq_norms.append(RGb.double().pow(2).sum(dim=0))
-    return torch.cat(samples).cpu(), float(torch.cat(sq_norms).mean())
+def _cross_energy(Y1: torch.Tensor, Y2: torch.Tensor) -> float:
+    """``‖orth(Y1)ᵀ Y2‖_F²`` (the small product squared and summed in float64)."""
+    return float((_orth(Y1).T @ Y2).double().pow(2).sum())
 
 
 def krylov_plus_plus(
@@ -253,12 +390,14 @@ def krylov_plus_plus(
     block: int = 32,
     krylov_dim: int | None = None,
     krylov_block: int = 1,
+    memory_budget: int | None = None,
 ) -> tuple[float, float, torch.Tensor, float]:
     """Krylov-deflated Hutchinson: ``(estimate, stderr, residual samples, tr(QᵀAQ))``, exactly ``n_matvecs``
     products.
 
-    ``k = krylov_dim`` (default ``n_matvecs // 3``, at most ``P``) steps of block Lanczos (block size
-    ``krylov_block``, full reorthogonalisation) from Gaussian start vectors give ``Q [P, k]`` and
+    ``k = krylov_dim`` (default ``n_matvecs // 3``, at most ``P``; fewer where ``memory_budget`` cannot
+    hold them, :func:`plan_trace`) steps of block Lanczos (block size ``krylov_block``, full
+    reorthogonalisation) from Gaussian start vectors give ``Q [P, k]`` and
     ``tr(QᵀAQ) = Σ_j q_jᵀAq_j``; directions lost to an invariant subspace are replaced by fresh random
     ones orthogonal to ``Q``, so with ``k = P`` the low-rank part is the exact trace. The other
     ``s = n_matvecs − k ≥ 2`` products are Rademacher probes of the deflated residual (see
@@ -271,7 +410,9 @@ def krylov_plus_plus(
     k = n_matvecs // 3 if krylov_dim is None else krylov_dim
     check_int("krylov_dim", k, min=1, max=n_matvecs - 2)
     check_int("krylov_block", krylov_block, min=1)
-    k = min(k, op.size)
+    plan = plan_trace("krylov++", op.size, n_matvecs, _itemsize(op), block=block, krylov_dim=k,
+                      krylov_block=krylov_block, budget=_budget(op, memory_budget))  # fmt: skip
+    k = plan.sketch
     s = n_matvecs - k
     gen = torch.Generator().manual_seed(seed)  # one stream: start block, replacements, residual probes
 
@@ -300,31 +441,34 @@ def krylov_plus_plus(
         Qb = Qb[:, :nb]
         Q[:, j : j + nb] = Qb
         AQb = op.matmat(Qb)
-        low += float((Qb.double() * AQb.double()).sum())
+        low += float(column_dots(Qb, AQb).sum())
         scale = max(scale, float(AQb.norm(dim=0).max()))
         j += nb
         if j == k:
             break
         W = orth_against(AQb, Q[:, :j])
-    G = torch.randint(0, 2, (op.size, s), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-    res, frob2 = _residual_hutchinson(op, Q, G.to(device=op.device, dtype=op.dtype), block)
+    del W, Qb, AQb
+    res, frob2 = _residual_hutchinson(op, Q, _probes(op, s, gen, plan), s, plan.block, sweeps=2)
     return low + float(res.mean()), math.sqrt(2.0 * frob2 / s), res, low
 
 
 def estimate_trace(
-    op: LinearOperator, n_matvecs: int, *, method: str = "auto", seed: int = 0, block: int = 32
-) -> tuple[float, float, torch.Tensor, float]:
-    """Trace of any symmetric :class:`LinearOperator`: ``(estimate, stderr, samples, lowrank_trace)``."""
+    op: LinearOperator, n_matvecs: int, *, method: str = "auto", seed: int = 0, block: int = 32,
+    memory_budget: int | None = None,
+) -> tuple[float, float, torch.Tensor, float]:  # fmt: skip
+    """Trace of any symmetric :class:`LinearOperator`: ``(estimate, stderr, samples, lowrank_trace)``, its
+    vectors within ``memory_budget`` bytes (default: half the available memory, :mod:`.budget`)."""
     check_choice("method", method, TRACE_METHODS)
     check_int("n_matvecs", n_matvecs)
+    kw = {"seed": seed, "block": block, "memory_budget": memory_budget}
     if method == "auto":
-        return auto_trace(op, n_matvecs, seed=seed, block=block)[:4]
+        return auto_trace(op, n_matvecs, **kw)[:4]
     if method == "hutchinson":
-        est, se, s = hutchinson(op, n_matvecs, seed=seed, block=block)
+        est, se, s = hutchinson(op, n_matvecs, **kw)
         return est, se, s, 0.0
     if method == "krylov++":
-        return krylov_plus_plus(op, n_matvecs, seed=seed, block=block)
-    return hutch_plus_plus(op, n_matvecs, seed=seed, block=block)
+        return krylov_plus_plus(op, n_matvecs, **kw)
+    return hutch_plus_plus(op, n_matvecs, **kw)
 
 
 def hessian_trace(
@@ -345,6 +489,7 @@ def hessian_trace(
     block: int = 32,
     reduce_fn: Callable | None = None,
     check_determinism: bool = True,
+    memory_budget: int | None = None,
 ) -> TraceResult:
     """``tr(A)`` of the Hessian / GGN / Fisher of the dataset-mean loss with exactly ``n_matvecs`` products.
 
@@ -352,6 +497,13 @@ def hessian_trace(
     ``.method`` and ``meta["auto"]`` say which and why), ``"hutch++"``, ``"hutchinson"`` or ``"krylov++"``
     (see the module docstring for the estimators and their standard errors). ``block`` probes share one
     ``matmat`` (one data pass).
+
+    ``memory_budget``: bytes of length-``P`` vectors held at once (default: half the available RAM / free
+    GPU memory, :mod:`~dynascope.probes.budget`). Probes are streamed ``block`` at a time, never all
+    ``[P, n_matvecs]``; where the budget binds, the signs are drawn per block, fewer go per product and the
+    sketch shrinks (:func:`plan_trace`). ``meta`` records the budget, the plan and its formula
+    (``memory_budget``, ``memory_formula``, ``vector_bytes``, ``block_used``, ``sketch_vectors``,
+    ``probes_held``, ``budget_binds``) and the measured peak (``measured_peak_bytes``).
     """
     check_choice("method", method, TRACE_METHODS)
     check_int("n_matvecs", n_matvecs)
@@ -362,23 +514,31 @@ def hessian_trace(
         device=device, reduce_fn=reduce_fn,
     ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
+    budget = resolve_budget(memory_budget, op.device)
+    plan = plan_trace(method, op.size, n_matvecs, _itemsize(op), block=block, budget=budget)
     auto = None
-    if method == "auto":
-        est, se, samples, low, auto = auto_trace(rec, n_matvecs, seed=seed, block=block)
-        used = auto.method
-    else:
-        est, se, samples, low = estimate_trace(rec, n_matvecs, method=method, seed=seed, block=block)
-        used = method
+    with names_the_knob("hessian_trace", budget, plan.formula), peak_memory(op.device) as peak:
+        if method == "auto":
+            est, se, samples, low, auto = auto_trace(
+                rec, n_matvecs, seed=seed, block=block, memory_budget=budget
+            )
+            used = auto.method
+        else:
+            est, se, samples, low = estimate_trace(
+                rec, n_matvecs, method=method, seed=seed, block=block, memory_budget=budget
+            )
+            used = method
     settings = {"n_matvecs": n_matvecs, "method": method, "params": params, "batch_size": batch_size,
-                "block": block}  # fmt: skip
+                "block": block, "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_trace", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, probes="rademacher",
         stderr_definition=(
             "std(z^T A z)/sqrt(m), Rademacher z" if used == "hutchinson"
             else "sqrt(2 mean||R g_i||^2 / s), R=(I-QQ^T)A(I-QQ^T), s residual probes; tr(Q^T A Q) exact"
-            + ("; Q: n_matvecs//3 Lanczos steps" if used == "krylov++" else "")
+            + ("; Q: sketch_vectors Lanczos steps" if used == "krylov++" else "")
         ),
+        **plan.meta(), measured_peak_bytes=peak.bytes, measured_peak_how=peak.how,
         auto=None if auto is None else {
             "chosen": auto.method, "frobenius2": auto.frobenius2, "captured_share": auto.captured_share,
             "variance_ratio": auto.variance_ratio,
@@ -393,6 +553,7 @@ def hessian_trace(
 
 __all__ = [
     "AutoChoice",
+    "TracePlan",
     "TraceResult",
     "auto_trace",
     "TRACE_METHODS",
@@ -401,4 +562,5 @@ __all__ = [
     "hutch_plus_plus",
     "hutchinson",
     "krylov_plus_plus",
+    "plan_trace",
 ]
