@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,19 +155,12 @@ class TrustedCode:
     :meth:`code_refs`, is keyed by ``_trust_key`` with manifest ``_manifest``, and is called ``_kind``;
     ``_given_refs`` are references the caller passed in this process (theirs, trusted)."""
 
+    # provided by the class (Run, CheckpointFile): declared here, never defined here
     _kind: str
+    _trust_key: Path
+    _manifest: Path
+    code_refs: Callable[[], list[CodeRef]]
     _given_refs: frozenset[str] = frozenset()
-
-    @property
-    def _trust_key(self) -> Path:  # pragma: no cover - provided by the class
-        raise NotImplementedError
-
-    @property
-    def _manifest(self) -> Path:  # pragma: no cover - provided by the class
-        raise NotImplementedError
-
-    def code_refs(self) -> list[CodeRef]:  # pragma: no cover - provided by the class
-        raise NotImplementedError
 
     def untrusted_refs(self) -> list[CodeRef]:
         """The code named here that is not trusted (empty: nothing to trust, or trusted)."""
