@@ -490,6 +490,9 @@ class Tracker:
             )
         run.remove_orphans()  # this process is the run's writer now
         checkpoints = run.checkpoints()
+        logged = run.metrics()["step"]
+        if len(logged):  # a kill between a checkpoint and its metrics row: resume where both exist
+            checkpoints = [c for c in checkpoints if c.step <= int(logged.max())] or checkpoints[:1]
         if checkpoints:
             last = checkpoints[-1]
             load_weights(last.path, _unwrap_model(self.model))
