@@ -38,6 +38,7 @@ DETECTORS = {
     "edge_of_stability": "detect_edge_of_stability",
     "grokking": "detect_grokking",
     "double_descent": "detect_double_descent",
+    "neural_collapse": "detect_neural_collapse",
 }
 
 #: What each probe's figure shows (the first caption line).

@@ -6,7 +6,7 @@
                                   edge_of_stability_lr0.25, edge_of_stability_adam, lr_transfer,
                                   neural_collapse
 ``detect_grokking / detect_xor_grokking / detect_double_descent / detect_edge_of_stability /
-detect_lr_transfer(run)``
+detect_lr_transfer / detect_neural_collapse(run)``
                                                   evidence dataclasses
 ``ensure_demos(root)``                            small demo runs for the app (``DEMOS``)
 
@@ -21,12 +21,14 @@ from .detectors import (
     EdgeOfStabilityEvidence,
     GrokkingEvidence,
     LrTransferEvidence,
+    NeuralCollapseEvidence,
     XorGrokkingEvidence,
     detect,
     detect_double_descent,
     detect_edge_of_stability,
     detect_grokking,
     detect_lr_transfer,
+    detect_neural_collapse,
     detect_xor_grokking,
     interpolation_threshold,
 )
@@ -69,6 +71,8 @@ __all__ = [
     "NC_CONFIG",
     "detect_lr_transfer",
     "LrTransferEvidence",
+    "detect_neural_collapse",
+    "NeuralCollapseEvidence",
     "detect_double_descent",
     "interpolation_threshold",
     "detect_edge_of_stability",

@@ -28,6 +28,8 @@ __all__ = [
     "detect_edge_of_stability",
     "LrTransferEvidence",
     "detect_lr_transfer",
+    "NeuralCollapseEvidence",
+    "detect_neural_collapse",
     "detect",
 ]
 
@@ -536,6 +538,78 @@ def detect_lr_transfer(
     )
 
 
+# ------------------------------------------------------------------------------- neural collapse
+@dataclass(frozen=True)
+class NeuralCollapseEvidence(_Evidence):
+    """NC metrics of the training set at the run's checkpoints (``probes.neural_collapse``).
+    ``fit_step``: first checkpoint with training accuracy 1, where the terminal phase begins;
+    ``nc1_decades`` = log₁₀(NC1 at ``fit_step`` / final NC1), the fall within the terminal phase;
+    ``nc1_decades_total`` the same from step 0."""
+
+    steps: list[int]
+    nc1: list[float]
+    fit_step: int | None
+    nc1_initial: float
+    nc1_at_fit: float
+    nc1_final: float
+    nc1_decades: float
+    nc1_decades_total: float
+    etf_distance_initial: float
+    etf_distance_final: float
+    nc3_final: float
+    nc4_final: float
+    detected: bool
+
+
+def detect_neural_collapse(
+    run: Any,
+    *,
+    min_decades: float = 1.0,
+    min_nc4: float = 0.99,
+    max_checkpoints: int = 16,
+) -> NeuralCollapseEvidence:
+    """Neural collapse (Papyan, Han & Donoho 2020) in a run of a classifier: the training set is fit
+    (accuracy 1 at ``fit_step``), NC1 = Tr(Σ_W Σ_B⁺)/C then falls by ≥ ``min_decades`` decades, the final
+    network agrees with the nearest-class-mean rule on ≥ ``min_nc4`` of the samples (NC4) and the class
+    means end nearer a simplex ETF than they started (NC2). Computed here on at most ``max_checkpoints``
+    checkpoints (log-spaced selection; the first and last always) over the run's training split."""
+    from ..probes import neural_collapse
+
+    r = run if isinstance(run, Run) else Run.open(run)
+    all_steps = r.steps()
+    if not all_steps:
+        raise ValueError(f"run '{r.path}' has no checkpoints")
+    pick = np.unique(np.round(np.linspace(0, len(all_steps) - 1, max_checkpoints)).astype(int))
+    steps = [all_steps[i] for i in pick]
+    data = r.load_dataset().train
+    res = [neural_collapse(r.load_model(s), data) for s in steps]
+    nc1 = [float(x.nc1) for x in res]
+    fit = next((i for i, x in enumerate(res) if x.accuracy >= 1.0), None)
+    at_fit = nc1[fit] if fit is not None else math.nan
+
+    def decades(a: float, b: float) -> float:
+        return math.log10(a / b) if a > 0 and b > 0 else math.nan
+
+    fall = decades(at_fit, nc1[-1])
+    etf0, etf1 = float(res[0].nc2_etf_distance), float(res[-1].nc2_etf_distance)
+    detected = bool(fit is not None and fall >= min_decades and res[-1].nc4 >= min_nc4 and etf1 < etf0)
+    return NeuralCollapseEvidence(
+        steps=steps,
+        nc1=nc1,
+        fit_step=steps[fit] if fit is not None else None,
+        nc1_initial=nc1[0],
+        nc1_at_fit=at_fit,
+        nc1_final=nc1[-1],
+        nc1_decades=fall,
+        nc1_decades_total=decades(nc1[0], nc1[-1]),
+        etf_distance_initial=etf0,
+        etf_distance_final=etf1,
+        nc3_final=float(res[-1].nc3),
+        nc4_final=float(res[-1].nc4),
+        detected=detected,
+    )
+
+
 def detect(run: Any, **kwargs: Any) -> _Evidence:
     """Run the detector matching the run's ``extra["phenomenon"]``."""
     r = run if isinstance(run, Run) else Run.open(run)
@@ -546,6 +620,7 @@ def detect(run: Any, **kwargs: Any) -> _Evidence:
         "double_descent": detect_double_descent,
         "edge_of_stability": detect_edge_of_stability,
         "lr_transfer": detect_lr_transfer,
+        "neural_collapse": detect_neural_collapse,
     }
     if phen not in fns:
         raise ValueError(f"run '{r.path}' names no known phenomenon (extra.phenomenon = {phen!r})")

@@ -9,6 +9,7 @@ recipes, checked against the criteria of the issue.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from dynascope.recipes import (
     detect_double_descent,
     detect_edge_of_stability,
     detect_grokking,
+    detect_neural_collapse,
     lambda_max,
     make_optimizer,
     min_norm_fit,
@@ -254,6 +256,29 @@ def test_double_descent_recipe(tmp_path):
     assert ev.detected
     m = run.metrics().set_index("step")
     assert m.loc[10 * n, "train_mse"] < 1e-12 and m.loc[n // 2, "train_mse"] > 1e-3
+
+
+@pytest.mark.slow
+def test_neural_collapse_recipe_reaches_the_terminal_phase(tmp_path):
+    """The full recipe (6000 full-batch steps): NC1 falls by orders of magnitude (measured 0.60 → 5.4e-4,
+    3.0 decades, 1.8 of them after the training set is fit), NC4 reaches 1 and the class means approach
+    the simplex ETF."""
+    torch.set_num_threads(1)
+    run = RECIPES["neural_collapse"].run(tmp_path / "nc", progress=False)
+    ev = detect_neural_collapse(run)
+    assert ev.detected, ev
+    assert ev.nc1_decades_total >= 2.0 and ev.nc1_decades >= 1.0
+    assert ev.nc4_final >= 0.99 and ev.etf_distance_final < 0.5 * ev.etf_distance_initial
+    assert ev.nc1[-1] == min(ev.nc1)
+
+
+def test_neural_collapse_detector_control_stopped_before_the_terminal_phase(tmp_path):
+    """Control: the same recipe stopped at step 40, before the training set is fit, is not detected."""
+    run = RECIPES["neural_collapse"].run(tmp_path / "nc", progress=False, steps=40, n_checkpoints=5)
+    ev = detect_neural_collapse(run)
+    assert not ev.detected
+    assert ev.fit_step is None and math.isnan(ev.nc1_decades)
+    assert ev.steps[0] == 0 and ev.steps[-1] == 40
 
 
 @pytest.mark.slow
