@@ -1,0 +1,188 @@
+"""One result → its figure (:func:`draw`); one probe's ``{step: Result}`` → a figure with every step on
+x (:func:`across_checkpoints`, else one panel per quantity: :func:`quantities_figure`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ..results import Result
+from .base import PALETTE, ExportError, finish
+from .collapse import nc_figure, nc_frame, nc_trajectory, neural_collapse
+from .connectivity import lmc
+from .curvature import (
+    adaptive_sharpness,
+    average_sharpness,
+    density_figure,
+    density_frame,
+    hessian_density,
+    hessian_diagonal,
+    hessian_eigenvalues,
+    hessian_trace,
+    layerwise_hessian,
+    sharpness,
+    sharpness_figure,
+    sharpness_frame,
+    sharpness_track,
+    topk_figure,
+    topk_frame,
+    trace_figure,
+    trace_frame,
+)
+from .gradients import coherence_figure, coherence_frame, gradient_coherence
+from .landscape import loss_landscape, opposing_signals
+from .ntk import ntk, ntk_trajectory
+
+
+def generic(result: Result, *, title: str | None = None) -> go.Figure:
+    """Fallback for results without a drawer: plots :meth:`Result.to_frame`.
+
+    One row: a bar per numeric column. Several rows: one line per numeric column against the first
+    column when it is numeric and increasing (e.g. a grid), else against the row number.
+    """
+    frame = result.to_frame()
+    numeric = [
+        c for c in frame.columns
+        if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+    ]  # fmt: skip
+    name = str(result.meta.get("probe") or type(result).__name__)
+    fig = go.Figure()
+    if len(frame) <= 1:
+        fig.add_trace(go.Bar(x=[str(c) for c in numeric], y=[frame[c].iloc[0] for c in numeric]))
+        fig.update_layout(xaxis_title="quantity", yaxis_title="value")
+    else:
+        x_col = numeric[0] if numeric and frame[numeric[0]].is_monotonic_increasing else None
+        x = frame[x_col].tolist() if x_col is not None else list(range(1, len(frame) + 1))
+        for c in numeric:
+            if c != x_col:
+                fig.add_trace(go.Scatter(x=x, y=frame[c].tolist(), mode="lines+markers", name=str(c)))
+        fig.update_layout(xaxis_title=str(x_col or "row"), yaxis_title="value")
+    return finish(fig, title or name)
+
+
+DRAWERS: dict[str, Callable[..., go.Figure]] = {
+    "HessianEigenResult": hessian_eigenvalues,
+    "LayerwiseHessianResult": layerwise_hessian,
+    "TraceResult": hessian_trace,
+    "DensityResult": hessian_density,
+    "SharpnessResult": sharpness,
+    "AdaptiveSharpnessResult": adaptive_sharpness,
+    "AverageSharpnessResult": average_sharpness,
+    "SharpnessTrack": sharpness_track,
+    "CoherenceResult": gradient_coherence,
+    "NeuralCollapseResult": neural_collapse,
+    "NeuralCollapseTrajectory": nc_trajectory,
+    "LMCResult": lmc,
+    "NTKResult": ntk,
+    "NTKTrajectory": ntk_trajectory,
+    "HessianDiagonalResult": hessian_diagonal,
+    "LandscapeResult": loss_landscape,
+    "OpposingSignalsResult": opposing_signals,
+}
+
+
+def draw(result: Result, **kwargs: Any) -> go.Figure:
+    """The figure of one result: its class's drawer (see :data:`DRAWERS`), else :func:`generic`."""
+    for cls in type(result).__mro__:
+        drawer = DRAWERS.get(cls.__name__)
+        if drawer is not None:
+            return drawer(result, **kwargs)
+    return generic(result, **kwargs)
+
+
+_MAX_VECTOR = 16  # vectors up to this length become one trajectory line per entry
+_SKIP_SERIES = {"n_matvecs"}
+#: Kept in tables but not drawn on the values' axis of a trajectory (residuals, standard errors).
+_NOT_DRAWN = {"residuals", "stderr", "trace_stderr"}
+
+
+def scalar_series(result: Any) -> dict[str, float]:
+    """The plottable numbers of a result: finite scalars and short vectors (``name_1..name_k``)."""
+    out: dict[str, float] = {}
+    for name, value in result.to_dict().items():
+        if name == "meta" or name in _SKIP_SERIES or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+        elif (
+            isinstance(value, list)
+            and 0 < len(value) <= _MAX_VECTOR
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            for i, v in enumerate(value, 1):
+                out[f"{name}_{i}"] = float(v)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def quantities_figure(results: Mapping[int, Any], *, x_title: str = "step", max_panels: int = 8) -> go.Figure:
+    """Every plottable number of ``{step: Result}`` (:func:`scalar_series`) against the step: one panel per
+    quantity, each on its own y axis (a short vector ``name_1..name_k``: one line per entry in the panel
+    of ``name``); residuals and standard errors stay in the tables. At most ``max_panels`` panels."""
+    steps = sorted(results)
+    series: dict[str, dict[str, list[float | None]]] = {}
+    for i, st in enumerate(steps):
+        for name, v in scalar_series(results[st]).items():
+            base, _, tail = name.rpartition("_")
+            panel = base if tail.isdigit() and base else name
+            if panel in _NOT_DRAWN or panel in _SKIP_SERIES:
+                continue
+            series.setdefault(panel, {}).setdefault(name, [None] * len(steps))[i] = v
+    panels = list(series)[:max_panels]
+    if not panels:
+        raise ExportError("no numbers to plot across checkpoints")
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels,
+                        vertical_spacing=min(0.08, 0.3 / len(panels)))  # fmt: skip
+    for row, panel in enumerate(panels, 1):
+        for j, (name, ys) in enumerate(series[panel].items()):
+            fig.add_trace(
+                go.Scatter(x=steps, y=ys, mode="lines+markers", name=name, line={"color": PALETTE[j % 8]},
+                           showlegend=len(series[panel]) > 1),
+                row=row, col=1,
+            )  # fmt: skip
+    fig.update_xaxes(title_text=x_title, row=len(panels), col=1)
+    probe = next(iter(results.values())).meta.get("probe") or type(next(iter(results.values()))).__name__
+    return finish(fig, f"{probe} across checkpoints", height=max(360, 110 + 200 * len(panels)))
+
+
+def _sharpness_across(results: Mapping[int, Any]) -> go.Figure:
+    frame = sharpness_frame(results)
+    return sharpness_figure(frame, frame[["step", "lr", "two_over_lr"]].dropna())
+
+
+#: Result class name → its figure of ``{step: Result}`` (one checkpoint per point or line); results of
+#: other classes get :func:`quantities_figure`.
+ACROSS: dict[str, Callable[[Mapping[int, Any]], go.Figure]] = {
+    "HessianEigenResult": lambda rs: topk_figure(topk_frame(rs)),
+    "DensityResult": lambda rs: density_figure(density_frame(rs), log_y=True),
+    "TraceResult": lambda rs: trace_figure(trace_frame(rs)),
+    "SharpnessResult": _sharpness_across,
+    "NeuralCollapseResult": lambda rs: nc_figure(nc_frame(rs)),
+    "CoherenceResult": lambda rs: coherence_figure(coherence_frame(rs)),
+}
+
+
+def across_checkpoints(results: Mapping[int, Any], *, x_title: str = "step") -> go.Figure:
+    """The figure of one probe's ``{step: Result}``: every step on the x axis (see :data:`ACROSS`)."""
+    if not results:
+        raise ExportError("no results to plot across checkpoints")
+    first = next(iter(results.values()))
+    for cls in type(first).__mro__:
+        if cls.__name__ in ACROSS:
+            return relabel_steps(ACROSS[cls.__name__](results), x_title)
+    return quantities_figure(results, x_title=x_title)
+
+
+def relabel_steps(fig: go.Figure, x_title: str) -> go.Figure:
+    """Name what the checkpoints' steps are when they are not training steps (a double-descent sweep keeps
+    one checkpoint per model size at ``step = p``): the x titles become ``x_title`` and "over training"
+    in the title becomes "against ``x_title``". ``x_title == "step"`` leaves the figure as it is."""
+    if x_title == "step":
+        return fig
+    fig.for_each_xaxis(lambda ax: ax.update(title_text=x_title) if ax.title.text else None)
+    text = fig.layout.title.text or ""
+    return fig.update_layout(title={"text": text.replace("over training", f"against {x_title}")})
