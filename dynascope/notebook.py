@@ -66,12 +66,13 @@ class RunView:
 
     @property
     def results(self):  # -> pandas.DataFrame
-        """Every cached probe result: ``probe, step, checkpoint_hash, params`` and the result's scalars."""
+        """The result store's catalogue (:meth:`ResultStore.catalogue`): ``probe, step, checkpoint_hash,
+        setting, created``, one row per cached result; their values: :meth:`trajectory`."""
         if not (self.run.path / STORE_FILENAME).is_file():
             import pandas as pd
 
-            return pd.DataFrame(columns=["probe", "step", "checkpoint_hash", "params"])
-        return self.store.frame()
+            return pd.DataFrame(columns=["probe", "step", "checkpoint_hash", "setting", "created"])
+        return self.store.catalogue()
 
     def cached(self, probe: str, step: int | None = None) -> list[tuple[int | None, Any]]:
         """``[(step, Result)]`` of the cached results of ``probe`` (at ``step``), by step."""

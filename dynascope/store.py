@@ -204,24 +204,20 @@ class ResultStore:
             rows = con.execute(sql + " ORDER BY step, created", args).fetchall()
         return [self._decode(r) for r in rows]
 
-    def frame(self, probe: str | None = None):  # -> pandas.DataFrame
-        """One row per stored result: probe, step, checkpoint hash, parameters (JSON) and scalar values."""
+    def catalogue(self, probe: str | None = None):  # -> pandas.DataFrame
+        """What the store holds, one row per stored result: ``probe, step, checkpoint_hash, setting,
+        created`` (``setting``: :func:`dynascope.trajectories.setting_id` of its parameters). The values
+        themselves are read as trajectories (:mod:`dynascope.trajectories`), one tidy table per setting."""
         import pandas as pd
 
-        rows = []
-        for s in self.list(probe):
-            data = s.result.to_dict() if isinstance(s.result, Result) else s.result
-            scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None}
-            rows.append(
-                {
-                    "probe": s.probe,
-                    "step": s.step,
-                    "checkpoint_hash": s.checkpoint_hash,
-                    "params": json.dumps(s.params, sort_keys=True),
-                    **scalars,
-                }
-            )
-        return pd.DataFrame(rows)
+        from .trajectories import setting_id
+
+        rows = [
+            {"probe": s.probe, "step": s.step, "checkpoint_hash": s.checkpoint_hash,
+             "setting": setting_id(s.params), "created": s.created}
+            for s in self.list(probe)
+        ]  # fmt: skip
+        return pd.DataFrame(rows, columns=["probe", "step", "checkpoint_hash", "setting", "created"])
 
     def delete(self, probe: str | None = None) -> int:
         """Remove stored results (of one probe, or all); returns how many."""

@@ -53,8 +53,9 @@ def test_get_or_compute_never_recomputes(tmp_path) -> None:
     r2, cached2 = store.get_or_compute("toy", "h", {"a": 1}, compute)
     assert (cached1, cached2) == (False, True) and len(calls) == 1
     assert r1.estimate == r2.estimate
-    frame = store.frame("toy")
-    assert list(frame["estimate"]) == [2.5] and frame["probe"][0] == "toy"
+    cat = store.catalogue("toy")
+    assert list(cat.columns) == ["probe", "step", "checkpoint_hash", "setting", "created"]
+    assert len(cat) == 1 and cat["probe"][0] == "toy" and cat["checkpoint_hash"][0] == "h"
 
 
 def test_key_ignores_param_order() -> None:

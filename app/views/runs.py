@@ -250,7 +250,7 @@ with errors.guard("Reading the run"):
     _run_view(str(run.path))
 
 with errors.guard("Reading the result store"):
-    cached = ResultStore(run.path).frame()
+    cached = ResultStore(run.path).catalogue()
     st.markdown(f"**Result store**: {len(cached)} cached probe result(s) in `results.sqlite`.")
     if len(cached):
         counts = cached.groupby("probe").size().rename("results").reset_index()
