@@ -10,7 +10,7 @@ from typing import Any
 
 from ..models import Run
 
-__all__ = ["Recipe", "RECIPES", "register_recipe", "resolve_config", "run_recipe"]
+__all__ = ["Recipe", "RECIPES", "recipe_function", "register_recipe", "resolve_config", "run_recipe"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,34 @@ def check_config_keys(name: str, given: Any, accepted: Any) -> None:
     unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise ValueError(f"recipe {name!r}: unknown config keys {unknown}; accepted: {sorted(accepted)}")
+
+
+def recipe_function(
+    name: str, defaults: Mapping[str, Any], *, accepted: Mapping[str, Any] | None = None
+) -> Callable[[Callable[..., Run]], Callable[..., Run]]:
+    """Give a recipe body ``body(out, cfg, seed, progress, overwrite, resume) -> Run`` the public signature
+    ``fn(out, *, seed=0, progress=True, overwrite=False, resume=True, **config) -> Run``: the config keys
+    are checked against ``accepted`` (default: ``defaults``) and ``cfg = {**defaults, **config}``."""
+
+    def wrap(body: Callable[..., Run]) -> Callable[..., Run]:
+        def fn(
+            out: str | os.PathLike[str],
+            *,
+            seed: int = 0,
+            progress: Any = True,
+            overwrite: bool = False,
+            resume: bool = True,
+            **config: Any,
+        ) -> Run:
+            check_config_keys(name, config, defaults if accepted is None else accepted)
+            return body(out, {**defaults, **config}, seed, progress, overwrite, resume)
+
+        fn.__name__, fn.__qualname__, fn.__doc__, fn.__module__ = (
+            body.__name__, body.__qualname__, body.__doc__, body.__module__
+        )  # fmt: skip
+        return fn
+
+    return wrap
 
 
 def resolve_config(recipe: Recipe, *, small: bool = False, **overrides: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch
 
 from ..datasets import load
 from ..models import Run, RunError, build, save_checkpoint
-from .base import Recipe, check_config_keys, register_recipe
+from .base import Recipe, recipe_function, register_recipe
 from .train import _accuracy, make_optimizer
 
 __all__ = [
@@ -115,8 +115,14 @@ def _prepare(
     run = Run.open(path)
     extra = run.config.get("extra") or {}
     stored = extra.get("config") or {}
-    same = extra.get("recipe") == recipe and run.seed == seed and all(
-        json.dumps(stored.get(k)) == json.dumps(v) for k, v in cfg.items() if k not in ("p_grid", "widths")
+    same = (
+        extra.get("recipe") == recipe
+        and run.seed == seed
+        and all(
+            json.dumps(stored.get(k)) == json.dumps(v)
+            for k, v in cfg.items()
+            if k not in ("p_grid", "widths")
+        )
     )
     if not (resume and same):
         why = "resume=False" if same else "it holds another run (recipe, config or seed differ)"
@@ -129,18 +135,11 @@ def _finish(run: Run) -> None:
     run.save_config()
 
 
+@recipe_function("double_descent", DD_CONFIG)
 def double_descent(
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    progress: Any = True,
-    overwrite: bool = False,
-    resume: bool = True,
-    **config: Any,
+    out: str | os.PathLike[str], cfg: dict[str, Any], seed: int, progress: Any, overwrite: bool, resume: bool
 ) -> Run:
     """Random-features min-norm least-squares sweep over p into run folder ``out`` (keys: ``DD_CONFIG``)."""
-    check_config_keys("double_descent", config, DD_CONFIG)
-    cfg = {**DD_CONFIG, **config}
     done, replace = _prepare(out, overwrite, resume, "double_descent", cfg, seed)
     if done is not None:
         return done
@@ -267,18 +266,11 @@ DD_NN_CONFIG: dict[str, Any] = {
 DD_NN_SMALL: dict[str, Any] = {"widths": [4, 16, 32, 40, 48, 64, 128, 256], "steps": 1500}
 
 
+@recipe_function("double_descent_nn", DD_NN_CONFIG)
 def double_descent_nn(
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    progress: Any = True,
-    overwrite: bool = False,
-    resume: bool = True,
-    **config: Any,
+    out: str | os.PathLike[str], cfg: dict[str, Any], seed: int, progress: Any, overwrite: bool, resume: bool
 ) -> Run:
     """Width sweep of two-layer ReLU nets trained to (near) interpolation; keys: ``DD_NN_CONFIG``."""
-    check_config_keys("double_descent_nn", config, DD_NN_CONFIG)
-    cfg = {**DD_NN_CONFIG, **config}
     done, replace = _prepare(out, overwrite, resume, "double_descent_nn", cfg, seed)
     if done is not None:
         return done

@@ -37,7 +37,7 @@ from ..models import Run
 from ..probes.lanczos import eigsh
 from ..probes.operators import LinearOperator, OperatorSpec
 from ..probes.preconditioning import DiagonalScaledOperator, preconditioner_from_state
-from .base import Recipe, check_config_keys, register_recipe
+from .base import Recipe, recipe_function, register_recipe
 from .train import train
 
 __all__ = [
@@ -153,22 +153,15 @@ class SharpnessTracker:
         }
 
 
+@recipe_function("edge_of_stability", EOS_CONFIG)
 def edge_of_stability(
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    progress: Any = True,
-    overwrite: bool = False,
-    resume: bool = True,
-    **config: Any,
+    out: str | os.PathLike[str], cfg: dict[str, Any], seed: int, progress: Any, overwrite: bool, resume: bool
 ) -> Run:
     """Train the edge-of-stability recipe into run folder ``out`` (config keys: ``EOS_CONFIG``).
 
     ``optimizer="sgd"``: plain full-batch GD, λ_max logged at every checkpoint against 2/η.
     ``optimizer="adam"``: full-batch Adam; λ_max(P⁻¹H) logged at every checkpoint against 38/η, and the
     optimizer state saved there (see the module docstring)."""
-    check_config_keys("edge_of_stability", config, EOS_CONFIG)
-    cfg = {**EOS_CONFIG, **config}
     lr = float(cfg["lr"])
     if not lr > 0:
         raise ValueError(f"edge_of_stability: lr must be > 0, got {lr}")

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from ..models import Run
-from .base import Recipe, check_config_keys, register_recipe
+from .base import Recipe, recipe_function, register_recipe
 from .train import train
 
 __all__ = ["grokking", "GROKKING_CONFIG", "GROKKING_SMALL", "TRANSFORMER_CONFIG"]
@@ -97,18 +97,11 @@ def _model_config(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     raise ValueError(f"grokking: arch must be 'embed_mlp' or 'transformer', got {cfg['arch']!r}")
 
 
+@recipe_function("grokking", GROKKING_CONFIG, accepted={**GROKKING_CONFIG, **TRANSFORMER_CONFIG})
 def grokking(
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    progress: Any = True,
-    overwrite: bool = False,
-    resume: bool = True,
-    **config: Any,
+    out: str | os.PathLike[str], cfg: dict[str, Any], seed: int, progress: Any, overwrite: bool, resume: bool
 ) -> Run:
     """Train the grokking recipe into run folder ``out`` (config keys: ``GROKKING_CONFIG``)."""
-    check_config_keys("grokking", config, {**GROKKING_CONFIG, **TRANSFORMER_CONFIG})
-    cfg = {**GROKKING_CONFIG, **config}
     fmt = "pairs" if cfg["arch"] == "embed_mlp" else "tokens"
     steps = int(cfg["steps"])
     schedule = None

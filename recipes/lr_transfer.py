@@ -50,7 +50,7 @@ from ..models import Run, RunError, build
 from ..models.architectures import PARAMETRIZATIONS
 from ..models.atomic import atomic_write_text
 from ..probes.losses import resolve_loss
-from .base import Recipe, check_config_keys, register_recipe
+from .base import Recipe, recipe_function, register_recipe
 from .eos import lambda_max
 
 __all__ = [
@@ -265,19 +265,13 @@ def _train_job(
     return final, rows
 
 
+@recipe_function("lr_transfer", LR_TRANSFER_CONFIG)
 def lr_transfer(
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    progress: Any = True,
-    overwrite: bool = False,
-    resume: bool = True,
-    **config: Any,
+    out: str | os.PathLike[str], cfg: dict[str, Any], seed: int, progress: Any, overwrite: bool, resume: bool
 ) -> Run:
     """Learning-rate × width sweep in one parametrisation into run folder ``out`` (keys:
     ``LR_TRANSFER_CONFIG``); see the module docstring for what is written."""
-    check_config_keys("lr_transfer", config, LR_TRANSFER_CONFIG)
-    cfg = _check({**LR_TRANSFER_CONFIG, **config})
+    cfg = _check(cfg)
     dcfg = {
         "name": "digits",
         "n_train": int(cfg["n_train"]),

@@ -21,7 +21,7 @@ import os
 from typing import Any
 
 from ..models import Run
-from .base import Recipe, check_config_keys, register_recipe
+from .base import Recipe, recipe_function, register_recipe
 from .train import train
 
 __all__ = ["NC_CONFIG", "neural_collapse"]
@@ -41,18 +41,11 @@ NC_CONFIG: dict[str, Any] = {
 }
 
 
+@recipe_function("neural_collapse", NC_CONFIG)
 def neural_collapse(
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    progress: Any = True,
-    overwrite: bool = False,
-    resume: bool = True,
-    **config: Any,
+    out: str | os.PathLike[str], cfg: dict[str, Any], seed: int, progress: Any, overwrite: bool, resume: bool
 ) -> Run:
     """Train the neural-collapse recipe into run folder ``out`` (config keys: ``NC_CONFIG``)."""
-    check_config_keys("neural_collapse", config, NC_CONFIG)
-    cfg = {**NC_CONFIG, **config}
     run_cfg = {
         "path": out,
         "model": {"name": "mlp", "in_dim": 64, "width": int(cfg["width"]), "depth": int(cfg["depth"]),

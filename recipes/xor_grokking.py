@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..models import Run
-from .base import Recipe, check_config_keys, register_recipe
+from .base import Recipe, recipe_function, register_recipe
 from .train import train
 
 __all__ = ["xor_grokking", "XOR_GROKKING_CONFIG"]
@@ -70,18 +70,11 @@ def _split_accuracy(model: torch.nn.Module, step: int, data: Any) -> dict[str, f
     return out
 
 
+@recipe_function("xor_grokking", XOR_GROKKING_CONFIG)
 def xor_grokking(
-    out: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    progress: Any = True,
-    overwrite: bool = False,
-    resume: bool = True,
-    **config: Any,
+    out: str | os.PathLike[str], cfg: dict[str, Any], seed: int, progress: Any, overwrite: bool, resume: bool
 ) -> Run:
     """Train the XOR benign-overfitting → grokking recipe into ``out`` (keys: ``XOR_GROKKING_CONFIG``)."""
-    check_config_keys("xor_grokking", config, XOR_GROKKING_CONFIG)
-    cfg = {**XOR_GROKKING_CONFIG, **config}
     from ..datasets.synthetic import xor_bayes_accuracy
 
     dataset = {
