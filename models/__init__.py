@@ -6,36 +6,10 @@ Run.create(path, model=..., dataset=...)    Run.open(path): checkpoints(), load_
 """
 
 from ..datasets.factory import UntrustedCodeError
-from .architectures import (
-    CNN,
-    MLP,
-    EmbedMLP,
-    ParametrizedMLP,
-    RandomFeatures,
-    ResNet,
-    Transformer,
-    TwoLayerReLU,
-)
-from .checkpoints import (
-    DENIED_GLOBALS,
-    CheckpointError,
-    CheckpointMetadataError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    EmptyCheckpointError,
-    LoadedCheckpoint,
-    NonFiniteWeightsError,
-    NoStateDictError,
-    StateDictMismatchError,
-    UnknownFormatError,
-    UnsafeCheckpointError,
-    UnsupportedTensorError,
-    checkpoint_counter,
-    file_sha256,
-    load_checkpoint,
-    read_safetensors_metadata,
-    save_checkpoint,
-)
+from . import architectures, checkpoint_errors, checkpoints
+from .architectures import *  # noqa: F403  (the registered architectures: architectures.__all__)
+from .checkpoint_errors import *  # noqa: F403  (CheckpointError and one subclass per reason)
+from .checkpoints import *  # noqa: F403  (save_checkpoint, load_checkpoint, ...: checkpoints.__all__)
 from .imports import FolderScan, import_checkpoints, scan_checkpoint_folder
 from .outputs import attach_logits_rule, logits_of
 from .registry import available, build, model_config, normalize_config, param_count, register, weight_norm
@@ -52,6 +26,9 @@ from .specs import build_from_spec, model_fingerprint, normalize_model_spec
 from .weights import load_weights, tied_groups
 
 __all__ = [
+    *architectures.__all__,
+    *checkpoint_errors.__all__,
+    *checkpoints.__all__,
     "UntrustedCodeError",
     "build",
     "build_from_spec",
@@ -70,32 +47,6 @@ __all__ = [
     "weight_norm",
     "model_config",
     "normalize_config",
-    "MLP",
-    "CNN",
-    "Transformer",
-    "EmbedMLP",
-    "RandomFeatures",
-    "ResNet",
-    "TwoLayerReLU",
-    "ParametrizedMLP",
-    "save_checkpoint",
-    "load_checkpoint",
-    "LoadedCheckpoint",
-    "file_sha256",
-    "read_safetensors_metadata",
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "EmptyCheckpointError",
-    "CorruptCheckpointError",
-    "UnknownFormatError",
-    "UnsafeCheckpointError",
-    "NoStateDictError",
-    "StateDictMismatchError",
-    "NonFiniteWeightsError",
-    "UnsupportedTensorError",
-    "CheckpointMetadataError",
-    "DENIED_GLOBALS",
-    "checkpoint_counter",
     "Run",
     "RunError",
     "CheckpointInfo",

@@ -114,6 +114,9 @@ def frame_json(frame: pd.DataFrame, extra: dict[str, Any] | None = None) -> byte
     return json.dumps({"data": records, **to_jsonable(extra or {})}, indent=1).encode()
 
 
+IMAGE_MIMES = (("png", "image/png"), ("svg", "image/svg+xml"), ("pdf", "application/pdf"))
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "figure"
 
@@ -129,49 +132,21 @@ def download_row(
     """Seven download buttons: CSV, Parquet, JSON (data) and HTML, PNG, SVG, PDF (figure)."""
     base = slug(name)
     row = st.container(horizontal=True, gap="small", key=f"downloads_{key}")
-    row.download_button(
-        "CSV", frame_csv(frame), f"{base}.csv", "text/csv", key=f"{key}_csv", on_click="ignore", icon="⬇"
-    )
-    row.download_button(
-        "Parquet",
-        lambda: frame_parquet(frame),
-        f"{base}.parquet",
-        "application/octet-stream",
-        key=f"{key}_parquet",
-        on_click="ignore",
-        icon="⬇",
-    )
-    row.download_button(
-        "JSON",
-        frame_json(frame, extra_json),
-        f"{base}.json",
-        "application/json",
-        key=f"{key}_json",
-        on_click="ignore",
-        icon="⬇",
-    )
-    row.download_button(
-        "HTML",
-        lambda: figure_html(fig),
-        f"{base}.html",
-        "text/html",
-        key=f"{key}_html",
-        on_click="ignore",
-        icon="⬇",
-    )
     ok, reason = png_support()
-    for fmt, mime in (("png", "image/png"), ("svg", "image/svg+xml"), ("pdf", "application/pdf")):
+    draw = (lambda f: lambda: figure_bytes(fig, f)) if ok else (lambda f: b"")
+    images = [(f.upper(), draw(f), f, mime, ok) for f, mime in IMAGE_MIMES]
+    buttons = [  # label, data (bytes or a callable made on click), file suffix, MIME type, enabled
+        ("CSV", frame_csv(frame), "csv", "text/csv", True),
+        ("Parquet", lambda: frame_parquet(frame), "parquet", "application/octet-stream", True),
+        ("JSON", frame_json(frame, extra_json), "json", "application/json", True),
+        ("HTML", lambda: figure_html(fig), "html", "text/html", True),
+        *images,
+    ]
+    for label, data, suffix, mime, enabled in buttons:
         row.download_button(
-            fmt.upper(),
-            (lambda fmt=fmt: figure_bytes(fig, fmt)) if ok else b"",
-            f"{base}.{fmt}",
-            mime,
-            key=f"{key}_{fmt}",
-            on_click="ignore",
-            icon="⬇",
-            disabled=not ok,
-            help=None if ok else "Image export unavailable: " + reason,
-        )
+            label, data, f"{base}.{suffix}", mime, key=f"{key}_{suffix}", on_click="ignore", icon="⬇",
+            disabled=not enabled, help=None if enabled else "Image export unavailable: " + reason,
+        )  # fmt: skip
     if not ok:
         st.caption("PNG/SVG/PDF export is unavailable: " + reason)
 
