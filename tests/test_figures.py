@@ -122,3 +122,21 @@ def test_log_axis_over_a_range_without_round_values_still_has_labelled_ticks() -
     tiny = figures.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[0.31234, 0.31251])))
     ticks = list(tiny.layout.yaxis.tickvals)
     assert 3 <= len(ticks) <= 5 and all(0.31234 <= t <= 0.31251 for t in ticks), ticks
+
+
+def test_log_spaced_checkpoints_are_drawn_on_a_log_step_axis() -> None:
+    """Log-spaced checkpoints (0, 1, 3, …, 3000) go on a log axis of step + 1 with the steps kept in the
+    hover text; evenly spaced ones (every 50 steps) and densities (x = eigenvalue) stay linear."""
+    from dynascope.probes.figures.across import log_spaced
+
+    model = torch.nn.Linear(3, 2).double()
+    data = (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2).double())
+    res = probes.hessian_eigenvalues(model, data, k=2)
+    log_steps, even = [0, 1, 3, 10, 30, 100, 300, 1000, 3000], [0, 50, 100, 150, 200, 250]
+    assert log_spaced(log_steps) and not log_spaced(even) and not log_spaced([0, 1, 2, 3])
+    fig = figures.across_checkpoints(dict.fromkeys(log_steps, res))
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "step + 1 (log)"
+    assert all(list(t.x) == [s + 1 for s in log_steps] for t in fig.data)
+    assert list(fig.data[0].text) == [str(s) for s in log_steps] and "%{text}" in fig.data[0].hovertemplate
+    linear = figures.across_checkpoints(dict.fromkeys(even, res))
+    assert linear.layout.xaxis.type != "log" and all(list(t.x) == even for t in linear.data)

@@ -4,15 +4,16 @@ x (:func:`across_checkpoints`, else one panel per quantity: :func:`quantities_fi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..results import Result
-from .base import PALETTE, ExportError, finish
+from .base import PALETTE, ExportError, finish, log_axis
 from .collapse import nc_figure, nc_frame, nc_trajectory, neural_collapse
 from .connectivity import lmc
 from .curvature import (
@@ -166,15 +167,47 @@ ACROSS: dict[str, Callable[[Mapping[int, Any]], go.Figure]] = {
 }
 
 
+#: Figures across checkpoints whose x axis is not the step (a density's x is the eigenvalue).
+_X_NOT_STEP = {"DensityResult"}
+
+
 def across_checkpoints(results: Mapping[int, Any], *, x_title: str = "step") -> go.Figure:
-    """The figure of one probe's ``{step: Result}``: every step on the x axis (see :data:`ACROSS`)."""
+    """The figure of one probe's ``{step: Result}``: every step on the x axis (see :data:`ACROSS`); on a
+    log axis of step + 1 when the checkpoints are log-spaced (:func:`log_spaced`), so the early ones do
+    not pile up at the left edge."""
     if not results:
         raise ExportError("no results to plot across checkpoints")
     first = next(iter(results.values()))
-    for cls in type(first).__mro__:
-        if cls.__name__ in ACROSS:
-            return relabel_steps(ACROSS[cls.__name__](results), x_title)
-    return quantities_figure(results, x_title=x_title)
+    name = next((c.__name__ for c in type(first).__mro__ if c.__name__ in ACROSS), None)
+    fig = ACROSS[name](results) if name else quantities_figure(results, x_title=x_title)
+    if x_title == "step" and name not in _X_NOT_STEP and log_spaced(list(results)):
+        return log_steps(fig)
+    return relabel_steps(fig, x_title)
+
+
+def log_spaced(steps: Sequence[int]) -> bool:
+    """Checkpoints spread over ≥ 2 decades with gaps that grow ≥ 10× (``checkpoint_steps="log"``), as
+    opposed to evenly spaced ones, whose constant gaps read best on a linear axis."""
+    s = sorted({int(v) for v in steps})
+    if len(s) < 4 or (s[-1] + 1) / (s[0] + 1) < 100:
+        return False
+    gaps = np.diff(s)
+    return bool(gaps[-1] >= 10 * gaps[0])
+
+
+def log_steps(fig: go.Figure) -> go.Figure:
+    """Every trace's x (a step) drawn at step + 1 on a decade-ticked log axis titled so; hover texts
+    still name the step."""
+    for trace in fig.data:
+        if getattr(trace, "x", None) is None:
+            continue
+        x = np.asarray(trace.x, dtype=float)
+        hover = trace.hovertemplate or "step %{x}<br>%{y:.6g}<extra></extra>"
+        if trace.text is None and "%{x}" in hover:
+            trace.update(text=[f"{v:g}" for v in x], hovertemplate=hover.replace("%{x}", "%{text}"))
+        trace.update(x=x + 1)
+    log_axis(fig, "x")
+    return fig.for_each_xaxis(lambda ax: ax.update(title_text="step + 1 (log)") if ax.title.text else None)
 
 
 def relabel_steps(fig: go.Figure, x_title: str) -> go.Figure:
