@@ -84,9 +84,11 @@ def _slug(text: str) -> str:
 
 
 def _fmt(v: Any) -> str:
-    """A value as short text: floats to 4 significant digits, specs as compact JSON."""
+    """A value as short text: floats to 4 significant digits (in lists too), specs as compact JSON."""
     if isinstance(v, float):
         return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+    if isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, (dict, list)):
         return json.dumps(v, default=str, separators=(", ", ": "))
     return "n/a" if v is None else str(v)
