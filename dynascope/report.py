@@ -48,6 +48,8 @@ SHOWS = {
     "hessian_density": "The Hessian's spectral density (eigenvalue histogram, smoothed) at each checkpoint.",
     "hessian_diagonal": "The diagonal of the Hessian per parameter tensor.",
     "layerwise_hessian": "The top eigenvalue and trace of each layer's diagonal Hessian block.",
+    "blockwise_spectra": "The spectral density of each parameter block's diagonal Hessian block and the "
+    "Jensen–Shannon divergence between blocks (their heterogeneity).",
     "sharpness": "λ_max of the Hessian at each checkpoint against the stability threshold 2/η of GD.",
     "gradient_coherence": "Gradient coherence α = E[g_i·g_j]/E‖g_i‖² over pairs i ≠ j, and the noise scale "
     "tr(Σ)/‖g‖².",

@@ -128,6 +128,8 @@ PROBES: dict[str, ProbeSpec] = {
                   "spectral density (stochastic Lanczos quadrature)"),
         ProbeSpec("layerwise_hessian", "layerwise_hessian", {"k": 1},
                   "per-layer top eigenvalue and trace"),
+        ProbeSpec("blockwise_spectra", "blockwise_spectra", {"n_probes": 4, "lanczos_steps": 40},
+                  "SLQ spectrum of each parameter block and their Jensen–Shannon heterogeneity"),
         ProbeSpec("sharpness", "sharpness", {},
                   "λ_max, trace and the 2/η stability thresholds; optimizer_state=true: λ_max(P⁻¹H) "
                   "from the optimizer state saved with the checkpoint"),

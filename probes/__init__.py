@@ -46,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     # Hessian spectrum probes
     "hessian_eigenvalues": "hessian",
     "layerwise_hessian": "hessian",
+    "blockwise_spectra": "blockwise",
+    "BlockwiseSpectraResult": "blockwise",
     "HessianEigenResult": "hessian",
     "LayerwiseHessianResult": "hessian",
     "hessian_trace": "trace",

@@ -37,6 +37,7 @@ from .curvature import (
     adaptive_sharpness,
     add_threshold,
     average_sharpness,
+    blockwise_spectra,
     condition_figure,
     density_figure,
     density_frame,
@@ -72,6 +73,7 @@ from .training import (
 )
 
 __all__ = [
+    "blockwise_spectra",
     "ACROSS",
     "DRAWERS",
     "TEMPLATE",

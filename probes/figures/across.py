@@ -19,6 +19,7 @@ from .connectivity import lmc
 from .curvature import (
     adaptive_sharpness,
     average_sharpness,
+    blockwise_spectra,
     density_figure,
     density_frame,
     hessian_density,
@@ -69,6 +70,7 @@ def generic(result: Result, *, title: str | None = None) -> go.Figure:
 DRAWERS: dict[str, Callable[..., go.Figure]] = {
     "HessianEigenResult": hessian_eigenvalues,
     "LayerwiseHessianResult": layerwise_hessian,
+    "BlockwiseSpectraResult": blockwise_spectra,
     "TraceResult": hessian_trace,
     "DensityResult": hessian_density,
     "SharpnessResult": sharpness,
