@@ -57,6 +57,18 @@ class BlockwiseSpectraResult(Result):
     heterogeneity: float
     n_matvecs: int
 
+    def to_frame(self):  # -> pandas.DataFrame
+        """One row per block: ``block, n_params, lambda_max, lambda_min, trace, mean_js`` (mean divergence
+        from the other blocks)."""
+        import pandas as pd
+
+        n = len(self.blocks)
+        others = self.js.sum(dim=1) / max(n - 1, 1)
+        return pd.DataFrame(
+            {"block": self.blocks, "n_params": self.n_params, "lambda_max": self.lambda_max.tolist(),
+             "lambda_min": self.lambda_min.tolist(), "trace": self.trace.tolist(), "mean_js": others.tolist()}
+        )  # fmt: skip
+
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
     """Jensen–Shannon divergence of two probability vectors (natural log; 0 for equal ones, ln 2 for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -336,15 +337,23 @@ def test_hessian_density_layers_and_trace_tabs(fresh_root: Path, monkeypatch: py
     assert at.radio(key="hess_trace_method").options == ["auto", "hutch++", "hutchinson", "krylov++"]
     assert at.radio(key="hess_trace_method").value == "auto"  # the default chooses from the first sketch
     at.radio(key="hess_trace_method").set_value("krylov++").run()
-    for key in ("hess_density_run", "hess_layers_run", "hess_trace_run"):
+    for key in ("hess_density_run", "hess_layers_run", "hess_blocks_run", "hess_trace_run"):
         at.button(key=key).click().run()
         assert not at.exception and not at.error, (key, _texts(at.error))
-    assert _charts(at) == 3
+    assert _charts(at) == 4
     layer_table = at.dataframe[0].value
     assert {"layer", "n_params", "lambda_1", "trace"} <= set(layer_table.columns)
     assert layer_table["n_params"].sum() == 8 * 2 + 8 + 3 * 8 + 3
+    block_table = at.dataframe[1].value
+    assert list(block_table["n_params"]) == list(layer_table["n_params"])  # the same blocks, one per layer
+    assert (block_table["lambda_max"] >= block_table["lambda_min"]).all()
+    assert block_table["mean_js"].between(0, math.log(2)).all()
+    from dynascope.store import ResultStore
+
+    (stored,) = ResultStore(fresh_root / "tiny").list("blockwise_spectra")
+    assert f"{stored.result.heterogeneity:.3g} nats" in " ".join(m.value for m in at.markdown)
     at.toggle(key="hess_density_log").set_value(False).run()  # display option: no recompute
-    assert not at.exception and _charts(at) == 3 and not [b for b in at.button if b.key == "hess_density_run"]
+    assert not at.exception and _charts(at) == 4 and not [b for b in at.button if b.key == "hess_density_run"]
 
 
 def test_edge_of_stability_adam_run_has_preconditioned_sharpness(

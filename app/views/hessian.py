@@ -51,8 +51,8 @@ def sweep_chart(
             )  # fmt: skip
 
 
-tab_topk, tab_density, tab_layers, tab_trace = st.tabs(
-    ["Top-k eigenvalues", "Spectral density", "Per layer", "Trace"]
+tab_topk, tab_density, tab_layers, tab_blocks, tab_trace = st.tabs(
+    ["Top-k eigenvalues", "Spectral density", "Per layer", "Blockwise spectra", "Trace"]
 )
 
 with tab_topk:
@@ -123,6 +123,28 @@ with tab_layers:
                 key="hess_layers",
                 extra_json={"result": result.to_dict()},
             )
+
+with tab_blocks:
+    st.caption(
+        "The SLQ spectrum of each parameter block's diagonal Hessian block on one eigenvalue axis, and the "
+        "Jensen–Shannon divergence between blocks: large in transformers, whose embedding, attention and MLP "
+        "blocks have spectra far apart (Zhang et al., 2024, why transformers need Adam)."
+    )
+    block_step = st.selectbox("Checkpoint", run.steps(), index=len(run.steps()) - 1, key="hess_block_step")
+    with errors.guard("Blockwise spectra"):
+        results = compute.sweep_panel(
+            run, "blockwise_spectra", [block_step], key="hess_blocks", split=split, max_samples=max_samples,
+            sample=sample, label="blockwise spectra", button="Compute blockwise spectra",
+        )  # fmt: skip
+        if results:
+            result = results[block_step]
+            frame = result.to_frame()
+            st.markdown(f"**Heterogeneity** (mean JS over block pairs): {result.heterogeneity:.3g} nats")
+            downloads.table(frame, key="hess_block_table")
+            downloads.chart(
+                result.figure(), frame, f"{state.label(run.path)}_blockwise_step{block_step}",
+                key="hess_blocks", extra_json={"result": result.to_dict()},
+            )  # fmt: skip
 
 with tab_trace:
     c1, c2 = st.columns(2)
