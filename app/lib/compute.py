@@ -21,7 +21,6 @@ from dynascope.store import ResultStore
 
 from .errors import guard
 
-DEFAULT_MAX_SAMPLES = 256  # CLI-era default, kept for callers; the pages default to the run's data
 #: Probes default to the whole split the run was trained on when it has at most this many samples,
 #: else to a class-stratified subset of this size.
 DATA_BUDGET = 2048
