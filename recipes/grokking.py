@@ -18,7 +18,7 @@ from typing import Any
 
 from ..models import Run
 from .base import Recipe, recipe_function, register_recipe
-from .train import train
+from .train import train_recipe
 
 __all__ = ["grokking", "GROKKING_CONFIG", "GROKKING_SMALL", "TRANSFORMER_CONFIG"]
 
@@ -103,7 +103,6 @@ def grokking(
 ) -> Run:
     """Train the grokking recipe into run folder ``out`` (config keys: ``GROKKING_CONFIG``)."""
     fmt = "pairs" if cfg["arch"] == "embed_mlp" else "tokens"
-    steps = int(cfg["steps"])
     schedule = None
     if cfg.get("warmup_steps"):
         w = int(cfg["warmup_steps"])
@@ -131,18 +130,7 @@ def grokking(
         "extra": {"recipe": "grokking", "phenomenon": "grokking", "config": cfg, "batch_size": None},
         "notes": "Grokking: full-batch AdamW with strong weight decay on modular arithmetic.",
     }
-    return train(
-        run_cfg,
-        steps=steps,
-        log_every=int(cfg["log_every"]),
-        checkpoint_steps=cfg["checkpoint_steps"],
-        n_checkpoints=int(cfg["n_checkpoints"]),
-        save_optimizer=cfg["save_optimizer"],
-        progress=progress,
-        resume=resume,
-        overwrite=overwrite,
-        device=cfg["device"],
-    )
+    return train_recipe(run_cfg, cfg, progress=progress, resume=resume, overwrite=overwrite)
 
 
 register_recipe(

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..models import Run
 from .base import Recipe, recipe_function, register_recipe
-from .train import train
+from .train import train_recipe
 
 __all__ = ["NC_CONFIG", "neural_collapse"]
 
@@ -61,17 +61,8 @@ def neural_collapse(
         "notes": "Neural collapse: full-batch SGD with weight decay on 100 digits, MSE on one-hot targets, "
         "trained far past zero training error.",
     }  # fmt: skip
-    return train(
-        run_cfg,
-        steps=int(cfg["steps"]),
-        log_every=int(cfg["log_every"]),
-        checkpoint_steps="log",
-        n_checkpoints=int(cfg["n_checkpoints"]),
-        save_optimizer="last",
-        progress=progress,
-        resume=resume,
-        overwrite=overwrite,
-        device=cfg["device"],
+    return train_recipe(
+        run_cfg, cfg, save_optimizer="last", progress=progress, resume=resume, overwrite=overwrite
     )
 
 

@@ -248,6 +248,17 @@ def _same_run(path: Path, want: Mapping[str, Any]) -> Run:
     return run
 
 
+def train_recipe(run_cfg: Mapping[str, Any], cfg: Mapping[str, Any], **kwargs: Any) -> Run:
+    """:func:`train` with what a recipe config names: ``steps``, ``log_every``, ``device`` and, when given,
+    ``n_checkpoints`` (log-spaced) or ``checkpoint_steps`` and ``save_optimizer``; ``kwargs`` (the
+    recipe's ``progress``, ``resume``, ``overwrite``, …) are passed on and win."""
+    named = {"steps": int(cfg["steps"]), "log_every": int(cfg["log_every"]), "device": cfg["device"]}
+    for key in ("n_checkpoints", "checkpoint_steps", "save_optimizer"):
+        if key in cfg:
+            named[key] = int(cfg[key]) if key == "n_checkpoints" else cfg[key]
+    return train(run_cfg, **{**named, **kwargs})
+
+
 def train(
     run_or_config: Run | str | os.PathLike[str] | Mapping[str, Any],
     *,

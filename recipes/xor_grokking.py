@@ -38,7 +38,7 @@ import torch
 
 from ..models import Run
 from .base import Recipe, recipe_function, register_recipe
-from .train import train
+from .train import train_recipe
 
 __all__ = ["xor_grokking", "XOR_GROKKING_CONFIG"]
 
@@ -108,19 +108,10 @@ def xor_grokking(
         },
         "notes": "XOR clusters, flipped labels: benign overfitting at step 1, near-Bayes test acc later.",
     }
-    return train(
-        run_cfg,
-        steps=int(cfg["steps"]),
-        log_every=int(cfg["log_every"]),
-        checkpoint_steps="log",
-        n_checkpoints=int(cfg["n_checkpoints"]),
-        save_optimizer="last",
-        progress=progress,
-        resume=resume,
-        overwrite=overwrite,
-        device=cfg["device"],
+    return train_recipe(
+        run_cfg, cfg, save_optimizer="last", progress=progress, resume=resume, overwrite=overwrite,
         eval_fn=_split_accuracy,
-    )
+    )  # fmt: skip
 
 
 register_recipe(
