@@ -250,5 +250,9 @@ def sharded_operator(
             raise ValueError("a DDP-wrapped model sums its products over ranks itself; pass no reduce_fn")
         return SplitVectorsOperator(spec.replace(reduce_fn=_all_reduce).build(model.module, data))
     if is_fsdp(model):
+        dtype = next(model.parameters()).dtype
+        if spec.dtype is not None and spec.dtype != dtype:
+            raise ValueError(f"an FSDP2-sharded model computes in its own dtype ({dtype}), not {spec.dtype}: "
+                             "cast the model before fully_shard")  # fmt: skip
         return FiniteDifferenceHessian(model, data, loss=spec.loss, batch_size=spec.batch_size, **kwargs)
     raise ValueError("sharded_operator: the model is neither FSDP2-sharded (fully_shard) nor DDP-wrapped")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -139,6 +142,37 @@ def test_sharded_models_with_a_sharded_basis_equal_the_dense_hessian(tmp_path, w
     torch.testing.assert_close(overlap, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
     if wrap == "fsdp":
         assert 0 < runs[0]["error"] < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["fsdp", "ddp"])
+def test_torchrun_cli_probes_a_sharded_model_like_one_process(tmp_path, shard) -> None:
+    """`torchrun --nproc-per-node 2 -m dynascope probe ... --shard fsdp|ddp`: each rank reads the checkpoint,
+    keeps its shard of the model and of the data; rank 0 alone prints and writes the store."""
+    from test_distributed import _make_run
+
+    from dynascope.runner import run_probe
+    from dynascope.store import ResultStore
+
+    run = _make_run(tmp_path / "run")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun is not None
+    args = ["hessian_eigenvalues", str(run.path), "--step", "5", "--param", "k=2", "--param", "dtype=float64",
+            "--param", "solver=lanczos", "--param", "tol=1e-10"]  # fmt: skip
+    cmd = [torchrun, "--standalone", "--nproc-per-node=2", "-m", "dynascope", "probe", *args,
+           "--shard", shard]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("hessian_eigenvalues step 5") == 1  # only rank 0 prints
+    rows = ResultStore(run.path).list("hessian_eigenvalues")
+    assert len(rows) == 1  # only rank 0 writes
+    params = {"k": 2, "dtype": torch.float64, "solver": "lanczos", "tol": 1e-10}
+    one = ResultStore(tmp_path / "one")
+    single, _ = run_probe(run, "hessian_eigenvalues", step=5, params=params, store=one)
+    torch.testing.assert_close(rows[0].result.values, single.values, rtol=1e-6, atol=0)
+    fsdp_basis = "sharded: each rank holds its parameter shards' rows"
+    assert rows[0].result.meta["basis"] == (fsdp_basis if shard == "fsdp" else "split evenly across ranks")
 
 
 def test_a_model_that_is_neither_sharded_nor_wrapped_is_refused() -> None:
