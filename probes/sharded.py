@@ -17,7 +17,10 @@ loss averaged over the whole dataset, ``L(θ) = Σ_ranks Σ_{i ∈ shard} ℓ_i(
   Richardson, ``ε^{1/3}`` without: truncation against rounding). Each gradient is FSDP's own backward
   (sharded, reduce-scattered), kept as this rank's shards. :attr:`FiniteDifferenceHessian.error` is the
   largest ``‖R(h) − D(h/2)‖ / ‖R(h)‖`` over the products: the error of the unextrapolated difference, an
-  upper estimate for ``R`` (whose error is O(h⁴); measured in BENCHMARKS.md).
+  upper estimate for ``R`` (whose error is O(h⁴); measured in BENCHMARKS.md). Differences of gradients see
+  every kink the step crosses: on ReLU networks (where the exact product takes ReLU'' = 0) they can be far
+  off — the estimate then exceeds :data:`FD_WARN_ERROR` and a warning says so. Use smooth activations
+  (GELU, tanh, SiLU) with FSDP, or DDP's exact product.
 
 **The Krylov basis is sharded** (:mod:`.space`): the operator's vectors are this rank's rows only — for
 FSDP2 the local shards of the parameters, in the parameters' layout (so ``θ + h v`` is a local update and a
@@ -29,6 +32,7 @@ numbers per rank for ``W`` ranks (measured in BENCHMARKS.md). Eigenvectors come 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,6 +66,10 @@ def _all_reduce(t: Tensor) -> Tensor:
     out = t.detach().clone()
     torch.distributed.all_reduce(out)
     return out
+
+
+#: An error estimate above this (10 %) warns: the loss is not smooth at the step's scale (e.g. ReLU kinks).
+FD_WARN_ERROR = 0.1
 
 
 def _local_slice(p: Tensor) -> tuple[slice, int]:
@@ -116,6 +124,7 @@ class FiniteDifferenceHessian(LinearOperator):
         eps = torch.finfo(dtype).eps
         self.step = step if step is not None else eps ** (1 / 5 if richardson else 1 / 3)
         self.error = 0.0
+        self._warned = False
         self.n_gradients = 0
         self.kind, self.mode, self.reduce_fn, self.columnwise = "hessian", "eval", _all_reduce, True
         self.fallbacks: list[str] = []
@@ -208,6 +217,13 @@ class FiniteDifferenceHessian(LinearOperator):
             scale = self.vspace.norm(r) or 1.0
             self.error = max(self.error, self.vspace.norm(r - d_half) / scale)
             cols.append(r)
+        if self.error > FD_WARN_ERROR and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"finite-difference Hessian products of the FSDP2 model disagree at half the step by "
+                f"{self.error:.2g} (relative): the loss is not smooth at the step's scale (ReLU kinks?); "
+                "use smooth activations, or DDP's exact product", UserWarning, stacklevel=3,
+            )  # fmt: skip
         return torch.stack(cols, dim=1)
 
 

@@ -149,12 +149,12 @@ def test_sharded_models_with_a_sharded_basis_equal_the_dense_hessian(tmp_path, w
 def test_torchrun_cli_probes_a_sharded_model_like_one_process(tmp_path, shard) -> None:
     """`torchrun --nproc-per-node 2 -m dynascope probe ... --shard fsdp|ddp`: each rank reads the checkpoint,
     keeps its shard of the model and of the data; rank 0 alone prints and writes the store."""
-    from test_distributed import _make_run
+    from test_distributed import MODEL, _make_run
 
     from dynascope.runner import run_probe
     from dynascope.store import ResultStore
 
-    run = _make_run(tmp_path / "run")
+    run = _make_run(tmp_path / "run", {**MODEL, "activation": "tanh"})  # smooth: finite differences of FSDP
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun is not None
     args = ["hessian_eigenvalues", str(run.path), "--step", "5", "--param", "k=2", "--param", "dtype=float64",
