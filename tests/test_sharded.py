@@ -175,6 +175,19 @@ def test_torchrun_cli_probes_a_sharded_model_like_one_process(tmp_path, shard) -
     assert rows[0].result.meta["basis"] == (fsdp_basis if shard == "fsdp" else "split evenly across ranks")
 
 
+def test_shard_outside_torchrun_or_for_a_probe_without_sharded_models_is_refused(tmp_path, capsys) -> None:
+    from test_distributed import _make_run
+
+    from dynascope.cli import main
+    from dynascope.runner import run_probe
+
+    run = _make_run(tmp_path / "run")
+    assert main(["probe", "hessian_eigenvalues", str(run.path), "--shard", "fsdp"]) == 2
+    assert "start it with torchrun" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="takes no sharded model"):
+        run_probe(run, "gradient_coherence", shard="ddp")
+
+
 def test_a_model_that_is_neither_sharded_nor_wrapped_is_refused() -> None:
     from dynascope.probes.sharded import sharded_operator
 

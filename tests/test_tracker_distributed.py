@@ -64,17 +64,23 @@ def _spawn(init_method: str, run_dir: str, out_dir: str) -> None:
     mp.spawn(_worker, args=(init_method, run_dir, out_dir), nprocs=WORLD, join=True)
 
 
-@pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, more on a loaded machine
-def test_only_rank_zero_writes_under_a_gloo_process_group(tmp_path: Path) -> None:
+def _train(tmp_path: Path, spawn: str) -> tuple[Path, Path]:
+    """Run ``spawn`` (a function of this module) in a fresh interpreter: ``(run folder, rank outputs)``."""
     run_dir, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_tracker_distributed as t; "
-        "t._spawn(*sys.argv[2:])"
+        f"t.{spawn}(*sys.argv[2:])"
     )
     here = str(Path(__file__).resolve().parent)
     proc = run_fresh(code, [here, rendezvous(tmp_path), str(run_dir), str(out)])
     assert proc.returncode == 0, failure(proc)
+    return run_dir, out
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, more on a loaded machine
+def test_only_rank_zero_writes_under_a_gloo_process_group(tmp_path: Path) -> None:
+    run_dir, out = _train(tmp_path, "_spawn")
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert r0["writer"] and r0["has_run"] and r0["has_writer_thread"]
     # rank 1: no run object, no writer thread, nothing written (the status file is rank 0's)
@@ -144,15 +150,7 @@ def test_tracking_an_fsdp_model_probes_collectively_and_reopens_in_one_process(t
     from dynascope import probes
     from dynascope.models import Run, build, load_weights
 
-    run_dir, out = tmp_path / "run", tmp_path / "out"
-    out.mkdir()
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import test_tracker_distributed as t; "
-        "t._spawn_fsdp(*sys.argv[2:])"
-    )
-    here = str(Path(__file__).resolve().parent)
-    proc = run_fresh(code, [here, rendezvous(tmp_path), str(run_dir), str(out)])
-    assert proc.returncode == 0, failure(proc)
+    run_dir, out = _train(tmp_path, "_spawn_fsdp")
     r0, r1 = (json.loads((out / f"fsdp_rank{r}.json").read_text()) for r in range(WORLD))
     assert r0["writer"] and r0["has_writer_thread"] and not r1["writer"] and not r1["has_writer_thread"]
     assert run_status(run_dir)["state"] == "finished"
