@@ -10,13 +10,13 @@ relative error ``‖Hv − H₆₄v‖ / ‖H₆₄v‖`` over 5 random directio
 double-backward product of the same weights in float64, and the operator's own error estimate.
 
 ``--basis``: the block Lanczos basis per rank (:mod:`dynascope.probes.space`). A float32 MLP 256-1024-768-10
-(1,058,058 parameters), 256 samples split across the ranks, FSDP2 (``fully_shard`` per Linear and the root) or DDP;
-``hessian_eigenvalues(k=3, solver="lanczos", max_basis=40, max_iter=40, block_size=2)`` so that every world
-size holds the same 40 basis vectors. Per rank: the rows of each vector it holds, the basis by the formula
-(``peak_basis_vectors × rows × 4`` bytes, ``meta["solver_memory_bytes"]``), and the measured peak RSS above
-the start of the probe (``meta["measured_peak_bytes"]``, ``MALLOC_MMAP_THRESHOLD_=131072``) next to the
-peak of one product alone (a block of 2: FSDP's gathered parameters and gradients, or DDP's whole block).
-Each world size runs in its own spawned processes (file rendezvous).
+(1,058,058 parameters), 256 samples split across the ranks, FSDP2 (``fully_shard`` per Linear and the root) or
+DDP; ``hessian_eigenvalues(k=3, solver="lanczos", max_basis=40, max_iter=40, block_size=2)`` so that every
+world size holds the same 40 basis vectors. Per rank: the rows of each vector it holds, the basis by the
+formula (``peak_basis_vectors × rows × 4`` bytes, ``meta["solver_memory_bytes"]``), and the measured peak RSS
+above the start of the probe (``meta["measured_peak_bytes"]``, ``MALLOC_MMAP_THRESHOLD_=131072``) next to the
+peak of one product alone (a block of 2: FSDP's gathered parameters and gradients, or DDP's whole block). Each
+world size runs in its own spawned processes (file rendezvous).
 """
 
 from __future__ import annotations

@@ -84,6 +84,8 @@ def _worker(rank: int, init: str, world: int, wrap: str, out: str) -> None:
         # Hutch++ with a sketch of all P = 45 directions is the exact trace
         result["trace"] = probes.hessian_trace(model, shard, n_matvecs=140, method="hutch++",
                                                loss="cross_entropy").estimate  # fmt: skip
+        # the default method on rows of the same Rademacher probes as one process: its estimate (below)
+        result["auto_trace"] = probes.hessian_trace(model, shard, n_matvecs=30, loss="cross_entropy").estimate
         density = probes.hessian_density(model, shard, n_probes=3, lanczos_steps=10, loss="cross_entropy")
         result["ritz"], result["ritz_weights"] = density.ritz_values, density.ritz_weights
         torch.save(result, Path(out) / f"{wrap}_{world}_rank{rank}.pt")
@@ -96,11 +98,13 @@ def _spawn(init: str, world: str, wrap: str, out: str) -> None:
     mp.spawn(_worker, args=(init, int(world), wrap, out), nprocs=int(world), join=True)
 
 
-def _single_process_density() -> tuple[torch.Tensor, torch.Tensor]:
+def _single_process() -> tuple[torch.Tensor, torch.Tensor, float]:
+    """SLQ nodes and weights, and the default trace estimate, of the model on all the data in one process."""
     from dynascope import probes
 
     d = probes.hessian_density(_model(), _data(), n_probes=3, lanczos_steps=10, loss="cross_entropy")
-    return d.ritz_values, d.ritz_weights
+    trace = probes.hessian_trace(_model(), _data(), n_matvecs=30, loss="cross_entropy").estimate
+    return d.ritz_values, d.ritz_weights, trace
 
 
 @pytest.mark.slow
@@ -113,7 +117,7 @@ def test_sharded_models_with_a_sharded_basis_equal_the_dense_hessian(tmp_path, w
     H = _dense_hessian()
     evals, evecs = torch.linalg.eigh(H)
     ref_eig = evals.flip(0)[:3]
-    ritz, weights = _single_process_density()
+    ritz, weights, auto_trace = _single_process()
     runs = [torch.load(tmp_path / f"{wrap}_{world}_rank{rank}.pt") for rank in range(world)]
     # the ranks' rows partition the P coordinates: each holds about P / world of every basis vector
     index = torch.cat([r["index"] for r in runs])
@@ -131,6 +135,7 @@ def test_sharded_models_with_a_sharded_basis_equal_the_dense_hessian(tmp_path, w
         torch.testing.assert_close(r["probe_eig"], ref_eig[:2], rtol=1e-6, atol=0)
         assert r["lambda_max"] == pytest.approx(float(ref_eig[0]), rel=1e-6)
         assert r["trace"] == pytest.approx(float(torch.trace(H)), rel=1e-6)
+        assert r["auto_trace"] == pytest.approx(auto_trace, rel=1e-6)
         torch.testing.assert_close(r["ritz"], ritz, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(r["ritz_weights"], weights, rtol=1e-6, atol=1e-9)
         assert r["solver_bytes"] == r["peak"] * r["rows"] * 8  # the basis memory of this rank's rows

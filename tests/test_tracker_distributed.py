@@ -93,6 +93,12 @@ def test_only_rank_zero_writes_under_a_gloo_process_group(tmp_path: Path) -> Non
     assert m["step"].tolist() == list(range(STEPS + 1))  # one writer: no duplicated rows
     assert m["train_loss"].notna().sum() == STEPS and m["lambda_max"].notna().sum() == 3
     assert len(run.cached("sharpness")) == 3
+    # rank 0 probed model.module on the whole batch: reopened in one process, step 0 (no warm start) agrees
+    from dynascope import probes
+
+    x, y = _data()
+    again = probes.sharpness(run.model(0), (x, y), lr=LR, k=1, tol=1e-3, trace=False, loss="cross_entropy")
+    assert float(m.loc[m["step"] == 0, "lambda_max"].iloc[0]) == pytest.approx(again.lambda_max, rel=1e-6)
     # the checkpoints hold the (DDP-synchronised) weights, saved under the module's names
     final = torch.load(out / "rank1.pt")
     for k, v in run.model(STEPS).state_dict().items():
