@@ -323,6 +323,13 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
         help="under torchrun: shard the data of each checkpoint, or split checkpoints (default auto)",
     )
     p.add_argument(
+        "--shard",
+        choices=("fsdp", "ddp"),
+        default=None,
+        help="under torchrun: shard the model over the ranks (FSDP2 fully_shard, or DDP) and the data "
+        "with it; every rank reads the checkpoint, rank 0 writes (Hessian spectral probes)",
+    )
+    p.add_argument(
         "--other",
         default=None,
         metavar="RUN|CKPT",
@@ -375,6 +382,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available")
+    if args.shard is not None and int(os.environ.get("WORLD_SIZE") or 1) < 2:
+        raise UsageError(f"--shard {args.shard} shards the model over ranks: start it with torchrun")
     ctx = init_from_env(args.device)
     try:
         store = ResultStore(store_folder(args.store)) if args.store else ResultStore(target.path)
@@ -384,7 +393,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
                 target, args.probe, steps, ctx, strategy=args.distribute, store=store,
                 recompute=args.recompute, progress=bar, params=params, split=args.split,
                 max_samples=args.max_samples, sample=args.sample,
-                device=ctx.device if ctx.active else args.device,
+                device=ctx.device if ctx.active else args.device, shard=args.shard,
             )  # fmt: skip
             if ctx.active:  # every rank past its last collective before any tears the group down
                 torch.distributed.barrier()

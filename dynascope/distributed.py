@@ -10,6 +10,11 @@ Two ways to spread work over ``W`` processes (``torchrun --nproc_per_node=W -m d
   rank the same bits, so convergence decisions agree too. Only probes that take ``reduce_fn`` shard.
 * **checkpoints**: the steps still missing from the cache are dealt round-robin to the ranks, each
   rank runs the probe on the full data, and the results are gathered on rank 0.
+* **sharded model** (``--shard fsdp`` / ``--shard ddp``): every rank reads the whole checkpoint, then the
+  model is sharded with FSDP2 (``fully_shard``: each rank keeps its shard of every parameter) or wrapped in
+  DDP (:func:`shard_model`); each rank passes its data shard and the probe runs on the sharded model
+  (:mod:`dynascope.probes.sharded`: its Krylov vectors sharded too). Only the Hessian spectral probes
+  (:data:`SHARDED_MODEL_PROBES`) take a sharded model.
 
 Only rank 0 reads the cache decision (then broadcasts it) and writes results, so the store sees a
 single writer. Outside ``torchrun`` (no ``WORLD_SIZE``) everything degrades to one process.
@@ -108,6 +113,32 @@ def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+SHARD_KINDS = ("fsdp", "ddp")
+#: Probes that take an FSDP2-sharded or DDP-wrapped model (their operator is built by ``OperatorSpec.build``).
+SHARDED_MODEL_PROBES = ("hessian_eigenvalues", "hessian_trace", "hessian_density", "sharpness")
+
+
+def shard_model(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """``model`` (already on its device, under an initialised process group) sharded for ``kind``:
+    ``"fsdp"`` — ``fully_shard`` on every module that holds parameters itself, then on the root (FSDP2:
+    each rank keeps dim-0 shards of every parameter); ``"ddp"`` — ``DistributedDataParallel`` (on CUDA,
+    on the parameters' device). The backend is the process group's, chosen by the caller."""
+    if kind not in SHARD_KINDS:
+        raise ValueError(f"shard must be one of {SHARD_KINDS}; got {kind!r}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError(f"--shard {kind} needs torch.distributed: start it with torchrun (WORLD_SIZE > 1)")
+    device = next(model.parameters()).device
+    if kind == "ddp":
+        ids = [device] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in [m for m in model.modules() if m is not model and any(True for _ in m.parameters(False))]:
+        fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 def shard_data(data: Any, rank: int, world: int, batch_size: int | None = None) -> Any:
     """Shard ``rank`` of ``world`` of ``data`` (tensors, Dataset or DataLoader) as a ``BatchSource``.
 
@@ -174,7 +205,7 @@ def distributed_sweep(
 ) -> list[tuple[int, Any, bool]] | None:
     """Run ``probe`` on ``steps`` of ``run`` across the ranks of ``ctx``; ``[(step, result, cached)]``
     on rank 0 (in step order), ``None`` on the others. ``kwargs`` go to :func:`~dynascope.runner.run_probe`
-    (``params``, ``split``, ``max_samples``, ``sample``, ``device``). In one process it is
+    (``params``, ``split``, ``max_samples``, ``sample``, ``device``, ``shard``). In one process it is
     :func:`~dynascope.runner.sweep`.
     The loop, the cache key and the write are the runner's; ``progress(i, n, step, cached, seconds)``
     (the runner's callback) is called on rank 0 after each checkpoint it handles.
@@ -186,7 +217,8 @@ def distributed_sweep(
     steps = list(steps)
     if not ctx.active:
         return sweep(run, probe, steps, store=store, recompute=recompute, progress=progress, **kwargs)
-    lookup = {k: kwargs[k] for k in ("params", "split", "max_samples", "sample", "device") if k in kwargs}
+    keys = ("params", "split", "max_samples", "sample", "device", "shard")
+    lookup = {k: kwargs[k] for k in keys if k in kwargs}
     # rank 0 decides what is cached; everyone follows that decision (no diverging collectives)
     cached: dict[int, Any] = {}
     if ctx.is_main and not recompute:
@@ -196,7 +228,13 @@ def distributed_sweep(
         strategy, shardable=PROBES[probe].shardable, n_todo=len(todo), world=ctx.world_size
     )
     report = progress if ctx.is_main else None
-    if mode == "data":
+    if kwargs.get("shard") is not None:  # the model is sharded over the ranks: every rank on every step
+        rows = sweep(
+            run, probe, todo, store=store, recompute=True, rank=ctx.rank, world_size=ctx.world_size,
+            write=ctx.is_main, progress=report, **kwargs,
+        )  # fmt: skip
+        computed = {s: result for s, result, _ in rows}
+    elif mode == "data":
         rows = sweep(
             run, probe, todo, store=store, recompute=True, reduce_fn=allreduce_sum, rank=ctx.rank,
             world_size=ctx.world_size, write=ctx.is_main, progress=report, **kwargs,
@@ -227,6 +265,9 @@ __all__ = [
     "gather_objects",
     "init_from_env",
     "is_main",
+    "SHARDED_MODEL_PROBES",
+    "SHARD_KINDS",
     "shard_data",
+    "shard_model",
     "split_steps",
 ]

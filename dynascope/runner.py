@@ -48,6 +48,7 @@ import torch
 
 from dynascope.datasets.batching import BatchSource, slice_inputs
 from dynascope.datasets.factory import is_factory_ref
+from dynascope.distributed import SHARDED_MODEL_PROBES, shard_model
 from dynascope.models import Run
 from dynascope.models.checkpoints import file_sha256
 from dynascope.probes.results import Result, to_jsonable
@@ -385,10 +386,12 @@ def plan(
     max_samples: int | None = None,
     device: str | torch.device | None = None,
     sample: str = "first",
+    shard: str | None = None,
 ) -> Plan:
     """Resolve one evaluation of ``probe``: checkpoint ``step`` of ``run`` (the last if None), or
     ``steps`` of ``run`` (trajectory probes), or ``step`` of ``run`` and ``other=(run_b, step_b)``
-    (pair probes). Nothing is loaded but the checkpoint hashes."""
+    (pair probes). Nothing is loaded but the checkpoint hashes. ``shard="fsdp"`` enters the key (its
+    product is a finite difference, :mod:`dynascope.probes.sharded`); DDP's exact product does not."""
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; choose one of {sorted(PROBES)}")
     if split not in ("train", "test"):
@@ -426,6 +429,8 @@ def plan(
     )
     if sample != "first" and max_samples is not None:  # the first-N key stays as it was
         key["sample"] = sample
+    if shard == "fsdp":
+        key["product"] = "finite differences of FSDP2 gradients"
     if spec.inputs != "model":
         key["checkpoint_steps"] = [info.step for _, info in chosen]
     return Plan(
@@ -451,12 +456,16 @@ def compute(
     rank: int = 0,
     world_size: int = 1,
     progress: Progress | None = None,
+    shard: str | None = None,
 ) -> Result:
     """Load the plan's checkpoints and data and call the probe (no cache). ``progress`` is told of
     each checkpoint loaded by multi-checkpoint probes. Code named by the run's specs runs only if the
-    run is trusted (:meth:`~dynascope.models.Run.code_scope`); ``UntrustedCodeError`` otherwise."""
+    run is trusted (:meth:`~dynascope.models.Run.code_scope`); ``UntrustedCodeError`` otherwise.
+    ``shard`` (``"fsdp"``/``"ddp"``, under a process group): the loaded model is sharded by
+    :func:`~dynascope.distributed.shard_model` (in the ``dtype`` parameter, when given) and this rank
+    passes shard ``rank`` of the data."""
     with p.run.code_scope(allow=p.allow):
-        return _compute(p, device, reduce_fn, rank, world_size, progress)
+        return _compute(p, device, reduce_fn, rank, world_size, progress, shard)
 
 
 def _compute(
@@ -466,10 +475,14 @@ def _compute(
     rank: int,
     world_size: int,
     progress: Progress | None,
+    shard: str | None = None,
 ) -> Result:
     spec, call = p.spec, dict(p.call)
     if world_size > 1 and not spec.shardable:
         raise ValueError(f"probe {spec.name!r} cannot shard its data over ranks (it takes no reduce_fn)")
+    if shard is not None and spec.name not in SHARDED_MODEL_PROBES:
+        these = ", ".join(SHARDED_MODEL_PROBES)
+        raise ValueError(f"probe {spec.name!r} takes no sharded model (--shard); these do: {these}")
     models = []
     for i, (r, info) in enumerate(p.checkpoints):
         t0 = time.perf_counter()
@@ -482,6 +495,9 @@ def _compute(
         call["optimizer_state"] = r.load_optimizer_state(info.step)
     if device is not None and spec.accepts("device"):
         call["device"] = device
+    if shard is not None:  # every rank read the whole checkpoint; now each keeps its shard
+        dtype = call.pop("dtype", None)
+        models[0] = shard_model(models[0].to(dtype) if dtype is not None else models[0], shard)
     if reduce_fn is not None:
         call["reduce_fn"] = reduce_fn
     data: Any = probe_data(p.run, split=p.split, max_samples=p.max_samples, sample=p.sample)
@@ -587,6 +603,7 @@ def run_probe(
     world_size: int = 1,
     write: bool = True,
     progress: Progress | None = None,
+    shard: str | None = None,
 ) -> tuple[Result, bool]:
     """Run ``probe`` on checkpoint ``step`` (last if None) of ``run``; returns ``(result, was_cached)``.
 
@@ -597,13 +614,14 @@ def run_probe(
     Data-parallel use (see :mod:`dynascope.distributed`): with ``world_size > 1`` this process sees
     only shard ``rank`` of the data (contiguous, sizes differing by at most one) and the probe sums
     its per-shard products with ``reduce_fn`` (e.g. an ``all_reduce``); only probes that take a
-    ``reduce_fn`` can be sharded. ``write=False`` skips the store write (every rank but 0).
+    ``reduce_fn`` can be sharded. ``write=False`` skips the store write (every rank but 0). ``shard``
+    (``"fsdp"``/``"ddp"``): the model is sharded over the ranks instead (:func:`compute`).
     """
     p = plan(run, probe, step=step, steps=steps, other=other, params=params, split=split,
-             max_samples=max_samples, device=device, sample=sample)  # fmt: skip
+             max_samples=max_samples, device=device, sample=sample, shard=shard)  # fmt: skip
     return get_or_compute(
         p, store, recompute=recompute, write=write, progress=progress, device=device, reduce_fn=reduce_fn,
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, shard=shard,
     )  # fmt: skip
 
 

@@ -53,7 +53,13 @@ would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skip
 doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
 budget. Checkpoints on the schedule are never deferred nor dropped; when they alone exceed the budget the
 status's ``overhead.over_budget`` says so. ``budget=None`` never defers.
-Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls return at once.
+Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls return at once — except for
+a model sharded with FSDP2 (``fully_shard``), whose probes and checkpoints are collectives: every rank calls
+``step`` and joins them. Its checkpoint is the full state dict (``get_model_state_dict(full_state_dict=True,
+cpu_offload=True)``, gathered to rank 0, which writes it; no optimizer state), each rank probes its part of
+the probe batch (:mod:`dynascope.probes.sharded`, results under the key of ``shard="fsdp"``), the probes run
+at their interval (no budget deferral: every rank must take the same decision), the run folder must be
+visible to every rank (rank 0 creates it; the others open it) and ``resume=True`` is not available.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from torch import Tensor, nn
 
 from dynascope.models import Run, RunError, checkpoint_due, load_weights
 from dynascope.models.atomic import atomic_write_text
+from dynascope.probes.sharded import is_fsdp
 
 from .track_budget import Interval, OverheadBudget
 from .track_writer import Writer
@@ -245,6 +252,16 @@ def _jsonable_kwargs(hparams: Any) -> dict[str, Any] | None:
         return None
 
 
+def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """CPU copies of ``model``'s weights under the plain module's names; for an FSDP2-sharded model the
+    full state dict gathered to rank 0 (a collective: every rank calls it; the others get ``{}``)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _unwrap_model(model: nn.Module) -> nn.Module:
     """The module under DDP / FSDP / ``torch.compile`` wrappers (their checkpoints carry its names)."""
     for attr in ("module", "_orig_mod"):
@@ -362,6 +379,9 @@ class Tracker:
         self.save_optimizer = save_optimizer
         self.heartbeat_s = float(heartbeat_s)
         self.writer = _is_writer()
+        self.collective = is_fsdp(model)  # FSDP2: every rank joins probes and checkpoints (module docstring)
+        if self.collective and resume:
+            raise ValueError("Tracker: resume=True is not available for an FSDP2-sharded model")
         self.path = Path(run_dir)
         self.run: Run | None = None
         self.closed = False
@@ -381,6 +401,8 @@ class Tracker:
         self._pid = os.getpid()  # a forked child (e.g. a DataLoader worker) never writes
         self.start_step: int | None = None  # the step a resumed run continues after
         if not self.writer:
+            if self.collective:
+                self._join_rank0()
             return
         if resume and overwrite:
             raise ValueError("Tracker: resume=True continues a run, overwrite=True replaces it; pass one")
@@ -396,6 +418,8 @@ class Tracker:
         )  # a tracker dropped without close() stops its thread
         stop.atexit = False  # at exit, close() (registered below) drains the writer itself
         self._writer.flush([], self._status("running"), self._write_rows_and_status)
+        if self.collective:
+            self._join_rank0()
         self._setup_s = time.perf_counter() - t0
         ref = weakref.ref(self)
         atexit.register(lambda: (t := ref()) is not None and not t.closed and t.close())
@@ -475,6 +499,17 @@ class Tracker:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._device = device
         self._batch = (map_inputs(batch[0], lambda t: t.to(device)), batch[1].to(device))
+
+    def _join_rank0(self) -> None:
+        """Every rank of a sharded model, once rank 0 has set the run up: rank 0's probe batch and
+        ``max_samples``; the other ranks open the run (for its probe parameters)."""
+        box = [(self._batch, self._max_samples) if self.writer else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if not self.writer:
+            self._device = next(p.device for p in self.model.parameters())
+            (x, y), self._max_samples = box[0]  # type: ignore[misc]
+            self._batch = (x.to(self._device), y.to(self._device))
+            self.run = Run.open(self.path)
 
     def _resume(self, spec: Mapping[str, Any]) -> Run:
         """Open the Tracker run at ``self.path`` to continue after its last checkpoint (class docstring)."""
@@ -606,7 +641,7 @@ class Tracker:
         """Call after optimizer update number ``step`` (0 for the initial weights): logs ``metrics``,
         hands the checkpoint to the writer when the schedule says so, runs the due inline probes the budget
         admits (module docstring). Raises ``RunError`` when a background write failed."""
-        if not self.writer or self.closed or os.getpid() != self._pid:
+        if not (self.writer or self.collective) or self.closed or os.getpid() != self._pid:
             return
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"Tracker.step: step must be a non-negative int, got {step!r}")
@@ -645,7 +680,7 @@ class Tracker:
                 parts += dt
                 if self._budget.relax(p.interval):
                     self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
-            if due or scheduled or _clock() - self._last_flush >= self.heartbeat_s:
+            if self.writer and (due or scheduled or _clock() - self._last_flush >= self.heartbeat_s):
                 self._flush(upto=step)
         finally:
             end = _clock()
@@ -659,6 +694,9 @@ class Tracker:
         for p in self._probes:
             if not p.due(step):
                 continue
+            if self.collective:  # every rank must take the same decision: no deferral
+                out.append(p)
+                continue
             run, reason = self._budget.decide(p.interval, planned)
             if run:
                 out.append(p)
@@ -671,16 +709,20 @@ class Tracker:
 
     def _checkpoint(self, step: int) -> None:
         """Snapshot weights (and optimizer state) to CPU now; the writer writes them."""
-        assert self.run is not None and self._writer is not None
         model = _unwrap_model(self.model)
+        if not self.writer:  # a sharded model: this rank's part of the collective gather
+            _cpu_state_dict(model)
+            self._last_checkpoint = step
+            return
+        assert self.run is not None and self._writer is not None
         row = {k: v for k, v in self._rows.get(step, {}).items() if k != "step"}
-        opt = self.optimizer if self.save_optimizer else None
+        opt = self.optimizer if self.save_optimizer and not self.collective else None
         run, written = self.run, self._written
 
         def snapshot() -> Callable[[], None]:
             from dynascope.models.runs import optimizer_state_by_name
 
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            state = _cpu_state_dict(model)
             named = optimizer_state_by_name(opt, model) if opt is not None else None  # CPU copies
 
             def write() -> None:
@@ -709,7 +751,7 @@ class Tracker:
         from dynascope.datasets.batching import slice_inputs
         from dynascope.runner import PROBES, call_params, plan, schedule_lr, store_result
 
-        assert self.run is not None and self._writer is not None
+        assert self.run is not None
         params = dict(p.params)
         if p.runner_name == "sharpness" and "lr" not in params:
             # η of the optimizer now; without one, the run's schedule (as the runner's plan fills it)
@@ -720,6 +762,10 @@ class Tracker:
         call = call_params(self.run, p.runner_name, params)
         n = max_samples if max_samples is not None else self._batch[1].shape[0]
         data = (slice_inputs(self._batch[0], slice(None, n)), self._batch[1][:n])
+        if self.collective:  # this rank's contiguous part of the batch
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+            part = slice(n * rank // world, n * (rank + 1) // world)
+            data = (slice_inputs(data[0], part), data[1][part])
         kwargs = dict(call)
         fn = PROBES[p.runner_name].resolve()
         if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():
@@ -747,14 +793,17 @@ class Tracker:
         if caught:  # recorded once per probe in tracker.json instead of repeated in the user's log
             p.warning = f"step {step}: {caught[-1].message}"
         run, name, device = self.run, p.runner_name, self._device
+        shard = "fsdp" if self.collective else None
 
         def store() -> None:
-            pl = plan(run, name, step=step, params=params, max_samples=max_samples, device=device)
+            pl = plan(run, name, step=step, params=params, max_samples=max_samples, device=device,
+                      shard=shard)  # fmt: skip
             if pl.call != call:  # never store a number under a key that does not describe it
                 raise RuntimeError(f"inline {name} at step {step}: the runner's call {pl.call} != {call}")
             store_result(pl, result)
 
-        self._writer.submit(store)
+        if self._writer is not None:  # rank 0
+            self._writer.submit(store)
         if p.runner_name == "sharpness" and getattr(result, "eigenvectors", None) is not None:
             p.previous = result.eigenvectors
         elif p.runner_name == "hessian_eigenvalues" and getattr(result, "vectors", None) is not None:
@@ -867,6 +916,9 @@ class Tracker:
         if self.closed or os.getpid() != self._pid:
             return
         if not (self.writer and self.run is not None and self._writer is not None):
+            if self.collective and self._last_step is not None and self._last_checkpoint != self._last_step \
+                    and error is None:  # join rank 0's last checkpoint (a collective gather)
+                self._checkpoint(self._last_step)
             self.closed = True
             return
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "sharded_operator": "sharded",
     "MemoryBudgetError": "budget",
     "FiniteDifferenceHessian": "sharded",
+    "SplitVectorsOperator": "sharded",
     "lanczos_tridiagonal": "lanczos",
     "Loss": "losses",
     "resolve_loss": "losses",

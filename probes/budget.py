@@ -115,12 +115,16 @@ class RademacherProbes:
     ``hold=True``: the signs are drawn at once and kept as ``int8`` (``P·m`` bytes), so the values are those
     of ``random_vectors``. ``hold=False``: each block is drawn ``[P, n]`` from ``gen`` when asked for (``P·n``
     bytes at a time; other values, the same distribution) — for budgets that cannot hold all the signs.
+    ``rows``: keeps this process's rows of each draw (a sharded operator's :meth:`~.space.ShardedSpace.rows`).
     """
 
     def __init__(self, size: int, m: int, gen: torch.Generator, *, hold: bool, dtype: torch.dtype,
-                 device: torch.device) -> None:  # fmt: skip
+                 device: torch.device, rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ) -> None:  # fmt: skip
         self.size, self.gen, self.dtype, self.device = size, gen, dtype, device
-        self.held = torch.randint(0, 2, (size, m), generator=gen, dtype=torch.int8) if hold else None
+        self.rows = rows if rows is not None else (lambda t: t)
+        signs = torch.randint(0, 2, (size, m), generator=gen, dtype=torch.int8) if hold else None
+        self.held = self.rows(signs) if signs is not None else None
         self.next = 0
 
     def take(self, n: int) -> torch.Tensor:
@@ -128,7 +132,7 @@ class RademacherProbes:
         if self.held is not None:
             raw = self.held[:, self.next : self.next + n]
         else:
-            raw = torch.randint(0, 2, (self.size, n), generator=self.gen, dtype=torch.int8)
+            raw = self.rows(torch.randint(0, 2, (self.size, n), generator=self.gen, dtype=torch.int8))
         self.next += n
         return raw.to(device=self.device, dtype=self.dtype).mul_(2).sub_(1)
 

@@ -47,6 +47,7 @@ class RecordingOperator(LinearOperator):
 
     def __init__(self, op: LinearOperator) -> None:
         super().__init__(op.size, op.dtype, op.device)
+        self.vspace = op.vspace
         self.inner = op
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
         two_vectors = 2 * op.size * torch.empty((), dtype=op.dtype).element_size()
@@ -69,11 +70,12 @@ class RecordingOperator(LinearOperator):
             again = self.inner.matmat(v[:, None])[:, 0]
             self.determinism_matvecs = 1
         else:
-            v = random_vectors(self.size, 1, seed=seed, dtype=self.dtype, device=self.device)
+            v = random_vectors(self.vspace.size, 1, seed=seed, dtype=self.dtype, device=self.device)
+            v = self.vspace.rows(v)
             first, again = self.inner.matmat(v), self.inner.matmat(v)
             self.determinism_matvecs = 2
         self._first = None
-        return float((again - first).norm()) / (float(first.norm()) or 1.0)
+        return self.vspace.norm(again - first) / (self.vspace.norm(first) or 1.0)
 
 
 def spectral_meta(

@@ -46,11 +46,12 @@ class DeflatedOperator(LinearOperator):
 
     def __init__(self, op: LinearOperator, U: torch.Tensor) -> None:
         super().__init__(op.size, op.dtype, op.device)
+        self.vspace = op.vspace
         self.op = op
         self.U = U.to(device=op.device, dtype=op.dtype)
 
     def _project(self, V: torch.Tensor) -> torch.Tensor:
-        return V - self.U @ (self.U.T @ V)
+        return V - self.U @ self.vspace.reduce(self.U.T @ V)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._project(self.op.matmat(self._project(V)))
@@ -79,19 +80,19 @@ def slq(
     """Stochastic Lanczos quadrature on any symmetric operator (see the module docstring)."""
     for name, val, low in (("n_probes", n_probes, 1), ("lanczos_steps", steps, 1), ("deflate", deflate, 0)):
         check_int(name, val, min=low)
-    if deflate >= op.size:
-        raise ValueError(f"deflate={deflate} must be smaller than the operator size {op.size}")
+    P, sp = op.vspace.size, op.vspace  # the dimension; this process holds op.size rows of each vector
+    if deflate >= P:
+        raise ValueError(f"deflate={deflate} must be smaller than the operator size {P}")
     start = op.n_matvecs
-    P = op.size
     exact = torch.zeros(0, dtype=torch.float64)
     target: LinearOperator = op
     if deflate:
         eig = eigsh(op, k=deflate, which="LM", tol=deflate_tol, seed=seed + DEFLATION_OFFSET)
         assert eig.vectors is not None
-        U, _ = torch.linalg.qr(eig.vectors.double())
+        U, _ = sp.qr(eig.vectors.double())
         exact = eig.values.double().cpu()
         target = DeflatedOperator(op, U.to(op.dtype))
-    V0 = random_vectors(P, n_probes, seed=seed, dtype=op.dtype, device=op.device)
+    V0 = sp.rows(random_vectors(P, n_probes, seed=seed, dtype=op.dtype, device=op.device))
     if deflate:
         V0 = target._project(V0)  # type: ignore[attr-defined]
     tri = lanczos_tridiagonal(target, V0, min(steps, P - deflate))

@@ -134,16 +134,17 @@ def rayleigh_ritz64(op64: Any, Y: torch.Tensor) -> RitzRefinement:
     ``U = Q W`` and residuals ``‖Z W − U diag(θ)‖`` per column (exact for ``U``, no further products).
     Float64 CPU ``conv2d`` calls inside the products go through :class:`Float64GemmConv`.
     """
-    Q, _ = torch.linalg.qr(Y.to(device=op64.device, dtype=torch.float64))
+    sp = op64.vspace  # inner products summed over ranks on a sharded operator (:mod:`.space`)
+    Q, _ = sp.qr(Y.to(device=op64.device, dtype=torch.float64))
     before = op64.n_matvecs
     with Float64GemmConv() as conv:  # the native float64 CPU conv2d loops over samples
         Z = op64.matmat(Q).to(torch.float64)
-    M = Q.T @ Z
+    M = sp.reduce(Q.T @ Z)
     theta, W = torch.linalg.eigh(0.5 * (M + M.T))
     order = torch.argsort(theta, descending=True)
     theta, W = theta[order], W[:, order]
     U = Q @ W
-    residuals = (Z @ W - U * theta).norm(dim=0)
+    residuals = sp.norms(Z @ W - U * theta)
     return RitzRefinement(theta.cpu(), U, residuals.cpu(), op64.n_matvecs - before, conv.n_redirected)
 
 
@@ -209,8 +210,8 @@ def hessian_eigenvalues(
     start = _warm_start(v0)
     t0 = time.perf_counter()
     op = spec.build(model, data)
-    if k > op.size:
-        raise ValueError(f"k={k} exceeds the number of parameters in the block ({op.size})")
+    if k > op.vspace.size:
+        raise ValueError(f"k={k} exceeds the number of parameters in the block ({op.vspace.size})")
     if start is not None and start.shape[0] != op.size:
         raise ValueError(f"v0 has {start.shape[0]} rows but the parameter block has {op.size} entries")
     do_refine = _use_refine(refine, op.dtype, float(tol))

@@ -44,6 +44,7 @@ import torch
 
 from .operators import LinearOperator, random_vectors
 from .seeds import LANCZOS_RESTART_STRIDE
+from .space import VectorSpace
 from .validation import check_choice, check_float, check_int
 
 #: Ritz pairs are converged when ``‖A u − θ u‖ ≤ tol·max(|θ|, EIGENVALUE_FLOOR·max|θ|)``: eigenvalues
@@ -200,18 +201,21 @@ SLAB_MAX_BYTES = 64 * 2**20
 
 class _Basis:
     """Orthonormal columns ``V = [B_1 | B_2 | …]`` kept as a list of blocks (grown without copies), or —
-    given a ``slab`` ``[P, C]`` — as the first columns of that one preallocated tensor."""
+    given a ``slab`` ``[P, C]`` — as the first columns of that one preallocated tensor. The rows are those
+    ``vspace`` holds in this process (all of them, or this rank's shard: :mod:`.space`)."""
 
-    def __init__(self, slab: torch.Tensor | None = None) -> None:
+    def __init__(self, vspace: VectorSpace, slab: torch.Tensor | None = None) -> None:
         self.blocks: list[torch.Tensor] = []
+        self.vspace = vspace
         self.slab = slab
 
     @classmethod
-    def for_run(cls, P: int, cap: int, like: torch.Tensor) -> _Basis:
+    def for_run(cls, vspace: VectorSpace, cap: int, like: torch.Tensor) -> _Basis:
         """A slab basis when ``cap`` vectors fit in :data:`SLAB_MAX_BYTES`, else a list of blocks."""
+        P = vspace.local_size
         if cap * P * like.element_size() > SLAB_MAX_BYTES:
-            return cls()
-        return cls(torch.empty(cap, P, dtype=like.dtype, device=like.device).T)  # column-major
+            return cls(vspace)
+        return cls(vspace, torch.empty(cap, P, dtype=like.dtype, device=like.device).T)  # column-major
 
     @property
     def size(self) -> int:
@@ -231,7 +235,7 @@ class _Basis:
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
         """``Vᵀ W``."""
-        return torch.cat([B.T @ W for B in self.blocks], dim=0)
+        return self.vspace.reduce(torch.cat([B.T @ W for B in self.blocks], dim=0))
 
     def subtract(self, W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         """``W − V C`` in place."""
@@ -273,8 +277,10 @@ class _Basis:
         self.blocks = kept
 
 
-def _random_block(size: int, b: int, seed: int, like: torch.Tensor) -> torch.Tensor:
-    return _column_major(random_vectors(size, b, seed=seed, dtype=like.dtype, device=like.device))
+def _random_block(vspace: VectorSpace, b: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """``b`` seeded random vectors of ``vspace`` (this process's rows of them)."""
+    rand = random_vectors(vspace.size, b, seed=seed, dtype=like.dtype, device=like.device)
+    return _column_major(vspace.rows(rand))
 
 
 def _column_major(X: torch.Tensor) -> torch.Tensor:
@@ -287,7 +293,7 @@ def _start_block(
     op: LinearOperator, v0: torch.Tensor | None, b: int, seed: int, device: torch.device
 ) -> torch.Tensor:
     """The first block: ``v0``'s columns (a warm start) filled up to ``b`` with seeded random vectors."""
-    rand = random_vectors(op.size, b, seed=seed, dtype=op.dtype, device=device)
+    rand = op.vspace.rows(random_vectors(op.vspace.size, b, seed=seed, dtype=op.dtype, device=device))
     if v0 is None:
         return rand
     v0 = v0.to(device=device, dtype=op.dtype)
@@ -296,7 +302,7 @@ def _start_block(
         v0.dim() != 2
         or v0.shape[0] != op.size
         or not bool(torch.isfinite(v0).all())
-        or not bool((v0.norm(dim=0) > 0).all())
+        or not bool((op.vspace.norms(v0) > 0).all())
     ):
         raise ValueError(f"v0 must be a finite nonzero vector of length {op.size} (or [P, j] eigenvectors)")
     fill = max(b - v0.shape[1], 0)
@@ -310,29 +316,29 @@ def _orthonormal_block(
     orthogonal to ``basis`` (no second block in memory). A column whose ``|R_ii|`` is at breakdown level
     becomes a fresh random direction orthogonal to everything before it (``R_ii = 0``; later columns
     are projected on the new direction, so ``W = X R`` stays exact)."""
-    b = W.shape[1]
+    b, sp = W.shape[1], basis.vspace
     R = torch.zeros(b, b, dtype=torch.float64)
     tiny = breakdown_rtol(W.dtype) * max(scale, 1e-300)
     for i in range(b):
         w = W[:, i]
         for _ in range(2):
             if i:
-                c = W[:, :i].T @ w
+                c = sp.reduce(W[:, :i].T @ w)
                 w.sub_(W[:, :i] @ c)
                 R[:i, i] += c.double().cpu()
-        r = float(w.norm())
+        r = sp.norm(w)
         if r > tiny:
             R[i, i] = r
             w.div_(r)
             continue
         for attempt in range(4):
-            z = _random_block(W.shape[0], 1, seed + LANCZOS_RESTART_STRIDE * (i * 4 + attempt + 1), W)
-            before = float(z.norm())
+            z = _random_block(sp, 1, seed + LANCZOS_RESTART_STRIDE * (i * 4 + attempt + 1), W)
+            before = sp.norm(z)
             basis.orthogonalize(z)
             for _ in range(2):
                 if i:
-                    z -= W[:, :i] @ (W[:, :i].T @ z)
-            norm = float(z.norm())
+                    z -= W[:, :i] @ sp.reduce(W[:, :i].T @ z)
+            norm = sp.norm(z)
             if norm > breakdown_rtol(W.dtype) * before:  # else the basis already spans (almost) everything
                 w.copy_(z[:, 0] / norm)
                 break
@@ -420,9 +426,9 @@ def _krylov_run(
     """Block Lanczos with thick restarts on ``locked``'s orthogonal complement, from block ``X``,
     until the ``k`` wanted values (per end) converge, ``budget`` products are spent, or the space is
     exhausted. ``cap``: most basis vectors of this run."""
-    P, n_locked = op.size, locked.size
+    P, n_locked = op.vspace.size, locked.size
     n_want = min(2 * k if which == "BE" else k, P - n_locked)
-    basis = _Basis.for_run(P, cap, X)
+    basis = _Basis.for_run(op.vspace, cap, X)
     H = torch.zeros(0, 0, dtype=torch.float64)
     used = passes = restarts = peak = 0
     width = X.shape[1]
@@ -452,7 +458,7 @@ def _krylov_run(
             R = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
             Xn = X
         else:
-            both = _Basis()
+            both = _Basis(op.vspace)
             both.blocks = locked.blocks + basis.blocks
             Xn, R = _orthonormal_block(W, both, scale, seed + LANCZOS_RESTART_STRIDE * (used + 1))
         del W
@@ -480,6 +486,7 @@ class _Float32Krylov(LinearOperator):
 
     def __init__(self, op: LinearOperator) -> None:
         super().__init__(op.size, torch.float32, op.device)
+        self.vspace = op.vspace
         self.inner = op
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -528,7 +535,7 @@ def eigsh(
     the budget or the memory runs out marks the values after it as not converged.
     """
     check_choice("which", which, WHICH)
-    check_int("k", k, min=1, max=op.size)
+    check_int("k", k, min=1, max=op.vspace.size)
     check_float("tol", tol, min=0, min_open=True)
     check_int("max_iter", max_iter, min=1, optional=True)
     check_int("max_basis", max_basis, min=1, optional=True)
@@ -536,7 +543,7 @@ def eigsh(
     check_int("seed", seed)
     check_choice("method", method, METHODS)
     op = krylov_precision(op)
-    P = op.size
+    P = op.vspace.size  # the dimension; this process holds op.size rows of each vector
     n_want = min(2 * k if which == "BE" else k, P)
     if block_size is None:
         block_size = 1 if n_want == 1 else 2
@@ -557,7 +564,7 @@ def eigsh(
             _start_block(op, v0, b, seed, device)  # validated; a dense solve needs no start
         return _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
     start_matvecs = op.n_matvecs
-    locked = _Basis()
+    locked = _Basis(op.vspace)
     values = torch.zeros(0, dtype=torch.float64)  # locked values, residuals and convergence
     residuals = torch.zeros(0, dtype=torch.float64)
     converged = torch.zeros(0, dtype=torch.bool)
@@ -570,7 +577,7 @@ def eigsh(
         X = start[:, :width]
         if locked.size:
             locked.orthogonalize(X)
-        X = _column_major(torch.linalg.qr(X)[0])
+        X = _column_major(op.vspace.qr(X)[0])
         run = _krylov_run(
             op, locked, X, k=k_run, which=which, tol=tol, budget=budget - used, cap=cap - locked.size,
             seed=seed + LANCZOS_RESTART_STRIDE * runs, device=device,
@@ -600,8 +607,8 @@ def eigsh(
         if used >= budget or locked.size + min(need, n_want) + 2 * b > cap:
             break
         k_run = need
-        start = random_vectors(P, b, seed=seed + LANCZOS_RESTART_STRIDE * (runs + 101), dtype=op.dtype,
-                               device=device)  # fmt: skip
+        start = op.vspace.rows(random_vectors(P, b, seed=seed + LANCZOS_RESTART_STRIDE * (runs + 101),
+                                              dtype=op.dtype, device=device))  # fmt: skip
     order = torch.argsort(values)
     sel = order[_wanted(values[order], k, which)]
     sel = sel[torch.argsort(values[sel], descending=True)]
@@ -612,12 +619,12 @@ def eigsh(
     vectors = None
     if return_vectors:  # gather the selected locked columns into one new [P, k] tensor (one copy)
         offsets = torch.cumsum(torch.tensor([0] + [B.shape[1] for B in locked.blocks]), 0).tolist()
-        vectors = torch.empty(P, sel.numel(), dtype=op.dtype, device=device)
+        vectors = torch.empty(op.size, sel.numel(), dtype=op.dtype, device=device)
         for j, c in enumerate(sel.tolist()):
             blk = max(i for i, o in enumerate(offsets[:-1]) if o <= c)
             vectors[:, j] = locked.blocks[blk][:, c - offsets[blk]]
         locked.blocks.clear()
-        vectors = vectors.div_(vectors.norm(dim=0, keepdim=True)).to(op.device)
+        vectors = vectors.div_(op.vspace.norms(vectors)).to(op.device)
     return EigshOutput(
         values=values[sel].clone(),
         vectors=vectors,
@@ -640,7 +647,7 @@ def _dense_eigsh(
     """Eigenpairs from the dense matrix: ``P`` products in blocks of :data:`DENSE_BLOCK` unit columns, the
     float64 matrix symmetrised, ``torch.linalg.eigh``. Residuals ``‖A y − θ y‖`` are taken with the
     unsymmetrised matrix, so the products' own asymmetry (rounding) shows in them."""
-    P, start = op.size, op.n_matvecs
+    P, start, sp = op.vspace.size, op.n_matvecs, op.vspace
     device = torch.device(basis_device) if basis_device is not None else op.device
     A = torch.empty(P, P, dtype=torch.float64, device=device)
     passes = 0
@@ -648,7 +655,7 @@ def _dense_eigsh(
         hi = min(lo + DENSE_BLOCK, P)
         E = torch.zeros(P, hi - lo, dtype=op.dtype, device=op.device)
         E[torch.arange(lo, hi), torch.arange(hi - lo)] = 1
-        A[:, lo:hi] = op.matmat(E).to(device=device, dtype=torch.float64)
+        A[:, lo:hi] = sp.full(op.matmat(sp.rows(E))).to(device=device, dtype=torch.float64)
         passes += 1
     theta, U = torch.linalg.eigh(0.5 * (A + A.T))
     theta, U = theta.cpu(), U
@@ -660,7 +667,7 @@ def _dense_eigsh(
     conv = res <= tol * torch.clamp(vals.abs(), min=EIGENVALUE_FLOOR * scale)
     return EigshOutput(
         values=vals,
-        vectors=vecs.to(device=op.device, dtype=op.dtype) if return_vectors else None,
+        vectors=sp.rows(vecs).to(device=op.device, dtype=op.dtype) if return_vectors else None,
         residuals=res,
         converged=conv,
         n_matvecs=op.n_matvecs - start,
@@ -707,12 +714,13 @@ def lanczos_tridiagonal(
     """
     if V0.dim() != 2 or V0.shape[0] != op.size:
         raise ValueError(f"V0 must be [{op.size}, K]; got {tuple(V0.shape)}")
-    steps = min(int(steps), op.size)
+    sp = op.vspace
+    steps = min(int(steps), sp.size)
     if steps < 1:
         raise ValueError("steps must be at least 1")
     V0 = V0.to(device=op.device, dtype=op.dtype)
     K = V0.shape[1]
-    norms = V0.norm(dim=0)
+    norms = sp.norms(V0)
     if not torch.all(norms > 0):
         raise ValueError("start vectors must be nonzero")
     Q = torch.zeros(steps, op.size, K, dtype=op.dtype, device=op.device)
@@ -724,18 +732,18 @@ def lanczos_tridiagonal(
     for j in range(steps):
         Q[j] = q
         W = op.matmat(q)
-        a = (q.double() * W.double()).sum(dim=0)
+        a = sp.reduce((q.double() * W.double()).sum(dim=0))
         W = W - a.to(op.dtype) * q
         if j > 0:
             W = W - beta[:, j - 1].to(op.dtype).to(op.device) * Q[j - 1]
         if reorthogonalize:
             for _ in range(2):
-                h = torch.einsum("jpk,pk->jk", Q[: j + 1], W)
+                h = sp.reduce(torch.einsum("jpk,pk->jk", Q[: j + 1], W))
                 W = W - torch.einsum("jpk,jk->pk", Q[: j + 1], h)
         alpha[:, j] = torch.where(active, a.cpu(), alpha[:, j])
         if j + 1 == steps:
             break
-        b = W.double().norm(dim=0).cpu()
+        b = sp.norms(W.double()).cpu()
         scale = alpha[:, : j + 1].abs().max(dim=1).values.clamp(min=1e-300)
         broke = active & (b <= breakdown_rtol(op.dtype) * scale)
         length = torch.where(broke, torch.full_like(length, j + 1), length)

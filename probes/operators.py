@@ -41,6 +41,7 @@ from .functional import (
     warn_unused,
 )
 from .losses import Loss, resolve_loss
+from .space import VectorSpace
 from .validation import check_choice, check_int
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
@@ -58,6 +59,9 @@ class LinearOperator:
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.size = int(size)
+        #: where the vectors' numbers live and how their inner products sum (:mod:`.space`); wrappers of
+        #: another operator take its ``vspace``, a sharded operator sets a :class:`~.space.ShardedSpace`
+        self.vspace: VectorSpace = VectorSpace(size)
         self.dtype = dtype
         self.device = torch.device(device)
         self.n_matvecs = 0

@@ -45,6 +45,7 @@ class DiagonalScaledOperator(LinearOperator):
         if d.shape != (op.size,):
             raise ValueError(f"the scaling vector must have length {op.size}; got {tuple(d.shape)}")
         super().__init__(op.size, op.dtype, op.device)
+        self.vspace = op.vspace
         self.op = op
         self.d = d.to(device=op.device, dtype=op.dtype)
 

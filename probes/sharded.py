@@ -4,7 +4,9 @@ Under an initialised process group each rank passes its own data shard; the oper
 loss averaged over the whole dataset, ``L(θ) = Σ_ranks Σ_{i ∈ shard} ℓ_i(θ) / N``.
 
 * **DDP** keeps full parameters on every rank, so the exact product of :mod:`dynascope.probes.operators`
-  runs on ``model.module`` with its per-shard products summed over ranks (``all_reduce``).
+  runs on ``model.module`` with its per-shard products summed over ranks (``all_reduce``); the Krylov
+  vectors are split evenly across ranks (:class:`SplitVectorsOperator`: a product gathers its block whole,
+  applies the operator and keeps this rank's rows).
 * **FSDP2** gathers parameters outside autograd, so double backward never reaches the shards. The product
   is a central finite difference of gradients, refined by Richardson extrapolation:
 
@@ -13,17 +15,24 @@ loss averaged over the whole dataset, ``L(θ) = Σ_ranks Σ_{i ∈ shard} ℓ_i(
 
   with ``h = s (1 + ‖θ‖) / ‖v‖`` for a relative step ``s`` (default ``ε^{1/5}`` of the parameters' dtype with
   Richardson, ``ε^{1/3}`` without: truncation against rounding). Each gradient is FSDP's own backward
-  (sharded, reduce-scattered), gathered to full length. :attr:`FiniteDifferenceHessian.error` is the
+  (sharded, reduce-scattered), kept as this rank's shards. :attr:`FiniteDifferenceHessian.error` is the
   largest ``‖R(h) − D(h/2)‖ / ‖R(h)‖`` over the products: the error of the unextrapolated difference, an
-  upper estimate for ``R`` (whose error is O(h⁴); measured in BENCHMARKS.md).
+  upper estimate for ``R`` (whose error is O(h⁴); measured in BENCHMARKS.md). Differences of gradients see
+  every kink the step crosses: on ReLU networks (where the exact product takes ReLU'' = 0) they can be far
+  off — the estimate then exceeds :data:`FD_WARN_ERROR` and a warning says so. Use smooth activations
+  (GELU, tanh, SiLU) with FSDP, or DDP's exact product.
 
-Vectors are full length on every rank (the Krylov basis is replicated, as in hessian-eigenthings): memory
-per rank is that of one process plus FSDP's own; a basis sharded like the parameters is not built yet.
+**The Krylov basis is sharded** (:mod:`.space`): the operator's vectors are this rank's rows only — for
+FSDP2 the local shards of the parameters, in the parameters' layout (so ``θ + h v`` is a local update and a
+product gathers nothing); for DDP an even split. Inner products and norms are summed over ranks, so every
+rank holds the same projected matrices and eigenvalues, and a basis of ``m`` vectors takes ``m · P / W``
+numbers per rank for ``W`` ranks (measured in BENCHMARKS.md). Eigenvectors come back as local shards.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,8 +44,9 @@ from ..models.outputs import logits_of
 from .functional import forward
 from .losses import resolve_loss
 from .operators import LinearOperator
+from .space import ShardedSpace
 
-__all__ = ["FiniteDifferenceHessian", "is_fsdp", "is_ddp", "sharded_operator"]
+__all__ = ["FiniteDifferenceHessian", "SplitVectorsOperator", "is_fsdp", "is_ddp", "sharded_operator"]
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -58,6 +68,10 @@ def _all_reduce(t: Tensor) -> Tensor:
     return out
 
 
+#: An error estimate above this (10 %) warns: the loss is not smooth at the step's scale (e.g. ReLU kinks).
+FD_WARN_ERROR = 0.1
+
+
 def _local_slice(p: Tensor) -> tuple[slice, int]:
     """Where this rank's shard of a DTensor parameter sits along dim 0 of the full tensor."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -68,7 +82,9 @@ def _local_slice(p: Tensor) -> tuple[slice, int]:
 
 class FiniteDifferenceHessian(LinearOperator):
     """``H v`` of an FSDP2-sharded model by Richardson-extrapolated central differences of gradients
-    (module docstring). ``data``: this rank's shard as ``(x, y)`` tensors; ``batch_size`` splits it."""
+    (module docstring). ``data``: this rank's shard as ``(x, y)`` tensors; ``batch_size`` splits it.
+    Vectors are this rank's parameter shards, flattened and concatenated in parameter order (``size``
+    numbers; ``vspace.size`` is the parameter count)."""
 
     def __init__(
         self,
@@ -86,9 +102,17 @@ class FiniteDifferenceHessian(LinearOperator):
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        plain = [n for n, p in model.named_parameters() if p.requires_grad and not hasattr(p, "to_local")]
+        if plain:
+            raise ValueError(f"parameters {plain[:3]} are not sharded by fully_shard (shard the root module)")
         dtype = self.params[0].dtype
-        self.sizes = [p.numel() for p in self.params]
+        index, offset = [], 0
+        for p, _, where in self._locals():
+            index.append(torch.arange(offset + where.start, offset + where.stop))
+            offset += p.numel()
+        self.sizes = [local.numel() for _, local, _ in self._locals()]
         super().__init__(sum(self.sizes), dtype, self.params[0].device)
+        self.vspace = ShardedSpace(offset, torch.cat(index))
         self.batches = [(b.x, b.y) for b in as_batches(data, batch_size, device=self.device, dtype=dtype)]
         if not self.batches:
             raise ValueError("this rank's data shard holds no samples")
@@ -100,19 +124,21 @@ class FiniteDifferenceHessian(LinearOperator):
         eps = torch.finfo(dtype).eps
         self.step = step if step is not None else eps ** (1 / 5 if richardson else 1 / 3)
         self.error = 0.0
+        self._warned = False
         self.n_gradients = 0
         self.kind, self.mode, self.reduce_fn, self.columnwise = "hessian", "eval", _all_reduce, True
         self.fallbacks: list[str] = []
         self._meta = {
             "product": "finite difference of gradients" + (", Richardson-extrapolated" if richardson else ""),
             "fd_relative_step": self.step, "world_size": self.world, "n_samples": self.num_samples,
-            "basis": "full-length vectors on every rank",
+            "basis": "sharded: each rank holds its parameter shards' rows",
         }  # fmt: skip
 
     def meta(self) -> dict[str, Any]:
         """The operator's keys of a probe's ``.meta`` (as ``CurvatureOperator.meta``, plus the product's)."""
         return {
-            "operator": "hessian", "loss": self.loss.name, "n_params": self.size, "dtype": str(self.dtype),
+            "operator": "hessian", "loss": self.loss.name, "n_params": self.vspace.size,
+            "dtype": str(self.dtype),
             "reduction": f"mean over {self.num_samples} {self.loss.unit} on {self.world} ranks",
             "device": str(self.device), "mode": self.mode, "backend": "finite differences (FSDP2)",
             "fd_error_estimate": self.error, **self._meta,
@@ -130,26 +156,23 @@ class FiniteDifferenceHessian(LinearOperator):
     def _locals(self) -> Iterator[tuple[Tensor, Tensor, slice]]:
         """Each parameter's local shard and where it sits in that parameter's full flattened vector."""
         for p in self.params:
-            if hasattr(p, "to_local"):
-                rows, _ = _local_slice(p)
-                local = p.to_local()
-                width = local[0].numel() if local.dim() and local.shape[0] else 0
-                yield p, local, slice(rows.start * width, rows.stop * width)
-            else:
-                yield p, p.data, slice(0, p.numel())
+            rows, _ = _local_slice(p)
+            local = p.to_local()
+            width = math.prod(p.shape[1:])
+            yield p, local, slice(rows.start * width, rows.stop * width)
 
     def _theta_norm(self) -> float:
         sq = sum(float(local.detach().double().pow(2).sum()) for _, local, _ in self._locals())
         return math.sqrt(float(_all_reduce(torch.tensor(sq, dtype=torch.float64))))
 
     def _shift(self, v: Tensor, alpha: float) -> None:
-        """θ ← θ + α v on this rank's shards (``v`` full length)."""
+        """θ ← θ + α v on this rank's shards (``v``: this rank's rows)."""
         with torch.no_grad():
-            for (_, local, where), part in zip(self._locals(), v.split(self.sizes), strict=True):
-                local.add_(part[where].view_as(local), alpha=alpha)
+            for (_, local, _), part in zip(self._locals(), v.split(self.sizes), strict=True):
+                local.add_(part.view_as(local), alpha=alpha)
 
     def gradient(self) -> Tensor:
-        """∇L(θ) at the current parameters, full length on every rank."""
+        """∇L(θ) at the current parameters: this rank's rows (its shards of FSDP's reduced gradients)."""
         for p in self.params:
             p.grad = None
         for x, y in self.batches:
@@ -157,9 +180,8 @@ class FiniteDifferenceHessian(LinearOperator):
             # FSDP averages gradients over ranks: scale so that the average is Σ_all ℓ / N
             (self.loss.total(out, y) * (self.world / self.num_samples)).backward()
         grads = []
-        for p in self.params:
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            grads.append((g.full_tensor() if hasattr(g, "full_tensor") else g).reshape(-1))
+        for p, local, _ in self._locals():
+            grads.append((p.grad.to_local() if p.grad is not None else torch.zeros_like(local)).reshape(-1))
         self.n_gradients += 1
         return torch.cat(grads).to(self.dtype)
 
@@ -181,7 +203,7 @@ class FiniteDifferenceHessian(LinearOperator):
         cols = []
         for j in range(V.shape[1]):
             v = V[:, j]
-            norm = float(v.norm())
+            norm = self.vspace.norm(v)
             if norm == 0.0:
                 cols.append(torch.zeros_like(v))
                 continue
@@ -192,10 +214,40 @@ class FiniteDifferenceHessian(LinearOperator):
                 continue
             d_half = self._difference(v, h / 2)
             r = (4 * d_half - d_h) / 3
-            scale = float(r.norm()) or 1.0
-            self.error = max(self.error, float((r - d_half).norm()) / scale)
+            scale = self.vspace.norm(r) or 1.0
+            self.error = max(self.error, self.vspace.norm(r - d_half) / scale)
             cols.append(r)
+        if self.error > FD_WARN_ERROR and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"finite-difference Hessian products of the FSDP2 model disagree at half the step by "
+                f"{self.error:.2g} (relative): the loss is not smooth at the step's scale (ReLU kinks?); "
+                "use smooth activations, or DDP's exact product", UserWarning, stacklevel=3,
+            )  # fmt: skip
         return torch.stack(cols, dim=1)
+
+
+class SplitVectorsOperator(LinearOperator):
+    """``op`` (whole vectors; products summed over ranks) on vectors split evenly across the ranks
+    (:meth:`~.space.ShardedSpace.even`): a product gathers its block whole (``[P, b]`` for the product's
+    duration), applies ``op`` and keeps this rank's rows, so only the Krylov basis is split. Other
+    attributes (``loss``, ``meta``, ...) are ``op``'s."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        vspace = ShardedSpace.even(op.size)
+        super().__init__(vspace.local_size, op.dtype, op.device)
+        self.vspace, self.inner = vspace, op
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (during unpickling or construction)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def meta(self) -> dict[str, Any]:
+        return {**self.inner.meta(), "basis": "split evenly across ranks"}
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.vspace.rows(self.inner.matmat(self.vspace.full(V)))
 
 
 def sharded_operator(
@@ -212,7 +264,11 @@ def sharded_operator(
     if is_ddp(model):
         if spec.reduce_fn is not None:
             raise ValueError("a DDP-wrapped model sums its products over ranks itself; pass no reduce_fn")
-        return spec.replace(reduce_fn=_all_reduce).build(model.module, data)
+        return SplitVectorsOperator(spec.replace(reduce_fn=_all_reduce).build(model.module, data))
     if is_fsdp(model):
+        dtype = next(model.parameters()).dtype
+        if spec.dtype is not None and spec.dtype != dtype:
+            raise ValueError(f"an FSDP2-sharded model computes in its own dtype ({dtype}), not {spec.dtype}: "
+                             "cast the model before fully_shard")  # fmt: skip
         return FiniteDifferenceHessian(model, data, loss=spec.loss, batch_size=spec.batch_size, **kwargs)
     raise ValueError("sharded_operator: the model is neither FSDP2-sharded (fully_shard) nor DDP-wrapped")

@@ -140,6 +140,7 @@ _FORMULAS = {
 
 
 def _plan_bytes(method: str, size: int, m: int, itemsize: int, r: int, b: int, hold: bool, kb: int) -> int:
+    """Bytes of vectors held for a problem whose vectors have ``size`` rows in this process."""
     V = size * itemsize
     if method == "hutchinson":
         vectors, held = 2 * b, m
@@ -152,12 +153,14 @@ def _plan_bytes(method: str, size: int, m: int, itemsize: int, r: int, b: int, h
 
 def plan_trace(
     method: str, size: int, n_matvecs: int, itemsize: int, *, block: int, budget: int,
-    krylov_dim: int | None = None, krylov_block: int = 1,
+    krylov_dim: int | None = None, krylov_block: int = 1, rows: int | None = None,
 ) -> TracePlan:  # fmt: skip
     """The largest work that fits ``budget`` bytes: first as asked (``block`` probes per product, sketch
     ``r = m // 3`` — ``krylov_dim`` for Krylov++ — and the probe signs held), then with the signs drawn per
     block, then fewer probes per block, then a smaller sketch (the residual gets the products it frees:
-    ``s = m − 2r``, ``m − k``). Raises :class:`MemoryBudgetError` when not even one vector fits."""
+    ``s = m − 2r``, ``m − k``). Raises :class:`MemoryBudgetError` when not even one vector fits. ``size``: the
+    dimension; ``rows``: how many rows of each vector this process holds (default ``size``; fewer on a
+    sharded operator, :mod:`.space`)."""
     kind = "hutch++" if method == "auto" else method
     if kind == "hutchinson":
         r0 = 0
@@ -168,7 +171,8 @@ def plan_trace(
     block = min(block, n_matvecs)
 
     def need(r: int, b: int, hold: bool) -> int:
-        return _plan_bytes(kind, size, n_matvecs, itemsize, r, b, hold, krylov_block)
+        held_rows = size if rows is None else rows
+        return _plan_bytes(kind, held_rows, n_matvecs, itemsize, r, b, hold, krylov_block)
 
     def done(r: int, b: int, hold: bool) -> TracePlan:
         return TracePlan(method=method, block=b, sketch=r, hold_probes=hold, vector_bytes=need(r, b, hold),
@@ -199,7 +203,13 @@ def _itemsize(op: LinearOperator) -> int:
 
 
 def _probes(op: LinearOperator, m: int, gen: torch.Generator, plan: TracePlan) -> RademacherProbes:
-    return RademacherProbes(op.size, m, gen, hold=plan.hold_probes, dtype=op.dtype, device=op.device)
+    return RademacherProbes(op.vspace.size, m, gen, hold=plan.hold_probes, dtype=op.dtype, device=op.device,
+                            rows=op.vspace.rows)  # fmt: skip
+
+
+def _dots(op: LinearOperator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``x_jᵀ y_j`` per column in float64 (summed over ranks on a sharded operator)."""
+    return op.vspace.reduce(column_dots(X, Y))
 
 
 def _quadratic_forms(op: LinearOperator, probes: RademacherProbes, n: int, block: int) -> torch.Tensor:
@@ -207,7 +217,7 @@ def _quadratic_forms(op: LinearOperator, probes: RademacherProbes, n: int, block
     out = []
     for nb in _blocks(n, block):
         Zb = probes.take(nb)
-        out.append(column_dots(Zb, op.matmat(Zb)))
+        out.append(_dots(op, Zb, op.matmat(Zb)))
     return torch.cat(out).cpu()
 
 
@@ -218,8 +228,8 @@ def hutchinson(
     ``memory_budget`` (:func:`plan_trace`)."""
     if n_matvecs < 2:
         raise ValueError(f"hutchinson needs n_matvecs >= 2 for a standard error; got {n_matvecs}")
-    plan = plan_trace("hutchinson", op.size, n_matvecs, _itemsize(op), block=block,
-                      budget=_budget(op, memory_budget))  # fmt: skip
+    plan = plan_trace("hutchinson", op.vspace.size, n_matvecs, _itemsize(op), block=block,
+                      budget=_budget(op, memory_budget), rows=op.size)  # fmt: skip
     probes = _probes(op, n_matvecs, torch.Generator().manual_seed(seed), plan)
     s = _quadratic_forms(op, probes, n_matvecs, plan.block)
     return float(s.mean()), float(s.std() / math.sqrt(s.numel())), s
@@ -234,19 +244,20 @@ def _sketch(
     for lo, nb in zip(range(0, r, block), _blocks(r, block)):
         Sb = probes.take(nb)
         AS[:, lo : lo + nb] = op.matmat(Sb)
-        forms.append(column_dots(Sb, AS[:, lo : lo + nb]))
+        forms.append(_dots(op, Sb, AS[:, lo : lo + nb]))
     return AS, torch.cat(forms).cpu()
 
 
-def _orth(Y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the columns of ``Y`` (Householder QR in ``Y``'s dtype, float32 for 16-bit)."""
+def _orth(op: LinearOperator, Y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of ``Y`` (Householder QR in ``Y``'s dtype, float32 for 16-bit;
+    all-reduced Gram–Schmidt on a sharded operator)."""
     work = Y if Y.element_size() >= 4 else Y.float()
-    return torch.linalg.qr(work)[0].to(Y.dtype)
+    return op.vspace.qr(work)[0].to(Y.dtype)
 
 
-def _project_out(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+def _project_out(op: LinearOperator, Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """``X ← (I − QQᵀ) X`` in place."""
-    return X.addmm_(Q, Q.T @ X, alpha=-1)
+    return X.addmm_(Q, op.vspace.reduce(Q.T @ X), alpha=-1)
 
 
 def _lowrank_trace(op: LinearOperator, Q: torch.Tensor, block: int) -> float:
@@ -254,7 +265,7 @@ def _lowrank_trace(op: LinearOperator, Q: torch.Tensor, block: int) -> float:
     low = 0.0
     for lo, nb in zip(range(0, Q.shape[1], block), _blocks(Q.shape[1], block)):
         Qb = Q[:, lo : lo + nb]
-        low += float(column_dots(Qb, op.matmat(Qb)).sum())
+        low += float(_dots(op, Qb, op.matmat(Qb)).sum())
     return low
 
 
@@ -268,10 +279,10 @@ def _residual_hutchinson(
     for nb in _blocks(s, block):
         Gb = probes.take(nb)
         for _ in range(sweeps):
-            _project_out(Q, Gb)  # P g
-        RGb = _project_out(Q, op.matmat(Gb))  # R g
-        samples.append(column_dots(Gb, RGb))
-        sq_norms.append(column_dots(RGb, RGb))
+            _project_out(op, Q, Gb)  # P g
+        RGb = _project_out(op, Q, op.matmat(Gb))  # R g
+        samples.append(_dots(op, Gb, RGb))
+        sq_norms.append(_dots(op, RGb, RGb))
     return torch.cat(samples).cpu(), float(torch.cat(sq_norms).mean())
 
 
@@ -297,13 +308,13 @@ def hutch_plus_plus(
         raise ValueError(
             f"hutch++ needs n_matvecs >= 4 (sketch, projection, >= 2 residual probes); got {n_matvecs}"
         )
-    plan = plan_trace("hutch++", op.size, n_matvecs, _itemsize(op), block=block,
-                      budget=_budget(op, memory_budget))  # fmt: skip
+    plan = plan_trace("hutch++", op.vspace.size, n_matvecs, _itemsize(op), block=block,
+                      budget=_budget(op, memory_budget), rows=op.size)  # fmt: skip
     r = plan.sketch
     s = n_matvecs - 2 * r
     probes = _probes(op, r + s, torch.Generator().manual_seed(seed), plan)
     AS, _ = _sketch(op, probes, r, plan.block)
-    Q = _orth(AS)
+    Q = _orth(op, AS)
     del AS
     return _deflated(op, Q, probes, s, plan.block)
 
@@ -347,25 +358,26 @@ def auto_trace(
     if n_matvecs < 4:
         raise ValueError(f"auto needs n_matvecs >= 4 (as hutch++); got {n_matvecs}")
     plan = plan_trace(
-        "auto", op.size, n_matvecs, _itemsize(op), block=block, budget=_budget(op, memory_budget)
+        "auto", op.vspace.size, n_matvecs, _itemsize(op), block=block, budget=_budget(op, memory_budget),
+        rows=op.size,
     )
     r = plan.sketch
     s = n_matvecs - 2 * r
     # the same probes as hutchinson(op, m, seed): when Hutchinson is chosen the result is exactly its own
     probes = _probes(op, n_matvecs, torch.Generator().manual_seed(seed), plan)
     AS, forms = _sketch(op, probes, r, plan.block)
-    norms2 = column_dots(AS, AS).cpu()
+    norms2 = _dots(op, AS, AS).cpu()
     total = float(norms2.sum())
     frob2 = total / r
     half = r // 2
     captured = 0.0
     if half >= 1 and r - half >= 1 and total > 0:
         Y1, Y2 = AS[:, :half], AS[:, half:]
-        captured = (_cross_energy(Y1, Y2) + _cross_energy(Y2, Y1)) / total
+        captured = (_cross_energy(op, Y1, Y2) + _cross_energy(op, Y2, Y1)) / total
     captured = min(max(captured, 0.0), 1.0)
     ratio = ((1.0 - captured) / max(s, 1)) / (1.0 / n_matvecs) if total > 0 else 1.0
     if ratio < 1.0:
-        Q = _orth(AS)
+        Q = _orth(op, AS)
         del AS
         est, se, res, low = _deflated(op, Q, probes, s, plan.block)
         method = "hutch++"
@@ -377,9 +389,9 @@ def auto_trace(
     return est, se, res, low, AutoChoice(frob2, captured, ratio, method)
 
 
-def _cross_energy(Y1: torch.Tensor, Y2: torch.Tensor) -> float:
+def _cross_energy(op: LinearOperator, Y1: torch.Tensor, Y2: torch.Tensor) -> float:
     """``‖orth(Y1)ᵀ Y2‖_F²`` (the small product squared and summed in float64)."""
-    return float((_orth(Y1).T @ Y2).double().pow(2).sum())
+    return float(op.vspace.reduce(_orth(op, Y1).T @ Y2).double().pow(2).sum())
 
 
 def krylov_plus_plus(
@@ -410,39 +422,40 @@ def krylov_plus_plus(
     k = n_matvecs // 3 if krylov_dim is None else krylov_dim
     check_int("krylov_dim", k, min=1, max=n_matvecs - 2)
     check_int("krylov_block", krylov_block, min=1)
-    plan = plan_trace("krylov++", op.size, n_matvecs, _itemsize(op), block=block, krylov_dim=k,
-                      krylov_block=krylov_block, budget=_budget(op, memory_budget))  # fmt: skip
+    plan = plan_trace("krylov++", op.vspace.size, n_matvecs, _itemsize(op), block=block, krylov_dim=k,
+                      krylov_block=krylov_block, budget=_budget(op, memory_budget), rows=op.size)  # fmt: skip
     k = plan.sketch
     s = n_matvecs - k
     gen = torch.Generator().manual_seed(seed)  # one stream: start block, replacements, residual probes
+    sp = op.vspace
 
     def fresh(n: int) -> torch.Tensor:
-        return torch.randn(op.size, n, generator=gen, dtype=torch.float64).to(
+        return sp.rows(torch.randn(sp.size, n, generator=gen, dtype=torch.float64)).to(
             device=op.device, dtype=op.dtype
         )
 
     def orth_against(W: torch.Tensor, Qj: torch.Tensor) -> torch.Tensor:
         for _ in range(2):  # two Gram-Schmidt sweeps
-            W = W - Qj @ (Qj.T @ W)
+            W = W - Qj @ sp.reduce(Qj.T @ W)
         return W
 
     Q = torch.zeros(op.size, k, dtype=op.dtype, device=op.device)
     W = fresh(min(krylov_block, k))
     low, scale, j = 0.0, 0.0, 0
     while True:
-        Qb, Rb = torch.linalg.qr(W)
+        Qb, Rb = sp.qr(W)
         lost = Rb.diagonal().abs() <= breakdown_rtol(op.dtype) * max(scale, float(Rb.diagonal().abs().max()))
         if bool(lost.any()):  # invariant subspace: continue from fresh directions orthogonal to Q
             W = W.clone()
             W[:, lost] = orth_against(fresh(int(lost.sum())), Q[:, :j])
-            Qb, _ = torch.linalg.qr(W)
-            Qb, _ = torch.linalg.qr(orth_against(Qb, Q[:, :j]))
+            Qb, _ = sp.qr(W)
+            Qb, _ = sp.qr(orth_against(Qb, Q[:, :j]))
         nb = min(Qb.shape[1], k - j)
         Qb = Qb[:, :nb]
         Q[:, j : j + nb] = Qb
         AQb = op.matmat(Qb)
-        low += float(column_dots(Qb, AQb).sum())
-        scale = max(scale, float(AQb.norm(dim=0).max()))
+        low += float(_dots(op, Qb, AQb).sum())
+        scale = max(scale, float(sp.norms(AQb).max()))
         j += nb
         if j == k:
             break
@@ -515,7 +528,8 @@ def hessian_trace(
     ).build(model, data)  # fmt: skip
     rec = RecordingOperator(op)
     budget = resolve_budget(memory_budget, op.device)
-    plan = plan_trace(method, op.size, n_matvecs, _itemsize(op), block=block, budget=budget)
+    plan = plan_trace(method, op.vspace.size, n_matvecs, _itemsize(op), block=block, budget=budget,
+                      rows=op.size)  # fmt: skip
     auto = None
     with names_the_knob("hessian_trace", budget, plan.formula), peak_memory(op.device) as peak:
         if method == "auto":

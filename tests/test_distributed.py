@@ -74,8 +74,8 @@ def _worker(rank: int, init_method: str, out_dir: str, run_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _make_run(path: Path) -> Run:
-    run = Run.create(path, model=MODEL, dataset=DATASET, optimizer={"name": "sgd", "lr": 0.5})
+def _make_run(path: Path, model: dict | None = None) -> Run:
+    run = Run.create(path, model=model or MODEL, dataset=DATASET, optimizer={"name": "sgd", "lr": 0.5})
     model = run.build_model()
     for i, step in enumerate((0, 5)):
         with torch.no_grad():
