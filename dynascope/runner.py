@@ -53,8 +53,10 @@ from dynascope.models.checkpoints import file_sha256
 from dynascope.probes.results import Result, to_jsonable
 from dynascope.store import ResultStore
 
-#: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key.
-RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps")
+#: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key. ``spec``: the
+#: runner passes a curvature probe's operator as its keywords (``loss``, ``operator``, ``params`` ...), which
+#: are JSON and join the key; an ``OperatorSpec`` object would not.
+RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps", "spec")
 
 
 class Progress(Protocol):
