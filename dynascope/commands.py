@@ -423,7 +423,7 @@ def _run_multi_checkpoint(
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
         raise UsageError(f"probe {spec.name!r} runs in one process; start it without torchrun")
     where: dict[str, Any] = {}
-    if spec.inputs in ("trajectory", "checkpoints"):
+    if spec.inputs == "checkpoints":
         if not (args.all or args.steps or args.step is not None):
             steps = target.steps()
         if len(steps) < 2:

@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -340,13 +340,15 @@ def run_loss(run: Any) -> tuple[str | None, str | None]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SharpnessTrack(Result):
+class SharpnessTrackResult(Result):
     """λ_max per checkpoint against the learning-rate schedule.
 
     Per checkpoint ``i``: ``steps[i]``, ``lambda_max[i]``, ``top_k[i]`` (descending), ``converged[i]``,
     ``lr[i]`` (NaN when the run has no lr), ``two_over_lr[i]``, ``ratio[i] = λ_max/(2/η)``,
     ``train_loss[i]`` (the dataset-mean loss the curvature is of) and ``n_matvecs[i]``.
     """
+
+    former_names: ClassVar[tuple[str, ...]] = ("SharpnessTrack",)
 
     steps: list[int]
     lambda_max: list[float]
@@ -400,7 +402,7 @@ def track_sharpness(
     seed: int = 0,
     lr: float | None = None,
     model: nn.Module | None = None,
-) -> SharpnessTrack:
+) -> SharpnessTrackResult:
     """Top-k Hessian eigenvalues at every checkpoint of a run (or at ``steps``), with 2/η from ``run.json``.
 
     ``run_or_path``: a run folder (``Run`` or path) or models / state dicts (with ``model=``), see
@@ -488,7 +490,7 @@ def track_sharpness(
         n_matvecs=int(sum(mvs)),
         lr_source="argument" if lr is not None else ("run.lr_at(step)" if run is not None else None),
     )
-    return SharpnessTrack(
+    return SharpnessTrackResult(
         steps=out_steps,
         lambda_max=lam,
         top_k=topk,
@@ -505,4 +507,4 @@ def track_sharpness(
     )
 
 
-__all__ = ["SharpnessResult", "SharpnessTrack", "run_loss", "sharpness", "track_sharpness"]
+__all__ = ["SharpnessResult", "SharpnessTrackResult", "run_loss", "sharpness", "track_sharpness"]

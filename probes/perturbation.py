@@ -148,10 +148,10 @@ def adaptive_sharpness(
     ``spec``: the loss and parameters (an :class:`~dynascope.probes.operators.OperatorSpec`; only the loss
     is evaluated), or its fields as keywords (``loss``, ``params``, ``batch_size``, ``mode``, ``dtype``,
     ``device``). Solved in ``δ = T⁻¹ε`` by ``ascent_steps`` steps of projected normalized gradient ascent
-    from δ = 0 with step ``ρ/√(t+1)`` (step t = 0, 1, ...), ascent direction ``T ∇L(w + Tδ)``; the first step lands on the
-    ASAM closed form ``ε = ρ T² ∇L / ‖T ∇L‖``. Reports the largest increase over the iterates (≥ 0).
-    ``m``: m-sharpness — the average over disjoint random batches of size m (at most ``max_batches``)
-    of each batch's own worst case.
+    from δ = 0 with step ``ρ/√(t+1)`` (step t = 0, 1, ...), ascent direction ``T ∇L(w + Tδ)``; the first
+    step lands on the ASAM closed form ``ε = ρ T² ∇L / ‖T ∇L‖``. Reports the largest increase over the
+    iterates (≥ 0). ``m``: m-sharpness — the average over disjoint random batches of size m (at most
+    ``max_batches``) of each batch's own worst case.
     """
     check_float("rho", rho, min=0, min_open=True)
     check_float("eta", eta, min=0)

@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,8 +80,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o64
 
 @dataclass(frozen=True, kw_only=True)
 class Result:
-    """Base of all probe results. Subclasses add their value fields."""
+    """Base of all probe results. Subclasses add their value fields; ``former_names``: the names a renamed
+    class was stored under (:class:`~dynascope.store.ResultStore` rows keep their class name)."""
 
+    former_names: ClassVar[tuple[str, ...]] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
