@@ -110,6 +110,64 @@ def _center_columns(V: torch.Tensor, n: int) -> torch.Tensor:
     return (W - W.mean(dim=0, keepdim=True)).reshape(V.shape)
 
 
+@dataclass
+class _Spectrum:
+    """Top-``k`` eigenpairs ``(values, U)`` of the kernel, its trace, the centered kernel-target alignment
+    ``⟨K_c, Y_c Y_cᵀ⟩ / (‖K_c‖_F ‖Y_c Y_cᵀ‖_F)``, convergence per value and the keys it adds to ``meta``."""
+
+    values: torch.Tensor
+    U: torch.Tensor
+    trace: float
+    alignment: float
+    converged: torch.Tensor
+    extra: dict[str, Any]
+
+
+def _alignment(num: float, kc_norm: float, Yc: torch.Tensor) -> float:
+    """``num / (‖K_c‖_F ‖Y_c Y_cᵀ‖_F)`` with ``‖Y_c Y_cᵀ‖_F = ‖Y_cᵀ Y_c‖_F``; NaN when either norm is 0."""
+    t_norm = float((Yc.T @ Yc).norm())
+    return num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
+
+
+def _dense_spectrum(
+    model: nn.Module, x: Any, Yc: torch.Tensor, k: int, n_out: int, **kernel: Any
+) -> _Spectrum:
+    """Form ``K`` (:func:`empirical_ntk`) and take ``eigh`` in float64: exact eigenpairs, trace, ``‖K_c‖_F``
+    and ``tr(Y_cᵀ K Y_c) = ⟨K_c, Y_c Y_cᵀ⟩`` (since ``C Y_c = Y_c``)."""
+    K, plan = empirical_ntk(model, x, return_plan=True, **kernel)  # type: ignore[misc]
+    Kd = K.double()
+    evals, evecs = torch.linalg.eigh(Kd)
+    kc_norm = float(center_kernel(Kd, n_out).norm())
+    num = float((Yc * (Kd @ Yc)).sum())
+    extra: dict[str, Any] = {"strategy": plan.as_meta(), "min_eigenvalue": float(evals.min())}
+    if plan.fallback is not None:
+        extra["ntk_fallback"] = plan.fallback
+    return _Spectrum(evals.flip(0)[:k], evecs.flip(1)[:, :k], float(Kd.trace()), _alignment(num, kc_norm, Yc),
+                     torch.ones(k, dtype=torch.bool), extra)  # fmt: skip
+
+
+def _lanczos_spectrum(
+    op: NTKOperator, Yc: torch.Tensor, k: int, *, n: int, tol: float, seed: int, n_probes: int,
+    chunk_size: int | None, max_memory: int,
+) -> _Spectrum:  # fmt: skip
+    """Matrix-free: Lanczos on ``op`` for the top ``k``, the exact trace ``Σ_i ‖J_i‖_F²`` and numerator
+    ``tr(Y_cᵀ K Y_c)``, and ``‖K_c‖_F`` by Hutchinson (``E‖K_c z‖² = ‖K_c‖_F²`` over ``n_probes``
+    Rademacher ``z``; the relative standard error of the norm goes to ``meta``)."""
+    out = eigsh(op, k, tol=tol, seed=seed)
+    trace = float(op.trace(chunk_size=chunk_size, max_memory=max_memory))
+    num = float((Yc * op.matmat(Yc.to(op.dtype)).double()).sum())
+    Z = _rademacher(op.size, n_probes, seed + NTK_PROBE_OFFSET, op.dtype, op.device)
+    KcZ = _center_columns(op.matmat(_center_columns(Z, n)), n).double()
+    sq = KcZ.pow(2).sum(dim=0)  # unbiased samples of ‖K_c‖_F²
+    rel_se = float(sq.std() / (sq.mean() * math.sqrt(n_probes))) / 2 if n_probes > 1 else math.nan
+    extra: dict[str, Any] = {} if op.fallback is None else {"ntk_fallback": op.fallback}
+    extra.update(n_matvecs=op.n_matvecs, lanczos_iterations=out.n_iter, residuals=out.residuals,
+                 alignment_norm_estimator=f"hutchinson({n_probes} Rademacher probes)",
+                 alignment_relative_stderr=rel_se)  # fmt: skip
+    return _Spectrum(out.values, out.vectors.double(), trace,  # type: ignore[union-attr]
+                     _alignment(num, float(sq.mean().sqrt()), Yc), out.converged.cpu(), extra)  # fmt: skip
+
+
 def ntk_probe(
     model: nn.Module,
     data: Any,
@@ -144,110 +202,42 @@ def ntk_probe(
     check_int("seed", seed)
     x, y = as_batches(data).tensors()
     check_model_input(model, x)
-    op = NTKOperator(
-        model,
-        x,
-        reduce_outputs=reduce_outputs,
-        batch_size=batch_size,
-        mode=mode,
-        params=params,
-        device=device,
-    )
+    op = NTKOperator(model, x, reduce_outputs=reduce_outputs, batch_size=batch_size, mode=mode, params=params,
+                     device=device)  # fmt: skip
     n, O, M = input_count(op.x), op.n_outputs, op.size
     if k > M:
         raise ValueError(f"k={k} exceeds the kernel size {M}")
     Yc = _targets_for(y, M, n, O).to(device=op.device)
     if method == "auto":
         method = "dense" if M <= max_dense else "lanczos"
-    extra: dict[str, Any] = {"kernel_size": M, "n_samples": n, "n_outputs": O}
     if method == "dense":
-        K = empirical_ntk(
-            model,
-            x,
-            reduce_outputs=reduce_outputs,
-            strategy=strategy,
-            chunk_size=chunk_size,
-            mode=mode,
-            params=params,
-            device=device,
-            max_memory=max_memory,
-            return_plan=True,
-        )
-        K, plan = K  # type: ignore[misc]
-        Kd = K.double()
-        evals, evecs = torch.linalg.eigh(Kd)
-        values, U = evals.flip(0)[:k], evecs.flip(1)[:, :k]
-        trace = float(Kd.trace())
-        kc_norm = float(center_kernel(Kd, 1 if M == n else O).norm())
-        num = float((Yc * (Kd @ Yc)).sum())  # ⟨K_c, Y_c Y_cᵀ⟩ = tr(Y_cᵀ K Y_c) since C Y_c = Y_c
-        t_norm = float((Yc.T @ Yc).norm())
-        alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
-        converged = torch.ones(k, dtype=torch.bool)
-        extra["strategy"] = plan.as_meta()
-        if plan.fallback is not None:
-            extra["ntk_fallback"] = plan.fallback
-        extra["min_eigenvalue"] = float(evals.min())
+        spec = _dense_spectrum(model, x, Yc, k, 1 if M == n else O, reduce_outputs=reduce_outputs,
+                               strategy=strategy, chunk_size=chunk_size, mode=mode, params=params,
+                               device=device, max_memory=max_memory)  # fmt: skip
     else:
-        out = eigsh(op, k, tol=tol, seed=seed)
-        values, U = out.values, out.vectors.double()  # type: ignore[union-attr]
-        converged = out.converged.cpu()
-        trace = float(op.trace(chunk_size=chunk_size, max_memory=max_memory))
-        Yt = Yc.to(op.dtype)
-        num = float((Yc * op.matmat(Yt).double()).sum())  # ⟨K_c, Y_c Y_cᵀ⟩ = tr(Y_cᵀ K Y_c)
-        Z = _rademacher(M, n_probes, seed + NTK_PROBE_OFFSET, op.dtype, op.device)
-        KcZ = _center_columns(op.matmat(_center_columns(Z, n)), n).double()
-        sq = KcZ.pow(2).sum(dim=0)  # unbiased samples of ‖K_c‖_F²
-        kc_norm = float(sq.mean().sqrt())
-        t_norm = float((Yc.T @ Yc).norm())
-        alignment = num / (kc_norm * t_norm) if kc_norm > 0 and t_norm > 0 else math.nan
-        rel_se = float(sq.std() / (sq.mean() * math.sqrt(n_probes))) / 2 if n_probes > 1 else math.nan
-        if op.fallback is not None:
-            extra["ntk_fallback"] = op.fallback
-        extra.update(
-            n_matvecs=op.n_matvecs,
-            lanczos_iterations=out.n_iter,
-            residuals=out.residuals,
-            alignment_norm_estimator=f"hutchinson({n_probes} Rademacher probes)",
-            alignment_relative_stderr=rel_se,
-        )
+        spec = _lanczos_spectrum(op, Yc, k, n=n, tol=tol, seed=seed, n_probes=n_probes, chunk_size=chunk_size,
+                                 max_memory=max_memory)  # fmt: skip
     denom = float(Yc.pow(2).sum())
+    U = spec.U
     energy = (U.T.to(Yc.device) @ Yc).pow(2).sum(dim=1) / denom if denom > 0 else torch.full((k,), math.nan)
-    values = values.double().cpu()
+    values = spec.values.double().cpu()
     lam_k = float(values[-1])
-    cond = float(values[0]) / lam_k if lam_k > 0 else math.inf
+    settings = {"k": k, "reduce_outputs": reduce_outputs, "method": method, "max_dense": max_dense,
+                "tol": tol, "n_probes": n_probes, "batch_size": batch_size, "params": params,
+                "seed": seed}  # fmt: skip
     meta = make_meta(
-        "ntk_probe",
-        model=model,
-        params={
-            "k": k,
-            "reduce_outputs": reduce_outputs,
-            "method": method,
-            "max_dense": max_dense,
-            "tol": tol,
-            "n_probes": n_probes,
-            "batch_size": batch_size,
-            "params": params,
-            "seed": seed,
-        },
-        started=started,
-        mode=mode,
+        "ntk_probe", model=model, params=settings, started=started, mode=mode,
         condition_number_definition="lambda_1 / lambda_k of the reported top-k",
         label_energy_definition="||U_k^T Y_c||^2 / ||Y_c||^2, U_k eigenvectors of the uncentered kernel",
-        stochastic_modules=train_randomness("ntk_probe", op.fm.model, mode),
-        **op.fm.kernel_meta(),
-        **extra,
-    )
+        stochastic_modules=train_randomness("ntk_probe", op.fm.model, mode), **op.fm.kernel_meta(),
+        kernel_size=M, n_samples=n, n_outputs=O, **spec.extra,
+    )  # fmt: skip
     return NTKResult(
-        eigenvalues=values,
-        trace=trace,
-        condition_number=cond,
-        label_alignment=alignment,
-        topk_label_energy=float(energy.sum()),
-        label_energy=energy.double().cpu(),
-        converged=converged,
-        method=method,
-        meta=meta,
-    )
+        eigenvalues=values, trace=spec.trace,
+        condition_number=float(values[0]) / lam_k if lam_k > 0 else math.inf, label_alignment=spec.alignment,
+        topk_label_energy=float(energy.sum()), label_energy=energy.double().cpu(), converged=spec.converged,
+        method=method, meta=meta,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- across checkpoints
