@@ -31,7 +31,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,24 +53,16 @@ class HessianEigenResult(Result):
     ``values`` float64, descending; ``residuals`` ``‖A u − θ u‖``; ``converged`` bool per value;
     ``n_matvecs`` operator-vector products (Lanczos plus, when refined, the float64 refinement
     products, also in ``meta["n_matvecs_refine"]``); ``vectors`` ``[P, k]`` unit eigenvectors
-    (operator dtype; float64 when refined) or ``None``. ``to_dict``/``save`` leave the vectors out.
+    (operator dtype; float64 when refined) or ``None``. ``to_dict``/``save`` leave the vectors out
+    (``to_dict(include=["vectors"])`` keeps them).
     """
 
+    omitted: ClassVar[tuple[str, ...]] = ("vectors",)
     values: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
     n_matvecs: int
     vectors: torch.Tensor | None = None
-
-    def to_dict(self, include_vectors: bool = False) -> dict[str, Any]:
-        out = {
-            f.name: to_jsonable(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "vectors"
-        }
-        if include_vectors:
-            out["vectors"] = to_jsonable(self.vectors)
-        return out
 
     def to_frame(self):
         import pandas as pd
