@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -165,19 +165,21 @@ class Eigenpairs:
 
 
 def solve_eigenpairs(
-    op: Any, float64_op: Callable[[], Any], *, k: int, tol: float, refine: bool | str, return_vectors: bool,
-    **solver: Any,
+    op: Any, spec: OperatorSpec, model: nn.Module, data: Any, *, k: int, tol: float,
+    refine: bool | str = "auto", return_vectors: bool = True, **solver: Any,
 ) -> Eigenpairs:  # fmt: skip
-    """Block Lanczos (:func:`~dynascope.probes.lanczos.eigsh`, keywords ``solver``) on ``op``, then, when
-    :func:`_use_refine` says so, one float64 Rayleigh–Ritz step (:func:`rayleigh_ritz64`) on
-    ``float64_op()``; a refined pair ``(θ, u)`` is converged when ``‖A u − θ u‖ ≤ tol · max(|θ|, floor ·
-    scale)`` (the solver's rule, on the float64 residuals). Arguments are the caller's, already checked."""
+    """Block Lanczos (:func:`~dynascope.probes.lanczos.eigsh`, keywords ``solver``) on ``op`` (the operator of
+    ``spec`` on ``model`` and ``data``, possibly wrapped), then, when :func:`_use_refine` says so, one float64
+    Rayleigh–Ritz step (:func:`rayleigh_ritz64`) with the spec's float64 operator; a refined pair ``(θ, u)``
+    is converged when ``‖A u − θ u‖ ≤ tol · max(|θ|, floor · scale)`` (the solver's rule, on the float64
+    residuals). The arguments are the caller's, already checked (``eigsh`` checks its own)."""
     do_refine = _use_refine(refine, op.dtype, tol)
     out = eigsh(op, k=k, tol=tol, return_vectors=return_vectors or do_refine, **solver)
     if not do_refine:
         return Eigenpairs(out.values, out.residuals, out.converged, out.vectors, out.n_matvecs, out)
     assert out.vectors is not None
-    ref = rayleigh_ritz64(float64_op(), out.vectors)
+    op64 = op if op.dtype == torch.float64 else spec.replace(dtype=torch.float64).build(model, data)
+    ref = rayleigh_ritz64(op64, out.vectors)
     scale = max(float(ref.values.abs().max()), float(out.values.abs().max())) or 1.0
     converged = ref.residuals <= tol * torch.clamp(ref.values.abs(), min=EIGENVALUE_FLOOR * scale)
     vectors = ref.vectors if return_vectors else None
@@ -241,16 +243,13 @@ def hessian_eigenvalues(
     start = _warm_start(v0)
     t0 = time.perf_counter()
     op = spec.build(model, data)
-    _check_fits(op.size, k, start)
+    if start is not None and start.shape[0] != op.size:
+        raise ValueError(f"v0 has {start.shape[0]} rows but the parameter block has {op.size} entries")
     rec = RecordingOperator(op)
-
-    def float64_op() -> Any:
-        return op if op.dtype == torch.float64 else spec.replace(dtype=torch.float64).build(model, data)
-
     with peak_memory(op.device) as peak:
         pairs = solve_eigenpairs(
-            rec, float64_op, k=k, tol=float(tol), refine=refine, return_vectors=return_vectors, which=which,
-            max_iter=max_iter, v0=start, seed=seed, block_size=block_size, max_basis=max_basis,
+            rec, spec, model, data, k=k, tol=float(tol), refine=refine, return_vectors=return_vectors,
+            which=which, max_iter=max_iter, v0=start, seed=seed, block_size=block_size, max_basis=max_basis,
             method=solver,
         )  # fmt: skip
     settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter,
@@ -267,14 +266,6 @@ def hessian_eigenvalues(
         values=pairs.values, residuals=pairs.residuals, converged=pairs.converged, n_matvecs=pairs.n_matvecs,
         vectors=pairs.vectors, meta=meta,
     )  # fmt: skip
-
-
-def _check_fits(size: int, k: int, start: torch.Tensor | None) -> None:
-    """``k`` and the warm start against the parameter block's size ``P`` (known once the operator is)."""
-    if k > size:
-        raise ValueError(f"k={k} exceeds the number of parameters in the block ({size})")
-    if start is not None and start.shape[0] != size:
-        raise ValueError(f"v0 has {start.shape[0]} rows but the parameter block has {size} entries")
 
 
 # ------------------------------------------------------------------------------------ per layer
@@ -351,10 +342,8 @@ def _block_spectrum(
     from .trace import hessian_trace
 
     op = spec.build(model, data)
-    pairs = solve_eigenpairs(
-        op, lambda: spec.replace(dtype=torch.float64).build(model, data) if op.dtype != torch.float64 else op,
-        k=min(k, op.size), tol=tol, refine="auto", return_vectors=False, seed=seed,
-    )  # fmt: skip
+    pairs = solve_eigenpairs(op, spec, model, data, k=min(k, op.size), tol=tol, return_vectors=False,
+                             seed=seed)  # fmt: skip
     row = torch.full((k,), float("nan"), dtype=torch.float64)
     crow = torch.zeros(k, dtype=torch.bool)
     row[: pairs.values.numel()] = pairs.values

@@ -57,6 +57,7 @@ from torch import nn
 from ..datasets.batching import concat_inputs, slice_inputs
 from .functional import FunctionalModel, select_output
 from .losses import resolve_loss
+from .operators import OperatorSpec
 from .results import Result, make_meta
 from .trajectory import checkpoint_models
 from .validation import check_choice, check_float, check_int
@@ -319,10 +320,11 @@ def _direction(
     ref_model = losses.model_at(ref)
     fm = FunctionalModel(ref_model, mode="eval")
     if direction == "hessian":
-        from .hessian import hessian_eigenvalues
+        from .hessian import solve_eigenpairs
 
-        eig = hessian_eigenvalues(ref_model, data, k=k, loss=losses.loss, tol=hessian_tol, seed=seed,
-                                  batch_size=batch_size, check_determinism=False)  # fmt: skip
+        spec = OperatorSpec(loss=losses.loss, batch_size=batch_size)
+        eig = solve_eigenpairs(spec.build(ref_model, data), spec, ref_model, data, k=k, tol=hessian_tol,
+                               seed=seed)  # fmt: skip
         assert eig.vectors is not None
         return eig.vectors.to(dtype=fm.dtype, device=fm.device), {
             "lambda_max": float(eig.values[0]), "hessian_eigenvalues": eig.values.tolist(),
