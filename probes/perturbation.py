@@ -130,6 +130,17 @@ def _subsets(
     return [(slice_inputs(x, idx), y[idx]) for idx in parts]
 
 
+def _meta(
+    probe: str, op: CurvatureOperator, settings: dict[str, Any], *, seed: int, started: float, **extra: Any
+) -> dict[str, Any]:
+    """The ``.meta`` of a loss-perturbation probe: its settings with the loss and seed, the operator's keys
+    and the stochastic modules (train mode: dropout makes the perturbed losses random)."""
+    return make_meta(
+        probe, model=op.model, params={**settings, "loss": op.loss.name, "seed": seed}, started=started,
+        **op.meta(), stochastic_modules=train_randomness(probe, op.model, op.mode), **extra,
+    )  # fmt: skip
+
+
 @takes_operator_spec(*LOSS_KEYWORDS)
 def adaptive_sharpness(
     model: nn.Module,
@@ -167,25 +178,13 @@ def adaptive_sharpness(
         batch_spec = spec.replace(batch_size=None)
         for xb, yb in _subsets(data, m, seed, max_batches):
             per_batch.append(_worst_case(batch_spec.build(model, (xb, yb)), rho, eta, ascent_steps)[0])
-    meta = make_meta(
-        "adaptive_sharpness",
-        model=op.model,
-        params={
-            "rho": rho,
-            "eta": eta,
-            "ascent_steps": ascent_steps,
-            "m": m,
-            "max_batches": max_batches,
-            "loss": op.loss.name,
-            "seed": seed,
-        },
-        started=started,
-        **op.meta(),
+    settings = {"rho": rho, "eta": eta, "ascent_steps": ascent_steps, "m": m, "max_batches": max_batches}
+    meta = _meta(
+        "adaptive_sharpness", op, settings, seed=seed, started=started,
         m_sharpness="per disjoint batch of size m, then the mean over batches" if m is not None else None,
         ball="||T^-1 eps||_2 <= rho, T = diag(|w| + eta), all selected parameters",
-        stochastic_modules=train_randomness("adaptive_sharpness", op.model, op.mode),
         solver="projected normalized gradient ascent in T^-1 eps, step rho/sqrt(t+1); max over iterates",
-    )
+    )  # fmt: skip
     return AdaptiveSharpnessResult(
         sharpness=_mean_sem(per_batch)[0] if per_batch else s,
         loss_value=l0,
@@ -242,22 +241,9 @@ def average_sharpness(
         Z = random_vectors(op.size, n_samples, seed=seed, dtype=op.dtype, device=op.device)
         samples = [f(w + sigma * T * Z[:, i], False)[0] - l0 for i in range(n_samples)]
     mean, sem = _mean_sem(samples)
-    meta = make_meta(
-        "average_sharpness",
-        model=op.model,
-        params={
-            "sigma": sigma,
-            "eta": eta,
-            "n_samples": n_samples,
-            "antithetic": antithetic,
-            "loss": op.loss.name,
-            "seed": seed,
-        },
-        started=started,
-        **op.meta(),
-        noise="eps = sigma * (|w| + eta) * z, z ~ N(0, I), seeded CPU generator",
-        stochastic_modules=train_randomness("average_sharpness", op.model, op.mode),
-    )
+    settings = {"sigma": sigma, "eta": eta, "n_samples": n_samples, "antithetic": antithetic}
+    meta = _meta("average_sharpness", op, settings, seed=seed, started=started,
+                 noise="eps = sigma * (|w| + eta) * z, z ~ N(0, I), seeded CPU generator")  # fmt: skip
     return AverageSharpnessResult(
         sharpness=mean,
         stderr=sem,
