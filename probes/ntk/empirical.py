@@ -495,7 +495,6 @@ def _with_derivative_hint(tried: str) -> Callable[[F], F]:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@_with_derivative_hint("the NTK's Jacobian (jacrev/vmap) and ntk_vp (jvp) strategies")
 def _check_same_kind(x1: Any, x2: Any) -> None:
     """``x1`` and ``x2`` must agree in per-sample shape and dtype (input by input for dict inputs)."""
     t1, t2 = input_tensors(x1), input_tensors(x2)
@@ -527,6 +526,7 @@ def _checked_sites(fm: Any, x1: torch.Tensor, O: int, traced: bool, mode: str) -
     return sites
 
 
+@_with_derivative_hint("the NTK's Jacobian (jacrev/vmap) and ntk_vp (jvp) strategies")
 def empirical_ntk(
     model: nn.Module,
     x1: torch.Tensor,
