@@ -332,28 +332,16 @@ def _ntk_jacobian(
     traced: bool,
     plan: NTKPlan,
     taps: Taps | None = None,
+    outputs: tuple[int, int] | None = None,
 ) -> torch.Tensor:
+    """The kernel from Jacobian chunks (``plan.chunk_size`` samples each, cached when ``plan.cached``) of the
+    ``outputs`` range (all when ``None``); a traced kernel ``Σ_o J_o J_oᵀ`` whose Jacobians would not fit is
+    summed over groups of ``plan.output_chunk`` outputs."""
     g = plan.output_chunk
-    if not traced or g >= O:
-        return _ntk_jacobian_group(fm, x1, x2, O, traced, plan, None, taps)
-    K = None  # traced kernel Σ_o J_o J_oᵀ, accumulated over groups of outputs
-    for lo in range(0, O, g):
-        blk = _ntk_jacobian_group(fm, x1, x2, O, traced, plan, (lo, min(lo + g, O)), taps)
-        K = blk if K is None else K + blk
-    assert K is not None
-    return K
-
-
-def _ntk_jacobian_group(
-    fm: _NTKModel,
-    x1: torch.Tensor,
-    x2: torch.Tensor | None,
-    O: int,
-    traced: bool,
-    plan: NTKPlan,
-    outputs: tuple[int, int] | None,
-    taps: Taps | None = None,
-) -> torch.Tensor:
+    if outputs is None and traced and g < O:
+        groups = [(lo, min(lo + g, O)) for lo in range(0, O, g)]
+        blocks = (_ntk_jacobian(fm, x1, x2, O, traced, plan, taps, o) for o in groups)
+        return functools.reduce(torch.add, blocks)  # summed group by group: one block held at a time
     sym = x2 is None
     xs2 = x1 if sym else x2
     assert xs2 is not None
