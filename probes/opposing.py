@@ -273,6 +273,9 @@ def _reference(mean_delta: torch.Tensor, labels: list[Any], reference: Any) -> t
 
 @dataclass
 class _Selection:
+    """The scores ``[N]``, the chosen examples by descending score, the cut (``None`` for a fixed count or
+    an empty selection), the gap ratio ``s_(k)/s_(k+1)`` and how the selection was made (for ``meta``)."""
+
     scores: torch.Tensor
     chosen: torch.Tensor
     threshold: float | None
