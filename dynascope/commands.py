@@ -1,4 +1,4 @@
-"""Subcommands of the ``dynascope`` console command: ``probe``, ``probes``, ``export``, ``recipe``, ``runs``.
+"""Subcommands of the ``dynascope`` console command: ``probe``, ``export``, ``recipe``, ``runs``.
 
 Imported by :mod:`dynascope.cli`, which registers them; heavy imports (torch, pandas) happen inside
 the commands. Exit codes: 0 success, 2 bad input (one readable line: unknown probe, bad ``--param``,
@@ -255,8 +255,14 @@ def resolve_target(args: argparse.Namespace) -> Any:
 
 # -------------------------------------------------------------------------------------------- probe
 def _probe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("probe", help="probe name (see `dynascope probes`)")
-    p.add_argument("target", help="run folder, or a checkpoint file (bare: with --model-config/--dataset)")
+    p.add_argument("probe", nargs="?", default=None, help="probe name (without one: list the probes)")
+    p.add_argument(
+        "target",
+        nargs="?",
+        default=None,
+        help="run folder, or a checkpoint file (bare: with --model-config/--dataset); without one: list "
+        "the probe's parameters",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     which.add_argument("--all", action="store_true", help="every checkpoint of the run")
@@ -355,8 +361,10 @@ def _int_list(text: str) -> list[int]:
 def run_probe_command(args: argparse.Namespace) -> int:
     from dynascope.runner import PROBES
 
-    if args.probe not in PROBES:
+    if args.probe is not None and args.probe not in PROBES:
         raise UsageError(f"unknown probe {args.probe!r}; choose one of {', '.join(sorted(PROBES))}")
+    if args.target is None:
+        return _list_probes(args.probe)
     spec = PROBES[args.probe]
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
@@ -432,7 +440,7 @@ def _run_multi_checkpoint(
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
         raise UsageError(f"probe {spec.name!r} runs in one process; start it without torchrun")
     where: dict[str, Any] = {}
-    if spec.inputs in ("trajectory", "checkpoints"):
+    if spec.inputs == "checkpoints":
         if not (args.all or args.steps or args.step is not None):
             steps = target.steps()
         if len(steps) < 2:
@@ -466,25 +474,18 @@ def _run_multi_checkpoint(
     return 0
 
 
-def _probes_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", default=None, help="show one probe's parameters")
-
-
-@command("probes", "list the probes `dynascope probe` can run", _probes_args)
-@guarded("probes")
-def run_probes_command(args: argparse.Namespace) -> int:
+def _list_probes(name: str | None) -> int:
+    """``dynascope probe``: every probe the runner can evaluate; ``dynascope probe NAME``: its parameters."""
     from dynascope.runner import PROBES, RESERVED_PARAMS
 
-    if args.name is not None:
-        if args.name not in PROBES:
-            raise UsageError(f"unknown probe {args.name!r}; choose one of {', '.join(sorted(PROBES))}")
-        spec = PROBES[args.name]
+    if name is not None:
+        spec = PROBES[name]
         print(f"{spec.name}: {spec.description}  (function dynascope.probes.{spec.function})")
-        for name, par in spec.parameters().items():
-            if name in RESERVED_PARAMS:
+        for pname, par in spec.parameters().items():
+            if pname in RESERVED_PARAMS:
                 continue
-            default = spec.defaults.get(name, par.default)
-            print(f"  --param {name}={default!r}")
+            default = spec.defaults.get(pname, par.default)
+            print(f"  --param {pname}={default!r}")
         return 0
     for spec in PROBES.values():
         shard = "  [data-shardable]" if spec.shardable else ""

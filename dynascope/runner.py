@@ -54,8 +54,10 @@ from dynascope.models.checkpoints import file_sha256
 from dynascope.probes.results import Result, to_jsonable
 from dynascope.store import ResultStore
 
-#: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key.
-RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps")
+#: What the runner passes besides ``model, data``; never part of ``--param`` nor the cache key. ``spec``: the
+#: runner passes a curvature probe's operator as its keywords (``loss``, ``operator``, ``params`` ...), which
+#: are JSON and join the key; an ``OperatorSpec`` object would not.
+RESERVED_PARAMS = ("device", "reduce_fn", "v0", "model", "steps", "spec")
 
 
 class Progress(Protocol):
@@ -75,12 +77,11 @@ class ProbeSpec:
     """A probe the runner can evaluate, by the way its function takes checkpoints (``inputs``):
 
     * ``"model"``: ``function(model, data, **params)`` on one checkpoint;
-    * ``"trajectory"``: ``function([model_0, ...], x, y, steps=[...], **params)`` on several checkpoints
-      of one run (the first is the reference);
     * ``"pair"``: ``function(model_a, model_b, data, **params)`` on two checkpoints (of one or two runs),
       on the first run's data;
     * ``"checkpoints"``: ``function([model_0, ...], (x, y), steps=[...], **params)`` on several checkpoints
-      of one run, data as one argument (``landscape_trajectory``, ``opposing_signals``).
+      of one run (``ntk_trajectory``, ``landscape_trajectory``, ``opposing_signals``; the one convention of
+      :mod:`dynascope.probes.trajectory`).
 
     ``version`` joins the cache key: bump it when the function's numbers change for the same inputs.
     """
@@ -98,7 +99,7 @@ class ProbeSpec:
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         """The probe function's keyword parameters (after the model(s) and data)."""
-        skip = {"model": 2, "trajectory": 3, "pair": 3, "checkpoints": 2}[self.inputs]
+        skip = {"model": 2, "pair": 3, "checkpoints": 2}[self.inputs]
         params = list(_signature(self.resolve()).parameters.values())[skip:]
         return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
@@ -114,7 +115,7 @@ class ProbeSpec:
     @property
     def n_checkpoints(self) -> tuple[int, int | None]:
         """``(fewest, most)`` checkpoints one evaluation takes (``None``: no upper bound)."""
-        bounds = {"model": (1, 1), "trajectory": (2, None), "pair": (2, 2), "checkpoints": (2, None)}
+        bounds = {"model": (1, 1), "pair": (2, 2), "checkpoints": (2, None)}
         return bounds[self.inputs]
 
 
@@ -141,7 +142,7 @@ PROBES: dict[str, ProbeSpec] = {
                   uses_loss=False),
         ProbeSpec("ntk_trajectory", "ntk_trajectory", {},
                   "NTK label alignment and kernel distance over several checkpoints (first = reference)",
-                  uses_loss=False, inputs="trajectory"),
+                  uses_loss=False, inputs="checkpoints"),
         ProbeSpec("lmc_barrier", "lmc_barrier", {},
                   "loss barrier on the linear path between two checkpoints (possibly of two runs)",
                   inputs="pair"),
@@ -320,7 +321,7 @@ def _checkpoint_list(
         if steps is not None or other is not None:
             raise ValueError(f"probe {spec.name!r} takes one checkpoint (step=), not steps=/other=")
         return [(run, run.checkpoint(step))]
-    if spec.inputs in ("trajectory", "checkpoints"):
+    if spec.inputs == "checkpoints":
         if steps is None or other is not None:
             raise ValueError(f"probe {spec.name!r} takes steps=[...] of one run ({lo} or more checkpoints)")
         chosen = [(run, run.checkpoint(int(s))) for s in steps]
@@ -439,7 +440,7 @@ def plan(
         call=call,
         key=key,
         checkpoint_hash=combined_hash(digests),
-        step=None if spec.inputs in ("trajectory", "checkpoints") else chosen[0][1].step,
+        step=None if spec.inputs == "checkpoints" else chosen[0][1].step,
         split=split,
         max_samples=max_samples,
         sample=sample if max_samples is not None else "first",
@@ -502,8 +503,6 @@ def _compute(
         call["reduce_fn"] = reduce_fn
     data: Any = probe_data(p.run, split=p.split, max_samples=p.max_samples, sample=p.sample)
     fn = spec.resolve()
-    if spec.inputs == "trajectory":
-        return fn(models, data[0], data[1], steps=[info.step for _, info in p.checkpoints], **call)
     if spec.inputs == "checkpoints":
         return fn(models, data, steps=[info.step for _, info in p.checkpoints], **call)
     if world_size > 1:

@@ -61,10 +61,12 @@ class StoredResult:
 
 
 def _find_result_class(name: str) -> type[Result] | None:
+    """The imported Result subclass called ``name``, or that was called so (``former_names``: rows stored
+    before a rename still decode)."""
     stack = list(Result.__subclasses__())
     while stack:
         cls = stack.pop()
-        if cls.__name__ == name:
+        if cls.__name__ == name or name in cls.former_names:
             return cls
         stack.extend(cls.__subclasses__())
     return None

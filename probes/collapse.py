@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from .validation import check_float, check_int
 
 __all__ = [
     "NeuralCollapseResult",
-    "NeuralCollapseTrajectory",
+    "NeuralCollapseTrajectoryResult",
     "neural_collapse",
     "nc_trajectory",
     "find_classifier",
@@ -116,8 +116,10 @@ class NeuralCollapseResult(Result):
 
 
 @dataclass(frozen=True, kw_only=True)
-class NeuralCollapseTrajectory(Result):
+class NeuralCollapseTrajectoryResult(Result):
     """NC metrics over checkpoints: one entry per step in every list field."""
+
+    former_names: ClassVar[tuple[str, ...]] = ("NeuralCollapseTrajectory",)
 
     steps: list[int]
     nc1: list[float]
@@ -410,19 +412,19 @@ def neural_collapse(
 
 
 def nc_trajectory(
-    models: Iterable[nn.Module] | Any,
+    checkpoints: Iterable[nn.Module] | Any,
     data: Any,
-    steps: Sequence[int] | None = None,
     *,
+    steps: Sequence[int] | None = None,
     model: nn.Module | None = None,
     **kwargs: Any,
-) -> NeuralCollapseTrajectory:
-    """:func:`neural_collapse` over checkpoints. ``models``: a run folder (``Run``, anything with
+) -> NeuralCollapseTrajectoryResult:
+    """:func:`neural_collapse` over checkpoints. ``checkpoints``: a run folder (``Run``, anything with
     ``steps()`` and ``load_model(step)``, or a path) or models / state dicts (loaded into ``model=``),
     one at a time if a generator — see :mod:`dynascope.probes.trajectory`. ``steps`` default: the run's
     steps, else 0, 1, 2, …; ``kwargs`` go to :func:`neural_collapse`."""
     started = time.perf_counter()
-    ckpts = checkpoint_models(models, steps, model=model, name="models")
+    ckpts = checkpoint_models(checkpoints, steps, model=model)
     results = [neural_collapse(m, data, **kwargs) for m in ckpts.models]
     if not results:
         raise ValueError("nc_trajectory needs at least one model")
@@ -436,4 +438,4 @@ def nc_trajectory(
         started=started,
         per_step=[r.meta for r in results],
     )
-    return NeuralCollapseTrajectory(meta=meta, steps=steps, **fields)
+    return NeuralCollapseTrajectoryResult(meta=meta, steps=steps, **fields)

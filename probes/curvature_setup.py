@@ -7,19 +7,98 @@ Every spectral probe (:mod:`.hessian`, :mod:`.trace`, :mod:`.density`) builds on
 its products and checks afterwards that a product comes out the same twice) and fills ``.meta``
 with :func:`spectral_meta` (the operator's keys from ``CurvatureOperator.meta()``, as in every probe
 that uses an operator).
+
+Every curvature probe takes ``spec: OperatorSpec``; :func:`takes_operator_spec` lets its callers write the
+spec's fields as keywords instead (``loss=``, ``operator=``, ``params=`` ...), turned into the spec in one
+place, :func:`operator_spec`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from .operators import CurvatureOperator, LinearOperator, random_vectors
+from .operators import CurvatureOperator, LinearOperator, OperatorSpec, random_vectors
 from .results import make_meta, stochastic_modules
+
+#: The operator keywords a curvature probe accepts instead of ``spec=``: keyword → (``OperatorSpec`` field,
+#: default, annotation). ``operator`` is the spec's ``kind``; the defaults are the spec's.
+OPERATOR_KEYWORDS: dict[str, tuple[str, Any, str]] = {
+    "loss": ("loss", "auto", "str | Callable | Loss"),
+    "operator": ("kind", "hessian", "str"),
+    "output": ("output", None, "OutputSelector"),
+    "params": ("params", None, "Sequence[str] | str | None"),
+    "batch_size": ("batch_size", None, "int | None"),
+    "mode": ("mode", "eval", "str"),
+    "dtype": ("dtype", None, "torch.dtype | None"),
+    "device": ("device", None, "torch.device | str | None"),
+    "reduce_fn": ("reduce_fn", None, "Callable | None"),
+}
+
+
+def operator_spec(spec: OperatorSpec | None = None, /, **keywords: Any) -> OperatorSpec:
+    """The probe's :class:`OperatorSpec`: ``spec`` itself, or one built from the operator keywords
+    (:data:`OPERATOR_KEYWORDS`; validated by the spec). Both at once is a ``ValueError``: which should win
+    would be a guess."""
+    if spec is not None:
+        if not isinstance(spec, OperatorSpec):
+            raise ValueError(f"spec must be an OperatorSpec or None; got {type(spec).__name__}")
+        if keywords:
+            raise ValueError(
+                f"pass either spec= or the operator keywords {sorted(keywords)}, not both "
+                f"(spec.replace({', '.join(f'{k}=...' for k in sorted(keywords))}) combines them)"
+            )
+        return spec
+    return OperatorSpec(**{OPERATOR_KEYWORDS[name][0]: value for name, value in keywords.items()})
+
+
+def spec_settings(spec: OperatorSpec) -> dict[str, Any]:
+    """The spec's keys of a probe's recorded settings (``meta["params"]``): the parameter block and the
+    batch size (the other fields are recorded from the operator, :meth:`CurvatureOperator.meta`)."""
+    return {"params": list(spec.params) if spec.params is not None else None, "batch_size": spec.batch_size}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_operator_spec(*names: str) -> Callable[[F], F]:
+    """Decorate a curvature probe whose body takes a keyword-only ``spec: OperatorSpec``: callers pass
+    ``spec=`` or the operator keywords ``names`` (default: all of :data:`OPERATOR_KEYWORDS`), which
+    :func:`operator_spec` turns into the spec. The probe's signature (``help``, the runner's parameter list
+    and cache key) shows ``spec=None`` followed by the keywords with their defaults."""
+    chosen = names or tuple(OPERATOR_KEYWORDS)
+    unknown = sorted(set(chosen) - set(OPERATOR_KEYWORDS))
+    if unknown:
+        raise ValueError(f"not operator keywords: {unknown}; choose from {list(OPERATOR_KEYWORDS)}")
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+        at = [p.name for p in params].index("spec")
+        extra = [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=OPERATOR_KEYWORDS[n][1],
+                              annotation=OPERATOR_KEYWORDS[n][2])
+            for n in chosen
+        ]  # fmt: skip
+        shown = params[:at] + [params[at].replace(default=None)] + extra + params[at + 1 :]
+
+        @functools.wraps(fn)
+        def probe(*args: Any, spec: OperatorSpec | None = None, **kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n) for n in chosen if n in kwargs}
+            return fn(*args, spec=operator_spec(spec, **given), **kwargs)
+
+        probe.__signature__ = sig.replace(parameters=shown)  # type: ignore[attr-defined]
+        return probe  # type: ignore[return-value]
+
+    return decorate
+
 
 #: A recomputed product is deterministic when it agrees with the first to within this many units of
 #: the operator dtype's machine epsilon, relatively (float64: 1.8e-15, float32: 9.5e-7); products on

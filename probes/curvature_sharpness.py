@@ -31,12 +31,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..datasets.batching import as_batches, slice_inputs
+from .curvature_setup import spec_settings, takes_operator_spec
 from .lanczos import eigsh
 from .losses import Loss
 from .operators import OperatorSpec
@@ -156,14 +157,83 @@ def _batch_sharpness(
     return lambdas, directional, matvecs
 
 
+def _trace(op: Any, n_matvecs: int, seed: int) -> tuple[float, float, int]:
+    """``tr(H)`` by Hutch++ on the same operator (:func:`~dynascope.probes.trace.estimate_trace`):
+    ``(estimate, stderr, products used)``."""
+    from .trace import estimate_trace
+
+    before = op.n_matvecs
+    value, stderr, _, _ = estimate_trace(op, n_matvecs, method="hutch++", seed=seed)
+    return value, stderr, op.n_matvecs - before
+
+
+def _preconditioned(
+    op: Any, state: Any, *, lr: float | None, optimizer: str | None, tol: float, seed: int,
+    max_iter: int | None,
+) -> tuple[dict[str, Any], dict[str, Any], float | None, int]:
+    """Preconditioned sharpness ``λ_max(P⁻¹H)`` (the symmetric ``P^{-1/2} H P^{-1/2}``) of the optimizer
+    state against its threshold (``2/η`` times the optimizer's factor, Cohen et al. 2022). Returns the
+    result's fields, their ``meta`` block, the learning rate (the state's when ``lr`` is None) and the
+    products used."""
+    P = preconditioner_from_state(state, op.space, model=op.model, lr=lr, optimizer=optimizer)
+    lr = P.lr if lr is None else lr
+    sop = DiagonalScaledOperator(op, P.diag.rsqrt())
+    out = eigsh(sop, 1, tol=tol, seed=seed, max_iter=max_iter)
+    lam, thr = float(out.values[0]), P.threshold(lr)
+    fields = {
+        "preconditioned_lambda_max": lam,
+        "preconditioned_threshold": thr,
+        "preconditioned_ratio": lam / thr if thr == thr else float("nan"),
+        "preconditioned_stable": lam <= thr if thr == thr else None,
+        "optimizer": P.optimizer,
+    }
+    meta = {
+        "optimizer": P.optimizer,
+        "threshold": f"{P.threshold_factor:.6g}/lr",
+        **({"note": "lr = 0 at this checkpoint: λ_max(P⁻¹H) is reported, the threshold is NaN"}
+           if not lr > 0 else {}),  # fmt: skip
+        "frozen_groups": bool(torch.isinf(P.diag).any()),
+        "hyperparameters": P.hyperparameters,
+        "converged": bool(out.converged.all()),
+        "residual": float(out.residuals[0]),
+    }
+    return fields, meta, lr, sop.n_matvecs
+
+
+def _batch_fields(lambdas: list[float], directional: list[float], batch_size: int) -> dict[str, Any]:
+    """Batch sharpness: the mean ± standard error of ``λ_max(H_B)`` and the mean directional form."""
+    mean, sem = _mean_sem(lambdas)
+    return {
+        "batch_size": batch_size,
+        "batch_lambdas": lambdas,
+        "batch_sharpness": mean,
+        "batch_sharpness_stderr": sem,
+        "batch_directional": directional,
+        "batch_directional_sharpness": _mean_sem(directional)[0],
+    }
+
+
+def _thresholds(lam: float, trace: float | None, lr: float | None) -> dict[str, Any]:
+    """The stability fields: ``2/η``, ``ratio = λ_max/(2/η)``, ``λ_max ≤ 2/η`` (GD) and ``tr(H) ≤ 2/η``
+    (SGD's linear-stability check); ``None`` without a positive learning rate."""
+    two = 2.0 / lr if lr is not None and lr > 0 else None
+    return {
+        "lr": float(lr) if lr is not None else None,
+        "two_over_lr": two,
+        "ratio": lam / two if two else None,
+        "gd_stable": (lam <= two) if two else None,
+        "sgd_trace_stable": (trace <= two) if (two and trace is not None) else None,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- API
+@takes_operator_spec("loss", "output", "params", "batch_size", "mode", "dtype", "device", "reduce_fn")
 def sharpness(
     model: nn.Module,
     data: Any,
     *,
+    spec: OperatorSpec,
     lr: float | None = None,
-    loss: str | Callable | Loss = "auto",
-    output: Any = None,
     k: int = 1,
     tol: float = 1e-4,
     v0: torch.Tensor | None = None,
@@ -174,24 +244,22 @@ def sharpness(
     batch_size_for_batch_sharpness: int | None = None,
     n_batches: int = 10,
     seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
     max_iter: int | None = None,
-    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SharpnessResult:
     """λ_max, trace and stability diagnostics of the training-loss Hessian at the model's weights.
 
     Parameters
     ----------
+    spec:
+        The operator (:class:`~dynascope.probes.operators.OperatorSpec`, default the Hessian), or its fields
+        as keywords (``loss``, ``output``, ``params``, ``batch_size``, ``mode``, ``dtype``, ``device``,
+        ``reduce_fn``).
     lr:
         Learning rate η for the thresholds (``2/η``); with ``optimizer_state`` it defaults to the
         state's lr.
-    k, tol, v0:
+    k, tol, v0, max_iter:
         Top-k eigenvalues by Lanczos to residual tolerance ``tol``; ``v0`` warm start
-        (``previous.eigenvectors``).
+        (``previous.eigenvectors``); ``max_iter`` the most operator-vector products per Lanczos run.
     trace, trace_matvecs:
         Estimate ``tr(H)`` by Hutch++ with ``trace_matvecs`` products (exact when the parameter
         count is at most a third of it).
@@ -200,138 +268,56 @@ def sharpness(
         ``Run.load_optimizer_state(step)``) for the preconditioned sharpness ``λ_max(P⁻¹H)``.
     batch_size_for_batch_sharpness, n_batches:
         Mini-batch size and number of disjoint random batches for batch sharpness.
-    params, batch_size, mode, dtype, device, reduce_fn:
-        Passed to :class:`~dynascope.probes.operators.CurvatureOperator`.
     """
     check_int("k", k, min=1)
     check_float("lr", lr, min=0, optional=True)
     check_int("n_batches", n_batches, min=1)
     check_int("seed", seed)
     started = time.perf_counter()
-    spec = OperatorSpec(
-        loss=loss,
-        output=output,
-        params=params,
-        batch_size=batch_size,
-        mode=mode,
-        dtype=dtype,
-        device=device,
-        reduce_fn=reduce_fn,
-    )
     op = spec.build(model, data)
-    stochastic = train_randomness("sharpness", op.model, mode)
+    stochastic = train_randomness("sharpness", op.model, spec.mode)
     out = eigsh(op, k, tol=tol, v0=v0, seed=seed, max_iter=max_iter)
     n_matvecs = op.n_matvecs
     lam = float(out.values[0])
     loss_value = op.loss_value()
-
     trace_val = trace_err = None
-    trace_method = None
     if trace:
-        before = op.n_matvecs
-        from .trace import estimate_trace
-
-        trace_val, trace_err, _, _ = estimate_trace(op, trace_matvecs, method="hutch++", seed=seed)
-        trace_method = "hutch++ (dynascope.probes.trace.estimate_trace)"
-        n_matvecs += op.n_matvecs - before
-
+        trace_val, trace_err, used = _trace(op, trace_matvecs, seed)
+        n_matvecs += used
     pre: dict[str, Any] = {}
     pre_meta: dict[str, Any] | None = None
     if optimizer_state is not None:
-        P = preconditioner_from_state(optimizer_state, op.space, model=op.model, lr=lr, optimizer=optimizer)
-        if lr is None:
-            lr = P.lr
-        sop = DiagonalScaledOperator(op, P.diag.rsqrt())
-        pout = eigsh(sop, 1, tol=tol, seed=seed, max_iter=max_iter)
-        n_matvecs += sop.n_matvecs
-        plam = float(pout.values[0])
-        thr = P.threshold(lr)
-        pre = {
-            "preconditioned_lambda_max": plam,
-            "preconditioned_threshold": thr,
-            "preconditioned_ratio": plam / thr if thr == thr else float("nan"),
-            "preconditioned_stable": plam <= thr if thr == thr else None,
-            "optimizer": P.optimizer,
-        }
-        pre_meta = {
-            "optimizer": P.optimizer,
-            "threshold": f"{P.threshold_factor:.6g}/lr",
-            **({"note": "lr = 0 at this checkpoint: λ_max(P⁻¹H) is reported, the threshold is NaN"}
-               if not lr > 0 else {}),  # fmt: skip
-            "frozen_groups": bool(torch.isinf(P.diag).any()),
-            "hyperparameters": P.hyperparameters,
-            "converged": bool(pout.converged.all()),
-            "residual": float(pout.residuals[0]),
-        }
-
+        pre, pre_meta, lr, used = _preconditioned(
+            op, optimizer_state, lr=lr, optimizer=optimizer, tol=tol, seed=seed, max_iter=max_iter
+        )
+        n_matvecs += used
     batch: dict[str, Any] = {}
     if batch_size_for_batch_sharpness is not None:
-        lambdas, directional, mv = _batch_sharpness(
-            model,
-            data,
-            batch_size=batch_size_for_batch_sharpness,
-            n_batches=n_batches,
-            seed=seed,
-            tol=tol,
+        lambdas, directional, used = _batch_sharpness(
+            model, data, batch_size=batch_size_for_batch_sharpness, n_batches=n_batches, seed=seed, tol=tol,
             v0=out.vectors[:, :1] if out.vectors is not None else None,
-            spec=spec.replace(batch_size=None, reduce_fn=None),
-            max_iter=max_iter,
-        )
-        n_matvecs += mv
-        mean, sem = _mean_sem(lambdas)
-        batch = {
-            "batch_size": batch_size_for_batch_sharpness,
-            "batch_lambdas": lambdas,
-            "batch_sharpness": mean,
-            "batch_sharpness_stderr": sem,
-            "batch_directional": directional,
-            "batch_directional_sharpness": _mean_sem(directional)[0],
-        }
-
-    two = 2.0 / lr if lr is not None and lr > 0 else None
+            spec=spec.replace(batch_size=None, reduce_fn=None), max_iter=max_iter,
+        )  # fmt: skip
+        n_matvecs += used
+        batch = _batch_fields(lambdas, directional, batch_size_for_batch_sharpness)
+    settings = {"k": k, "tol": tol, "loss": op.loss.name, "lr": lr, "seed": seed,
+                "warm_start": v0 is not None, "trace_matvecs": trace_matvecs if trace else None,
+                "n_batches": n_batches if batch_size_for_batch_sharpness else None,
+                **spec_settings(spec)}  # fmt: skip
     meta = make_meta(
-        "sharpness",
-        model=op.model,
-        params={
-            "k": k,
-            "tol": tol,
-            "loss": op.loss.name,
-            "lr": lr,
-            "seed": seed,
-            "warm_start": v0 is not None,
-            "trace_matvecs": trace_matvecs if trace else None,
-            "n_batches": n_batches if batch_size_for_batch_sharpness else None,
-            "params": params,
-            "batch_size": batch_size,
-        },
-        started=started,
-        **op.meta(),
-        n_matvecs=n_matvecs,
-        stochastic_modules=stochastic,
-        lanczos_iterations=out.n_iter,
-        trace_method=trace_method,
+        "sharpness", model=op.model, params=settings, started=started, **op.meta(), n_matvecs=n_matvecs,
+        stochastic_modules=stochastic, lanczos_iterations=out.n_iter,
+        trace_method="hutch++ (dynascope.probes.trace.estimate_trace)" if trace else None,
         preconditioned=pre_meta,
         batch_sampling="disjoint mini-batches from seeded permutations" if batch else None,
-    )
+    )  # fmt: skip
     return SharpnessResult(
-        lambda_max=lam,
-        eigenvalues=[float(v) for v in out.values],
-        residuals=[float(r) for r in out.residuals],
-        converged=[bool(c) for c in out.converged],
-        trace=trace_val,
-        trace_stderr=trace_err,
-        loss_value=loss_value,
-        lr=float(lr) if lr is not None else None,
-        two_over_lr=two,
-        ratio=lam / two if two else None,
-        gd_stable=(lam <= two) if two else None,
-        sgd_trace_stable=(trace_val <= two) if (two and trace_val is not None) else None,
-        n_matvecs=n_matvecs,
-        eigenvectors=out.vectors,
-        meta=meta,
-        **pre,
-        **batch,
-    )
+        lambda_max=lam, eigenvalues=[float(v) for v in out.values],
+        residuals=[float(r) for r in out.residuals], converged=[bool(c) for c in out.converged],
+        trace=trace_val, trace_stderr=trace_err, loss_value=loss_value, n_matvecs=n_matvecs,
+        eigenvectors=out.vectors, meta=meta,
+        **_thresholds(lam, trace_val, lr), **pre, **batch,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- trajectory
@@ -354,13 +340,15 @@ def run_loss(run: Any) -> tuple[str | None, str | None]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SharpnessTrack(Result):
+class SharpnessTrackResult(Result):
     """λ_max per checkpoint against the learning-rate schedule.
 
     Per checkpoint ``i``: ``steps[i]``, ``lambda_max[i]``, ``top_k[i]`` (descending), ``converged[i]``,
     ``lr[i]`` (NaN when the run has no lr), ``two_over_lr[i]``, ``ratio[i] = λ_max/(2/η)``,
     ``train_loss[i]`` (the dataset-mean loss the curvature is of) and ``n_matvecs[i]``.
     """
+
+    former_names: ClassVar[tuple[str, ...]] = ("SharpnessTrack",)
 
     steps: list[int]
     lambda_max: list[float]
@@ -414,7 +402,7 @@ def track_sharpness(
     seed: int = 0,
     lr: float | None = None,
     model: nn.Module | None = None,
-) -> SharpnessTrack:
+) -> SharpnessTrackResult:
     """Top-k Hessian eigenvalues at every checkpoint of a run (or at ``steps``), with 2/η from ``run.json``.
 
     ``run_or_path``: a run folder (``Run`` or path) or models / state dicts (with ``model=``), see
@@ -502,7 +490,7 @@ def track_sharpness(
         n_matvecs=int(sum(mvs)),
         lr_source="argument" if lr is not None else ("run.lr_at(step)" if run is not None else None),
     )
-    return SharpnessTrack(
+    return SharpnessTrackResult(
         steps=out_steps,
         lambda_max=lam,
         top_k=topk,
@@ -519,4 +507,4 @@ def track_sharpness(
     )
 
 
-__all__ = ["SharpnessResult", "SharpnessTrack", "run_loss", "sharpness", "track_sharpness"]
+__all__ = ["SharpnessResult", "SharpnessTrackResult", "run_loss", "sharpness", "track_sharpness"]

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .curvature_setup import RecordingOperator, spectral_meta
+from .curvature_setup import RecordingOperator, spec_settings, spectral_meta, takes_operator_spec
 from .lanczos import eigsh, lanczos_tridiagonal
 from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
@@ -260,29 +259,26 @@ class DensityResult(Result):
         )
 
 
+@takes_operator_spec()
 def hessian_density(
     model: nn.Module,
     data: Any,
     *,
-    loss: str | Callable = "auto",
-    output: Any = None,
+    spec: OperatorSpec,
     n_probes: int = 10,
     lanczos_steps: int = 80,
     sigma: float | None = None,
     grid: torch.Tensor | int | None = None,
     log_scale: bool = False,
     deflate: int = 0,
-    operator: str = "hessian",
     seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    reduce_fn: Callable | None = None,
     check_determinism: bool = True,
 ) -> DensityResult:
     """Eigenvalue density of the Hessian / GGN / Fisher by SLQ with ``n_probes`` probes run together.
+
+    ``spec``: the operator (:class:`~dynascope.probes.operators.OperatorSpec`), or its fields as keywords
+    (``loss``, ``operator``, ``output``, ``params``, ``batch_size``, ``mode``, ``dtype``, ``device``,
+    ``reduce_fn``).
 
     One ``matmat`` per Lanczos step serves all probes; cost ``n_probes · lanczos_steps`` products
     (plus the deflation's Lanczos when ``deflate > 0``). See the module docstring for the
@@ -290,17 +286,14 @@ def hessian_density(
     """
     check_int("seed", seed)
     t0 = time.perf_counter()
-    op = OperatorSpec(
-        kind=operator, loss=loss, output=output, params=params, batch_size=batch_size, mode=mode, dtype=dtype,
-        device=device, reduce_fn=reduce_fn,
-    ).build(model, data)  # fmt: skip
+    op = spec.build(model, data)
     rec = RecordingOperator(op)
     out = slq(rec, n_probes=n_probes, steps=lanczos_steps, seed=seed, deflate=deflate)
     if sigma is None and not log_scale:
         sigma = slq_sigma(out, lanczos_steps)
     g, d, s, info = smooth_density(out.nodes, out.weights, grid=grid, sigma=sigma, log_scale=log_scale)
-    settings = {"n_probes": n_probes, "lanczos_steps": lanczos_steps, "deflate": deflate, "params": params,
-                "batch_size": batch_size, "log_scale": log_scale}  # fmt: skip
+    settings = {"n_probes": n_probes, "lanczos_steps": lanczos_steps, "deflate": deflate,
+                **spec_settings(spec), "log_scale": log_scale}  # fmt: skip
     meta = spectral_meta(
         "hessian_density", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, sigma=s, probes="gaussian",

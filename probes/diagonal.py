@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .budget import CHUNK_BYTES, RademacherProbes, largest, names_the_knob, resolve_budget, too_small
-from .curvature_setup import RecordingOperator, spectral_meta
+from .curvature_setup import RecordingOperator, spec_settings, spectral_meta, takes_operator_spec
 from .memory import peak_memory
 from .operators import LinearOperator, OperatorSpec
 from .results import Result
@@ -248,27 +248,24 @@ def diagonal_estimate(
     return entries.mean, entries.stderr(), layers.mean, layers.stderr()
 
 
+@takes_operator_spec("loss", "operator", "params", "batch_size", "mode", "dtype", "device", "reduce_fn")
 def hessian_diagonal(
     model: nn.Module,
     data: Any,
     *,
+    spec: OperatorSpec,
     n_matvecs: int = 100,
     method: str = "hutchinson",
-    loss: str | Callable = "auto",
-    operator: str = "hessian",
     spatial_average: bool = False,
     seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
     block: int = 32,
-    reduce_fn: Callable | None = None,
     check_determinism: bool = True,
     memory_budget: int | None = None,
 ) -> HessianDiagonalResult:
     """``diag(A)`` of the Hessian (``operator="hessian"``), GGN or empirical Fisher of the dataset-mean loss.
+
+    ``spec``: the operator (:class:`~dynascope.probes.operators.OperatorSpec`), or its fields as keywords
+    (``loss``, ``operator``, ``params``, ``batch_size``, ``mode``, ``dtype``, ``device``, ``reduce_fn``).
 
     ``method="hutchinson"``: ``n_matvecs`` Rademacher probes, ``block`` per data pass, with a per-entry
     standard error; ``"exact"``: ``P`` unit-vector products (``n_matvecs`` is ignored; small models).
@@ -283,10 +280,7 @@ def hessian_diagonal(
     check_int("seed", seed)
     check_choice("spatial_average", spatial_average, (True, False))
     t0 = time.perf_counter()
-    op = OperatorSpec(
-        kind=operator, loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device,
-        reduce_fn=reduce_fn,
-    ).build(model, data)  # fmt: skip
+    op = spec.build(model, data)
     rec = RecordingOperator(op)
     shapes = op.space.shapes
     budget = resolve_budget(memory_budget, op.device)
@@ -298,8 +292,7 @@ def hessian_diagonal(
             spatial_average=spatial_average, memory_budget=budget,
         )  # fmt: skip
     settings = {"n_matvecs": n_matvecs, "method": method, "spatial_average": spatial_average,
-                "params": params, "batch_size": batch_size, "block": block,
-                "memory_budget": memory_budget}  # fmt: skip
+                **spec_settings(spec), "block": block, "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_diagonal", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism,

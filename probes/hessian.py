@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .curvature_setup import RecordingOperator, spectral_meta
+from .curvature_setup import RecordingOperator, spec_settings, spectral_meta, takes_operator_spec
 from .functional import parameter_groups, select_parameters
 from .gemm_conv import Float64GemmConv
 from .lanczos import EIGENVALUE_FLOOR, WHICH, eigsh
@@ -53,24 +53,16 @@ class HessianEigenResult(Result):
     ``values`` float64, descending; ``residuals`` ``‖A u − θ u‖``; ``converged`` bool per value;
     ``n_matvecs`` operator-vector products (Lanczos plus, when refined, the float64 refinement
     products, also in ``meta["n_matvecs_refine"]``); ``vectors`` ``[P, k]`` unit eigenvectors
-    (operator dtype; float64 when refined) or ``None``. ``to_dict``/``save`` leave the vectors out.
+    (operator dtype; float64 when refined) or ``None``. ``to_dict``/``save`` leave the vectors out
+    (``to_dict(include=["vectors"])`` keeps them).
     """
 
+    omitted: ClassVar[tuple[str, ...]] = ("vectors",)
     values: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
     n_matvecs: int
     vectors: torch.Tensor | None = None
-
-    def to_dict(self, include_vectors: bool = False) -> dict[str, Any]:
-        out = {
-            f.name: to_jsonable(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "vectors"
-        }
-        if include_vectors:
-            out["vectors"] = to_jsonable(self.vectors)
-        return out
 
     def to_frame(self):
         import pandas as pd
@@ -148,26 +140,66 @@ def rayleigh_ritz64(op64: Any, Y: torch.Tensor) -> RitzRefinement:
     return RitzRefinement(theta.cpu(), U, residuals.cpu(), op64.n_matvecs - before, conv.n_redirected)
 
 
+@dataclass(frozen=True)
+class Eigenpairs:
+    """What :func:`solve_eigenpairs` found: the result's fields (``values``, ``residuals``, ``converged``,
+    ``vectors``, ``n_matvecs``) and the Lanczos run's ``out`` (its own residuals and counts, for ``meta``)."""
+
+    values: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    vectors: torch.Tensor | None
+    n_matvecs: int
+    out: Any
+    refinement: RitzRefinement | None = None
+
+    def meta(self, op: Any) -> dict[str, Any]:
+        """The solver's and the refinement's keys of ``.meta``."""
+        ref = self.refinement
+        return {
+            "krylov_dim": self.out.n_iter, **self.out.meta(op.size, op.dtype),
+            "all_converged": bool(self.converged.all()), "refined": ref is not None,
+            "n_matvecs_refine": ref.n_matvecs if ref else 0,
+            "lanczos_residuals": self.out.residuals.tolist() if ref else None,
+            "refine_conv2d_gemm": ref.n_conv2d_gemm if ref else 0,
+        }  # fmt: skip
+
+
+def solve_eigenpairs(
+    op: Any, spec: OperatorSpec, model: nn.Module, data: Any, *, k: int, tol: float,
+    refine: bool | str = "auto", return_vectors: bool = True, **solver: Any,
+) -> Eigenpairs:  # fmt: skip
+    """Block Lanczos (:func:`~dynascope.probes.lanczos.eigsh`, keywords ``solver``) on ``op`` (the operator of
+    ``spec`` on ``model`` and ``data``, possibly wrapped), then, when :func:`_use_refine` says so, one float64
+    Rayleigh–Ritz step (:func:`rayleigh_ritz64`) with the spec's float64 operator; a refined pair ``(θ, u)``
+    is converged when ``‖A u − θ u‖ ≤ tol · max(|θ|, floor · scale)`` (the solver's rule, on the float64
+    residuals). The arguments are the caller's, already checked (``eigsh`` checks its own)."""
+    do_refine = _use_refine(refine, op.dtype, tol)
+    out = eigsh(op, k=k, tol=tol, return_vectors=return_vectors or do_refine, **solver)
+    if not do_refine:
+        return Eigenpairs(out.values, out.residuals, out.converged, out.vectors, out.n_matvecs, out)
+    assert out.vectors is not None
+    op64 = op if op.dtype == torch.float64 else spec.replace(dtype=torch.float64).build(model, data)
+    ref = rayleigh_ritz64(op64, out.vectors)
+    scale = max(float(ref.values.abs().max()), float(out.values.abs().max())) or 1.0
+    converged = ref.residuals <= tol * torch.clamp(ref.values.abs(), min=EIGENVALUE_FLOOR * scale)
+    vectors = ref.vectors if return_vectors else None
+    return Eigenpairs(ref.values, ref.residuals, converged, vectors, out.n_matvecs + ref.n_matvecs, out, ref)
+
+
+@takes_operator_spec()
 def hessian_eigenvalues(
     model: nn.Module,
     data: Any,
     *,
+    spec: OperatorSpec,
     k: int = 5,
-    loss: str | Callable = "auto",
     tol: float = 1e-4,
-    operator: str = "hessian",
-    output: Any = None,
     which: str = "LA",
     v0: Any = None,
     max_iter: int | None = None,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
     seed: int = 0,
     return_vectors: bool = True,
-    reduce_fn: Callable | None = None,
     check_determinism: bool = True,
     refine: bool | str = "auto",
     block_size: int | None = None,
@@ -176,11 +208,15 @@ def hessian_eigenvalues(
 ) -> HessianEigenResult:
     """Extremal eigenvalues of the Hessian (``operator="hessian"``), GGN or empirical Fisher.
 
-    ``which``: ``"LA"`` largest (default), ``"SA"`` smallest, ``"LM"`` largest magnitude,
+    ``spec``: the operator (:class:`~dynascope.probes.operators.OperatorSpec`), or its fields as keywords
+    (``loss``, ``operator``, ``output``, ``params``, ``batch_size``, ``mode``, ``dtype``, ``device``,
+    ``reduce_fn``). ``which``: ``"LA"`` largest (default), ``"SA"`` smallest, ``"LM"`` largest magnitude,
     ``"BE"`` ``k`` from both ends (``2k`` values). ``v0``: a warm start — a previous
     :class:`HessianEigenResult` (its eigenvectors, e.g. from the previous checkpoint) or a ``[P]`` /
     ``[P, j]`` tensor. ``dtype=torch.float64`` evaluates reference-grade products on a copy of the
     model; otherwise products run in the model's dtype. ``params`` restricts to a parameter block.
+    ``max_iter``: the most operator-vector products Lanczos may use (a budget of products, not of
+    iterations; default ``max(300, 60 k)``; the float64 refinement's ``k`` products come on top).
 
     ``refine``: after Lanczos, one float64 Rayleigh–Ritz step on the Ritz vectors (``k`` float64
     products on a float64 copy of the model, see the module docstring); values, vectors and
@@ -205,51 +241,32 @@ def hessian_eigenvalues(
     check_float("tol", tol, min=0, min_open=True)
     check_choice("refine", refine, (True, False, "auto"))
     check_int("seed", seed)
-    spec = OperatorSpec(kind=operator, loss=loss, output=output, params=params, batch_size=batch_size,
-                        mode=mode, dtype=dtype, device=device, reduce_fn=reduce_fn)  # fmt: skip
     start = _warm_start(v0)
     t0 = time.perf_counter()
     op = spec.build(model, data)
-    if k > op.vspace.size:
-        raise ValueError(f"k={k} exceeds the number of parameters in the block ({op.vspace.size})")
     if start is not None and start.shape[0] != op.size:
         raise ValueError(f"v0 has {start.shape[0]} rows but the parameter block has {op.size} entries")
-    do_refine = _use_refine(refine, op.dtype, float(tol))
     rec = RecordingOperator(op)
     with peak_memory(op.device) as peak:
-        out = eigsh(rec, k=k, which=which, tol=float(tol), max_iter=max_iter, v0=start, seed=seed,
-                    return_vectors=return_vectors or do_refine, block_size=block_size,
-                    max_basis=max_basis, method=solver)  # fmt: skip
-    values, residuals, converged, vectors = out.values, out.residuals, out.converged, out.vectors
-    n_refine, lanczos_residuals, n_conv_gemm = 0, None, 0
-    if do_refine:
-        assert vectors is not None
-        op64 = op if op.dtype == torch.float64 else spec.replace(dtype=torch.float64).build(model, data)
-        ref = rayleigh_ritz64(op64, vectors)
-        n_refine, lanczos_residuals, n_conv_gemm = ref.n_matvecs, out.residuals.tolist(), ref.n_conv2d_gemm
-        values, residuals = ref.values, ref.residuals
-        scale = max(float(values.abs().max()), float(out.values.abs().max())) or 1.0
-        converged = residuals <= float(tol) * torch.clamp(values.abs(), min=EIGENVALUE_FLOOR * scale)
-        vectors = ref.vectors if return_vectors else None
-    settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter, "params": params,
-                "batch_size": batch_size, "warm_start": start is not None, "refine": refine,
-                "block_size": block_size, "max_basis": max_basis, "solver": solver}  # fmt: skip
+        pairs = solve_eigenpairs(
+            rec, spec, model, data, k=k, tol=float(tol), refine=refine, return_vectors=return_vectors,
+            which=which, max_iter=max_iter, v0=start, seed=seed, block_size=block_size, max_basis=max_basis,
+            method=solver,
+        )  # fmt: skip
+    settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter,
+                **spec_settings(spec),
+                "warm_start": start is not None, "refine": refine, "block_size": block_size,
+                "max_basis": max_basis, "solver": solver}  # fmt: skip
     meta = spectral_meta(
         "hessian_eigenvalues", model, op, rec, started=t0, seed=seed, settings=settings,
-        check_determinism=check_determinism, krylov_dim=out.n_iter, **out.meta(op.size, op.dtype),
-        measured_peak_bytes=peak.bytes, measured_peak_how=peak.how,
-        all_converged=bool(converged.all()), refined=do_refine, n_matvecs_refine=n_refine,
-        lanczos_residuals=lanczos_residuals, refine_conv2d_gemm=n_conv_gemm,
+        check_determinism=check_determinism, **pairs.meta(op), measured_peak_bytes=peak.bytes,
+        measured_peak_how=peak.how,
     )  # fmt: skip
-    meta["n_matvecs"] = out.n_matvecs + n_refine
+    meta["n_matvecs"] = pairs.n_matvecs
     return HessianEigenResult(
-        values=values,
-        residuals=residuals,
-        converged=converged,
-        n_matvecs=out.n_matvecs + n_refine,
-        vectors=vectors,
-        meta=meta,
-    )
+        values=pairs.values, residuals=pairs.residuals, converged=pairs.converged, n_matvecs=pairs.n_matvecs,
+        vectors=pairs.vectors, meta=meta,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ per layer
@@ -302,109 +319,115 @@ class LayerwiseHessianResult(Result):
         return pd.DataFrame(rows)
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One diagonal block's row of :class:`LayerwiseHessianResult` and its operator's ``.meta`` keys."""
+
+    eigenvalues: torch.Tensor
+    converged: torch.Tensor
+    trace: float
+    trace_stderr: float
+    n_matvecs: int
+    density: Any
+    op_meta: dict[str, Any]
+
+
+def _block_spectrum(
+    model: nn.Module, data: Any, spec: OperatorSpec, *, k: int, tol: float, seed: int, trace: dict | None,
+    density: dict | None,
+) -> _Block:  # fmt: skip
+    """Top-``k`` eigenvalues of the block ``H_ℓℓ`` of ``spec.params`` (NaN-padded to ``k`` when the block is
+    smaller), and, when asked (keywords of :func:`~dynascope.probes.trace.hessian_trace` /
+    :func:`~dynascope.probes.density.hessian_density`), its trace and SLQ density."""
+    from .density import hessian_density
+    from .trace import hessian_trace
+
+    op = spec.build(model, data)
+    pairs = solve_eigenpairs(op, spec, model, data, k=min(k, op.size), tol=tol, return_vectors=False,
+                             seed=seed)  # fmt: skip
+    row = torch.full((k,), float("nan"), dtype=torch.float64)
+    crow = torch.zeros(k, dtype=torch.bool)
+    row[: pairs.values.numel()] = pairs.values
+    crow[: pairs.values.numel()] = pairs.converged
+    used, tr, se, dens = pairs.n_matvecs, float("nan"), float("nan"), None
+    if trace is not None:
+        t = hessian_trace(model, data, spec=spec, seed=seed, check_determinism=False, **trace)
+        tr, se, used = t.estimate, t.stderr, used + t.n_matvecs
+    if density is not None:
+        dens = hessian_density(model, data, spec=spec, seed=seed, check_determinism=False, **density)
+        used += dens.n_matvecs
+    return _Block(row, crow, tr, se, int(used), dens, op.meta())
+
+
+@takes_operator_spec("loss", "operator", "batch_size", "mode", "dtype", "device", "reduce_fn")
 def layerwise_hessian(
     model: nn.Module,
     data: Any,
     *,
+    spec: OperatorSpec,
     k: int = 1,
     trace: bool = True,
     density: bool = False,
-    loss: str | Callable = "auto",
-    operator: str = "hessian",
     tol: float = 1e-4,
     trace_matvecs: int = 30,
     trace_method: str = "hutch++",
     n_probes: int = 5,
     lanczos_steps: int = 40,
     groups: Mapping[str, Sequence[str]] | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
     seed: int = 0,
-    reduce_fn: Callable | None = None,
     memory_budget: int | None = None,
 ) -> LayerwiseHessianResult:
     """Top-``k`` eigenvalues, trace (± stderr) and optionally the SLQ density of each diagonal block.
 
+    ``spec``: the operator, or its fields as keywords (its ``params`` must be unset: the blocks set them).
     ``groups``: {layer name: parameter names or module prefixes}; default
     :func:`~dynascope.probes.operators.parameter_groups` (parameters grouped by owning module).
     ``memory_budget``: bytes the per-block trace estimator may hold (:mod:`~dynascope.probes.budget`).
-    Each block ``H_ℓℓ = ∂²L/∂θ_ℓ²`` is the principal submatrix of the full operator for that layer.
+    Each block ``H_ℓℓ = ∂²L/∂θ_ℓ²`` is the principal submatrix of the full operator for that layer;
+    block ``i`` uses seed ``seed + i``.
     """
-    from .density import hessian_density
-    from .trace import hessian_trace
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     check_int("k", k, min=1)
+    check_float("tol", tol, min=0, min_open=True)
+    check_int("seed", seed)
+    if spec.params is not None:
+        raise ValueError(f"layerwise_hessian: spec.params={list(spec.params)} is set; pass groups= instead")
     blocks = dict(groups) if groups is not None else parameter_groups(model)
     if not blocks:
         raise ValueError("no parameter groups to analyse")
     t0 = time.perf_counter()
-    common = {"loss": loss, "operator": operator, "batch_size": batch_size, "mode": mode, "dtype": dtype,
-              "device": device, "reduce_fn": reduce_fn}  # fmt: skip
-    layers, sizes, matvecs = [], [], []
-    eig_rows, conv_rows, traces, stderrs = [], [], [], []
-    dens: dict[str, Any] = {}
-    shared: dict[str, Any] = {}
-    for i, (name, names) in enumerate(blocks.items()):
-        n_block = sum(p.numel() for _, p in select_parameters(model, list(names)))
-        res = hessian_eigenvalues(
-            model, data, k=min(k, n_block), tol=tol, params=list(names), seed=seed + i,
-            return_vectors=False, check_determinism=False, **common,
-        )  # fmt: skip
-        if not layers:
-            shared = {
-                key: res.meta[key] for key in ("loss", "reduction", "n_samples", "dtype", "device", "backend")
-            }
-            shared["product_fallbacks"] = []
-        shared["product_fallbacks"] += [f"{name}: {f}" for f in res.meta.get("product_fallbacks", [])]
-        row = torch.full((k,), float("nan"), dtype=torch.float64)
-        crow = torch.zeros(k, dtype=torch.bool)
-        row[: res.values.numel()] = res.values
-        crow[: res.values.numel()] = res.converged
-        used = res.n_matvecs
-        tr, se = float("nan"), float("nan")
-        if trace:
-            t = hessian_trace(
-                model, data, n_matvecs=trace_matvecs, method=trace_method, params=list(names),
-                seed=seed + i, check_determinism=False, memory_budget=memory_budget, **common,
-            )  # fmt: skip
-            tr, se, used = t.estimate, t.stderr, used + t.n_matvecs
-        if density:
-            d = hessian_density(
-                model, data, n_probes=n_probes, lanczos_steps=lanczos_steps, params=list(names),
-                seed=seed + i, check_determinism=False, **common,
-            )  # fmt: skip
-            dens[name] = d
-            used += d.n_matvecs
-        layers.append(name)
-        sizes.append(int(n_block))
-        matvecs.append(int(used))
-        eig_rows.append(row)
-        conv_rows.append(crow)
-        traces.append(tr)
-        stderrs.append(se)
+    tr_kw = {"n_matvecs": trace_matvecs, "method": trace_method, "memory_budget": memory_budget}
+    tr_kw = tr_kw if trace else None
+    dens_kw = {"n_probes": n_probes, "lanczos_steps": lanczos_steps} if density else None
+    rows = {
+        name: _block_spectrum(model, data, spec.replace(params=list(names)), k=k, tol=float(tol),
+                              seed=seed + i, trace=tr_kw, density=dens_kw)
+        for i, (name, names) in enumerate(blocks.items())
+    }  # fmt: skip
+    first = next(iter(rows.values())).op_meta
+    shared = {key: first[key] for key in ("loss", "reduction", "n_samples", "dtype", "device", "backend")}
+    shared["product_fallbacks"] = [
+        f"{n}: {f}" for n, b in rows.items() for f in b.op_meta["product_fallbacks"]
+    ]
+    sizes = [sum(p.numel() for _, p in select_parameters(model, list(names))) for names in blocks.values()]
     settings = {"k": k, "trace": trace, "density": density, "tol": tol, "trace_matvecs": trace_matvecs,
                 "trace_method": trace_method, "n_probes": n_probes, "lanczos_steps": lanczos_steps,
                 "groups": {n: list(v) for n, v in blocks.items()}}  # fmt: skip
     meta = make_meta(
-        "layerwise_hessian", model=model, params=settings, started=t0, operator=operator,
-        n_matvecs=sum(matvecs), seed=seed, mode=mode, n_params=sum(sizes), **shared,
-        note="blocks are diagonal blocks H_ll (other layers fixed); block traces sum to tr(H)",
+        "layerwise_hessian", model=model, params=settings, started=t0, operator=spec.kind,
+        n_matvecs=sum(b.n_matvecs for b in rows.values()), seed=seed, mode=spec.mode, n_params=sum(sizes),
+        **shared, note="blocks are diagonal blocks H_ll (other layers fixed); block traces sum to tr(H)",
     )  # fmt: skip
     return LayerwiseHessianResult(
-        layers=layers,
-        n_params=sizes,
-        eigenvalues=torch.stack(eig_rows),
-        converged=torch.stack(conv_rows),
-        trace=torch.tensor(traces, dtype=torch.float64),
-        trace_stderr=torch.tensor(stderrs, dtype=torch.float64),
-        n_matvecs=matvecs,
-        densities=dens or None,
-        meta=meta,
-    )
+        layers=list(rows), n_params=[int(n) for n in sizes],
+        eigenvalues=torch.stack([b.eigenvalues for b in rows.values()]),
+        converged=torch.stack([b.converged for b in rows.values()]),
+        trace=torch.tensor([b.trace for b in rows.values()], dtype=torch.float64),
+        trace_stderr=torch.tensor([b.trace_stderr for b in rows.values()], dtype=torch.float64),
+        n_matvecs=[b.n_matvecs for b in rows.values()],
+        densities={n: b.density for n, b in rows.items()} if density else None, meta=meta,
+    )  # fmt: skip
 
 
 __all__ = ["HessianEigenResult", "LayerwiseHessianResult", "hessian_eigenvalues", "layerwise_hessian"]

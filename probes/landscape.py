@@ -40,7 +40,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -70,6 +70,8 @@ class LandscapeResult(Result):
     ``trajectory_loss`` ``[T]``. ``directions`` ``[k, P]`` (left out of ``to_dict``).
     """
 
+    omitted: ClassVar[tuple[str, ...]] = ("directions",)
+
     coords: list[list[float]]
     loss: torch.Tensor
     accuracy: torch.Tensor | None
@@ -87,16 +89,6 @@ class LandscapeResult(Result):
     @property
     def dims(self) -> int:
         return len(self.coords)
-
-    def to_dict(self, include_directions: bool = False) -> dict[str, Any]:
-        out = {
-            f.name: to_jsonable(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "directions"
-        }
-        if include_directions:
-            out["directions"] = to_jsonable(self.directions)
-        return out
 
     def to_frame(self):
         """One row per grid point: ``a`` (and ``b``), ``loss``, ``accuracy`` (when measured)."""

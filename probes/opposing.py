@@ -45,6 +45,7 @@ found with precision and recall ≥ 0.9 for each group, and a control without pl
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from torch import nn
 from ..datasets.batching import concat_inputs, slice_inputs
 from .functional import FunctionalModel, select_output
 from .losses import resolve_loss
+from .operators import OperatorSpec
 from .results import Result, make_meta
 from .trajectory import checkpoint_models
 from .validation import check_choice, check_float, check_int
@@ -205,8 +207,201 @@ def separate(scores: torch.Tensor, max_fraction: float, min_gap: float) -> tuple
     return (k if gap >= min_gap else 0), float((t[k - 1] * t[k]).sqrt()), gap
 
 
+@dataclass
+class _Losses:
+    """Per-example losses ``L [T, N]`` at every checkpoint, the step labels, the data as batches, the
+    resolved loss, and a way back to checkpoint ``t``'s model (kept copies, or reloaded from the run)."""
+
+    L: torch.Tensor
+    labels: list[Any]
+    source: Any
+    loss: Any
+    model_at: Callable[[int], nn.Module]
+
+
+def _checkpoint_losses(
+    checkpoints: Any, data: Any, *, steps: Any, model: nn.Module | None, loss: Any, batch_size: int | None,
+    device: Any,
+) -> _Losses:  # fmt: skip
+    """Step 1 of the module docstring: ``ℓ_i(θ_t)`` for every example ``i`` and checkpoint ``t`` (eval mode),
+    one model at a time. Given models are copied (the caller's are never moved); a run's are reloaded
+    when needed again."""
+    ck = checkpoint_models(checkpoints, steps, model=model)
+    kept: list[nn.Module | None] = []  # copies of given models; None for a run's (reloaded when needed)
+    losses: list[torch.Tensor] = []
+    resolved = source = None
+    for m in ck.models:
+        if ck.run is None:
+            m = copy.deepcopy(m)  # the caller's model is never moved; a state dict's holder is reused
+        if device is not None:
+            m = m.to(device)
+        if source is None:
+            source = FunctionalModel(m, mode="eval").batches(data, batch_size)
+            first = next(iter(source), None)
+            if first is None:
+                raise ValueError("the data holds no samples")
+            resolved = resolve_loss(loss, first.y)
+        losses.append(_per_example_losses(m, source, resolved))
+        kept.append(m if ck.run is None else None)
+    if len(kept) < 3:
+        raise ValueError(f"opposing_signals needs at least 3 consecutive checkpoints; got {len(kept)}")
+    labels = list(ck.steps) if ck.steps is not None else list(range(len(kept)))
+    if len(labels) != len(kept):
+        raise ValueError(f"got {len(kept)} checkpoints but {len(labels)} steps")
+
+    @functools.lru_cache(maxsize=2)  # the reference and the next checkpoint are asked for several times
+    def model_at(t: int) -> nn.Module:
+        held = kept[t]
+        if held is not None:
+            return held
+        loaded = ck.run.load_model(labels[t])
+        return loaded.to(device) if device is not None else loaded
+
+    return _Losses(torch.stack(losses), labels, source, resolved, model_at)
+
+
+def _reference(mean_delta: torch.Tensor, labels: list[Any], reference: Any) -> tuple[int | None, int]:
+    """Step 2: ``(spike, ref)`` — the index of the largest rise of the mean loss (``None`` when it never
+    rose) and the reference index: ``reference``'s position, else the spike, else the middle checkpoint."""
+    spike = int(mean_delta.argmax()) if bool((mean_delta > 0).any()) else None
+    if reference is None:
+        return spike, spike if spike is not None else len(labels) // 2
+    if reference not in labels:
+        raise ValueError(f"reference step {reference!r} is not among the checkpoints' steps {labels}")
+    return spike, labels.index(reference)
+
+
+@dataclass
+class _Selection:
+    """The scores ``[N]``, the chosen examples by descending score, the cut (``None`` for a fixed count or
+    an empty selection), the gap ratio ``s_(k)/s_(k+1)`` and how the selection was made (for ``meta``)."""
+
+    scores: torch.Tensor
+    chosen: torch.Tensor
+    threshold: float | None
+    gap: float | None
+    how: str
+
+
+def _select(
+    L: torch.Tensor, delta: torch.Tensor, *, score: str, ref: int, spike: int | None, reference: Any,
+    n_examples: int | None, window: int, max_fraction: float, min_gap: float,
+) -> _Selection:  # fmt: skip
+    """Steps 3–4: the scores (``"oscillation"``: ``Σ_t |Δ_ti| − |ℓ_i(θ_T) − ℓ_i(θ_0)|``; ``"spike"``:
+    ``Σ_{t ∈ W} |Δ_ti|`` over ``window`` steps either side of the reference) and the examples selected:
+    a fixed count, or those above the widest gap (:func:`_select_gap` / :func:`separate`)."""
+    if score == "oscillation":
+        scores = delta.abs().sum(0) - (L[-1] - L[0]).abs()
+        chosen, threshold, gap = _select_gap(scores, n_examples, max_fraction, min_gap)
+        how = (f"top {n_examples} by score" if n_examples is not None
+               else f"top {max_fraction:.3g} of the data (no gap ratio >= {min_gap:g})" if gap < min_gap
+               else "cut at the largest ratio between consecutive sorted scores in the top "
+               f"{max_fraction:.3g} of the data (at least 2)")  # fmt: skip
+        return _Selection(scores, chosen, threshold, gap, how)
+    centre = min(ref, delta.shape[0] - 1)
+    lo, hi = max(0, centre - window), min(delta.shape[0], centre + window + 1)
+    scores = delta[lo:hi].abs().sum(0)
+    order = torch.argsort(scores, descending=True, stable=True)
+    if n_examples is not None:
+        chosen = order[: min(n_examples, scores.numel())]
+        return _Selection(scores, chosen, None, None, f"top {n_examples} by score")
+    if spike is None and reference is None:
+        return _Selection(scores, order[:0], None, None, "nothing: the mean loss never rose (no instability)")
+    n_sel, cut, gap = separate(scores, max_fraction, min_gap)
+    verdict = f" >= min_gap={min_gap:g}" if n_sel else f" < min_gap={min_gap:g}: nothing selected"
+    how = ("cut at the largest ratio between consecutive sorted scores in the top "
+           f"{max_fraction:.3g} of the data (at least 2): {gap:.3g}{verdict}")  # fmt: skip
+    return _Selection(scores, order[:n_sel], cut if n_sel else None, gap, how)
+
+
+def _direction(
+    losses: _Losses, data: Any, ref: int, *, direction: str, k: int, hessian_tol: float, seed: int,
+    batch_size: int | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """Step 5's directions ``V`` (``[P, j]``, unit columns) at the reference and their ``meta``: the top-``k``
+    Hessian eigenvectors of the mean loss, or the unit update ``(θ_{ref+1} − θ_ref)/‖·‖``."""
+    ref_model = losses.model_at(ref)
+    fm = FunctionalModel(ref_model, mode="eval")
+    if direction == "hessian":
+        from .hessian import solve_eigenpairs
+
+        spec = OperatorSpec(loss=losses.loss, batch_size=batch_size)
+        eig = solve_eigenpairs(spec.build(ref_model, data), spec, ref_model, data, k=k, tol=hessian_tol,
+                               seed=seed)  # fmt: skip
+        assert eig.vectors is not None
+        return eig.vectors.to(dtype=fm.dtype, device=fm.device), {
+            "lambda_max": float(eig.values[0]), "hessian_eigenvalues": eig.values.tolist(),
+            "hessian_converged": eig.converged.tolist(),
+        }  # fmt: skip
+    v = _update(losses, ref)
+    if float(v.norm()) == 0:
+        raise ValueError("the update at the reference step is zero; choose another reference")
+    return (v / v.norm())[:, None], {}
+
+
+def _update(losses: _Losses, ref: int) -> torch.Tensor:
+    """``θ_{ref+1} − θ_ref``, the step taken at the reference checkpoint."""
+    after = FunctionalModel(losses.model_at(ref + 1), mode="eval").parameters_vector()
+    return after - FunctionalModel(losses.model_at(ref), mode="eval").parameters_vector()
+
+
+def _projections(
+    losses: _Losses, chosen: torch.Tensor, V: torch.Tensor, ref: int, window: list[int]
+) -> tuple[torch.Tensor, list[float] | None]:
+    """Step 5: ``p_i = Q_i · u`` for the chosen examples, ``Q_i = Σ_{t ∈ W'} Vᵀ ∇ℓ_i(θ_t)``, and the axis
+    ``u``: 1 for one direction; for several, the update's component in their span ``u ∝ Vᵀ(θ_{ref+1} −
+    θ_ref)``, or without a next checkpoint the top right singular vector of ``Q``."""
+    if not chosen.numel():
+        return torch.zeros(0, dtype=torch.float64), None
+    from .per_example import iter_per_example_gradients, prepare
+
+    sel_sorted = torch.sort(chosen).values
+    xs, ys = _rows(losses.source, sel_sorted)
+    Q = torch.zeros(chosen.numel(), V.shape[1], dtype=torch.float64)
+    for t in window:
+        ctx = prepare(losses.model_at(t), (xs, ys), loss=losses.loss, chunk_size=256)
+        Q += torch.cat([(G @ V).double().cpu() for G, _ in iter_per_example_gradients(ctx)])
+    if V.shape[1] > 1 and ref + 1 < losses.L.shape[0]:  # the update's component in the top eigenspace
+        axis = (V.T @ _update(losses, ref)).double().cpu()
+        axis = axis / axis.norm()
+    else:
+        axis = torch.linalg.svd(Q, full_matrices=False).Vh[0]  # the common axis of the projections
+        axis = axis * (1.0 if float(axis[0]) >= 0 else -1.0)
+    proj_sorted = Q @ axis
+    position = {int(i): j for j, i in enumerate(sel_sorted)}
+    return torch.stack([proj_sorted[position[int(i)]] for i in chosen]), axis.tolist()
+
+
+def _group_statistics(
+    groups: dict[str, list[int]], L: torch.Tensor, delta: torch.Tensor, spike: int | None
+) -> dict[str, Any]:
+    """Step 6: each group's mean loss per checkpoint, its share ``Σ_{i∈G} Δ_ti / Σ_i Δ_ti`` of every step's
+    change (at the spike: ``spike_share``; over the rising steps: ``rise_share``) and the ``alternation``,
+    the correlation of the two groups' mean-loss changes (``None`` when a group is empty or constant)."""
+    total_delta = delta.sum(1)  # [T-1]
+    rising = delta.mean(1) > 0
+    group_loss, step_share, spike_share, rise_share = [], [], {}, {}
+    for name, members in groups.items():
+        idx = torch.tensor(members, dtype=torch.long)
+        gl = L[:, idx].mean(1) if members else torch.full((L.shape[0],), float("nan"), dtype=torch.float64)
+        gd = delta[:, idx].sum(1) if members else torch.zeros(delta.shape[0], dtype=torch.float64)
+        group_loss.append(gl)
+        step_share.append(torch.where(total_delta != 0, gd / total_delta, torch.full_like(gd, float("nan"))))
+        spike_share[name] = float(gd[spike] / total_delta[spike]) if spike is not None else float("nan")
+        rise_share[name] = (
+            float(gd[rising].sum() / total_delta[rising].sum()) if bool(rising.any()) else float("nan")
+        )
+    alternation = None
+    if all(groups.values()):
+        a = torch.stack(group_loss)[:, 1:] - torch.stack(group_loss)[:, :-1]
+        if float(a[0].std()) > 0 and float(a[1].std()) > 0:
+            alternation = float(torch.corrcoef(a)[0, 1])
+    return {"group_loss": torch.stack(group_loss), "group_step_share": torch.stack(step_share),
+            "spike_share": spike_share, "rise_share": rise_share, "alternation": alternation}  # fmt: skip
+
+
 def opposing_signals(
-    run: Any,
+    checkpoints: Any,
     data: Any,
     *,
     steps: Sequence[Any] | None = None,
@@ -228,9 +423,9 @@ def opposing_signals(
 ) -> OpposingSignalsResult:
     """Opposing-signal groups over consecutive checkpoints (module docstring).
 
-    ``run``: a run (or path) — its checkpoints at ``steps`` (default all) — or models / state dicts (with
-    ``model=``), in training order. ``score``: ``"spike"`` (default: the per-example loss change at the
-    instability, summed over ``window`` steps on either side of it) or ``"oscillation"`` (module
+    ``checkpoints``: a run (or path) — its checkpoints at ``steps`` (default all) — or models / state dicts
+    (with ``model=``), in training order. ``score``: ``"spike"`` (default: the per-example loss change at
+    the instability, summed over ``window`` steps on either side of it) or ``"oscillation"`` (module
     docstring, step 3). ``n_examples``: how many to select; by default those above the widest relative gap
     of the sorted scores in the top ``max_fraction`` — for ``"spike"`` (``max_fraction`` 0.5, ``min_gap`` 4)
     nothing when no ratio reaches ``min_gap`` or the loss never rose; for ``"oscillation"``
@@ -245,172 +440,52 @@ def opposing_signals(
     check_int("window", window, min=0)
     check_float("max_fraction", max_fraction, min=0, max=1, min_open=True, optional=True)
     check_float("min_gap", min_gap, min=1, optional=True)
-    if max_fraction is None:
-        max_fraction = 0.5 if score == "spike" else 0.1
-    if min_gap is None:
-        min_gap = 4.0 if score == "spike" else 2.0
+    max_fraction = max_fraction if max_fraction is not None else 0.5 if score == "spike" else 0.1
+    min_gap = min_gap if min_gap is not None else 4.0 if score == "spike" else 2.0
     check_choice("direction", direction, DIRECTIONS)
     check_int("batch_size", batch_size, min=1, optional=True)
     check_int("seed", seed)
     check_int("span", span, min=1)
     check_int("k", k, min=1)
-    ck = checkpoint_models(run, steps, model=model, name="run")
-    kept: list[nn.Module | None] = []  # copies of given models; None for a run's (reloaded when needed)
-    losses: list[torch.Tensor] = []
-    resolved = None
-    source = None
-    for m in ck.models:
-        if ck.run is None:
-            m = copy.deepcopy(m)  # the caller's model is never moved; a state dict's holder is reused
-        if device is not None:
-            m = m.to(device)
-        if source is None:
-            fm = FunctionalModel(m, mode="eval")
-            source = fm.batches(data, batch_size)
-            first = next(iter(source), None)
-            if first is None:
-                raise ValueError("the data holds no samples")
-            resolved = resolve_loss(loss, first.y)
-        losses.append(_per_example_losses(m, source, resolved))
-        kept.append(m if ck.run is None else None)
-    if len(kept) < 3:
-        raise ValueError(f"opposing_signals needs at least 3 consecutive checkpoints; got {len(kept)}")
-    labels = list(ck.steps) if ck.steps is not None else list(range(len(kept)))
-    if len(labels) != len(kept):
-        raise ValueError(f"got {len(kept)} checkpoints but {len(labels)} steps")
-
-    def model_at(t: int) -> nn.Module:
-        held = kept[t]
-        if held is not None:
-            return held
-        loaded = ck.run.load_model(labels[t])
-        return loaded.to(device) if device is not None else loaded
-
-    L = torch.stack(losses)  # [T, N]
+    losses = _checkpoint_losses(checkpoints, data, steps=steps, model=model, loss=loss, batch_size=batch_size,
+                                device=device)  # fmt: skip
+    L, labels = losses.L, losses.labels
     delta = L[1:] - L[:-1]  # [T-1, N]
-    mean_delta = delta.mean(1)
-    spike = int(mean_delta.argmax()) if bool((mean_delta > 0).any()) else None
-    if reference is None:
-        ref = spike if spike is not None else len(kept) // 2
-    else:
-        if reference not in labels:
-            raise ValueError(f"reference step {reference!r} is not among the checkpoints' steps {labels}")
-        ref = labels.index(reference)
-    gap = None
-    if score == "oscillation":
-        scores = delta.abs().sum(0) - (L[-1] - L[0]).abs()
-        chosen, threshold, gap = _select_gap(scores, n_examples, max_fraction, min_gap)
-        selection = (f"top {n_examples} by score" if n_examples is not None
-                     else f"top {max_fraction:.3g} of the data (no gap ratio >= {min_gap:g})" if gap < min_gap
-                     else "cut at the largest ratio between consecutive sorted scores in the top "
-                     f"{max_fraction:.3g} of the data (at least 2)")  # fmt: skip
-    else:
-        centre = min(ref, delta.shape[0] - 1)
-        lo, hi = max(0, centre - window), min(delta.shape[0], centre + window + 1)
-        scores = delta[lo:hi].abs().sum(0)
-        order = torch.argsort(scores, descending=True, stable=True)
-        if n_examples is not None:
-            chosen, threshold = order[: min(n_examples, scores.numel())], None
-            selection = f"top {n_examples} by score"
-        elif spike is None and reference is None:
-            chosen, threshold = order[:0], None
-            selection = "nothing: the mean loss never rose (no instability)"
-        else:
-            n_sel, cut, gap = separate(scores, max_fraction, min_gap)
-            chosen, threshold = order[:n_sel], (cut if n_sel else None)
-            verdict = f" >= min_gap={min_gap:g}" if n_sel else f" < min_gap={min_gap:g}: nothing selected"
-            selection = ("cut at the largest ratio between consecutive sorted scores in the top "
-                         f"{max_fraction:.3g} of the data (at least 2): {gap:.3g}{verdict}")  # fmt: skip
-    if direction == "update" and ref == len(kept) - 1:
+    spike, ref = _reference(delta.mean(1), labels, reference)
+    sel = _select(L, delta, score=score, ref=ref, spike=spike, reference=reference, n_examples=n_examples,
+                  window=window, max_fraction=max_fraction, min_gap=min_gap)  # fmt: skip
+    if direction == "update" and ref == len(labels) - 1:
         raise ValueError("direction='update' needs a checkpoint after the reference one")
-    assert resolved is not None and source is not None
-    ref_model = model_at(ref)
-    fm = FunctionalModel(ref_model, mode="eval")
-    dir_meta: dict[str, Any] = {}
-    if direction == "hessian":
-        from .hessian import hessian_eigenvalues
-
-        eig = hessian_eigenvalues(ref_model, data, k=k, loss=resolved, tol=hessian_tol, seed=seed,
-                                  batch_size=batch_size, check_determinism=False)  # fmt: skip
-        assert eig.vectors is not None
-        V = eig.vectors.to(dtype=fm.dtype, device=fm.device)
-        dir_meta = {"lambda_max": float(eig.values[0]), "hessian_eigenvalues": eig.values.tolist(),
-                    "hessian_converged": eig.converged.tolist()}  # fmt: skip
-    else:
-        nxt = FunctionalModel(model_at(ref + 1), mode="eval").parameters_vector()
-        v = nxt - fm.parameters_vector()
-        if float(v.norm()) == 0:
-            raise ValueError("the update at the reference step is zero; choose another reference")
-        V = (v / v.norm())[:, None]
-    sel_sorted = torch.sort(chosen).values
-    proj_window = list(range(ref, min(ref + span, len(kept))))
-    projections = torch.zeros(chosen.numel(), dtype=torch.float64)
-    if chosen.numel():
-        from .per_example import iter_per_example_gradients, prepare
-
-        xs, ys = _rows(source, sel_sorted)
-        Q = torch.zeros(chosen.numel(), V.shape[1], dtype=torch.float64)
-        for t in proj_window:
-            ctx = prepare(model_at(t), (xs, ys), loss=resolved, chunk_size=256)
-            Q += torch.cat([(G @ V).double().cpu() for G, _ in iter_per_example_gradients(ctx)])
-        if V.shape[1] > 1 and ref + 1 < len(kept):  # the update's component in the top eigenspace
-            step_vec = (
-                FunctionalModel(model_at(ref + 1), mode="eval").parameters_vector() - fm.parameters_vector()
-            )
-            axis = (V.T @ step_vec).double().cpu()
-            axis = axis / axis.norm()
-        else:
-            axis = torch.linalg.svd(Q, full_matrices=False).Vh[0]  # the common axis of the projections
-            axis = axis * (1.0 if float(axis[0]) >= 0 else -1.0)
-        proj_sorted = Q @ axis
-        dir_meta["axis_in_eigenbasis"] = axis.tolist()
-        position = {int(i): k for k, i in enumerate(sel_sorted)}
-        projections = torch.stack([proj_sorted[position[int(i)]] for i in chosen])
-    selected = [int(i) for i in chosen]
+    V, dir_meta = _direction(losses, data, ref, direction=direction, k=k, hessian_tol=hessian_tol, seed=seed,
+                             batch_size=batch_size)  # fmt: skip
+    proj_window = list(range(ref, min(ref + span, len(labels))))
+    projections, axis = _projections(losses, sel.chosen, V, ref, proj_window)
+    if axis is not None:
+        dir_meta["axis_in_eigenbasis"] = axis
+    selected = [int(i) for i in sel.chosen]
     groups = {
         GROUP_NAMES[0]: [i for i, p in zip(selected, projections.tolist()) if p > 0],
         GROUP_NAMES[1]: [i for i, p in zip(selected, projections.tolist()) if p < 0],
     }
-    total_delta = delta.sum(1)  # [T-1]
-    group_loss, step_share, spike_share, rise_share = [], [], {}, {}
-    rising = mean_delta > 0
-    for name, members in groups.items():
-        idx = torch.tensor(members, dtype=torch.long)
-        gl = L[:, idx].mean(1) if members else torch.full((L.shape[0],), float("nan"), dtype=torch.float64)
-        gd = delta[:, idx].sum(1) if members else torch.zeros(delta.shape[0], dtype=torch.float64)
-        group_loss.append(gl)
-        step_share.append(torch.where(total_delta != 0, gd / total_delta, torch.full_like(gd, float("nan"))))
-        spike_share[name] = float(gd[spike] / total_delta[spike]) if spike is not None else float("nan")
-        rise_share[name] = (
-            float(gd[rising].sum() / total_delta[rising].sum()) if bool(rising.any()) else float("nan")
-        )
-    alternation = None
-    if all(groups.values()):
-        a = torch.stack(group_loss)[:, 1:] - torch.stack(group_loss)[:, :-1]
-        if float(a[0].std()) > 0 and float(a[1].std()) > 0:
-            alternation = float(torch.corrcoef(a)[0, 1])
     settings = {"n_examples": n_examples, "score": score, "window": window, "max_fraction": max_fraction,
-                "min_gap": min_gap,
-                "direction": direction, "reference": reference, "span": span, "k": k,
-                "batch_size": batch_size,
-                "hessian_tol": hessian_tol}  # fmt: skip
+                "min_gap": min_gap, "direction": direction, "reference": reference, "span": span, "k": k,
+                "batch_size": batch_size, "hessian_tol": hessian_tol}  # fmt: skip
     meta = make_meta(
-        "opposing_signals", model=ref_model, params=settings, started=t0, seed=seed, loss=resolved.name,
-        n_samples=int(L.shape[1]), n_checkpoints=len(kept), mode="eval", reference_index=ref,
+        "opposing_signals", model=losses.model_at(ref), params=settings, started=t0, seed=seed,
+        loss=losses.loss.name, n_samples=int(L.shape[1]), n_checkpoints=len(labels), mode="eval",
+        reference_index=ref,
         score_definition=("sum_t |l_i(t+1) - l_i(t)| - |l_i(T) - l_i(0)|" if score == "oscillation" else
                           f"sum over the {window} step(s) either side of the spike of |l_i(t+1) - l_i(t)|"),
-        selection=selection, selection_gap_ratio=gap,
-        projection_steps=[labels[t] for t in proj_window],
+        selection=sel.how, selection_gap_ratio=sel.gap, projection_steps=[labels[t] for t in proj_window],
         direction_definition=("top Hessian eigenvector of the mean loss at the reference checkpoint"
                               if direction == "hessian" else "unit update theta(ref+1) - theta(ref)"),
         **dir_meta,
     )  # fmt: skip
     return OpposingSignalsResult(
-        steps=labels, mean_loss=L.mean(1), scores=scores, threshold=threshold, selected=selected,
-        projections=projections, example_loss=L[:, chosen].T.contiguous(), groups=groups,
-        group_loss=torch.stack(group_loss), group_step_share=torch.stack(step_share), spike_index=spike,
-        reference_step=labels[ref], spike_share=spike_share, rise_share=rise_share, alternation=alternation,
-        direction=direction, meta=meta,
+        steps=labels, mean_loss=L.mean(1), scores=sel.scores, threshold=sel.threshold, selected=selected,
+        projections=projections, example_loss=L[:, sel.chosen].T.contiguous(), groups=groups,
+        spike_index=spike, reference_step=labels[ref], direction=direction, meta=meta,
+        **_group_statistics(groups, L, delta, spike),
     )  # fmt: skip
 
 

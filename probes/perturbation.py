@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +21,16 @@ import torch
 from torch import nn
 
 from ..datasets.batching import as_batches, slice_inputs
+from .curvature_setup import takes_operator_spec
 from .curvature_sharpness import _mean_sem
 from .functional import ModeGuard
-from .losses import Loss
 from .operators import CurvatureOperator, OperatorSpec, random_vectors
 from .results import Result, make_meta, train_randomness
 from .validation import check_float, check_int
+
+#: The operator keywords of the loss-perturbation probes (they evaluate the loss only: no operator kind,
+#: no shard reduction).
+LOSS_KEYWORDS = ("loss", "params", "batch_size", "mode", "dtype", "device")
 
 
 # ---------------------------------------------------------------------------------------------- SAM-style
@@ -34,7 +38,7 @@ from .validation import check_float, check_int
 class AdaptiveSharpnessResult(Result):
     """ASAM-style worst-case sharpness ``max_{‖T⁻¹ε‖≤ρ} L(w+ε) − L(w)``, ``T = diag(|w| + η)``.
 
-    ``sharpness`` is the best value found by ``steps`` projected normalized-gradient-ascent steps
+    ``sharpness`` is the best value found by ``ascent_steps`` projected normalized-gradient-ascent steps
     (a lower bound of the true maximum; 1 step = the ASAM/SAM closed form). With ``m``: the mean over
     disjoint batches of size m of each batch's worst-case sharpness (m-sharpness); ``per_batch`` holds them.
     """
@@ -44,7 +48,7 @@ class AdaptiveSharpnessResult(Result):
     perturbed_loss: float
     rho: float
     eta: float
-    steps: int
+    ascent_steps: int
     m: int | None
     step_values: list[float]
     per_batch: list[float] = field(default_factory=list)
@@ -88,7 +92,7 @@ def _loss_fn(op: CurvatureOperator) -> Callable[[torch.Tensor, bool], tuple[floa
 
 
 def _worst_case(
-    op: CurvatureOperator, rho: float, eta: float, steps: int
+    op: CurvatureOperator, rho: float, eta: float, ascent_steps: int
 ) -> tuple[float, float, float, list[float]]:
     f = _loss_fn(op)
     w = op.parameters_vector()
@@ -97,7 +101,7 @@ def _worst_case(
     delta = torch.zeros_like(w)
     values: list[float] = []
     best_l = l0
-    for t in range(steps):
+    for t in range(ascent_steps):
         _, g = f(w + T * delta, True)
         u = T * g  # type: ignore[operator]
         un = float(u.norm())
@@ -126,74 +130,68 @@ def _subsets(
     return [(slice_inputs(x, idx), y[idx]) for idx in parts]
 
 
+def _meta(
+    probe: str, op: CurvatureOperator, settings: dict[str, Any], *, seed: int, started: float, **extra: Any
+) -> dict[str, Any]:
+    """The ``.meta`` of a loss-perturbation probe: its settings with the loss and seed, the operator's keys
+    and the stochastic modules (train mode: dropout makes the perturbed losses random)."""
+    return make_meta(
+        probe, model=op.model, params={**settings, "loss": op.loss.name, "seed": seed}, started=started,
+        **op.meta(), stochastic_modules=train_randomness(probe, op.model, op.mode), **extra,
+    )  # fmt: skip
+
+
+@takes_operator_spec(*LOSS_KEYWORDS)
 def adaptive_sharpness(
     model: nn.Module,
     data: Any,
     *,
+    spec: OperatorSpec,
     rho: float = 0.5,
     eta: float = 0.01,
-    steps: int = 1,
+    ascent_steps: int = 1,
     m: int | None = None,
     max_batches: int | None = None,
-    loss: str | Callable | Loss = "auto",
     seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
 ) -> AdaptiveSharpnessResult:
     """ASAM worst-case adaptive sharpness ``max_{‖T_w⁻¹ε‖₂ ≤ ρ} L(w+ε) − L(w)``, ``T_w = diag(|w| + η)``.
 
-    Solved in ``δ = T⁻¹ε`` by ``steps`` steps of projected normalized gradient ascent from δ = 0 with
-    step ``ρ/√(t+1)`` (step t = 0, 1, ...), ascent direction ``T ∇L(w + Tδ)``; the first step lands on the
-    ASAM closed form ``ε = ρ T² ∇L / ‖T ∇L‖``. Reports the largest increase over the iterates (≥ 0).
-    ``m``: m-sharpness — the average over disjoint random batches of size m (at most ``max_batches``)
-    of each batch's own worst case.
+    ``spec``: the loss and parameters (an :class:`~dynascope.probes.operators.OperatorSpec`; only the loss
+    is evaluated), or its fields as keywords (``loss``, ``params``, ``batch_size``, ``mode``, ``dtype``,
+    ``device``). Solved in ``δ = T⁻¹ε`` by ``ascent_steps`` steps of projected normalized gradient ascent
+    from δ = 0 with step ``ρ/√(t+1)`` (step t = 0, 1, ...), ascent direction ``T ∇L(w + Tδ)``; the first
+    step lands on the ASAM closed form ``ε = ρ T² ∇L / ‖T ∇L‖``. Reports the largest increase over the
+    iterates (≥ 0). ``m``: m-sharpness — the average over disjoint random batches of size m (at most
+    ``max_batches``) of each batch's own worst case.
     """
     check_float("rho", rho, min=0, min_open=True)
     check_float("eta", eta, min=0)
-    check_int("steps", steps, min=1)
+    check_int("ascent_steps", ascent_steps, min=1)
     check_int("m", m, min=1, optional=True)
     check_int("max_batches", max_batches, min=1, optional=True)
     check_int("seed", seed)
     started = time.perf_counter()
-    spec = OperatorSpec(
-        loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device
-    )
     op = spec.build(model, data)
-    s, l0, lbest, values = _worst_case(op, float(rho), float(eta), steps)
+    s, l0, lbest, values = _worst_case(op, float(rho), float(eta), ascent_steps)
     per_batch: list[float] = []
     if m is not None:
         batch_spec = spec.replace(batch_size=None)
         for xb, yb in _subsets(data, m, seed, max_batches):
-            per_batch.append(_worst_case(batch_spec.build(model, (xb, yb)), rho, eta, steps)[0])
-    meta = make_meta(
-        "adaptive_sharpness",
-        model=op.model,
-        params={
-            "rho": rho,
-            "eta": eta,
-            "steps": steps,
-            "m": m,
-            "max_batches": max_batches,
-            "loss": op.loss.name,
-            "seed": seed,
-        },
-        started=started,
-        **op.meta(),
+            per_batch.append(_worst_case(batch_spec.build(model, (xb, yb)), rho, eta, ascent_steps)[0])
+    settings = {"rho": rho, "eta": eta, "ascent_steps": ascent_steps, "m": m, "max_batches": max_batches}
+    meta = _meta(
+        "adaptive_sharpness", op, settings, seed=seed, started=started,
         m_sharpness="per disjoint batch of size m, then the mean over batches" if m is not None else None,
         ball="||T^-1 eps||_2 <= rho, T = diag(|w| + eta), all selected parameters",
-        stochastic_modules=train_randomness("adaptive_sharpness", op.model, op.mode),
         solver="projected normalized gradient ascent in T^-1 eps, step rho/sqrt(t+1); max over iterates",
-    )
+    )  # fmt: skip
     return AdaptiveSharpnessResult(
         sharpness=_mean_sem(per_batch)[0] if per_batch else s,
         loss_value=l0,
         perturbed_loss=lbest,
         rho=float(rho),
         eta=float(eta),
-        steps=steps,
+        ascent_steps=ascent_steps,
         m=m,
         step_values=values,
         per_batch=per_batch,
@@ -201,24 +199,21 @@ def adaptive_sharpness(
     )
 
 
+@takes_operator_spec(*LOSS_KEYWORDS)
 def average_sharpness(
     model: nn.Module,
     data: Any,
     *,
+    spec: OperatorSpec,
     sigma: float = 0.01,
     eta: float = 0.0,
     n_samples: int = 20,
     antithetic: bool = True,
-    loss: str | Callable | Loss = "auto",
     seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
 ) -> AverageSharpnessResult:
     """Average-case adaptive sharpness ``E_ε[L(w+ε)] − L(w)`` with ``ε = σ (|w| + η) ⊙ z``, ``z ~ N(0, I)``.
 
+    ``spec``: the loss and parameters, or its fields as keywords (as in :func:`adaptive_sharpness`).
     Monte Carlo with ``n_samples`` loss evaluations at seeded draws. ``antithetic=True`` (default) pairs
     ``±ε`` and averages each pair, which removes the first-order term ``∇Lᵀε`` from the variance
     (``samples`` then holds ``n_samples // 2`` pair means); ``stderr`` = std(samples) / √len(samples).
@@ -231,9 +226,7 @@ def average_sharpness(
         raise ValueError(f"antithetic sampling needs n_samples >= 4 (two pairs); got {n_samples}")
     check_int("seed", seed)
     started = time.perf_counter()
-    op = OperatorSpec(
-        loss=loss, params=params, batch_size=batch_size, mode=mode, dtype=dtype, device=device
-    ).build(model, data)
+    op = spec.build(model, data)
     f = _loss_fn(op)
     w = op.parameters_vector()
     T = w.abs() + eta
@@ -248,22 +241,9 @@ def average_sharpness(
         Z = random_vectors(op.size, n_samples, seed=seed, dtype=op.dtype, device=op.device)
         samples = [f(w + sigma * T * Z[:, i], False)[0] - l0 for i in range(n_samples)]
     mean, sem = _mean_sem(samples)
-    meta = make_meta(
-        "average_sharpness",
-        model=op.model,
-        params={
-            "sigma": sigma,
-            "eta": eta,
-            "n_samples": n_samples,
-            "antithetic": antithetic,
-            "loss": op.loss.name,
-            "seed": seed,
-        },
-        started=started,
-        **op.meta(),
-        noise="eps = sigma * (|w| + eta) * z, z ~ N(0, I), seeded CPU generator",
-        stochastic_modules=train_randomness("average_sharpness", op.model, op.mode),
-    )
+    settings = {"sigma": sigma, "eta": eta, "n_samples": n_samples, "antithetic": antithetic}
+    meta = _meta("average_sharpness", op, settings, seed=seed, started=started,
+                 noise="eps = sigma * (|w| + eta) * z, z ~ N(0, I), seeded CPU generator")  # fmt: skip
     return AverageSharpnessResult(
         sharpness=mean,
         stderr=sem,

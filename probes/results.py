@@ -14,9 +14,10 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,13 +81,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o64
 
 @dataclass(frozen=True, kw_only=True)
 class Result:
-    """Base of all probe results. Subclasses add their value fields."""
+    """Base of all probe results. Subclasses add their value fields; ``former_names``: the names a renamed
+    class was stored under (:class:`~dynascope.store.ResultStore` rows keep their class name)."""
 
+    former_names: ClassVar[tuple[str, ...]] = ()
+    #: Bulky fields (``[P, k]`` eigenvectors, ``[d, P]`` directions) that :meth:`to_dict` leaves out unless
+    #: named in ``include`` (stored results and JSON files stay small; they come back as ``None``).
+    omitted: ClassVar[tuple[str, ...]] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """All fields (meta included) as JSON-safe Python values."""
-        return {f.name: to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    def to_dict(self, include: Iterable[str] = ()) -> dict[str, Any]:
+        """All fields (meta included) as JSON-safe Python values, but the :attr:`omitted` ones not in
+        ``include``."""
+        kept = set(include)
+        return {
+            f.name: to_jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in self.omitted or f.name in kept
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +63,7 @@ from .budget import (
     resolve_budget,
     too_small,
 )
-from .curvature_setup import RecordingOperator, spectral_meta
+from .curvature_setup import RecordingOperator, spec_settings, spectral_meta, takes_operator_spec
 from .lanczos import breakdown_rtol
 from .memory import peak_memory
 from .operators import LinearOperator, OperatorSpec
@@ -484,27 +483,24 @@ def estimate_trace(
     return hutch_plus_plus(op, n_matvecs, **kw)
 
 
+@takes_operator_spec()
 def hessian_trace(
     model: nn.Module,
     data: Any,
     *,
-    loss: str | Callable = "auto",
-    output: Any = None,
+    spec: OperatorSpec,
     n_matvecs: int = 100,
     method: str = "auto",
-    operator: str = "hessian",
     seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
     block: int = 32,
-    reduce_fn: Callable | None = None,
     check_determinism: bool = True,
     memory_budget: int | None = None,
 ) -> TraceResult:
     """``tr(A)`` of the Hessian / GGN / Fisher of the dataset-mean loss with exactly ``n_matvecs`` products.
+
+    ``spec``: the operator (:class:`~dynascope.probes.operators.OperatorSpec`), or its fields as keywords
+    (``loss``, ``operator``, ``output``, ``params``, ``batch_size``, ``mode``, ``dtype``, ``device``,
+    ``reduce_fn``).
 
     ``method="auto"`` (default: Hutch++ or Hutchinson chosen from the first sketch, see :func:`auto_trace`;
     ``.method`` and ``meta["auto"]`` say which and why), ``"hutch++"``, ``"hutchinson"`` or ``"krylov++"``
@@ -522,10 +518,7 @@ def hessian_trace(
     check_int("n_matvecs", n_matvecs)
     check_int("seed", seed)
     t0 = time.perf_counter()
-    op = OperatorSpec(
-        kind=operator, loss=loss, output=output, params=params, batch_size=batch_size, mode=mode, dtype=dtype,
-        device=device, reduce_fn=reduce_fn,
-    ).build(model, data)  # fmt: skip
+    op = spec.build(model, data)
     rec = RecordingOperator(op)
     budget = resolve_budget(memory_budget, op.device)
     plan = plan_trace(method, op.vspace.size, n_matvecs, _itemsize(op), block=block, budget=budget,
@@ -542,8 +535,8 @@ def hessian_trace(
                 rec, n_matvecs, method=method, seed=seed, block=block, memory_budget=budget
             )
             used = method
-    settings = {"n_matvecs": n_matvecs, "method": method, "params": params, "batch_size": batch_size,
-                "block": block, "memory_budget": memory_budget}  # fmt: skip
+    settings = {"n_matvecs": n_matvecs, "method": method, **spec_settings(spec), "block": block,
+                "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_trace", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, probes="rademacher",

@@ -323,7 +323,7 @@ def test_every_probe_with_a_mode_warns_and_records_train_mode_dropout() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
     x, y = _data()
-    for probe, kwargs in ((adaptive_sharpness, {"steps": 2}), (average_sharpness, {"n_samples": 4})):
+    for probe, kwargs in ((adaptive_sharpness, {"ascent_steps": 2}), (average_sharpness, {"n_samples": 4})):
         with pytest.warns(UserWarning, match="mode='train' with dropout"):
             res = probe(model, (x, y), mode="train", **kwargs)
         assert res.meta["stochastic_modules"] == ["2"], probe.__name__

@@ -263,7 +263,7 @@ def test_bad_input_gives_one_readable_line_and_exit_2(
 
 def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (
-        ["probe", "hessian_trace"],
+        ["probes"],  # removed: `dynascope probe` lists the probes
         ["export", "x"],
         ["nonsense"],
         ["probe", "a", "b", "--step", "x"],
@@ -400,3 +400,16 @@ def test_checkpoint_step_beyond_int64_is_exit_2_before_any_probe(
     code, out, err = run_cli(argv, capsys)
     assert code == 2 and "metadata 'step' = 9223372036854775808 is outside [0, 2**63)" in err, err
     assert not (tmp_path / "results.sqlite").exists() or not ResultStore(tmp_path).list()
+
+
+def test_probe_without_a_target_lists_probes_and_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    """One command: ``dynascope probe`` lists what the runner can evaluate, ``dynascope probe NAME`` its
+    parameters (``spec`` and the other runner-set names are not shown); there is no ``probes`` twin."""
+    from dynascope.runner import PROBES
+
+    assert main(["probe"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(PROBES)
+    assert main(["probe", "hessian_eigenvalues"]) == 0
+    out = capsys.readouterr().out
+    assert "--param k=5" in out and "--param loss='auto'" in out and "spec" not in out

@@ -263,32 +263,29 @@ def test_results_export(tmp_path) -> None:
     assert json.loads((tmp_path / "r0.json").read_text())["values"] == results[0].values.tolist()
 
 
-def test_bad_inputs() -> None:
+#: (probe, keywords, error, message) of a bad call; ``data`` is ``(x, y)`` unless the keywords replace it.
+BAD_CALLS = [
+    ("hessian_eigenvalues", {"k": 0}, ValueError, "k must be"),
+    ("hessian_eigenvalues", {"k": 1000}, ValueError, r"k must be an integer in \[1, \d+\]; got 1000"),
+    ("hessian_eigenvalues", {"which": "top"}, ValueError, "which"),
+    ("hessian_eigenvalues", {"operator": "hessain"}, ValueError, "unknown operator"),
+    ("hessian_eigenvalues", {"tol": 0}, ValueError, "tol"),
+    ("hessian_eigenvalues", {"v0": torch.ones(5, dtype=torch.float64)}, ValueError, "v0 has"),
+    ("hessian_eigenvalues", {"v0": [1.0]}, TypeError, "v0 must be"),
+    ("hessian_trace", {"model": "model"}, TypeError, "nn.Module"),
+    ("hessian_trace", {"method": "exact"}, ValueError, "method"),
+    ("hessian_trace", {"n_matvecs": 3}, ValueError, "n_matvecs >= 4"),
+    ("hessian_density", {"mode": "training"}, ValueError, "mode"),
+    ("hessian_density", {"n_probes": 0}, ValueError, "n_probes"),
+    ("hessian_trace", {"data": "short targets"}, ValueError, "disagree"),
+]
+
+
+@pytest.mark.parametrize(("probe", "kwargs", "error", "message"), BAD_CALLS)
+def test_bad_inputs(probe: str, kwargs: dict, error: type, message: str) -> None:
     model, x, y = model_case("mlp-ce")
-    data = (x, y)
-    with pytest.raises(ValueError, match="k must be"):
-        probes.hessian_eigenvalues(model, data, k=0)
-    with pytest.raises(ValueError, match="exceeds"):
-        probes.hessian_eigenvalues(model, data, k=1000)
-    with pytest.raises(ValueError, match="which"):
-        probes.hessian_eigenvalues(model, data, which="top")
-    with pytest.raises(ValueError, match="unknown operator"):
-        probes.hessian_eigenvalues(model, data, operator="hessain")
-    with pytest.raises(ValueError, match="tol"):
-        probes.hessian_eigenvalues(model, data, tol=0)
-    with pytest.raises(ValueError, match="v0 has"):
-        probes.hessian_eigenvalues(model, data, v0=torch.ones(5, dtype=torch.float64))
-    with pytest.raises(TypeError, match="v0 must be"):
-        probes.hessian_eigenvalues(model, data, v0=[1.0])
-    with pytest.raises(TypeError, match="nn.Module"):
-        probes.hessian_trace("model", data)
-    with pytest.raises(ValueError, match="method"):
-        probes.hessian_trace(model, data, method="exact")
-    with pytest.raises(ValueError, match="n_matvecs >= 4"):
-        probes.hessian_trace(model, data, n_matvecs=3)
-    with pytest.raises(ValueError, match="mode"):
-        probes.hessian_density(model, data, mode="training")
-    with pytest.raises(ValueError, match="n_probes"):
-        probes.hessian_density(model, data, n_probes=0)
-    with pytest.raises(ValueError, match="disagree"):
-        probes.hessian_trace(model, (x, y[:3]))
+    kwargs = dict(kwargs)
+    model = kwargs.pop("model", model)
+    data = (x, y[:3]) if kwargs.pop("data", None) else (x, y)
+    with pytest.raises(error, match=message):
+        getattr(probes, probe)(model, data, **kwargs)

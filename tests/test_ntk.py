@@ -324,7 +324,7 @@ def test_ntk_trajectory() -> None:
                 p.add_(0.2 * i * torch.randn_like(p))
         ckpts.append(m)
     steps = [0, 5, 25]
-    res = probes.ntk_trajectory(ckpts, x, y, steps=steps)
+    res = probes.ntk_trajectory(ckpts, (x, y), steps=steps)
     Ks = [probes.empirical_ntk(m, x) for m in ckpts]
     assert res.kernel_distance[0] == pytest.approx(0.0, abs=1e-12)
     assert res.kernel_distance[2] == pytest.approx(probes.kernel_distance(Ks[0], Ks[2]), rel=1e-10)
@@ -333,7 +333,7 @@ def test_ntk_trajectory() -> None:
     assert res.label_alignment == pytest.approx([probes.kernel_alignment(K, y) for K in Ks], rel=1e-10)
     assert res.relative_param_change[2] == pytest.approx(probes.relative_param_change(ckpts[2], ckpts[0]))
     # state dicts loaded into a template give the same numbers
-    res2 = probes.ntk_trajectory([m.state_dict() for m in ckpts], x, y, steps=steps, model=model)
+    res2 = probes.ntk_trajectory([m.state_dict() for m in ckpts], (x, y), steps=steps, model=model)
     assert res2.kernel_distance == pytest.approx(res.kernel_distance, abs=1e-12)
     frame = res.to_frame()
     assert len(frame) == 3 and {"kernel_distance", "kernel_velocity", "relative_param_change"} <= set(frame)

@@ -4,6 +4,7 @@ same operator keys in the ``.meta`` of every probe that uses one."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -113,3 +114,48 @@ def test_every_operator_probe_writes_the_same_operator_meta_keys() -> None:
         assert res.meta["n_samples"] == 12 and res.meta["loss"] == "cross_entropy", name
         assert res.meta["operator"] == "hessian" and res.meta["mode"] == "eval", name
         assert res.meta["reduction"] == "mean over 12 samples", name
+
+
+#: Every probe that takes ``spec: OperatorSpec`` and a cheap call of it.
+SPEC_PROBES = {
+    "hessian_eigenvalues": {"k": 2},
+    "hessian_trace": {"n_matvecs": 9},
+    "hessian_density": {"n_probes": 2, "lanczos_steps": 5},
+    "hessian_diagonal": {"n_matvecs": 4},
+    "layerwise_hessian": {"k": 1, "trace": False},
+    "sharpness": {"lr": 0.1, "trace": False},
+    "adaptive_sharpness": {},
+    "average_sharpness": {"n_samples": 4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_PROBES))
+def test_spec_and_its_keywords_give_the_same_result_and_both_at_once_is_an_error(name: str) -> None:
+    """``spec=OperatorSpec(...)`` and the same fields as keywords are one call (same numbers, same operator
+    meta); passing both is a ValueError naming the keywords, never a silent choice of one."""
+    model, x, y = _problem(4)
+    fn = getattr(probes, name)
+    kind = {} if name in ("sharpness", "adaptive_sharpness", "average_sharpness") else {"operator": "ggn"}
+    spec = OperatorSpec(kind=kind.get("operator", "hessian"), loss="mse", mode="eval")
+    y1 = torch.nn.functional.one_hot(y, 3).double()
+    by_spec = fn(model, (x, y1), spec=spec, **SPEC_PROBES[name])
+    by_keywords = fn(model, (x, y1), loss="mse", mode="eval", **kind, **SPEC_PROBES[name])
+    a, b = by_spec.to_dict(), by_keywords.to_dict()
+    for d in (a, b):
+        # time, measured memory and the default budget (half the memory available now) vary between calls
+        for volatile in ("wall_time_s", "measured_peak_bytes", "memory_budget"):
+            d["meta"].pop(volatile, None)
+    assert a == b
+    assert by_spec.meta["loss"] == "mse" and by_spec.meta["operator"] == spec.kind
+    with pytest.raises(ValueError, match=r"either spec= or the operator keywords \['loss'\]"):
+        fn(model, (x, y1), spec=spec, loss="mse", **SPEC_PROBES[name])
+    with pytest.raises(ValueError, match="spec must be an OperatorSpec"):
+        fn(model, (x, y1), spec={"loss": "mse"}, **SPEC_PROBES[name])
+    params = inspect.signature(fn).parameters
+    assert params["spec"].default is None and params["loss"].default == "auto"
+
+
+def test_layerwise_rejects_a_spec_with_a_parameter_block() -> None:
+    model, x, y = _problem(5)
+    with pytest.raises(ValueError, match="spec.params=.*pass groups= instead"):
+        probes.layerwise_hessian(model, (x, y), spec=OperatorSpec(params=["0"]))

@@ -27,16 +27,20 @@ def planted(seed: int = 0, n: int = 300, d: int = 10, n_out: int = 15, strength:
     return x, y, a, b
 
 
-def gd_checkpoints(x, y, *, lr: float = 4.0, steps: int = 160, keep_from: int = 100, seed: int = 0):
-    """Full-batch GD on a tanh MLP; state dicts of the steps ``keep_from .. steps−1`` (consecutive)."""
+def gd_checkpoints(
+    x, y, *, lr: float = 4.0, steps: int = 160, keep_from: int = 100, seed: int = 0, loss_fn=F.cross_entropy,
+    n_out: int = 2,
+):  # fmt: skip
+    """Full-batch GD on a tanh MLP (``n_out`` outputs, ``loss_fn``); state dicts of the steps
+    ``keep_from .. steps−1`` (consecutive)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(x.shape[1], 32), nn.Tanh(), nn.Linear(32, 2))
+    model = nn.Sequential(nn.Linear(x.shape[1], 32), nn.Tanh(), nn.Linear(32, n_out))
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     states, losses = [], []
     for t in range(steps):
         if t >= keep_from:
             states.append({k: v.clone() for k, v in model.state_dict().items()})
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
@@ -216,18 +220,7 @@ def regression_control(seed: int, *, lr: float = 0.6, n: int = 300, d: int = 10,
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     y = torch.tanh(x @ torch.randn(d, 1, generator=g)) + 0.3 * torch.randn(n, 1, generator=g)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    states, losses = [], []
-    for t in range(steps):
-        if t >= 100:
-            states.append({k: v.clone() for k, v in model.state_dict().items()})
-        loss = F.mse_loss(model(x), y)
-        losses.append(float(loss.detach()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, states, losses = gd_checkpoints(x, y, lr=lr, steps=steps, seed=seed, loss_fn=F.mse_loss, n_out=1)
     return x, y, model, states, losses
 
 

@@ -22,16 +22,16 @@ def test_adaptive_sharpness_one_step_is_asam_closed_form_and_more_steps_do_bette
     loss = lambda v: float(((Xt @ v - y[:, 0]) ** 2).mean())  # noqa: E731
     gvec = 2.0 * Xt.T @ r / X.shape[0]
     eps = rho * T**2 * gvec / (T * gvec).norm()  # ASAM: ε = ρ T² ∇L / ‖T ∇L‖
-    one = adaptive_sharpness(model, (X, y), loss="mse", rho=rho, eta=eta, steps=1)
+    one = adaptive_sharpness(model, (X, y), loss="mse", rho=rho, eta=eta, ascent_steps=1)
     assert one.sharpness == pytest.approx(loss(w + eps) - loss(w), rel=1e-10)
-    many = adaptive_sharpness(model, (X, y), loss="mse", rho=rho, eta=eta, steps=25)
+    many = adaptive_sharpness(model, (X, y), loss="mse", rho=rho, eta=eta, ascent_steps=25)
     # quadratic: L(w+Tδ) − L(w) = (T∇L)ᵀδ + ½ δᵀ(THT)δ ≤ ρ‖T∇L‖ + ½ρ² λ_max(THT)
     bound = rho * float((T * gvec).norm()) + 0.5 * rho**2 * float(
         torch.linalg.eigvalsh(T[:, None] * H * T)[-1]
     )
     assert one.sharpness <= many.sharpness <= bound + 1e-12
     assert many.sharpness > one.sharpness  # the curvature term is not captured by the first step
-    assert one.meta["params"]["rho"] == rho and one.meta["params"]["steps"] == 1
+    assert one.meta["params"]["rho"] == rho and one.meta["params"]["ascent_steps"] == 1
     m_sharp = adaptive_sharpness(model, (X, y), loss="mse", rho=rho, eta=eta, m=10)
     assert len(m_sharp.per_batch) == 4 and all(v >= 0 for v in m_sharp.per_batch)
     json.dumps(many.to_dict())

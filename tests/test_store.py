@@ -82,3 +82,42 @@ def test_corrupt_store_is_a_clear_error(tmp_path) -> None:
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(ValueError, match="not a dynascope result store"):
         ResultStore(bad)
+
+
+@pytest.mark.parametrize(
+    ("former", "module", "current"),
+    [
+        ("NTKTrajectory", "ntk.diagnostics", "NTKTrajectoryResult"),
+        ("NeuralCollapseTrajectory", "collapse", "NeuralCollapseTrajectoryResult"),
+        ("SharpnessTrack", "curvature_sharpness", "SharpnessTrackResult"),
+    ],
+)
+def test_rows_stored_under_a_former_class_name_still_decode(tmp_path, former, module, current) -> None:
+    """A result class renamed to end in ``Result`` keeps its old name in ``former_names``: rows written
+    before the rename (``result_type`` = the old name) come back as the renamed class, not as a dict."""
+    import dataclasses
+    import importlib
+    import json
+    import sqlite3
+
+    cls = getattr(importlib.import_module(f"dynascope.probes.{module}"), current)
+    assert former in cls.former_names
+    fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "meta"}
+    filled = {n: [] if "list" in t else 1 if t == "int" else "mse" for n, t in fields.items()}
+    payload = json.dumps(cls(**filled, meta={"probe": "old"}).to_dict())
+    store = ResultStore(tmp_path)
+    store.put("toy", "abc", {"k": 1}, toy(), step=1)
+    with sqlite3.connect(store.path) as con:  # the row as an older version wrote it
+        con.execute("UPDATE results SET result_type = ?, result = ?", (former, payload))
+    hit = store.get("toy", "abc", {"k": 1})
+    assert hit is not None and type(hit.result) is cls and hit.result.meta == {"probe": "old"}
+
+
+def test_omitted_fields_stay_out_of_to_dict_unless_included() -> None:
+    from dynascope.probes.hessian import HessianEigenResult
+
+    r = HessianEigenResult(values=torch.ones(2), residuals=torch.zeros(2), n_matvecs=3, vectors=torch.eye(2),
+                           converged=torch.ones(2, dtype=torch.bool))  # fmt: skip
+    assert "vectors" not in r.to_dict()
+    assert r.to_dict(include=["vectors"])["vectors"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert HessianEigenResult.from_dict(r.to_dict()).vectors is None

@@ -60,7 +60,8 @@ def test_every_form_gives_the_same_trajectories(tmp_path: Path) -> None:
     ncs = {k: probes.nc_trajectory(f(), data, steps=STEPS, model=arch) for k, f in forms.items()}
     for name, t in ncs.items():
         assert t.steps == STEPS and t.nc1 == pytest.approx(ncs["run"].nc1, rel=1e-12), name
-    ntks = {k: probes.ntk_trajectory(f(), x[:12], y[:12], steps=STEPS, model=arch) for k, f in forms.items()}
+    sub = (x[:12], y[:12])
+    ntks = {k: probes.ntk_trajectory(f(), sub, steps=STEPS, model=arch) for k, f in forms.items()}
     for name, t in ntks.items():
         assert t.steps == STEPS, name
         assert t.kernel_distance == pytest.approx(ntks["run"].kernel_distance, rel=1e-9, abs=1e-12), name
@@ -84,7 +85,7 @@ def test_steps_are_checked_and_bad_sources_named(tmp_path: Path) -> None:
         checkpoint_models([models[0], models[1].state_dict()])
     with pytest.raises(TypeError, match="checkpoint 0 must be an nn.Module or a state dict; got int"):
         checkpoint_models([3])
-    with pytest.raises(TypeError, match="models must be a Run, a path to a run folder"):
+    with pytest.raises(TypeError, match="checkpoints must be a Run, a path to a run folder"):
         probes.nc_trajectory(models[0], run.load_dataset().train)
     with pytest.raises(ValueError, match="needs data="):
         probes.track_sharpness(models, progress=False)

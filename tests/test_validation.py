@@ -67,8 +67,8 @@ def test_probes_reject_bad_arguments_through_the_validator() -> None:
         probes.hessian_trace(model, data, seed=1.5)
     with pytest.raises(ValueError, match="n_batches must be a positive integer; got 0"):
         probes.sharpness(model, data, n_batches=0)
-    with pytest.raises(ValueError, match="steps must be a positive integer; got True"):
-        probes.adaptive_sharpness(model, data, steps=True)
+    with pytest.raises(ValueError, match="ascent_steps must be a positive integer; got True"):
+        probes.adaptive_sharpness(model, data, ascent_steps=True)
     with pytest.raises(ValueError, match="max_memory must be a positive number"):
         probes.empirical_ntk(model, data[0], max_memory=0)
 

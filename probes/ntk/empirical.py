@@ -332,28 +332,16 @@ def _ntk_jacobian(
     traced: bool,
     plan: NTKPlan,
     taps: Taps | None = None,
+    outputs: tuple[int, int] | None = None,
 ) -> torch.Tensor:
+    """The kernel from Jacobian chunks (``plan.chunk_size`` samples each, cached when ``plan.cached``) of the
+    ``outputs`` range (all when ``None``); a traced kernel ``Σ_o J_o J_oᵀ`` whose Jacobians would not fit is
+    summed over groups of ``plan.output_chunk`` outputs."""
     g = plan.output_chunk
-    if not traced or g >= O:
-        return _ntk_jacobian_group(fm, x1, x2, O, traced, plan, None, taps)
-    K = None  # traced kernel Σ_o J_o J_oᵀ, accumulated over groups of outputs
-    for lo in range(0, O, g):
-        blk = _ntk_jacobian_group(fm, x1, x2, O, traced, plan, (lo, min(lo + g, O)), taps)
-        K = blk if K is None else K + blk
-    assert K is not None
-    return K
-
-
-def _ntk_jacobian_group(
-    fm: _NTKModel,
-    x1: torch.Tensor,
-    x2: torch.Tensor | None,
-    O: int,
-    traced: bool,
-    plan: NTKPlan,
-    outputs: tuple[int, int] | None,
-    taps: Taps | None = None,
-) -> torch.Tensor:
+    if outputs is None and traced and g < O:
+        groups = [(lo, min(lo + g, O)) for lo in range(0, O, g)]
+        blocks = (_ntk_jacobian(fm, x1, x2, O, traced, plan, taps, o) for o in groups)
+        return functools.reduce(torch.add, blocks)  # summed group by group: one block held at a time
     sym = x2 is None
     xs2 = x1 if sym else x2
     assert xs2 is not None
@@ -495,6 +483,37 @@ def _with_derivative_hint(tried: str) -> Callable[[F], F]:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _check_same_kind(x1: Any, x2: Any) -> None:
+    """``x1`` and ``x2`` must agree in per-sample shape and dtype (input by input for dict inputs)."""
+    t1, t2 = input_tensors(x1), input_tensors(x2)
+    if {k: v.shape[1:] for k, v in t1.items()} != {k: v.shape[1:] for k, v in t2.items()}:
+        raise ValueError(
+            f"x1 and x2 must have the same per-sample shape; got "
+            f"{[tuple(v.shape[1:]) for v in t1.values()]} and {[tuple(v.shape[1:]) for v in t2.values()]}"
+        )
+    if [v.dtype for v in t1.values()] != [v.dtype for v in t2.values()]:
+        dt1, dt2 = [v.dtype for v in t1.values()], [v.dtype for v in t2.values()]
+        raise TypeError(f"x1 and x2 must have the same dtype; got {dt1[0] if len(dt1) == 1 else dt1} and "
+                        f"{dt2[0] if len(dt2) == 1 else dt2}")  # fmt: skip
+
+
+def _checked_sites(fm: Any, x1: torch.Tensor, O: int, traced: bool, mode: str) -> list[Site]:
+    """The ``nn.Linear`` / ``nn.Conv2d`` sites whose Jacobians are built from layer inputs and output
+    gradients (:func:`find_sites`), kept only when they reproduce the plain Jacobian on the first sample
+    (decided before planning, so the plan's memory bound fits what runs); none where ``vmap(jacrev)`` fails
+    (the plain path then falls back too)."""
+    with ModeGuard(fm.model, mode):
+        sites = find_sites(fm.model, set(fm.names), x1, lambda xb: fm.batch(fm.params, xb), O, traced)
+        try:
+            if sites and not _structure_agrees(fm, slice_inputs(x1, slice(0, 1)), sites, O):
+                return []
+        except (RuntimeError, NotImplementedError) as err:
+            if not _vmap_failure(err):
+                raise
+            return []
+    return sites
+
+
 @_with_derivative_hint("the NTK's Jacobian (jacrev/vmap) and ntk_vp (jvp) strategies")
 def empirical_ntk(
     model: nn.Module,
@@ -530,30 +549,12 @@ def empirical_ntk(
     x1 = fm.prepare(x1, "x1")
     if x2 is not None:
         x2 = fm.prepare(x2, "x2")
-        t1, t2 = input_tensors(x1), input_tensors(x2)
-        if {k: v.shape[1:] for k, v in t1.items()} != {k: v.shape[1:] for k, v in t2.items()}:
-            raise ValueError(
-                f"x1 and x2 must have the same per-sample shape; got "
-                f"{[tuple(v.shape[1:]) for v in t1.values()]} and {[tuple(v.shape[1:]) for v in t2.values()]}"
-            )
-        if [v.dtype for v in t1.values()] != [v.dtype for v in t2.values()]:
-            dt1, dt2 = [v.dtype for v in t1.values()], [v.dtype for v in t2.values()]
-            raise TypeError(f"x1 and x2 must have the same dtype; got {dt1[0] if len(dt1) == 1 else dt1} and "
-                            f"{dt2[0] if len(dt2) == 1 else dt2}")  # fmt: skip
+        _check_same_kind(x1, x2)
     O = fm.output_dim(x1)
     flops, acts = fm.profile(x1)
     traced = reduce_outputs == "trace"
-    sites: list[Site] = []
-    if structured and strategy != "ntk_vp" and isinstance(x1, torch.Tensor):
-        with ModeGuard(fm.model, mode):
-            sites = find_sites(fm.model, set(fm.names), x1, lambda xb: fm.batch(fm.params, xb), O, traced)
-            try:
-                if sites and not _structure_agrees(fm, slice_inputs(x1, slice(0, 1)), sites, O):
-                    sites = []  # decided before planning, so the plan's memory bound fits what runs
-            except (RuntimeError, NotImplementedError) as err:
-                if not _vmap_failure(err):
-                    raise
-                sites = []  # vmap(jacrev) fails on this model: the plain path below falls back too
+    use_sites = structured and strategy != "ntk_vp" and isinstance(x1, torch.Tensor)
+    sites = _checked_sites(fm, x1, O, traced, mode) if use_sites else []
     in_sites = {n for s in sites for n in (s.weight, s.bias) if n}
     plain_size = sum(k for n, k in zip(fm.names, fm.numels) if n not in in_sites)
     plan = plan_ntk(
