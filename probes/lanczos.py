@@ -37,7 +37,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,6 +82,7 @@ def use_dense(P: int, n_want: int, budget: int | None = None, warm: bool = False
     fits = 8 * P * P <= DENSE_MAX_BYTES
     small = (P <= DENSE_MAX_SIZE and not warm) or DENSE_FRACTION * n_want >= P
     return fits and small and (budget is None or budget >= P)
+
 
 #: The default ``max_basis`` holds at most this many bytes of vectors on large models (at k = 3 it binds
 #: above 6.1M float32 parameters: ResNet-18 gets 18 vectors), but never fewer than ``2k' + 4 + 2b``.
@@ -131,7 +132,8 @@ class EigshOutput:
     def meta(self, size: int, dtype: torch.dtype) -> dict[str, int | str]:
         """The solver's keys of a probe's ``.meta``: block size, restarts, runs, data passes and memory."""
         return {
-            "eigensolver": "dense float64 eigh of the P×P matrix (P products)" if self.method == "dense"
+            "eigensolver": "dense float64 eigh of the P×P matrix (P products)"
+            if self.method == "dense"
             else "block Lanczos",
             "block_size": self.block_size,
             "n_passes_solver": self.n_passes,
@@ -537,17 +539,54 @@ def eigsh(
     check_choice("which", which, WHICH)
     check_int("k", k, min=1, max=op.vspace.size)
     check_float("tol", tol, min=0, min_open=True)
-    check_int("max_iter", max_iter, min=1, optional=True)
-    check_int("max_basis", max_basis, min=1, optional=True)
-    check_int("block_size", block_size, min=1, optional=True)
     check_int("seed", seed)
     check_choice("method", method, METHODS)
     op = krylov_precision(op)
     P = op.vspace.size  # the dimension; this process holds op.size rows of each vector
+    n_want, b, budget, cap = _plan(op, k, which, max_iter, max_basis, block_size)
+    device = torch.device(basis_device) if basis_device is not None else op.device
+    if method == "dense" or (method == "auto" and use_dense(P, n_want, max_iter, v0 is not None)):
+        if v0 is not None:
+            _start_block(op, v0, b, seed, device)  # validated; a dense solve needs no start
+        return _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
+    start_matvecs = op.n_matvecs
+    found = _locked_runs(
+        op, _start_block(op, v0, b, seed, device), k=k, which=which, tol=tol, n_want=n_want, b=b,
+        budget=budget, cap=cap, seed=seed, device=device,
+    )  # fmt: skip
+    sel, out_conv = _select(found, k, which, tol)
+    return EigshOutput(
+        values=found.values[sel].clone(),
+        vectors=_gather_vectors(op, found.locked, sel, device) if return_vectors else None,
+        residuals=found.residuals[sel].clone(),
+        converged=out_conv,
+        n_matvecs=op.n_matvecs - start_matvecs,
+        n_iter=found.used,
+        n_passes=found.passes,
+        block_size=b,
+        n_restarts=found.restarts,
+        n_runs=found.runs,
+        peak_basis_vectors=found.peak,
+        max_basis=cap,
+    )
+
+
+def _plan(
+    op: LinearOperator,
+    k: int,
+    which: str,
+    max_iter: int | None,
+    max_basis: int | None,
+    block_size: int | None,
+) -> tuple[int, int, int, int]:
+    """``(n_want, b, budget, cap)``: wanted values, block width, product budget and most vectors held
+    (validated against each other; see :func:`eigsh`)."""
+    check_int("max_iter", max_iter, min=1, optional=True)
+    check_int("max_basis", max_basis, min=1, optional=True)
+    check_int("block_size", block_size, min=1, optional=True)
+    P = op.vspace.size
     n_want = min(2 * k if which == "BE" else k, P)
-    if block_size is None:
-        block_size = 1 if n_want == 1 else 2
-    b = min(block_size, P)
+    b = min(block_size if block_size is not None else 1 if n_want == 1 else 2, P)
     budget = max_iter if max_iter is not None else max(300, 60 * k)
     if budget < n_want:
         raise ValueError(f"max_iter={budget} is smaller than the number of wanted eigenvalues {n_want}")
@@ -558,87 +597,101 @@ def eigsh(
             f"max_basis={cap} is too small: it must hold the {n_want} wanted vectors plus two blocks "
             f"of {b} (at least {n_want + 2 * b})"
         )
-    device = torch.device(basis_device) if basis_device is not None else op.device
-    if method == "dense" or (method == "auto" and use_dense(P, n_want, max_iter, v0 is not None)):
-        if v0 is not None:
-            _start_block(op, v0, b, seed, device)  # validated; a dense solve needs no start
-        return _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
-    start_matvecs = op.n_matvecs
-    locked = _Basis(op.vspace)
-    values = torch.zeros(0, dtype=torch.float64)  # locked values, residuals and convergence
-    residuals = torch.zeros(0, dtype=torch.float64)
-    converged = torch.zeros(0, dtype=torch.bool)
-    used = passes = restarts = peak = runs = 0
-    k_run, start = k, _start_block(op, v0, b, seed, device)
-    doubt: list[float | None] = []  # full clusters (per end) not yet looked behind by a converged run
-    scale = 1.0
+    return n_want, b, budget, cap
+
+
+@dataclass
+class _Found:
+    """What the Krylov runs of :func:`eigsh` found: the locked wanted values, their residuals and flags,
+    their vectors (``locked``), the full clusters not yet looked behind (``doubt``) and the counts."""
+
+    locked: _Basis
+    values: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    doubt: list[float | None] = field(default_factory=list)
+    scale: float = 1.0
+    used: int = 0
+    passes: int = 0
+    restarts: int = 0
+    peak: int = 0
+    runs: int = 0
+
+
+def _locked_runs(
+    op: LinearOperator, start: torch.Tensor, *, k: int, which: str, tol: float, n_want: int, b: int,
+    budget: int, cap: int, seed: int, device: torch.device,
+) -> _Found:  # fmt: skip
+    """Krylov runs, each on the orthogonal complement of the vectors the earlier ones locked, until no
+    full cluster can hide further copies of a wanted value (or the budget or memory runs out)."""
+    P = op.vspace.size
+    empty = torch.zeros(0, dtype=torch.float64)
+    f = _Found(_Basis(op.vspace), empty, empty, torch.zeros(0, dtype=torch.bool))
+    k_run = k
     while True:
-        width = min(start.shape[1], budget - used, P - locked.size)
+        width = min(start.shape[1], budget - f.used, P - f.locked.size)
         X = start[:, :width]
-        if locked.size:
-            locked.orthogonalize(X)
+        if f.locked.size:
+            f.locked.orthogonalize(X)
         X = _column_major(op.vspace.qr(X)[0])
         run = _krylov_run(
-            op, locked, X, k=k_run, which=which, tol=tol, budget=budget - used, cap=cap - locked.size,
-            seed=seed + LANCZOS_RESTART_STRIDE * runs, device=device,
+            op, f.locked, X, k=k_run, which=which, tol=tol, budget=budget - f.used, cap=cap - f.locked.size,
+            seed=seed + LANCZOS_RESTART_STRIDE * f.runs, device=device,
         )  # fmt: skip
-        runs += 1
-        used, passes, restarts = used + run.used, passes + run.passes, restarts + run.restarts
-        peak = max(peak, run.peak)
-        scale = max(float(run.theta.abs().max()), float(values.abs().max()) if values.numel() else 0.0) or 1.0
-        floor = tol * torch.clamp(run.theta.abs(), min=EIGENVALUE_FLOOR * scale)
+        f.runs, f.used, f.passes = f.runs + 1, f.used + run.used, f.passes + run.passes
+        f.restarts, f.peak = f.restarts + run.restarts, max(f.peak, run.peak)
+        f.scale = max(float(run.theta.abs().max()), float(f.values.abs().max()) if f.values.numel() else 0.0)
+        f.scale = f.scale or 1.0
+        floor = tol * torch.clamp(run.theta.abs(), min=EIGENVALUE_FLOOR * f.scale)
         idx = _wanted(run.theta, k_run, which)
         conv = run.res[idx] <= floor[idx]
         # lock this run's wanted vectors; the answer is the best n_want of everything found so far
         run.basis.restart(run.S[:, idx])  # in place: the wanted Ritz vectors, the rest of the basis freed
-        locked.blocks.extend(run.basis.detached_blocks())
-        values = torch.cat([values, run.theta[idx]])
-        residuals = torch.cat([residuals, run.res[idx]])
-        converged = torch.cat([converged, conv])
+        f.locked.blocks.extend(run.basis.detached_blocks())
+        f.values = torch.cat([f.values, run.theta[idx]])
+        f.residuals = torch.cat([f.residuals, run.res[idx]])
+        f.converged = torch.cat([f.converged, conv])
         if not bool(conv.all()):
-            break  # out of budget: the doubt of the previous run (if any) stands
-        doubt = [] if run.exhausted else _capacity_ends(run.theta, run.res, torch.maximum(run.res, floor),
-                                                         k_run, which, b)  # fmt: skip
-        need = max((int(_displaced(values, e, k, which, end, tol, scale).sum()) for end, e in enumerate(doubt)
-                    if e is not None), default=0)  # fmt: skip
+            return f  # out of budget: the doubt of the previous run (if any) stands
+        f.doubt = [] if run.exhausted else _capacity_ends(run.theta, run.res, torch.maximum(run.res, floor),
+                                                           k_run, which, b)  # fmt: skip
+        need = max((int(_displaced(f.values, e, k, which, end, tol, f.scale).sum())
+                    for end, e in enumerate(f.doubt) if e is not None), default=0)  # fmt: skip
         if need == 0:
-            doubt = []
-            break
-        if used >= budget or locked.size + min(need, n_want) + 2 * b > cap:
-            break
+            f.doubt = []
+            return f
+        if f.used >= budget or f.locked.size + min(need, n_want) + 2 * b > cap:
+            return f
         k_run = need
-        start = op.vspace.rows(random_vectors(P, b, seed=seed + LANCZOS_RESTART_STRIDE * (runs + 101),
+        start = op.vspace.rows(random_vectors(P, b, seed=seed + LANCZOS_RESTART_STRIDE * (f.runs + 101),
                                               dtype=op.dtype, device=device))  # fmt: skip
+
+
+def _select(found: _Found, k: int, which: str, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, converged)`` of the ``k`` wanted values among those found (descending); a full cluster
+    not looked behind marks the values it may displace as not converged."""
+    values = found.values
     order = torch.argsort(values)
     sel = order[_wanted(values[order], k, which)]
     sel = sel[torch.argsort(values[sel], descending=True)]
-    out_conv = converged[sel].clone()
-    for end, e in enumerate(doubt):  # a full cluster not looked behind: later values may be displaced
+    out_conv = found.converged[sel].clone()
+    for end, e in enumerate(found.doubt):
         if e is not None:
-            out_conv &= ~_displaced(values, e, k, which, end, tol, scale)[sel]
-    vectors = None
-    if return_vectors:  # gather the selected locked columns into one new [P, k] tensor (one copy)
-        offsets = torch.cumsum(torch.tensor([0] + [B.shape[1] for B in locked.blocks]), 0).tolist()
-        vectors = torch.empty(op.size, sel.numel(), dtype=op.dtype, device=device)
-        for j, c in enumerate(sel.tolist()):
-            blk = max(i for i, o in enumerate(offsets[:-1]) if o <= c)
-            vectors[:, j] = locked.blocks[blk][:, c - offsets[blk]]
-        locked.blocks.clear()
-        vectors = vectors.div_(op.vspace.norms(vectors)).to(op.device)
-    return EigshOutput(
-        values=values[sel].clone(),
-        vectors=vectors,
-        residuals=residuals[sel].clone(),
-        converged=out_conv,
-        n_matvecs=op.n_matvecs - start_matvecs,
-        n_iter=used,
-        n_passes=passes,
-        block_size=b,
-        n_restarts=restarts,
-        n_runs=runs,
-        peak_basis_vectors=peak,
-        max_basis=cap,
-    )
+            out_conv &= ~_displaced(values, e, k, which, end, tol, found.scale)[sel]
+    return sel, out_conv
+
+
+def _gather_vectors(
+    op: LinearOperator, locked: _Basis, sel: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """The selected locked columns as one new ``[rows, k]`` tensor (one copy; the basis is freed)."""
+    offsets = torch.cumsum(torch.tensor([0] + [B.shape[1] for B in locked.blocks]), 0).tolist()
+    vectors = torch.empty(op.size, sel.numel(), dtype=op.dtype, device=device)
+    for j, c in enumerate(sel.tolist()):
+        blk = max(i for i, o in enumerate(offsets[:-1]) if o <= c)
+        vectors[:, j] = locked.blocks[blk][:, c - offsets[blk]]
+    locked.blocks.clear()
+    return vectors.div_(op.vspace.norms(vectors)).to(op.device)
 
 
 def _dense_eigsh(
