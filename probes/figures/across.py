@@ -13,32 +13,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..results import Result
+from . import collapse, connectivity, curvature, gradients, landscape, ntk
 from .base import PALETTE, ExportError, finish, log_axis
-from .collapse import nc_figure, nc_frame, nc_trajectory, neural_collapse
-from .connectivity import lmc
-from .curvature import (
-    adaptive_sharpness,
-    average_sharpness,
-    blockwise_spectra,
-    density_figure,
-    density_frame,
-    hessian_density,
-    hessian_diagonal,
-    hessian_eigenvalues,
-    hessian_trace,
-    layerwise_hessian,
-    sharpness,
-    sharpness_figure,
-    sharpness_frame,
-    sharpness_track,
-    topk_figure,
-    topk_frame,
-    trace_figure,
-    trace_frame,
-)
-from .gradients import coherence_figure, coherence_frame, gradient_coherence
-from .landscape import loss_landscape, opposing_signals
-from .ntk import ntk, ntk_trajectory
 
 
 def generic(result: Result, *, title: str | None = None) -> go.Figure:
@@ -68,24 +44,24 @@ def generic(result: Result, *, title: str | None = None) -> go.Figure:
 
 
 DRAWERS: dict[str, Callable[..., go.Figure]] = {
-    "HessianEigenResult": hessian_eigenvalues,
-    "LayerwiseHessianResult": layerwise_hessian,
-    "BlockwiseSpectraResult": blockwise_spectra,
-    "TraceResult": hessian_trace,
-    "DensityResult": hessian_density,
-    "SharpnessResult": sharpness,
-    "AdaptiveSharpnessResult": adaptive_sharpness,
-    "AverageSharpnessResult": average_sharpness,
-    "SharpnessTrackResult": sharpness_track,
-    "CoherenceResult": gradient_coherence,
-    "NeuralCollapseResult": neural_collapse,
-    "NeuralCollapseTrajectoryResult": nc_trajectory,
-    "LMCResult": lmc,
-    "NTKResult": ntk,
-    "NTKTrajectoryResult": ntk_trajectory,
-    "HessianDiagonalResult": hessian_diagonal,
-    "LandscapeResult": loss_landscape,
-    "OpposingSignalsResult": opposing_signals,
+    "HessianEigenResult": curvature.hessian_eigenvalues,
+    "LayerwiseHessianResult": curvature.layerwise_hessian,
+    "BlockwiseSpectraResult": curvature.blockwise_spectra,
+    "TraceResult": curvature.hessian_trace,
+    "DensityResult": curvature.hessian_density,
+    "SharpnessResult": curvature.sharpness,
+    "AdaptiveSharpnessResult": curvature.adaptive_sharpness,
+    "AverageSharpnessResult": curvature.average_sharpness,
+    "SharpnessTrackResult": curvature.sharpness_track,
+    "CoherenceResult": gradients.gradient_coherence,
+    "NeuralCollapseResult": collapse.neural_collapse,
+    "NeuralCollapseTrajectoryResult": collapse.nc_trajectory,
+    "LMCResult": connectivity.lmc,
+    "NTKResult": ntk.ntk,
+    "NTKTrajectoryResult": ntk.ntk_trajectory,
+    "HessianDiagonalResult": curvature.hessian_diagonal,
+    "LandscapeResult": landscape.loss_landscape,
+    "OpposingSignalsResult": landscape.opposing_signals,
 }
 
 
@@ -153,19 +129,19 @@ def quantities_figure(results: Mapping[int, Any], *, x_title: str = "step", max_
 
 
 def _sharpness_across(results: Mapping[int, Any]) -> go.Figure:
-    frame = sharpness_frame(results)
-    return sharpness_figure(frame, frame[["step", "lr", "two_over_lr"]].dropna())
+    frame = curvature.sharpness_frame(results)
+    return curvature.sharpness_figure(frame, frame[["step", "lr", "two_over_lr"]].dropna())
 
 
 #: Result class name → its figure of ``{step: Result}`` (one checkpoint per point or line); results of
 #: other classes get :func:`quantities_figure`.
 ACROSS: dict[str, Callable[[Mapping[int, Any]], go.Figure]] = {
-    "HessianEigenResult": lambda rs: topk_figure(topk_frame(rs)),
-    "DensityResult": lambda rs: density_figure(density_frame(rs), log_y=True),
-    "TraceResult": lambda rs: trace_figure(trace_frame(rs)),
+    "HessianEigenResult": lambda rs: curvature.topk_figure(curvature.topk_frame(rs)),
+    "DensityResult": lambda rs: curvature.density_figure(curvature.density_frame(rs), log_y=True),
+    "TraceResult": lambda rs: curvature.trace_figure(curvature.trace_frame(rs)),
     "SharpnessResult": _sharpness_across,
-    "NeuralCollapseResult": lambda rs: nc_figure(nc_frame(rs)),
-    "CoherenceResult": lambda rs: coherence_figure(coherence_frame(rs)),
+    "NeuralCollapseResult": lambda rs: collapse.nc_figure(collapse.nc_frame(rs)),
+    "CoherenceResult": lambda rs: gradients.coherence_figure(gradients.coherence_frame(rs)),
 }
 
 

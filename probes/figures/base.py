@@ -4,10 +4,11 @@ axes (:func:`log_axis`), number helpers and :class:`ExportError`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -140,6 +141,15 @@ def floats(v: Any) -> list[float]:
     if hasattr(v, "tolist"):
         v = v.tolist()
     return [number(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def columns_frame(results: Mapping[int, Any], columns: Sequence[str]) -> pd.DataFrame:
+    """``step`` and the scalar fields ``columns`` of ``{step: Result}``, one row per checkpoint (NaN where
+    a result lacks one)."""
+    rows = [
+        {"step": s, **{c: number(getattr(r, c, None)) for c in columns}} for s, r in sorted(results.items())
+    ]
+    return pd.DataFrame(rows, columns=["step", *columns])
 
 
 class ExportError(ValueError):

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..collapse import NC_FIELDS
-from .base import finish, log_axis, number
+from .base import columns_frame, finish, log_axis
 
 
 def neural_collapse(result: Any) -> go.Figure:
@@ -53,11 +53,7 @@ NC_COLUMNS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_etf_distance", "nc3
 
 def nc_frame(results: Mapping[int, Any]) -> pd.DataFrame:
     """``step`` and the NC metrics, one row per checkpoint."""
-    rows = [
-        {"step": s, **{c: number(getattr(r, c, None)) for c in NC_COLUMNS}}
-        for s, r in sorted(results.items())
-    ]
-    return pd.DataFrame(rows, columns=["step", *NC_COLUMNS])
+    return columns_frame(results, NC_COLUMNS)
 
 
 def nc_figure(frame: pd.DataFrame) -> go.Figure:

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .base import PALETTE, finish, log_axis, number
+from .base import PALETTE, columns_frame, finish, log_axis
 
 
 def gradient_coherence(result: Any) -> go.Figure:
@@ -39,11 +39,7 @@ COHERENCE_COLUMNS = ("alpha", "alpha_with_self", "m_coherence", "noise_scale", "
 
 def coherence_frame(results: Mapping[int, Any]) -> pd.DataFrame:
     """``step`` and the coherence statistics, one row per checkpoint."""
-    rows = [
-        {"step": s, **{c: number(getattr(r, c, None)) for c in COHERENCE_COLUMNS}}
-        for s, r in sorted(results.items())
-    ]
-    return pd.DataFrame(rows, columns=["step", *COHERENCE_COLUMNS])
+    return columns_frame(results, COHERENCE_COLUMNS)
 
 
 def coherence_figure(frame: pd.DataFrame) -> go.Figure:
