@@ -59,6 +59,7 @@ Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls re
 from __future__ import annotations
 
 import atexit
+import collections
 import copy
 import datetime as _dt
 import json
@@ -80,6 +81,7 @@ from dynascope.models import Run, RunError, checkpoint_due, load_weights
 from dynascope.models.atomic import atomic_write_text
 
 from .track_budget import Interval, OverheadBudget
+from .track_worker import ProbeOutcome, ProbeWorker, compute_probe, process_available, warm_start
 from .track_writer import Writer
 
 __all__ = ["Tracker", "run_status", "describe_status", "STATUS_FILE", "INLINE_PROBES"]
@@ -97,6 +99,8 @@ INLINE_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "ntk": ("ntk", {}),
     "ntk_alignment": ("ntk", {}),
 }
+#: the newest deferred / skipped probe runs kept in ``tracker.json`` (each probe's summary counts them all)
+SKIPPED_KEPT = 200
 #: a heartbeat older than this (seconds) counts as stale when the writer's pid cannot be checked
 STALE_AFTER_S = 300.0
 #: the clock of the overhead budget (a module attribute so tests can replace it)
@@ -280,7 +284,12 @@ class _InlineProbe:
         self.seconds = 0.0
         self.first_seconds: float | None = None  # the first run (cold, outside the budget rule)
         self.runs = 0
-        self.previous: Any = None  # last result, for warm starts
+        self.skipped = 0  # due runs deferred by the budget or skipped while the worker was busy
+        self.planned = 0  # steps so far at the requested interval (what the user asked for)
+        self.possible_every: int | None = None  # the interval the tracker can deliver (measured)
+        self.cadence_note: str | None = None  # the warning when it is longer than the requested one
+        self.worker_seconds = 0.0  # seconds computing in the probe worker (off the training thread)
+        self.previous: Any = None  # last result, for warm starts (inline probes; the worker keeps its own)
         self.warning: str | None = None  # the last warning the probe raised
         self.error: str | None = None  # set when the probe failed: it is switched off
 
@@ -292,7 +301,10 @@ class _InlineProbe:
         return {
             "probe": self.runner_name, "every": self.interval.every,
             "every_requested": self.interval.requested, "params": self.params,
-            "max_samples": self.max_samples, "runs": self.runs,
+            "max_samples": self.max_samples, "runs": self.runs, "planned": self.planned, "done": self.runs,
+            "skipped": self.skipped,
+            "possible_every": self.possible_every, "worker_seconds": round(self.worker_seconds, 6),
+            **({"cadence_note": self.cadence_note} if self.cadence_note else {}),
             "seconds": round(self.seconds, 6), "last_cost_seconds": None if cost is None else round(cost, 6),
             "first_run_seconds": None if self.first_seconds is None else round(self.first_seconds, 6),
             **({"last_warning": self.warning} if self.warning else {}),
@@ -315,6 +327,12 @@ class Tracker:
     ``budget``: the most tracker time (probes, checkpoint snapshots, hand-offs, background writes) as a
     fraction of training time (``None``: no limit; the rule is in the module docstring).
     ``background_writes``: write files on a background thread (default) or on the training thread.
+    ``probe_worker``: where inline probes run — ``"process"``: a forked child with ``probe_threads`` torch
+    threads computes them on a snapshot of the weights while training goes on (:mod:`dynascope.track_worker`);
+    ``"inline"``: on the training thread; ``"auto"`` (default): ``"process"`` where it is available (a POSIX
+    system, a CPU model), else ``"inline"`` (recorded in ``tracker.json`` with the reason).
+    ``steps``: the planned number of training steps (optional): the cadence warning then states the planned
+    and the possible number of probe runs over the whole run.
     ``resume=True`` continues a Tracker run at ``run_dir`` after a crash: the model (and optimizer) get the
     weights (and state) of its last checkpoint, :attr:`start_step` is that step, metrics rows after it and a
     killed writer's temporary files are dropped, and calls for steps up to it are ignored (no duplicate
@@ -345,6 +363,9 @@ class Tracker:
         resume: bool = False,
         heartbeat_s: float = 5.0,
         background_writes: bool = True,
+        probe_worker: str = "auto",
+        probe_threads: int = 1,
+        steps: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -355,6 +376,13 @@ class Tracker:
                                    or not 0 < budget):  # fmt: skip
             raise ValueError(f"budget must be a positive fraction of training time or None, got {budget!r}")
         checkpoint_due(0, schedule, every=checkpoint_every)  # validates the schedule
+        if probe_worker not in ("auto", "process", "inline"):
+            raise ValueError(f"probe_worker must be 'auto', 'process' or 'inline', got {probe_worker!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+        if isinstance(probe_threads, bool) or not isinstance(probe_threads, int) or probe_threads < 1:
+            raise ValueError(f"probe_threads must be a positive int, got {probe_threads!r}")
+        self.steps = steps
         self.model = model
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate / Lightning wrappers
         self.schedule, self.checkpoint_every = schedule, checkpoint_every
@@ -374,9 +402,15 @@ class Tracker:
         self._setup_s = self._close_s = 0.0
         self._resumed_at: float | None = None
         self._last_flush = _clock()
-        self._skipped: list[dict[str, Any]] = []
+        self._skipped: collections.deque[dict[str, Any]] = collections.deque(maxlen=SKIPPED_KEPT)
         self._relaxed: list[dict[str, Any]] = []
         self._writer: Writer | None = None
+        self._worker: ProbeWorker | None = None
+        self._inflight: dict[str, Any] | None = None  # the probe job the worker is computing
+        self._snapshot: tuple[int, dict[str, Tensor]] | None = None  # the last checkpoint's weights
+        self._timed_steps = 0  # training intervals timed (for the cadence estimate)
+        self.probe_worker = "inline"
+        self.probe_worker_note: str | None = None
         self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._pid = os.getpid()  # a forked child (e.g. a DataLoader worker) never writes
         self.start_step: int | None = None  # the step a resumed run continues after
@@ -390,11 +424,15 @@ class Tracker:
 
         for p in self._probes:  # unknown parameters fail here, not at the first due step
             call_params(self.run, p.runner_name, p.params)
+        if self._probes:  # forked before the writer thread starts
+            self._start_worker(probe_worker, probe_threads)
         self._writer = Writer(threaded=background_writes)
         stop = weakref.finalize(
             self, self._writer.close
         )  # a tracker dropped without close() stops its thread
         stop.atexit = False  # at exit, close() (registered below) drains the writer itself
+        if self._worker is not None:
+            weakref.finalize(self, self._worker.close).atexit = False
         self._writer.flush([], self._status("running"), self._write_rows_and_status)
         self._setup_s = time.perf_counter() - t0
         ref = weakref.ref(self)
@@ -576,6 +614,25 @@ class Tracker:
         self.run.config["extra"]["tracker"]["model_spec"] = info
         self.run.save_config()
 
+    def _start_worker(self, mode: str, threads: int) -> None:
+        """Fork the probe worker (``mode`` "process", or "auto" where available); else probes run inline."""
+        from dynascope.runner import PROBES
+
+        if mode == "inline":
+            return
+        why = process_available(_unwrap_model(self.model))
+        if why is None:
+            fns = {p.runner_name: PROBES[p.runner_name].resolve() for p in self._probes}
+            try:
+                self._worker = ProbeWorker(_unwrap_model(self.model), self._batch, fns, threads=threads)
+                self.probe_worker = "process"
+                return
+            except (OSError, ValueError) as e:
+                why = f"starting it failed ({type(e).__name__}: {e})"
+        if mode == "process":
+            raise ValueError(f"Tracker: probe_worker='process' is not available: {why}")
+        self.probe_worker_note = f"inline probes run on the training thread: {why}"
+
     # ------------------------------------------------------------------ the per-step call
     def __enter__(self) -> Tracker:
         return self
@@ -620,6 +677,12 @@ class Tracker:
                 self.log(step, metrics)  # e.g. gradient accumulation: one update, several calls
                 return
             self._last_step = step
+            if self._resumed_at is not None:
+                self._timed_steps += 1
+            self._collect(0.0)
+            for p in self._probes:
+                if p.error is None and step % p.interval.requested == 0:
+                    p.planned += 1
             lr = self.current_lr()
             self.log(step, {**({"lr": lr} if lr is not None else {}), **dict(metrics or {})})
             if self._writer is not None and self._writer.threaded:  # inline writes are already in `own`
@@ -633,24 +696,39 @@ class Tracker:
                 ck = _clock() - t0
                 self._budget.add_own("checkpoint", ck)
                 parts += ck
+            jobs: list[dict[str, Any]] = []  # probe jobs for the worker (one hand-off of the snapshot)
+            t_jobs = _clock()
             for p in due:
                 t0 = _clock()
-                self._run_probe(p, step, lr)
-                dt = _clock() - t0
-                p.seconds += dt
-                if p.first_seconds is None:
-                    p.first_seconds = dt
-                p.interval.cost = dt + (0.0 if scheduled else ck)  # the checkpoint was written for it
-                self._budget.add_own("probe", dt)
-                parts += dt
-                if self._budget.relax(p.interval):
-                    self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
+                job = self._run_probe(p, step, lr)  # inline: computes it; with the worker: the job
+                if job is None:
+                    parts += self._charge(p, step, _clock() - t0, 0.0 if scheduled else ck)
+                else:
+                    jobs.append(job)
+            if jobs:
+                self._submit(step, jobs)
+                dt = (_clock() - t_jobs) / len(jobs)
+                for job in jobs:
+                    parts += self._charge(job["probe"], step, dt, 0.0 if scheduled else ck / len(jobs))
             if due or scheduled or _clock() - self._last_flush >= self.heartbeat_s:
-                self._flush(upto=step)
+                # a row waits for the result the worker is computing for its step
+                self._flush(upto=step if self._inflight is None else min(step, self._inflight["step"]))
         finally:
             end = _clock()
             self._budget.add_own("write", end - start - parts)
             self._resumed_at = end
+
+    def _charge(self, p: _InlineProbe, step: int, seconds: float, checkpoint: float) -> float:
+        """Book ``seconds`` of ``p`` on the training thread; its cost for the budget adds the ``checkpoint``
+        written for it (0 when the schedule wrote one anyway). Returns ``seconds``."""
+        p.seconds += seconds
+        if p.first_seconds is None:
+            p.first_seconds = seconds
+        p.interval.cost = seconds + checkpoint
+        self._budget.add_own("probe", seconds)
+        if self._budget.relax(p.interval):
+            self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
+        return seconds
 
     def _admit(self, step: int) -> list[_InlineProbe]:
         """The due probes the budget admits at ``step``; the deferred ones are recorded in ``skipped``."""
@@ -660,6 +738,8 @@ class Tracker:
             if not p.due(step):
                 continue
             run, reason = self._budget.decide(p.interval, planned)
+            if run and self._inflight is not None and self.budget is not None:
+                run, reason = False, f"the probe worker is still computing step {self._inflight['step']}"
             if run:
                 out.append(p)
                 planned += p.interval.cost or 0.0
@@ -667,6 +747,7 @@ class Tracker:
                 self._skipped.append(
                     {"step": step, "probe": p.name, "every": p.interval.every, "reason": reason}
                 )
+                p.skipped += 1
         return out
 
     def _checkpoint(self, step: int) -> None:
@@ -681,6 +762,7 @@ class Tracker:
             from dynascope.models.runs import optimizer_state_by_name
 
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self._snapshot = (step, state)  # the weights a probe of this step runs on
             named = optimizer_state_by_name(opt, model) if opt is not None else None  # CPU copies
 
             def write() -> None:
@@ -703,11 +785,12 @@ class Tracker:
         self._writer.submit_checkpoint(snapshot, nbytes)
         self._last_checkpoint = step
 
-    def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> None:
-        """Compute ``p`` on the in-memory model; the writer stores it under the runner's key for the
-        checkpoint of ``step`` (queued before it)."""
+    def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> dict[str, Any] | None:
+        """Compute ``p`` at ``step`` on the in-memory model (returns ``None``), or with the probe worker
+        return its job for :meth:`_submit`; :meth:`_finish` stores the result under the runner's key for the
+        checkpoint of ``step``."""
         from dynascope.datasets.batching import slice_inputs
-        from dynascope.runner import PROBES, call_params, plan, schedule_lr, store_result
+        from dynascope.runner import PROBES, call_params, schedule_lr
 
         assert self.run is not None and self._writer is not None
         params = dict(p.params)
@@ -719,34 +802,67 @@ class Tracker:
             max_samples = min(p.max_samples, self._max_samples)
         call = call_params(self.run, p.runner_name, params)
         n = max_samples if max_samples is not None else self._batch[1].shape[0]
-        data = (slice_inputs(self._batch[0], slice(None, n)), self._batch[1][:n])
+        job = {"probe": p, "step": step, "params": params, "call": call, "max_samples": max_samples, "n": n}
+        if self._worker is not None:
+            return job
         kwargs = dict(call)
-        fn = PROBES[p.runner_name].resolve()
         if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():
             kwargs["v0"] = p.previous
-        model = _unwrap_model(self.model)
-        was_training = model.training
-        devices = [self._device] if self._device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                result = fn(model, data, **kwargs)
-            except Exception as e:  # noqa: BLE001 - a probe must never stop the user's training
-                p.error = f"step {step}: {type(e).__name__}: {e}"
-                result = None
-            finally:
-                model.train(was_training)
+        data = (slice_inputs(self._batch[0], slice(None, n)), self._batch[1][:n])
+        fn = PROBES[p.runner_name].resolve()
+        self._finish(job, compute_probe(fn, _unwrap_model(self.model), data, kwargs, device=self._device))
+        return None
+
+    def _submit(self, step: int, jobs: list[dict[str, Any]]) -> None:
+        """Hand the checkpoint's weights and the due probe ``jobs`` to the worker (waiting for its previous
+        jobs first: only ``budget=None`` admits probes while it is busy)."""
+        assert self._worker is not None and self._snapshot is not None and self._snapshot[0] == step
+        self._collect(math.inf)
+        if self._worker is None:  # it stopped while we waited
+            for job in jobs:
+                self._finish(job, ProbeOutcome(None, None, "the probe worker stopped", 0.0))
+            return
+        specs = [(j["probe"].name, j["probe"].runner_name, j["call"], j["n"]) for j in jobs]
+        self._worker.submit(step, specs, self._snapshot[1])
+        self._inflight = {"step": step, "jobs": {j["probe"].name: j for j in jobs}}
+
+    def _collect(self, timeout: float) -> None:
+        """Finish the worker's jobs if they are done (waiting up to ``timeout`` seconds)."""
+        if self._worker is None or self._inflight is None:
+            return
+        done = self._worker.poll(timeout)
+        if done is not None:
+            inflight, self._inflight = self._inflight, None
+            step, outcomes = done
+            assert step == inflight["step"]
+            for name, out in outcomes:
+                self._finish(inflight["jobs"][name], out)
+        if self._worker.closed and self._inflight is None:  # the child died: the next probes run inline
+            self._worker, self.probe_worker = None, "inline"
+            self.probe_worker_note = "the probe worker stopped; later probes ran on the training thread"
+
+    def _finish(self, job: dict[str, Any], out: ProbeOutcome) -> None:
+        """Store a probe's result (through the writer, after its checkpoint), log its scalars in the step's
+        metrics row, warm-start the next run, check the cadence the probe can keep."""
+        from dynascope.runner import plan, store_result
+
+        p, step = job["probe"], job["step"]
+        if self.probe_worker == "process":
+            p.worker_seconds += out.seconds
+        result = out.result
         if result is None:
+            p.error = f"step {step}: {out.error}"
             warnings.warn(
                 f"Tracker '{self.path}': inline probe {p.name!r} failed at step {step} and is switched off "
                 f"({p.error}); tracker.json records it",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return
-        if caught:  # recorded once per probe in tracker.json instead of repeated in the user's log
-            p.warning = f"step {step}: {caught[-1].message}"
+        if out.warning:  # recorded once per probe in tracker.json instead of repeated in the user's log
+            p.warning = f"step {step}: {out.warning}"
         run, name, device = self.run, p.runner_name, self._device
+        params, call, max_samples = job["params"], job["call"], job["max_samples"]
 
         def store() -> None:
             pl = plan(run, name, step=step, params=params, max_samples=max_samples, device=device)
@@ -754,14 +870,50 @@ class Tracker:
                 raise RuntimeError(f"inline {name} at step {step}: the runner's call {pl.call} != {call}")
             store_result(pl, result)
 
+        assert self._writer is not None
         self._writer.submit(store)
-        if p.runner_name == "sharpness" and getattr(result, "eigenvectors", None) is not None:
-            p.previous = result.eigenvectors
-        elif p.runner_name == "hessian_eigenvalues" and getattr(result, "vectors", None) is not None:
-            p.previous = result
+        p.previous = warm_start(p.runner_name, result)
         row = self._rows.setdefault(step, {"step": step})
         row.update(self._probe_metrics(p.runner_name, result))
         p.runs += 1
+        self._check_cadence(p, out.seconds)
+
+    def _check_cadence(self, p: _InlineProbe, seconds: float) -> None:
+        """Estimate the interval ``p`` can keep from its last run's ``seconds`` and the mean training step;
+        warn once (from its second run on: the first is cold) when it is longer than the requested one.
+
+        In the worker a run occupies it for ``seconds / step_s`` training steps, so a due step comes after
+        ``requested · ⌈seconds / (step_s · requested)⌉`` steps; inline, the budget admits it every
+        ``seconds / (budget · step_s)`` steps, rounded up to ``requested · 2^j`` (intervals double)."""
+        if self._timed_steps < 2 or self._budget.train <= 0:
+            return
+        step_s = self._budget.train / self._timed_steps
+        req = p.interval.requested
+        if self.budget is None:  # every due run happens (training waits for the worker if need be)
+            every = req
+        elif self.probe_worker == "process":
+            every = req * max(1, math.ceil(seconds / (step_s * req)))
+        else:
+            ratio = max(seconds / (self.budget * step_s * req), 1e-12)
+            every = req * 2 ** max(0, math.ceil(math.log2(ratio)))
+        p.possible_every = every
+        if every <= req or p.cadence_note is not None or p.runs < 2:
+            return
+        where = (
+            f"the probe worker ({self._worker.threads if self._worker else 1} thread(s))"
+            if self.probe_worker == "process"
+            else f"the training thread under budget {self.budget:g}"
+        )
+        total = (
+            f"planned {self.steps // req + 1} runs over {self.steps} steps, possible about "
+            f"{self.steps // every + 1}" if self.steps else
+            f"planned {1000 // req} runs per 1000 steps, possible about {1000 // every}"
+        )  # fmt: skip
+        p.cadence_note = (
+            f"{p.name} every {req} steps was requested; one run takes {seconds:.3g} s on {where} and a "
+            f"training step {step_s:.3g} s, so it can run about every {every} steps ({total})"
+        )
+        warnings.warn(f"Tracker '{self.path}': {p.cadence_note}", UserWarning, stacklevel=4)
 
     @staticmethod
     def _probe_metrics(name: str, r: Any) -> dict[str, Any]:
@@ -848,7 +1000,9 @@ class Tracker:
         status = {
             "schema": STATUS_SCHEMA, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
             "started": self._started, "step": self._last_step,
-            "probes": self.status_probes(), "overhead": self.overhead,
+            "probes": self.status_probes(), "overhead": self.overhead, "planned_steps": self.steps,
+            "probe_worker": self.probe_worker,
+            **({"probe_worker_note": self.probe_worker_note} if self.probe_worker_note else {}),
             "skipped": list(self._skipped), "relaxed": list(self._relaxed),
         }  # fmt: skip
         if error:
@@ -873,17 +1027,37 @@ class Tracker:
         try:
             if self._last_step is not None and self._last_checkpoint != self._last_step and error is None:
                 self._checkpoint(self._last_step)
+            self._collect(math.inf if error is None else 0.0)  # the result the worker is computing
             self._flush(None)
         finally:
             self.closed = True
+            if self._worker is not None:
+                self._worker.close()
             self._writer.close()
             errors = self._writer.errors()
             if errors and error is None:
                 error = f"background write failed: {errors[0]}"
             self._close_s = time.perf_counter() - t0
             self._write_status_now("failed" if error else "finished", error)
+            self._record_cadence()
         if errors:
             raise RunError(self.path, f"the tracker's background write failed: {'; '.join(errors)}")
+
+    def _record_cadence(self) -> None:
+        """Planned vs done per inline probe into ``run.json`` (``extra.tracker.probes``) for readers that
+        do not read ``tracker.json``."""
+        if self.run is None or not self._probes:
+            return
+        keys = ("every_requested", "every", "possible_every", "planned", "done", "cadence_note")
+        summary = self.status_probes()
+        self.run.config["extra"]["tracker"]["probes"] = {
+            name: {k: v for k, v in s.items() if k in keys} for name, s in summary.items()
+        }
+        self.run.config["extra"]["tracker"]["probe_worker"] = self.probe_worker
+        try:
+            self.run.save_config()
+        except OSError as e:  # the status file has the same numbers
+            warnings.warn(f"Tracker '{self.path}': run.json not updated ({e})", UserWarning, stacklevel=3)
 
     def __repr__(self) -> str:
         return f"Tracker({str(self.path)!r}, step={self._last_step}, probes={[p.name for p in self._probes]})"
