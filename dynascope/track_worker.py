@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -161,6 +162,23 @@ class ProbeWorker:
         self._pending: tuple[int, list[str]] | None = None  # the jobs the child is working on
         self._sent_at = 0.0
         self.closed = False
+        # a receiver thread waits on the pipe (holding no lock meanwhile), so a training step checks one
+        # attribute instead of polling a file descriptor
+        self._inbox: list[Any] = []
+        self._arrived = threading.Event()
+        self._receiver = threading.Thread(target=self._receive, name="dynascope-probe-results", daemon=True)
+        self._receiver.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                item: Any = pickle.loads(self._conn.recv_bytes())
+            except (EOFError, OSError) as e:
+                item = e
+            self._inbox.append(item)
+            self._arrived.set()
+            if isinstance(item, BaseException):
+                return
 
     def busy(self) -> int | None:
         """The step whose probes the child is computing, or ``None`` when it is free."""
@@ -182,13 +200,20 @@ class ProbeWorker:
         ``timeout`` seconds; ``math.inf``: until they are done). A dead child gives failed outcomes."""
         if self._pending is None:
             return None
-        try:
-            if not self._conn.poll(None if math.isinf(timeout) else timeout):
-                return self._lost("the probe worker process died") if not self._proc.is_alive() else None
-            step, outcomes = pickle.loads(self._conn.recv_bytes())
-        except (EOFError, OSError) as e:
-            return self._lost(f"the probe worker stopped ({type(e).__name__}: {e})")
+        if not self._inbox:
+            if timeout <= 0:
+                return None
+            while not self._arrived.wait(None if math.isinf(timeout) else timeout):
+                if not self._proc.is_alive() and not self._inbox:
+                    return self._lost("the probe worker process died")
+                if not math.isinf(timeout):
+                    return None
+        self._arrived.clear()
+        item = self._inbox.pop(0)
+        if isinstance(item, BaseException):
+            return self._lost(f"the probe worker stopped ({type(item).__name__}: {item})")
         self._pending = None
+        step, outcomes = item
         return step, outcomes
 
     def _lost(self, why: str) -> tuple[int, list[tuple[str, ProbeOutcome]]]:

@@ -25,9 +25,13 @@ What it writes (the run folder format of :class:`dynascope.models.Run`, nothing 
   "stopped without closing". Every file is written atomically, so readers see a consistent run meanwhile.
 
 Inline probes run on the fixed probe batch at their interval (``probes={name: every}`` or ``{name: {"every":
-n, **params}}``), on the in-memory model, right after its checkpoint is written, and are stored in the run's
-result store under the key :func:`dynascope.runner.plan` computes for that checkpoint — so the notebook, CLI
-and app find them as cached results:
+n, **params}}``) on the weights of the checkpoint written at that step, and are stored in the run's result
+store under the key :func:`dynascope.runner.plan` computes for that checkpoint — so the notebook, CLI and
+app find them as cached results. Where they run (``probe_worker``): by default in a forked worker process
+with its own torch threads (``probe_threads``, default 1), which gets the checkpoint's weight snapshot and
+computes while training goes on (:mod:`dynascope.track_worker`); its results are stored (and their scalars
+join that step's metrics row, held back until then) at a later call. With ``probe_worker="inline"`` (or
+where no fork is available: a CUDA model, macOS) they run on the in-memory model on the training thread.
 
 * ``"lambda_max"`` / ``"sharpness"`` → runner probe ``sharpness`` with ``k=1, tol=1e-3, trace=False`` and
   ``lr`` = the optimizer's current rate (the parameters of the app's edge-of-stability page), Lanczos
@@ -46,13 +50,22 @@ training thread). A step's metrics row is written with the next flush after that
 after ``step()`` join it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``.
 
 Overhead budget (:mod:`dynascope.track_budget`): the tracker times the training between its calls and its
-own time — checkpoint snapshots, hand-offs to the writer and waits for it, inline probes on the training
-thread, and the background writer's busy time (it shares the interpreter lock with training) — and keeps
-that total under ``budget`` × training time (default 10 %): a due probe whose last cost
+own time — checkpoint snapshots, hand-offs to the writer, the worker and waits for them, inline probes on
+the training thread, and the background writer's CPU time (it shares the interpreter lock with training) —
+and keeps that total under ``budget`` × training time (default 10 %): a due probe whose last cost
 would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skipped``) and its interval
 doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
-budget. Checkpoints on the schedule are never deferred nor dropped; when they alone exceed the budget the
-status's ``overhead.over_budget`` says so. ``budget=None`` never defers.
+budget. A due probe is skipped too while the worker still computes an earlier step (one core delivers what
+it can; no backlog grows). Checkpoints on the schedule are never deferred nor dropped; when they alone
+exceed the budget the status's ``overhead.over_budget`` says so. ``budget=None`` never defers nor skips
+(training waits for the worker when it falls behind).
+
+Planned vs done: each probe's summary in ``tracker.json`` (and at ``close()`` in ``run.json``
+``extra.tracker.probes``) counts ``planned`` runs (steps at the requested interval), ``done`` and
+``skipped``, and ``possible_every``, the interval the tracker can keep, estimated from the probe's last run
+and the mean training step; when it is longer than the requested one the tracker warns once (from the
+probe's second run, the first is cold) with the planned and possible numbers (over ``steps=`` when given),
+and the app's Runs page shows the table.
 Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls return at once.
 """
 
@@ -686,7 +699,7 @@ class Tracker:
             lr = self.current_lr()
             self.log(step, {**({"lr": lr} if lr is not None else {}), **dict(metrics or {})})
             if self._writer is not None and self._writer.threaded:  # inline writes are already in `own`
-                self._budget.background = self._writer.busy_seconds
+                self._budget.background = self._writer.cpu_seconds
             due = self._admit(step)
             scheduled = checkpoint_due(step, self.schedule, every=self.checkpoint_every)
             ck = 0.0
@@ -737,7 +750,7 @@ class Tracker:
         for p in self._probes:
             if not p.due(step):
                 continue
-            run, reason = self._budget.decide(p.interval, planned)
+            run, reason = self._budget.decide(p.interval, planned, stretch=self._worker is None)
             if run and self._inflight is not None and self.budget is not None:
                 run, reason = False, f"the probe worker is still computing step {self._inflight['step']}"
             if run:
@@ -968,7 +981,7 @@ class Tracker:
     def overhead(self) -> dict[str, Any]:
         """Seconds spent training (between calls) and in the tracker on the training thread (probes,
         checkpoint snapshots and hand-offs, writes), its fraction of training time, the budget, the
-        background writer's busy seconds, setup and close seconds, and ``over_budget`` (a note or None)."""
+        background writer's busy and CPU seconds, setup and close seconds, and ``over_budget``."""
         b = self._budget
         train = b.train
         return {
@@ -977,6 +990,7 @@ class Tracker:
             "write_seconds": round(b.own["write"], 6),
             "probe_fraction": b.own["probe"] / train if train > 0 else None,
             "background_write_seconds": round(self._writer.busy_seconds, 6) if self._writer else 0.0,
+            "background_write_cpu_seconds": round(self._writer.cpu_seconds, 6) if self._writer else 0.0,
             "setup_seconds": round(self._setup_s, 6), "close_seconds": round(self._close_s, 6),
             "over_budget": b.over_budget(),
         }  # fmt: skip
