@@ -173,7 +173,7 @@ class ProbeWorker:
         while True:
             try:
                 item: Any = pickle.loads(self._conn.recv_bytes())
-            except (EOFError, OSError) as e:
+            except (EOFError, OSError, TypeError) as e:  # TypeError: the connection was closed under it
                 item = e
             self._inbox.append(item)
             self._arrived.set()
@@ -230,9 +230,10 @@ class ProbeWorker:
                 self._conn.send_bytes(pickle.dumps(None))
             except OSError:
                 pass
-        self._conn.close()
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout)
+        self._receiver.join(timeout)  # it sees the end of the pipe once the child is gone
+        self._conn.close()
         self.closed = True

@@ -849,7 +849,13 @@ class Tracker:
             step, outcomes = done
             assert step == inflight["step"]
             for name, out in outcomes:
-                self._finish(inflight["jobs"][name], out)
+                if self._worker.closed:  # lost with the worker: skipped, the probe stays on
+                    p = inflight["jobs"][name]["probe"]
+                    p.skipped += 1
+                    self._skipped.append({"step": step, "probe": name, "every": p.interval.every,
+                                          "reason": str(out.error)})  # fmt: skip
+                else:
+                    self._finish(inflight["jobs"][name], out)
         if self._worker.closed and self._inflight is None:  # the child died: the next probes run inline
             self._worker, self.probe_worker = None, "inline"
             self.probe_worker_note = "the probe worker stopped; later probes ran on the training thread"

@@ -112,10 +112,12 @@ def test_spec_data_probe_batch_is_the_runner_max_samples(tmp_path: Path) -> None
 
 
 def test_budget_skips_and_stretches(tmp_path: Path) -> None:
+    """Probes on the training thread: a deferred run doubles the interval."""
     model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     tr = dynascope.Tracker(tmp_path / "run", model, data=_data(), loss="cross_entropy", optimizer=opt,
-                           probes={"lambda_max": 2}, budget=1e-9, schedule=[0])  # fmt: skip
+                           probes={"lambda_max": 2}, budget=1e-9, schedule=[0],
+                           probe_worker="inline")  # fmt: skip
     _train(tr, model, opt, 12, _data())
     tr.close()
     skipped = tr.skipped
