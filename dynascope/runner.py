@@ -232,7 +232,7 @@ def resolved_model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from dynascope.models import normalize_config
 
     cfg = dict(cfg)
-    if "name" not in cfg and ("factory" in cfg or "hf" in cfg):
+    if "name" not in cfg and ("factory" in cfg or "hf" in cfg or "exported" in cfg):
         from dynascope.models import model_fingerprint
 
         return to_jsonable(model_fingerprint(cfg))

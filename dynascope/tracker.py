@@ -11,8 +11,13 @@ What it writes (the run folder format of :class:`dynascope.models.Run`, nothing 
 
 * ``run.json`` with the model, data and loss specs. The model spec is ``model_spec=`` when given, else the
   config of a model built by dynascope, else a Hugging Face model's config saved to ``<run>/hf_config``, else
-  the model's class as a factory (``"pkg.module:Class"`` for installed packages, ``"/path/file.py:Class"``
-  otherwise; a LightningModule's ``hparams`` as its kwargs). The tracker rebuilds that spec once and records
+  the structure of a ``Sequential`` of ``torch.nn`` layers (:mod:`dynascope.models.structure`), else the
+  model's class as a factory (``"pkg.module:Class"`` for installed packages, ``"/path/file.py:Class"``
+  otherwise; a LightningModule's ``hparams`` as its kwargs), else — a class no reader can import (defined in
+  a notebook, ``__main__`` or a function) — the model exported with ``torch.export`` (eval mode) to
+  ``<run>/model.export.json`` + ``.safetensors``, read back without unpickling anything
+  (:mod:`dynascope.models.exported`); where export fails the tracker warns why and asks for ``model_spec=``.
+  The tracker rebuilds that spec once and records
   in ``extra["tracker"]["model_spec"]`` whether the run can be re-opened with it (``reopenable``) and why not.
 * The data: a data spec is stored as given and the probe batch is its first ``probe_samples`` training
   samples (the runner's ``max_samples``); tensors, a ``Dataset`` or a ``DataLoader`` are cut to their first
@@ -486,7 +491,7 @@ class Tracker:
             tensors, x_keys = _probe_tensors(*batch)
             if x_keys != "x":
                 data_spec["x"] = x_keys
-        spec, spec_info, hf_config = self._model_spec(model_spec)
+        spec, spec_info, write_model_files = self._model_spec(model_spec, batch[0])
         frozen = [n for n, p in _unwrap_model(self.model).named_parameters() if not p.requires_grad]
         if frozen and not any(k in spec for k in ("trainable", "frozen")):
             spec = {**spec, "frozen": frozen}  # the run's readers freeze the same parameters
@@ -520,8 +525,8 @@ class Tracker:
             from dynascope.models.atomic import atomic_write
 
             atomic_write(path / PROBE_DATA_FILE, lambda tmp: save_file(tensors, tmp))
-        if hf_config is not None:
-            hf_config.save_pretrained(str(path / HF_CONFIG_DIR))
+        if write_model_files is not None:  # an HF config, an exported program: into the run folder now
+            write_model_files()
         self._check_reopenable(spec_info)
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._device = device
@@ -555,8 +560,12 @@ class Tracker:
         run.truncate_metrics(self.start_step if self.start_step is not None else -1)
         return run
 
-    def _model_spec(self, given: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
-        """``(spec, info, hf_config_to_save)``: the model spec of the run (module docstring)."""
+    def _model_spec(
+        self, given: Any, example: Any
+    ) -> tuple[dict[str, Any], dict[str, Any], Callable[[], None] | None]:
+        """``(spec, info, write)``: the model spec of the run (module docstring) and what writes the files
+        it names into the run folder once it exists (``None``: nothing to write). ``example``: the probe
+        batch's inputs (an exported program is traced on its first samples)."""
         from dynascope.models import model_config, normalize_model_spec
 
         model = _unwrap_model(self.model)
@@ -574,7 +583,7 @@ class Tracker:
             return (
                 {"hf": folder, "seed": 0},
                 {"source": f"Hugging Face config saved to {HF_CONFIG_DIR}/"},
-                config,
+                lambda: config.save_pretrained(folder),
             )
         from dynascope.models.structure import StructureError, describe_module
 
@@ -583,13 +592,16 @@ class Tracker:
         except StructureError as e:
             not_structure = str(e)
         ref = _class_ref(type(model))
-        if ref is None:
+        if ref is None:  # a class no reader can import: the architecture travels as an exported program
+            exported = self._export(model, example)
+            if isinstance(exported, tuple):
+                return exported
             raise ValueError(
                 f"Tracker: the model's class {type(model).__qualname__} (module {type(model).__module__}) "
                 "cannot be imported by a reader of the run (it is defined in __main__ or inside a function), "
-                f"and it is not a Sequential of torch.nn layers ({not_structure}); pass "
-                "model_spec={'factory': 'pkg.module:make_model', 'kwargs': {...}} (or a file path "
-                "'path/to/file.py:make_model')"
+                f"it is not a Sequential of torch.nn layers ({not_structure}), and torch.export cannot "
+                f"carry it ({exported}); pass model_spec={{'factory': 'pkg.module:make_model', 'kwargs': "
+                "{...}} (or a file path 'path/to/file.py:make_model')"
             )
         kwargs = {}
         source = "the model's class"
@@ -599,6 +611,42 @@ class Tracker:
             if kw is not None:
                 kwargs, source = kw, "the model's class and its hparams"
         return normalize_model_spec({"factory": ref, "kwargs": kwargs}), {"source": source}, None
+
+    def _export(self, model: nn.Module, example: Any) -> tuple[dict[str, Any], dict[str, Any], Any] | str:
+        """The exported-program route (:mod:`dynascope.models.exported`): the spec triple, or why not (also
+        warned: the caller falls back to the spec route)."""
+        import shutil
+        import tempfile
+
+        from dynascope.datasets.batching import input_count, slice_inputs
+        from dynascope.models.exported import EXPORT_FILE, ExportError, export_model, tensors_file
+
+        n = min(input_count(example), 8)
+        if n < 2:
+            why = "the probe batch has fewer than 2 samples (the batch dimension is exported as dynamic)"
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="dynascope-export-"))
+            try:
+                export_model(model, slice_inputs(example, slice(None, n)), tmp / EXPORT_FILE)
+                target = self.path / EXPORT_FILE
+
+                def write() -> None:
+                    for f in (tmp / EXPORT_FILE, tensors_file(tmp / EXPORT_FILE)):
+                        shutil.move(str(f), str(self.path / f.name))
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+                info = {"source": f"the model exported with torch.export to {EXPORT_FILE} (eval mode)"}
+                return {"exported": str(target.resolve()), "seed": 0}, info, write
+            except ExportError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                why = str(e)
+        warnings.warn(
+            f"Tracker '{self.path}': the model cannot travel as an exported program ({why}); falling back "
+            "to the spec route",
+            UserWarning,
+            stacklevel=5,
+        )
+        return why
 
     def _check_reopenable(self, info: dict[str, Any]) -> None:
         """Build the run's model spec once; record whether its parameters match the tracked model's."""

@@ -97,7 +97,7 @@ def _named_config(kind: str, cfg: Any) -> dict[str, Any]:
 
 def _spec_label(spec: Mapping[str, Any]) -> str:
     """A short label of a model or data spec: its registry name, factory reference, file or HF folder."""
-    for key in ("name", "factory", "hf", "file"):
+    for key in ("name", "factory", "hf", "exported", "file"):
         if isinstance(spec.get(key), str):
             return spec[key]
     return "?"
