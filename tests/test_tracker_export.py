@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 import dynascope
+from dynascope.cli import main as cli_main
 from dynascope.models import build_from_spec
 from dynascope.models.exported import EXPORT_FILE, ExportError, export_model, load_exported, tensors_file
 from dynascope.probes import hessian_eigenvalues
+from dynascope.store import ResultStore
 
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
 
@@ -73,6 +75,13 @@ def test_a_model_defined_inline_is_probed_afterwards_with_no_factory(tmp_path: P
     lam = run.metrics.dropna(subset=["lambda_max"]).set_index("step")["lambda_max"]
     assert lam.index.tolist() == [0, 5, 10]
     assert float(lam.loc[10]) == pytest.approx(float(live.values[0]), rel=1e-3)  # inline tol 1e-3
+    # the CLI too (no factory, no trust): it computes at step 5 and stores what open_run then reads
+    argv = ["probe", "hessian_eigenvalues", str(path), "--step", "5", "--param", "k=3", "--param", "tol=1e-8"]
+    assert cli_main(argv) == 0
+    cli = ResultStore(path).list("hessian_eigenvalues")
+    at5 = next(r for r in cli if r.step == 5)
+    direct = hessian_eigenvalues(run.model(5), (x, y), k=3, tol=1e-8, loss="cross_entropy")
+    torch.testing.assert_close(at5.result.values.double(), direct.values.double(), rtol=1e-6, atol=1e-9)
 
 
 def test_the_app_probes_an_exported_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
