@@ -10,7 +10,8 @@ continues, non-monotonically, with λ_max hovering at 2/η.
 by :func:`dynascope.probes.sharpness` (``k=1, trace=False``, Lanczos warm-started from the previous top
 eigenvector: the one λ_max-over-training path, shared with ``track_sharpness`` and the Tracker), logged as
 ``sharpness`` (with ``two_over_lr`` and ``sharpness_ratio`` = λ_max·η/2) and written to the run's result
-store under the key of ``probe("sharpness", step=s, k=1, tol=lanczos_tol, trace=False, lr=η)``.
+store under the key of ``probe("sharpness", step=s, k=1, tol=lanczos_tol, trace=False, lr=η)`` (queued
+in ``pending_results/``, filed by :func:`dynascope.runner.ingest_pending` when the run is next read).
 
 ``edge_of_stability_adam`` (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"): the
 same model, data and loss trained by full-batch Adam (η = 1e-3, torch's β = (0.9, 0.999), ε = 1e-8). For
@@ -108,9 +109,9 @@ class SharpnessTracker:
     optimizer's state, logged as ``precond_sharpness`` against its threshold ``precond_threshold`` (38/η for
     β₁ = 0.9); nothing is logged before the first update (no state yet).
 
-    The results are kept and :meth:`store` writes them into the run's result store (after ``train`` wrote
-    the checkpoints) under the runner's key of ``probe("sharpness", step=s, **self.params)``, so the
-    trajectory views find them as cached results."""
+    The results are kept and :meth:`store` queues them for the run's result store (after ``train`` wrote
+    the checkpoints); the runner files them under its key of ``probe("sharpness", step=s, **self.params)``
+    when the run is next read, so the trajectory views find them as cached results."""
 
     def __init__(
         self, lr: float, *, loss: str = "half_sse", tol: float = 1e-3, preconditioned: bool = False
@@ -151,12 +152,10 @@ class SharpnessTracker:
         }
 
     def store(self, run: Run) -> int:
-        """Write the kept results into ``run``'s result store (its checkpoints must exist); returns their
-        number."""
-        from dynascope.runner import plan, store_result
-
+        """Queue the kept results for ``run``'s result store (:meth:`Run.add_pending_result`: recipes sit
+        below the runner; it files them under its key when the run is next read); returns their number."""
         for step, r in self.results:
-            store_result(plan(run, "sharpness", step=step, params=self.params), r)
+            run.add_pending_result("sharpness", step, self.params, r)
         return len(self.results)
 
 
