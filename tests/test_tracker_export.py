@@ -48,14 +48,9 @@ def _sequential() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 10), nn.LayerNorm(10), nn.Tanh(), nn.Linear(10, 3))
 
 
-@pytest.mark.parametrize("make, source", [(_sequential, "structure"), (_own_class, "exported")])
-def test_a_model_defined_inline_is_probed_afterwards_with_no_factory(tmp_path: Path, make, source) -> None:
-    """Plain loop, Tracker with λ_max; afterwards ``open_run(...).probe("hessian_eigenvalues", step=last)``
-    equals the live model's values to 1e-6 (relative) with no factory anywhere."""
-    model = make()
-    x, y = _data()
+def track_plain_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
+    """Ten SGD steps of cross-entropy in a plain loop, tracked: checkpoints every 5 steps, λ_max every 5."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    path = tmp_path / "run"
     with dynascope.Tracker(path, model, data=(x, y), loss="cross_entropy", optimizer=opt, schedule="linear",
                            checkpoint_every=5, probes={"lambda_max": 5}, budget=None) as tr:  # fmt: skip
         tr.step(0)
@@ -65,6 +60,16 @@ def test_a_model_defined_inline_is_probed_afterwards_with_no_factory(tmp_path: P
             loss.backward()
             opt.step()
             tr.step(s, metrics={"train_loss": loss.item()})
+
+
+@pytest.mark.parametrize("make, source", [(_sequential, "structure"), (_own_class, "exported")])
+def test_a_model_defined_inline_is_probed_afterwards_with_no_factory(tmp_path: Path, make, source) -> None:
+    """Plain loop, Tracker with λ_max; afterwards ``open_run(...).probe("hessian_eigenvalues", step=last)``
+    equals the live model's values to 1e-6 (relative) with no factory anywhere."""
+    model = make()
+    x, y = _data()
+    path = tmp_path / "run"
+    track_plain_loop(model, x, y, path)
     run = dynascope.open_run(path)
     assert source in run.run.model_config
     assert run.run.extra["tracker"]["model_spec"]["reopenable"] is True
