@@ -518,6 +518,8 @@ def ingest_pending(run: Run | str) -> int:
     from .store import _result_class
 
     run = _as_run(run)
+    if not isinstance(run, Run):  # a bare checkpoint file queues nothing
+        return 0
     done = 0
     for path in run.pending_results():
         try:
