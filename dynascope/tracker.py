@@ -348,7 +348,7 @@ class Tracker:
     ``probe_worker``: where inline probes run — ``"process"``: a forked child with ``probe_threads`` torch
     threads computes them on a snapshot of the weights while training goes on (:mod:`dynascope.track_worker`);
     ``"inline"``: on the training thread; ``"auto"`` (default): ``"process"`` where it is available (a POSIX
-    system, a CPU model), else ``"inline"`` (recorded in ``tracker.json`` with the reason).
+    system, a CPU model, two or more usable cores), else ``"inline"`` (``tracker.json`` records why).
     ``steps``: the planned number of training steps (optional): the cadence warning then states the planned
     and the possible number of probe runs over the whole run.
     ``resume=True`` continues a Tracker run at ``run_dir`` after a crash: the model (and optimizer) get the
@@ -682,6 +682,9 @@ class Tracker:
         if mode == "inline":
             return
         why = process_available(_unwrap_model(self.model))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if why is None and mode == "auto" and cores < 2:
+            why = "this process may use one CPU core only: a worker would compete with training for it"
         if why is None:
             fns = {p.runner_name: PROBES[p.runner_name].resolve() for p in self._probes}
             try:
