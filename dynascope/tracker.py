@@ -769,8 +769,10 @@ class Tracker:
                     parts += self._charge(p, step, _clock() - t0, 0.0 if scheduled else ck)
                 else:
                     jobs.append(job)
+            self._snapshot = None if not jobs else self._snapshot
             if jobs:
                 self._submit(step, jobs)
+                self._snapshot = None  # the worker has it; the writer holds its own reference
                 dt = (_clock() - t_jobs) / len(jobs)
                 for job in jobs:
                     parts += self._charge(job["probe"], step, dt, 0.0 if scheduled else ck / len(jobs))
