@@ -22,6 +22,10 @@ and the batch dimension of every input dynamic. A traced graph holds one mode, s
 accepts ``eval()`` / ``train(False)`` and refuses ``train(True)`` with a ``ValueError`` (train-mode probes
 need the model's code: a factory spec). Double backward (Hessian-vector products, ``torch.func``
 transforms) runs through it like through the original: the graph is made of differentiable ATen ops.
+Why not train mode too (checked in torch 2.13): ``ep.module()`` refuses both ``train()`` and ``eval()``
+(``NotImplementedError``), a graph traced in train mode bakes ``aten.dropout`` and ``aten.batch_norm`` with
+in-place running-statistics updates, and ``torch.func.jvp(grad(...))`` through it fails ("attempted to call
+in-place operation (aten::add_.Tensor) that would mutate a captured Tensor").
 
 Export fails for data-dependent control flow, unsupported ops or non-tensor constants; :func:`export_model`
 then raises :class:`ExportError` saying why, and the caller falls back to the spec route.
