@@ -307,6 +307,7 @@ class _InlineProbe:
         self.possible_every: int | None = None  # the interval the tracker can deliver (measured)
         self.cadence_note: str | None = None  # the warning when it is longer than the requested one
         self.worker_seconds = 0.0  # seconds computing in the probe worker (off the training thread)
+        self.last_seconds: float | None = None  # the last run's seconds where it ran
         self.previous: Any = None  # last result, for warm starts (inline probes; the worker keeps its own)
         self.warning: str | None = None  # the last warning the probe raised
         self.error: str | None = None  # set when the probe failed: it is switched off
@@ -810,6 +811,8 @@ class Tracker:
                 out.append(p)
                 planned += p.interval.cost or 0.0
             else:
+                if p.last_seconds is not None:  # the cadence it can keep, with the budget it has now
+                    self._check_cadence(p, p.last_seconds)
                 self._skipped.append(
                     {"step": step, "probe": p.name, "every": p.interval.every, "reason": reason}
                 )
@@ -948,43 +951,61 @@ class Tracker:
         row = self._rows.setdefault(step, {"step": step})
         row.update(self._probe_metrics(p.runner_name, result))
         p.runs += 1
+        p.last_seconds = out.seconds
         self._check_cadence(p, out.seconds)
 
     def _check_cadence(self, p: _InlineProbe, seconds: float) -> None:
-        """Estimate the interval ``p`` can keep from its last run's ``seconds`` and the mean training step;
-        warn once (from its second run on: the first is cold) when it is longer than the requested one.
+        """Estimate the interval ``p`` can keep (``possible_every``; ``None``: none) from its last run's
+        ``seconds``, its training-thread ``cost`` (with the checkpoint written for it) and the mean training
+        step ``step_s``; warn once (after its first, cold run) when it is longer than the requested one.
 
-        In the worker a run occupies it for ``seconds / step_s`` training steps, so a due step comes after
-        ``requested · ⌈seconds / (step_s · requested)⌉`` steps; inline, the budget admits it every
-        ``seconds / (budget · step_s)`` steps, rounded up to ``requested · 2^j`` (intervals double)."""
+        The budget's room for probes is ``budget − fixed``, ``fixed`` the fraction of training time the
+        rest of the tracker (scheduled checkpoints, metric rows, status) takes. In the worker a run occupies
+        it for ``seconds / step_s`` steps and uses ``cost / (room · step_s)`` steps of budget: the next due
+        multiple of ``requested`` after the larger; inline, a run needs ``seconds / (room · step_s)`` steps,
+        rounded up to ``requested · 2^j`` (intervals double)."""
         if self._timed_steps < 2 or self._budget.train <= 0:
             return
         step_s = self._budget.train / self._timed_steps
         req = p.interval.requested
-        if self.budget is None:  # every due run happens (training waits for the worker if need be)
+        fixed = max(self._budget.charged - self._budget.own.get("probe", 0.0), 0.0) / self._budget.train
+        room = None if self.budget is None else self.budget - fixed
+        every: int | None
+        if room is None:  # every due run happens (training waits for the worker if need be)
             every = req
+        elif room <= 0:
+            every = None
         elif self.probe_worker == "process":
-            every = req * max(1, math.ceil(seconds / (step_s * req)))
+            need = max(seconds / step_s, (p.interval.cost or 0.0) / (room * step_s))
+            every = req * max(1, math.ceil(need / req))
         else:
-            ratio = max(seconds / (self.budget * step_s * req), 1e-12)
+            ratio = max(seconds / (room * step_s * req), 1e-12)
             every = req * 2 ** max(0, math.ceil(math.log2(ratio)))
         p.possible_every = every
-        if every <= req or p.cadence_note is not None or p.runs < 2:
+        if (every is not None and every <= req) or p.cadence_note is not None or p.runs + p.skipped < 2:
             return
         where = (
             f"the probe worker ({self._worker.threads if self._worker else 1} thread(s))"
             if self.probe_worker == "process"
             else f"the training thread under budget {self.budget:g}"
         )
-        total = (
-            f"planned {self.steps // req + 1} runs over {self.steps} steps, possible about "
-            f"{self.steps // every + 1}" if self.steps else
-            f"planned {1000 // req} runs per 1000 steps, possible about {1000 // every}"
-        )  # fmt: skip
-        p.cadence_note = (
-            f"{p.name} every {req} steps was requested; one run takes {seconds:.3g} s on {where} and a "
-            f"training step {step_s:.3g} s, so it can run about every {every} steps ({total})"
-        )
+        per = f"over {self.steps} steps" if self.steps else "per 1000 steps"
+        span = self.steps if self.steps else 1000
+        planned = f"planned {span // req + (1 if self.steps else 0)} runs {per}"
+        if every is None:
+            p.cadence_note = (
+                f"{p.name} every {req} steps was requested ({planned}); the rest of the tracker (scheduled "
+                f"checkpoints, metric rows) already takes {fixed:.1%} of training time, over the budget "
+                f"{self.budget:g}, so it runs only when the budget has room: a sparser checkpoint schedule, "
+                "a larger budget or budget=None delivers it"
+            )
+        else:
+            p.cadence_note = (
+                f"{p.name} every {req} steps was requested; one run takes {seconds:.3g} s on {where} and a "
+                f"training step {step_s:.3g} s, and the budget leaves {room:.1%} of training time for "
+                f"probes, so it can run about every {every} steps ({planned}, possible about "
+                f"{span // every + (1 if self.steps else 0)})"
+            )
         warnings.warn(f"Tracker '{self.path}': {p.cadence_note}", UserWarning, stacklevel=4)
 
     @staticmethod

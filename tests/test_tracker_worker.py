@@ -156,6 +156,19 @@ def test_cadence_estimate_and_warning(tmp_path: Path) -> None:
     tr.budget = None  # no budget: every due run happens, training waits
     tr._check_cadence(p, 0.15)
     assert p.possible_every == 50
+    # the rest of the tracker takes 15 % of training time, over the 10 % budget: no room for probes
+    tr.budget, p.cadence_note = 0.1, None
+    tr._budget.own["write"] = 0.3
+    with pytest.warns(UserWarning, match=r"already takes 15\.0% of training time, over the budget 0\.1"):
+        tr._check_cadence(p, 0.15)
+    assert p.possible_every is None
+    # 5 % taken, a run costs the training thread 2 ms: 0.002 / (0.05 · 0.002) = 20 steps < the worker's 75
+    tr._budget.own["write"], p.interval.cost = 0.1, 0.002
+    tr._check_cadence(p, 0.15)
+    assert p.possible_every == 100
+    p.interval.cost = 0.02  # 200 steps of budget per run: the budget decides
+    tr._check_cadence(p, 0.15)
+    assert p.possible_every == 200
     tr.close()
 
 
