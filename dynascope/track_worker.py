@@ -14,6 +14,10 @@ It works on one job at a time; :meth:`ProbeWorker.busy` tells the tracker to ski
 queueing it (the cadence it can deliver is what one core computes, never a growing backlog). The child
 exits when the pipe closes — the tracker closed, or the training process died.
 
+Cost on the training thread: pickling the weight snapshot into the pipe (the checkpoint's CPU copy, taken
+anyway). Memory: the child holds its own copy of the weights (copy-on-write pages become its own when it loads
+a snapshot) and the snapshot it received.
+
 Fork needs a POSIX system and a CPU model (a forked child cannot use the parent's CUDA context);
 :func:`process_available` says whether this process can use it, and why not.
 """
