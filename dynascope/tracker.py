@@ -1044,9 +1044,11 @@ class Tracker:
         return {**self._written, "heartbeat": time.time()}
 
     def flush(self) -> None:
-        """Write every buffered metrics row and the status file now (waits for the writer)."""
+        """Write every buffered metrics row and the status file now (waits for the probe worker's result,
+        whose scalars join its step's row, and for the writer)."""
         if not self.writer or self.run is None or self.closed or self._writer is None:
             return
+        self._collect(math.inf)
         self._flush(None)
         self._writer.drain()
         self._raise_write_errors()

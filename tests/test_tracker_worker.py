@@ -211,3 +211,21 @@ def test_runs_page_shows_planned_vs_done(tmp_path: Path, monkeypatch: pytest.Mon
     frame = next(d.value for d in at.dataframe if "planned" in d.value.columns)
     row = frame.set_index("probe").loc["lambda_max"]
     assert (row["planned"], row["done"], row["skipped"]) == (4, 4, 0)
+
+
+def test_flush_while_the_worker_computes_writes_each_row_once(tmp_path: Path) -> None:
+    """``flush()`` while the worker computes the step's probe waits for it: one complete row per step."""
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    path = tmp_path / "run"
+    tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", optimizer=opt, schedule=[0],
+                           probes={"lambda_max": 5}, budget=None)  # fmt: skip
+    _train(tr, model, opt, 5)
+    assert tr._inflight is not None or tr._probes[0].runs == 2  # step 5's λ_max handed to the worker
+    tr.flush()
+    for s in range(6, 9):
+        tr.step(s, metrics={"train_loss": 0.0})
+    tr.close()
+    m = dynascope.open_run(path).metrics
+    assert m["step"].tolist() == list(range(9))  # each step once
+    assert m.set_index("step")["lambda_max"].notna().tolist() == [s in (0, 5) for s in range(9)]
