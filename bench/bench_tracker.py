@@ -1,40 +1,37 @@
-"""Overhead of ``dynascope.Tracker`` on a small edge-of-stability run (full-batch GD, λ_max every 25 steps).
+"""Overhead of ``dynascope.Tracker`` and the λ_max points it delivers on a small edge-of-stability run.
 
-Run:  .venv/bin/python bench/bench_tracker.py [--steps 300] [--every 25] [--repeats 3] [--threads 1]
+Run:  .venv/bin/python bench/bench_tracker.py [--steps 2000] [--every 50] [--repeats 3] [--threads 1]
 
 Setup: tanh MLP 32→64→64→10 (7.0k parameters), 512 Gaussian inputs with one-hot targets of a random linear
-teacher, half-SSE loss, full-batch GD at lr 0.1; every arm starts from the same seeded weights. Arms,
-run round-robin ``--repeats`` times (the median wall time of each is reported):
+teacher, half-SSE loss, full-batch GD at lr 0.1; every arm starts from the same seeded weights. Arms, run
+round-robin ``--repeats`` times (the median wall time of each is reported, with the load average beside it):
 
 * ``off``: the bare loop (forward, backward, step, ``loss.item()``);
-* ``on``: the same loop with a Tracker: checkpoints on the default "log+linear" schedule (every 100) plus
-  at each probe step, metrics rows, and inline λ_max (runner ``sharpness``, k=1, tol=1e-3, warm-started)
-  every ``--every`` steps on all 512 samples, ``budget=None`` (nothing deferred);
-* ``on+budget``: as ``on`` with the default budget: the tracker's whole time on the training thread
-  (checkpoint snapshots, hand-offs to the background writer, probes) ≤ 10 % of training time; probes are
-  deferred (intervals stretched, and relaxed again) to keep it, checkpoints never;
-* ``on+budget,sync``: as ``on+budget`` with ``background_writes=False`` (every fsync on the training thread).
+* ``before``: the Tracker as main had it — default settings (budget 10 %, checkpoints on "log+linear" every
+  100 plus one at each probe step, background writer) with inline λ_max (runner ``sharpness``, k=1,
+  tol=1e-3, warm-started) every ``--every`` steps computed on the training thread (``probe_worker="inline"``);
+  the budget defers (stretches) probes to keep the training-thread time under 10 %;
+* ``after``: the same with the default ``probe_worker="auto"``: λ_max computed in a forked worker process
+  (1 torch thread) on the checkpoint's weight snapshot while training goes on; a due run is skipped while
+  the worker is still busy with the previous one;
+* ``after,budget=None``: as ``after`` with ``budget=None``: every requested run happens (training waits for
+  the worker when it falls behind).
 
-Printed: wall times, each arm's ratio to ``off``, the tracker's own split (training-thread seconds by kind,
-the background writer's busy seconds, setup and close), the deferred / relaxed probe runs, and the
-agreement of the last inline λ_max with ``hessian_eigenvalues(tol=1e-8)`` on the saved checkpoint.
-
-What to expect: the budget rule bounds the training-thread overhead, so for ``on+budget``
-
-    ratio ≤ 1 + budget + (setup + close + first λ_max run + scheduled checkpoints beyond the budget) / T_off
-
-(T_off: the bare loop's time); ``bound`` prints the right side with the measured terms, ``fraction`` the
-tracker's training-thread time over training time (≤ budget apart from those terms). The background writer
-runs beside training (``background_write_seconds``), so on a machine with no spare core its fsyncs and
-serialisation can still slow the loop; the ``,sync`` arm shows what they cost on the training thread.
+Printed: the command, a table (wall median, ratio to ``off``, λ_max points delivered / planned, deferred or
+skipped runs, the load average around the arm), the tracker's own split per arm, and the agreement of the
+last delivered λ_max with ``hessian_eigenvalues(tol=1e-8)`` on the saved checkpoint. The worker needs a
+spare core: on a machine whose cores are all busy it competes with training, which the ratio shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,10 +81,12 @@ def _describe(tr: dynascope.Tracker, t_off: float) -> str:
         f"training-thread {o['tracker_seconds']:.3f} s = {o['fraction'] or 0:.1%} of training "
         f"{o['train_seconds']:.3f} s (probe {o['probe_seconds']:.3f}, checkpoint "
         f"{o['checkpoint_seconds']:.3f}, write {o['write_seconds']:.3f}); "
-        f"background writer {o['background_write_seconds']:.3f} s; "
+        f"background writer {o['background_write_seconds']:.3f} s "
+        f"(CPU {o['background_write_cpu_seconds']:.3f}); "
         f"setup {o['setup_seconds']:.3f} s, close {o['close_seconds']:.3f} s; "
-        f"λ_max runs {probe['runs']} (first {probe['first_run_seconds']:.3f} s), "
-        f"deferred {len(tr.skipped)}, relaxed {len(tr.relaxed)}"
+        f"λ_max runs {probe['runs']} (first {probe['first_run_seconds']:.3f} s on the training thread, "
+        f"{probe['worker_seconds']:.3f} s in the worker), skipped {probe['skipped']}, "
+        f"relaxed {len(tr.relaxed)}, possible every {probe['possible_every']}"
     )
     if o["budget"]:
         fixed = o["setup_seconds"] + o["close_seconds"] + probe["first_run_seconds"]
@@ -109,42 +108,54 @@ MODEL_SPEC = {"factory": f"{Path(__file__).resolve()}:make_model"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
     torch.set_num_threads(args.threads)
     probes = {"lambda_max": args.every}
     arms = {
         "off": None,
-        "on": {"probes": probes, "budget": None},
-        "on+budget": {"probes": probes},
-        "on+budget,sync": {"probes": probes, "background_writes": False},
+        "before": {"probes": probes, "probe_worker": "inline"},
+        "after": {"probes": probes},
+        "after,budget=None": {"probes": probes, "budget": None},
     }
     times: dict[str, list[float]] = {a: [] for a in arms}
+    loads: dict[str, list[float]] = {a: [] for a in arms}
     last: dict[str, dynascope.Tracker] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the cadence warning: the table shows it
         for _ in range(args.repeats):
             for arm, kw in arms.items():
-                dt, tr = _loop(args.steps, kw, Path(tmp) / arm.replace("+", "_").replace(",", "_"))
+                dt, tr = _loop(args.steps, kw, Path(tmp) / arm.replace(",", "_").replace("=", "_"))
                 times[arm].append(dt)
+                loads[arm].append(os.getloadavg()[0])
                 if tr is not None:
                     last[arm] = tr
         med = {a: statistics.median(t) for a, t in times.items()}
-        print(f"steps={args.steps}  λ_max every {args.every}  repeats={args.repeats}  threads={args.threads}")
+        print(f"steps={args.steps}  λ_max every {args.every}  repeats={args.repeats}  "
+              f"threads={args.threads}  cpus={os.cpu_count()}")  # fmt: skip
+        print(f"  {'arm':18s} {'median s':>9s} {'ratio':>6s} {'λ_max done/planned':>19s} {'skipped':>8s} "
+              f"{'worker':>8s}  load (1 min) after each repeat")  # fmt: skip
         for a in arms:
-            ratio = f"  ratio {med[a] / med['off']:.3f}" if a != "off" else ""
-            print(f"  {a:15s} median {med[a]:.3f} s{ratio}  (all: {', '.join(f'{t:.3f}' for t in times[a])})")
+            ratio = f"{med[a] / med['off']:.3f}" if a != "off" else "1"
+            done = skipped = worker = ""
+            if a in last:
+                p = last[a].status_probes()["lambda_max"]
+                done, skipped, worker = f"{p['done']}/{p['planned']}", str(p["skipped"]), last[a].probe_worker
+            print(f"  {a:18s} {med[a]:9.3f} {ratio:>6s} {done:>19s} {skipped:>8s} {worker:>8s}  "
+                  f"{', '.join(f'{v:.2f}' for v in loads[a])}")  # fmt: skip
         for a, tr in last.items():
             print(f"  {a}: {_describe(tr, med['off'])}")
-        run = dynascope.open_run(Path(tmp) / "on")
+        run = dynascope.open_run(Path(tmp) / "after")
         m = run.metrics
         s = int(m.loc[m["lambda_max"].notna(), "step"].max())
         inline = float(m.loc[m["step"] == s, "lambda_max"].item())
         x, y = run.dataset().train
         ref = float(hessian_eigenvalues(run.model(s), (x, y), k=1, loss="half_sse", tol=1e-8).values[0])
-        print(f"  λ_max at step {s}: inline {inline:.8g}, hessian_eigenvalues {ref:.8g}, "
+        print(f"  after: λ_max at step {s}: worker {inline:.8g}, hessian_eigenvalues {ref:.8g}, "
               f"relative difference {abs(inline - ref) / abs(ref):.2e}")  # fmt: skip
 
 

@@ -621,8 +621,10 @@ def _runs_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec_label(spec: dict[str, Any]) -> str | None:
-    """A registry name, factory reference, Hugging Face folder or data file naming a spec."""
-    return next((spec[k] for k in ("name", "factory", "hf", "file") if isinstance(spec.get(k), str)), None)
+    """A registry name, factory reference, Hugging Face folder, exported program or data file naming a
+    spec."""
+    keys = ("name", "factory", "hf", "exported", "file")
+    return next((spec[k] for k in keys if isinstance(spec.get(k), str)), None)
 
 
 def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:

@@ -172,7 +172,11 @@ def open_run(path: str | os.PathLike, *, trust: bool = False) -> RunView:
     """Open a run folder for analysis (``RunError`` if ``path`` is not one). Code its specs name (a model
     factory, a loss function) runs only once the folder is trusted: ``trust=True`` records that trust
     (``dynascope trust PATH`` shows the code first); else probes needing it raise ``UntrustedCodeError``."""
-    return RunView(Run.open(path, trust=trust))
+    from dynascope.runner import ingest_pending
+
+    run = Run.open(path, trust=trust)
+    ingest_pending(run)  # results a training recipe queued for the store (its trajectory views read them)
+    return RunView(run)
 
 
 __all__ = ["RunView", "open_run"]

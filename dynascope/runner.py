@@ -38,8 +38,10 @@ import functools
 import hashlib
 import importlib
 import inspect
+import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -236,7 +238,7 @@ def resolved_model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from dynascope.models import normalize_config
 
     cfg = dict(cfg)
-    if "name" not in cfg and ("factory" in cfg or "hf" in cfg):
+    if "name" not in cfg and ("factory" in cfg or "hf" in cfg or "exported" in cfg):
         from dynascope.models import model_fingerprint
 
         return to_jsonable(model_fingerprint(cfg))
@@ -525,6 +527,37 @@ def store_result(p: Plan, result: Result, store: ResultStore | None = None) -> s
     return store.put(p.probe, p.checkpoint_hash, p.key, result, step=p.step)
 
 
+def ingest_pending(run: Run | str) -> int:
+    """File the results that code below the runner queued in ``run`` (:meth:`Run.add_pending_result`, e.g.
+    the edge-of-stability recipe's λ_max) into its result store under the runner's key of ``probe(name,
+    step=s, **params)``; returns how many. A record whose checkpoint is missing stays queued; one that
+    cannot be read or keyed is left in place with a warning naming the file."""
+    from .store import _result_class
+
+    run = _as_run(run)
+    if not isinstance(run, Run):  # a bare checkpoint file queues nothing
+        return 0
+    done = 0
+    for path in run.pending_results():
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            cls = _result_class(rec["result_class"])
+            if cls is None:
+                raise ValueError(f"unknown result class {rec['result_class']!r}")
+            steps = run.steps()
+            if rec["step"] not in steps:
+                continue  # its checkpoint is not written yet
+            store_result(plan(run, rec["probe"], step=rec["step"], params=rec["params"]),
+                         cls.from_dict(rec["result"]))  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"{path}: queued result not stored ({type(e).__name__}: {e})", UserWarning,
+                          stacklevel=2)  # fmt: skip
+            continue
+        path.unlink(missing_ok=True)
+        done += 1
+    return done
+
+
 def get_or_compute(
     p: Plan,
     store: ResultStore | None = None,
@@ -618,6 +651,8 @@ def run_probe(
     """
     p = plan(run, probe, step=step, steps=steps, other=other, params=params, split=split,
              max_samples=max_samples, device=device, sample=sample, shard=shard)  # fmt: skip
+    if write and store is None:
+        ingest_pending(p.run)  # results a recipe queued may be this very key
     return get_or_compute(
         p, store, recompute=recompute, write=write, progress=progress, device=device, reduce_fn=reduce_fn,
         rank=rank, world_size=world_size, shard=shard,

@@ -6,8 +6,12 @@ Accounting (seconds, cumulative since the tracker started):
 * ``own``: the time spent inside the tracker's per-step calls on the training thread — checkpoint snapshots
   and their hand-off to the background writer (plus any wait for it), metric and status hand-offs, inline
   probes;
-* ``background``: the background writer thread's busy time. It runs beside training but is charged too:
-  a Python thread shares the interpreter lock (and, on a busy machine, the cores) with the training loop.
+* ``background``: the background writer thread's CPU time (``time.thread_time``). It runs beside training
+  but is charged too: a Python thread shares the interpreter lock (and, on a busy machine, the cores) with
+  the training loop; its waits on ``fsync`` hold neither, so its wall time is reported, not charged.
+* The probe worker's time is not charged: it is another process with its own thread budget
+  (:mod:`dynascope.track_worker`); what it costs the training thread — the snapshot hand-off, the checkpoint
+  written for the probe — is in ``own``.
   The constructor's setup and ``close()`` are recorded, not budgeted.
 
 ``charged = own + background`` is what the budget bounds.
@@ -16,7 +20,9 @@ The rule, applied when an inline probe comes due (``step % every == 0``), with `
 cost on the training thread (the probe plus the checkpoint written for it):
 
 * **run** when ``charged + cost ≤ budget × train``; a probe's first run always happens (it measures the cost);
-* **defer** otherwise: that run is skipped and recorded, and the probe's interval doubles (*stretch*);
+* **defer** otherwise: that run is skipped and recorded, and the probe's interval doubles (*stretch*) —
+  for a probe on the training thread; one in the probe worker keeps its interval (its run costs the
+  training thread only the hand-off, so it simply runs at the next due step the budget has room for);
 * **relax** (hysteresis): when a stretched probe runs and ``charged + cost ≤ RELAX × budget × train``
   (``RELAX = 1/2``), its interval halves, never below the requested one. The band between ``RELAX × budget``
   and ``budget`` is a factor 2, the factor an interval changes by, so an interval does not flip back and
@@ -88,12 +94,17 @@ class OverheadBudget:
         """``charged + cost ≤ budget × train`` (always true without a budget)."""
         return self.fraction is None or self.charged + cost <= self.fraction * self.train
 
-    def decide(self, interval: Interval, planned: float = 0.0) -> tuple[bool, str | None]:
+    def decide(
+        self, interval: Interval, planned: float = 0.0, stretch: bool = True
+    ) -> tuple[bool, str | None]:
         """Run the due probe (``True, None``), or defer it and stretch its interval (``False, reason``).
-        ``planned``: the cost of the probes already admitted at this step."""
+        ``planned``: the cost of the probes already admitted at this step. ``stretch=False`` (probes in the
+        worker: a run costs the training thread only its hand-off) skips the run and keeps the interval,
+        so the probe runs again as soon as the budget has room."""
         if interval.cost is None or self.admits(planned + interval.cost):
             return True, None
-        interval.every *= 2
+        if stretch:
+            interval.every *= 2
         return False, (
             f"tracker time {self.charged:.3g} s + {planned + interval.cost:.3g} s would exceed "
             f"{self.fraction:g} × training time {self.train:.3g} s"

@@ -9,6 +9,8 @@ Trainer's (unwrapped from accelerate), the data ``data=`` or else the training D
 (dict batches: every key but ``labels`` reaches ``forward``, e.g. ``input_ids`` and ``attention_mask``).
 ``Tracker.step(state.global_step)`` runs at every optimizer step; the Trainer's logs (``loss`` as
 ``train_loss``, ``learning_rate``, ``grad_norm``) join the same step's row. Only world process zero writes.
+Every Tracker keyword passes through (``probe_worker``, ``probe_threads``, ``budget``, ...); ``steps``
+defaults to the Trainer's ``max_steps``, so the cadence warning states planned vs possible probe runs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class HFTracker(TrainerCallback):
         if not state.is_world_process_zero:
             return
         data = self.data if self.data is not None else train_dataloader
-        self.tracker = Tracker(self.run_dir, model, data=data, optimizer=optimizer, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if "steps" not in kwargs:  # the run's length, for the tracker's planned vs possible probe runs
+            kwargs["steps"] = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
+        self.tracker = Tracker(self.run_dir, model, data=data, optimizer=optimizer, **kwargs)
         self.tracker.step(int(state.global_step))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

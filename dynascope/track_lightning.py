@@ -7,7 +7,9 @@ The tracked model is the ``LightningModule`` (its forward gives the logits probe
 optimizer ``trainer.optimizers[0]``, the data ``data=`` or else the trainer's training DataLoader (its first
 ``probe_samples`` samples); the model spec is the module's class with its ``hparams`` unless ``model_spec=``.
 ``Tracker.step(trainer.global_step)`` runs after every training batch with the batch loss (``train_loss``) and
-the trainer's logged scalars; only global rank 0 writes.
+the trainer's logged scalars; only global rank 0 writes. Every Tracker keyword passes through
+(``probe_worker``, ``probe_threads``, ``budget``, ...); ``steps`` defaults to the trainer's ``max_steps`` (or
+its estimated stepping batches), so the cadence warning states planned vs possible probe runs.
 """
 
 from __future__ import annotations
@@ -46,7 +48,17 @@ class LightningTracker(Callback):
             return
         data = self.data if self.data is not None else trainer.train_dataloader
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.tracker = Tracker(self.run_dir, pl_module, data=data, optimizer=optimizer, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if "steps" not in kwargs:  # the run's length, for the tracker's planned vs possible probe runs
+            steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            if steps is None:
+                try:
+                    total = trainer.estimated_stepping_batches
+                    steps = int(total) if total != float("inf") and total > 0 else None
+                except Exception:  # noqa: BLE001 - an estimate only
+                    steps = None
+            kwargs["steps"] = steps
+        self.tracker = Tracker(self.run_dir, pl_module, data=data, optimizer=optimizer, **kwargs)
         self.tracker.step(int(trainer.global_step))
 
     def on_train_batch_end(

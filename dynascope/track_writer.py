@@ -54,7 +54,8 @@ class Writer:
         self.threaded = threaded
         self.max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0  # snapshots handed over and not yet written
-        self.busy_seconds = 0.0
+        self.busy_seconds = 0.0  # wall time running jobs
+        self.cpu_seconds = 0.0  # CPU time of the thread running them (an fsync's wait is not CPU)
         self.jobs_done = 0
         self._errors: list[str] = []
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -130,7 +131,7 @@ class Writer:
 
     # ------------------------------------------------------------------ the writer
     def _execute(self, job: _Job) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             if job.kind == "flush":
                 job.fn([job.rows[s] for s in sorted(job.rows)], job.status)
@@ -141,6 +142,7 @@ class Writer:
                 self._errors.append(f"{type(e).__name__}: {e}")
         finally:
             self.busy_seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.thread_time() - c0
             self.jobs_done += 1
 
     def _run_queued(self) -> None:

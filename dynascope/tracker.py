@@ -11,8 +11,13 @@ What it writes (the run folder format of :class:`dynascope.models.Run`, nothing 
 
 * ``run.json`` with the model, data and loss specs. The model spec is ``model_spec=`` when given, else the
   config of a model built by dynascope, else a Hugging Face model's config saved to ``<run>/hf_config``, else
-  the model's class as a factory (``"pkg.module:Class"`` for installed packages, ``"/path/file.py:Class"``
-  otherwise; a LightningModule's ``hparams`` as its kwargs). The tracker rebuilds that spec once and records
+  the structure of a ``Sequential`` of ``torch.nn`` layers (:mod:`dynascope.models.structure`), else the
+  model's class as a factory (``"pkg.module:Class"`` for installed packages, ``"/path/file.py:Class"``
+  otherwise; a LightningModule's ``hparams`` as its kwargs), else — a class no reader can import (defined in
+  a notebook, ``__main__`` or a function) — the model exported with ``torch.export`` (eval mode) to
+  ``<run>/model.export.json`` + ``.safetensors``, read back without unpickling anything
+  (:mod:`dynascope.models.exported`); where export fails the tracker warns why and asks for ``model_spec=``.
+  The tracker rebuilds that spec once and records
   in ``extra["tracker"]["model_spec"]`` whether the run can be re-opened with it (``reopenable``) and why not.
 * The data: a data spec is stored as given and the probe batch is its first ``probe_samples`` training
   samples (the runner's ``max_samples``); tensors, a ``Dataset`` or a ``DataLoader`` are cut to their first
@@ -25,9 +30,13 @@ What it writes (the run folder format of :class:`dynascope.models.Run`, nothing 
   "stopped without closing". Every file is written atomically, so readers see a consistent run meanwhile.
 
 Inline probes run on the fixed probe batch at their interval (``probes={name: every}`` or ``{name: {"every":
-n, **params}}``), on the in-memory model, right after its checkpoint is written, and are stored in the run's
-result store under the key :func:`dynascope.runner.plan` computes for that checkpoint — so the notebook, CLI
-and app find them as cached results:
+n, **params}}``) on the weights of the checkpoint written at that step, and are stored in the run's result
+store under the key :func:`dynascope.runner.plan` computes for that checkpoint — so the notebook, CLI and
+app find them as cached results. Where they run (``probe_worker``): by default in a forked worker process
+with its own torch threads (``probe_threads``, default 1), which gets the checkpoint's weight snapshot and
+computes while training goes on (:mod:`dynascope.track_worker`); its results are stored (and their scalars
+join that step's metrics row, held back until then) at a later call. With ``probe_worker="inline"`` (or
+where no fork is available: a CUDA model, macOS) they run on the in-memory model on the training thread.
 
 * ``"lambda_max"`` / ``"sharpness"`` → runner probe ``sharpness`` with ``k=1, tol=1e-3, trace=False`` and
   ``lr`` = the optimizer's current rate (the parameters of the app's edge-of-stability page), Lanczos
@@ -46,25 +55,36 @@ training thread). A step's metrics row is written with the next flush after that
 after ``step()`` join it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``.
 
 Overhead budget (:mod:`dynascope.track_budget`): the tracker times the training between its calls and its
-own time — checkpoint snapshots, hand-offs to the writer and waits for it, inline probes on the training
-thread, and the background writer's busy time (it shares the interpreter lock with training) — and keeps
-that total under ``budget`` × training time (default 10 %): a due probe whose last cost
+own time — checkpoint snapshots, hand-offs to the writer, the worker and waits for them, inline probes on
+the training thread, and the background writer's CPU time (it shares the interpreter lock with training) —
+and keeps that total under ``budget`` × training time (default 10 %): a due probe whose last cost
 would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skipped``) and its interval
 doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
-budget. Checkpoints on the schedule are never deferred nor dropped; when they alone exceed the budget the
-status's ``overhead.over_budget`` says so. ``budget=None`` never defers.
+budget. A due probe is skipped too while the worker still computes an earlier step (one core delivers what
+it can; no backlog grows). Checkpoints on the schedule are never deferred nor dropped; when they alone
+exceed the budget the status's ``overhead.over_budget`` says so. ``budget=None`` never defers nor skips
+(training waits for the worker when it falls behind).
+
+Planned vs done: each probe's summary in ``tracker.json`` (and at ``close()`` in ``run.json``
+``extra.tracker.probes``) counts ``planned`` runs (steps at the requested interval), ``done`` and
+``skipped``, and ``possible_every``, the interval the tracker can keep, estimated from the probe's last run
+and the mean training step; when it is longer than the requested one the tracker warns once (from the
+probe's second run, the first is cold) with the planned and possible numbers (over ``steps=`` when given),
+and the app's Runs page shows the table.
 Under ``torch.distributed`` only rank 0 writes and probes; other ranks' calls return at once — except for
 a model sharded with FSDP2 (``fully_shard``), whose probes and checkpoints are collectives: every rank calls
 ``step`` and joins them. Its checkpoint is the full state dict (``get_model_state_dict(full_state_dict=True,
 cpu_offload=True)``, gathered to rank 0, which writes it; no optimizer state), each rank probes its part of
 the probe batch (:mod:`dynascope.probes.sharded`, results under the key of ``shard="fsdp"``), the probes run
 at their interval (no budget deferral: every rank must take the same decision), the run folder must be
-visible to every rank (rank 0 creates it; the others open it) and ``resume=True`` is not available.
+visible to every rank (rank 0 creates it; the others open it), ``resume=True`` is not available and the
+probes run on the training thread (a collective needs every rank), not in the worker.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import copy
 import datetime as _dt
 import json
@@ -87,6 +107,7 @@ from dynascope.models.atomic import atomic_write_text
 from dynascope.probes.sharded import is_fsdp
 
 from .track_budget import Interval, OverheadBudget
+from .track_worker import ProbeOutcome, ProbeWorker, compute_probe, process_available, warm_start
 from .track_writer import Writer
 
 __all__ = ["Tracker", "run_status", "describe_status", "STATUS_FILE", "INLINE_PROBES"]
@@ -104,6 +125,8 @@ INLINE_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "ntk": ("ntk", {}),
     "ntk_alignment": ("ntk", {}),
 }
+#: the newest deferred / skipped probe runs kept in ``tracker.json`` (each probe's summary counts them all)
+SKIPPED_KEPT = 200
 #: a heartbeat older than this (seconds) counts as stale when the writer's pid cannot be checked
 STALE_AFTER_S = 300.0
 #: the clock of the overhead budget (a module attribute so tests can replace it)
@@ -297,7 +320,13 @@ class _InlineProbe:
         self.seconds = 0.0
         self.first_seconds: float | None = None  # the first run (cold, outside the budget rule)
         self.runs = 0
-        self.previous: Any = None  # last result, for warm starts
+        self.skipped = 0  # due runs deferred by the budget or skipped while the worker was busy
+        self.planned = 0  # steps so far at the requested interval (what the user asked for)
+        self.possible_every: int | None = None  # the interval the tracker can deliver (measured)
+        self.cadence_note: str | None = None  # the warning when it is longer than the requested one
+        self.worker_seconds = 0.0  # seconds computing in the probe worker (off the training thread)
+        self.last_seconds: float | None = None  # the last run's seconds where it ran
+        self.previous: Any = None  # last result, for warm starts (inline probes; the worker keeps its own)
         self.warning: str | None = None  # the last warning the probe raised
         self.error: str | None = None  # set when the probe failed: it is switched off
 
@@ -309,7 +338,10 @@ class _InlineProbe:
         return {
             "probe": self.runner_name, "every": self.interval.every,
             "every_requested": self.interval.requested, "params": self.params,
-            "max_samples": self.max_samples, "runs": self.runs,
+            "max_samples": self.max_samples, "runs": self.runs, "planned": self.planned, "done": self.runs,
+            "skipped": self.skipped,
+            "possible_every": self.possible_every, "worker_seconds": round(self.worker_seconds, 6),
+            **({"cadence_note": self.cadence_note} if self.cadence_note else {}),
             "seconds": round(self.seconds, 6), "last_cost_seconds": None if cost is None else round(cost, 6),
             "first_run_seconds": None if self.first_seconds is None else round(self.first_seconds, 6),
             **({"last_warning": self.warning} if self.warning else {}),
@@ -332,6 +364,12 @@ class Tracker:
     ``budget``: the most tracker time (probes, checkpoint snapshots, hand-offs, background writes) as a
     fraction of training time (``None``: no limit; the rule is in the module docstring).
     ``background_writes``: write files on a background thread (default) or on the training thread.
+    ``probe_worker``: where inline probes run — ``"process"``: a forked child with ``probe_threads`` torch
+    threads computes them on a snapshot of the weights while training goes on (:mod:`dynascope.track_worker`);
+    ``"inline"``: on the training thread; ``"auto"`` (default): ``"process"`` where it is available (a POSIX
+    system, a CPU model, two or more usable cores), else ``"inline"`` (``tracker.json`` records why).
+    ``steps``: the planned number of training steps (optional): the cadence warning then states the planned
+    and the possible number of probe runs over the whole run.
     ``resume=True`` continues a Tracker run at ``run_dir`` after a crash: the model (and optimizer) get the
     weights (and state) of its last checkpoint, :attr:`start_step` is that step, metrics rows after it and a
     killed writer's temporary files are dropped, and calls for steps up to it are ignored (no duplicate
@@ -362,6 +400,9 @@ class Tracker:
         resume: bool = False,
         heartbeat_s: float = 5.0,
         background_writes: bool = True,
+        probe_worker: str = "auto",
+        probe_threads: int = 1,
+        steps: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -372,6 +413,13 @@ class Tracker:
                                    or not 0 < budget):  # fmt: skip
             raise ValueError(f"budget must be a positive fraction of training time or None, got {budget!r}")
         checkpoint_due(0, schedule, every=checkpoint_every)  # validates the schedule
+        if probe_worker not in ("auto", "process", "inline"):
+            raise ValueError(f"probe_worker must be 'auto', 'process' or 'inline', got {probe_worker!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+        if isinstance(probe_threads, bool) or not isinstance(probe_threads, int) or probe_threads < 1:
+            raise ValueError(f"probe_threads must be a positive int, got {probe_threads!r}")
+        self.steps = steps
         self.model = model
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate / Lightning wrappers
         self.schedule, self.checkpoint_every = schedule, checkpoint_every
@@ -394,9 +442,15 @@ class Tracker:
         self._setup_s = self._close_s = 0.0
         self._resumed_at: float | None = None
         self._last_flush = _clock()
-        self._skipped: list[dict[str, Any]] = []
+        self._skipped: collections.deque[dict[str, Any]] = collections.deque(maxlen=SKIPPED_KEPT)
         self._relaxed: list[dict[str, Any]] = []
         self._writer: Writer | None = None
+        self._worker: ProbeWorker | None = None
+        self._inflight: dict[str, Any] | None = None  # the probe job the worker is computing
+        self._snapshot: tuple[int, dict[str, Tensor]] | None = None  # the last checkpoint's weights
+        self._timed_steps = 0  # training intervals timed (for the cadence estimate)
+        self.probe_worker = "inline"
+        self.probe_worker_note: str | None = None
         self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._pid = os.getpid()  # a forked child (e.g. a DataLoader worker) never writes
         self.start_step: int | None = None  # the step a resumed run continues after
@@ -412,11 +466,17 @@ class Tracker:
 
         for p in self._probes:  # unknown parameters fail here, not at the first due step
             call_params(self.run, p.runner_name, p.params)
+        if self._probes and self.collective:
+            self.probe_worker_note = "a sharded model's probes are collectives, run on the training thread"
+        elif self._probes:  # forked before the writer thread starts
+            self._start_worker(probe_worker, probe_threads)
         self._writer = Writer(threaded=background_writes)
         stop = weakref.finalize(
             self, self._writer.close
         )  # a tracker dropped without close() stops its thread
         stop.atexit = False  # at exit, close() (registered below) drains the writer itself
+        if self._worker is not None:
+            weakref.finalize(self, self._worker.close).atexit = False
         self._writer.flush([], self._status("running"), self._write_rows_and_status)
         if self.collective:
             self._join_rank0()
@@ -459,7 +519,7 @@ class Tracker:
             tensors, x_keys = _probe_tensors(*batch)
             if x_keys != "x":
                 data_spec["x"] = x_keys
-        spec, spec_info, hf_config = self._model_spec(model_spec)
+        spec, spec_info, write_model_files = self._model_spec(model_spec, batch[0])
         frozen = [n for n, p in _unwrap_model(self.model).named_parameters() if not p.requires_grad]
         if frozen and not any(k in spec for k in ("trainable", "frozen")):
             spec = {**spec, "frozen": frozen}  # the run's readers freeze the same parameters
@@ -493,8 +553,8 @@ class Tracker:
             from dynascope.models.atomic import atomic_write
 
             atomic_write(path / PROBE_DATA_FILE, lambda tmp: save_file(tensors, tmp))
-        if hf_config is not None:
-            hf_config.save_pretrained(str(path / HF_CONFIG_DIR))
+        if write_model_files is not None:  # an HF config, an exported program: into the run folder now
+            write_model_files()
         self._check_reopenable(spec_info)
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._device = device
@@ -539,8 +599,12 @@ class Tracker:
         run.truncate_metrics(self.start_step if self.start_step is not None else -1)
         return run
 
-    def _model_spec(self, given: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
-        """``(spec, info, hf_config_to_save)``: the model spec of the run (module docstring)."""
+    def _model_spec(
+        self, given: Any, example: Any
+    ) -> tuple[dict[str, Any], dict[str, Any], Callable[[], None] | None]:
+        """``(spec, info, write)``: the model spec of the run (module docstring) and what writes the files
+        it names into the run folder once it exists (``None``: nothing to write). ``example``: the probe
+        batch's inputs (an exported program is traced on its first samples)."""
         from dynascope.models import model_config, normalize_model_spec
 
         model = _unwrap_model(self.model)
@@ -558,7 +622,7 @@ class Tracker:
             return (
                 {"hf": folder, "seed": 0},
                 {"source": f"Hugging Face config saved to {HF_CONFIG_DIR}/"},
-                config,
+                lambda: config.save_pretrained(folder),
             )
         from dynascope.models.structure import StructureError, describe_module
 
@@ -567,13 +631,16 @@ class Tracker:
         except StructureError as e:
             not_structure = str(e)
         ref = _class_ref(type(model))
-        if ref is None:
+        if ref is None:  # a class no reader can import: the architecture travels as an exported program
+            exported = self._export(model, example)
+            if isinstance(exported, tuple):
+                return exported
             raise ValueError(
                 f"Tracker: the model's class {type(model).__qualname__} (module {type(model).__module__}) "
                 "cannot be imported by a reader of the run (it is defined in __main__ or inside a function), "
-                f"and it is not a Sequential of torch.nn layers ({not_structure}); pass "
-                "model_spec={'factory': 'pkg.module:make_model', 'kwargs': {...}} (or a file path "
-                "'path/to/file.py:make_model')"
+                f"it is not a Sequential of torch.nn layers ({not_structure}), and torch.export cannot "
+                f"carry it ({exported}); pass model_spec={{'factory': 'pkg.module:make_model', 'kwargs': "
+                "{...}} (or a file path 'path/to/file.py:make_model')"
             )
         kwargs = {}
         source = "the model's class"
@@ -583,6 +650,42 @@ class Tracker:
             if kw is not None:
                 kwargs, source = kw, "the model's class and its hparams"
         return normalize_model_spec({"factory": ref, "kwargs": kwargs}), {"source": source}, None
+
+    def _export(self, model: nn.Module, example: Any) -> tuple[dict[str, Any], dict[str, Any], Any] | str:
+        """The exported-program route (:mod:`dynascope.models.exported`): the spec triple, or why not (also
+        warned: the caller falls back to the spec route)."""
+        import shutil
+        import tempfile
+
+        from dynascope.datasets.batching import input_count, slice_inputs
+        from dynascope.models.exported import EXPORT_FILE, ExportError, export_model, tensors_file
+
+        n = min(input_count(example), 8)
+        if n < 2:
+            why = "the probe batch has fewer than 2 samples (the batch dimension is exported as dynamic)"
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="dynascope-export-"))
+            try:
+                export_model(model, slice_inputs(example, slice(None, n)), tmp / EXPORT_FILE)
+                target = self.path / EXPORT_FILE
+
+                def write() -> None:
+                    for f in (tmp / EXPORT_FILE, tensors_file(tmp / EXPORT_FILE)):
+                        shutil.move(str(f), str(self.path / f.name))
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+                info = {"source": f"the model exported with torch.export to {EXPORT_FILE} (eval mode)"}
+                return {"exported": str(target.resolve()), "seed": 0}, info, write
+            except ExportError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                why = str(e)
+        warnings.warn(
+            f"Tracker '{self.path}': the model cannot travel as an exported program ({why}); falling back "
+            "to the spec route",
+            UserWarning,
+            stacklevel=5,
+        )
+        return why
 
     def _check_reopenable(self, info: dict[str, Any]) -> None:
         """Build the run's model spec once; record whether its parameters match the tracked model's."""
@@ -610,6 +713,28 @@ class Tracker:
             warnings.warn(f"Tracker '{self.path}': {info['note']}", UserWarning, stacklevel=4)
         self.run.config["extra"]["tracker"]["model_spec"] = info
         self.run.save_config()
+
+    def _start_worker(self, mode: str, threads: int) -> None:
+        """Fork the probe worker (``mode`` "process", or "auto" where available); else probes run inline."""
+        from dynascope.runner import PROBES
+
+        if mode == "inline":
+            return
+        why = process_available(_unwrap_model(self.model))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if why is None and mode == "auto" and cores < 2:
+            why = "this process may use one CPU core only: a worker would compete with training for it"
+        if why is None:
+            fns = {p.runner_name: PROBES[p.runner_name].resolve() for p in self._probes}
+            try:
+                self._worker = ProbeWorker(_unwrap_model(self.model), self._batch, fns, threads=threads)
+                self.probe_worker = "process"
+                return
+            except (OSError, ValueError) as e:
+                why = f"starting it failed ({type(e).__name__}: {e})"
+        if mode == "process":
+            raise ValueError(f"Tracker: probe_worker='process' is not available: {why}")
+        self.probe_worker_note = f"inline probes run on the training thread: {why}"
 
     # ------------------------------------------------------------------ the per-step call
     def __enter__(self) -> Tracker:
@@ -655,10 +780,16 @@ class Tracker:
                 self.log(step, metrics)  # e.g. gradient accumulation: one update, several calls
                 return
             self._last_step = step
+            if self._resumed_at is not None:
+                self._timed_steps += 1
+            self._collect(0.0)
+            for p in self._probes:
+                if p.error is None and step % p.interval.requested == 0:
+                    p.planned += 1
             lr = self.current_lr()
             self.log(step, {**({"lr": lr} if lr is not None else {}), **dict(metrics or {})})
             if self._writer is not None and self._writer.threaded:  # inline writes are already in `own`
-                self._budget.background = self._writer.busy_seconds
+                self._budget.background = self._writer.cpu_seconds
             due = self._admit(step)
             scheduled = checkpoint_due(step, self.schedule, every=self.checkpoint_every)
             ck = 0.0
@@ -668,24 +799,41 @@ class Tracker:
                 ck = _clock() - t0
                 self._budget.add_own("checkpoint", ck)
                 parts += ck
+            jobs: list[dict[str, Any]] = []  # probe jobs for the worker (one hand-off of the snapshot)
+            t_jobs = _clock()
             for p in due:
                 t0 = _clock()
-                self._run_probe(p, step, lr)
-                dt = _clock() - t0
-                p.seconds += dt
-                if p.first_seconds is None:
-                    p.first_seconds = dt
-                p.interval.cost = dt + (0.0 if scheduled else ck)  # the checkpoint was written for it
-                self._budget.add_own("probe", dt)
-                parts += dt
-                if self._budget.relax(p.interval):
-                    self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
+                job = self._run_probe(p, step, lr)  # inline: computes it; with the worker: the job
+                if job is None:
+                    parts += self._charge(p, step, _clock() - t0, 0.0 if scheduled else ck)
+                else:
+                    jobs.append(job)
+            self._snapshot = None if not jobs else self._snapshot
+            if jobs:
+                self._submit(step, jobs)
+                self._snapshot = None  # the worker has it; the writer holds its own reference
+                dt = (_clock() - t_jobs) / len(jobs)
+                for job in jobs:
+                    parts += self._charge(job["probe"], step, dt, 0.0 if scheduled else ck / len(jobs))
             if self.writer and (due or scheduled or _clock() - self._last_flush >= self.heartbeat_s):
-                self._flush(upto=step)
+                # a row waits for the result the worker is computing for its step
+                self._flush(upto=step if self._inflight is None else min(step, self._inflight["step"]))
         finally:
             end = _clock()
             self._budget.add_own("write", end - start - parts)
             self._resumed_at = end
+
+    def _charge(self, p: _InlineProbe, step: int, seconds: float, checkpoint: float) -> float:
+        """Book ``seconds`` of ``p`` on the training thread; its cost for the budget adds the ``checkpoint``
+        written for it (0 when the schedule wrote one anyway). Returns ``seconds``."""
+        p.seconds += seconds
+        if p.first_seconds is None:
+            p.first_seconds = seconds
+        p.interval.cost = seconds + checkpoint
+        self._budget.add_own("probe", seconds)
+        if self._budget.relax(p.interval):
+            self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
+        return seconds
 
     def _admit(self, step: int) -> list[_InlineProbe]:
         """The due probes the budget admits at ``step``; the deferred ones are recorded in ``skipped``."""
@@ -697,14 +845,19 @@ class Tracker:
             if self.collective:  # every rank must take the same decision: no deferral
                 out.append(p)
                 continue
-            run, reason = self._budget.decide(p.interval, planned)
+            run, reason = self._budget.decide(p.interval, planned, stretch=self._worker is None)
+            if run and self._inflight is not None and self.budget is not None:
+                run, reason = False, f"the probe worker is still computing step {self._inflight['step']}"
             if run:
                 out.append(p)
                 planned += p.interval.cost or 0.0
             else:
+                if p.last_seconds is not None:  # the cadence it can keep, with the budget it has now
+                    self._check_cadence(p, p.last_seconds)
                 self._skipped.append(
                     {"step": step, "probe": p.name, "every": p.interval.every, "reason": reason}
                 )
+                p.skipped += 1
         return out
 
     def _checkpoint(self, step: int) -> None:
@@ -723,6 +876,7 @@ class Tracker:
             from dynascope.models.runs import optimizer_state_by_name
 
             state = _cpu_state_dict(model)
+            self._snapshot = (step, state)  # the weights a probe of this step runs on
             named = optimizer_state_by_name(opt, model) if opt is not None else None  # CPU copies
 
             def write() -> None:
@@ -745,11 +899,12 @@ class Tracker:
         self._writer.submit_checkpoint(snapshot, nbytes)
         self._last_checkpoint = step
 
-    def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> None:
-        """Compute ``p`` on the in-memory model; the writer stores it under the runner's key for the
-        checkpoint of ``step`` (queued before it)."""
+    def _run_probe(self, p: _InlineProbe, step: int, lr: float | None) -> dict[str, Any] | None:
+        """Compute ``p`` at ``step`` on the in-memory model (returns ``None``), or with the probe worker
+        return its job for :meth:`_submit`; :meth:`_finish` stores the result under the runner's key for the
+        checkpoint of ``step``."""
         from dynascope.datasets.batching import slice_inputs
-        from dynascope.runner import PROBES, call_params, plan, schedule_lr, store_result
+        from dynascope.runner import PROBES, call_params, schedule_lr
 
         assert self.run is not None
         params = dict(p.params)
@@ -761,39 +916,78 @@ class Tracker:
             max_samples = min(p.max_samples, self._max_samples)
         call = call_params(self.run, p.runner_name, params)
         n = max_samples if max_samples is not None else self._batch[1].shape[0]
+        job = {"probe": p, "step": step, "params": params, "call": call, "max_samples": max_samples, "n": n}
+        if self._worker is not None:
+            return job
+        kwargs = dict(call)
+        if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():
+            kwargs["v0"] = p.previous
         data = (slice_inputs(self._batch[0], slice(None, n)), self._batch[1][:n])
         if self.collective:  # this rank's contiguous part of the batch
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
             part = slice(n * rank // world, n * (rank + 1) // world)
             data = (slice_inputs(data[0], part), data[1][part])
-        kwargs = dict(call)
         fn = PROBES[p.runner_name].resolve()
-        if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():
-            kwargs["v0"] = p.previous
-        model = _unwrap_model(self.model)
-        was_training = model.training
-        devices = [self._device] if self._device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                result = fn(model, data, **kwargs)
-            except Exception as e:  # noqa: BLE001 - a probe must never stop the user's training
-                p.error = f"step {step}: {type(e).__name__}: {e}"
-                result = None
-            finally:
-                model.train(was_training)
+        self._finish(job, compute_probe(fn, _unwrap_model(self.model), data, kwargs, device=self._device))
+        return None
+
+    def _submit(self, step: int, jobs: list[dict[str, Any]]) -> None:
+        """Hand the checkpoint's weights and the due probe ``jobs`` to the worker (waiting for its previous
+        jobs first: only ``budget=None`` admits probes while it is busy)."""
+        assert self._worker is not None and self._snapshot is not None and self._snapshot[0] == step
+        self._collect(math.inf)
+        if self._worker is None:  # it stopped while we waited
+            for job in jobs:
+                self._finish(job, ProbeOutcome(None, None, "the probe worker stopped", 0.0))
+            return
+        specs = [(j["probe"].name, j["probe"].runner_name, j["call"], j["n"]) for j in jobs]
+        self._worker.submit(step, specs, self._snapshot[1])
+        self._inflight = {"step": step, "jobs": {j["probe"].name: j for j in jobs}}
+
+    def _collect(self, timeout: float) -> None:
+        """Finish the worker's jobs if they are done (waiting up to ``timeout`` seconds)."""
+        if self._worker is None or self._inflight is None:
+            return
+        done = self._worker.poll(timeout)
+        if done is not None:
+            inflight, self._inflight = self._inflight, None
+            step, outcomes = done
+            assert step == inflight["step"]
+            for name, out in outcomes:
+                if self._worker.closed:  # lost with the worker: skipped, the probe stays on
+                    p = inflight["jobs"][name]["probe"]
+                    p.skipped += 1
+                    self._skipped.append({"step": step, "probe": name, "every": p.interval.every,
+                                          "reason": str(out.error)})  # fmt: skip
+                else:
+                    self._finish(inflight["jobs"][name], out)
+        if self._worker.closed and self._inflight is None:  # the child died: the next probes run inline
+            self._worker, self.probe_worker = None, "inline"
+            self.probe_worker_note = "the probe worker stopped; later probes ran on the training thread"
+
+    def _finish(self, job: dict[str, Any], out: ProbeOutcome) -> None:
+        """Store a probe's result (through the writer, after its checkpoint), log its scalars in the step's
+        metrics row, warm-start the next run, check the cadence the probe can keep."""
+        from dynascope.runner import plan, store_result
+
+        p, step = job["probe"], job["step"]
+        if self.probe_worker == "process":
+            p.worker_seconds += out.seconds
+        result = out.result
         if result is None:
+            p.error = f"step {step}: {out.error}"
             warnings.warn(
                 f"Tracker '{self.path}': inline probe {p.name!r} failed at step {step} and is switched off "
                 f"({p.error}); tracker.json records it",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return
-        if caught:  # recorded once per probe in tracker.json instead of repeated in the user's log
-            p.warning = f"step {step}: {caught[-1].message}"
+        if out.warning:  # recorded once per probe in tracker.json instead of repeated in the user's log
+            p.warning = f"step {step}: {out.warning}"
         run, name, device = self.run, p.runner_name, self._device
         shard = "fsdp" if self.collective else None
+        params, call, max_samples = job["params"], job["call"], job["max_samples"]
 
         def store() -> None:
             pl = plan(run, name, step=step, params=params, max_samples=max_samples, device=device,
@@ -804,13 +998,66 @@ class Tracker:
 
         if self._writer is not None:  # rank 0
             self._writer.submit(store)
-        if p.runner_name == "sharpness" and getattr(result, "eigenvectors", None) is not None:
-            p.previous = result.eigenvectors
-        elif p.runner_name == "hessian_eigenvalues" and getattr(result, "vectors", None) is not None:
-            p.previous = result
+        p.previous = warm_start(p.runner_name, result)
         row = self._rows.setdefault(step, {"step": step})
         row.update(self._probe_metrics(p.runner_name, result))
         p.runs += 1
+        p.last_seconds = out.seconds
+        self._check_cadence(p, out.seconds)
+
+    def _check_cadence(self, p: _InlineProbe, seconds: float) -> None:
+        """Estimate the interval ``p`` can keep (``possible_every``; ``None``: none) from its last run's
+        ``seconds``, its training-thread ``cost`` (with the checkpoint written for it) and the mean training
+        step ``step_s``; warn once (after its first, cold run) when it is longer than the requested one.
+
+        The budget's room for probes is ``budget − fixed``, ``fixed`` the fraction of training time the
+        rest of the tracker (scheduled checkpoints, metric rows, status) takes. In the worker a run occupies
+        it for ``seconds / step_s`` steps and uses ``cost / (room · step_s)`` steps of budget: the next due
+        multiple of ``requested`` after the larger; inline, a run needs ``seconds / (room · step_s)`` steps,
+        rounded up to ``requested · 2^j`` (intervals double)."""
+        if self._timed_steps < 2 or self._budget.train <= 0:
+            return
+        step_s = self._budget.train / self._timed_steps
+        req = p.interval.requested
+        fixed = max(self._budget.charged - self._budget.own.get("probe", 0.0), 0.0) / self._budget.train
+        room = None if self.budget is None else self.budget - fixed
+        every: int | None
+        if room is None:  # every due run happens (training waits for the worker if need be)
+            every = req
+        elif room <= 0:
+            every = None
+        elif self.probe_worker == "process":
+            need = max(seconds / step_s, (p.interval.cost or 0.0) / (room * step_s))
+            every = req * max(1, math.ceil(need / req))
+        else:
+            ratio = max(seconds / (room * step_s * req), 1e-12)
+            every = req * 2 ** max(0, math.ceil(math.log2(ratio)))
+        p.possible_every = every
+        if (every is not None and every <= req) or p.cadence_note is not None or p.runs + p.skipped < 2:
+            return
+        where = (
+            f"the probe worker ({self._worker.threads if self._worker else 1} thread(s))"
+            if self.probe_worker == "process"
+            else f"the training thread under budget {self.budget:g}"
+        )
+        per = f"over {self.steps} steps" if self.steps else "per 1000 steps"
+        span = self.steps if self.steps else 1000
+        planned = f"planned {span // req + (1 if self.steps else 0)} runs {per}"
+        if every is None:
+            p.cadence_note = (
+                f"{p.name} every {req} steps was requested ({planned}); the rest of the tracker (scheduled "
+                f"checkpoints, metric rows) already takes {fixed:.1%} of training time, over the budget "
+                f"{self.budget:g}, so it runs only when the budget has room: a sparser checkpoint schedule, "
+                "a larger budget or budget=None delivers it"
+            )
+        else:
+            p.cadence_note = (
+                f"{p.name} every {req} steps was requested; one run takes {seconds:.3g} s on {where} and a "
+                f"training step {step_s:.3g} s, and the budget leaves {room:.1%} of training time for "
+                f"probes, so it can run about every {every} steps ({planned}, possible about "
+                f"{span // every + (1 if self.steps else 0)})"
+            )
+        warnings.warn(f"Tracker '{self.path}': {p.cadence_note}", UserWarning, stacklevel=4)
 
     @staticmethod
     def _probe_metrics(name: str, r: Any) -> dict[str, Any]:
@@ -848,9 +1095,11 @@ class Tracker:
         return {**self._written, "heartbeat": time.time()}
 
     def flush(self) -> None:
-        """Write every buffered metrics row and the status file now (waits for the writer)."""
+        """Write every buffered metrics row and the status file now (waits for the probe worker's result,
+        whose scalars join its step's row, and for the writer)."""
         if not self.writer or self.run is None or self.closed or self._writer is None:
             return
+        self._collect(math.inf)
         self._flush(None)
         self._writer.drain()
         self._raise_write_errors()
@@ -865,7 +1114,7 @@ class Tracker:
     def overhead(self) -> dict[str, Any]:
         """Seconds spent training (between calls) and in the tracker on the training thread (probes,
         checkpoint snapshots and hand-offs, writes), its fraction of training time, the budget, the
-        background writer's busy seconds, setup and close seconds, and ``over_budget`` (a note or None)."""
+        background writer's busy and CPU seconds, setup and close seconds, and ``over_budget``."""
         b = self._budget
         train = b.train
         return {
@@ -874,6 +1123,7 @@ class Tracker:
             "write_seconds": round(b.own["write"], 6),
             "probe_fraction": b.own["probe"] / train if train > 0 else None,
             "background_write_seconds": round(self._writer.busy_seconds, 6) if self._writer else 0.0,
+            "background_write_cpu_seconds": round(self._writer.cpu_seconds, 6) if self._writer else 0.0,
             "setup_seconds": round(self._setup_s, 6), "close_seconds": round(self._close_s, 6),
             "over_budget": b.over_budget(),
         }  # fmt: skip
@@ -897,7 +1147,9 @@ class Tracker:
         status = {
             "schema": STATUS_SCHEMA, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
             "started": self._started, "step": self._last_step,
-            "probes": self.status_probes(), "overhead": self.overhead,
+            "probes": self.status_probes(), "overhead": self.overhead, "planned_steps": self.steps,
+            "probe_worker": self.probe_worker,
+            **({"probe_worker_note": self.probe_worker_note} if self.probe_worker_note else {}),
             "skipped": list(self._skipped), "relaxed": list(self._relaxed),
         }  # fmt: skip
         if error:
@@ -925,17 +1177,37 @@ class Tracker:
         try:
             if self._last_step is not None and self._last_checkpoint != self._last_step and error is None:
                 self._checkpoint(self._last_step)
+            self._collect(math.inf if error is None else 0.0)  # the result the worker is computing
             self._flush(None)
         finally:
             self.closed = True
+            if self._worker is not None:
+                self._worker.close()
             self._writer.close()
             errors = self._writer.errors()
             if errors and error is None:
                 error = f"background write failed: {errors[0]}"
             self._close_s = time.perf_counter() - t0
             self._write_status_now("failed" if error else "finished", error)
+            self._record_cadence()
         if errors:
             raise RunError(self.path, f"the tracker's background write failed: {'; '.join(errors)}")
+
+    def _record_cadence(self) -> None:
+        """Planned vs done per inline probe into ``run.json`` (``extra.tracker.probes``) for readers that
+        do not read ``tracker.json``."""
+        if self.run is None or not self._probes:
+            return
+        keys = ("every_requested", "every", "possible_every", "planned", "done", "cadence_note")
+        summary = self.status_probes()
+        self.run.config["extra"]["tracker"]["probes"] = {
+            name: {k: v for k, v in s.items() if k in keys} for name, s in summary.items()
+        }
+        self.run.config["extra"]["tracker"]["probe_worker"] = self.probe_worker
+        try:
+            self.run.save_config()
+        except OSError as e:  # the status file has the same numbers
+            warnings.warn(f"Tracker '{self.path}': run.json not updated ({e})", UserWarning, stacklevel=3)
 
     def __repr__(self) -> str:
         return f"Tracker({str(self.path)!r}, step={self._last_step}, probes={[p.name for p in self._probes]})"

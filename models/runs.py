@@ -51,6 +51,8 @@ __all__ = ["Run", "RunError", "CheckpointInfo", "CheckpointFile", "RUN_SCHEMA", 
 RUN_SCHEMA = "dynascope.run"
 RUN_SCHEMA_VERSION = 1
 OPTIM_FORMAT = "dynascope.optim/1"
+#: probe results queued for the result store by code below the runner (:meth:`Run.add_pending_result`)
+PENDING_DIR = "pending_results"
 #: A temporary file older than this when a run is opened is a killed writer's, not a write in progress.
 ORPHAN_AGE_S = 600.0
 _CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
@@ -97,7 +99,7 @@ def _named_config(kind: str, cfg: Any) -> dict[str, Any]:
 
 def _spec_label(spec: Mapping[str, Any]) -> str:
     """A short label of a model or data spec: its registry name, factory reference, file or HF folder."""
-    for key in ("name", "factory", "hf", "file"):
+    for key in ("name", "factory", "hf", "exported", "file"):
         if isinstance(spec.get(key), str):
             return spec[key]
     return "?"
@@ -393,6 +395,27 @@ class Run(TrustedCode):
         if trust:
             run.trust()
         return run
+
+    def add_pending_result(self, probe: str, step: int, params: Mapping[str, Any], result: Any) -> Path:
+        """Queue a probe result computed where the result store is out of reach (a training recipe, below
+        the runner's layer): ``pending_results/<probe>_step_<step>.json`` with the runner ``probe``, the
+        checkpoint ``step``, the runner ``params`` and ``result.to_dict()`` with its class name. The runner
+        files it into the store under its key the next time the run is read
+        (:func:`dynascope.runner.ingest_pending`), after the checkpoint exists."""
+        from .atomic import atomic_write_text
+
+        folder = self.path / PENDING_DIR
+        folder.mkdir(exist_ok=True)
+        record = {"probe": probe, "step": int(step), "params": _json_value(dict(params), "params"),
+                  "result_class": type(result).__name__, "result": result.to_dict()}  # fmt: skip
+        path = folder / f"{probe}_step_{int(step):06d}.json"
+        atomic_write_text(path, json.dumps(record, allow_nan=True) + "\n")
+        return path
+
+    def pending_results(self) -> list[Path]:
+        """The queued results of :meth:`add_pending_result`, oldest step first."""
+        folder = self.path / PENDING_DIR
+        return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
     def remove_orphans(self, min_age_s: float = 0.0) -> list[Path]:
         """Delete temporary files that a killed writer left in the run folder and ``checkpoints/``

@@ -11,7 +11,10 @@ Forms:
   local folder (``local_files_only=True``; the hub is never contacted), the class named by
   ``config.architectures[0]`` (the task head, e.g. ``GPT2LMHeadModel``; ``AutoModel`` when none is named),
   built with random weights, then the folder's ``model.safetensors`` / ``pytorch_model.bin`` loaded with
-  tied weights filled (:func:`~dynascope.models.weights.load_weights`). ``use_cache`` is turned off.
+  tied weights filled (:func:`~dynascope.models.weights.load_weights`). ``use_cache`` is turned off;
+* ``{"structure": {...}}`` — a ``Sequential`` of ``torch.nn`` layers (:mod:`dynascope.models.structure`);
+* ``{"exported": "path/to/model.export.json"}`` — a ``torch.export`` program in JSON with its tensors in
+  safetensors beside it (:mod:`dynascope.models.exported`; read without unpickling anything; eval mode).
 
 Every form may add ``"trainable": [patterns]`` or ``"frozen": [patterns]`` (:mod:`dynascope.models.freezing`):
 the built model's ``requires_grad`` flags follow them, so every front end probes the same parameters.
@@ -20,7 +23,8 @@ Models built from a factory or a Hugging Face folder get the output rule of
 :mod:`dynascope.models.outputs` (``.logits``, else the first tensor) as a forward hook. Every built model
 carries its normalised spec in ``model.dynascope_config`` (so ``model_config(model)`` returns it).
 :func:`model_fingerprint` is what a cache key holds: the spec, plus the sha256 of a factory's file and of
-the Hugging Face folder's config and weights (so a changed file changes the key).
+the Hugging Face folder's config and weights, or of an exported program's files (so a changed file changes
+the key).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from ..datasets.factory import (
     ref_fingerprint,
 )
 from .checkpoints import file_sha256
+from .exported import export_fingerprint, load_exported
 from .freezing import apply_freezing, freeze_patterns
 from .outputs import attach_logits_rule
 from .registry import CONFIG_ATTR, build, normalize_config
@@ -58,14 +63,14 @@ __all__ = [
     "hf_weights_file",
 ]
 
-MODEL_SPEC_FORMS = ("name", "factory", "hf", "structure")
+MODEL_SPEC_FORMS = ("name", "factory", "hf", "structure", "exported")
 
 
 def is_model_spec(spec: Any) -> bool:
     """Whether ``spec`` has the shape of a model spec: a dict naming a registry model, factory or HF folder
     (a string), or a structure (a dict); not whether it builds."""
     return isinstance(spec, Mapping) and (
-        any(isinstance(spec.get(k), str) for k in ("name", "factory", "hf"))
+        any(isinstance(spec.get(k), str) for k in ("name", "factory", "hf", "exported"))
         or isinstance(spec.get("structure"), Mapping)
     )
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -77,8 +82,9 @@ def model_spec_kind(spec: Any) -> str:
     if len(kinds) != 1:
         raise ValueError(
             "model config must be a dict with a string 'name' (registry), or exactly one of 'factory' "
-            "('pkg.module:function' or 'path/file.py:function'), 'hf' (a save_pretrained folder) or "
-            "'structure' (torch.nn layers, dynascope.models.structure); "
+            "('pkg.module:function' or 'path/file.py:function'), 'hf' (a save_pretrained folder), "
+            "'structure' (torch.nn layers, dynascope.models.structure) or 'exported' (a torch.export "
+            "program, dynascope.models.exported); "
             f"got {spec!r}"
         )
     return kinds[0]
@@ -108,6 +114,7 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         "factory": {"factory", "kwargs", "seed"},
         "hf": {"hf", "seed", "max_params"},
         "structure": {"structure", "seed"},
+        "exported": {"exported", "seed"},
     }[kind]
     extra = sorted(set(out) - allowed)
     if extra:
@@ -123,6 +130,11 @@ def normalize_model_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     if kind == "structure":
         if not isinstance(out["structure"], Mapping):
             raise ValueError(f"model spec {dict(spec)}: 'structure' must be a layer object")
+        return {**out, **freeze}
+    if kind == "exported":
+        if not isinstance(out["exported"], str) or not out["exported"]:
+            raise ValueError(f"model spec {dict(spec)}: 'exported' must be the path of a model.export.json")
+        out["exported"] = str(Path(out["exported"]).expanduser().resolve())
         return {**out, **freeze}
     if not isinstance(out["hf"], str) or not out["hf"]:
         raise ValueError(f"model spec {dict(spec)}: 'hf' must be the path of a save_pretrained folder")
@@ -293,6 +305,8 @@ def build_from_spec(spec: Mapping[str, Any] | str) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
             model = build_structure(cfg["structure"])
+    elif kind == "exported":
+        model = load_exported(cfg["exported"])  # JSON and safetensors only
     else:
         model = _build_hf(cfg)
     if freeze:
@@ -316,6 +330,8 @@ def model_fingerprint(spec: Mapping[str, Any]) -> dict[str, Any]:
         return dict(spec)
     if kind == "factory":
         cfg["factory_code"] = ref_fingerprint(cfg["factory"])
+    elif kind == "exported":
+        cfg.update(export_fingerprint(cfg["exported"]))
     elif kind == "hf":
         folder = Path(cfg["hf"])
         cfg["hf_config_sha256"] = _digest_json(folder / "config.json")

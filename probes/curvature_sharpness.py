@@ -321,6 +321,12 @@ def sharpness(
 
 
 # ---------------------------------------------------------------------------------------------- trajectory
+#: keys of a :func:`sharpness` result's ``.meta`` that describe that one call, not the operator
+_PROBE_META = frozenset({
+    "probe", "params", "checkpoint_hash", "model_config", "model_config_source", "compiled", "wall_time_s",
+    "versions", "n_matvecs", "stochastic_modules", "lanczos_iterations", "trace_method", "preconditioned",
+    "batch_sampling",
+})  # fmt: skip
 _LOSS_KEYS = (("loss",), ("training", "loss"), ("recipe", "loss"), ("optimizer", "loss"))
 
 
@@ -442,15 +448,17 @@ def track_sharpness(
     out_steps, lam, topk, conv, lrs, thr, ratio, losses, mvs = [], [], [], [], [], [], [], [], []
     v0 = None
     loss_name = str(loss)
-    spec = OperatorSpec(loss=loss, batch_size=batch_size, mode=mode, dtype=dtype, device=device)
     op_meta: dict[str, Any] = {}
     for i, model_i in enumerate(iterator):
         step = ckpts.steps[i] if ckpts.steps is not None else i
-        op = spec.build(model_i, data)
-        loss_name, op_meta = op.loss.name, op.meta()
-        res = eigsh(op, k, tol=tol, v0=v0 if warm_start else None, seed=seed, max_iter=max_iter)
-        if warm_start and res.vectors is not None:
-            v0 = res.vectors
+        # the one λ_max-over-training computation (the Tracker's inline λ_max and the EoS recipe call it too)
+        res = sharpness(model_i, data, loss=loss, k=k, tol=tol, v0=v0 if warm_start else None, trace=False,
+                        seed=seed, batch_size=batch_size, mode=mode, dtype=dtype, device=device,
+                        max_iter=max_iter)  # fmt: skip
+        loss_name = res.meta["loss"]
+        op_meta = {key: v for key, v in res.meta.items() if key not in _PROBE_META}
+        if warm_start and res.eigenvectors is not None:
+            v0 = res.eigenvectors
         step_lr = float("nan") if lr is None else float(lr)
         if lr is None and run is not None and hasattr(run, "lr_at"):
             try:
@@ -459,13 +467,13 @@ def track_sharpness(
                 pass
         two = 2.0 / step_lr if step_lr == step_lr and step_lr > 0 else float("nan")
         out_steps.append(step)
-        lam.append(float(res.values[0]))
-        topk.append([float(v) for v in res.values])
-        conv.append(bool(res.converged.all()))
+        lam.append(res.lambda_max)
+        topk.append(list(res.eigenvalues))
+        conv.append(all(res.converged))
         lrs.append(step_lr)
         thr.append(two)
-        ratio.append(float(res.values[0]) / two if two == two else float("nan"))
-        losses.append(op.loss_value())
+        ratio.append(res.lambda_max / two if two == two else float("nan"))
+        losses.append(res.loss_value)
         mvs.append(res.n_matvecs)
     if not out_steps:
         raise ValueError("track_sharpness needs at least one checkpoint")

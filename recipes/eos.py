@@ -7,9 +7,11 @@ L(θ) = (1/N) Σ_i ½‖f(x_i; θ) − y_i‖² (``half_sse``); plain GD with st
 continues, non-monotonically, with λ_max hovering at 2/η.
 
 λ_max, the top eigenvalue of the Hessian ∇²L on the full training set, is computed at every checkpoint
-by Lanczos (:func:`dynascope.probes.lanczos.eigsh` on ``OperatorSpec(loss="half_sse").build(model, (x, y))``,
-warm-started from the previous top eigenvector) and logged as ``sharpness`` (with ``two_over_lr`` and
-``sharpness_ratio`` = λ_max·η/2).
+by :func:`dynascope.probes.sharpness` (``k=1, trace=False``, Lanczos warm-started from the previous top
+eigenvector: the one λ_max-over-training path, shared with ``track_sharpness`` and the Tracker), logged as
+``sharpness`` (with ``two_over_lr`` and ``sharpness_ratio`` = λ_max·η/2) and written to the run's result
+store under the key of ``probe("sharpness", step=s, k=1, tol=lanczos_tol, trace=False, lr=η)`` (queued
+in ``pending_results/``, filed by :func:`dynascope.runner.ingest_pending` when the run is next read).
 
 ``edge_of_stability_adam`` (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"): the
 same model, data and loss trained by full-batch Adam (η = 1e-3, torch's β = (0.9, 0.999), ε = 1e-8). For
@@ -34,9 +36,7 @@ import torch
 from torch import nn
 
 from ..models import Run
-from ..probes.lanczos import eigsh
-from ..probes.operators import LinearOperator, OperatorSpec
-from ..probes.preconditioning import DiagonalScaledOperator, preconditioner_from_state
+from ..probes.curvature_sharpness import sharpness
 from .base import Recipe, recipe_function, register_recipe
 from .train import train
 
@@ -91,66 +91,72 @@ def lambda_max(
     v0: torch.Tensor | None = None,
     max_iter: int = 100,
 ) -> tuple[float, torch.Tensor | None, bool]:
-    """Top Hessian eigenvalue of the dataset-mean ``loss`` at the model's weights (Lanczos).
+    """Top Hessian eigenvalue of the dataset-mean ``loss`` at the model's weights: :func:`dynascope.probes.
+    sharpness` (``k=1, trace=False``), the one λ_max computation of the recipes, ``track_sharpness`` and the
+    Tracker.
 
     Returns ``(λ_max, eigenvector or None, converged)``; ``v0`` warm-starts Lanczos.
     """
-    return _top_pair(OperatorSpec(loss=loss).build(model, data), tol=tol, v0=v0, max_iter=max_iter)
-
-
-def _top_pair(
-    op: LinearOperator, *, tol: float, v0: torch.Tensor | None, max_iter: int = 100
-) -> tuple[float, torch.Tensor | None, bool]:
-    """``(λ_max, eigenvector or None, converged)`` of ``op`` by Lanczos, warm-started from ``v0``."""
-    out = eigsh(op, k=1, which="LA", tol=tol, v0=v0, max_iter=min(max_iter, op.size))
-    vec = out.vectors[:, 0].detach().clone() if out.vectors is not None else None
-    return float(out.values[0]), vec, bool(out.converged[0])
+    r = sharpness(model, data, loss=loss, tol=tol, v0=v0, trace=False, max_iter=max_iter)
+    vec = r.eigenvectors[:, 0].detach().clone() if r.eigenvectors is not None else None
+    return r.lambda_max, vec, bool(r.converged[0])
 
 
 class SharpnessTracker:
-    """A ``checkpoint_fn`` for ``train``: warm-started λ_max on the training set, logged as ``sharpness``
-    against 2/η. With ``preconditioned=True`` (Adam) it is λ_max(P⁻¹H), P from the optimizer's state,
-    logged as ``precond_sharpness`` against its threshold ``precond_threshold`` (38/η for β₁ = 0.9);
-    nothing is logged before the first update (no state yet)."""
+    """A ``checkpoint_fn`` for ``train``: warm-started λ_max on the training set by
+    :func:`dynascope.probes.sharpness` (``k=1, trace=False``), logged as ``sharpness`` against 2/η. With
+    ``preconditioned=True`` (Adam) the same call with ``optimizer_state`` gives λ_max(P⁻¹H), P from the
+    optimizer's state, logged as ``precond_sharpness`` against its threshold ``precond_threshold`` (38/η for
+    β₁ = 0.9); nothing is logged before the first update (no state yet).
+
+    The results are kept and :meth:`store` queues them for the run's result store (after ``train`` wrote
+    the checkpoints); the runner files them under its key of ``probe("sharpness", step=s, **self.params)``
+    when the run is next read, so the trajectory views find them as cached results."""
 
     def __init__(
         self, lr: float, *, loss: str = "half_sse", tol: float = 1e-3, preconditioned: bool = False
     ) -> None:
         self.lr, self.loss, self.tol, self.preconditioned = float(lr), loss, tol, preconditioned
         self._v: torch.Tensor | None = None
+        self.results: list[tuple[int, Any]] = []
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The runner parameters of the λ_max computed here (the result store key)."""
+        return {"k": 1, "tol": self.tol, "trace": False, "lr": self.lr,
+                **({"optimizer_state": True} if self.preconditioned else {})}  # fmt: skip
 
     def __call__(
         self, model: nn.Module, step: int, data: Any, optimizer: torch.optim.Optimizer | None = None
     ) -> dict[str, Any]:
+        if self.preconditioned and (optimizer is None or not optimizer.state):
+            return {}
+        state = optimizer if self.preconditioned else None
+        r = sharpness(model, data.train, loss=self.loss, k=1, tol=self.tol, v0=self._v, trace=False,
+                      lr=self.lr, optimizer_state=state)  # fmt: skip
+        if r.eigenvectors is not None and torch.isfinite(r.eigenvectors).all():
+            self._v = r.eigenvectors
+        self.results.append((step, r))
         if self.preconditioned:
-            return self._preconditioned(model, data, optimizer)
-        lam, vec, conv = lambda_max(model, data.train, loss=self.loss, tol=self.tol, v0=self._v)
-        if vec is not None and torch.isfinite(vec).all():
-            self._v = vec
+            return {
+                "precond_sharpness": r.preconditioned_lambda_max,
+                "precond_threshold": r.preconditioned_threshold,
+                "precond_ratio": r.preconditioned_ratio,
+                "sharpness_converged": bool(r.meta["preconditioned"]["converged"]),
+            }
         return {
-            "sharpness": lam,
+            "sharpness": r.lambda_max,
             "two_over_lr": 2.0 / self.lr,
-            "sharpness_ratio": lam * self.lr / 2.0,
-            "sharpness_converged": conv,
+            "sharpness_ratio": r.lambda_max * self.lr / 2.0,
+            "sharpness_converged": bool(r.converged[0]),
         }
 
-    def _preconditioned(
-        self, model: nn.Module, data: Any, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, Any]:
-        if optimizer is None or not optimizer.state:
-            return {}
-        op = OperatorSpec(loss=self.loss).build(model, data.train)
-        P = preconditioner_from_state(optimizer, op.space, model=op.model, lr=self.lr)
-        lam, vec, conv = _top_pair(DiagonalScaledOperator(op, P.diag.rsqrt()), tol=self.tol, v0=self._v)
-        if vec is not None and torch.isfinite(vec).all():
-            self._v = vec
-        thr = float(P.threshold(self.lr))
-        return {
-            "precond_sharpness": lam,
-            "precond_threshold": thr,
-            "precond_ratio": lam / thr,
-            "sharpness_converged": conv,
-        }
+    def store(self, run: Run) -> int:
+        """Queue the kept results for ``run``'s result store (:meth:`Run.add_pending_result`: recipes sit
+        below the runner; it files them under its key when the run is next read); returns their number."""
+        for step, r in self.results:
+            run.add_pending_result("sharpness", step, self.params, r)
+        return len(self.results)
 
 
 @recipe_function("edge_of_stability", EOS_CONFIG)
@@ -210,7 +216,7 @@ def edge_of_stability(
         ),
     }
     tracker = SharpnessTracker(lr, tol=float(cfg["lanczos_tol"]), preconditioned=adam)
-    return train(
+    run = train(
         run_cfg,
         steps=int(cfg["steps"]),
         log_every=int(cfg["log_every"]),
@@ -222,6 +228,8 @@ def edge_of_stability(
         device=cfg["device"],
         checkpoint_fn=tracker,
     )
+    tracker.store(run)  # λ_max in the result store too: the trajectory views read it as cached results
+    return run
 
 
 register_recipe(

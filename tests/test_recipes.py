@@ -452,3 +452,28 @@ def test_edge_of_stability_detector_reads_the_preconditioned_sharpness():
     assert not detect_edge_of_stability(below, lr=1e-3).detected
     with pytest.raises(ValueError, match="precond_sharpness with precond_threshold"):
         detect_edge_of_stability(df.drop(columns=["precond_sharpness"]), lr=1e-3)
+
+
+def test_edge_of_stability_writes_its_lambda_max_to_the_result_store(tmp_path):
+    """The recipe's λ_max (the one path: probes.sharpness, warm-started) lands in the result store under the
+    runner's key (queued by the recipe, filed by the runner when the run is opened), so the trajectory view
+    shows it and the runner finds it cached; the stored value is the logged one, and it equals a cold probe
+    on the saved checkpoint to the Lanczos tolerance."""
+    from dynascope import open_run
+    from dynascope.probes import sharpness
+    from dynascope.runner import run_probe
+
+    run = RECIPES["edge_of_stability"].run(tmp_path / "eos", progress=False, steps=4, width=8,
+                                           checkpoint_every=2, n_train=64)  # fmt: skip
+    logged = run.metrics().dropna(subset=["sharpness"]).set_index("step")["sharpness"]
+    assert logged.index.tolist() == [0, 2, 4]
+    assert len(run.pending_results()) == 3  # queued by the recipe (it sits below the runner) ...
+    frame = open_run(run.path).trajectory("sharpness")
+    assert run.pending_results() == []  # ... and filed into the store when the run is read
+    lam = frame[frame["quantity"] == "lambda_max"].set_index("step")["value"]
+    assert lam.index.tolist() == [0, 2, 4]
+    assert lam.tolist() == pytest.approx(logged.tolist(), rel=1e-12)
+    res, cached = run_probe(run, "sharpness", step=4, params={"k": 1, "tol": 1e-3, "trace": False, "lr": 0.5})
+    assert cached and res.lambda_max == pytest.approx(float(logged.loc[4]), rel=1e-12)
+    cold = sharpness(run.load_model(4), run.load_dataset().train, loss="half_sse", trace=False, tol=1e-8)
+    assert cold.lambda_max == pytest.approx(float(logged.loc[4]), rel=1e-3)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tracker_export import track_plain_loop
 from torch import nn
 
 import dynascope
@@ -59,17 +60,8 @@ def test_an_inline_model_tracked_in_a_plain_loop_is_probed_afterwards(tmp_path: 
     model = _inline()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "runs" / "inline"
-    with dynascope.Tracker(path, model, data=(x, y), loss="cross_entropy", optimizer=opt, schedule="linear",
-                           checkpoint_every=5, probes={"lambda_max": 5}, budget=None) as tr:  # fmt: skip
-        tr.step(0)
-        for s in range(1, 11):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            tr.step(s, metrics={"train_loss": loss.item()})
+    track_plain_loop(model, x, y, path)
     run = dynascope.open_run(path)
     assert "structure" in run.run.model_config
     assert run.run.extra["tracker"]["model_spec"] == {"source": "the model's torch.nn structure",

@@ -112,10 +112,12 @@ def test_spec_data_probe_batch_is_the_runner_max_samples(tmp_path: Path) -> None
 
 
 def test_budget_skips_and_stretches(tmp_path: Path) -> None:
+    """Probes on the training thread: a deferred run doubles the interval."""
     model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     tr = dynascope.Tracker(tmp_path / "run", model, data=_data(), loss="cross_entropy", optimizer=opt,
-                           probes={"lambda_max": 2}, budget=1e-9, schedule=[0])  # fmt: skip
+                           probes={"lambda_max": 2}, budget=1e-9, schedule=[0],
+                           probe_worker="inline")  # fmt: skip
     _train(tr, model, opt, 12, _data())
     tr.close()
     skipped = tr.skipped
@@ -158,8 +160,18 @@ def test_model_specs(tmp_path: Path) -> None:
     class Local(torch.nn.Linear):
         pass
 
-    with pytest.raises(ValueError, match="model_spec="):
-        dynascope.Tracker(tmp_path / "d", Local(4, 3), data=_data())
+    # a class no reader can import travels as an exported program (tests/test_tracker_export.py) ...
+    dynascope.Tracker(tmp_path / "d", Local(4, 3), data=_data()).close()
+    assert "exported" in Run.open(tmp_path / "d").model_config
+
+    class Branchy(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) if x.sum() > 0 else -super().forward(x)
+
+    # ... unless torch.export cannot trace it: then the tracker asks for a spec
+    with pytest.warns(UserWarning, match="cannot travel as an exported program"):
+        with pytest.raises(ValueError, match="model_spec="):
+            dynascope.Tracker(tmp_path / "d2", Branchy(4, 3), data=_data())
     with pytest.raises(ValueError, match="lambda_max"):
         dynascope.Tracker(tmp_path / "e", build("mlp", in_dim=4, width=8, depth=2, out_dim=3), data=_data(),
                           probes={"lmax": 5})  # fmt: skip

@@ -109,11 +109,12 @@ def test_tracker_stretches_then_relaxes_then_stretches_on_a_fake_clock(
     model = build("mlp", in_dim=4, width=4, depth=1, out_dim=3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     x, y = _data()
-    # writes on the training thread: a background writer's busy time would be read off the fake clock while
-    # this thread moves it, a race that made the budget (and the intervals) differ from run to run
+    # probes and writes on the training thread (the rule for inline probes): a background writer's busy time
+    # would be read off the fake clock while this thread moves it, a race that made the budget (and the
+    # intervals) differ from run to run
     tr = Tracker(tmp_path / "run", model, data=(x, y), loss="cross_entropy", optimizer=opt, schedule=[0],
                  probes={"lambda_max": 2}, budget=0.1, heartbeat_s=1e9, save_optimizer=False,
-                 background_writes=False)  # fmt: skip
+                 background_writes=False, probe_worker="inline")  # fmt: skip
     everys: dict[int, int] = {}
     ran: list[int] = []
     tr.step(0)

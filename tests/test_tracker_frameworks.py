@@ -69,7 +69,11 @@ def test_lightning_trainer(tmp_path: Path) -> None:
     torch.testing.assert_close(run.model(12)(_data()[0]), model(_data()[0]))
     m = run.metrics
     assert m["step"].tolist() == list(range(13)) and m["train_loss"].notna().sum() == 12
-    assert run_status(tmp_path / "run")["state"] == "finished"
+    status = run_status(tmp_path / "run")
+    assert status["state"] == "finished"
+    # the probes ran in the worker process; planned vs done over the trainer's max_steps (steps 0, 4, 8, 12)
+    assert status["probe_worker"] == "process" and status["planned_steps"] == 12
+    assert status["probes"]["lambda_max"]["planned"] == status["probes"]["lambda_max"]["done"] == 4
     _check_inline_lambda_max(
         run, [4, 8, 12], "cross_entropy", {"k": 1, "tol": 1e-3, "trace": False, "lr": 0.1}
     )
@@ -120,6 +124,9 @@ def test_hf_trainer(tmp_path: Path) -> None:
     assert run.dataset().train[0]["input_ids"].shape == (8, 8)  # dict batches keep their keys
     m = run.metrics
     assert m["train_loss"].notna().sum() == 6 and "grad_norm" in m.columns
+    status = run_status(tmp_path / "run")  # dict batches reach the worker process too (steps 0, 3, 6)
+    assert status["probe_worker"] == "process" and status["planned_steps"] == 6
+    assert status["probes"]["lambda_max"]["planned"] == status["probes"]["lambda_max"]["done"] == 3
     for s in (3, 6):  # the inline λ_max used the Trainer's current lr (0 once it decays: no threshold)
         two = m.loc[(m["step"] == s) & m["lambda_max"].notna(), "two_over_lr"].item()
         params = {"k": 1, "tol": 1e-3, "trace": False, "lr": 2 / two if two == two else 0.0}

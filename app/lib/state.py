@@ -92,10 +92,14 @@ def current_run() -> Run | None:
     if path is None:
         return None
     try:
-        return Run.open(path)
+        run = Run.open(path)
     except RunError as exc:
         st.error(str(exc))
         return None
+    from dynascope.runner import ingest_pending
+
+    ingest_pending(run)  # results a training recipe queued for the store
+    return run
 
 
 def require_run() -> Run:

@@ -16,6 +16,7 @@ from dynascope.models import Run, RunError, normalize_config
 from dynascope.models import available as models_available
 from dynascope.probes import figures
 from dynascope.store import ResultStore
+from dynascope.tracker import run_status
 
 st.title("Runs")
 root = state.runs_dir()
@@ -215,6 +216,29 @@ def _checkpoint_frame(current: Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _tracker_probes(path: str) -> None:
+    """A Tracker's inline probes: planned vs done, the interval it can keep, and why it is longer."""
+    status = run_status(path)
+    probes = (status or {}).get("probes") or {}
+    if not probes:
+        return
+    rows = [
+        {"probe": name, "requested every": s.get("every_requested"), "every now": s.get("every"),
+         "possible every": s.get("possible_every"), "planned": s.get("planned"), "done": s.get("done"),
+         "skipped": s.get("skipped"), "error": s.get("error")}
+        for name, s in probes.items()
+    ]  # fmt: skip
+    where = status.get("probe_worker", "inline")
+    where = "a background worker process" if where == "process" else "the training thread"
+    st.markdown(f"**Inline probes** (Tracker; computed on {where}): planned vs done")
+    downloads.table(pd.DataFrame(rows), key="runs_tracker_probes")
+    for s in probes.values():
+        if s.get("cadence_note"):
+            st.warning(s["cadence_note"])
+    if status.get("probe_worker_note"):
+        st.caption(status["probe_worker_note"])
+
+
 @st.fragment(run_every=live.POLL_S if follow else None)
 def _run_view(path: str) -> None:
     """Checkpoints and metrics, re-read from the folder on every poll while the run is followed."""
@@ -236,6 +260,7 @@ def _run_view(path: str) -> None:
             if loss_cols and "step" in metrics.columns and len(metrics):
                 data = metrics[["step", *loss_cols]]
                 st.plotly_chart(figures.loss_figure(data, loss_cols), key="runs_live_loss")
+    _tracker_probes(path)
     if len(checkpoints):
         st.markdown(f"**Checkpoints** ({len(checkpoints)})")
         downloads.table(checkpoints, key="runs_ckpt_table")
