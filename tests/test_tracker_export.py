@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import dynascope
+import dynascope.probes as probes
 from dynascope.cli import main as cli_main
 from dynascope.models import build_from_spec
 from dynascope.models.exported import EXPORT_FILE, ExportError, export_model, load_exported, tensors_file
@@ -106,8 +107,12 @@ def test_the_app_probes_an_exported_run(tmp_path: Path, monkeypatch: pytest.Monk
     assert not at.exception and not at.error, [e.value for e in at.error]
     next(b for b in at.button if b.key == "hess_topk_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    stored = dynascope.open_run(path).store.frame()
-    assert "hessian_eigenvalues" in set(stored["probe"])
+    stored = dynascope.open_run(path).store.list("hessian_eigenvalues")
+    assert {s.step for s in stored} == {0, 1}  # the page's default checkpoints; the weights never changed
+    for s in stored:
+        k = s.result.values.numel()
+        live = probes.hessian_eigenvalues(model, (x, y), k=k, loss="cross_entropy", tol=1e-8)  # live model
+        assert torch.allclose(s.result.values.double(), live.values.double(), rtol=1e-3)  # page tol 1e-3
 
 
 def _flat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
