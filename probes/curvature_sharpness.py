@@ -168,7 +168,13 @@ def _trace(op: Any, n_matvecs: int, seed: int) -> tuple[float, float, int]:
 
 
 def _preconditioned(
-    op: Any, state: Any, *, lr: float | None, optimizer: str | None, tol: float, seed: int,
+    op: Any,
+    state: Any,
+    *,
+    lr: float | None,
+    optimizer: str | None,
+    tol: float,
+    seed: int,
     max_iter: int | None,
 ) -> tuple[dict[str, Any], dict[str, Any], float | None, int]:
     """Preconditioned sharpness ``λ_max(P⁻¹H)`` (the symmetric ``P^{-1/2} H P^{-1/2}``) of the optimizer
@@ -190,8 +196,11 @@ def _preconditioned(
     meta = {
         "optimizer": P.optimizer,
         "threshold": f"{P.threshold_factor:.6g}/lr",
-        **({"note": "lr = 0 at this checkpoint: λ_max(P⁻¹H) is reported, the threshold is NaN"}
-           if not lr > 0 else {}),  # fmt: skip
+        **(
+            {"note": "lr = 0 at this checkpoint: λ_max(P⁻¹H) is reported, the threshold is NaN"}
+            if not lr > 0
+            else {}
+        ),  # fmt: skip
         "frozen_groups": bool(torch.isinf(P.diag).any()),
         "hyperparameters": P.hyperparameters,
         "converged": bool(out.converged.all()),
@@ -424,27 +433,8 @@ def track_sharpness(
     started = time.perf_counter()
     ckpts = checkpoint_models(run_or_path, steps, model=model, name="run_or_path")
     run = ckpts.run
-    loss_source = "argument"
-    if loss is None:
-        name, key = run_loss(run) if run is not None else (None, None)
-        loss, loss_source = (name, f"run.json:{key}") if name else ("auto", "default")
-    if data is None:
-        if run is None or not hasattr(run, "load_dataset"):
-            raise ValueError("track_sharpness needs data= when the checkpoints are not a run folder")
-        data = run.load_dataset().train
-        data_source = "run training set"
-    else:
-        data_source = "argument"
-
-    iterator: Any = ckpts.models
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            total = len(ckpts.steps) if ckpts.steps is not None else None
-            iterator = tqdm(iterator, desc="sharpness", unit="ckpt", total=total)
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            pass
+    loss, loss_source, data, data_source = _run_loss_and_data(run, loss, data)
+    iterator: Any = _with_progress(ckpts) if progress else ckpts.models
     out_steps, lam, topk, conv, lrs, thr, ratio, losses, mvs = [], [], [], [], [], [], [], [], []
     v0 = None
     loss_name = str(loss)
@@ -459,12 +449,7 @@ def track_sharpness(
         op_meta = {key: v for key, v in res.meta.items() if key not in _PROBE_META}
         if warm_start and res.eigenvectors is not None:
             v0 = res.eigenvectors
-        step_lr = float("nan") if lr is None else float(lr)
-        if lr is None and run is not None and hasattr(run, "lr_at"):
-            try:
-                step_lr = float(run.lr_at(step))
-            except ValueError:  # RunError: no lr recorded
-                pass
+        step_lr = _step_lr(run, lr, step)
         two = 2.0 / step_lr if step_lr == step_lr and step_lr > 0 else float("nan")
         out_steps.append(step)
         lam.append(res.lambda_max)
@@ -513,6 +498,40 @@ def track_sharpness(
         run_path=str(run.path) if run is not None else None,
         meta=meta,
     )
+
+
+def _run_loss_and_data(run: Any, loss: Any, data: Any) -> tuple[Any, str, Any, str]:
+    """``(loss, its source, data, its source)``: given ones, else the run's recorded loss (``"auto"``
+    without one) and its training set."""
+    loss_source = "argument"
+    if loss is None:
+        name, key = run_loss(run) if run is not None else (None, None)
+        loss, loss_source = (name, f"run.json:{key}") if name else ("auto", "default")
+    if data is not None:
+        return loss, loss_source, data, "argument"
+    if run is None or not hasattr(run, "load_dataset"):
+        raise ValueError("track_sharpness needs data= when the checkpoints are not a run folder")
+    return loss, loss_source, run.load_dataset().train, "run training set"
+
+
+def _with_progress(ckpts: Any) -> Any:
+    """The checkpoints' models with a tqdm progress bar."""
+    from tqdm.auto import tqdm
+
+    total = len(ckpts.steps) if ckpts.steps is not None else None
+    return tqdm(ckpts.models, desc="sharpness", unit="ckpt", total=total)
+
+
+def _step_lr(run: Any, lr: float | None, step: int) -> float:
+    """η at ``step``: the given constant, else the run's schedule (NaN when neither says)."""
+    if lr is not None:
+        return float(lr)
+    if run is not None and hasattr(run, "lr_at"):
+        try:
+            return float(run.lr_at(step))
+        except ValueError:  # RunError: no lr recorded
+            pass
+    return float("nan")
 
 
 __all__ = ["SharpnessResult", "SharpnessTrackResult", "run_loss", "sharpness", "track_sharpness"]
