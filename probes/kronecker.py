@@ -119,6 +119,8 @@ class KFACOperator(LinearOperator):
             )
         if not self.layers:
             raise ValueError("kfac: the model has no nn.Linear or nn.Conv2d layer")
+        if len({id(p) for _, _, p in self._blocks()}) != len(self._blocks()):
+            raise ValueError("kfac: layers that share a parameter (tied weights) are not supported")
         p0 = params[0][1]
         super().__init__(sum(p.numel() for _, p in params), p0.dtype, p0.device)
         self.source = as_batches(data, batch_size, device=p0.device)
@@ -143,6 +145,10 @@ class KFACOperator(LinearOperator):
 
         def hook(name: str) -> Callable[..., None]:
             def fn(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                if name in inputs:
+                    raise ValueError(
+                        f"kfac: layer {name!r} is called more than once per forward (not supported)"
+                    )
                 inputs[name] = _inputs_2d(module, args[0].detach())
                 outputs[name] = out
 

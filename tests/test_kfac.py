@@ -121,3 +121,15 @@ def test_refusals_name_what_is_unsupported() -> None:
             nn.Linear(3, 2).double(),
             (torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 2).double()),
         )
+
+
+def test_shared_layers_are_refused() -> None:
+    """A layer called twice per forward, or two layers tying one weight, would mix their statistics."""
+    lin = nn.Linear(3, 3).double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(ValueError, match="called more than once per forward"):
+        probes.kfac(nn.Sequential(lin, nn.Tanh(), lin), data)
+    tied = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Tanh(), nn.Linear(3, 3, bias=False)).double()
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="tied weights"):
+        probes.kfac(tied, data)
