@@ -424,9 +424,23 @@ class CurvatureOperator(LinearOperator):
             assert b is not None
             plist = list(self._params.values())
             loss = self.loss.total(self._call(dict(self._params), b.x), b.y, b.x) / self.num_samples
-            g = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True, materialize_grads=True)
-            self._graph = (self.space.flatten(list(g)), plist)
+            if not loss.requires_grad:  # no parameter of the block reaches the loss: its Hessian block is 0
+                warnings.warn(
+                    f"the loss does not depend on the parameters {list(self.space.names)}: their curvature "
+                    "block is zero (unused in the forward pass?)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._graph = (None, plist)
+            else:
+                g = torch.autograd.grad(
+                    loss, plist, create_graph=True, allow_unused=True, materialize_grads=True
+                )
+                self._graph = (self.space.flatten(list(g)), plist)
         gflat, plist = self._graph
+        if gflat is None:
+            out.zero_()
+            return
         if V.shape[1] > 1 and self._batched_double_backward:
             try:
                 hv = torch.autograd.grad(

@@ -90,3 +90,26 @@ def test_js_closed_forms_and_errors(gpt2) -> None:
     model, data, _ = gpt2
     with pytest.raises(ValueError, match="at least two parameter blocks"):
         probes.blockwise_spectra(model, data, loss=SHIFTED, groups={"all": ["transformer"]})
+
+
+def test_a_block_the_loss_does_not_use_has_a_zero_spectrum() -> None:
+    """A module left out of the forward pass: its Hessian block is exactly zero (with a warning), for the
+    spectral probes and for the blockwise spectra; before, torch raised from inside autograd."""
+
+    class WithUnused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.unused = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = WithUnused().double()
+    data = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,)))
+    with pytest.warns(UserWarning, match="does not depend on the parameters"):
+        r = probes.hessian_eigenvalues(model, data, k=1, params=["unused"])
+    assert float(r.values[0]) == 0.0
+    with pytest.warns(UserWarning, match="does not depend on the parameters"):
+        b = probes.blockwise_spectra(model, data, n_probes=2, lanczos_steps=10)
+    assert b.blocks == ["a", "b", "unused"] and float(b.lambda_max[2]) == 0.0 and float(b.lambda_max[0]) > 0
