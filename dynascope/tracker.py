@@ -437,7 +437,7 @@ class Tracker:
         self._rows: dict[int, dict[str, Any]] = {}
         self._last_step: int | None = None
         self._last_checkpoint: int | None = None  # the last checkpoint handed to the writer
-        self._written: dict[str, Any] = {"last_checkpoint": None, "checkpoints_written": 0}  # by the writer
+        self._written: dict[str, Any] = {"last_checkpoint": None, "checkpoints_written": 0, "last_row": None}
         self._budget = OverheadBudget(self.budget)
         self._setup_s = self._close_s = 0.0
         self._resumed_at: float | None = None
@@ -903,8 +903,7 @@ class Tracker:
         """Compute ``p`` at ``step`` on the in-memory model (returns ``None``), or with the probe worker
         return its job for :meth:`_submit`; :meth:`_finish` stores the result under the runner's key for the
         checkpoint of ``step``."""
-        from dynascope.datasets.batching import slice_inputs
-        from dynascope.runner import PROBES, call_params, schedule_lr
+        from dynascope.runner import call_params, schedule_lr
 
         assert self.run is not None
         params = dict(p.params)
@@ -919,7 +918,16 @@ class Tracker:
         job = {"probe": p, "step": step, "params": params, "call": call, "max_samples": max_samples, "n": n}
         if self._worker is not None:
             return job
-        kwargs = dict(call)
+        self._compute_inline(job)
+        return None
+
+    def _compute_inline(self, job: dict[str, Any]) -> None:
+        """Compute ``job`` on the training thread with the in-memory model and :meth:`_finish` it."""
+        from dynascope.datasets.batching import slice_inputs
+        from dynascope.runner import PROBES
+
+        p, n = job["probe"], job["n"]
+        kwargs = dict(job["call"])
         if p.previous is not None and "v0" in PROBES[p.runner_name].parameters():
             kwargs["v0"] = p.previous
         data = (slice_inputs(self._batch[0], slice(None, n)), self._batch[1][:n])
@@ -929,16 +937,15 @@ class Tracker:
             data = (slice_inputs(data[0], part), data[1][part])
         fn = PROBES[p.runner_name].resolve()
         self._finish(job, compute_probe(fn, _unwrap_model(self.model), data, kwargs, device=self._device))
-        return None
 
     def _submit(self, step: int, jobs: list[dict[str, Any]]) -> None:
         """Hand the checkpoint's weights and the due probe ``jobs`` to the worker (waiting for its previous
         jobs first: only ``budget=None`` admits probes while it is busy)."""
         assert self._worker is not None and self._snapshot is not None and self._snapshot[0] == step
         self._collect(math.inf)
-        if self._worker is None:  # it stopped while we waited
+        if self._worker is None:  # it stopped while we waited: these jobs run on the training thread
             for job in jobs:
-                self._finish(job, ProbeOutcome(None, None, "the probe worker stopped", 0.0))
+                self._compute_inline(job)
             return
         specs = [(j["probe"].name, j["probe"].runner_name, j["call"], j["n"]) for j in jobs]
         self._worker.submit(step, specs, self._snapshot[1])
@@ -1086,6 +1093,7 @@ class Tracker:
         assert self.run is not None
         if rows:
             self.run.log_metrics(rows)
+            self._written["last_row"] = rows[-1]["step"]  # metrics.csv holds every row up to this step
         if status is not None:
             atomic_write_text(
                 self.path / STATUS_FILE, json.dumps({**status, **self._written_now()}, indent=2) + "\n"

@@ -68,11 +68,16 @@ def test_adam_eos_headline_is_the_preconditioned_ratio(root: Path, server: str, 
     page = _open_run(browser, server, "adam", "Edge of stability")
     _no_errors(page, "Edge of stability")
     assert page.get_by_text("Using all 1000 train samples (the data the run was trained on).").count() == 1
-    _click_and_settle(page, "Compute sharpness")
+    if page.get_by_role("button", name="Compute sharpness").count():  # else the recipe filed its λ_max
+        _click_and_settle(page, "Compute sharpness")
     _no_errors(page, "Edge of stability")
     label, value = _metric(page, "λ_max(P⁻¹H) / threshold")
     assert "38/η" in label and "(step 300)" in label, label
-    stored = {s.step: s.result for s in ResultStore(root / "adam").list("sharpness")}
+    stored = {
+        s.step: s.result
+        for s in ResultStore(root / "adam").list("sharpness")
+        if s.result.preconditioned_lambda_max
+    }
     assert sorted(stored) == [100, 200, 300]  # every checkpoint with optimizer state (step 0 has none)
     last = stored[300]
     assert last.preconditioned_threshold == pytest.approx(38 / 1e-3)

@@ -159,8 +159,8 @@ def test_killed_training_leaves_a_readable_run(tmp_path: Path) -> None:
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            st = run_status(path)
-            if st and (st.get("step") or 0) >= 23:
+            st = run_status(path)  # rows wait for a probe the worker computes: wait for what is written
+            if st and (st.get("last_row") or 0) >= 22:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.1)

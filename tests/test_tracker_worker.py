@@ -186,11 +186,14 @@ def test_a_dead_worker_hands_probes_back_to_the_training_thread(tmp_path: Path) 
     tr.close()
     p = tr.status_probes()["lambda_max"]
     assert tr.probe_worker == "inline" and "stopped" in run_status(tmp_path / "run")["probe_worker_note"]
-    # step 0 was lost with the worker (skipped, with the reason); 2, 4, 6 ran on the training thread
-    assert (p["planned"], p["done"], p["skipped"], p.get("error")) == (4, 3, 1, None)
-    assert tr.skipped[0]["step"] == 0 and "worker" in tr.skipped[0]["reason"]
+    # 2, 4, 6 ran on the training thread; step 0 was lost with the worker (skipped, with the reason) — unless
+    # the worker had already sent it back when the kill came (a race this test does not control)
+    lost = bool(tr.skipped)
+    assert (p["planned"], p["done"], p["skipped"], p.get("error")) == (4, 4 - lost, int(lost), None)
+    if lost:
+        assert tr.skipped[0]["step"] == 0 and "worker" in tr.skipped[0]["reason"]
     steps = sorted(dynascope.open_run(tmp_path / "run").metrics.dropna(subset=["lambda_max"])["step"])
-    assert steps == [2, 4, 6]
+    assert steps == [2, 4, 6] if lost else [0, 2, 4, 6]
 
 
 def test_runs_page_shows_planned_vs_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
