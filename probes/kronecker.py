@@ -106,12 +106,9 @@ class KFACOperator(LinearOperator):
 
         self.model, self.ekfac = model, ekfac
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.layers = [
-            _Layer(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-        ]
-        owned = {
-            f"{lay.name}.{k}".lstrip(".") for lay in self.layers for k, _ in lay.module.named_parameters()
-        }
+        self.layers = [_Layer(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
+        blocks = self._blocks()
+        owned = {f"{lay.name}.{k}".lstrip(".") for lay, k, _ in blocks}
         other = [n for n, _ in params if n not in owned]
         if other:
             raise ValueError(
@@ -119,7 +116,7 @@ class KFACOperator(LinearOperator):
             )
         if not self.layers:
             raise ValueError("kfac: the model has no nn.Linear or nn.Conv2d layer")
-        if len({id(p) for _, _, p in self._blocks()}) != len(self._blocks()):
+        if len({id(p) for _, _, p in blocks}) != len(blocks):
             raise ValueError("kfac: layers that share a parameter (tied weights) are not supported")
         p0 = params[0][1]
         super().__init__(sum(p.numel() for _, p in params), p0.dtype, p0.device)
