@@ -7,6 +7,8 @@ The tracked model is the Trainer's model (a ``PreTrainedModel``: its config is s
 and the run's model spec is ``{"hf": <run>/hf_config}``; probes take its ``.logits``), the optimizer the
 Trainer's (unwrapped from accelerate), the data ``data=`` or else the training DataLoader
 (dict batches: every key but ``labels`` reaches ``forward``, e.g. ``input_ids`` and ``attention_mask``).
+A model sharded by FSDP2 (``fully_shard``; accelerate's FSDP, which needs an accelerator: on CPU the
+Trainer trains with DDP instead) is tracked by every rank, its probes and checkpoints being collectives.
 ``Tracker.step(state.global_step)`` runs at every optimizer step; the Trainer's logs (``loss`` as
 ``train_loss``, ``learning_rate``, ``grad_norm``) join the same step's row. Only world process zero writes.
 Every Tracker keyword passes through (``probe_worker``, ``probe_threads``, ``budget``, ...); ``steps``
@@ -19,6 +21,8 @@ import os
 from typing import Any
 
 from transformers import TrainerCallback
+
+from dynascope.probes.sharded import is_fsdp
 
 from .tracker import Tracker
 
@@ -34,7 +38,7 @@ class HFTracker(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:  # fmt: skip
-        if not state.is_world_process_zero:
+        if not (state.is_world_process_zero or is_fsdp(model)):  # a sharded model: every rank joins
             return
         data = self.data if self.data is not None else train_dataloader
         kwargs = dict(self.kwargs)

@@ -7,7 +7,10 @@ The tracked model is the ``LightningModule`` (its forward gives the logits probe
 optimizer ``trainer.optimizers[0]``, the data ``data=`` or else the trainer's training DataLoader (its first
 ``probe_samples`` samples); the model spec is the module's class with its ``hparams`` unless ``model_spec=``.
 ``Tracker.step(trainer.global_step)`` runs after every training batch with the batch loss (``train_loss``) and
-the trainer's logged scalars; only global rank 0 writes. Every Tracker keyword passes through
+the trainer's logged scalars; only global rank 0 writes. A module sharded by FSDP2 (Lightning's
+``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``) is tracked by every rank: probes and
+checkpoints are collectives (see :mod:`dynascope.tracker`), and its class must be importable (or pass
+``model_spec=``). Every Tracker keyword passes through
 (``probe_worker``, ``probe_threads``, ``budget``, ...); ``steps`` defaults to the trainer's ``max_steps`` (or
 its estimated stepping batches), so the cadence warning states planned vs possible probe runs.
 """
@@ -18,6 +21,8 @@ import os
 from typing import Any
 
 from lightning.pytorch import Callback
+
+from dynascope.probes.sharded import is_fsdp
 
 from .tracker import Tracker
 
@@ -44,7 +49,7 @@ class LightningTracker(Callback):
         self.tracker: Tracker | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero or is_fsdp(pl_module)):  # a sharded model: every rank joins
             return
         data = self.data if self.data is not None else trainer.train_dataloader
         optimizer = trainer.optimizers[0] if trainer.optimizers else None

@@ -566,9 +566,11 @@ class Tracker:
         box = [(self._batch, self._max_samples) if self.writer else None]
         torch.distributed.broadcast_object_list(box, src=0)
         if not self.writer:
+            from dynascope.datasets.batching import map_inputs
+
             self._device = next(p.device for p in self.model.parameters())
             (x, y), self._max_samples = box[0]  # type: ignore[misc]
-            self._batch = (x.to(self._device), y.to(self._device))
+            self._batch = (map_inputs(x, lambda t: t.to(self._device)), y.to(self._device))  # dicts too
             self.run = Run.open(self.path)
 
     def _resume(self, spec: Mapping[str, Any]) -> Run:
@@ -614,29 +616,32 @@ class Tracker:
             return model_config(model), {"source": "dynascope model config"}, None
         except ValueError:
             pass
+        from dynascope.models.structure import StructureError, describe_module, plain_class
+
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained") and hasattr(model, "save_pretrained"):
             folder = str((self.path / HF_CONFIG_DIR).resolve())
             config = copy.deepcopy(config)
-            config.architectures = [type(model).__name__]  # the task head, as model.save_pretrained records
+            # the task head, as model.save_pretrained records (an FSDP2-sharded model: its own class)
+            config.architectures = [plain_class(type(model)).__name__]
             return (
                 {"hf": folder, "seed": 0},
                 {"source": f"Hugging Face config saved to {HF_CONFIG_DIR}/"},
                 lambda: config.save_pretrained(folder),
             )
-        from dynascope.models.structure import StructureError, describe_module
-
         try:  # a Sequential of torch.nn layers (e.g. defined inline in a notebook) travels as data
             return describe_module(model), {"source": "the model's torch.nn structure"}, None
         except StructureError as e:
             not_structure = str(e)
-        ref = _class_ref(type(model))
+        cls = plain_class(type(model))  # an FSDP2-sharded module: its own class
+        ref = _class_ref(cls)
         if ref is None:  # a class no reader can import: the architecture travels as an exported program
-            exported = self._export(model, example)
+            exported = ("its parameters are FSDP2 shards; export needs the whole model in one process"
+                        if self.collective else self._export(model, example))
             if isinstance(exported, tuple):
                 return exported
             raise ValueError(
-                f"Tracker: the model's class {type(model).__qualname__} (module {type(model).__module__}) "
+                f"Tracker: the model's class {cls.__qualname__} (module {cls.__module__}) "
                 "cannot be imported by a reader of the run (it is defined in __main__ or inside a function), "
                 f"it is not a Sequential of torch.nn layers ({not_structure}), and torch.export cannot "
                 f"carry it ({exported}); pass model_spec={{'factory': 'pkg.module:make_model', 'kwargs': "

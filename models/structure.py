@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["LAYERS", "describe_module", "build_structure", "StructureError"]
+__all__ = ["LAYERS", "describe_module", "build_structure", "plain_class", "StructureError"]
 
 #: The torch.nn classes a structure spec may name: Sequential, linear/conv/norm/embedding layers,
 #: activations, pooling, dropout and reshaping layers (their state is parameters and buffers only).
@@ -52,6 +52,27 @@ def _json_arg(value: Any) -> Any:
     raise StructureError(f"argument {value!r} is not a number, string or list of them")
 
 
+def plain_class(cls: type) -> type:
+    """The class itself, or for a module sharded by FSDP2's ``fully_shard`` (which swaps ``module.__class__``
+    for a subclass ``FSDP<Name>`` of ``FSDPModule`` and the original) the original class."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return cls
+    if not issubclass(cls, FSDPModule):
+        return cls
+    return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+
+
+def _plain_repr(model: nn.Module) -> str:
+    """``repr(model)`` with FSDP2's ``FSDP<Name>`` class names read as the original ``<Name>``."""
+    text = repr(model)
+    for cls in {type(m) for m in model.modules()}:
+        if plain_class(cls) is not cls:
+            text = text.replace(f"{cls.__name__}(", f"{plain_class(cls).__name__}(")
+    return text
+
+
 def _layer_args(module: nn.Module, cls: type[nn.Module]) -> dict[str, Any]:
     """Constructor arguments of ``module`` read back from its attributes (``bias``: whether it has one)."""
     args: dict[str, Any] = {}
@@ -73,7 +94,7 @@ def _layer_args(module: nn.Module, cls: type[nn.Module]) -> dict[str, Any]:
 
 
 def _describe(module: nn.Module, where: str) -> dict[str, Any]:
-    cls = type(module)
+    cls = plain_class(type(module))
     if LAYERS.get(cls.__name__) is not cls:
         what = f"{cls.__module__}.{cls.__qualname__}"
         raise StructureError(f"{where or 'the model'} is a {what}, not a torch.nn layer")
@@ -117,6 +138,7 @@ def describe_module(model: nn.Module) -> dict[str, Any]:
     spec = _describe(model, "")
     rebuilt = build_structure(spec)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if repr(rebuilt) != repr(model) or {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} != shapes:
+    rebuilt_shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if repr(rebuilt) != _plain_repr(model) or rebuilt_shapes != shapes:
         raise StructureError("the model rebuilt from its description differs from it")
     return {"structure": spec}

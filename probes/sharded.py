@@ -14,7 +14,14 @@ loss averaged over the whole dataset, ``L(θ) = Σ_ranks Σ_{i ∈ shard} ℓ_i(
       R(h) = (4 D(h/2) − D(h)) / 3             = H v + O(h⁴)
 
   with ``h = s (1 + ‖θ‖) / ‖v‖`` for a relative step ``s`` (default ``ε^{1/5}`` of the parameters' dtype with
-  Richardson, ``ε^{1/3}`` without: truncation against rounding). Each gradient is FSDP's own backward
+  Richardson, ``ε^{1/3}`` without: truncation against rounding). That balance assumes derivatives of one
+  scale; a transformer's are not (its ‖θ‖ is mostly LayerNorm gains while its attention weights are ~0.02),
+  and there the default step leaves a truncation error of 1e-4 in float64. So the first product
+  **calibrates** the step (with Richardson, when ``step`` is not given): while the error estimate ``e``
+  below exceeds ``ε^{2/5}`` (the truncation of ``R``, ~``e²``, then sits near ``ε^{4/5}``, the rounding
+  level), ``s`` is divided by 4 — at most :data:`FD_CALIBRATION_SHRINKS` times, and back to the previous
+  ``s`` once ``e`` grows (rounding has taken over). The steps tried and their estimates are in ``meta``.
+  Each gradient is FSDP's own backward
   (sharded, reduce-scattered), kept as this rank's shards. :attr:`FiniteDifferenceHessian.error` is the
   largest ``‖R(h) − D(h/2)‖ / ‖R(h)‖`` over the products: the error of the unextrapolated difference, an
   upper estimate for ``R`` (whose error is O(h⁴); measured in BENCHMARKS.md). Differences of gradients see
@@ -41,7 +48,7 @@ from torch import Tensor, nn
 
 from ..datasets.batching import as_batches
 from ..models.outputs import logits_of
-from .functional import forward
+from .functional import ModeGuard, forward
 from .losses import resolve_loss
 from .operators import LinearOperator
 from .space import ShardedSpace
@@ -62,6 +69,17 @@ def is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
+def _reshard(model: nn.Module) -> None:
+    """Every FSDP2 unit back to its shards. A forward without backward (``no_grad``, or before the first
+    step) leaves the root unit's parameters gathered, and a shift of the shards would then not reach the
+    forward: products read and move the shards only after this."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _all_reduce(t: Tensor) -> Tensor:
     out = t.detach().clone()
     torch.distributed.all_reduce(out)
@@ -70,6 +88,8 @@ def _all_reduce(t: Tensor) -> Tensor:
 
 #: An error estimate above this (10 %) warns: the loss is not smooth at the step's scale (e.g. ReLU kinks).
 FD_WARN_ERROR = 0.1
+#: At most this many divisions of the relative step by 4 when the first product calibrates it.
+FD_CALIBRATION_SHRINKS = 6
 
 
 def _local_slice(p: Tensor) -> tuple[slice, int]:
@@ -95,10 +115,12 @@ class FiniteDifferenceHessian(LinearOperator):
         batch_size: int | None = None,
         richardson: bool = True,
         step: float | None = None,
+        mode: str = "eval",
     ) -> None:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("a sharded model is probed under an initialised torch.distributed process group")
         self.model = model
+        _reshard(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -123,14 +145,16 @@ class FiniteDifferenceHessian(LinearOperator):
         self.richardson = richardson
         eps = torch.finfo(dtype).eps
         self.step = step if step is not None else eps ** (1 / 5 if richardson else 1 / 3)
+        self._calibrate = richardson and step is None
+        self.calibration: list[tuple[float, float]] = []  # (relative step, error estimate) tried
         self.error = 0.0
         self._warned = False
         self.n_gradients = 0
-        self.kind, self.mode, self.reduce_fn, self.columnwise = "hessian", "eval", _all_reduce, True
+        self.kind, self.mode, self.reduce_fn, self.columnwise = "hessian", mode, _all_reduce, True
         self.fallbacks: list[str] = []
         self._meta = {
             "product": "finite difference of gradients" + (", Richardson-extrapolated" if richardson else ""),
-            "fd_relative_step": self.step, "world_size": self.world, "n_samples": self.num_samples,
+            "world_size": self.world, "n_samples": self.num_samples,
             "basis": "sharded: each rank holds its parameter shards' rows",
         }  # fmt: skip
 
@@ -141,15 +165,17 @@ class FiniteDifferenceHessian(LinearOperator):
             "dtype": str(self.dtype),
             "reduction": f"mean over {self.num_samples} {self.loss.unit} on {self.world} ranks",
             "device": str(self.device), "mode": self.mode, "backend": "finite differences (FSDP2)",
-            "fd_error_estimate": self.error, **self._meta,
+            "fd_error_estimate": self.error, **self._meta, "fd_relative_step": self.step,
+            "fd_calibration": [{"relative_step": a, "error_estimate": e} for a, e in self.calibration],
         }  # fmt: skip
 
     def loss_value(self) -> float:
         """The dataset-mean loss L(θ) over every rank's shard."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), ModeGuard(self.model, self.mode):
             for x, y in self.batches:
                 total += self.loss.total(logits_of(forward(self.model, x)), y).double()
+        _reshard(self.model)
         return float(_all_reduce(total)) / self.num_samples
 
     # ------------------------------------------------------------------ parameters as one vector
@@ -175,10 +201,11 @@ class FiniteDifferenceHessian(LinearOperator):
         """∇L(θ) at the current parameters: this rank's rows (its shards of FSDP's reduced gradients)."""
         for p in self.params:
             p.grad = None
-        for x, y in self.batches:
-            out = logits_of(forward(self.model, x))
-            # FSDP averages gradients over ranks: scale so that the average is Σ_all ℓ / N
-            (self.loss.total(out, y) * (self.world / self.num_samples)).backward()
+        with ModeGuard(self.model, self.mode):  # eval: no dropout, running statistics (as every probe)
+            for x, y in self.batches:
+                out = logits_of(forward(self.model, x))
+                # FSDP averages gradients over ranks: scale so that the average is Σ_all ℓ / N
+                (self.loss.total(out, y) * (self.world / self.num_samples)).backward()
         grads = []
         for p, local, _ in self._locals():
             grads.append((p.grad.to_local() if p.grad is not None else torch.zeros_like(local)).reshape(-1))
@@ -186,6 +213,7 @@ class FiniteDifferenceHessian(LinearOperator):
         return torch.cat(grads).to(self.dtype)
 
     def _difference(self, v: Tensor, h: float) -> Tensor:
+        _reshard(self.model)
         saved = [local.detach().clone() for _, local, _ in self._locals()]
         try:
             self._shift(v, h)
@@ -198,6 +226,27 @@ class FiniteDifferenceHessian(LinearOperator):
                     local.copy_(s)
         return (plus - minus) / (2 * h)
 
+    def _richardson(self, v: Tensor, h: float) -> tuple[Tensor, float]:
+        """``(R(h), e)``: the extrapolated product and the error estimate ``‖R(h) − D(h/2)‖ / ‖R(h)‖``."""
+        d_h, d_half = self._difference(v, h), self._difference(v, h / 2)
+        r = (4 * d_half - d_h) / 3
+        return r, self.vspace.norm(r - d_half) / (self.vspace.norm(r) or 1.0)
+
+    def _calibrated(self, v: Tensor, scale: float) -> tuple[Tensor, float]:
+        """The first product, at the step the calibration of the module docstring settles on (kept)."""
+        target = torch.finfo(self.dtype).eps ** (2 / 5)
+        r, e = self._richardson(v, self.step * scale)
+        self.calibration.append((self.step, e))
+        for _ in range(FD_CALIBRATION_SHRINKS):
+            if e <= target:
+                break
+            r2, e2 = self._richardson(v, self.step / 4 * scale)
+            self.calibration.append((self.step / 4, e2))
+            if e2 >= e:  # rounding took over: keep the previous step
+                break
+            self.step, r, e = self.step / 4, r2, e2
+        return r, e
+
     def _matmat(self, V: Tensor) -> Tensor:
         theta = self._theta_norm()
         cols = []
@@ -207,15 +256,15 @@ class FiniteDifferenceHessian(LinearOperator):
             if norm == 0.0:
                 cols.append(torch.zeros_like(v))
                 continue
-            h = self.step * (1.0 + theta) / norm
-            d_h = self._difference(v, h)
             if not self.richardson:
-                cols.append(d_h)
+                cols.append(self._difference(v, self.step * (1.0 + theta) / norm))
                 continue
-            d_half = self._difference(v, h / 2)
-            r = (4 * d_half - d_h) / 3
-            scale = self.vspace.norm(r) or 1.0
-            self.error = max(self.error, self.vspace.norm(r - d_half) / scale)
+            if self._calibrate:
+                self._calibrate = False
+                r, e = self._calibrated(v, (1.0 + theta) / norm)
+            else:
+                r, e = self._richardson(v, self.step * (1.0 + theta) / norm)
+            self.error = max(self.error, e)
             cols.append(r)
         if self.error > FD_WARN_ERROR and not self._warned:
             self._warned = True
@@ -246,6 +295,27 @@ class SplitVectorsOperator(LinearOperator):
     def meta(self) -> dict[str, Any]:
         return {**self.inner.meta(), "basis": "split evenly across ranks"}
 
+    def _richardson(self, v: Tensor, h: float) -> tuple[Tensor, float]:
+        """``(R(h), e)``: the extrapolated product and the error estimate ``‖R(h) − D(h/2)‖ / ‖R(h)‖``."""
+        d_h, d_half = self._difference(v, h), self._difference(v, h / 2)
+        r = (4 * d_half - d_h) / 3
+        return r, self.vspace.norm(r - d_half) / (self.vspace.norm(r) or 1.0)
+
+    def _calibrated(self, v: Tensor, scale: float) -> tuple[Tensor, float]:
+        """The first product, at the step the calibration of the module docstring settles on (kept)."""
+        target = torch.finfo(self.dtype).eps ** (2 / 5)
+        r, e = self._richardson(v, self.step * scale)
+        self.calibration.append((self.step, e))
+        for _ in range(FD_CALIBRATION_SHRINKS):
+            if e <= target:
+                break
+            r2, e2 = self._richardson(v, self.step / 4 * scale)
+            self.calibration.append((self.step / 4, e2))
+            if e2 >= e:  # rounding took over: keep the previous step
+                break
+            self.step, r, e = self.step / 4, r2, e2
+        return r, e
+
     def _matmat(self, V: Tensor) -> Tensor:
         return self.vspace.rows(self.inner.matmat(self.vspace.full(V)))
 
@@ -270,5 +340,7 @@ def sharded_operator(
         if spec.dtype is not None and spec.dtype != dtype:
             raise ValueError(f"an FSDP2-sharded model computes in its own dtype ({dtype}), not {spec.dtype}: "
                              "cast the model before fully_shard")  # fmt: skip
-        return FiniteDifferenceHessian(model, data, loss=spec.loss, batch_size=spec.batch_size, **kwargs)
+        return FiniteDifferenceHessian(
+            model, data, loss=spec.loss, batch_size=spec.batch_size, mode=spec.mode, **kwargs
+        )
     raise ValueError("sharded_operator: the model is neither FSDP2-sharded (fully_shard) nor DDP-wrapped")

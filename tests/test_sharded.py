@@ -202,3 +202,61 @@ def test_a_model_that_is_neither_sharded_nor_wrapped_is_refused() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     _spawn(*sys.argv[1:])
+
+
+def _gpt2_worker(rank: int, init: str, out: str) -> None:
+    """A GPT-2 in train mode (dropout on), sharded per block and at the root (which owns the embeddings),
+    after a ``no_grad`` forward that leaves the root's parameters gathered; masked tokens split unevenly."""
+    import torch.distributed as dist
+    from test_tracker_distributed import _hf_batch, _hf_model
+    from torch.distributed.fsdp import fully_shard
+
+    from dynascope import probes
+    from dynascope.datasets.batching import slice_inputs
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model = _hf_model().double().train()
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        batch = _hf_batch()
+        with torch.no_grad():
+            model(**batch)
+        mine = slice_inputs(batch, slice(0, 3) if rank == 0 else slice(3, 8))  # 3 and 5 sequences
+        top = probes.hessian_eigenvalues(model, mine, k=2, tol=1e-10, solver="lanczos", loss=GPT2_LOSS)
+        result = {"eig": top.values, "calibration": top.meta["fd_calibration"], "training": model.training,
+                  "dropout_training": model.transformer.drop.training}  # fmt: skip
+        torch.save(result, Path(out) / f"gpt2_rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+GPT2_LOSS = {"name": "token_cross_entropy", "shift": True}
+
+
+def _spawn_gpt2(init: str, out: str) -> None:
+    mp.spawn(_gpt2_worker, args=(init, out), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_fsdp_transformer_in_train_mode_with_root_parameters_equals_the_exact_product(tmp_path) -> None:
+    """FSDP's products on a transformer: eval mode inside the products (dropout would make differences of
+    gradients noise), the root's gathered parameters resharded before the shards move, and a calibrated step
+    (the default left 1e-4 of truncation here): the top-2 equal the exact-product Lanczos in one process."""
+    from test_tracker_distributed import _hf_batch, _hf_model
+
+    from dynascope import probes
+
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import test_sharded as t; t._spawn_gpt2(*sys.argv[2:])"  # noqa: E501
+    here = str(Path(__file__).resolve().parent)
+    proc = run_fresh(code, [here, rendezvous(tmp_path), str(tmp_path)])
+    assert proc.returncode == 0, failure(proc)
+    exact = probes.hessian_eigenvalues(_hf_model().double(), _hf_batch(), k=2, tol=1e-12, loss=GPT2_LOSS)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"gpt2_rank{rank}.pt")
+        torch.testing.assert_close(r["eig"], exact.values, rtol=1e-6, atol=0)
+        assert len(r["calibration"]) > 1  # the default step was refined
+        assert r["training"] and r["dropout_training"]  # the model's own mode is restored
