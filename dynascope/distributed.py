@@ -121,8 +121,9 @@ SHARDED_MODEL_PROBES = ("hessian_eigenvalues", "hessian_trace", "hessian_density
 def shard_model(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """``model`` (already on its device, under an initialised process group) sharded for ``kind``:
     ``"fsdp"`` — ``fully_shard`` on every module that holds parameters itself, then on the root (FSDP2:
-    each rank keeps dim-0 shards of every parameter); ``"ddp"`` — ``DistributedDataParallel`` (on CUDA,
-    on the parameters' device). The backend is the process group's, chosen by the caller."""
+    each rank keeps dim-0 shards of every parameter; a module holding a tied parameter, such as a language
+    model's embedding and head, is left to the root, since one FSDP unit must own a shared parameter);
+    ``"ddp"`` — ``DistributedDataParallel`` (on CUDA, on the parameters' device). The backend is the process group's, chosen by the caller."""
     if kind not in SHARD_KINDS:
         raise ValueError(f"shard must be one of {SHARD_KINDS}; got {kind!r}")
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -133,9 +134,15 @@ def shard_model(model: torch.nn.Module, kind: str) -> torch.nn.Module:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    for module in [m for m in model.modules() if m is not model and any(True for _ in m.parameters(False))]:
-        fully_shard(module)
-    fully_shard(model)
+    owners: dict[int, int] = {}  # parameter → how many modules hold it (tied weights: more than one)
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if module is not model and own and all(owners[id(p)] == 1 for p in own):
+            fully_shard(module)
+    fully_shard(model)  # the root: its own parameters and any tied ones (e.g. GPT-2's embedding and head)
     return model
 
 

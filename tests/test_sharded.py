@@ -205,22 +205,20 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 def _gpt2_worker(rank: int, init: str, out: str) -> None:
-    """A GPT-2 in train mode (dropout on), sharded per block and at the root (which owns the embeddings),
-    after a ``no_grad`` forward that leaves the root's parameters gathered; masked tokens split unevenly."""
+    """A GPT-2 in train mode (dropout on), sharded by ``shard_model`` (every module but the tied embedding and
+    head, which the root owns), after a ``no_grad`` forward that leaves the root's parameters gathered;
+    masked tokens split unevenly."""
     import torch.distributed as dist
     from test_tracker_distributed import _hf_batch, _hf_model
-    from torch.distributed.fsdp import fully_shard
 
     from dynascope import probes
     from dynascope.datasets.batching import slice_inputs
+    from dynascope.distributed import shard_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        model = _hf_model().double().train()
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+        model = shard_model(_hf_model().double().train(), "fsdp")  # tied embedding and head: left to the root
         batch = _hf_batch()
         with torch.no_grad():
             model(**batch)
