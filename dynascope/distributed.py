@@ -123,7 +123,8 @@ def shard_model(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     ``"fsdp"`` — ``fully_shard`` on every module that holds parameters itself, then on the root (FSDP2:
     each rank keeps dim-0 shards of every parameter; a module holding a tied parameter, such as a language
     model's embedding and head, is left to the root, since one FSDP unit must own a shared parameter);
-    ``"ddp"`` — ``DistributedDataParallel`` (on CUDA, on the parameters' device). The backend is the process group's, chosen by the caller."""
+    ``"ddp"`` — ``DistributedDataParallel`` (on CUDA, on the parameters' device). The backend is the
+    process group's, chosen by the caller."""
     if kind not in SHARD_KINDS:
         raise ValueError(f"shard must be one of {SHARD_KINDS}; got {kind!r}")
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
