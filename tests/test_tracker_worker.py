@@ -57,9 +57,9 @@ def test_worker_result_equals_the_synchronous_probe_on_the_same_snapshot() -> No
     try:
         for step, scale in ((3, 1.0), (7, 1.3)):
             state = {k: (v * scale).clone() for k, v in model.state_dict().items()}
-            worker.submit(
-                step, [("lm", "sharpness", kw_s, 40), ("he", "hessian_eigenvalues", kw_h, 32)], state
-            )
+            worker.checkpoint(step, state)  # a bare worker (no files) keeps the weights for the probes
+            specs = [("lm", "sharpness", kw_s, 40, {}), ("he", "hessian_eigenvalues", kw_h, 32, {})]
+            worker.submit(step, specs)
             assert worker.busy() == step
             got_step, outcomes = worker.poll(math.inf)
             assert got_step == step and worker.busy() is None
