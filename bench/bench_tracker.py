@@ -57,8 +57,8 @@ def _loop(steps: int, tracker_kwargs: dict | None, folder: Path) -> tuple[float,
     tr = None
     t0 = time.perf_counter()
     if tracker_kwargs is not None:
-        tr = dynascope.Tracker(folder, model, data=(x, y), loss="half_sse", optimizer=opt, overwrite=True,
-                               model_spec=MODEL_SPEC, probe_samples=512, **tracker_kwargs)  # fmt: skip
+        tr = dynascope.Tracker(folder, model, data=(x, y), loss="half_sse", optimizer=opt, probe_samples=512,
+                               **tracker_kwargs)  # fmt: skip
         tr.step(0)
     for s in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -98,14 +98,6 @@ def _describe(tr: dynascope.Tracker, t_off: float) -> str:
     return text
 
 
-def make_model() -> nn.Module:
-    """The benchmark's model (the factory its runs are re-opened with)."""
-    return _setup()[0]
-
-
-MODEL_SPEC = {"factory": f"{Path(__file__).resolve()}:make_model"}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -127,9 +119,9 @@ def main() -> None:
     last: dict[str, dynascope.Tracker] = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the cadence warning: the table shows it
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             for arm, kw in arms.items():
-                dt, tr = _loop(args.steps, kw, Path(tmp) / arm.replace(",", "_").replace("=", "_"))
+                dt, tr = _loop(args.steps, kw, Path(tmp) / f"{arm.replace(',', '_').replace('=', '_')}_{i}")
                 times[arm].append(dt)
                 loads[arm].append(os.getloadavg()[0])
                 if tr is not None:
@@ -149,7 +141,7 @@ def main() -> None:
                   f"{', '.join(f'{v:.2f}' for v in loads[a])}")  # fmt: skip
         for a, tr in last.items():
             print(f"  {a}: {_describe(tr, med['off'])}")
-        run = dynascope.open_run(Path(tmp) / "after")
+        run = dynascope.open_run(last["after"].path)
         m = run.metrics
         s = int(m.loc[m["lambda_max"].notna(), "step"].max())
         inline = float(m.loc[m["step"] == s, "lambda_max"].item())

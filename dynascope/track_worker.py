@@ -70,6 +70,9 @@ __all__ = [
 
 #: offsets of the tensors in a packed buffer are multiples of this (any dtype's alignment)
 ALIGN = 16
+#: the nice value of the thread computing probes (Linux: per thread): on a machine whose cores are busy,
+#: training keeps its share and the probes take what is left; with a spare core it makes no difference
+PROBE_NICE = 10
 
 
 @dataclass
@@ -253,6 +256,11 @@ class _Child:
     def probes(self) -> None:
         from dynascope.datasets.batching import slice_inputs
 
+        try:  # this thread only (its torch threads inherit it): writes keep their priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PROBE_NICE)
+        except (AttributeError, OSError):
+            pass
+
         while (job := self.jobs.get()) is not None:
             step, specs, state = job
             outcomes: list[tuple[str, ProbeOutcome]] = []
@@ -421,6 +429,10 @@ class ProbeWorker:
         self._unacked: collections.deque[tuple[int, int, Any, Tensor, dict[str, Any]]] = collections.deque()
         self._unacked_bytes = 0
         self._rows: dict[int, dict[str, Any]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
 
     # ------------------------------------------------------------------ replies
     def _receive(self, timeout: float) -> bool:

@@ -1227,6 +1227,7 @@ class Tracker:
             "started": self._started, "step": self._last_step,
             "probes": self.status_probes(), "overhead": self.overhead, "planned_steps": self.steps,
             "probe_worker": self.probe_worker,
+            **({"worker_pid": self._worker.pid} if self._worker is not None else {}),
             **({"probe_worker_note": self.probe_worker_note} if self.probe_worker_note else {}),
             "skipped": list(self._skipped), "relaxed": list(self._relaxed),
         }  # fmt: skip

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import dynascope
 from dynascope.models import Run, build
 from dynascope.probes import hessian_eigenvalues, sharpness
 from dynascope.runner import run_probe
-from dynascope.track_worker import ProbeWorker, compute_probe, warm_start
+from dynascope.track_worker import ALIGN, PROBE_NICE, ProbeWorker, compute_probe, pack, unpack, warm_start
 from dynascope.tracker import run_status
 
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
@@ -192,8 +194,11 @@ def test_a_dead_worker_hands_probes_back_to_the_training_thread(tmp_path: Path) 
     assert (p["planned"], p["done"], p["skipped"], p.get("error")) == (4, 4 - lost, int(lost), None)
     if lost:
         assert tr.skipped[0]["step"] == 0 and "worker" in tr.skipped[0]["reason"]
-    steps = sorted(dynascope.open_run(tmp_path / "run").metrics.dropna(subset=["lambda_max"])["step"])
+    run = dynascope.open_run(tmp_path / "run")
+    steps = sorted(run.metrics.dropna(subset=["lambda_max"])["step"])
     assert steps == [2, 4, 6] if lost else [0, 2, 4, 6]
+    # what the dead worker had not written was written by the training process: every checkpoint and row
+    assert run.steps == [0, 2, 4, 6] and run.metrics["step"].tolist() == list(range(7))
 
 
 def test_runs_page_shows_planned_vs_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,3 +237,67 @@ def test_flush_while_the_worker_computes_writes_each_row_once(tmp_path: Path) ->
     m = dynascope.open_run(path).metrics
     assert m["step"].tolist() == list(range(9))  # each step once
     assert m.set_index("step")["lambda_max"].notna().tolist() == [s in (0, 5) for s in range(9)]
+
+
+def test_pack_round_trips_nested_state_exactly() -> None:
+    """The checkpoint hand-off: tensors of any dtype / layout copied into one aligned byte buffer and back."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g)
+    state = {
+        "w": w.t(),  # not contiguous
+        "b": torch.randn(3, generator=g, dtype=torch.float64),
+        "n": torch.tensor(7),  # 0-d int64
+        "mask": torch.rand(4, generator=g) > 0.5,
+        "h": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+    }
+    optimizer = {
+        "format": "by-name",
+        "state": {"w": {"momentum_buffer": torch.ones(3, 5)}},
+        "groups": [{"lr": 0.1}],
+    }
+    skeleton, buf = pack((state, optimizer))
+    assert buf.dtype == torch.uint8 and buf.dim() == 1
+    offsets = [v[1] for v in [*skeleton[0].values(), skeleton[1]["state"]["w"]["momentum_buffer"]]]
+    assert all(o % ALIGN == 0 for o in offsets)
+    w.mul_(2)  # the buffer holds a copy taken at pack time
+    got_state, got_opt = unpack(
+        skeleton, torch.frombuffer(bytearray(buf.numpy().tobytes()), dtype=torch.uint8)
+    )
+    for k, v in state.items():
+        ref = (w / 2).t() if k == "w" else v
+        assert (
+            got_state[k].dtype == ref.dtype
+            and got_state[k].shape == ref.shape
+            and torch.equal(got_state[k], ref)
+        )
+    assert torch.equal(got_opt["state"]["w"]["momentum_buffer"], torch.ones(3, 5))
+    assert got_opt["format"] == "by-name" and got_opt["groups"] == [{"lr": 0.1}]
+
+
+def test_with_the_worker_the_training_process_runs_no_thread_of_the_tracker(tmp_path: Path) -> None:
+    """The worker process writes the run (checkpoints, rows, status, results) and computes the probes at a
+    lower priority (its probe thread only); the training process gains no thread."""
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    before = threading.active_count()
+    path = tmp_path / "run"
+    tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", optimizer=opt, schedule="linear",
+                           checkpoint_every=4, probes={"lambda_max": 4}, budget=None)  # fmt: skip
+    assert tr.probe_worker == "process"
+    _train(tr, model, opt, 6)
+    assert threading.active_count() == before
+    tr.flush()  # everything handed over is written now
+    status = run_status(path)
+    assert status["live"] and status["last_row"] == 6 and status["last_checkpoint"] == 4
+    assert Run.open(path).steps() == [0, 4]
+    if sys.platform.startswith("linux"):  # nice values per thread of the worker: one thread at PROBE_NICE
+        nices = []
+        for task in Path(f"/proc/{status['worker_pid']}/task").iterdir():
+            nices.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        assert sorted(nices)[-1] == os.getpriority(os.PRIO_PROCESS, 0) + PROBE_NICE
+        assert sorted(nices)[0] == os.getpriority(os.PRIO_PROCESS, 0)  # its writes keep their priority
+    tr.close()
+    assert threading.active_count() == before
+    m = dynascope.open_run(path).metrics
+    assert m["step"].tolist() == list(range(7)) and m["lambda_max"].notna().sum() == 2  # steps 0 and 4
