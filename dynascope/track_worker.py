@@ -289,7 +289,7 @@ class _Child:
             with self.lock:
                 self.computing.remove(step)
                 self.release()
-                self.reply("done", step, self.sendable(outcomes))
+                self.reply("done", step, self.sendable(outcomes), time.perf_counter())
             self.jobs.task_done()
         self.jobs.task_done()
 
@@ -419,6 +419,7 @@ class ProbeWorker:
         self.written: dict[str, Any] = dict(files.written) if files is not None else {}
         self.closed = False
         self.wait_seconds = 0.0  # the training thread's waits for the child
+        self.done_at: float | None = None  # when the child finished its last job (CLOCK_MONOTONIC)
         self._seq = 0
         self._acked = 0
         self._pending: tuple[int, list[str]] | None = None  # the probe job the child is working on
@@ -461,6 +462,7 @@ class ProbeWorker:
                     self._unacked_bytes -= self._unacked.popleft()[3].numel()
             elif kind == "done":
                 self._done.append((args[0], args[1]))
+                self.done_at = args[2]
             elif kind == "bye":
                 self.closed = True
         return got

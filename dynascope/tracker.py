@@ -503,6 +503,11 @@ class Tracker:
         self._inflight: dict[str, Any] | None = None  # the probe job the worker is computing
         self._files: RunFiles | None = None
         self._background_writes = background_writes
+        # training intervals (end, seconds) while the worker computes, and those while it is idle (sum, n)
+        self._worker_steps: list[tuple[float, float]] = []
+        self._idle_steps = [0.0, 0]
+        self._worker_runs = 0
+        self._raw_interference = 0.0
         self._timed_steps = 0  # training intervals timed (for the cadence estimate)
         self.probe_worker = "inline"
         self.probe_worker_note: str | None = None
@@ -834,6 +839,11 @@ class Tracker:
         start = _clock()
         if self._resumed_at is not None:
             self._budget.add_train(start - self._resumed_at)
+            if self._inflight is not None:  # classified once the worker says when it finished
+                self._worker_steps.append((start, start - self._resumed_at))
+            elif self._worker is not None:
+                self._idle_steps[0] += start - self._resumed_at
+                self._idle_steps[1] += 1
         parts = 0.0  # seconds of this call booked as checkpoint or probe time; the rest is "write"
         try:
             self._raise_write_errors()
@@ -873,8 +883,10 @@ class Tracker:
             if jobs:
                 self._submit(step, jobs)
                 dt = (_clock() - t_jobs) / len(jobs)
+                share = self._budget.interference / max(self._worker_runs, 1) / len(jobs)  # a run's mean
                 for job in jobs:
-                    parts += self._charge(job["probe"], step, dt, 0.0 if scheduled else ck / len(jobs))
+                    ck_share = 0.0 if scheduled else ck / len(jobs)
+                    parts += self._charge(job["probe"], step, dt, ck_share + share)
             if self.writer and (due or scheduled or _clock() - self._last_flush >= self.heartbeat_s):
                 self._flush(upto=step)  # this step's row stays open for log() calls after step()
         finally:
@@ -882,13 +894,14 @@ class Tracker:
             self._budget.add_own("write", end - start - parts)
             self._resumed_at = end
 
-    def _charge(self, p: _InlineProbe, step: int, seconds: float, checkpoint: float) -> float:
-        """Book ``seconds`` of ``p`` on the training thread; its cost for the budget adds the ``checkpoint``
-        written for it (0 when the schedule wrote one anyway). Returns ``seconds``."""
+    def _charge(self, p: _InlineProbe, step: int, seconds: float, extra: float) -> float:
+        """Book ``seconds`` of ``p`` on the training thread; its cost for the budget adds ``extra``: the
+        checkpoint written for it (0 when the schedule wrote one anyway) and, in the worker, a run's mean
+        interference. Returns ``seconds``."""
         p.seconds += seconds
         if p.first_seconds is None:
             p.first_seconds = seconds
-        p.interval.cost = seconds + checkpoint
+        p.interval.cost = seconds + extra
         self._budget.add_own("probe", seconds)
         if self._budget.relax(p.interval):
             self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
@@ -1023,6 +1036,7 @@ class Tracker:
         if done is not None:
             inflight, self._inflight = self._inflight, None
             step, outcomes = done
+            self._interference(self._worker.done_at if not self._worker.closed else _clock())
             assert step == inflight["step"]
             for name, out in outcomes:
                 if self._worker.closed:  # lost with the worker: skipped, the probe stays on
@@ -1034,6 +1048,20 @@ class Tracker:
                     self._finish(inflight["jobs"][name], out)
         if self._worker.closed and self._inflight is None and not self.closed:
             self._worker_died()
+
+    def _interference(self, done_at: float | None) -> None:
+        """Charge the slowdown of the training steps taken while the worker computed (ended before
+        ``done_at``) against the mean idle step (:mod:`dynascope.track_budget`); later ones were idle."""
+        busy = [dt for end, dt in self._worker_steps if done_at is None or end - dt < done_at]
+        for _, dt in self._worker_steps[len(busy) :]:  # in time order: the busy ones come first
+            self._idle_steps[0] += dt
+            self._idle_steps[1] += 1
+        self._worker_steps.clear()
+        self._worker_runs += 1
+        total, n = self._idle_steps
+        if n >= 10 and busy:  # a baseline to compare with
+            self._raw_interference += sum(busy) - len(busy) * total / n  # noise of either sign
+            self._budget.interference = max(self._raw_interference, 0.0)
 
     def _worker_died(self) -> None:
         """The worker process died: the checkpoints and rows it had not written are written here (a row
@@ -1100,7 +1128,7 @@ class Tracker:
             return
         step_s = self._budget.train / self._timed_steps
         req = p.interval.requested
-        fixed = max(self._budget.charged - self._budget.own.get("probe", 0.0), 0.0) / self._budget.train
+        fixed = self._budget.fixed / self._budget.train
         room = None if self.budget is None else self.budget - fixed
         every: int | None
         if room is None:  # every due run happens (training waits for the worker if need be)
@@ -1202,6 +1230,7 @@ class Tracker:
             "background_write_seconds": round(self._writer.busy_seconds, 6) if self._writer else 0.0,
             "background_write_cpu_seconds": round(self._writer.cpu_seconds, 6) if self._writer else 0.0,
             "worker_wait_seconds": round(self._worker.wait_seconds, 6) if self._worker else 0.0,
+            "worker_interference_seconds": round(b.interference, 6),
             "setup_seconds": round(self._setup_s, 6), "close_seconds": round(self._close_s, 6),
             "over_budget": b.over_budget(),
         }  # fmt: skip

@@ -301,3 +301,25 @@ def test_with_the_worker_the_training_process_runs_no_thread_of_the_tracker(tmp_
     assert threading.active_count() == before
     m = dynascope.open_run(path).metrics
     assert m["step"].tolist() == list(range(7)) and m["lambda_max"].notna().sum() == 2  # steps 0 and 4
+
+
+def test_interference_charges_the_slowdown_of_steps_taken_while_the_worker_computed(tmp_path: Path) -> None:
+    """Steps that ended after the worker finished count as idle; the busy ones are charged their excess over
+    the mean idle step (the sum of either sign, never below 0), and a probe's cost carries a run's mean."""
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    tr = dynascope.Tracker(tmp_path / "run", model, data=_data(), loss="cross_entropy", schedule=[0],
+                           probes={"lambda_max": 50})  # fmt: skip
+    tr._idle_steps = [10 * 0.002, 10]  # idle steps of 2 ms
+    # three steps of 3 ms while the worker computed (ending at 1.003, 1.006, 1.009), then one after it
+    tr._worker_steps = [(1.003, 0.003), (1.006, 0.003), (1.009, 0.003), (1.012, 0.002)]
+    tr._interference(done_at=1.0085)
+    assert tr._budget.interference == pytest.approx(3 * 0.001, rel=1e-9)
+    assert tr._idle_steps[1] == 11 and tr._idle_steps[0] == pytest.approx(0.022)
+    tr._worker_steps = [(2.0, 0.001)]  # faster than idle: the total goes down, not below zero
+    tr._interference(done_at=3.0)
+    assert tr._budget.interference == pytest.approx(0.003 - 0.001, rel=1e-6)
+    tr._worker_steps = [(3.0, 0.0)] * 3
+    tr._interference(done_at=4.0)
+    assert tr._budget.interference == 0.0 and tr._raw_interference < 0
+    assert tr.overhead["worker_interference_seconds"] == 0.0
+    tr.close()
