@@ -70,8 +70,9 @@ __all__ = [
 
 #: offsets of the tensors in a packed buffer are multiples of this (any dtype's alignment)
 ALIGN = 16
-#: the nice value of the thread computing probes (Linux: per thread): on a machine whose cores are busy,
-#: training keeps its share and the probes take what is left; with a spare core it makes no difference
+#: the nice value the tracker gives the thread computing probes when training never waits for it (a budget
+#: is set; Linux: per thread): on a machine whose cores are busy, training keeps its share and the probes
+#: take what is left; with a spare core it makes no difference
 PROBE_NICE = 10
 
 
@@ -206,8 +207,10 @@ class _Child:
         data: Any,
         fns: dict[str, Callable[..., Any]],
         files: RunWriter | None,
+        nice: int,
     ) -> None:
         self.conn, self.model, self.data, self.fns, self.files = conn, model, data, fns, files
+        self.nice = nice
         self.lock = threading.Lock()  # the run's files and the held rows (main thread and probe thread)
         self.jobs: queue.Queue[Any] = queue.Queue()
         self.held: dict[int, dict[str, Any]] = {}  # rows not yet written
@@ -256,10 +259,11 @@ class _Child:
     def probes(self) -> None:
         from dynascope.datasets.batching import slice_inputs
 
-        try:  # this thread only (its torch threads inherit it): writes keep their priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PROBE_NICE)
-        except (AttributeError, OSError):
-            pass
+        if self.nice:
+            try:  # this thread only (its torch threads inherit it): writes keep their priority
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except (AttributeError, OSError):
+                pass
 
         while (job := self.jobs.get()) is not None:
             step, specs, state = job
@@ -365,10 +369,11 @@ def _child_main(
     fns: dict[str, Callable[..., Any]],
     threads: int,
     files: RunWriter | None,
+    nice: int,
 ) -> None:
     parent_end.close()  # else the pipe would outlive the training process: the child must see it close
     torch.set_num_threads(threads)
-    _Child(conn, model, data, fns, files).run()
+    _Child(conn, model, data, fns, files, nice).run()
 
 
 # ------------------------------------------------------------------------------------------ the parent
@@ -378,7 +383,8 @@ class ProbeWorker:
     ``model``, ``data``: the model (its copy lives in the child) and the probe batch ``(x, y)``; ``fns``:
     runner probe name → probe function (resolved before the fork); ``threads``: the child's torch threads;
     ``files``: the run's writer (its copy lives in the child; ``None``: probe results come back instead);
-    ``wait_writes``: each checkpoint and flush returns once the child has written it;
+    ``wait_writes``: each checkpoint and flush returns once the child has written it; ``nice``: added to
+    the nice value of the child's probe thread (:data:`PROBE_NICE`);
     ``max_pending_bytes``: checkpoint bytes handed over and not yet written before the training thread waits.
     """
 
@@ -391,6 +397,7 @@ class ProbeWorker:
         threads: int = 1,
         files: RunWriter | None = None,
         wait_writes: bool = False,
+        nice: int = 0,
         max_pending_bytes: int = 256 << 20,
     ) -> None:
         import multiprocessing as mp
@@ -406,7 +413,7 @@ class ProbeWorker:
             warnings.simplefilter("ignore", DeprecationWarning)
             self._proc = ctx.Process(
                 target=_child_main,
-                args=(child, self._conn, model, data, fns, threads, files),
+                args=(child, self._conn, model, data, fns, threads, files, nice),
                 name="dynascope-probes",
                 daemon=True,
             )

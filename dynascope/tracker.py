@@ -107,7 +107,7 @@ from dynascope.models.atomic import atomic_write_text
 from dynascope.probes.sharded import is_fsdp
 
 from .track_budget import Interval, OverheadBudget
-from .track_worker import ProbeOutcome, ProbeWorker, compute_probe, process_available, warm_start
+from .track_worker import PROBE_NICE, ProbeOutcome, ProbeWorker, compute_probe, process_available, warm_start
 from .track_writer import Writer
 
 __all__ = ["Tracker", "run_status", "describe_status", "STATUS_FILE", "INLINE_PROBES"]
@@ -793,7 +793,8 @@ class Tracker:
             fns = {p.runner_name: PROBES[p.runner_name].resolve() for p in self._probes}
             try:
                 self._worker = ProbeWorker(_unwrap_model(self.model), self._batch, fns, threads=threads,
-                                           files=self._files, wait_writes=not self._background_writes)
+                                           files=self._files, wait_writes=not self._background_writes,
+                                           nice=PROBE_NICE if self.budget is not None else 0)
                 self.probe_worker = "process"
                 return
             except (OSError, ValueError) as e:

@@ -277,13 +277,14 @@ def test_pack_round_trips_nested_state_exactly() -> None:
 
 def test_with_the_worker_the_training_process_runs_no_thread_of_the_tracker(tmp_path: Path) -> None:
     """The worker process writes the run (checkpoints, rows, status, results) and computes the probes at a
-    lower priority (its probe thread only); the training process gains no thread."""
+    lower priority (its probe thread only: with a budget, training never waits for it); the training
+    process gains no thread."""
     model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     before = threading.active_count()
     path = tmp_path / "run"
     tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", optimizer=opt, schedule="linear",
-                           checkpoint_every=4, probes={"lambda_max": 4}, budget=None)  # fmt: skip
+                           checkpoint_every=4, probes={"lambda_max": 4}, budget=1e9)  # fmt: skip
     assert tr.probe_worker == "process"
     _train(tr, model, opt, 6)
     assert threading.active_count() == before
@@ -300,7 +301,8 @@ def test_with_the_worker_the_training_process_runs_no_thread_of_the_tracker(tmp_
     tr.close()
     assert threading.active_count() == before
     m = dynascope.open_run(path).metrics
-    assert m["step"].tolist() == list(range(7)) and m["lambda_max"].notna().sum() == 2  # steps 0 and 4
+    assert m["step"].tolist() == list(range(7))
+    assert m["lambda_max"].notna().sum() == tr.status_probes()["lambda_max"]["done"] >= 1  # step 4: if free
 
 
 def test_interference_charges_the_slowdown_of_steps_taken_while_the_worker_computed(tmp_path: Path) -> None:
