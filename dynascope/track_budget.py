@@ -6,7 +6,8 @@ Accounting (seconds, cumulative since the tracker started):
 * ``own``: the time spent inside the tracker's per-step calls on the training thread — checkpoint snapshots
   and their hand-off to the background writer (plus any wait for it), metric and status hand-offs, inline
   probes;
-* ``background``: the background writer thread's CPU time (``time.thread_time``). It runs beside training
+* ``background``: the background writer thread's CPU time (``time.thread_time``; 0 with a probe worker,
+  which writes the run in its own process). It runs beside training
   but is charged too: a Python thread shares the interpreter lock (and, on a busy machine, the cores) with
   the training loop; its waits on ``fsync`` hold neither, so its wall time is reported, not charged.
 * ``interference``: what the probe worker's runs cost training although they run in another process —

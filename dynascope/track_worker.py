@@ -216,6 +216,7 @@ class _Child:
         self.held: dict[int, dict[str, Any]] = {}  # rows not yet written
         self.computing: list[int] = []  # steps of the probe jobs queued or running (their rows wait)
         self.complete_below = 0  # the training process has sent every row of the steps before this
+        self.dropped = False  # closed without waiting for the probe job in progress
         self.status: dict[str, Any] | None = None  # the last status received
         self.weights: tuple[int, Any] | None = None  # the last checkpoint's weights
         self.errors: list[str] = []
@@ -284,6 +285,8 @@ class _Child:
                 outcomes.append((name, out))
                 if self.files is not None and out.result is not None:
                     with self.lock:  # a failed store is a write error (the tracker raises it)
+                        if self.dropped:  # the tracker closed without waiting for this job
+                            return
                         scalars = self.guarded(
                             f"storing {name} at step {step}",
                             lambda m=meta, r=out.result: self.files.store(m, r),
@@ -291,6 +294,8 @@ class _Child:
                         self.held.setdefault(step, {"step": step}).update(scalars or {})
                         out.result, out.stored = scalars or {}, True
             with self.lock:
+                if self.dropped:
+                    return
                 self.computing.remove(step)
                 self.release()
                 self.reply("done", step, self.sendable(outcomes), time.perf_counter())
@@ -315,7 +320,11 @@ class _Child:
                 msg = pickle.loads(self.conn.recv_bytes())
             except (EOFError, OSError):
                 break  # the training process is gone: finish what it sent
-            if msg is None:
+            if msg[0] == "stop":  # ("stop", seq, drop): drop = do not wait for the probe job in progress
+                if msg[2]:
+                    with self.lock:
+                        self.dropped = True
+                        self.computing.clear()
                 break
             kind, seq = msg[0], msg[1]
             if kind == "checkpoint":
@@ -352,8 +361,9 @@ class _Child:
                 self.jobs.join()
             with self.lock:
                 self.reply("ack", seq)
-        self.jobs.put(None)
-        worker.join()
+        if not self.dropped:
+            self.jobs.put(None)
+            worker.join()  # the probe job in progress finishes first (dropped: it dies with the process)
         with self.lock:
             self.release(final=True)
             self.reply("bye", None)
@@ -601,13 +611,11 @@ class ProbeWorker:
         rows = [self._rows.pop(s) for s in sorted(self._rows)]
         return cks, rows
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop the child once it has written everything sent (a probe it computes finishes first)."""
+    def close(self, timeout: float = 60.0, *, drop: bool = False) -> None:
+        """Stop the child once it has written everything sent (the probe job in progress finishes first,
+        unless ``drop``: its result is then lost and its step's row written without it)."""
         if not self.closed:
-            try:
-                self._conn.send_bytes(pickle.dumps(None))
-            except OSError:
-                pass
+            self._send(("stop", drop))
             deadline = time.perf_counter() + timeout
             while not self.closed and time.perf_counter() < deadline:
                 if not self._receive(1.0) and not self._proc.is_alive():

@@ -33,10 +33,12 @@ Inline probes run on the fixed probe batch at their interval (``probes={name: ev
 n, **params}}``) on the weights of the checkpoint written at that step, and are stored in the run's result
 store under the key :func:`dynascope.runner.plan` computes for that checkpoint — so the notebook, CLI and
 app find them as cached results. Where they run (``probe_worker``): by default in a forked worker process
-with its own torch threads (``probe_threads``, default 1), which gets the checkpoint's weight snapshot and
-computes while training goes on (:mod:`dynascope.track_worker`); its results are stored (and their scalars
-join that step's metrics row, held back until then) at a later call. With ``probe_worker="inline"`` (or
-where no fork is available: a CUDA model, macOS) they run on the in-memory model on the training thread.
+with its own torch threads (``probe_threads``, default 1; with a budget its probe thread runs at a lower
+priority, ``PROBE_NICE``), which gets the checkpoint's weights and computes while training goes on
+(:mod:`dynascope.track_worker`); it stores the results itself and their scalars join that step's metrics
+row (held back until then). With ``probe_worker="inline"`` (or where no fork is available: a CUDA model,
+macOS, one usable core; and for FSDP-collective probes) they run on the in-memory model on the training
+thread.
 
 * ``"lambda_max"`` / ``"sharpness"`` → runner probe ``sharpness`` with ``k=1, tol=1e-3, trace=False`` and
   ``lr`` = the optimizer's current rate (the parameters of the app's edge-of-stability page), Lanczos
@@ -49,15 +51,23 @@ where no fork is available: a CUDA model, macOS) they run on the in-memory model
 * ``"ntk"`` / ``"ntk_alignment"`` → ``ntk`` on the first ``ntk_samples`` samples (``max_samples``).
 
 Writes leave the training thread: a checkpoint is a CPU snapshot of the weights and optimizer state taken
-at once, written (atomically, fsynced) by one background writer thread, in order with the metrics rows, the
-status and the inline results (:mod:`dynascope.track_writer`; ``background_writes=False`` writes on the
-training thread). A step's metrics row is written with the next flush after that step (``log()`` calls
-after ``step()`` join it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``.
+at once and written (atomically, fsynced) in order with the metrics rows, the status and the inline
+results. With the probe worker the worker process writes them all (:class:`RunFiles`, its forked copy): the
+snapshot goes to it as one packed byte buffer and the training process runs no thread of its own (a Python
+thread there would share the interpreter lock with the training loop); a worker that dies hands back what
+it had not written, which the training process then writes. Without it one background writer thread does
+(:mod:`dynascope.track_writer`). ``background_writes=False`` waits for each write on the training thread.
+A step's metrics row is written with the next flush after that step (``log()`` calls after ``step()`` join
+it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``. Killed with
+``kill -9``, the training process leaves its worker to finish the probe it computes and write every row and
+status it was sent, then exit.
 
 Overhead budget (:mod:`dynascope.track_budget`): the tracker times the training between its calls and its
 own time — checkpoint snapshots, hand-offs to the writer, the worker and waits for them, inline probes on
-the training thread, and the background writer's CPU time (it shares the interpreter lock with training) —
-and keeps that total under ``budget`` × training time (default 10 %): a due probe whose last cost
+the training thread, the background writer's CPU time (it shares the interpreter lock with training), and
+the worker's interference (the slowdown of the training steps taken while it computes, measured against the
+steps taken while it is idle) — and keeps that total under ``budget`` × training time (default 10 %): a
+due probe whose last cost
 would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skipped``) and its interval
 doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
 budget. A due probe is skipped too while the worker still computes an earlier step (one core delivers what
@@ -1286,13 +1296,23 @@ class Tracker:
         try:
             if self._last_step is not None and self._last_checkpoint != self._last_step and error is None:
                 self._checkpoint(self._last_step)
-            self._collect(math.inf if error is None else 0.0)  # the result the worker is computing
+            self._collect(self._close_wait(error))  # the result the worker is computing
             self._flush(None)
         finally:
             self.closed = True
             errors = []
             if self._worker is not None:  # it writes everything it was sent, then exits
-                self._worker.close()
+                drop = self._inflight is not None and error is None  # the budget had no room to wait
+                if drop:
+                    assert self._inflight is not None
+                    for name, job in self._inflight["jobs"].items():
+                        job["probe"].skipped += 1
+                        self._skipped.append({"step": self._inflight["step"], "probe": name,
+                                              "every": job["probe"].interval.every,
+                                              "reason": "the run closed; waiting for the worker would exceed "
+                                                        "the budget"})  # fmt: skip
+                    self._inflight = None
+                self._worker.close(drop=drop)
                 self._written.update(self._worker.written)
                 errors += self._worker.errors()
                 if self._worker.unwritten:  # it died first: what it had not written is written here
@@ -1308,6 +1328,15 @@ class Tracker:
             self._record_cadence()
         if errors:
             raise RunError(self.path, f"the tracker's background write failed: {'; '.join(errors)}")
+
+    def _close_wait(self, error: str | None) -> float:
+        """How long ``close()`` waits for the probe the worker computes: until it is done without a
+        budget, as long as the budget has room with one (tracker time), not at all after an error."""
+        if error is not None or self._worker is None or self._inflight is None:
+            return 0.0
+        if self.budget is None:
+            return math.inf
+        return max(self.budget * self._budget.train - self._budget.charged, 0.0)
 
     def _record_cadence(self) -> None:
         """Planned vs done per inline probe into ``run.json`` (``extra.tracker.probes``) for readers that

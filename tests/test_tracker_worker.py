@@ -325,3 +325,24 @@ def test_interference_charges_the_slowdown_of_steps_taken_while_the_worker_compu
     assert tr._budget.interference == 0.0 and tr._raw_interference < 0
     assert tr.overhead["worker_interference_seconds"] == 0.0
     tr.close()
+
+
+def test_close_waits_for_the_worker_only_as_long_as_the_budget_has_room(tmp_path: Path) -> None:
+    """With a budget and no room left, ``close()`` drops the probe the worker computes (recorded as skipped)
+    and still leaves a complete run: every row, the checkpoint, no result stored for the dropped run."""
+    model = build("mlp", in_dim=4, width=64, depth=3, out_dim=3, seed=0)
+    path = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        probes = {"hessian_eigenvalues": {"every": 10, "k": 5, "tol": 1e-10}}
+        tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", schedule=[0], budget=1e-9,
+                               probes=probes)  # fmt: skip
+        tr.step(0)  # the first run always happens (it measures the cost); close() at once: no room to wait
+        tr.close()
+    p = tr.status_probes()["hessian_eigenvalues"]
+    dropped = [s for s in tr.skipped if "closed" in s["reason"]]
+    assert p["planned"] == 1 and p["done"] + p["skipped"] == 1 and len(dropped) == p["skipped"]
+    run = dynascope.open_run(path)
+    assert run.metrics["step"].tolist() == [0] and run.steps == [0]
+    assert len(run.cached("hessian_eigenvalues")) == p["done"]  # a dropped run stored nothing
+    assert run_status(path)["state"] == "finished"
