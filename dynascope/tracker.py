@@ -851,7 +851,8 @@ class Tracker:
         if self._resumed_at is not None:
             self._budget.add_train(start - self._resumed_at)
             if self._inflight is not None:  # classified once the worker says when it finished
-                self._worker_steps.append((start, start - self._resumed_at))
+                if len(self._worker_steps) < 100_000:  # (a worker that never answers: memory stays bounded)
+                    self._worker_steps.append((start, start - self._resumed_at))
             elif self._worker is not None:
                 self._idle_steps[0] += start - self._resumed_at
                 self._idle_steps[1] += 1
