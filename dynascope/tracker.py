@@ -1332,10 +1332,11 @@ class Tracker:
 
     def _close_wait(self, error: str | None) -> float:
         """How long ``close()`` waits for the probe the worker computes: until it is done without a
-        budget, as long as the budget has room with one (tracker time), not at all after an error."""
+        budget or when it is a probe's first run (as the budget always admits a first run), else as long
+        as the budget has room (tracker time); not at all after an error."""
         if error is not None or self._worker is None or self._inflight is None:
             return 0.0
-        if self.budget is None:
+        if self.budget is None or any(j["probe"].runs == 0 for j in self._inflight["jobs"].values()):
             return math.inf
         return max(self.budget * self._budget.train - self._budget.charged, 0.0)
 

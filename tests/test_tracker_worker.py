@@ -329,7 +329,8 @@ def test_interference_charges_the_slowdown_of_steps_taken_while_the_worker_compu
 
 def test_close_waits_for_the_worker_only_as_long_as_the_budget_has_room(tmp_path: Path) -> None:
     """With a budget and no room left, ``close()`` drops the probe the worker computes (recorded as skipped)
-    and still leaves a complete run: every row, the checkpoint, no result stored for the dropped run."""
+    and still leaves a complete run: every row, the checkpoints, no result stored for the dropped run; a
+    probe's first run is always waited for."""
     model = build("mlp", in_dim=4, width=64, depth=3, out_dim=3, seed=0)
     path = tmp_path / "run"
     with warnings.catch_warnings():
@@ -337,12 +338,18 @@ def test_close_waits_for_the_worker_only_as_long_as_the_budget_has_room(tmp_path
         probes = {"hessian_eigenvalues": {"every": 10, "k": 5, "tol": 1e-10}}
         tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", schedule=[0], budget=1e-9,
                                probes=probes)  # fmt: skip
-        tr.step(0)  # the first run always happens (it measures the cost); close() at once: no room to wait
+        tr.step(0)  # the first run always happens (it measures the cost)
+        tr.flush()  # waits for it
+        tr._budget.train = 1e9  # room for the run at step 10 ...
+        for s in range(1, 11):
+            tr.step(s)
+        tr._budget.train = 0.0  # ... then none: close() at once does not wait for it
         tr.close()
     p = tr.status_probes()["hessian_eigenvalues"]
     dropped = [s for s in tr.skipped if "closed" in s["reason"]]
-    assert p["planned"] == 1 and p["done"] + p["skipped"] == 1 and len(dropped) == p["skipped"]
+    assert p["planned"] == 2 and p["done"] >= 1 and p["done"] + p["skipped"] == 2
+    assert len(dropped) == p["skipped"]
     run = dynascope.open_run(path)
-    assert run.metrics["step"].tolist() == [0] and run.steps == [0]
+    assert run.metrics["step"].tolist() == list(range(11)) and run.steps == [0, 10]
     assert len(run.cached("hessian_eigenvalues")) == p["done"]  # a dropped run stored nothing
     assert run_status(path)["state"] == "finished"
