@@ -72,8 +72,10 @@ would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skip
 doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
 budget. A due probe is skipped too while the worker still computes an earlier step (one core delivers what
 it can; no backlog grows). Checkpoints on the schedule are never deferred nor dropped; when they alone
-exceed the budget the status's ``overhead.over_budget`` says so. ``budget=None`` never defers nor skips
-(training waits for the worker when it falls behind).
+exceed the budget the status's ``overhead.over_budget`` says so. ``close()`` waits for the probe the
+worker computes while the budget has room (always for a probe's first run); past it the run is dropped and
+recorded as skipped. ``budget=None`` never defers nor skips (training waits for the worker when it falls
+behind).
 
 Planned vs done: each probe's summary in ``tracker.json`` (and at ``close()`` in ``run.json``
 ``extra.tracker.probes``) counts ``planned`` runs (steps at the requested interval), ``done`` and
