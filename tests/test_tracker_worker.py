@@ -353,3 +353,32 @@ def test_close_waits_for_the_worker_only_as_long_as_the_budget_has_room(tmp_path
     assert run.metrics["step"].tolist() == list(range(11)) and run.steps == [0, 10]
     assert len(run.cached("hessian_eigenvalues")) == p["done"]  # a dropped run stored nothing
     assert run_status(path)["state"] == "finished"
+
+
+def test_a_write_that_fails_in_the_worker_is_raised_on_the_training_thread(tmp_path: Path) -> None:
+    """The worker process writes the run: its write errors come back and are raised by the tracker (once);
+    the worker goes on with the next writes."""
+    import shutil
+
+    from dynascope.models import RunError
+
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    path = tmp_path / "run"
+    tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", optimizer=opt, schedule="linear",
+                           checkpoint_every=2, probes={"lambda_max": 100}, budget=None)  # fmt: skip
+    assert tr.probe_worker == "process"
+    _train(tr, model, opt, 1)
+    tr.flush()
+    shutil.rmtree(path / "checkpoints")
+    (path / "checkpoints").write_text("not a folder")  # the next checkpoint cannot be written
+    tr.step(2)
+    with pytest.raises(RunError, match="background write failed: checkpoint of step 2: FileExistsError"):
+        tr.flush()
+    (path / "checkpoints").unlink()
+    (path / "checkpoints").mkdir()
+    tr.step(3)
+    tr.step(4)
+    tr.close()  # written, nothing raised: the error was raised once
+    status = run_status(path)
+    assert status["state"] == "finished" and status["last_checkpoint"] == 4
