@@ -3,24 +3,30 @@
 Run:  .venv/bin/python bench/bench_tracker.py [--steps 2000] [--every 50] [--repeats 3] [--threads 1]
 
 Setup: tanh MLP 32→64→64→10 (7.0k parameters), 512 Gaussian inputs with one-hot targets of a random linear
-teacher, half-SSE loss, full-batch GD at lr 0.1; every arm starts from the same seeded weights. Arms, run
-round-robin ``--repeats`` times (the median wall time of each is reported, with the load average beside it):
+teacher, half-SSE loss, full-batch GD at lr 0.1; every arm starts from the same seeded weights. The model
+is given to the Tracker as a new user has it (no ``model_spec``: the run records the ``Sequential``'s torch.nn
+structure) and each run writes a new folder. Arms, run round-robin ``--repeats`` times (the median wall time
+of each is reported, with the load average beside it):
 
 * ``off``: the bare loop (forward, backward, step, ``loss.item()``);
-* ``before``: the Tracker as main had it — default settings (budget 10 %, checkpoints on "log+linear" every
-  100 plus one at each probe step, background writer) with inline λ_max (runner ``sharpness``, k=1,
-  tol=1e-3, warm-started) every ``--every`` steps computed on the training thread (``probe_worker="inline"``);
-  the budget defers (stretches) probes to keep the training-thread time under 10 %;
-* ``after``: the same with the default ``probe_worker="auto"``: λ_max computed in a forked worker process
-  (1 torch thread) on the checkpoint's weight snapshot while training goes on; a due run is skipped while
-  the worker is still busy with the previous one;
+* ``before`` (the reference: probes on the training thread): default settings (budget 10 %, checkpoints on
+  "log+linear" every 100 plus one at each probe step, a background writer thread) with inline λ_max (runner
+  ``sharpness``, k=1, tol=1e-3, warm-started) every ``--every`` steps computed on the training thread
+  (``probe_worker="inline"``); the budget defers (stretches) probes to keep the tracker's time under 10 %;
+* ``after``: the defaults (``probe_worker="auto"``): a forked worker process computes λ_max (1 torch thread,
+  at a lower priority) on the checkpoint's weights while training goes on and writes the run (checkpoints,
+  rows, status, results); the training process keeps no thread of the tracker and hands each checkpoint
+  over as one packed byte buffer. A due run is skipped while the worker is still busy, or when the budget
+  (the training thread's tracker time plus the worker's measured interference) has no room;
 * ``after,budget=None``: as ``after`` with ``budget=None``: every requested run happens (training waits for
   the worker when it falls behind).
 
-Printed: the command, a table (wall median, ratio to ``off``, λ_max points delivered / planned, deferred or
-skipped runs, the load average around the arm), the tracker's own split per arm, and the agreement of the
-last delivered λ_max with ``hessian_eigenvalues(tol=1e-8)`` on the saved checkpoint. The worker needs a
-spare core: on a machine whose cores are all busy it competes with training, which the ratio shows.
+Printed: the command, a table (wall median, ratio to ``off``, the training process's CPU seconds — less
+sensitive to other jobs than wall time; the worker's CPU is not in it —, λ_max points delivered / planned,
+deferred or skipped runs, the load average around the arm), the tracker's own split per arm, and the
+agreement of the last delivered λ_max with ``hessian_eigenvalues(tol=1e-8)`` on the saved checkpoint. The
+worker needs a spare core: on a machine whose cores are all busy it competes with training (the charged
+interference throttles it).
 """
 
 from __future__ import annotations
@@ -51,14 +57,17 @@ def _setup(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-def _loop(steps: int, tracker_kwargs: dict | None, folder: Path) -> tuple[float, dynascope.Tracker | None]:
+def _loop(
+    steps: int, tracker_kwargs: dict | None, folder: Path
+) -> tuple[float, float, dynascope.Tracker | None]:
+    """Wall and CPU seconds (this process) of the training loop with the tracker, and the tracker."""
     model, x, y = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tr = None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if tracker_kwargs is not None:
-        tr = dynascope.Tracker(folder, model, data=(x, y), loss="half_sse", optimizer=opt, overwrite=True,
-                               model_spec=MODEL_SPEC, probe_samples=512, **tracker_kwargs)  # fmt: skip
+        tr = dynascope.Tracker(folder, model, data=(x, y), loss="half_sse", optimizer=opt, probe_samples=512,
+                               **tracker_kwargs)  # fmt: skip
         tr.step(0)
     for s in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -70,7 +79,7 @@ def _loop(steps: int, tracker_kwargs: dict | None, folder: Path) -> tuple[float,
             tr.step(s, metrics={"train_loss": value})
     if tr is not None:
         tr.close()
-    return time.perf_counter() - t0, tr
+    return time.perf_counter() - t0, time.process_time() - c0, tr
 
 
 def _describe(tr: dynascope.Tracker, t_off: float) -> str:
@@ -82,7 +91,8 @@ def _describe(tr: dynascope.Tracker, t_off: float) -> str:
         f"{o['train_seconds']:.3f} s (probe {o['probe_seconds']:.3f}, checkpoint "
         f"{o['checkpoint_seconds']:.3f}, write {o['write_seconds']:.3f}); "
         f"background writer {o['background_write_seconds']:.3f} s "
-        f"(CPU {o['background_write_cpu_seconds']:.3f}); "
+        f"(CPU {o['background_write_cpu_seconds']:.3f}); worker interference "
+        f"{o['worker_interference_seconds']:.3f} s, waits for the worker {o['worker_wait_seconds']:.3f} s; "
         f"setup {o['setup_seconds']:.3f} s, close {o['close_seconds']:.3f} s; "
         f"λ_max runs {probe['runs']} (first {probe['first_run_seconds']:.3f} s on the training thread, "
         f"{probe['worker_seconds']:.3f} s in the worker), skipped {probe['skipped']}, "
@@ -96,14 +106,6 @@ def _describe(tr: dynascope.Tracker, t_off: float) -> str:
     if o["over_budget"]:
         text += f"; {o['over_budget']}"
     return text
-
-
-def make_model() -> nn.Module:
-    """The benchmark's model (the factory its runs are re-opened with)."""
-    return _setup()[0]
-
-
-MODEL_SPEC = {"factory": f"{Path(__file__).resolve()}:make_model"}
 
 
 def main() -> None:
@@ -123,24 +125,31 @@ def main() -> None:
         "after,budget=None": {"probes": probes, "budget": None},
     }
     times: dict[str, list[float]] = {a: [] for a in arms}
+    cpus: dict[str, list[float]] = {a: [] for a in arms}
     loads: dict[str, list[float]] = {a: [] for a in arms}
     last: dict[str, dynascope.Tracker] = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the cadence warning: the table shows it
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             for arm, kw in arms.items():
-                dt, tr = _loop(args.steps, kw, Path(tmp) / arm.replace(",", "_").replace("=", "_"))
+                folder = Path(tmp) / f"{arm.replace(',', '_').replace('=', '_')}_{i}"
+                dt, cpu, tr = _loop(args.steps, kw, folder)
                 times[arm].append(dt)
+                cpus[arm].append(cpu)
                 loads[arm].append(os.getloadavg()[0])
                 if tr is not None:
                     last[arm] = tr
         med = {a: statistics.median(t) for a, t in times.items()}
+        cpu_med = {a: statistics.median(t) for a, t in cpus.items()}
         print(f"steps={args.steps}  λ_max every {args.every}  repeats={args.repeats}  "
               f"threads={args.threads}  cpus={os.cpu_count()}")  # fmt: skip
-        print(f"  {'arm':18s} {'median s':>9s} {'ratio':>6s} {'λ_max done/planned':>19s} {'skipped':>8s} "
-              f"{'worker':>8s}  load (1 min) after each repeat")  # fmt: skip
+        print(f"  {'arm':18s} {'median s':>9s} {'ratio':>6s} {'CPU s':>6s} {'ratio':>6s} "
+              f"{'λ_max done/planned':>19s} {'skipped':>8s} {'worker':>8s}  "
+              "load (1 min) after each repeat")  # fmt: skip
         for a in arms:
             ratio = f"{med[a] / med['off']:.3f}" if a != "off" else "1"
+            cpu_ratio = f"{cpu_med[a] / cpu_med['off']:6.3f}" if a != "off" else f"{1:>6}"
+            ratio += f" {cpu_med[a]:6.3f} {cpu_ratio}"
             done = skipped = worker = ""
             if a in last:
                 p = last[a].status_probes()["lambda_max"]
@@ -149,7 +158,7 @@ def main() -> None:
                   f"{', '.join(f'{v:.2f}' for v in loads[a])}")  # fmt: skip
         for a, tr in last.items():
             print(f"  {a}: {_describe(tr, med['off'])}")
-        run = dynascope.open_run(Path(tmp) / "after")
+        run = dynascope.open_run(last["after"].path)
         m = run.metrics
         s = int(m.loc[m["lambda_max"].notna(), "step"].max())
         inline = float(m.loc[m["step"] == s, "lambda_max"].item())

@@ -6,15 +6,19 @@ Accounting (seconds, cumulative since the tracker started):
 * ``own``: the time spent inside the tracker's per-step calls on the training thread — checkpoint snapshots
   and their hand-off to the background writer (plus any wait for it), metric and status hand-offs, inline
   probes;
-* ``background``: the background writer thread's CPU time (``time.thread_time``). It runs beside training
+* ``background``: the background writer thread's CPU time (``time.thread_time``; 0 with a probe worker,
+  which writes the run in its own process). It runs beside training
   but is charged too: a Python thread shares the interpreter lock (and, on a busy machine, the cores) with
   the training loop; its waits on ``fsync`` hold neither, so its wall time is reported, not charged.
-* The probe worker's time is not charged: it is another process with its own thread budget
+* ``interference``: what the probe worker's runs cost training although they run in another process —
+  the training steps taken while it computed, minus the same number of steps at the mean length of steps
+  taken while it was idle (the slowdown from sharing cores, caches and memory bandwidth; about 0 with a
+  spare core). The worker's own time is not charged: it is another process with its own thread budget
   (:mod:`dynascope.track_worker`); what it costs the training thread — the snapshot hand-off, the checkpoint
   written for the probe — is in ``own``.
   The constructor's setup and ``close()`` are recorded, not budgeted.
 
-``charged = own + background`` is what the budget bounds.
+``charged = own + background + interference`` is what the budget bounds.
 
 The rule, applied when an inline probe comes due (``step % every == 0``), with ``cost`` its last measured
 cost on the training thread (the probe plus the checkpoint written for it):
@@ -74,6 +78,7 @@ class OverheadBudget:
     train: float = 0.0
     own: dict[str, float] = field(default_factory=lambda: {"probe": 0.0, "checkpoint": 0.0, "write": 0.0})
     background: float = 0.0
+    interference: float = 0.0
 
     def add_train(self, seconds: float) -> None:
         self.train += max(seconds, 0.0)
@@ -87,8 +92,8 @@ class OverheadBudget:
 
     @property
     def charged(self) -> float:
-        """``own + background``: the tracker time the budget bounds."""
-        return self.own_total + self.background
+        """``own + background + interference``: the tracker time the budget bounds."""
+        return self.own_total + self.background + self.interference
 
     def admits(self, cost: float) -> bool:
         """``charged + cost ≤ budget × train`` (always true without a budget)."""
@@ -119,11 +124,16 @@ class OverheadBudget:
         interval.every = max(interval.every // 2, interval.requested)
         return True
 
+    @property
+    def fixed(self) -> float:
+        """The charged seconds that are not the probes' (training-thread time and interference)."""
+        return max(self.charged - self.own.get("probe", 0.0) - self.interference, 0.0)
+
     def over_budget(self) -> str | None:
         """A note when checkpoints and writes alone take more than the budget (they are never deferred)."""
         if self.fraction is None or self.train <= 0:
             return None
-        fixed = self.charged - self.own.get("probe", 0.0)
+        fixed = self.fixed
         if fixed <= self.fraction * self.train:
             return None
         return (
@@ -138,6 +148,7 @@ class OverheadBudget:
             "train_seconds": round(t, 6),
             "tracker_seconds": round(self.own_total, 6),
             "background_seconds": round(self.background, 6),
+            "interference_seconds": round(self.interference, 6),
             "fraction": self.charged / t if t > 0 else None,
             "budget": self.fraction,
         }

@@ -1,5 +1,8 @@
 """The tracker's background writer: file writes (and their fsyncs) leave the training thread.
 
+Used when the tracker has no probe worker process (no inline probes, probes on the training thread, or a
+worker that died); with a worker, the worker process writes the run (:mod:`dynascope.track_worker`).
+
 The training thread hands over a snapshot of what to write — CPU copies of the weights and the optimizer
 state, metrics rows, the status — and one writer thread runs the jobs in the order they came. Every file is
 still written atomically (temp file, fsync, rename), so a reader, or a process killed with SIGKILL, sees

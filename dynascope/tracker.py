@@ -33,10 +33,12 @@ Inline probes run on the fixed probe batch at their interval (``probes={name: ev
 n, **params}}``) on the weights of the checkpoint written at that step, and are stored in the run's result
 store under the key :func:`dynascope.runner.plan` computes for that checkpoint — so the notebook, CLI and
 app find them as cached results. Where they run (``probe_worker``): by default in a forked worker process
-with its own torch threads (``probe_threads``, default 1), which gets the checkpoint's weight snapshot and
-computes while training goes on (:mod:`dynascope.track_worker`); its results are stored (and their scalars
-join that step's metrics row, held back until then) at a later call. With ``probe_worker="inline"`` (or
-where no fork is available: a CUDA model, macOS) they run on the in-memory model on the training thread.
+with its own torch threads (``probe_threads``, default 1; with a budget its probe thread runs at a lower
+priority, ``PROBE_NICE``), which gets the checkpoint's weights and computes while training goes on
+(:mod:`dynascope.track_worker`); it stores the results itself and their scalars join that step's metrics
+row (held back until then). With ``probe_worker="inline"`` (or where no fork is available: a CUDA model,
+macOS, one usable core; and for FSDP-collective probes) they run on the in-memory model on the training
+thread.
 
 * ``"lambda_max"`` / ``"sharpness"`` → runner probe ``sharpness`` with ``k=1, tol=1e-3, trace=False`` and
   ``lr`` = the optimizer's current rate (the parameters of the app's edge-of-stability page), Lanczos
@@ -49,21 +51,31 @@ where no fork is available: a CUDA model, macOS) they run on the in-memory model
 * ``"ntk"`` / ``"ntk_alignment"`` → ``ntk`` on the first ``ntk_samples`` samples (``max_samples``).
 
 Writes leave the training thread: a checkpoint is a CPU snapshot of the weights and optimizer state taken
-at once, written (atomically, fsynced) by one background writer thread, in order with the metrics rows, the
-status and the inline results (:mod:`dynascope.track_writer`; ``background_writes=False`` writes on the
-training thread). A step's metrics row is written with the next flush after that step (``log()`` calls
-after ``step()`` join it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``.
+at once and written (atomically, fsynced) in order with the metrics rows, the status and the inline
+results. With the probe worker the worker process writes them all (:class:`RunFiles`, its forked copy): the
+snapshot goes to it as one packed byte buffer and the training process runs no thread of its own (a Python
+thread there would share the interpreter lock with the training loop); a worker that dies hands back what
+it had not written, which the training process then writes. Without it one background writer thread does
+(:mod:`dynascope.track_writer`). ``background_writes=False`` waits for each write on the training thread.
+A step's metrics row is written with the next flush after that step (``log()`` calls after ``step()`` join
+it); flushes happen at checkpoints, every ``heartbeat_s`` seconds and at ``close()``. Killed with
+``kill -9``, the training process leaves its worker to finish the probe it computes and write every row and
+status it was sent, then exit.
 
 Overhead budget (:mod:`dynascope.track_budget`): the tracker times the training between its calls and its
 own time — checkpoint snapshots, hand-offs to the writer, the worker and waits for them, inline probes on
-the training thread, and the background writer's CPU time (it shares the interpreter lock with training) —
-and keeps that total under ``budget`` × training time (default 10 %): a due probe whose last cost
+the training thread, the background writer's CPU time (it shares the interpreter lock with training), and
+the worker's interference (the slowdown of the training steps taken while it computes, measured against the
+steps taken while it is idle) — and keeps that total under ``budget`` × training time (default 10 %): a
+due probe whose last cost
 would cross the budget is deferred (skipped, recorded in ``tracker.json`` ``skipped``) and its interval
 doubles; a stretched interval halves again (``relaxed``) when a run leaves the overhead at most half the
 budget. A due probe is skipped too while the worker still computes an earlier step (one core delivers what
 it can; no backlog grows). Checkpoints on the schedule are never deferred nor dropped; when they alone
-exceed the budget the status's ``overhead.over_budget`` says so. ``budget=None`` never defers nor skips
-(training waits for the worker when it falls behind).
+exceed the budget the status's ``overhead.over_budget`` says so. ``close()`` waits for the probe the
+worker computes while the budget has room (always for a probe's first run); past it the run is dropped and
+recorded as skipped. ``budget=None`` never defers nor skips (training waits for the worker when it falls
+behind).
 
 Planned vs done: each probe's summary in ``tracker.json`` (and at ``close()`` in ``run.json``
 ``extra.tracker.probes``) counts ``planned`` runs (steps at the requested interval), ``done`` and
@@ -107,7 +119,7 @@ from dynascope.models.atomic import atomic_write_text
 from dynascope.probes.sharded import is_fsdp
 
 from .track_budget import Interval, OverheadBudget
-from .track_worker import ProbeOutcome, ProbeWorker, compute_probe, process_available, warm_start
+from .track_worker import PROBE_NICE, ProbeOutcome, ProbeWorker, compute_probe, process_available, warm_start
 from .track_writer import Writer
 
 __all__ = ["Tracker", "run_status", "describe_status", "STATUS_FILE", "INLINE_PROBES"]
@@ -296,6 +308,60 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _probe_metrics(name: str, r: Any) -> dict[str, Any]:
+    """Scalars of an inline result for ``metrics.csv`` (``lambda_max`` is what the EoS page plots)."""
+    if name == "sharpness":
+        return {"lambda_max": r.lambda_max, "two_over_lr": r.two_over_lr}
+    if name == "hessian_eigenvalues":
+        return {"hessian_lambda_max": float(r.values[0])}
+    if name == "gradient_coherence":
+        g2 = r.grad_norm_sq_plugin
+        return {"grad_norm": math.sqrt(g2) if g2 >= 0 else float("nan"), "coherence_alpha": r.alpha}
+    if name == "ntk":
+        return {"ntk_alignment": r.label_alignment}
+    return {}
+
+
+class RunFiles:
+    """What a tracker writes into its run folder — checkpoints, metrics rows and the status, inline probe
+    results — and what it has written (``written``: ``last_checkpoint``, ``checkpoints_written``,
+    ``last_row``, the step up to which ``metrics.csv`` holds every row). Its methods run on the writer thread
+    of the training process (:mod:`dynascope.track_writer`), or in the probe worker process on its forked
+    copy (:mod:`dynascope.track_worker`)."""
+
+    def __init__(self, run: Run, written: dict[str, Any], device: torch.device, shard: str | None) -> None:
+        self.run, self.written, self.device, self.shard = run, written, device, shard
+
+    def checkpoint(
+        self, step: int, state: Mapping[str, Tensor], optimizer: Any, row: Mapping[str, Any]
+    ) -> None:
+        self.run.save_checkpoint(dict(state), step, optimizer=optimizer, metrics=row)
+        self.written["last_checkpoint"] = step
+        self.written["checkpoints_written"] += 1
+
+    def rows(self, rows: list[dict[str, Any]], status: dict[str, Any] | None) -> None:
+        """Append ``rows`` to metrics.csv, then write the status file (with what was written)."""
+        if rows:
+            self.run.log_metrics(rows)
+            self.written["last_row"] = rows[-1]["step"]
+        if status is not None:
+            text = json.dumps({**status, **self.written, "heartbeat": time.time()}, indent=2) + "\n"
+            atomic_write_text(self.run.path / STATUS_FILE, text)
+
+    def store(self, meta: Mapping[str, Any], result: Any) -> dict[str, Any]:
+        """Store an inline probe's ``result`` under the runner's key for the checkpoint of ``meta["step"]``;
+        returns its scalars for the metrics row."""
+        from dynascope.runner import plan, store_result
+
+        name, step = meta["runner"], meta["step"]
+        pl = plan(self.run, name, step=step, params=meta["params"], max_samples=meta["max_samples"],
+                  device=self.device, shard=self.shard)  # fmt: skip
+        if pl.call != meta["call"]:  # never store a number under a key that does not describe it
+            raise RuntimeError(f"inline {name} at step {step}: the runner's call {pl.call} != {meta['call']}")
+        store_result(pl, result)
+        return _probe_metrics(name, result)
+
+
 # ------------------------------------------------------------------------------------------ the tracker
 class _InlineProbe:
     """One inline probe: runner name, parameters, interval (stretched / relaxed by the budget), timings."""
@@ -447,7 +513,13 @@ class Tracker:
         self._writer: Writer | None = None
         self._worker: ProbeWorker | None = None
         self._inflight: dict[str, Any] | None = None  # the probe job the worker is computing
-        self._snapshot: tuple[int, dict[str, Tensor]] | None = None  # the last checkpoint's weights
+        self._files: RunFiles | None = None
+        self._background_writes = background_writes
+        # training intervals (end, seconds) while the worker computes, and those while it is idle (sum, n)
+        self._worker_steps: list[tuple[float, float]] = []
+        self._idle_steps = [0.0, 0]
+        self._worker_runs = 0
+        self._raw_interference = 0.0
         self._timed_steps = 0  # training intervals timed (for the cadence estimate)
         self.probe_worker = "inline"
         self.probe_worker_note: str | None = None
@@ -466,18 +538,16 @@ class Tracker:
 
         for p in self._probes:  # unknown parameters fail here, not at the first due step
             call_params(self.run, p.runner_name, p.params)
+        self._files = RunFiles(self.run, self._written, self._device, "fsdp" if self.collective else None)
         if self._probes and self.collective:
             self.probe_worker_note = "a sharded model's probes are collectives, run on the training thread"
-        elif self._probes:  # forked before the writer thread starts
+        elif self._probes:  # forked before any thread starts
             self._start_worker(probe_worker, probe_threads)
-        self._writer = Writer(threaded=background_writes)
-        stop = weakref.finalize(
-            self, self._writer.close
-        )  # a tracker dropped without close() stops its thread
-        stop.atexit = False  # at exit, close() (registered below) drains the writer itself
-        if self._worker is not None:
+        if self._worker is not None:  # the worker writes the run too: no thread in the training process
             weakref.finalize(self, self._worker.close).atexit = False
-        self._writer.flush([], self._status("running"), self._write_rows_and_status)
+            self._worker.flush([], self._status("running"), 0)
+        else:
+            self._start_writer()
         if self.collective:
             self._join_rank0()
         self._setup_s = time.perf_counter() - t0
@@ -719,6 +789,13 @@ class Tracker:
         self.run.config["extra"]["tracker"]["model_spec"] = info
         self.run.save_config()
 
+    def _start_writer(self) -> None:
+        """The writer thread (the files are written in this process: no probe worker, or it died)."""
+        self._writer = Writer(threaded=self._background_writes)
+        stop = weakref.finalize(self, self._writer.close)  # a tracker dropped without close() stops it
+        stop.atexit = False  # at exit, close() (registered in __init__) drains the writer itself
+        self._writer.flush([], self._status("running"), self._files.rows)
+
     def _start_worker(self, mode: str, threads: int) -> None:
         """Fork the probe worker (``mode`` "process", or "auto" where available); else probes run inline."""
         from dynascope.runner import PROBES
@@ -732,7 +809,9 @@ class Tracker:
         if why is None:
             fns = {p.runner_name: PROBES[p.runner_name].resolve() for p in self._probes}
             try:
-                self._worker = ProbeWorker(_unwrap_model(self.model), self._batch, fns, threads=threads)
+                self._worker = ProbeWorker(_unwrap_model(self.model), self._batch, fns, threads=threads,
+                                           files=self._files, wait_writes=not self._background_writes,
+                                           nice=PROBE_NICE if self.budget is not None else 0)
                 self.probe_worker = "process"
                 return
             except (OSError, ValueError) as e:
@@ -778,6 +857,12 @@ class Tracker:
         start = _clock()
         if self._resumed_at is not None:
             self._budget.add_train(start - self._resumed_at)
+            if self._inflight is not None:  # classified once the worker says when it finished
+                if len(self._worker_steps) < 100_000:  # (a worker that never answers: memory stays bounded)
+                    self._worker_steps.append((start, start - self._resumed_at))
+            elif self._worker is not None:
+                self._idle_steps[0] += start - self._resumed_at
+                self._idle_steps[1] += 1
         parts = 0.0  # seconds of this call booked as checkpoint or probe time; the rest is "write"
         try:
             self._raise_write_errors()
@@ -787,7 +872,8 @@ class Tracker:
             self._last_step = step
             if self._resumed_at is not None:
                 self._timed_steps += 1
-            self._collect(0.0)
+            if self._worker is not None and (self._worker.closed or any(p.due(step) for p in self._probes)):
+                self._collect(0.0)  # the worker's replies are read when a probe is due (or at a flush)
             for p in self._probes:
                 if p.error is None and step % p.interval.requested == 0:
                     p.planned += 1
@@ -813,28 +899,28 @@ class Tracker:
                     parts += self._charge(p, step, _clock() - t0, 0.0 if scheduled else ck)
                 else:
                     jobs.append(job)
-            self._snapshot = None if not jobs else self._snapshot
             if jobs:
                 self._submit(step, jobs)
-                self._snapshot = None  # the worker has it; the writer holds its own reference
                 dt = (_clock() - t_jobs) / len(jobs)
+                share = self._budget.interference / max(self._worker_runs, 1) / len(jobs)  # a run's mean
                 for job in jobs:
-                    parts += self._charge(job["probe"], step, dt, 0.0 if scheduled else ck / len(jobs))
+                    ck_share = 0.0 if scheduled else ck / len(jobs)
+                    parts += self._charge(job["probe"], step, dt, ck_share + share)
             if self.writer and (due or scheduled or _clock() - self._last_flush >= self.heartbeat_s):
-                # a row waits for the result the worker is computing for its step
-                self._flush(upto=step if self._inflight is None else min(step, self._inflight["step"]))
+                self._flush(upto=step)  # this step's row stays open for log() calls after step()
         finally:
             end = _clock()
             self._budget.add_own("write", end - start - parts)
             self._resumed_at = end
 
-    def _charge(self, p: _InlineProbe, step: int, seconds: float, checkpoint: float) -> float:
-        """Book ``seconds`` of ``p`` on the training thread; its cost for the budget adds the ``checkpoint``
-        written for it (0 when the schedule wrote one anyway). Returns ``seconds``."""
+    def _charge(self, p: _InlineProbe, step: int, seconds: float, extra: float) -> float:
+        """Book ``seconds`` of ``p`` on the training thread; its cost for the budget adds ``extra``: the
+        checkpoint written for it (0 when the schedule wrote one anyway) and, in the worker, a run's mean
+        interference. Returns ``seconds``."""
         p.seconds += seconds
         if p.first_seconds is None:
             p.first_seconds = seconds
-        p.interval.cost = seconds + checkpoint
+        p.interval.cost = seconds + extra
         self._budget.add_own("probe", seconds)
         if self._budget.relax(p.interval):
             self._relaxed.append({"step": step, "probe": p.name, "every": p.interval.every})
@@ -866,30 +952,29 @@ class Tracker:
         return out
 
     def _checkpoint(self, step: int) -> None:
-        """Snapshot weights (and optimizer state) to CPU now; the writer writes them."""
+        """Snapshot weights (and optimizer state) to CPU now; the writer (or the worker) writes them."""
+        from dynascope.models.runs import optimizer_state_by_name
+
         model = _unwrap_model(self.model)
         if not self.writer:  # a sharded model: this rank's part of the collective gather
             _cpu_state_dict(model)
             self._last_checkpoint = step
             return
-        assert self.run is not None and self._writer is not None
+        assert self.run is not None and self._files is not None
         row = {k: v for k, v in self._rows.get(step, {}).items() if k != "step"}
         opt = self.optimizer if self.save_optimizer and not self.collective else None
-        run, written = self.run, self._written
+        if self._worker is not None:  # copied into one buffer and sent; the worker writes it
+            named = optimizer_state_by_name(opt, model) if opt is not None else None
+            self._worker.checkpoint(step, model.state_dict(), named, row)
+            self._last_checkpoint = step
+            return
+        assert self._writer is not None
+        files = self._files
 
         def snapshot() -> Callable[[], None]:
-            from dynascope.models.runs import optimizer_state_by_name
-
             state = _cpu_state_dict(model)
-            self._snapshot = (step, state)  # the weights a probe of this step runs on
             named = optimizer_state_by_name(opt, model) if opt is not None else None  # CPU copies
-
-            def write() -> None:
-                run.save_checkpoint(state, step, optimizer=named, metrics=row)
-                written["last_checkpoint"] = step
-                written["checkpoints_written"] += 1
-
-            return write
+            return lambda: files.checkpoint(step, state, named, row)
 
         nbytes = sum(
             t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor)
@@ -944,26 +1029,33 @@ class Tracker:
         self._finish(job, compute_probe(fn, _unwrap_model(self.model), data, kwargs, device=self._device))
 
     def _submit(self, step: int, jobs: list[dict[str, Any]]) -> None:
-        """Hand the checkpoint's weights and the due probe ``jobs`` to the worker (waiting for its previous
-        jobs first: only ``budget=None`` admits probes while it is busy)."""
-        assert self._worker is not None and self._snapshot is not None and self._snapshot[0] == step
+        """Hand the due probe ``jobs`` to the worker, on the weights of the checkpoint of ``step`` it has
+        (waiting for its previous jobs first: only ``budget=None`` admits probes while it is busy)."""
+        assert self._worker is not None
         self._collect(math.inf)
         if self._worker is None:  # it stopped while we waited: these jobs run on the training thread
             for job in jobs:
                 self._compute_inline(job)
             return
-        specs = [(j["probe"].name, j["probe"].runner_name, j["call"], j["n"]) for j in jobs]
-        self._worker.submit(step, specs, self._snapshot[1])
+        keys = ("step", "params", "max_samples", "call")
+        specs = [
+            (j["probe"].name, j["probe"].runner_name, j["call"], j["n"],
+             {"runner": j["probe"].runner_name, **{k: j[k] for k in keys}})
+            for j in jobs
+        ]  # fmt: skip
+        self._worker.submit(step, specs)
         self._inflight = {"step": step, "jobs": {j["probe"].name: j for j in jobs}}
 
     def _collect(self, timeout: float) -> None:
-        """Finish the worker's jobs if they are done (waiting up to ``timeout`` seconds)."""
-        if self._worker is None or self._inflight is None:
+        """Finish the worker's jobs if they are done (waiting up to ``timeout`` seconds); after the worker
+        died, hand what it had not written to the writer thread (:meth:`_worker_died`)."""
+        if self._worker is None:
             return
-        done = self._worker.poll(timeout)
+        done = self._worker.poll(timeout) if self._inflight is not None else None
         if done is not None:
             inflight, self._inflight = self._inflight, None
             step, outcomes = done
+            self._interference(self._worker.done_at if not self._worker.closed else _clock())
             assert step == inflight["step"]
             for name, out in outcomes:
                 if self._worker.closed:  # lost with the worker: skipped, the probe stays on
@@ -973,15 +1065,48 @@ class Tracker:
                                           "reason": str(out.error)})  # fmt: skip
                 else:
                     self._finish(inflight["jobs"][name], out)
-        if self._worker.closed and self._inflight is None:  # the child died: the next probes run inline
-            self._worker, self.probe_worker = None, "inline"
-            self.probe_worker_note = "the probe worker stopped; later probes ran on the training thread"
+        if self._worker.closed and self._inflight is None and not self.closed:
+            self._worker_died()
+
+    def _interference(self, done_at: float | None) -> None:
+        """Charge the slowdown of the training steps taken while the worker computed (ended before
+        ``done_at``) against the mean idle step (:mod:`dynascope.track_budget`); later ones were idle."""
+        busy = [dt for end, dt in self._worker_steps if done_at is None or end - dt < done_at]
+        for _, dt in self._worker_steps[len(busy) :]:  # in time order: the busy ones come first
+            self._idle_steps[0] += dt
+            self._idle_steps[1] += 1
+        self._worker_steps.clear()
+        self._worker_runs += 1
+        total, n = self._idle_steps
+        if n >= 10 and busy:  # a baseline to compare with
+            self._raw_interference += sum(busy) - len(busy) * total / n  # noise of either sign
+            self._budget.interference = max(self._raw_interference, 0.0)
+
+    def _worker_died(self) -> None:
+        """The worker process died: the checkpoints and rows it had not written are written here (a row
+        already in ``metrics.csv`` is not appended twice), later writes go to a writer thread and later
+        probes run on the training thread."""
+        assert self._worker is not None and self.run is not None
+        checkpoints, rows = self._worker.lost()
+        self._written.update(self._worker.written)
+        self._worker, self.probe_worker = None, "inline"
+        self.probe_worker_note = "the probe worker stopped; later probes ran on the training thread"
+        self._start_writer()
+        assert self._writer is not None and self._files is not None
+        files = self._files
+        for step, state, optimizer, row in checkpoints:
+            self._writer.submit(lambda s=step, st=state, o=optimizer, r=row: files.checkpoint(s, st, o, r))
+        self._writer.drain()
+        logged = self.run.metrics()["step"]
+        last = max(int(logged.max()) if len(logged) else -1, self._written.get("last_row") or -1)
+        for row in rows:
+            if row["step"] > last:
+                self._rows.setdefault(int(row["step"]), {}).update(row)
 
     def _finish(self, job: dict[str, Any], out: ProbeOutcome) -> None:
         """Store a probe's result (through the writer, after its checkpoint), log its scalars in the step's
-        metrics row, warm-start the next run, check the cadence the probe can keep."""
-        from dynascope.runner import plan, store_result
-
+        metrics row, warm-start the next run (the worker did these itself: ``out.stored``), check the
+        cadence the probe can keep."""
         p, step = job["probe"], job["step"]
         if self.probe_worker == "process":
             p.worker_seconds += out.seconds
@@ -997,22 +1122,13 @@ class Tracker:
             return
         if out.warning:  # recorded once per probe in tracker.json instead of repeated in the user's log
             p.warning = f"step {step}: {out.warning}"
-        run, name, device = self.run, p.runner_name, self._device
-        shard = "fsdp" if self.collective else None
-        params, call, max_samples = job["params"], job["call"], job["max_samples"]
-
-        def store() -> None:
-            pl = plan(run, name, step=step, params=params, max_samples=max_samples, device=device,
-                      shard=shard)  # fmt: skip
-            if pl.call != call:  # never store a number under a key that does not describe it
-                raise RuntimeError(f"inline {name} at step {step}: the runner's call {pl.call} != {call}")
-            store_result(pl, result)
-
-        if self._writer is not None:  # rank 0
-            self._writer.submit(store)
-        p.previous = warm_start(p.runner_name, result)
-        row = self._rows.setdefault(step, {"step": step})
-        row.update(self._probe_metrics(p.runner_name, result))
+        if not out.stored:
+            meta = {"runner": p.runner_name, **{k: job[k] for k in ("step", "params", "max_samples", "call")}}
+            files = self._files
+            if self._writer is not None and files is not None:  # rank 0
+                self._writer.submit(lambda: files.store(meta, result))
+            p.previous = warm_start(p.runner_name, result)
+            self._rows.setdefault(step, {"step": step}).update(_probe_metrics(p.runner_name, result))
         p.runs += 1
         p.last_seconds = out.seconds
         self._check_cadence(p, out.seconds)
@@ -1031,7 +1147,7 @@ class Tracker:
             return
         step_s = self._budget.train / self._timed_steps
         req = p.interval.requested
-        fixed = max(self._budget.charged - self._budget.own.get("probe", 0.0), 0.0) / self._budget.train
+        fixed = self._budget.fixed / self._budget.train
         room = None if self.budget is None else self.budget - fixed
         every: int | None
         if room is None:  # every due run happens (training waits for the worker if need be)
@@ -1071,38 +1187,26 @@ class Tracker:
             )
         warnings.warn(f"Tracker '{self.path}': {p.cadence_note}", UserWarning, stacklevel=4)
 
-    @staticmethod
-    def _probe_metrics(name: str, r: Any) -> dict[str, Any]:
-        """Scalars of an inline result for ``metrics.csv`` (``lambda_max`` is what the EoS page plots)."""
-        if name == "sharpness":
-            return {"lambda_max": r.lambda_max, "two_over_lr": r.two_over_lr}
-        if name == "hessian_eigenvalues":
-            return {"hessian_lambda_max": float(r.values[0])}
-        if name == "gradient_coherence":
-            g2 = r.grad_norm_sq_plugin
-            return {"grad_norm": math.sqrt(g2) if g2 >= 0 else float("nan"), "coherence_alpha": r.alpha}
-        if name == "ntk":
-            return {"ntk_alignment": r.label_alignment}
-        return {}
-
     # ------------------------------------------------------------------ writing
-    def _flush(self, upto: int | None = None) -> None:
-        """Hand the metrics rows of steps before ``upto`` (all when None) and the status to the writer."""
-        assert self._writer is not None
-        rows = [self._rows.pop(s) for s in sorted(self._rows) if upto is None or s < upto]
-        self._writer.flush(rows, self._status("running"), self._write_rows_and_status)
-        self._last_flush = _clock()
+    @property
+    def _writes(self) -> bool:
+        """This process writes the run (rank 0, set up): through the worker or the writer thread."""
+        return self._files is not None and (self._writer is not None or self._worker is not None)
 
-    def _write_rows_and_status(self, rows: list[dict[str, Any]], status: dict[str, Any] | None) -> None:
-        """The writer's flush: append ``rows`` to metrics.csv, then write the status file."""
-        assert self.run is not None
-        if rows:
-            self.run.log_metrics(rows)
-            self._written["last_row"] = rows[-1]["step"]  # metrics.csv holds every row up to this step
-        if status is not None:
-            atomic_write_text(
-                self.path / STATUS_FILE, json.dumps({**status, **self._written_now()}, indent=2) + "\n"
-            )
+    def _flush(self, upto: int | None = None) -> None:
+        """Hand the metrics rows of steps before ``upto`` (all when None) and the status to the writer (the
+        worker holds back the rows from the step of a probe it computes: its scalars join that row)."""
+        assert self._files is not None
+        if self._worker is not None:
+            self._collect(0.0)  # the probes' done counts in the status are current
+        rows = [self._rows.pop(s) for s in sorted(self._rows) if upto is None or s < upto]
+        if self._worker is not None:
+            last = max([self._last_step or 0, *(r["step"] for r in rows)])
+            self._worker.flush(rows, self._status("running"), upto if upto is not None else last + 1)
+        else:
+            assert self._writer is not None
+            self._writer.flush(rows, self._status("running"), self._files.rows)
+        self._last_flush = _clock()
 
     def _written_now(self) -> dict[str, Any]:
         return {**self._written, "heartbeat": time.time()}
@@ -1110,15 +1214,22 @@ class Tracker:
     def flush(self) -> None:
         """Write every buffered metrics row and the status file now (waits for the probe worker's result,
         whose scalars join its step's row, and for the writer)."""
-        if not self.writer or self.run is None or self.closed or self._writer is None:
+        if not self.writer or self.run is None or self.closed or not self._writes:
             return
         self._collect(math.inf)
         self._flush(None)
-        self._writer.drain()
+        if self._worker is not None:
+            self._worker.sync()
+            self._written.update(self._worker.written)
+            self._collect(0.0)  # a worker that died meanwhile: its writes are made here
+        if self._writer is not None:
+            self._writer.drain()
         self._raise_write_errors()
 
     def _raise_write_errors(self) -> None:
         errors = self._writer.errors() if self._writer is not None else []
+        if self._worker is not None:
+            errors += self._worker.errors()
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise RunError(self.path, f"the tracker's background write failed: {errors[0]}{more}")
@@ -1137,6 +1248,8 @@ class Tracker:
             "probe_fraction": b.own["probe"] / train if train > 0 else None,
             "background_write_seconds": round(self._writer.busy_seconds, 6) if self._writer else 0.0,
             "background_write_cpu_seconds": round(self._writer.cpu_seconds, 6) if self._writer else 0.0,
+            "worker_wait_seconds": round(self._worker.wait_seconds, 6) if self._worker else 0.0,
+            "worker_interference_seconds": round(b.interference, 6),
             "setup_seconds": round(self._setup_s, 6), "close_seconds": round(self._close_s, 6),
             "over_budget": b.over_budget(),
         }  # fmt: skip
@@ -1162,6 +1275,7 @@ class Tracker:
             "started": self._started, "step": self._last_step,
             "probes": self.status_probes(), "overhead": self.overhead, "planned_steps": self.steps,
             "probe_worker": self.probe_worker,
+            **({"worker_pid": self._worker.pid} if self._worker is not None else {}),
             **({"probe_worker_note": self.probe_worker_note} if self.probe_worker_note else {}),
             "skipped": list(self._skipped), "relaxed": list(self._relaxed),
         }  # fmt: skip
@@ -1180,7 +1294,7 @@ class Tracker:
         finished (or failed). Raises ``RunError`` when a background write failed."""
         if self.closed or os.getpid() != self._pid:
             return
-        if not (self.writer and self.run is not None and self._writer is not None):
+        if not (self.writer and self.run is not None and self._writes):
             if self.collective and self._last_step is not None and self._last_checkpoint != self._last_step \
                     and error is None:  # join rank 0's last checkpoint (a collective gather)
                 self._checkpoint(self._last_step)
@@ -1190,14 +1304,31 @@ class Tracker:
         try:
             if self._last_step is not None and self._last_checkpoint != self._last_step and error is None:
                 self._checkpoint(self._last_step)
-            self._collect(math.inf if error is None else 0.0)  # the result the worker is computing
+            self._collect(self._close_wait(error))  # the result the worker is computing
             self._flush(None)
         finally:
             self.closed = True
-            if self._worker is not None:
-                self._worker.close()
-            self._writer.close()
-            errors = self._writer.errors()
+            errors = []
+            if self._worker is not None:  # it writes everything it was sent, then exits
+                drop = self._inflight is not None and error is None  # the budget had no room to wait
+                if drop:
+                    assert self._inflight is not None
+                    for name, job in self._inflight["jobs"].items():
+                        job["probe"].skipped += 1
+                        self._skipped.append({"step": self._inflight["step"], "probe": name,
+                                              "every": job["probe"].interval.every,
+                                              "reason": "the run closed; waiting for the worker would exceed "
+                                                        "the budget"})  # fmt: skip
+                    self._inflight = None
+                self._worker.close(drop=drop)
+                self._written.update(self._worker.written)
+                errors += self._worker.errors()
+                if self._worker.unwritten:  # it died first: what it had not written is written here
+                    self._worker_died()
+                    self._flush(None)
+            if self._writer is not None:
+                self._writer.close()
+                errors += self._writer.errors()
             if errors and error is None:
                 error = f"background write failed: {errors[0]}"
             self._close_s = time.perf_counter() - t0
@@ -1205,6 +1336,16 @@ class Tracker:
             self._record_cadence()
         if errors:
             raise RunError(self.path, f"the tracker's background write failed: {'; '.join(errors)}")
+
+    def _close_wait(self, error: str | None) -> float:
+        """How long ``close()`` waits for the probe the worker computes: until it is done without a
+        budget or when it is a probe's first run (as the budget always admits a first run), else as long
+        as the budget has room (tracker time); not at all after an error."""
+        if error is not None or self._worker is None or self._inflight is None:
+            return 0.0
+        if self.budget is None or any(j["probe"].runs == 0 for j in self._inflight["jobs"].values()):
+            return math.inf
+        return max(self.budget * self._budget.train - self._budget.charged, 0.0)
 
     def _record_cadence(self) -> None:
         """Planned vs done per inline probe into ``run.json`` (``extra.tracker.probes``) for readers that

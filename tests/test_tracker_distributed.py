@@ -50,7 +50,7 @@ def _worker(rank: int, init_method: str, run_dir: str, out_dir: str) -> None:
             tr.step(s, metrics={"train_loss": loss})
         tr.close()
         info = {
-            "writer": tr.writer, "has_run": tr.run is not None, "has_writer_thread": tr._writer is not None,
+            "writer": tr.writer, "has_run": tr.run is not None, "writes": tr._writes,
             "new_threads": threading.active_count() - threads_before, "pid": os.getpid(),
         }  # fmt: skip
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(info))
@@ -82,9 +82,9 @@ def _train(tmp_path: Path, spawn: str) -> tuple[Path, Path]:
 def test_only_rank_zero_writes_under_a_gloo_process_group(tmp_path: Path) -> None:
     run_dir, out = _train(tmp_path, "_spawn")
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD))
-    assert r0["writer"] and r0["has_run"] and r0["has_writer_thread"]
-    # rank 1: no run object, no writer thread, nothing written (the status file is rank 0's)
-    assert not r1["writer"] and not r1["has_run"] and not r1["has_writer_thread"] and r1["new_threads"] == 0
+    assert r0["writer"] and r0["has_run"] and r0["writes"]
+    # rank 1: no run object, no writer (thread or worker), nothing written (the status file is rank 0's)
+    assert not r1["writer"] and not r1["has_run"] and not r1["writes"] and r1["new_threads"] == 0
     status = run_status(run_dir)
     assert status["state"] == "finished" and status["pid"] == r0["pid"] and status["step"] == STEPS
     run = dynascope.open_run(run_dir)
@@ -136,7 +136,7 @@ def _fsdp_worker(rank: int, init_method: str, run_dir: str, out_dir: str) -> Non
             tr.step(s, metrics={"train_loss": loss})
         tr.close()
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # a collective on every rank
-        info = {"writer": tr.writer, "has_writer_thread": tr._writer is not None}
+        info = {"writer": tr.writer, "writes": tr._writes}
         (Path(out_dir) / f"fsdp_rank{rank}.json").write_text(json.dumps(info))
         torch.save(full, Path(out_dir) / f"fsdp_rank{rank}.pt")
         torch.distributed.barrier()
@@ -158,7 +158,7 @@ def test_tracking_an_fsdp_model_probes_collectively_and_reopens_in_one_process(t
 
     run_dir, out = _train(tmp_path, "_spawn_fsdp")
     r0, r1 = (json.loads((out / f"fsdp_rank{r}.json").read_text()) for r in range(WORLD))
-    assert r0["writer"] and r0["has_writer_thread"] and not r1["writer"] and not r1["has_writer_thread"]
+    assert r0["writer"] and r0["writes"] and not r1["writer"] and not r1["writes"]
     assert run_status(run_dir)["state"] == "finished"
     run = dynascope.open_run(run_dir)
     assert run.steps == [0, 4, 6, 8, 12]

@@ -151,7 +151,17 @@ for s in range(1, 100000):
 """
 
 
+def _gone(pid: int) -> bool:
+    """The process ``pid`` has exited (a zombie no init reaped counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
 def test_killed_training_leaves_a_readable_run(tmp_path: Path) -> None:
+    """kill -9 of the training process: its probe worker (which writes the run) finishes what it was sent
+    — the probe it computes, every row it holds, the status — and exits; nothing half-written is visible."""
     path = tmp_path / "run"
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
@@ -170,6 +180,12 @@ def test_killed_training_leaves_a_readable_run(tmp_path: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    worker = run_status(path)["worker_pid"]
+    deadline = time.time() + 60
+    while not _gone(worker) and time.time() < deadline:  # the orphaned worker writes what it holds, exits
+        time.sleep(0.05)
+    assert _gone(worker), "the probe worker outlived the killed training process"
+    assert not list(path.rglob(".*.tmp"))  # no half-written file
     status = run_status(path)
     assert status["state"] == "running" and not status["live"]
     assert describe_status(status).startswith("stopped without closing")
@@ -179,6 +195,7 @@ def test_killed_training_leaves_a_readable_run(tmp_path: Path) -> None:
     run.model(steps[-1])  # every visible checkpoint loads
     m = run.metrics
     assert m["step"].tolist() == list(range(len(m))) and len(m) >= 23
+    assert status["last_row"] == m["step"].max()  # the status was written after the last rows
     assert len(run.cached("sharpness")) >= 3
     listed = json.loads(
         subprocess.run(

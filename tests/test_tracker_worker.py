@@ -8,6 +8,8 @@ import json
 import math
 import os
 import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import dynascope
 from dynascope.models import Run, build
 from dynascope.probes import hessian_eigenvalues, sharpness
 from dynascope.runner import run_probe
-from dynascope.track_worker import ProbeWorker, compute_probe, warm_start
+from dynascope.track_worker import ALIGN, PROBE_NICE, ProbeWorker, compute_probe, pack, unpack, warm_start
 from dynascope.tracker import run_status
 
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
@@ -57,9 +59,9 @@ def test_worker_result_equals_the_synchronous_probe_on_the_same_snapshot() -> No
     try:
         for step, scale in ((3, 1.0), (7, 1.3)):
             state = {k: (v * scale).clone() for k, v in model.state_dict().items()}
-            worker.submit(
-                step, [("lm", "sharpness", kw_s, 40), ("he", "hessian_eigenvalues", kw_h, 32)], state
-            )
+            worker.checkpoint(step, state)  # a bare worker (no files) keeps the weights for the probes
+            specs = [("lm", "sharpness", kw_s, 40, {}), ("he", "hessian_eigenvalues", kw_h, 32, {})]
+            worker.submit(step, specs)
             assert worker.busy() == step
             got_step, outcomes = worker.poll(math.inf)
             assert got_step == step and worker.busy() is None
@@ -192,8 +194,11 @@ def test_a_dead_worker_hands_probes_back_to_the_training_thread(tmp_path: Path) 
     assert (p["planned"], p["done"], p["skipped"], p.get("error")) == (4, 4 - lost, int(lost), None)
     if lost:
         assert tr.skipped[0]["step"] == 0 and "worker" in tr.skipped[0]["reason"]
-    steps = sorted(dynascope.open_run(tmp_path / "run").metrics.dropna(subset=["lambda_max"])["step"])
+    run = dynascope.open_run(tmp_path / "run")
+    steps = sorted(run.metrics.dropna(subset=["lambda_max"])["step"])
     assert steps == [2, 4, 6] if lost else [0, 2, 4, 6]
+    # what the dead worker had not written was written by the training process: every checkpoint and row
+    assert run.steps == [0, 2, 4, 6] and run.metrics["step"].tolist() == list(range(7))
 
 
 def test_runs_page_shows_planned_vs_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,3 +237,148 @@ def test_flush_while_the_worker_computes_writes_each_row_once(tmp_path: Path) ->
     m = dynascope.open_run(path).metrics
     assert m["step"].tolist() == list(range(9))  # each step once
     assert m.set_index("step")["lambda_max"].notna().tolist() == [s in (0, 5) for s in range(9)]
+
+
+def test_pack_round_trips_nested_state_exactly() -> None:
+    """The checkpoint hand-off: tensors of any dtype / layout copied into one aligned byte buffer and back."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g)
+    state = {
+        "w": w.t(),  # not contiguous
+        "b": torch.randn(3, generator=g, dtype=torch.float64),
+        "n": torch.tensor(7),  # 0-d int64
+        "mask": torch.rand(4, generator=g) > 0.5,
+        "h": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+    }
+    optimizer = {
+        "format": "by-name",
+        "state": {"w": {"momentum_buffer": torch.ones(3, 5)}},
+        "groups": [{"lr": 0.1}],
+    }
+    skeleton, buf = pack((state, optimizer))
+    assert buf.dtype == torch.uint8 and buf.dim() == 1
+    offsets = [v[1] for v in [*skeleton[0].values(), skeleton[1]["state"]["w"]["momentum_buffer"]]]
+    assert all(o % ALIGN == 0 for o in offsets)
+    w.mul_(2)  # the buffer holds a copy taken at pack time
+    got_state, got_opt = unpack(
+        skeleton, torch.frombuffer(bytearray(buf.numpy().tobytes()), dtype=torch.uint8)
+    )
+    for k, v in state.items():
+        ref = (w / 2).t() if k == "w" else v
+        assert (
+            got_state[k].dtype == ref.dtype
+            and got_state[k].shape == ref.shape
+            and torch.equal(got_state[k], ref)
+        )
+    assert torch.equal(got_opt["state"]["w"]["momentum_buffer"], torch.ones(3, 5))
+    assert got_opt["format"] == "by-name" and got_opt["groups"] == [{"lr": 0.1}]
+
+
+def test_with_the_worker_the_training_process_runs_no_thread_of_the_tracker(tmp_path: Path) -> None:
+    """The worker process writes the run (checkpoints, rows, status, results) and computes the probes at a
+    lower priority (its probe thread only: with a budget, training never waits for it); the training
+    process gains no thread."""
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    before = threading.active_count()
+    path = tmp_path / "run"
+    tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", optimizer=opt, schedule="linear",
+                           checkpoint_every=4, probes={"lambda_max": 4}, budget=1e9)  # fmt: skip
+    assert tr.probe_worker == "process"
+    _train(tr, model, opt, 6)
+    assert threading.active_count() == before
+    tr.flush()  # everything handed over is written now
+    status = run_status(path)
+    assert status["live"] and status["last_row"] == 6 and status["last_checkpoint"] == 4
+    assert Run.open(path).steps() == [0, 4]
+    if sys.platform.startswith("linux"):  # nice values per thread of the worker: one thread at PROBE_NICE
+        nices = []
+        for task in Path(f"/proc/{status['worker_pid']}/task").iterdir():
+            nices.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        assert sorted(nices)[-1] == os.getpriority(os.PRIO_PROCESS, 0) + PROBE_NICE
+        assert sorted(nices)[0] == os.getpriority(os.PRIO_PROCESS, 0)  # its writes keep their priority
+    tr.close()
+    assert threading.active_count() == before
+    m = dynascope.open_run(path).metrics
+    assert m["step"].tolist() == list(range(7))
+    assert m["lambda_max"].notna().sum() == tr.status_probes()["lambda_max"]["done"] >= 1  # step 4: if free
+
+
+def test_interference_charges_the_slowdown_of_steps_taken_while_the_worker_computed(tmp_path: Path) -> None:
+    """Steps that ended after the worker finished count as idle; the busy ones are charged their excess over
+    the mean idle step (the sum of either sign, never below 0), and a probe's cost carries a run's mean."""
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    tr = dynascope.Tracker(tmp_path / "run", model, data=_data(), loss="cross_entropy", schedule=[0],
+                           probes={"lambda_max": 50})  # fmt: skip
+    tr._idle_steps = [10 * 0.002, 10]  # idle steps of 2 ms
+    # three steps of 3 ms while the worker computed (ending at 1.003, 1.006, 1.009), then one after it
+    tr._worker_steps = [(1.003, 0.003), (1.006, 0.003), (1.009, 0.003), (1.012, 0.002)]
+    tr._interference(done_at=1.0085)
+    assert tr._budget.interference == pytest.approx(3 * 0.001, rel=1e-9)
+    assert tr._idle_steps[1] == 11 and tr._idle_steps[0] == pytest.approx(0.022)
+    tr._worker_steps = [(2.0, 0.001)]  # faster than idle: the total goes down, not below zero
+    tr._interference(done_at=3.0)
+    assert tr._budget.interference == pytest.approx(0.003 - 0.001, rel=1e-6)
+    tr._worker_steps = [(3.0, 0.0)] * 3
+    tr._interference(done_at=4.0)
+    assert tr._budget.interference == 0.0 and tr._raw_interference < 0
+    assert tr.overhead["worker_interference_seconds"] == 0.0
+    tr.close()
+
+
+def test_close_waits_for_the_worker_only_as_long_as_the_budget_has_room(tmp_path: Path) -> None:
+    """With a budget and no room left, ``close()`` drops the probe the worker computes (recorded as skipped)
+    and still leaves a complete run: every row, the checkpoints, no result stored for the dropped run; a
+    probe's first run is always waited for."""
+    model = build("mlp", in_dim=4, width=64, depth=3, out_dim=3, seed=0)
+    path = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        probes = {"hessian_eigenvalues": {"every": 10, "k": 5, "tol": 1e-10}}
+        tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", schedule=[0], budget=1e-9,
+                               probes=probes)  # fmt: skip
+        tr.step(0)  # the first run always happens (it measures the cost)
+        tr.flush()  # waits for it
+        tr._budget.train = 1e9  # room for the run at step 10 ...
+        for s in range(1, 11):
+            tr.step(s)
+        tr._budget.train = 0.0  # ... then none: close() at once does not wait for it
+        tr.close()
+    p = tr.status_probes()["hessian_eigenvalues"]
+    dropped = [s for s in tr.skipped if "closed" in s["reason"]]
+    assert p["planned"] == 2 and p["done"] >= 1 and p["done"] + p["skipped"] == 2
+    assert len(dropped) == p["skipped"]
+    run = dynascope.open_run(path)
+    assert run.metrics["step"].tolist() == list(range(11)) and run.steps == [0, 10]
+    assert len(run.cached("hessian_eigenvalues")) == p["done"]  # a dropped run stored nothing
+    assert run_status(path)["state"] == "finished"
+
+
+def test_a_write_that_fails_in_the_worker_is_raised_on_the_training_thread(tmp_path: Path) -> None:
+    """The worker process writes the run: its write errors come back and are raised by the tracker (once);
+    the worker goes on with the next writes."""
+    import shutil
+
+    from dynascope.models import RunError
+
+    model = build("mlp", in_dim=4, width=8, depth=2, out_dim=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    path = tmp_path / "run"
+    tr = dynascope.Tracker(path, model, data=_data(), loss="cross_entropy", optimizer=opt, schedule="linear",
+                           checkpoint_every=2, probes={"lambda_max": 100}, budget=None)  # fmt: skip
+    assert tr.probe_worker == "process"
+    _train(tr, model, opt, 1)
+    tr.flush()
+    shutil.rmtree(path / "checkpoints")
+    (path / "checkpoints").write_text("not a folder")  # the next checkpoint cannot be written
+    tr.step(2)
+    with pytest.raises(RunError, match="background write failed: checkpoint of step 2: FileExistsError"):
+        tr.flush()
+    (path / "checkpoints").unlink()
+    (path / "checkpoints").mkdir()
+    tr.step(3)
+    tr.step(4)
+    tr.close()  # written, nothing raised: the error was raised once
+    status = run_status(path)
+    assert status["state"] == "finished" and status["last_checkpoint"] == 4
