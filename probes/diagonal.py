@@ -145,7 +145,9 @@ def _spatial_average(S: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return t.mean(dim=1, keepdim=True).expand_as(t).reshape(S.shape)
 
 
-def _exact_layers(diag: torch.Tensor, shapes: Sequence[tuple[int, ...]], spatial_average: bool) -> torch.Tensor:
+def _exact_layers(
+    diag: torch.Tensor, shapes: Sequence[tuple[int, ...]], spatial_average: bool
+) -> torch.Tensor:
     """Per-tensor means of an exact diagonal (spatially averaged in place first where asked)."""
     layer = torch.empty(len(shapes), dtype=torch.float64)
     for i, (shape, blk) in enumerate(zip(shapes, torch.split(diag, [math.prod(s) for s in shapes]))):
@@ -307,9 +309,10 @@ def hessian_diagonal(
         prod_op = spec.replace(params=tuple(rest)).build(model, data)
     rec = RecordingOperator(prod_op if prod_op is not None else op)
     plan = (
-        plan_diagonal(method, rec.size, n_matvecs, itemsize, block=block, budget=budget) if prod_op is not None
+        plan_diagonal(method, rec.size, n_matvecs, itemsize, block=block, budget=budget)
+        if prod_op is not None
         else {"memory_budget": budget, "memory_formula": BACKPROP_FORMULA}
-    )  # fmt: skip
+    )
     backprop: dict[str, Any] = {}
     with names_the_knob("hessian_diagonal", budget, plan["memory_formula"]), peak_memory(op.device) as peak:
         if fast is None:
@@ -326,7 +329,8 @@ def hessian_diagonal(
             values = torch.cat([by_name[n].reshape(-1) for n in op.space.names])
             layer = _exact_layers(values, shapes, spatial_average)
             se, layer_se = torch.zeros_like(values), torch.zeros_like(layer)
-            backprop = {"backprop_formula": BACKPROP_FORMULA, "backprop_samples_per_chunk": fast.chunk}
+            backprop = {"backprop_formula": BACKPROP_FORMULA, "backprop_samples_per_chunk": fast.chunk,
+                        "backprop_vector_bytes": fast.vector_bytes}  # fmt: skip
     settings = {"n_matvecs": n_matvecs, "method": method, "spatial_average": spatial_average,
                 **spec_settings(spec), "block": block, "memory_budget": memory_budget,
                 "exact_backprop": exact_backprop}  # fmt: skip

@@ -16,15 +16,17 @@ becomes ``Jᵀ s``; the second term (the residual) is zero for layers linear or 
 (the GGN drops it). A Linear / Conv2d layer with ``z = W a + b`` (over positions ``t``: a Conv2d's
 unfolded patches) is linear in ``(W, b)``, so its diagonal is
 
-    diag_W[o, i] = (1/N) Σ_{n,k} σ_kn (Σ_t s_kn[t, o] a_n[t, i])²,    diag_b[o] = (1/N) Σ_{n,k} σ_kn (Σ_t s_kn[t, o])².
+    diag_W[o, i] = (1/N) Σ_{n,k} σ_kn (Σ_t s_kn[t, o] a_n[t, i])²,
+    diag_b[o] = (1/N) Σ_{n,k} σ_kn (Σ_t s_kn[t, o])².
 
 Which modules the pass knows (:func:`known`): ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, zero padding,
 numeric padding), the elementwise activations in :data:`SMOOTH` and :data:`PIECEWISE_LINEAR`, reshapes
-(``Flatten``, ``Unflatten``, ``Identity``, ``Dropout`` in eval mode) and average / max pooling. The chain is
-found by forward hooks on leaf modules; it ends at the first unknown module, a module called twice, or an
-input that is not the previous module's output. Every parameter outside it (and any parameter the chain
-shares with the rest of the model) gets its diagonal from exact Hessian-vector products instead
-(:func:`~dynascope.probes.diagonal.hessian_diagonal`); nothing is approximated.
+(``Flatten``, ``Unflatten``, ``Identity``, ``Dropout`` in eval mode, an empty ``Sequential``) and average /
+max pooling. The chain is found by forward hooks on leaf modules; it ends at the first unknown module, a
+module called twice, or an input that is not the previous module's output. Every parameter outside it
+(and any parameter the chain shares with the rest of the model) gets its diagonal from exact
+Hessian-vector products instead (:func:`~dynascope.probes.diagonal.hessian_diagonal`); nothing is
+approximated.
 
 Memory: the factor of the widest step, ``K · D`` entries per sample (``K`` columns: the outputs plus
 every smooth activation's features below the loss, ``D`` features), for ``chunk`` samples at a time, with
@@ -51,18 +53,22 @@ PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU)
 POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 LOSSES = ("cross_entropy", "mse")
-FORMULA = "3 · K · D · itemsize per sample (widest factor: K columns × D features, in and out) × chunk samples"
+FORMULA = "3 · K · D · itemsize per sample (widest factor: K columns × D features, in and out) × chunk"
+
+
+def _reshapes(m: nn.Module) -> bool:
+    """Whether ``m`` only reshapes its input (or returns it): a reshape, eval-mode dropout, an empty
+    ``nn.Sequential``."""
+    if isinstance(m, nn.Dropout):
+        return not m.training
+    return type(m) in RESHAPES or (type(m) is nn.Sequential and len(m) == 0)
 
 
 def known(m: nn.Module) -> bool:
     """Whether the pass can carry the factorisation through ``m`` exactly (module docstring)."""
-    if isinstance(m, nn.Conv2d):
+    if type(m) is nn.Conv2d:  # exact types: a subclass may override forward
         return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    if isinstance(m, nn.Dropout):
-        return not m.training
-    return isinstance(m, (nn.Linear, *SMOOTH, *PIECEWISE_LINEAR, *POOLS, *RESHAPES)) and type(m) in (
-        nn.Linear, *SMOOTH, *PIECEWISE_LINEAR, *POOLS, *RESHAPES
-    )  # subclasses may override forward
+    return _reshapes(m) or type(m) in (nn.Linear, *SMOOTH, *PIECEWISE_LINEAR, *POOLS)
 
 
 @dataclass
@@ -241,7 +247,7 @@ def _pullback(m: nn.Module, a: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
             m.stride, m.padding, m.dilation, m.groups,
         )  # fmt: skip
         return g.reshape(K, n, *a.shape[1:])
-    if isinstance(m, (*RESHAPES, nn.Dropout)):
+    if _reshapes(m):
         return T.reshape(K, *a.shape)
     _, back = vjp(m, a)
     return vmap(lambda t: back(t)[0])(T)
@@ -283,11 +289,14 @@ class SecondOrderDiagonal:
     def __init__(self, op: CurvatureOperator, plan: Plan) -> None:
         self.op, self.chain = op, plan
         self.fast = plan.fast
-        self.chunk: int | None = None
+        self.chunk: int | None = None  # samples per chunk (the smallest over batches)
+        self.vector_bytes = 0  # the formula's bytes at that chunk
 
     @classmethod
     def plan(cls, op: Any) -> SecondOrderDiagonal | None:
-        if not isinstance(op, CurvatureOperator) or op.reduce_fn is not None or op.kind not in ("hessian", "ggn"):
+        if not isinstance(op, CurvatureOperator) or op.reduce_fn is not None:
+            return None
+        if op.kind not in ("hessian", "ggn"):
             return None
         if op.loss.name not in LOSSES or op.fm.raw or op.spec.output is not None:
             return None
@@ -330,8 +339,10 @@ class SecondOrderDiagonal:
         per_sample = 3 * itemsize * max(k * d for k, d in widths)
         chunk = min(out.shape[0], budget // per_sample)
         if chunk < 1:
-            raise too_small("hessian_diagonal (exact, backpropagated)", budget, per_sample, "one sample's factor")
+            what = "one sample's factors"
+            raise too_small("hessian_diagonal (exact, backpropagated)", budget, per_sample, what)
         self.chunk = chunk if self.chunk is None else min(self.chunk, chunk)
+        self.vector_bytes = max(self.vector_bytes, per_sample * chunk)
         key = {(id(mod), k): n for n, (_, mod, k) in plan.params.items()}
         for lo in range(0, out.shape[0], chunk):
             sl = slice(lo, lo + chunk)

@@ -147,9 +147,13 @@ def test_hessian_trace_and_diagonal_meta_on_a_tiny_model() -> None:
     tight = 3 * 37 * 8 + budget.chunk_bytes(37, 1) + 30 * 37
     res = probes.hessian_trace(model, (x, y), n_matvecs=30, method="hutchinson", memory_budget=tight)
     assert res.meta["budget_binds"] is True and res.meta["block_used"] == 1 and res.n_matvecs == 30
-    d = probes.hessian_diagonal(model, (x, y), method="exact", memory_budget=10**12)
+    d = probes.hessian_diagonal(model, (x, y), method="exact", memory_budget=10**12, exact_backprop=False)
     torch.testing.assert_close(d.values, H.diagonal(), rtol=1e-10, atol=1e-12)
     assert d.meta["memory_budget"] == 10**12 and d.meta["block_used"] == 32
+    d = probes.hessian_diagonal(model, (x, y), method="exact", memory_budget=10**12)  # backpropagated
+    torch.testing.assert_close(d.values, H.diagonal(), rtol=1e-10, atol=1e-12)
+    assert d.meta["memory_budget"] == 10**12 and d.meta["backprop_samples_per_chunk"] == 16
+    assert d.meta["memory_formula"].startswith("3 · K · D")
 
 
 _CHILD = textwrap.dedent(
