@@ -7,8 +7,11 @@
   sample is ``Σ_{j≠i} A_ij²``: entries coupled to many others are noisy, isolated ones exact.
   Probes go through ``matmat`` in blocks (one data pass per block); samples are merged block by block
   (Chan's parallel mean/variance update), so memory is ``O(P · block)``.
-* Exact (``method="exact"``): ``A e_j`` for unit vectors ``e_j`` in blocks, keeping entry ``j``: ``P``
-  products — for small models and tests.
+* Exact (``method="exact"``): the Hessian / GGN diagonal of the parameters of the model's last chain of
+  known layers (Linear, Conv2d, elementwise activations, reshapes, pooling; cross-entropy, MSE, half-SSE)
+  by second-order backpropagation (:mod:`~dynascope.probes.second_order`, BackPACK's ``DiagHessian``:
+  one pass over the data), every other entry by ``A e_j`` for unit vectors ``e_j`` in blocks, keeping
+  entry ``j`` (one product per entry; ``exact_backprop=False``: every entry so).
 * Spatial averaging (``spatial_average=True``, ADAHESSIAN, Yao et al. 2021): the entries of each
   convolution kernel (a parameter with ≥ 3 dims, ``[out, in, *kernel]``) are replaced by their mean
   over the kernel's spatial dims, per probe (so the standard error is that of the averaged quantity).
@@ -281,7 +284,7 @@ def hessian_diagonal(
     ``method="hutchinson"``: ``n_matvecs`` Rademacher probes, ``block`` per data pass, with a per-entry
     standard error; ``"exact"``: with ``exact_backprop`` (default) the Hessian / GGN diagonal of the
     parameters of the model's last chain of known layers by second-order backpropagation
-    (:mod:`~dynascope.probes.second_order`; cross-entropy and MSE), every other entry (and every entry
+    (:mod:`~dynascope.probes.second_order`; cross-entropy, MSE, half-SSE), every other entry (and every entry
     with ``exact_backprop=False`` or the Fisher) by unit-vector products (``n_matvecs`` is ignored;
     ``n_matvecs`` of the result counts those products). ``meta["exact_backprop"]`` /
     ``meta["exact_products"]`` name the parameters each way covered.

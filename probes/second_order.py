@@ -8,10 +8,11 @@ Hessian of ``ℓ_n`` with respect to a module's output ``z`` is carried backward
     ∇²_z ℓ_n = Σ_k σ_kn s_kn s_knᵀ,    σ_kn ∈ {+1, −1}.
 
 At the loss, ``s_c`` are the columns of a square root of ``∇²_f ℓ_n`` (cross-entropy: ``diag(√p) − p √pᵀ``;
-MSE in PyTorch's convention ``ℓ = (1/C) Σ_o (f_o − y_o)²``: ``√(2/C) I``), ``σ = +1``. Through a module with
-input ``a`` and Jacobian ``J = ∂z/∂a``, ``∇²_a ℓ = Jᵀ (∇²_z ℓ) J + Σ_i (∂ℓ/∂z_i) ∇²_a z_i``: every column
-becomes ``Jᵀ s``; the second term (the residual) is zero for layers linear or piecewise linear in ``a``
-(Linear, Conv2d, pooling, reshapes, ReLU) and diagonal for an elementwise activation ``z = φ(a)``:
+MSE in PyTorch's convention ``ℓ = (1/C) Σ_o (f_o − y_o)²``: ``√(2/C) I``; ``half_sse``: ``I``), ``σ = +1``.
+Through a module with input ``a`` and Jacobian ``J = ∂z/∂a``,
+``∇²_a ℓ = Jᵀ (∇²_z ℓ) J + Σ_i (∂ℓ/∂z_i) ∇²_a z_i``: every column becomes ``Jᵀ s``; the second term (the
+residual) is zero for layers linear or piecewise linear in ``a`` (Linear, Conv2d, pooling, reshapes, ReLU)
+and diagonal for an elementwise activation ``z = φ(a)``:
 ``diag(φ''(a) ⊙ ∂ℓ/∂z)``, added as one new column per feature, ``√|r_i| e_i`` with sign ``sign(r_i)``
 (the GGN drops it). A Linear / Conv2d layer with ``z = W a + b`` (over positions ``t``: a Conv2d's
 unfolded patches) is linear in ``(W, b)``, so its diagonal is
@@ -35,7 +36,8 @@ every smooth activation's features below the loss, ``D`` features), for ``chunk`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,13 +48,14 @@ from torch.nn import functional as F
 
 from .budget import too_small
 from .kronecker import _inputs_2d, _output_hessian_sqrt
+from .losses import BUILTIN_LOSSES
 from .operators import CurvatureOperator
 
 SMOOTH = (nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU, nn.Mish)
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU)
 POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "half_sse")
 FORMULA = "3 · K · D · itemsize per sample (widest factor: K columns × D features, in and out) × chunk"
 
 
@@ -255,9 +258,10 @@ def _pullback(m: nn.Module, a: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
 
 def _loss_factor(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``S`` ``[C, n, C]`` (columns of a square root of each sample's output Hessian) and ``∂ℓ_n/∂f``."""
-    if loss == "mse":
-        g = 2.0 * (out - y) / out.shape[1]
-        return _output_hessian_sqrt(out, "mse").permute(2, 0, 1), g
+    if loss in ("mse", "half_sse"):  # ℓ = (1/C) Σ (f − y)²: ∇²ℓ = (2/C) I; ½ Σ (f − y)²: I
+        scale = 2.0 / out.shape[1] if loss == "mse" else 1.0
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        return scale**0.5 * eye[:, None, :].expand(-1, out.shape[0], -1), scale * (out - y)
     keep = (y != -100).to(out.dtype)[:, None]  # F.cross_entropy's ignore_index: ℓ = 0
     p = out.softmax(dim=1)
     g = (p - F.one_hot(y.clamp(min=0), out.shape[1]).to(out.dtype)) * keep
@@ -279,9 +283,23 @@ def _widths(calls: list[_Call], out_dim: int, hessian: bool, stop: int) -> list[
     return sizes
 
 
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Buffers (BatchNorm statistics in train mode) as they were before the block's forward passes."""
+    saved = {n: t.clone() for n, t in model.named_buffers()} if model.training else {}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in model.named_buffers():
+                if n in saved:
+                    t.copy_(saved[n])
+
+
 class SecondOrderDiagonal:
     """The diagonal of ``op`` (a :class:`~dynascope.probes.operators.CurvatureOperator`, kind ``"hessian"`` or
-    ``"ggn"``, loss ``"cross_entropy"`` or ``"mse"``) over the parameters of its chain (module docstring).
+    ``"ggn"``, the built-in loss ``"cross_entropy"``, ``"mse"`` or ``"half_sse"``) over the parameters of its
+    chain (module docstring).
 
     ``SecondOrderDiagonal.plan(op)`` is ``None`` where the pass does not apply at all; otherwise
     ``.fast`` lists the covered parameter names and :meth:`run` returns their diagonals."""
@@ -298,12 +316,13 @@ class SecondOrderDiagonal:
             return None
         if op.kind not in ("hessian", "ggn"):
             return None
-        if op.loss.name not in LOSSES or op.fm.raw or op.spec.output is not None:
-            return None
+        builtin = op.loss.name in LOSSES and op.loss.per_sample is BUILTIN_LOSSES[op.loss.name]
+        if not builtin or op.fm.raw or op.spec.output is not None:
+            return None  # a callable named like a built-in loss is not one
         b = next(iter(op.source))
         if not isinstance(b.x, torch.Tensor):
             return None
-        with op.fm.guard():  # with autograd: the check for chain parameters used upstream needs the graph
+        with op.fm.guard(), _buffers_kept(op.model):  # autograd on: checks chain parameters used upstream
             plan, out = plan_chain(op.model, b.x, list(op.space.names))
         if out is None or out.dim() != 2 or not plan.fast:
             return None
@@ -315,7 +334,7 @@ class SecondOrderDiagonal:
         hessian = op.kind == "hessian"
         acc: dict[str, torch.Tensor] = {}
         names = [c.name for c in self.chain.calls]
-        with op.fm.guard():
+        with op.fm.guard(), _buffers_kept(op.model):
             for b in op.source:
                 with torch.no_grad():
                     calls, out = _chain(op.model, b.x)

@@ -28,7 +28,7 @@ def _data(n: int = 13, shape: tuple[int, ...] = (5,), classes: int = 4, mse: boo
 
 def _check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str = "hessian", **kw):
     model = model.double().eval()
-    ref = dense_reference(model, x, y, kind).diagonal()
+    ref = dense_reference(model, x, y, kind, kw.get("loss", "auto")).diagonal()
     res = probes.hessian_diagonal(model, (x, y), method="exact", operator=kind, check_determinism=False, **kw)
     sizes = dict(zip(res.names, (math.prod(s) for s in res.shapes)))
     if kw.get("params") is None and not any(not p.requires_grad for p in model.parameters()):
@@ -140,6 +140,32 @@ def test_batches_blocks_frozen_budget_and_products_agree() -> None:
     model.body[0].weight.requires_grad_(False)
     frozen = probes.hessian_diagonal(model, (x, y), **kw)
     assert float((frozen.values - ref[30:]).abs().max() / ref.abs().max()) < TOL
+
+
+def test_half_sse_and_a_callable_named_mse() -> None:
+    """``half_sse`` takes the pass; a user's callable named ``mse`` is not the built-in: products."""
+    torch.manual_seed(0)
+    model = build("mlp", in_dim=5, width=6, depth=2, out_dim=4, activation="tanh")
+    x, y = _data(mse=True)
+    res, _ = _check(model, x, y, loss="half_sse")
+    assert res.meta["exact_products"] == []
+
+    def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 3.0 * ((out - target) ** 4).mean()
+
+    res = probes.hessian_diagonal(model, (x, y), method="exact", loss=mse, check_determinism=False)
+    assert res.meta["exact_backprop"] == []
+
+
+def test_train_mode_keeps_batchnorm_statistics() -> None:
+    torch.manual_seed(0)
+    model = build("cnn", in_channels=2, image_size=6, channels=[3], out_dim=3, batchnorm=True).double()
+    x, y = _data(9, (2, 6, 6), 3)
+    before = {n: t.clone() for n, t in model.named_buffers()}
+    res = probes.hessian_diagonal(model, (x, y), method="exact", mode="train", check_determinism=False)
+    assert res.meta["exact_backprop"] == ["head.weight", "head.bias"]
+    for n, t in model.named_buffers():
+        assert torch.equal(t, before[n]), n
 
 
 def test_fisher_goes_to_products() -> None:
