@@ -157,15 +157,23 @@ def test_half_sse_and_a_callable_named_mse() -> None:
     assert res.meta["exact_backprop"] == []
 
 
-def test_train_mode_keeps_batchnorm_statistics() -> None:
+def test_train_mode_leaves_batchnorm_statistics_as_the_products_do() -> None:
+    """The pass's own forward passes do not move BatchNorm's running statistics (the products' may)."""
     torch.manual_seed(0)
     model = build("cnn", in_channels=2, image_size=6, channels=[3], out_dim=3, batchnorm=True).double()
     x, y = _data(9, (2, 6, 6), 3)
-    before = {n: t.clone() for n, t in model.named_buffers()}
-    res = probes.hessian_diagonal(model, (x, y), method="exact", mode="train", check_determinism=False)
+    start = {n: t.clone() for n, t in model.named_buffers()}
+    after = []
+    for backprop in (False, True):
+        with torch.no_grad():
+            for n, t in model.named_buffers():
+                t.copy_(start[n])
+        res = probes.hessian_diagonal(model, (x, y), method="exact", mode="train", check_determinism=False,
+                                      exact_backprop=backprop)  # fmt: skip
+        after.append({n: t.clone() for n, t in model.named_buffers()})
     assert res.meta["exact_backprop"] == ["head.weight", "head.bias"]
-    for n, t in model.named_buffers():
-        assert torch.equal(t, before[n]), n
+    for n, t in after[1].items():
+        assert torch.equal(t, after[0][n]), n
 
 
 def test_fisher_goes_to_products() -> None:
