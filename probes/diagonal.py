@@ -307,9 +307,7 @@ def hessian_diagonal(
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     fast = SecondOrderDiagonal.plan(op) if method == "exact" and exact_backprop else None
     rest = [n for n in op.space.names if fast is None or n not in fast.fast]
-    prod_op = op if len(rest) == op.size or fast is None else None
-    if fast is not None and rest:
-        prod_op = spec.replace(params=tuple(rest)).build(model, data)
+    prod_op = op if fast is None else spec.replace(params=tuple(rest)).build(model, data) if rest else None
     rec = RecordingOperator(prod_op if prod_op is not None else op)
     plan = (
         plan_diagonal(method, rec.size, n_matvecs, itemsize, block=block, budget=budget)
@@ -327,8 +325,7 @@ def hessian_diagonal(
             by_name = fast.run(budget)
             if prod_op is not None:
                 d_rest = diagonal_estimate(rec, method="exact", block=block, memory_budget=budget)[0]
-                by_name |= dict(zip(rest, torch.split(d_rest, [op.space.numels[op.space.names.index(n)]
-                                                                for n in rest])))  # fmt: skip
+                by_name |= prod_op.space.split(d_rest)
             values = torch.cat([by_name[n].reshape(-1) for n in op.space.names])
             layer = _exact_layers(values, shapes, spatial_average)
             se, layer_se = torch.zeros_like(values), torch.zeros_like(layer)
