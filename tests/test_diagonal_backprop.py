@@ -176,6 +176,15 @@ def test_train_mode_leaves_batchnorm_statistics_as_the_products_do() -> None:
         assert torch.equal(t, after[0][n]), n
 
 
+def test_ignored_labels() -> None:
+    """Cross-entropy targets equal to -100 add no loss and no curvature (the mean still counts them)."""
+    torch.manual_seed(0)
+    x, y = _data()
+    y[[0, 5]] = -100
+    res, _ = _check(build("mlp", in_dim=5, width=6, depth=2, out_dim=4, activation="silu"), x, y)
+    assert res.meta["exact_products"] == []
+
+
 def test_fisher_goes_to_products() -> None:
     torch.manual_seed(0)
     model = build("mlp", in_dim=5, width=6, depth=1, out_dim=4, activation="tanh")
