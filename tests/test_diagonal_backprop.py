@@ -176,6 +176,17 @@ def test_train_mode_leaves_batchnorm_statistics_as_the_products_do() -> None:
         assert torch.equal(t, after[0][n]), n
 
 
+def test_float32_model() -> None:
+    """A float32 model's pass runs in float32: within ~100 float32 epsilons of the float64 diagonal."""
+    torch.manual_seed(0)
+    model = build("mlp", in_dim=5, width=6, depth=2, out_dim=4, activation="tanh")
+    x, y = _data()
+    ref = dense_reference(model.double().eval(), x, y, "hessian").diagonal()
+    res = probes.hessian_diagonal(model.float(), (x.float(), y), method="exact", check_determinism=False)
+    assert res.meta["exact_products"] == [] and res.meta["dtype"] == "torch.float32"
+    assert float((res.values - ref).abs().max() / ref.abs().max()) < 100 * torch.finfo(torch.float32).eps
+
+
 def test_ignored_labels() -> None:
     """Cross-entropy targets equal to -100 add no loss and no curvature (the mean still counts them)."""
     torch.manual_seed(0)
