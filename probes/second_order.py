@@ -80,7 +80,9 @@ class _Call:
     module: nn.Module
     a: torch.Tensor  # input (cloned for in-place modules)
     src: torch.Tensor  # the input tensor itself (for the chain check)
+    src_version: int = 0  # its version counter when the module was called
     z: torch.Tensor | None = None  # output
+    z_version: int = 0  # the output's version counter when the module returned
     ok: bool = True  # one positional tensor input, no keywords
 
 
@@ -105,12 +107,13 @@ def _record(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], Any]:
             if not ok:
                 src = torch.empty(0)
             a = src.clone() if ok and getattr(m, "inplace", False) else src
-            calls.append(_Call(name, m, a, src, ok=ok))
+            calls.append(_Call(name, m, a, src, src._version, ok=ok))
 
         return fn
 
     def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        calls[-1].z = out if isinstance(out, torch.Tensor) else None
+        if isinstance(out, torch.Tensor):
+            calls[-1].z, calls[-1].z_version = out, out._version
 
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     handles = [m.register_forward_pre_hook(pre(n), with_kwargs=True) for n, m in leaves]
@@ -123,9 +126,11 @@ def _record(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], Any]:
     return calls, out
 
 
-def _follows(a: torch.Tensor, z: torch.Tensor | None) -> bool:
-    """``a`` is ``z`` or a reshape of it (same storage, start and size, both contiguous, same batch)."""
-    if z is None:
+def _follows(c: _Call, prev: _Call) -> bool:
+    """``c``'s input is ``prev``'s output or a reshape of it (same storage, start and size, both contiguous,
+    same batch), not modified in place in between (the version counter, shared by views, did not move)."""
+    a, z = c.src, prev.z
+    if z is None or c.src_version != prev.z_version:
         return False
     if a is z:
         return True
@@ -151,7 +156,7 @@ def _chain(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], torch.Tensor
         if not (c.ok and known(c.module) and counts[id(c.module)] == 1):
             break
         start = i
-        if i == 0 or not _follows(c.src, calls[i - 1].z):
+        if i == 0 or not _follows(c, calls[i - 1]):
             break
     return calls[start:], out
 

@@ -81,6 +81,19 @@ class _TiedByCode(nn.Module):
         return self.c(self.b(self.act(self.a(x) + (x[:, :4] @ self.c.weight).sum(1, keepdim=True))))
 
 
+class _InPlace(nn.Module):
+    """The parent scales a layer's output in place before the next module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.a(x)
+        z.mul_(2.0)
+        return self.b(self.act(z))
+
+
 class _Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -97,6 +110,7 @@ class _Twice(nn.Module):
         ("batchnorm", ["head.weight", "head.bias"]),
         ("tied", ["b.weight", "b.bias", "c.bias"]),
         ("twice", []),
+        ("inplace", ["b.weight", "b.bias"]),
     ],
 )
 def test_fallback_blocks_are_exact(case: str, backprop: list[str]) -> None:
@@ -111,6 +125,7 @@ def test_fallback_blocks_are_exact(case: str, backprop: list[str]) -> None:
                                    activation="tanh", batchnorm=True),
         "tied": _TiedByCode,
         "twice": _Twice,
+        "inplace": _InPlace,
     }[case]()  # fmt: skip
     res, _ = _check(model, x, y)
     assert sorted(res.meta["exact_backprop"]) == sorted(backprop)
