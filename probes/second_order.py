@@ -62,13 +62,16 @@ FORMULA = "3 · K · D · itemsize per sample (widest factor: K columns × D fea
 def _reshapes(m: nn.Module) -> bool:
     """Whether ``m`` only reshapes its input (or returns it): a reshape, eval-mode dropout, an empty
     ``nn.Sequential``."""
-    if isinstance(m, nn.Dropout):
+    if type(m) is nn.Dropout:
         return not m.training
     return type(m) in RESHAPES or (type(m) is nn.Sequential and len(m) == 0)
 
 
 def known(m: nn.Module) -> bool:
-    """Whether the pass can carry the factorisation through ``m`` exactly (module docstring)."""
+    """Whether the pass can carry the factorisation through ``m`` exactly (module docstring); a module with
+    hooks of its own (which may change what it computes) is not known."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
     if type(m) is nn.Conv2d:  # exact types: a subclass may override forward
         return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
     return _reshapes(m) or type(m) in (nn.Linear, *SMOOTH, *PIECEWISE_LINEAR, *POOLS)

@@ -94,6 +94,13 @@ class _InPlace(nn.Module):
         return self.b(self.act(z))
 
 
+def _hooked() -> nn.Module:
+    """A user's forward hook doubles the tanh's output."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))
+    model[1].register_forward_hook(lambda m, args, out: 2.0 * out)
+    return model
+
+
 class _Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -111,6 +118,7 @@ class _Twice(nn.Module):
         ("tied", ["b.weight", "b.bias", "c.bias"]),
         ("twice", []),
         ("inplace", ["b.weight", "b.bias"]),
+        ("hooked", ["2.weight", "2.bias"]),
     ],
 )
 def test_fallback_blocks_are_exact(case: str, backprop: list[str]) -> None:
@@ -126,6 +134,7 @@ def test_fallback_blocks_are_exact(case: str, backprop: list[str]) -> None:
         "tied": _TiedByCode,
         "twice": _Twice,
         "inplace": _InPlace,
+        "hooked": _hooked,
     }[case]()  # fmt: skip
     res, _ = _check(model, x, y)
     assert sorted(res.meta["exact_backprop"]) == sorted(backprop)
