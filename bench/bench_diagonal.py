@@ -126,7 +126,7 @@ def main() -> None:
                 times["curvlinops_b"].append(t)
         assert not ours.meta["exact_products"], ours.meta["exact_products"]
         load = os.getloadavg()[0]
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in times.items() if v}
         err = float((ours.values - bp.double()).abs().max() / bp.abs().max())
         print(f"| {name} | {P} | exact vs BackPACK DiagHessian | {err:.1e} | {med['ours']:.3f} | "
               f"{med['backpack']:.3f} | **{med['ours'] / med['backpack']:.2f}** | {load:.1f} |")  # fmt: skip
