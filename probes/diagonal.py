@@ -7,8 +7,11 @@
   sample is ``Σ_{j≠i} A_ij²``: entries coupled to many others are noisy, isolated ones exact.
   Probes go through ``matmat`` in blocks (one data pass per block); samples are merged block by block
   (Chan's parallel mean/variance update), so memory is ``O(P · block)``.
-* Exact (``method="exact"``): ``A e_j`` for unit vectors ``e_j`` in blocks, keeping entry ``j``: ``P``
-  products — for small models and tests.
+* Exact (``method="exact"``): the Hessian / GGN diagonal of the parameters of the model's last chain of
+  known layers (Linear, Conv2d, elementwise activations, reshapes, pooling; cross-entropy, MSE, half-SSE)
+  by second-order backpropagation (:mod:`~dynascope.probes.second_order`, BackPACK's ``DiagHessian``:
+  one pass over the data), every other entry by ``A e_j`` for unit vectors ``e_j`` in blocks, keeping
+  entry ``j`` (one product per entry; ``exact_backprop=False``: every entry so).
 * Spatial averaging (``spatial_average=True``, ADAHESSIAN, Yao et al. 2021): the entries of each
   convolution kernel (a parameter with ≥ 3 dims, ``[out, in, *kernel]``) are replaced by their mean
   over the kernel's spatial dims, per probe (so the standard error is that of the averaged quantity).
@@ -36,6 +39,8 @@ from .curvature_setup import RecordingOperator, spec_settings, spectral_meta, ta
 from .memory import peak_memory
 from .operators import LinearOperator, OperatorSpec
 from .results import Result
+from .second_order import FORMULA as BACKPROP_FORMULA
+from .second_order import SecondOrderDiagonal
 from .validation import check_choice, check_int
 
 DIAGONAL_METHODS = ("hutchinson", "exact")
@@ -143,6 +148,18 @@ def _spatial_average(S: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return t.mean(dim=1, keepdim=True).expand_as(t).reshape(S.shape)
 
 
+def _exact_layers(
+    diag: torch.Tensor, shapes: Sequence[tuple[int, ...]], spatial_average: bool
+) -> torch.Tensor:
+    """Per-tensor means of an exact diagonal (spatially averaged in place first where asked)."""
+    layer = torch.empty(len(shapes), dtype=torch.float64)
+    for i, (shape, blk) in enumerate(zip(shapes, torch.split(diag, [math.prod(s) for s in shapes]))):
+        if spatial_average and len(shape) >= 3:
+            blk.copy_(_spatial_average(blk[:, None], shape)[:, 0])
+        layer[i] = blk.mean()
+    return layer
+
+
 def plan_diagonal(
     method: str, size: int, n_matvecs: int, itemsize: int, *, block: int, budget: int
 ) -> dict[str, Any]:
@@ -218,11 +235,7 @@ def diagonal_estimate(
             E[idx, torch.arange(hi - lo, device=op.device)] = 1
             diag[lo:hi] = op.matmat(E)[idx, torch.arange(hi - lo, device=op.device)].double().cpu()
             del E
-        layer = torch.empty(len(shapes), dtype=torch.float64)
-        for i, (shape, blk) in enumerate(zip(shapes, torch.split(diag, numels))):
-            if spatial_average and len(shape) >= 3:
-                blk.copy_(_spatial_average(blk[:, None], shape)[:, 0])
-            layer[i] = blk.mean()
+        layer = _exact_layers(diag, shapes, spatial_average)
         return diag, torch.zeros_like(diag), layer, torch.zeros_like(layer)
     chunks = _chunks(shapes, block, spatial_average)
     entries, layers = _Moments(op.size), _Moments(len(shapes))
@@ -261,6 +274,7 @@ def hessian_diagonal(
     block: int = 32,
     check_determinism: bool = True,
     memory_budget: int | None = None,
+    exact_backprop: bool = True,
 ) -> HessianDiagonalResult:
     """``diag(A)`` of the Hessian (``operator="hessian"``), GGN or empirical Fisher of the dataset-mean loss.
 
@@ -268,31 +282,58 @@ def hessian_diagonal(
     (``loss``, ``operator``, ``params``, ``batch_size``, ``mode``, ``dtype``, ``device``, ``reduce_fn``).
 
     ``method="hutchinson"``: ``n_matvecs`` Rademacher probes, ``block`` per data pass, with a per-entry
-    standard error; ``"exact"``: ``P`` unit-vector products (``n_matvecs`` is ignored; small models).
+    standard error; ``"exact"``: with ``exact_backprop`` (default) the Hessian / GGN diagonal of the
+    parameters of the model's last chain of known layers by second-order backpropagation
+    (:mod:`~dynascope.probes.second_order`; cross-entropy, MSE, half-SSE), every other entry (and every entry
+    with ``exact_backprop=False`` or the Fisher) by unit-vector products (``n_matvecs`` is ignored;
+    ``n_matvecs`` of the result counts those products). ``meta["exact_backprop"]`` /
+    ``meta["exact_products"]`` name the parameters each way covered.
     ``spatial_average``: ADAHESSIAN's averaging over convolution kernels' spatial dims (module docstring).
     ``memory_budget``: bytes of vectors held at once (default: half the available RAM / free GPU memory);
     never ``[P, n_matvecs]``: probes go ``block`` at a time (fewer where the budget binds, their signs then
-    drawn per block) and samples are reduced in row chunks. ``meta`` records the budget, the formula, the
-    plan and the measured peak (:func:`plan_diagonal`).
+    drawn per block) and samples are reduced in row chunks; the backpropagated factors go a chunk of
+    samples at a time. ``meta`` records the budget, the formula, the plan and the measured peak
+    (:func:`plan_diagonal`).
     """
     check_choice("method", method, DIAGONAL_METHODS)
     check_int("n_matvecs", n_matvecs, min=2)
     check_int("seed", seed)
     check_choice("spatial_average", spatial_average, (True, False))
+    check_choice("exact_backprop", exact_backprop, (True, False))
     t0 = time.perf_counter()
     op = spec.build(model, data)
-    rec = RecordingOperator(op)
     shapes = op.space.shapes
     budget = resolve_budget(memory_budget, op.device)
     itemsize = torch.empty((), dtype=op.dtype).element_size()
-    plan = plan_diagonal(method, op.size, n_matvecs, itemsize, block=block, budget=budget)
+    fast = SecondOrderDiagonal.plan(op) if method == "exact" and exact_backprop else None
+    rest = [n for n in op.space.names if fast is None or n not in fast.fast]
+    prod_op = op if fast is None else spec.replace(params=tuple(rest)).build(model, data) if rest else None
+    rec = RecordingOperator(prod_op if prod_op is not None else op)
+    plan = (
+        plan_diagonal(method, rec.size, n_matvecs, itemsize, block=block, budget=budget)
+        if prod_op is not None
+        else {"memory_budget": budget, "memory_formula": BACKPROP_FORMULA}
+    )
+    backprop: dict[str, Any] = {}
     with names_the_knob("hessian_diagonal", budget, plan["memory_formula"]), peak_memory(op.device) as peak:
-        values, se, layer, layer_se = diagonal_estimate(
-            rec, method=method, n_matvecs=n_matvecs, seed=seed, block=block, shapes=shapes,
-            spatial_average=spatial_average, memory_budget=budget,
-        )  # fmt: skip
+        if fast is None:
+            values, se, layer, layer_se = diagonal_estimate(
+                rec, method=method, n_matvecs=n_matvecs, seed=seed, block=block, shapes=shapes,
+                spatial_average=spatial_average, memory_budget=budget,
+            )  # fmt: skip
+        else:
+            by_name = fast.run(budget)
+            if prod_op is not None:
+                d_rest = diagonal_estimate(rec, method="exact", block=block, memory_budget=budget)[0]
+                by_name |= prod_op.space.split(d_rest)
+            values = torch.cat([by_name[n].reshape(-1) for n in op.space.names])
+            layer = _exact_layers(values, shapes, spatial_average)
+            se, layer_se = torch.zeros_like(values), torch.zeros_like(layer)
+            backprop = {"backprop_formula": BACKPROP_FORMULA, "backprop_samples_per_chunk": fast.chunk,
+                        "backprop_vector_bytes": fast.vector_bytes}  # fmt: skip
     settings = {"n_matvecs": n_matvecs, "method": method, "spatial_average": spatial_average,
-                **spec_settings(spec), "block": block, "memory_budget": memory_budget}  # fmt: skip
+                **spec_settings(spec), "block": block, "memory_budget": memory_budget,
+                "exact_backprop": exact_backprop}  # fmt: skip
     meta = spectral_meta(
         "hessian_diagonal", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism,
@@ -305,7 +346,9 @@ def hessian_diagonal(
             "mean over the kernel dims (dims >= 2) of each >=3-dim parameter, per probe; no absolute value"
             if spatial_average else None
         ),
-        **plan, measured_peak_bytes=peak.bytes, measured_peak_how=peak.how,
+        exact_backprop=list(fast.fast) if fast is not None else [],
+        exact_products=rest if method == "exact" else [],
+        **plan, **backprop, measured_peak_bytes=peak.bytes, measured_peak_how=peak.how,
     )  # fmt: skip
     return HessianDiagonalResult(
         values=values, stderr=se, names=list(op.space.names), shapes=[list(s) for s in shapes],

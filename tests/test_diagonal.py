@@ -39,15 +39,20 @@ def all_cases():
 @pytest.mark.filterwarnings("ignore:dynascope. forward-over-reverse")  # nn.MultiheadAttention: no forward AD
 @pytest.mark.parametrize("case", ["mlp-ce", "mlp-mse", "cnn-bn", "attention", "mha"])
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])
-def test_exact_diagonal_equals_dense(case: str, kind: str) -> None:
+@pytest.mark.parametrize("backprop", [True, False], ids=["backprop", "products"])
+def test_exact_diagonal_equals_dense(case: str, kind: str, backprop: bool) -> None:
     make, x, y = all_cases()[case]
     model = make().double()
     with sdpa_kernel(SDPBackend.MATH):  # fused SDPA kernels have no double backward
         ref = dense_reference(model, x, y, kind).diagonal()
-        res = probes.hessian_diagonal(model, (x, y), method="exact", operator=kind, block=7)
+        res = probes.hessian_diagonal(model, (x, y), method="exact", operator=kind, block=7,
+                                      exact_backprop=backprop)  # fmt: skip
     err = float((res.values - ref).abs().max())
     assert err < 1e-10, f"{case}/{kind}: max error {err:.2e}"
-    assert res.n_matvecs == ref.numel()
+    sizes = dict(zip(res.names, (p.numel() for p in model.parameters())))
+    assert res.n_matvecs == sum(sizes[n] for n in res.meta["exact_products"])  # products: the other blocks
+    assert len(res.meta["exact_products"]) + len(res.meta["exact_backprop"]) == len(sizes)
+    assert backprop or res.meta["exact_backprop"] == []
     assert torch.all(res.stderr == 0)
     # per-tensor means are the means of the tensor's entries of the dense diagonal
     sizes = [p.numel() for p in model.parameters()]

@@ -147,9 +147,13 @@ def test_hessian_trace_and_diagonal_meta_on_a_tiny_model() -> None:
     tight = 3 * 37 * 8 + budget.chunk_bytes(37, 1) + 30 * 37
     res = probes.hessian_trace(model, (x, y), n_matvecs=30, method="hutchinson", memory_budget=tight)
     assert res.meta["budget_binds"] is True and res.meta["block_used"] == 1 and res.n_matvecs == 30
-    d = probes.hessian_diagonal(model, (x, y), method="exact", memory_budget=10**12)
+    d = probes.hessian_diagonal(model, (x, y), method="exact", memory_budget=10**12, exact_backprop=False)
     torch.testing.assert_close(d.values, H.diagonal(), rtol=1e-10, atol=1e-12)
     assert d.meta["memory_budget"] == 10**12 and d.meta["block_used"] == 32
+    d = probes.hessian_diagonal(model, (x, y), method="exact", memory_budget=10**12)  # backpropagated
+    torch.testing.assert_close(d.values, H.diagonal(), rtol=1e-10, atol=1e-12)
+    assert d.meta["memory_budget"] == 10**12 and d.meta["backprop_samples_per_chunk"] == 16
+    assert d.meta["memory_formula"].startswith("3 · K · D")
 
 
 _CHILD = textwrap.dedent(
@@ -175,9 +179,12 @@ _CHILD = textwrap.dedent(
                                      **kw)
         out.update(block=r.meta.get("block_used"), sketch=r.meta.get("sketch_vectors"), n=r.n_matvecs)
     else:
+        method = sys.argv[3] if len(sys.argv) > 3 else "hutchinson"
         with peak_memory() as peak:
-            r = probes.hessian_diagonal(model, (x, y), n_matvecs=60, check_determinism=False, **kw)
-        out.update(block=r.meta.get("block_used"), n=r.n_matvecs)
+            r = probes.hessian_diagonal(model, (x, y), n_matvecs=60, check_determinism=False, method=method,
+                                        **kw)
+        out.update(block=r.meta.get("block_used"), n=r.n_matvecs, fast=len(r.meta["exact_backprop"]),
+                   chunk=r.meta.get("backprop_samples_per_chunk"))
     out["peak"] = peak.bytes
     print(json.dumps(out))
     """
@@ -207,6 +214,21 @@ def test_peak_memory_stays_within_the_budget(what: str) -> None:
     assert run["n"] == 60
     assert run["peak"] <= B + product["peak"] + 8 * mib, (run, product)
     assert 12 * run["P"] * 60 > 5 * B  # what the old code held
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux")
+def test_backpropagated_exact_diagonal_stays_within_the_budget() -> None:
+    """The same MLP, exact diagonal by second-order backpropagation: the tanh's residual makes the factor
+    1010 columns × 1000 features per sample (4 MB in float32, 129 MB for the 32 samples at once); within
+    a 32 MiB budget the samples go 2 at a time and the peak above the start stays below the budget plus
+    8 MiB of slack."""
+    mib = 2**20
+    B = 32 * mib
+    run = _measure("diagonal", str(B), "exact")
+    assert run["fast"] == 4 and run["n"] == 0 and run["chunk"] == 2
+    assert run["peak"] <= B + 8 * mib, run
+    assert 3 * 4 * 1010 * 1000 * 32 > 3 * B  # the factor of every sample at once
 
 
 def test_exact_diagonal_under_a_binding_budget() -> None:
