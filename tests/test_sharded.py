@@ -258,3 +258,41 @@ def test_fsdp_transformer_in_train_mode_with_root_parameters_equals_the_exact_pr
         torch.testing.assert_close(r["eig"], exact.values, rtol=1e-6, atol=0)
         assert len(r["calibration"]) > 1  # the default step was refined
         assert r["training"] and r["dropout_training"]  # the model's own mode is restored
+
+
+def _structure_of_sharded_sequential(init: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from dynascope.models.structure import describe_module
+
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        model = _model()
+        plain = describe_module(model)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)  # classes become FSDPSequential / FSDPLinear
+        described = [plain, describe_module(model), type(model).__name__]
+        Path(out, "structure.json").write_text(json.dumps(described))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_fsdp_sharded_sequential_is_described_by_its_own_layers(tmp_path) -> None:
+    """FSDP2 swaps each sharded module's class for ``FSDP<Name>``: the structure spec a Tracker writes for an
+    inline ``nn.Sequential`` still names the torch.nn layers (and rebuilds the same model)."""
+    import json
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_sharded as t; "
+        "t._structure_of_sharded_sequential(*sys.argv[2:])"
+    )
+    proc = run_fresh(code, [str(Path(__file__).resolve().parent), rendezvous(tmp_path), str(tmp_path)])
+    assert proc.returncode == 0, failure(proc)
+    plain, sharded, cls = json.loads((tmp_path / "structure.json").read_text())
+    assert cls == "FSDPSequential" and sharded == plain
