@@ -1170,7 +1170,18 @@ class Tracker:
         )
         per = f"over {self.steps} steps" if self.steps else "per 1000 steps"
         span = self.steps if self.steps else 1000
-        planned = f"planned {span // req + (1 if self.steps else 0)} runs {per}"
+        last = self._last_step
+
+        def runs(interval: int, so_far: int) -> int:
+            """Runs every ``interval`` over the run: those so far and those left up to ``steps=`` (before any
+            step, step 0's too); per 1000 steps without ``steps=``."""
+            if not self.steps:
+                return span // interval
+            if last is None:
+                return span // interval + 1
+            return so_far + max(span // interval - last // interval, 0)
+
+        planned = f"planned {runs(req, p.planned)} runs {per}"
         if every is None:
             p.cadence_note = (
                 f"{p.name} every {req} steps was requested ({planned}); the rest of the tracker (scheduled "
@@ -1183,7 +1194,7 @@ class Tracker:
                 f"{p.name} every {req} steps was requested; one run takes {seconds:.3g} s on {where} and a "
                 f"training step {step_s:.3g} s, and the budget leaves {room:.1%} of training time for "
                 f"probes, so it can run about every {every} steps ({planned}, possible about "
-                f"{span // every + (1 if self.steps else 0)})"
+                f"{runs(every, p.runs)})"
             )
         warnings.warn(f"Tracker '{self.path}': {p.cadence_note}", UserWarning, stacklevel=4)
 
