@@ -37,6 +37,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,8 @@ class EigshOutput:
     peak_basis_vectors: int = 0
     max_basis: int = 0
     method: str = "lanczos"  # "lanczos" (block Lanczos) or "dense" (P products, float64 eigh)
+    memory_budget: int = 0  # bytes of vectors the solver planned within (eigsh's memory_budget)
+    budget_binds: bool = False  # max_basis below 3k' + 20 + 2b (capped by the budget)
 
     def memory_bytes(self, size: int, dtype: torch.dtype) -> int:
         """Bytes of the solver's vectors at their peak for an operator of ``size`` in ``dtype``."""
@@ -145,6 +148,10 @@ class EigshOutput:
             "max_basis": self.max_basis,
             "solver_memory_bytes": self.memory_bytes(size, dtype),
             "solver_memory_formula": "(locked + basis + product block) vectors × P × dtype bytes",
+            "memory_budget": self.memory_budget,
+            "memory_formula": "max_basis · P · itemsize (locked + basis + product block), max_basis = "
+            "min(3k' + 20 + 2b, memory_budget / (P · itemsize)); dense: 8·P² + P·itemsize·64",
+            "budget_binds": self.budget_binds,
         }
 
 
@@ -552,14 +559,15 @@ def eigsh(
     check_choice("method", method, METHODS)
     op = krylov_precision(op)
     P = op.vspace.size  # the dimension; this process holds op.size rows of each vector
-    n_want, b, budget, cap = _plan(op, k, which, max_iter, max_basis, block_size, memory_budget)
+    n_want, b, budget, cap, cap_bytes = _plan(op, k, which, max_iter, max_basis, block_size, memory_budget)
     device = torch.device(basis_device) if basis_device is not None else op.device
     dense_fits = memory_budget is None or 8 * P * P <= memory_budget
     dense = dense_fits and use_dense(P, n_want, max_iter, v0 is not None)
     if method == "dense" or (method == "auto" and dense):
         if v0 is not None:
             _start_block(op, v0, b, seed, device)  # validated; a dense solve needs no start
-        return _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
+        out = _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
+        return dataclasses.replace(out, memory_budget=cap_bytes)
     start_matvecs = op.n_matvecs
     found = _locked_runs(
         op, _start_block(op, v0, b, seed, device), k=k, which=which, tol=tol, n_want=n_want, b=b,
@@ -579,6 +587,8 @@ def eigsh(
         n_runs=found.runs,
         peak_basis_vectors=found.peak,
         max_basis=cap,
+        memory_budget=cap_bytes,
+        budget_binds=cap < min(P, 3 * n_want + 20 + 2 * b),
     )
 
 
@@ -590,9 +600,10 @@ def _plan(
     max_basis: int | None,
     block_size: int | None,
     memory_budget: int | None = None,
-) -> tuple[int, int, int, int]:
-    """``(n_want, b, budget, cap)``: wanted values, block width, product budget and most vectors held
-    (validated against each other and ``memory_budget``; see :func:`eigsh`)."""
+) -> tuple[int, int, int, int, int]:
+    """``(n_want, b, budget, cap, cap_bytes)``: wanted values, block width, product budget, most vectors
+    held and the bytes they were planned within (validated against each other and ``memory_budget``; see
+    :func:`eigsh`)."""
     check_int("max_iter", max_iter, min=1, optional=True)
     check_int("max_basis", max_basis, min=1, optional=True)
     check_int("block_size", block_size, min=1, optional=True)
@@ -604,10 +615,11 @@ def _plan(
         raise ValueError(f"max_iter={budget} is smaller than the number of wanted eigenvalues {n_want}")
     itemsize = torch.empty(0, dtype=op.dtype).element_size()
     if memory_budget is None:
-        cap_bytes = min(BASIS_MEMORY_BYTES, resolve_budget(None, op.device))
+        cap_bytes = min(BASIS_MEMORY_BYTES, resolve_budget(None, op.device))  # and at least 2k' + 4 + 2b
         cap = default_max_basis(n_want, b, P, itemsize, cap_bytes) if max_basis is None else min(P, max_basis)
     else:
         check_int("memory_budget", memory_budget, min=1)
+        cap_bytes = memory_budget
         fits = memory_budget // max(op.size * itemsize, 1)
         cap = min(P, 3 * n_want + 20 + 2 * b if max_basis is None else max_basis, fits)
         if cap < min(P, n_want + 2 * b):
@@ -619,7 +631,7 @@ def _plan(
             f"max_basis={cap} is too small: it must hold the {n_want} wanted vectors plus two blocks "
             f"of {b} (at least {n_want + 2 * b})"
         )
-    return n_want, b, budget, cap
+    return n_want, b, budget, cap, cap_bytes
 
 
 @dataclass
