@@ -232,7 +232,7 @@ def hessian_eigenvalues(
     (``peak_basis_vectors``, ``solver_memory_bytes``) and the measured peak over the call
     (``measured_peak_bytes``, where the platform reports it: CUDA, Linux).
     ``memory_budget``: bytes of vectors the solver may hold (:mod:`~dynascope.probes.budget`): ``max_basis``
-    is then at most ``memory_budget / (P · itemsize)`` and a budget below ``(k' + 2b)·P·itemsize`` raises
+    is then at most ``memory_budget / (P · itemsize) − 2b`` and a budget below ``(k' + 4b)·P·itemsize`` raises
     :class:`~dynascope.probes.budget.MemoryBudgetError`; default: the solver's cap of 768 MiB (or half the
     available memory, if less). ``meta`` records ``memory_budget``, ``memory_formula``, ``budget_binds``.
 

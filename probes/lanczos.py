@@ -149,8 +149,9 @@ class EigshOutput:
             "solver_memory_bytes": self.memory_bytes(size, dtype),
             "solver_memory_formula": "(locked + basis + product block) vectors × P × dtype bytes",
             "memory_budget": self.memory_budget,
-            "memory_formula": "max_basis · P · itemsize (locked + basis + product block), max_basis = "
-            "min(3k' + 20 + 2b, memory_budget / (P · itemsize)); dense: 8·P² + P·itemsize·64",
+            "memory_formula": "(max_basis + 2b)·P·itemsize (locked + basis + product block; the block's "
+            "projection and QR), max_basis = min(3k' + 20 + 2b, memory_budget / (P·itemsize) − 2b); "
+            "dense: 8·P² + 64·P·itemsize",
             "budget_binds": self.budget_binds,
         }
 
@@ -537,8 +538,9 @@ def eigsh(
     exceed :data:`BASIS_MEMORY_BYTES`), so memory is at most ``max_basis · P`` numbers of the
     operator's dtype.
     ``memory_budget``: bytes of vectors held (:mod:`~dynascope.probes.budget`): the default ``max_basis`` is
-    then ``min(3k' + 20 + 2b, memory_budget / (P · itemsize))`` (instead of :data:`BASIS_MEMORY_BYTES`'s cap),
-    a given ``max_basis`` is lowered to fit, and a budget below ``k' + 2b`` vectors raises
+    then ``min(3k' + 20 + 2b, memory_budget / (P · itemsize) − 2b)`` (``2b``: the product block's projection
+    and QR temporaries; instead of :data:`BASIS_MEMORY_BYTES`'s cap),
+    a given ``max_basis`` is lowered to fit, and a budget below ``k' + 4b`` vectors raises
     :class:`~dynascope.probes.budget.MemoryBudgetError`; the dense solver runs only when its float64
     matrix (``8·P²`` bytes) fits too. ``None``: the cap of :data:`BASIS_MEMORY_BYTES` (or half the available
     memory when that is less).
@@ -620,11 +622,11 @@ def _plan(
     else:
         check_int("memory_budget", memory_budget, min=1)
         cap_bytes = memory_budget
-        fits = memory_budget // max(op.size * itemsize, 1)
+        fits = memory_budget // max(op.size * itemsize, 1) - 2 * b  # 2b: the block's projection and QR
         cap = min(P, 3 * n_want + 20 + 2 * b if max_basis is None else max_basis, fits)
         if cap < min(P, n_want + 2 * b):
-            need = min(P, n_want + 2 * b) * op.size * itemsize
-            what = f"{n_want} wanted vectors plus two blocks of {b}: (k' + 2b)·P·itemsize"
+            need = (min(P, n_want + 2 * b) + 2 * b) * op.size * itemsize
+            what = f"{n_want} wanted vectors, two blocks of {b} and the block's temporaries: (k' + 4b)·P"
             raise too_small("hessian_eigenvalues", memory_budget, need, what)
     if cap < min(P, n_want + 2 * b):
         raise ValueError(
