@@ -34,10 +34,11 @@ own parameters, the centre's buffers unless ``bn="recompute"``) is reported besi
 
 Memory (``memory_budget``, :mod:`~dynascope.probes.budget`; :func:`plan_landscape`): the vectors held are
 
-    (1 + d + T)·P·itemsize + 2·c·P·itemsize + 3·T·r·8
+    (1 + d + T)·P·itemsize + 4·c·P·itemsize + 3·T·r·8
 
 — the centre θ, the ``d`` directions, the ``T`` trajectory checkpoints (``T = 0`` without one), a block of
-``c`` grid points (``θ + C D`` and its product; ``c ≤ points_per_batch``) and the float64 work of the
+``c`` grid points (``θ + C D``, its product ``C D`` and the vmapped forward's copies of the points'
+parameters: 3.6 vectors a point measured on an MLP, ``c ≤ points_per_batch``) and the float64 work of the
 trajectory's PCA and projection over ``r`` coordinates at a time (``r = P`` where it fits: the centred
 differences, their Gram and projections are then formed at once). Where the budget binds, ``c`` and then
 ``r`` shrink (the same numbers to rounding); below ``c = r = 1`` a
@@ -175,8 +176,9 @@ def _state_vector(
 
 
 LANDSCAPE_FORMULA = (
-    "(1 + d + T)·P·itemsize (centre, d directions, T trajectory checkpoints) + 2·c·P·itemsize (c grid points "
-    "per batch) + 3·T·r·8 (float64 PCA / projection work over r coordinates at a time)"
+    "(1 + d + T)·P·itemsize (centre, d directions, T trajectory checkpoints) + 4·c·P·itemsize (c grid points "
+    "per batch, their product and the vmapped forward's parameter copies) + 3·T·r·8 (float64 PCA / "
+    "projection work over r coordinates at a time)"
 )
 
 
@@ -189,7 +191,7 @@ def plan_landscape(
     T = n_trajectory
 
     def need(c: int, r: int) -> int:
-        return (1 + n_directions + T + 2 * c) * size * itemsize + 3 * T * r * 8
+        return (1 + n_directions + T + 4 * c) * size * itemsize + 3 * T * r * 8
 
     r = size if T else 0
     c = largest(lambda c: need(c, r) <= budget, 1, points_per_batch)

@@ -414,7 +414,7 @@ def test_landscape_within_budget_equals_the_unbounded_grid() -> None:
     free = probes.loss_landscape(traj[-1], (x, y), memory_budget=10**9, **kw)
     assert free.meta["budget_binds"] is False and free.meta["points_per_batch_used"] == 16
     P = free.directions.shape[1]
-    tight = (1 + 2 + 4 + 2) * P * 8 + 3 * 4 * 10 * 8  # one grid point per batch, 10 coordinates at a time
+    tight = (1 + 2 + 4 + 4) * P * 8 + 3 * 4 * 10 * 8  # one grid point per batch, 10 coordinates at a time
     res = probes.loss_landscape(traj[-1], (x, y), memory_budget=tight, **kw)
     assert res.meta["budget_binds"] and res.meta["points_per_batch_used"] == 1
     assert res.meta["coordinate_chunk"] == 10 and res.meta["vector_bytes"] <= tight
