@@ -75,9 +75,10 @@ def child(case: str, what: str, k: int) -> None:
         with peak_memory() as peak:
             res = fn(model, data, n_matvecs=100, check_determinism=False, **kw)
         m = res.meta
-        out.update(peak=peak.bytes, n_matvecs=res.n_matvecs, block=m["block_used"], held=m["probes_held"],
-                   sketch=m.get("sketch_vectors", 0), budget=m["memory_budget"],
-                   vector_bytes=m["vector_bytes"])  # fmt: skip
+        signs = "held (int8)" if m["probes_held"] else "per block"
+        out.update(peak=peak.bytes, n_matvecs=res.n_matvecs, budget=m["memory_budget"],
+                   vector_bytes=m["vector_bytes"],
+                   plan=f"{m['block_used']}, {m.get('sketch_vectors', 0)}, {signs}")  # fmt: skip
     elif what == "density":  # k: memory_budget in MiB (0: the default)
         kw = {"memory_budget": k * 2**20} if k else {}
         with peak_memory() as peak:
@@ -173,17 +174,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     hvp = measure("mlp", "hvp")
-    for what in ("trace", "diagonal"):
-        for budget_mib in (0, 256):
-            r = measure("mlp", what, budget_mib)
-            signs = "held (int8)" if r["held"] else "per block"
-            default = "" if budget_mib else " (default)"
-            rows.append(
-                f"| {what} | {r['budget'] / mib:.0f} MiB{default} | {r['block']}, {r['sketch']}, {signs} | "
-                f"{r['vector_bytes'] / mib:.0f} MiB | {r['peak'] / mib:.0f} MiB | "
-                f"**{(r['peak'] - hvp['peak']) / mib:.0f} MiB** |"
-            )
-            print(rows[-1], flush=True)
+    rows += budget_rows((("trace", "trace", 256), ("diagonal", "diagonal", 256)), hvp)
     publish(
         BUDGET_SECTION,
         f"Command: `.venv/bin/python bench/bench_memory.py --part budget` {intro} The MLP above (4.53M "
@@ -197,16 +188,11 @@ def main() -> None:
     )
 
 
-def others(intro: str, write: bool) -> None:
-    """``hessian_density`` and ``loss_landscape`` on the MLP with the default budget and 512 / 256 MiB."""
+def budget_rows(cases: tuple[tuple[str, str, int], ...], hvp: dict) -> list[str]:
+    """One table row per ``(what, label, MiB)`` case and budget (the default, then ``MiB``) on the MLP."""
     mib = 1024**2
-    rows = [
-        "| probe | memory_budget | plan | vectors by the formula | peak above base | increase over one HVP |",
-        "|---|---|---|---|---|---|",
-    ]
-    hvp = measure("mlp", "hvp")
-    for what, label, tight in (("density", "hessian_density (4 × 30)", 512),
-                               ("landscape", "loss_landscape (21 × 21)", 256)):  # fmt: skip
+    rows = []
+    for what, label, tight in cases:
         for budget_mib in (0, tight):
             r = measure("mlp", what, budget_mib)
             default = "" if budget_mib else " (default)"
@@ -216,6 +202,19 @@ def others(intro: str, write: bool) -> None:
                 f"**{(r['peak'] - hvp['peak']) / mib:.0f} MiB** |"
             )
             print(rows[-1], flush=True)
+    return rows
+
+
+def others(intro: str, write: bool) -> None:
+    """``hessian_density`` and ``loss_landscape`` on the MLP with the default budget and 512 / 256 MiB."""
+    mib = 1024**2
+    rows = [
+        "| probe | memory_budget | plan | vectors by the formula | peak above base | increase over one HVP |",
+        "|---|---|---|---|---|---|",
+    ]
+    hvp = measure("mlp", "hvp")
+    cases = (("density", "hessian_density (4 × 30)", 512), ("landscape", "loss_landscape (21 × 21)", 256))
+    rows += budget_rows(cases, hvp)
     publish(
         OTHERS_SECTION,
         f"Command: `.venv/bin/python bench/bench_memory.py --part others` {intro} The MLP above (4.53M "
