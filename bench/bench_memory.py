@@ -1,6 +1,6 @@
 """Peak memory of the eigensolver: ``hessian_eigenvalues(k)`` against one Hessian-vector product.
 
-Run:  .venv/bin/python bench/bench_memory.py [--part all|eig|budget] [--write]
+Run:  .venv/bin/python bench/bench_memory.py [--part all|eig|budget|others] [--write]
 
 Each measurement runs in a fresh subprocess: build the model and data, note the resident set (RSS), reset
 the peak (``/proc/self/clear_refs``), run the work, read the peak RSS (``VmHWM``). "one HVP" is one
@@ -12,7 +12,9 @@ the solver's *increase* is its peak minus that. Bound to meet: ``(max_basis + 4)
 Cases: an MLP 256-2000-2000-10 (4.53M parameters) on 256 samples, k = 1, 3, 10; and the registry's
 ResNet-18 (widths 64-128-256-512, two blocks per stage, 11.2M parameters) on 64 images 3×32×32, k = 3.
 Then ``hessian_trace`` and ``hessian_diagonal`` (100 products) on the MLP, with the default ``memory_budget``
-and with 256 MiB: the plan they chose and their peak (``probes.budget``).
+and with 256 MiB: the plan they chose and their peak (``probes.budget``). ``--part others``:
+``hessian_density`` (4 probes × 30 Lanczos steps) and ``loss_landscape`` (random plane, 21 × 21) on the MLP,
+with the default ``memory_budget`` and with 512 / 256 MiB.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from benchmarks_md import publish  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Eigensolver memory (bench/bench_memory.py)"
 BUDGET_SECTION = "## Trace and diagonal within memory_budget (bench/bench_memory.py --part budget)"
+OTHERS_SECTION = "## SLQ and landscapes within memory_budget (bench/bench_memory.py --part others)"
 
 
 def _case(name: str):
@@ -72,9 +75,28 @@ def child(case: str, what: str, k: int) -> None:
         with peak_memory() as peak:
             res = fn(model, data, n_matvecs=100, check_determinism=False, **kw)
         m = res.meta
-        out.update(peak=peak.bytes, n_matvecs=res.n_matvecs, block=m["block_used"], held=m["probes_held"],
-                   sketch=m.get("sketch_vectors", 0), budget=m["memory_budget"],
-                   vector_bytes=m["vector_bytes"])  # fmt: skip
+        signs = "held (int8)" if m["probes_held"] else "per block"
+        out.update(peak=peak.bytes, n_matvecs=res.n_matvecs, budget=m["memory_budget"],
+                   vector_bytes=m["vector_bytes"],
+                   plan=f"{m['block_used']}, {m.get('sketch_vectors', 0)}, {signs}")  # fmt: skip
+    elif what == "density":  # k: memory_budget in MiB (0: the default)
+        kw = {"memory_budget": k * 2**20} if k else {}
+        with peak_memory() as peak:
+            res = probes.hessian_density(model, data, n_probes=4, lanczos_steps=30, check_determinism=False,
+                                         **kw)  # fmt: skip
+        m = res.meta
+        held = "held" if m["probes_held"] else "per block"
+        plan = (f"block {m['block_used']}, window {m['reorth_window']}, probes {held}; "
+                f"max abs(q1ᵀqj) {m['orthogonality_loss']:.1e}")
+        out.update(peak=peak.bytes, n_matvecs=res.n_matvecs, budget=m["memory_budget"],
+                   vector_bytes=m["vector_bytes"], plan=plan)  # fmt: skip
+    elif what == "landscape":
+        kw = {"memory_budget": k * 2**20} if k else {}
+        with peak_memory() as peak:
+            res = probes.loss_landscape(model, data, resolution=21, **kw)
+        m = res.meta
+        out.update(peak=peak.bytes, n_matvecs=0, budget=m["memory_budget"], vector_bytes=m["vector_bytes"],
+                   plan=f"{m['points_per_batch_used']} grid points per batch")  # fmt: skip
     else:
         with peak_memory() as peak:
             res = probes.hessian_eigenvalues(model, data, k=k)
@@ -95,7 +117,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true")
     ap.add_argument(
-        "--part", choices=("all", "eig", "budget"), default="all", help="eigensolver rows, budget rows"
+        "--part", choices=("all", "eig", "budget", "others"), default="all",
+        help="eigensolver rows, trace/diagonal budget rows, SLQ/landscape budget rows"
     )
     ap.add_argument("--child", nargs=3, metavar=("CASE", "WHAT", "K"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -109,7 +132,7 @@ def main() -> None:
         "(restarts) | total peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    eig_cases = (("mlp", (1, 3, 10)), ("resnet18", (3,))) if args.part != "budget" else ()
+    eig_cases = (("mlp", (1, 3, 10)), ("resnet18", (3,))) if args.part in ("all", "eig") else ()
     for case, ks in eig_cases:
         hvp = measure(case, "hvp")
         for k in ks:
@@ -130,7 +153,7 @@ def main() -> None:
         "each row in a fresh process with `MALLOC_MMAP_THRESHOLD_=131072` so that freed tensors leave the "
         "RSS)."
     )
-    if args.part != "budget":
+    if args.part in ("all", "eig"):
         publish(
             SECTION,
             f"Command: `.venv/bin/python bench/bench_memory.py --part eig` {intro} "
@@ -141,23 +164,17 @@ def main() -> None:
         )
     if args.part == "eig":
         return
+    if args.part in ("all", "others"):
+        others(intro, args.write)
+    if args.part == "others":
+        return
     rows = [
         "| probe (100 products) | memory_budget | plan: block, sketch, signs | vectors by the formula "
         "| peak above base | increase over one HVP |",
         "|---|---|---|---|---|---|",
     ]
     hvp = measure("mlp", "hvp")
-    for what in ("trace", "diagonal"):
-        for budget_mib in (0, 256):
-            r = measure("mlp", what, budget_mib)
-            signs = "held (int8)" if r["held"] else "per block"
-            default = "" if budget_mib else " (default)"
-            rows.append(
-                f"| {what} | {r['budget'] / mib:.0f} MiB{default} | {r['block']}, {r['sketch']}, {signs} | "
-                f"{r['vector_bytes'] / mib:.0f} MiB | {r['peak'] / mib:.0f} MiB | "
-                f"**{(r['peak'] - hvp['peak']) / mib:.0f} MiB** |"
-            )
-            print(rows[-1], flush=True)
+    rows += budget_rows((("trace", "trace", 256), ("diagonal", "diagonal", 256)), hvp)
     publish(
         BUDGET_SECTION,
         f"Command: `.venv/bin/python bench/bench_memory.py --part budget` {intro} The MLP above (4.53M "
@@ -168,6 +185,46 @@ def main() -> None:
         "float32: 5.4 GB for the trace, plus float64 copies of each block).",
         rows,
         args.write,
+    )
+
+
+def budget_rows(cases: tuple[tuple[str, str, int], ...], hvp: dict) -> list[str]:
+    """One table row per ``(what, label, MiB)`` case and budget (the default, then ``MiB``) on the MLP."""
+    mib = 1024**2
+    rows = []
+    for what, label, tight in cases:
+        for budget_mib in (0, tight):
+            r = measure("mlp", what, budget_mib)
+            default = "" if budget_mib else " (default)"
+            rows.append(
+                f"| {label} | {r['budget'] / mib:.0f} MiB{default} | {r['plan']} | "
+                f"{r['vector_bytes'] / mib:.0f} MiB | {r['peak'] / mib:.0f} MiB | "
+                f"**{(r['peak'] - hvp['peak']) / mib:.0f} MiB** |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def others(intro: str, write: bool) -> None:
+    """``hessian_density`` and ``loss_landscape`` on the MLP with the default budget and 512 / 256 MiB."""
+    mib = 1024**2
+    rows = [
+        "| probe | memory_budget | plan | vectors by the formula | peak above base | increase over one HVP |",
+        "|---|---|---|---|---|---|",
+    ]
+    hvp = measure("mlp", "hvp")
+    cases = (("density", "hessian_density (4 × 30)", 512), ("landscape", "loss_landscape (21 × 21)", 256))
+    rows += budget_rows(cases, hvp)
+    publish(
+        OTHERS_SECTION,
+        f"Command: `.venv/bin/python bench/bench_memory.py --part others` {intro} The MLP above (4.53M "
+        "parameters, 18 MB a float32 vector, 256 samples): `hessian_density` with 4 probes × 30 Lanczos "
+        "steps (full reorthogonalisation holds 120 vectors, 2.2 GB) and `loss_landscape` on a random plane "
+        "(21 × 21 points, 16 per batch), with the default `memory_budget` and 512 / 256 MiB (one probe with "
+        "its two latest Lanczos vectors needs 15 vectors, 272 MB); one HVP's peak above "
+        f"base is {hvp['peak'] / mib:.0f} MiB.",
+        rows,
+        write,
     )
 
 

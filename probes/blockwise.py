@@ -16,7 +16,12 @@ large in transformers, whose embedding, attention and MLP blocks have spectra fa
 CNNs, where SGD does as well as Adam.
 
 Cost: ``n_probes · min(lanczos_steps, P_b)`` products per block, each a full forward and double backward
-restricted to the block. Memory: one block's Lanczos basis, ``n_probes · lanczos_steps · P_b`` numbers.
+restricted to the block. Memory: one block at a time, within ``memory_budget`` bytes of vectors (default
+half the available memory, :mod:`~dynascope.probes.budget`): each block's SLQ is planned by
+:func:`~dynascope.probes.density.plan_slq` for its own ``P_b`` — ``n_probes · lanczos_steps · P_b`` numbers
+(full reorthogonalisation, all probes together) where that fits, else fewer probes at a time, then a
+bounded reorthogonalisation window (:data:`~dynascope.probes.density.SLQ_FORMULA`). ``meta['block_plans']``
+holds each block's plan and ``orthogonality_loss``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .density import DensityResult, hessian_density
+from .budget import resolve_budget
+from .density import SLQ_FORMULA, DensityResult, hessian_density
 from .functional import parameter_groups, select_parameters
+from .memory import peak_memory
 from .results import Result, make_meta
 from .validation import check_int
 
@@ -114,26 +121,31 @@ def blockwise_spectra(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     reduce_fn: Callable | None = None,
+    memory_budget: int | None = None,
 ) -> BlockwiseSpectraResult:
     """SLQ spectra of every diagonal block ``H_bb`` and their Jensen–Shannon heterogeneity (module
-    docstring); ``sigma`` overrides the shared broadening width."""
+    docstring); ``sigma`` overrides the shared broadening width; ``memory_budget``: bytes of vectors each
+    block's SLQ may hold (module docstring)."""
     check_int("n_grid", n_grid, min=16)
     blocks = dict(groups) if groups is not None else parameter_groups(model)
     if len(blocks) < 2:
         raise ValueError(f"blockwise_spectra needs at least two parameter blocks; got {list(blocks)}")
     t0 = time.perf_counter()
+    budget = resolve_budget(memory_budget, device)
     names, sizes, per = [], [], []
-    for i, (name, members) in enumerate(blocks.items()):
-        size = sum(p.numel() for _, p in select_parameters(model, list(members)))
-        per.append(
-            hessian_density(
-                model, data, n_probes=n_probes, lanczos_steps=min(lanczos_steps, size), params=list(members),
-                loss=loss, operator=operator, seed=seed + i, batch_size=batch_size, mode=mode, dtype=dtype,
-                device=device, reduce_fn=reduce_fn, check_determinism=i == 0,
-            )
-        )  # fmt: skip
-        names.append(name)
-        sizes.append(int(size))
+    with peak_memory(device) as peak:
+        for i, (name, members) in enumerate(blocks.items()):
+            size = sum(p.numel() for _, p in select_parameters(model, list(members)))
+            per.append(
+                hessian_density(
+                    model, data, n_probes=n_probes, lanczos_steps=min(lanczos_steps, size),
+                    params=list(members), loss=loss, operator=operator, seed=seed + i, batch_size=batch_size,
+                    mode=mode, dtype=dtype, device=device, reduce_fn=reduce_fn, check_determinism=i == 0,
+                    memory_budget=budget,
+                )
+            )  # fmt: skip
+            names.append(name)
+            sizes.append(int(size))
     grid, probs, width = shared_axis(per, n_grid=n_grid, sigma=sigma)
     js = torch.zeros(len(per), len(per), dtype=torch.float64)
     for b in range(len(per)):
@@ -142,13 +154,21 @@ def blockwise_spectra(
     pairs = js[torch.triu_indices(len(per), len(per), 1).unbind()]
     n_matvecs = sum(d.n_matvecs for d in per)
     settings = {"groups": {n: list(v) for n, v in blocks.items()}, "n_probes": n_probes, "n_grid": n_grid,
-                "lanczos_steps": lanczos_steps, "sigma": sigma, "batch_size": batch_size}  # fmt: skip
+                "lanczos_steps": lanczos_steps, "sigma": sigma, "batch_size": batch_size,
+                "memory_budget": memory_budget}  # fmt: skip
+    plan_keys = ("vector_bytes", "block_used", "reorth_window", "probes_held", "budget_binds",
+                 "orthogonality_loss")  # fmt: skip
+    plans = {n: {k: d.meta[k] for k in plan_keys} for n, d in zip(names, per)}
     first = per[0].meta
     meta = make_meta(
         "blockwise_spectra", model=model, params=settings, started=t0, operator=operator, n_matvecs=n_matvecs,
         seed=seed, mode=mode, n_params=sum(sizes),
         **{k: first[k] for k in ("loss", "reduction", "n_samples", "dtype", "device") if k in first},
         note="diagonal blocks H_bb (other blocks fixed); JS in nats on one grid with one broadening width",
+        memory_budget=budget, memory_formula=f"per block, one at a time: {SLQ_FORMULA}", block_plans=plans,
+        budget_binds=any(p["budget_binds"] for p in plans.values()),
+        orthogonality_loss=max(p["orthogonality_loss"] for p in plans.values()),
+        measured_peak_bytes=peak.bytes, measured_peak_how=peak.how,
     )  # fmt: skip
     return BlockwiseSpectraResult(
         blocks=names,

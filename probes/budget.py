@@ -6,6 +6,14 @@ operator's own work inside one product (activations, their tangents) is not part
 grows with the block of vectors per product, which the budget also caps; the peak measured over the
 call (:mod:`~dynascope.probes.memory`) is recorded beside the formula in ``meta``.
 
+Honoured by ``hessian_trace`` (:func:`~.trace.plan_trace`), ``hessian_diagonal``
+(:func:`~.diagonal.plan_diagonal`), ``hessian_density`` / ``blockwise_spectra`` / ``layerwise_hessian``
+(:func:`~.density.plan_slq`: probe blocks, then bounded reorthogonalisation), ``hessian_eigenvalues``
+(:func:`~.lanczos.eigsh`: ``max_basis``), the NTK (:func:`~.ntk.empirical.plan_ntk`: Jacobian row-blocks or
+tangent blocks) and the loss landscapes (:func:`~.landscape.plan_landscape`). Each records
+``memory_budget``, ``memory_formula`` and its plan in ``meta``, and raises :class:`MemoryBudgetError`
+naming the knob when the least it can run with does not fit.
+
 Default (``memory_budget=None``): half of the memory available when the probe starts —
 ``MemAvailable`` (Linux) on CPU, free device memory (``torch.cuda.mem_get_info``) on CUDA — or
 :data:`FALLBACK_BUDGET_BYTES` where neither is known.

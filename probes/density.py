@@ -20,6 +20,22 @@ The smoothed density is ``ρ(t) = Σ_j w_j N(t; θ_j, σ²)`` (Gaussian broadeni
 the density of ``u = log10|λ|`` instead (eigenvalues of both signs pooled, ``|λ| < log_floor · max|λ|``
 dropped and reported as ``meta['mass_below_floor']``; the mass at negative λ is ``meta['negative_mass']``),
 with ``σ`` in decades (default ``0.02 ·`` the span of ``u``) — the usual view of heavy-tailed spectra.
+
+Memory (``memory_budget``, :mod:`~dynascope.probes.budget`; :func:`plan_slq`): Lanczos holds, per probe,
+a ring of its ``w`` most recent vectors, so a block of ``b`` probes run together holds
+
+    (n_held + deflate)·P·itemsize + b·(w + c)·P·itemsize + b·P·8 + float64 dot chunks,
+
+``n_held = n_probes`` when the start vectors are held (the values of ``random_vectors``), else 0 (drawn
+``b`` at a time from the seeded generator: other values, the same distribution); ``c`` =
+:data:`SLQ_WORK_VECTORS` (``q``, the product block and its temporaries; +1 for ``q₁`` when ``w <
+steps``, +2 with deflation); ``b·P·8`` the float64 norm of the product block. Where the budget binds,
+:func:`plan_slq` first runs the probes in smaller blocks (``b < n_probes``, full reorthogonalisation:
+the same recurrences), then draws the start vectors per block, then keeps only ``w < steps`` vectors
+per probe (reorthogonalisation against the most recent ``w``, one probe at a time). Below full
+reorthogonalisation the basis may lose orthogonality: ``meta['orthogonality_loss']`` is the measured
+``max |q₁ᵀ q_j|`` over every probe (a lower bound on ``max_{i<j} |q_iᵀ q_j|``; ~1e-16·√P with full
+reorthogonalisation), and ghost copies of converged Ritz values may appear.
 """
 
 from __future__ import annotations
@@ -32,8 +48,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget import chunk_bytes, largest, names_the_knob, resolve_budget, too_small
 from .curvature_setup import RecordingOperator, spec_settings, spectral_meta, takes_operator_spec
 from .lanczos import eigsh, lanczos_tridiagonal
+from .memory import peak_memory
 from .operators import LinearOperator, OperatorSpec, random_vectors
 from .results import Result
 from .seeds import DEFLATION_OFFSET
@@ -56,15 +74,84 @@ class DeflatedOperator(LinearOperator):
         return self._project(self.op.matmat(self._project(V)))
 
 
+#: Vectors per probe that one Lanczos step holds besides its ring of ``w`` (``q``, the product block, the
+#: three-term and Gram–Schmidt temporaries; measured: tests/test_memory_budget.py).
+SLQ_WORK_VECTORS = 8
+
+SLQ_FORMULA = (
+    "(n_held + deflate)·P·itemsize (start vectors if held, deflation basis) + b·(w + c)·P·itemsize "
+    "(ring of the w latest Lanczos vectors of b probes, q₁ when w < steps, product block and temporaries) "
+    "+ b·P·8 (float64 norms) + float64 dot chunks"
+)
+
+
+@dataclass(frozen=True)
+class SLQPlan:
+    """How SLQ fits ``memory_budget`` (:func:`plan_slq`): ``block`` probes per Lanczos run, ``window``
+    Lanczos vectors kept per probe (``= steps``: full reorthogonalisation), whether the start vectors are
+    held (the values of ``random_vectors``) or drawn per block, and the bytes by :data:`SLQ_FORMULA`."""
+
+    block: int
+    window: int
+    hold_probes: bool
+    vector_bytes: int
+    budget: int
+    binds: bool
+
+    def meta(self) -> dict[str, Any]:
+        return {"memory_budget": self.budget, "memory_formula": SLQ_FORMULA,
+                "vector_bytes": self.vector_bytes, "block_used": self.block, "reorth_window": self.window,
+                "probes_held": self.hold_probes, "budget_binds": self.binds}  # fmt: skip
+
+
+def plan_slq(
+    size: int, n_probes: int, steps: int, itemsize: int, *, budget: int, deflate: int = 0,
+    rows: int | None = None,
+) -> SLQPlan:  # fmt: skip
+    """The largest SLQ that fits ``budget`` bytes (module docstring): all probes at once with full
+    reorthogonalisation, else fewer probes per block, else start vectors drawn per block, else one probe
+    with the ``w`` most recent vectors (``2 ≤ w < steps``). Raises :class:`MemoryBudgetError` when not even
+    ``w = 2`` fits. ``rows``: rows of each vector in this process (default ``size``)."""
+    steps = min(steps, size - deflate)
+    rows = size if rows is None else rows
+
+    def need(b: int, w: int, hold: bool) -> int:
+        work = SLQ_WORK_VECTORS + (w < steps) + (2 if deflate else 0)
+        held = (n_probes if hold else 0) + deflate
+        draw = (n_probes if hold else b) * 8  # random_vectors' float64 draw before the cast
+        return rows * (itemsize * (held + b * (w + work)) + 8 * b + draw) + chunk_bytes(rows, b)
+
+    def done(b: int, w: int, hold: bool) -> SLQPlan:
+        return SLQPlan(block=b, window=w, hold_probes=hold, vector_bytes=need(b, w, hold), budget=budget,
+                       binds=(b, w, hold) != (n_probes, steps, True))  # fmt: skip
+
+    for hold in (True, False):
+        b = largest(lambda b, hold=hold: need(b, steps, hold) <= budget, 1, n_probes)
+        if b is not None:
+            return done(b, steps, hold)
+    w = largest(lambda w: need(1, w, False) <= budget, 2, steps - 1)
+    if w is None:
+        raise too_small("hessian_density", budget, need(1, min(2, steps), False),
+                        "one probe with its two latest Lanczos vectors")  # fmt: skip
+    return done(1, w, False)
+
+
 @dataclass(frozen=True)
 class SLQOutput:
-    """Nodes/weights of the estimated spectral measure (weights sum to 1) and its ingredients."""
+    """Nodes/weights of the estimated spectral measure (weights sum to 1) and its ingredients;
+    ``plan`` how it fit the memory budget and ``orthogonality_loss`` the measured ``max |q₁ᵀ q_j|``."""
 
     nodes: torch.Tensor
     weights: torch.Tensor
     probe: torch.Tensor  # probe index of each node; -1 for the exactly computed (deflated) eigenvalues
     deflated: torch.Tensor
     n_matvecs: int
+    plan: SLQPlan | None = None
+    orthogonality_loss: float = 0.0
+
+
+def _itemsize(op: LinearOperator) -> int:
+    return torch.empty((), dtype=op.dtype).element_size()
 
 
 def slq(
@@ -75,39 +162,59 @@ def slq(
     seed: int = 0,
     deflate: int = 0,
     deflate_tol: float = 1e-5,
+    memory_budget: int | None = None,
 ) -> SLQOutput:
-    """Stochastic Lanczos quadrature on any symmetric operator (see the module docstring)."""
+    """Stochastic Lanczos quadrature on any symmetric operator within ``memory_budget`` bytes of vectors
+    (see the module docstring)."""
     for name, val, low in (("n_probes", n_probes, 1), ("lanczos_steps", steps, 1), ("deflate", deflate, 0)):
         check_int(name, val, min=low)
     P, sp = op.vspace.size, op.vspace  # the dimension; this process holds op.size rows of each vector
     if deflate >= P:
         raise ValueError(f"deflate={deflate} must be smaller than the operator size {P}")
+    budget = resolve_budget(memory_budget, op.device)
+    plan = plan_slq(P, n_probes, steps, _itemsize(op), budget=budget, deflate=deflate, rows=op.size)
     start = op.n_matvecs
     exact = torch.zeros(0, dtype=torch.float64)
     target: LinearOperator = op
     if deflate:
-        eig = eigsh(op, k=deflate, which="LM", tol=deflate_tol, seed=seed + DEFLATION_OFFSET)
+        eig = eigsh(op, k=deflate, which="LM", tol=deflate_tol, seed=seed + DEFLATION_OFFSET,
+                    memory_budget=budget)  # fmt: skip
         assert eig.vectors is not None
         U, _ = sp.qr(eig.vectors.double())
         exact = eig.values.double().cpu()
         target = DeflatedOperator(op, U.to(op.dtype))
-    V0 = sp.rows(random_vectors(P, n_probes, seed=seed, dtype=op.dtype, device=op.device))
-    if deflate:
-        V0 = target._project(V0)  # type: ignore[attr-defined]
-    tri = lanczos_tridiagonal(target, V0, min(steps, P - deflate))
+        del eig, U
+    held = sp.rows(random_vectors(P, n_probes, seed=seed, dtype=op.dtype, device=op.device)) \
+        if plan.hold_probes else None  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
     nodes, weights, probe = [exact], [torch.full_like(exact, 1.0 / P)], [torch.full((exact.numel(),), -1)]
     bulk_mass = (P - deflate) / P
-    for i in range(n_probes):
-        theta, tau = tri.ritz(i)
-        nodes.append(theta)
-        weights.append(tau * bulk_mass / n_probes)
-        probe.append(torch.full((theta.numel(),), i))
+    lost = 0.0
+    for lo in range(0, n_probes, plan.block):
+        hi = min(lo + plan.block, n_probes)
+        if held is not None:
+            V0 = held[:, lo:hi]
+        else:
+            V0 = sp.rows(torch.randn(P, hi - lo, generator=gen, dtype=torch.float64)).to(op.device, op.dtype)
+        if deflate:
+            V0 = target._project(V0)  # type: ignore[attr-defined]
+        tri = lanczos_tridiagonal(target, V0, min(steps, P - deflate), window=plan.window)
+        del V0
+        assert tri.orthogonality is not None
+        lost = max(lost, float(tri.orthogonality.max()))
+        for i in range(hi - lo):
+            theta, tau = tri.ritz(i)
+            nodes.append(theta)
+            weights.append(tau * bulk_mass / n_probes)
+            probe.append(torch.full((theta.numel(),), lo + i))
     return SLQOutput(
         nodes=torch.cat(nodes),
         weights=torch.cat(weights),
         probe=torch.cat(probe),
         deflated=exact,
         n_matvecs=op.n_matvecs - start,
+        plan=plan,
+        orthogonality_loss=lost,
     )
 
 
@@ -273,6 +380,7 @@ def hessian_density(
     deflate: int = 0,
     seed: int = 0,
     check_determinism: bool = True,
+    memory_budget: int | None = None,
 ) -> DensityResult:
     """Eigenvalue density of the Hessian / GGN / Fisher by SLQ with ``n_probes`` probes run together.
 
@@ -283,22 +391,37 @@ def hessian_density(
     One ``matmat`` per Lanczos step serves all probes; cost ``n_probes · lanczos_steps`` products
     (plus the deflation's Lanczos when ``deflate > 0``). See the module docstring for the
     estimator, the weight convention (integrates to 1), the default ``sigma`` and ``log_scale``.
+
+    ``memory_budget``: bytes of length-``P`` vectors held at once (default: half the available RAM / free
+    GPU memory, :mod:`~dynascope.probes.budget`); where it binds, the probes run in smaller blocks and then
+    with bounded reorthogonalisation (:func:`plan_slq`, formula in the module docstring). ``meta`` records
+    the budget, formula and plan (``memory_budget``, ``memory_formula``, ``vector_bytes``, ``block_used``,
+    ``reorth_window``, ``probes_held``, ``budget_binds``), ``orthogonality_loss`` and the measured peak
+    (``measured_peak_bytes``).
     """
     check_int("seed", seed)
     t0 = time.perf_counter()
     op = spec.build(model, data)
     rec = RecordingOperator(op)
-    out = slq(rec, n_probes=n_probes, steps=lanczos_steps, seed=seed, deflate=deflate)
+    budget = resolve_budget(memory_budget, op.device)
+    with names_the_knob("hessian_density", budget, SLQ_FORMULA), peak_memory(op.device) as peak:
+        out = slq(
+            rec, n_probes=n_probes, steps=lanczos_steps, seed=seed, deflate=deflate, memory_budget=budget
+        )
+    assert out.plan is not None
     if sigma is None and not log_scale:
         sigma = slq_sigma(out, lanczos_steps)
     g, d, s, info = smooth_density(out.nodes, out.weights, grid=grid, sigma=sigma, log_scale=log_scale)
     settings = {"n_probes": n_probes, "lanczos_steps": lanczos_steps, "deflate": deflate,
-                **spec_settings(spec), "log_scale": log_scale}  # fmt: skip
+                **spec_settings(spec), "log_scale": log_scale, "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_density", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, sigma=s, probes="gaussian",
         weights_convention="weights sum to 1 (density integrates to 1); times P = eigenvalue count",
-        **info,
+        **info, **out.plan.meta(), orthogonality_loss=out.orthogonality_loss,
+        orthogonality_loss_definition="max |q1^T q_j| over every probe's Lanczos vectors (measured; a lower "
+        "bound on the basis' loss of orthogonality)", measured_peak_bytes=peak.bytes,
+        measured_peak_how=peak.how,
     )  # fmt: skip
     return DensityResult(
         grid=g, density=d, ritz_values=out.nodes, ritz_weights=out.weights, sigma=s, log_scale=log_scale,
@@ -309,8 +432,11 @@ def hessian_density(
 __all__ = [
     "DeflatedOperator",
     "DensityResult",
+    "SLQ_FORMULA",
     "SLQOutput",
+    "SLQPlan",
     "hessian_density",
+    "plan_slq",
     "slq",
     "slq_sigma",
     "smooth_density",

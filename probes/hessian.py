@@ -205,6 +205,7 @@ def hessian_eigenvalues(
     block_size: int | None = None,
     max_basis: int | None = None,
     solver: str = "auto",
+    memory_budget: int | None = None,
 ) -> HessianEigenResult:
     """Extremal eigenvalues of the Hessian (``operator="hessian"``), GGN or empirical Fisher.
 
@@ -230,6 +231,10 @@ def hessian_eigenvalues(
     solver memory at most ``max_basis·P`` numbers; ``meta`` records the vectors held
     (``peak_basis_vectors``, ``solver_memory_bytes``) and the measured peak over the call
     (``measured_peak_bytes``, where the platform reports it: CUDA, Linux).
+    ``memory_budget``: bytes of vectors the solver may hold (:mod:`~dynascope.probes.budget`): ``max_basis``
+    is then at most ``memory_budget / (P · itemsize) − 2b`` and a budget below ``(k' + 4b)·P·itemsize`` raises
+    :class:`~dynascope.probes.budget.MemoryBudgetError`; default: the solver's cap of 768 MiB (or half the
+    available memory, if less). ``meta`` records ``memory_budget``, ``memory_formula``, ``budget_binds``.
 
     ``solver``: ``"auto"`` (default: a dense float64 ``eigh`` of the ``P×P`` matrix built from ``P``
     products when ``k ≥ P/10`` or ``P ≤ 64`` — exact, every copy of a repeated eigenvalue — else block
@@ -251,12 +256,12 @@ def hessian_eigenvalues(
         pairs = solve_eigenpairs(
             rec, spec, model, data, k=k, tol=float(tol), refine=refine, return_vectors=return_vectors,
             which=which, max_iter=max_iter, v0=start, seed=seed, block_size=block_size, max_basis=max_basis,
-            method=solver,
+            method=solver, memory_budget=memory_budget,
         )  # fmt: skip
     settings = {"k": k, "tol": tol, "which": which, "max_iter": max_iter,
                 **spec_settings(spec),
                 "warm_start": start is not None, "refine": refine, "block_size": block_size,
-                "max_basis": max_basis, "solver": solver}  # fmt: skip
+                "max_basis": max_basis, "solver": solver, "memory_budget": memory_budget}  # fmt: skip
     meta = spectral_meta(
         "hessian_eigenvalues", model, op, rec, started=t0, seed=seed, settings=settings,
         check_determinism=check_determinism, **pairs.meta(op), measured_peak_bytes=peak.bytes,
@@ -334,7 +339,7 @@ class _Block:
 
 def _block_spectrum(
     model: nn.Module, data: Any, spec: OperatorSpec, *, k: int, tol: float, seed: int, trace: dict | None,
-    density: dict | None,
+    density: dict | None, memory_budget: int | None = None,
 ) -> _Block:  # fmt: skip
     """Top-``k`` eigenvalues of the block ``H_ℓℓ`` of ``spec.params`` (NaN-padded to ``k`` when the block is
     smaller), and, when asked (keywords of :func:`~dynascope.probes.trace.hessian_trace` /
@@ -344,7 +349,7 @@ def _block_spectrum(
 
     op = spec.build(model, data)
     pairs = solve_eigenpairs(op, spec, model, data, k=min(k, op.size), tol=tol, return_vectors=False,
-                             seed=seed)  # fmt: skip
+                             seed=seed, memory_budget=memory_budget)  # fmt: skip
     row = torch.full((k,), float("nan"), dtype=torch.float64)
     crow = torch.zeros(k, dtype=torch.bool)
     row[: pairs.values.numel()] = pairs.values
@@ -382,7 +387,9 @@ def layerwise_hessian(
     ``spec``: the operator, or its fields as keywords (its ``params`` must be unset: the blocks set them).
     ``groups``: {layer name: parameter names or module prefixes}; default
     :func:`~dynascope.probes.operators.parameter_groups` (parameters grouped by owning module).
-    ``memory_budget``: bytes the per-block trace estimator may hold (:mod:`~dynascope.probes.budget`).
+    ``memory_budget``: bytes of vectors each block's eigensolver, trace estimator and SLQ may hold
+    (:mod:`~dynascope.probes.budget`; the formulas of :func:`~dynascope.probes.lanczos.eigsh`,
+    :func:`~dynascope.probes.trace.plan_trace` and :data:`~dynascope.probes.density.SLQ_FORMULA`).
     Each block ``H_ℓℓ = ∂²L/∂θ_ℓ²`` is the principal submatrix of the full operator for that layer;
     block ``i`` uses seed ``seed + i``.
     """
@@ -399,10 +406,11 @@ def layerwise_hessian(
     t0 = time.perf_counter()
     tr_kw = {"n_matvecs": trace_matvecs, "method": trace_method, "memory_budget": memory_budget}
     tr_kw = tr_kw if trace else None
-    dens_kw = {"n_probes": n_probes, "lanczos_steps": lanczos_steps} if density else None
+    dens_kw = {"n_probes": n_probes, "lanczos_steps": lanczos_steps, "memory_budget": memory_budget}
+    dens_kw = dens_kw if density else None
     rows = {
         name: _block_spectrum(model, data, spec.replace(params=list(names)), k=k, tol=float(tol),
-                              seed=seed + i, trace=tr_kw, density=dens_kw)
+                              seed=seed + i, trace=tr_kw, density=dens_kw, memory_budget=memory_budget)
         for i, (name, names) in enumerate(blocks.items())
     }  # fmt: skip
     first = next(iter(rows.values())).op_meta
@@ -413,7 +421,8 @@ def layerwise_hessian(
     sizes = [sum(p.numel() for _, p in select_parameters(model, list(names))) for names in blocks.values()]
     settings = {"k": k, "trace": trace, "density": density, "tol": tol, "trace_matvecs": trace_matvecs,
                 "trace_method": trace_method, "n_probes": n_probes, "lanczos_steps": lanczos_steps,
-                "groups": {n: list(v) for n, v in blocks.items()}}  # fmt: skip
+                "groups": {n: list(v) for n, v in blocks.items()},
+                "memory_budget": memory_budget}  # fmt: skip
     meta = make_meta(
         "layerwise_hessian", model=model, params=settings, started=t0, operator=spec.kind,
         n_matvecs=sum(b.n_matvecs for b in rows.values()), seed=seed, mode=spec.mode, n_params=sum(sizes),

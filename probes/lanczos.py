@@ -37,11 +37,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .budget import column_dots, resolve_budget, too_small
 from .operators import LinearOperator, random_vectors
 from .seeds import LANCZOS_RESTART_STRIDE
 from .space import VectorSpace
@@ -89,13 +91,14 @@ def use_dense(P: int, n_want: int, budget: int | None = None, warm: bool = False
 BASIS_MEMORY_BYTES = 768 * 2**20
 
 
-def default_max_basis(n_want: int, b: int, size: int, itemsize: int) -> int:
-    """``min(3k' + 20 + 2b, BASIS_MEMORY_BYTES / (P · itemsize))``, at least ``2k' + 4 + 2b``, at most P.
+def default_max_basis(n_want: int, b: int, size: int, itemsize: int, cap_bytes: int | None = None) -> int:
+    """``min(3k' + 20 + 2b, cap_bytes / (P · itemsize))`` (default ``cap_bytes``: :data:`BASIS_MEMORY_BYTES`),
+    at least ``2k' + 4 + 2b``, at most P.
 
     ``3k' + 20 + 2b`` lets a run find ``k'`` values without restarting on typical Hessians; on large
     models the memory cap trades restarts (more products) for a smaller peak."""
     full = 3 * n_want + 20 + 2 * b
-    fits = BASIS_MEMORY_BYTES // max(size * itemsize, 1)
+    fits = (BASIS_MEMORY_BYTES if cap_bytes is None else cap_bytes) // max(size * itemsize, 1)
     return min(size, max(2 * n_want + 4 + 2 * b, min(full, fits)))
 
 
@@ -124,6 +127,8 @@ class EigshOutput:
     peak_basis_vectors: int = 0
     max_basis: int = 0
     method: str = "lanczos"  # "lanczos" (block Lanczos) or "dense" (P products, float64 eigh)
+    memory_budget: int = 0  # bytes of vectors the solver planned within (eigsh's memory_budget)
+    budget_binds: bool = False  # max_basis below 3k' + 20 + 2b (capped by the budget)
 
     def memory_bytes(self, size: int, dtype: torch.dtype) -> int:
         """Bytes of the solver's vectors at their peak for an operator of ``size`` in ``dtype``."""
@@ -143,6 +148,11 @@ class EigshOutput:
             "max_basis": self.max_basis,
             "solver_memory_bytes": self.memory_bytes(size, dtype),
             "solver_memory_formula": "(locked + basis + product block) vectors × P × dtype bytes",
+            "memory_budget": self.memory_budget,
+            "memory_formula": "(max_basis + 2b)·P·itemsize (locked + basis + product block; the block's "
+            "projection and QR), max_basis = min(3k' + 20 + 2b, memory_budget / (P·itemsize) − 2b); "
+            "dense: 8·P² + 64·P·itemsize",
+            "budget_binds": self.budget_binds,
         }
 
 
@@ -514,6 +524,7 @@ def eigsh(
     max_basis: int | None = None,
     basis_device: torch.device | str | None = None,
     method: str = "auto",
+    memory_budget: int | None = None,
 ) -> EigshOutput:
     """Extremal eigenpairs of a symmetric operator by block Lanczos with thick restarts (module docstring).
 
@@ -526,6 +537,13 @@ def eigsh(
     :func:`default_max_basis`: ``3 k' + 20 + 2 b`` for ``k'`` wanted values, fewer when that would
     exceed :data:`BASIS_MEMORY_BYTES`), so memory is at most ``max_basis · P`` numbers of the
     operator's dtype.
+    ``memory_budget``: bytes of vectors held (:mod:`~dynascope.probes.budget`): the default ``max_basis`` is
+    then ``min(3k' + 20 + 2b, memory_budget / (P · itemsize) − 2b)`` (``2b``: the product block's projection
+    and QR temporaries; instead of :data:`BASIS_MEMORY_BYTES`'s cap),
+    a given ``max_basis`` is lowered to fit, and a budget below ``k' + 4b`` vectors raises
+    :class:`~dynascope.probes.budget.MemoryBudgetError`; the dense solver runs only when its float64
+    matrix (``8·P²`` bytes) fits too. ``None``: the cap of :data:`BASIS_MEMORY_BYTES` (or half the available
+    memory when that is less).
     ``basis_device``: where the vectors live (e.g. ``"cpu"`` while the products run on a GPU).
     ``method``: ``"lanczos"``, ``"dense"`` (``P`` products, dense float64 ``eigh``: exact, every copy) or
     ``"auto"`` (dense for small or degenerate problems, :func:`use_dense`).
@@ -543,12 +561,15 @@ def eigsh(
     check_choice("method", method, METHODS)
     op = krylov_precision(op)
     P = op.vspace.size  # the dimension; this process holds op.size rows of each vector
-    n_want, b, budget, cap = _plan(op, k, which, max_iter, max_basis, block_size)
+    n_want, b, budget, cap, cap_bytes = _plan(op, k, which, max_iter, max_basis, block_size, memory_budget)
     device = torch.device(basis_device) if basis_device is not None else op.device
-    if method == "dense" or (method == "auto" and use_dense(P, n_want, max_iter, v0 is not None)):
+    dense_fits = memory_budget is None or 8 * P * P <= memory_budget
+    dense = dense_fits and use_dense(P, n_want, max_iter, v0 is not None)
+    if method == "dense" or (method == "auto" and dense):
         if v0 is not None:
             _start_block(op, v0, b, seed, device)  # validated; a dense solve needs no start
-        return _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
+        out = _dense_eigsh(op, k, which, tol, return_vectors, basis_device)
+        return dataclasses.replace(out, memory_budget=cap_bytes)
     start_matvecs = op.n_matvecs
     found = _locked_runs(
         op, _start_block(op, v0, b, seed, device), k=k, which=which, tol=tol, n_want=n_want, b=b,
@@ -568,6 +589,8 @@ def eigsh(
         n_runs=found.runs,
         peak_basis_vectors=found.peak,
         max_basis=cap,
+        memory_budget=cap_bytes,
+        budget_binds=cap < min(P, 3 * n_want + 20 + 2 * b),
     )
 
 
@@ -578,9 +601,11 @@ def _plan(
     max_iter: int | None,
     max_basis: int | None,
     block_size: int | None,
-) -> tuple[int, int, int, int]:
-    """``(n_want, b, budget, cap)``: wanted values, block width, product budget and most vectors held
-    (validated against each other; see :func:`eigsh`)."""
+    memory_budget: int | None = None,
+) -> tuple[int, int, int, int, int]:
+    """``(n_want, b, budget, cap, cap_bytes)``: wanted values, block width, product budget, most vectors
+    held and the bytes they were planned within (validated against each other and ``memory_budget``; see
+    :func:`eigsh`)."""
     check_int("max_iter", max_iter, min=1, optional=True)
     check_int("max_basis", max_basis, min=1, optional=True)
     check_int("block_size", block_size, min=1, optional=True)
@@ -591,13 +616,24 @@ def _plan(
     if budget < n_want:
         raise ValueError(f"max_iter={budget} is smaller than the number of wanted eigenvalues {n_want}")
     itemsize = torch.empty(0, dtype=op.dtype).element_size()
-    cap = min(P, max_basis) if max_basis is not None else default_max_basis(n_want, b, P, itemsize)
+    if memory_budget is None:
+        cap_bytes = min(BASIS_MEMORY_BYTES, resolve_budget(None, op.device))  # and at least 2k' + 4 + 2b
+        cap = default_max_basis(n_want, b, P, itemsize, cap_bytes) if max_basis is None else min(P, max_basis)
+    else:
+        check_int("memory_budget", memory_budget, min=1)
+        cap_bytes = memory_budget
+        fits = memory_budget // max(op.size * itemsize, 1) - 2 * b  # 2b: the block's projection and QR
+        cap = min(P, 3 * n_want + 20 + 2 * b if max_basis is None else max_basis, fits)
+        if cap < min(P, n_want + 2 * b):
+            need = (min(P, n_want + 2 * b) + 2 * b) * op.size * itemsize
+            what = f"{n_want} wanted vectors, two blocks of {b} and the block's temporaries: (k' + 4b)·P"
+            raise too_small("hessian_eigenvalues", memory_budget, need, what)
     if cap < min(P, n_want + 2 * b):
         raise ValueError(
             f"max_basis={cap} is too small: it must hold the {n_want} wanted vectors plus two blocks "
             f"of {b} (at least {n_want + 2 * b})"
         )
-    return n_want, b, budget, cap
+    return n_want, b, budget, cap, cap_bytes
 
 
 @dataclass
@@ -739,13 +775,16 @@ class TridiagonalBatch:
     """Lanczos tridiagonals of K independent probes.
 
     ``alpha`` ``[K, m]``, ``beta`` ``[K, m-1]`` (float64), ``steps`` ``[K]`` the valid length of
-    each (a probe whose recurrence broke down stops early), ``norms`` ``[K]`` the start vectors' norms.
+    each (a probe whose recurrence broke down stops early), ``norms`` ``[K]`` the start vectors' norms;
+    ``orthogonality`` ``[K]``: ``max_j |q₁ᵀ q_j|`` over the probe's Lanczos vectors (measured; a lower
+    bound on its basis' loss of orthogonality ``max_{i<j} |q_iᵀ q_j|``, ~eps with full reorthogonalisation).
     """
 
     alpha: torch.Tensor
     beta: torch.Tensor
     steps: torch.Tensor
     norms: torch.Tensor
+    orthogonality: torch.Tensor | None = None
 
     def tridiagonal(self, i: int) -> torch.Tensor:
         """The ``[m_i, m_i]`` tridiagonal matrix of probe ``i``."""
@@ -759,11 +798,18 @@ class TridiagonalBatch:
 
 
 def lanczos_tridiagonal(
-    op: LinearOperator, V0: torch.Tensor, steps: int, *, reorthogonalize: bool = True
-) -> TridiagonalBatch:
+    op: LinearOperator, V0: torch.Tensor, steps: int, *, reorthogonalize: bool = True,
+    window: int | None = None,
+) -> TridiagonalBatch:  # fmt: skip
     """Run ``K = V0.shape[1]`` independent Lanczos recurrences, one ``matmat`` per step for all of them.
 
-    Each column is fully reorthogonalised against its own basis (memory ``steps · P · K``).
+    Each column is reorthogonalised (classical Gram–Schmidt, twice) against the ``window`` most recent
+    vectors of its own basis (default ``steps``: the whole basis, full reorthogonalisation). Memory:
+    ``w · K`` vectors of the basis (a ring buffer, ``w = min(window, steps)``), plus ``q₁`` when ``w < steps``
+    (to measure ``orthogonality``), plus the product block and its temporaries. ``window ≥ 2`` keeps the
+    three-term recurrence; below ``steps`` the basis may lose orthogonality (ghost copies of converged
+    Ritz values; the Gauss moments ``v₁ᵀ A^p v₁`` stay right while orthogonality holds), which
+    ``orthogonality`` reports.
     """
     if V0.dim() != 2 or V0.shape[0] != op.size:
         raise ValueError(f"V0 must be [{op.size}, K]; got {tuple(V0.shape)}")
@@ -771,28 +817,34 @@ def lanczos_tridiagonal(
     steps = min(int(steps), sp.size)
     if steps < 1:
         raise ValueError("steps must be at least 1")
+    check_int("window", window, min=2, optional=True)
+    w = steps if window is None else min(int(window), steps)
     V0 = V0.to(device=op.device, dtype=op.dtype)
     K = V0.shape[1]
     norms = sp.norms(V0)
     if not torch.all(norms > 0):
         raise ValueError("start vectors must be nonzero")
-    Q = torch.zeros(steps, op.size, K, dtype=op.dtype, device=op.device)
+    Q = torch.zeros(w, op.size, K, dtype=op.dtype, device=op.device)
     alpha = torch.zeros(K, steps, dtype=torch.float64)
     beta = torch.zeros(K, max(steps - 1, 0), dtype=torch.float64)
     length = torch.full((K,), steps, dtype=torch.long)
     active = torch.ones(K, dtype=torch.bool)
+    lost = torch.zeros(K, dtype=torch.float64)
     q = V0 / norms
+    del V0
+    first = q if w < steps else Q[0]
     for j in range(steps):
-        Q[j] = q
+        Q[j % w] = q
         W = op.matmat(q)
-        a = sp.reduce((q.double() * W.double()).sum(dim=0))
-        W = W - a.to(op.dtype) * q
+        a = sp.reduce(column_dots(q, W))
+        W.sub_(a.to(op.dtype) * q)
         if j > 0:
-            W = W - beta[:, j - 1].to(op.dtype).to(op.device) * Q[j - 1]
+            W.sub_(beta[:, j - 1].to(op.dtype).to(op.device) * Q[(j - 1) % w])
         if reorthogonalize:
+            held = Q[: j + 1] if j < w else Q
             for _ in range(2):
-                h = sp.reduce(torch.einsum("jpk,pk->jk", Q[: j + 1], W))
-                W = W - torch.einsum("jpk,jk->pk", Q[: j + 1], h)
+                h = sp.reduce(torch.einsum("jpk,pk->jk", held, W))
+                W.sub_(torch.einsum("jpk,jk->pk", held, h))
         alpha[:, j] = torch.where(active, a.cpu(), alpha[:, j])
         if j + 1 == steps:
             break
@@ -805,5 +857,9 @@ def lanczos_tridiagonal(
             break
         beta[:, j] = torch.where(active, b, torch.zeros_like(b))
         safe = torch.where(active, b, torch.ones_like(b)).to(op.dtype).to(op.device)
-        q = torch.where(active.to(op.device), W / safe, torch.zeros_like(W))
-    return TridiagonalBatch(alpha=alpha, beta=beta, steps=length, norms=norms.double().cpu())
+        q = torch.where(active.to(op.device), W.div_(safe), torch.zeros_like(W))
+        del W
+        dots = sp.reduce(column_dots(first, q)).abs().cpu()
+        lost = torch.where(active, torch.maximum(lost, dots), lost)
+    return TridiagonalBatch(alpha=alpha, beta=beta, steps=length, norms=norms.double().cpu(),
+                            orthogonality=lost)  # fmt: skip

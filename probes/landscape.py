@@ -31,6 +31,19 @@ Trajectory (``trajectory=``): checkpoints (a run, models or state dicts, see
 ``‖θ_t − θ − D c_t‖`` (least squares; for orthonormal PCA directions these are the dot products) and
 ``in_plane`` is the fraction of ``‖θ_t − θ‖²`` the projection keeps. The loss at each checkpoint (its
 own parameters, the centre's buffers unless ``bn="recompute"``) is reported beside it.
+
+Memory (``memory_budget``, :mod:`~dynascope.probes.budget`; :func:`plan_landscape`): the vectors held are
+
+    (1 + d + T)·P·itemsize + 4·c·P·itemsize + 3·T·r·8
+
+— the centre θ, the ``d`` directions, the ``T`` trajectory checkpoints (``T = 0`` without one), a block of
+``c`` grid points (``θ + C D``, its product ``C D`` and the vmapped forward's copies of the points'
+parameters: 3.6 vectors a point measured on an MLP, ``c ≤ points_per_batch``) and the float64 work of the
+trajectory's PCA and projection over ``r`` coordinates at a time (``r = P`` where it fits: the centred
+differences, their Gram and projections are then formed at once). Where the budget binds, ``c`` and then
+``r`` shrink (the same numbers to rounding); below ``c = r = 1`` a
+:class:`~dynascope.probes.budget.MemoryBudgetError` names the knob. The model's own activations for ``c``
+points are on top. ``"hessian"`` directions run :func:`hessian_eigenvalues` within the same budget.
 """
 
 from __future__ import annotations
@@ -46,9 +59,11 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from .budget import largest, names_the_knob, resolve_budget, too_small
 from .connectivity import _batchnorms, _is_onehot, reestimate_batchnorm
 from .functional import FunctionalModel
 from .losses import Loss, resolve_loss
+from .memory import peak_memory
 from .results import Result, make_meta, to_jsonable
 from .seeds import LANDSCAPE_DIRECTION_OFFSET
 from .trajectory import checkpoint_models
@@ -160,31 +175,81 @@ def _state_vector(
     return fm.space.flatten(parts)
 
 
-def _pca(diffs: torch.Tensor, k: int) -> tuple[torch.Tensor, list[float]]:
-    """Top-``k`` principal directions ``[k, P]`` (unit rows) of the rows of ``diffs`` (centred) and the
-    ratio of variance each explains."""
-    X = diffs.double()
-    X = X - X.mean(dim=0, keepdim=True)
-    gram = X @ X.T
+LANDSCAPE_FORMULA = (
+    "(1 + d + T)·P·itemsize (centre, d directions, T trajectory checkpoints) + 4·c·P·itemsize (c grid points "
+    "per batch, their product and the vmapped forward's parameter copies) + 3·T·r·8 (float64 PCA / "
+    "projection work over r coordinates at a time)"
+)
+
+
+def plan_landscape(
+    size: int, itemsize: int, *, n_directions: int, n_trajectory: int, points_per_batch: int, budget: int
+) -> dict[str, Any]:
+    """The plan within ``budget`` bytes (module docstring): ``points_per_batch`` grid points per batch
+    (``c``) and ``coordinate_chunk`` coordinates of the trajectory's float64 work (``r``), the largest that
+    fit, ``c`` shrinking first; :class:`MemoryBudgetError` below ``c = r = 1``."""
+    T = n_trajectory
+
+    def need(c: int, r: int) -> int:
+        return (1 + n_directions + T + 4 * c) * size * itemsize + 3 * T * r * 8
+
+    r = size if T else 0
+    c = largest(lambda c: need(c, r) <= budget, 1, points_per_batch)
+    if c is None and T:
+        r = largest(lambda r: need(1, r) <= budget, 1, size) or 0
+        c = 1 if r else None
+    if c is None:
+        raise too_small("loss_landscape", budget, need(1, min(T, 1)),
+                        "the centre, the directions, the trajectory and one grid point")  # fmt: skip
+    return {"memory_budget": budget, "memory_formula": LANDSCAPE_FORMULA, "vector_bytes": need(c, r),
+            "points_per_batch_used": c, "coordinate_chunk": r,
+            "budget_binds": c < points_per_batch or (T > 0 and r < size)}  # fmt: skip
+
+
+def _chunks(size: int, cols: int) -> list[slice]:
+    return [slice(lo, lo + cols) for lo in range(0, size, max(cols, 1))]
+
+
+def _pca(
+    traj: torch.Tensor, theta: torch.Tensor, k: int, cols: int | None = None
+) -> tuple[torch.Tensor, list[float]]:
+    """Top-``k`` principal directions ``[k, P]`` (unit rows) of the differences ``traj − θ`` (rows, centred)
+    and the ratio of variance each explains; float64 work over ``cols`` coordinates at a time (default
+    all; the differences are never formed whole)."""
+    parts = _chunks(traj.shape[1], cols or traj.shape[1])
+
+    def centred(sl: slice) -> torch.Tensor:
+        X = (traj[:, sl] - theta[sl]).double()
+        return X - X.mean(dim=0, keepdim=True)
+
+    gram = sum((X @ X.T for X in map(centred, parts)), torch.zeros((), dtype=torch.float64))
     evals, evecs = torch.linalg.eigh(gram)
     order = torch.argsort(evals, descending=True)
     evals, evecs = evals[order].clamp_min(0), evecs[:, order]
     total = float(evals.sum())
     if total <= 0 or int((evals > 1e-12 * total).sum()) < k:
         raise ValueError(f"the trajectory spans fewer than {k} directions; pass more distinct checkpoints")
-    dirs = (evecs[:, :k].T @ X) / evals[:k].sqrt()[:, None]
+    dirs = torch.cat([(evecs[:, :k].T @ centred(sl)) / evals[:k].sqrt()[:, None] for sl in parts], dim=1)
     return dirs, [float(e) / total for e in evals[:k]]
 
 
-def _project(D: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares coordinates ``[T, k]`` of the rows of ``deltas`` in ``span(D)`` and the fraction of
-    each row's squared norm the projection keeps."""
-    D64, X = D.double(), deltas.double()
-    G = D64 @ D64.T
-    C = torch.linalg.solve(G, D64 @ X.T).T
-    proj = C @ D64
-    sq = X.pow(2).sum(1)
-    frac = torch.where(sq > 0, proj.pow(2).sum(1) / sq.clamp_min(1e-300), torch.ones_like(sq))
+def _project(
+    D: torch.Tensor, traj: torch.Tensor, theta: torch.Tensor, cols: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares coordinates ``[T, k]`` of the rows of ``traj − θ`` in ``span(D)`` and the fraction of
+    each row's squared norm the projection keeps; float64 work over ``cols`` coordinates at a time."""
+    parts = _chunks(D.shape[1], cols or D.shape[1])
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def deltas(sl: slice) -> torch.Tensor:
+        return (traj[:, sl] - theta[sl]).double()
+
+    G = sum((D[:, sl].double() @ D[:, sl].double().T for sl in parts), zero)
+    B = sum((D[:, sl].double() @ deltas(sl).T for sl in parts), zero)
+    C = torch.linalg.solve(G, B).T
+    kept = sum(((C @ D[:, sl].double()).pow(2).sum(1) for sl in parts), zero)
+    sq = sum((deltas(sl).pow(2).sum(1) for sl in parts), zero)
+    frac = torch.where(sq > 0, kept / sq.clamp_min(1e-300), torch.ones_like(sq))
     return C, frac
 
 
@@ -337,12 +402,14 @@ def _hessian_directions(
     batch_size: int | None,
     seed: int,
     found: _Directions,
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """The top-``k`` Hessian eigenvectors as rows; eigenvalues and solver record into ``found``."""
     from .hessian import hessian_eigenvalues
 
     res = hessian_eigenvalues(fm.model, data, k=k, loss=resolved, tol=tol, params=fm.names,
-                              batch_size=batch_size, seed=seed, check_determinism=False)  # fmt: skip
+                              batch_size=batch_size, seed=seed, check_determinism=False,
+                              memory_budget=memory_budget)  # fmt: skip
     assert res.vectors is not None
     found.eigenvalues = [float(v) for v in res.values]
     found.hessian_meta = {"hessian_converged": res.converged.tolist(),
@@ -380,17 +447,21 @@ def _directions(
     hessian_tol: float,
     batch_size: int | None,
     seed: int,
+    cols: int | None = None,
+    memory_budget: int | None = None,
 ) -> _Directions:
-    """One row per entry of ``directions``, in order (module docstring)."""
+    """One row per entry of ``directions``, in order (module docstring); the PCA's float64 work over
+    ``cols`` coordinates at a time, Hessian eigenvectors within ``memory_budget``."""
     found = _Directions()
     count = {kind: sum(1 for e in entries if isinstance(e, str) and e == kind) for kind in DIRECTION_KINDS}
     named: dict[str, list[torch.Tensor]] = {}
     if count["hessian"]:
-        vecs = _hessian_directions(fm, data, count["hessian"], resolved, hessian_tol, batch_size, seed, found)
+        vecs = _hessian_directions(fm, data, count["hessian"], resolved, hessian_tol, batch_size, seed, found,
+                                   memory_budget)  # fmt: skip
         named["hessian"] = list(vecs)
     if count["pca"]:
         assert traj is not None
-        pca_dirs, found.explained = _pca(traj - theta, count["pca"])
+        pca_dirs, found.explained = _pca(traj, theta, count["pca"], cols)
         named["pca"] = list(pca_dirs.to(fm.dtype))
     used = dict.fromkeys(DIRECTION_KINDS, 0)
     for e in entries:
@@ -460,6 +531,7 @@ def loss_landscape(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    memory_budget: int | None = None,
 ) -> LandscapeResult:
     """The loss (and accuracy) on a line or plane through ``model``'s parameters (module docstring).
 
@@ -470,6 +542,8 @@ def loss_landscape(
     ``"auto"`` (with a trajectory): ``1.25 ×`` the largest |coordinate| of the projected trajectory.
     ``resolution``: grid points per axis. ``trajectory`` / ``steps``: checkpoints to project on the plane
     (needed by ``"pca"``). ``align``: permute model directions' hidden units to this model first.
+    ``memory_budget``: bytes of length-``P`` vectors held (default: half the available memory; formula and
+    plan in the module docstring, recorded in ``meta`` with the measured peak).
     """
     t0 = time.perf_counter()
     check_int("resolution", resolution, min=2)
@@ -490,6 +564,26 @@ def loss_landscape(
             "directions='pca' needs trajectory= (the checkpoints whose differences give the plane)"
         )
     fm = FunctionalModel(model, params=params, mode="eval", dtype=dtype, device=device)
+    budget = resolve_budget(memory_budget, fm.device)
+    with names_the_knob("loss_landscape", budget, LANDSCAPE_FORMULA), peak_memory(fm.device) as peak:
+        res = _loss_landscape(
+            fm, model, data, entries=entries, span=span, resolution=resolution, loss=loss, bn=bn,
+            bias_bn=bias_bn, trajectory=trajectory, steps=steps, align=align, params=params,
+            batch_size=batch_size, points_per_batch=points_per_batch, hessian_tol=hessian_tol, seed=seed,
+            budget=budget, memory_budget=memory_budget, started=t0,
+        )  # fmt: skip
+    meta = {**res.meta, "measured_peak_bytes": peak.bytes, "measured_peak_how": peak.how}
+    return dataclasses.replace(res, meta=meta)
+
+
+def _loss_landscape(
+    fm: FunctionalModel, model: nn.Module, data: Any, *, entries: list[Any], span: Any, resolution: int,
+    loss: Any, bn: str, bias_bn: str, trajectory: Any, steps: Any, align: bool, params: Any,
+    batch_size: int | None, points_per_batch: int, hessian_tol: float, seed: int, budget: int,
+    memory_budget: int | None, started: float,
+) -> LandscapeResult:  # fmt: skip
+    """:func:`loss_landscape` after its checks, within ``budget`` bytes of vectors."""
+    t0 = started
     theta = fm.parameters_vector()
     first = next(iter(fm.batches(data, batch_size)), None)
     if first is None:
@@ -497,10 +591,15 @@ def loss_landscape(
     resolved = resolve_loss(loss, first.y)
     bn_used = "frozen (the model has no BatchNorm)" if bn == "recompute" and not _batchnorms(fm.model) else bn
     traj, traj_steps = _trajectory_vectors(fm, trajectory, steps) if trajectory is not None else (None, None)
+    itemsize = torch.empty((), dtype=fm.dtype).element_size()
+    plan = plan_landscape(fm.size, itemsize, n_directions=len(entries), points_per_batch=points_per_batch,
+                          n_trajectory=0 if traj is None else traj.shape[0], budget=budget)  # fmt: skip
+    cols = plan["coordinate_chunk"] or None
     found = _directions(fm, theta, data, entries, traj=traj, resolved=resolved, bias_bn=bias_bn,
-                        align=align, hessian_tol=hessian_tol, batch_size=batch_size, seed=seed)  # fmt: skip
+                        align=align, hessian_tol=hessian_tol, batch_size=batch_size, seed=seed, cols=cols,
+                        memory_budget=memory_budget)  # fmt: skip
     D, norms = _plane(found.rows)
-    C, frac = _project(D, traj - theta) if traj is not None else (None, None)
+    C, frac = _project(D, traj, theta, cols) if traj is not None else (None, None)
     span, grids, coords = _grid(span, resolution, len(found.rows), C)
     C_grid = coords.to(device=fm.device, dtype=fm.dtype)
 
@@ -508,18 +607,19 @@ def loss_landscape(
         return theta[None, :] + C_grid[lo:hi] @ D
 
     ev = _Evaluator(fm, data, resolved, batch_size, "recompute" if bn_used == "recompute" else "frozen")
-    values, acc = ev.evaluate(grid_points, coords.shape[0], points_per_batch)
+    per_batch = plan["points_per_batch_used"]
+    values, acc = ev.evaluate(grid_points, coords.shape[0], per_batch)
     center_loss, _ = ev.evaluate(theta[None], 1, 1)
     shape = [resolution] * len(found.rows)
     extra: dict[str, Any] = {}
     if traj is not None:
-        tl, _ = ev.evaluate(traj, traj.shape[0], points_per_batch)
+        tl, _ = ev.evaluate(traj, traj.shape[0], per_batch)
         extra = {"trajectory_steps": traj_steps, "trajectory_coords": C, "trajectory_in_plane": frac,
                  "trajectory_loss": tl}  # fmt: skip
     settings = {"directions": list(found.kinds), "span": to_jsonable(span),
                 "resolution": resolution, "bn": bn, "bias_bn": bias_bn, "align": align, "params": params,
                 "batch_size": batch_size, "points_per_batch": points_per_batch,
-                "hessian_tol": hessian_tol}  # fmt: skip
+                "hessian_tol": hessian_tol, "memory_budget": memory_budget}  # fmt: skip
     meta = make_meta(
         "loss_landscape", model=model, params=settings, started=t0, seed=seed, loss=resolved.name,
         reduction=f"mean over {ev.n} samples", n_samples=ev.n, n_params=fm.size, mode="eval",
@@ -530,7 +630,7 @@ def loss_landscape(
                                       else "copied from the weights"),
         filter_definition="slice along dim 0 of every parameter with >= 2 dims",
         n_evaluations=int(coords.shape[0]) + 1 + (int(traj.shape[0]) if traj is not None else 0),
-        alignment=found.alignment or None, **found.hessian_meta,
+        alignment=found.alignment or None, **found.hessian_meta, **plan,
     )  # fmt: skip
     return LandscapeResult(
         coords=[list(g) for g in grids], loss=values.reshape(shape),
@@ -560,11 +660,13 @@ def landscape_trajectory(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    memory_budget: int | None = None,
 ) -> LandscapeResult:
     """The landscape around one checkpoint of a trajectory (default the last) with every checkpoint drawn
     on the plane: :func:`loss_landscape` of ``checkpoints[center]`` with ``trajectory=checkpoints``.
     ``checkpoints``: a run, a path, models or state dicts (with ``model=``); ``span="auto"``: see
-    :func:`loss_landscape`; the other keywords are :func:`loss_landscape`'s."""
+    :func:`loss_landscape`; the other keywords are :func:`loss_landscape`'s. Memory: the checkpoints are
+    held as models besides their vectors (``T·P`` more than ``memory_budget``'s formula counts)."""
     check_int("center", center)
     ck = checkpoint_models(checkpoints, steps, model=model)
     models = [copy.deepcopy(m) if ck.run is None else m for m in ck.models]
@@ -577,6 +679,7 @@ def landscape_trajectory(
         models[center], data, directions=directions, span=span, resolution=resolution, loss=loss, bn=bn,
         bias_bn=bias_bn, trajectory=models, steps=labels, params=params, batch_size=batch_size,
         points_per_batch=points_per_batch, hessian_tol=hessian_tol, seed=seed, dtype=dtype, device=device,
+        memory_budget=memory_budget,
     )  # fmt: skip
     meta = dict(res.meta)
     meta["probe"] = "landscape_trajectory"
@@ -602,6 +705,7 @@ def landscape_between(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    memory_budget: int | None = None,
 ) -> LandscapeResult:
     """The loss around ``model_a`` along the direction to ``model_b`` (``a = 1`` is model B, after
     permuting its hidden units to align with A when ``align``) and, with ``plane``, a filter-normalised
@@ -620,6 +724,7 @@ def landscape_between(
         model_a, data, directions=directions, span=span, resolution=resolution,
         loss=loss, bn=bn, bias_bn=bias_bn, trajectory=[model_a, model_b], steps=["a", "b"], params=params,
         batch_size=batch_size, points_per_batch=points_per_batch, seed=seed, dtype=dtype, device=device,
+        memory_budget=memory_budget,
     )  # fmt: skip
     meta = dict(res.meta)
     meta["probe"] = "landscape_between"
@@ -637,4 +742,5 @@ __all__ = [
     "landscape_between",
     "landscape_trajectory",
     "loss_landscape",
+    "plan_landscape",
 ]

@@ -74,7 +74,7 @@ def test_row_sub_blocks_and_output_groups(monkeypatch: pytest.MonkeyPatch) -> No
         K = probes.empirical_ntk(model, x, reduce_outputs=r, strategy="jacobian")
         torch.testing.assert_close(K, want[r], rtol=1e-10, atol=1e-10)
     for mem in (2**k for k in range(20, 8, -1)):  # shrink the budget until the outputs go in groups
-        K, plan = probes.empirical_ntk(model, x, strategy="jacobian", max_memory=mem, return_plan=True)
+        K, plan = probes.empirical_ntk(model, x, strategy="jacobian", memory_budget=mem, return_plan=True)
         if plan.output_chunk < 3:
             break
     assert plan.output_chunk < 3 and plan.structured

@@ -69,8 +69,8 @@ def test_probes_reject_bad_arguments_through_the_validator() -> None:
         probes.sharpness(model, data, n_batches=0)
     with pytest.raises(ValueError, match="ascent_steps must be a positive integer; got True"):
         probes.adaptive_sharpness(model, data, ascent_steps=True)
-    with pytest.raises(ValueError, match="max_memory must be a positive number"):
-        probes.empirical_ntk(model, data[0], max_memory=0)
+    with pytest.raises(ValueError, match="memory_budget must be a positive number"):
+        probes.empirical_ntk(model, data[0], memory_budget=0)
 
 
 def test_named_seed_offsets_and_dtype_scaled_thresholds() -> None:

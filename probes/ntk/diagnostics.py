@@ -32,7 +32,7 @@ from ..results import Result, make_meta, train_randomness
 from ..seeds import NTK_PROBE_OFFSET
 from ..trajectory import checkpoint_models
 from ..validation import check_choice, check_int
-from .empirical import DEFAULT_MAX_MEMORY, NTKOperator, empirical_ntk
+from .empirical import NTK_FORMULA, NTKOperator, empirical_ntk, ntk_budget
 from .kernels import (
     center_kernel,
     center_targets,
@@ -148,13 +148,13 @@ def _dense_spectrum(
 
 def _lanczos_spectrum(
     op: NTKOperator, Yc: torch.Tensor, k: int, *, n: int, tol: float, seed: int, n_probes: int,
-    chunk_size: int | None, max_memory: int,
+    chunk_size: int | None, memory_budget: int,
 ) -> _Spectrum:  # fmt: skip
     """Matrix-free: Lanczos on ``op`` for the top ``k``, the exact trace ``Σ_i ‖J_i‖_F²`` and numerator
     ``tr(Y_cᵀ K Y_c)``, and ``‖K_c‖_F`` by Hutchinson (``E‖K_c z‖² = ‖K_c‖_F²`` over ``n_probes``
     Rademacher ``z``; the relative standard error of the norm goes to ``meta``)."""
-    out = eigsh(op, k, tol=tol, seed=seed)
-    trace = float(op.trace(chunk_size=chunk_size, max_memory=max_memory))
+    out = eigsh(op, k, tol=tol, seed=seed, memory_budget=memory_budget)
+    trace = float(op.trace(chunk_size=chunk_size, memory_budget=memory_budget))
     num = float((Yc * op.matmat(Yc.to(op.dtype)).double()).sum())
     Z = _rademacher(op.size, n_probes, seed + NTK_PROBE_OFFSET, op.dtype, op.device)
     KcZ = _center_columns(op.matmat(_center_columns(Z, n)), n).double()
@@ -184,8 +184,9 @@ def ntk_probe(
     mode: str = "eval",
     params: Sequence[str] | str | None = None,
     device: torch.device | str | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    memory_budget: int | None = None,
     seed: int = 0,
+    max_memory: int | None = None,
 ) -> NTKResult:
     """Top-k NTK eigenvalues, trace, condition number and label alignment on ``data``.
 
@@ -194,8 +195,14 @@ def ntk_probe(
     size is at most ``max_dense``). With Lanczos the alignment's ``‖K_c‖_F`` is a Hutchinson estimate
     from ``n_probes`` Rademacher vectors (``E‖K_c z‖² = ‖K_c‖_F²``; its relative standard error is in
     ``meta``); the numerator ``tr(Y_cᵀ K Y_c)`` and the trace ``Σ_i ‖J_i‖_F²`` are exact.
+
+    ``memory_budget``: bytes of Jacobian row-blocks / tangents (dense: :func:`empirical_ntk`'s plan, the
+    kernel and its float64 ``eigh`` on top) or of Lanczos vectors and trace Jacobian chunks (Lanczos);
+    default: 1 GiB or half the available memory, whichever is less (``max_memory``: deprecated name).
+    ``meta`` records ``memory_budget`` and ``memory_formula``.
     """
     started = time.perf_counter()
+    budget = ntk_budget(memory_budget, max_memory, device)
     check_choice("method", method, ("auto", "dense", "lanczos"))
     check_int("k", k, min=1)
     check_int("n_probes", n_probes, min=1)
@@ -213,10 +220,10 @@ def ntk_probe(
     if method == "dense":
         spec = _dense_spectrum(model, x, Yc, k, 1 if M == n else O, reduce_outputs=reduce_outputs,
                                strategy=strategy, chunk_size=chunk_size, mode=mode, params=params,
-                               device=device, max_memory=max_memory)  # fmt: skip
+                               device=device, memory_budget=budget)  # fmt: skip
     else:
         spec = _lanczos_spectrum(op, Yc, k, n=n, tol=tol, seed=seed, n_probes=n_probes, chunk_size=chunk_size,
-                                 max_memory=max_memory)  # fmt: skip
+                                 memory_budget=budget)  # fmt: skip
     denom = float(Yc.pow(2).sum())
     U = spec.U
     energy = (U.T.to(Yc.device) @ Yc).pow(2).sum(dim=1) / denom if denom > 0 else torch.full((k,), math.nan)
@@ -224,13 +231,14 @@ def ntk_probe(
     lam_k = float(values[-1])
     settings = {"k": k, "reduce_outputs": reduce_outputs, "method": method, "max_dense": max_dense,
                 "tol": tol, "n_probes": n_probes, "batch_size": batch_size, "params": params,
-                "seed": seed}  # fmt: skip
+                "seed": seed, "memory_budget": memory_budget}  # fmt: skip
     meta = make_meta(
         "ntk_probe", model=model, params=settings, started=started, mode=mode,
         condition_number_definition="lambda_1 / lambda_k of the reported top-k",
         label_energy_definition="||U_k^T Y_c||^2 / ||Y_c||^2, U_k eigenvectors of the uncentered kernel",
         stochastic_modules=train_randomness("ntk_probe", op.fm.model, mode), **op.fm.kernel_meta(),
-        kernel_size=M, n_samples=n, n_outputs=O, **spec.extra,
+        kernel_size=M, n_samples=n, n_outputs=O, **spec.extra, memory_budget=budget,
+        memory_formula=NTK_FORMULA if method == "dense" else "(Lanczos max_basis·M + trace c·O·P)·itemsize",
     )  # fmt: skip
     return NTKResult(
         eigenvalues=values, trace=spec.trace,
@@ -334,6 +342,7 @@ def ntk_trajectory(
     mode: str = "eval",
     params: Sequence[str] | str | None = None,
     device: torch.device | str | None = None,
+    memory_budget: int | None = None,
 ) -> NTKTrajectoryResult:
     """Kernel distance to init, kernel velocity, label alignment and relative parameter change per checkpoint.
 
@@ -341,7 +350,8 @@ def ntk_trajectory(
     or state dicts loaded into (a copy of) ``model`` (see :mod:`dynascope.probes.trajectory`); the first
     is the reference ``θ0, K0``. ``steps`` default: the run's steps, else ``0, 1, …``. ``data``: ``(x, y)``
     (or a DataLoader / Dataset), or the inputs ``x`` alone (no label alignment). Kernels are formed
-    on ``x`` with :func:`empirical_ntk` (two ``[N, N]`` kernels are held at a time).
+    on ``x`` with :func:`empirical_ntk` (two ``[N, N]`` kernels are held at a time) within
+    ``memory_budget`` bytes of Jacobian row-blocks (:func:`empirical_ntk`).
     """
     started = time.perf_counter()
     x, y = _inputs_and_targets(data)
@@ -361,7 +371,7 @@ def ntk_trajectory(
         n_items, first = i + 1, first if first is not None else m
         K, plan = empirical_ntk(
             m, x, reduce_outputs=reduce_outputs, strategy=strategy, chunk_size=chunk_size, mode=mode,
-            params=params, device=device, return_plan=True,
+            params=params, device=device, return_plan=True, memory_budget=memory_budget,
         )  # type: ignore[misc]  # fmt: skip
         kernel_notes.update({k: v for k, v in (("attention", plan.attention), ("ntk_fallback", plan.fallback))
                              if v is not None})  # fmt: skip
@@ -374,7 +384,7 @@ def ntk_trajectory(
         raise ValueError(f"got {n_items} checkpoints but {len(s)} steps")
     settings = {"reduce_outputs": reduce_outputs, "centered": centered, "strategy": strategy,
                 "chunk_size": chunk_size, "params": params, "n_samples": input_count(x),
-                "n_checkpoints": n_items}  # fmt: skip
+                "n_checkpoints": n_items, "memory_budget": memory_budget}  # fmt: skip
     meta = make_meta(
         "ntk_trajectory", model=model if model is not None else first, params=settings, started=started,
         mode=mode, **kernel_notes,

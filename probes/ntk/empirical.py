@@ -14,8 +14,10 @@ Two strategies (the cost model follows Novak et al. 2022, "Fast finite width neu
   groups (the traced kernel ``Σ_o J_o J_oᵀ`` is accumulated over groups of outputs when all outputs'
   Jacobians do not fit the memory budget; 1 otherwise) and ``n_jac`` the number of per-sample
   Jacobians evaluated (``N1 + N2`` when a group's Jacobians fit and are cached; otherwise column
-  chunks are recomputed for every row chunk). Memory: at most ``max_memory`` bytes of Jacobians
-  (never the whole ``[N·O, P]`` Jacobian unless it fits).
+  chunks are recomputed for every row chunk). Memory: at most ``memory_budget`` bytes of Jacobians
+  (never the whole ``[N·O, P]`` Jacobian unless it fits): the Gram is built from row-blocks of ``c``
+  samples' Jacobians, ``2·c·g·(P + A)·itemsize ≤ memory_budget`` (two chunks alive), or
+  ``(N1 + N2)·g·P·itemsize ≤ memory_budget / 2`` when every Jacobian of an output group is cached.
 * ``"ntk_vp"`` (NTK-vector products): ``Θ E = J1 (J2ᵀ E)`` for blocks of unit columns ``E``: the
   tangents ``J2ᵀ e`` come from vector-Jacobian products (one per column) and ``J1 t`` from a
   forward-mode ``jvp`` over ``x1``. Cost ``≈ 3·F·N2·O + 3·F·N1·N2·O`` flops, memory
@@ -29,7 +31,11 @@ the structured per-pair flops. For ``x2 = x1`` only the upper-triangular blocks 
 
 ``strategy="auto"`` evaluates both formulas (``F`` counted on one sample by forward hooks:
 ``2·MACs`` of Linear/conv layers plus one flop per other activation, at least ``2·P``) and takes the
-cheaper strategy that fits ``max_memory`` bytes (the Jacobian contraction needs at least ``2·O·P`` numbers).
+cheaper strategy that fits ``memory_budget`` bytes (the Jacobian contraction needs at least ``2·O·P``
+numbers; the NTK-vector products at least ``2·P``: one tangent column, else
+:class:`~dynascope.probes.budget.MemoryBudgetError`). ``memory_budget`` (:mod:`~dynascope.probes.budget`)
+defaults to :data:`DEFAULT_MAX_MEMORY` or half the available memory, whichever is less; ``max_memory`` is its
+former name (deprecated). The kernel itself (``N1·N2·O^a`` numbers) is the result, on top of the budget.
 
 :class:`NTKOperator` is the matrix-free kernel on a fixed data set (``v ↦ J (Jᵀ v)``: one
 vector-Jacobian and one Jacobian-vector product per batch), used by Lanczos when the kernel is too
@@ -52,6 +58,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from ...datasets.batching import Inputs, input_count, input_tensors, map_inputs, slice_inputs
 from ...datasets.batching import check_finite as check_data_finite
+from ..budget import resolve_budget, too_small
 from ..functional import FunctionalModel, ModeGuard, derivative_error
 from ..operators import LinearOperator
 from ..validation import check_float, check_int
@@ -59,7 +66,12 @@ from .structure import Factors, Site, Taps, contract_site, find_sites
 
 STRATEGIES = ("auto", "jacobian", "ntk_vp")
 REDUCTIONS = ("trace", None)
-DEFAULT_MAX_MEMORY = 1 << 30  # bytes for Jacobian chunks / tangent blocks
+DEFAULT_MAX_MEMORY = 1 << 30  # default memory_budget's cap: bytes for Jacobian chunks / tangent blocks
+NTK_FORMULA = (
+    "jacobian: max(2·c·g·(P + A), cached (N1 + N2)·g·P)·itemsize (c samples per row-block, g outputs per "
+    "group, A activations per sample); ntk_vp: (b·P + r·b·(A + O))·itemsize (b tangent columns, r rows per "
+    "jvp); plus the kernel N1·N2·O^a"
+)
 JACREV_SAMPLES = 8  # samples per vmap(jacrev) call inside a Jacobian chunk
 SYM_BLOCK = 32  # x2 = x1, cached Jacobians, ≥ 4·SYM_BLOCK kernel rows: contract 4×4 blocks, upper triangle
 
@@ -185,6 +197,26 @@ class NTKPlan:
         return dict(self.__dict__)
 
 
+def _deprecated_alias(memory_budget: Any, max_memory: int | None, default: Any) -> Any:
+    """``memory_budget``, or the deprecated ``max_memory`` when that was given instead (with a warning)."""
+    if max_memory is None:
+        return memory_budget
+    if memory_budget is not None and memory_budget != default:
+        raise ValueError("give memory_budget only (max_memory is its former, deprecated name)")
+    warnings.warn("max_memory is deprecated: use memory_budget (bytes)", DeprecationWarning, stacklevel=3)
+    return max_memory
+
+
+def ntk_budget(memory_budget: int | None, max_memory: int | None, device: Any) -> int:
+    """The bytes an NTK probe plans within: ``memory_budget`` (or the deprecated ``max_memory``), by default
+    the smaller of :data:`DEFAULT_MAX_MEMORY` and half the available memory (:mod:`..budget`)."""
+    given = _deprecated_alias(memory_budget, max_memory, None)
+    if given is not None:
+        check_float("memory_budget", given, min=0, min_open=True)
+        return int(given)
+    return min(DEFAULT_MAX_MEMORY, resolve_budget(None, device))
+
+
 def plan_ntk(
     n1: int,
     n2: int | None,
@@ -197,27 +229,29 @@ def plan_ntk(
     itemsize: int = 4,
     strategy: str = "auto",
     chunk_size: int | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    memory_budget: int = DEFAULT_MAX_MEMORY,
     jacobian_numbers: int | None = None,
     pair_flops: float | None = None,
+    max_memory: int | None = None,
 ) -> NTKPlan:
     """Choose the strategy by the cost formulas in the module docstring (``n2=None``: symmetric ``x2=x1``).
 
     ``jacobian_numbers``: numbers stored per sample and output by the Jacobian contraction (default
     ``n_params``; less with structured Linear sites); ``pair_flops``: its contraction flops per sample
-    pair (default ``2·O^a·n_params``).
+    pair (default ``2·O^a·n_params``). ``memory_budget``: bytes (``max_memory``: its deprecated name).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
     check_int("chunk_size", chunk_size, min=1, optional=True)
-    check_float("max_memory", max_memory, min=0, min_open=True)
+    memory_budget = _deprecated_alias(memory_budget, max_memory, DEFAULT_MAX_MEMORY)
+    check_float("memory_budget", memory_budget, min=0, min_open=True)
     O, F, A = n_outputs, flops_per_sample, activations_per_sample
     P = n_params if jacobian_numbers is None else jacobian_numbers
     sym = n2 is None
     m2 = n1 if sym else n2
     a = 1 if traced else 2
     pair = 2.0 * O**a * P if pair_flops is None else pair_flops
-    budget = max_memory // itemsize  # numbers
+    budget = int(memory_budget) // itemsize  # numbers
     # Jacobian contraction: chunk c samples, two chunks alive, each c·O·(P + A) numbers
     jac_fits = 2 * O * P <= budget
     total_n = n1 + (0 if sym else m2)
@@ -235,8 +269,14 @@ def plan_ntk(
     b_vp = chunk_size or max(1, min(m2 * O, (budget // 2) // max(n_params, 1)))
     r_vp = max(1, min(n1, (budget // 2) // (b_vp * (A + O))))
     cost_vp = 3.0 * F * m2 * O + 3.0 * F * n1 * m2 * O
+    vp_least = n_params + A + O  # one tangent column and one row's jvp
+    vp_fits = chunk_size is not None or vp_least <= budget
     if strategy == "auto":
-        strategy = "jacobian" if jac_fits and cost_jac <= cost_vp else "ntk_vp"
+        strategy = "jacobian" if jac_fits and (cost_jac <= cost_vp or not vp_fits) else "ntk_vp"
+    if chunk_size is None and not (jac_fits if strategy == "jacobian" else vp_fits):
+        least = (2 * O * P if strategy == "jacobian" else vp_least) * itemsize
+        what = "2·O·P numbers: two samples' Jacobians" if strategy == "jacobian" else "P + A + O: one tangent"
+        raise too_small(f"empirical_ntk ({strategy})", int(memory_budget), least, what)
     if strategy == "jacobian":
         c = min(c_jac, max(n1, m2))
         # x2 = x1 with enough kernel rows: 4×4 blocks, upper triangle only (5/8 of the flops)
@@ -428,17 +468,15 @@ def per_example_jacobians(fm: _NTKModel, x: Inputs) -> torch.Tensor:
 
 
 def _ntk_per_example(
-    fm: _NTKModel, x1: Inputs, x2: Inputs | None, O: int, traced: bool, max_memory: int
+    fm: _NTKModel, x1: Inputs, x2: Inputs | None, O: int, traced: bool, memory_budget: int
 ) -> torch.Tensor:
     """The kernel from :func:`per_example_jacobians` (memory ``(N1 + N2)·O·P`` numbers, checked
-    against ``max_memory``)."""
+    against ``memory_budget``)."""
     n = input_count(x1) + (input_count(x2) if x2 is not None else 0)
     need = n * O * fm.size * torch.empty((), dtype=fm.dtype).element_size()
-    if need > max_memory:
-        raise MemoryError(
-            f"the per-example Jacobian fallback needs {need / 2**20:.0f} MiB of Jacobians (N·O·P numbers), "
-            f"above max_memory={max_memory / 2**20:.0f} MiB: raise max_memory or use fewer samples"
-        )
+    if need > memory_budget:
+        raise too_small("empirical_ntk (per-example Jacobian fallback)", memory_budget, need,
+                        "every per-example Jacobian, N·O·P numbers; or use fewer samples")  # fmt: skip
     J1 = per_example_jacobians(fm, x1)
     J2 = J1 if x2 is None else per_example_jacobians(fm, x2)
     if traced:
@@ -526,16 +564,18 @@ def empirical_ntk(
     mode: str = "eval",
     params: Sequence[str] | str | None = None,
     device: torch.device | str | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    memory_budget: int | None = None,
     structured: bool = True,
     return_plan: bool = False,
+    max_memory: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, NTKPlan]:
     """Empirical NTK ``Θ(x, x') = J(x) J(x')ᵀ`` between ``x1 [N1, ...]`` and ``x2 [N2, ...]`` (default x1).
 
     ``reduce_outputs="trace"`` gives ``[N1, N2]`` with ``Σ_o Θ_oo``; ``None`` the full sample-major
     ``[N1·O, N2·O]`` kernel. ``strategy``: ``"jacobian"``, ``"ntk_vp"`` or ``"auto"`` (module docstring);
     ``chunk_size``: samples per Jacobian chunk / unit columns per tangent block (default from
-    ``max_memory`` bytes). ``params`` restricts θ to a parameter block; ``mode="eval"`` (default) uses
+    ``memory_budget`` bytes, module docstring; ``max_memory``: its deprecated name). ``params`` restricts θ
+    to a parameter block; ``mode="eval"`` (default) uses
     BatchNorm running statistics. ``structured`` (Jacobian contraction only): build the Jacobians of
     ``nn.Linear`` / ``nn.Conv2d`` weights from the layers' inputs and output gradients, factored where
     that is cheaper (module ``ntk.structure``);
@@ -545,6 +585,7 @@ def empirical_ntk(
     """
     if reduce_outputs not in REDUCTIONS:
         raise ValueError(f"reduce_outputs must be 'trace' or None; got {reduce_outputs!r}")
+    budget = ntk_budget(memory_budget, max_memory, device)
     fm = _NTKModel(model, params=params, mode=mode, device=device)
     x1 = fm.prepare(x1, "x1")
     if x2 is not None:
@@ -568,7 +609,7 @@ def empirical_ntk(
         itemsize=torch.empty((), dtype=fm.dtype).element_size(),
         strategy=strategy,
         chunk_size=chunk_size,
-        max_memory=max_memory,
+        memory_budget=budget,
         jacobian_numbers=plain_size + sum(-(-s.numbers_per_sample(O) // O) for s in sites),
         pair_flops=2.0 * O ** (1 if traced else 2) * plain_size + sum(s.pair_flops(O, traced) for s in sites),
     )
@@ -591,7 +632,7 @@ def empirical_ntk(
             if not _vmap_failure(err):
                 raise
             note = _fallback_note(plan.strategy, err)
-            K = _ntk_per_example(fm, x1, x2, O, traced, max_memory)  # raises the same way if it fails too
+            K = _ntk_per_example(fm, x1, x2, O, traced, budget)  # raises the same way if it fails too
             warnings.warn(f"empirical_ntk: {note} (plan.fallback)", RuntimeWarning, stacklevel=3)
             plan = dataclasses.replace(plan, strategy="per_example_jacrev", structured=(), factored=(),
                                        fallback=note)  # fmt: skip
@@ -704,13 +745,18 @@ class NTKOperator(LinearOperator):
             return out.reshape(K, O, n, O).diagonal(dim1=1, dim2=3).sum(-1).T.detach()
         return out.reshape(K, n * O).T.detach()
 
-    def trace(self, chunk_size: int | None = None, max_memory: int = DEFAULT_MAX_MEMORY) -> torch.Tensor:
+    def trace(
+        self, chunk_size: int | None = None, memory_budget: int = DEFAULT_MAX_MEMORY, *,
+        max_memory: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Exact ``tr Θ = Σ_i ‖J(x_i)‖_F²`` (same for the full and traced kernel), from per-sample
-        Jacobians in chunks; a 0-d tensor on the operator's device."""
+        Jacobians in chunks of ``c = memory_budget / (O·P·itemsize)`` samples (``max_memory``: deprecated
+        name); a 0-d tensor on the operator's device."""
+        memory_budget = _deprecated_alias(memory_budget, max_memory, DEFAULT_MAX_MEMORY)
         fm, O = self.fm, self.n_outputs
         if self._dense is not None:
             return self._dense.double().trace()
-        c = chunk_size or max(1, max_memory // (self.dtype.itemsize * O * fm.size))
+        c = chunk_size or max(1, memory_budget // (self.dtype.itemsize * O * fm.size))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with ModeGuard(fm.model, self.mode):
             try:
