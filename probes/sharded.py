@@ -295,27 +295,6 @@ class SplitVectorsOperator(LinearOperator):
     def meta(self) -> dict[str, Any]:
         return {**self.inner.meta(), "basis": "split evenly across ranks"}
 
-    def _richardson(self, v: Tensor, h: float) -> tuple[Tensor, float]:
-        """``(R(h), e)``: the extrapolated product and the error estimate ``‖R(h) − D(h/2)‖ / ‖R(h)‖``."""
-        d_h, d_half = self._difference(v, h), self._difference(v, h / 2)
-        r = (4 * d_half - d_h) / 3
-        return r, self.vspace.norm(r - d_half) / (self.vspace.norm(r) or 1.0)
-
-    def _calibrated(self, v: Tensor, scale: float) -> tuple[Tensor, float]:
-        """The first product, at the step the calibration of the module docstring settles on (kept)."""
-        target = torch.finfo(self.dtype).eps ** (2 / 5)
-        r, e = self._richardson(v, self.step * scale)
-        self.calibration.append((self.step, e))
-        for _ in range(FD_CALIBRATION_SHRINKS):
-            if e <= target:
-                break
-            r2, e2 = self._richardson(v, self.step / 4 * scale)
-            self.calibration.append((self.step / 4, e2))
-            if e2 >= e:  # rounding took over: keep the previous step
-                break
-            self.step, r, e = self.step / 4, r2, e2
-        return r, e
-
     def _matmat(self, V: Tensor) -> Tensor:
         return self.vspace.rows(self.inner.matmat(self.vspace.full(V)))
 
