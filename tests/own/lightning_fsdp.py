@@ -72,6 +72,7 @@ def main(run_dir: str, out_dir: str) -> None:
     model = ShardedNet()
     trainer.fit(model, loader)
     t = tracker.tracker
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     info = {"tracked": t is not None, "writer": bool(t and t.writer), "collective": bool(t and t.collective)}
     (Path(out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # a collective on every rank
