@@ -147,12 +147,16 @@ def pack(obj: Any) -> tuple[Any, Tensor]:
     """Nested dicts / lists / tuples holding tensors → ``(skeleton, buffer)``: the tensors copied into one
     flat ``uint8`` CPU buffer (each at an offset that is a multiple of :data:`ALIGN`), the skeleton the same
     structure with ``("__tensor__", offset, dtype, shape)`` in their place (small: pickled cheaply)."""
-    found: list[Tensor] = []
+    found: list[tuple[Tensor, int]] = []
+    total = 0
 
     def walk(o: Any) -> Any:
+        nonlocal total
         if isinstance(o, Tensor):
-            found.append(o)
-            return ("__tensor__", len(found) - 1)
+            found.append((o, total))
+            slot = ("__tensor__", total, o.dtype, tuple(o.shape))
+            total += -(-o.numel() * o.element_size() // ALIGN) * ALIGN
+            return slot
         if isinstance(o, dict):
             return {k: walk(v) for k, v in o.items()}
         if isinstance(o, (list, tuple)):
@@ -160,27 +164,11 @@ def pack(obj: Any) -> tuple[Any, Tensor]:
         return o
 
     skeleton = walk(obj)
-    offsets, total = [], 0
-    for t in found:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     buf = torch.empty(total, dtype=torch.uint8)
-    slots = []
-    for t, off in zip(found, offsets):
+    for t, off in found:
         n = t.numel() * t.element_size()
         buf[off : off + n].view(t.dtype).view(t.shape).copy_(t.detach())
-        slots.append(("__tensor__", off, t.dtype, tuple(t.shape)))
-
-    def fill(o: Any) -> Any:
-        if isinstance(o, tuple) and len(o) == 2 and o[0] == "__tensor__":
-            return slots[o[1]]
-        if isinstance(o, dict):
-            return {k: fill(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return type(o)(fill(v) for v in o)
-        return o
-
-    return fill(skeleton), buf
+    return skeleton, buf
 
 
 def unpack(skeleton: Any, buf: Tensor) -> Any:
@@ -484,10 +472,15 @@ class ProbeWorker:
                 self.closed = True
         return got
 
-    def _wait(self, until: Callable[[], bool]) -> None:
+    def _wait(self, until: Callable[[], bool], timeout: float = math.inf) -> None:
+        """Read replies until ``until()``, the child is gone or ``timeout`` seconds have passed."""
         t0 = time.perf_counter()
+        deadline = t0 + timeout
         while not until() and not self.closed:
-            if not self._receive(1.0) and not self._proc.is_alive():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            if not self._receive(min(left, 1.0)) and not self._proc.is_alive():
                 self._receive(0.0)
                 self.closed = True
         self.wait_seconds += time.perf_counter() - t0
@@ -561,16 +554,7 @@ class ProbeWorker:
             if timeout <= 0:
                 self._receive(0.0)
             else:
-                deadline = time.perf_counter() + timeout
-                t0 = time.perf_counter()
-                while not self._done and not self.closed:
-                    left = math.inf if math.isinf(timeout) else deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    if not self._receive(min(left, 1.0)) and not self._proc.is_alive():
-                        self._receive(0.0)
-                        self.closed = True
-                self.wait_seconds += time.perf_counter() - t0
+                self._wait(lambda: bool(self._done), timeout)
         if self._done:
             self._pending = None
             return self._done.popleft()

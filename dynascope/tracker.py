@@ -322,6 +322,12 @@ def _probe_metrics(name: str, r: Any) -> dict[str, Any]:
     return {}
 
 
+def _store_meta(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What :meth:`RunFiles.store` keys a probe job's result by: the runner probe and the runner's plan."""
+    keys = ("step", "params", "max_samples", "call")
+    return {"runner": job["probe"].runner_name, **{k: job[k] for k in keys}}
+
+
 class RunFiles:
     """What a tracker writes into its run folder — checkpoints, metrics rows and the status, inline probe
     results — and what it has written (``written``: ``last_checkpoint``, ``checkpoints_written``,
@@ -1037,12 +1043,7 @@ class Tracker:
             for job in jobs:
                 self._compute_inline(job)
             return
-        keys = ("step", "params", "max_samples", "call")
-        specs = [
-            (j["probe"].name, j["probe"].runner_name, j["call"], j["n"],
-             {"runner": j["probe"].runner_name, **{k: j[k] for k in keys}})
-            for j in jobs
-        ]  # fmt: skip
+        specs = [(j["probe"].name, j["probe"].runner_name, j["call"], j["n"], _store_meta(j)) for j in jobs]
         self._worker.submit(step, specs)
         self._inflight = {"step": step, "jobs": {j["probe"].name: j for j in jobs}}
 
@@ -1123,7 +1124,7 @@ class Tracker:
         if out.warning:  # recorded once per probe in tracker.json instead of repeated in the user's log
             p.warning = f"step {step}: {out.warning}"
         if not out.stored:
-            meta = {"runner": p.runner_name, **{k: job[k] for k in ("step", "params", "max_samples", "call")}}
+            meta = _store_meta(job)
             files = self._files
             if self._writer is not None and files is not None:  # rank 0
                 self._writer.submit(lambda: files.store(meta, result))
